@@ -1,0 +1,1 @@
+//! The read-through cache tier.

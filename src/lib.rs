@@ -1,0 +1,78 @@
+//! # tower-scale
+//!
+//! Tower layers that take a Rust service from one server to millions of
+//! users, the way the classic "scale from zero to millions" playbook does it
+//! with servers:
+//!
+//! ```text
+//!            axum / tonic / any tower::Service
+//!                          |
+//!    +---------------- HTTP / gRPC glue ----------------------------+
+//!    | CacheLayer + HTTP/gRPC policies     DbLayer: per-request       |
+//!    | (RFC 9111, Vary, 304, Age)          routing + token round trip |
+//!    +--------------------------------------------------------------+
+//!                          |
+//!    cache   read-through core: key -> L1 store (moka | quick_cache)
+//!            -> single-flight -> inner service; TTL, stale-while-revalidate,
+//!            stale-if-error, early refresh, tags, race-safe invalidation
+//!                          |
+//!    pg      Cluster: per-node pools, monitor, lag-aware balancing
+//!                          |
+//!            deadpool-postgres -> tokio-postgres -> primary + replicas
+//! ```
+//!
+//! ## The parts
+//!
+//! - **The cache tier** ([`cache`]): [`cache::CacheLayer`] puts a read-through
+//!   cache in front of any [`tower::Service`] whose responses can be shared
+//!   (`Clone`). A hit is one synchronous store lookup, a freshness check
+//!   against a cheap clock and a clone of the stored response, returned in an
+//!   already-ready future: no allocation, no boxing, no `.await`. Misses go
+//!   through single-flight (one inner call per key at a time); entries have
+//!   freshness windows (TTL, stale-while-revalidate, stale-if-error) and
+//!   probabilistic early refresh; invalidation by key, tag or everything is
+//!   race-safe against fills in flight and understands version stamps (the
+//!   database LSN), which is how caching and replication share one
+//!   consistency model.
+//! - **Real servers for tests** ([`testing`], feature `local-cluster`): a
+//!   PostgreSQL primary with streaming replicas and a Redis server, started
+//!   from the installed binaries in temp dirs on free loopback ports, with the
+//!   faults a production cluster sees (stop, kill, pause, promote, lag).
+//!
+//! Later parts (primary/replica routing with deadpool-postgres, the HTTP and
+//! gRPC glue, the shared Redis tier) plug into the same core.
+//!
+//! ## The consistency model
+//!
+//! A PostgreSQL WAL position (LSN) is the clock. A write gives back a token
+//! holding the primary's LSN after commit; a read that carries the token is
+//! served only by a replica, or a cache entry, whose data reflects at least
+//! that LSN. Cache entries carry an optional version stamp for exactly this,
+//! and an invalidation at version `v` keeps any fill stamped below `v` out of
+//! the cache.
+//!
+//! ## Features
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | `moka` (default) | the L1 store on `moka::sync::Cache` |
+//! | `quick-cache` | the L1 store on `quick_cache` (S3-FIFO) |
+//! | `local-cluster` | [`testing`]: PostgreSQL and Redis servers for tests, examples and benches |
+//! | `full` | every feature |
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
+#![forbid(unsafe_code)]
+
+pub mod cache;
+pub mod error;
+
+#[cfg(feature = "local-cluster")]
+#[cfg_attr(docsrs, doc(cfg(feature = "local-cluster")))]
+pub mod testing;
+
+pub use error::ConfigError;

@@ -1,0 +1,708 @@
+//! A PostgreSQL primary with streaming replicas, from the installed binaries.
+
+use std::fmt;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use super::LocalError;
+use super::process::{self, MarkedDir, RunAs, io_err};
+
+/// How long a server may take to accept connections after it was started.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Whether a node was started as the primary or as a streaming replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NodeRole {
+    /// Accepts writes.
+    Primary,
+    /// Replays the primary's WAL (read-only until promoted).
+    Replica,
+}
+
+/// Options for a [`LocalCluster`].
+#[derive(Debug, Clone, Default)]
+#[must_use]
+pub struct LocalClusterBuilder {
+    replicas: usize,
+    apply_delays: Vec<(usize, Duration)>,
+    extra_conf: Vec<String>,
+}
+
+impl LocalClusterBuilder {
+    /// Number of streaming replicas (default 0).
+    pub fn replicas(mut self, n: usize) -> Self {
+        self.replicas = n;
+        self
+    }
+
+    /// Delays replay on replica `index` (0-based) by `delay`, through
+    /// `recovery_min_apply_delay`: the replica receives WAL at once but
+    /// applies each commit only `delay` after it happened, as a lagging
+    /// replica would.
+    pub fn apply_delay(mut self, index: usize, delay: Duration) -> Self {
+        self.apply_delays.push((index, delay));
+        self
+    }
+
+    /// An extra `postgresql.conf` line for every node (e.g. `"max_connections = 200"`).
+    pub fn conf(mut self, line: impl Into<String>) -> Self {
+        self.extra_conf.push(line.into());
+        self
+    }
+
+    /// Starts the primary, then each replica from a base backup of it.
+    ///
+    /// Blocks until every node accepts connections (a primary and two
+    /// replicas take a few seconds). Safe to call from inside a Tokio
+    /// runtime: it does not need one.
+    pub fn start(self) -> Result<LocalCluster, LocalError> {
+        if let Some((index, _)) = self.apply_delays.iter().find(|(i, _)| *i >= self.replicas) {
+            return Err(LocalError::Config(format!(
+                "apply_delay names replica {index}, but the cluster has {} replicas (0-based)",
+                self.replicas
+            )));
+        }
+        let started = Instant::now();
+        let bin = PgBin::find()?;
+        let run_as = RunAs::unprivileged()?;
+        let primary = Node::init_primary(&bin, run_as, &self.extra_conf)?;
+        let mut nodes = vec![primary];
+        for i in 0..self.replicas {
+            let delay = self
+                .apply_delays
+                .iter()
+                .rev()
+                .find(|(index, _)| *index == i)
+                .map(|(_, d)| *d);
+            let replica = Node::init_replica(&bin, run_as, &nodes[0], i + 1, delay)?;
+            nodes.push(replica);
+        }
+        tracing::info!(
+            replicas = self.replicas,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "local PostgreSQL cluster started"
+        );
+        Ok(LocalCluster {
+            nodes,
+            startup: started.elapsed(),
+        })
+    }
+}
+
+/// A PostgreSQL primary and N streaming replicas on free 127.0.0.1 ports,
+/// each in its own temp dir, started from the installed server binaries.
+///
+/// Everything is torn down on drop, also when a test panics: no server
+/// process and no temp dir is left behind. Servers of a run that died
+/// without dropping (SIGKILL, abort) are swept at the next start.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use tower_scale::testing::LocalCluster;
+///
+/// let cluster = LocalCluster::builder().replicas(2).start()?;
+/// let primary = cluster.primary().connect().await?;
+/// primary.batch_execute("CREATE TABLE t (id int)").await?;
+/// cluster.wait_for_replicas(std::time::Duration::from_secs(10)).await?;
+/// let replica = cluster.replica(0).connect().await?;
+/// replica.query("SELECT * FROM t", &[]).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct LocalCluster {
+    nodes: Vec<Node>,
+    startup: Duration,
+}
+
+impl LocalCluster {
+    /// Options for a new cluster.
+    pub fn builder() -> LocalClusterBuilder {
+        LocalClusterBuilder::default()
+    }
+
+    /// Starts a primary with `replicas` undelayed replicas.
+    pub fn start(replicas: usize) -> Result<Self, LocalError> {
+        Self::builder().replicas(replicas).start()
+    }
+
+    /// A cluster shared by every caller that passes the same `name` while
+    /// one is alive, for tests that do not break it.
+    ///
+    /// The cluster lives as long as any returned `Arc` does: when the last
+    /// test holding it finishes, it is torn down (a `static` would never be
+    /// dropped and would leak its servers). `builder` is used only when no
+    /// live cluster has that name.
+    pub fn shared(
+        name: &str,
+        builder: impl FnOnce() -> LocalClusterBuilder,
+    ) -> Result<Arc<Self>, LocalError> {
+        static SHARED: Mutex<Vec<(String, Weak<LocalCluster>)>> = Mutex::new(Vec::new());
+        let mut shared = SHARED.lock().unwrap_or_else(|poison| poison.into_inner());
+        shared.retain(|(_, weak)| weak.strong_count() > 0);
+        if let Some(cluster) = shared
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, weak)| weak.upgrade())
+        {
+            return Ok(cluster);
+        }
+        let cluster = Arc::new(builder().start()?);
+        shared.push((name.to_string(), Arc::downgrade(&cluster)));
+        Ok(cluster)
+    }
+
+    /// How long [`LocalClusterBuilder::start`] took.
+    pub fn startup_time(&self) -> Duration {
+        self.startup
+    }
+
+    /// The node started as the primary.
+    pub fn primary(&self) -> &Node {
+        &self.nodes[0]
+    }
+
+    /// Replica `index` (0-based, in the order they were started).
+    ///
+    /// # Panics
+    /// If there is no such replica: this is test support, and a wrong index
+    /// is a bug in the test.
+    pub fn replica(&self, index: usize) -> &Node {
+        self.replicas()
+            .get(index)
+            .unwrap_or_else(|| panic!("no replica {index}: the cluster has {}", self.nodes.len() - 1))
+    }
+
+    /// Every replica, in start order.
+    pub fn replicas(&self) -> &[Node] {
+        &self.nodes[1..]
+    }
+
+    /// Every node: the primary first, then the replicas.
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// Waits until replica `index` has replayed the primary's current WAL
+    /// position (everything committed before this call).
+    pub async fn wait_for_replica(&self, index: usize, timeout: Duration) -> Result<(), LocalError> {
+        let lsn = self.primary().current_lsn().await?;
+        self.replica(index).wait_for_replay(lsn, timeout).await
+    }
+
+    /// Waits until every running, unpaused replica has replayed the
+    /// primary's current WAL position.
+    pub async fn wait_for_replicas(&self, timeout: Duration) -> Result<(), LocalError> {
+        let lsn = self.primary().current_lsn().await?;
+        for replica in self.replicas() {
+            if replica.is_running() && !replica.is_paused() {
+                replica.wait_for_replay(lsn, timeout).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        // Replicas first, so they do not spend the teardown reconnecting.
+        for node in self.nodes.iter().rev() {
+            node.teardown();
+        }
+    }
+}
+
+/// The installed PostgreSQL server binaries.
+#[derive(Debug, Clone)]
+struct PgBin {
+    dir: PathBuf,
+}
+
+impl PgBin {
+    fn find() -> Result<Self, LocalError> {
+        let has_server = |dir: &Path| dir.join("postgres").is_file() && dir.join("initdb").is_file();
+        if let Some(dir) = std::env::var_os("TOWER_SCALE_PG_BINDIR").map(PathBuf::from) {
+            if has_server(&dir) {
+                return Ok(Self { dir });
+            }
+        }
+        if let Ok(out) = std::process::Command::new("pg_config").arg("--bindir").output() {
+            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if out.status.success() && has_server(&dir) {
+                return Ok(Self { dir });
+            }
+        }
+        let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let version = e.file_name().to_str()?.parse::<u32>().ok()?;
+                let dir = e.path().join("bin");
+                has_server(&dir).then_some((version, dir))
+            })
+            .collect();
+        versions.sort();
+        match versions.pop() {
+            Some((_, dir)) => Ok(Self { dir }),
+            None => Err(LocalError::MissingBinary {
+                binary: "PostgreSQL server binaries (initdb, postgres, pg_basebackup)".into(),
+                package: "postgresql",
+            }),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+/// One PostgreSQL server of a [`LocalCluster`].
+pub struct Node {
+    name: String,
+    role: NodeRole,
+    port: u16,
+    bin: PgBin,
+    run_as: RunAs,
+    dir: MarkedDir,
+    child: Mutex<Option<Child>>,
+    paused: AtomicBool,
+}
+
+impl fmt::Debug for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .field("port", &self.port)
+            .field("dir", &self.dir.path())
+            .field("running", &self.is_running())
+            .field("paused", &self.is_paused())
+            .finish()
+    }
+}
+
+impl Node {
+    fn new(name: String, role: NodeRole, bin: &PgBin, run_as: RunAs) -> Result<Self, LocalError> {
+        let dir = MarkedDir::new("pg", &run_as)?;
+        Ok(Self {
+            name,
+            role,
+            port: process::free_port()?,
+            bin: bin.clone(),
+            run_as,
+            dir,
+            child: Mutex::new(None),
+            paused: AtomicBool::new(false),
+        })
+    }
+
+    fn init_primary(bin: &PgBin, run_as: RunAs, extra: &[String]) -> Result<Self, LocalError> {
+        let node = Self::new("primary".into(), NodeRole::Primary, bin, run_as)?;
+        let mut initdb = node.command("initdb");
+        initdb
+            .arg("-D")
+            .arg(node.data_dir())
+            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"]);
+        process::run(initdb, "initdb")?;
+        let mut conf = vec![
+            "listen_addresses = '127.0.0.1'".to_string(),
+            "wal_level = replica".into(),
+            "max_wal_senders = 20".into(),
+            "max_replication_slots = 20".into(),
+            "wal_keep_size = '512MB'".into(),
+            "hot_standby = on".into(),
+            "hot_standby_feedback = on".into(),
+            "wal_receiver_status_interval = '1s'".into(),
+            "max_connections = 200".into(),
+            "shared_buffers = '32MB'".into(),
+            // Throwaway servers: durability buys nothing and costs seconds.
+            "fsync = off".into(),
+            "full_page_writes = off".into(),
+            "log_min_messages = warning".into(),
+            "log_line_prefix = '%m [%p] '".into(),
+        ];
+        conf.extend(extra.iter().cloned());
+        node.append_conf("postgresql.conf", &conf)?;
+        node.append_conf("pg_hba.conf", &[
+            "host replication all 127.0.0.1/32 trust".to_string(),
+            "host all all 127.0.0.1/32 trust".to_string(),
+        ])?;
+        node.start()?;
+        Ok(node)
+    }
+
+    fn init_replica(
+        bin: &PgBin,
+        run_as: RunAs,
+        primary: &Node,
+        number: usize,
+        delay: Option<Duration>,
+    ) -> Result<Self, LocalError> {
+        let node = Self::new(format!("replica-{number}"), NodeRole::Replica, bin, run_as)?;
+        let mut backup = node.command("pg_basebackup");
+        backup
+            .args(["-h", "127.0.0.1", "-p", &primary.port.to_string(), "-U", "postgres"])
+            .arg("-D")
+            .arg(node.data_dir())
+            .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"]);
+        process::run(backup, "pg_basebackup")?;
+        let mut conf = Vec::new();
+        if let Some(delay) = delay {
+            conf.push(format!("recovery_min_apply_delay = '{}ms'", delay.as_millis()));
+        }
+        node.append_conf("postgresql.conf", &conf)?;
+        // postgresql.auto.conf is read last; `-R` wrote primary_conninfo there.
+        node.append_conf("postgresql.auto.conf", &[format!(
+            "primary_conninfo = 'host=127.0.0.1 port={} user=postgres application_name={}'",
+            primary.port, node.name
+        )])?;
+        node.start()?;
+        Ok(node)
+    }
+
+    fn command(&self, binary: &str) -> std::process::Command {
+        let mut cmd = self.run_as.command(self.bin.path(binary));
+        // The postgres user may not be able to enter our working directory.
+        cmd.current_dir(self.dir.path());
+        cmd
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
+    fn append_conf(&self, file: &str, lines: &[String]) -> Result<(), LocalError> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let path = self.data_dir().join(file);
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| io_err(format!("opening {}", path.display()), e))?;
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        f.write_all(format!("\n# tower-scale LocalCluster\n{text}").as_bytes())
+            .map_err(|e| io_err(format!("writing {}", path.display()), e))
+    }
+
+    fn lock_child(&self) -> MutexGuard<'_, Option<Child>> {
+        self.child.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// The node's name: `primary`, `replica-1`, `replica-2`, ...
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The role the node was started with (a promoted replica keeps
+    /// `Replica` here; ask the server for its current role).
+    pub fn initial_role(&self) -> NodeRole {
+        self.role
+    }
+
+    /// The TCP port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The directory holding the node's Unix socket, data and log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The server's log so far (for failing tests to print).
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// A connection URL: `postgresql://postgres@127.0.0.1:PORT/postgres`.
+    pub fn url(&self) -> String {
+        format!("postgresql://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// A `tokio_postgres::Config` for this node over TCP.
+    pub fn config(&self) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host("127.0.0.1")
+            .port(self.port)
+            .user("postgres")
+            .dbname("postgres")
+            .application_name("tower-scale-test")
+            .connect_timeout(Duration::from_secs(5));
+        config
+    }
+
+    /// Connects over TCP; the connection task runs on the current Tokio runtime.
+    pub async fn connect(&self) -> Result<tokio_postgres::Client, LocalError> {
+        let (client, connection) = self.config().connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    /// The server process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.lock_child().as_ref().map(Child::id)
+    }
+
+    /// True while the server process runs (paused counts as running).
+    pub fn is_running(&self) -> bool {
+        let mut child = self.lock_child();
+        match child.as_mut().map(Child::try_wait) {
+            Some(Ok(None)) => true,
+            Some(_) => {
+                *child = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// True between [`pause`](Self::pause) and [`resume`](Self::resume).
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Starts the server (again) on its port and waits until it accepts
+    /// connections. Blocking; does nothing if it already runs.
+    pub fn start(&self) -> Result<(), LocalError> {
+        let mut guard = self.lock_child();
+        if let Some(child) = guard.as_mut() {
+            if matches!(child.try_wait(), Ok(None)) {
+                return Ok(());
+            }
+        }
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .map_err(|e| io_err("opening the server log", e))?;
+        let log_err = log.try_clone().map_err(|e| io_err("cloning the log handle", e))?;
+        let mut cmd = self.command("postgres");
+        cmd.arg("-D")
+            .arg(self.data_dir())
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-k")
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        let mut child = cmd.spawn().map_err(|e| io_err("spawning postgres", e))?;
+        self.dir.record_server(child.id());
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(LocalError::StartFailed {
+                    node: self.name.clone(),
+                    reason: format!("the server exited with {status}"),
+                    log: process::tail(&self.log_path(), 30),
+                });
+            }
+            if self.accepting(child.id()) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                process::kill_tree(child.id(), Signal::SIGKILL);
+                let _ = child.wait();
+                return Err(LocalError::StartFailed {
+                    node: self.name.clone(),
+                    reason: format!("not ready after {START_TIMEOUT:?}"),
+                    log: process::tail(&self.log_path(), 30),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        *guard = Some(child);
+        self.paused.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The postmaster writes its state on line 8 of `postmaster.pid`:
+    /// `ready` (primary) or `standby` (hot standby accepting reads); this is
+    /// what `pg_ctl start -w` waits for.
+    /// The pid on line 1 must be the server we just started: a killed
+    /// server leaves its `postmaster.pid` behind.
+    fn accepting(&self, pid: u32) -> bool {
+        let Ok(text) = fs::read_to_string(self.data_dir().join("postmaster.pid")) else {
+            return false;
+        };
+        let mut lines = text.lines();
+        let ours = lines.next().is_some_and(|l| l.trim() == pid.to_string());
+        ours && lines
+            .nth(6)
+            .is_some_and(|l| matches!(l.trim(), "ready" | "standby"))
+    }
+
+    /// Clean stop: `pg_ctl stop -m fast` (clients are disconnected, then the
+    /// server checkpoints and exits). Blocking.
+    pub fn stop(&self) -> Result<(), LocalError> {
+        self.resume()?;
+        let mut guard = self.lock_child();
+        let Some(mut child) = guard.take() else {
+            return Ok(());
+        };
+        let mut cmd = self.command("pg_ctl");
+        cmd.arg("stop")
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-m", "fast", "-w", "-t", "60"]);
+        let result = process::run(cmd, "pg_ctl stop -m fast");
+        if result.is_err() {
+            process::kill_tree(child.id(), Signal::SIGKILL);
+        }
+        let _ = child.wait();
+        result.map(|_| ())
+    }
+
+    /// Kills the server and all its processes with SIGKILL, as a crash
+    /// would. Blocking until they are gone.
+    pub fn kill(&self) -> Result<(), LocalError> {
+        let mut guard = self.lock_child();
+        let Some(mut child) = guard.take() else {
+            return Ok(());
+        };
+        let pids = process::tree(child.id());
+        process::kill_tree(child.id(), Signal::SIGKILL);
+        let _ = child.wait();
+        process::wait_gone(&pids, Duration::from_secs(10));
+        self.paused.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Stalls the server (SIGSTOP to every server process): connections
+    /// stay open but nothing answers, like a hung machine.
+    pub fn pause(&self) -> Result<(), LocalError> {
+        let pid = self.pid().ok_or_else(|| LocalError::NotRunning {
+            node: self.name.clone(),
+        })?;
+        process::kill_tree(pid, Signal::SIGSTOP);
+        self.paused.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Resumes a paused server (SIGCONT).
+    pub fn resume(&self) -> Result<(), LocalError> {
+        if !self.paused.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        if let Some(pid) = self.pid() {
+            process::kill_tree(pid, Signal::SIGCONT);
+        }
+        Ok(())
+    }
+
+    /// Promotes this replica to a primary with `pg_promote()` and waits
+    /// until it accepts writes.
+    pub async fn promote(&self) -> Result<(), LocalError> {
+        let client = self.connect().await?;
+        let row = client.query_one("SELECT pg_promote(true, 60)", &[]).await?;
+        let promoted: bool = row.get(0);
+        if !promoted {
+            return Err(LocalError::Config(format!(
+                "pg_promote() on {} returned false",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// `pg_current_wal_lsn()` on a primary.
+    pub async fn current_lsn(&self) -> Result<u64, LocalError> {
+        let client = self.connect().await?;
+        let row = client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await?;
+        parse_lsn(row.get(0))
+    }
+
+    /// `pg_last_wal_replay_lsn()` on a replica (`None` before any replay).
+    pub async fn replay_lsn(&self) -> Result<Option<u64>, LocalError> {
+        let client = self.connect().await?;
+        let row = client
+            .query_one("SELECT pg_last_wal_replay_lsn()::text", &[])
+            .await?;
+        row.get::<_, Option<&str>>(0).map(parse_lsn).transpose()
+    }
+
+    /// Waits until this replica has replayed WAL up to `lsn`.
+    pub async fn wait_for_replay(&self, lsn: u64, timeout: Duration) -> Result<(), LocalError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let client = self.connect().await?;
+        loop {
+            let row = client
+                .query_one("SELECT pg_last_wal_replay_lsn()::text", &[])
+                .await?;
+            let replayed = row.get::<_, Option<&str>>(0).map(parse_lsn).transpose()?;
+            if replayed.is_some_and(|r| r >= lsn) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(LocalError::Timeout(format!(
+                    "{} did not replay {} within {timeout:?} (at {:?})",
+                    self.name,
+                    format_lsn(lsn),
+                    replayed.map(format_lsn)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn teardown(&self) {
+        let _ = self.resume();
+        let mut guard = self.lock_child();
+        if let Some(mut child) = guard.take() {
+            let pids = process::tree(child.id());
+            // SIGQUIT is PostgreSQL's immediate shutdown: the fastest clean exit.
+            let _ = process::signal(child.id(), Signal::SIGQUIT);
+            if !process::wait_child(&mut child, Duration::from_secs(10)) {
+                process::kill_tree(child.id(), Signal::SIGKILL);
+                let _ = child.wait();
+            }
+            if !process::wait_gone(&pids, Duration::from_secs(5)) {
+                for pid in pids {
+                    let _ = process::signal(pid, Signal::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+/// Parses PostgreSQL's `pg_lsn` text form (`16/B374D848`) into a number.
+pub fn parse_lsn(text: &str) -> Result<u64, LocalError> {
+    Lsn::from_str(text).map(|l| l.0)
+}
+
+/// Formats a WAL position as PostgreSQL does (`16/B374D848`).
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+struct Lsn(u64);
+
+impl FromStr for Lsn {
+    type Err = LocalError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || LocalError::Config(format!("not a pg_lsn: {s:?}"));
+        let (hi, lo) = s.split_once('/').ok_or_else(bad)?;
+        let hi = u32::from_str_radix(hi, 16).map_err(|_| bad())?;
+        let lo = u32::from_str_radix(lo, 16).map_err(|_| bad())?;
+        Ok(Self((u64::from(hi) << 32) | u64::from(lo)))
+    }
+}
