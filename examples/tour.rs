@@ -59,7 +59,9 @@ async fn run() -> Result<(), Error> {
     let lsn = tower_scale::testing::parse_lsn(&lsn)?;
     for replica in cluster.replicas() {
         let t = Instant::now();
-        replica.wait_for_replay(lsn, Duration::from_secs(30)).await?;
+        replica
+            .wait_for_replay(lsn, Duration::from_secs(30))
+            .await?;
         let caught_up = t.elapsed();
         let client = replica.connect().await?;
         let t = Instant::now();
@@ -76,7 +78,10 @@ async fn run() -> Result<(), Error> {
 
     let t = Instant::now();
     drop(cluster);
-    println!("\nstopped every server and removed their temp dirs in {:.2?}", t.elapsed());
+    println!(
+        "\nstopped every server and removed their temp dirs in {:.2?}",
+        t.elapsed()
+    );
     println!("tour finished in {:.2?}", started.elapsed());
     Ok(())
 }

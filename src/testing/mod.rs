@@ -22,7 +22,9 @@ mod postgres;
 mod process;
 mod redis;
 
-pub use self::postgres::{LocalCluster, LocalClusterBuilder, Node, NodeRole, format_lsn, parse_lsn};
+pub use self::postgres::{
+    LocalCluster, LocalClusterBuilder, Node, NodeRole, format_lsn, parse_lsn,
+};
 pub use self::redis::LocalRedis;
 
 /// What went wrong starting or driving a local server.

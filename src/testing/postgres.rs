@@ -176,9 +176,12 @@ impl LocalCluster {
     /// If there is no such replica: this is test support, and a wrong index
     /// is a bug in the test.
     pub fn replica(&self, index: usize) -> &Node {
-        self.replicas()
-            .get(index)
-            .unwrap_or_else(|| panic!("no replica {index}: the cluster has {}", self.nodes.len() - 1))
+        self.replicas().get(index).unwrap_or_else(|| {
+            panic!(
+                "no replica {index}: the cluster has {}",
+                self.nodes.len() - 1
+            )
+        })
     }
 
     /// Every replica, in start order.
@@ -193,7 +196,11 @@ impl LocalCluster {
 
     /// Waits until replica `index` has replayed the primary's current WAL
     /// position (everything committed before this call).
-    pub async fn wait_for_replica(&self, index: usize, timeout: Duration) -> Result<(), LocalError> {
+    pub async fn wait_for_replica(
+        &self,
+        index: usize,
+        timeout: Duration,
+    ) -> Result<(), LocalError> {
         let lsn = self.primary().current_lsn().await?;
         self.replica(index).wait_for_replay(lsn, timeout).await
     }
@@ -228,13 +235,17 @@ struct PgBin {
 
 impl PgBin {
     fn find() -> Result<Self, LocalError> {
-        let has_server = |dir: &Path| dir.join("postgres").is_file() && dir.join("initdb").is_file();
+        let has_server =
+            |dir: &Path| dir.join("postgres").is_file() && dir.join("initdb").is_file();
         if let Some(dir) = std::env::var_os("TOWER_SCALE_PG_BINDIR").map(PathBuf::from) {
             if has_server(&dir) {
                 return Ok(Self { dir });
             }
         }
-        if let Ok(out) = std::process::Command::new("pg_config").arg("--bindir").output() {
+        if let Ok(out) = std::process::Command::new("pg_config")
+            .arg("--bindir")
+            .output()
+        {
             let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
             if out.status.success() && has_server(&dir) {
                 return Ok(Self { dir });
@@ -308,10 +319,16 @@ impl Node {
     fn init_primary(bin: &PgBin, run_as: RunAs, extra: &[String]) -> Result<Self, LocalError> {
         let node = Self::new("primary".into(), NodeRole::Primary, bin, run_as)?;
         let mut initdb = node.command("initdb");
-        initdb
-            .arg("-D")
-            .arg(node.data_dir())
-            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"]);
+        initdb.arg("-D").arg(node.data_dir()).args([
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        ]);
         process::run(initdb, "initdb")?;
         let mut conf = vec![
             "listen_addresses = '127.0.0.1'".to_string(),
@@ -332,10 +349,13 @@ impl Node {
         ];
         conf.extend(extra.iter().cloned());
         node.append_conf("postgresql.conf", &conf)?;
-        node.append_conf("pg_hba.conf", &[
-            "host replication all 127.0.0.1/32 trust".to_string(),
-            "host all all 127.0.0.1/32 trust".to_string(),
-        ])?;
+        node.append_conf(
+            "pg_hba.conf",
+            &[
+                "host replication all 127.0.0.1/32 trust".to_string(),
+                "host all all 127.0.0.1/32 trust".to_string(),
+            ],
+        )?;
         node.start()?;
         Ok(node)
     }
@@ -350,21 +370,34 @@ impl Node {
         let node = Self::new(format!("replica-{number}"), NodeRole::Replica, bin, run_as)?;
         let mut backup = node.command("pg_basebackup");
         backup
-            .args(["-h", "127.0.0.1", "-p", &primary.port.to_string(), "-U", "postgres"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary.port.to_string(),
+                "-U",
+                "postgres",
+            ])
             .arg("-D")
             .arg(node.data_dir())
             .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"]);
         process::run(backup, "pg_basebackup")?;
         let mut conf = Vec::new();
         if let Some(delay) = delay {
-            conf.push(format!("recovery_min_apply_delay = '{}ms'", delay.as_millis()));
+            conf.push(format!(
+                "recovery_min_apply_delay = '{}ms'",
+                delay.as_millis()
+            ));
         }
         node.append_conf("postgresql.conf", &conf)?;
         // postgresql.auto.conf is read last; `-R` wrote primary_conninfo there.
-        node.append_conf("postgresql.auto.conf", &[format!(
-            "primary_conninfo = 'host=127.0.0.1 port={} user=postgres application_name={}'",
-            primary.port, node.name
-        )])?;
+        node.append_conf(
+            "postgresql.auto.conf",
+            &[format!(
+                "primary_conninfo = 'host=127.0.0.1 port={} user=postgres application_name={}'",
+                primary.port, node.name
+            )],
+        )?;
         node.start()?;
         Ok(node)
     }
@@ -399,7 +432,9 @@ impl Node {
     }
 
     fn lock_child(&self) -> MutexGuard<'_, Option<Child>> {
-        self.child.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.child
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 
     /// The node's name: `primary`, `replica-1`, `replica-2`, ...
@@ -492,7 +527,9 @@ impl Node {
             .append(true)
             .open(self.log_path())
             .map_err(|e| io_err("opening the server log", e))?;
-        let log_err = log.try_clone().map_err(|e| io_err("cloning the log handle", e))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| io_err("cloning the log handle", e))?;
         let mut cmd = self.command("postgres");
         cmd.arg("-D")
             .arg(self.data_dir())

@@ -216,7 +216,10 @@ pub(crate) fn tree(pid: u32) -> Vec<u32> {
     let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
     if let Ok(entries) = fs::read_dir("/proc") {
         for entry in entries.flatten() {
-            let Some(child) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok())
+            let Some(child) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
             else {
                 continue;
             };
@@ -315,7 +318,9 @@ pub(crate) fn free_port() -> Result<u16, LocalError> {
 /// Runs a command to completion and turns a non-zero exit into an error that
 /// shows its output.
 pub(crate) fn run(mut cmd: Command, what: &str) -> Result<Output, LocalError> {
-    let output = cmd.output().map_err(|e| io_err(format!("running {what}"), e))?;
+    let output = cmd
+        .output()
+        .map_err(|e| io_err(format!("running {what}"), e))?;
     if output.status.success() {
         Ok(output)
     } else {

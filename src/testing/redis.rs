@@ -60,7 +60,9 @@ impl LocalRedis {
     }
 
     fn lock_child(&self) -> MutexGuard<'_, Option<Child>> {
-        self.child.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.child
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 
     /// The TCP port on 127.0.0.1.
@@ -106,7 +108,9 @@ impl LocalRedis {
             .append(true)
             .open(&log_path)
             .map_err(|e| io_err("opening the redis log", e))?;
-        let log_err = log.try_clone().map_err(|e| io_err("cloning the log handle", e))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| io_err("cloning the log handle", e))?;
         let mut child = std::process::Command::new(&self.binary)
             .current_dir(self.dir.path())
             .args(["--port", &self.port.to_string()])
@@ -177,11 +181,13 @@ impl LocalRedis {
 
     /// SIGSTOP: connections stay open, nothing answers.
     pub fn pause(&self) -> Result<(), LocalError> {
-        let pid = self
-            .lock_child()
-            .as_ref()
-            .map(Child::id)
-            .ok_or_else(|| LocalError::NotRunning { node: "redis".into() })?;
+        let pid =
+            self.lock_child()
+                .as_ref()
+                .map(Child::id)
+                .ok_or_else(|| LocalError::NotRunning {
+                    node: "redis".into(),
+                })?;
         process::signal(pid, Signal::SIGSTOP)?;
         self.paused.store(true, Ordering::SeqCst);
         Ok(())
@@ -212,7 +218,11 @@ impl Drop for LocalRedis {
 
 fn find_redis() -> Result<PathBuf, LocalError> {
     let candidates = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("redis-server")).collect::<Vec<_>>())
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("redis-server"))
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default();
     candidates
         .into_iter()

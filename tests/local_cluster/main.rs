@@ -68,9 +68,15 @@ async fn a_delayed_replica_really_lags() {
         .start()
         .expect("cluster");
     let primary = cluster.primary().connect().await.unwrap();
-    primary.batch_execute("CREATE TABLE lag (id int)").await.unwrap();
+    primary
+        .batch_execute("CREATE TABLE lag (id int)")
+        .await
+        .unwrap();
     cluster.wait_for_replicas(WAIT).await.unwrap();
-    primary.batch_execute("INSERT INTO lag VALUES (1)").await.unwrap();
+    primary
+        .batch_execute("INSERT INTO lag VALUES (1)")
+        .await
+        .unwrap();
     // The row is committed on the primary, but the replica applies it only
     // after the delay: it must be missing right now.
     assert_eq!(count_rows(cluster.primary(), "lag").await, 1);
@@ -114,7 +120,14 @@ async fn promote_turns_a_replica_into_a_writable_primary() {
     assert!(!in_recovery);
     // The stopped primary comes back on its own port.
     cluster.primary().start().expect("restart");
-    assert_eq!(count_rows(cluster.primary(), "pg_class WHERE relname = 'after_promote'").await, 0);
+    assert_eq!(
+        count_rows(
+            cluster.primary(),
+            "pg_class WHERE relname = 'after_promote'"
+        )
+        .await,
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,11 +166,17 @@ async fn kill_pause_and_restart() {
     };
     assert!(pids.len() > 1, "a running server has child processes");
     replica.kill().unwrap();
-    assert!(pids_alive(&pids).is_empty(), "killed processes remain: {pids:?}");
+    assert!(
+        pids_alive(&pids).is_empty(),
+        "killed processes remain: {pids:?}"
+    );
     assert!(replica.connect().await.is_err());
     replica.start().unwrap();
     let primary = cluster.primary().connect().await.unwrap();
-    primary.batch_execute("CREATE TABLE after_kill (id int)").await.unwrap();
+    primary
+        .batch_execute("CREATE TABLE after_kill (id int)")
+        .await
+        .unwrap();
     cluster.wait_for_replicas(WAIT).await.unwrap();
     assert_eq!(count_rows(replica, "after_kill").await, 0);
 }
@@ -178,7 +197,11 @@ fn after_drop_no_server_process_or_dir_remains() {
     assert!(dirs.iter().all(|d| d.exists()));
     drop(cluster);
     drop(redis);
-    assert!(pids_alive(&pids).is_empty(), "processes left: {:?}", pids_alive(&pids));
+    assert!(
+        pids_alive(&pids).is_empty(),
+        "processes left: {:?}",
+        pids_alive(&pids)
+    );
     for dir in dirs {
         assert!(!dir.exists(), "{} left behind", dir.display());
     }
@@ -189,7 +212,10 @@ fn teardown_also_happens_when_a_test_panics() {
     let mut seen = None;
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let cluster = LocalCluster::start(0).expect("cluster");
-        seen = Some((cluster.primary().pid().unwrap(), cluster.primary().dir().to_path_buf()));
+        seen = Some((
+            cluster.primary().pid().unwrap(),
+            cluster.primary().dir().to_path_buf(),
+        ));
         panic!("a failing test");
     }));
     assert!(result.is_err());
@@ -229,7 +255,10 @@ fn shared_clusters_are_reused_while_alive() {
     let pid = a.primary().pid().unwrap();
     drop(a);
     drop(b);
-    assert!(pids_alive(&[pid]).is_empty(), "the last guard tears it down");
+    assert!(
+        pids_alive(&[pid]).is_empty(),
+        "the last guard tears it down"
+    );
 }
 
 /// Run in a child process by `servers_of_a_crashed_run_are_swept`: starts a
@@ -265,13 +294,25 @@ fn servers_of_a_crashed_run_are_swept() {
         .find_map(|l| l.strip_prefix("CRASHED "))
         .unwrap_or_else(|| panic!("helper printed no report: {stdout}"));
     let parts: Vec<&str> = line.split(' ').collect();
-    let (pg_pid, pg_dir) = (parts[0].parse::<u32>().unwrap(), std::path::PathBuf::from(parts[1]));
-    let (redis_pid, redis_dir) = (parts[2].parse::<u32>().unwrap(), std::path::PathBuf::from(parts[3]));
+    let (pg_pid, pg_dir) = (
+        parts[0].parse::<u32>().unwrap(),
+        std::path::PathBuf::from(parts[1]),
+    );
+    let (redis_pid, redis_dir) = (
+        parts[2].parse::<u32>().unwrap(),
+        std::path::PathBuf::from(parts[3]),
+    );
     assert!(!out.status.success(), "the helper aborted");
     assert_eq!(pids_alive(&[pg_pid, redis_pid]).len(), 2, "orphans run on");
     assert!(pg_dir.exists() && redis_dir.exists());
     // The next start sweeps what the dead run left.
     let _redis = LocalRedis::start().unwrap();
-    assert!(pids_alive(&[pg_pid, redis_pid]).is_empty(), "orphans were not killed");
-    assert!(!pg_dir.exists() && !redis_dir.exists(), "orphan dirs were not removed");
+    assert!(
+        pids_alive(&[pg_pid, redis_pid]).is_empty(),
+        "orphans were not killed"
+    );
+    assert!(
+        !pg_dir.exists() && !redis_dir.exists(),
+        "orphan dirs were not removed"
+    );
 }

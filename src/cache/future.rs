@@ -1,0 +1,122 @@
+//! The response future of [`Cache`](super::Cache).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use pin_project_lite::pin_project;
+use tower::Service;
+
+type BoxMiss<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
+
+pin_project! {
+    /// The future [`Cache`](super::Cache) returns.
+    ///
+    /// A hit is an already-ready value (no allocation, nothing to wait for);
+    /// a request the policy bypasses drives the inner service's readiness and
+    /// call without boxing; only a miss, which waits on the single-flight
+    /// group and the inner service, is boxed.
+    pub struct ResponseFuture<S, Req>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        state: State<S, Req>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, Req>
+    where
+        S: Service<Req>,
+    {
+        Ready {
+            result: Option<Result<S::Response, S::Error>>,
+        },
+        Bypass {
+            svc: S,
+            req: Option<Req>,
+        },
+        Calling {
+            #[pin]
+            fut: S::Future,
+        },
+        Miss {
+            fut: BoxMiss<S::Response, S::Error>,
+        },
+    }
+}
+
+impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
+    #[inline]
+    pub(crate) fn ready(result: Result<S::Response, S::Error>) -> Self {
+        Self {
+            state: State::Ready {
+                result: Some(result),
+            },
+        }
+    }
+
+    pub(crate) fn bypass(svc: S, req: Req) -> Self {
+        Self {
+            state: State::Bypass {
+                svc,
+                req: Some(req),
+            },
+        }
+    }
+
+    pub(crate) fn miss(fut: BoxMiss<S::Response, S::Error>) -> Self {
+        Self {
+            state: State::Miss { fut },
+        }
+    }
+}
+
+impl<S: Service<Req>, Req> Future for ResponseFuture<S, Req> {
+    type Output = Result<S::Response, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Ready { result } => {
+                    return match result.take() {
+                        Some(result) => Poll::Ready(result),
+                        None => panic!("cache ResponseFuture polled after completion"),
+                    };
+                }
+                StateProj::Bypass { svc, req } => {
+                    // The cache is always ready; the inner service's
+                    // readiness is awaited here, on this request's own clone.
+                    if let Err(e) = ready!(svc.poll_ready(cx)) {
+                        return Poll::Ready(Err(e));
+                    }
+                    let Some(req) = req.take() else {
+                        panic!("cache ResponseFuture polled after completion");
+                    };
+                    let fut = svc.call(req);
+                    this.state.set(State::Calling { fut });
+                }
+                StateProj::Calling { fut } => return fut.poll(cx),
+                StateProj::Miss { fut } => return fut.as_mut().poll(cx),
+            }
+        }
+    }
+}
+
+impl<S: Service<Req>, Req> fmt::Debug for ResponseFuture<S, Req> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Ready { .. } => "Ready",
+            State::Bypass { .. } => "Bypass",
+            State::Calling { .. } => "Calling",
+            State::Miss { .. } => "Miss",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
+    }
+}

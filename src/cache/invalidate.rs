@@ -1,0 +1,358 @@
+//! Invalidation by key, tag and everything, race-safe against fills in
+//! flight.
+//!
+//! Every invalidation takes the next number of a sequence and leaves a mark
+//! (for a key or a tag, with an optional version). A fill reads the sequence
+//! before it calls the service; when it stores, it first inserts and then
+//! checks whether a mark newer than its start (or a version above its stamp)
+//! touches its key or tags, and removes what it inserted if so. The
+//! invalidator marks first and removes second, so in every interleaving one
+//! of the two sees the other: a fill that began before an invalidation never
+//! survives it (the memcache-lease rule, without a round trip).
+//!
+//! Tags are invalidated in O(1): the mark is the whole work, and entries
+//! compare their fill sequence against their tags' marks when they are next
+//! read. That comparison is skipped entirely while no invalidation happened
+//! since the entry was last checked (one atomic load on the hit path).
+//!
+//! Marks are kept up to a bound ([`CacheLayerBuilder::max_tracked_invalidations`]);
+//! past it the oldest half is folded into a floor: entries and fills older
+//! than the floor are treated as invalidated. That errs on the side of a
+//! miss, never of a stale hit.
+//!
+//! [`CacheLayerBuilder::max_tracked_invalidations`]: super::CacheLayerBuilder::max_tracked_invalidations
+
+use std::borrow::Borrow;
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use super::entry::Entry;
+use super::key::{Hashed, KeyHasher, PassThrough};
+
+/// A label entries can be invalidated by, such as `user:12` or `table:users`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Tag(Arc<str>);
+
+impl Tag {
+    /// The tag's text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Tag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for Tag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for Tag {
+    fn from(s: &str) -> Self {
+        Self(Arc::from(s))
+    }
+}
+
+impl From<String> for Tag {
+    fn from(s: String) -> Self {
+        Self(Arc::from(s))
+    }
+}
+
+impl From<&String> for Tag {
+    fn from(s: &String) -> Self {
+        Self(Arc::from(s.as_str()))
+    }
+}
+
+impl Borrow<str> for Tag {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+/// What to invalidate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Invalidation<K> {
+    /// One key.
+    Key(K),
+    /// Every entry stored with this tag.
+    Tag(Tag),
+    /// Everything.
+    All,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Mark {
+    /// Sequence number of the invalidation.
+    seq: u64,
+    /// Highest version invalidated (0 when none was given).
+    version: u64,
+}
+
+impl Mark {
+    #[inline]
+    fn blocks(&self, fill_seq: u64, version: Option<u64>) -> bool {
+        self.seq > fill_seq || version.is_some_and(|v| self.version > v)
+    }
+
+    fn merge(&mut self, seq: u64, version: u64) {
+        self.seq = self.seq.max(seq);
+        self.version = self.version.max(version);
+    }
+}
+
+struct Marks<K> {
+    keys: HashMap<Hashed<K>, Mark, PassThrough>,
+    tags: HashMap<Tag, Mark>,
+    key_floor: Mark,
+    tag_floor: Mark,
+}
+
+/// The shared record of invalidations of one cache.
+pub(crate) struct InvalidationLog<K> {
+    seq: AtomicU64,
+    all_seq: AtomicU64,
+    marks: RwLock<Marks<K>>,
+    max_marks: usize,
+    pub(crate) hasher: KeyHasher,
+}
+
+impl<K: Hash + Eq + Clone> InvalidationLog<K> {
+    pub(crate) fn new(hasher: KeyHasher, max_marks: usize) -> Self {
+        Self {
+            seq: AtomicU64::new(0),
+            all_seq: AtomicU64::new(0),
+            marks: RwLock::new(Marks {
+                keys: HashMap::with_hasher(PassThrough),
+                tags: HashMap::new(),
+                key_floor: Mark::default(),
+                tag_floor: Mark::default(),
+            }),
+            max_marks: max_marks.max(2),
+            hasher,
+        }
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Marks<K>> {
+        self.marks
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Marks<K>> {
+        self.marks
+            .write()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// The sequence number a fill starts at.
+    #[inline]
+    pub(crate) fn current(&self) -> u64 {
+        self.seq.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn mark_key(&self, key: Hashed<K>, version: u64) {
+        let mut marks = self.write();
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        marks.keys.entry(key).or_default().merge(seq, version);
+        if marks.keys.len() > self.max_marks {
+            let floor = fold_oldest_half(&mut marks.keys);
+            marks.key_floor.merge(floor.seq, floor.version);
+        }
+    }
+
+    pub(crate) fn mark_tag(&self, tag: Tag, version: u64) {
+        let mut marks = self.write();
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        marks.tags.entry(tag).or_default().merge(seq, version);
+        if marks.tags.len() > self.max_marks {
+            let floor = fold_oldest_half(&mut marks.tags);
+            marks.tag_floor.merge(floor.seq, floor.version);
+        }
+    }
+
+    pub(crate) fn mark_all(&self) {
+        let _marks = self.write();
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        self.all_seq.store(seq, Ordering::SeqCst);
+    }
+
+    /// Whether a fill that started at `fill_seq`, stamped `version`, may be
+    /// stored (checked before and again after the insert).
+    pub(crate) fn may_store(
+        &self,
+        key: &Hashed<K>,
+        tags: &[super::Tag],
+        fill_seq: u64,
+        version: Option<u64>,
+    ) -> bool {
+        if self.all_seq.load(Ordering::SeqCst) > fill_seq {
+            return false;
+        }
+        let marks = self.read();
+        if marks.key_floor.blocks(fill_seq, version) || marks.tag_floor.blocks(fill_seq, version) {
+            return false;
+        }
+        if marks
+            .keys
+            .get(key)
+            .is_some_and(|m| m.blocks(fill_seq, version))
+        {
+            return false;
+        }
+        !tags.iter().any(|t| {
+            marks
+                .tags
+                .get(t)
+                .is_some_and(|m| m.blocks(fill_seq, version))
+        })
+    }
+
+    /// The hit-path check: valid unless an invalidation since the entry was
+    /// last checked touches it. One atomic load when nothing happened.
+    #[inline]
+    pub(crate) fn still_valid<R, E>(&self, entry: &Entry<R, E>) -> bool {
+        let now = self.seq.load(Ordering::Acquire);
+        if entry.validated_seq.load(Ordering::Relaxed) == now {
+            return true;
+        }
+        self.still_valid_slow(entry, now)
+    }
+
+    #[cold]
+    fn still_valid_slow<R, E>(&self, entry: &Entry<R, E>, now: u64) -> bool {
+        let fill = entry.fill_seq;
+        if self.all_seq.load(Ordering::SeqCst) > fill {
+            return false;
+        }
+        let marks = self.read();
+        if marks.tag_floor.seq > fill {
+            return false;
+        }
+        if entry
+            .tags
+            .iter()
+            .any(|t| marks.tags.get(t).is_some_and(|m| m.seq > fill))
+        {
+            return false;
+        }
+        entry.validated_seq.store(now, Ordering::Relaxed);
+        true
+    }
+}
+
+/// Drops the older half of `marks` (by sequence) and returns the floor that
+/// stands in for them.
+fn fold_oldest_half<Q: Hash + Eq>(
+    marks: &mut HashMap<Q, Mark, impl std::hash::BuildHasher>,
+) -> Mark {
+    let mut seqs: Vec<u64> = marks.values().map(|m| m.seq).collect();
+    seqs.sort_unstable();
+    let cut = seqs[seqs.len() / 2];
+    let mut floor = Mark::default();
+    marks.retain(|_, m| {
+        if m.seq <= cut {
+            floor.merge(m.seq, m.version);
+            false
+        } else {
+            true
+        }
+    });
+    floor
+}
+
+/// What an [`Invalidator`] acts on: the cache's log and store.
+pub(crate) trait InvalidateTarget<K>: Send + Sync {
+    fn invalidate(&self, what: Invalidation<K>, version: u64);
+}
+
+/// A handle that invalidates entries of one cache: by key, by tag, or all.
+///
+/// Cheap to clone; write paths hold one. Invalidation is race-safe: a fill
+/// that began before the call is not stored after it. With a version (the
+/// LSN of the write), fills stamped below it are kept out as well, even if
+/// they start later (a lagging replica cannot put the old row back).
+///
+/// ```
+/// # use tower_scale::cache::CacheLayer;
+/// # fn demo() -> Result<(), tower_scale::cache::BuildError> {
+/// let layer = CacheLayer::builder(|id: &u64| Some(*id)).build::<u64, String, ()>()?;
+/// let invalidator = layer.invalidator();
+/// invalidator.invalidate_key(&12);
+/// invalidator.invalidate_tag("user:12");
+/// invalidator.invalidate_tag_at("user:12", 0x16_B374_D848); // at a commit LSN
+/// invalidator.invalidate_all();
+/// # Ok(()) }
+/// ```
+pub struct Invalidator<K> {
+    target: Arc<dyn InvalidateTarget<K>>,
+}
+
+impl<K> Clone for Invalidator<K> {
+    fn clone(&self) -> Self {
+        Self {
+            target: Arc::clone(&self.target),
+        }
+    }
+}
+
+impl<K> fmt::Debug for Invalidator<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Invalidator")
+    }
+}
+
+impl<K> Invalidator<K> {
+    pub(crate) fn new(target: Arc<dyn InvalidateTarget<K>>) -> Self {
+        Self { target }
+    }
+
+    /// Removes the entry for `key`.
+    pub fn invalidate_key(&self, key: &K)
+    where
+        K: Clone,
+    {
+        self.target.invalidate(Invalidation::Key(key.clone()), 0);
+    }
+
+    /// Removes the entry for `key`, and keeps out fills stamped below `version`.
+    pub fn invalidate_key_at(&self, key: &K, version: u64)
+    where
+        K: Clone,
+    {
+        self.target
+            .invalidate(Invalidation::Key(key.clone()), version);
+    }
+
+    /// Invalidates every entry stored with `tag`.
+    pub fn invalidate_tag(&self, tag: impl Into<Tag>) {
+        self.target.invalidate(Invalidation::Tag(tag.into()), 0);
+    }
+
+    /// Invalidates every entry with `tag`, and keeps out fills with that
+    /// tag stamped below `version`.
+    pub fn invalidate_tag_at(&self, tag: impl Into<Tag>, version: u64) {
+        self.target
+            .invalidate(Invalidation::Tag(tag.into()), version);
+    }
+
+    /// Invalidates everything.
+    pub fn invalidate_all(&self) {
+        self.target.invalidate(Invalidation::All, 0);
+    }
+
+    /// Applies one [`Invalidation`], optionally at a version (0 for none).
+    pub fn invalidate(&self, what: Invalidation<K>, version: u64) {
+        self.target.invalidate(what, version);
+    }
+}

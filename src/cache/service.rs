@@ -1,0 +1,560 @@
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tower::{Service, ServiceExt};
+
+use super::clock::{Clock, Instant};
+use super::entry::{Entry, Freshness};
+use super::flight::{Flights, Join};
+use super::future::ResponseFuture;
+use super::invalidate::{InvalidateTarget, Invalidation, InvalidationLog, Invalidator};
+use super::key::Hashed;
+use super::policy::{CachePolicy, Storable, Windows};
+use super::stats::{CacheStats, Stats};
+use super::store::Store;
+
+/// Past this many "recompute times × beta" before expiry the XFetch
+/// probability is below e^-20 (about 2e-9): the hit path skips the dice.
+const XFETCH_CUTOFF: f64 = 20.0;
+
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) windows: Windows,
+    pub(crate) negative_ttl: Option<Duration>,
+    pub(crate) early_refresh: Option<f64>,
+    pub(crate) ttl_jitter: f64,
+}
+
+/// Cancels background work when the last layer or service handle goes.
+#[derive(Debug)]
+pub(crate) struct Life {
+    shutdown: CancellationToken,
+}
+
+impl Life {
+    pub(crate) fn new(shutdown: CancellationToken) -> Self {
+        Self { shutdown }
+    }
+}
+
+impl Drop for Life {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+type Weigh<R> = Box<dyn Fn(&R) -> u32 + Send + Sync>;
+
+/// The state every clone of one cache shares.
+pub(crate) struct Shared<P, St: Store> {
+    pub(crate) policy: P,
+    pub(crate) store: St,
+    pub(crate) config: Config,
+    weigher: Option<Weigh<St::Response>>,
+    clock: Clock,
+    log: InvalidationLog<St::Key>,
+    flights: Arc<Flights<St::Key, St::Response, St::Error>>,
+    stats: Stats,
+    rng: AtomicU64,
+    pub(crate) shutdown: CancellationToken,
+}
+
+/// What a lookup found.
+enum Lookup {
+    /// Serve it; `refresh` says this request must start the background refresh.
+    Hit { refresh: bool },
+    /// Past its windows but usable if the service fails.
+    Fallback,
+    /// Not usable for this request (too old a version), but left in place.
+    Skip,
+    /// Invalidated or expired: remove it.
+    Dead,
+}
+
+impl<P, St: Store> Shared<P, St> {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        policy: P,
+        store: St,
+        config: Config,
+        weigher: Option<Weigh<St::Response>>,
+        clock: Clock,
+        log: InvalidationLog<St::Key>,
+        stats: Stats,
+        seed: u64,
+    ) -> Self {
+        Self {
+            policy,
+            store,
+            config,
+            weigher,
+            clock,
+            log,
+            flights: Arc::new(Flights::new()),
+            stats,
+            rng: AtomicU64::new(seed),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> CacheStats {
+        self.stats
+            .snapshot(self.store.evictions(), self.store.entry_count())
+    }
+
+    /// A uniform number in (0, 1] from a seeded splitmix64 stream.
+    fn next_random(&self) -> f64 {
+        let mut z = self
+            .rng
+            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
+            .wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        ((z >> 11) + 1) as f64 / (1u64 << 53) as f64
+    }
+
+    #[inline]
+    fn lookup(&self, entry: &Entry<St::Response, St::Error>, min_version: Option<u64>) -> Lookup {
+        if !self.log.still_valid(entry) {
+            return Lookup::Dead;
+        }
+        if let Some(min) = min_version {
+            if entry.version.is_none_or(|v| v < min) {
+                return Lookup::Skip;
+            }
+        }
+        let now = self.clock.now();
+        match entry.freshness(now) {
+            Freshness::Fresh => {
+                self.stats.hits.incr();
+                Lookup::Hit {
+                    refresh: self.early_refresh_due(entry, now),
+                }
+            }
+            Freshness::Stale => {
+                self.stats.stale_hits.incr();
+                Lookup::Hit {
+                    refresh: entry.claim_refresh(),
+                }
+            }
+            Freshness::ErrorFallback if entry.result.is_ok() => Lookup::Fallback,
+            Freshness::ErrorFallback | Freshness::Expired => Lookup::Dead,
+        }
+    }
+
+    /// XFetch: refresh when `now - recompute × beta × ln(u) ≥ expiry`.
+    #[inline]
+    fn early_refresh_due(&self, entry: &Entry<St::Response, St::Error>, now: Instant) -> bool {
+        let Some(beta) = self.config.early_refresh else {
+            return false;
+        };
+        if entry.recompute.is_zero() || entry.result.is_err() {
+            return false;
+        }
+        let remaining = entry
+            .fresh_until
+            .saturating_duration_since(now)
+            .as_secs_f64();
+        let scale = entry.recompute.as_secs_f64() * beta;
+        if remaining > scale * XFETCH_CUTOFF {
+            return false;
+        }
+        self.early_refresh_roll(entry, remaining, scale)
+    }
+
+    #[cold]
+    fn early_refresh_roll(
+        &self,
+        entry: &Entry<St::Response, St::Error>,
+        remaining: f64,
+        scale: f64,
+    ) -> bool {
+        let u = self.next_random();
+        if scale * -u.ln() >= remaining && entry.claim_refresh() {
+            self.stats.early_refreshes.incr();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Is there a fresh, valid entry for this key now? (The leader's
+    /// re-check after winning the flight.)
+    fn fresh_entry(
+        &self,
+        key: &Hashed<St::Key>,
+        min_version: Option<u64>,
+    ) -> Option<Arc<Entry<St::Response, St::Error>>> {
+        let entry = self.store.get(key)?;
+        let usable = self.log.still_valid(&entry)
+            && min_version.is_none_or(|min| entry.version.is_some_and(|v| v >= min))
+            && entry.freshness(self.clock.now()) == Freshness::Fresh;
+        usable.then_some(entry)
+    }
+
+    /// Calls the inner service (after its readiness) and stores the result
+    /// if the policy and the invalidation log allow.
+    async fn fill<S, Req>(
+        &self,
+        svc: S,
+        req: Req,
+        key: &Hashed<St::Key>,
+    ) -> Result<St::Response, St::Error>
+    where
+        S: Service<Req, Response = St::Response, Error = St::Error>,
+        P: CachePolicy<Req, St::Response, Key = St::Key>,
+    {
+        // Read before the call: an invalidation from here on wins over this fill.
+        let fill_seq = self.log.current();
+        let started = self.clock.now();
+        let result = svc.oneshot(req).await;
+        let recompute = self.clock.now().saturating_duration_since(started);
+        match &result {
+            Ok(response) => {
+                if let Some(storable) =
+                    self.policy
+                        .storable(key.key(), response, &self.config.windows)
+                {
+                    self.store_fill(key, Ok(response.clone()), storable, fill_seq, recompute);
+                }
+            }
+            Err(error) => {
+                self.stats.inner_errors.incr();
+                if let Some(ttl) = self.config.negative_ttl {
+                    let storable = Storable::new(Windows::ttl(ttl));
+                    self.store_fill(key, Err(error.clone()), storable, fill_seq, recompute);
+                }
+            }
+        }
+        result
+    }
+
+    fn store_fill(
+        &self,
+        key: &Hashed<St::Key>,
+        result: Result<St::Response, St::Error>,
+        storable: Storable,
+        fill_seq: u64,
+        recompute: Duration,
+    ) {
+        let Storable {
+            windows,
+            tags,
+            version,
+        } = storable;
+        if windows.ttl.is_zero() {
+            return;
+        }
+        if !self.log.may_store(key, &tags, fill_seq, version) {
+            self.stats.not_stored.incr();
+            return;
+        }
+        let ttl = if self.config.ttl_jitter > 0.0 {
+            let u = self.next_random();
+            windows.ttl.mul_f64(1.0 - self.config.ttl_jitter * u)
+        } else {
+            windows.ttl
+        };
+        let weight = match (&result, &self.weigher) {
+            (Ok(response), Some(weigh)) => weigh(response).max(1),
+            _ => 1,
+        };
+        let now = self.clock.now();
+        let fresh_until = now + ttl;
+        let entry = Arc::new(Entry {
+            result,
+            stored_at: now,
+            fresh_until,
+            stale_until: fresh_until + windows.stale_while_revalidate,
+            error_until: fresh_until + windows.stale_if_error,
+            recompute,
+            version,
+            tags: tags.into_boxed_slice(),
+            fill_seq,
+            validated_seq: AtomicU64::new(fill_seq),
+            refreshing: AtomicBool::new(false),
+            weight,
+        });
+        self.store.insert(key.clone(), Arc::clone(&entry));
+        // Insert, then check again: an invalidation that marked in between
+        // either sees our entry (and removes it) or is seen here.
+        if !self.log.may_store(key, &entry.tags, fill_seq, version) {
+            self.store.remove(key);
+            self.stats.not_stored.incr();
+            return;
+        }
+        self.stats.stored.incr();
+    }
+}
+
+impl<P, St> InvalidateTarget<St::Key> for Shared<P, St>
+where
+    P: Send + Sync + 'static,
+    St: Store,
+{
+    fn invalidate(&self, what: Invalidation<St::Key>, version: u64) {
+        self.stats.invalidations.incr();
+        match what {
+            Invalidation::Key(key) => {
+                let key = self.log.hasher.hashed(key);
+                // Mark first, remove second (see the module docs).
+                self.log.mark_key(key.clone(), version);
+                self.store.remove(&key);
+            }
+            Invalidation::Tag(tag) => self.log.mark_tag(tag, version),
+            Invalidation::All => {
+                self.log.mark_all();
+                self.store.clear();
+            }
+        }
+    }
+}
+
+/// A read-through cache in front of the service `S`; see the [module
+/// docs](super) and [`CacheLayer`](super::CacheLayer).
+///
+/// # Readiness
+///
+/// `poll_ready` is always ready: hits never wait for the inner service, so
+/// they are served even while it applies backpressure. A miss (or a bypassed
+/// request) clones the inner service and waits for that clone's readiness
+/// inside its own future before calling it, as tower's guidance for layers
+/// that must stay ready asks; backpressure therefore delays misses, not the
+/// caller of `poll_ready`. Put a concurrency limit or load shedding inside
+/// the cache if misses must be bounded.
+pub struct Cache<S, P, St: Store> {
+    pub(crate) inner: S,
+    pub(crate) shared: Arc<Shared<P, St>>,
+    pub(crate) life: Arc<Life>,
+}
+
+impl<S: Clone, P, St: Store> Clone for Cache<S, P, St> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: Arc::clone(&self.shared),
+            life: Arc::clone(&self.life),
+        }
+    }
+}
+
+impl<S: fmt::Debug, P, St: Store + fmt::Debug> fmt::Debug for Cache<S, P, St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cache")
+            .field("inner", &self.inner)
+            .field("store", &self.shared.store)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, P, St: Store> Cache<S, P, St> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// A handle to invalidate entries by key, tag or all.
+    pub fn invalidator(&self) -> Invalidator<St::Key>
+    where
+        P: Send + Sync + 'static,
+    {
+        Invalidator::new(self.shared.clone())
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> CacheStats {
+        self.shared.stats()
+    }
+
+    /// The store.
+    pub fn store(&self) -> &St {
+        &self.shared.store
+    }
+
+    /// Inner calls in flight (one per key being filled).
+    pub fn in_flight(&self) -> usize {
+        self.shared.flights.len()
+    }
+
+    /// Stops background refreshes now; see [`CacheLayer::shutdown`](super::CacheLayer::shutdown).
+    pub fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+    }
+}
+
+impl<S, P, St, Req> Service<Req> for Cache<S, P, St>
+where
+    S: Service<Req, Response = St::Response, Error = St::Error> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    P: CachePolicy<Req, St::Response, Key = St::Key>,
+    St: Store,
+    Req: Send + 'static,
+{
+    type Response = St::Response;
+    type Error = St::Error;
+    type Future = ResponseFuture<S, Req>;
+
+    /// Always ready: see "Readiness" on [`Cache`].
+    #[inline]
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    #[inline]
+    fn call(&mut self, req: Req) -> Self::Future {
+        let shared = &*self.shared;
+        let Some(key) = shared.policy.key(&req) else {
+            shared.stats.bypasses.incr();
+            return ResponseFuture::bypass(self.inner.clone(), req);
+        };
+        let key = shared.log.hasher.hashed(key);
+        let min_version = shared.policy.min_version(&req);
+        let mut fallback = None;
+        if let Some(entry) = shared.store.get(&key) {
+            match shared.lookup(&entry, min_version) {
+                Lookup::Hit { refresh } => {
+                    if refresh {
+                        self.spawn_refresh(req, key, min_version);
+                    }
+                    return ResponseFuture::ready(entry.result.clone());
+                }
+                Lookup::Fallback => fallback = Some(entry),
+                Lookup::Skip => {}
+                Lookup::Dead => shared.store.remove(&key),
+            }
+        }
+        shared.stats.misses.incr();
+        ResponseFuture::miss(Box::pin(miss(
+            Arc::clone(&self.shared),
+            self.inner.clone(),
+            req,
+            key,
+            min_version,
+            fallback,
+        )))
+    }
+}
+
+impl<S, P, St: Store> Cache<S, P, St> {
+    /// Starts the one background refresh of an entry (SWR or early).
+    #[cold]
+    fn spawn_refresh<Req>(&self, req: Req, key: Hashed<St::Key>, min_version: Option<u64>)
+    where
+        S: Service<Req, Response = St::Response, Error = St::Error> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        P: CachePolicy<Req, St::Response, Key = St::Key>,
+        Req: Send + 'static,
+    {
+        let shared = &self.shared;
+        if shared.shutdown.is_cancelled() {
+            return;
+        }
+        // Without a runtime there is nothing to run it on: the stale entry
+        // is served until its window ends, then a miss refreshes it.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        shared.stats.refreshes.incr();
+        let shared = Arc::clone(shared);
+        let svc = self.inner.clone();
+        let shutdown = shared.shutdown.clone();
+        runtime.spawn(async move {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {}
+                () = refresh(shared, svc, req, key, min_version) => {}
+            }
+        });
+    }
+}
+
+async fn refresh<S, P, St, Req>(
+    shared: Arc<Shared<P, St>>,
+    svc: S,
+    req: Req,
+    key: Hashed<St::Key>,
+    min_version: Option<u64>,
+) where
+    S: Service<Req, Response = St::Response, Error = St::Error>,
+    P: CachePolicy<Req, St::Response, Key = St::Key>,
+    St: Store,
+{
+    // A miss already filling this key does the refresh's work.
+    if let Join::Lead(leader) = shared.flights.join(&key, min_version) {
+        let result = shared.fill(svc, req, &key).await;
+        leader.complete(&result);
+    }
+}
+
+/// The miss path: join the key's flight (or lead it), fill, fall back to a
+/// stale entry if the service fails inside stale-if-error.
+async fn miss<S, P, St, Req>(
+    shared: Arc<Shared<P, St>>,
+    svc: S,
+    req: Req,
+    key: Hashed<St::Key>,
+    min_version: Option<u64>,
+    fallback: Option<Arc<Entry<St::Response, St::Error>>>,
+) -> Result<St::Response, St::Error>
+where
+    S: Service<Req, Response = St::Response, Error = St::Error>,
+    P: CachePolicy<Req, St::Response, Key = St::Key>,
+    St: Store,
+{
+    let mut counted = false;
+    let leader = loop {
+        match shared.flights.join(&key, min_version) {
+            Join::Lead(leader) => break Some(leader),
+            Join::Alone => break None,
+            Join::Wait(flight) => {
+                if !counted {
+                    shared.stats.coalesced.incr();
+                    counted = true;
+                }
+                if let Some(result) = flight.wait().await {
+                    return result;
+                }
+                // The leader was cancelled: take over (one waiter wins the
+                // next join, the others wait for it).
+            }
+        }
+    };
+    if leader.is_some() {
+        if let Some(entry) = shared.fresh_entry(&key, min_version) {
+            // Filled between our lookup and winning the flight.
+            let result = entry.result.clone();
+            if let Some(leader) = leader {
+                leader.complete(&result);
+            }
+            return result;
+        }
+    }
+    let mut result = shared.fill(svc, req, &key).await;
+    if result.is_err() {
+        if let Some(entry) = fallback {
+            if shared.clock.now() < entry.error_until && shared.log.still_valid(&entry) {
+                shared.stats.stale_if_error.incr();
+                result = entry.result.clone();
+            }
+        }
+    }
+    if let Some(leader) = leader {
+        leader.complete(&result);
+    }
+    result
+}
