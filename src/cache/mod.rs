@@ -70,7 +70,7 @@ mod service;
 mod stats;
 mod store;
 
-pub use self::clock::{Clock, Instant, MockClock};
+pub use self::clock::{COARSE_RESOLUTION, Clock, Instant, MockClock};
 pub use self::entry::Entry;
 pub use self::future::ResponseFuture;
 pub use self::invalidate::{Invalidation, Invalidator, Tag};

@@ -7,14 +7,14 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceExt};
 
-use super::clock::{Clock, Instant};
+use super::clock::{Clock, Instant, nanos};
 use super::entry::{Entry, Freshness};
 use super::flight::{Flights, Join};
 use super::future::ResponseFuture;
 use super::invalidate::{InvalidateTarget, Invalidation, InvalidationLog, Invalidator};
 use super::key::Hashed;
 use super::policy::{CachePolicy, Storable, Windows};
-use super::stats::{CacheStats, Stats};
+use super::stats::{CacheStats, Kind, Stats};
 use super::store::Store;
 
 /// Past this many "recompute times × beta" before expiry the XFetch
@@ -131,13 +131,13 @@ impl<P, St: Store> Shared<P, St> {
         let now = self.clock.now();
         match entry.freshness(now) {
             Freshness::Fresh => {
-                self.stats.hits.incr();
+                self.stats.incr(Kind::Hits);
                 Lookup::Hit {
                     refresh: self.early_refresh_due(entry, now),
                 }
             }
             Freshness::Stale => {
-                self.stats.stale_hits.incr();
+                self.stats.incr(Kind::StaleHits);
                 Lookup::Hit {
                     refresh: entry.claim_refresh(),
                 }
@@ -148,22 +148,21 @@ impl<P, St: Store> Shared<P, St> {
     }
 
     /// XFetch: refresh when `now - recompute × beta × ln(u) ≥ expiry`.
+    /// Before `early_from` the probability is below e^-20 and the dice are
+    /// not rolled (one comparison on the hit path).
     #[inline]
     fn early_refresh_due(&self, entry: &Entry<St::Response, St::Error>, now: Instant) -> bool {
+        if now < entry.early_from {
+            return false;
+        }
         let Some(beta) = self.config.early_refresh else {
             return false;
         };
-        if entry.recompute.is_zero() || entry.result.is_err() {
-            return false;
-        }
         let remaining = entry
             .fresh_until
             .saturating_duration_since(now)
             .as_secs_f64();
         let scale = entry.recompute.as_secs_f64() * beta;
-        if remaining > scale * XFETCH_CUTOFF {
-            return false;
-        }
         self.early_refresh_roll(entry, remaining, scale)
     }
 
@@ -176,7 +175,7 @@ impl<P, St: Store> Shared<P, St> {
     ) -> bool {
         let u = self.next_random();
         if scale * -u.ln() >= remaining && entry.claim_refresh() {
-            self.stats.early_refreshes.incr();
+            self.stats.incr(Kind::EarlyRefreshes);
             true
         } else {
             false
@@ -224,7 +223,7 @@ impl<P, St: Store> Shared<P, St> {
                 }
             }
             Err(error) => {
-                self.stats.inner_errors.incr();
+                self.stats.incr(Kind::InnerErrors);
                 if let Some(ttl) = self.config.negative_ttl {
                     let storable = Storable::new(Windows::ttl(ttl));
                     self.store_fill(key, Err(error.clone()), storable, fill_seq, recompute);
@@ -251,7 +250,7 @@ impl<P, St: Store> Shared<P, St> {
             return;
         }
         if !self.log.may_store(key, &tags, fill_seq, version) {
-            self.stats.not_stored.incr();
+            self.stats.incr(Kind::NotStored);
             return;
         }
         let ttl = if self.config.ttl_jitter > 0.0 {
@@ -266,7 +265,15 @@ impl<P, St: Store> Shared<P, St> {
         };
         let now = self.clock.now();
         let fresh_until = now + ttl;
+        let early_from = match self.config.early_refresh {
+            Some(beta) if !recompute.is_zero() && result.is_ok() => {
+                let window = recompute.mul_f64(beta * XFETCH_CUTOFF);
+                Instant::from_nanos(fresh_until.as_nanos().saturating_sub(nanos(window)))
+            }
+            _ => Instant::from_nanos(u64::MAX),
+        };
         let entry = Arc::new(Entry {
+            early_from,
             result,
             stored_at: now,
             fresh_until,
@@ -285,10 +292,10 @@ impl<P, St: Store> Shared<P, St> {
         // either sees our entry (and removes it) or is seen here.
         if !self.log.may_store(key, &entry.tags, fill_seq, version) {
             self.store.remove(key);
-            self.stats.not_stored.incr();
+            self.stats.incr(Kind::NotStored);
             return;
         }
-        self.stats.stored.incr();
+        self.stats.incr(Kind::Stored);
     }
 }
 
@@ -298,7 +305,7 @@ where
     St: Store,
 {
     fn invalidate(&self, what: Invalidation<St::Key>, version: u64) {
-        self.stats.invalidations.incr();
+        self.stats.incr(Kind::Invalidations);
         match what {
             Invalidation::Key(key) => {
                 let key = self.log.hasher.hashed(key);
@@ -419,7 +426,7 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let shared = &*self.shared;
         let Some(key) = shared.policy.key(&req) else {
-            shared.stats.bypasses.incr();
+            shared.stats.incr(Kind::Bypasses);
             return ResponseFuture::bypass(self.inner.clone(), req);
         };
         let key = shared.log.hasher.hashed(key);
@@ -438,7 +445,7 @@ where
                 Lookup::Dead => shared.store.remove(&key),
             }
         }
-        shared.stats.misses.incr();
+        shared.stats.incr(Kind::Misses);
         ResponseFuture::miss(Box::pin(miss(
             Arc::clone(&self.shared),
             self.inner.clone(),
@@ -469,7 +476,7 @@ impl<S, P, St: Store> Cache<S, P, St> {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        shared.stats.refreshes.incr();
+        shared.stats.incr(Kind::Refreshes);
         let shared = Arc::clone(shared);
         let svc = self.inner.clone();
         let shutdown = shared.shutdown.clone();
@@ -523,7 +530,7 @@ where
             Join::Alone => break None,
             Join::Wait(flight) => {
                 if !counted {
-                    shared.stats.coalesced.incr();
+                    shared.stats.incr(Kind::Coalesced);
                     counted = true;
                 }
                 if let Some(result) = flight.wait().await {
@@ -548,7 +555,7 @@ where
     if result.is_err() {
         if let Some(entry) = fallback {
             if shared.clock.now() < entry.error_until && shared.log.still_valid(&entry) {
-                shared.stats.stale_if_error.incr();
+                shared.stats.incr(Kind::StaleIfError);
                 result = entry.result.clone();
             }
         }
