@@ -76,3 +76,8 @@ pub mod error;
 pub mod testing;
 
 pub use error::ConfigError;
+
+// The README's examples are compiled and run as doc tests.
+#[cfg(all(doctest, feature = "moka"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -54,7 +54,8 @@ impl<R: Clone, E: Clone> Flight<R, E> {
     }
 }
 
-type Shard<K, R, E> = Mutex<HashMap<Hashed<K>, Arc<Flight<R, E>>, PassThrough>>;
+type FlightMap<K, R, E> = HashMap<Hashed<K>, Arc<Flight<R, E>>, PassThrough>;
+type Shard<K, R, E> = Mutex<FlightMap<K, R, E>>;
 
 pub(crate) struct Flights<K, R, E> {
     shards: Box<[Shard<K, R, E>]>,
@@ -78,10 +79,7 @@ impl<K: Hash + Eq, R: Clone, E: Clone> Flights<K, R, E> {
         }
     }
 
-    fn shard(
-        &self,
-        key: &Hashed<K>,
-    ) -> MutexGuard<'_, HashMap<Hashed<K>, Arc<Flight<R, E>>, PassThrough>> {
+    fn shard(&self, key: &Hashed<K>) -> MutexGuard<'_, FlightMap<K, R, E>> {
         // The low bits pick the table slot inside the shard; use the high ones.
         let index = (key.hash_value() >> 58) as usize % SHARDS;
         self.shards[index]

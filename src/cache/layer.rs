@@ -1,5 +1,7 @@
 use std::fmt;
-use std::hash::{BuildHasher, Hash};
+use std::hash::BuildHasher;
+#[cfg(any(feature = "moka", feature = "quick-cache"))]
+use std::hash::Hash;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +12,7 @@ use super::clock::Clock;
 use super::invalidate::{InvalidationLog, Invalidator};
 use super::key::KeyHasher;
 use super::policy::Windows;
-use super::service::{Cache, Config, Life, Shared};
+use super::service::{Cache, Config, Life, Shared, Weigh};
 use super::stats::{CacheStats, Stats};
 use super::store::{Capacity, Store};
 
@@ -359,7 +361,7 @@ impl<P, W> CacheLayerBuilder<P, W> {
         let seed = self
             .seed
             .unwrap_or_else(|| std::collections::hash_map::RandomState::new().hash_one(0x5EED_u64));
-        let weigher: Option<Box<dyn Fn(&St::Response) -> u32 + Send + Sync>> = match self.capacity {
+        let weigher: Option<Weigh<St::Response>> = match self.capacity {
             Capacity::Weight(_) => {
                 let w = self.weigher;
                 Some(Box::new(move |r| w.weigh(r)))

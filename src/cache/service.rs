@@ -47,7 +47,7 @@ impl Drop for Life {
     }
 }
 
-type Weigh<R> = Box<dyn Fn(&R) -> u32 + Send + Sync>;
+pub(crate) type Weigh<R> = Box<dyn Fn(&R) -> u32 + Send + Sync>;
 
 /// The state every clone of one cache shares.
 pub(crate) struct Shared<P, St: Store> {

@@ -249,7 +249,7 @@ fn redis_stop_kill_and_start_again() {
 
 #[test]
 fn shared_clusters_are_reused_while_alive() {
-    let a = LocalCluster::shared("reuse", || LocalCluster::builder()).unwrap();
+    let a = LocalCluster::shared("reuse", LocalCluster::builder).unwrap();
     let b = LocalCluster::shared("reuse", || panic!("must reuse the live cluster")).unwrap();
     assert!(std::sync::Arc::ptr_eq(&a, &b));
     let pid = a.primary().pid().unwrap();
