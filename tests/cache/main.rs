@@ -792,3 +792,109 @@ async fn ttl_jitter_spreads_expiries_below_the_ttl() {
     }
     assert!(origin.calls() - before > 0);
 }
+
+/// The fuzz target's invariants (fuzz/fuzz_targets/cache_ops.rs), on
+/// stable, over seeded random sequences: a read of key k only ever returns
+/// k's data, and a read right after k was invalidated (by key or by tag)
+/// always reaches the service.
+#[tokio::test]
+async fn random_operation_sequences_keep_the_invariants() {
+    struct Tagged;
+    impl CachePolicy<u64, Resp> for Tagged {
+        type Key = u64;
+        fn key(&self, k: &u64) -> Option<u64> {
+            Some(*k)
+        }
+        fn storable(&self, k: &u64, _: &Resp, d: &Windows) -> Option<Storable> {
+            Some(Storable::new(*d).tag(if k % 2 == 0 { "even" } else { "odd" }))
+        }
+    }
+    let mut rng = 0x2545_F491_4F6C_DD1D_u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for _sequence in 0..200 {
+        let origin = Origin::new();
+        let (clock, mock) = Clock::mock();
+        let layer = CacheLayer::builder(Tagged)
+            .time_to_live(Duration::from_secs(5))
+            .stale_while_revalidate(Duration::from_secs(3))
+            .max_entries(4)
+            .clock(clock)
+            .seed(next())
+            .build()
+            .unwrap();
+        let inv = layer.invalidator();
+        let mut svc = ServiceBuilder::new().layer(layer).service(origin.clone());
+        let mut must_miss = [false; 8];
+        for _ in 0..200 {
+            let key = next() % 8;
+            match next() % 5 {
+                0 | 1 => {
+                    let before = origin.calls();
+                    let r = svc.ready().await.unwrap().call(key).await.unwrap();
+                    assert!(
+                        r.starts_with(&format!("{key}#")),
+                        "read of {key} returned {r}"
+                    );
+                    if must_miss[key as usize] {
+                        assert!(
+                            origin.calls() > before,
+                            "{key} served after its invalidation"
+                        );
+                    }
+                    must_miss[key as usize] = false;
+                }
+                2 => {
+                    inv.invalidate_key(&key);
+                    must_miss[key as usize] = true;
+                }
+                3 => {
+                    inv.invalidate_tag(if key % 2 == 0 { "even" } else { "odd" });
+                    for k in (0..8).filter(|k| k % 2 == key % 2) {
+                        must_miss[k as usize] = true;
+                    }
+                }
+                _ => mock.advance(Duration::from_secs(next() % 9)),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn statistics_reach_the_metrics_facade() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let origin = Origin::new();
+    let (mut svc, _) = cache(&origin, |b| b);
+    get(&mut svc, 1).await.unwrap();
+    get(&mut svc, 1).await.unwrap();
+    get(&mut svc, 1).await.unwrap();
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || svc.stats().record_metrics("users"));
+    let snapshot = snapshotter.snapshot().into_vec();
+    let value = |name: &str| {
+        snapshot
+            .iter()
+            .find(|(key, ..)| {
+                key.key().name() == name
+                    && key
+                        .key()
+                        .labels()
+                        .any(|l| l.key() == "cache" && l.value() == "users")
+            })
+            .map(|(.., v)| v)
+    };
+    assert_eq!(
+        value("tower_scale_cache_hits_total"),
+        Some(&DebugValue::Counter(2))
+    );
+    assert_eq!(
+        value("tower_scale_cache_misses_total"),
+        Some(&DebugValue::Counter(1))
+    );
+    assert!(value("tower_scale_cache_entries").is_some());
+}
