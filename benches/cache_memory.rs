@@ -61,14 +61,37 @@ fn measure(name: &str, fill: impl FnOnce() -> Box<dyn std::any::Any>) {
     drop(keep);
 }
 
+/// Each measurement runs in a fresh process, so memory freed by one is not
+/// reused by the next.
 fn main() {
-    println!("{ENTRIES} entries of {VALUE_BYTES}-byte values");
+    let Some(which) = std::env::var_os("CACHE_MEMORY_CASE") else {
+        println!("{ENTRIES} entries of {VALUE_BYTES}-byte values (resident set growth)");
+        for case in ["vec", "moka", "quick"] {
+            let out = std::process::Command::new(std::env::current_exe().expect("self"))
+                .env("CACHE_MEMORY_CASE", case)
+                .output()
+                .expect("run a measurement");
+            print!("{}", String::from_utf8_lossy(&out.stdout));
+        }
+        return;
+    };
+    match which.to_str() {
+        Some("vec") => measure_vec(),
+        Some("moka") => measure_moka(),
+        _ => measure_quick(),
+    }
+}
+
+fn measure_vec() {
     measure("bare Vec<(u64, Bytes)>", || {
         let v: Vec<(u64, Bytes)> = (0..ENTRIES)
             .map(|k| (k, Bytes::from(vec![(k % 251) as u8; VALUE_BYTES])))
             .collect();
         Box::new(v)
     });
+}
+
+fn measure_moka() {
     measure("layer on moka", || {
         let layer = CacheLayer::builder(|k: &u64| Some(*k))
             .time_to_live(Duration::from_secs(3600))
@@ -82,6 +105,9 @@ fn main() {
         svc.store().inner().run_pending_tasks();
         Box::new(svc)
     });
+}
+
+fn measure_quick() {
     measure("layer on quick_cache", || {
         let layer = CacheLayer::builder(|k: &u64| Some(*k))
             .time_to_live(Duration::from_secs(3600))
