@@ -57,6 +57,7 @@
 //! |---|---|
 //! | `moka` (default) | the L1 store on `moka::sync::Cache` |
 //! | `quick-cache` | the L1 store on `quick_cache` (S3-FIFO) |
+//! | `postgres` | [`pg`]: primary/replica routing over deadpool-postgres pools |
 //! | `local-cluster` | [`testing`]: PostgreSQL and Redis servers for tests, examples and benches |
 //! | `full` | every feature |
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -70,6 +71,10 @@
 
 pub mod cache;
 pub mod error;
+
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub mod pg;
 
 #[cfg(feature = "local-cluster")]
 #[cfg_attr(docsrs, doc(cfg(feature = "local-cluster")))]
