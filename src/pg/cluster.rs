@@ -379,8 +379,12 @@ pub(crate) struct Node {
     healthy_since_ms: AtomicU64,
     pub(crate) in_flight: AtomicU64,
     latency_ewma_nanos: AtomicU64,
+    latency_at_nanos: AtomicU64,
     pub(crate) queries: AtomicU64,
 }
+
+/// Without new samples a node's latency estimate halves this often.
+const LATENCY_HALF_LIFE: Duration = Duration::from_millis(250);
 
 impl Node {
     fn new<T>(
@@ -458,7 +462,9 @@ impl Node {
             lag_nanos: AtomicU64::new(0),
             healthy_since_ms: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
-            latency_ewma_nanos: AtomicU64::new(1_000_000),
+            // Unmeasured: as cheap as can be, so it gets tried and measured.
+            latency_ewma_nanos: AtomicU64::new(0),
+            latency_at_nanos: AtomicU64::new(0),
             queries: AtomicU64::new(0),
         })
     }
@@ -488,15 +494,29 @@ impl Node {
         Duration::from_nanos(self.lag_nanos.load(Ordering::Acquire))
     }
 
-    pub(crate) fn latency(&self) -> Duration {
-        Duration::from_nanos(self.latency_ewma_nanos.load(Ordering::Relaxed))
+    /// The latency EWMA, decayed by half every [`LATENCY_HALF_LIFE`] without a
+    /// new sample, so a node that was slow once is tried again.
+    pub(crate) fn latency(&self, started: Instant) -> Duration {
+        let ewma = self.latency_ewma_nanos.load(Ordering::Relaxed) as f64;
+        let last = self.latency_at_nanos.load(Ordering::Relaxed);
+        let now = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let age = now.saturating_sub(last) as f64 / LATENCY_HALF_LIFE.as_nanos() as f64;
+        Duration::from_nanos((ewma * 0.5f64.powf(age)) as u64)
     }
 
     /// Folds one observed latency into the EWMA (alpha 0.2).
-    pub(crate) fn record_latency(&self, d: Duration) {
+    pub(crate) fn record_latency(&self, d: Duration, started: Instant) {
+        self.latency_at_nanos.store(
+            u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         let sample = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let old = self.latency_ewma_nanos.load(Ordering::Relaxed);
-        let new = (old / 5).saturating_mul(4).saturating_add(sample / 5);
+        let new = if old == 0 {
+            sample
+        } else {
+            (old / 5).saturating_mul(4).saturating_add(sample / 5)
+        };
         self.latency_ewma_nanos.store(new, Ordering::Relaxed);
     }
 
@@ -505,6 +525,14 @@ impl Node {
         if self.healthy.swap(false, Ordering::AcqRel) {
             tracing::warn!(node = %self.name, "node taken out of rotation");
         }
+        self.drain();
+    }
+
+    /// Drops the idle connections: after a crash or restart they are dead,
+    /// and handing them out would fail the next reads.
+    pub(crate) fn drain(&self) {
+        self.pool.retain(|_, _| false);
+        self.write_pool.retain(|_, _| false);
     }
 
     pub(crate) fn demote(&self) {
@@ -809,6 +837,7 @@ pub(crate) async fn probe_all(inner: &Inner) {
                 if node.healthy.swap(false, Ordering::AcqRel) {
                     tracing::warn!(node = %node.name, %reason, "node out of rotation");
                 }
+                node.drain();
             }
         }
     }

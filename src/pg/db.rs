@@ -158,19 +158,22 @@ impl Db {
             node_in_flight: Some(Arc::clone(&self.inner)),
             node: index,
         };
-        let started = Instant::now();
         let Some(conn) = running.conn.as_ref() else {
             return Err(DbError::Shutdown);
         };
         let result = async {
             let stmt = conn.prepare_cached(sql).await?;
-            Ok::<_, tokio_postgres::Error>(match mode {
+            // Time the execution only: a first prepare on a new connection
+            // must not make a node look slow for long.
+            let started = Instant::now();
+            let out = match mode {
                 Mode::Rows => Output::Rows(conn.query(&stmt, params).await?),
                 Mode::Execute => Output::Count(conn.execute(&stmt, params).await?),
-            })
+            };
+            node.record_latency(started.elapsed(), self.inner.started);
+            Ok::<_, tokio_postgres::Error>(out)
         }
         .await;
-        node.record_latency(started.elapsed());
         node.queries.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("tower_scale_db_queries_total", "node" => node.name.to_string())
             .increment(1);
@@ -178,7 +181,7 @@ impl Db {
         match result {
             Ok(out) => Ok((out, conn)),
             Err(source) => {
-                if source.is_closed() || source.code().is_none() {
+                if super::error::is_connection_failure(&source) {
                     node.mark_down();
                     self.inner.request_reprobe();
                     drop(Object::take(conn));
@@ -353,7 +356,7 @@ impl Db {
                     i,
                     Candidate {
                         in_flight: n.in_flight.load(Ordering::Relaxed),
-                        latency: n.latency(),
+                        latency: n.latency(self.inner.started),
                         lag: n.lag(),
                         weight: self.inner.weight(n),
                         same_zone: zone.is_some() && n.zone.as_deref() == zone,

@@ -100,8 +100,24 @@ impl DbError {
     pub fn is_connection_error(&self) -> bool {
         match self {
             Self::Connect { .. } | Self::PoolTimeout { .. } | Self::Timeout { .. } => true,
-            Self::Query { source, .. } => source.is_closed() || source.code().is_none(),
+            Self::Query { source, .. } => is_connection_failure(source),
             _ => false,
+        }
+    }
+}
+
+/// Errors that say the session, not the query, failed: closed connections,
+/// I/O errors, SQLSTATE class 08 (connection exception) and the server
+/// shutting down or starting up (57P01, 57P02, 57P03).
+pub(crate) fn is_connection_failure(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        None => true,
+        Some(code) => {
+            let code = code.code();
+            code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
         }
     }
 }
