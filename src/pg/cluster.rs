@@ -548,7 +548,7 @@ impl Node {
             &self.pool
         };
         let result = pool.get().await;
-        metrics::histogram!("tower_scale_db_pool_wait_seconds", "node" => self.name.to_string())
+        metrics::histogram!("tower_scale_db_pool_wait_seconds", "node" => Arc::clone(&self.name))
             .record(started.elapsed().as_secs_f64());
         result.map_err(|e| pool_error(&self.name, e))
     }

@@ -175,7 +175,7 @@ impl Db {
         }
         .await;
         node.queries.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("tower_scale_db_queries_total", "node" => node.name.to_string())
+        metrics::counter!("tower_scale_db_queries_total", "node" => Arc::clone(&node.name))
             .increment(1);
         let conn = running.finish();
         match result {
