@@ -380,8 +380,12 @@ pub(crate) struct Node {
     pub(crate) in_flight: AtomicU64,
     latency_ewma_nanos: AtomicU64,
     latency_at_nanos: AtomicU64,
+    latency_samples: AtomicU64,
     pub(crate) queries: AtomicU64,
 }
+
+/// Samples a node needs before its latency counts in the balance.
+const LATENCY_WARMUP: u64 = 8;
 
 /// Without new samples a node's latency estimate halves this often.
 const LATENCY_HALF_LIFE: Duration = Duration::from_millis(250);
@@ -465,6 +469,7 @@ impl Node {
             // Unmeasured: as cheap as can be, so it gets tried and measured.
             latency_ewma_nanos: AtomicU64::new(0),
             latency_at_nanos: AtomicU64::new(0),
+            latency_samples: AtomicU64::new(0),
             queries: AtomicU64::new(0),
         })
     }
@@ -497,6 +502,10 @@ impl Node {
     /// The latency EWMA, decayed by half every [`LATENCY_HALF_LIFE`] without a
     /// new sample, so a node that was slow once is tried again.
     pub(crate) fn latency(&self, started: Instant) -> Duration {
+        if self.latency_samples.load(Ordering::Relaxed) < LATENCY_WARMUP {
+            // Not measured enough yet: look cheap, so it gets measured.
+            return Duration::ZERO;
+        }
         let ewma = self.latency_ewma_nanos.load(Ordering::Relaxed) as f64;
         let last = self.latency_at_nanos.load(Ordering::Relaxed);
         let now = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -512,8 +521,11 @@ impl Node {
         );
         let sample = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let old = self.latency_ewma_nanos.load(Ordering::Relaxed);
-        let new = if old == 0 {
-            sample
+        let samples = self.latency_samples.fetch_add(1, Ordering::Relaxed);
+        let new = if samples < LATENCY_WARMUP {
+            // The first queries on a node are slow (cold caches, new
+            // sessions): the warm-up keeps the best of them.
+            if old == 0 { sample } else { old.min(sample) }
         } else {
             (old / 5).saturating_mul(4).saturating_add(sample / 5)
         };
