@@ -529,3 +529,55 @@ async fn bad_configuration_is_refused_and_passwords_stay_hidden() {
     assert!(err.to_string().contains("primary (unreachable)"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_monitor_stops_with_the_last_handle() {
+    let local = LocalCluster::start(1).unwrap();
+    let admin = local.primary().connect().await.unwrap();
+    let monitors = async || -> i64 {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tower-scale-monitor'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    };
+    let cluster = connect(&local, |b| b).await;
+    let db = cluster.db();
+    cluster.next_probe().await;
+    assert_eq!(
+        monitors().await,
+        1,
+        "the monitor probes the primary over its own session"
+    );
+    drop(cluster);
+    db.execute("SELECT 1", &[])
+        .await
+        .expect("a Db handle keeps the cluster alive");
+    cluster_alive_check(&db).await;
+    drop(db);
+    let took = until("the monitor's session closes", DEADLINE, async || {
+        monitors().await == 0
+    })
+    .await;
+    eprintln!("monitor stopped {took:?} after the last handle was dropped");
+
+    // shutdown() stops it as well, with handles still alive.
+    let cluster = connect(&local, |b| b).await;
+    cluster.next_probe().await;
+    assert_eq!(monitors().await, 1);
+    cluster.shutdown();
+    until(
+        "shutdown closes the monitor's session",
+        DEADLINE,
+        async || monitors().await == 0,
+    )
+    .await;
+}
+
+async fn cluster_alive_check(db: &tower_scale::pg::Db) {
+    // The monitor still runs while a Db handle lives: the primary is known.
+    assert_eq!(db.primary_name().as_deref(), Some("primary"));
+}
