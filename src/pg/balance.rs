@@ -22,11 +22,12 @@ pub struct Candidate {
 const LAG_PENALTY_PER_SECOND: f64 = 4.0;
 
 impl Candidate {
-    /// The cost P2C compares: lower is better.
+    /// The cost P2C compares: lower is better. (The re-admission weight is
+    /// applied after the comparison, as a probability.)
     pub fn cost(&self) -> f64 {
         let latency = self.latency.as_secs_f64().max(1e-6);
         let lag = 1.0 + self.lag.as_secs_f64() * LAG_PENALTY_PER_SECOND;
-        (self.in_flight as f64 + 1.0) * latency * lag / self.weight.clamp(0.01, 1.0)
+        (self.in_flight as f64 + 1.0) * latency * lag
     }
 }
 
@@ -52,10 +53,23 @@ pub fn choose_replica(candidates: &[Candidate], random: u64) -> Option<usize> {
                 b += 1;
             }
             let (a, b) = (pool[a], pool[b]);
-            Some(if candidates[b].cost() < candidates[a].cost() {
-                b
+            // Within 25% of each other the two are as good: keep the random
+            // pick, so measurement noise does not starve a replica.
+            let (winner, loser) = if candidates[b].cost() * 1.25 < candidates[a].cost() {
+                (b, a)
             } else {
-                a
+                (a, b)
+            };
+            // A node being re-admitted wins only with probability `weight`,
+            // so its share ramps up instead of jumping back to full.
+            let mut z = random ^ 0x9E37_79B9_7F4A_7C15;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            let dice = ((z ^ (z >> 31)) % 10_000) as f64 / 10_000.0;
+            Some(if dice < candidates[winner].weight.clamp(0.0, 1.0) {
+                winner
+            } else {
+                loser
             })
         }
     }
