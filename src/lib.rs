@@ -57,6 +57,7 @@
 //! |---|---|
 //! | `moka` (default) | the L1 store on `moka::sync::Cache` |
 //! | `quick-cache` | the L1 store on `quick_cache` (S3-FIFO) |
+//! | `http` | [`http`]: an RFC 9111 HTTP cache for axum and hyper services |
 //! | `postgres` | [`pg`]: primary/replica routing over deadpool-postgres pools |
 //! | `local-cluster` | [`testing`]: PostgreSQL and Redis servers for tests, examples and benches |
 //! | `full` | every feature |
@@ -71,6 +72,10 @@
 
 pub mod cache;
 pub mod error;
+
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub mod http;
 
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

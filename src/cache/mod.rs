@@ -61,13 +61,13 @@ pub mod future;
 
 mod clock;
 mod entry;
-mod flight;
-mod invalidate;
+pub(crate) mod flight;
+pub(crate) mod invalidate;
 mod key;
 mod layer;
 mod policy;
 mod service;
-mod stats;
+pub(crate) mod stats;
 mod store;
 
 pub use self::clock::{COARSE_RESOLUTION, Clock, Instant, MockClock};

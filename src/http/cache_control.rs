@@ -87,7 +87,10 @@ pub fn directives<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> Vec<Directi
         let Ok(text) = std::str::from_utf8(value) else {
             continue;
         };
-        if !text.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b)) {
+        if !text
+            .bytes()
+            .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+        {
             continue;
         }
         split_list(text, &mut out);
@@ -153,7 +156,10 @@ pub fn delta_seconds(value: Option<&str>) -> Option<u64> {
     if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    Some(v.parse::<u64>().map_or(MAX_DELTA_SECONDS, |n| n.min(MAX_DELTA_SECONDS)))
+    Some(
+        v.parse::<u64>()
+            .map_or(MAX_DELTA_SECONDS, |n| n.min(MAX_DELTA_SECONDS)),
+    )
 }
 
 /// Folds one freshness directive: invalid or conflicting values give 0.
@@ -229,13 +235,11 @@ impl RequestDirectives {
                     let v = delta_seconds(value).unwrap_or(0);
                     d.max_age = Some(d.max_age.map_or(v, |m| m.min(v)));
                 }
-                "max-stale" => {
-                    if d.max_stale.is_none() {
-                        d.max_stale = match value {
-                            None => Some(None),
-                            Some(_) => delta_seconds(value).map(Some),
-                        };
-                    }
+                "max-stale" if d.max_stale.is_none() => {
+                    d.max_stale = match value {
+                        None => Some(None),
+                        Some(_) => delta_seconds(value).map(Some),
+                    };
                 }
                 "min-fresh" => fold_lenient(&mut d.min_fresh, value),
                 "no-cache" => d.no_cache = true,
@@ -279,7 +283,10 @@ mod tests {
             ResponseDirectives::parse(["max-age=10".as_bytes(), "max-age=30".as_bytes()]).max_age,
             Some(0)
         );
-        assert_eq!(resp("max-age=99999999999999999999").max_age, Some(MAX_DELTA_SECONDS));
+        assert_eq!(
+            resp("max-age=99999999999999999999").max_age,
+            Some(MAX_DELTA_SECONDS)
+        );
     }
 
     #[test]
@@ -291,7 +298,9 @@ mod tests {
 
     #[test]
     fn request_directives_and_pragma() {
-        let d = RequestDirectives::parse(["max-age=0, max-stale, min-fresh=5, only-if-cached".as_bytes()]);
+        let d = RequestDirectives::parse([
+            "max-age=0, max-stale, min-fresh=5, only-if-cached".as_bytes()
+        ]);
         assert_eq!(d.max_age, Some(0));
         assert_eq!(d.max_stale, Some(None));
         assert_eq!(d.min_fresh, Some(5));
@@ -300,7 +309,10 @@ mod tests {
         h.insert(PRAGMA, "no-cache".parse().unwrap());
         assert!(RequestDirectives::from_headers(&h).no_cache);
         h.insert(CACHE_CONTROL, "max-age=10".parse().unwrap());
-        assert!(!RequestDirectives::from_headers(&h).no_cache, "Pragma only without Cache-Control");
+        assert!(
+            !RequestDirectives::from_headers(&h).no_cache,
+            "Pragma only without Cache-Control"
+        );
     }
 
     #[test]
@@ -314,10 +326,22 @@ mod tests {
 
     #[test]
     fn garbage_is_harmless() {
-        for s in ["", ",,,", "=", "\"", "max-age=\"", "a b c", "\u{7f}", "max-age==5"] {
+        for s in [
+            "",
+            ",,,",
+            "=",
+            "\"",
+            "max-age=\"",
+            "a b c",
+            "\u{7f}",
+            "max-age==5",
+        ] {
             let _ = resp(s);
             let _ = RequestDirectives::parse([s.as_bytes()]);
         }
-        assert_eq!(ResponseDirectives::parse([&[0xff, 0xfe][..]]), ResponseDirectives::default());
+        assert_eq!(
+            ResponseDirectives::parse([&[0xff, 0xfe][..]]),
+            ResponseDirectives::default()
+        );
     }
 }

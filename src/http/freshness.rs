@@ -1,0 +1,579 @@
+//! RFC 9111 rules as pure functions: may a response be stored, how long is
+//! it fresh, how old is it, may a stored one answer this request.
+
+use std::time::{Duration, SystemTime};
+
+use http::header::{AUTHORIZATION, DATE, EXPIRES, LAST_MODIFIED, SET_COOKIE, VARY};
+use http::{HeaderMap, Method, StatusCode};
+
+use super::cache_control::{RequestDirectives, ResponseDirectives};
+
+/// Status codes a cache may give heuristic freshness (RFC 9110 §15.1).
+pub fn heuristically_cacheable(status: StatusCode) -> bool {
+    matches!(
+        status.as_u16(),
+        200 | 203 | 204 | 206 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
+    )
+}
+
+/// The settings the rules depend on.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// A shared cache (a proxy, a CDN, a server-side cache for every user)
+    /// or a private one (one user's).
+    pub shared: bool,
+    /// Heuristic freshness: the fraction of `Date - Last-Modified`
+    /// (`None`: off).
+    pub heuristic_fraction: Option<f64>,
+    /// The cap on heuristic freshness.
+    pub heuristic_max: Duration,
+    /// Share responses carrying `Set-Cookie` (a shared cache should not).
+    pub share_set_cookie: bool,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Self {
+            shared: true,
+            heuristic_fraction: Some(0.1),
+            heuristic_max: Duration::from_secs(24 * 3600),
+            share_set_cookie: false,
+        }
+    }
+}
+
+/// Why a response was not stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NotStored {
+    /// Only GET responses are stored.
+    Method,
+    /// 206 Partial Content (no range support).
+    Partial,
+    /// `no-store`.
+    NoStore,
+    /// `private` in a shared cache.
+    Private,
+    /// The request had `Authorization` and the response did not allow sharing.
+    Authorization,
+    /// `Set-Cookie` in a shared cache.
+    SetCookie,
+    /// `Vary: *`.
+    VaryStar,
+    /// Neither explicit nor heuristic freshness.
+    NoFreshness,
+    /// The request said `no-store`.
+    RequestNoStore,
+}
+
+/// Parses an HTTP date header.
+pub fn date(headers: &HeaderMap, name: http::header::HeaderName) -> Option<SystemTime> {
+    let value = headers.get(name)?.to_str().ok()?;
+    httpdate::parse_http_date(value).ok()
+}
+
+/// The freshness lifetime (RFC 9111 §4.2.1), or `None` when the response
+/// has neither explicit nor (allowed) heuristic freshness.
+pub fn freshness_lifetime(
+    status: StatusCode,
+    headers: &HeaderMap,
+    cc: &ResponseDirectives,
+    rules: &Rules,
+) -> Option<Duration> {
+    if rules.shared {
+        if let Some(s) = cc.s_maxage {
+            return Some(Duration::from_secs(s));
+        }
+    }
+    if let Some(s) = cc.max_age {
+        return Some(Duration::from_secs(s));
+    }
+    if headers.contains_key(EXPIRES) {
+        // An invalid Expires (e.g. "0") means already expired (§5.3).
+        let Some(expires) = date(headers, EXPIRES) else {
+            return Some(Duration::ZERO);
+        };
+        let date = date(headers, DATE).unwrap_or_else(SystemTime::now);
+        return Some(expires.duration_since(date).unwrap_or(Duration::ZERO));
+    }
+    let fraction = rules.heuristic_fraction?;
+    if !heuristically_cacheable(status) {
+        return None;
+    }
+    let last_modified = date(headers, LAST_MODIFIED)?;
+    let date = date(headers, DATE).unwrap_or_else(SystemTime::now);
+    let age = date.duration_since(last_modified).unwrap_or(Duration::ZERO);
+    Some(age.mul_f64(fraction).min(rules.heuristic_max))
+}
+
+/// Whether a response to `method` may be stored (RFC 9111 §3), and its
+/// freshness lifetime if so.
+pub fn storable(
+    method: &Method,
+    request_headers: &HeaderMap,
+    status: StatusCode,
+    headers: &HeaderMap,
+    cc: &ResponseDirectives,
+    rules: &Rules,
+) -> Result<Duration, NotStored> {
+    if method != Method::GET {
+        return Err(NotStored::Method);
+    }
+    if RequestDirectives::from_headers(request_headers).no_store {
+        return Err(NotStored::RequestNoStore);
+    }
+    if status == StatusCode::PARTIAL_CONTENT {
+        return Err(NotStored::Partial);
+    }
+    if cc.no_store {
+        return Err(NotStored::NoStore);
+    }
+    if rules.shared && cc.private {
+        return Err(NotStored::Private);
+    }
+    if rules.shared
+        && request_headers.contains_key(AUTHORIZATION)
+        && !(cc.public || cc.s_maxage.is_some() || cc.must_revalidate)
+    {
+        return Err(NotStored::Authorization);
+    }
+    if rules.shared && !rules.share_set_cookie && headers.contains_key(SET_COOKIE) {
+        return Err(NotStored::SetCookie);
+    }
+    if vary_names(headers).is_none() {
+        return Err(NotStored::VaryStar);
+    }
+    freshness_lifetime(status, headers, cc, rules).ok_or(NotStored::NoFreshness)
+}
+
+/// The request header names a response varies on, lower-cased and sorted;
+/// `None` for `Vary: *`.
+pub fn vary_names(headers: &HeaderMap) -> Option<Vec<http::HeaderName>> {
+    let mut names = Vec::new();
+    for value in headers.get_all(VARY) {
+        let Ok(text) = value.to_str() else {
+            return None; // unreadable: as unpredictable as `*`
+        };
+        for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if name == "*" {
+                return None;
+            }
+            match http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
+                Ok(name) => names.push(name),
+                Err(_) => return None,
+            }
+        }
+    }
+    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    names.dedup();
+    Some(names)
+}
+
+/// A request header's value normalised for Vary matching (RFC 9111 §4.1):
+/// the field lines joined with ", ", white space around commas collapsed.
+pub fn normalized(headers: &HeaderMap, name: &http::HeaderName) -> Option<Vec<u8>> {
+    let mut out: Vec<u8> = Vec::new();
+    for value in headers.get_all(name) {
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let part = trim(part);
+            if !out.is_empty() {
+                out.extend_from_slice(b", ");
+            }
+            out.extend_from_slice(part);
+        }
+    }
+    if headers.contains_key(name) {
+        Some(out)
+    } else {
+        None
+    }
+}
+
+fn trim(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
+}
+
+/// The age of a response when it was received (RFC 9111 §4.2.3):
+/// `corrected_initial_age`.
+pub fn initial_age(
+    headers: &HeaderMap,
+    request_time: SystemTime,
+    response_time: SystemTime,
+) -> Duration {
+    let age_value = headers
+        .get(http::header::AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| super::cache_control::delta_seconds(Some(v.trim())))
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::ZERO);
+    let apparent_age = date(headers, DATE)
+        .and_then(|d| response_time.duration_since(d).ok())
+        .unwrap_or(Duration::ZERO);
+    let response_delay = response_time
+        .duration_since(request_time)
+        .unwrap_or(Duration::ZERO);
+    apparent_age.max(age_value + response_delay)
+}
+
+/// What a stored response can do for a request, given its current age.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usable {
+    /// Fresh enough for this request: serve it.
+    Fresh,
+    /// Stale, inside `stale-while-revalidate`: serve it and revalidate in
+    /// the background.
+    StaleWhileRevalidate,
+    /// Must be revalidated (or refetched) first.
+    Revalidate,
+}
+
+/// Decides whether a stored response may answer a request (RFC 9111 §4.2,
+/// §5.2.1, §5.2.2, RFC 5861). `honour` says which request directives count.
+pub fn usable(
+    age: Duration,
+    lifetime: Duration,
+    cc: &ResponseDirectives,
+    req: &RequestDirectives,
+    rules: &Rules,
+) -> Usable {
+    if cc.no_cache || req.no_cache {
+        return Usable::Revalidate;
+    }
+    if let Some(max_age) = req.max_age {
+        if age > Duration::from_secs(max_age) {
+            return Usable::Revalidate;
+        }
+    }
+    let min_fresh = Duration::from_secs(req.min_fresh.unwrap_or(0));
+    if age + min_fresh < lifetime {
+        return Usable::Fresh;
+    }
+    let staleness = (age + min_fresh).saturating_sub(lifetime);
+    let must =
+        cc.must_revalidate || (rules.shared && (cc.proxy_revalidate || cc.s_maxage.is_some()));
+    if must {
+        return Usable::Revalidate;
+    }
+    match req.max_stale {
+        Some(None) => return Usable::Fresh,
+        Some(Some(n)) if staleness <= Duration::from_secs(n) => return Usable::Fresh,
+        _ => {}
+    }
+    if let Some(swr) = cc.stale_while_revalidate {
+        if staleness < Duration::from_secs(swr) {
+            return Usable::StaleWhileRevalidate;
+        }
+    }
+    Usable::Revalidate
+}
+
+/// Whether a stale response may stand in for an error (RFC 5861 §4).
+pub fn stale_if_error_allows(staleness: Duration, cc: &ResponseDirectives, rules: &Rules) -> bool {
+    let must =
+        cc.must_revalidate || (rules.shared && (cc.proxy_revalidate || cc.s_maxage.is_some()));
+    !must
+        && cc
+            .stale_if_error
+            .is_some_and(|s| staleness <= Duration::from_secs(s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    fn lifetime(status: u16, pairs: &[(&'static str, &str)], rules: &Rules) -> Option<Duration> {
+        let h = headers(pairs);
+        let cc = ResponseDirectives::from_headers(&h);
+        freshness_lifetime(StatusCode::from_u16(status).unwrap(), &h, &cc, rules)
+    }
+
+    #[test]
+    fn explicit_freshness_order() {
+        let r = Rules::default();
+        let s = |n| Some(Duration::from_secs(n));
+        assert_eq!(
+            lifetime(200, &[("cache-control", "max-age=10, s-maxage=20")], &r),
+            s(20)
+        );
+        let private = Rules {
+            shared: false,
+            ..Rules::default()
+        };
+        assert_eq!(
+            lifetime(
+                200,
+                &[("cache-control", "max-age=10, s-maxage=20")],
+                &private
+            ),
+            s(10)
+        );
+        assert_eq!(
+            lifetime(
+                200,
+                &[
+                    ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
+                    ("expires", "Sun, 06 Nov 1994 08:50:37 GMT")
+                ],
+                &r
+            ),
+            s(60)
+        );
+        assert_eq!(
+            lifetime(200, &[("expires", "0")], &r),
+            s(0),
+            "invalid Expires: stale"
+        );
+        assert_eq!(
+            lifetime(500, &[("cache-control", "max-age=5")], &r),
+            s(5),
+            "any status with explicit freshness"
+        );
+    }
+
+    #[test]
+    fn heuristic_freshness() {
+        let r = Rules::default();
+        let lm = [
+            ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
+            ("last-modified", "Sun, 06 Nov 1994 07:49:37 GMT"),
+        ];
+        assert_eq!(
+            lifetime(200, &lm, &r),
+            Some(Duration::from_secs(360)),
+            "10% of an hour"
+        );
+        assert_eq!(
+            lifetime(500, &lm, &r),
+            None,
+            "500 is not heuristically cacheable"
+        );
+        assert_eq!(lifetime(200, &[], &r), None, "no Last-Modified: nothing");
+        let off = Rules {
+            heuristic_fraction: None,
+            ..Rules::default()
+        };
+        assert_eq!(lifetime(200, &lm, &off), None);
+    }
+
+    #[test]
+    fn storability() {
+        let r = Rules::default();
+        let check = |method: Method,
+                     req: &[(&'static str, &str)],
+                     status: u16,
+                     resp: &[(&'static str, &str)]| {
+            let (rq, rs) = (headers(req), headers(resp));
+            let cc = ResponseDirectives::from_headers(&rs);
+            storable(
+                &method,
+                &rq,
+                StatusCode::from_u16(status).unwrap(),
+                &rs,
+                &cc,
+                &r,
+            )
+        };
+        let ok = [("cache-control", "max-age=60")];
+        assert!(check(Method::GET, &[], 200, &ok).is_ok());
+        assert_eq!(check(Method::POST, &[], 200, &ok), Err(NotStored::Method));
+        assert_eq!(check(Method::GET, &[], 206, &ok), Err(NotStored::Partial));
+        assert_eq!(
+            check(
+                Method::GET,
+                &[],
+                200,
+                &[("cache-control", "no-store, max-age=60")]
+            ),
+            Err(NotStored::NoStore)
+        );
+        assert_eq!(
+            check(
+                Method::GET,
+                &[],
+                200,
+                &[("cache-control", "private, max-age=60")]
+            ),
+            Err(NotStored::Private)
+        );
+        assert_eq!(
+            check(Method::GET, &[("authorization", "Bearer a")], 200, &ok),
+            Err(NotStored::Authorization)
+        );
+        for allowed in [
+            "public, max-age=60",
+            "s-maxage=60",
+            "must-revalidate, max-age=60",
+        ] {
+            assert!(
+                check(
+                    Method::GET,
+                    &[("authorization", "Bearer a")],
+                    200,
+                    &[("cache-control", allowed)]
+                )
+                .is_ok()
+            );
+        }
+        assert_eq!(
+            check(
+                Method::GET,
+                &[],
+                200,
+                &[("cache-control", "max-age=60"), ("set-cookie", "a=b")]
+            ),
+            Err(NotStored::SetCookie)
+        );
+        assert_eq!(
+            check(
+                Method::GET,
+                &[],
+                200,
+                &[("cache-control", "max-age=60"), ("vary", "*")]
+            ),
+            Err(NotStored::VaryStar)
+        );
+        assert_eq!(
+            check(Method::GET, &[], 200, &[]),
+            Err(NotStored::NoFreshness)
+        );
+        assert_eq!(
+            check(Method::GET, &[("cache-control", "no-store")], 200, &ok),
+            Err(NotStored::RequestNoStore)
+        );
+    }
+
+    #[test]
+    fn vary_normalisation() {
+        let h = headers(&[
+            ("vary", "Accept-Encoding, accept-language"),
+            ("vary", "Cookie"),
+        ]);
+        let names: Vec<_> = vary_names(&h)
+            .unwrap()
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(names, ["accept-encoding", "accept-language", "cookie"]);
+        let a = headers(&[("accept-encoding", "gzip,  br")]);
+        let b = headers(&[("accept-encoding", "gzip"), ("accept-encoding", "br")]);
+        let name = http::HeaderName::from_static("accept-encoding");
+        assert_eq!(normalized(&a, &name), normalized(&b, &name));
+        assert_eq!(normalized(&HeaderMap::new(), &name), None);
+    }
+
+    #[test]
+    fn usability() {
+        let r = Rules::default();
+        let cc = |s: &str| ResponseDirectives::parse([s.as_bytes()]);
+        let rq = |s: &str| RequestDirectives::parse([s.as_bytes()]);
+        let secs = Duration::from_secs;
+        let none = RequestDirectives::default();
+        assert_eq!(
+            usable(secs(5), secs(10), &cc("max-age=10"), &none, &r),
+            Usable::Fresh
+        );
+        assert_eq!(
+            usable(secs(10), secs(10), &cc("max-age=10"), &none, &r),
+            Usable::Revalidate
+        );
+        assert_eq!(
+            usable(
+                secs(12),
+                secs(10),
+                &cc("max-age=10, stale-while-revalidate=5"),
+                &none,
+                &r
+            ),
+            Usable::StaleWhileRevalidate
+        );
+        assert_eq!(
+            usable(
+                secs(12),
+                secs(10),
+                &cc("max-age=10, must-revalidate, stale-while-revalidate=5"),
+                &none,
+                &r
+            ),
+            Usable::Revalidate
+        );
+        assert_eq!(
+            usable(secs(1), secs(10), &cc("no-cache, max-age=10"), &none, &r),
+            Usable::Revalidate
+        );
+        assert_eq!(
+            usable(secs(5), secs(10), &cc("max-age=10"), &rq("max-age=2"), &r),
+            Usable::Revalidate
+        );
+        assert_eq!(
+            usable(secs(5), secs(10), &cc("max-age=10"), &rq("min-fresh=6"), &r),
+            Usable::Revalidate
+        );
+        assert_eq!(
+            usable(
+                secs(15),
+                secs(10),
+                &cc("max-age=10"),
+                &rq("max-stale=10"),
+                &r
+            ),
+            Usable::Fresh
+        );
+        assert_eq!(
+            usable(secs(15), secs(10), &cc("max-age=10"), &rq("max-stale"), &r),
+            Usable::Fresh
+        );
+        assert_eq!(
+            usable(
+                secs(15),
+                secs(10),
+                &cc("max-age=10, proxy-revalidate"),
+                &rq("max-stale"),
+                &r
+            ),
+            Usable::Revalidate
+        );
+        assert_eq!(
+            usable(secs(1), secs(10), &cc("max-age=10"), &rq("no-cache"), &r),
+            Usable::Revalidate
+        );
+        assert!(stale_if_error_allows(
+            secs(5),
+            &cc("max-age=1, stale-if-error=10"),
+            &r
+        ));
+        assert!(!stale_if_error_allows(
+            secs(5),
+            &cc("max-age=1, stale-if-error=10, must-revalidate"),
+            &r
+        ));
+    }
+
+    #[test]
+    fn initial_age_counts_upstream_age_and_delay() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let h = headers(&[("age", "30")]);
+        assert_eq!(
+            initial_age(&h, now - Duration::from_secs(2), now),
+            Duration::from_secs(32)
+        );
+        assert_eq!(
+            initial_age(&headers(&[("age", "x")]), now, now),
+            Duration::ZERO
+        );
+    }
+}
