@@ -659,8 +659,14 @@ where
         if res.status() == StatusCode::NOT_MODIFIED {
             // Freshen the stored response with the 304's headers (§4.3.4).
             let mut headers = stored.headers.clone();
-            for (name, value) in storable_headers(res.headers().clone()).iter() {
-                headers.insert(name.clone(), value.clone());
+            // A 304 describes the stored body, never its length (RFC 9111 §3.2).
+            let mut update = storable_headers(res.headers().clone());
+            update.remove(header::CONTENT_LENGTH);
+            for name in update.keys() {
+                headers.remove(name);
+            }
+            for (name, value) in update.iter() {
+                headers.append(name.clone(), value.clone());
             }
             let cc = ResponseDirectives::from_headers(&headers);
             let lifetime =
