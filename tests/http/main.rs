@@ -2,6 +2,8 @@
 //! real HTTP client. The origin counts the requests (and the conditional
 //! ones) it receives; time is a mock clock.
 
+mod parser;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
