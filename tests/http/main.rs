@@ -3,6 +3,7 @@
 //! ones) it receives; time is a mock clock.
 
 mod parser;
+mod proxy;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
