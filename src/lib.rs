@@ -58,6 +58,7 @@
 //! | `moka` (default) | the L1 store on `moka::sync::Cache` |
 //! | `quick-cache` | the L1 store on `quick_cache` (S3-FIFO) |
 //! | `http` | [`http`]: an RFC 9111 HTTP cache for axum and hyper services |
+//! | `grpc` | [`grpc`]: unary gRPC response caching for tonic servers |
 //! | `postgres` | [`pg`]: primary/replica routing over deadpool-postgres pools |
 //! | `local-cluster` | [`testing`]: PostgreSQL and Redis servers for tests, examples and benches |
 //! | `full` | every feature |
@@ -76,6 +77,10 @@ pub mod error;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
+
+#[cfg(feature = "grpc")]
+#[cfg_attr(docsrs, doc(cfg(feature = "grpc")))]
+pub mod grpc;
 
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

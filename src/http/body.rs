@@ -74,7 +74,7 @@ impl<B: Body> CacheBody<B> {
         }
     }
 
-    fn partial(
+    pub(crate) fn partial(
         prefix: VecDeque<Frame<Bytes>>,
         rest: Option<Pin<Box<B>>>,
         error: Option<B::Error>,
