@@ -65,13 +65,18 @@ pub struct StoredGrpc {
     grpc_status: Option<i32>,
 }
 
+/// The response of a call the cache could not hold, taken once by its caller.
+pub type PassthroughSlot<ResBody, E> = Arc<Mutex<Option<Result<Response<CacheBody<ResBody>>, E>>>>;
+
+type StatsSources = Arc<Mutex<Vec<Box<dyn Fn() -> CacheStats + Send + Sync>>>>;
+
 /// What one upstream call gave: a complete response, or one the cache
 /// could not hold (handed to the caller that made the call).
 pub enum GrpcOutcome<ResBody: Body, E> {
     /// Buffered in full.
     Complete(Arc<StoredGrpc>),
     /// Too large, or failed: for the leader only.
-    Passthrough(Arc<Mutex<Option<Result<Response<CacheBody<ResBody>>, E>>>>),
+    Passthrough(PassthroughSlot<ResBody, E>),
 }
 
 impl<ResBody: Body, E> Clone for GrpcOutcome<ResBody, E> {
@@ -141,7 +146,10 @@ where
     type Data = Bytes;
     type Error = B::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
         if let Some(data) = this.prefix.take() {
             return Poll::Ready(Some(Ok(Frame::data(data))));
@@ -182,7 +190,12 @@ where
         Some(call.key.clone())
     }
 
-    fn storable(&self, key: &GrpcKey, out: &GrpcOutcome<ResBody, E>, _: &Windows) -> Option<Storable> {
+    fn storable(
+        &self,
+        key: &GrpcKey,
+        out: &GrpcOutcome<ResBody, E>,
+        _: &Windows,
+    ) -> Option<Storable> {
         let GrpcOutcome::Complete(stored) = out else {
             return None;
         };
@@ -218,7 +231,13 @@ impl<S, ReqBody, ResBody> fmt::Debug for GrpcFetch<S, ReqBody, ResBody> {
 }
 
 fn grpc_status(headers: &HeaderMap) -> Option<i32> {
-    headers.get("grpc-status")?.to_str().ok()?.trim().parse().ok()
+    headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn rebuild<B>(call: &GrpcCall) -> Request<GrpcBody<B>> {
@@ -283,9 +302,13 @@ where
                     Some(Err(_)) => {
                         // A broken response body: answer UNAVAILABLE, not stored.
                         let mut headers = HeaderMap::new();
-                        headers.insert("content-type", HeaderValue::from_static("application/grpc"));
+                        headers
+                            .insert("content-type", HeaderValue::from_static("application/grpc"));
                         headers.insert("grpc-status", HeaderValue::from_static("14"));
-                        headers.insert("grpc-message", HeaderValue::from_static("upstream body failed"));
+                        headers.insert(
+                            "grpc-message",
+                            HeaderValue::from_static("upstream body failed"),
+                        );
                         return Ok(GrpcOutcome::Complete(Arc::new(StoredGrpc {
                             status: StatusCode::OK,
                             version: parts.version,
@@ -313,11 +336,14 @@ where
     }
 }
 
-
 type Core<S, ReqBody, ResBody> = Cache<
     GrpcFetch<S, ReqBody, ResBody>,
     GrpcPolicy,
-    MokaStore<GrpcKey, GrpcOutcome<ResBody, <S as Service<Request<GrpcBody<ReqBody>>>>::Error>, Infallible>,
+    MokaStore<
+        GrpcKey,
+        GrpcOutcome<ResBody, <S as Service<Request<GrpcBody<ReqBody>>>>::Error>,
+        Infallible,
+    >,
 >;
 
 /// Configures a [`GrpcCacheLayer`].
@@ -361,12 +387,14 @@ impl GrpcCacheLayerBuilder {
     pub fn build(self) -> Result<GrpcCacheLayer, ConfigError> {
         let mut names = Vec::new();
         for name in &self.key_metadata {
-            names.push(HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()).map_err(|_| {
-                ConfigError::OutOfRange {
-                    field: "key_metadata",
-                    reason: format!("{name:?} is not a valid metadata key"),
-                }
-            })?);
+            names.push(
+                HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()).map_err(|_| {
+                    ConfigError::OutOfRange {
+                        field: "key_metadata",
+                        reason: format!("{name:?} is not a valid metadata key"),
+                    }
+                })?,
+            );
         }
         for (path, ttl) in &self.methods {
             if !path.starts_with('/') || path.matches('/').count() != 2 {
@@ -383,7 +411,9 @@ impl GrpcCacheLayerBuilder {
             }
         }
         if self.max_entries == 0 {
-            return Err(ConfigError::Zero { field: "max_entries" });
+            return Err(ConfigError::Zero {
+                field: "max_entries",
+            });
         }
         Ok(GrpcCacheLayer {
             config: Arc::new(GrpcConfig {
@@ -402,7 +432,7 @@ impl GrpcCacheLayerBuilder {
 pub struct GrpcCacheLayer {
     config: Arc<GrpcConfig>,
     max_entries: u64,
-    stores: Arc<Mutex<Vec<Box<dyn Fn() -> CacheStats + Send + Sync>>>>,
+    stores: StatsSources,
 }
 
 impl fmt::Debug for GrpcCacheLayer {
@@ -427,15 +457,18 @@ impl GrpcCacheLayer {
     /// The counters of the caches this layer made, added up.
     pub fn stats(&self) -> CacheStats {
         let stores = self.stores.lock().unwrap_or_else(|p| p.into_inner());
-        stores.iter().map(|f| f()).fold(CacheStats::default(), |a, b| CacheStats {
-            hits: a.hits + b.hits,
-            misses: a.misses + b.misses,
-            coalesced: a.coalesced + b.coalesced,
-            stored: a.stored + b.stored,
-            bypasses: a.bypasses + b.bypasses,
-            entries: a.entries + b.entries,
-            ..a
-        })
+        stores
+            .iter()
+            .map(|f| f())
+            .fold(CacheStats::default(), |a, b| CacheStats {
+                hits: a.hits + b.hits,
+                misses: a.misses + b.misses,
+                coalesced: a.coalesced + b.coalesced,
+                stored: a.stored + b.stored,
+                bypasses: a.bypasses + b.bypasses,
+                entries: a.entries + b.entries,
+                ..a
+            })
     }
 }
 
@@ -457,7 +490,7 @@ pub struct GrpcCache<S> {
     inner: S,
     config: Arc<GrpcConfig>,
     max_entries: u64,
-    stores: Arc<Mutex<Vec<Box<dyn Fn() -> CacheStats + Send + Sync>>>>,
+    stores: StatsSources,
     /// The cache core, made on first use (its types depend on the body types).
     core: Arc<std::sync::OnceLock<Box<dyn std::any::Any + Send + Sync>>>,
 }
@@ -476,14 +509,20 @@ impl<S: Clone> Clone for GrpcCache<S> {
 
 impl<S> fmt::Debug for GrpcCache<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GrpcCache").field("config", &self.config).finish()
+        f.debug_struct("GrpcCache")
+            .field("config", &self.config)
+            .finish()
     }
 }
 
 impl<S> GrpcCache<S> {
     fn core<ReqBody, ResBody>(&self) -> Option<Core<S, ReqBody, ResBody>>
     where
-        S: Service<Request<GrpcBody<ReqBody>>, Response = Response<ResBody>> + Clone + Send + Sync + 'static,
+        S: Service<Request<GrpcBody<ReqBody>>, Response = Response<ResBody>>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
         S::Error: Send + Sync + 'static,
         ReqBody: Send + 'static,
         ResBody: Body<Data = Bytes> + Send + 'static,
@@ -517,7 +556,10 @@ impl<S> GrpcCache<S> {
 }
 
 fn respond<B: Body>(stored: &StoredGrpc) -> Response<CacheBody<B>> {
-    let mut res = Response::new(CacheBody::full(stored.body.clone(), stored.trailers.clone()));
+    let mut res = Response::new(CacheBody::full(
+        stored.body.clone(),
+        stored.trailers.clone(),
+    ));
     *res.status_mut() = stored.status;
     *res.version_mut() = stored.version;
     *res.headers_mut() = stored.headers.clone();
@@ -526,7 +568,11 @@ fn respond<B: Body>(stored: &StoredGrpc) -> Response<CacheBody<B>> {
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for GrpcCache<S>
 where
-    S: Service<Request<GrpcBody<ReqBody>>, Response = Response<ResBody>> + Clone + Send + Sync + 'static,
+    S: Service<Request<GrpcBody<ReqBody>>, Response = Response<ResBody>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
     S::Future: Send,
     S::Error: Send + Sync + 'static,
     ReqBody: Body<Data = Bytes> + Send + 'static,
@@ -546,7 +592,7 @@ where
         let config = Arc::clone(&self.config);
         let path = req.uri().path().to_string();
         let authorized = req.headers().contains_key(http::header::AUTHORIZATION);
-        let auth_in_key = config.key_metadata.iter().any(|n| n == http::header::AUTHORIZATION);
+        let auth_in_key = config.key_metadata.contains(&http::header::AUTHORIZATION);
         let core = if config.methods.contains_key(&path) && (!authorized || auth_in_key) {
             self.core::<ReqBody, ResBody>()
         } else {
@@ -555,7 +601,8 @@ where
         Box::pin(async move {
             let (parts, body) = req.into_parts();
             let Some(core) = core else {
-                let req = Request::from_parts(parts, GrpcBody::stream(Bytes::new(), Box::pin(body)));
+                let req =
+                    Request::from_parts(parts, GrpcBody::stream(Bytes::new(), Box::pin(body)));
                 return Ok(svc.oneshot(req).await?.map(CacheBody::stream));
             };
             // Buffer the (unary) request message; a larger or streaming body
