@@ -16,9 +16,13 @@ pub fn heuristically_cacheable(status: StatusCode) -> bool {
     )
 }
 
-/// The settings the rules depend on.
+/// The RFC 9111 policy the HTTP cache applies: shared or private,
+/// heuristic freshness, and whether `Set-Cookie` responses may be shared.
+/// Set through [`HttpCacheLayerBuilder::policy`](super::HttpCacheLayerBuilder::policy)
+/// or the builder's individual setters.
 #[derive(Debug, Clone)]
-pub struct Rules {
+#[non_exhaustive]
+pub struct HttpCachePolicy {
     /// A shared cache (a proxy, a CDN, a server-side cache for every user)
     /// or a private one (one user's).
     pub shared: bool,
@@ -31,7 +35,7 @@ pub struct Rules {
     pub share_set_cookie: bool,
 }
 
-impl Default for Rules {
+impl Default for HttpCachePolicy {
     fn default() -> Self {
         Self {
             shared: true,
@@ -78,7 +82,7 @@ pub fn freshness_lifetime(
     status: StatusCode,
     headers: &HeaderMap,
     cc: &ResponseDirectives,
-    rules: &Rules,
+    rules: &HttpCachePolicy,
 ) -> Option<Duration> {
     if rules.shared {
         if let Some(s) = cc.s_maxage {
@@ -114,7 +118,7 @@ pub fn storable(
     status: StatusCode,
     headers: &HeaderMap,
     cc: &ResponseDirectives,
-    rules: &Rules,
+    rules: &HttpCachePolicy,
 ) -> Result<Duration, NotStored> {
     if method != Method::GET {
         return Err(NotStored::Method);
@@ -240,7 +244,7 @@ pub fn usable(
     lifetime: Duration,
     cc: &ResponseDirectives,
     req: &RequestDirectives,
-    rules: &Rules,
+    rules: &HttpCachePolicy,
 ) -> Usable {
     if cc.no_cache || req.no_cache {
         return Usable::Revalidate;
@@ -274,7 +278,11 @@ pub fn usable(
 }
 
 /// Whether a stale response may stand in for an error (RFC 5861 §4).
-pub fn stale_if_error_allows(staleness: Duration, cc: &ResponseDirectives, rules: &Rules) -> bool {
+pub fn stale_if_error_allows(
+    staleness: Duration,
+    cc: &ResponseDirectives,
+    rules: &HttpCachePolicy,
+) -> bool {
     let must =
         cc.must_revalidate || (rules.shared && (cc.proxy_revalidate || cc.s_maxage.is_some()));
     !must
@@ -296,7 +304,11 @@ mod tests {
         h
     }
 
-    fn lifetime(status: u16, pairs: &[(&'static str, &str)], rules: &Rules) -> Option<Duration> {
+    fn lifetime(
+        status: u16,
+        pairs: &[(&'static str, &str)],
+        rules: &HttpCachePolicy,
+    ) -> Option<Duration> {
         let h = headers(pairs);
         let cc = ResponseDirectives::from_headers(&h);
         freshness_lifetime(StatusCode::from_u16(status).unwrap(), &h, &cc, rules)
@@ -304,15 +316,15 @@ mod tests {
 
     #[test]
     fn explicit_freshness_order() {
-        let r = Rules::default();
+        let r = HttpCachePolicy::default();
         let s = |n| Some(Duration::from_secs(n));
         assert_eq!(
             lifetime(200, &[("cache-control", "max-age=10, s-maxage=20")], &r),
             s(20)
         );
-        let private = Rules {
+        let private = HttpCachePolicy {
             shared: false,
-            ..Rules::default()
+            ..HttpCachePolicy::default()
         };
         assert_eq!(
             lifetime(
@@ -347,7 +359,7 @@ mod tests {
 
     #[test]
     fn heuristic_freshness() {
-        let r = Rules::default();
+        let r = HttpCachePolicy::default();
         let lm = [
             ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
             ("last-modified", "Sun, 06 Nov 1994 07:49:37 GMT"),
@@ -363,16 +375,16 @@ mod tests {
             "500 is not heuristically cacheable"
         );
         assert_eq!(lifetime(200, &[], &r), None, "no Last-Modified: nothing");
-        let off = Rules {
+        let off = HttpCachePolicy {
             heuristic_fraction: None,
-            ..Rules::default()
+            ..HttpCachePolicy::default()
         };
         assert_eq!(lifetime(200, &lm, &off), None);
     }
 
     #[test]
     fn storability() {
-        let r = Rules::default();
+        let r = HttpCachePolicy::default();
         let check = |method: Method,
                      req: &[(&'static str, &str)],
                      status: u16,
@@ -478,7 +490,7 @@ mod tests {
 
     #[test]
     fn usability() {
-        let r = Rules::default();
+        let r = HttpCachePolicy::default();
         let cc = |s: &str| ResponseDirectives::parse([s.as_bytes()]);
         let rq = |s: &str| RequestDirectives::parse([s.as_bytes()]);
         let secs = Duration::from_secs;

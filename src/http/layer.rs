@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tower::Layer;
 
-use super::freshness::Rules;
+use super::freshness::HttpCachePolicy;
 use super::service::{HttpCache, HttpShared};
 use crate::cache::{CacheStats, Clock};
 use crate::error::ConfigError;
@@ -56,7 +56,7 @@ pub(crate) struct HttpConfig {
     pub(crate) max_body: usize,
     pub(crate) default_scheme: String,
     pub(crate) honour: HonourRequest,
-    pub(crate) rules: Rules,
+    pub(crate) rules: HttpCachePolicy,
 }
 
 /// An RFC 9111 HTTP cache as a Tower layer: [`HttpCache`].
@@ -98,7 +98,7 @@ impl HttpCacheLayer {
                 max_body: 1 << 20,
                 default_scheme: "http".into(),
                 honour: HonourRequest::ALL,
-                rules: Rules::default(),
+                rules: HttpCachePolicy::default(),
             },
             clock: None,
         }
@@ -182,6 +182,13 @@ impl HttpCacheLayerBuilder {
     /// never; they are usually per user).
     pub fn share_set_cookie(mut self, yes: bool) -> Self {
         self.config.rules.share_set_cookie = yes;
+        self
+    }
+
+    /// Replaces the whole RFC 9111 policy (shared or private, heuristic
+    /// freshness, `Set-Cookie` sharing).
+    pub fn policy(mut self, policy: HttpCachePolicy) -> Self {
+        self.config.rules = policy;
         self
     }
 

@@ -53,5 +53,6 @@ mod layer;
 mod service;
 
 pub use self::body::CacheBody;
+pub use self::freshness::HttpCachePolicy;
 pub use self::layer::{HonourRequest, HttpCacheLayer, HttpCacheLayerBuilder};
 pub use self::service::{HttpCache, HttpResponseFuture};

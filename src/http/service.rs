@@ -15,7 +15,7 @@ use tower::{Service, ServiceExt};
 
 use super::body::{Buffered, CacheBody, buffer};
 use super::cache_control::{RequestDirectives, ResponseDirectives};
-use super::freshness::{self, Rules, Usable};
+use super::freshness::{self, HttpCachePolicy, Usable};
 use super::layer::HttpConfig;
 use crate::cache::CacheStats;
 use crate::cache::flight::{Flights, Join};
@@ -66,7 +66,7 @@ const MAX_VARIANTS: usize = 16;
 pub(crate) struct HttpShared {
     pub(crate) store: moka::sync::Cache<Hashed<String>, Arc<Variants>, PassThrough>,
     pub(crate) config: HttpConfig,
-    pub(crate) rules: Rules,
+    pub(crate) rules: HttpCachePolicy,
     pub(crate) clock: Clock,
     pub(crate) hasher: KeyHasher,
     pub(crate) log: InvalidationLog<String>,

@@ -744,3 +744,24 @@ async fn trailers_are_kept_in_stored_responses() {
     }
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn router_layer_works_too() {
+    let (clock, _) = Clock::mock();
+    let layer = HttpCacheLayer::builder().clock(clock).build().unwrap();
+    let origin = Arc::new(Origin::default());
+    let app = origin_app(origin.clone()).layer(layer.clone());
+    for _ in 0..3 {
+        let req = Request::get("/public")
+            .header("host", "a.example")
+            .body(Body::empty())
+            .unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(
+            res.into_body().collect().await.unwrap().to_bytes(),
+            "/public #1"
+        );
+    }
+    assert_eq!(origin.count("/public"), 1);
+    assert_eq!(layer.stats().hits, 2);
+}
