@@ -70,7 +70,7 @@ pub(crate) struct HttpConfig {
 /// use tower_scale::http::HttpCacheLayer;
 ///
 /// # fn demo() -> Result<(), tower_scale::ConfigError> {
-/// let app = Router::new().route("/", get(|| async { "hello" }));
+/// let app: Router = Router::new().route("/", get(|| async { "hello" }));
 /// let cached = ServiceBuilder::new()
 ///     .layer(HttpCacheLayer::builder().max_bytes(64 << 20).build()?)
 ///     .service(app);
