@@ -119,6 +119,7 @@ pub struct ClusterBuilder {
     primary_wait: Duration,
     fallback_to_primary: bool,
     read_timeout: Duration,
+    identity: Option<String>,
 }
 
 impl Default for ClusterBuilder {
@@ -141,6 +142,7 @@ impl Default for ClusterBuilder {
             primary_wait: Duration::from_secs(1),
             fallback_to_primary: true,
             read_timeout: Duration::from_secs(5),
+            identity: None,
         }
     }
 }
@@ -250,6 +252,14 @@ impl ClusterBuilder {
         self
     }
 
+    /// The name tokens are bound to (default: the primary's hosts, ports
+    /// and database as configured). Instances that share clients must agree
+    /// on it; another cluster's tokens are then ignored.
+    pub fn identity(mut self, name: impl Into<String>) -> Self {
+        self.identity = Some(name.into());
+        self
+    }
+
     /// How long a read may take on one node before it is retried once
     /// elsewhere and the node leaves the rotation (default 5 s). Keep it
     /// above your slowest legitimate read.
@@ -318,7 +328,17 @@ impl ClusterBuilder {
             };
             nodes.push(Node::new(&self, name, config, is_primary, tls.clone())?);
         }
+        let identity = self.identity.clone().unwrap_or_else(|| {
+            let c = self.primary.as_ref().map(|p| &p.config);
+            format!(
+                "{:?}|{:?}|{:?}",
+                c.map(|c| c.get_hosts().to_vec()),
+                c.map(|c| c.get_ports().to_vec()),
+                c.and_then(|c| c.get_dbname())
+            )
+        });
         let inner = Arc::new(Inner {
+            identity: super::token::cluster_identity(&identity),
             nodes,
             primary: AtomicUsize::new(0),
             options: Options {
@@ -634,6 +654,7 @@ pub struct NodeStatus {
 
 /// Shared state of one cluster.
 pub(crate) struct Inner {
+    pub(crate) identity: u64,
     pub(crate) nodes: Vec<Node>,
     /// Index of the node routed writes go to (`usize::MAX`: none).
     pub(crate) primary: AtomicUsize,
@@ -732,6 +753,12 @@ impl Cluster {
             .iter()
             .map(|n| n.snapshot(self.inner.started, self.inner.options.readmission_ramp))
             .collect()
+    }
+
+    /// The identity consistency tokens are bound to (see
+    /// [`ClusterBuilder::identity`]).
+    pub fn identity(&self) -> u64 {
+        self.inner.identity
     }
 
     /// The name of the node writes go to now.

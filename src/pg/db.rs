@@ -584,6 +584,20 @@ impl Db {
         })
     }
 
+    /// The identity consistency tokens are bound to.
+    pub fn identity(&self) -> u64 {
+        self.inner.identity
+    }
+
+    /// The names of every node, primary first as configured.
+    pub fn node_names(&self) -> Vec<Arc<str>> {
+        self.inner
+            .nodes
+            .iter()
+            .map(|n| Arc::clone(&n.name))
+            .collect()
+    }
+
     /// The name of the node writes go to now.
     pub fn primary_name(&self) -> Option<Arc<str>> {
         self.inner.primary_node().map(|n| Arc::clone(&n.name))

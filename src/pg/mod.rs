@@ -41,10 +41,12 @@ mod cluster;
 mod db;
 mod error;
 mod lsn;
+pub mod token;
 
 pub use self::balance::{Candidate, choose_replica, ramp_weight};
 pub use self::cluster::{Cluster, ClusterBuilder, NodeConfig, NodeStatus, Role};
 pub use self::db::{Db, Query, QueryOutput, Read, RouteReason, Transaction, Written};
 pub use self::error::{DbError, PoolTimeout};
 pub use self::lsn::{Consistency, ConsistencyToken, Lsn, LsnParseError};
+pub use self::token::{TokenCodec, cluster_identity};
 pub use deadpool_postgres::RecyclingMethod;
