@@ -46,6 +46,9 @@
 //!   others take its stored response when it matches their `Vary` headers.
 
 pub mod cache_control;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub mod db_layer;
 pub mod freshness;
 
 mod body;
@@ -53,6 +56,8 @@ mod layer;
 mod service;
 
 pub use self::body::CacheBody;
+#[cfg(feature = "postgres")]
+pub use self::db_layer::{DbLayer, DbLayerBuilder, DbRouting, Primary, Replica, RequestDb, Route};
 pub use self::freshness::HttpCachePolicy;
 pub use self::layer::{HonourRequest, HttpCacheLayer, HttpCacheLayerBuilder};
 pub use self::service::{HttpCache, HttpResponseFuture};
