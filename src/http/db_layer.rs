@@ -82,7 +82,7 @@ impl DbLayerBuilder {
         self.settings.overrides.push((prefix.into(), route));
         self.settings
             .overrides
-            .sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+            .sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
         self
     }
 
