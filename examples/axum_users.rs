@@ -191,7 +191,7 @@ async fn create(
 ) -> Response {
     let name = match parse_name(body) {
         Ok(n) => n,
-        Err(res) => return res,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     match db
         .query_one(
@@ -260,7 +260,7 @@ async fn update(
     };
     let name = match parse_name(body) {
         Ok(n) => n,
-        Err(res) => return res,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     match db
         .query(
