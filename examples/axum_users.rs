@@ -172,14 +172,11 @@ fn user_json(id: i64, name: String) -> Json<UserJson> {
     Json(UserJson { id, name })
 }
 
-fn parse_name(body: Result<Json<NameJson>, JsonRejection>) -> Result<String, Response> {
-    let Json(NameJson { name }) =
-        body.map_err(|e| error(StatusCode::BAD_REQUEST, e.body_text()))?;
+/// The name from a JSON body, or the 400 message.
+fn parse_name(body: Result<Json<NameJson>, JsonRejection>) -> Result<String, String> {
+    let Json(NameJson { name }) = body.map_err(|e| e.body_text())?;
     if name.trim().is_empty() || name.len() > 1000 {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "name must be 1 to 1000 characters",
-        ));
+        return Err("name must be 1 to 1000 characters".into());
     }
     Ok(name)
 }
