@@ -2,6 +2,8 @@
 //! real HTTP client. The origin counts the requests (and the conditional
 //! ones) it receives; time is a mock clock.
 
+#[path = "../common/mod.rs"]
+mod common;
 mod parser;
 mod proxy;
 

@@ -1,8 +1,7 @@
 //! The `http_proxy` example as a user runs it: a real process between a
 //! real client and a real origin.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -14,48 +13,13 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-fn example(name: &str) -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("test binary");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let path = dir.join("examples").join(name);
-    assert!(
-        path.exists(),
-        "{} not built; run the tests with `cargo test --all-features`",
-        path.display()
-    );
-    path
-}
+use crate::common::{self, Running};
 
-struct Proxy {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_proxy(upstream: &str) -> Proxy {
-    let mut child = Command::new(example("http_proxy"))
-        .args(["--listen", "127.0.0.1:0", "--upstream", upstream])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn http_proxy");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("readiness line");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("first line was {line:?}"))
-        .to_string();
-    Proxy { child, addr }
+fn start_proxy(upstream: &str) -> Running {
+    common::start(
+        "http_proxy",
+        &["--listen", "127.0.0.1:0", "--upstream", upstream],
+    )
 }
 
 async fn upstream(count: Arc<AtomicUsize>) -> String {
@@ -160,7 +124,7 @@ fn bad_flags_print_usage_and_exit_2() {
         vec!["--listen", "nope", "--upstream", "http://a:1"],
         vec!["--bogus"],
     ] {
-        let out = Command::new(example("http_proxy"))
+        let out = Command::new(common::example("http_proxy"))
             .args(&args)
             .output()
             .expect("run http_proxy");

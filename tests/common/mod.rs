@@ -1,0 +1,54 @@
+//! Running the examples as real processes from tests.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+/// The path of a built example (`cargo test --all-features` builds them).
+pub fn example(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let path = dir.join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} not built; run the tests with `cargo test --all-features`",
+        path.display()
+    );
+    path
+}
+
+/// A running example, killed on drop.
+pub struct Running {
+    pub child: Child,
+    /// `IP:PORT` from its readiness line.
+    pub addr: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts an example and waits for `listening on http://IP:PORT` on its
+/// first stdout line.
+pub fn start(name: &str, args: &[&str]) -> Running {
+    let mut child = Command::new(example(name))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("readiness line");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("{name}: first line was {line:?}"))
+        .to_string();
+    Running { child, addr }
+}
