@@ -21,11 +21,11 @@
 //! Every response that read or wrote data says who served it in
 //! `x-served-by`: `cache`, or the node that ran the query.
 
+#[path = "common/users.rs"]
+mod users;
+
 use std::io::Write;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::Ordering;
 
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
@@ -35,56 +35,10 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
-use tower_scale::cache::{
-    Cache, CacheLayer, CachePolicy, Invalidator, MokaStore, Storable, Windows,
-};
+use tower_scale::cache::Invalidator;
 use tower_scale::http::{DbLayer, RequestDb};
-use tower_scale::pg::{Cluster, Consistency, Db, DbError, NodeConfig, TokenCodec};
-use tower_scale::testing::LocalCluster;
-
-const USAGE: &str =
-    "usage: axum_users --listen IP:PORT [--primary URL --replica URL ...] [--token-key HEX64]";
-
-struct Args {
-    listen: SocketAddr,
-    primary: Option<String>,
-    replicas: Vec<String>,
-    token_key: Option<Vec<u8>>,
-}
-
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
-    let (mut listen, mut primary, mut replicas, mut token_key) = (None, None, Vec::new(), None);
-    while let Some(flag) = args.next() {
-        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--listen" => listen = Some(value()?.parse().map_err(|e| format!("--listen: {e}"))?),
-            "--primary" => primary = Some(value()?),
-            "--replica" => replicas.push(value()?),
-            "--token-key" => {
-                let hex = value()?;
-                if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return Err("--token-key must be 64 hex characters (32 bytes)".into());
-                }
-                let bytes = (0..32)
-                    .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16))
-                    .collect::<Result<Vec<u8>, _>>()
-                    .map_err(|e| format!("--token-key: {e}"))?;
-                token_key = Some(bytes);
-            }
-            "-h" | "--help" => return Err(String::new()),
-            other => return Err(format!("unknown flag {other:?}")),
-        }
-    }
-    if primary.is_none() && !replicas.is_empty() {
-        return Err("--replica needs --primary".into());
-    }
-    Ok(Args {
-        listen: listen.ok_or("--listen is required")?,
-        primary,
-        replicas,
-        token_key,
-    })
-}
+use tower_scale::pg::DbError;
+use users::{UserCache, UserRead};
 
 #[derive(Serialize)]
 struct UserJson {
@@ -96,46 +50,6 @@ struct UserJson {
 struct NameJson {
     name: String,
 }
-
-/// A cached read of one user: the row (or none) and who read it.
-struct UserRow {
-    row: Option<(i64, String)>,
-    served_by: Arc<str>,
-    lsn: u64,
-    /// The first request to take this result made the query; later ones
-    /// (hits and coalesced waiters) were served by the cache.
-    taken: AtomicBool,
-}
-
-/// What the cache sees: the id and the client's minimum LSN.
-struct UserRead {
-    id: i64,
-    consistency: Consistency,
-}
-
-struct UserPolicy;
-
-impl CachePolicy<UserRead, Arc<UserRow>> for UserPolicy {
-    type Key = i64;
-    fn key(&self, req: &UserRead) -> Option<i64> {
-        Some(req.id)
-    }
-    fn min_version(&self, req: &UserRead) -> Option<u64> {
-        match req.consistency {
-            Consistency::ReadYourWrites(t) => Some(t.lsn().0),
-            _ => None,
-        }
-    }
-    fn storable(&self, id: &i64, row: &Arc<UserRow>, d: &Windows) -> Option<Storable> {
-        Some(Storable::new(*d).tag(format!("user:{id}")).version(row.lsn))
-    }
-}
-
-type UserCache = Cache<
-    tower::util::BoxCloneSyncService<UserRead, Arc<UserRow>, DbError>,
-    UserPolicy,
-    MokaStore<i64, Arc<UserRow>, DbError>,
->;
 
 #[derive(Clone)]
 struct AppState {
@@ -149,15 +63,12 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 fn db_error(e: DbError) -> Response {
-    match e {
-        DbError::Query { .. } | DbError::RowCount { .. } => {
-            eprintln!("query failed: {e}");
-            error(StatusCode::INTERNAL_SERVER_ERROR, "query failed")
-        }
-        other => {
-            eprintln!("database unavailable: {other}");
-            error(StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
-        }
+    if users::unavailable(&e) {
+        eprintln!("database unavailable: {e}");
+        error(StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
+    } else {
+        eprintln!("query failed: {e}");
+        error(StatusCode::INTERNAL_SERVER_ERROR, "query failed")
     }
 }
 
@@ -311,116 +222,21 @@ async fn fallback() -> Response {
     error(StatusCode::NOT_FOUND, "no such route")
 }
 
-/// The loader the cache calls on a miss: one routed read.
-fn loader(db: Db) -> tower::util::BoxCloneSyncService<UserRead, Arc<UserRow>, DbError> {
-    tower::util::BoxCloneSyncService::new(tower::service_fn(move |req: UserRead| {
-        let db = db.clone();
-        async move {
-            let r = db
-                .read_opt(
-                    req.consistency,
-                    "SELECT id, name FROM users WHERE id = $1",
-                    &[&req.id],
-                )
-                .await?;
-            Ok::<_, DbError>(Arc::new(UserRow {
-                row: r.value.map(|row| (row.get(0), row.get(1))),
-                served_by: r.served_by,
-                lsn: r.lsn.0,
-                taken: AtomicBool::new(false),
-            }))
-        }
-    }))
-}
-
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
-    }
-}
-
 #[tokio::main]
 async fn main() {
-    let args = match parse_args(std::env::args().skip(1)) {
-        Ok(a) => a,
-        Err(message) => {
-            if !message.is_empty() {
-                eprintln!("axum_users: {message}");
-            }
-            eprintln!("{USAGE}");
-            std::process::exit(2);
-        }
-    };
+    let args = users::args_or_exit("axum_users");
     if let Err(e) = run(args).await {
         eprintln!("axum_users: {e}");
         std::process::exit(1);
     }
 }
 
-async fn run(args: Args) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+async fn run(args: users::Args) -> Result<(), users::BoxError> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
-    // Without --primary: our own cluster, stopped when this returns.
-    let local = match &args.primary {
-        Some(_) => None,
-        None => Some(tokio::task::spawn_blocking(|| LocalCluster::start(2)).await??),
-    };
-    let (primary, replicas) = match (&args.primary, &local) {
-        (Some(p), _) => (
-            NodeConfig::from_url(p)?,
-            args.replicas
-                .iter()
-                .map(|r| NodeConfig::from_url(r))
-                .collect::<Result<Vec<_>, _>>()?,
-        ),
-        (None, Some(l)) => (
-            NodeConfig::new(l.primary().config()),
-            l.replicas()
-                .iter()
-                .map(|r| NodeConfig::new(r.config()))
-                .collect(),
-        ),
-        (None, None) => return Err("no database".into()),
-    };
-    let mut builder = Cluster::builder()
-        .primary(primary)
-        .read_timeout(Duration::from_secs(2));
-    for r in replicas {
-        builder = builder.replica(r);
-    }
-    let cluster = builder.build().await?;
-    let db = cluster.db();
-    db.execute(
-        "CREATE TABLE IF NOT EXISTS users (id bigserial primary key, name text not null)",
-        &[],
-    )
-    .await?;
-    let key = match args.token_key {
-        Some(k) => k,
-        None => {
-            let mut k = vec![0u8; 32];
-            getrandom::fill(&mut k).map_err(|e| format!("random key: {e}"))?;
-            k
-        }
-    };
-    let codec = TokenCodec::new(&key, cluster.identity())?;
-    let cache_layer = CacheLayer::builder(UserPolicy)
-        .time_to_live(Duration::from_secs(60))
-        .max_entries(100_000)
-        .build()?;
-    let invalidator = cache_layer.invalidator();
-    let users: UserCache = tower::Layer::layer(&cache_layer, loader(db.clone()));
+    let backend = users::backend(&args).await?;
     let state = AppState {
-        users,
-        invalidator,
+        users: backend.users.clone(),
+        invalidator: backend.invalidator.clone(),
         metrics,
     };
     let app = Router::new()
@@ -429,16 +245,16 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
         .route("/metrics", get(metrics_text))
         .fallback(fallback)
         .with_state(state)
-        .layer(DbLayer::builder(db.clone(), codec).build());
+        .layer(DbLayer::builder(backend.db.clone(), backend.codec.clone()).build());
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     println!("listening on http://{addr}");
     std::io::stdout().flush()?;
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(users::shutdown_signal())
         .await?;
     eprintln!("axum_users: shutting down");
-    cluster.shutdown();
-    drop(local);
+    backend.cluster.shutdown();
+    drop(backend);
     Ok(())
 }

@@ -46,6 +46,8 @@ struct Settings {
     header: HeaderName,
     secure: bool,
     overrides: Vec<(String, Route)>,
+    /// gRPC mode: the method paths that read; every other one writes.
+    grpc_reads: Option<std::collections::HashSet<String>>,
 }
 
 /// Configures and builds a [`DbLayer`].
@@ -83,6 +85,20 @@ impl DbLayerBuilder {
         self.settings
             .overrides
             .sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
+        self
+    }
+
+    /// gRPC mode, for tonic servers: the token travels in the metadata key
+    /// (`x-consistency-token` unless [`header_name`](Self::header_name)
+    /// says otherwise), no cookie is set, and requests are classified by
+    /// method path: the ones listed read from replicas, every other (and
+    /// unknown) method goes to the primary.
+    pub fn grpc<I, P>(mut self, read_methods: I) -> Self
+    where
+        I: IntoIterator<Item = P>,
+        P: Into<String>,
+    {
+        self.settings.grpc_reads = Some(read_methods.into_iter().map(Into::into).collect());
         self
     }
 
@@ -125,6 +141,7 @@ impl DbLayer {
                 header: HeaderName::from_static("x-consistency-token"),
                 secure: false,
                 overrides: Vec::new(),
+                grpc_reads: None,
             },
         }
     }
@@ -182,6 +199,13 @@ impl DbLayer {
     }
 
     fn route_of(&self, path: &str, method: &Method) -> Route {
+        if let Some(reads) = &self.settings.grpc_reads {
+            return if reads.contains(path) {
+                Route::Replicas
+            } else {
+                Route::Primary
+            };
+        }
         let route = self
             .settings
             .overrides
@@ -199,6 +223,12 @@ impl DbLayer {
 
     fn set_token(&self, headers: &mut HeaderMap, token: ConsistencyToken) {
         let encoded = self.codec.encode(token);
+        if self.settings.grpc_reads.is_some() {
+            if let Ok(v) = HeaderValue::from_str(&encoded) {
+                headers.insert(self.settings.header.clone(), v);
+            }
+            return;
+        }
         let max_age = self.codec.lifetime().as_secs();
         let cookie = format!(
             "{}={encoded}; HttpOnly; SameSite=Lax; Path=/; Max-Age={max_age}{}",

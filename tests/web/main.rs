@@ -4,6 +4,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod grpc;
 
 use std::time::{Duration, Instant};
 

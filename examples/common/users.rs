@@ -1,0 +1,229 @@
+//! What the users examples (`axum_users`, `tonic_users`) share: flags, the
+//! cluster (given nodes or a LocalCluster), the token codec, and the user
+//! cache whose entries are stamped with the LSN their data reflects.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use tower_scale::cache::{
+    Cache, CacheLayer, CachePolicy, Invalidator, MokaStore, Storable, Windows,
+};
+use tower_scale::pg::{Cluster, Consistency, Db, DbError, NodeConfig, TokenCodec};
+use tower_scale::testing::LocalCluster;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pub struct Args {
+    pub listen: SocketAddr,
+    pub primary: Option<String>,
+    pub replicas: Vec<String>,
+    pub token_key: Option<Vec<u8>>,
+}
+
+pub fn usage(name: &str) -> String {
+    format!("usage: {name} --listen IP:PORT [--primary URL --replica URL ...] [--token-key HEX64]")
+}
+
+pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
+    let (mut listen, mut primary, mut replicas, mut token_key) = (None, None, Vec::new(), None);
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--listen" => listen = Some(value()?.parse().map_err(|e| format!("--listen: {e}"))?),
+            "--primary" => primary = Some(value()?),
+            "--replica" => replicas.push(value()?),
+            "--token-key" => {
+                let hex = value()?;
+                if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err("--token-key must be 64 hex characters (32 bytes)".into());
+                }
+                let bytes = (0..32)
+                    .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16))
+                    .collect::<Result<Vec<u8>, _>>()
+                    .map_err(|e| format!("--token-key: {e}"))?;
+                token_key = Some(bytes);
+            }
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown flag {other:?}")),
+        }
+    }
+    if primary.is_none() && !replicas.is_empty() {
+        return Err("--replica needs --primary".into());
+    }
+    Ok(Args {
+        listen: listen.ok_or("--listen is required")?,
+        primary,
+        replicas,
+        token_key,
+    })
+}
+
+/// Parses the flags or exits with status 2 and the usage on stderr.
+pub fn args_or_exit(name: &str) -> Args {
+    match parse_args(std::env::args().skip(1)) {
+        Ok(a) => a,
+        Err(message) => {
+            if !message.is_empty() {
+                eprintln!("{name}: {message}");
+            }
+            eprintln!("{}", usage(name));
+            std::process::exit(2);
+        }
+    }
+}
+
+/// A cached read of one user: the row (or none) and who read it.
+pub struct UserRow {
+    pub row: Option<(i64, String)>,
+    pub served_by: Arc<str>,
+    pub lsn: u64,
+    /// The first request to take this result made the query; later ones
+    /// (hits and coalesced waiters) were served by the cache.
+    pub taken: AtomicBool,
+}
+
+/// What the cache sees: the id and the request's consistency.
+pub struct UserRead {
+    pub id: i64,
+    pub consistency: Consistency,
+}
+
+/// Keyed by id, tagged `user:{id}`, stamped with the read's LSN; a request
+/// with a token skips entries stamped below it.
+pub struct UserPolicy;
+
+impl CachePolicy<UserRead, Arc<UserRow>> for UserPolicy {
+    type Key = i64;
+    fn key(&self, req: &UserRead) -> Option<i64> {
+        Some(req.id)
+    }
+    fn min_version(&self, req: &UserRead) -> Option<u64> {
+        match req.consistency {
+            Consistency::ReadYourWrites(t) => Some(t.lsn().0),
+            _ => None,
+        }
+    }
+    fn storable(&self, id: &i64, row: &Arc<UserRow>, d: &Windows) -> Option<Storable> {
+        Some(Storable::new(*d).tag(format!("user:{id}")).version(row.lsn))
+    }
+}
+
+pub type Loader = tower::util::BoxCloneSyncService<UserRead, Arc<UserRow>, DbError>;
+pub type UserCache = Cache<Loader, UserPolicy, MokaStore<i64, Arc<UserRow>, DbError>>;
+
+/// The loader the cache calls on a miss: one routed read.
+pub fn loader(db: Db) -> Loader {
+    tower::util::BoxCloneSyncService::new(tower::service_fn(move |req: UserRead| {
+        let db = db.clone();
+        async move {
+            let r = db
+                .read_opt(
+                    req.consistency,
+                    "SELECT id, name FROM users WHERE id = $1",
+                    &[&req.id],
+                )
+                .await?;
+            Ok::<_, DbError>(Arc::new(UserRow {
+                row: r.value.map(|row| (row.get(0), row.get(1))),
+                served_by: r.served_by,
+                lsn: r.lsn.0,
+                taken: AtomicBool::new(false),
+            }))
+        }
+    }))
+}
+
+/// Everything a users service runs on.
+pub struct Backend {
+    /// Our own cluster when no `--primary` was given; stopped on drop.
+    pub local: Option<LocalCluster>,
+    pub cluster: Cluster,
+    pub db: Db,
+    pub codec: TokenCodec,
+    pub users: UserCache,
+    pub invalidator: Invalidator<i64>,
+}
+
+pub async fn backend(args: &Args) -> Result<Backend, BoxError> {
+    let local = match &args.primary {
+        Some(_) => None,
+        None => Some(tokio::task::spawn_blocking(|| LocalCluster::start(2)).await??),
+    };
+    let (primary, replicas) = match (&args.primary, &local) {
+        (Some(p), _) => (
+            NodeConfig::from_url(p)?,
+            args.replicas
+                .iter()
+                .map(|r| NodeConfig::from_url(r))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        (None, Some(l)) => (
+            NodeConfig::new(l.primary().config()),
+            l.replicas()
+                .iter()
+                .map(|r| NodeConfig::new(r.config()))
+                .collect(),
+        ),
+        (None, None) => return Err("no database".into()),
+    };
+    let mut builder = Cluster::builder()
+        .primary(primary)
+        .read_timeout(Duration::from_secs(2));
+    for r in replicas {
+        builder = builder.replica(r);
+    }
+    let cluster = builder.build().await?;
+    let db = cluster.db();
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS users (id bigserial primary key, name text not null)",
+        &[],
+    )
+    .await?;
+    let key = match &args.token_key {
+        Some(k) => k.clone(),
+        None => {
+            let mut k = vec![0u8; 32];
+            getrandom::fill(&mut k).map_err(|e| format!("random key: {e}"))?;
+            k
+        }
+    };
+    let codec = TokenCodec::new(&key, cluster.identity())?;
+    let layer = CacheLayer::builder(UserPolicy)
+        .time_to_live(Duration::from_secs(60))
+        .max_entries(100_000)
+        .build()?;
+    let invalidator = layer.invalidator();
+    let users: UserCache = tower::Layer::layer(&layer, loader(db.clone()));
+    Ok(Backend {
+        local,
+        cluster,
+        db,
+        codec,
+        users,
+        invalidator,
+    })
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+/// Whether a database error means "unavailable" (503 / UNAVAILABLE).
+pub fn unavailable(e: &DbError) -> bool {
+    !matches!(e, DbError::Query { .. } | DbError::RowCount { .. })
+}
