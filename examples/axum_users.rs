@@ -22,7 +22,7 @@
 //! `x-served-by`: `cache`, or the node that ran the query.
 
 #[path = "common/users.rs"]
-mod users;
+pub(crate) mod users;
 
 use std::io::Write;
 use std::sync::atomic::Ordering;
@@ -222,6 +222,26 @@ async fn fallback() -> Response {
     error(StatusCode::NOT_FOUND, "no such route")
 }
 
+/// The whole service: routes, the users cache, and `DbLayer` around them
+/// (the tour runs it in-process).
+pub fn router(
+    backend: &users::Backend,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+) -> Router {
+    let state = AppState {
+        users: backend.users.clone(),
+        invalidator: backend.invalidator.clone(),
+        metrics,
+    };
+    Router::new()
+        .route("/users", axum::routing::post(create))
+        .route("/users/{id}", get(read).put(update).delete(delete))
+        .route("/metrics", get(metrics_text))
+        .fallback(fallback)
+        .with_state(state)
+        .layer(DbLayer::builder(backend.db.clone(), backend.codec.clone()).build())
+}
+
 #[tokio::main]
 async fn main() {
     let args = users::args_or_exit("axum_users");
@@ -234,18 +254,7 @@ async fn main() {
 async fn run(args: users::Args) -> Result<(), users::BoxError> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
     let backend = users::backend(&args).await?;
-    let state = AppState {
-        users: backend.users.clone(),
-        invalidator: backend.invalidator.clone(),
-        metrics,
-    };
-    let app = Router::new()
-        .route("/users", axum::routing::post(create))
-        .route("/users/{id}", get(read).put(update).delete(delete))
-        .route("/metrics", get(metrics_text))
-        .fallback(fallback)
-        .with_state(state)
-        .layer(DbLayer::builder(backend.db.clone(), backend.codec.clone()).build());
+    let app = router(&backend, metrics);
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     println!("listening on http://{addr}");

@@ -13,9 +13,17 @@
 //!    read-your-writes through consistency tokens;
 //! 3. a replica killed mid-way with no failed read;
 //! 4. the cache tier in front of the database: hits, coalesced misses,
-//!    invalidation by tag.
+//!    invalidation by tag;
+//! 5. the `axum_users` service run in-process over the same cluster, with
+//!    one replica lagging by a second: cache hits, reads spread over the
+//!    replicas, read-your-writes through the consistency cookie, and a
+//!    replica stopped mid-way with no failed request.
 //!
 //! Everything it started is stopped on exit.
+
+#[allow(dead_code)]
+#[path = "axum_users.rs"]
+mod axum_users;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -41,9 +49,15 @@ async fn run() -> Result<(), Error> {
     println!("tower-scale tour");
     println!("================");
     let started = Instant::now();
-    let cluster = tokio::task::spawn_blocking(|| LocalCluster::start(2)).await??;
+    let cluster = tokio::task::spawn_blocking(|| {
+        LocalCluster::builder()
+            .replicas(2)
+            .apply_delay(1, Duration::from_secs(1))
+            .start()
+    })
+    .await??;
     println!(
-        "started a PostgreSQL primary and 2 streaming replicas in {:.2?}",
+        "started a PostgreSQL primary and 2 streaming replicas (replica-2 applies WAL 1 s late) in {:.2?}",
         started.elapsed()
     );
     for node in cluster.nodes() {
@@ -60,11 +74,16 @@ async fn run() -> Result<(), Error> {
     let t = Instant::now();
     let row = primary
         .query_one(
-            "INSERT INTO users (name) VALUES ($1) RETURNING id, pg_current_wal_lsn()::text",
+            "INSERT INTO users (name) VALUES ($1) RETURNING id",
             &[&"ada"],
         )
         .await?;
-    let (id, lsn): (i64, String) = (row.get(0), row.get(1));
+    // The WAL position after the commit (inside the statement it would be
+    // before the commit record, which a delayed replica applies late).
+    let lsn_row = primary
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?;
+    let (id, lsn): (i64, String) = (row.get(0), lsn_row.get(0));
     println!(
         "  primary    INSERT users(id={id}, name='ada') at WAL position {lsn} in {:.2?}",
         t.elapsed()
@@ -92,6 +111,7 @@ async fn run() -> Result<(), Error> {
     let db = routing(&cluster).await?;
     failover(&cluster, &db).await?;
     caching(&db).await?;
+    users_service(&cluster).await?;
 
     let t = Instant::now();
     drop(db);
@@ -259,5 +279,225 @@ async fn caching(db: &Db) -> Result<(), Error> {
         stats.misses - stats.coalesced,
         stats.coalesced
     );
+    Ok(())
+}
+
+struct Http {
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    >,
+    addr: std::net::SocketAddr,
+    cookie: Option<String>,
+}
+
+struct Reply {
+    status: u16,
+    served_by: String,
+    name: Option<String>,
+    id: Option<i64>,
+}
+
+impl Http {
+    async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        json: Option<String>,
+        keep_cookie: bool,
+    ) -> Result<Reply, Error> {
+        use http_body_util::BodyExt;
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr));
+        if let (true, Some(c)) = (keep_cookie, &self.cookie) {
+            req = req.header("cookie", c.as_str());
+        }
+        let body = match json {
+            Some(j) => {
+                req = req.header("content-type", "application/json");
+                bytes::Bytes::from(j)
+            }
+            None => bytes::Bytes::new(),
+        };
+        let res = self
+            .client
+            .request(req.body(http_body_util::Full::new(body))?)
+            .await?;
+        if keep_cookie {
+            if let Some(c) = res
+                .headers()
+                .get("set-cookie")
+                .and_then(|v| v.to_str().ok())
+            {
+                self.cookie = c.split(';').next().map(str::to_string);
+            }
+        }
+        let status = res.status().as_u16();
+        let served_by = res
+            .headers()
+            .get("x-served-by")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_string();
+        let bytes = res.into_body().collect().await?.to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        Ok(Reply {
+            status,
+            served_by,
+            name: json
+                .get("name")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
+            id: json.get("id").and_then(|v| v.as_i64()),
+        })
+    }
+}
+
+async fn users_service(local: &LocalCluster) -> Result<(), Error> {
+    println!("\n5. the users service (examples/axum_users.rs) in-process");
+    let args = axum_users::users::Args {
+        listen: "127.0.0.1:0".parse()?,
+        primary: Some(local.primary().url()),
+        replicas: local.replicas().iter().map(|r| r.url()).collect(),
+        token_key: None,
+    };
+    let backend = axum_users::users::backend(&args).await?;
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+    let app = axum_users::router(&backend, metrics);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    local.wait_for_replicas(Duration::from_secs(30)).await?;
+    let mut http = Http {
+        client: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http(),
+        addr,
+        cookie: None,
+    };
+    println!("  serving on http://{addr}");
+
+    let created = http
+        .send("POST", "/users", Some(r#"{"name":"grace"}"#.into()), true)
+        .await?;
+    let id = created.id.ok_or("no id")?;
+    let mut tally: BTreeMap<String, usize> = BTreeMap::new();
+    let t = Instant::now();
+    for _ in 0..100 {
+        let r = http
+            .send("GET", &format!("/users/{id}"), None, true)
+            .await?;
+        *tally.entry(r.served_by).or_default() += 1;
+    }
+    println!(
+        "  100 GETs of one user in {:.2?}, served by: {tally:?}",
+        t.elapsed()
+    );
+
+    let mut tally: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..30 {
+        let r = http
+            .send(
+                "POST",
+                "/users",
+                Some(format!(r#"{{"name":"spread-{i}"}}"#)),
+                false,
+            )
+            .await?;
+        let r = http
+            .send("GET", &format!("/users/{}", r.id.unwrap_or(0)), None, false)
+            .await?;
+        *tally.entry(r.served_by).or_default() += 1;
+    }
+    local.wait_for_replicas(Duration::from_secs(30)).await?;
+    for i in 0..30 {
+        let r = http
+            .send("GET", &format!("/users/{}", id + 1 + i), None, false)
+            .await?;
+        *tally.entry(r.served_by).or_default() += 1;
+    }
+    println!("  60 first reads of new users, served by: {tally:?}");
+
+    let (mut seen, mut stale) = (0, 0);
+    for i in 0..50 {
+        let name = format!("v{i}");
+        http.send(
+            "PUT",
+            &format!("/users/{id}"),
+            Some(format!(r#"{{"name":"{name}"}}"#)),
+            true,
+        )
+        .await?;
+        if http
+            .send("GET", &format!("/users/{id}"), None, true)
+            .await?
+            .name
+            .as_deref()
+            == Some(&name)
+        {
+            seen += 1;
+        }
+        let other = format!("w{i}");
+        http.send(
+            "PUT",
+            &format!("/users/{id}"),
+            Some(format!(r#"{{"name":"{other}"}}"#)),
+            false,
+        )
+        .await?;
+        if http
+            .send("GET", &format!("/users/{id}"), None, false)
+            .await?
+            .name
+            .as_deref()
+            != Some(&other)
+        {
+            stale += 1;
+        }
+    }
+    println!(
+        "  50 PUT-then-GET pairs with the cookie: {seen}/50 saw their write; without it: {stale}/50 read stale data"
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (done, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let (stop, done, failed) = (stop.clone(), done.clone(), failed.clone());
+        let mut client = Http {
+            client: http.client.clone(),
+            addr,
+            cookie: None,
+        };
+        readers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                match client
+                    .send("GET", &format!("/users/{}", id + 1), None, false)
+                    .await
+                {
+                    Ok(r) if r.status == 200 || r.status == 404 => {}
+                    _ => {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::task::block_in_place(|| local.replica(0).stop())?;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::SeqCst);
+    for r in readers {
+        r.await?;
+    }
+    println!(
+        "  replica-1 stopped (pg_ctl stop -m fast) under 4 concurrent readers: {} requests, {} failed",
+        done.load(Ordering::SeqCst),
+        failed.load(Ordering::SeqCst)
+    );
+    tokio::task::block_in_place(|| local.replica(0).start())?;
+    server.abort();
+    backend.cluster.shutdown();
     Ok(())
 }
