@@ -73,6 +73,7 @@
 
 pub mod cache;
 pub mod error;
+mod random;
 
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]

@@ -1,6 +1,6 @@
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -59,7 +59,7 @@ pub(crate) struct Shared<P, St: Store> {
     log: InvalidationLog<St::Key>,
     flights: Arc<Flights<St::Key, St::Response, St::Error>>,
     stats: Stats,
-    rng: AtomicU64,
+    rng: crate::random::Random,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -96,7 +96,7 @@ impl<P, St: Store> Shared<P, St> {
             log,
             flights: Arc::new(Flights::new()),
             stats,
-            rng: AtomicU64::new(seed),
+            rng: crate::random::Random::new(seed),
             shutdown: CancellationToken::new(),
         }
     }
@@ -106,16 +106,9 @@ impl<P, St: Store> Shared<P, St> {
             .snapshot(self.store.evictions(), self.store.entry_count())
     }
 
-    /// A uniform number in (0, 1] from a seeded splitmix64 stream.
+    /// A uniform number in (0, 1] from the seeded stream.
     fn next_random(&self) -> f64 {
-        let mut z = self
-            .rng
-            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
-            .wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        ((z >> 11) + 1) as f64 / (1u64 << 53) as f64
+        self.rng.next_unit()
     }
 
     #[inline]

@@ -62,10 +62,8 @@ pub fn choose_replica(candidates: &[Candidate], random: u64) -> Option<usize> {
             };
             // A node being re-admitted wins only with probability `weight`,
             // so its share ramps up instead of jumping back to full.
-            let mut z = random ^ 0x9E37_79B9_7F4A_7C15;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            let dice = ((z ^ (z >> 31)) % 10_000) as f64 / 10_000.0;
+            let dice =
+                (crate::random::mix(random ^ 0x9E37_79B9_7F4A_7C15) % 10_000) as f64 / 10_000.0;
             Some(if dice < candidates[winner].weight.clamp(0.0, 1.0) {
                 winner
             } else {

@@ -357,7 +357,7 @@ impl ClusterBuilder {
             reprobe: Notify::new(),
             history: Mutex::new(VecDeque::new()),
             last_write: AtomicU64::new(0),
-            rng: AtomicU64::new(0x853C_49E6_748F_EA9B),
+            rng: crate::random::Random::new(0x853C_49E6_748F_EA9B),
             shutdown: CancellationToken::new(),
         });
         probe_all(&inner).await;
@@ -670,19 +670,13 @@ pub(crate) struct Inner {
     /// The highest commit LSN handed out as a token (the primary is at
     /// least there).
     pub(crate) last_write: AtomicU64,
-    rng: AtomicU64,
+    rng: crate::random::Random,
     pub(crate) shutdown: CancellationToken,
 }
 
 impl Inner {
     pub(crate) fn random(&self) -> u64 {
-        let mut z = self
-            .rng
-            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
-            .wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.rng.next_u64()
     }
 
     pub(crate) fn primary_node(&self) -> Option<&Node> {
