@@ -415,3 +415,78 @@ async fn two_instances_sharing_a_key_share_clients() {
         );
     }
 }
+
+#[test]
+fn bad_flags_print_usage_and_exit_2() {
+    for name in ["axum_users", "tonic_users"] {
+        for args in [
+            vec![],
+            vec!["--listen"],
+            vec!["--listen", "127.0.0.1:0", "--token-key", "abc"],
+            vec![
+                "--listen",
+                "127.0.0.1:0",
+                "--replica",
+                "postgresql://x@127.0.0.1/x",
+            ],
+            vec!["--bogus"],
+        ] {
+            let out = std::process::Command::new(common::example(name))
+                .args(&args)
+                .output()
+                .expect("run");
+            assert_eq!(out.status.code(), Some(2), "{name} {args:?}");
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains("usage:"),
+                "{name} {args:?}"
+            );
+            assert!(out.stdout.is_empty());
+        }
+    }
+}
+
+/// The temp dirs of local servers started by process `pid`.
+fn dirs_owned_by(pid: u32) -> std::collections::BTreeSet<std::path::PathBuf> {
+    // As root the servers' dirs are under /tmp, else under the temp dir.
+    std::fs::read_dir("/tmp")
+        .into_iter()
+        .chain(std::fs::read_dir(std::env::temp_dir()))
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            std::fs::read_to_string(p.join("tower-scale.owner"))
+                .is_ok_and(|o| o.split_whitespace().next() == Some(&pid.to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn sigterm_shuts_down_cleanly_and_stops_the_local_cluster() {
+    // No --primary: the example starts (and must stop) its own cluster.
+    let mut app = common::start("axum_users", &["--listen", "127.0.0.1:0"]);
+    let pid = app.child.id();
+    let dirs = dirs_owned_by(pid);
+    assert_eq!(dirs.len(), 3, "a primary and two replicas: {dirs:?}");
+    nix_kill(pid);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = app.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    for dir in dirs {
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+}
+
+fn nix_kill(pid: u32) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
