@@ -273,7 +273,10 @@ fn fold_oldest_half<Q: Hash + Eq>(
 
 /// What an [`Invalidator`] acts on: the cache's log and store.
 pub(crate) trait InvalidateTarget<K>: Send + Sync {
-    fn invalidate(&self, what: Invalidation<K>, version: u64);
+    /// `propagate`: also tell the shared tier (and through it the other
+    /// instances); false when applying what another instance sent.
+    fn invalidate(&self, what: Invalidation<K>, version: u64, propagate: bool);
+    fn set_trusted(&self, trusted: bool);
 }
 
 /// A handle that invalidates entries of one cache: by key, by tag, or all.
@@ -322,7 +325,8 @@ impl<K> Invalidator<K> {
     where
         K: Clone,
     {
-        self.target.invalidate(Invalidation::Key(key.clone()), 0);
+        self.target
+            .invalidate(Invalidation::Key(key.clone()), 0, true);
     }
 
     /// Removes the entry for `key`, and keeps out fills stamped below `version`.
@@ -331,28 +335,42 @@ impl<K> Invalidator<K> {
         K: Clone,
     {
         self.target
-            .invalidate(Invalidation::Key(key.clone()), version);
+            .invalidate(Invalidation::Key(key.clone()), version, true);
     }
 
     /// Invalidates every entry stored with `tag`.
     pub fn invalidate_tag(&self, tag: impl Into<Tag>) {
-        self.target.invalidate(Invalidation::Tag(tag.into()), 0);
+        self.target
+            .invalidate(Invalidation::Tag(tag.into()), 0, true);
     }
 
     /// Invalidates every entry with `tag`, and keeps out fills with that
     /// tag stamped below `version`.
     pub fn invalidate_tag_at(&self, tag: impl Into<Tag>, version: u64) {
         self.target
-            .invalidate(Invalidation::Tag(tag.into()), version);
+            .invalidate(Invalidation::Tag(tag.into()), version, true);
     }
 
     /// Invalidates everything.
     pub fn invalidate_all(&self) {
-        self.target.invalidate(Invalidation::All, 0);
+        self.target.invalidate(Invalidation::All, 0, true);
     }
 
     /// Applies one [`Invalidation`], optionally at a version (0 for none).
     pub fn invalidate(&self, what: Invalidation<K>, version: u64) {
-        self.target.invalidate(what, version);
+        self.target.invalidate(what, version, true);
+    }
+
+    /// Applies an invalidation to this instance only (what a shared tier
+    /// does with the invalidations other instances sent).
+    pub fn invalidate_local(&self, what: Invalidation<K>, version: u64) {
+        self.target.invalidate(what, version, false);
+    }
+
+    /// Whether this instance's in-process store may serve hits. A shared
+    /// tier that lost the invalidation stream sets it false (which also
+    /// clears the store) until it is subscribed again.
+    pub fn set_local_trusted(&self, trusted: bool) {
+        self.target.set_trusted(trusted);
     }
 }

@@ -128,6 +128,12 @@ impl<P, St: Store> CacheLayer<P, St> {
         &self.shared.store
     }
 
+    /// Puts a shared (L2) tier behind the in-process store, such as
+    /// `RedisTier`. Returns false if one is attached already.
+    pub fn attach_remote(&self, tier: Arc<dyn super::RemoteTier<St::Key, St::Response>>) -> bool {
+        self.shared.remote.set(tier).is_ok()
+    }
+
     /// Stops background refreshes now (they also stop when the last layer
     /// and service of this cache are dropped). The cache keeps serving;
     /// stale entries are then refreshed by the next miss instead.

@@ -1,6 +1,6 @@
 use std::fmt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use super::future::ResponseFuture;
 use super::invalidate::{InvalidateTarget, Invalidation, InvalidationLog, Invalidator};
 use super::key::Hashed;
 use super::policy::{CachePolicy, Storable, Windows};
+use super::remote::{Lease, RemoteEntry, RemoteTier};
 use super::stats::{CacheStats, Kind, Stats};
 use super::store::Store;
 
@@ -61,6 +62,11 @@ pub(crate) struct Shared<P, St: Store> {
     stats: Stats,
     rng: crate::random::Random,
     pub(crate) shutdown: CancellationToken,
+    /// The shared tier, attached after build.
+    pub(crate) remote: OnceLock<Arc<dyn RemoteTier<St::Key, St::Response>>>,
+    /// False while the in-process store cannot be trusted (the remote
+    /// tier lost the invalidation stream): lookups skip it.
+    pub(crate) trusted: AtomicBool,
 }
 
 /// What a lookup found.
@@ -98,6 +104,8 @@ impl<P, St: Store> Shared<P, St> {
             stats,
             rng: crate::random::Random::new(seed),
             shutdown: CancellationToken::new(),
+            remote: OnceLock::new(),
+            trusted: AtomicBool::new(true),
         }
     }
 
@@ -189,6 +197,39 @@ impl<P, St: Store> Shared<P, St> {
         usable.then_some(entry)
     }
 
+    /// An entry from the shared tier, stored in L1 (unless an invalidation
+    /// since `fill_seq`, or at a higher version, keeps it out) and returned.
+    async fn from_remote(
+        &self,
+        tier: &dyn RemoteTier<St::Key, St::Response>,
+        key: &Hashed<St::Key>,
+        min_version: Option<u64>,
+        fill_seq: u64,
+    ) -> Option<Result<St::Response, St::Error>> {
+        let entry = tier.get(key.key()).await?;
+        if min_version.is_some_and(|min| entry.version.is_none_or(|v| v < min)) {
+            return None;
+        }
+        let mut storable = Storable::new(Windows {
+            ttl: entry.fresh_for,
+            stale_while_revalidate: entry.stale_while_revalidate,
+            stale_if_error: entry.stale_if_error,
+        })
+        .tags(entry.tags);
+        if let Some(v) = entry.version {
+            storable = storable.version(v);
+        }
+        self.stats.incr(Kind::RemoteHits);
+        self.store_fill(
+            key,
+            Ok(entry.response.clone()),
+            storable,
+            fill_seq,
+            Duration::ZERO,
+        );
+        Some(Ok(entry.response))
+    }
+
     /// Calls the inner service (after its readiness) and stores the result
     /// if the policy and the invalidation log allow.
     async fn fill<S, Req>(
@@ -196,7 +237,10 @@ impl<P, St: Store> Shared<P, St> {
         svc: S,
         req: Req,
         key: &Hashed<St::Key>,
-    ) -> Result<St::Response, St::Error>
+    ) -> (
+        Result<St::Response, St::Error>,
+        Option<RemoteEntry<St::Response>>,
+    )
     where
         S: Service<Req, Response = St::Response, Error = St::Error>,
         P: CachePolicy<Req, St::Response, Key = St::Key>,
@@ -206,13 +250,27 @@ impl<P, St: Store> Shared<P, St> {
         let started = self.clock.now();
         let result = svc.oneshot(req).await;
         let recompute = self.clock.now().saturating_duration_since(started);
+        let mut remote = None;
         match &result {
             Ok(response) => {
                 if let Some(storable) =
                     self.policy
                         .storable(key.key(), response, &self.config.windows)
                 {
-                    self.store_fill(key, Ok(response.clone()), storable, fill_seq, recompute);
+                    if self.remote.get().is_some() {
+                        remote = Some(RemoteEntry {
+                            response: response.clone(),
+                            fresh_for: storable.windows.ttl,
+                            stale_while_revalidate: storable.windows.stale_while_revalidate,
+                            stale_if_error: storable.windows.stale_if_error,
+                            version: storable.version,
+                            tags: storable.tags.clone(),
+                        });
+                    }
+                    if !self.store_fill(key, Ok(response.clone()), storable, fill_seq, recompute) {
+                        // Invalidated during the fill: not for the shared tier either.
+                        remote = None;
+                    }
                 }
             }
             Err(error) => {
@@ -223,7 +281,7 @@ impl<P, St: Store> Shared<P, St> {
                 }
             }
         }
-        result
+        (result, remote)
     }
 
     fn store_fill(
@@ -233,18 +291,18 @@ impl<P, St: Store> Shared<P, St> {
         storable: Storable,
         fill_seq: u64,
         recompute: Duration,
-    ) {
+    ) -> bool {
         let Storable {
             windows,
             tags,
             version,
         } = storable;
         if windows.ttl.is_zero() {
-            return;
+            return false;
         }
         if !self.log.may_store(key, &tags, fill_seq, version) {
             self.stats.incr(Kind::NotStored);
-            return;
+            return false;
         }
         let ttl = if self.config.ttl_jitter > 0.0 {
             let u = self.next_random();
@@ -286,9 +344,10 @@ impl<P, St: Store> Shared<P, St> {
         if !self.log.may_store(key, &entry.tags, fill_seq, version) {
             self.store.remove(key);
             self.stats.incr(Kind::NotStored);
-            return;
+            return false;
         }
         self.stats.incr(Kind::Stored);
+        true
     }
 }
 
@@ -297,7 +356,23 @@ where
     P: Send + Sync + 'static,
     St: Store,
 {
-    fn invalidate(&self, what: Invalidation<St::Key>, version: u64) {
+    fn set_trusted(&self, trusted: bool) {
+        self.trusted.store(trusted, Ordering::SeqCst);
+        if !trusted {
+            self.store.clear();
+        }
+    }
+
+    fn invalidate(&self, what: Invalidation<St::Key>, version: u64, propagate: bool) {
+        if propagate {
+            if let (Some(tier), Ok(runtime)) =
+                (self.remote.get(), tokio::runtime::Handle::try_current())
+            {
+                let tier = Arc::clone(tier);
+                let what = what.clone();
+                runtime.spawn(async move { tier.invalidate(&what, version).await });
+            }
+        }
         self.stats.incr(Kind::Invalidations);
         match what {
             Invalidation::Key(key) => {
@@ -425,7 +500,12 @@ where
         let key = shared.log.hasher.hashed(key);
         let min_version = shared.policy.min_version(&req);
         let mut fallback = None;
-        if let Some(entry) = shared.store.get(&key) {
+        let l1 = if shared.trusted.load(Ordering::Relaxed) {
+            shared.store.get(&key)
+        } else {
+            None
+        };
+        if let Some(entry) = l1 {
             match shared.lookup(&entry, min_version) {
                 Lookup::Hit { refresh } => {
                     if refresh {
@@ -496,7 +576,10 @@ async fn refresh<S, P, St, Req>(
 {
     // A miss already filling this key does the refresh's work.
     if let Join::Lead(leader) = shared.flights.join(&key, min_version) {
-        let result = shared.fill(svc, req, &key).await;
+        let (result, remote) = shared.fill(svc, req, &key).await;
+        if let (Some(tier), Some(entry)) = (shared.remote.get(), remote) {
+            tier.put(key.key(), entry, Lease::Unavailable).await;
+        }
         leader.complete(&result);
     }
 }
@@ -544,7 +627,44 @@ where
             return result;
         }
     }
-    let mut result = shared.fill(svc, req, &key).await;
+    let mut lease = Lease::Unavailable;
+    if let (Some(tier), true) = (shared.remote.get(), leader.is_some()) {
+        // An L1 miss: one round trip to the shared tier.
+        let fill_seq = shared.log.current();
+        if let Some(result) = shared
+            .from_remote(tier.as_ref(), &key, min_version, fill_seq)
+            .await
+        {
+            if let Some(leader) = leader {
+                leader.complete(&result);
+            }
+            return result;
+        }
+        // Distributed single-flight: one instance fills, the others wait.
+        lease = tier.lease(key.key()).await;
+        if lease == Lease::Busy {
+            shared.stats.incr(Kind::Coalesced);
+            let deadline = tokio::time::Instant::now() + tier.lease_wait();
+            let mut pause = Duration::from_millis(2);
+            while tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
+                if let Some(result) = shared
+                    .from_remote(tier.as_ref(), &key, min_version, fill_seq)
+                    .await
+                {
+                    if let Some(leader) = leader {
+                        leader.complete(&result);
+                    }
+                    return result;
+                }
+            }
+        }
+    }
+    let (mut result, remote) = shared.fill(svc, req, &key).await;
+    if let (Some(tier), Some(entry)) = (shared.remote.get(), remote) {
+        tier.put(key.key(), entry, lease).await;
+    }
     if result.is_err() {
         if let Some(entry) = fallback {
             if shared.clock.now() < entry.error_until && shared.log.still_valid(&entry) {

@@ -11,7 +11,7 @@ use crossbeam_utils::CachePadded;
 /// Stripes owned by one live thread each; threads beyond them share one
 /// more stripe through atomic adds.
 const OWNED_STRIPES: usize = 64;
-const KINDS: usize = 12;
+const KINDS: usize = 13;
 
 /// What a counter counts.
 #[derive(Debug, Clone, Copy)]
@@ -28,6 +28,7 @@ pub(crate) enum Kind {
     NotStored,
     Invalidations,
     Bypasses,
+    RemoteHits,
 }
 
 /// Which stripe this thread writes: its own (plain load and store, no
@@ -132,6 +133,7 @@ impl Stats {
             not_stored: self.get(Kind::NotStored),
             invalidations: self.get(Kind::Invalidations),
             bypasses: self.get(Kind::Bypasses),
+            remote_hits: self.get(Kind::RemoteHits),
             evictions,
             entries,
         }
@@ -169,6 +171,8 @@ pub struct CacheStats {
     pub invalidations: u64,
     /// Requests the policy sent around the cache.
     pub bypasses: u64,
+    /// Misses answered by the shared (L2) tier.
+    pub remote_hits: u64,
     /// Entries the store evicted to stay within its capacity.
     pub evictions: u64,
     /// Entries in the store now (approximate for moka).
@@ -184,7 +188,7 @@ impl CacheStats {
     /// handler): the hit path only touches the striped counters.
     pub fn record_metrics(&self, name: &str) {
         let name = name.to_string();
-        let counters: [(&'static str, u64); 13] = [
+        let counters: [(&'static str, u64); 14] = [
             ("tower_scale_cache_hits_total", self.hits),
             ("tower_scale_cache_stale_hits_total", self.stale_hits),
             (
@@ -203,6 +207,7 @@ impl CacheStats {
             ("tower_scale_cache_not_stored_total", self.not_stored),
             ("tower_scale_cache_invalidations_total", self.invalidations),
             ("tower_scale_cache_bypasses_total", self.bypasses),
+            ("tower_scale_cache_l2_hits_total", self.remote_hits),
             ("tower_scale_cache_evictions_total", self.evictions),
         ];
         for (metric, value) in counters {
