@@ -199,7 +199,7 @@ impl<P, St: Store> Shared<P, St> {
 
     /// An entry from the shared tier, stored in L1 (unless an invalidation
     /// since `fill_seq`, or at a higher version, keeps it out) and returned.
-    async fn from_remote(
+    async fn fill_from_remote(
         &self,
         tier: &dyn RemoteTier<St::Key, St::Response>,
         key: &Hashed<St::Key>,
