@@ -632,7 +632,7 @@ where
         // An L1 miss: one round trip to the shared tier.
         let fill_seq = shared.log.current();
         if let Some(result) = shared
-            .from_remote(tier.as_ref(), &key, min_version, fill_seq)
+            .fill_from_remote(tier.as_ref(), &key, min_version, fill_seq)
             .await
         {
             if let Some(leader) = leader {
@@ -650,7 +650,7 @@ where
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(50));
                 if let Some(result) = shared
-                    .from_remote(tier.as_ref(), &key, min_version, fill_seq)
+                    .fill_from_remote(tier.as_ref(), &key, min_version, fill_seq)
                     .await
                 {
                     if let Some(leader) = leader {
