@@ -128,6 +128,11 @@ impl<P, St: Store> CacheLayer<P, St> {
         &self.shared.store
     }
 
+    /// The token cancelled when the cache shuts down (for tasks that serve it).
+    pub(crate) fn shutdown_token(&self) -> tokio_util::sync::CancellationToken {
+        self.shared.shutdown.clone()
+    }
+
     /// Puts a shared (L2) tier behind the in-process store, such as
     /// `RedisTier`. Returns false if one is attached already.
     pub fn attach_remote(&self, tier: Arc<dyn super::RemoteTier<St::Key, St::Response>>) -> bool {

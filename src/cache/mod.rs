@@ -66,6 +66,9 @@ pub(crate) mod invalidate;
 mod key;
 mod layer;
 mod policy;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 pub mod remote;
 mod service;
 pub(crate) mod stats;
