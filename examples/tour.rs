@@ -17,7 +17,9 @@
 //! 5. the `axum_users` service run in-process over the same cluster, with
 //!    one replica lagging by a second: cache hits, reads spread over the
 //!    replicas, read-your-writes through the consistency cookie, and a
-//!    replica stopped mid-way with no failed request.
+//!    replica stopped mid-way with no failed request;
+//! 6. two instances of the service sharing one Redis: an L1 miss on one is
+//!    an L2 hit, and a write on one evicts the other's L1.
 //!
 //! Everything it started is stopped on exit.
 
@@ -112,6 +114,7 @@ async fn run() -> Result<(), Error> {
     failover(&cluster, &db).await?;
     caching(&db).await?;
     users_service(&cluster).await?;
+    shared_tier(&cluster).await?;
 
     let t = Instant::now();
     drop(db);
@@ -361,6 +364,7 @@ async fn users_service(local: &LocalCluster) -> Result<(), Error> {
         primary: Some(local.primary().url()),
         replicas: local.replicas().iter().map(|r| r.url()).collect(),
         token_key: None,
+        redis: None,
     };
     let backend = axum_users::users::backend(&args).await?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
@@ -499,5 +503,107 @@ async fn users_service(local: &LocalCluster) -> Result<(), Error> {
     tokio::task::block_in_place(|| local.replica(0).start())?;
     server.abort();
     backend.cluster.shutdown();
+    Ok(())
+}
+
+async fn shared_tier(local: &LocalCluster) -> Result<(), Error> {
+    println!("\n6. two instances sharing one Redis (L1 + L2, invalidation fan-out)");
+    let redis = tokio::task::spawn_blocking(tower_scale::testing::LocalRedis::start).await??;
+    let mut key = vec![0u8; 32];
+    getrandom::fill(&mut key).map_err(|e| format!("random key: {e}"))?;
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let args = axum_users::users::Args {
+            listen: "127.0.0.1:0".parse()?,
+            primary: Some(local.primary().url()),
+            replicas: local.replicas().iter().map(|r| r.url()).collect(),
+            token_key: Some(key.clone()),
+            redis: Some(redis.url()),
+        };
+        let backend = axum_users::users::backend(&args).await?;
+        let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .build_recorder()
+            .handle();
+        let app = axum_users::router(&backend, handle);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        instances.push((backend, addr));
+    }
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let mut a = Http {
+        client: client.clone(),
+        addr: instances[0].1,
+        cookie: None,
+    };
+    let mut b = Http {
+        client,
+        addr: instances[1].1,
+        cookie: None,
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !instances
+        .iter()
+        .all(|(be, _)| be.redis.as_ref().is_some_and(|r| r.stats().subscribed))
+    {
+        if Instant::now() > deadline {
+            return Err("the instances did not subscribe to Redis".into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    println!(
+        "  instance A on http://{}, instance B on http://{}, Redis at {}",
+        instances[0].1,
+        instances[1].1,
+        redis.url()
+    );
+    let created = a
+        .send("POST", "/users", Some(r#"{"name":"linus"}"#.into()), true)
+        .await?;
+    let id = created.id.ok_or("no id")?;
+    let path = format!("/users/{id}");
+    let on_a = a.send("GET", &path, None, true).await?;
+    b.cookie = a.cookie.clone();
+    let on_b = b.send("GET", &path, None, true).await?;
+    let again = b.send("GET", &path, None, true).await?;
+    println!(
+        "  GET on A: {} ({}); then on B: served by {}, then by {}",
+        on_a.name.unwrap_or_default(),
+        on_a.served_by,
+        on_b.served_by,
+        again.served_by
+    );
+    let fanout_before = instances[1]
+        .0
+        .redis
+        .as_ref()
+        .map_or(0, |r| r.stats().fanout_received);
+    let t = Instant::now();
+    a.send("PUT", &path, Some(r#"{"name":"torvalds"}"#.into()), true)
+        .await?;
+    while instances[1]
+        .0
+        .redis
+        .as_ref()
+        .map_or(0, |r| r.stats().fanout_received)
+        == fanout_before
+    {
+        if t.elapsed() > Duration::from_secs(10) {
+            return Err("B never heard of A's write".into());
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let heard = t.elapsed();
+    b.cookie = a.cookie.clone();
+    let after = b.send("GET", &path, None, true).await?;
+    println!(
+        "  PUT on A; B heard of it after {heard:.2?} and then read {:?} (served by {})",
+        after.name.unwrap_or_default(),
+        after.served_by
+    );
+    for (backend, _) in &instances {
+        backend.cluster.shutdown();
+    }
     Ok(())
 }

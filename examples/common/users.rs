@@ -21,19 +21,30 @@ pub struct Args {
     pub primary: Option<String>,
     pub replicas: Vec<String>,
     pub token_key: Option<Vec<u8>>,
+    pub redis: Option<String>,
 }
 
 pub fn usage(name: &str) -> String {
-    format!("usage: {name} --listen IP:PORT [--primary URL --replica URL ...] [--token-key HEX64]")
+    format!(
+        "usage: {name} --listen IP:PORT [--primary URL --replica URL ...] [--token-key HEX64] [--redis URL]"
+    )
 }
 
 pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     let (mut listen, mut primary, mut replicas, mut token_key) = (None, None, Vec::new(), None);
+    let mut redis = None;
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--listen" => listen = Some(value()?.parse().map_err(|e| format!("--listen: {e}"))?),
             "--primary" => primary = Some(value()?),
+            "--redis" => {
+                let url = value()?;
+                if !url.starts_with("redis://") {
+                    return Err("--redis must be a redis:// URL".into());
+                }
+                redis = Some(url);
+            }
             "--replica" => replicas.push(value()?),
             "--token-key" => {
                 let hex = value()?;
@@ -58,6 +69,7 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String
         primary,
         replicas,
         token_key,
+        redis,
     })
 }
 
@@ -145,6 +157,8 @@ pub struct Backend {
     pub codec: TokenCodec,
     pub users: UserCache,
     pub invalidator: Invalidator<i64>,
+    /// The shared tier, with `--redis`.
+    pub redis: Option<Arc<tower_scale::cache::redis::RedisTier<i64, Arc<UserRow>>>>,
 }
 
 pub async fn backend(args: &Args) -> Result<Backend, BoxError> {
@@ -196,6 +210,15 @@ pub async fn backend(args: &Args) -> Result<Backend, BoxError> {
         .max_entries(100_000)
         .build()?;
     let invalidator = layer.invalidator();
+    let redis = match &args.redis {
+        Some(url) => Some(
+            tower_scale::cache::redis::builder(url.clone())
+                .prefix("tower-scale-users")
+                .attach(&layer, UserCodec)
+                .await?,
+        ),
+        None => None,
+    };
     let users: UserCache = tower::Layer::layer(&layer, loader(db.clone()));
     Ok(Backend {
         local,
@@ -204,7 +227,49 @@ pub async fn backend(args: &Args) -> Result<Backend, BoxError> {
         codec,
         users,
         invalidator,
+        redis,
     })
+}
+
+/// How user rows travel through Redis: `[has row][id][name]` plus the LSN;
+/// a row that comes back from Redis says it was served by `cache-l2`.
+pub struct UserCodec;
+
+impl tower_scale::cache::redis::RedisCodec<i64, Arc<UserRow>> for UserCodec {
+    fn encode_key(&self, key: &i64) -> Vec<u8> {
+        key.to_be_bytes().to_vec()
+    }
+    fn decode_key(&self, bytes: &[u8]) -> Option<i64> {
+        Some(i64::from_be_bytes(bytes.try_into().ok()?))
+    }
+    fn encode(&self, row: &Arc<UserRow>) -> Vec<u8> {
+        let mut out = row.lsn.to_be_bytes().to_vec();
+        if let Some((id, name)) = &row.row {
+            out.push(1);
+            out.extend_from_slice(&id.to_be_bytes());
+            out.extend_from_slice(name.as_bytes());
+        } else {
+            out.push(0);
+        }
+        out
+    }
+    fn decode(&self, bytes: &[u8]) -> Option<Arc<UserRow>> {
+        let lsn = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
+        let row = match *bytes.get(8)? {
+            0 => None,
+            1 => {
+                let id = i64::from_be_bytes(bytes.get(9..17)?.try_into().ok()?);
+                Some((id, String::from_utf8(bytes.get(17..)?.to_vec()).ok()?))
+            }
+            _ => return None,
+        };
+        Some(Arc::new(UserRow {
+            row,
+            served_by: Arc::from("cache-l2"),
+            lsn,
+            taken: AtomicBool::new(false),
+        }))
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -190,6 +190,9 @@ impl<P, St: Store> Shared<P, St> {
         key: &Hashed<St::Key>,
         min_version: Option<u64>,
     ) -> Option<Arc<Entry<St::Response, St::Error>>> {
+        if !self.trusted.load(Ordering::Relaxed) {
+            return None;
+        }
         let entry = self.store.get(key)?;
         let usable = self.log.still_valid(&entry)
             && min_version.is_none_or(|min| entry.version.is_some_and(|v| v >= min))
