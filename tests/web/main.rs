@@ -490,3 +490,77 @@ fn nix_kill(pid: u32) {
         .expect("kill");
     assert!(status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_one_redis_tier() {
+    let local = LocalCluster::start(1).unwrap();
+    let redis = tower_scale::testing::LocalRedis::start().unwrap();
+    let start = |local: &LocalCluster| {
+        let mut args = vec![
+            "--listen".to_string(),
+            "127.0.0.1:0".into(),
+            "--primary".into(),
+            local.primary().url(),
+        ];
+        for r in local.replicas() {
+            args.push("--replica".into());
+            args.push(r.url());
+        }
+        args.extend([
+            "--token-key".into(),
+            KEY.into(),
+            "--redis".into(),
+            redis.url(),
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        common::start("axum_users", &args)
+    };
+    let a = tokio::task::block_in_place(|| start(&local));
+    let b = tokio::task::block_in_place(|| start(&local));
+    local
+        .wait_for_replicas(Duration::from_secs(30))
+        .await
+        .unwrap();
+    let mut client = Client2::new(true);
+    let created = client
+        .send(
+            &a.addr,
+            "POST",
+            "/users",
+            Some(serde_json::json!({ "name": "shared" })),
+            &[],
+        )
+        .await;
+    let path = format!("/users/{}", created.body["id"]);
+    let on_a = client.send(&a.addr, "GET", &path, None, &[]).await;
+    assert_eq!(name(&on_a), Some("shared"));
+    // B's L1 misses; Redis has it (its subscription may take a moment:
+    // until then B does not trust its L1, which only means more L2 reads).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let on_b = client.send(&b.addr, "GET", &path, None, &[]).await;
+        assert_eq!(name(&on_b), Some("shared"));
+        if on_b.served_by == "cache-l2" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B never read from the shared tier (last: {})",
+            on_b.served_by
+        );
+    }
+    // A write on A evicts B's copy: B reads the new name.
+    client
+        .send(
+            &a.addr,
+            "PUT",
+            &path,
+            Some(serde_json::json!({ "name": "renamed" })),
+            &[],
+        )
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while name(&client.send(&b.addr, "GET", &path, None, &[]).await) != Some("renamed") {
+        assert!(Instant::now() < deadline, "B kept the old row");
+    }
+}
