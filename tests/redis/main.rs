@@ -285,3 +285,62 @@ async fn a_corrupt_value_is_a_miss() {
     assert_eq!(got.as_str(), "5#2", "a miss, filled from the origin");
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_during_a_fill_keeps_it_out_of_redis() {
+    let redis = LocalRedis::start().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (a, tier_a, inv_a) = instance(&redis, &calls, "lease").await;
+    let (b, tier_b, _) = instance(&redis, &calls, "lease").await;
+    until("subscribed", Duration::from_secs(10), || {
+        tier_a.stats().subscribed && tier_b.stats().subscribed
+    })
+    .await;
+    // A fills key 3 (the origin takes 50 ms); the data changes meanwhile.
+    let fill = tokio::spawn(a.clone().oneshot(3));
+    until(
+        "A's fill reached the origin",
+        Duration::from_secs(10),
+        || calls.load(Ordering::SeqCst) == 1,
+    )
+    .await;
+    inv_a.invalidate_key(&3);
+    assert_eq!(
+        fill.await.unwrap().unwrap().as_str(),
+        "3#1",
+        "A's caller still gets its answer"
+    );
+    // The stale fill was not stored: B goes to the origin.
+    let got = b.clone().oneshot(3).await.unwrap();
+    assert_eq!(got.as_str(), "3#2");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_redis_is_bypassed_quickly() {
+    let redis = LocalRedis::start().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (svc, tier, _) = instance(&redis, &calls, "slow").await;
+    until("subscribed", Duration::from_secs(10), || {
+        tier.stats().subscribed
+    })
+    .await;
+    redis.pause().unwrap();
+    let started = Instant::now();
+    for k in 0..20 {
+        svc.clone()
+            .oneshot(k)
+            .await
+            .expect("a stalled Redis never fails a request");
+    }
+    let took = started.elapsed();
+    eprintln!(
+        "20 misses with Redis stalled took {took:?}; circuit open: {}",
+        tier.stats().circuit_open
+    );
+    assert!(
+        tier.stats().circuit_open,
+        "repeated timeouts open the circuit"
+    );
+    redis.resume().unwrap();
+}
