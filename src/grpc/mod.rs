@@ -107,62 +107,17 @@ pub struct GrpcCall {
 }
 
 /// The request body the inner service receives: the buffered message, or
-/// the caller's body (after any prefix read while buffering).
-pub struct GrpcBody<B> {
-    prefix: Option<Bytes>,
-    rest: Option<Pin<Box<B>>>,
-}
+/// the caller's body (after any prefix read while buffering). The same type
+/// as the HTTP cache's response body.
+pub type GrpcBody<B> = CacheBody<B>;
 
-impl<B> Unpin for GrpcBody<B> {}
-
-impl<B> fmt::Debug for GrpcBody<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GrpcBody")
-            .field("prefix", &self.prefix.as_ref().map(Bytes::len))
-            .field("streaming", &self.rest.is_some())
-            .finish()
+/// `prefix` (if any) followed by the rest of the caller's body.
+fn replay<B: Body>(prefix: Bytes, rest: Pin<Box<B>>) -> GrpcBody<B> {
+    let mut frames = std::collections::VecDeque::new();
+    if !prefix.is_empty() {
+        frames.push_back(Frame::data(prefix));
     }
-}
-
-impl<B> GrpcBody<B> {
-    fn full(data: Bytes) -> Self {
-        Self {
-            prefix: Some(data),
-            rest: None,
-        }
-    }
-    fn stream(prefix: Bytes, rest: Pin<Box<B>>) -> Self {
-        Self {
-            prefix: (!prefix.is_empty()).then_some(prefix),
-            rest: Some(rest),
-        }
-    }
-}
-
-impl<B> Body for GrpcBody<B>
-where
-    B: Body<Data = Bytes>,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.get_mut();
-        if let Some(data) = this.prefix.take() {
-            return Poll::Ready(Some(Ok(Frame::data(data))));
-        }
-        match &mut this.rest {
-            Some(body) => body.as_mut().poll_frame(cx),
-            None => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.prefix.is_none() && self.rest.as_ref().is_none_or(|b| b.is_end_stream())
-    }
+    CacheBody::partial(frames, Some(rest), None)
 }
 
 #[derive(Debug)]
@@ -240,8 +195,8 @@ fn grpc_status(headers: &HeaderMap) -> Option<i32> {
         .ok()
 }
 
-fn rebuild<B>(call: &GrpcCall) -> Request<GrpcBody<B>> {
-    let mut req = Request::new(GrpcBody::full(call.message.clone()));
+fn rebuild<B: Body>(call: &GrpcCall) -> Request<GrpcBody<B>> {
+    let mut req = Request::new(CacheBody::full(call.message.clone(), None));
     *req.method_mut() = Method::POST;
     *req.uri_mut() = call.uri.clone();
     *req.version_mut() = Version::HTTP_2;
@@ -254,7 +209,8 @@ where
     S: Service<Request<GrpcBody<ReqBody>>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Send + Sync + 'static,
-    ReqBody: Send + 'static,
+    ReqBody: Body + Send + 'static,
+    ReqBody::Error: Send,
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Send,
 {
@@ -524,7 +480,8 @@ impl<S> GrpcCache<S> {
             + Sync
             + 'static,
         S::Error: Send + Sync + 'static,
-        ReqBody: Send + 'static,
+        ReqBody: Body + Send + 'static,
+        ReqBody::Error: Send,
         ResBody: Body<Data = Bytes> + Send + 'static,
         ResBody::Error: Send,
     {
@@ -576,6 +533,7 @@ where
     S::Future: Send,
     S::Error: Send + Sync + 'static,
     ReqBody: Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Send,
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Send,
 {
@@ -601,8 +559,7 @@ where
         Box::pin(async move {
             let (parts, body) = req.into_parts();
             let Some(core) = core else {
-                let req =
-                    Request::from_parts(parts, GrpcBody::stream(Bytes::new(), Box::pin(body)));
+                let req = Request::from_parts(parts, replay(Bytes::new(), Box::pin(body)));
                 return Ok(svc.oneshot(req).await?.map(CacheBody::stream));
             };
             // Buffer the (unary) request message; a larger or streaming body
@@ -630,7 +587,7 @@ where
             }
             let message = message.freeze();
             if !complete {
-                let req = Request::from_parts(parts, GrpcBody::stream(message, body));
+                let req = Request::from_parts(parts, replay(message, body));
                 return Ok(svc.oneshot(req).await?.map(CacheBody::stream));
             }
             let metadata = config
