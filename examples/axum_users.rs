@@ -259,9 +259,14 @@ async fn run(args: users::Args) -> Result<(), users::BoxError> {
     let addr = listener.local_addr()?;
     println!("listening on http://{addr}");
     std::io::stdout().flush()?;
-    axum::serve(listener, app)
-        .with_graceful_shutdown(users::shutdown_signal())
-        .await?;
+    axum::serve(
+        axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+            let _ = tcp.set_nodelay(true);
+        }),
+        app,
+    )
+    .with_graceful_shutdown(users::shutdown_signal())
+    .await?;
     eprintln!("axum_users: shutting down");
     backend.cluster.shutdown();
     drop(backend);

@@ -357,6 +357,17 @@ impl Http {
     }
 }
 
+/// A keep-alive HTTP/1 client with Nagle off (small requests go out at once).
+fn http_client() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<bytes::Bytes>,
+> {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(connector)
+}
+
 async fn users_service(local: &LocalCluster) -> Result<(), Error> {
     println!("\n5. the users service (examples/axum_users.rs) in-process");
     let args = axum_users::users::Args {
@@ -371,7 +382,15 @@ async fn users_service(local: &LocalCluster) -> Result<(), Error> {
     let app = axum_users::router(&backend, metrics);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let server = tokio::spawn(async move {
+        axum::serve(
+            axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+                let _ = tcp.set_nodelay(true);
+            }),
+            app,
+        )
+        .await
+    });
     local.wait_for_replicas(Duration::from_secs(30)).await?;
     let mut http = Http {
         client: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -527,7 +546,15 @@ async fn shared_tier(local: &LocalCluster) -> Result<(), Error> {
         let app = axum_users::router(&backend, handle);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        tokio::spawn(async move {
+            axum::serve(
+                axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+                    let _ = tcp.set_nodelay(true);
+                }),
+                app,
+            )
+            .await
+        });
         instances.push((backend, addr));
     }
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
