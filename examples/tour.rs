@@ -393,8 +393,7 @@ async fn users_service(local: &LocalCluster) -> Result<(), Error> {
     });
     local.wait_for_replicas(Duration::from_secs(30)).await?;
     let mut http = Http {
-        client: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http(),
+        client: http_client(),
         addr,
         cookie: None,
     };
@@ -557,8 +556,7 @@ async fn shared_tier(local: &LocalCluster) -> Result<(), Error> {
         });
         instances.push((backend, addr));
     }
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http();
+    let client = http_client();
     let mut a = Http {
         client: client.clone(),
         addr: instances[0].1,
