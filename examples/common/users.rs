@@ -214,6 +214,7 @@ pub async fn backend(args: &Args) -> Result<Backend, BoxError> {
         Some(url) => Some(
             tower_scale::cache::redis::builder(url.clone())
                 .prefix("tower-scale-users")
+                .timeout(Duration::from_millis(250))
                 .attach(&layer, UserCodec)
                 .await?,
         ),

@@ -170,6 +170,7 @@ pub struct RedisStats {
     errors: AtomicU64,
     fanout_received: AtomicU64,
     lease_waits: AtomicU64,
+    subscriptions: AtomicU64,
 }
 
 /// A snapshot of [`RedisStats`].
@@ -190,6 +191,8 @@ pub struct RedisStatsSnapshot {
     pub circuit_open: bool,
     /// True while subscribed to the invalidation channel.
     pub subscribed: bool,
+    /// Successful subscriptions so far (more than one: it was lost and regained).
+    pub subscriptions: u64,
 }
 
 const CLOSED: u8 = 0;
@@ -454,6 +457,7 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
             lease_waits: self.stats.lease_waits.load(Ordering::Relaxed),
             circuit_open: self.breaker.is_open(),
             subscribed: self.subscribed.load(Ordering::Relaxed),
+            subscriptions: self.stats.subscriptions.load(Ordering::Relaxed),
         };
         for (name, v) in [
             ("tower_scale_cache_l2_redis_hits_total", s.hits),
@@ -809,6 +813,7 @@ async fn subscribe<K: Send + Sync + 'static, R: Send + Sync + 'static>(
         invalidator.set_local_trusted(true);
         if let Some(t) = tier.upgrade() {
             t.subscribed.store(true, Ordering::SeqCst);
+            t.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
             tracing::info!(prefix = %t.prefix, "redis tier: subscribed to invalidations");
         }
         let mut stream = pubsub.into_on_message();

@@ -53,9 +53,9 @@ pub fn choose_replica(candidates: &[Candidate], random: u64) -> Option<usize> {
                 b += 1;
             }
             let (a, b) = (pool[a], pool[b]);
-            // Within 25% of each other the two are as good: keep the random
+            // Within 50% of each other the two are as good: keep the random
             // pick, so measurement noise does not starve a replica.
-            let (winner, loser) = if candidates[b].cost() * 1.25 < candidates[a].cost() {
+            let (winner, loser) = if candidates[b].cost() * 1.5 < candidates[a].cost() {
                 (b, a)
             } else {
                 (a, b)
