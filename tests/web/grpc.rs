@@ -17,20 +17,7 @@ use tower_scale::testing::LocalCluster;
 use crate::{KEY, common};
 
 fn tonic_users(local: &LocalCluster) -> common::Running {
-    let mut args = vec![
-        "--listen".to_string(),
-        "127.0.0.1:0".into(),
-        "--primary".into(),
-        local.primary().url(),
-    ];
-    for r in local.replicas() {
-        args.push("--replica".into());
-        args.push(r.url());
-    }
-    args.push("--token-key".into());
-    args.push(KEY.into());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    common::start("tonic_users", &args)
+    crate::start_users("tonic_users", local, KEY, &[])
 }
 
 fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {

@@ -20,13 +20,18 @@ use tower_scale::testing::LocalCluster;
 const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 const OTHER_KEY: &str = "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100";
 
-fn users(local: &LocalCluster, key: &str) -> common::Running {
-    let primary = local.primary().url();
+/// Starts a users example against `local`'s nodes with `key` and `extra` flags.
+pub(crate) fn start_users(
+    example: &str,
+    local: &LocalCluster,
+    key: &str,
+    extra: &[String],
+) -> common::Running {
     let mut args = vec![
         "--listen".to_string(),
         "127.0.0.1:0".into(),
         "--primary".into(),
-        primary,
+        local.primary().url(),
     ];
     for r in local.replicas() {
         args.push("--replica".into());
@@ -34,8 +39,13 @@ fn users(local: &LocalCluster, key: &str) -> common::Running {
     }
     args.push("--token-key".into());
     args.push(key.into());
+    args.extend(extra.iter().cloned());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    common::start("axum_users", &args)
+    common::start(example, &args)
+}
+
+fn users(local: &LocalCluster, key: &str) -> common::Running {
+    start_users("axum_users", local, key, &[])
 }
 
 struct Reply {
@@ -496,24 +506,12 @@ async fn two_instances_share_one_redis_tier() {
     let local = LocalCluster::start(1).unwrap();
     let redis = tower_scale::testing::LocalRedis::start().unwrap();
     let start = |local: &LocalCluster| {
-        let mut args = vec![
-            "--listen".to_string(),
-            "127.0.0.1:0".into(),
-            "--primary".into(),
-            local.primary().url(),
-        ];
-        for r in local.replicas() {
-            args.push("--replica".into());
-            args.push(r.url());
-        }
-        args.extend([
-            "--token-key".into(),
-            KEY.into(),
-            "--redis".into(),
-            redis.url(),
-        ]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        common::start("axum_users", &args)
+        start_users(
+            "axum_users",
+            local,
+            KEY,
+            &["--redis".to_string(), redis.url()],
+        )
     };
     let a = tokio::task::block_in_place(|| start(&local));
     let b = tokio::task::block_in_place(|| start(&local));
