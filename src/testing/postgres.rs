@@ -4,16 +4,15 @@ use std::fmt;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
 use super::LocalError;
-use super::process::{self, MarkedDir, RunAs, io_err};
+use super::process::{self, MarkedDir, RunAs, ServerChild, io_err};
 
 /// How long a server may take to accept connections after it was started.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -284,8 +283,7 @@ pub struct Node {
     bin: PgBin,
     run_as: RunAs,
     dir: MarkedDir,
-    child: Mutex<Option<Child>>,
-    paused: AtomicBool,
+    child: ServerChild,
 }
 
 impl fmt::Debug for Node {
@@ -311,8 +309,7 @@ impl Node {
             bin: bin.clone(),
             run_as,
             dir,
-            child: Mutex::new(None),
-            paused: AtomicBool::new(false),
+            child: ServerChild::default(),
         })
     }
 
@@ -431,12 +428,6 @@ impl Node {
             .map_err(|e| io_err(format!("writing {}", path.display()), e))
     }
 
-    fn lock_child(&self) -> MutexGuard<'_, Option<Child>> {
-        self.child
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
-    }
-
     /// The node's name: `primary`, `replica-1`, `replica-2`, ...
     pub fn name(&self) -> &str {
         &self.name
@@ -492,31 +483,23 @@ impl Node {
 
     /// The server process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.lock_child().as_ref().map(Child::id)
+        self.child.pid()
     }
 
     /// True while the server process runs (paused counts as running).
     pub fn is_running(&self) -> bool {
-        let mut child = self.lock_child();
-        match child.as_mut().map(Child::try_wait) {
-            Some(Ok(None)) => true,
-            Some(_) => {
-                *child = None;
-                false
-            }
-            None => false,
-        }
+        self.child.is_running()
     }
 
     /// True between [`pause`](Self::pause) and [`resume`](Self::resume).
     pub fn is_paused(&self) -> bool {
-        self.paused.load(Ordering::SeqCst)
+        self.child.is_paused()
     }
 
     /// Starts the server (again) on its port and waits until it accepts
     /// connections. Blocking; does nothing if it already runs.
     pub fn start(&self) -> Result<(), LocalError> {
-        let mut guard = self.lock_child();
+        let mut guard = self.child.lock();
         if let Some(child) = guard.as_mut() {
             if matches!(child.try_wait(), Ok(None)) {
                 return Ok(());
@@ -566,7 +549,7 @@ impl Node {
             std::thread::sleep(Duration::from_millis(10));
         }
         *guard = Some(child);
-        self.paused.store(false, Ordering::SeqCst);
+        self.child.set_paused(false);
         Ok(())
     }
 
@@ -590,7 +573,7 @@ impl Node {
     /// server checkpoints and exits). Blocking.
     pub fn stop(&self) -> Result<(), LocalError> {
         self.resume()?;
-        let mut guard = self.lock_child();
+        let mut guard = self.child.lock();
         let Some(mut child) = guard.take() else {
             return Ok(());
         };
@@ -610,7 +593,7 @@ impl Node {
     /// Kills the server and all its processes with SIGKILL, as a crash
     /// would. Blocking until they are gone.
     pub fn kill(&self) -> Result<(), LocalError> {
-        let mut guard = self.lock_child();
+        let mut guard = self.child.lock();
         let Some(mut child) = guard.take() else {
             return Ok(());
         };
@@ -618,29 +601,19 @@ impl Node {
         process::kill_tree(child.id(), Signal::SIGKILL);
         let _ = child.wait();
         process::wait_gone(&pids, Duration::from_secs(10));
-        self.paused.store(false, Ordering::SeqCst);
+        self.child.set_paused(false);
         Ok(())
     }
 
     /// Stalls the server (SIGSTOP to every server process): connections
     /// stay open but nothing answers, like a hung machine.
     pub fn pause(&self) -> Result<(), LocalError> {
-        let pid = self.pid().ok_or_else(|| LocalError::NotRunning {
-            node: self.name.clone(),
-        })?;
-        process::kill_tree(pid, Signal::SIGSTOP);
-        self.paused.store(true, Ordering::SeqCst);
-        Ok(())
+        self.child.pause(&self.name)
     }
 
     /// Resumes a paused server (SIGCONT).
     pub fn resume(&self) -> Result<(), LocalError> {
-        if !self.paused.swap(false, Ordering::SeqCst) {
-            return Ok(());
-        }
-        if let Some(pid) = self.pid() {
-            process::kill_tree(pid, Signal::SIGCONT);
-        }
+        self.child.resume();
         Ok(())
     }
 
@@ -703,7 +676,7 @@ impl Node {
 
     fn teardown(&self) {
         let _ = self.resume();
-        let mut guard = self.lock_child();
+        let mut guard = self.child.lock();
         if let Some(mut child) = guard.take() {
             let pids = process::tree(child.id());
             // SIGQUIT is PostgreSQL's immediate shutdown: the fastest clean exit.

@@ -342,3 +342,66 @@ pub(crate) fn tail(path: &Path, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+/// A server process we started, and whether it is paused: the state
+/// `Node` and `LocalRedis` share.
+#[derive(Debug, Default)]
+pub(crate) struct ServerChild {
+    child: Mutex<Option<Child>>,
+    paused: std::sync::atomic::AtomicBool,
+}
+
+impl ServerChild {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
+        self.child
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// The process id, while it runs.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.lock().as_ref().map(Child::id)
+    }
+
+    /// True while the process runs (paused counts as running); forgets a
+    /// process that exited.
+    pub(crate) fn is_running(&self) -> bool {
+        let mut child = self.lock();
+        match child.as_mut().map(Child::try_wait) {
+            Some(Ok(None)) => true,
+            Some(_) => {
+                *child = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    pub(crate) fn is_paused(&self) -> bool {
+        self.paused.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_paused(&self, paused: bool) {
+        self.paused
+            .store(paused, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// SIGSTOP to the process and its children.
+    pub(crate) fn pause(&self, node: &str) -> Result<(), LocalError> {
+        let pid = self.pid().ok_or_else(|| LocalError::NotRunning {
+            node: node.to_string(),
+        })?;
+        kill_tree(pid, Signal::SIGSTOP);
+        self.set_paused(true);
+        Ok(())
+    }
+
+    /// SIGCONT after [`pause`](Self::pause); nothing if not paused.
+    pub(crate) fn resume(&self) {
+        if self.paused.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            if let Some(pid) = self.pid() {
+                kill_tree(pid, Signal::SIGCONT);
+            }
+        }
+    }
+}

@@ -5,15 +5,13 @@ use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
 use super::LocalError;
-use super::process::{self, MarkedDir, RunAs, io_err};
+use super::process::{self, MarkedDir, RunAs, ServerChild, io_err};
 
 /// A `redis-server` on a free 127.0.0.1 port, persistence off, in its own
 /// temp dir; stopped and removed on drop.
@@ -30,8 +28,7 @@ pub struct LocalRedis {
     binary: PathBuf,
     port: u16,
     dir: MarkedDir,
-    child: Mutex<Option<Child>>,
-    paused: AtomicBool,
+    child: ServerChild,
 }
 
 impl fmt::Debug for LocalRedis {
@@ -52,17 +49,10 @@ impl LocalRedis {
             binary,
             port: process::free_port()?,
             dir,
-            child: Mutex::new(None),
-            paused: AtomicBool::new(false),
+            child: ServerChild::default(),
         };
         redis.start_again()?;
         Ok(redis)
-    }
-
-    fn lock_child(&self) -> MutexGuard<'_, Option<Child>> {
-        self.child
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
     }
 
     /// The TCP port on 127.0.0.1.
@@ -82,21 +72,13 @@ impl LocalRedis {
 
     /// True while the server process runs.
     pub fn is_running(&self) -> bool {
-        let mut child = self.lock_child();
-        match child.as_mut().map(Child::try_wait) {
-            Some(Ok(None)) => true,
-            Some(_) => {
-                *child = None;
-                false
-            }
-            None => false,
-        }
+        self.child.is_running()
     }
 
     /// Starts the server again on the same port (after `stop` or `kill`);
     /// the data set starts empty. Does nothing if it runs.
     pub fn start_again(&self) -> Result<(), LocalError> {
-        let mut guard = self.lock_child();
+        let mut guard = self.child.lock();
         if let Some(child) = guard.as_mut() {
             if matches!(child.try_wait(), Ok(None)) {
                 return Ok(());
@@ -150,14 +132,14 @@ impl LocalRedis {
             std::thread::sleep(Duration::from_millis(5));
         }
         *guard = Some(child);
-        self.paused.store(false, Ordering::SeqCst);
+        self.child.set_paused(false);
         Ok(())
     }
 
     /// Clean stop (SIGTERM; nothing is saved).
     pub fn stop(&self) -> Result<(), LocalError> {
         self.resume()?;
-        let mut guard = self.lock_child();
+        let mut guard = self.child.lock();
         if let Some(mut child) = guard.take() {
             let _ = process::signal(child.id(), Signal::SIGTERM);
             if !process::wait_child(&mut child, Duration::from_secs(10)) {
@@ -170,42 +152,29 @@ impl LocalRedis {
 
     /// SIGKILL, as a crash would.
     pub fn kill(&self) -> Result<(), LocalError> {
-        let mut guard = self.lock_child();
+        let mut guard = self.child.lock();
         if let Some(mut child) = guard.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
-        self.paused.store(false, Ordering::SeqCst);
+        self.child.set_paused(false);
         Ok(())
     }
 
     /// SIGSTOP: connections stay open, nothing answers.
     pub fn pause(&self) -> Result<(), LocalError> {
-        let pid =
-            self.lock_child()
-                .as_ref()
-                .map(Child::id)
-                .ok_or_else(|| LocalError::NotRunning {
-                    node: "redis".into(),
-                })?;
-        process::signal(pid, Signal::SIGSTOP)?;
-        self.paused.store(true, Ordering::SeqCst);
-        Ok(())
+        self.child.pause("redis")
     }
 
     /// SIGCONT after [`pause`](Self::pause).
     pub fn resume(&self) -> Result<(), LocalError> {
-        if self.paused.swap(false, Ordering::SeqCst) {
-            if let Some(pid) = self.lock_child().as_ref().map(Child::id) {
-                process::signal(pid, Signal::SIGCONT)?;
-            }
-        }
+        self.child.resume();
         Ok(())
     }
 
     /// The server process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.lock_child().as_ref().map(Child::id)
+        self.child.pid()
     }
 }
 
