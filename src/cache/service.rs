@@ -9,7 +9,7 @@ use tower::{Service, ServiceExt};
 
 use super::clock::{Clock, Instant, nanos};
 use super::entry::{Entry, Freshness};
-use super::flight::{Flights, Join};
+use super::flight::{Flights, Join, Leader};
 use super::future::ResponseFuture;
 use super::invalidate::{InvalidateTarget, Invalidation, InvalidationLog, Invalidator};
 use super::key::Hashed;
@@ -587,6 +587,19 @@ async fn refresh<S, P, St, Req>(
     }
 }
 
+/// Gives `result` to the waiters of `leader` (if this request led) and back.
+fn hand_over<K, R, E>(leader: Option<Leader<K, R, E>>, result: Result<R, E>) -> Result<R, E>
+where
+    K: std::hash::Hash + Eq,
+    R: Clone,
+    E: Clone,
+{
+    if let Some(leader) = leader {
+        leader.complete(&result);
+    }
+    result
+}
+
 /// The miss path: join the key's flight (or lead it), fill, fall back to a
 /// stale entry if the service fails inside stale-if-error.
 async fn miss<S, P, St, Req>(
@@ -623,11 +636,7 @@ where
     if leader.is_some() {
         if let Some(entry) = shared.fresh_entry(&key, min_version) {
             // Filled between our lookup and winning the flight.
-            let result = entry.result.clone();
-            if let Some(leader) = leader {
-                leader.complete(&result);
-            }
-            return result;
+            return hand_over(leader, entry.result.clone());
         }
     }
     let mut lease = Lease::Unavailable;
@@ -638,10 +647,7 @@ where
             .fill_from_remote(tier.as_ref(), &key, min_version, fill_seq)
             .await
         {
-            if let Some(leader) = leader {
-                leader.complete(&result);
-            }
-            return result;
+            return hand_over(leader, result);
         }
         // Distributed single-flight: one instance fills, the others wait.
         lease = tier.lease(key.key()).await;
@@ -656,10 +662,7 @@ where
                     .fill_from_remote(tier.as_ref(), &key, min_version, fill_seq)
                     .await
                 {
-                    if let Some(leader) = leader {
-                        leader.complete(&result);
-                    }
-                    return result;
+                    return hand_over(leader, result);
                 }
             }
         }
@@ -676,8 +679,5 @@ where
             }
         }
     }
-    if let Some(leader) = leader {
-        leader.complete(&result);
-    }
-    result
+    hand_over(leader, result)
 }
