@@ -31,6 +31,10 @@ pub struct Entry<R, E> {
     pub(crate) recompute: Duration,
     /// Set while a background refresh of this entry runs (one per entry).
     pub(crate) refreshing: AtomicBool,
+    /// Set once the fill that stored this entry re-checked the invalidation
+    /// log after inserting it; until then a reader that sees any newer
+    /// invalidation does not serve it.
+    pub(crate) confirmed: AtomicBool,
     pub(crate) weight: u32,
     /// The invalidation sequence number read before the fill began.
     pub(crate) fill_seq: u64,

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
+use super::invalidate::InvalidationLog;
 use super::key::{Hashed, PassThrough};
 
 const SHARDS: usize = 64;
@@ -28,6 +29,9 @@ pub(crate) struct Flight<R, E> {
     /// The lowest version the leader's request accepts; a request that needs
     /// a newer one must not share the leader's (possibly older) result.
     min_version: u64,
+    /// The invalidation sequence number when the flight began: after an
+    /// invalidation that may touch the key, nobody joins it any more.
+    started_seq: u64,
 }
 
 impl<R: Clone, E: Clone> Flight<R, E> {
@@ -97,24 +101,57 @@ impl<K: Hash + Eq, R: Clone, E: Clone> Flights<K, R, E> {
 }
 
 impl<K: Hash + Eq + Clone, R: Clone, E: Clone> Flights<K, R, E> {
+    /// Joins the key's flight or leads a new one (no invalidation fence:
+    /// for callers that check the result against the log themselves).
     pub(crate) fn join(
         self: &Arc<Self>,
         key: &Hashed<K>,
         min_version: Option<u64>,
     ) -> Join<K, R, E> {
+        self.join_inner(key, min_version, None)
+    }
+
+    /// Joins the key's flight or leads a new one. A flight that began
+    /// before an invalidation that may touch the key is not joined: the
+    /// request leads a new flight instead (the old one still answers its
+    /// own, earlier waiters). So a request that starts after an
+    /// invalidation returned never gets a result read before it.
+    pub(crate) fn join_fenced(
+        self: &Arc<Self>,
+        key: &Hashed<K>,
+        min_version: Option<u64>,
+        log: &InvalidationLog<K>,
+    ) -> Join<K, R, E> {
+        self.join_inner(key, min_version, Some(log))
+    }
+
+    fn join_inner(
+        self: &Arc<Self>,
+        key: &Hashed<K>,
+        min_version: Option<u64>,
+        log: Option<&InvalidationLog<K>>,
+    ) -> Join<K, R, E> {
         let min_version = min_version.unwrap_or(0);
         let mut shard = self.shard(key);
+        // Read under the shard lock: a flight in the map began at or after
+        // the sequence it recorded.
+        let started_seq = log.map_or(0, InvalidationLog::current);
         if let Some(flight) = shard.get(key) {
-            return if flight.min_version >= min_version {
-                Join::Wait(Arc::clone(flight))
-            } else {
-                Join::Alone
-            };
+            let fenced = log.is_some_and(|log| log.touched_since(key, flight.started_seq));
+            if !fenced {
+                return if flight.min_version >= min_version {
+                    Join::Wait(Arc::clone(flight))
+                } else {
+                    Join::Alone
+                };
+            }
+            // Fenced off: this request leads a new flight in its place.
         }
         let flight = Arc::new(Flight {
             state: Mutex::new(State::Running),
             notify: Notify::new(),
             min_version,
+            started_seq,
         });
         shard.insert(key.clone(), Arc::clone(&flight));
         Join::Lead(Leader {

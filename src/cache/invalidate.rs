@@ -122,6 +122,9 @@ struct Marks<K> {
 pub(crate) struct InvalidationLog<K> {
     seq: AtomicU64,
     all_seq: AtomicU64,
+    /// The sequence number of the newest tag invalidation (a flight whose
+    /// tags are not known yet is fenced by any of them).
+    tag_seq: AtomicU64,
     marks: RwLock<Marks<K>>,
     max_marks: usize,
     pub(crate) hasher: KeyHasher,
@@ -132,6 +135,7 @@ impl<K: Hash + Eq + Clone> InvalidationLog<K> {
         Self {
             seq: AtomicU64::new(0),
             all_seq: AtomicU64::new(0),
+            tag_seq: AtomicU64::new(0),
             marks: RwLock::new(Marks {
                 keys: HashMap::with_hasher(PassThrough),
                 tags: HashMap::new(),
@@ -161,7 +165,8 @@ impl<K: Hash + Eq + Clone> InvalidationLog<K> {
         self.seq.load(Ordering::SeqCst)
     }
 
-    pub(crate) fn mark_key(&self, key: Hashed<K>, version: u64) {
+    /// Marks `key` invalidated; returns the invalidation's sequence number.
+    pub(crate) fn mark_key(&self, key: Hashed<K>, version: u64) -> u64 {
         let mut marks = self.write();
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         marks.keys.entry(key).or_default().merge(seq, version);
@@ -169,22 +174,70 @@ impl<K: Hash + Eq + Clone> InvalidationLog<K> {
             let floor = fold_oldest_half(&mut marks.keys);
             marks.key_floor.merge(floor.seq, floor.version);
         }
+        seq
     }
 
-    pub(crate) fn mark_tag(&self, tag: Tag, version: u64) {
+    /// Marks `tag` invalidated; returns the invalidation's sequence number.
+    pub(crate) fn mark_tag(&self, tag: Tag, version: u64) -> u64 {
         let mut marks = self.write();
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         marks.tags.entry(tag).or_default().merge(seq, version);
+        self.tag_seq.store(seq, Ordering::SeqCst);
         if marks.tags.len() > self.max_marks {
             let floor = fold_oldest_half(&mut marks.tags);
             marks.tag_floor.merge(floor.seq, floor.version);
         }
+        seq
     }
 
-    pub(crate) fn mark_all(&self) {
+    /// Marks everything invalidated; returns the invalidation's sequence number.
+    pub(crate) fn mark_all(&self) -> u64 {
         let _marks = self.write();
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         self.all_seq.store(seq, Ordering::SeqCst);
+        seq
+    }
+
+    /// Whether an invalidation newer than `since` may touch `key`, whatever
+    /// tags its response turns out to carry: any mark of the key, any tag
+    /// mark, or an invalidation of everything. The single-flight check: a
+    /// flight that began at `since` must not be joined after such an
+    /// invalidation. One atomic load while nothing was invalidated.
+    pub(crate) fn touched_since(&self, key: &Hashed<K>, since: u64) -> bool {
+        if self.seq.load(Ordering::SeqCst) == since {
+            return false;
+        }
+        if self.all_seq.load(Ordering::SeqCst) > since
+            || self.tag_seq.load(Ordering::SeqCst) > since
+        {
+            return true;
+        }
+        let marks = self.read();
+        marks.key_floor.seq > since
+            || marks.tag_floor.seq > since
+            || marks.keys.get(key).is_some_and(|m| m.seq > since)
+    }
+
+    /// The sequence number of the newest invalidation that touches `key`
+    /// or any of `tags` (0 when none is tracked): the shared tier's check
+    /// that a value it holds is not older than a local invalidation it has
+    /// not applied yet.
+    pub(crate) fn newest_touching(&self, key: &Hashed<K>, tags: &[Tag]) -> u64 {
+        let marks = self.read();
+        let mut newest = self
+            .all_seq
+            .load(Ordering::SeqCst)
+            .max(marks.key_floor.seq)
+            .max(marks.tag_floor.seq);
+        if let Some(m) = marks.keys.get(key) {
+            newest = newest.max(m.seq);
+        }
+        for t in tags {
+            if let Some(m) = marks.tags.get(t) {
+                newest = newest.max(m.seq);
+            }
+        }
+        newest
     }
 
     /// Whether a fill that started at `fill_seq`, stamped `version`, may be
@@ -231,6 +284,12 @@ impl<K: Hash + Eq + Clone> InvalidationLog<K> {
 
     #[cold]
     fn still_valid_slow<R, E>(&self, entry: &Entry<R, E>, now: u64) -> bool {
+        // Inserted but not yet re-checked by its fill: an invalidation of
+        // its key may have removed the slot just before the insert (the
+        // fill's re-check will find the mark and remove it). Not served.
+        if !entry.confirmed.load(Ordering::Acquire) {
+            return false;
+        }
         let fill = entry.fill_seq;
         if self.all_seq.load(Ordering::SeqCst) > fill {
             return false;
@@ -273,10 +332,9 @@ fn fold_oldest_half<Q: Hash + Eq>(
 
 /// What an [`Invalidator`] acts on: the cache's log and store.
 pub(crate) trait InvalidateTarget<K>: Send + Sync {
-    /// `propagate`: also tell the shared tier (and through it the other
-    /// instances); false when applying what another instance sent.
-    fn invalidate(&self, what: Invalidation<K>, version: u64, propagate: bool);
-    fn set_trusted(&self, trusted: bool);
+    /// Applies an invalidation here and queues it for the shared tier (and
+    /// through it the other instances).
+    fn invalidate(&self, what: Invalidation<K>, version: u64);
 }
 
 /// A handle that invalidates entries of one cache: by key, by tag, or all.
@@ -326,7 +384,7 @@ impl<K> Invalidator<K> {
         K: Clone,
     {
         self.target
-            .invalidate(Invalidation::Key(key.clone()), 0, true);
+            .invalidate(Invalidation::Key(key.clone()), 0);
     }
 
     /// Removes the entry for `key`, and keeps out fills stamped below `version`.
@@ -335,42 +393,29 @@ impl<K> Invalidator<K> {
         K: Clone,
     {
         self.target
-            .invalidate(Invalidation::Key(key.clone()), version, true);
+            .invalidate(Invalidation::Key(key.clone()), version);
     }
 
     /// Invalidates every entry stored with `tag`.
     pub fn invalidate_tag(&self, tag: impl Into<Tag>) {
         self.target
-            .invalidate(Invalidation::Tag(tag.into()), 0, true);
+            .invalidate(Invalidation::Tag(tag.into()), 0);
     }
 
     /// Invalidates every entry with `tag`, and keeps out fills with that
     /// tag stamped below `version`.
     pub fn invalidate_tag_at(&self, tag: impl Into<Tag>, version: u64) {
         self.target
-            .invalidate(Invalidation::Tag(tag.into()), version, true);
+            .invalidate(Invalidation::Tag(tag.into()), version);
     }
 
     /// Invalidates everything.
     pub fn invalidate_all(&self) {
-        self.target.invalidate(Invalidation::All, 0, true);
+        self.target.invalidate(Invalidation::All, 0);
     }
 
     /// Applies one [`Invalidation`], optionally at a version (0 for none).
     pub fn invalidate(&self, what: Invalidation<K>, version: u64) {
-        self.target.invalidate(what, version, true);
-    }
-
-    /// Applies an invalidation to this instance only (what a shared tier
-    /// does with the invalidations other instances sent).
-    pub fn invalidate_local(&self, what: Invalidation<K>, version: u64) {
-        self.target.invalidate(what, version, false);
-    }
-
-    /// Whether this instance's in-process store may serve hits. A shared
-    /// tier that lost the invalidation stream sets it false (which also
-    /// clears the store) until it is subscribed again.
-    pub fn set_local_trusted(&self, trusted: bool) {
-        self.target.set_trusted(trusted);
+        self.target.invalidate(what, version);
     }
 }

@@ -134,9 +134,19 @@ impl<P, St: Store> CacheLayer<P, St> {
     }
 
     /// Puts a shared (L2) tier behind the in-process store, such as
-    /// `RedisTier`. Returns false if one is attached already.
-    pub fn attach_remote(&self, tier: Arc<dyn super::RemoteTier<St::Key, St::Response>>) -> bool {
-        self.shared.remote.set(tier).is_ok()
+    /// `RedisTier`, and returns the tier's [`RemoteLink`](super::RemoteLink)
+    /// to this cache; `None` if a tier is attached already.
+    pub fn attach_remote(
+        &self,
+        tier: Arc<dyn super::RemoteTier<St::Key, St::Response>>,
+    ) -> Option<super::RemoteLink<St::Key>>
+    where
+        P: Send + Sync + 'static,
+    {
+        self.shared.remote.set(tier).ok()?;
+        Some(super::RemoteLink {
+            target: self.shared.clone(),
+        })
     }
 
     /// Stops background refreshes now (they also stop when the last layer

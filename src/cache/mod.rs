@@ -81,7 +81,7 @@ pub use self::invalidate::{Invalidation, Invalidator, Tag};
 pub use self::key::{Hashed, KeyHasher, PassThrough, PassThroughHasher};
 pub use self::layer::{CacheLayer, CacheLayerBuilder, NoStore, Weigher};
 pub use self::policy::{CachePolicy, Storable, Windows};
-pub use self::remote::{Lease, RemoteEntry, RemoteTier};
+pub use self::remote::{Lease, RemoteEntry, RemoteLink, RemoteTier};
 pub use self::service::Cache;
 pub use self::stats::CacheStats;
 #[cfg(feature = "moka")]

@@ -7,10 +7,41 @@
 //!   Values are a compact, versioned binary frame around your codec's bytes;
 //!   a value that does not decode is a miss and is deleted.
 //! - **Invalidation fan-out**: invalidations go to Redis (key: deleted;
-//!   tag and all: a generation counter, O(1)) and are published on one
-//!   channel; every instance applies the others' to its L1. An instance
-//!   that loses its subscription stops serving from its L1 (and clears it)
-//!   until it is subscribed again.
+//!   tag and all: a generation counter, O(1)) and are then published on one
+//!   channel; every instance applies the others' to its L1. They leave an
+//!   instance through one ordered queue (no runtime needed to invalidate;
+//!   a failed one is retried, in order, until Redis takes it; past
+//!   `max_queued_invalidations` the queue collapses into one "all").
+//! - **Isolation**: every instance publishes a heartbeat on the channel
+//!   every quarter of `isolation_ttl` (default 1 s) and serves from its L1
+//!   only while its own heartbeat, sent less than `isolation_ttl` ago, has
+//!   come back through its subscription (pub/sub keeps order, so every
+//!   invalidation Redis accepted before that heartbeat has been applied).
+//!   Down, stalled, partitioned from this instance or subscription lost:
+//!   within `isolation_ttl` the L1 is off (requests go to Redis, then the
+//!   service) until heartbeats return; then the L1 is emptied before it is
+//!   trusted again, and Redis values are not used for one more
+//!   `isolation_ttl` while other instances flush what they queued.
+//!
+//! # Guarantees
+//!
+//! - **Same instance, exact**: a read that starts after `invalidate_*`
+//!   returned never gets data older than that invalidation, from L1, from a
+//!   fill in flight, or from Redis (a value Redis still holds is not taken
+//!   while this instance's invalidation touching it is queued, not yet
+//!   applied to Redis).
+//! - **Across instances, bounded**: a read on another instance that starts
+//!   more than `isolation_ttl` after `invalidate_*` returned never gets data
+//!   older than that invalidation, also while Redis is down, stalled,
+//!   partitioned from the reading instance, or refusing writes — provided
+//!   the invalidating instance can reach Redis. An instance cut off from
+//!   Redis keeps its invalidations queued and delivers them when it can
+//!   reach it again; until then no other instance can learn of them.
+//! - **Redis refusing writes** (`maxmemory` with `noeviction`): a refused
+//!   generation bump is replaced by deleting the counter, which every entry
+//!   recorded under it fails to match; the invalidation is still published;
+//!   fills are not stored in Redis. Refused writes are counted
+//!   ([`RedisStatsSnapshot::refused_writes`]) and logged once per change.
 //! - **Distributed single-flight**: a lease (`SET NX PX` with a token) makes
 //!   one instance fill a cold key while the others wait for its value (with
 //!   a bound, then fill themselves). Any invalidation during a fill cancels
@@ -23,18 +54,19 @@
 //! reconnects by itself, multiplexes, and is the crate's maintained async
 //! path) plus a dedicated pub/sub connection.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
-use super::invalidate::{Invalidation, Invalidator, Tag};
-use super::remote::{BoxFuture, Lease, RemoteEntry, RemoteTier};
+use super::invalidate::{Invalidation, Tag};
+use super::remote::{BoxFuture, Lease, RemoteEntry, RemoteLink, RemoteTier};
 use crate::error::ConfigError;
 
 /// Turns keys and responses into bytes and back.
@@ -60,9 +92,28 @@ pub struct RedisTierBuilder {
     lease_wait: Duration,
     failures_to_open: u32,
     open_for: Duration,
+    isolation_ttl: Duration,
+    max_queued: usize,
 }
 
 impl RedisTierBuilder {
+    /// How long an instance keeps serving from its L1 without hearing its
+    /// own heartbeat back through the invalidation channel (default 1 s;
+    /// heartbeats go out every quarter of it). This is the bound on how
+    /// long after an invalidation another instance may still serve the old
+    /// value when the fan-out is broken. At least 10 ms.
+    pub fn isolation_ttl(mut self, ttl: Duration) -> Self {
+        self.isolation_ttl = ttl.max(Duration::from_millis(10));
+        self
+    }
+
+    /// How many invalidations may wait for Redis (default 10,000); past
+    /// that they collapse into one invalidation of everything.
+    pub fn max_queued_invalidations(mut self, n: usize) -> Self {
+        self.max_queued = n.max(1);
+        self
+    }
+
     /// Namespace of every key and of the channel (default `tower-scale`).
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
@@ -129,15 +180,22 @@ impl RedisTierBuilder {
                 .as_nanos() as u64
                 ^ u64::from(std::process::id()),
         );
-        let tier = Arc::new(RedisTier {
+        // Invalidations may come from threads outside tokio: the tier's
+        // tasks run on the runtime it was attached on.
+        let runtime = tokio::runtime::Handle::current();
+        let tier = Arc::new_cyclic(|me| RedisTier {
+            me: me.clone(),
             client,
             config,
-            manager: tokio::sync::Mutex::new(manager),
+            manager: RwLock::new(manager),
+            connecting: AtomicBool::new(false),
+            runtime: runtime.clone(),
             codec: Box::new(codec),
             prefix: self.prefix,
             timeout: self.timeout,
             lease_ttl: self.lease_ttl,
             lease_wait: self.lease_wait,
+            isolation_ttl: self.isolation_ttl,
             instance,
             breaker: Breaker::new(self.failures_to_open, self.open_for),
             subscribed: AtomicBool::new(false),
@@ -145,18 +203,30 @@ impl RedisTierBuilder {
             get_script: Script::new(GET_SCRIPT),
             put_script: Script::new(PUT_SCRIPT),
             lease_script: Script::new(LEASE_SCRIPT),
+            invalidate_script: Script::new(INVALIDATE_SCRIPT),
             last_error: Mutex::new(None),
+            refusing: AtomicBool::new(false),
+            queue: Mutex::new(VecDeque::new()),
+            max_queued: self.max_queued,
+            queued: tokio::sync::Notify::new(),
+            heartbeat_now: AtomicBool::new(false),
+            link: OnceLock::new(),
         });
-        let invalidator = layer.invalidator();
-        // Until the subscription runs, other instances' invalidations
-        // cannot reach this L1: do not serve from it.
-        invalidator.set_local_trusted(false);
-        layer.attach_remote(tier.clone() as Arc<dyn RemoteTier<St::Key, St::Response>>);
-        tokio::spawn(subscribe(
-            Arc::downgrade(&tier),
-            invalidator,
-            layer.shutdown_token(),
-        ));
+        let Some(link) =
+            layer.attach_remote(tier.clone() as Arc<dyn RemoteTier<St::Key, St::Response>>)
+        else {
+            return Err(ConfigError::OutOfRange {
+                field: "redis tier",
+                reason: "this cache already has a shared tier attached".into(),
+            });
+        };
+        // Until its own heartbeat comes back through the subscription,
+        // other instances' invalidations cannot reach this L1: no hits.
+        link.require_heartbeats(tier.isolation_ttl);
+        let _ = tier.link.set(link.clone());
+        let shutdown = layer.shutdown_token();
+        runtime.spawn(subscribe(Arc::downgrade(&tier), link.clone(), shutdown.clone()));
+        runtime.spawn(publish(Arc::downgrade(&tier), link, shutdown));
         Ok(tier)
     }
 }
@@ -171,6 +241,8 @@ pub struct RedisStats {
     fanout_received: AtomicU64,
     lease_waits: AtomicU64,
     subscriptions: AtomicU64,
+    refused_writes: AtomicU64,
+    heartbeats: AtomicU64,
 }
 
 /// A snapshot of [`RedisStats`].
@@ -193,6 +265,13 @@ pub struct RedisStatsSnapshot {
     pub subscribed: bool,
     /// Successful subscriptions so far (more than one: it was lost and regained).
     pub subscriptions: u64,
+    /// Writes Redis refused (out of memory under `noeviction`): fills not
+    /// stored, generation bumps replaced by deletes.
+    pub refused_writes: u64,
+    /// This instance's heartbeats heard back through the subscription.
+    pub heartbeats: u64,
+    /// This instance's invalidations waiting for Redis now.
+    pub queued_invalidations: u64,
 }
 
 const CLOSED: u8 = 0;
@@ -264,14 +343,22 @@ impl Breaker {
 
 /// The shared tier on Redis; see the [module docs](self).
 pub struct RedisTier<K, R> {
+    /// Itself, for the background connect.
+    me: std::sync::Weak<RedisTier<K, R>>,
     client: redis::Client,
     config: redis::aio::ConnectionManagerConfig,
-    manager: tokio::sync::Mutex<Option<ConnectionManager>>,
+    /// The multiplexed connection (cloned per call; it reconnects by
+    /// itself). `None` until the first connect succeeds, which runs in the
+    /// background so calls never queue behind it.
+    manager: RwLock<Option<ConnectionManager>>,
+    connecting: AtomicBool,
+    runtime: tokio::runtime::Handle,
     codec: Box<dyn RedisCodec<K, R>>,
     prefix: String,
     timeout: Duration,
     lease_ttl: Duration,
     lease_wait: Duration,
+    isolation_ttl: Duration,
     instance: u64,
     breaker: Breaker,
     subscribed: AtomicBool,
@@ -279,7 +366,24 @@ pub struct RedisTier<K, R> {
     get_script: Script,
     put_script: Script,
     lease_script: Script,
+    invalidate_script: Script,
     last_error: Mutex<Option<String>>,
+    /// True while Redis refuses writes (logged once per change).
+    refusing: AtomicBool,
+    /// This instance's invalidations not yet applied to Redis, in order.
+    queue: Mutex<VecDeque<Queued<K>>>,
+    max_queued: usize,
+    queued: tokio::sync::Notify,
+    /// Set on (re)subscribing: send a heartbeat now rather than at the next tick.
+    heartbeat_now: AtomicBool,
+    link: OnceLock<RemoteLink<K>>,
+}
+
+/// An invalidation waiting for Redis.
+struct Queued<K> {
+    seq: u64,
+    what: Invalidation<K>,
+    version: u64,
 }
 
 impl<K, R> fmt::Debug for RedisTier<K, R> {
@@ -293,13 +397,15 @@ impl<K, R> fmt::Debug for RedisTier<K, R> {
 }
 
 /// Returns the value if every tag generation recorded with it is current;
-/// otherwise deletes it. KEYS[1] = entry; ARGV[1] = the tag-key prefix.
+/// otherwise deletes it. A generation counter that is missing (deleted by
+/// an invalidation whose bump Redis refused) matches nothing.
+/// KEYS[1] = entry; ARGV[1] = the tag-key prefix.
 const GET_SCRIPT: &str = r#"
 local h = redis.call('HMGET', KEYS[1], 'v', 'g')
 if not h[1] then return false end
 local g = h[2] or ''
 for tag, gen in string.gmatch(g, "([^\n]*)\n([^\n]*)\n") do
-  local cur = redis.call('GET', ARGV[1] .. tag) or '0'
+  local cur = redis.call('GET', ARGV[1] .. tag)
   if cur ~= gen then
     redis.call('DEL', KEYS[1])
     return false
@@ -309,16 +415,25 @@ return h[1]
 "#;
 
 /// Stores a value unless an invalidation happened since the fill began
-/// (the epoch moved) or its lease was cancelled. KEYS[1] = entry,
-/// KEYS[2] = epoch, KEYS[3] = lease; ARGV = epoch at start, lease token
-/// ('' for none), value, px, tag-key prefix, tags...
+/// (the epoch moved or is gone) or its lease was cancelled. A missing tag
+/// generation is created from a random start, so a counter deleted and
+/// created again never repeats a value an old entry recorded.
+/// KEYS[1] = entry, KEYS[2] = epoch, KEYS[3] = lease; ARGV = epoch at
+/// start, lease token ('' for none), value, px, tag-key prefix, random
+/// start, tags...
 const PUT_SCRIPT: &str = r#"
-local epoch = redis.call('GET', KEYS[2]) or '0'
-if epoch ~= ARGV[1] then return 0 end
+local epoch = redis.call('GET', KEYS[2])
+if not epoch or epoch ~= ARGV[1] then return 0 end
 if ARGV[2] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[2] then return 0 end
 local g = ''
-for i = 6, #ARGV do
-  g = g .. ARGV[i] .. '\n' .. (redis.call('GET', ARGV[5] .. ARGV[i]) or '0') .. '\n'
+for i = 7, #ARGV do
+  local k = ARGV[5] .. ARGV[i]
+  local cur = redis.call('GET', k)
+  if not cur then
+    redis.call('SET', k, ARGV[6])
+    cur = ARGV[6]
+  end
+  g = g .. ARGV[i] .. '\n' .. cur .. '\n'
 end
 redis.call('HSET', KEYS[1], 'v', ARGV[3], 'g', g)
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
@@ -326,13 +441,44 @@ if ARGV[2] ~= '' then redis.call('DEL', KEYS[3]) end
 return 1
 "#;
 
-/// Takes the lease (SET NX PX) and returns the epoch, or false if taken.
-/// KEYS[1] = lease, KEYS[2] = epoch; ARGV = token, px.
+/// Takes the lease (SET NX PX) and returns the epoch (created from a
+/// random start if missing), or false if taken.
+/// KEYS[1] = lease, KEYS[2] = epoch; ARGV = token, px, random start.
 const LEASE_SCRIPT: &str = r#"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return redis.call('GET', KEYS[2]) or '0'
+  local e = redis.call('GET', KEYS[2])
+  if not e then
+    redis.call('SET', KEYS[2], ARGV[3])
+    e = ARGV[3]
+  end
+  return e
 end
 return false
+"#;
+
+/// Applies one invalidation to Redis: a key's entry and lease are deleted;
+/// a tag's (or everything's) generation is bumped; the epoch is bumped
+/// (cancelling puts of fills in flight). A bump Redis refuses (out of
+/// memory) becomes a delete of the counter, which Redis accepts and which
+/// fences just as well (a missing generation or epoch matches nothing).
+/// Returns 1 if a bump was refused. KEYS[1] = epoch, KEYS[2] = entry or
+/// counter, KEYS[3] = lease (keys only); ARGV[1] = 'k', 't' or 'a'.
+const INVALIDATE_SCRIPT: &str = r#"
+local refused = 0
+local function bump(k)
+  local r = redis.pcall('INCR', k)
+  if type(r) == 'table' and r.err then
+    redis.call('DEL', k)
+    refused = 1
+  end
+end
+if ARGV[1] == 'k' then
+  redis.call('DEL', KEYS[2], KEYS[3])
+else
+  bump(KEYS[2])
+end
+bump(KEYS[1])
+return refused
 "#;
 
 const FORMAT: u8 = 1;
@@ -443,6 +589,8 @@ pub fn builder(url: impl Into<String>) -> RedisTierBuilder {
         lease_wait: Duration::from_secs(2),
         failures_to_open: 5,
         open_for: Duration::from_secs(1),
+        isolation_ttl: Duration::from_secs(1),
+        max_queued: 10_000,
     }
 }
 
@@ -458,6 +606,9 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
             circuit_open: self.breaker.is_open(),
             subscribed: self.subscribed.load(Ordering::Relaxed),
             subscriptions: self.stats.subscriptions.load(Ordering::Relaxed),
+            refused_writes: self.stats.refused_writes.load(Ordering::Relaxed),
+            heartbeats: self.stats.heartbeats.load(Ordering::Relaxed),
+            queued_invalidations: self.queue_len() as u64,
         };
         for (name, v) in [
             ("tower_scale_cache_l2_redis_hits_total", s.hits),
@@ -468,12 +619,24 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
                 s.fanout_received,
             ),
             ("tower_scale_cache_l2_lease_waits_total", s.lease_waits),
+            ("tower_scale_cache_l2_refused_writes_total", s.refused_writes),
+            ("tower_scale_cache_l2_heartbeats_total", s.heartbeats),
         ] {
             metrics::counter!(name, "prefix" => self.prefix.clone()).absolute(v);
         }
         metrics::gauge!("tower_scale_cache_l2_circuit_open", "prefix" => self.prefix.clone())
             .set(if s.circuit_open { 1.0 } else { 0.0 });
+        metrics::gauge!("tower_scale_cache_l2_queued_invalidations", "prefix" => self.prefix.clone())
+            .set(s.queued_invalidations as f64);
         s
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Queued<K>>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn queue_len(&self) -> usize {
+        self.queue().len()
     }
 
     fn entry_key(&self, key: &[u8]) -> String {
@@ -485,6 +648,11 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
     fn tag_prefix(&self) -> String {
         format!("{}:t:", self.prefix)
     }
+    /// A random start for a generation counter or epoch created anew.
+    fn random_start(&self) -> u64 {
+        crate::random::mix(self.instance ^ now_ms().rotate_left(17)) >> 12
+    }
+
     fn epoch_key(&self) -> String {
         format!("{}:epoch", self.prefix)
     }
@@ -492,37 +660,69 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
         format!("{}:invalidate", self.prefix)
     }
 
+    /// The connection, or `None` (and a connect started in the
+    /// background) while there is none yet. Never waits.
+    fn connection(&self) -> Option<ConnectionManager>
+    where
+        K: Send + Sync,
+        R: Send + Sync,
+    {
+        if let Some(c) = self
+            .manager
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Some(c);
+        }
+        if !self.connecting.swap(true, Ordering::AcqRel) {
+            let tier = self.me.clone();
+            let (client, config) = (self.client.clone(), self.config.clone());
+            let bound = self.timeout.max(Duration::from_millis(200));
+            self.runtime.spawn(async move {
+                let made = tokio::time::timeout(
+                    bound,
+                    ConnectionManager::new_with_config(client, config),
+                )
+                .await;
+                if let Some(t) = tier.upgrade() {
+                    if let Ok(Ok(m)) = made {
+                        *t.manager.write().unwrap_or_else(|p| p.into_inner()) = Some(m);
+                    }
+                    t.connecting.store(false, Ordering::Release);
+                }
+            });
+        }
+        None
+    }
+
     /// Runs one Redis operation through the breaker, with the timeout.
     async fn call<T, F, Fut>(&self, op: F) -> Option<T>
     where
+        K: Send + Sync,
+        R: Send + Sync,
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         if !self.breaker.allow() {
             return None;
         }
-        let conn = {
-            let mut guard = self.manager.lock().await;
-            if guard.is_none() {
-                let made = tokio::time::timeout(
-                    self.timeout.max(Duration::from_millis(200)),
-                    ConnectionManager::new_with_config(self.client.clone(), self.config.clone()),
-                )
-                .await;
-                if let Ok(Ok(m)) = made {
-                    *guard = Some(m);
-                }
-            }
-            guard.clone()
-        };
-        let Some(conn) = conn else {
+        let Some(conn) = self.connection() else {
             self.failed("no connection");
             return None;
         };
         match tokio::time::timeout(self.timeout, op(conn)).await {
             Ok(Ok(v)) => {
                 self.breaker.success();
+                self.writes_accepted();
                 Some(v)
+            }
+            Ok(Err(e)) if is_refused_write(&e) => {
+                // Redis answers, it only refuses to grow: not a failure of
+                // Redis (the circuit stays closed, heartbeats go on).
+                self.breaker.success();
+                self.write_refused(&e.to_string());
+                None
             }
             Ok(Err(e)) => {
                 self.failed(&e.to_string());
@@ -532,6 +732,23 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
                 self.failed("timed out");
                 None
             }
+        }
+    }
+
+    fn write_refused(&self, error: &str) {
+        self.stats.refused_writes.fetch_add(1, Ordering::Relaxed);
+        if !self.refusing.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                prefix = %self.prefix,
+                error,
+                "redis tier: Redis refuses writes (out of memory?); fills are not shared, invalidations fall back to deletes"
+            );
+        }
+    }
+
+    fn writes_accepted(&self) {
+        if self.refusing.load(Ordering::Relaxed) && self.refusing.swap(false, Ordering::AcqRel) {
+            tracing::info!(prefix = %self.prefix, "redis tier: Redis accepts writes again");
         }
     }
 
@@ -545,51 +762,140 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
         self.breaker.failure(error);
     }
 
-    fn message(&self, what: &Invalidation<K>, version: u64) -> Option<Vec<u8>> {
-        let mut out = Vec::new();
+    fn message(&self, kind: u8, version: u64, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(17 + payload.len());
         out.extend_from_slice(&self.instance.to_be_bytes());
         out.extend_from_slice(&version.to_be_bytes());
-        match what {
-            Invalidation::Key(k) => {
-                out.push(0);
-                out.extend_from_slice(&self.codec.encode_key(k));
-            }
-            Invalidation::Tag(t) => {
-                out.push(1);
-                out.extend_from_slice(t.as_str().as_bytes());
-            }
-            Invalidation::All => out.push(2),
-        }
-        Some(out)
+        out.push(kind);
+        out.extend_from_slice(payload);
+        out
     }
 
-    fn apply(&self, bytes: &[u8], invalidator: &Invalidator<K>) {
-        if bytes.len() < 17 {
+    fn invalidation_message(&self, what: &Invalidation<K>, version: u64) -> Vec<u8> {
+        match what {
+            Invalidation::Key(k) => self.message(MSG_KEY, version, &self.codec.encode_key(k)),
+            Invalidation::Tag(t) => self.message(MSG_TAG, version, t.as_str().as_bytes()),
+            Invalidation::All => self.message(MSG_ALL, version, &[]),
+        }
+    }
+
+    /// Applies one message from the channel: another instance's
+    /// invalidation, or this instance's heartbeat coming back.
+    fn apply(&self, bytes: &[u8], link: &RemoteLink<K>) {
+        let (Some(from), Some(version), Some(&kind)) = (
+            bytes.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()),
+            bytes.get(8..16).and_then(|b| <[u8; 8]>::try_from(b).ok()),
+            bytes.get(16),
+        ) else {
+            return;
+        };
+        let payload = bytes.get(17..).unwrap_or_default();
+        let own = u64::from_be_bytes(from) == self.instance;
+        let version = u64::from_be_bytes(version);
+        if own {
+            // Our own invalidations were applied when they were made; our
+            // heartbeat says everything published before it has arrived.
+            if kind == MSG_HEARTBEAT {
+                if let Ok(sent) = <[u8; 8]>::try_from(payload) {
+                    self.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
+                    link.heard(super::Instant::from_nanos(u64::from_be_bytes(sent)));
+                }
+            }
             return;
         }
-        let mut w = [0u8; 8];
-        w.copy_from_slice(&bytes[..8]);
-        if u64::from_be_bytes(w) == self.instance {
-            return; // our own, applied already
-        }
-        w.copy_from_slice(&bytes[8..16]);
-        let version = u64::from_be_bytes(w);
-        let what = match bytes[16] {
-            0 => match self.codec.decode_key(&bytes[17..]) {
+        let what = match kind {
+            MSG_KEY => match self.codec.decode_key(payload) {
                 Some(k) => Invalidation::Key(k),
-                None => return,
+                // A key this instance cannot read: drop everything rather
+                // than keep what it may have invalidated.
+                None => Invalidation::All,
             },
-            1 => match std::str::from_utf8(&bytes[17..]) {
+            MSG_TAG => match std::str::from_utf8(payload) {
                 Ok(t) => Invalidation::Tag(Tag::from(t)),
-                Err(_) => return,
+                Err(_) => Invalidation::All,
             },
-            2 => Invalidation::All,
-            _ => return,
+            MSG_ALL => Invalidation::All,
+            _ => return, // other instances' heartbeats, later kinds
         };
         self.stats.fanout_received.fetch_add(1, Ordering::Relaxed);
-        invalidator.invalidate_local(what, version);
+        link.apply_remote(what, version);
+    }
+
+    /// Applies one queued invalidation to Redis and publishes it. False if
+    /// Redis did not take both (it is retried).
+    async fn deliver(&self, item: &Queued<K>) -> bool
+    where
+        K: Send + Sync + 'static,
+        R: Send + Sync + 'static,
+    {
+        let epoch_key = self.epoch_key();
+        let (kind, target, lease) = match &item.what {
+            Invalidation::Key(k) => {
+                let raw = self.codec.encode_key(k);
+                ("k", self.entry_key(&raw), self.lease_key(&raw))
+            }
+            Invalidation::Tag(t) => (
+                "t",
+                format!("{}{}", self.tag_prefix(), t.as_str()),
+                String::new(),
+            ),
+            Invalidation::All => (
+                "a",
+                format!("{}{}", self.tag_prefix(), ALL_TAG),
+                String::new(),
+            ),
+        };
+        let script = &self.invalidate_script;
+        let refused: Option<i64> = self
+            .call(|mut c| async move {
+                let mut inv = script.prepare_invoke();
+                inv.key(&epoch_key).key(&target);
+                if !lease.is_empty() {
+                    inv.key(&lease);
+                }
+                inv.arg(kind).invoke_async(&mut c).await
+            })
+            .await;
+        let Some(refused) = refused else {
+            return false;
+        };
+        if refused != 0 {
+            self.write_refused("generation bump refused; counter deleted instead");
+        }
+        // Published only after Redis is fenced: an instance that applies it
+        // and misses its L1 cannot read the old value back from Redis.
+        let message = self.invalidation_message(&item.what, item.version);
+        let channel = self.channel();
+        let published: Option<i64> = self
+            .call(|mut c| async move { c.publish(&channel, message).await })
+            .await;
+        published.is_some()
+    }
+
+    /// Sends this instance's heartbeat (its clock's time) on the channel.
+    async fn heartbeat(&self, link: &RemoteLink<K>)
+    where
+        K: Send + Sync + 'static,
+        R: Send + Sync + 'static,
+    {
+        let sent_at = link.now().as_nanos();
+        let message = self.message(MSG_HEARTBEAT, 0, &sent_at.to_be_bytes());
+        let channel = self.channel();
+        let _: Option<i64> = self
+            .call(|mut c| async move { c.publish(&channel, message).await })
+            .await;
     }
 }
+
+/// Whether Redis refused a write because it is out of memory.
+fn is_refused_write(e: &redis::RedisError) -> bool {
+    e.code() == Some("OOM") || e.to_string().contains("OOM command not allowed")
+}
+
+const MSG_KEY: u8 = 0;
+const MSG_TAG: u8 = 1;
+const MSG_ALL: u8 = 2;
+const MSG_HEARTBEAT: u8 = 3;
 
 impl<K, R> RemoteTier<K, R> for RedisTier<K, R>
 where
@@ -675,8 +981,9 @@ where
                     let now: Option<Option<String>> = self
                         .call(|mut c| async move { c.get(&epoch_key).await })
                         .await;
-                    let Some(now) = now else { return };
-                    (now.unwrap_or_else(|| "0".into()), String::new())
+                    // No epoch (deleted by a refused bump): no put.
+                    let Some(Some(now)) = now else { return };
+                    (now, String::new())
                 }
             };
             let (entry_key, epoch_key, lease_key, tag_prefix) = (
@@ -685,6 +992,7 @@ where
                 self.lease_key(&raw),
                 self.tag_prefix(),
             );
+            let random_start = self.random_start();
             let mut tags: Vec<String> = entry.tags.iter().map(|t| t.as_str().to_string()).collect();
             tags.push(ALL_TAG.to_string());
             let script = &self.put_script;
@@ -696,7 +1004,8 @@ where
                         .arg(&token)
                         .arg(&frame)
                         .arg(px)
-                        .arg(&tag_prefix);
+                        .arg(&tag_prefix)
+                        .arg(random_start);
                     for t in &tags {
                         inv.arg(t);
                     }
@@ -712,6 +1021,7 @@ where
             let token = crate::random::mix(self.instance ^ now_ms() ^ raw.len() as u64);
             let (lease_key, epoch_key) = (self.lease_key(&raw), self.epoch_key());
             let px = ms(self.lease_ttl).max(1);
+            let random_start = self.random_start();
             let script = &self.lease_script;
             let got: Option<Option<String>> = self
                 .call(|mut c| async move {
@@ -720,6 +1030,7 @@ where
                         .key(&epoch_key)
                         .arg(token)
                         .arg(px)
+                        .arg(random_start)
                         .invoke_async(&mut c)
                         .await
                 })
@@ -730,43 +1041,37 @@ where
                     self.stats.lease_waits.fetch_add(1, Ordering::Relaxed);
                     Lease::Busy
                 }
-                Some(Some(epoch)) => Lease::Acquired {
-                    token,
-                    epoch: epoch.parse().unwrap_or(0),
+                Some(Some(epoch)) => match epoch.parse() {
+                    Ok(epoch) => Lease::Acquired { token, epoch },
+                    // Not a number we wrote: fill without the lease.
+                    Err(_) => Lease::Unavailable,
                 },
             }
         })
     }
 
-    fn invalidate<'a>(&'a self, what: &'a Invalidation<K>, version: u64) -> BoxFuture<'a, ()> {
-        Box::pin(async move {
-            let Some(message) = self.message(what, version) else {
-                return;
-            };
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            match what {
-                Invalidation::Key(k) => {
-                    let raw = self.codec.encode_key(k);
-                    pipe.del(self.entry_key(&raw)).ignore();
-                    pipe.del(self.lease_key(&raw)).ignore();
-                }
-                Invalidation::Tag(t) => {
-                    pipe.incr(format!("{}{}", self.tag_prefix(), t.as_str()), 1)
-                        .ignore();
-                }
-                _ => {
-                    pipe.incr(format!("{}{}", self.tag_prefix(), ALL_TAG), 1)
-                        .ignore();
-                }
+    fn invalidate(&self, seq: u64, what: Invalidation<K>, version: u64) {
+        {
+            let mut queue = self.queue();
+            if queue.len() >= self.max_queued {
+                // Too many waiting: one invalidation of everything stands
+                // for all of them (a miss, never a stale hit).
+                tracing::warn!(
+                    prefix = %self.prefix,
+                    queued = queue.len(),
+                    "redis tier: invalidation queue full; collapsing it into one invalidation of everything"
+                );
+                queue.clear();
+                queue.push_back(Queued {
+                    seq,
+                    what: Invalidation::All,
+                    version,
+                });
+            } else {
+                queue.push_back(Queued { seq, what, version });
             }
-            pipe.incr(self.epoch_key(), 1).ignore();
-            pipe.publish(self.channel(), message).ignore();
-            let pipe = &pipe;
-            let _: Option<()> = self
-                .call(|mut c| async move { pipe.query_async(&mut c).await })
-                .await;
-        })
+        }
+        self.queued.notify_one();
     }
 
     fn lease_wait(&self) -> Duration {
@@ -774,11 +1079,13 @@ where
     }
 }
 
-/// Keeps a subscription to the invalidation channel; while it is down the
-/// instance's L1 is not trusted.
+/// Keeps a subscription to the invalidation channel and applies what comes
+/// through it. The L1's trust is the heartbeats' business: while this is
+/// down no heartbeat comes back, and the L1 stops serving within the
+/// isolation window (at once when a subscription is lost).
 async fn subscribe<K: Send + Sync + 'static, R: Send + Sync + 'static>(
     tier: std::sync::Weak<RedisTier<K, R>>,
-    invalidator: Invalidator<K>,
+    link: RemoteLink<K>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(50);
@@ -786,20 +1093,17 @@ async fn subscribe<K: Send + Sync + 'static, R: Send + Sync + 'static>(
         let Some(t) = tier.upgrade() else { return };
         let client = t.client.clone();
         let channel = t.channel();
+        let bound = t.timeout.max(Duration::from_millis(500));
         drop(t);
         let connected = tokio::select! {
             () = shutdown.cancelled() => return,
-            r = tokio::time::timeout(Duration::from_secs(1), async {
+            r = tokio::time::timeout(bound, async {
                 let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(&channel).await?;
                 redis::RedisResult::Ok(pubsub)
             }) => r.map_err(|_| ()).and_then(|r| r.map_err(|_| ())),
         };
         let Ok(pubsub) = connected else {
-            // Redis is unreachable: nobody can publish invalidations now, and
-            // requests must not suffer; serve from this (flushed) L1, bounded
-            // by TTLs, until the subscription is back.
-            invalidator.set_local_trusted(true);
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(backoff) => {}
@@ -808,12 +1112,11 @@ async fn subscribe<K: Send + Sync + 'static, R: Send + Sync + 'static>(
             continue;
         };
         backoff = Duration::from_millis(50);
-        // Subscribed: whatever was missed before is gone with the clear.
-        invalidator.set_local_trusted(false);
-        invalidator.set_local_trusted(true);
         if let Some(t) = tier.upgrade() {
             t.subscribed.store(true, Ordering::SeqCst);
             t.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
+            t.heartbeat_now.store(true, Ordering::Release);
+            t.queued.notify_one();
             tracing::info!(prefix = %t.prefix, "redis tier: subscribed to invalidations");
         }
         let mut stream = pubsub.into_on_message();
@@ -824,13 +1127,67 @@ async fn subscribe<K: Send + Sync + 'static, R: Send + Sync + 'static>(
             };
             let Some(msg) = next else { break };
             let Some(t) = tier.upgrade() else { return };
-            t.apply(msg.get_payload_bytes(), &invalidator);
+            t.apply(msg.get_payload_bytes(), &link);
         }
-        // Lost: no more hits from this L1 until subscribed again.
-        invalidator.set_local_trusted(false);
+        // Lost: no more hits from this L1 until heartbeats come back.
+        link.lost();
         if let Some(t) = tier.upgrade() {
             t.subscribed.store(false, Ordering::SeqCst);
             tracing::warn!(prefix = %t.prefix, "redis tier: invalidation subscription lost; L1 off until it is back");
+        }
+    }
+}
+
+/// Sends this instance's invalidations to Redis in order (retrying one
+/// that fails, with a backoff) and its heartbeats every quarter of the
+/// isolation window.
+async fn publish<K: Send + Sync + 'static, R: Send + Sync + 'static>(
+    tier: std::sync::Weak<RedisTier<K, R>>,
+    link: RemoteLink<K>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let Some(every) = tier.upgrade().map(|t| t.isolation_ttl / 4) else {
+        return;
+    };
+    let mut next_heartbeat = tokio::time::Instant::now();
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let Some(t) = tier.upgrade() else { return };
+        if t.heartbeat_now.swap(false, Ordering::AcqRel)
+            || tokio::time::Instant::now() >= next_heartbeat
+        {
+            next_heartbeat = tokio::time::Instant::now() + every;
+            t.heartbeat(&link).await;
+        }
+        let mut failed = false;
+        loop {
+            let Some(item) = t.queue().pop_front() else {
+                break;
+            };
+            if !t.deliver(&item).await {
+                // Back to the front, before anything queued meanwhile.
+                t.queue().push_front(item);
+                failed = true;
+                break;
+            }
+            link.applied(item.seq);
+            backoff = Duration::from_millis(5);
+            if tokio::time::Instant::now() >= next_heartbeat {
+                break; // heartbeats are not held up by a long queue
+            }
+        }
+        let wait = if failed {
+            let pause = backoff;
+            backoff = (backoff * 2).min(Duration::from_millis(250));
+            pause
+        } else {
+            next_heartbeat.saturating_duration_since(tokio::time::Instant::now())
+        };
+        let notified = t.queued.notified();
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = notified, if !failed => {}
+            () = tokio::time::sleep(wait) => {}
         }
     }
 }

@@ -1,6 +1,6 @@
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use super::future::ResponseFuture;
 use super::invalidate::{InvalidateTarget, Invalidation, InvalidationLog, Invalidator};
 use super::key::Hashed;
 use super::policy::{CachePolicy, Storable, Windows};
-use super::remote::{Lease, RemoteEntry, RemoteTier};
+use super::remote::{Lease, LinkTarget, RemoteEntry, RemoteTier};
 use super::stats::{CacheStats, Kind, Stats};
 use super::store::Store;
 
@@ -64,9 +64,25 @@ pub(crate) struct Shared<P, St: Store> {
     pub(crate) shutdown: CancellationToken,
     /// The shared tier, attached after build.
     pub(crate) remote: OnceLock<Arc<dyn RemoteTier<St::Key, St::Response>>>,
-    /// False while the in-process store cannot be trusted (the remote
-    /// tier lost the invalidation stream): lookups skip it.
-    pub(crate) trusted: AtomicBool,
+    /// The in-process store serves hits only before this instant (nanos on
+    /// `clock`): `u64::MAX` without a tier that requires heartbeats,
+    /// otherwise the last heartbeat's send time plus the isolation window.
+    trusted_until: AtomicU64,
+    /// The isolation window in nanos (0: heartbeats not required).
+    isolation: AtomicU64,
+    /// Values from the shared tier are not used before this instant: after
+    /// rejoining the fan-out, other instances may still be flushing the
+    /// invalidations they queued during the same outage.
+    remote_from: AtomicU64,
+    /// Set by the first heartbeat: later gaps are rejoins.
+    joined: AtomicBool,
+    /// The highest sequence number of this instance's invalidations queued
+    /// for the tier, and the highest the tier reported applied.
+    remote_queued: AtomicU64,
+    remote_applied: AtomicU64,
+    /// Orders "mark, then queue for the tier", so the tier sees this
+    /// instance's invalidations in sequence order.
+    remote_order: Mutex<()>,
 }
 
 /// What a lookup found.
@@ -105,7 +121,13 @@ impl<P, St: Store> Shared<P, St> {
             rng: crate::random::Random::new(seed),
             shutdown: CancellationToken::new(),
             remote: OnceLock::new(),
-            trusted: AtomicBool::new(true),
+            trusted_until: AtomicU64::new(u64::MAX),
+            isolation: AtomicU64::new(0),
+            remote_from: AtomicU64::new(0),
+            joined: AtomicBool::new(false),
+            remote_queued: AtomicU64::new(0),
+            remote_applied: AtomicU64::new(0),
+            remote_order: Mutex::new(()),
         }
     }
 
@@ -119,8 +141,21 @@ impl<P, St: Store> Shared<P, St> {
         self.rng.next_unit()
     }
 
+    /// Whether the in-process store may serve at `now` (one atomic load;
+    /// read before the store, so a heartbeat that extended the trust also
+    /// shows the invalidations applied before it).
     #[inline]
-    fn lookup(&self, entry: &Entry<St::Response, St::Error>, min_version: Option<u64>) -> Lookup {
+    pub(crate) fn trusted_at(&self, now: Instant) -> bool {
+        now.as_nanos() < self.trusted_until.load(Ordering::Acquire)
+    }
+
+    #[inline]
+    fn lookup(
+        &self,
+        entry: &Entry<St::Response, St::Error>,
+        min_version: Option<u64>,
+        now: Instant,
+    ) -> Lookup {
         if !self.log.still_valid(entry) {
             return Lookup::Dead;
         }
@@ -129,7 +164,6 @@ impl<P, St: Store> Shared<P, St> {
                 return Lookup::Skip;
             }
         }
-        let now = self.clock.now();
         match entry.freshness(now) {
             Freshness::Fresh => {
                 self.stats.incr(Kind::Hits);
@@ -190,13 +224,14 @@ impl<P, St: Store> Shared<P, St> {
         key: &Hashed<St::Key>,
         min_version: Option<u64>,
     ) -> Option<Arc<Entry<St::Response, St::Error>>> {
-        if !self.trusted.load(Ordering::Relaxed) {
+        let now = self.clock.now();
+        if !self.trusted_at(now) {
             return None;
         }
         let entry = self.store.get(key)?;
         let usable = self.log.still_valid(&entry)
             && min_version.is_none_or(|min| entry.version.is_some_and(|v| v >= min))
-            && entry.freshness(self.clock.now()) == Freshness::Fresh;
+            && entry.freshness(now) == Freshness::Fresh;
         usable.then_some(entry)
     }
 
@@ -209,8 +244,17 @@ impl<P, St: Store> Shared<P, St> {
         min_version: Option<u64>,
         fill_seq: u64,
     ) -> Option<Result<St::Response, St::Error>> {
+        if self.clock.now().as_nanos() < self.remote_from.load(Ordering::Acquire) {
+            self.stats.incr(Kind::RemoteFenced);
+            return None;
+        }
         let entry = tier.get(key.key()).await?;
         if min_version.is_some_and(|min| entry.version.is_none_or(|v| v < min)) {
+            return None;
+        }
+        if self.remote_pending_touches(key, &entry.tags) {
+            // The tier may still hold what a local invalidation removed.
+            self.stats.incr(Kind::RemoteFenced);
             return None;
         }
         let mut storable = Storable::new(Windows {
@@ -231,6 +275,26 @@ impl<P, St: Store> Shared<P, St> {
             Duration::ZERO,
         );
         Some(Ok(entry.response))
+    }
+
+    /// Whether an invalidation made here, not yet applied to the tier,
+    /// touches `key` or `tags`.
+    fn remote_pending_touches(&self, key: &Hashed<St::Key>, tags: &[super::Tag]) -> bool {
+        let applied = self.remote_applied.load(Ordering::Acquire);
+        let queued = self.remote_queued.load(Ordering::Acquire);
+        queued > applied && self.log.newest_touching(key, tags) > applied
+    }
+
+    /// Whether the store holds a good response for `key` that a window may
+    /// still serve (stale-while-revalidate or stale-if-error): a cached
+    /// error must not replace it.
+    fn has_servable_stale(&self, key: &Hashed<St::Key>) -> bool {
+        let now = self.clock.now();
+        self.store.get(key).is_some_and(|entry| {
+            entry.result.is_ok()
+                && now < entry.stale_until.max(entry.error_until)
+                && self.log.still_valid(&entry)
+        })
     }
 
     /// Calls the inner service (after its readiness) and stores the result
@@ -279,8 +343,12 @@ impl<P, St: Store> Shared<P, St> {
             Err(error) => {
                 self.stats.incr(Kind::InnerErrors);
                 if let Some(ttl) = self.config.negative_ttl {
-                    let storable = Storable::new(Windows::ttl(ttl));
-                    self.store_fill(key, Err(error.clone()), storable, fill_seq, recompute);
+                    // Negative caching never replaces a good entry that
+                    // stale-while-revalidate or stale-if-error may serve.
+                    if !self.has_servable_stale(key) {
+                        let storable = Storable::new(Windows::ttl(ttl));
+                        self.store_fill(key, Err(error.clone()), storable, fill_seq, recompute);
+                    }
                 }
             }
         }
@@ -339,6 +407,7 @@ impl<P, St: Store> Shared<P, St> {
             fill_seq,
             validated_seq: AtomicU64::new(fill_seq),
             refreshing: AtomicBool::new(false),
+            confirmed: AtomicBool::new(false),
             weight,
         });
         self.store.insert(key.clone(), Arc::clone(&entry));
@@ -349,8 +418,31 @@ impl<P, St: Store> Shared<P, St> {
             self.stats.incr(Kind::NotStored);
             return false;
         }
+        entry.confirmed.store(true, Ordering::Release);
         self.stats.incr(Kind::Stored);
         true
+    }
+}
+
+impl<P, St: Store> Shared<P, St> {
+    /// Marks and removes locally; returns the invalidation's sequence number.
+    fn apply_local(&self, what: Invalidation<St::Key>, version: u64) -> u64 {
+        self.stats.incr(Kind::Invalidations);
+        match what {
+            Invalidation::Key(key) => {
+                let key = self.log.hasher.hashed(key);
+                // Mark first, remove second (see the module docs).
+                let seq = self.log.mark_key(key.clone(), version);
+                self.store.remove(&key);
+                seq
+            }
+            Invalidation::Tag(tag) => self.log.mark_tag(tag, version),
+            Invalidation::All => {
+                let seq = self.log.mark_all();
+                self.store.clear();
+                seq
+            }
+        }
     }
 }
 
@@ -359,37 +451,77 @@ where
     P: Send + Sync + 'static,
     St: Store,
 {
-    fn set_trusted(&self, trusted: bool) {
-        self.trusted.store(trusted, Ordering::SeqCst);
-        if !trusted {
+    fn invalidate(&self, what: Invalidation<St::Key>, version: u64) {
+        let Some(tier) = self.remote.get() else {
+            self.apply_local(what, version);
+            return;
+        };
+        // Mark and queue under one lock: the tier gets this instance's
+        // invalidations in sequence order, and before this returns the
+        // invalidation is queued, so the L2 read path sees it pending.
+        let _order = self
+            .remote_order
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let seq = self.apply_local(what.clone(), version);
+        self.remote_queued.fetch_max(seq, Ordering::AcqRel);
+        tier.invalidate(seq, what, version);
+    }
+}
+
+impl<P, St> LinkTarget<St::Key> for Shared<P, St>
+where
+    P: Send + Sync + 'static,
+    St: Store,
+{
+    fn apply_remote(&self, what: Invalidation<St::Key>, version: u64) {
+        self.apply_local(what, version);
+    }
+
+    fn applied(&self, seq: u64) {
+        self.remote_applied.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    fn isolate(&self, ttl: Duration) {
+        self.isolation.store(nanos(ttl).max(1), Ordering::Release);
+        self.trusted_until.store(0, Ordering::Release);
+    }
+
+    fn heard(&self, sent_at: Instant) {
+        let ttl = self.isolation.load(Ordering::Acquire);
+        if ttl == 0 {
+            return;
+        }
+        let now = self.clock.now();
+        let until = sent_at.as_nanos().saturating_add(ttl);
+        if self.trusted_until.load(Ordering::Acquire) <= now.as_nanos() {
+            if until <= now.as_nanos() {
+                return; // an old heartbeat: still isolated
+            }
+            // Rejoining after a gap: invalidations may have been missed.
+            // Empty the store (and fence fills in flight) before trusting
+            // it, and keep the tier's values out for one more window while
+            // other instances flush what they queued during the outage.
+            self.log.mark_all();
             self.store.clear();
+            if self.joined.swap(true, Ordering::AcqRel) {
+                self.remote_from
+                    .store(now.as_nanos().saturating_add(ttl), Ordering::Release);
+            }
+            self.trusted_until.store(until, Ordering::Release);
+        } else {
+            self.trusted_until.fetch_max(until, Ordering::AcqRel);
         }
     }
 
-    fn invalidate(&self, what: Invalidation<St::Key>, version: u64, propagate: bool) {
-        if propagate {
-            if let (Some(tier), Ok(runtime)) =
-                (self.remote.get(), tokio::runtime::Handle::try_current())
-            {
-                let tier = Arc::clone(tier);
-                let what = what.clone();
-                runtime.spawn(async move { tier.invalidate(&what, version).await });
-            }
+    fn lost(&self) {
+        if self.isolation.load(Ordering::Acquire) != 0 {
+            self.trusted_until.store(0, Ordering::Release);
         }
-        self.stats.incr(Kind::Invalidations);
-        match what {
-            Invalidation::Key(key) => {
-                let key = self.log.hasher.hashed(key);
-                // Mark first, remove second (see the module docs).
-                self.log.mark_key(key.clone(), version);
-                self.store.remove(&key);
-            }
-            Invalidation::Tag(tag) => self.log.mark_tag(tag, version),
-            Invalidation::All => {
-                self.log.mark_all();
-                self.store.clear();
-            }
-        }
+    }
+
+    fn now(&self) -> Instant {
+        self.clock.now()
     }
 }
 
@@ -503,13 +635,15 @@ where
         let key = shared.log.hasher.hashed(key);
         let min_version = shared.policy.min_version(&req);
         let mut fallback = None;
-        let l1 = if shared.trusted.load(Ordering::Relaxed) {
+        let now = shared.clock.now();
+        let l1 = if shared.trusted_at(now) {
             shared.store.get(&key)
         } else {
+            shared.stats.incr(Kind::Isolated);
             None
         };
         if let Some(entry) = l1 {
-            match shared.lookup(&entry, min_version) {
+            match shared.lookup(&entry, min_version, now) {
                 Lookup::Hit { refresh } => {
                     if refresh {
                         self.spawn_refresh(req, key, min_version);
@@ -578,7 +712,7 @@ async fn refresh<S, P, St, Req>(
     St: Store,
 {
     // A miss already filling this key does the refresh's work.
-    if let Join::Lead(leader) = shared.flights.join(&key, min_version) {
+    if let Join::Lead(leader) = shared.flights.join_fenced(&key, min_version, &shared.log) {
         let (result, remote) = shared.fill(svc, req, &key).await;
         if let (Some(tier), Some(entry)) = (shared.remote.get(), remote) {
             tier.put(key.key(), entry, Lease::Unavailable).await;
@@ -617,7 +751,7 @@ where
 {
     let mut counted = false;
     let leader = loop {
-        match shared.flights.join(&key, min_version) {
+        match shared.flights.join_fenced(&key, min_version, &shared.log) {
             Join::Lead(leader) => break Some(leader),
             Join::Alone => break None,
             Join::Wait(flight) => {
@@ -673,7 +807,8 @@ where
     }
     if result.is_err() {
         if let Some(entry) = fallback {
-            if shared.clock.now() < entry.error_until && shared.log.still_valid(&entry) {
+            let now = shared.clock.now();
+            if now < entry.error_until && shared.trusted_at(now) && shared.log.still_valid(&entry) {
                 shared.stats.incr(Kind::StaleIfError);
                 result = entry.result.clone();
             }

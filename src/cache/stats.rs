@@ -11,7 +11,7 @@ use crossbeam_utils::CachePadded;
 /// Stripes owned by one live thread each; threads beyond them share one
 /// more stripe through atomic adds.
 const OWNED_STRIPES: usize = 64;
-const KINDS: usize = 13;
+const KINDS: usize = 15;
 
 /// What a counter counts.
 #[derive(Debug, Clone, Copy)]
@@ -29,6 +29,8 @@ pub(crate) enum Kind {
     Invalidations,
     Bypasses,
     RemoteHits,
+    RemoteFenced,
+    Isolated,
 }
 
 /// Which stripe this thread writes: its own (plain load and store, no
@@ -134,6 +136,8 @@ impl Stats {
             invalidations: self.get(Kind::Invalidations),
             bypasses: self.get(Kind::Bypasses),
             remote_hits: self.get(Kind::RemoteHits),
+            remote_fenced: self.get(Kind::RemoteFenced),
+            isolated: self.get(Kind::Isolated),
             evictions,
             entries,
         }
@@ -173,6 +177,15 @@ pub struct CacheStats {
     pub bypasses: u64,
     /// Misses answered by the shared (L2) tier.
     pub remote_hits: u64,
+    /// Values the shared tier returned but that were not used, because an
+    /// invalidation made on this instance that touches them had not been
+    /// applied to the tier yet (or the tier was just rejoined after an
+    /// outage).
+    pub remote_fenced: u64,
+    /// Requests that skipped the in-process store because this instance
+    /// had not heard from the shared tier's invalidation fan-out within its
+    /// isolation window.
+    pub isolated: u64,
     /// Entries the store evicted to stay within its capacity.
     pub evictions: u64,
     /// Entries in the store now (approximate for moka).
@@ -188,7 +201,7 @@ impl CacheStats {
     /// handler): the hit path only touches the striped counters.
     pub fn record_metrics(&self, name: &str) {
         let name = name.to_string();
-        let counters: [(&'static str, u64); 14] = [
+        let counters: [(&'static str, u64); 16] = [
             ("tower_scale_cache_hits_total", self.hits),
             ("tower_scale_cache_stale_hits_total", self.stale_hits),
             (
@@ -208,6 +221,8 @@ impl CacheStats {
             ("tower_scale_cache_invalidations_total", self.invalidations),
             ("tower_scale_cache_bypasses_total", self.bypasses),
             ("tower_scale_cache_l2_hits_total", self.remote_hits),
+            ("tower_scale_cache_l2_fenced_total", self.remote_fenced),
+            ("tower_scale_cache_isolated_total", self.isolated),
             ("tower_scale_cache_evictions_total", self.evictions),
         ];
         for (metric, value) in counters {

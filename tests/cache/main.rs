@@ -898,3 +898,59 @@ async fn statistics_reach_the_metrics_facade() {
     );
     assert!(value("tower_scale_cache_entries").is_some());
 }
+
+#[path = "../common/history.rs"]
+mod history;
+
+/// Guarantee 1 (same instance, exact), as a model-based test: many seeded
+/// runs of writers (write, then invalidate by key, tag, group tag or all)
+/// against readers, with fills that take 0–5 ms and overlap the
+/// invalidations; no read that starts after an invalidation returned may
+/// see an older version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_read_after_an_invalidation_sees_older_data() {
+    let (mut checked, mut coalesced, mut fenced_fills, mut loads) = (0, 0, 0, 0);
+    for seed in [1u64, 2, 3, 4] {
+        let model = history::Model::new(6, seed);
+        let layer = CacheLayer::builder(history::TagPolicy)
+            .time_to_live(Duration::from_secs(60))
+            .seed(seed)
+            .build()
+            .expect("valid config");
+        let invalidator = layer.invalidator();
+        let svc: history::Svc = ServiceBuilder::new().layer(layer).service(model.origin());
+        let run = history::run(
+            &model,
+            &[(svc.clone(), invalidator)],
+            history::Load {
+                seed,
+                readers: 8,
+                writers: 3,
+                reads_each: 300,
+                writes_each: 150,
+                max_time: Duration::from_secs(6),
+                write_pause: Duration::from_millis(2),
+            },
+        )
+        .await;
+        assert_eq!(run.failed, 0);
+        let verdict = history::check(&run, None);
+        assert!(
+            verdict.violations.is_empty(),
+            "seed {seed}: {} of {} reads saw data older than a returned invalidation, e.g. {:?}",
+            verdict.violations.len(),
+            verdict.checked,
+            &verdict.violations[..verdict.violations.len().min(5)]
+        );
+        let stats = svc.stats();
+        checked += verdict.checked;
+        coalesced += stats.coalesced;
+        fenced_fills += stats.not_stored;
+        loads += model.loads.load(std::sync::atomic::Ordering::Relaxed);
+    }
+    eprintln!(
+        "checked {checked} reads: {coalesced} joined a fill in flight, {fenced_fills} fills overlapped an invalidation and were not stored, {loads} loads"
+    );
+    assert!(coalesced > 0, "no read overlapped an in-flight fill");
+    assert!(fenced_fills > 0, "no fill overlapped an invalidation");
+}
