@@ -12,8 +12,8 @@ use std::time::Duration;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use redis::AsyncCommands;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_scale::cache::{CacheLayer, Entry, Hashed, Store};
 use tower_scale::cache::redis::{RedisCodec, builder};
+use tower_scale::cache::{CacheLayer, Entry, Hashed, Store};
 use tower_scale::testing::LocalRedis;
 
 struct Codec;

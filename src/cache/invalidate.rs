@@ -383,8 +383,7 @@ impl<K> Invalidator<K> {
     where
         K: Clone,
     {
-        self.target
-            .invalidate(Invalidation::Key(key.clone()), 0);
+        self.target.invalidate(Invalidation::Key(key.clone()), 0);
     }
 
     /// Removes the entry for `key`, and keeps out fills stamped below `version`.
@@ -398,8 +397,7 @@ impl<K> Invalidator<K> {
 
     /// Invalidates every entry stored with `tag`.
     pub fn invalidate_tag(&self, tag: impl Into<Tag>) {
-        self.target
-            .invalidate(Invalidation::Tag(tag.into()), 0);
+        self.target.invalidate(Invalidation::Tag(tag.into()), 0);
     }
 
     /// Invalidates every entry with `tag`, and keeps out fills with that

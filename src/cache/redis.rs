@@ -204,6 +204,7 @@ impl RedisTierBuilder {
             put_script: Script::new(PUT_SCRIPT),
             lease_script: Script::new(LEASE_SCRIPT),
             invalidate_script: Script::new(INVALIDATE_SCRIPT),
+            release_script: Script::new(RELEASE_SCRIPT),
             last_error: Mutex::new(None),
             refusing: AtomicBool::new(false),
             queue: Mutex::new(VecDeque::new()),
@@ -225,7 +226,11 @@ impl RedisTierBuilder {
         link.require_heartbeats(tier.isolation_ttl);
         let _ = tier.link.set(link.clone());
         let shutdown = layer.shutdown_token();
-        runtime.spawn(subscribe(Arc::downgrade(&tier), link.clone(), shutdown.clone()));
+        runtime.spawn(subscribe(
+            Arc::downgrade(&tier),
+            link.clone(),
+            shutdown.clone(),
+        ));
         runtime.spawn(publish(Arc::downgrade(&tier), link, shutdown));
         Ok(tier)
     }
@@ -367,6 +372,7 @@ pub struct RedisTier<K, R> {
     put_script: Script,
     lease_script: Script,
     invalidate_script: Script,
+    release_script: Script,
     last_error: Mutex<Option<String>>,
     /// True while Redis refuses writes (logged once per change).
     refusing: AtomicBool,
@@ -415,7 +421,8 @@ return h[1]
 "#;
 
 /// Stores a value unless an invalidation happened since the fill began
-/// (the epoch moved or is gone) or its lease was cancelled. A missing tag
+/// (the epoch moved or is gone: the lease, if still ours, is given up so
+/// others stop waiting) or its lease was cancelled. A missing tag
 /// generation is created from a random start, so a counter deleted and
 /// created again never repeats a value an old entry recorded.
 /// KEYS[1] = entry, KEYS[2] = epoch, KEYS[3] = lease; ARGV = epoch at
@@ -423,8 +430,12 @@ return h[1]
 /// start, tags...
 const PUT_SCRIPT: &str = r#"
 local epoch = redis.call('GET', KEYS[2])
-if not epoch or epoch ~= ARGV[1] then return 0 end
-if ARGV[2] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[2] then return 0 end
+local ours = ARGV[2] ~= '' and redis.call('GET', KEYS[3]) == ARGV[2]
+if not epoch or epoch ~= ARGV[1] then
+  if ours then redis.call('DEL', KEYS[3]) end
+  return 0
+end
+if ARGV[2] ~= '' and not ours then return 0 end
 local g = ''
 for i = 7, #ARGV do
   local k = ARGV[5] .. ARGV[i]
@@ -454,6 +465,12 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return e
 end
 return false
+"#;
+
+/// Deletes a lease if it is still ours. KEYS[1] = lease; ARGV[1] = token.
+const RELEASE_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 "#;
 
 /// Applies one invalidation to Redis: a key's entry and lease are deleted;
@@ -619,7 +636,10 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
                 s.fanout_received,
             ),
             ("tower_scale_cache_l2_lease_waits_total", s.lease_waits),
-            ("tower_scale_cache_l2_refused_writes_total", s.refused_writes),
+            (
+                "tower_scale_cache_l2_refused_writes_total",
+                s.refused_writes,
+            ),
             ("tower_scale_cache_l2_heartbeats_total", s.heartbeats),
         ] {
             metrics::counter!(name, "prefix" => self.prefix.clone()).absolute(v);
@@ -680,11 +700,9 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
             let (client, config) = (self.client.clone(), self.config.clone());
             let bound = self.timeout.max(Duration::from_millis(200));
             self.runtime.spawn(async move {
-                let made = tokio::time::timeout(
-                    bound,
-                    ConnectionManager::new_with_config(client, config),
-                )
-                .await;
+                let made =
+                    tokio::time::timeout(bound, ConnectionManager::new_with_config(client, config))
+                        .await;
                 if let Some(t) = tier.upgrade() {
                     if let Ok(Ok(m)) = made {
                         *t.manager.write().unwrap_or_else(|p| p.into_inner()) = Some(m);
@@ -696,7 +714,8 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
         None
     }
 
-    /// Runs one Redis operation through the breaker, with the timeout.
+    /// Runs one Redis operation of the request path through the breaker,
+    /// with the timeout.
     async fn call<T, F, Fut>(&self, op: F) -> Option<T>
     where
         K: Send + Sync,
@@ -707,6 +726,19 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
         if !self.breaker.allow() {
             return None;
         }
+        self.call_unguarded(op).await
+    }
+
+    /// Runs one operation of the background publisher (heartbeats and
+    /// queued invalidations): not held back by an open circuit (it paces
+    /// itself, and its success closes the circuit at once), with the timeout.
+    async fn call_unguarded<T, F, Fut>(&self, op: F) -> Option<T>
+    where
+        K: Send + Sync,
+        R: Send + Sync,
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
         let Some(conn) = self.connection() else {
             self.failed("no connection");
             return None;
@@ -847,7 +879,7 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
         };
         let script = &self.invalidate_script;
         let refused: Option<i64> = self
-            .call(|mut c| async move {
+            .call_unguarded(|mut c| async move {
                 let mut inv = script.prepare_invoke();
                 inv.key(&epoch_key).key(&target);
                 if !lease.is_empty() {
@@ -867,7 +899,7 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
         let message = self.invalidation_message(&item.what, item.version);
         let channel = self.channel();
         let published: Option<i64> = self
-            .call(|mut c| async move { c.publish(&channel, message).await })
+            .call_unguarded(|mut c| async move { c.publish(&channel, message).await })
             .await;
         published.is_some()
     }
@@ -882,7 +914,7 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
         let message = self.message(MSG_HEARTBEAT, 0, &sent_at.to_be_bytes());
         let channel = self.channel();
         let _: Option<i64> = self
-            .call(|mut c| async move { c.publish(&channel, message).await })
+            .call_unguarded(|mut c| async move { c.publish(&channel, message).await })
             .await;
     }
 }
@@ -1050,6 +1082,21 @@ where
         })
     }
 
+    fn release<'a>(&'a self, key: &'a K, lease: Lease) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let Lease::Acquired { token, .. } = lease else {
+                return;
+            };
+            let lease_key = self.lease_key(&self.codec.encode_key(key));
+            let script = &self.release_script;
+            let _: Option<i64> = self
+                .call(|mut c| async move {
+                    script.key(&lease_key).arg(token).invoke_async(&mut c).await
+                })
+                .await;
+        })
+    }
+
     fn invalidate(&self, seq: u64, what: Invalidation<K>, version: u64) {
         {
             let mut queue = self.queue();
@@ -1149,6 +1196,10 @@ async fn publish<K: Send + Sync + 'static, R: Send + Sync + 'static>(
     let Some(every) = tier.upgrade().map(|t| t.isolation_ttl / 4) else {
         return;
     };
+    // A failed delivery is retried at least every quarter window, so after
+    // an outage the queue is flushed within the window other instances
+    // wait before they use Redis values again.
+    let max_backoff = every.min(Duration::from_millis(250));
     let mut next_heartbeat = tokio::time::Instant::now();
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -1178,7 +1229,7 @@ async fn publish<K: Send + Sync + 'static, R: Send + Sync + 'static>(
         }
         let wait = if failed {
             let pause = backoff;
-            backoff = (backoff * 2).min(Duration::from_millis(250));
+            backoff = (backoff * 2).min(max_backoff);
             pause
         } else {
             next_heartbeat.saturating_duration_since(tokio::time::Instant::now())

@@ -84,6 +84,13 @@ pub trait RemoteTier<K, R>: Send + Sync + 'static {
     fn put<'a>(&'a self, key: &'a K, entry: RemoteEntry<R>, lease: Lease) -> BoxFuture<'a, ()>;
     /// Takes the fill lease for `key`.
     fn lease<'a>(&'a self, key: &'a K) -> BoxFuture<'a, Lease>;
+    /// Gives up a lease without a put (the fill failed or was invalidated),
+    /// so other instances stop waiting for it. The default does nothing
+    /// (the lease then runs out by itself).
+    fn release<'a>(&'a self, key: &'a K, lease: Lease) -> BoxFuture<'a, ()> {
+        let _ = (key, lease);
+        Box::pin(std::future::ready(()))
+    }
     /// Queues an invalidation made on this instance, numbered `seq`, for
     /// the tier and the other instances. It must not block and must not
     /// need a runtime (it is called from synchronous code, possibly outside

@@ -248,11 +248,14 @@ impl<P, St: Store> Shared<P, St> {
             self.stats.incr(Kind::RemoteFenced);
             return None;
         }
+        // Read before the round trip: what was applied by then is in the
+        // tier's answer; anything later may not be.
+        let applied = self.remote_applied.load(Ordering::Acquire);
         let entry = tier.get(key.key()).await?;
         if min_version.is_some_and(|min| entry.version.is_none_or(|v| v < min)) {
             return None;
         }
-        if self.remote_pending_touches(key, &entry.tags) {
+        if self.remote_pending_touches(key, &entry.tags, applied) {
             // The tier may still hold what a local invalidation removed.
             self.stats.incr(Kind::RemoteFenced);
             return None;
@@ -277,10 +280,14 @@ impl<P, St: Store> Shared<P, St> {
         Some(Ok(entry.response))
     }
 
-    /// Whether an invalidation made here, not yet applied to the tier,
-    /// touches `key` or `tags`.
-    fn remote_pending_touches(&self, key: &Hashed<St::Key>, tags: &[super::Tag]) -> bool {
-        let applied = self.remote_applied.load(Ordering::Acquire);
+    /// Whether an invalidation made here and not applied to the tier when
+    /// `applied` was read touches `key` or `tags`.
+    fn remote_pending_touches(
+        &self,
+        key: &Hashed<St::Key>,
+        tags: &[super::Tag],
+        applied: u64,
+    ) -> bool {
         let queued = self.remote_queued.load(Ordering::Acquire);
         queued > applied && self.log.newest_touching(key, tags) > applied
     }
@@ -798,12 +805,27 @@ where
                 {
                     return hand_over(leader, result);
                 }
+                // The holder gave up (or its put was refused): take over
+                // rather than wait out the lease.
+                lease = tier.lease(key.key()).await;
+                if lease != Lease::Busy {
+                    break;
+                }
+            }
+            if lease == Lease::Busy {
+                lease = Lease::Unavailable;
             }
         }
     }
     let (mut result, remote) = shared.fill(svc, req, &key).await;
-    if let (Some(tier), Some(entry)) = (shared.remote.get(), remote) {
-        tier.put(key.key(), entry, lease).await;
+    if let Some(tier) = shared.remote.get() {
+        match remote {
+            Some(entry) => tier.put(key.key(), entry, lease).await,
+            None if matches!(lease, Lease::Acquired { .. }) => {
+                tier.release(key.key(), lease).await;
+            }
+            None => {}
+        }
     }
     if result.is_err() {
         if let Some(entry) = fallback {

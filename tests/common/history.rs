@@ -84,6 +84,11 @@ impl Model {
         })
     }
 
+    /// Writes `key` (bumps its version) and returns the new version.
+    pub fn bump(&self, key: u64) -> u64 {
+        self.versions[key as usize].fetch_add(1, Ordering::SeqCst) + 1
+    }
+
     pub fn keys(&self) -> u64 {
         self.versions.len() as u64
     }
@@ -170,7 +175,7 @@ pub async fn run(model: &Arc<Model>, instances: &[(Svc, Invalidator<u64>)], load
                 }
                 let key = rng.below(model.keys());
                 let instance = rng.below(invalidators.len() as u64) as usize;
-                let version = model.versions[key as usize].fetch_add(1, Ordering::SeqCst) + 1;
+                let version = model.bump(key);
                 let inv = &invalidators[instance];
                 match rng.below(4) {
                     0 => inv.invalidate_key(&key),
@@ -180,11 +185,13 @@ pub async fn run(model: &Arc<Model>, instances: &[(Svc, Invalidator<u64>)], load
                 }
                 let returned = model.tick();
                 let returned_at = Instant::now();
-                history
-                    .lock()
-                    .unwrap()
-                    .invalidations
-                    .push(Invalidated { key, version, instance, returned, returned_at });
+                history.lock().unwrap().invalidations.push(Invalidated {
+                    key,
+                    version,
+                    instance,
+                    returned,
+                    returned_at,
+                });
                 let micros = rng.below(pause.as_micros() as u64 + 1);
                 tokio::time::sleep(Duration::from_micros(micros)).await;
             }
@@ -209,7 +216,13 @@ pub async fn run(model: &Arc<Model>, instances: &[(Svc, Invalidator<u64>)], load
                     match result {
                         Ok(v) => {
                             assert_eq!(v.0, key, "a response for another key");
-                            h.reads.push(Read { key, instance, start, start_at, seen: v.1 });
+                            h.reads.push(Read {
+                                key,
+                                instance,
+                                start,
+                                start_at,
+                                seen: v.1,
+                            });
                         }
                         Err(_) => h.failed += 1,
                     }

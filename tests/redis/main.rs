@@ -1,6 +1,9 @@
 //! The shared tier against a real redis-server (LocalRedis): one origin
 //! call across four instances, invalidation fan-out, Redis killed under
-//! load, a dropped subscription, a corrupt value.
+//! load, a dropped subscription, a corrupt value; the invalidation
+//! guarantees under faults (`faults.rs`).
+
+mod faults;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -95,9 +98,11 @@ async fn four_instances_make_one_origin_call_and_see_each_others_invalidations()
     for _ in 0..4 {
         instances.push(instance(&redis, &calls, "four").await);
     }
-    until("all subscribed", Duration::from_secs(10), || {
-        instances.iter().all(|(_, t, _)| t.stats().subscribed)
-    })
+    until(
+        "all heard their heartbeats",
+        Duration::from_secs(10),
+        || instances.iter().all(|(_, t, _)| t.stats().heartbeats > 0),
+    )
     .await;
     let mut tasks = tokio::task::JoinSet::new();
     for (svc, _, _) in &instances {
@@ -155,7 +160,7 @@ async fn redis_killed_under_load_fails_nothing_and_recovers() {
     let calls = Arc::new(AtomicUsize::new(0));
     let (svc, tier, _) = instance(&redis, &calls, "kill").await;
     until("subscribed", Duration::from_secs(10), || {
-        tier.stats().subscribed
+        tier.stats().heartbeats > 0
     })
     .await;
     for k in 0..20 {
@@ -173,11 +178,21 @@ async fn redis_killed_under_load_fails_nothing_and_recovers() {
         }
     }
     assert_eq!(failures, 0, "Redis down never fails a request");
-    assert!(svc.stats().hits > hits_before, "L1 hits continue");
+    // Without heartbeats the L1 is off after the isolation window (1 s):
+    // another instance's invalidation could not reach it.
+    let s = svc.stats();
+    assert!(s.isolated > 0, "L1 skipped while Redis is down: {s:?}");
+    let hits = s.hits;
+    assert!(hits >= hits_before);
+    for k in 0..5 {
+        svc.clone().oneshot(k).await.unwrap();
+    }
+    assert_eq!(svc.stats().hits, hits, "no L1 hit while isolated");
     until("the circuit opens", Duration::from_secs(10), || {
         tier.stats().circuit_open
     })
     .await;
+    let heard_before_restart = tier.stats().heartbeats;
     redis.start_again().unwrap();
     let back = Instant::now();
     let mut k = 1000;
@@ -193,8 +208,8 @@ async fn redis_killed_under_load_fails_nothing_and_recovers() {
     }
     // New fills reach Redis again: a second instance gets them from L2.
     let (other, other_tier, _) = instance(&redis, &calls, "kill").await;
-    until("resubscribed", Duration::from_secs(10), || {
-        tier.stats().subscribed && other_tier.stats().subscribed
+    until("rejoined", Duration::from_secs(10), || {
+        tier.stats().heartbeats > heard_before_restart && other_tier.stats().heartbeats > 0
     })
     .await;
     k += 1;
@@ -204,7 +219,11 @@ async fn redis_killed_under_load_fails_nothing_and_recovers() {
     assert_eq!(
         calls.load(Ordering::SeqCst),
         before,
-        "served from L2 after recovery"
+        "served from L2 after recovery: {:?} {:?} / {:?} {:?}",
+        svc.stats(),
+        tier.stats(),
+        other.stats(),
+        other_tier.stats()
     );
     eprintln!("recovered {:?} after the restart", back.elapsed());
 }
@@ -215,7 +234,7 @@ async fn a_dropped_subscription_distrusts_l1_until_resubscribed() {
     let calls = Arc::new(AtomicUsize::new(0));
     let (svc, tier, _) = instance(&redis, &calls, "pubsub").await;
     until("subscribed", Duration::from_secs(10), || {
-        tier.stats().subscribed
+        tier.stats().heartbeats > 0
     })
     .await;
     svc.clone().oneshot(1).await.unwrap();
@@ -232,20 +251,27 @@ async fn a_dropped_subscription_distrusts_l1_until_resubscribed() {
         .await
         .unwrap();
     assert!(killed >= 1);
-    until("lost and resubscribed", Duration::from_secs(10), || {
-        let s = tier.stats();
-        s.subscribed && s.subscriptions >= 2
-    })
+    let heartbeats = tier.stats().heartbeats;
+    until(
+        "lost, resubscribed and heard again",
+        Duration::from_secs(10),
+        || {
+            let s = tier.stats();
+            s.subscribed && s.subscriptions >= 2 && s.heartbeats > heartbeats
+        },
+    )
     .await;
-    // The L1 was flushed: the next read comes from L2, not from L1.
-    let remote_before = svc.stats().remote_hits;
+    // The L1 was emptied before it was trusted again: the next read is not
+    // an L1 hit (it goes to the origin: Redis values wait one isolation
+    // window after a rejoin).
+    let hits_before = svc.stats().hits;
     svc.clone().oneshot(1).await.unwrap();
     assert_eq!(
-        svc.stats().remote_hits,
-        remote_before + 1,
+        svc.stats().hits,
+        hits_before,
         "L1 was not trusted across the gap"
     );
-    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,7 +280,7 @@ async fn a_corrupt_value_is_a_miss() {
     let calls = Arc::new(AtomicUsize::new(0));
     let (a, tier, _) = instance(&redis, &calls, "corrupt").await;
     until("subscribed", Duration::from_secs(10), || {
-        tier.stats().subscribed
+        tier.stats().heartbeats > 0
     })
     .await;
     a.clone().oneshot(5).await.unwrap();
@@ -275,7 +301,7 @@ async fn a_corrupt_value_is_a_miss() {
         .unwrap();
     let (b, tier_b, _) = instance(&redis, &calls, "corrupt").await;
     until("subscribed", Duration::from_secs(10), || {
-        tier_b.stats().subscribed
+        tier_b.stats().heartbeats > 0
     })
     .await;
     let got = b.clone().oneshot(5).await.unwrap();
@@ -290,7 +316,7 @@ async fn an_invalidation_during_a_fill_keeps_it_out_of_redis() {
     let (a, tier_a, inv_a) = instance(&redis, &calls, "lease").await;
     let (b, tier_b, _) = instance(&redis, &calls, "lease").await;
     until("subscribed", Duration::from_secs(10), || {
-        tier_a.stats().subscribed && tier_b.stats().subscribed
+        tier_a.stats().heartbeats > 0 && tier_b.stats().heartbeats > 0
     })
     .await;
     // A fills key 3 (the origin takes 50 ms); the data changes meanwhile.
@@ -319,7 +345,7 @@ async fn a_stalled_redis_is_bypassed_quickly() {
     let calls = Arc::new(AtomicUsize::new(0));
     let (svc, tier, _) = instance(&redis, &calls, "slow").await;
     until("subscribed", Duration::from_secs(10), || {
-        tier.stats().subscribed
+        tier.stats().heartbeats > 0
     })
     .await;
     redis.pause().unwrap();

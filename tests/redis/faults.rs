@@ -1,0 +1,352 @@
+//! The invalidation guarantees with the shared tier, against a real
+//! redis-server, with and without faults:
+//!
+//! - same instance, exact: a read that starts after `invalidate_*` returned
+//!   never sees older data (also from Redis: no resurrection);
+//! - across instances, bounded: a read that starts more than
+//!   `isolation_ttl` after the invalidation returned on another instance
+//!   never sees older data — while Redis runs, is killed, is stalled, or
+//!   refuses writes;
+//! - invalidations made outside any runtime reach the other instances.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tower::{ServiceBuilder, ServiceExt};
+use tower_scale::cache::redis::{RedisCodec, RedisTier, builder};
+use tower_scale::cache::{CacheLayer, Invalidator};
+use tower_scale::testing::LocalRedis;
+
+#[path = "../common/history.rs"]
+mod history;
+
+use history::{Model, Svc, TagPolicy, Value};
+
+const ISOLATION: Duration = Duration::from_millis(200);
+
+struct ValueCodec;
+
+impl RedisCodec<u64, Value> for ValueCodec {
+    fn encode_key(&self, key: &u64) -> Vec<u8> {
+        key.to_be_bytes().to_vec()
+    }
+    fn decode_key(&self, bytes: &[u8]) -> Option<u64> {
+        Some(u64::from_be_bytes(bytes.try_into().ok()?))
+    }
+    fn encode(&self, r: &Value) -> Vec<u8> {
+        let mut out = r.0.to_be_bytes().to_vec();
+        out.extend_from_slice(&r.1.to_be_bytes());
+        out
+    }
+    fn decode(&self, bytes: &[u8]) -> Option<Value> {
+        let k = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
+        let v = u64::from_be_bytes(bytes.get(8..16)?.try_into().ok()?);
+        Some(Arc::new((k, v)))
+    }
+}
+
+async fn model_instance(
+    url: &str,
+    model: &Arc<Model>,
+    prefix: &str,
+) -> (Svc, Invalidator<u64>, Arc<RedisTier<u64, Value>>) {
+    let layer = CacheLayer::builder(TagPolicy)
+        .time_to_live(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let tier = builder(url)
+        .prefix(prefix)
+        .timeout(Duration::from_millis(100))
+        .isolation_ttl(ISOLATION)
+        .attach(&layer, ValueCodec)
+        .await
+        .unwrap();
+    let invalidator = layer.invalidator();
+    (
+        ServiceBuilder::new().layer(layer).service(model.origin()),
+        invalidator,
+        tier,
+    )
+}
+
+async fn until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !cond() {
+        assert!(started.elapsed() < within, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    None,
+    Kill,
+    Stall,
+    RefuseWrites,
+}
+
+/// Two instances on one Redis, writers and readers on both, and `fault`
+/// from 0.6 s to 1.8 s of a 2.6 s run; checks both guarantees.
+async fn two_instances_under(fault: Fault) {
+    let redis = LocalRedis::start().unwrap();
+    let model = Model::new(6, 42);
+    let prefix = format!("model-{fault:?}");
+    let a = model_instance(&redis.url(), &model, &prefix).await;
+    let b = model_instance(&redis.url(), &model, &prefix).await;
+    until(
+        "both heard their heartbeats",
+        Duration::from_secs(10),
+        || a.2.stats().heartbeats > 0 && b.2.stats().heartbeats > 0,
+    )
+    .await;
+    let instances = [(a.0.clone(), a.1.clone()), (b.0.clone(), b.1.clone())];
+    let injector = async {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        match fault {
+            Fault::None => {}
+            Fault::Kill => redis.kill().unwrap(),
+            Fault::Stall => redis.pause().unwrap(),
+            Fault::RefuseWrites => refuse_writes(&redis.url()).await,
+        }
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        match fault {
+            Fault::Kill => redis.start_again().unwrap(),
+            Fault::Stall => redis.resume().unwrap(),
+            _ => {}
+        }
+    };
+    let (run, ()) = tokio::join!(
+        history::run(
+            &model,
+            &instances,
+            history::Load {
+                seed: 42,
+                readers: 6,
+                writers: 2,
+                reads_each: 100_000,
+                writes_each: 100_000,
+                max_time: Duration::from_millis(2600),
+                write_pause: Duration::from_millis(10),
+            },
+        ),
+        injector
+    );
+    let verdict = history::check(&run, Some(ISOLATION));
+    let (sa, sb) = (a.0.stats(), b.0.stats());
+    eprintln!(
+        "{fault:?}: {} reads checked ({} against another instance's invalidation), {} invalidations, {} failed; \
+         A: hits {} l2 {} fenced {} isolated {}; B: hits {} l2 {} fenced {} isolated {}; tiers {:?} / {:?}",
+        verdict.checked,
+        verdict.checked_across,
+        run.invalidations.len(),
+        run.failed,
+        sa.hits,
+        sa.remote_hits,
+        sa.remote_fenced,
+        sa.isolated,
+        sb.hits,
+        sb.remote_hits,
+        sb.remote_fenced,
+        sb.isolated,
+        a.2.stats(),
+        b.2.stats(),
+    );
+    assert_eq!(run.failed, 0, "{fault:?}: no request fails");
+    assert!(
+        verdict.violations.is_empty(),
+        "{fault:?}: {} reads saw data older than an invalidation, e.g. {:?}",
+        verdict.violations.len(),
+        &verdict.violations[..verdict.violations.len().min(5)]
+    );
+    assert!(
+        verdict.checked_across > 0,
+        "reads were checked across instances"
+    );
+    if let Fault::RefuseWrites = fault {
+        assert!(
+            a.2.stats().refused_writes + b.2.stats().refused_writes > 0,
+            "Redis refused writes"
+        );
+    }
+}
+
+/// `maxmemory 1mb` with `noeviction`, then filled past it: SET and INCR are
+/// refused; DEL and PUBLISH still work.
+async fn refuse_writes(url: &str) {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1mb")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let junk = vec![b'x'; 64 * 1024];
+    for i in 0..64 {
+        let r: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(format!("junk:{i}"))
+            .arg(&junk)
+            .query_async(&mut conn)
+            .await;
+        if r.is_err() {
+            break;
+        }
+    }
+    let refused: redis::RedisResult<i64> =
+        redis::cmd("INCR").arg("probe").query_async(&mut conn).await;
+    assert!(refused.is_err(), "Redis refuses writes now");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_keep_the_guarantees() {
+    two_instances_under(Fault::None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_keep_the_guarantees_through_a_redis_kill() {
+    two_instances_under(Fault::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_keep_the_guarantees_through_a_redis_stall() {
+    two_instances_under(Fault::Stall).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_keep_the_guarantees_while_redis_refuses_writes() {
+    two_instances_under(Fault::RefuseWrites).await;
+}
+
+/// Guarantee 3: `invalidate_key` then a read on the same instance never
+/// brings the old value back from Redis (before, the Redis delete was
+/// spawned, and the read's Redis GET usually overtook it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidated_value_never_comes_back_from_redis() {
+    let redis = LocalRedis::start().unwrap();
+    let model = Model::new(1, 7);
+    let (svc, inv, tier) = model_instance(&redis.url(), &model, "resurrect").await;
+    until("heard", Duration::from_secs(10), || {
+        tier.stats().heartbeats > 0
+    })
+    .await;
+    let mut stale = 0;
+    for round in 0..200u64 {
+        let before = svc.clone().oneshot(0).await.unwrap().1;
+        let version = model_bump(&model);
+        if round % 2 == 0 {
+            inv.invalidate_key(&0);
+        } else {
+            inv.invalidate_tag("k:0");
+        }
+        let after = svc.clone().oneshot(0).await.unwrap().1;
+        assert!(after >= before);
+        if after < version {
+            stale += 1;
+        }
+    }
+    eprintln!(
+        "resurrection: {stale} of 200 reads stale; {:?}",
+        svc.stats()
+    );
+    assert_eq!(
+        stale, 0,
+        "reads after invalidate got the old value back from Redis"
+    );
+}
+
+fn model_bump(model: &Arc<Model>) -> u64 {
+    model.bump(0)
+}
+
+/// Guarantee 6: an invalidation made on a thread with no tokio runtime is
+/// not dropped: it reaches Redis and the other instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_from_outside_a_runtime_reaches_the_other_instance() {
+    let redis = LocalRedis::start().unwrap();
+    let model = Model::new(2, 9);
+    let a = model_instance(&redis.url(), &model, "outside").await;
+    let b = model_instance(&redis.url(), &model, "outside").await;
+    until("heard", Duration::from_secs(10), || {
+        a.2.stats().heartbeats > 0 && b.2.stats().heartbeats > 0
+    })
+    .await;
+    let first = b.0.clone().oneshot(1).await.unwrap().1;
+    assert_eq!(
+        b.0.clone().oneshot(1).await.unwrap().1,
+        first,
+        "an L1 hit on B"
+    );
+    let version = model.bump(1);
+    let inv = a.1.clone();
+    std::thread::spawn(move || {
+        assert!(tokio::runtime::Handle::try_current().is_err());
+        inv.invalidate_key(&1);
+    })
+    .join()
+    .unwrap();
+    let received = Arc::new(AtomicU64::new(0));
+    until(
+        "B applied the invalidation",
+        Duration::from_secs(10),
+        || {
+            received.store(b.2.stats().fanout_received, Ordering::Relaxed);
+            b.2.stats().fanout_received > 0
+        },
+    )
+    .await;
+    assert_eq!(b.0.clone().oneshot(1).await.unwrap().1, version);
+}
+
+/// Guarantee 4 in detail: while Redis refuses writes, a tag invalidation
+/// on A still reaches B, B's Redis reads do not return the tag's entries
+/// (the refused bump became a delete of the generation), and fills are not
+/// stored in Redis; refused writes are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_writes_still_invalidate_everywhere() {
+    let redis = LocalRedis::start().unwrap();
+    let model = Model::new(4, 11);
+    let a = model_instance(&redis.url(), &model, "oom").await;
+    let b = model_instance(&redis.url(), &model, "oom").await;
+    until("heard", Duration::from_secs(10), || {
+        a.2.stats().heartbeats > 0 && b.2.stats().heartbeats > 0
+    })
+    .await;
+    // Key 2 in Redis (filled by A) and in B's L1.
+    a.0.clone().oneshot(2).await.unwrap();
+    let loads = model.loads.load(Ordering::SeqCst);
+    let on_b = b.0.clone().oneshot(2).await.unwrap();
+    assert_eq!(
+        model.loads.load(Ordering::SeqCst),
+        loads,
+        "B got it from Redis"
+    );
+    refuse_writes(&redis.url()).await;
+    let version = model.bump(2);
+    a.1.invalidate_tag("g:0");
+    until("B applied it", Duration::from_secs(10), || {
+        b.2.stats().fanout_received > 0
+    })
+    .await;
+    // B misses its L1, Redis does not give the old value back: the origin does.
+    let got = b.0.clone().oneshot(2).await.unwrap();
+    assert!(got.1 >= version && got.1 > on_b.1, "B saw {got:?}");
+    assert!(
+        a.2.stats().refused_writes > 0,
+        "the refused bump was counted"
+    );
+    // A fill on A is not stored in Redis: B's next miss goes to the origin.
+    let loads = model.loads.load(Ordering::SeqCst);
+    a.0.clone().oneshot(3).await.unwrap();
+    b.0.clone().oneshot(3).await.unwrap();
+    assert_eq!(model.loads.load(Ordering::SeqCst), loads + 2);
+    assert!(a.2.stats().heartbeats > 0);
+}
