@@ -10,6 +10,13 @@
 //! of the two sees the other: a fill that began before an invalidation never
 //! survives it (the memcache-lease rule, without a round trip).
 //!
+//! Single-flight is fenced the same way: a flight records the sequence
+//! number it began at, and a request that arrives after an invalidation
+//! that may touch its key (a mark of the key, any tag mark — the fill's
+//! tags are not known yet —, or everything) does not join it but starts a
+//! new flight. An entry inserted by a fill is served to readers that saw a
+//! newer invalidation only after the fill re-checked the log.
+//!
 //! Tags are invalidated in O(1): the mark is the whole work, and entries
 //! compare their fill sequence against their tags' marks when they are next
 //! read. That comparison is skipped entirely while no invalidation happened
@@ -340,7 +347,10 @@ pub(crate) trait InvalidateTarget<K>: Send + Sync {
 /// A handle that invalidates entries of one cache: by key, by tag, or all.
 ///
 /// Cheap to clone; write paths hold one. Invalidation is race-safe: a fill
-/// that began before the call is not stored after it. With a version (the
+/// that began before the call is not stored after it, and a request that
+/// starts after the call returned never gets that fill's result. Calls
+/// need no runtime (a shared tier queues them and sends them from its own
+/// task). With a version (the
 /// LSN of the write), fills stamped below it are kept out as well, even if
 /// they start later (a lagging replica cannot put the old row back).
 ///

@@ -53,6 +53,32 @@
 //!    fill, or at a version above the fill's stamp, keep it out
 //!    ([`Invalidator`]).
 //!
+//! # Guarantees
+//!
+//! These are what the tests defend (`tests/cache`: a model-based check of
+//! random interleavings; `tests/redis`: the same with two instances and
+//! Redis faults):
+//!
+//! - **An invalidation is a line in time (same instance, exact).** A read
+//!   that starts after `invalidate_key`, `invalidate_tag` or
+//!   `invalidate_all` returned never gets data older than that
+//!   invalidation: not from the store, not by joining a fill that began
+//!   before it (such a fill is fenced off; the request starts a new one,
+//!   and the old fill still answers its own earlier waiters), not from the
+//!   shared tier (see [`redis`](self::redis)).
+//! - **Across instances, bounded** (with the Redis tier): a read on another
+//!   instance that starts more than `isolation_ttl` (default 1 s) after the
+//!   invalidation returned never gets older data, also while Redis is down,
+//!   stalled, partitioned from the reading instance, or refusing writes.
+//! - **Versions**: with a version stamp (an LSN), an invalidation at version
+//!   `v` keeps out every fill stamped below `v`, whenever it started.
+//! - **Negative caching never hides a good value**: a failed fill or a
+//!   failed background refresh does not replace a good entry that
+//!   stale-while-revalidate or stale-if-error may still serve.
+//! - **Bounded memory for invalidations**: marks are kept up to
+//!   [`CacheLayerBuilder::max_tracked_invalidations`]; past it the older half
+//!   is folded into a floor that errs towards a miss, never a stale hit.
+//!
 //! Responses must be `Clone` (put `Arc` or `Bytes` inside), and so must
 //! errors, because one error reaches every waiter: wrap a non-`Clone`
 //! error type in an `Arc` below the cache (`.map_err(Arc::new)`).

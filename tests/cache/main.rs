@@ -954,3 +954,79 @@ async fn no_read_after_an_invalidation_sees_older_data() {
     assert!(coalesced > 0, "no read overlapped an in-flight fill");
     assert!(fenced_fills > 0, "no fill overlapped an invalidation");
 }
+
+/// Guarantee 5: a failed fill or a failed background refresh never
+/// replaces, with a cached error, a good entry that stale-while-revalidate
+/// or stale-if-error may still serve.
+#[tokio::test]
+async fn negative_caching_never_replaces_a_servable_stale_entry() {
+    let origin = Origin::new();
+    let (mut svc, clock) = cache(&origin, |b| {
+        b.stale_while_revalidate(Duration::from_secs(10))
+            .stale_if_error(Duration::from_secs(60))
+            .negative_ttl(Duration::from_secs(30))
+    });
+    assert_eq!(get(&mut svc, 1).await.unwrap(), "1#1");
+    origin.set_failing(true);
+    // Stale inside SWR: served, and its background refresh fails.
+    clock.advance(Duration::from_secs(12));
+    assert_eq!(get(&mut svc, 1).await.unwrap(), "1#1");
+    eventually("the refresh failed", DEADLINE, || {
+        svc.stats().inner_errors == 1 && svc.in_flight() == 0
+    })
+    .await;
+    assert_eq!(
+        get(&mut svc, 1).await.unwrap(),
+        "1#1",
+        "the failed refresh did not replace the stale entry with its error"
+    );
+    // Past SWR, inside stale-if-error: the failed fill falls back to it,
+    // and again stores no error over it.
+    clock.advance(Duration::from_secs(10));
+    assert_eq!(get(&mut svc, 1).await.unwrap(), "1#1");
+    assert_eq!(get(&mut svc, 1).await.unwrap(), "1#1");
+    assert!(svc.stats().stale_if_error >= 2, "{:?}", svc.stats());
+    // Once nothing good is left to serve, errors are cached as asked.
+    clock.advance(Duration::from_secs(60));
+    let calls = origin.calls();
+    assert!(get(&mut svc, 1).await.is_err());
+    assert!(get(&mut svc, 1).await.is_err());
+    assert_eq!(
+        origin.calls(),
+        calls + 1,
+        "the second error came from the cache"
+    );
+}
+
+/// Guarantee 1 on the single-flight path, deterministically: a request
+/// that starts after an invalidation returned does not join a fill that
+/// began before it, for a key, a tag and everything alike.
+#[tokio::test]
+async fn a_request_after_an_invalidation_starts_its_own_fill() {
+    for how in ["key", "all"] {
+        let origin = Origin::gated();
+        let (svc, _) = cache(&origin, |b| b);
+        let invalidator = svc.invalidator();
+        let first = tokio::spawn(svc.clone().oneshot(1));
+        eventually("the first fill reached the origin", DEADLINE, || {
+            origin.calls() == 1
+        })
+        .await;
+        match how {
+            "key" => invalidator.invalidate_key(&1),
+            _ => invalidator.invalidate_all(),
+        }
+        let second = tokio::spawn(svc.clone().oneshot(1));
+        eventually("the second request made its own fill", DEADLINE, || {
+            origin.calls() == 2
+        })
+        .await;
+        origin.open(2);
+        assert_eq!(first.await.unwrap().unwrap().as_str(), "1#1");
+        assert_eq!(
+            second.await.unwrap().unwrap().as_str(),
+            "1#2",
+            "{how}: the later request got the fill that began after the invalidation"
+        );
+    }
+}
