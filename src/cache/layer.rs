@@ -129,6 +129,7 @@ impl<P, St: Store> CacheLayer<P, St> {
     }
 
     /// The token cancelled when the cache shuts down (for tasks that serve it).
+    #[cfg(feature = "redis")]
     pub(crate) fn shutdown_token(&self) -> tokio_util::sync::CancellationToken {
         self.shared.shutdown.clone()
     }

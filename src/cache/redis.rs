@@ -58,7 +58,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
@@ -155,6 +155,15 @@ impl RedisTierBuilder {
         St: super::Store,
         C: RedisCodec<St::Key, St::Response>,
     {
+        if self.timeout.is_zero() || self.timeout >= self.isolation_ttl / 2 {
+            return Err(ConfigError::OutOfRange {
+                field: "redis timeout",
+                reason: format!(
+                    "must be above zero and below half the isolation window ({:?}), got {:?}",
+                    self.isolation_ttl, self.timeout
+                ),
+            });
+        }
         let client =
             redis::Client::open(self.url.as_str()).map_err(|e| ConfigError::OutOfRange {
                 field: "redis url",
@@ -211,7 +220,10 @@ impl RedisTierBuilder {
             max_queued: self.max_queued,
             queued: tokio::sync::Notify::new(),
             heartbeat_now: AtomicBool::new(false),
-            link: OnceLock::new(),
+            timeouts: AtomicU32::new(0),
+            tokens: AtomicU64::new(0),
+            last_queued: AtomicU64::new(0),
+            applied: tokio::sync::watch::channel(0).0,
         });
         let Some(link) =
             layer.attach_remote(tier.clone() as Arc<dyn RemoteTier<St::Key, St::Response>>)
@@ -224,7 +236,6 @@ impl RedisTierBuilder {
         // Until its own heartbeat comes back through the subscription,
         // other instances' invalidations cannot reach this L1: no hits.
         link.require_heartbeats(tier.isolation_ttl);
-        let _ = tier.link.set(link.clone());
         let shutdown = layer.shutdown_token();
         runtime.spawn(subscribe(
             Arc::downgrade(&tier),
@@ -382,7 +393,15 @@ pub struct RedisTier<K, R> {
     queued: tokio::sync::Notify,
     /// Set on (re)subscribing: send a heartbeat now rather than at the next tick.
     heartbeat_now: AtomicBool,
-    link: OnceLock<RemoteLink<K>>,
+    /// Consecutive timed-out calls: past a few, the connection is replaced
+    /// (a black-holed connection never fails by itself).
+    timeouts: AtomicU32,
+    /// Makes lease tokens unique per call.
+    tokens: AtomicU64,
+    /// The sequence number of the last invalidation queued, and of the last
+    /// one applied to Redis (for [`RedisTier::flush`]).
+    last_queued: AtomicU64,
+    applied: tokio::sync::watch::Sender<u64>,
 }
 
 /// An invalidation waiting for Redis.
@@ -424,7 +443,9 @@ return h[1]
 /// (the epoch moved or is gone: the lease, if still ours, is given up so
 /// others stop waiting) or its lease was cancelled. A missing tag
 /// generation is created from a random start, so a counter deleted and
-/// created again never repeats a value an old entry recorded.
+/// created again never repeats a value an old entry recorded; a counter
+/// lives at least as long as the entries that recorded it (when it expires
+/// later, those entries simply stop matching: a miss).
 /// KEYS[1] = entry, KEYS[2] = epoch, KEYS[3] = lease; ARGV = epoch at
 /// start, lease token ('' for none), value, px, tag-key prefix, random
 /// start, tags...
@@ -443,6 +464,9 @@ for i = 7, #ARGV do
   if not cur then
     redis.call('SET', k, ARGV[6])
     cur = ARGV[6]
+  end
+  if redis.call('PTTL', k) < tonumber(ARGV[4]) then
+    redis.call('PEXPIRE', k, ARGV[4])
   end
   g = g .. ARGV[i] .. '\n' .. cur .. '\n'
 end
@@ -473,30 +497,46 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 "#;
 
-/// Applies one invalidation to Redis: a key's entry and lease are deleted;
-/// a tag's (or everything's) generation is bumped; the epoch is bumped
-/// (cancelling puts of fills in flight). A bump Redis refuses (out of
-/// memory) becomes a delete of the counter, which Redis accepts and which
-/// fences just as well (a missing generation or epoch matches nothing).
-/// Returns 1 if a bump was refused. KEYS[1] = epoch, KEYS[2] = entry or
-/// counter, KEYS[3] = lease (keys only); ARGV[1] = 'k', 't' or 'a'.
+/// Applies a batch of invalidations to Redis and publishes them, in one
+/// atomic step (so a call that timed out on the client either did all of it
+/// or nothing): a key's entry and lease are deleted; a tag's (or
+/// everything's) generation is bumped; the epoch is bumped (cancelling puts
+/// of fills in flight). A counter that does not exist is left alone (a
+/// missing generation or epoch already matches nothing, and `INCR` would
+/// restart it at 1, a value an old entry may have recorded). A bump Redis
+/// refuses (out of memory) becomes a delete of the counter, which Redis
+/// accepts and which fences just as well. Returns 1 if a bump was refused.
+/// KEYS[1] = epoch, then per item: target (entry or counter), lease (or
+/// the target again); ARGV[1] = channel, then per item: 'k', 't' or 'a',
+/// and the message to publish.
 const INVALIDATE_SCRIPT: &str = r#"
 local refused = 0
 local function bump(k)
-  local r = redis.pcall('INCR', k)
-  if type(r) == 'table' and r.err then
-    redis.call('DEL', k)
-    refused = 1
+  if redis.call('EXISTS', k) == 1 then
+    local r = redis.pcall('INCR', k)
+    if type(r) == 'table' and r.err then
+      redis.call('DEL', k)
+      refused = 1
+    end
   end
 end
-if ARGV[1] == 'k' then
-  redis.call('DEL', KEYS[2], KEYS[3])
-else
-  bump(KEYS[2])
+local n = (#KEYS - 1) / 2
+for i = 1, n do
+  if ARGV[2 * i] == 'k' then
+    redis.call('DEL', KEYS[2 * i], KEYS[2 * i + 1])
+  else
+    bump(KEYS[2 * i])
+  end
 end
 bump(KEYS[1])
+for i = 1, n do
+  redis.call('PUBLISH', ARGV[1], ARGV[2 * i + 1])
+end
 return refused
 "#;
+
+/// The most invalidations one delivery carries.
+const BATCH: usize = 128;
 
 const FORMAT: u8 = 1;
 /// Every entry carries this tag, so `invalidate_all` is one INCR.
@@ -726,13 +766,20 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
         if !self.breaker.allow() {
             return None;
         }
-        self.call_unguarded(op).await
+        self.call_within(self.timeout, op).await
     }
 
-    /// Runs one operation of the background publisher (heartbeats and
-    /// queued invalidations): not held back by an open circuit (it paces
-    /// itself, and its success closes the circuit at once), with the timeout.
-    async fn call_unguarded<T, F, Fut>(&self, op: F) -> Option<T>
+    /// The deadline of the background publisher's calls: at least the
+    /// call timeout, up to a quarter of the isolation window (a slower link
+    /// still gets its invalidations through).
+    fn publish_timeout(&self) -> Duration {
+        self.timeout.max(self.isolation_ttl / 4)
+    }
+
+    /// Runs one operation within `deadline`, not held back by an open
+    /// circuit (the background publisher paces itself, and its success
+    /// closes the circuit at once).
+    async fn call_within<T, F, Fut>(&self, deadline: Duration, op: F) -> Option<T>
     where
         K: Send + Sync,
         R: Send + Sync,
@@ -743,15 +790,16 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
             self.failed("no connection");
             return None;
         };
-        match tokio::time::timeout(self.timeout, op(conn)).await {
+        match tokio::time::timeout(deadline, op(conn)).await {
             Ok(Ok(v)) => {
+                self.timeouts.store(0, Ordering::Relaxed);
                 self.breaker.success();
-                self.writes_accepted();
                 Some(v)
             }
             Ok(Err(e)) if is_refused_write(&e) => {
                 // Redis answers, it only refuses to grow: not a failure of
                 // Redis (the circuit stays closed, heartbeats go on).
+                self.timeouts.store(0, Ordering::Relaxed);
                 self.breaker.success();
                 self.write_refused(&e.to_string());
                 None
@@ -761,6 +809,13 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
                 None
             }
             Err(_) => {
+                // A black-holed connection never fails by itself (the
+                // client's response timeout does not reconnect): after a
+                // few timeouts in a row, replace it.
+                if self.timeouts.fetch_add(1, Ordering::Relaxed) + 1 >= 3 {
+                    self.timeouts.store(0, Ordering::Relaxed);
+                    *self.manager.write().unwrap_or_else(|p| p.into_inner()) = None;
+                }
                 self.failed("timed out");
                 None
             }
@@ -853,55 +908,61 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
         link.apply_remote(what, version);
     }
 
-    /// Applies one queued invalidation to Redis and publishes it. False if
-    /// Redis did not take both (it is retried).
-    async fn deliver(&self, item: &Queued<K>) -> bool
+    /// Applies a batch of queued invalidations to Redis and publishes
+    /// them, in one script (all or nothing). False if Redis did not take it
+    /// (it is retried).
+    async fn deliver(&self, items: &[Queued<K>]) -> bool
     where
         K: Send + Sync + 'static,
         R: Send + Sync + 'static,
     {
-        let epoch_key = self.epoch_key();
-        let (kind, target, lease) = match &item.what {
-            Invalidation::Key(k) => {
-                let raw = self.codec.encode_key(k);
-                ("k", self.entry_key(&raw), self.lease_key(&raw))
-            }
-            Invalidation::Tag(t) => (
-                "t",
-                format!("{}{}", self.tag_prefix(), t.as_str()),
-                String::new(),
-            ),
-            Invalidation::All => (
-                "a",
-                format!("{}{}", self.tag_prefix(), ALL_TAG),
-                String::new(),
-            ),
-        };
-        let script = &self.invalidate_script;
-        let refused: Option<i64> = self
-            .call_unguarded(|mut c| async move {
-                let mut inv = script.prepare_invoke();
-                inv.key(&epoch_key).key(&target);
-                if !lease.is_empty() {
-                    inv.key(&lease);
+        let mut keys = vec![self.epoch_key()];
+        let mut args = vec![self.channel().into_bytes()];
+        for item in items {
+            let (kind, target, lease) = match &item.what {
+                Invalidation::Key(k) => {
+                    let raw = self.codec.encode_key(k);
+                    ("k", self.entry_key(&raw), self.lease_key(&raw))
                 }
-                inv.arg(kind).invoke_async(&mut c).await
+                Invalidation::Tag(t) => {
+                    let counter = format!("{}{}", self.tag_prefix(), t.as_str());
+                    ("t", counter.clone(), counter)
+                }
+                Invalidation::All => {
+                    let counter = format!("{}{}", self.tag_prefix(), ALL_TAG);
+                    ("a", counter.clone(), counter)
+                }
+            };
+            keys.push(target);
+            keys.push(lease);
+            args.push(kind.as_bytes().to_vec());
+            args.push(self.invalidation_message(&item.what, item.version));
+        }
+        let script = &self.invalidate_script;
+        let (keys, args) = (&keys, &args);
+        let refused: Option<i64> = self
+            .call_within(self.publish_timeout(), |mut c| async move {
+                let mut inv = script.prepare_invoke();
+                for k in keys {
+                    inv.key(k);
+                }
+                for a in args {
+                    inv.arg(a.as_slice());
+                }
+                inv.invoke_async(&mut c).await
             })
             .await;
-        let Some(refused) = refused else {
-            return false;
-        };
-        if refused != 0 {
-            self.write_refused("generation bump refused; counter deleted instead");
+        match refused {
+            None => false,
+            Some(0) => {
+                self.writes_accepted();
+                true
+            }
+            Some(_) => {
+                self.write_refused("generation bump refused; counter deleted instead");
+                true
+            }
         }
-        // Published only after Redis is fenced: an instance that applies it
-        // and misses its L1 cannot read the old value back from Redis.
-        let message = self.invalidation_message(&item.what, item.version);
-        let channel = self.channel();
-        let published: Option<i64> = self
-            .call_unguarded(|mut c| async move { c.publish(&channel, message).await })
-            .await;
-        published.is_some()
     }
 
     /// Sends this instance's heartbeat (its clock's time) on the channel.
@@ -914,8 +975,58 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
         let message = self.message(MSG_HEARTBEAT, 0, &sent_at.to_be_bytes());
         let channel = self.channel();
         let _: Option<i64> = self
-            .call_unguarded(|mut c| async move { c.publish(&channel, message).await })
+            .call_within(self.publish_timeout(), |mut c| async move {
+                c.publish(&channel, message).await
+            })
             .await;
+    }
+
+    /// Waits until every invalidation this instance made so far is applied
+    /// to Redis and published (so other instances' bound starts), or until
+    /// `within` passes. True if they all were.
+    ///
+    /// `invalidate_*` returns at once and the tier delivers in the
+    /// background, usually within one round trip; a writer that needs the
+    /// cross-instance bound to count from its own return calls this after
+    /// invalidating.
+    pub async fn flush(&self, within: Duration) -> bool {
+        let target = self.last_queued.load(Ordering::Acquire);
+        let mut applied = self.applied.subscribe();
+        tokio::time::timeout(within, applied.wait_for(|seq| *seq >= target))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Delivers queued invalidations, a batch at a time, until the queue is
+    /// empty (true) or a delivery fails (false, the batch back in front).
+    async fn drain(&self, link: &RemoteLink<K>, until: Option<tokio::time::Instant>) -> bool
+    where
+        K: Send + Sync + 'static,
+        R: Send + Sync + 'static,
+    {
+        loop {
+            let batch: Vec<Queued<K>> = {
+                let mut queue = self.queue();
+                let n = queue.len().min(BATCH);
+                queue.drain(..n).collect()
+            };
+            let Some(last) = batch.last().map(|q| q.seq) else {
+                return true;
+            };
+            if !self.deliver(&batch).await {
+                // Back to the front, before anything queued meanwhile.
+                let mut queue = self.queue();
+                for item in batch.into_iter().rev() {
+                    queue.push_front(item);
+                }
+                return false;
+            }
+            link.applied(last);
+            self.applied.send_replace(last);
+            if until.is_some_and(|u| tokio::time::Instant::now() >= u) {
+                return true;
+            }
+        }
     }
 }
 
@@ -1002,22 +1113,14 @@ where
             // Redis keeps it as long as any window could use it.
             let px =
                 ms(entry.fresh_for + entry.stale_while_revalidate.max(entry.stale_if_error)).max(1);
-            let (epoch, token) = match lease {
-                Lease::Acquired { token, epoch } => (epoch.to_string(), token.to_string()),
-                // Without a lease (a background refresh) compare with the
-                // epoch now: only a refresh that raced an invalidation
-                // between its own read and write could slip by, and that
-                // invalidation also reaches every L1.
-                _ => {
-                    let epoch_key = self.epoch_key();
-                    let now: Option<Option<String>> = self
-                        .call(|mut c| async move { c.get(&epoch_key).await })
-                        .await;
-                    // No epoch (deleted by a refused bump): no put.
-                    let Some(Some(now)) = now else { return };
-                    (now, String::new())
-                }
+            // Only a fill that took its lease (and with it the epoch)
+            // before it read is put: a put that read the epoch later could
+            // not tell whether an invalidation came between its read and
+            // its write.
+            let Lease::Acquired { token, epoch } = lease else {
+                return;
             };
+            let (epoch, token) = (epoch.to_string(), token.to_string());
             let (entry_key, epoch_key, lease_key, tag_prefix) = (
                 self.entry_key(&raw),
                 self.epoch_key(),
@@ -1028,7 +1131,7 @@ where
             let mut tags: Vec<String> = entry.tags.iter().map(|t| t.as_str().to_string()).collect();
             tags.push(ALL_TAG.to_string());
             let script = &self.put_script;
-            let _: Option<i64> = self
+            let stored: Option<i64> = self
                 .call(|mut c| async move {
                     let mut inv = script.prepare_invoke();
                     inv.key(&entry_key).key(&epoch_key).key(&lease_key);
@@ -1044,13 +1147,17 @@ where
                     inv.invoke_async(&mut c).await
                 })
                 .await;
+            if stored.is_some() {
+                self.writes_accepted();
+            }
         })
     }
 
     fn lease<'a>(&'a self, key: &'a K) -> BoxFuture<'a, Lease> {
         Box::pin(async move {
             let raw = self.codec.encode_key(key);
-            let token = crate::random::mix(self.instance ^ now_ms() ^ raw.len() as u64);
+            let n = self.tokens.fetch_add(1, Ordering::Relaxed);
+            let token = crate::random::mix(self.instance ^ n.rotate_left(32) ^ now_ms());
             let (lease_key, epoch_key) = (self.lease_key(&raw), self.epoch_key());
             let px = ms(self.lease_ttl).max(1);
             let random_start = self.random_start();
@@ -1117,6 +1224,7 @@ where
             } else {
                 queue.push_back(Queued { seq, what, version });
             }
+            self.last_queued.fetch_max(seq, Ordering::AcqRel);
         }
         self.queued.notify_one();
     }
@@ -1167,12 +1275,16 @@ async fn subscribe<K: Send + Sync + 'static, R: Send + Sync + 'static>(
             tracing::info!(prefix = %t.prefix, "redis tier: subscribed to invalidations");
         }
         let mut stream = pubsub.into_on_message();
+        // Own heartbeats arrive every quarter window: silence for two
+        // windows means a dead (or black-holed) subscription that will
+        // never close by itself.
+        let silence = tier.upgrade().map_or(Duration::from_secs(2), |t| t.isolation_ttl * 2);
         loop {
             let next = tokio::select! {
                 () = shutdown.cancelled() => return,
-                m = stream.next() => m,
+                m = tokio::time::timeout(silence, stream.next()) => m,
             };
-            let Some(msg) = next else { break };
+            let Ok(Some(msg)) = next else { break };
             let Some(t) = tier.upgrade() else { return };
             t.apply(msg.get_payload_bytes(), &link);
         }
@@ -1185,15 +1297,16 @@ async fn subscribe<K: Send + Sync + 'static, R: Send + Sync + 'static>(
     }
 }
 
-/// Sends this instance's invalidations to Redis in order (retrying one
-/// that fails, with a backoff) and its heartbeats every quarter of the
-/// isolation window.
+/// Sends this instance's invalidations to Redis in order, in batches
+/// (retrying one that fails, with a backoff of at most a quarter window),
+/// and its heartbeats every quarter of the isolation window. On shutdown
+/// it flushes what is queued (for at most one isolation window) first.
 async fn publish<K: Send + Sync + 'static, R: Send + Sync + 'static>(
     tier: std::sync::Weak<RedisTier<K, R>>,
     link: RemoteLink<K>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    let Some(every) = tier.upgrade().map(|t| t.isolation_ttl / 4) else {
+    let Some((every, ttl)) = tier.upgrade().map(|t| (t.isolation_ttl / 4, t.isolation_ttl)) else {
         return;
     };
     // A failed delivery is retried at least every quarter window, so after
@@ -1204,39 +1317,33 @@ async fn publish<K: Send + Sync + 'static, R: Send + Sync + 'static>(
     let mut backoff = Duration::from_millis(5);
     loop {
         let Some(t) = tier.upgrade() else { return };
+        if shutdown.is_cancelled() {
+            let until = tokio::time::Instant::now() + ttl;
+            while tokio::time::Instant::now() < until && !t.drain(&link, Some(until)).await {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(max_backoff);
+            }
+            return;
+        }
         if t.heartbeat_now.swap(false, Ordering::AcqRel)
             || tokio::time::Instant::now() >= next_heartbeat
         {
             next_heartbeat = tokio::time::Instant::now() + every;
             t.heartbeat(&link).await;
         }
-        let mut failed = false;
-        loop {
-            let Some(item) = t.queue().pop_front() else {
-                break;
-            };
-            if !t.deliver(&item).await {
-                // Back to the front, before anything queued meanwhile.
-                t.queue().push_front(item);
-                failed = true;
-                break;
-            }
-            link.applied(item.seq);
-            backoff = Duration::from_millis(5);
-            if tokio::time::Instant::now() >= next_heartbeat {
-                break; // heartbeats are not held up by a long queue
-            }
-        }
+        // Heartbeats are not held up by a long queue.
+        let failed = !t.drain(&link, Some(next_heartbeat)).await;
         let wait = if failed {
             let pause = backoff;
             backoff = (backoff * 2).min(max_backoff);
             pause
         } else {
+            backoff = Duration::from_millis(5);
             next_heartbeat.saturating_duration_since(tokio::time::Instant::now())
         };
         let notified = t.queued.notified();
         tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => {}
             () = notified, if !failed => {}
             () = tokio::time::sleep(wait) => {}
         }

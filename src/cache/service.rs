@@ -244,7 +244,12 @@ impl<P, St: Store> Shared<P, St> {
         min_version: Option<u64>,
         fill_seq: u64,
     ) -> Option<Result<St::Response, St::Error>> {
-        if self.clock.now().as_nanos() < self.remote_from.load(Ordering::Acquire) {
+        let now = self.clock.now();
+        // Not while isolated after having joined (other instances may have
+        // invalidations queued that this one cannot learn of), nor for one
+        // window after rejoining (they may still be flushing them).
+        let isolated = !self.trusted_at(now) && self.joined.load(Ordering::Acquire);
+        if isolated || now.as_nanos() < self.remote_from.load(Ordering::Acquire) {
             self.stats.incr(Kind::RemoteFenced);
             return None;
         }
@@ -269,15 +274,56 @@ impl<P, St: Store> Shared<P, St> {
         if let Some(v) = entry.version {
             storable = storable.version(v);
         }
-        self.stats.incr(Kind::RemoteHits);
-        self.store_fill(
+        // A value the local log keeps out (invalidated since this lookup
+        // began, or stamped below an invalidation's version) is not used.
+        if !self.store_fill(
             key,
             Ok(entry.response.clone()),
             storable,
             fill_seq,
             Duration::ZERO,
-        );
+        ) {
+            self.stats.incr(Kind::RemoteFenced);
+            return None;
+        }
+        self.stats.incr(Kind::RemoteHits);
         Some(Ok(entry.response))
+    }
+
+    /// A failed result replaced by the stale entry inside its
+    /// stale-if-error window (if it is still valid and trusted).
+    fn or_fallback(
+        &self,
+        result: Result<St::Response, St::Error>,
+        fallback: Option<&Entry<St::Response, St::Error>>,
+    ) -> Result<St::Response, St::Error> {
+        let (Err(_), Some(entry)) = (&result, fallback) else {
+            return result;
+        };
+        let now = self.clock.now();
+        if now < entry.error_until && self.trusted_at(now) && self.log.still_valid(entry) {
+            self.stats.incr(Kind::StaleIfError);
+            return entry.result.clone();
+        }
+        result
+    }
+
+    /// Writes a fill to the shared tier under its lease, or gives the lease
+    /// up when there is nothing to write.
+    async fn finish_remote(
+        &self,
+        key: &Hashed<St::Key>,
+        remote: Option<RemoteEntry<St::Response>>,
+        lease: Lease,
+    ) {
+        let Some(tier) = self.remote.get() else {
+            return;
+        };
+        match (remote, lease) {
+            (Some(entry), Lease::Acquired { .. }) => tier.put(key.key(), entry, lease).await,
+            (None, Lease::Acquired { .. }) => tier.release(key.key(), lease).await,
+            _ => {}
+        }
     }
 
     /// Whether an invalidation made here and not applied to the tier when
@@ -500,21 +546,23 @@ where
             return;
         }
         let now = self.clock.now();
-        let until = sent_at.as_nanos().saturating_add(ttl);
+        // A heartbeat cannot have been sent in the future.
+        let until = sent_at.min(now).as_nanos().saturating_add(ttl);
         if self.trusted_until.load(Ordering::Acquire) <= now.as_nanos() {
             if until <= now.as_nanos() {
                 return; // an old heartbeat: still isolated
             }
             // Rejoining after a gap: invalidations may have been missed.
-            // Empty the store (and fence fills in flight) before trusting
-            // it, and keep the tier's values out for one more window while
-            // other instances flush what they queued during the outage.
-            self.log.mark_all();
-            self.store.clear();
+            // Keep the tier's values out for one more window while other
+            // instances flush what they queued during the outage (set
+            // first, so no fill from the tier slips in between), then
+            // empty the store (and fence fills in flight) before trusting it.
             if self.joined.swap(true, Ordering::AcqRel) {
                 self.remote_from
                     .store(now.as_nanos().saturating_add(ttl), Ordering::Release);
             }
+            self.log.mark_all();
+            self.store.clear();
             self.trusted_until.store(until, Ordering::Release);
         } else {
             self.trusted_until.fetch_max(until, Ordering::AcqRel);
@@ -720,10 +768,14 @@ async fn refresh<S, P, St, Req>(
 {
     // A miss already filling this key does the refresh's work.
     if let Join::Lead(leader) = shared.flights.join_fenced(&key, min_version, &shared.log) {
+        // Only a fill under a lease taken before it reads may write the
+        // shared tier (the lease carries the invalidation epoch).
+        let lease = match shared.remote.get() {
+            Some(tier) => tier.lease(key.key()).await,
+            None => Lease::Unavailable,
+        };
         let (result, remote) = shared.fill(svc, req, &key).await;
-        if let (Some(tier), Some(entry)) = (shared.remote.get(), remote) {
-            tier.put(key.key(), entry, Lease::Unavailable).await;
-        }
+        shared.finish_remote(&key, remote, lease).await;
         leader.complete(&result);
     }
 }
@@ -767,7 +819,9 @@ where
                     counted = true;
                 }
                 if let Some(result) = flight.wait().await {
-                    return result;
+                    // A leader without this request's stale-if-error
+                    // fallback (a background refresh, say) may have failed.
+                    return shared.or_fallback(result, fallback.as_deref());
                 }
                 // The leader was cancelled: take over (one waiter wins the
                 // next join, the others wait for it).
@@ -818,23 +872,7 @@ where
         }
     }
     let (mut result, remote) = shared.fill(svc, req, &key).await;
-    if let Some(tier) = shared.remote.get() {
-        match remote {
-            Some(entry) => tier.put(key.key(), entry, lease).await,
-            None if matches!(lease, Lease::Acquired { .. }) => {
-                tier.release(key.key(), lease).await;
-            }
-            None => {}
-        }
-    }
-    if result.is_err() {
-        if let Some(entry) = fallback {
-            let now = shared.clock.now();
-            if now < entry.error_until && shared.trusted_at(now) && shared.log.still_valid(&entry) {
-                shared.stats.incr(Kind::StaleIfError);
-                result = entry.result.clone();
-            }
-        }
-    }
+    shared.finish_remote(&key, remote, lease).await;
+    result = shared.or_fallback(result, fallback.as_deref());
     hand_over(leader, result)
 }

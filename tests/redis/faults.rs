@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_scale::cache::redis::{RedisCodec, RedisTier, builder};
 use tower_scale::cache::{CacheLayer, Invalidator};
-use tower_scale::testing::LocalRedis;
+use tower_scale::testing::{FaultProxy, LocalRedis};
 
 #[path = "../common/history.rs"]
 mod history;
@@ -84,6 +84,8 @@ enum Fault {
     Kill,
     Stall,
     RefuseWrites,
+    /// Instance B reaches Redis through a proxy that black-holes it.
+    PartitionB,
 }
 
 /// Two instances on one Redis, writers and readers on both, and `fault`
@@ -92,8 +94,15 @@ async fn two_instances_under(fault: Fault) {
     let redis = LocalRedis::start().unwrap();
     let model = Model::new(6, 42);
     let prefix = format!("model-{fault:?}");
+    let proxy = FaultProxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], redis.port())))
+        .await
+        .unwrap();
+    let b_url = match fault {
+        Fault::PartitionB => format!("redis://127.0.0.1:{}", proxy.port()),
+        _ => redis.url(),
+    };
     let a = model_instance(&redis.url(), &model, &prefix).await;
-    let b = model_instance(&redis.url(), &model, &prefix).await;
+    let b = model_instance(&b_url, &model, &prefix).await;
     until(
         "both heard their heartbeats",
         Duration::from_secs(10),
@@ -108,11 +117,13 @@ async fn two_instances_under(fault: Fault) {
             Fault::Kill => redis.kill().unwrap(),
             Fault::Stall => redis.pause().unwrap(),
             Fault::RefuseWrites => refuse_writes(&redis.url()).await,
+            Fault::PartitionB => proxy.black_hole(),
         }
         tokio::time::sleep(Duration::from_millis(1200)).await;
         match fault {
             Fault::Kill => redis.start_again().unwrap(),
             Fault::Stall => redis.resume().unwrap(),
+            Fault::PartitionB => proxy.restore(),
             _ => {}
         }
     };
@@ -219,6 +230,11 @@ async fn two_instances_keep_the_guarantees_through_a_redis_kill() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_keep_the_guarantees_through_a_redis_stall() {
     two_instances_under(Fault::Stall).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_keep_the_guarantees_while_one_is_partitioned_from_redis() {
+    two_instances_under(Fault::PartitionB).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
