@@ -173,6 +173,13 @@ impl FaultProxy {
     /// Starts forwarding a free 127.0.0.1 port to `upstream`, with jitter
     /// seed 0. Call it inside a tokio runtime: the listener and connection
     /// tasks are spawned on it.
+    ///
+    /// Each accepted connection gets its own connection to `upstream`, made
+    /// when it is accepted (or when a black hole ends). If the upstream
+    /// refuses it or does not answer within 5 s, the client connection is
+    /// reset. When either side resets or fails, the other side is reset too;
+    /// a FIN is passed on as a FIN (half-close works). Every wait inside the
+    /// proxy ends on [`reset`](Self::reset) or when the proxy is dropped.
     pub async fn start(upstream: SocketAddr) -> Result<Self, LocalError> {
         Self::start_seeded(upstream, 0).await
     }
@@ -247,10 +254,11 @@ impl FaultProxy {
         });
     }
 
-    /// New connections are accepted and reset at once (`SO_LINGER` 0, so
-    /// the client sees a reset on its first read or write, or an immediate
-    /// close). Live connections keep forwarding. Ends a black hole: held
-    /// connections resume.
+    /// New connections are accepted and reset at once (closed with
+    /// `SO_LINGER` 0): the client's connect completes, then it sees
+    /// `ECONNRESET` on its first read or write, or already from the connect
+    /// when the RST wins the race. Live connections keep forwarding. Ends a
+    /// black hole: held connections resume.
     pub fn drop_new(&self) {
         self.set_mode(FaultMode::DropNew);
     }
@@ -330,8 +338,8 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
             continue;
         }
         let token = state.generation().clone();
-        state.counters.live.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(connection(Arc::clone(&state), client, token, number));
+        let live = Live::new(&state);
+        tokio::spawn(connection(Arc::clone(&state), client, token, number, live));
     }
 }
 
@@ -340,9 +348,16 @@ fn abort(stream: &TcpStream) {
     let _ = stream.set_zero_linger();
 }
 
-/// Decrements `live` however the connection task ends (also when the
-/// runtime drops it).
+/// Counts a connection in `live` until dropped, however its task ends (also
+/// when the runtime drops the task, even before it first ran).
 struct Live(Arc<State>);
+
+impl Live {
+    fn new(state: &Arc<State>) -> Self {
+        state.counters.live.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(state))
+    }
+}
 
 impl Drop for Live {
     fn drop(&mut self) {
@@ -357,8 +372,13 @@ enum End {
     Cancelled,
 }
 
-async fn connection(state: Arc<State>, mut client: TcpStream, token: CancellationToken, n: u64) {
-    let _live = Live(Arc::clone(&state));
+async fn connection(
+    state: Arc<State>,
+    mut client: TcpStream,
+    token: CancellationToken,
+    n: u64,
+    _live: Live,
+) {
     let mut faults = state.faults.subscribe();
     // Held here while black-holed: accepted, never connected upstream.
     let upstream = tokio::select! {
