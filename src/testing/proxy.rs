@@ -1,55 +1,4 @@
-//! A fault-injecting TCP proxy to put between a client group and a server.
-//!
-//! [`FaultProxy`] listens on a free 127.0.0.1 port and forwards every
-//! connection it accepts to one upstream address (a [`LocalRedis`], a
-//! [`LocalCluster`] node, any TCP server). Tests point one group of clients
-//! at [`FaultProxy::addr`] instead of the server and change the network under
-//! them at runtime:
-//!
-//! | call | new connections | live connections |
-//! |---|---|---|
-//! | [`set_latency`](FaultProxy::set_latency) | delayed | each chunk, each direction, delayed by `latency ± jitter`, in order |
-//! | [`drop_new`](FaultProxy::drop_new) | accepted, then reset at once (RST) | untouched |
-//! | [`black_hole`](FaultProxy::black_hole) | accepted, never connected upstream, never answered | stop forwarding both ways; bytes are held, nothing is closed |
-//! | [`reset`](FaultProxy::reset) | untouched (one-shot) | closed now with RST on both sides |
-//! | [`restore`](FaultProxy::restore) | forwarded | held connections resume: held bytes are delivered in order |
-//!
-//! A [`LocalCluster`] node is fronted the same way: start the proxy on
-//! `SocketAddr::from(([127, 0, 0, 1], node.port()))` and connect with
-//! `node.config().port(proxy.port())`.
-//!
-//! One proxy fronts one client group, so a partition of one group is one
-//! black-holed proxy: "Redis partitioned from instance B only" is instance B
-//! connecting through its own proxy while instance A connects directly (or
-//! through another proxy).
-//!
-//! The proxy is a cheap [`Clone`] handle; when the last clone is dropped the
-//! listener closes (new connects are refused) and every connection task ends,
-//! resetting its sockets.
-//!
-//! ```no_run
-//! use std::net::SocketAddr;
-//! use std::time::Duration;
-//! use tower_scale::testing::{FaultProxy, LocalRedis};
-//!
-//! # async fn demo() -> Result<(), tower_scale::testing::LocalError> {
-//! let redis = LocalRedis::start()?;
-//! // Instance B reaches Redis only through this proxy; instance A directly.
-//! let to_b = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], redis.port()))).await?;
-//! let b_url = format!("redis://127.0.0.1:{}", to_b.port());
-//!
-//! to_b.set_latency(Duration::from_millis(20), Duration::from_millis(5));
-//! to_b.black_hole(); // B is partitioned from Redis; A is not
-//! // ... B's requests time out, A's succeed ...
-//! to_b.restore(); // held connections resume; new ones are forwarded
-//! to_b.reset(); // or: every live connection of B sees a reset
-//! println!("{} {:?}", b_url, to_b.stats());
-//! # Ok(())
-//! # }
-//! ```
-//!
-//! [`LocalRedis`]: super::LocalRedis
-//! [`LocalCluster`]: super::LocalCluster
+//! A fault-injecting TCP proxy for the test ground; see [`FaultProxy`].
 
 use std::fmt;
 use std::io;
@@ -150,10 +99,58 @@ struct Handle {
     _stop: DropGuard,
 }
 
-/// A fault-injecting TCP proxy on 127.0.0.1 in front of one upstream; see the
-/// [module docs](self).
+/// A fault-injecting TCP proxy on 127.0.0.1 in front of one upstream.
 ///
-/// Clones share the proxy; dropping the last one stops it.
+/// It listens on a free 127.0.0.1 port and forwards every
+/// connection it accepts to one upstream address (a [`LocalRedis`], a
+/// [`LocalCluster`] node, any TCP server). Tests point one group of clients
+/// at [`FaultProxy::addr`] instead of the server and change the network under
+/// them at runtime:
+///
+/// | call | new connections | live connections |
+/// |---|---|---|
+/// | [`set_latency`](FaultProxy::set_latency) | delayed | each chunk, each direction, delayed by `latency ± jitter`, in order |
+/// | [`drop_new`](FaultProxy::drop_new) | accepted, then reset at once (RST) | untouched |
+/// | [`black_hole`](FaultProxy::black_hole) | accepted, never connected upstream, never answered | stop forwarding both ways; bytes are held, nothing is closed |
+/// | [`reset`](FaultProxy::reset) | untouched (one-shot) | closed now with RST on both sides |
+/// | [`restore`](FaultProxy::restore) | forwarded | held connections resume: held bytes are delivered in order |
+///
+/// A [`LocalCluster`] node is fronted the same way: start the proxy on
+/// `SocketAddr::from(([127, 0, 0, 1], node.port()))` and connect with
+/// `node.config().port(proxy.port())`.
+///
+/// One proxy fronts one client group, so a partition of one group is one
+/// black-holed proxy: "Redis partitioned from instance B only" is instance B
+/// connecting through its own proxy while instance A connects directly (or
+/// through another proxy).
+///
+/// The proxy is a cheap [`Clone`] handle; when the last clone is dropped the
+/// listener closes (new connects are refused) and every connection task ends,
+/// resetting its sockets.
+///
+/// ```no_run
+/// use std::net::SocketAddr;
+/// use std::time::Duration;
+/// use tower_scale::testing::{FaultProxy, LocalRedis};
+///
+/// # async fn demo() -> Result<(), tower_scale::testing::LocalError> {
+/// let redis = LocalRedis::start()?;
+/// // Instance B reaches Redis only through this proxy; instance A directly.
+/// let to_b = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], redis.port()))).await?;
+/// let b_url = format!("redis://127.0.0.1:{}", to_b.port());
+///
+/// to_b.set_latency(Duration::from_millis(20), Duration::from_millis(5));
+/// to_b.black_hole(); // B is partitioned from Redis; A is not
+/// // ... B's requests time out, A's succeed ...
+/// to_b.restore(); // held connections resume; new ones are forwarded
+/// to_b.reset(); // or: every live connection of B sees a reset
+/// println!("{} {:?}", b_url, to_b.stats());
+/// # Ok(())
+/// # }
+/// ```
+///
+/// [`LocalRedis`]: crate::testing::LocalRedis
+/// [`LocalCluster`]: crate::testing::LocalCluster
 #[derive(Clone)]
 pub struct FaultProxy {
     handle: Arc<Handle>,
