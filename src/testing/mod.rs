@@ -13,6 +13,9 @@
 //!   sweeps the dirs (and servers) of processes that died without cleaning up.
 //! - Faults for tests: clean stop, start, SIGKILL, pause/resume
 //!   (SIGSTOP/SIGCONT), promotion, replay delay (`recovery_min_apply_delay`).
+//! - Network faults: a [`FaultProxy`] between a client group and a server
+//!   adds latency and jitter, drops new connections, resets live ones, or
+//!   black-holes them, controlled at runtime.
 //!
 //! Environment overrides: `TOWER_SCALE_PG_BINDIR` (where `initdb` and
 //! `postgres` are), `TOWER_SCALE_TMPDIR` (where temp dirs go; as root it must
@@ -20,11 +23,13 @@
 
 mod postgres;
 mod process;
+mod proxy;
 mod redis;
 
 pub use self::postgres::{
     LocalCluster, LocalClusterBuilder, Node, NodeRole, format_lsn, parse_lsn,
 };
+pub use self::proxy::{FaultMode, FaultProxy, ProxyStats};
 pub use self::redis::LocalRedis;
 
 /// What went wrong starting or driving a local server.

@@ -1,6 +1,8 @@
 //! Tests of the test-support servers themselves (feature `local-cluster`).
 #![cfg(feature = "local-cluster")]
 
+mod proxy;
+
 use std::time::{Duration, Instant};
 
 use tower_scale::testing::{LocalCluster, LocalRedis, Node};
