@@ -128,10 +128,11 @@ impl<P, St: Store> CacheLayer<P, St> {
         &self.shared.store
     }
 
-    /// The token cancelled when the cache shuts down (for tasks that serve it).
+    /// The token cancelled when the last handle of the cache goes (for the
+    /// shared tier's tasks; an explicit `shutdown()` does not stop them).
     #[cfg(feature = "redis")]
-    pub(crate) fn shutdown_token(&self) -> tokio_util::sync::CancellationToken {
-        self.shared.shutdown.clone()
+    pub(crate) fn closed_token(&self) -> tokio_util::sync::CancellationToken {
+        self.shared.closed.clone()
     }
 
     /// Puts a shared (L2) tier behind the in-process store, such as
@@ -152,7 +153,10 @@ impl<P, St: Store> CacheLayer<P, St> {
 
     /// Stops background refreshes now (they also stop when the last layer
     /// and service of this cache are dropped). The cache keeps serving;
-    /// stale entries are then refreshed by the next miss instead.
+    /// stale entries are then refreshed by the next miss instead. A shared
+    /// tier keeps delivering invalidations (and heartbeats) until the last
+    /// handle goes; then it flushes what is queued, for at most one
+    /// isolation window.
     pub fn shutdown(&self) {
         self.shared.shutdown.cancel();
     }
@@ -406,7 +410,7 @@ impl<P, W> CacheLayerBuilder<P, W> {
             seed,
         );
         let shared = Arc::new(shared);
-        let life = Arc::new(Life::new(shared.shutdown.clone()));
+        let life = Arc::new(Life::new(shared.closed.clone()));
         Ok(CacheLayer { shared, life })
     }
 }

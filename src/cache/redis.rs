@@ -23,6 +23,22 @@
 //!   trusted again, and Redis values are not used for one more
 //!   `isolation_ttl` while other instances flush what they queued.
 //!
+//! - **Delivery**: `invalidate_*` returns at once; the tier applies and
+//!   publishes queued invalidations in batches (one atomic script each, so a
+//!   call that timed out on the client did all or nothing), usually within
+//!   one round trip. [`RedisTier::flush`] waits for it. When the last handle
+//!   of the cache goes, what is queued is flushed for at most one isolation
+//!   window.
+//! - **Self-healing**: a connection that times out three times in a row is
+//!   replaced (a black-holed connection never fails by itself), and a
+//!   subscription silent for two isolation windows (no own heartbeat) is
+//!   dropped and made again.
+//! - **Shared tier writes**: only a fill that took its lease (and with it
+//!   the invalidation epoch) before it read the service is written to
+//!   Redis; a put after any invalidation since is refused, and the lease
+//!   given up so others stop waiting. Tag generation counters expire after
+//!   the entries that recorded them; a missing counter matches nothing.
+//!
 //! # Guarantees
 //!
 //! - **Same instance, exact**: a read that starts after `invalidate_*`
@@ -33,10 +49,21 @@
 //! - **Across instances, bounded**: a read on another instance that starts
 //!   more than `isolation_ttl` after `invalidate_*` returned never gets data
 //!   older than that invalidation, also while Redis is down, stalled,
-//!   partitioned from the reading instance, or refusing writes — provided
-//!   the invalidating instance can reach Redis. An instance cut off from
-//!   Redis keeps its invalidations queued and delivers them when it can
-//!   reach it again; until then no other instance can learn of them.
+//!   partitioned from the reading instance, or refusing writes. The window
+//!   counts from when the invalidation reached Redis, which is within one
+//!   round trip of the call while the invalidating instance can reach it
+//!   (call [`RedisTier::flush`] to wait for that). An instance cut off from
+//!   Redis keeps its invalidations queued (bounded; past the bound they
+//!   collapse into one "all") and delivers them when it can reach it again;
+//!   until then no other instance can learn of them.
+//!
+//! Outside the guarantees: a Redis restored from a snapshot, or failed over
+//! to a replica that lags, may give back values invalidated after that
+//! point (run the tier's Redis as a cache, without persistence, or call
+//! `invalidate_all` after such an event); a Redis that refuses writes for
+//! another reason than memory (read-only replica, ACL, failed snapshot)
+//! counts as unreachable for invalidations; every instance sharing a
+//! `prefix` must use the same key codec. Codecs must not panic.
 //! - **Redis refusing writes** (`maxmemory` with `noeviction`): a refused
 //!   generation bump is replaced by deleting the counter, which every entry
 //!   recorded under it fails to match; the invalidation is still published;
@@ -155,11 +182,11 @@ impl RedisTierBuilder {
         St: super::Store,
         C: RedisCodec<St::Key, St::Response>,
     {
-        if self.timeout.is_zero() || self.timeout >= self.isolation_ttl / 2 {
+        if self.timeout.is_zero() || self.timeout >= self.isolation_ttl {
             return Err(ConfigError::OutOfRange {
                 field: "redis timeout",
                 reason: format!(
-                    "must be above zero and below half the isolation window ({:?}), got {:?}",
+                    "must be above zero and below the isolation window ({:?}), got {:?}",
                     self.isolation_ttl, self.timeout
                 ),
             });
@@ -236,7 +263,7 @@ impl RedisTierBuilder {
         // Until its own heartbeat comes back through the subscription,
         // other instances' invalidations cannot reach this L1: no hits.
         link.require_heartbeats(tier.isolation_ttl);
-        let shutdown = layer.shutdown_token();
+        let shutdown = layer.closed_token();
         runtime.spawn(subscribe(
             Arc::downgrade(&tier),
             link.clone(),
@@ -1278,7 +1305,9 @@ async fn subscribe<K: Send + Sync + 'static, R: Send + Sync + 'static>(
         // Own heartbeats arrive every quarter window: silence for two
         // windows means a dead (or black-holed) subscription that will
         // never close by itself.
-        let silence = tier.upgrade().map_or(Duration::from_secs(2), |t| t.isolation_ttl * 2);
+        let silence = tier
+            .upgrade()
+            .map_or(Duration::from_secs(2), |t| t.isolation_ttl * 2);
         loop {
             let next = tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -1306,7 +1335,10 @@ async fn publish<K: Send + Sync + 'static, R: Send + Sync + 'static>(
     link: RemoteLink<K>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    let Some((every, ttl)) = tier.upgrade().map(|t| (t.isolation_ttl / 4, t.isolation_ttl)) else {
+    let Some((every, ttl)) = tier
+        .upgrade()
+        .map(|t| (t.isolation_ttl / 4, t.isolation_ttl))
+    else {
         return;
     };
     // A failed delivery is retried at least every quarter window, so after

@@ -62,6 +62,10 @@ pub(crate) struct Shared<P, St: Store> {
     stats: Stats,
     rng: crate::random::Random,
     pub(crate) shutdown: CancellationToken,
+    /// Cancelled when the last layer or service handle goes (the parent of
+    /// `shutdown`): the shared tier's tasks run until then, so an explicit
+    /// `shutdown()` stops refreshes but not the invalidation fan-out.
+    pub(crate) closed: CancellationToken,
     /// The shared tier, attached after build.
     pub(crate) remote: OnceLock<Arc<dyn RemoteTier<St::Key, St::Response>>>,
     /// The in-process store serves hits only before this instant (nanos on
@@ -109,6 +113,7 @@ impl<P, St: Store> Shared<P, St> {
         stats: Stats,
         seed: u64,
     ) -> Self {
+        let closed = CancellationToken::new();
         Self {
             policy,
             store,
@@ -119,7 +124,8 @@ impl<P, St: Store> Shared<P, St> {
             flights: Arc::new(Flights::new()),
             stats,
             rng: crate::random::Random::new(seed),
-            shutdown: CancellationToken::new(),
+            shutdown: closed.child_token(),
+            closed,
             remote: OnceLock::new(),
             trusted_until: AtomicU64::new(u64::MAX),
             isolation: AtomicU64::new(0),

@@ -912,11 +912,20 @@ async fn no_read_after_an_invalidation_sees_older_data() {
     let (mut checked, mut coalesced, mut fenced_fills, mut loads) = (0, 0, 0, 0);
     for seed in [1u64, 2, 3, 4] {
         let model = history::Model::new(6, seed);
-        let layer = CacheLayer::builder(history::TagPolicy)
-            .time_to_live(Duration::from_secs(60))
-            .seed(seed)
-            .build()
-            .expect("valid config");
+        // Odd seeds: long TTLs; even seeds: 20 ms TTLs with 20 ms of
+        // stale-while-revalidate, so background refreshes race too.
+        let (ttl, swr) = if seed % 2 == 1 {
+            (Duration::from_secs(60), Duration::ZERO)
+        } else {
+            (Duration::from_millis(20), Duration::from_millis(20))
+        };
+        let mut builder = CacheLayer::builder(history::TagPolicy)
+            .time_to_live(ttl)
+            .seed(seed);
+        if !swr.is_zero() {
+            builder = builder.stale_while_revalidate(swr);
+        }
+        let layer = builder.build().expect("valid config");
         let invalidator = layer.invalidator();
         let svc: history::Svc = ServiceBuilder::new().layer(layer).service(model.origin());
         let run = history::run(
@@ -1029,4 +1038,39 @@ async fn a_request_after_an_invalidation_starts_its_own_fill() {
             "{how}: the later request got the fill that began after the invalidation"
         );
     }
+}
+
+/// A request inside its stale-if-error window that joins a fill without a
+/// fallback of its own (a background refresh) still gets the stale entry
+/// when that fill fails.
+#[tokio::test]
+async fn a_waiter_keeps_its_own_stale_if_error_fallback() {
+    let origin = Origin::gated();
+    let (svc, clock) = cache(&origin, |b| {
+        b.stale_while_revalidate(Duration::from_secs(10))
+            .stale_if_error(Duration::from_secs(60))
+    });
+    origin.open(1);
+    assert_eq!(svc.clone().oneshot(1).await.unwrap().as_str(), "1#1");
+    origin.set_failing(true);
+    // Stale inside SWR: served; the refresh waits at the gate.
+    clock.advance(Duration::from_secs(15));
+    assert_eq!(svc.clone().oneshot(1).await.unwrap().as_str(), "1#1");
+    eventually("the refresh reached the origin", DEADLINE, || {
+        origin.calls() == 2
+    })
+    .await;
+    // Past SWR, inside stale-if-error: this request joins the refresh.
+    clock.advance(Duration::from_secs(10));
+    let waiter = tokio::spawn(svc.clone().oneshot(1));
+    eventually("the request joined the refresh", DEADLINE, || {
+        svc.stats().coalesced == 1
+    })
+    .await;
+    origin.open(1);
+    assert_eq!(
+        waiter.await.unwrap().unwrap().as_str(),
+        "1#1",
+        "the failed refresh's error was replaced by the request's own fallback"
+    );
 }

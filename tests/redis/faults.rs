@@ -51,8 +51,11 @@ async fn model_instance(
     model: &Arc<Model>,
     prefix: &str,
 ) -> (Svc, Invalidator<u64>, Arc<RedisTier<u64, Value>>) {
+    // Short windows, so entries go stale and background refreshes (and
+    // their puts) race the invalidations too.
     let layer = CacheLayer::builder(TagPolicy)
-        .time_to_live(Duration::from_secs(60))
+        .time_to_live(Duration::from_millis(300))
+        .stale_while_revalidate(Duration::from_millis(300))
         .build()
         .unwrap();
     let tier = builder(url)
@@ -365,4 +368,61 @@ async fn refused_writes_still_invalidate_everywhere() {
     b.0.clone().oneshot(3).await.unwrap();
     assert_eq!(model.loads.load(Ordering::SeqCst), loads + 2);
     assert!(a.2.stats().heartbeats > 0);
+}
+
+/// `shutdown()` stops background work, but what was invalidated is still
+/// delivered first (and invalidations made after it too, while the tier's
+/// flush lasts): another instance sees them. `flush` waits for delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidations_are_flushed_before_shutdown_and_on_request() {
+    let redis = LocalRedis::start().unwrap();
+    let model = Model::new(2, 13);
+    let a = model_instance(&redis.url(), &model, "flush").await;
+    let b = model_instance(&redis.url(), &model, "flush").await;
+    until("heard", Duration::from_secs(10), || {
+        a.2.stats().heartbeats > 0 && b.2.stats().heartbeats > 0
+    })
+    .await;
+    let first = b.0.clone().oneshot(0).await.unwrap().1;
+    let version = model.bump(0);
+    a.1.invalidate_key(&0);
+    assert!(a.2.flush(Duration::from_secs(5)).await, "delivered");
+    until("B applied it", Duration::from_secs(10), || {
+        b.2.stats().fanout_received > 0
+    })
+    .await;
+    let got = b.0.clone().oneshot(0).await.unwrap().1;
+    assert!(got >= version && got > first);
+    // Shut A down, then invalidate on it: still delivered.
+    a.0.shutdown();
+    let received = b.2.stats().fanout_received;
+    let version = model.bump(1);
+    a.1.invalidate_key(&1);
+    until(
+        "B got the invalidation made at shutdown",
+        Duration::from_secs(10),
+        || b.2.stats().fanout_received > received,
+    )
+    .await;
+    assert!(b.0.clone().oneshot(1).await.unwrap().1 >= version);
+}
+
+/// The tier and the cache do not keep each other alive: once every handle
+/// is dropped, the tier is freed (its tasks end with the cache).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_cache_frees_the_tier() {
+    let redis = LocalRedis::start().unwrap();
+    let model = Model::new(1, 17);
+    let (svc, inv, tier) = model_instance(&redis.url(), &model, "drop").await;
+    until("heard", Duration::from_secs(10), || {
+        tier.stats().heartbeats > 0
+    })
+    .await;
+    svc.clone().oneshot(0).await.unwrap();
+    let weak = Arc::downgrade(&tier);
+    drop((svc, inv, tier));
+    until("the tier was freed", Duration::from_secs(10), || {
+        weak.upgrade().is_none()
+    })
+    .await;
 }
