@@ -570,7 +570,7 @@ async fn shared_tier(local: &LocalCluster) -> Result<(), Error> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !instances
         .iter()
-        .all(|(be, _)| be.redis.as_ref().is_some_and(|r| r.stats().subscribed))
+        .all(|(be, _)| be.redis.as_ref().is_some_and(|r| r.stats().heartbeats > 0))
     {
         if Instant::now() > deadline {
             return Err("the instances did not subscribe to Redis".into());

@@ -73,6 +73,22 @@ async fn model_instance(
     )
 }
 
+type Instance = (Svc, Invalidator<u64>, Arc<RedisTier<u64, Value>>);
+
+/// Two instances on one Redis (B through `b_url`), once both heard their
+/// own heartbeat back.
+async fn pair(a_url: &str, b_url: &str, model: &Arc<Model>, prefix: &str) -> (Instance, Instance) {
+    let a = model_instance(a_url, model, prefix).await;
+    let b = model_instance(b_url, model, prefix).await;
+    until(
+        "both heard their heartbeats",
+        Duration::from_secs(10),
+        || a.2.stats().heartbeats > 0 && b.2.stats().heartbeats > 0,
+    )
+    .await;
+    (a, b)
+}
+
 async fn until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
     let started = Instant::now();
     while !cond() {
@@ -104,14 +120,7 @@ async fn two_instances_under(fault: Fault) {
         Fault::PartitionB => format!("redis://127.0.0.1:{}", proxy.port()),
         _ => redis.url(),
     };
-    let a = model_instance(&redis.url(), &model, &prefix).await;
-    let b = model_instance(&b_url, &model, &prefix).await;
-    until(
-        "both heard their heartbeats",
-        Duration::from_secs(10),
-        || a.2.stats().heartbeats > 0 && b.2.stats().heartbeats > 0,
-    )
-    .await;
+    let (a, b) = pair(&redis.url(), &b_url, &model, &prefix).await;
     let instances = [(a.0.clone(), a.1.clone()), (b.0.clone(), b.1.clone())];
     let injector = async {
         tokio::time::sleep(Duration::from_millis(600)).await;
@@ -292,12 +301,7 @@ fn model_bump(model: &Arc<Model>) -> u64 {
 async fn an_invalidation_from_outside_a_runtime_reaches_the_other_instance() {
     let redis = LocalRedis::start().unwrap();
     let model = Model::new(2, 9);
-    let a = model_instance(&redis.url(), &model, "outside").await;
-    let b = model_instance(&redis.url(), &model, "outside").await;
-    until("heard", Duration::from_secs(10), || {
-        a.2.stats().heartbeats > 0 && b.2.stats().heartbeats > 0
-    })
-    .await;
+    let (a, b) = pair(&redis.url(), &redis.url(), &model, "outside").await;
     let first = b.0.clone().oneshot(1).await.unwrap().1;
     assert_eq!(
         b.0.clone().oneshot(1).await.unwrap().1,
@@ -333,12 +337,7 @@ async fn an_invalidation_from_outside_a_runtime_reaches_the_other_instance() {
 async fn refused_writes_still_invalidate_everywhere() {
     let redis = LocalRedis::start().unwrap();
     let model = Model::new(4, 11);
-    let a = model_instance(&redis.url(), &model, "oom").await;
-    let b = model_instance(&redis.url(), &model, "oom").await;
-    until("heard", Duration::from_secs(10), || {
-        a.2.stats().heartbeats > 0 && b.2.stats().heartbeats > 0
-    })
-    .await;
+    let (a, b) = pair(&redis.url(), &redis.url(), &model, "oom").await;
     // Key 2 in Redis (filled by A) and in B's L1.
     a.0.clone().oneshot(2).await.unwrap();
     let loads = model.loads.load(Ordering::SeqCst);
@@ -377,12 +376,7 @@ async fn refused_writes_still_invalidate_everywhere() {
 async fn invalidations_are_flushed_before_shutdown_and_on_request() {
     let redis = LocalRedis::start().unwrap();
     let model = Model::new(2, 13);
-    let a = model_instance(&redis.url(), &model, "flush").await;
-    let b = model_instance(&redis.url(), &model, "flush").await;
-    until("heard", Duration::from_secs(10), || {
-        a.2.stats().heartbeats > 0 && b.2.stats().heartbeats > 0
-    })
-    .await;
+    let (a, b) = pair(&redis.url(), &redis.url(), &model, "flush").await;
     let first = b.0.clone().oneshot(0).await.unwrap().1;
     let version = model.bump(0);
     a.1.invalidate_key(&0);
