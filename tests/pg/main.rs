@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use tower_scale::pg::{Cluster, Consistency, DbError, NodeConfig, PoolTimeout, Role};
 use tower_scale::testing::LocalCluster;
 
+mod today;
+
 const DEADLINE: Duration = Duration::from_secs(30);
 
 async fn connect(
