@@ -403,6 +403,38 @@ async fn commit_after_a_failed_statement_is_an_error() {
     assert!(matches!(err, DbError::RolledBack { .. }), "{err:?}");
     assert_eq!(err.code().map(|c| c.code()), Some("23505"), "{err}");
 
+    // A statement abandoned mid-flight (its future dropped): cancelled on
+    // the server, and the transaction can only roll back.
+    let tx = db.transaction().await.unwrap();
+    tx.execute(insert, &[&"abandoned"]).await.unwrap();
+    let slow = tx.query("SELECT pg_sleep(60)", &[]);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), slow)
+            .await
+            .is_err()
+    );
+    let err = tx.execute(insert, &[&"after abandon"]).await.unwrap_err();
+    assert!(matches!(err, DbError::RolledBack { .. }), "{err:?}");
+    let err = tx.commit().await.unwrap_err();
+    assert!(matches!(err, DbError::RolledBack { .. }), "{err:?}");
+    let admin = local.primary().connect().await.unwrap();
+    until(
+        "the abandoned statement is cancelled",
+        DEADLINE,
+        async || {
+            let n: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            n == 0
+        },
+    )
+    .await;
+
     let r = db
         .read_query(
             Consistency::Strong,
