@@ -101,6 +101,37 @@ async fn a_replica_stalled_during_a_read_your_writes_read() {
     );
     assert!(took_typed < wait + SLACK, "{took_typed:?}");
     assert!(took_primary < wait + SLACK, "{took_primary:?}");
+
+    // Now caught up, the replica stalls during the read itself: the read
+    // timeout, then the primary, or the typed timeout with nowhere to go.
+    for cluster in [&with_fallback, &without] {
+        until("the replica is back and caught up", DEADLINE, async || {
+            cluster.next_probe().await;
+            let replica = &cluster.status()[1];
+            replica.healthy && replica.lsn >= w.token.lsn()
+        })
+        .await;
+        cluster
+            .db()
+            .read_one(Consistency::Any, "SELECT 1", &[])
+            .await
+            .unwrap();
+    }
+    local.replica(0).pause().unwrap();
+    let (no_fallback, took_typed) = bounded("caught-up read, no fallback", read(&without)).await;
+    let (fallback, took_primary) = bounded("caught-up read, fallback", read(&with_fallback)).await;
+    local.replica(0).resume().unwrap();
+    let err = no_fallback.unwrap_err();
+    assert!(is_timeout(&err, Operation::Read), "{err:?}");
+    let r = fallback.unwrap();
+    assert_eq!((&*r.served_by, r.reason), ("primary", RouteReason::Retried));
+    eprintln!(
+        "replica SIGSTOPped during the read proper (read timeout 1 s): typed timeout after \
+         {took_typed:?}; with fallback, the primary answered after {took_primary:?}"
+    );
+    let read_timeout = Duration::from_secs(1);
+    assert!(took_typed < read_timeout + SLACK, "{took_typed:?}");
+    assert!(took_primary < read_timeout + SLACK, "{took_primary:?}");
 }
 
 /// Guarantee 1, primary side: a write, a statement in a transaction,
