@@ -4,9 +4,11 @@
 //! [`DbLayer`] puts a [`RequestDb`] into every request's extensions:
 //! safe methods (GET, HEAD, OPTIONS) read from replicas, unsafe ones go to
 //! the primary, and a per-route override can change that. The client's
-//! token (cookie `tower_scale_token` or header `x-consistency-token`; when
-//! both are valid the newer wins) turns replica reads into read-your-writes
-//! reads. When a request wrote, its response carries the new token in both
+//! token (cookie `tower_scale_token`, its value plain or in double quotes
+//! as RFC 6265 allows, or header `x-consistency-token`; when both are valid
+//! the newer wins) turns replica reads into read-your-writes reads; a write
+//! whose commit position could not be learned hands out a token that sends
+//! the client's reads to the primary until it expires. When a request wrote, its response carries the new token in both
 //! (`HttpOnly`, `SameSite=Lax`, `Path=/`, `Max-Age` = the token lifetime,
 //! `Secure` as an option), so any instance can serve the client's next
 //! request. Forged, malformed, oversized, expired or far-future tokens are
@@ -172,7 +174,9 @@ impl<S> fmt::Debug for DbRouting<S> {
     }
 }
 
-/// Cookie values of `name` in the request (all `Cookie` header lines).
+/// Cookie values of `name` in the request (all `Cookie` header lines). A
+/// value may be sent in double quotes (RFC 6265 `cookie-value`); the quotes
+/// are not part of it.
 fn cookies<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
     headers
         .get_all(COOKIE)
@@ -181,8 +185,16 @@ fn cookies<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'
         .flat_map(|v| v.split(';'))
         .filter_map(move |pair| {
             let (k, v) = pair.split_once('=')?;
-            (k.trim() == name).then_some(v.trim())
+            (k.trim() == name).then_some(unquote(v.trim()))
         })
+}
+
+/// `"value"` → `value`; anything else as it is.
+fn unquote(value: &str) -> &str {
+    value
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap_or(value)
 }
 
 impl DbLayer {
@@ -447,5 +459,38 @@ impl<St: Send + Sync> FromRequestParts<St> for Replica {
         let mut db = RequestDb::from_request_parts(parts, state).await?;
         db.route = Route::Replicas;
         Ok(Self(db))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(cookie_lines: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for line in cookie_lines {
+            headers.append(COOKIE, HeaderValue::from_str(line).unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn cookie_values_plain_and_quoted() {
+        let name = "tower_scale_token";
+        let h = request(&[
+            "a=1; tower_scale_token=plain",
+            r#"tower_scale_token="quoted"; b=2"#,
+            r#"tower_scale_token = "spaced" "#,
+        ]);
+        let values: Vec<&str> = cookies(&h, name).collect();
+        assert_eq!(values, ["plain", "quoted", "spaced"]);
+        // Unbalanced or lone quotes are left alone (and then fail to decode).
+        let h = request(&[r#"tower_scale_token="open"#, r#"tower_scale_token=""#]);
+        let values: Vec<&str> = cookies(&h, name).collect();
+        assert_eq!(values, [r#""open"#, r#"""#]);
+        // Only the cookie of that name; an empty quoted value is empty.
+        let h = request(&[r#"other="x"; tower_scale_token="""#]);
+        let values: Vec<&str> = cookies(&h, name).collect();
+        assert_eq!(values, [""]);
     }
 }

@@ -3,6 +3,8 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -10,7 +12,7 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use tokio::sync::Notify;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
-use tokio_postgres::{NoTls, Socket};
+use tokio_postgres::{CancelToken, NoTls, Socket};
 use tokio_util::sync::CancellationToken;
 
 use super::balance::ramp_weight;
@@ -119,6 +121,7 @@ pub struct ClusterBuilder {
     primary_wait: Duration,
     fallback_to_primary: bool,
     read_timeout: Duration,
+    write_timeout: Duration,
     identity: Option<String>,
 }
 
@@ -142,6 +145,7 @@ impl Default for ClusterBuilder {
             primary_wait: Duration::from_secs(1),
             fallback_to_primary: true,
             read_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(10),
             identity: None,
         }
     }
@@ -232,7 +236,9 @@ impl ClusterBuilder {
     }
 
     /// How long a read-your-writes read waits for a replica to catch up
-    /// before it goes to the primary (default 500 ms).
+    /// before it goes to the primary (default 500 ms). It bounds the whole
+    /// wait: checking out a replica connection and every catch-up query; a
+    /// replica that does not answer within it is left for the primary.
     pub fn read_your_writes_wait(mut self, d: Duration) -> Self {
         self.read_your_writes_wait = d;
         self
@@ -261,10 +267,24 @@ impl ClusterBuilder {
     }
 
     /// How long a read may take on one node before it is retried once
-    /// elsewhere and the node leaves the rotation (default 5 s). Keep it
-    /// above your slowest legitimate read.
+    /// elsewhere and the node leaves the rotation (default 5 s). It counts
+    /// from the moment the read has a connection: waiting for a pooled
+    /// connection (bounded by [`pool_wait_timeout`](Self::pool_wait_timeout))
+    /// does not count. Keep it above your slowest legitimate read.
     pub fn read_timeout(mut self, d: Duration) -> Self {
         self.read_timeout = d;
+        self
+    }
+
+    /// How long each statement sent to the primary may take (default 10 s):
+    /// a write, then separately the query for its token; in a transaction
+    /// `BEGIN`, each statement, and `COMMIT` (with its token). Like the
+    /// read timeout it counts once a connection is checked out. A write or
+    /// `COMMIT` that times out may have committed
+    /// ([`DbError::may_have_committed`]); the primary does not leave the
+    /// rotation for it (the monitor decides).
+    pub fn write_timeout(mut self, d: Duration) -> Self {
+        self.write_timeout = d;
         self
     }
 
@@ -285,6 +305,7 @@ impl ClusterBuilder {
             ("probe_interval", self.probe_interval),
             ("probe_timeout", self.probe_timeout),
             ("read_timeout", self.read_timeout),
+            ("write_timeout", self.write_timeout),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::ZeroDuration { field, value });
@@ -351,7 +372,9 @@ impl ClusterBuilder {
                 probe_interval: self.probe_interval,
                 probe_timeout: self.probe_timeout,
                 read_timeout: self.read_timeout,
+                write_timeout: self.write_timeout,
             },
+            cancel: canceller(tls.clone(), self.create_timeout),
             started: Instant::now(),
             changed: Notify::new(),
             reprobe: Notify::new(),
@@ -378,6 +401,33 @@ pub(crate) struct Options {
     pub(crate) probe_interval: Duration,
     pub(crate) probe_timeout: Duration,
     pub(crate) read_timeout: Duration,
+    pub(crate) write_timeout: Duration,
+}
+
+/// Sends a cancel request for a query through the cluster's own TLS
+/// connector (a cluster that requires TLS refuses plain cancel requests).
+pub(crate) type Canceller =
+    Arc<dyn Fn(CancelToken) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+fn canceller<T>(tls: T, bound: Duration) -> Canceller
+where
+    T: MakeTlsConnect<Socket> + Clone + Sync + Send + 'static,
+    T::Stream: Sync + Send,
+    T::TlsConnect: Sync + Send,
+    <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+{
+    Arc::new(move |token: CancelToken| {
+        let tls = tls.clone();
+        Box::pin(async move {
+            // Connecting to a stalled server must not hang the task either.
+            if tokio::time::timeout(bound, token.cancel_query(tls))
+                .await
+                .is_err()
+            {
+                tracing::debug!("cancel request timed out");
+            }
+        })
+    })
 }
 
 /// One node: its pools and what the monitor knows of it.
@@ -646,7 +696,8 @@ pub struct NodeStatus {
     pub lag: Duration,
     /// Its share of reads during re-admission (0 when out, 1 when full).
     pub weight: f64,
-    /// Queries running now.
+    /// Queries running now, or waiting for one of its pooled connections
+    /// (the balancer steers away from queued work too).
     pub in_flight: u64,
     /// Queries served since start.
     pub queries: u64,
@@ -672,6 +723,7 @@ pub(crate) struct Inner {
     pub(crate) last_write: AtomicU64,
     rng: crate::random::Random,
     pub(crate) shutdown: CancellationToken,
+    pub(crate) cancel: Canceller,
 }
 
 impl Inner {

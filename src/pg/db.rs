@@ -5,19 +5,20 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::Object;
+use deadpool_postgres::{ClientWrapper, Object};
+use futures_util::StreamExt;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::{Row, SimpleQueryMessage};
 use tracing::Instrument;
 
 use super::balance::{Candidate, choose_replica};
-use super::cluster::{Inner, Life, Node, Role};
-use super::error::DbError;
+use super::cluster::{Canceller, Inner, Life, Node, Role};
+use super::error::{DbError, Fault, Operation, PoolTimeout, fault};
 use super::lsn::{Consistency, ConsistencyToken, Lsn};
 
 /// Why a read went where it went (in spans and [`Read::reason`]).
@@ -82,47 +83,119 @@ impl fmt::Debug for Db {
     }
 }
 
-/// Returns a connection's in-flight query to the pool safely: if the
-/// caller drops the future, the server-side query is cancelled and the
-/// connection is closed instead of being handed to someone else.
-struct Running {
+/// A checked-out connection that may have a statement in flight. Dropped
+/// armed (a deadline passed, the caller gave up on the future), it cancels
+/// the server-side statement through the cluster's TLS connector and closes
+/// the session instead of handing it to someone else.
+struct Running<'a> {
     conn: Option<Object>,
-    node_in_flight: Option<Arc<Inner>>,
-    node: usize,
+    cancel: &'a Canceller,
 }
 
-impl Running {
-    fn finish(mut self) -> Object {
-        self.release();
-        // `conn` is always set until finish or drop.
-        self.conn
-            .take()
-            .unwrap_or_else(|| unreachable!("connection taken twice"))
-    }
-
-    fn release(&mut self) {
-        if let Some(inner) = self.node_in_flight.take() {
-            inner.nodes[self.node]
-                .in_flight
-                .fetch_sub(1, Ordering::Relaxed);
+impl<'a> Running<'a> {
+    fn new(conn: Object, cancel: &'a Canceller) -> Self {
+        Self {
+            conn: Some(conn),
+            cancel,
         }
     }
-}
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.release();
+    fn conn(&self) -> Result<&Object, DbError> {
+        // Always set until release, discard or drop.
+        self.conn.as_ref().ok_or(DbError::Shutdown)
+    }
+
+    /// The statement finished and the session is sound: back to the pool.
+    fn release(mut self) {
+        drop(self.conn.take());
+    }
+
+    /// The session is broken or in an unknown state: close it, no cancel.
+    fn discard(mut self) {
         if let Some(conn) = self.conn.take() {
-            let client = Object::take(conn);
-            let cancel = client.cancel_token();
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    let _ = cancel.cancel_query(NoTls).await;
-                    drop(client);
-                });
-            }
+            drop(Object::take(conn));
         }
     }
+
+    /// Keeps the session out of the pool and hands it over (a transaction).
+    fn into_object(mut self) -> Option<Object> {
+        self.conn.take()
+    }
+
+    /// After a driver error: sessions that failed, or that a demoted
+    /// primary answered, are closed; the others go back to the pool.
+    fn settle(self, e: &tokio_postgres::Error, write: bool) {
+        if fault(e) == Fault::Connection
+            || (write && e.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION))
+        {
+            self.discard();
+        } else {
+            self.release();
+        }
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            cancel_and_close(Object::take(conn), self.cancel);
+        }
+    }
+}
+
+/// Cancels whatever runs on `client` and closes it, in the background.
+fn cancel_and_close(client: ClientWrapper, cancel: &Canceller) {
+    let request = cancel(client.cancel_token());
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn(async move {
+                request.await;
+                drop(client);
+            });
+        }
+        Err(_) => drop(client),
+    }
+}
+
+/// Counts a query against its node from before the pool checkout (so the
+/// balancer sees queued work) until it ends, however it ends.
+struct InFlight<'a>(&'a Node);
+
+impl<'a> InFlight<'a> {
+    fn new(node: &'a Node) -> Self {
+        node.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(node)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How one attempt at a statement failed.
+enum Failure {
+    /// No connection: nothing was sent.
+    Checkout(DbError),
+    /// The server did not answer in time (for a write, counted as possibly
+    /// committed even when only the preparation was pending).
+    Timeout,
+    /// The driver's error; `sent` once the statement itself (not only its
+    /// preparation) may have reached the server.
+    Driver {
+        source: tokio_postgres::Error,
+        sent: bool,
+    },
+}
+
+/// How a read-your-writes catch-up ended.
+enum CatchUp {
+    Replayed,
+    /// Still behind at the deadline, or no connection in time.
+    Behind,
+    /// The replica did not answer within the wait.
+    NoAnswer,
 }
 
 enum Mode {
@@ -135,77 +208,198 @@ enum Output {
     Count(u64),
 }
 
+/// The token query: schema-qualified, so no `search_path` can redirect it.
+/// The simple protocol answers it in one round trip.
+const TOKEN_SQL: &str = "SELECT pg_catalog.pg_current_wal_lsn()::text";
+
+/// Read-your-writes catch-up: how far a replica has replayed.
+const REPLAY_SQL: &str = "SELECT pg_catalog.pg_last_wal_replay_lsn()::text";
+
+/// `COMMIT` with its guard and its token in one round trip. In a failed
+/// transaction `SELECT 1` fails (25P02) and the server skips the rest, so
+/// a rolled-back transaction is never taken for a committed one; after
+/// `COMMIT`'s own completion the commit is certain, whatever happens to the
+/// token query.
+const COMMIT_SQL: &str = "SELECT 1; COMMIT; SELECT pg_catalog.pg_current_wal_lsn()::text";
+
+/// The WAL position in a token query's answer, if it is one.
+fn parse_lsn(messages: &[SimpleQueryMessage]) -> Option<Lsn> {
+    messages.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(row) => row.get(0).and_then(|text| text.parse().ok()),
+        _ => None,
+    })
+}
+
 impl Db {
     fn node(&self, index: usize) -> &Node {
         &self.inner.nodes[index]
     }
 
-    /// Runs one statement on node `index`, with in-flight accounting,
-    /// latency EWMA, metrics, a span, and cancel-on-drop.
-    async fn run(
+    /// One attempt at a statement on node `index`: checkout (bounded by the
+    /// pool's own timeouts, not counted in `timeout`), then prepare and run
+    /// within `timeout`. The connection comes back with the output, armed.
+    async fn attempt(
         &self,
         index: usize,
         sql: &str,
         params: Params<'_>,
         mode: Mode,
         write: bool,
-    ) -> Result<(Output, Object), DbError> {
+        timeout: Duration,
+    ) -> Result<(Output, Running<'_>), Failure> {
         let node = self.node(index);
-        let conn = node.connection(write).await?;
-        node.in_flight.fetch_add(1, Ordering::Relaxed);
-        let running = Running {
-            conn: Some(conn),
-            node_in_flight: Some(Arc::clone(&self.inner)),
-            node: index,
-        };
-        let Some(conn) = running.conn.as_ref() else {
-            return Err(DbError::Shutdown);
-        };
-        let result = async {
-            let stmt = conn.prepare_cached(sql).await?;
-            // Time the execution only: a first prepare on a new connection
-            // must not make a node look slow for long.
-            let started = Instant::now();
-            let out = match mode {
-                Mode::Rows => Output::Rows(conn.query(&stmt, params).await?),
-                Mode::Execute => Output::Count(conn.execute(&stmt, params).await?),
-            };
-            node.record_latency(started.elapsed(), self.inner.started);
-            Ok::<_, tokio_postgres::Error>(out)
-        }
-        .await;
+        let _in_flight = InFlight::new(node);
+        let conn = node.connection(write).await.map_err(Failure::Checkout)?;
+        let running = Running::new(conn, &self.inner.cancel);
+        let conn = running.conn().map_err(Failure::Checkout)?;
         node.queries.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("tower_scale_db_queries_total", "node" => Arc::clone(&node.name))
             .increment(1);
-        let conn = running.finish();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let stmt = match tokio::time::timeout_at(deadline, conn.prepare_cached(sql)).await {
+            Ok(Ok(stmt)) => stmt,
+            Ok(Err(source)) => {
+                running.settle(&source, write);
+                return Err(Failure::Driver {
+                    source,
+                    sent: false,
+                });
+            }
+            Err(_) => return Err(Failure::Timeout),
+        };
+        // Time the execution only: a first prepare on a new connection must
+        // not make a node look slow for long.
+        let started = Instant::now();
+        let result = match mode {
+            Mode::Rows => tokio::time::timeout_at(deadline, conn.query(&stmt, params))
+                .await
+                .map(|r| r.map(Output::Rows)),
+            Mode::Execute => tokio::time::timeout_at(deadline, conn.execute(&stmt, params))
+                .await
+                .map(|r| r.map(Output::Count)),
+        };
         match result {
-            Ok(out) => Ok((out, conn)),
-            Err(source) => {
-                if super::error::is_connection_failure(&source) {
+            Ok(Ok(out)) => {
+                node.record_latency(started.elapsed(), self.inner.started);
+                Ok((out, running))
+            }
+            Ok(Err(source)) => {
+                // Parameter errors are raised before anything is sent.
+                let sent = fault(&source) != Fault::Client;
+                running.settle(&source, write);
+                Err(Failure::Driver { source, sent })
+            }
+            Err(_) => Err(Failure::Timeout),
+        }
+    }
+
+    /// A read on node `index` within the read timeout. The flag says the
+    /// node failed (stalled or lost), so the read may go elsewhere.
+    async fn read_on(
+        &self,
+        index: usize,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Vec<Row>, (DbError, bool)> {
+        let node = self.node(index);
+        let read_timeout = self.inner.options.read_timeout;
+        match self
+            .attempt(index, sql, params, Mode::Rows, false, read_timeout)
+            .await
+        {
+            Ok((out, running)) => {
+                running.release();
+                Ok(rows(out))
+            }
+            Err(Failure::Checkout(e)) => {
+                // Waiting for a connection says nothing about the server;
+                // failing to open one does (the monitor decides on rotation).
+                let failed = matches!(
+                    e,
+                    DbError::Connect { .. }
+                        | DbError::PoolTimeout {
+                            kind: PoolTimeout::Create | PoolTimeout::Recycle,
+                            ..
+                        }
+                );
+                Err((e, failed))
+            }
+            Err(Failure::Timeout) => {
+                // A stalled server: out of rotation until the monitor sees it answer.
+                node.mark_down();
+                self.inner.request_reprobe();
+                Err((
+                    DbError::Timeout {
+                        node: Arc::clone(&node.name),
+                        operation: Operation::Read,
+                        after: read_timeout,
+                    },
+                    true,
+                ))
+            }
+            Err(Failure::Driver { source, .. }) => {
+                let node_name = Arc::clone(&node.name);
+                if fault(&source) == Fault::Connection {
                     node.mark_down();
                     self.inner.request_reprobe();
-                    drop(Object::take(conn));
-                    return Err(DbError::Connect {
-                        node: Arc::clone(&node.name),
+                    return Err((
+                        DbError::Connect {
+                            node: node_name,
+                            source: Arc::new(source),
+                        },
+                        true,
+                    ));
+                }
+                // The query's fault, not the node's: no retry, no eviction.
+                Err((
+                    DbError::Query {
+                        node: node_name,
                         source: Arc::new(source),
-                    });
-                }
-                if source.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION)
-                    && node.role() == Role::Primary
-                {
-                    // Demoted under us: rediscover at once, never reuse this session.
-                    node.demote();
-                    self.inner.request_reprobe();
-                    drop(Object::take(conn));
-                    return Err(DbError::ReadOnly {
-                        node: Arc::clone(&node.name),
-                    });
-                }
-                Err(DbError::Query {
-                    node: Arc::clone(&node.name),
-                    source: Arc::new(source),
-                })
+                    },
+                    false,
+                ))
             }
+        }
+    }
+
+    /// Maps a write's driver error; `sent` says whether the statement (or
+    /// `COMMIT`) may have reached the server.
+    fn write_error(
+        &self,
+        index: usize,
+        source: tokio_postgres::Error,
+        sent: bool,
+        operation: Operation,
+    ) -> DbError {
+        let node = self.node(index);
+        let name = Arc::clone(&node.name);
+        if fault(&source) == Fault::Connection {
+            node.mark_down();
+            self.inner.request_reprobe();
+            return if sent {
+                DbError::Interrupted {
+                    node: name,
+                    operation,
+                    source: Arc::new(source),
+                }
+            } else {
+                DbError::Connect {
+                    node: name,
+                    source: Arc::new(source),
+                }
+            };
+        }
+        if source.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION) {
+            if node.role() == Role::Primary {
+                // Demoted under us: rediscover at once.
+                node.demote();
+                self.inner.request_reprobe();
+            }
+            return DbError::ReadOnly { node: name };
+        }
+        DbError::Query {
+            node: name,
+            source: Arc::new(source),
         }
     }
 
@@ -255,8 +449,28 @@ impl Db {
         let node = self.node(index);
         let span = tracing::debug_span!("db.write", node = %node.name);
         async {
-            let (out, conn) = self.run(index, sql, params, mode, true).await?;
-            let token = self.token_after_commit(index, &conn).await?;
+            let write_timeout = self.inner.options.write_timeout;
+            let (out, running) = match self
+                .attempt(index, sql, params, mode, true, write_timeout)
+                .await
+            {
+                Ok(done) => done,
+                Err(Failure::Checkout(e)) => return Err(e),
+                Err(Failure::Timeout) => {
+                    // A slow write is not a dead primary: the monitor decides.
+                    self.inner.request_reprobe();
+                    return Err(DbError::Timeout {
+                        node: Arc::clone(&node.name),
+                        operation: Operation::Write,
+                        after: write_timeout,
+                    });
+                }
+                Err(Failure::Driver { source, sent }) => {
+                    return Err(self.write_error(index, source, sent, Operation::Write));
+                }
+            };
+            // Committed: from here on the write succeeds, token or not.
+            let token = self.token_after_commit(index, running).await;
             Ok(Written {
                 value: out,
                 token,
@@ -267,24 +481,50 @@ impl Db {
         .await
     }
 
-    async fn token_after_commit(
-        &self,
-        index: usize,
-        conn: &Object,
-    ) -> Result<ConsistencyToken, DbError> {
+    /// The primary's WAL position after a commit, on the session that
+    /// committed, within the write timeout. If it cannot be had, the
+    /// unknown token: reads that present it go to the primary.
+    async fn token_after_commit(&self, index: usize, running: Running<'_>) -> ConsistencyToken {
         let node = self.node(index);
-        let row = conn
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .map_err(|source| DbError::Query {
-                node: Arc::clone(&node.name),
-                source: Arc::new(source),
-            })?;
-        let text: &str = row.get(0);
-        let lsn: Lsn = text.parse().unwrap_or_default();
+        let Ok(conn) = running.conn() else {
+            return ConsistencyToken::unknown();
+        };
+        let answer = tokio::time::timeout(
+            self.inner.options.write_timeout,
+            conn.simple_query(TOKEN_SQL),
+        )
+        .await;
+        match answer {
+            Ok(Ok(messages)) => match parse_lsn(&messages) {
+                Some(lsn) => {
+                    running.release();
+                    self.commit_token(node, lsn)
+                }
+                None => {
+                    tracing::warn!(node = %node.name, "the token query's answer is not a WAL position; the write's token routes reads to the primary");
+                    running.discard();
+                    ConsistencyToken::unknown()
+                }
+            },
+            Ok(Err(e)) => {
+                tracing::warn!(node = %node.name, error = %e, "the token query failed after the commit; the write's token routes reads to the primary");
+                // The session's state is unknown: never reuse it.
+                running.discard();
+                ConsistencyToken::unknown()
+            }
+            Err(_) => {
+                tracing::warn!(node = %node.name, "the token query timed out after the commit; the write's token routes reads to the primary");
+                self.inner.request_reprobe();
+                drop(running);
+                ConsistencyToken::unknown()
+            }
+        }
+    }
+
+    fn commit_token(&self, node: &Node, lsn: Lsn) -> ConsistencyToken {
         self.inner.last_write.fetch_max(lsn.0, Ordering::AcqRel);
         node.observe_lsn(lsn);
-        Ok(ConsistencyToken::new(lsn))
+        ConsistencyToken::new(lsn)
     }
 
     /// Runs a statement on the primary and returns the affected row count
@@ -324,23 +564,37 @@ impl Db {
         })
     }
 
-    /// Starts a transaction on the primary. Commit returns the token;
-    /// dropping it uncommitted rolls it back (the session is closed).
+    /// Starts a transaction on the primary (`BEGIN` within the write
+    /// timeout). Commit returns the token; dropping it uncommitted rolls it
+    /// back (the session is closed).
     pub async fn transaction(&self) -> Result<Transaction, DbError> {
         let index = self.primary_index().await?;
         let node = self.node(index);
         let conn = node.connection(true).await?;
-        conn.batch_execute("BEGIN")
-            .await
-            .map_err(|source| DbError::Query {
-                node: Arc::clone(&node.name),
-                source: Arc::new(source),
-            })?;
-        Ok(Transaction {
-            db: self.clone(),
-            index,
-            conn: Some(conn),
-        })
+        let running = Running::new(conn, &self.inner.cancel);
+        let write_timeout = self.inner.options.write_timeout;
+        let begun =
+            tokio::time::timeout(write_timeout, running.conn()?.batch_execute("BEGIN")).await;
+        match begun {
+            Ok(Ok(())) => Ok(Transaction {
+                db: self.clone(),
+                index,
+                conn: running.into_object(),
+                broken: AtomicBool::new(false),
+            }),
+            Ok(Err(source)) => {
+                running.settle(&source, true);
+                Err(self.write_error(index, source, false, Operation::Begin))
+            }
+            Err(_) => {
+                self.inner.request_reprobe();
+                Err(DbError::Timeout {
+                    node: Arc::clone(&node.name),
+                    operation: Operation::Begin,
+                    after: write_timeout,
+                })
+            }
+        }
     }
 
     /// Candidates for a read, with their node indices.
@@ -379,6 +633,8 @@ impl Db {
     ) -> Result<(usize, Lsn, RouteReason), DbError> {
         let not_excluded = |i: &(usize, Candidate)| Some(i.0) != exclude;
         let budget = self.inner.options.lag_budget;
+        // A replica that did not answer the catch-up query in time.
+        let mut stalled = None;
         let choice = match consistency {
             Consistency::Strong => None,
             Consistency::Any => {
@@ -397,6 +653,9 @@ impl Db {
                     .collect();
                 self.pick(&c).map(|i| (i, RouteReason::Replica))
             }
+            // A commit whose position is unknown: no replica can be shown
+            // to have it, and none is waited for.
+            Consistency::ReadYourWrites(token) if token.is_unknown() => None,
             Consistency::ReadYourWrites(token) => {
                 let ready: Vec<_> = self
                     .replicas(|n| n.lsn() >= token.lsn())
@@ -414,10 +673,15 @@ impl Db {
                             .filter(not_excluded)
                             .collect();
                         match self.pick(&c) {
-                            Some(i) if self.wait_for_replay(i, token.lsn()).await => {
-                                Some((i, RouteReason::WaitedForReplica))
-                            }
-                            _ => None,
+                            Some(i) => match self.wait_for_replay(i, token.lsn()).await {
+                                CatchUp::Replayed => Some((i, RouteReason::WaitedForReplica)),
+                                CatchUp::Behind => None,
+                                CatchUp::NoAnswer => {
+                                    stalled = Some(i);
+                                    None
+                                }
+                            },
+                            None => None,
                         }
                     }
                 }
@@ -427,6 +691,13 @@ impl Db {
             return Ok((i, self.node(i).lsn(), reason));
         }
         if !self.inner.options.fallback_to_primary && consistency != Consistency::Strong {
+            if let Some(i) = stalled {
+                return Err(DbError::Timeout {
+                    node: Arc::clone(&self.node(i).name),
+                    operation: Operation::CatchUp,
+                    after: self.inner.options.read_your_writes_wait,
+                });
+            }
             return Err(DbError::NoPrimary {
                 tried: vec!["no replica qualifies and fallback_to_primary is off".into()],
             });
@@ -445,30 +716,46 @@ impl Db {
     }
 
     /// Polls replica `index` until it has replayed `lsn`, within the
-    /// read-your-writes wait. True if it did.
-    async fn wait_for_replay(&self, index: usize, lsn: Lsn) -> bool {
+    /// read-your-writes wait, which bounds everything here: the checkout
+    /// and every query. A replica that does not answer in time is left to
+    /// the monitor (a wait for a pooled connection is not held against it).
+    async fn wait_for_replay(&self, index: usize, lsn: Lsn) -> CatchUp {
         let node = self.node(index);
-        let deadline = Instant::now() + self.inner.options.read_your_writes_wait;
-        let Ok(conn) = node.connection(false).await else {
-            return false;
+        let wait = self.inner.options.read_your_writes_wait;
+        let deadline = tokio::time::Instant::now() + wait;
+        let Ok(Ok(conn)) = tokio::time::timeout_at(deadline, node.connection(false)).await else {
+            return CatchUp::Behind;
+        };
+        let running = Running::new(conn, &self.inner.cancel);
+        let Ok(conn) = running.conn() else {
+            return CatchUp::Behind;
         };
         let mut pause = Duration::from_millis(1);
         loop {
-            let Ok(row) = conn
-                .query_one("SELECT pg_last_wal_replay_lsn()::text", &[])
-                .await
-            else {
-                return false;
-            };
-            let replayed: Option<&str> = row.get(0);
-            if let Some(replayed) = replayed.and_then(|s| s.parse::<Lsn>().ok()) {
-                node.observe_lsn(replayed);
-                if replayed >= lsn {
-                    return true;
+            match tokio::time::timeout_at(deadline, conn.simple_query(REPLAY_SQL)).await {
+                Ok(Ok(messages)) => {
+                    if let Some(replayed) = parse_lsn(&messages) {
+                        node.observe_lsn(replayed);
+                        if replayed >= lsn {
+                            running.release();
+                            return CatchUp::Replayed;
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    running.settle(&e, false);
+                    return CatchUp::Behind;
+                }
+                Err(_) => {
+                    // Dropping `running` cancels the query and closes the session.
+                    tracing::debug!(node = %node.name, ?wait, "replica did not answer the catch-up query");
+                    self.inner.request_reprobe();
+                    return CatchUp::NoAnswer;
                 }
             }
-            if Instant::now() + pause > deadline {
-                return false;
+            if tokio::time::Instant::now() + pause > deadline {
+                running.release();
+                return CatchUp::Behind;
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(20));
@@ -489,48 +776,29 @@ impl Db {
             reason = ?reason,
             lag_ms = node.lag().as_millis() as u64,
         );
-        let read_timeout = self.inner.options.read_timeout;
-        let first = match tokio::time::timeout(
-            read_timeout,
-            self.run(index, sql, params, Mode::Rows, false)
-                .instrument(span),
-        )
-        .await
-        {
-            Ok(result) => result,
-            Err(_) => {
-                // A stalled server: out of rotation until the monitor sees it answer.
-                node.mark_down();
-                self.inner.request_reprobe();
-                Err(DbError::Timeout {
-                    node: Arc::clone(&node.name),
-                    after: read_timeout,
-                })
-            }
-        };
-        match first {
-            Ok((out, _conn)) => Ok(Read {
-                value: rows(out),
+        match self.read_on(index, sql, params).instrument(span).await {
+            Ok(rows) => Ok(Read {
+                value: rows,
                 served_by: Arc::clone(&node.name),
                 lsn,
                 reason,
             }),
-            // A replica that failed for a connection reason: once elsewhere.
-            Err(e)
-                if e.is_connection_error()
-                    && index != self.inner.primary.load(Ordering::Acquire) =>
-            {
+            // A replica that failed (not the query): once elsewhere.
+            Err((e, true)) if index != self.inner.primary.load(Ordering::Acquire) => {
                 tracing::warn!(node = %node.name, error = %e, "read failed on a replica; retrying elsewhere");
-                let (index, lsn, _) = self.route(consistency, Some(index)).await?;
-                let (out, _conn) = self.run(index, sql, params, Mode::Rows, false).await?;
+                // Nowhere else to go: the first error is the one that says why.
+                let Ok((index, lsn, _)) = self.route(consistency, Some(index)).await else {
+                    return Err(e);
+                };
+                let rows = self.read_on(index, sql, params).await.map_err(|(e, _)| e)?;
                 Ok(Read {
-                    value: rows(out),
+                    value: rows,
                     served_by: Arc::clone(&self.node(index).name),
                     lsn,
                     reason: RouteReason::Retried,
                 })
             }
-            Err(e) => Err(e),
+            Err((e, _)) => Err(e),
         }
     }
 
@@ -633,45 +901,126 @@ fn exactly_one(mut rows: Vec<Row>, node: &Arc<str>) -> Result<Row, DbError> {
 /// A transaction on the primary. [`commit`](Self::commit) returns the
 /// token; dropping it uncommitted rolls back (the session is closed, so the
 /// server aborts it).
+///
+/// Every statement, and `COMMIT`, is bounded by the write timeout. A
+/// statement that times out, loses its connection or whose future is
+/// dropped mid-flight leaves the transaction unusable: its query is
+/// cancelled, later statements fail, and `commit` reports
+/// [`DbError::RolledBack`]. So does `commit` after a statement the server
+/// rejected (unless a savepoint recovered it): a rolled-back transaction is
+/// never reported committed.
 pub struct Transaction {
     db: Db,
     index: usize,
     conn: Option<Object>,
+    /// The session cannot be trusted any more (see the type's docs).
+    broken: AtomicBool,
 }
 
 impl fmt::Debug for Transaction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Transaction")
             .field("node", &self.db.node(self.index).name)
+            .field("broken", &self.broken.load(Ordering::Relaxed))
             .finish()
     }
 }
 
+/// Marks the transaction broken and cancels its statement if the statement
+/// future is dropped before it ends.
+struct StatementGuard<'a> {
+    tx: &'a Transaction,
+    armed: bool,
+}
+
+impl Drop for StatementGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.tx.break_session(true);
+        }
+    }
+}
+
+const BROKEN: &str =
+    "the session was lost, or a statement timed out or was abandoned, before COMMIT";
+
 impl Transaction {
+    fn node_name(&self) -> Arc<str> {
+        Arc::clone(&self.db.node(self.index).name)
+    }
+
     fn conn(&self) -> Result<&Object, DbError> {
+        if self.broken.load(Ordering::Acquire) {
+            return Err(DbError::RolledBack {
+                node: self.node_name(),
+                reason: BROKEN,
+                source: None,
+            });
+        }
         self.conn.as_ref().ok_or(DbError::Shutdown)
     }
 
-    fn err(&self, source: tokio_postgres::Error) -> DbError {
-        let node = self.db.node(self.index);
-        if source.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION) {
-            node.demote();
-            self.db.inner.request_reprobe();
-            return DbError::ReadOnly {
-                node: Arc::clone(&node.name),
-            };
+    /// From now on the transaction can only roll back; with `cancel`, the
+    /// statement running on it is cancelled.
+    fn break_session(&self, cancel: bool) {
+        if self.broken.swap(true, Ordering::AcqRel) || !cancel {
+            return;
         }
-        DbError::Query {
-            node: Arc::clone(&node.name),
-            source: Arc::new(source),
+        if let Some(conn) = &self.conn {
+            let request = (self.db.inner.cancel)(conn.cancel_token());
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(request);
+            }
+        }
+    }
+
+    async fn statement(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+        mode: Mode,
+    ) -> Result<Output, DbError> {
+        let conn = self.conn()?;
+        let write_timeout = self.db.inner.options.write_timeout;
+        let mut guard = StatementGuard {
+            tx: self,
+            armed: true,
+        };
+        let result = tokio::time::timeout(write_timeout, async {
+            let stmt = conn.prepare_cached(sql).await?;
+            match mode {
+                Mode::Rows => conn.query(&stmt, params).await.map(Output::Rows),
+                Mode::Execute => conn.execute(&stmt, params).await.map(Output::Count),
+            }
+        })
+        .await;
+        guard.armed = false;
+        match result {
+            Ok(Ok(out)) => Ok(out),
+            Ok(Err(source)) => {
+                if fault(&source) == Fault::Connection {
+                    self.break_session(false);
+                }
+                // Nothing of the transaction can have committed.
+                Err(self
+                    .db
+                    .write_error(self.index, source, false, Operation::Statement))
+            }
+            Err(_) => {
+                self.break_session(true);
+                self.db.inner.request_reprobe();
+                Err(DbError::Timeout {
+                    node: self.node_name(),
+                    operation: Operation::Statement,
+                    after: write_timeout,
+                })
+            }
         }
     }
 
     /// Runs a statement; returns its rows.
     pub async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, DbError> {
-        let conn = self.conn()?;
-        let stmt = conn.prepare_cached(sql).await.map_err(|e| self.err(e))?;
-        conn.query(&stmt, params).await.map_err(|e| self.err(e))
+        self.statement(sql, params, Mode::Rows).await.map(rows)
     }
 
     /// Runs a statement for exactly one row.
@@ -682,27 +1031,135 @@ impl Transaction {
 
     /// Runs a statement; returns the affected row count.
     pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, DbError> {
-        let conn = self.conn()?;
-        let stmt = conn.prepare_cached(sql).await.map_err(|e| self.err(e))?;
-        conn.execute(&stmt, params).await.map_err(|e| self.err(e))
-    }
-
-    /// Commits and returns the token of the commit.
-    pub async fn commit(mut self) -> Result<ConsistencyToken, DbError> {
-        let conn = self.conn.take().ok_or(DbError::Shutdown)?;
-        if let Err(e) = conn.batch_execute("COMMIT").await {
-            drop(Object::take(conn));
-            return Err(self.err(e));
+        match self.statement(sql, params, Mode::Execute).await? {
+            Output::Count(n) => Ok(n),
+            Output::Rows(rows) => Ok(rows.len() as u64),
         }
-        self.db.token_after_commit(self.index, &conn).await
     }
 
-    /// Rolls back.
+    /// Commits and returns the token of the commit, in one round trip
+    /// within the write timeout.
+    ///
+    /// - [`DbError::RolledBack`]: nothing was committed (a statement had
+    ///   failed, `COMMIT` failed, or the session was broken before it).
+    /// - [`DbError::Timeout`] / [`DbError::Interrupted`] for
+    ///   [`Operation::Commit`]: `COMMIT` was sent and no answer came; the
+    ///   outcome is unknown.
+    /// - `Ok`: committed. If the token could not be had after `COMMIT`,
+    ///   the unknown token ([`ConsistencyToken::unknown`]), never an error.
+    pub async fn commit(mut self) -> Result<ConsistencyToken, DbError> {
+        let node = self.db.node(self.index);
+        let name = Arc::clone(&node.name);
+        let conn = self.conn.take().ok_or(DbError::Shutdown)?;
+        let running = Running::new(conn, &self.db.inner.cancel);
+        if self.broken.load(Ordering::Acquire) {
+            running.discard();
+            return Err(DbError::RolledBack {
+                node: name,
+                reason: BROKEN,
+                source: None,
+            });
+        }
+        let write_timeout = self.db.inner.options.write_timeout;
+        let deadline = tokio::time::Instant::now() + write_timeout;
+        // Statements completed: 1 after the guard, 2 after COMMIT.
+        let mut completed = 0;
+        let mut lsn = None;
+        let conn = running.conn()?;
+        let answer = tokio::time::timeout_at(deadline, async {
+            let stream = conn.simple_query_raw(COMMIT_SQL).await.map_err(Some)?;
+            futures_util::pin_mut!(stream);
+            while let Some(message) = stream.next().await {
+                match message.map_err(Some)? {
+                    SimpleQueryMessage::CommandComplete(_) => completed += 1,
+                    SimpleQueryMessage::Row(row) if completed == 2 => {
+                        lsn = row.get(0).and_then(|text| text.parse::<Lsn>().ok());
+                    }
+                    _ => {}
+                }
+            }
+            Ok::<_, Option<tokio_postgres::Error>>(())
+        })
+        .await;
+        match answer {
+            Err(_) if completed >= 2 => {
+                // Committed; only the token query is stuck.
+                self.db.inner.request_reprobe();
+                drop(running);
+                Ok(ConsistencyToken::unknown())
+            }
+            Err(_) => {
+                self.db.inner.request_reprobe();
+                drop(running);
+                Err(DbError::Timeout {
+                    node: name,
+                    operation: Operation::Commit,
+                    after: write_timeout,
+                })
+            }
+            Ok(Ok(())) if completed >= 2 => match lsn {
+                Some(lsn) => {
+                    running.release();
+                    Ok(self.db.commit_token(node, lsn))
+                }
+                None => {
+                    tracing::warn!(node = %name, "no WAL position after COMMIT; the token routes reads to the primary");
+                    running.discard();
+                    Ok(ConsistencyToken::unknown())
+                }
+            },
+            Ok(Err(Some(e))) if completed >= 2 => {
+                tracing::warn!(node = %name, error = %e, "the token query failed after COMMIT; the token routes reads to the primary");
+                running.discard();
+                Ok(ConsistencyToken::unknown())
+            }
+            Ok(Err(Some(e))) if fault(&e) == Fault::Connection => {
+                // The server may have run COMMIT before the session broke.
+                running.discard();
+                Err(self.db.write_error(self.index, e, true, Operation::Commit))
+            }
+            Ok(Err(Some(e))) => {
+                let reason = if completed == 0 {
+                    "a statement of the transaction failed, so the server would answer COMMIT with ROLLBACK"
+                } else {
+                    "COMMIT failed"
+                };
+                // Whatever is left of the transaction ends with the session.
+                running.discard();
+                Err(DbError::RolledBack {
+                    node: name,
+                    reason,
+                    source: Some(Arc::new(e)),
+                })
+            }
+            // The server ended the answer early without an error: not a
+            // commit we can vouch for.
+            Ok(Ok(())) | Ok(Err(None)) => {
+                running.discard();
+                Err(DbError::Timeout {
+                    node: name,
+                    operation: Operation::Commit,
+                    after: write_timeout,
+                })
+            }
+        }
+    }
+
+    /// Rolls back, within the write timeout. Always succeeds in effect: if
+    /// `ROLLBACK` cannot be sent or answered, the session is closed, which
+    /// makes the server abort the transaction.
     pub async fn rollback(mut self) -> Result<(), DbError> {
         let conn = self.conn.take().ok_or(DbError::Shutdown)?;
-        if let Err(e) = conn.batch_execute("ROLLBACK").await {
-            drop(Object::take(conn));
-            return Err(self.err(e));
+        let running = Running::new(conn, &self.db.inner.cancel);
+        if self.broken.load(Ordering::Acquire) {
+            running.discard();
+            return Ok(());
+        }
+        let write_timeout = self.db.inner.options.write_timeout;
+        match tokio::time::timeout(write_timeout, running.conn()?.batch_execute("ROLLBACK")).await {
+            Ok(Ok(())) => running.release(),
+            Ok(Err(_)) => running.discard(),
+            Err(_) => drop(running),
         }
         Ok(())
     }

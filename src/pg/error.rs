@@ -7,12 +7,47 @@ use std::sync::Arc;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum PoolTimeout {
-    /// Waiting for a free connection (the pool is exhausted).
+    /// Waiting for a free connection (the pool is exhausted). Never counts
+    /// against the node: it stays in rotation.
     Wait,
     /// Opening a new connection.
     Create,
     /// Checking a returned connection before reuse.
     Recycle,
+}
+
+/// What was running when a [`DbError::Timeout`] or
+/// [`DbError::Interrupted`] happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Operation {
+    /// A routed read (bounded by the read timeout).
+    Read,
+    /// The read-your-writes catch-up query on a replica (bounded by the
+    /// read-your-writes wait); an error only when reads may not fall back
+    /// to the primary.
+    CatchUp,
+    /// A write outside a transaction (bounded by the write timeout).
+    Write,
+    /// `BEGIN` of a transaction.
+    Begin,
+    /// A statement inside a transaction.
+    Statement,
+    /// `COMMIT`.
+    Commit,
+}
+
+impl std::fmt::Display for Operation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Read => "read",
+            Self::CatchUp => "read-your-writes catch-up query",
+            Self::Write => "write",
+            Self::Begin => "BEGIN",
+            Self::Statement => "statement",
+            Self::Commit => "COMMIT",
+        })
+    }
 }
 
 /// An error from [`Db`](super::Db) or [`Cluster`](super::Cluster).
@@ -28,7 +63,7 @@ pub enum DbError {
         /// The nodes tried, with what each said.
         tried: Vec<String>,
     },
-    /// A pool timed out.
+    /// A pool timed out. Nothing was sent: a write did not commit.
     #[error(
         "connection pool of {node}: {kind:?} timeout; raise the pool size or the timeout, \
          or reduce the load"
@@ -39,7 +74,8 @@ pub enum DbError {
         /// Which timeout.
         kind: PoolTimeout,
     },
-    /// Connecting failed.
+    /// Connecting failed, or the connection broke before a statement was
+    /// sent: a write did not commit.
     #[error("cannot connect to {node}: {source}")]
     Connect {
         /// The node.
@@ -48,7 +84,13 @@ pub enum DbError {
         #[source]
         source: Arc<tokio_postgres::Error>,
     },
-    /// The server rejected or failed the query.
+    /// The query failed, and not because of the node: the server rejected
+    /// it (a SQLSTATE: syntax, a constraint, a value the server refused...),
+    /// or the client could not send or read it as written (no SQLSTATE: a
+    /// missing or extra parameter, a parameter of the wrong type, a column
+    /// read as the wrong type; see [`DbError::is_client_error`]). Never
+    /// retried on another node, and the node stays in rotation. A write
+    /// that fails this way did not commit.
     #[error("query on {node} failed: {source}")]
     Query {
         /// The node.
@@ -65,13 +107,54 @@ pub enum DbError {
         /// The node.
         node: Arc<str>,
     },
-    /// A read did not answer in time (the server may be stalled).
-    #[error("{node} did not answer within {after:?}")]
+    /// The server did not answer within the operation's bound (stalled,
+    /// or the statement is slower than the timeout allows). Waiting for a
+    /// pooled connection does not count. After [`Operation::Write`] and
+    /// [`Operation::Commit`] the outcome is unknown
+    /// ([`DbError::may_have_committed`]); a timed-out statement in a
+    /// transaction rolls the transaction back.
+    #[error(
+        "{node} did not answer the {operation} within {after:?}; raise the timeout if the \
+         statement is legitimately that slow"
+    )]
     Timeout {
         /// The node.
         node: Arc<str>,
-        /// The read timeout.
+        /// What timed out.
+        operation: Operation,
+        /// The configured bound that passed.
         after: std::time::Duration,
+    },
+    /// The connection broke while a write or a `COMMIT` was in flight: it
+    /// may or may not have committed ([`DbError::may_have_committed`]).
+    /// Check before retrying a write that is not idempotent.
+    #[error(
+        "the connection to {node} broke during the {operation}; it may have committed: {source}"
+    )]
+    Interrupted {
+        /// The node.
+        node: Arc<str>,
+        /// What was in flight.
+        operation: Operation,
+        /// The driver's error.
+        #[source]
+        source: Arc<tokio_postgres::Error>,
+    },
+    /// [`Transaction::commit`](super::Transaction::commit) did not commit:
+    /// a statement of the transaction had failed (the server would have
+    /// answered `COMMIT` with `ROLLBACK`), `COMMIT` itself failed (a
+    /// deferred constraint, a serialization failure: see
+    /// [`DbError::code`]), or the session was lost or timed out before
+    /// `COMMIT` was sent. Nothing of the transaction was written.
+    #[error("the transaction on {node} was rolled back, not committed: {reason}")]
+    RolledBack {
+        /// The node.
+        node: Arc<str>,
+        /// Why.
+        reason: &'static str,
+        /// The server's error, when it gave one.
+        #[source]
+        source: Option<Arc<tokio_postgres::Error>>,
     },
     /// A query expected one row (or at most one) and got another count.
     #[error("expected one row from {node}, got {rows}")]
@@ -90,34 +173,103 @@ impl DbError {
     /// The SQLSTATE of a server error, if any.
     pub fn code(&self) -> Option<&tokio_postgres::error::SqlState> {
         match self {
-            Self::Query { source, .. } | Self::Connect { source, .. } => source.code(),
+            Self::Query { source, .. }
+            | Self::Connect { source, .. }
+            | Self::Interrupted { source, .. } => source.code(),
+            Self::RolledBack {
+                source: Some(source),
+                ..
+            } => source.code(),
             _ => None,
         }
     }
 
-    /// True for errors that say nothing about the query itself (connection
-    /// lost, pool timeouts): a read may be retried elsewhere.
+    /// True for errors that say nothing about the query itself (a node
+    /// unreachable, stalled or lost, a pool timeout): a read may be retried
+    /// later or elsewhere. A write may be retried only if it did not
+    /// commit: see [`may_have_committed`](Self::may_have_committed).
     pub fn is_connection_error(&self) -> bool {
         match self {
-            Self::Connect { .. } | Self::PoolTimeout { .. } | Self::Timeout { .. } => true,
-            Self::Query { source, .. } => is_connection_failure(source),
+            Self::Connect { .. }
+            | Self::PoolTimeout { .. }
+            | Self::Timeout { .. }
+            | Self::Interrupted { .. } => true,
+            Self::Query { source, .. } => fault(source) == Fault::Connection,
             _ => false,
         }
     }
+
+    /// True when the call itself was wrong: a missing or extra parameter,
+    /// a parameter of the wrong type (both raised before anything was
+    /// sent), a column read as the wrong type. Fix the call; retrying
+    /// cannot help.
+    pub fn is_client_error(&self) -> bool {
+        matches!(self, Self::Query { source, .. } if fault(source) == Fault::Client)
+    }
+
+    /// True when a write or `COMMIT` was sent but its answer never came (a
+    /// timeout or a broken connection): it may have committed or not. Any
+    /// other error from a write or a commit means it did not commit.
+    pub fn may_have_committed(&self) -> bool {
+        matches!(
+            self,
+            Self::Timeout {
+                operation: Operation::Write | Operation::Commit,
+                ..
+            } | Self::Interrupted { .. }
+        )
+    }
 }
 
-/// Errors that say the session, not the query, failed: closed connections,
-/// I/O errors, SQLSTATE class 08 (connection exception) and the server
-/// shutting down or starting up (57P01, 57P02, 57P03).
-pub(crate) fn is_connection_failure(e: &tokio_postgres::Error) -> bool {
+/// Whose fault a driver error is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fault {
+    /// The session or the server failed: closed connections, I/O errors,
+    /// SQLSTATE class 08 (connection exception), the server shutting down
+    /// or starting up (57P01, 57P02, 57P03), unreadable protocol.
+    Connection,
+    /// The call was wrong: raised by the driver with no SQLSTATE, before
+    /// anything was sent (parameters) or after a complete answer (columns).
+    Client,
+    /// The server answered with an error about the statement.
+    Server,
+}
+
+/// Classifies a driver error.
+pub(crate) fn fault(e: &tokio_postgres::Error) -> Fault {
     if e.is_closed() {
-        return true;
+        return Fault::Connection;
     }
-    match e.code() {
-        None => true,
-        Some(code) => {
-            let code = code.code();
-            code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
-        }
+    if let Some(code) = e.code() {
+        let code = code.code();
+        return if code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03") {
+            Fault::Connection
+        } else {
+            Fault::Server
+        };
     }
+    if is_client_side(e) {
+        Fault::Client
+    } else {
+        Fault::Connection
+    }
+}
+
+/// tokio-postgres does not expose its error kinds; the client-side ones
+/// (`ToSql`, `FromSql`, `Column`, `ColumnCount`, `Parameters`, `RowCount`)
+/// carry no I/O source and name themselves in their message. Anything else
+/// without a SQLSTATE counts as a connection failure, the cautious side for
+/// an error nobody recognises. (`tests/pg` checks these messages against
+/// the driver in use.)
+fn is_client_side(e: &tokio_postgres::Error) -> bool {
+    use std::error::Error as _;
+    if e.source().is_some_and(|s| s.is::<std::io::Error>()) {
+        return false;
+    }
+    let message = e.to_string();
+    message.starts_with("error serializing parameter")
+        || message.starts_with("error deserializing column")
+        || message.starts_with("invalid column")
+        || message.starts_with("query returned an unexpected number of")
+        || (message.starts_with("expected ") && message.contains(" parameters but got "))
 }

@@ -8,6 +8,11 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Lsn(pub u64);
 
+impl Lsn {
+    /// The highest position: what an unknown commit position is taken as.
+    pub const MAX: Lsn = Lsn(u64::MAX);
+}
+
 impl fmt::Display for Lsn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
@@ -35,6 +40,15 @@ impl FromStr for Lsn {
 
 /// What a write gives back: the primary's WAL position after its commit.
 /// A read that presents it sees the write.
+///
+/// When the commit succeeded but its position could not be learned (the
+/// token query failed or timed out after `COMMIT`, or its answer did not
+/// parse), the write still reports success, with the *unknown* token
+/// ([`ConsistencyToken::unknown`]): its position is [`Lsn::MAX`], above
+/// every real one, so a read presenting it goes straight to the primary
+/// (no replica can qualify, and none is waited for) until the token
+/// expires, and a cache never serves it an entry. A token never claims
+/// less than its write: a failure never turns into "position 0".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ConsistencyToken(Lsn);
 
@@ -44,12 +58,30 @@ impl ConsistencyToken {
         Self(lsn)
     }
 
-    /// The WAL position.
+    /// The token of a commit whose WAL position is not known: reads that
+    /// present it go to the primary.
+    pub const fn unknown() -> Self {
+        Self(Lsn::MAX)
+    }
+
+    /// True for [`unknown`](Self::unknown).
+    pub fn is_unknown(&self) -> bool {
+        self.0 == Lsn::MAX
+    }
+
+    /// The WAL position ([`Lsn::MAX`] for an unknown token). Use
+    /// [`known_lsn`](Self::known_lsn) for cache invalidation versions:
+    /// invalidating at `Lsn::MAX` would keep fills out for good.
     pub fn lsn(&self) -> Lsn {
         self.0
     }
 
-    /// The newer of two tokens.
+    /// The WAL position, if known.
+    pub fn known_lsn(&self) -> Option<Lsn> {
+        (!self.is_unknown()).then_some(self.0)
+    }
+
+    /// The newer of two tokens (an unknown one is newer than any).
     pub fn max(self, other: Self) -> Self {
         if other.0 > self.0 { other } else { self }
     }
@@ -83,5 +115,16 @@ mod tests {
         for bad in ["", "/", "1/", "/1", "x/1", "1/2/3", "123456789/0", "1 /2"] {
             assert!(bad.parse::<Lsn>().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn an_unknown_token_is_newer_than_any() {
+        let unknown = ConsistencyToken::unknown();
+        let known = ConsistencyToken::new(Lsn(0xFFFF_FFFF_0000_0000));
+        assert!(unknown.is_unknown() && !known.is_unknown());
+        assert_eq!(known.max(unknown), unknown);
+        assert_eq!(unknown.max(known), unknown);
+        assert_eq!(unknown.known_lsn(), None);
+        assert_eq!(known.known_lsn(), Some(known.lsn()));
     }
 }

@@ -18,6 +18,60 @@
 //!   primary without a restart; a demoted primary (SQLSTATE 25006) triggers
 //!   rediscovery at once; of two primaries the higher timeline wins.
 //!
+//! # Guarantees
+//!
+//! Each is a test against real servers in `tests/pg` (stalls are SIGSTOP).
+//!
+//! 1. **Every operation has a deadline.** Waiting for a pooled connection
+//!    is bounded by the pool's timeouts ([`ClusterBuilder::pool_wait_timeout`],
+//!    `pool_create_timeout`, `pool_recycle_timeout`, 5 s each by default);
+//!    after that, the server's share by the operation's own bound:
+//!    - a read: [`ClusterBuilder::read_timeout`] (5 s), then one retry on
+//!      another node, so at most twice checkout + read timeout;
+//!    - the read-your-writes catch-up (checkout and queries):
+//!      [`ClusterBuilder::read_your_writes_wait`] (500 ms), then the primary
+//!      (or, with `fallback_to_primary(false)`, [`DbError::Timeout`] for
+//!      [`Operation::CatchUp`]);
+//!    - a write, and separately its token query; `BEGIN`, each statement of
+//!      a transaction, and `COMMIT` with its token:
+//!      [`ClusterBuilder::write_timeout`] (10 s, its own setting);
+//!    - finding a primary after a failover: [`ClusterBuilder::primary_wait`]
+//!      (1 s); a monitor probe: [`ClusterBuilder::probe_timeout`] (500 ms);
+//!      the cancel request for an abandoned query: the create timeout.
+//!
+//!    A stalled server yields [`DbError::Timeout`] naming the [`Operation`],
+//!    never a hang. A timed-out or dropped query is cancelled and its
+//!    session closed, never handed to the next caller.
+//! 2. **Waiting for a connection is not server failure.** Pool wait does
+//!    not count against the read timeout, never takes a node out of
+//!    rotation, and a [`PoolTimeout::Wait`] is not retried on another node.
+//!    Only a server that fails to answer (a query timeout, a broken
+//!    session) is taken out; a burst of slow queries above the pool size
+//!    queues on its replica instead of evicting it or moving to the primary.
+//! 3. **A client error is not a connection error.** A missing or extra
+//!    parameter or one of the wrong type (raised before anything is sent,
+//!    with no SQLSTATE) and a statement the server rejects are
+//!    [`DbError::Query`] ([`DbError::is_client_error`] tells the first
+//!    kind): the node stays in rotation and the query is not retried
+//!    elsewhere.
+//! 4. **`Transaction::commit` never reports a rolled-back transaction
+//!    committed.** `COMMIT` goes in one round trip behind `SELECT 1`, which
+//!    fails in an aborted transaction: after a failed statement (unless a
+//!    savepoint recovered it), a failed `COMMIT`, or a statement that timed
+//!    out or lost its session, commit returns [`DbError::RolledBack`].
+//! 5. **A committed write is reported committed.** Every error from a write
+//!    or commit means it did not commit, except the two that say the
+//!    outcome is unknown ([`DbError::may_have_committed`]: a timeout or a
+//!    broken session after the statement or `COMMIT` was sent). If the
+//!    commit succeeded but its position could not be read, the call
+//!    succeeds with [`ConsistencyToken::unknown`]: reads presenting it go
+//!    straight to the primary, without a catch-up wait, until the token
+//!    expires. A token is never "position 0" because of a failure.
+//! 6. Cancel requests go through the cluster's TLS connector
+//!    ([`ClusterBuilder::build_with_tls`]).
+//! 7. Over HTTP, a token cookie sent quoted (`tower_scale_token="..."`, as
+//!    RFC 6265 allows) is accepted (`http::DbLayer`, feature `http`).
+//!
 //! ```no_run
 //! use tower_scale::pg::{Cluster, Consistency, NodeConfig};
 //!
@@ -46,7 +100,7 @@ pub mod token;
 pub use self::balance::{Candidate, choose_replica, ramp_weight};
 pub use self::cluster::{Cluster, ClusterBuilder, NodeConfig, NodeStatus, Role};
 pub use self::db::{Db, Query, QueryOutput, Read, RouteReason, Transaction, Written};
-pub use self::error::{DbError, PoolTimeout};
+pub use self::error::{DbError, Operation, PoolTimeout};
 pub use self::lsn::{Consistency, ConsistencyToken, Lsn, LsnParseError};
 pub use self::token::{TokenCodec, cluster_identity};
 pub use deadpool_postgres::RecyclingMethod;

@@ -10,6 +10,9 @@
 //! and the request gets the default consistency. Verification is constant
 //! time ([`hmac::Mac::verify_truncated_left`]). Keys rotate: tokens are
 //! signed with the current key and accepted with it or any previous one.
+//! The unknown token ([`ConsistencyToken::unknown`], a commit whose position
+//! could not be learned) travels as the highest LSN and comes back unknown:
+//! the client's reads go to the primary until it expires.
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -217,6 +220,20 @@ mod tests {
         assert_eq!(c.decode(&old), None);
         let future = c.encode_at(t, now + Duration::from_secs(3600));
         assert_eq!(c.decode(&future), None);
+    }
+
+    #[test]
+    fn unknown_tokens_stay_unknown() {
+        let c = codec();
+        let text = c.encode(ConsistencyToken::unknown());
+        assert_eq!(text.len(), TOKEN_LEN);
+        let back = c.decode(&text).unwrap();
+        assert!(back.is_unknown());
+        let old = c.encode_at(
+            ConsistencyToken::unknown(),
+            SystemTime::now() - Duration::from_secs(61),
+        );
+        assert_eq!(c.decode(&old), None, "and expires like any token");
     }
 
     #[test]
