@@ -112,7 +112,12 @@ impl MarkedDir {
             .prefix(&format!("{DIR_PREFIX}{kind}-"))
             .tempdir_in(&base)
             .map_err(|e| io_err(format!("creating a temp dir in {}", base.display()), e))?;
-        fs::write(dir.path().join(OWNER_FILE), owner_mark(std::process::id())?)
+        // Written aside and renamed into place: another process's sweep
+        // must never read a half-written mark (and take the dir for a dead
+        // run's).
+        let aside = dir.path().join(format!("{OWNER_FILE}.new"));
+        fs::write(&aside, owner_mark(std::process::id())?)
+            .and_then(|()| fs::rename(&aside, dir.path().join(OWNER_FILE)))
             .map_err(|e| io_err("writing the owner mark", e))?;
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700))
             .map_err(|e| io_err("chmod temp dir", e))?;
@@ -185,7 +190,7 @@ fn sweep_stale(base: &Path) {
         let Ok(mark) = fs::read_to_string(path.join(OWNER_FILE)) else {
             continue; // not marked: not ours to remove
         };
-        if owner_alive(&mark) {
+        if mark.trim().is_empty() || owner_alive(&mark) {
             continue;
         }
         if let Some(pid) = fs::read_to_string(path.join(SERVER_FILE))
