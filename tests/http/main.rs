@@ -6,6 +6,7 @@
 mod common;
 mod parser;
 mod proxy;
+mod sharing;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -335,6 +336,7 @@ fn origin_app(origin: Arc<Origin>) -> Router {
                 )
             }),
         )
+        .merge(sharing::routes())
         .with_state(origin)
 }
 
