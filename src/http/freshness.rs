@@ -73,6 +73,8 @@ pub enum NotStored {
     /// A 304 is never stored as a response of its own: it answers one
     /// client's validators and has no body.
     NotModified,
+    /// 412 or 416: the answer to one request's preconditions or range.
+    Precondition,
 }
 
 /// Parses an HTTP date header.
@@ -144,6 +146,9 @@ pub fn storable(
     }
     if status == StatusCode::NOT_MODIFIED {
         return Err(NotStored::NotModified);
+    }
+    if status == StatusCode::PRECONDITION_FAILED || status == StatusCode::RANGE_NOT_SATISFIABLE {
+        return Err(NotStored::Precondition);
     }
     if cc.unparseable {
         return Err(NotStored::Unparseable);
@@ -491,6 +496,12 @@ mod tests {
             check(Method::GET, &[], 304, &ok),
             Err(NotStored::NotModified)
         );
+        for status in [412, 416] {
+            assert_eq!(
+                check(Method::GET, &[], status, &ok),
+                Err(NotStored::Precondition)
+            );
+        }
         for line in [
             "max-age=60; private",
             "max-age = 60",

@@ -84,6 +84,20 @@ pub(crate) fn routes() -> Router<Arc<Origin>> {
             ),
         )
         .route(
+            "/pre",
+            get(|State(o): State<Arc<Origin>>, hd: HeaderMap| async move {
+                let n = o.hit("/pre");
+                let cc = ("cache-control", h("max-age=60"));
+                if hd.get("if-match").is_some_and(|v| v != "\"p1\"") {
+                    return reply(412, &[cc], format!("precondition failed #{n}"));
+                }
+                if hd.contains_key("range") {
+                    return reply(416, &[cc], format!("range not satisfiable #{n}"));
+                }
+                reply(200, &[cc, ("etag", h("\"p1\""))], format!("pre #{n}"))
+            }),
+        )
+        .route(
             "/xfh",
             get(|State(o): State<Arc<Origin>>, hd: HeaderMap| async move {
                 let n = o.hit("/xfh");
@@ -284,6 +298,17 @@ async fn a_304_to_one_clients_conditional_request_is_never_stored() {
     let b = s.get("/etag", &[("cookie", &cookie("bob"))]).await;
     assert_eq!(b.status, 200, "bob asked for the body");
     assert_eq!(b.text(), "etag #2");
+}
+
+#[tokio::test]
+async fn a_412_or_416_to_one_clients_preconditions_is_never_stored() {
+    let s = setup(|b| b).await;
+    let a = s.get("/pre", &[("if-match", "\"other\"")]).await;
+    assert_eq!(a.status, 412);
+    let a = s.get("/pre", &[("range", "bytes=100-200")]).await;
+    assert_eq!(a.status, 416);
+    let b = s.get("/pre", &[]).await;
+    assert_eq!((b.status.as_u16(), b.text().as_str()), (200, "pre #3"));
 }
 
 #[tokio::test]
