@@ -782,20 +782,25 @@ where
             // The merged response is a new response to this client's
             // request: every storing and sharing rule applies to it again
             // (a 304 may add `Set-Cookie`, `private`, `no-store`, `Vary`),
-            // and it is selected by this request's `Vary` values.
-            let decision = match freshness::storable(
-                &Method::GET,
-                &client_headers,
-                &req_cc,
-                stored.status,
-                &headers,
-                &cc,
-                &shared.rules,
-            ) {
-                // Kept to be revalidated again, as before the 304.
-                Err(NotStored::NoFreshness) => Ok(Duration::ZERO),
-                other => other,
+            // and it is selected by this request's `Vary` values. First
+            // what the response says, whoever asked; then this request.
+            let check = |req_headers: &HeaderMap, req_cc: &RequestDirectives| {
+                match freshness::storable(
+                    &Method::GET,
+                    req_headers,
+                    req_cc,
+                    stored.status,
+                    &headers,
+                    &cc,
+                    &shared.rules,
+                ) {
+                    // Kept to be revalidated again, as before the 304.
+                    Err(NotStored::NoFreshness) => Ok(Duration::ZERO),
+                    other => other,
+                }
             };
+            let shareable = check(&HeaderMap::new(), &RequestDirectives::default());
+            let decision = shareable.and_then(|_| check(&client_headers, &req_cc));
             let updated = Arc::new(Stored {
                 status: stored.status,
                 version: stored.version,
@@ -809,14 +814,25 @@ where
                 stored_at: now,
             });
             shared.stats.incr(Kind::Refreshes);
-            let kept = if decision.is_ok() {
-                shared.insert(key, Arc::clone(&updated), fill_seq, Some(&stored.vary))
-            } else {
-                // Only this client gets it; what was stored is outdated by
-                // it and goes too.
-                shared.stats.incr(Kind::NotStored);
-                shared.forget(key);
-                false
+            let kept = match (shareable, decision) {
+                (_, Ok(_)) => {
+                    shared.insert(key, Arc::clone(&updated), fill_seq, Some(&stored.vary))
+                }
+                // The origin now says the response is per-user (or cannot
+                // be read): only this client gets it, and what was stored
+                // goes too.
+                (Err(_), _) => {
+                    shared.stats.incr(Kind::NotStored);
+                    shared.forget(key);
+                    false
+                }
+                // This client's `no-store` or `Authorization`: its 304 is
+                // not stored, and the stored response it validated stays
+                // as it was (a client cannot evict it for everybody).
+                (Ok(_), Err(_)) => {
+                    shared.stats.incr(Kind::NotStored);
+                    false
+                }
             };
             let age = updated.age(now);
             let res = respond(&updated, age, head, &client_headers);

@@ -167,6 +167,11 @@ async fn reval(
             headers.push(("cache-control", h("max-age=60, private\"x\"")));
             true
         }
+        // Nothing per-user: fresh again for everybody.
+        "fresh" => {
+            headers.push(("cache-control", h("max-age=60")));
+            false
+        }
         // Sent with Authorization: nothing in the 304 allows sharing it.
         "auth" => {
             headers.push(("cache-control", h("max-age=60")));
@@ -233,57 +238,83 @@ async fn a_304_with_set_cookie_reaches_only_the_user_who_revalidated() {
 
 #[tokio::test]
 async fn a_304_that_makes_the_response_per_user_leaves_no_shared_entry() {
-    for (mode, alice, bob) in [
-        (
-            "private",
-            ("cookie", cookie("alice")),
-            ("cookie", cookie("bob")),
-        ),
-        (
-            "nostore",
-            ("cookie", cookie("alice")),
-            ("cookie", cookie("bob")),
-        ),
-        (
-            "vary",
-            ("cookie", cookie("alice")),
-            ("cookie", cookie("bob")),
-        ),
-        (
-            "unparseable",
-            ("cookie", cookie("alice")),
-            ("cookie", cookie("bob")),
-        ),
-        (
-            "auth",
-            ("authorization", "Bearer alice".to_string()),
-            ("authorization", "Bearer bob".to_string()),
-        ),
+    let (alice, bob) = (cookie("alice"), cookie("bob"));
+    let cases = [
+        ("private", "cookie", alice.as_str(), bob.as_str()),
+        ("nostore", "cookie", &alice, &bob),
+        ("vary", "cookie", &alice, &bob),
+        ("unparseable", "cookie", &alice, &bob),
+        ("cookie", "cookie", &alice, &bob),
+        ("auth", "authorization", "Bearer alice", "Bearer bob"),
+    ];
+    // Alice's request as is, then with her own `no-store` (which must not
+    // hide what the origin's 304 says).
+    for alice_no_store in [false, true] {
+        for (mode, name, alice, bob) in cases {
+            let s = setup(|b| b).await;
+            let path = format!("/reval?mode={mode}");
+            s.get(&path, &[]).await;
+            let mut headers = vec![(name, alice)];
+            if alice_no_store {
+                headers.push(("cache-control", "no-store"));
+            }
+            let a = s.get(&path, &headers).await;
+            assert!(user_data(&a).contains("alice"), "{mode}");
+            assert_eq!(a.text(), "shared body #1", "{mode}");
+            if mode == "vary" && !alice_no_store {
+                // Stored, but for alice's cookie only.
+                let before = s.origin.count(&path);
+                let a = s.get(&path, &[(name, alice)]).await;
+                assert_eq!(a.headers["x-user"], "alice");
+                assert_eq!(s.origin.count(&path), before, "alice's variant is a hit");
+            }
+            // Nothing left under the key for anybody else: the next
+            // request is a full fetch, not a hit nor a revalidation. But
+            // when only the request keeps alice's 304 out (her
+            // Authorization, or her no-store on a 304 that is shareable
+            // keyed by Cookie), the shared entry it validated stays.
+            let fetches = || s.origin.count(&path) - s.origin.conditional.load(Ordering::SeqCst);
+            let before = fetches();
+            let anon = s.get(&path, &[]).await;
+            let kept = mode == "auth" || (mode == "vary" && alice_no_store);
+            let expect = if kept { before } else { before + 1 };
+            assert_eq!(fetches(), expect, "{mode} no-store {alice_no_store}");
+            assert!(!user_data(&anon).contains("alice"), "{mode}");
+            for round in 0..2 {
+                let b = s.get(&path, &[(name, bob)]).await;
+                assert!(
+                    !user_data(&b).contains("alice"),
+                    "{mode} round {round}: bob got {}",
+                    user_data(&b)
+                );
+                let anon = s.get(&path, &[]).await;
+                assert!(!user_data(&anon).contains("alice"), "{mode}");
+                assert!(!user_data(&anon).contains("bob"), "{mode}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_clients_no_store_or_authorization_does_not_evict_the_shared_entry() {
+    for (name, value) in [
+        ("cache-control", "no-store"),
+        ("authorization", "Bearer alice"),
     ] {
         let s = setup(|b| b).await;
-        let path = format!("/reval?mode={mode}");
-        s.get(&path, &[]).await;
-        let a = s.get(&path, &[(alice.0, &alice.1)]).await;
-        assert_eq!(a.headers["x-user"], "alice", "{mode}");
-        assert_eq!(a.text(), "shared body #1", "{mode}");
-        for round in 0..2 {
-            let b = s.get(&path, &[(bob.0, &bob.1)]).await;
-            assert!(
-                !user_data(&b).contains("alice"),
-                "{mode} round {round}: bob got {}",
-                user_data(&b)
-            );
-            let anon = s.get(&path, &[]).await;
-            assert!(!user_data(&anon).contains("alice"), "{mode}");
-            assert!(!user_data(&anon).contains("bob"), "{mode}");
-        }
-        if mode == "vary" {
-            // Stored, but for alice's cookie only.
-            let before = s.origin.count(&path);
-            let a = s.get(&path, &[(alice.0, &alice.1)]).await;
-            assert_eq!(a.headers["x-user"], "alice");
-            assert_eq!(s.origin.count(&path), before, "alice's variant is a hit");
-        }
+        let path = "/reval?mode=fresh";
+        assert_eq!(s.get(path, &[]).await.text(), "shared body #1");
+        // Alice's revalidation: a 304 that is hers alone.
+        let a = s.get(path, &[(name, value)]).await;
+        assert_eq!(a.text(), "shared body #1");
+        assert_eq!(s.origin.conditional.load(Ordering::SeqCst), 1);
+        // Bob revalidates the entry that stayed (a 304, not a refetch),
+        // then it is fresh for everybody.
+        let b = s.get(path, &[("cookie", "user=bob")]).await;
+        assert_eq!(b.text(), "shared body #1", "{name}: evicted");
+        assert_eq!(s.origin.conditional.load(Ordering::SeqCst), 2, "{name}");
+        s.get(path, &[]).await;
+        assert_eq!(s.origin.count(path), 3, "{name}: then a hit");
     }
 }
 
