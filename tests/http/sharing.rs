@@ -131,7 +131,7 @@ async fn reval(
     let mode = query.strip_prefix("mode=").unwrap_or_default();
     let n = o.hit(&format!("/reval?{query}"));
     let user = user_of(&hd);
-    if !hd.get("if-none-match").is_some_and(|v| v == "\"r1\"") {
+    if hd.get("if-none-match").is_none_or(|v| v != "\"r1\"") {
         return reply(
             200,
             &[("etag", h("\"r1\"")), ("cache-control", h("max-age=0"))],
