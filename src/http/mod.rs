@@ -46,15 +46,17 @@
 //!
 //! 1. **Revalidation re-checks sharing.** The response merged from a 304
 //!    (stored body, stored headers updated by the 304's) goes through every
-//!    storing rule again, as a response to the request that revalidated,
-//!    and is keyed by that request's values of the merged `Vary`. A 304
-//!    carrying `Set-Cookie`, `private`, `no-store`, an unparseable
-//!    `Cache-Control` or `Vary: *`, or answering an `Authorization` request
-//!    without `public` / `s-maxage` / `must-revalidate`, leaves no stored
-//!    entry under the key: only the client whose request revalidated gets
-//!    it (with its `Set-Cookie`, also in a 304 the cache makes for that
-//!    client). A 304, 412 or 416 is never stored as a response of its own:
-//!    each answers one client's validators, preconditions or range.
+//!    storing rule again and is keyed by the revalidating request's values
+//!    of the merged `Vary`. When the 304 makes it per-user (`Set-Cookie`,
+//!    `private`, `no-store`, an unparseable `Cache-Control`, `Vary: *`),
+//!    only the client whose request revalidated gets it (with its
+//!    `Set-Cookie`, also in a 304 the cache makes for that client) and
+//!    nothing is left stored under the key. When only that request keeps it
+//!    out (its `Authorization` without `public` / `s-maxage` /
+//!    `must-revalidate`, or its `no-store`), that client alone gets it and
+//!    the stored response it validated stays as it was, holding nothing of
+//!    that client's. A 304, 412 or 416 is never stored as a response of its
+//!    own: each answers one client's validators, preconditions or range.
 //! 2. **The parser fails safe** ([`cache_control`]). Everything RFC 9110
 //!    allows in a field value (quoted strings with obs-text, escapes and
 //!    commas; odd white space; unknown extensions with or without values;
