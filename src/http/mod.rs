@@ -12,7 +12,8 @@
 //!   heuristically cacheable statuses; never `no-store`; never `private` in
 //!   shared mode (a private mode exists); requests with `Authorization` only
 //!   when the response says `public`, `s-maxage` or `must-revalidate`; never
-//!   `Set-Cookie` responses unless configured; never `Vary: *`; never a
+//!   `Set-Cookie` responses (in headers or trailers) unless configured;
+//!   never `Vary: *`; never a
 //!   response whose `Cache-Control` cannot be parsed.
 //! - **Keys**: see [the key](#the-key) below.
 //! - **Freshness and age** (§4.2): upstream `Age` and the request/response

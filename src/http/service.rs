@@ -884,6 +884,19 @@ where
             return Ok((Response::from_parts(res_parts, body), None));
         }
     };
+    let rules = &shared.rules;
+    let cookie_trailer = trailers
+        .as_ref()
+        .is_some_and(|t| t.contains_key(header::SET_COOKIE));
+    if cookie_trailer && rules.shared && !rules.share_set_cookie {
+        // A `Set-Cookie` is per user wherever it is written.
+        shared.stats.incr(Kind::NotStored);
+        if stale.is_some() && res_parts.status.is_success() {
+            shared.forget(key);
+        }
+        let body = CacheBody::full(data, trailers);
+        return Ok((Response::from_parts(res_parts, body), None));
+    }
     let vary = vary_values(&res_parts.headers, &client_headers);
     let stored = Arc::new(Stored {
         status: res_parts.status,
