@@ -13,8 +13,8 @@
 //!   shared mode (a private mode exists); requests with `Authorization` only
 //!   when the response says `public`, `s-maxage` or `must-revalidate`; never
 //!   `Set-Cookie` responses (in headers or trailers) unless configured;
-//!   never `Vary: *`; never a
-//!   response whose `Cache-Control` cannot be parsed.
+//!   never `Vary: *`; never a response whose `Cache-Control` cannot be
+//!   parsed.
 //! - **Keys**: see [the key](#the-key) below.
 //! - **Freshness and age** (§4.2): upstream `Age` and the request/response
 //!   delay are counted in; a hit carries a correct `Age`. Invalid or
