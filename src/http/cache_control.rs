@@ -1,7 +1,20 @@
 //! `Cache-Control` parsing (RFC 9111 §5.2), for responses and requests.
 //!
-//! The parser never fails: whatever the bytes, it returns directives, and
-//! anything it cannot read is taken the safe way.
+//! The parser never fails and never panics: whatever the bytes, it returns
+//! directives, and what it cannot read is taken the safe way.
+//!
+//! **Fail safe.** A field line is read as RFC 9110 §5.6 allows: a list of
+//! `token [ "=" ( token / quoted-string ) ]` members with optional white
+//! space (spaces and tabs) around the commas, empty members, quoted strings
+//! holding commas, escapes and obs-text bytes (above 0x7F), unknown
+//! extensions with or without values, and the directives of every line of a
+//! repeated field taken together. A member that breaks that grammar (junk
+//! after a directive, white space around `=`, an empty or unquoted non-token
+//! value, an unterminated quoted string, control bytes) does not hide the
+//! line's other directives: each member's leading name still counts, so
+//! `private`, `no-store` and `no-cache` are never dropped. And a response
+//! with such a line is marked [`ResponseDirectives::unparseable`], which
+//! makes it **not storable** (never "storable without `private`").
 //!
 //! Choices the RFC leaves open, made here:
 //! - A `max-age` or `s-maxage` whose value is not a number, or that appears
@@ -11,12 +24,16 @@
 //! - Values over 2^31 seconds are taken as 2^31 (§1.2.2).
 //! - Qualified `no-cache="field"` and `private="field"` are treated as
 //!   their unqualified forms (allowed by §5.2.2.4 and §5.2.2.7): this cache
-//!   does not strip fields.
+//!   does not strip fields. Any value given to `no-store`, `no-cache` or
+//!   `private` still counts as the directive.
 //! - Invalid `stale-while-revalidate`, `stale-if-error`, `max-stale` and
 //!   `min-fresh` values are ignored (no extra staleness is ever granted by a
 //!   value that does not parse); an invalid request `max-age` counts as 0.
 //! - Directive names are case-insensitive; unknown directives are ignored.
-//! - Header values that are not visible ASCII are ignored as a whole.
+//! - In a request, a malformed member counts by its leading name too (a
+//!   client's `no-store` or `no-cache` is never dropped); nothing else
+//!   follows from it, since a request's directives only ever concern that
+//!   request.
 
 use http::HeaderMap;
 use http::header::{CACHE_CONTROL, PRAGMA};
@@ -50,6 +67,9 @@ pub struct ResponseDirectives {
     pub stale_while_revalidate: Option<u64>,
     /// `stale-if-error` (RFC 5861) in seconds.
     pub stale_if_error: Option<u64>,
+    /// A field line broke the list grammar somewhere: what it meant cannot
+    /// be known for sure, so the response is not stored.
+    pub unparseable: bool,
 }
 
 /// Request directives.
@@ -75,75 +95,164 @@ pub struct RequestDirectives {
 pub struct Directive {
     /// The name, lower-cased.
     pub name: String,
-    /// The value, if any, with quoted-string escapes removed.
+    /// The value, if any, with quoted-string escapes removed (bytes above
+    /// 0x7F are kept as the chars U+0080..=U+00FF).
     pub value: Option<String>,
+}
+
+/// The directives of some field lines, and whether any line broke the
+/// grammar.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DirectiveList {
+    /// Every member's directive, in order (a malformed member by its
+    /// leading name and whatever value could be read).
+    pub directives: Vec<Directive>,
+    /// Some member did not fit `token [ "=" ( token / quoted-string ) ]`.
+    pub malformed: bool,
 }
 
 /// Splits `Cache-Control` field values into directives (§5.2: a list of
 /// `token [ "=" ( token / quoted-string ) ]`, commas inside quotes kept).
+/// Malformed members are included by their leading name; see [`parse_list`]
+/// to learn whether there were any.
 pub fn directives<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> Vec<Directive> {
-    let mut out = Vec::new();
-    for value in values {
-        let Ok(text) = std::str::from_utf8(value) else {
-            continue;
-        };
-        if !text
-            .bytes()
-            .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
-        {
-            continue;
-        }
-        split_list(text, &mut out);
-    }
-    out
+    parse_list(values).directives
 }
 
-fn split_list(text: &str, out: &mut Vec<Directive>) {
-    let bytes = text.as_bytes();
-    let mut i = 0;
+/// Splits field values into directives and says whether any member was
+/// malformed. Works on bytes: no line is skipped for not being UTF-8 or
+/// visible ASCII.
+pub fn parse_list<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> DirectiveList {
+    let mut list = DirectiveList::default();
+    for value in values {
+        if !split_list(value, &mut list.directives) {
+            list.malformed = true;
+        }
+    }
+    list
+}
+
+/// `tchar` (RFC 9110 §5.6.2).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn is_ows(b: u8) -> bool {
+    b == b' ' || b == b'\t'
+}
+
+/// `qdtext` (RFC 9110 §5.6.4): HTAB, SP, VCHAR but `"` and `\`, obs-text.
+fn is_qdtext(b: u8) -> bool {
+    b == b'\t'
+        || b == b' '
+        || b == 0x21
+        || (0x23..=0x5b).contains(&b)
+        || (0x5d..=0x7e).contains(&b)
+        || b >= 0x80
+}
+
+/// What may follow `\` in a quoted-pair: HTAB, SP, VCHAR, obs-text.
+fn is_quotable(b: u8) -> bool {
+    b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80
+}
+
+fn skip_ows(bytes: &[u8], mut i: usize) -> usize {
+    while i < bytes.len() && is_ows(bytes[i]) {
+        i += 1;
+    }
+    i
+}
+
+/// Reads a quoted string starting at the opening quote; returns the value,
+/// the index after it, and whether it was well formed.
+fn quoted_string(bytes: &[u8], mut i: usize) -> (String, usize, bool) {
+    let mut value = String::new();
+    let mut ok = true;
+    i += 1; // the opening quote
     while i < bytes.len() {
-        // Skip separators and white space.
-        while i < bytes.len() && matches!(bytes[i], b',' | b' ' | b'\t') {
+        let b = bytes[i];
+        if b == b'"' {
+            return (value, i + 1, ok);
+        }
+        if b == b'\\' {
+            match bytes.get(i + 1) {
+                Some(&q) if is_quotable(q) => {
+                    value.push(char::from(q));
+                    i += 2;
+                    continue;
+                }
+                _ => ok = false,
+            }
+        } else if is_qdtext(b) {
+            value.push(char::from(b));
+        } else {
+            ok = false;
+        }
+        i += 1;
+    }
+    (value, i, false) // unterminated
+}
+
+/// Skips to the next comma that is not inside a quoted string.
+fn skip_junk(bytes: &[u8], mut i: usize) -> usize {
+    let mut quoted = false;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => quoted = !quoted,
+            b'\\' if quoted => i += 1,
+            b',' if !quoted => return i,
+            _ => {}
+        }
+        i += 1;
+    }
+    i
+}
+
+/// Splits one field line; `false` when some member broke the grammar.
+fn split_list(bytes: &[u8], out: &mut Vec<Directive>) -> bool {
+    let mut well_formed = true;
+    let mut i = 0;
+    loop {
+        // Separators, white space and empty members.
+        while i < bytes.len() && (bytes[i] == b',' || is_ows(bytes[i])) {
             i += 1;
+        }
+        if i >= bytes.len() {
+            return well_formed;
         }
         let start = i;
-        while i < bytes.len() && !matches!(bytes[i], b',' | b'=' | b' ' | b'\t') {
+        while i < bytes.len() && is_tchar(bytes[i]) {
             i += 1;
         }
-        let name = text[start..i].to_ascii_lowercase();
-        while i < bytes.len() && matches!(bytes[i], b' ' | b'\t') {
-            i += 1;
-        }
+        let name = String::from_utf8_lossy(&bytes[start..i]).to_ascii_lowercase();
+        let mut ok = !name.is_empty();
         let mut value = None;
         if i < bytes.len() && bytes[i] == b'=' {
             i += 1;
-            while i < bytes.len() && matches!(bytes[i], b' ' | b'\t') {
-                i += 1;
-            }
             if i < bytes.len() && bytes[i] == b'"' {
-                i += 1;
-                let mut v = String::new();
-                while i < bytes.len() && bytes[i] != b'"' {
-                    if bytes[i] == b'\\' && i + 1 < bytes.len() {
-                        i += 1;
-                    }
-                    v.push(bytes[i] as char);
-                    i += 1;
-                }
-                i += 1; // the closing quote, if any
+                let (v, next, quoted_ok) = quoted_string(bytes, i);
+                ok &= quoted_ok;
                 value = Some(v);
+                i = next;
             } else {
                 let vstart = i;
-                while i < bytes.len() && !matches!(bytes[i], b',' | b' ' | b'\t') {
+                while i < bytes.len() && is_tchar(bytes[i]) {
                     i += 1;
                 }
-                value = Some(text[vstart..i].to_string());
+                ok &= i > vstart;
+                value = Some(String::from_utf8_lossy(&bytes[vstart..i]).into_owned());
             }
         }
-        // Anything else up to the next comma is junk; skip it.
-        while i < bytes.len() && bytes[i] != b',' {
-            i += 1;
+        i = skip_ows(bytes, i);
+        if i < bytes.len() && bytes[i] != b',' {
+            // Junk (white space around `=`, a second value, bytes that are
+            // not a token...): the member is malformed; go on at the next
+            // comma outside quotes.
+            ok = false;
+            i = skip_junk(bytes, i);
         }
+        well_formed &= ok;
         if !name.is_empty() {
             out.push(Directive { name, value });
         }
@@ -187,8 +296,12 @@ impl ResponseDirectives {
 
     /// Parses `Cache-Control` field values.
     pub fn parse<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> Self {
-        let mut d = Self::default();
-        for Directive { name, value } in directives(values) {
+        let list = parse_list(values);
+        let mut d = Self {
+            unparseable: list.malformed,
+            ..Self::default()
+        };
+        for Directive { name, value } in list.directives {
             let value = value.as_deref();
             match name.as_str() {
                 "max-age" => fold_strict(&mut d.max_age, value),
@@ -341,7 +454,61 @@ mod tests {
         }
         assert_eq!(
             ResponseDirectives::parse([&[0xff, 0xfe][..]]),
-            ResponseDirectives::default()
+            ResponseDirectives {
+                unparseable: true,
+                ..ResponseDirectives::default()
+            }
+        );
+    }
+
+    #[test]
+    fn what_rfc_9110_allows_keeps_every_directive() {
+        for line in [
+            &b"x=\"caf\xe9, \\\"q\\\"\", private, max-age=5"[..],
+            b"\t ,, private ,\tmax-age=5\t,",
+            b"foo, bar=baz, qux=\"a=b\", private, max-age=5",
+            b"private,max-age=5,",
+            b"  private  ,  max-age=5  ",
+        ] {
+            let d = ResponseDirectives::parse([line]);
+            assert!(
+                d.private && !d.unparseable,
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
+            assert_eq!(d.max_age, Some(5), "{:?}", String::from_utf8_lossy(line));
+        }
+        let lines = [&b"no-store"[..], b"", b"x=\"\xff\"", b"no-cache"];
+        let d = ResponseDirectives::parse(lines);
+        assert!(d.no_store && d.no_cache && !d.unparseable);
+    }
+
+    #[test]
+    fn a_line_that_breaks_the_grammar_is_unparseable_but_keeps_its_names() {
+        for line in [
+            "private garbage, max-age=5",
+            "max-age=5, private\"x\"",
+            "max-age = 5, private",
+            "max-age=5;private",
+            "private, x=\"unterminated",
+            "private, x=",
+            "private, =5",
+            "private, x=\u{e9}",
+            "private, x=\"a\"b",
+            "private\u{7f}",
+        ] {
+            let d = resp(line);
+            assert!(d.unparseable, "{line}");
+            assert!(d.private || line.starts_with("max-age=5;"), "{line}");
+        }
+        let mut control = b"private, max-age=5".to_vec();
+        control.push(0x0b);
+        assert!(ResponseDirectives::parse([&control[..]]).unparseable);
+        let d = ResponseDirectives::parse([&b"max-age=60"[..], b"public; private"]);
+        assert!(d.unparseable, "one bad line of several");
+        assert!(
+            RequestDirectives::parse([&b"no-store junk, x=\"y"[..]]).no_store,
+            "a request keeps its no-store"
         );
     }
 }

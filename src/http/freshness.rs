@@ -66,8 +66,15 @@ pub enum NotStored {
     VaryStar,
     /// Neither explicit nor heuristic freshness.
     NoFreshness,
-    /// The request said `no-store`.
+    /// The request said `no-store` (and [`HonourRequest::no_store`](super::HonourRequest::no_store) is on).
     RequestNoStore,
+    /// A `Cache-Control` line could not be parsed: its meaning is unknown.
+    Unparseable,
+    /// A 304 is never stored as a response of its own: it answers one
+    /// client's validators and has no body.
+    NotModified,
+    /// 412 or 416: the answer to one request's preconditions or range.
+    Precondition,
 }
 
 /// Parses an HTTP date header.
@@ -112,9 +119,17 @@ pub fn freshness_lifetime(
 
 /// Whether a response to `method` may be stored (RFC 9111 §3), and its
 /// freshness lifetime if so.
+///
+/// `request` holds the request directives the cache honours (after any
+/// [`HonourRequest`](super::HonourRequest) switch): a `no-store` there
+/// forbids storing. The rules that keep one user's response from another
+/// (`no-store`, `private`, `Authorization`, `Set-Cookie`, `Vary: *`, an
+/// unparseable `Cache-Control`) are checked before freshness, and the cache
+/// applies them again to the merged headers after every 304.
 pub fn storable(
     method: &Method,
     request_headers: &HeaderMap,
+    request: &RequestDirectives,
     status: StatusCode,
     headers: &HeaderMap,
     cc: &ResponseDirectives,
@@ -123,11 +138,20 @@ pub fn storable(
     if method != Method::GET {
         return Err(NotStored::Method);
     }
-    if RequestDirectives::from_headers(request_headers).no_store {
+    if request.no_store {
         return Err(NotStored::RequestNoStore);
     }
     if status == StatusCode::PARTIAL_CONTENT {
         return Err(NotStored::Partial);
+    }
+    if status == StatusCode::NOT_MODIFIED {
+        return Err(NotStored::NotModified);
+    }
+    if status == StatusCode::PRECONDITION_FAILED || status == StatusCode::RANGE_NOT_SATISFIABLE {
+        return Err(NotStored::Precondition);
+    }
+    if cc.unparseable {
+        return Err(NotStored::Unparseable);
     }
     if cc.no_store {
         return Err(NotStored::NoStore);
@@ -394,6 +418,7 @@ mod tests {
             storable(
                 &method,
                 &rq,
+                &RequestDirectives::from_headers(&rq),
                 StatusCode::from_u16(status).unwrap(),
                 &rs,
                 &cc,
@@ -467,6 +492,28 @@ mod tests {
             check(Method::GET, &[("cache-control", "no-store")], 200, &ok),
             Err(NotStored::RequestNoStore)
         );
+        assert_eq!(
+            check(Method::GET, &[], 304, &ok),
+            Err(NotStored::NotModified)
+        );
+        for status in [412, 416] {
+            assert_eq!(
+                check(Method::GET, &[], status, &ok),
+                Err(NotStored::Precondition)
+            );
+        }
+        for line in [
+            "max-age=60; private",
+            "max-age = 60",
+            "max-age=60 x",
+            "a=\"b",
+        ] {
+            assert_eq!(
+                check(Method::GET, &[], 200, &[("cache-control", line)]),
+                Err(NotStored::Unparseable),
+                "{line}"
+            );
+        }
     }
 
     #[test]

@@ -11,7 +11,8 @@ use crate::error::ConfigError;
 
 /// Which request directives the cache honours. A proxy must honour them
 /// all (the default); a server-side cache may switch some off so clients
-/// cannot bypass it.
+/// cannot bypass it. A switch that is off makes the cache act as if the
+/// client had not sent the directive, for serving and for storing alike.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct HonourRequest {
@@ -179,7 +180,8 @@ impl HttpCacheLayerBuilder {
     }
 
     /// Stores responses carrying `Set-Cookie` in a shared cache (default:
-    /// never; they are usually per user).
+    /// never; they are usually per user). With it on, a `Set-Cookie` that a
+    /// 304 adds to a stored response is shared too.
     pub fn share_set_cookie(mut self, yes: bool) -> Self {
         self.config.rules.share_set_cookie = yes;
         self

@@ -7,20 +7,15 @@
 //!
 //! - **Storing** (RFC 9111 §3): GET responses with explicit freshness
 //!   (`s-maxage`, `max-age`, `Expires - Date`) whatever their status except
-//!   206, or heuristic freshness (10 % of `Date - Last-Modified`, capped at a
-//!   day, configurable) for the heuristically cacheable statuses; never
-//!   `no-store`; never `private` in shared mode (a private mode exists);
-//!   requests with `Authorization` only when the response says `public`,
-//!   `s-maxage` or `must-revalidate`; never `Set-Cookie` responses unless
-//!   configured; never `Vary: *`.
-//! - **Keys**: the target URI (scheme from the URI, else configured;
-//!   authority from the URI, else `Host`; path and query in full), plus one
-//!   variant per distinct normalised value of the request headers named by
-//!   `Vary`. Nothing else from the request is in the key: in particular not
-//!   `X-Forwarded-Host` / `X-Forwarded-Proto` / `Forwarded`. An origin that
-//!   varies its response on such a header without listing it in `Vary` can
-//!   be poisoned through any shared cache (one client's header value decides
-//!   what every client gets); list them in `Vary` or strip them in front.
+//!   206, 304, 412 and 416, or heuristic freshness (10 % of
+//!   `Date - Last-Modified`, capped at a day, configurable) for the
+//!   heuristically cacheable statuses; never `no-store`; never `private` in
+//!   shared mode (a private mode exists); requests with `Authorization` only
+//!   when the response says `public`, `s-maxage` or `must-revalidate`; never
+//!   `Set-Cookie` responses (in headers or trailers) unless configured;
+//!   never `Vary: *`; never a response whose `Cache-Control` cannot be
+//!   parsed.
+//! - **Keys**: see [the key](#the-key) below.
 //! - **Freshness and age** (§4.2): upstream `Age` and the request/response
 //!   delay are counted in; a hit carries a correct `Age`. Invalid or
 //!   conflicting `max-age` means stale (see [`cache_control`]).
@@ -44,6 +39,70 @@
 //!   is not stored. Trailers are kept.
 //! - **Misses** on one key are coalesced: one request goes upstream, the
 //!   others take its stored response when it matches their `Vary` headers.
+//!
+//! # Guarantees: nothing per-user is shared
+//!
+//! In a shared cache (the default), whatever the origin or the client
+//! sends, one user's response never reaches another:
+//!
+//! 1. **Revalidation re-checks sharing.** The response merged from a 304
+//!    (stored body, stored headers updated by the 304's) goes through every
+//!    storing rule again and is keyed by the revalidating request's values
+//!    of the merged `Vary`. When the 304 makes it per-user (`Set-Cookie`,
+//!    `private`, `no-store`, an unparseable `Cache-Control`, `Vary: *`),
+//!    only the client whose request revalidated gets it (with its
+//!    `Set-Cookie`, also in a 304 the cache makes for that client) and
+//!    nothing is left stored under the key. When only that request keeps it
+//!    out (its `Authorization` without `public` / `s-maxage` /
+//!    `must-revalidate`, or its `no-store`), that client alone gets it and
+//!    the stored response it validated stays as it was, holding nothing of
+//!    that client's. A 304, 412 or 416 is never stored as a response of its
+//!    own: each answers one client's validators, preconditions or range.
+//! 2. **The parser fails safe** ([`cache_control`]). Everything RFC 9110
+//!    allows in a field value (quoted strings with obs-text, escapes and
+//!    commas; odd white space; unknown extensions with or without values;
+//!    empty members; repeated lines) is read without dropping a directive.
+//!    A line that breaks the grammar still has its directives' names read
+//!    (`private`, `no-store`, `no-cache` are never lost) and makes the
+//!    response not storable.
+//! 3. **One authority.** A request whose absolute-form target names
+//!    another authority than its `Host` header (ports compared with the
+//!    scheme's default filled in, no userinfo), or that has several `Host`
+//!    lines, is neither stored nor answered from the cache: the origin may
+//!    build its response from either. An unsafe method sent that way
+//!    invalidates the keys of both authorities.
+//! 4. **Switches work.** Each [`HonourRequest`] switch takes effect, and
+//!    storing looks at the request directives as switched: with
+//!    `no_store` off a client's `no-store` does not keep a response out.
+//! 5. **Unkeyed inputs are the origin's to declare**: see
+//!    [the key](#the-key).
+//!
+//! A private cache ([`HttpCacheLayerBuilder::private`]) is one user's and
+//! stores `private` responses; [`HttpCacheLayerBuilder::share_set_cookie`]
+//! shares `Set-Cookie` responses, a 304's included. Use neither in front
+//! of several users unless that is what the origin means.
+//!
+//! # The key
+//!
+//! A stored response is found by exactly these parts of the request:
+//!
+//! - the **method**: GET (a HEAD is answered from the stored GET);
+//! - the **scheme**: the target URI's, else the configured default
+//!   ([`HttpCacheLayerBuilder::default_scheme`]);
+//! - the **authority**: the target URI's, else the `Host` header's
+//!   (lower-cased; see guarantee 3 when both are there);
+//! - the **path and query**, byte for byte;
+//! - the values of the request headers the stored response names in
+//!   **`Vary`** (lines joined, white space around commas normalised).
+//!
+//! Nothing else is: not `Cookie`, not `Authorization` (those are handled
+//! by the storing rules above, not the key), not `Accept-Encoding` or
+//! `Accept-Language`, and not `X-Forwarded-Host`, `X-Forwarded-Proto`,
+//! `Forwarded` or any other header. `Vary` is how an origin adds one: an
+//! origin whose response depends on a request header it does not name in
+//! `Vary` can be poisoned through any shared cache (one client's header
+//! value decides what every client gets), so list such headers in `Vary`
+//! or strip them in front of the cache.
 
 pub mod cache_control;
 #[cfg(feature = "postgres")]

@@ -15,7 +15,7 @@ use tower::{Service, ServiceExt};
 
 use super::body::{Buffered, CacheBody, buffer};
 use super::cache_control::{RequestDirectives, ResponseDirectives};
-use super::freshness::{self, HttpCachePolicy, Usable};
+use super::freshness::{self, HttpCachePolicy, NotStored, Usable};
 use super::layer::HttpConfig;
 use crate::cache::CacheStats;
 use crate::cache::flight::{Flights, Join};
@@ -34,7 +34,68 @@ pub(crate) struct Stored {
     lifetime: Duration,
     initial_age: Duration,
     stored_at: Instant,
-    vary: Vec<(HeaderName, Option<Vec<u8>>)>,
+    vary: VaryValues,
+}
+
+/// The request header values a stored response was selected by: one pair
+/// per name in its `Vary`, `None` when the request did not have it.
+type VaryValues = Vec<(HeaderName, Option<Vec<u8>>)>;
+
+/// The `Vary` values of a response to a request with `request` headers
+/// (empty for `Vary: *`, which is never stored).
+fn vary_values(response: &HeaderMap, request: &HeaderMap) -> VaryValues {
+    freshness::vary_names(response)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|name| {
+            let value = freshness::normalized(request, &name);
+            (name, value)
+        })
+        .collect()
+}
+
+/// The `Host` header when there is at most one valid line: `Some(None)`
+/// without one, `None` for several lines or an invalid one.
+fn single_host(headers: &HeaderMap) -> Option<Option<http::uri::Authority>> {
+    let mut lines = headers.get_all(header::HOST).iter();
+    let Some(first) = lines.next() else {
+        return Some(None);
+    };
+    if lines.next().is_some() {
+        return None;
+    }
+    let host = first.to_str().ok()?.parse::<http::uri::Authority>().ok()?;
+    Some(Some(host))
+}
+
+/// Whether an absolute-form target's authority and `Host` name the same
+/// origin: hosts equal but for case, ports equal once the scheme's default
+/// is filled in, no userinfo on either side.
+fn same_authority(
+    scheme: &str,
+    target: &http::uri::Authority,
+    host: &http::uri::Authority,
+) -> bool {
+    let default = match scheme {
+        "https" => 443,
+        _ => 80,
+    };
+    !target.as_str().contains('@')
+        && !host.as_str().contains('@')
+        && target.host().eq_ignore_ascii_case(host.host())
+        && target.port_u16().unwrap_or(default) == host.port_u16().unwrap_or(default)
+}
+
+/// `scheme://authority/path?query`, the authority lower-cased.
+fn key_of(scheme: &str, authority: &http::uri::Authority, uri: &http::Uri) -> String {
+    let authority = authority.as_str();
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut key = String::with_capacity(scheme.len() + authority.len() + path.len() + 3);
+    key.push_str(scheme);
+    key.push_str("://");
+    key.extend(authority.chars().map(|c| c.to_ascii_lowercase()));
+    key.push_str(path);
+    key
 }
 
 impl Stored {
@@ -105,28 +166,59 @@ impl HttpShared {
 
     /// The primary key: the target URI (scheme, authority, path and
     /// query). Never from `X-Forwarded-*` or any other header but `Host`.
+    ///
+    /// `None` (neither stored nor served from the cache) when the request
+    /// names no authority, or two: an absolute-form target whose authority
+    /// is not the `Host` header's, or more than one `Host` line. The origin
+    /// may build its response from either, so no one key is right.
     fn key(&self, parts: &http::request::Parts) -> Option<String> {
-        let scheme = parts
+        let scheme = self.scheme(parts);
+        let host = single_host(&parts.headers)?;
+        let authority = match (parts.uri.authority(), host) {
+            (Some(target), None) => target.clone(),
+            (Some(target), Some(host)) => {
+                if !same_authority(scheme, target, &host) {
+                    return None;
+                }
+                target.clone()
+            }
+            (None, Some(host)) => host,
+            (None, None) => return None,
+        };
+        Some(key_of(scheme, &authority, &parts.uri))
+    }
+
+    fn scheme<'a>(&'a self, parts: &'a http::request::Parts) -> &'a str {
+        parts
             .uri
             .scheme_str()
-            .unwrap_or(self.config.default_scheme.as_str());
-        let authority = match parts.uri.authority() {
-            Some(a) => a.as_str().to_ascii_lowercase(),
-            None => {
-                let host = parts.headers.get(header::HOST)?.to_str().ok()?;
-                host.parse::<http::uri::Authority>()
-                    .ok()?
-                    .as_str()
-                    .to_ascii_lowercase()
-            }
-        };
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut key = String::with_capacity(scheme.len() + authority.len() + path.len() + 3);
-        key.push_str(scheme);
-        key.push_str("://");
-        key.push_str(&authority);
-        key.push_str(path);
-        Some(key)
+            .unwrap_or(self.config.default_scheme.as_str())
+    }
+
+    /// Every key an unsafe request may change: its key, or when the target
+    /// and `Host` disagree, the key under each of them (invalidating too
+    /// much is safe; too little is not).
+    fn invalidation_keys(&self, parts: &http::request::Parts) -> Vec<String> {
+        if let Some(key) = self.key(parts) {
+            return vec![key];
+        }
+        let scheme = self.scheme(parts);
+        let hosts = parts
+            .headers
+            .get_all(header::HOST)
+            .iter()
+            .filter_map(|v| v.to_str().ok()?.parse::<http::uri::Authority>().ok());
+        let mut keys: Vec<String> = parts
+            .uri
+            .authority()
+            .cloned()
+            .into_iter()
+            .chain(hosts)
+            .map(|a| key_of(scheme, &a, &parts.uri))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys
     }
 
     fn lookup(&self, key: &Hashed<String>, req: &HeaderMap) -> Option<Arc<Stored>> {
@@ -135,8 +227,16 @@ impl HttpShared {
     }
 
     /// Stores a response unless an invalidation of its key happened since
-    /// `fill_seq` (insert, then check again: see `cache::invalidate`).
-    fn insert(&self, key: &Hashed<String>, stored: Arc<Stored>, fill_seq: u64) -> bool {
+    /// `fill_seq` (insert, then check again: see `cache::invalidate`). It
+    /// takes the place of the variant with its own `Vary` values and, after
+    /// a 304 changed them, of the variant it was merged into (`replaces`).
+    fn insert(
+        &self,
+        key: &Hashed<String>,
+        stored: Arc<Stored>,
+        fill_seq: u64,
+        replaces: Option<&VaryValues>,
+    ) -> bool {
         if !self.log.may_store(key, &[], fill_seq, None) {
             self.stats.incr(Kind::NotStored);
             return false;
@@ -146,7 +246,7 @@ impl HttpShared {
             .get(key)
             .map(|v| {
                 v.0.iter()
-                    .filter(|s| s.vary != stored.vary)
+                    .filter(|s| s.vary != stored.vary && Some(&s.vary) != replaces)
                     .cloned()
                     .collect()
             })
@@ -161,6 +261,12 @@ impl HttpShared {
         }
         self.stats.incr(Kind::Stored);
         true
+    }
+
+    /// Drops every stored variant of a key (a response that replaced them
+    /// may not be kept).
+    fn forget(&self, key: &Hashed<String>) {
+        self.store.invalidate(key);
     }
 
     pub(crate) fn invalidate(&self, key: &str) {
@@ -207,6 +313,8 @@ fn respond<B: Body>(
     if client_validator_matches(stored, req) {
         let mut res = Response::new(CacheBody::empty());
         *res.status_mut() = StatusCode::NOT_MODIFIED;
+        // `Set-Cookie` only reaches here when the response carrying it is
+        // this client's own (a revalidation), or sharing it is configured.
         for name in [
             header::CACHE_CONTROL,
             header::CONTENT_LOCATION,
@@ -215,6 +323,7 @@ fn respond<B: Body>(
             header::EXPIRES,
             header::VARY,
             header::LAST_MODIFIED,
+            header::SET_COOKIE,
         ] {
             for v in stored.headers.get_all(&name) {
                 res.headers_mut().append(name.clone(), v.clone());
@@ -522,19 +631,19 @@ where
     ResBody: Body<Data = Bytes>,
 {
     let (parts, body) = req.into_parts();
-    let target = shared.key(&parts);
-    let base = target.as_ref().and_then(|k| k.parse::<http::Uri>().ok());
+    let targets = shared.invalidation_keys(&parts);
     let res = svc.oneshot(Request::from_parts(parts, body)).await?;
     if res.status().is_success() || res.status().is_redirection() {
-        if let Some(target) = &target {
+        for target in &targets {
             shared.invalidate(target);
-        }
-        if let Some(base) = &base {
+            let Ok(base) = target.parse::<http::Uri>() else {
+                continue;
+            };
             for name in [header::LOCATION, header::CONTENT_LOCATION] {
                 let Some(loc) = res.headers().get(&name).and_then(|v| v.to_str().ok()) else {
                     continue;
                 };
-                if let Some(key) = same_origin(base, loc) {
+                if let Some(key) = same_origin(&base, loc) {
                     shared.invalidate(&key);
                 }
             }
@@ -621,6 +730,7 @@ where
 {
     let (mut parts, body) = req.into_parts();
     let client_headers = parts.headers.clone();
+    let req_cc = shared.request_directives(&client_headers);
     let method = parts.method.clone();
     let head = method == Method::HEAD;
     if let Some(stored) = &stale {
@@ -669,25 +779,64 @@ where
                 headers.append(name.clone(), value.clone());
             }
             let cc = ResponseDirectives::from_headers(&headers);
-            let lifetime =
-                freshness::freshness_lifetime(stored.status, &headers, &cc, &shared.rules)
-                    .unwrap_or(Duration::ZERO);
+            // The merged response is a new response to this client's
+            // request: every storing and sharing rule applies to it again
+            // (a 304 may add `Set-Cookie`, `private`, `no-store`, `Vary`),
+            // and it is selected by this request's `Vary` values. First
+            // what the response says, whoever asked; then this request.
+            let check = |req_headers: &HeaderMap, req_cc: &RequestDirectives| {
+                match freshness::storable(
+                    &Method::GET,
+                    req_headers,
+                    req_cc,
+                    stored.status,
+                    &headers,
+                    &cc,
+                    &shared.rules,
+                ) {
+                    // Kept to be revalidated again, as before the 304.
+                    Err(NotStored::NoFreshness) => Ok(Duration::ZERO),
+                    other => other,
+                }
+            };
+            let shareable = check(&HeaderMap::new(), &RequestDirectives::default());
+            let decision = shareable.and_then(|_| check(&client_headers, &req_cc));
             let updated = Arc::new(Stored {
                 status: stored.status,
                 version: stored.version,
+                vary: vary_values(&headers, &client_headers),
                 headers,
                 body: stored.body.clone(),
                 trailers: stored.trailers.clone(),
                 cc,
-                lifetime,
+                lifetime: decision.unwrap_or(Duration::ZERO),
                 initial_age: freshness::initial_age(res.headers(), request_time, response_time),
                 stored_at: now,
-                vary: stored.vary.clone(),
             });
             shared.stats.incr(Kind::Refreshes);
-            shared.insert(key, Arc::clone(&updated), fill_seq);
+            let kept = match (shareable, decision) {
+                (_, Ok(_)) => {
+                    shared.insert(key, Arc::clone(&updated), fill_seq, Some(&stored.vary))
+                }
+                // The origin now says the response is per-user (or cannot
+                // be read): only this client gets it, and what was stored
+                // goes too.
+                (Err(_), _) => {
+                    shared.stats.incr(Kind::NotStored);
+                    shared.forget(key);
+                    false
+                }
+                // This client's `no-store` or `Authorization`: its 304 is
+                // not stored, and the stored response it validated stays
+                // as it was (a client cannot evict it for everybody).
+                (Ok(_), Err(_)) => {
+                    shared.stats.incr(Kind::NotStored);
+                    false
+                }
+            };
             let age = updated.age(now);
-            return Ok((respond(&updated, age, head, &client_headers), Some(updated)));
+            let res = respond(&updated, age, head, &client_headers);
+            return Ok((res, kept.then_some(updated)));
         }
         if res.status().is_server_error() {
             let staleness = stored.age(now).saturating_sub(stored.lifetime);
@@ -704,6 +853,7 @@ where
     let decision = freshness::storable(
         &method,
         &client_headers,
+        &req_cc,
         res.status(),
         res.headers(),
         &cc,
@@ -713,7 +863,7 @@ where
         shared.stats.incr(Kind::NotStored);
         if stale.is_some() && res.status().is_success() {
             // The new response replaces the stored one, and may not be kept.
-            shared.store.invalidate(key);
+            shared.forget(key);
         }
         return Ok((res.map(CacheBody::stream), None));
     };
@@ -734,14 +884,20 @@ where
             return Ok((Response::from_parts(res_parts, body), None));
         }
     };
-    let vary = freshness::vary_names(&res_parts.headers)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|name| {
-            let value = freshness::normalized(&client_headers, &name);
-            (name, value)
-        })
-        .collect();
+    let rules = &shared.rules;
+    let cookie_trailer = trailers
+        .as_ref()
+        .is_some_and(|t| t.contains_key(header::SET_COOKIE));
+    if cookie_trailer && rules.shared && !rules.share_set_cookie {
+        // A `Set-Cookie` is per user wherever it is written.
+        shared.stats.incr(Kind::NotStored);
+        if stale.is_some() && res_parts.status.is_success() {
+            shared.forget(key);
+        }
+        let body = CacheBody::full(data, trailers);
+        return Ok((Response::from_parts(res_parts, body), None));
+    }
+    let vary = vary_values(&res_parts.headers, &client_headers);
     let stored = Arc::new(Stored {
         status: res_parts.status,
         version: res_parts.version,
@@ -754,7 +910,7 @@ where
         stored_at: now,
         vary,
     });
-    let kept = shared.insert(key, Arc::clone(&stored), fill_seq);
+    let kept = shared.insert(key, Arc::clone(&stored), fill_seq, None);
     let mut res = Response::from_parts(
         res_parts,
         CacheBody::full(stored.body.clone(), stored.trailers.clone()),

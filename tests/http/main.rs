@@ -6,6 +6,7 @@
 mod common;
 mod parser;
 mod proxy;
+mod sharing;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -335,6 +336,7 @@ fn origin_app(origin: Arc<Origin>) -> Router {
                 )
             }),
         )
+        .merge(sharing::routes())
         .with_state(origin)
 }
 
@@ -745,6 +747,40 @@ async fn trailers_are_kept_in_stored_responses() {
         assert_eq!(collected.to_bytes(), "payload");
     }
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_set_cookie_trailer_is_never_shared() {
+    use http_body_util::StreamBody;
+    let (clock, _) = Clock::mock();
+    let layer = HttpCacheLayer::builder().clock(clock).build().unwrap();
+    let svc = tower::service_fn(move |req: Request<Body>| async move {
+        let who = req.headers()["cookie"].to_str().unwrap().to_string();
+        let mut trailers = HeaderMap::new();
+        trailers.insert(
+            "set-cookie",
+            HeaderValue::from_str(&format!("session={who}")).unwrap(),
+        );
+        let frames = vec![
+            Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(b"payload"))),
+            Ok(http_body::Frame::trailers(trailers)),
+        ];
+        let mut res = Response::new(Body::new(StreamBody::new(futures::stream::iter(frames))));
+        res.headers_mut()
+            .insert("cache-control", HeaderValue::from_static("max-age=60"));
+        Ok::<_, Infallible>(res)
+    });
+    let svc = ServiceBuilder::new().layer(layer).service(svc);
+    for who in ["alice", "bob"] {
+        let req = Request::get("http://a.example/t")
+            .header("cookie", who)
+            .body(Body::empty())
+            .unwrap();
+        let res = svc.clone().oneshot(req).await.unwrap();
+        let collected = res.into_body().collect().await.unwrap();
+        let cookie = collected.trailers().unwrap()["set-cookie"].clone();
+        assert_eq!(cookie, format!("session={who}").as_str());
+    }
 }
 
 #[tokio::test]
