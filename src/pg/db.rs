@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::Object;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::{NoTls, Row, Statement};
 use tracing::Instrument;
 
 use super::balance::{Candidate, choose_replica};
@@ -68,6 +68,12 @@ pub struct Written<T> {
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
 /// A cheap-to-clone handle for queries on a [`Cluster`](super::Cluster).
+///
+/// Statements are prepared once per connection and kept, at most 256 per
+/// connection: past that the connection's cache is emptied and refills
+/// with the statements in use (`tower_scale_db_statement_cache_clears_total`
+/// counts it), so SQL text that varies per request costs re-preparing, not
+/// memory.
 #[derive(Clone)]
 pub struct Db {
     pub(crate) inner: Arc<Inner>,
@@ -125,6 +131,30 @@ impl Drop for Running {
     }
 }
 
+/// Statements kept prepared per connection. deadpool-postgres's statement
+/// cache has no limit of its own: SQL text built per request (an `IN` list
+/// of varying length, values spliced into the text) would grow it, and the
+/// server's prepared statements with it, for as long as the connection
+/// lives. Past this many the connection's cache is emptied (its statements
+/// are closed on the server) and refills with the statements in use.
+pub(crate) const MAX_CACHED_STATEMENTS: usize = 256;
+
+/// `prepare_cached`, keeping the connection's cache within
+/// [`MAX_CACHED_STATEMENTS`].
+async fn prepare(
+    conn: &Object,
+    node: &Arc<str>,
+    sql: &str,
+) -> Result<Statement, tokio_postgres::Error> {
+    let stmt = conn.prepare_cached(sql).await?;
+    if conn.statement_cache.size() > MAX_CACHED_STATEMENTS {
+        conn.statement_cache.clear();
+        metrics::counter!("tower_scale_db_statement_cache_clears_total", "node" => Arc::clone(node))
+            .increment(1);
+    }
+    Ok(stmt)
+}
+
 enum Mode {
     Rows,
     Execute,
@@ -162,7 +192,7 @@ impl Db {
             return Err(DbError::Shutdown);
         };
         let result = async {
-            let stmt = conn.prepare_cached(sql).await?;
+            let stmt = prepare(conn, &node.name, sql).await?;
             // Time the execution only: a first prepare on a new connection
             // must not make a node look slow for long.
             let started = Instant::now();
@@ -670,7 +700,8 @@ impl Transaction {
     /// Runs a statement; returns its rows.
     pub async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, DbError> {
         let conn = self.conn()?;
-        let stmt = conn.prepare_cached(sql).await.map_err(|e| self.err(e))?;
+        let node = &self.db.node(self.index).name;
+        let stmt = prepare(conn, node, sql).await.map_err(|e| self.err(e))?;
         conn.query(&stmt, params).await.map_err(|e| self.err(e))
     }
 
@@ -683,7 +714,8 @@ impl Transaction {
     /// Runs a statement; returns the affected row count.
     pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, DbError> {
         let conn = self.conn()?;
-        let stmt = conn.prepare_cached(sql).await.map_err(|e| self.err(e))?;
+        let node = &self.db.node(self.index).name;
+        let stmt = prepare(conn, node, sql).await.map_err(|e| self.err(e))?;
         conn.execute(&stmt, params).await.map_err(|e| self.err(e))
     }
 
