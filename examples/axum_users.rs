@@ -252,7 +252,7 @@ async fn main() {
 }
 
 async fn run(args: users::Args) -> Result<(), users::BoxError> {
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+    let metrics = users::install_metrics()?;
     let backend = users::backend(&args).await?;
     let app = router(&backend, metrics);
     let listener = tokio::net::TcpListener::bind(args.listen).await?;

@@ -378,7 +378,7 @@ async fn users_service(local: &LocalCluster) -> Result<(), Error> {
         redis: None,
     };
     let backend = axum_users::users::backend(&args).await?;
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+    let metrics = axum_users::users::install_metrics()?;
     let app = axum_users::router(&backend, metrics);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;

@@ -16,6 +16,50 @@ use tower_scale::testing::LocalCluster;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// How often the users services drain the Prometheus recorder's histograms.
+pub const METRICS_UPKEEP: Duration = Duration::from_secs(1);
+
+/// Upper bounds (seconds) of the histogram buckets: timings from 100 µs to 5 s.
+pub const METRICS_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 5.0,
+];
+
+/// Installs the global Prometheus recorder and keeps what it holds bounded.
+///
+/// - `install_recorder` starts no upkeep: every histogram sample (one per
+///   pool checkout, `tower_scale_db_pool_wait_seconds`, so one or more per
+///   write) stays in the recorder's sample buffer until `/metrics` is
+///   scraped. Under writes that no one scrapes, that buffer grew by about
+///   8 bytes a sample without end (issue 25). A thread drains it every
+///   [`METRICS_UPKEEP`]. The drained blocks are freed through
+///   crossbeam-epoch, which keeps them in the draining thread's bag until
+///   64 drains have piled up (tens of seconds of samples); the thread
+///   flushes its bag after each drain, so a few intervals' samples at most
+///   are held.
+/// - Histograms are kept as [`METRICS_BUCKETS`] (a fixed array of counts
+///   per series) rather than the default summaries, whose sketches grow
+///   with the spread of the values seen, up to 256 KiB each and three per
+///   series.
+///
+/// The recorder is global and lives as long as the process, and so does
+/// the thread.
+pub fn install_metrics() -> Result<metrics_exporter_prometheus::PrometheusHandle, BoxError> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&METRICS_BUCKETS)?
+        .install_recorder()?;
+    let upkeep = handle.clone();
+    std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(METRICS_UPKEEP);
+                upkeep.run_upkeep();
+                crossbeam_epoch::pin().flush();
+            }
+        })?;
+    Ok(handle)
+}
+
 pub struct Args {
     pub listen: SocketAddr,
     pub primary: Option<String>,

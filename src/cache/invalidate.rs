@@ -178,7 +178,7 @@ impl<K: Hash + Eq + Clone> InvalidationLog<K> {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         marks.keys.entry(key).or_default().merge(seq, version);
         if marks.keys.len() > self.max_marks {
-            let floor = fold_oldest_half(&mut marks.keys);
+            let floor = fold_oldest_half(&mut marks.keys, self.max_marks);
             marks.key_floor.merge(floor.seq, floor.version);
         }
         seq
@@ -191,7 +191,7 @@ impl<K: Hash + Eq + Clone> InvalidationLog<K> {
         marks.tags.entry(tag).or_default().merge(seq, version);
         self.tag_seq.store(seq, Ordering::SeqCst);
         if marks.tags.len() > self.max_marks {
-            let floor = fold_oldest_half(&mut marks.tags);
+            let floor = fold_oldest_half(&mut marks.tags, self.max_marks);
             marks.tag_floor.merge(floor.seq, floor.version);
         }
         seq
@@ -319,21 +319,27 @@ impl<K: Hash + Eq + Clone> InvalidationLog<K> {
 
 /// Drops the older half of `marks` (by sequence) and returns the floor that
 /// stands in for them.
-fn fold_oldest_half<Q: Hash + Eq>(
-    marks: &mut HashMap<Q, Mark, impl std::hash::BuildHasher>,
+///
+/// The newer half moves to a fresh table sized for `max_marks + 1`: removing
+/// in place would leave tombstones, and a table full of them grows (to
+/// twice the size the bound needs) instead of being reused.
+fn fold_oldest_half<Q: Hash + Eq, S: std::hash::BuildHasher + Clone>(
+    marks: &mut HashMap<Q, Mark, S>,
+    max_marks: usize,
 ) -> Mark {
     let mut seqs: Vec<u64> = marks.values().map(|m| m.seq).collect();
     seqs.sort_unstable();
     let cut = seqs[seqs.len() / 2];
     let mut floor = Mark::default();
-    marks.retain(|_, m| {
+    let mut kept = HashMap::with_capacity_and_hasher(max_marks + 1, marks.hasher().clone());
+    for (key, m) in marks.drain() {
         if m.seq <= cut {
             floor.merge(m.seq, m.version);
-            false
         } else {
-            true
+            kept.insert(key, m);
         }
-    });
+    }
+    *marks = kept;
     floor
 }
 

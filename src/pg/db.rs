@@ -13,7 +13,7 @@ use deadpool_postgres::{ClientWrapper, Object};
 use futures_util::StreamExt;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Row, SimpleQueryMessage};
+use tokio_postgres::{Row, SimpleQueryMessage, Statement};
 use tracing::Instrument;
 
 use super::balance::{Candidate, choose_replica};
@@ -69,6 +69,12 @@ pub struct Written<T> {
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
 /// A cheap-to-clone handle for queries on a [`Cluster`](super::Cluster).
+///
+/// Statements are prepared once per connection and kept, at most 256 per
+/// connection: past that the connection's cache is emptied and refills
+/// with the statements in use (`tower_scale_db_statement_cache_clears_total`
+/// counts it), so SQL text that varies per request costs re-preparing, not
+/// memory.
 #[derive(Clone)]
 pub struct Db {
     pub(crate) inner: Arc<Inner>,
@@ -198,6 +204,30 @@ enum CatchUp {
     NoAnswer,
 }
 
+/// Statements kept prepared per connection. deadpool-postgres's statement
+/// cache has no limit of its own: SQL text built per request (an `IN` list
+/// of varying length, values spliced into the text) would grow it, and the
+/// server's prepared statements with it, for as long as the connection
+/// lives. Past this many the connection's cache is emptied (its statements
+/// are closed on the server) and refills with the statements in use.
+pub(crate) const MAX_CACHED_STATEMENTS: usize = 256;
+
+/// `prepare_cached`, keeping the connection's cache within
+/// [`MAX_CACHED_STATEMENTS`].
+async fn prepare(
+    conn: &Object,
+    node: &Arc<str>,
+    sql: &str,
+) -> Result<Statement, tokio_postgres::Error> {
+    let stmt = conn.prepare_cached(sql).await?;
+    if conn.statement_cache.size() > MAX_CACHED_STATEMENTS {
+        conn.statement_cache.clear();
+        metrics::counter!("tower_scale_db_statement_cache_clears_total", "node" => Arc::clone(node))
+            .increment(1);
+    }
+    Ok(stmt)
+}
+
 enum Mode {
     Rows,
     Execute,
@@ -256,7 +286,7 @@ impl Db {
         metrics::counter!("tower_scale_db_queries_total", "node" => Arc::clone(&node.name))
             .increment(1);
         let deadline = tokio::time::Instant::now() + timeout;
-        let stmt = match tokio::time::timeout_at(deadline, conn.prepare_cached(sql)).await {
+        let stmt = match tokio::time::timeout_at(deadline, prepare(conn, &node.name, sql)).await {
             Ok(Ok(stmt)) => stmt,
             Ok(Err(source)) => {
                 running.settle(&source, write);
@@ -987,7 +1017,7 @@ impl Transaction {
             armed: true,
         };
         let result = tokio::time::timeout(write_timeout, async {
-            let stmt = conn.prepare_cached(sql).await?;
+            let stmt = prepare(conn, &self.db.node(self.index).name, sql).await?;
             match mode {
                 Mode::Rows => conn.query(&stmt, params).await.map(Output::Rows),
                 Mode::Execute => conn.execute(&stmt, params).await.map(Output::Count),
