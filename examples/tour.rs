@@ -327,14 +327,13 @@ impl Http {
             .client
             .request(req.body(http_body_util::Full::new(body))?)
             .await?;
-        if keep_cookie {
-            if let Some(c) = res
+        if keep_cookie
+            && let Some(c) = res
                 .headers()
                 .get("set-cookie")
                 .and_then(|v| v.to_str().ok())
-            {
-                self.cookie = c.split(';').next().map(str::to_string);
-            }
+        {
+            self.cookie = c.split(';').next().map(str::to_string);
         }
         let status = res.status().as_u16();
         let served_by = res

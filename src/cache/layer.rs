@@ -329,13 +329,13 @@ impl<P, W> CacheLayerBuilder<P, W> {
                 },
             });
         }
-        if let Some(beta) = self.early_refresh {
-            if !(beta.is_finite() && beta > 0.0) {
-                return Err(BuildError::OutOfRange {
-                    field: "early_refresh",
-                    reason: format!("beta must be a positive finite number, got {beta}"),
-                });
-            }
+        if let Some(beta) = self.early_refresh
+            && !(beta.is_finite() && beta > 0.0)
+        {
+            return Err(BuildError::OutOfRange {
+                field: "early_refresh",
+                reason: format!("beta must be a positive finite number, got {beta}"),
+            });
         }
         if !(0.0..1.0).contains(&self.ttl_jitter) {
             return Err(BuildError::OutOfRange {

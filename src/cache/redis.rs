@@ -909,11 +909,11 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
         if own {
             // Our own invalidations were applied when they were made; our
             // heartbeat says everything published before it has arrived.
-            if kind == MSG_HEARTBEAT {
-                if let Ok(sent) = <[u8; 8]>::try_from(payload) {
-                    self.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
-                    link.heard(super::Instant::from_nanos(u64::from_be_bytes(sent)));
-                }
+            if kind == MSG_HEARTBEAT
+                && let Ok(sent) = <[u8; 8]>::try_from(payload)
+            {
+                self.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
+                link.heard(super::Instant::from_nanos(u64::from_be_bytes(sent)));
             }
             return;
         }

@@ -165,10 +165,10 @@ impl<P, St: Store> Shared<P, St> {
         if !self.log.still_valid(entry) {
             return Lookup::Dead;
         }
-        if let Some(min) = min_version {
-            if entry.version.is_none_or(|v| v < min) {
-                return Lookup::Skip;
-            }
+        if let Some(min) = min_version
+            && entry.version.is_none_or(|v| v < min)
+        {
+            return Lookup::Skip;
         }
         match entry.freshness(now) {
             Freshness::Fresh => {
@@ -834,11 +834,11 @@ where
             }
         }
     };
-    if leader.is_some() {
-        if let Some(entry) = shared.fresh_entry(&key, min_version) {
-            // Filled between our lookup and winning the flight.
-            return hand_over(leader, entry.result.clone());
-        }
+    if leader.is_some()
+        && let Some(entry) = shared.fresh_entry(&key, min_version)
+    {
+        // Filled between our lookup and winning the flight.
+        return hand_over(leader, entry.result.clone());
     }
     let mut lease = Lease::Unavailable;
     if let (Some(tier), true) = (shared.remote.get(), leader.is_some()) {

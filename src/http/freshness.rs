@@ -91,10 +91,10 @@ pub fn freshness_lifetime(
     cc: &ResponseDirectives,
     rules: &HttpCachePolicy,
 ) -> Option<Duration> {
-    if rules.shared {
-        if let Some(s) = cc.s_maxage {
-            return Some(Duration::from_secs(s));
-        }
+    if rules.shared
+        && let Some(s) = cc.s_maxage
+    {
+        return Some(Duration::from_secs(s));
     }
     if let Some(s) = cc.max_age {
         return Some(Duration::from_secs(s));
@@ -273,10 +273,10 @@ pub fn usable(
     if cc.no_cache || req.no_cache {
         return Usable::Revalidate;
     }
-    if let Some(max_age) = req.max_age {
-        if age > Duration::from_secs(max_age) {
-            return Usable::Revalidate;
-        }
+    if let Some(max_age) = req.max_age
+        && age > Duration::from_secs(max_age)
+    {
+        return Usable::Revalidate;
     }
     let min_fresh = Duration::from_secs(req.min_fresh.unwrap_or(0));
     if age + min_fresh < lifetime {
@@ -293,10 +293,10 @@ pub fn usable(
         Some(Some(n)) if staleness <= Duration::from_secs(n) => return Usable::Fresh,
         _ => {}
     }
-    if let Some(swr) = cc.stale_while_revalidate {
-        if staleness < Duration::from_secs(swr) {
-            return Usable::StaleWhileRevalidate;
-        }
+    if let Some(swr) = cc.stale_while_revalidate
+        && staleness < Duration::from_secs(swr)
+    {
+        return Usable::StaleWhileRevalidate;
     }
     Usable::Revalidate
 }

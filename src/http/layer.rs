@@ -205,13 +205,13 @@ impl HttpCacheLayerBuilder {
         if self.config.max_bytes == 0 {
             return Err(ConfigError::Zero { field: "max_bytes" });
         }
-        if let Some(f) = self.config.rules.heuristic_fraction {
-            if !(f.is_finite() && (0.0..=1.0).contains(&f)) {
-                return Err(ConfigError::OutOfRange {
-                    field: "heuristic",
-                    reason: format!("fraction must be in 0.0..=1.0, got {f}"),
-                });
-            }
+        if let Some(f) = self.config.rules.heuristic_fraction
+            && !(f.is_finite() && (0.0..=1.0).contains(&f))
+        {
+            return Err(ConfigError::OutOfRange {
+                field: "heuristic",
+                reason: format!("fraction must be in 0.0..=1.0, got {f}"),
+            });
         }
         if !matches!(self.config.default_scheme.as_str(), "http" | "https") {
             return Err(ConfigError::OutOfRange {

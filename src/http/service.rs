@@ -566,18 +566,18 @@ where
                 Usable::StaleWhileRevalidate => {
                     shared.stats.incr(Kind::StaleHits);
                     let res = respond(&stored, age, head, &parts.headers);
-                    if shared.flights.len() < 10_000 {
-                        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                            let req = Request::from_parts(parts, body);
-                            rt.spawn(async move {
-                                // One background revalidation per key.
-                                if let Join::Lead(leader) = shared.flights.join(&key, None) {
-                                    shared.stats.incr(Kind::Refreshes);
-                                    let _ = fetch(&shared, svc, req, &key, Some(stored)).await;
-                                    drop(leader);
-                                }
-                            });
-                        }
+                    if shared.flights.len() < 10_000
+                        && let Ok(rt) = tokio::runtime::Handle::try_current()
+                    {
+                        let req = Request::from_parts(parts, body);
+                        rt.spawn(async move {
+                            // One background revalidation per key.
+                            if let Join::Lead(leader) = shared.flights.join(&key, None) {
+                                shared.stats.incr(Kind::Refreshes);
+                                let _ = fetch(&shared, svc, req, &key, Some(stored)).await;
+                                drop(leader);
+                            }
+                        });
                     }
                     return HttpResponseFuture::ready(Ok(res));
                 }

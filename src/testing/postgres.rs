@@ -236,10 +236,10 @@ impl PgBin {
     fn find() -> Result<Self, LocalError> {
         let has_server =
             |dir: &Path| dir.join("postgres").is_file() && dir.join("initdb").is_file();
-        if let Some(dir) = std::env::var_os("TOWER_SCALE_PG_BINDIR").map(PathBuf::from) {
-            if has_server(&dir) {
-                return Ok(Self { dir });
-            }
+        if let Some(dir) = std::env::var_os("TOWER_SCALE_PG_BINDIR").map(PathBuf::from)
+            && has_server(&dir)
+        {
+            return Ok(Self { dir });
         }
         if let Ok(out) = std::process::Command::new("pg_config")
             .arg("--bindir")
@@ -500,10 +500,10 @@ impl Node {
     /// connections. Blocking; does nothing if it already runs.
     pub fn start(&self) -> Result<(), LocalError> {
         let mut guard = self.child.lock();
-        if let Some(child) = guard.as_mut() {
-            if matches!(child.try_wait(), Ok(None)) {
-                return Ok(());
-            }
+        if let Some(child) = guard.as_mut()
+            && matches!(child.try_wait(), Ok(None))
+        {
+            return Ok(());
         }
         let log = OpenOptions::new()
             .create(true)

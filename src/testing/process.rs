@@ -196,11 +196,10 @@ fn sweep_stale(base: &Path) {
         if let Some(pid) = fs::read_to_string(path.join(SERVER_FILE))
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok())
+            && is_server_process(pid)
         {
-            if is_server_process(pid) {
-                kill_tree(pid, Signal::SIGKILL);
-                wait_gone(&tree(pid), Duration::from_secs(10));
-            }
+            kill_tree(pid, Signal::SIGKILL);
+            wait_gone(&tree(pid), Duration::from_secs(10));
         }
         tracing::info!(dir = %path.display(), "swept a temp dir left by a crashed run");
         let _ = fs::remove_dir_all(&path);
@@ -403,10 +402,10 @@ impl ServerChild {
 
     /// SIGCONT after [`pause`](Self::pause); nothing if not paused.
     pub(crate) fn resume(&self) {
-        if self.paused.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            if let Some(pid) = self.pid() {
-                kill_tree(pid, Signal::SIGCONT);
-            }
+        if self.paused.swap(false, std::sync::atomic::Ordering::SeqCst)
+            && let Some(pid) = self.pid()
+        {
+            kill_tree(pid, Signal::SIGCONT);
         }
     }
 }

@@ -79,10 +79,10 @@ impl LocalRedis {
     /// the data set starts empty. Does nothing if it runs.
     pub fn start_again(&self) -> Result<(), LocalError> {
         let mut guard = self.child.lock();
-        if let Some(child) = guard.as_mut() {
-            if matches!(child.try_wait(), Ok(None)) {
-                return Ok(());
-            }
+        if let Some(child) = guard.as_mut()
+            && matches!(child.try_wait(), Ok(None))
+        {
+            return Ok(());
         }
         let log_path = self.dir.path().join("redis.log");
         let log = OpenOptions::new()

@@ -352,7 +352,7 @@ async fn invalidate_by_key_tag_and_all() {
             Some(*k)
         }
         fn storable(&self, k: &u64, _: &Resp, d: &Windows) -> Option<Storable> {
-            Some(Storable::new(*d).tag(if k % 2 == 0 { "even" } else { "odd" }))
+            Some(Storable::new(*d).tag(if k.is_multiple_of(2) { "even" } else { "odd" }))
         }
     }
     let origin = Origin::new();
@@ -806,7 +806,7 @@ async fn random_operation_sequences_keep_the_invariants() {
             Some(*k)
         }
         fn storable(&self, k: &u64, _: &Resp, d: &Windows) -> Option<Storable> {
-            Some(Storable::new(*d).tag(if k % 2 == 0 { "even" } else { "odd" }))
+            Some(Storable::new(*d).tag(if k.is_multiple_of(2) { "even" } else { "odd" }))
         }
     }
     let mut rng = 0x2545_F491_4F6C_DD1D_u64;

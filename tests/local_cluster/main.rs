@@ -156,12 +156,11 @@ async fn kill_pause_and_restart() {
         let pid = replica.pid().unwrap();
         let mut all = vec![pid];
         for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            if let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) {
-                if let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) {
-                    if rest.split_whitespace().nth(1) == Some(&pid.to_string()) {
-                        all.push(entry.file_name().to_str().unwrap().parse().unwrap());
-                    }
-                }
+            if let Ok(stat) = std::fs::read_to_string(entry.path().join("stat"))
+                && let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..])
+                && rest.split_whitespace().nth(1) == Some(&pid.to_string())
+            {
+                all.push(entry.file_name().to_str().unwrap().parse().unwrap());
             }
         }
         all

@@ -278,7 +278,7 @@ async fn read(cache: &UserCache, n: u64) {
 fn invalidate(inv: &Invalidator<i64>, version: &AtomicU64, n: u64) -> u64 {
     let v = version.fetch_add(1, Ordering::SeqCst) + 1;
     inv.invalidate_tag_at(format!("user:{n}"), v);
-    if n % 4 == 0 {
+    if n.is_multiple_of(4) {
         inv.invalidate_key_at(&id(n), v);
         2
     } else {
