@@ -65,7 +65,7 @@
 //!   invalidation: not from the store, not by joining a fill that began
 //!   before it (such a fill is fenced off; the request starts a new one,
 //!   and the old fill still answers its own earlier waiters), not from the
-//!   shared tier (see [`redis`](self::redis)).
+//!   shared tier (see the `redis` module).
 //! - **Across instances, bounded** (with the Redis tier): a read on another
 //!   instance that starts more than `isolation_ttl` (default 1 s) after the
 //!   invalidation returned never gets older data, also while Redis is down,
