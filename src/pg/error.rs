@@ -256,17 +256,22 @@ pub(crate) fn fault(e: &tokio_postgres::Error) -> Fault {
 }
 
 /// tokio-postgres does not expose its error kinds; the client-side ones
-/// (`ToSql`, `FromSql`, `Column`, `ColumnCount`, `Parameters`, `RowCount`)
-/// carry no I/O source and name themselves in their message. Anything else
+/// (`ToSql`, `FromSql`, `Column`, `ColumnCount`, `Parameters`, `RowCount`,
+/// and `Encode`, which alone has an I/O source) carry no I/O source and name themselves in their message. Anything else
 /// without a SQLSTATE counts as a connection failure, the cautious side for
 /// an error nobody recognises. (`tests/pg` checks these messages against
 /// the driver in use.)
 fn is_client_side(e: &tokio_postgres::Error) -> bool {
     use std::error::Error as _;
+    let message = e.to_string();
+    // `Kind::Encode`: the message could not be built (a NUL byte in the
+    // SQL text, say); it carries an I/O source, but nothing was sent.
+    if message.starts_with("error encoding message to server") {
+        return true;
+    }
     if e.source().is_some_and(|s| s.is::<std::io::Error>()) {
         return false;
     }
-    let message = e.to_string();
     message.starts_with("error serializing parameter")
         || message.starts_with("error deserializing column")
         || message.starts_with("invalid column")

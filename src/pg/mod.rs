@@ -49,7 +49,8 @@
 //!    session) is taken out; a burst of slow queries above the pool size
 //!    queues on its replica instead of evicting it or moving to the primary.
 //! 3. **A client error is not a connection error.** A missing or extra
-//!    parameter or one of the wrong type (raised before anything is sent,
+//!    parameter or one of the wrong type, SQL text that cannot be sent (a
+//!    NUL byte) (raised before anything is sent,
 //!    with no SQLSTATE) and a statement the server rejects are
 //!    [`DbError::Query`] ([`DbError::is_client_error`] tells the first
 //!    kind): the node stays in rotation and the query is not retried

@@ -774,3 +774,67 @@ async fn writes_through_a_promotion_are_reported_truly() {
         "no write met the missing primary: the test could not fail"
     );
 }
+
+/// Guarantee 3: SQL text the driver cannot send (a NUL byte) is the
+/// caller's error, raised before anything is sent: no node leaves the
+/// rotation, nothing is retried, nothing commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_with_a_nul_byte_is_a_client_error() {
+    let local = LocalCluster::start(1).unwrap();
+    let cluster = connect(&local, |b| b.probe_interval(Duration::from_secs(60))).await;
+    setup_table(&cluster, &local).await;
+    cluster.next_probe().await;
+    let db = cluster.db();
+    db.read_one(Consistency::Any, "SELECT 1", &[])
+        .await
+        .unwrap();
+    let sql = "SELECT 1 --\0";
+    let primary_queries = cluster.status()[0].queries;
+    for _ in 0..3 {
+        let e = db.read_opt(Consistency::Any, sql, &[]).await.unwrap_err();
+        match &e {
+            DbError::Query { node, .. } => assert_eq!(&**node, "replica-1", "retried: {e}"),
+            other => panic!("not a query error: {other:?}"),
+        }
+        assert!(e.is_client_error(), "{e}");
+        assert!(!e.is_connection_error(), "{e}");
+    }
+    assert_eq!(
+        cluster.status()[0].queries,
+        primary_queries,
+        "the read was retried on the primary"
+    );
+    for _ in 0..3 {
+        let e = db.execute(sql, &[]).await.unwrap_err();
+        assert!(matches!(e, DbError::Query { .. }), "{e:?}");
+        assert!(e.is_client_error(), "{e}");
+        assert!(!e.may_have_committed(), "{e}");
+        let e = db
+            .query_one("INSERT INTO items (name) VALUES ('x') --\0", &[])
+            .await
+            .unwrap_err();
+        assert!(e.is_client_error() && !e.may_have_committed(), "{e}");
+    }
+    // In a transaction: nothing sent, the transaction goes on.
+    let tx = db.transaction().await.unwrap();
+    let e = tx.execute(sql, &[]).await.unwrap_err();
+    assert!(e.is_client_error(), "{e}");
+    tx.execute("INSERT INTO items (name) VALUES ('after nul')", &[])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let status = cluster.status();
+    assert!(status.iter().all(|n| n.healthy), "{status:?}");
+    let r = db
+        .read_one(Consistency::Any, "SELECT count(*) FROM items", &[])
+        .await
+        .unwrap();
+    assert_eq!(&*r.served_by, "replica-1");
+    let n: i64 = db
+        .read_one(Consistency::Strong, "SELECT count(*) FROM items", &[])
+        .await
+        .unwrap()
+        .value
+        .get(0);
+    assert_eq!(n, 1, "only the transaction's insert");
+}
