@@ -582,11 +582,14 @@ impl Db {
         })
     }
 
-    /// Like [`query`](Self::query), for exactly one row.
+    /// Like [`query`](Self::query), for exactly one row. The statement
+    /// commits whatever it returns: another row count is a
+    /// [`DbError::RowCount`] that carries the write's token and reports
+    /// [`may_have_committed`](DbError::may_have_committed).
     pub async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Written<Row>, DbError> {
         let w = self.query(sql, params).await?;
         let node = Arc::clone(&w.served_by);
-        let row = exactly_one(w.value, &node)?;
+        let row = exactly_one(w.value, &node, Some(w.token))?;
         Ok(Written {
             value: row,
             token: w.token,
@@ -855,6 +858,7 @@ impl Db {
             return Err(DbError::RowCount {
                 node: Arc::clone(&r.served_by),
                 rows: rows.len(),
+                written: None,
             });
         }
         Ok(Read {
@@ -873,7 +877,7 @@ impl Db {
         params: Params<'_>,
     ) -> Result<Read<Row>, DbError> {
         let r = self.read(consistency, sql, params).await?;
-        let row = exactly_one(r.value, &r.served_by)?;
+        let row = exactly_one(r.value, &r.served_by, None)?;
         Ok(Read {
             value: row,
             served_by: r.served_by,
@@ -915,16 +919,24 @@ fn rows(out: Output) -> Vec<Row> {
     }
 }
 
-fn exactly_one(mut rows: Vec<Row>, node: &Arc<str>) -> Result<Row, DbError> {
+/// The one row; otherwise a [`DbError::RowCount`] carrying `written`, the
+/// token of a write that committed anyway.
+fn exactly_one(
+    mut rows: Vec<Row>,
+    node: &Arc<str>,
+    written: Option<ConsistencyToken>,
+) -> Result<Row, DbError> {
     if rows.len() != 1 {
         return Err(DbError::RowCount {
             node: Arc::clone(node),
             rows: rows.len(),
+            written,
         });
     }
     rows.pop().ok_or_else(|| DbError::RowCount {
         node: Arc::clone(node),
         rows: 0,
+        written,
     })
 }
 
@@ -1056,7 +1068,7 @@ impl Transaction {
     /// Runs a statement for exactly one row.
     pub async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, DbError> {
         let rows = self.query(sql, params).await?;
-        exactly_one(rows, &self.db.node(self.index).name)
+        exactly_one(rows, &self.db.node(self.index).name, None)
     }
 
     /// Runs a statement; returns the affected row count.

@@ -157,12 +157,18 @@ pub enum DbError {
         source: Option<Arc<tokio_postgres::Error>>,
     },
     /// A query expected one row (or at most one) and got another count.
+    /// From [`Db::query_one`](super::Db::query_one) the write had already
+    /// committed: `written` holds its token, and
+    /// [`DbError::may_have_committed`] is true.
     #[error("expected one row from {node}, got {rows}")]
     RowCount {
         /// The node.
         node: Arc<str>,
         /// How many rows came back.
         rows: usize,
+        /// The token of the write that returned them, which committed;
+        /// `None` for a read or a statement inside a transaction.
+        written: Option<super::ConsistencyToken>,
     },
     /// The cluster was shut down.
     #[error("the cluster was shut down")]
@@ -208,8 +214,10 @@ impl DbError {
     }
 
     /// True when a write or `COMMIT` was sent but its answer never came (a
-    /// timeout or a broken connection): it may have committed or not. Any
-    /// other error from a write or a commit means it did not commit.
+    /// timeout or a broken connection): it may have committed or not; and
+    /// for a write that committed but returned the wrong number of rows
+    /// ([`DbError::RowCount`] with its token). Any other error from a write
+    /// or a commit means it did not commit.
     pub fn may_have_committed(&self) -> bool {
         matches!(
             self,
@@ -217,6 +225,10 @@ impl DbError {
                 operation: Operation::Write | Operation::Commit,
                 ..
             } | Self::Interrupted { .. }
+                | Self::RowCount {
+                    written: Some(_),
+                    ..
+                }
         )
     }
 }

@@ -63,7 +63,10 @@
 //! 5. **A committed write is reported committed.** Every error from a write
 //!    or commit means it did not commit, except the two that say the
 //!    outcome is unknown ([`DbError::may_have_committed`]: a timeout or a
-//!    broken session after the statement or `COMMIT` was sent). If the
+//!    broken session after the statement or `COMMIT` was sent). A write
+//!    through `query_one` that returned another row count committed: its
+//!    [`DbError::RowCount`] carries the token and says may-have-committed.
+//!    If the
 //!    commit succeeded but its position could not be read, the call
 //!    succeeds with [`ConsistencyToken::unknown`]: reads presenting it go
 //!    straight to the primary, without a catch-up wait, until the token

@@ -838,3 +838,89 @@ async fn sql_with_a_nul_byte_is_a_client_error() {
         .get(0);
     assert_eq!(n, 1, "only the transaction's insert");
 }
+
+/// Guarantee 5: a write through `query_one` that returned two rows
+/// committed: its error says it may have, and carries the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_one_write_with_two_rows_is_not_reported_uncommitted() {
+    let local = LocalCluster::start(0).unwrap();
+    let cluster = connect(&local, |b| b).await;
+    setup_table(&cluster, &local).await;
+    let db = cluster.db();
+    let sql = "INSERT INTO items (name) VALUES ('a'), ('b') RETURNING id";
+    let e = db.query_one(sql, &[]).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            DbError::RowCount {
+                rows: 2,
+                written: Some(_),
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.may_have_committed(), "{e}");
+    // A read's row count says nothing about a commit.
+    let e = db
+        .read_one(Consistency::Strong, "SELECT id FROM items", &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, DbError::RowCount { rows: 2, .. }), "{e:?}");
+    assert!(!e.may_have_committed(), "{e}");
+
+    // Through DbLayer: the committed write's token still reaches the
+    // response.
+    #[cfg(feature = "http")]
+    {
+        use http::header::{COOKIE, HeaderValue, SET_COOKIE};
+        use http::{HeaderMap, Request, Response};
+        use tower::{Layer, ServiceExt};
+        use tower_scale::http::{DbLayer, RequestDb};
+        use tower_scale::pg::TokenCodec;
+
+        let codec = TokenCodec::new(&[3u8; 32], cluster.identity()).unwrap();
+        let layer = DbLayer::builder(cluster.db(), codec).build();
+        let service = layer
+            .clone()
+            .layer(tower::service_fn(|req: Request<()>| async move {
+                let db = req
+                    .extensions()
+                    .get::<RequestDb>()
+                    .cloned()
+                    .ok_or("no RequestDb")?;
+                let e = db
+                    .query_one(
+                        "INSERT INTO items (name) VALUES ('c'), ('d') RETURNING id",
+                        &[],
+                    )
+                    .await
+                    .err()
+                    .ok_or("query_one succeeded")?;
+                assert!(e.may_have_committed(), "{e}");
+                Ok::<_, &'static str>(Response::new(()))
+            }));
+        let req = Request::post("/items").body(()).unwrap();
+        let res = service.oneshot(req).await.unwrap();
+        let set = res
+            .headers()
+            .get(SET_COOKIE)
+            .expect("the token cookie")
+            .to_str()
+            .unwrap();
+        let pair = set.split(';').next().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(COOKIE, HeaderValue::from_str(pair).unwrap());
+        let token = layer.token_of(&headers).expect("a valid token");
+        assert!(!token.is_unknown());
+    }
+
+    let n: i64 = db
+        .read_one(Consistency::Strong, "SELECT count(*) FROM items", &[])
+        .await
+        .unwrap()
+        .value
+        .get(0);
+    let expected = if cfg!(feature = "http") { 4 } else { 2 };
+    assert_eq!(n, expected, "the rows are there");
+}
