@@ -25,7 +25,7 @@ use super::lsn::{Consistency, ConsistencyToken, Lsn};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RouteReason {
-    /// `Strong` reads and writes.
+    /// `Strong` reads, writes, and reads presenting the unknown token.
     Primary,
     /// A replica chosen by the balancer.
     Replica,
@@ -723,7 +723,14 @@ impl Db {
         if let Some((i, reason)) = choice {
             return Ok((i, self.node(i).lsn(), reason));
         }
-        if !self.inner.options.fallback_to_primary && consistency != Consistency::Strong {
+        // Strong reads and the unknown token belong on the primary: not a
+        // fallback, so `fallback_to_primary(false)` does not refuse them.
+        let primary_by_rule = match consistency {
+            Consistency::Strong => true,
+            Consistency::ReadYourWrites(token) => token.is_unknown(),
+            _ => false,
+        };
+        if !self.inner.options.fallback_to_primary && !primary_by_rule {
             if let Some(i) = stalled {
                 return Err(DbError::Timeout {
                     node: Arc::clone(&self.node(i).name),
@@ -740,7 +747,7 @@ impl Db {
             .node(i)
             .lsn()
             .max(Lsn(self.inner.last_write.load(Ordering::Acquire)));
-        let reason = if consistency == Consistency::Strong {
+        let reason = if primary_by_rule {
             RouteReason::Primary
         } else {
             RouteReason::FallbackToPrimary

@@ -69,8 +69,8 @@
 //!    If the
 //!    commit succeeded but its position could not be read, the call
 //!    succeeds with [`ConsistencyToken::unknown`]: reads presenting it go
-//!    straight to the primary, without a catch-up wait, until the token
-//!    expires. A token is never "position 0" because of a failure.
+//!    straight to the primary (even with `fallback_to_primary(false)`),
+//!    without a catch-up wait, until the token expires. A token is never "position 0" because of a failure.
 //! 6. Cancel requests go through the cluster's TLS connector
 //!    ([`ClusterBuilder::build_with_tls`]).
 //! 7. Over HTTP, a token cookie sent quoted (`tower_scale_token="..."`, as

@@ -924,3 +924,29 @@ async fn a_query_one_write_with_two_rows_is_not_reported_uncommitted() {
     let expected = if cfg!(feature = "http") { 4 } else { 2 };
     assert_eq!(n, expected, "the rows are there");
 }
+
+/// Guarantee 5: the unknown token goes to the primary even when reads may
+/// not fall back to it: that is its rule, not a fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unknown_token_reads_from_the_primary_without_fallback() {
+    let local = LocalCluster::start(1).unwrap();
+    let cluster = connect(&local, |b| b.fallback_to_primary(false)).await;
+    setup_table(&cluster, &local).await;
+    let db = cluster.db();
+    db.execute("INSERT INTO items (name) VALUES ('u')", &[])
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        let r = db
+            .read_one(
+                Consistency::ReadYourWrites(ConsistencyToken::unknown()),
+                "SELECT count(*) FROM items",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(&*r.served_by, "primary");
+        assert_eq!(r.reason, RouteReason::Primary);
+        assert_eq!(r.value.get::<_, i64>(0), 1);
+    }
+}
