@@ -181,9 +181,14 @@ fn cookies<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'
     headers
         .get_all(COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
+        // Pair by pair on the raw bytes: one cookie with a non-ASCII value
+        // must not hide the others on the line.
+        .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
         .filter_map(move |pair| {
+            if !pair.is_ascii() {
+                return None;
+            }
+            let pair = std::str::from_utf8(pair).ok()?;
             let (k, v) = pair.split_once('=')?;
             (k.trim() == name).then_some(unquote(v.trim()))
         })

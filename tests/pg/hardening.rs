@@ -950,3 +950,45 @@ async fn the_unknown_token_reads_from_the_primary_without_fallback() {
         assert_eq!(r.value.get::<_, i64>(0), 1);
     }
 }
+
+/// Guarantee 7: a cookie with a non-ASCII value on the same line does not
+/// hide the token.
+#[cfg(feature = "http")]
+#[tokio::test]
+async fn a_non_ascii_cookie_does_not_hide_the_token() {
+    use http::HeaderMap;
+    use http::header::{COOKIE, HeaderValue};
+    use tower_scale::http::DbLayer;
+    use tower_scale::pg::{Lsn, TokenCodec};
+
+    let cluster = Cluster::builder()
+        .primary(NodeConfig::from_url("postgresql://app@127.0.0.1:1/app").unwrap())
+        .probe_timeout(Duration::from_millis(100))
+        .build()
+        .await
+        .unwrap();
+    let codec = TokenCodec::new(&[9u8; 32], cluster.identity()).unwrap();
+    let token = ConsistencyToken::new(Lsn(0x16_B374_D848));
+    let text = codec.encode(token);
+    let layer = DbLayer::builder(cluster.db(), codec).build();
+    for line in [
+        format!("n=Jos\u{e9}; tower_scale_token={text}"),
+        format!("tower_scale_token={text}; n=Jos\u{e9}"),
+        format!("a=\u{1f600}; tower_scale_token=\"{text}\"; b=\u{e9}"),
+    ] {
+        let mut headers = HeaderMap::new();
+        headers.insert(COOKIE, HeaderValue::from_bytes(line.as_bytes()).unwrap());
+        assert_eq!(layer.token_of(&headers), Some(token), "{line}");
+    }
+    // Latin-1 bytes, not UTF-8.
+    let mut line = b"n=Jos\xe9; tower_scale_token=".to_vec();
+    line.extend_from_slice(text.as_bytes());
+    let mut headers = HeaderMap::new();
+    headers.insert(COOKIE, HeaderValue::from_bytes(&line).unwrap());
+    assert_eq!(layer.token_of(&headers), Some(token));
+    // A token value with non-ASCII bytes is not accepted.
+    let mut headers = HeaderMap::new();
+    let bad = format!("tower_scale_token={text}\u{e9}");
+    headers.insert(COOKIE, HeaderValue::from_bytes(bad.as_bytes()).unwrap());
+    assert_eq!(layer.token_of(&headers), None);
+}
