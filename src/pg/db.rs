@@ -245,12 +245,15 @@ const TOKEN_SQL: &str = "SELECT pg_catalog.pg_current_wal_lsn()::text";
 /// Read-your-writes catch-up: how far a replica has replayed.
 const REPLAY_SQL: &str = "SELECT pg_catalog.pg_last_wal_replay_lsn()::text";
 
-/// `COMMIT` with its guard and its token in one round trip. In a failed
-/// transaction `SELECT 1` fails (25P02) and the server skips the rest, so
-/// a rolled-back transaction is never taken for a committed one; after
-/// `COMMIT`'s own completion the commit is certain, whatever happens to the
-/// token query.
-const COMMIT_SQL: &str = "SELECT 1; COMMIT; SELECT pg_catalog.pg_current_wal_lsn()::text";
+/// `COMMIT` with its guard and its token in one round trip. The guard
+/// `SAVEPOINT` fails in a failed transaction (25P02), and outside a
+/// transaction block (25P01: a statement of the transaction ended it, a
+/// `COMMIT`, `ROLLBACK` or `PREPARE TRANSACTION` sent through it); the
+/// server then skips the rest, so neither is ever taken for our commit.
+/// After `COMMIT`'s own completion the commit is certain, whatever happens
+/// to the token query.
+const COMMIT_SQL: &str =
+    "SAVEPOINT tower_scale_guard; COMMIT; SELECT pg_catalog.pg_current_wal_lsn()::text";
 
 /// The WAL position in a token query's answer, if it is one.
 fn parse_lsn(messages: &[SimpleQueryMessage]) -> Option<Lsn> {
@@ -1091,6 +1094,9 @@ impl Transaction {
     ///
     /// - [`DbError::RolledBack`]: nothing was committed (a statement had
     ///   failed, `COMMIT` failed, or the session was broken before it).
+    /// - [`DbError::EndedEarly`]: a statement sent through the transaction
+    ///   (`COMMIT`, `ROLLBACK`, `PREPARE TRANSACTION`...) had ended it; what
+    ///   it wrote may be committed.
     /// - [`DbError::Timeout`] / [`DbError::Interrupted`] for
     ///   [`Operation::Commit`]: `COMMIT` was sent and no answer came; the
     ///   outcome is unknown.
@@ -1166,6 +1172,17 @@ impl Transaction {
                 // The server may have run COMMIT before the session broke.
                 running.discard();
                 Err(self.db.write_error(self.index, e, true, Operation::Commit))
+            }
+            Ok(Err(Some(e)))
+                if completed == 0 && e.code() == Some(&SqlState::NO_ACTIVE_SQL_TRANSACTION) =>
+            {
+                // The user's own COMMIT, ROLLBACK or PREPARE TRANSACTION
+                // ended the block: what it wrote may be committed.
+                running.discard();
+                Err(DbError::EndedEarly {
+                    node: name,
+                    source: Arc::new(e),
+                })
             }
             Ok(Err(Some(e))) => {
                 let reason = if completed == 0 {

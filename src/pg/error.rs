@@ -156,6 +156,23 @@ pub enum DbError {
         #[source]
         source: Option<Arc<tokio_postgres::Error>>,
     },
+    /// [`Transaction::commit`](super::Transaction::commit) found no
+    /// transaction to commit: a statement sent through the transaction
+    /// (`COMMIT`, `END`, `ROLLBACK`, `PREPARE TRANSACTION`) had ended it.
+    /// Its writes may have been committed, rolled back or prepared:
+    /// [`DbError::may_have_committed`] is true. End transactions with
+    /// `commit` or `rollback` only.
+    #[error(
+        "the transaction on {node} had been ended by one of its own statements (COMMIT, \
+         ROLLBACK, PREPARE TRANSACTION...); its writes may or may not be committed"
+    )]
+    EndedEarly {
+        /// The node.
+        node: Arc<str>,
+        /// The server's error for the commit's guard (25P01).
+        #[source]
+        source: Arc<tokio_postgres::Error>,
+    },
     /// A query expected one row (or at most one) and got another count.
     /// From [`Db::query_one`](super::Db::query_one) the write had already
     /// committed: `written` holds its token, and
@@ -181,7 +198,8 @@ impl DbError {
         match self {
             Self::Query { source, .. }
             | Self::Connect { source, .. }
-            | Self::Interrupted { source, .. } => source.code(),
+            | Self::Interrupted { source, .. }
+            | Self::EndedEarly { source, .. } => source.code(),
             Self::RolledBack {
                 source: Some(source),
                 ..
@@ -225,6 +243,7 @@ impl DbError {
                 operation: Operation::Write | Operation::Commit,
                 ..
             } | Self::Interrupted { .. }
+                | Self::EndedEarly { .. }
                 | Self::RowCount {
                     written: Some(_),
                     ..

@@ -56,10 +56,12 @@
 //!    kind): the node stays in rotation and the query is not retried
 //!    elsewhere.
 //! 4. **`Transaction::commit` never reports a rolled-back transaction
-//!    committed.** `COMMIT` goes in one round trip behind `SELECT 1`, which
+//!    committed.** `COMMIT` goes in one round trip behind a `SAVEPOINT`, which
 //!    fails in an aborted transaction: after a failed statement (unless a
 //!    savepoint recovered it), a failed `COMMIT`, or a statement that timed
 //!    out or lost its session, commit returns [`DbError::RolledBack`].
+//!    If the transaction's own statements ended it (`COMMIT`, `ROLLBACK`),
+//!    commit returns [`DbError::EndedEarly`] (may have committed).
 //! 5. **A committed write is reported committed.** Every error from a write
 //!    or commit means it did not commit, except the two that say the
 //!    outcome is unknown ([`DbError::may_have_committed`]: a timeout or a

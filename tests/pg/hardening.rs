@@ -992,3 +992,65 @@ async fn a_non_ascii_cookie_does_not_hide_the_token() {
     headers.insert(COOKIE, HeaderValue::from_bytes(bad.as_bytes()).unwrap());
     assert_eq!(layer.token_of(&headers), None);
 }
+
+/// Guarantee 4: transaction control sent through the transaction itself
+/// never lets `commit` report a commit it did not make.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_control_inside_a_transaction_is_not_a_commit() {
+    let local = LocalCluster::start(0).unwrap();
+    let cluster = connect(&local, |b| b).await;
+    setup_table(&cluster, &local).await;
+    let db = cluster.db();
+    let insert = "INSERT INTO items (name) VALUES ($1)";
+
+    for (name, control) in [("rolled", "ROLLBACK"), ("aborted", "ABORT")] {
+        let tx = db.transaction().await.unwrap();
+        tx.execute(insert, &[&name]).await.unwrap();
+        tx.execute(control, &[]).await.unwrap();
+        let err = tx.commit().await.unwrap_err();
+        assert!(
+            matches!(err, DbError::EndedEarly { .. }),
+            "{control}: {err:?}"
+        );
+        assert_eq!(err.code().map(|c| c.code()), Some("25P01"), "{err}");
+        assert!(err.may_have_committed(), "{err}");
+    }
+    for (name, control) in [("committed", "COMMIT"), ("ended", "END")] {
+        let tx = db.transaction().await.unwrap();
+        tx.execute(insert, &[&name]).await.unwrap();
+        tx.execute(control, &[]).await.unwrap();
+        let err = tx.commit().await.unwrap_err();
+        assert!(
+            matches!(err, DbError::EndedEarly { .. }),
+            "{control}: {err:?}"
+        );
+        assert!(err.may_have_committed(), "{control}: it did commit: {err}");
+    }
+    // An aborted transaction still fails at the guard with 25P02.
+    let tx = db.transaction().await.unwrap();
+    tx.execute(insert, &[&"failed"]).await.unwrap();
+    tx.query("SELECT 1 / 0", &[]).await.unwrap_err();
+    let err = tx.commit().await.unwrap_err();
+    assert!(matches!(err, DbError::RolledBack { .. }), "{err:?}");
+    assert_eq!(err.code().map(|c| c.code()), Some("25P02"), "{err}");
+    assert!(!err.may_have_committed());
+    // The guard does not disturb a plain commit, nor the user's savepoints.
+    let tx = db.transaction().await.unwrap();
+    tx.execute("SAVEPOINT tower_scale_guard", &[])
+        .await
+        .unwrap();
+    tx.execute(insert, &[&"kept"]).await.unwrap();
+    let token = tx.commit().await.unwrap();
+    assert!(!token.is_unknown());
+
+    let r = db
+        .read_query(
+            Consistency::Strong,
+            "SELECT name FROM items ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let names: Vec<String> = r.value.iter().map(|row| row.get(0)).collect();
+    assert_eq!(names, ["committed", "ended", "kept"]);
+}
