@@ -181,9 +181,14 @@ fn cookies<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'
     headers
         .get_all(COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
+        // Pair by pair on the raw bytes: one cookie with a non-ASCII value
+        // must not hide the others on the line.
+        .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
         .filter_map(move |pair| {
+            if !pair.is_ascii() {
+                return None;
+            }
+            let pair = std::str::from_utf8(pair).ok()?;
             let (k, v) = pair.split_once('=')?;
             (k.trim() == name).then_some(unquote(v.trim()))
         })
@@ -379,23 +384,54 @@ impl RequestDb {
 
     /// A write on the primary; its token reaches the response.
     pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<Written<u64>, DbError> {
-        let w = self.db.execute(sql, params).await?;
+        let w = self
+            .db
+            .execute(sql, params)
+            .await
+            .inspect_err(|e| self.record_failed_write(e))?;
         self.record_write(w.token);
         Ok(w)
     }
 
     /// A write returning rows; its token reaches the response.
     pub async fn query(&self, sql: &str, params: Params<'_>) -> Result<Written<Vec<Row>>, DbError> {
-        let w = self.db.query(sql, params).await?;
+        let w = self
+            .db
+            .query(sql, params)
+            .await
+            .inspect_err(|e| self.record_failed_write(e))?;
         self.record_write(w.token);
         Ok(w)
     }
 
     /// A write returning one row; its token reaches the response.
+    /// A write that committed but returned another row count still
+    /// records its token (see [`DbError::RowCount`]).
     pub async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Written<Row>, DbError> {
-        let w = self.db.query_one(sql, params).await?;
-        self.record_write(w.token);
-        Ok(w)
+        match self.db.query_one(sql, params).await {
+            Ok(w) => {
+                self.record_write(w.token);
+                Ok(w)
+            }
+            Err(e) => {
+                self.record_failed_write(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// A failed write that committed, or may have, still reaches the
+    /// response: its token, or the unknown one (reads go to the primary).
+    fn record_failed_write(&self, e: &DbError) {
+        if let DbError::RowCount {
+            written: Some(token),
+            ..
+        } = e
+        {
+            self.record_write(*token);
+        } else if e.may_have_committed() {
+            self.record_write(ConsistencyToken::unknown());
+        }
     }
 }
 

@@ -25,7 +25,7 @@ use super::lsn::{Consistency, ConsistencyToken, Lsn};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RouteReason {
-    /// `Strong` reads and writes.
+    /// `Strong` reads, writes, and reads presenting the unknown token.
     Primary,
     /// A replica chosen by the balancer.
     Replica,
@@ -245,12 +245,15 @@ const TOKEN_SQL: &str = "SELECT pg_catalog.pg_current_wal_lsn()::text";
 /// Read-your-writes catch-up: how far a replica has replayed.
 const REPLAY_SQL: &str = "SELECT pg_catalog.pg_last_wal_replay_lsn()::text";
 
-/// `COMMIT` with its guard and its token in one round trip. In a failed
-/// transaction `SELECT 1` fails (25P02) and the server skips the rest, so
-/// a rolled-back transaction is never taken for a committed one; after
-/// `COMMIT`'s own completion the commit is certain, whatever happens to the
-/// token query.
-const COMMIT_SQL: &str = "SELECT 1; COMMIT; SELECT pg_catalog.pg_current_wal_lsn()::text";
+/// `COMMIT` with its guard and its token in one round trip. The guard
+/// `SAVEPOINT` fails in a failed transaction (25P02), and outside a
+/// transaction block (25P01: a statement of the transaction ended it, a
+/// `COMMIT`, `ROLLBACK` or `PREPARE TRANSACTION` sent through it); the
+/// server then skips the rest, so neither is ever taken for our commit.
+/// After `COMMIT`'s own completion the commit is certain, whatever happens
+/// to the token query.
+const COMMIT_SQL: &str =
+    "SAVEPOINT tower_scale_guard; COMMIT; SELECT pg_catalog.pg_current_wal_lsn()::text";
 
 /// The WAL position in a token query's answer, if it is one.
 fn parse_lsn(messages: &[SimpleQueryMessage]) -> Option<Lsn> {
@@ -582,11 +585,14 @@ impl Db {
         })
     }
 
-    /// Like [`query`](Self::query), for exactly one row.
+    /// Like [`query`](Self::query), for exactly one row. The statement
+    /// commits whatever it returns: another row count is a
+    /// [`DbError::RowCount`] that carries the write's token and reports
+    /// [`may_have_committed`](DbError::may_have_committed).
     pub async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Written<Row>, DbError> {
         let w = self.query(sql, params).await?;
         let node = Arc::clone(&w.served_by);
-        let row = exactly_one(w.value, &node)?;
+        let row = exactly_one(w.value, &node, Some(w.token))?;
         Ok(Written {
             value: row,
             token: w.token,
@@ -720,7 +726,14 @@ impl Db {
         if let Some((i, reason)) = choice {
             return Ok((i, self.node(i).lsn(), reason));
         }
-        if !self.inner.options.fallback_to_primary && consistency != Consistency::Strong {
+        // Strong reads and the unknown token belong on the primary: not a
+        // fallback, so `fallback_to_primary(false)` does not refuse them.
+        let primary_by_rule = match consistency {
+            Consistency::Strong => true,
+            Consistency::ReadYourWrites(token) => token.is_unknown(),
+            _ => false,
+        };
+        if !self.inner.options.fallback_to_primary && !primary_by_rule {
             if let Some(i) = stalled {
                 return Err(DbError::Timeout {
                     node: Arc::clone(&self.node(i).name),
@@ -737,7 +750,7 @@ impl Db {
             .node(i)
             .lsn()
             .max(Lsn(self.inner.last_write.load(Ordering::Acquire)));
-        let reason = if consistency == Consistency::Strong {
+        let reason = if primary_by_rule {
             RouteReason::Primary
         } else {
             RouteReason::FallbackToPrimary
@@ -855,6 +868,7 @@ impl Db {
             return Err(DbError::RowCount {
                 node: Arc::clone(&r.served_by),
                 rows: rows.len(),
+                written: None,
             });
         }
         Ok(Read {
@@ -873,7 +887,7 @@ impl Db {
         params: Params<'_>,
     ) -> Result<Read<Row>, DbError> {
         let r = self.read(consistency, sql, params).await?;
-        let row = exactly_one(r.value, &r.served_by)?;
+        let row = exactly_one(r.value, &r.served_by, None)?;
         Ok(Read {
             value: row,
             served_by: r.served_by,
@@ -915,16 +929,24 @@ fn rows(out: Output) -> Vec<Row> {
     }
 }
 
-fn exactly_one(mut rows: Vec<Row>, node: &Arc<str>) -> Result<Row, DbError> {
+/// The one row; otherwise a [`DbError::RowCount`] carrying `written`, the
+/// token of a write that committed anyway.
+fn exactly_one(
+    mut rows: Vec<Row>,
+    node: &Arc<str>,
+    written: Option<ConsistencyToken>,
+) -> Result<Row, DbError> {
     if rows.len() != 1 {
         return Err(DbError::RowCount {
             node: Arc::clone(node),
             rows: rows.len(),
+            written,
         });
     }
     rows.pop().ok_or_else(|| DbError::RowCount {
         node: Arc::clone(node),
         rows: 0,
+        written,
     })
 }
 
@@ -1056,7 +1078,7 @@ impl Transaction {
     /// Runs a statement for exactly one row.
     pub async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, DbError> {
         let rows = self.query(sql, params).await?;
-        exactly_one(rows, &self.db.node(self.index).name)
+        exactly_one(rows, &self.db.node(self.index).name, None)
     }
 
     /// Runs a statement; returns the affected row count.
@@ -1072,6 +1094,9 @@ impl Transaction {
     ///
     /// - [`DbError::RolledBack`]: nothing was committed (a statement had
     ///   failed, `COMMIT` failed, or the session was broken before it).
+    /// - [`DbError::EndedEarly`]: a statement sent through the transaction
+    ///   (`COMMIT`, `ROLLBACK`, `PREPARE TRANSACTION`...) had ended it; what
+    ///   it wrote may be committed.
     /// - [`DbError::Timeout`] / [`DbError::Interrupted`] for
     ///   [`Operation::Commit`]: `COMMIT` was sent and no answer came; the
     ///   outcome is unknown.
@@ -1147,6 +1172,17 @@ impl Transaction {
                 // The server may have run COMMIT before the session broke.
                 running.discard();
                 Err(self.db.write_error(self.index, e, true, Operation::Commit))
+            }
+            Ok(Err(Some(e)))
+                if completed == 0 && e.code() == Some(&SqlState::NO_ACTIVE_SQL_TRANSACTION) =>
+            {
+                // The user's own COMMIT, ROLLBACK or PREPARE TRANSACTION
+                // ended the block: what it wrote may be committed.
+                running.discard();
+                Err(DbError::EndedEarly {
+                    node: name,
+                    source: Arc::new(e),
+                })
             }
             Ok(Err(Some(e))) => {
                 let reason = if completed == 0 {

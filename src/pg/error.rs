@@ -156,13 +156,36 @@ pub enum DbError {
         #[source]
         source: Option<Arc<tokio_postgres::Error>>,
     },
+    /// [`Transaction::commit`](super::Transaction::commit) found no
+    /// transaction to commit: a statement sent through the transaction
+    /// (`COMMIT`, `END`, `ROLLBACK`, `PREPARE TRANSACTION`) had ended it.
+    /// Its writes may have been committed, rolled back or prepared:
+    /// [`DbError::may_have_committed`] is true. End transactions with
+    /// `commit` or `rollback` only.
+    #[error(
+        "the transaction on {node} had been ended by one of its own statements (COMMIT, \
+         ROLLBACK, PREPARE TRANSACTION...); its writes may or may not be committed"
+    )]
+    EndedEarly {
+        /// The node.
+        node: Arc<str>,
+        /// The server's error for the commit's guard (25P01).
+        #[source]
+        source: Arc<tokio_postgres::Error>,
+    },
     /// A query expected one row (or at most one) and got another count.
+    /// From [`Db::query_one`](super::Db::query_one) the write had already
+    /// committed: `written` holds its token, and
+    /// [`DbError::may_have_committed`] is true.
     #[error("expected one row from {node}, got {rows}")]
     RowCount {
         /// The node.
         node: Arc<str>,
         /// How many rows came back.
         rows: usize,
+        /// The token of the write that returned them, which committed;
+        /// `None` for a read or a statement inside a transaction.
+        written: Option<super::ConsistencyToken>,
     },
     /// The cluster was shut down.
     #[error("the cluster was shut down")]
@@ -175,7 +198,8 @@ impl DbError {
         match self {
             Self::Query { source, .. }
             | Self::Connect { source, .. }
-            | Self::Interrupted { source, .. } => source.code(),
+            | Self::Interrupted { source, .. }
+            | Self::EndedEarly { source, .. } => source.code(),
             Self::RolledBack {
                 source: Some(source),
                 ..
@@ -208,8 +232,10 @@ impl DbError {
     }
 
     /// True when a write or `COMMIT` was sent but its answer never came (a
-    /// timeout or a broken connection): it may have committed or not. Any
-    /// other error from a write or a commit means it did not commit.
+    /// timeout or a broken connection): it may have committed or not; and
+    /// for a write that committed but returned the wrong number of rows
+    /// ([`DbError::RowCount`] with its token). Any other error from a write
+    /// or a commit means it did not commit.
     pub fn may_have_committed(&self) -> bool {
         matches!(
             self,
@@ -217,6 +243,11 @@ impl DbError {
                 operation: Operation::Write | Operation::Commit,
                 ..
             } | Self::Interrupted { .. }
+                | Self::EndedEarly { .. }
+                | Self::RowCount {
+                    written: Some(_),
+                    ..
+                }
         )
     }
 }
@@ -256,17 +287,22 @@ pub(crate) fn fault(e: &tokio_postgres::Error) -> Fault {
 }
 
 /// tokio-postgres does not expose its error kinds; the client-side ones
-/// (`ToSql`, `FromSql`, `Column`, `ColumnCount`, `Parameters`, `RowCount`)
-/// carry no I/O source and name themselves in their message. Anything else
+/// (`ToSql`, `FromSql`, `Column`, `ColumnCount`, `Parameters`, `RowCount`,
+/// and `Encode`, which alone has an I/O source) carry no I/O source and name themselves in their message. Anything else
 /// without a SQLSTATE counts as a connection failure, the cautious side for
 /// an error nobody recognises. (`tests/pg` checks these messages against
 /// the driver in use.)
 fn is_client_side(e: &tokio_postgres::Error) -> bool {
     use std::error::Error as _;
+    let message = e.to_string();
+    // `Kind::Encode`: the message could not be built (a NUL byte in the
+    // SQL text, say); it carries an I/O source, but nothing was sent.
+    if message.starts_with("error encoding message to server") {
+        return true;
+    }
     if e.source().is_some_and(|s| s.is::<std::io::Error>()) {
         return false;
     }
-    let message = e.to_string();
     message.starts_with("error serializing parameter")
         || message.starts_with("error deserializing column")
         || message.starts_with("invalid column")

@@ -49,24 +49,30 @@
 //!    session) is taken out; a burst of slow queries above the pool size
 //!    queues on its replica instead of evicting it or moving to the primary.
 //! 3. **A client error is not a connection error.** A missing or extra
-//!    parameter or one of the wrong type (raised before anything is sent,
+//!    parameter or one of the wrong type, SQL text that cannot be sent (a
+//!    NUL byte) (raised before anything is sent,
 //!    with no SQLSTATE) and a statement the server rejects are
 //!    [`DbError::Query`] ([`DbError::is_client_error`] tells the first
 //!    kind): the node stays in rotation and the query is not retried
 //!    elsewhere.
 //! 4. **`Transaction::commit` never reports a rolled-back transaction
-//!    committed.** `COMMIT` goes in one round trip behind `SELECT 1`, which
+//!    committed.** `COMMIT` goes in one round trip behind a `SAVEPOINT`, which
 //!    fails in an aborted transaction: after a failed statement (unless a
 //!    savepoint recovered it), a failed `COMMIT`, or a statement that timed
 //!    out or lost its session, commit returns [`DbError::RolledBack`].
+//!    If the transaction's own statements ended it (`COMMIT`, `ROLLBACK`),
+//!    commit returns [`DbError::EndedEarly`] (may have committed).
 //! 5. **A committed write is reported committed.** Every error from a write
 //!    or commit means it did not commit, except the two that say the
 //!    outcome is unknown ([`DbError::may_have_committed`]: a timeout or a
-//!    broken session after the statement or `COMMIT` was sent). If the
+//!    broken session after the statement or `COMMIT` was sent). A write
+//!    through `query_one` that returned another row count committed: its
+//!    [`DbError::RowCount`] carries the token and says may-have-committed.
+//!    If the
 //!    commit succeeded but its position could not be read, the call
 //!    succeeds with [`ConsistencyToken::unknown`]: reads presenting it go
-//!    straight to the primary, without a catch-up wait, until the token
-//!    expires. A token is never "position 0" because of a failure.
+//!    straight to the primary (even with `fallback_to_primary(false)`),
+//!    without a catch-up wait, until the token expires. A token is never "position 0" because of a failure.
 //! 6. Cancel requests go through the cluster's TLS connector
 //!    ([`ClusterBuilder::build_with_tls`]).
 //! 7. Over HTTP, a token cookie sent quoted (`tower_scale_token="..."`, as

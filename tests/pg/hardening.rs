@@ -774,3 +774,283 @@ async fn writes_through_a_promotion_are_reported_truly() {
         "no write met the missing primary: the test could not fail"
     );
 }
+
+/// Guarantee 3: SQL text the driver cannot send (a NUL byte) is the
+/// caller's error, raised before anything is sent: no node leaves the
+/// rotation, nothing is retried, nothing commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_with_a_nul_byte_is_a_client_error() {
+    let local = LocalCluster::start(1).unwrap();
+    let cluster = connect(&local, |b| b.probe_interval(Duration::from_secs(60))).await;
+    setup_table(&cluster, &local).await;
+    cluster.next_probe().await;
+    let db = cluster.db();
+    db.read_one(Consistency::Any, "SELECT 1", &[])
+        .await
+        .unwrap();
+    let sql = "SELECT 1 --\0";
+    let primary_queries = cluster.status()[0].queries;
+    for _ in 0..3 {
+        let e = db.read_opt(Consistency::Any, sql, &[]).await.unwrap_err();
+        match &e {
+            DbError::Query { node, .. } => assert_eq!(&**node, "replica-1", "retried: {e}"),
+            other => panic!("not a query error: {other:?}"),
+        }
+        assert!(e.is_client_error(), "{e}");
+        assert!(!e.is_connection_error(), "{e}");
+    }
+    assert_eq!(
+        cluster.status()[0].queries,
+        primary_queries,
+        "the read was retried on the primary"
+    );
+    for _ in 0..3 {
+        let e = db.execute(sql, &[]).await.unwrap_err();
+        assert!(matches!(e, DbError::Query { .. }), "{e:?}");
+        assert!(e.is_client_error(), "{e}");
+        assert!(!e.may_have_committed(), "{e}");
+        let e = db
+            .query_one("INSERT INTO items (name) VALUES ('x') --\0", &[])
+            .await
+            .unwrap_err();
+        assert!(e.is_client_error() && !e.may_have_committed(), "{e}");
+    }
+    // In a transaction: nothing sent, the transaction goes on.
+    let tx = db.transaction().await.unwrap();
+    let e = tx.execute(sql, &[]).await.unwrap_err();
+    assert!(e.is_client_error(), "{e}");
+    tx.execute("INSERT INTO items (name) VALUES ('after nul')", &[])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let status = cluster.status();
+    assert!(status.iter().all(|n| n.healthy), "{status:?}");
+    let r = db
+        .read_one(Consistency::Any, "SELECT count(*) FROM items", &[])
+        .await
+        .unwrap();
+    assert_eq!(&*r.served_by, "replica-1");
+    let n: i64 = db
+        .read_one(Consistency::Strong, "SELECT count(*) FROM items", &[])
+        .await
+        .unwrap()
+        .value
+        .get(0);
+    assert_eq!(n, 1, "only the transaction's insert");
+}
+
+/// Guarantee 5: a write through `query_one` that returned two rows
+/// committed: its error says it may have, and carries the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_one_write_with_two_rows_is_not_reported_uncommitted() {
+    let local = LocalCluster::start(0).unwrap();
+    let cluster = connect(&local, |b| b).await;
+    setup_table(&cluster, &local).await;
+    let db = cluster.db();
+    let sql = "INSERT INTO items (name) VALUES ('a'), ('b') RETURNING id";
+    let e = db.query_one(sql, &[]).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            DbError::RowCount {
+                rows: 2,
+                written: Some(_),
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.may_have_committed(), "{e}");
+    // A read's row count says nothing about a commit.
+    let e = db
+        .read_one(Consistency::Strong, "SELECT id FROM items", &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, DbError::RowCount { rows: 2, .. }), "{e:?}");
+    assert!(!e.may_have_committed(), "{e}");
+
+    // Through DbLayer: the committed write's token still reaches the
+    // response.
+    #[cfg(feature = "http")]
+    {
+        use http::header::{COOKIE, HeaderValue, SET_COOKIE};
+        use http::{HeaderMap, Request, Response};
+        use tower::{Layer, ServiceExt};
+        use tower_scale::http::{DbLayer, RequestDb};
+        use tower_scale::pg::TokenCodec;
+
+        let codec = TokenCodec::new(&[3u8; 32], cluster.identity()).unwrap();
+        let layer = DbLayer::builder(cluster.db(), codec).build();
+        let service = layer
+            .clone()
+            .layer(tower::service_fn(|req: Request<()>| async move {
+                let db = req
+                    .extensions()
+                    .get::<RequestDb>()
+                    .cloned()
+                    .ok_or("no RequestDb")?;
+                let e = db
+                    .query_one(
+                        "INSERT INTO items (name) VALUES ('c'), ('d') RETURNING id",
+                        &[],
+                    )
+                    .await
+                    .err()
+                    .ok_or("query_one succeeded")?;
+                assert!(e.may_have_committed(), "{e}");
+                Ok::<_, &'static str>(Response::new(()))
+            }));
+        let req = Request::post("/items").body(()).unwrap();
+        let res = service.oneshot(req).await.unwrap();
+        let set = res
+            .headers()
+            .get(SET_COOKIE)
+            .expect("the token cookie")
+            .to_str()
+            .unwrap();
+        let pair = set.split(';').next().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(COOKIE, HeaderValue::from_str(pair).unwrap());
+        let token = layer.token_of(&headers).expect("a valid token");
+        assert!(!token.is_unknown());
+    }
+
+    let n: i64 = db
+        .read_one(Consistency::Strong, "SELECT count(*) FROM items", &[])
+        .await
+        .unwrap()
+        .value
+        .get(0);
+    let expected = if cfg!(feature = "http") { 4 } else { 2 };
+    assert_eq!(n, expected, "the rows are there");
+}
+
+/// Guarantee 5: the unknown token goes to the primary even when reads may
+/// not fall back to it: that is its rule, not a fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unknown_token_reads_from_the_primary_without_fallback() {
+    let local = LocalCluster::start(1).unwrap();
+    let cluster = connect(&local, |b| b.fallback_to_primary(false)).await;
+    setup_table(&cluster, &local).await;
+    let db = cluster.db();
+    db.execute("INSERT INTO items (name) VALUES ('u')", &[])
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        let r = db
+            .read_one(
+                Consistency::ReadYourWrites(ConsistencyToken::unknown()),
+                "SELECT count(*) FROM items",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(&*r.served_by, "primary");
+        assert_eq!(r.reason, RouteReason::Primary);
+        assert_eq!(r.value.get::<_, i64>(0), 1);
+    }
+}
+
+/// Guarantee 7: a cookie with a non-ASCII value on the same line does not
+/// hide the token.
+#[cfg(feature = "http")]
+#[tokio::test]
+async fn a_non_ascii_cookie_does_not_hide_the_token() {
+    use http::HeaderMap;
+    use http::header::{COOKIE, HeaderValue};
+    use tower_scale::http::DbLayer;
+    use tower_scale::pg::{Lsn, TokenCodec};
+
+    let cluster = Cluster::builder()
+        .primary(NodeConfig::from_url("postgresql://app@127.0.0.1:1/app").unwrap())
+        .probe_timeout(Duration::from_millis(100))
+        .build()
+        .await
+        .unwrap();
+    let codec = TokenCodec::new(&[9u8; 32], cluster.identity()).unwrap();
+    let token = ConsistencyToken::new(Lsn(0x16_B374_D848));
+    let text = codec.encode(token);
+    let layer = DbLayer::builder(cluster.db(), codec).build();
+    for line in [
+        format!("n=Jos\u{e9}; tower_scale_token={text}"),
+        format!("tower_scale_token={text}; n=Jos\u{e9}"),
+        format!("a=\u{1f600}; tower_scale_token=\"{text}\"; b=\u{e9}"),
+    ] {
+        let mut headers = HeaderMap::new();
+        headers.insert(COOKIE, HeaderValue::from_bytes(line.as_bytes()).unwrap());
+        assert_eq!(layer.token_of(&headers), Some(token), "{line}");
+    }
+    // Latin-1 bytes, not UTF-8.
+    let mut line = b"n=Jos\xe9; tower_scale_token=".to_vec();
+    line.extend_from_slice(text.as_bytes());
+    let mut headers = HeaderMap::new();
+    headers.insert(COOKIE, HeaderValue::from_bytes(&line).unwrap());
+    assert_eq!(layer.token_of(&headers), Some(token));
+    // A token value with non-ASCII bytes is not accepted.
+    let mut headers = HeaderMap::new();
+    let bad = format!("tower_scale_token={text}\u{e9}");
+    headers.insert(COOKIE, HeaderValue::from_bytes(bad.as_bytes()).unwrap());
+    assert_eq!(layer.token_of(&headers), None);
+}
+
+/// Guarantee 4: transaction control sent through the transaction itself
+/// never lets `commit` report a commit it did not make.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_control_inside_a_transaction_is_not_a_commit() {
+    let local = LocalCluster::start(0).unwrap();
+    let cluster = connect(&local, |b| b).await;
+    setup_table(&cluster, &local).await;
+    let db = cluster.db();
+    let insert = "INSERT INTO items (name) VALUES ($1)";
+
+    for (name, control) in [("rolled", "ROLLBACK"), ("aborted", "ABORT")] {
+        let tx = db.transaction().await.unwrap();
+        tx.execute(insert, &[&name]).await.unwrap();
+        tx.execute(control, &[]).await.unwrap();
+        let err = tx.commit().await.unwrap_err();
+        assert!(
+            matches!(err, DbError::EndedEarly { .. }),
+            "{control}: {err:?}"
+        );
+        assert_eq!(err.code().map(|c| c.code()), Some("25P01"), "{err}");
+        assert!(err.may_have_committed(), "{err}");
+    }
+    for (name, control) in [("committed", "COMMIT"), ("ended", "END")] {
+        let tx = db.transaction().await.unwrap();
+        tx.execute(insert, &[&name]).await.unwrap();
+        tx.execute(control, &[]).await.unwrap();
+        let err = tx.commit().await.unwrap_err();
+        assert!(
+            matches!(err, DbError::EndedEarly { .. }),
+            "{control}: {err:?}"
+        );
+        assert!(err.may_have_committed(), "{control}: it did commit: {err}");
+    }
+    // An aborted transaction still fails at the guard with 25P02.
+    let tx = db.transaction().await.unwrap();
+    tx.execute(insert, &[&"failed"]).await.unwrap();
+    tx.query("SELECT 1 / 0", &[]).await.unwrap_err();
+    let err = tx.commit().await.unwrap_err();
+    assert!(matches!(err, DbError::RolledBack { .. }), "{err:?}");
+    assert_eq!(err.code().map(|c| c.code()), Some("25P02"), "{err}");
+    assert!(!err.may_have_committed());
+    // The guard does not disturb a plain commit, nor the user's savepoints.
+    let tx = db.transaction().await.unwrap();
+    tx.execute("SAVEPOINT tower_scale_guard", &[])
+        .await
+        .unwrap();
+    tx.execute(insert, &[&"kept"]).await.unwrap();
+    let token = tx.commit().await.unwrap();
+    assert!(!token.is_unknown());
+
+    let r = db
+        .read_query(
+            Consistency::Strong,
+            "SELECT name FROM items ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let names: Vec<String> = r.value.iter().map(|row| row.get(0)).collect();
+    assert_eq!(names, ["committed", "ended", "kept"]);
+}
