@@ -715,6 +715,41 @@ where
     Ok(res)
 }
 
+/// A GET without `Range`: the only request whose response may replace
+/// (or evict) what is stored for everybody.
+fn plain_get(method: &Method, headers: &HeaderMap) -> bool {
+    method == Method::GET && !headers.contains_key(header::RANGE)
+}
+
+/// Whether a response says by itself that it is per-user (`private`,
+/// `no-store`, `Set-Cookie`, a `Cache-Control` that cannot be read, `Vary:
+/// *`), or varies on other headers than the stored one: whoever asked.
+fn per_user(
+    shared: &HttpShared,
+    stored: &Stored,
+    status: StatusCode,
+    headers: &HeaderMap,
+    cc: &ResponseDirectives,
+) -> bool {
+    let alone = freshness::storable(
+        &Method::GET,
+        &HeaderMap::new(),
+        &RequestDirectives::default(),
+        status,
+        headers,
+        cc,
+        &shared.rules,
+    );
+    let names = |vary: &VaryValues| {
+        let mut names: Vec<HeaderName> = vary.iter().map(|(n, _)| n.clone()).collect();
+        names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        names.dedup();
+        names
+    };
+    let vary_changed = names(&vary_values(headers, &HeaderMap::new())) != names(&stored.vary);
+    !matches!(alone, Ok(_) | Err(NotStored::NoFreshness)) || vary_changed
+}
+
 /// Goes upstream (conditionally when a stored response with validators is
 /// given), then stores and answers per RFC 9111.
 async fn fetch<S, ReqBody, ResBody>(
@@ -778,6 +813,22 @@ where
             for (name, value) in update.iter() {
                 headers.append(name.clone(), value.clone());
             }
+            // A 304 never narrows `Vary`: the stored body was selected by
+            // the stored names, so the merged response varies on both
+            // (read from the raw 304, even when `Connection` lists it).
+            if res.headers().contains_key(header::VARY) {
+                let names: Vec<HeaderValue> = stored
+                    .headers
+                    .get_all(header::VARY)
+                    .iter()
+                    .chain(res.headers().get_all(header::VARY))
+                    .cloned()
+                    .collect();
+                headers.remove(header::VARY);
+                for value in names {
+                    headers.append(header::VARY, value);
+                }
+            }
             let cc = ResponseDirectives::from_headers(&headers);
             // The merged response is a new response to this client's
             // request: every storing and sharing rule applies to it again
@@ -799,7 +850,22 @@ where
                     other => other,
                 }
             };
-            let shareable = check(&HeaderMap::new(), &RequestDirectives::default());
+            // What the raw 304 says too: a `Set-Cookie`, `private` or
+            // `no-store` that `Connection` lists is still per-user.
+            let raw_cc = ResponseDirectives::from_headers(res.headers());
+            let raw = match freshness::storable(
+                &Method::GET,
+                &HeaderMap::new(),
+                &RequestDirectives::default(),
+                stored.status,
+                res.headers(),
+                &raw_cc,
+                &shared.rules,
+            ) {
+                Err(NotStored::NoFreshness) => Ok(Duration::ZERO),
+                other => other,
+            };
+            let shareable = raw.and(check(&HeaderMap::new(), &RequestDirectives::default()));
             let decision = shareable.and_then(|_| check(&client_headers, &req_cc));
             let updated = Arc::new(Stored {
                 status: stored.status,
@@ -823,7 +889,9 @@ where
                 // goes too.
                 (Err(_), _) => {
                     shared.stats.incr(Kind::NotStored);
-                    shared.forget(key);
+                    if plain_get(&method, &client_headers) {
+                        shared.forget(key);
+                    }
                     false
                 }
                 // This client's `no-store` or `Authorization`: its 304 is
@@ -861,8 +929,15 @@ where
     );
     let Ok(lifetime) = decision else {
         shared.stats.incr(Kind::NotStored);
-        if stale.is_some() && res.status().is_success() {
-            // The new response replaces the stored one, and may not be kept.
+        // The new response replaces the stored one and may not be kept,
+        // but only the response itself says so: a request's HEAD,
+        // `no-store`, `Authorization` or `Range` cannot evict the stored
+        // response for everybody.
+        if let Some(stored) = &stale
+            && res.status().is_success()
+            && plain_get(&method, &client_headers)
+            && per_user(shared, stored, res.status(), res.headers(), &cc)
+        {
             shared.forget(key);
         }
         return Ok((res.map(CacheBody::stream), None));
@@ -891,7 +966,7 @@ where
     if cookie_trailer && rules.shared && !rules.share_set_cookie {
         // A `Set-Cookie` is per user wherever it is written.
         shared.stats.incr(Kind::NotStored);
-        if stale.is_some() && res_parts.status.is_success() {
+        if stale.is_some() && res_parts.status.is_success() && plain_get(&method, &client_headers) {
             shared.forget(key);
         }
         let body = CacheBody::full(data, trailers);
