@@ -68,24 +68,6 @@ fn single_host(headers: &HeaderMap) -> Option<Option<http::uri::Authority>> {
     Some(Some(host))
 }
 
-/// Whether an absolute-form target's authority and `Host` name the same
-/// origin: hosts equal but for case, ports equal once the scheme's default
-/// is filled in, no userinfo on either side.
-fn same_authority(
-    scheme: &str,
-    target: &http::uri::Authority,
-    host: &http::uri::Authority,
-) -> bool {
-    let default = match scheme {
-        "https" => 443,
-        _ => 80,
-    };
-    !target.as_str().contains('@')
-        && !host.as_str().contains('@')
-        && target.host().eq_ignore_ascii_case(host.host())
-        && target.port_u16().unwrap_or(default) == host.port_u16().unwrap_or(default)
-}
-
 /// `scheme://authority/path?query`, the authority lower-cased.
 fn key_of(scheme: &str, authority: &http::uri::Authority, uri: &http::Uri) -> String {
     let authority = authority.as_str();
@@ -169,15 +151,28 @@ impl HttpShared {
     ///
     /// `None` (neither stored nor served from the cache) when the request
     /// names no authority, or two: an absolute-form target whose authority
-    /// is not the `Host` header's, or more than one `Host` line. The origin
-    /// may build its response from either, so no one key is right.
+    /// is not byte for byte the `Host` header's, or more than one `Host`
+    /// line. The origin may build its response from either, so no one key
+    /// is right. Also `None` for an HTTP/1 absolute-form target without
+    /// `Host`, and for an authority with upper-case letters.
     fn key(&self, parts: &http::request::Parts) -> Option<String> {
         let scheme = self.scheme(parts);
         let host = single_host(&parts.headers)?;
         let authority = match (parts.uri.authority(), host) {
-            (Some(target), None) => target.clone(),
+            // HTTP/2 and HTTP/3 carry the authority in the target (the
+            // `:authority` pseudo-header). An HTTP/1 absolute-form target
+            // without `Host` names an authority that an origin reading
+            // `Host` never sees: not cached.
+            (Some(target), None) => {
+                if !matches!(parts.version, Version::HTTP_2 | Version::HTTP_3) {
+                    return None;
+                }
+                target.clone()
+            }
+            // Byte for byte: `A.TEST:80` and `a.test` are one origin to
+            // RFC 9110, but the origin sees the `Host` as written.
             (Some(target), Some(host)) => {
-                if !same_authority(scheme, target, &host) {
+                if target.as_str() != host.as_str() {
                     return None;
                 }
                 target.clone()
@@ -185,6 +180,12 @@ impl HttpShared {
             (None, Some(host)) => host,
             (None, None) => return None,
         };
+        // Keys are lower-case (so invalidation finds every spelling); an
+        // authority that is not is not cached, so what is stored under a
+        // key is what an origin saw for exactly that spelling.
+        if authority.as_str().bytes().any(|b| b.is_ascii_uppercase()) {
+            return None;
+        }
         Some(key_of(scheme, &authority, &parts.uri))
     }
 

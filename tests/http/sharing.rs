@@ -680,3 +680,43 @@ async fn a_304_cannot_narrow_vary_to_share_one_users_response() {
         assert!(!anon.text().contains("alice"), "anon got {:?}", anon.text());
     }
 }
+
+#[tokio::test]
+async fn an_http1_absolute_target_without_host_neither_stores_nor_hits() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup(|b| b).await;
+    let own = s.addr.to_string();
+    // Written by hand: a client library would add `Host`.
+    let mut stream = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let req = format!("GET http://{own}/host HTTP/1.1\r\nconnection: close\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let raw = String::from_utf8_lossy(&raw);
+    assert!(raw.ends_with("host "), "the origin saw no Host: {raw}");
+    let user = s.get("/host", &[]).await;
+    assert_eq!(user.text(), format!("host {own}"), "poisoned");
+    assert_eq!(s.origin.count("/host"), 2);
+}
+
+#[tokio::test]
+async fn host_spellings_the_origin_sees_differently_never_share_an_entry() {
+    let s = setup(|b| b).await;
+    // Absolute-form `a.test`, `Host: A.TEST:80`: the origin sees the latter.
+    let odd = raw_get(s.addr, "http://a.test/host", &[("host", "A.TEST:80")]).await;
+    assert_eq!(odd.text(), "host A.TEST:80");
+    let plain = raw_get(s.addr, "/host", &[("host", "a.test")]).await;
+    assert_eq!(plain.text(), "host a.test", "poisoned");
+    // Nor the other way round, nor by case alone.
+    for host in ["A.TEST:80", "a.test:80", "A.test"] {
+        let got = raw_get(s.addr, "/host", &[("host", host)]).await;
+        assert_eq!(got.text(), format!("host {host}"));
+        let got = raw_get(s.addr, "http://a.test/host", &[("host", host)]).await;
+        assert_eq!(got.text(), format!("host {host}"));
+    }
+    // The same spelling still shares one entry.
+    let before = s.origin.count("/host");
+    let again = raw_get(s.addr, "http://a.test/host", &[("host", "a.test")]).await;
+    assert_eq!(again.text(), "host a.test");
+    assert_eq!(s.origin.count("/host"), before, "a hit");
+}
