@@ -720,3 +720,13 @@ async fn host_spellings_the_origin_sees_differently_never_share_an_entry() {
     assert_eq!(again.text(), "host a.test");
     assert_eq!(s.origin.count("/host"), before, "a hit");
 }
+
+#[tokio::test]
+async fn an_unbalanced_quote_does_not_hide_a_requests_no_store() {
+    let s = setup(|b| b).await;
+    let got = s
+        .get("/nv", &[("cache-control", r#"x="\", no-store"#)])
+        .await;
+    assert_eq!(got.text(), "nv #1");
+    assert_eq!(s.get("/nv", &[]).await.text(), "nv #2", "stored");
+}
