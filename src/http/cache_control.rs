@@ -165,8 +165,11 @@ fn skip_ows(bytes: &[u8], mut i: usize) -> usize {
 }
 
 /// Reads a quoted string starting at the opening quote; returns the value,
-/// the index after it, and whether it was well formed.
+/// the index after it, and whether it was well formed. Unterminated, it
+/// ends at the first comma after the opening quote: a stray quote (or a
+/// `\"` before the end) does not swallow the directives after it.
 fn quoted_string(bytes: &[u8], mut i: usize) -> (String, usize, bool) {
+    let open = i;
     let mut value = String::new();
     let mut ok = true;
     i += 1; // the opening quote
@@ -191,22 +194,44 @@ fn quoted_string(bytes: &[u8], mut i: usize) -> (String, usize, bool) {
         }
         i += 1;
     }
-    (value, i, false) // unterminated
+    // Unterminated.
+    let end = next_comma(bytes, open);
+    let value = String::from_utf8_lossy(&bytes[(open + 1).min(end)..end]).into_owned();
+    (value, end, false)
+}
+
+/// The first comma at or after `i`, quotes or not (or the end).
+fn next_comma(bytes: &[u8], i: usize) -> usize {
+    bytes
+        .iter()
+        .skip(i)
+        .position(|&b| b == b',')
+        .map_or(bytes.len(), |p| i + p)
 }
 
 /// Skips to the next comma that is not inside a quoted string.
+/// A quote never closed counts for nothing: the junk ends at the first
+/// comma after it.
 fn skip_junk(bytes: &[u8], mut i: usize) -> usize {
     let mut quoted = false;
+    let mut open = i;
     while i < bytes.len() {
         match bytes[i] {
-            b'"' => quoted = !quoted,
+            b'"' => {
+                quoted = !quoted;
+                open = i;
+            }
             b'\\' if quoted => i += 1,
             b',' if !quoted => return i,
             _ => {}
         }
         i += 1;
     }
-    i
+    if quoted {
+        next_comma(bytes, open)
+    } else {
+        bytes.len()
+    }
 }
 
 /// Splits one field line; `false` when some member broke the grammar.
@@ -371,6 +396,25 @@ mod tests {
 
     fn resp(s: &str) -> ResponseDirectives {
         ResponseDirectives::parse([s.as_bytes()])
+    }
+
+    #[test]
+    fn an_unbalanced_quote_does_not_swallow_a_later_directive() {
+        for line in [
+            &br#"x="\", no-store"#[..],
+            br#"x="abc, no-store"#,
+            br#"x"y, no-store"#,
+            br#"x=a"b, no-store"#,
+        ] {
+            let d = RequestDirectives::parse([line]);
+            assert!(d.no_store, "{}", String::from_utf8_lossy(line));
+            let r = ResponseDirectives::parse([line]);
+            assert!(
+                r.no_store && r.unparseable,
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
     }
 
     #[test]

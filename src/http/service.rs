@@ -68,24 +68,6 @@ fn single_host(headers: &HeaderMap) -> Option<Option<http::uri::Authority>> {
     Some(Some(host))
 }
 
-/// Whether an absolute-form target's authority and `Host` name the same
-/// origin: hosts equal but for case, ports equal once the scheme's default
-/// is filled in, no userinfo on either side.
-fn same_authority(
-    scheme: &str,
-    target: &http::uri::Authority,
-    host: &http::uri::Authority,
-) -> bool {
-    let default = match scheme {
-        "https" => 443,
-        _ => 80,
-    };
-    !target.as_str().contains('@')
-        && !host.as_str().contains('@')
-        && target.host().eq_ignore_ascii_case(host.host())
-        && target.port_u16().unwrap_or(default) == host.port_u16().unwrap_or(default)
-}
-
 /// `scheme://authority/path?query`, the authority lower-cased.
 fn key_of(scheme: &str, authority: &http::uri::Authority, uri: &http::Uri) -> String {
     let authority = authority.as_str();
@@ -169,15 +151,28 @@ impl HttpShared {
     ///
     /// `None` (neither stored nor served from the cache) when the request
     /// names no authority, or two: an absolute-form target whose authority
-    /// is not the `Host` header's, or more than one `Host` line. The origin
-    /// may build its response from either, so no one key is right.
+    /// is not byte for byte the `Host` header's, or more than one `Host`
+    /// line. The origin may build its response from either, so no one key
+    /// is right. Also `None` for an HTTP/1 absolute-form target without
+    /// `Host`, and for an authority with upper-case letters.
     fn key(&self, parts: &http::request::Parts) -> Option<String> {
         let scheme = self.scheme(parts);
         let host = single_host(&parts.headers)?;
         let authority = match (parts.uri.authority(), host) {
-            (Some(target), None) => target.clone(),
+            // HTTP/2 and HTTP/3 carry the authority in the target (the
+            // `:authority` pseudo-header). An HTTP/1 absolute-form target
+            // without `Host` names an authority that an origin reading
+            // `Host` never sees: not cached.
+            (Some(target), None) => {
+                if !matches!(parts.version, Version::HTTP_2 | Version::HTTP_3) {
+                    return None;
+                }
+                target.clone()
+            }
+            // Byte for byte: `A.TEST:80` and `a.test` are one origin to
+            // RFC 9110, but the origin sees the `Host` as written.
             (Some(target), Some(host)) => {
-                if !same_authority(scheme, target, &host) {
+                if target.as_str() != host.as_str() {
                     return None;
                 }
                 target.clone()
@@ -185,6 +180,12 @@ impl HttpShared {
             (None, Some(host)) => host,
             (None, None) => return None,
         };
+        // Keys are lower-case (so invalidation finds every spelling); an
+        // authority that is not is not cached, so what is stored under a
+        // key is what an origin saw for exactly that spelling.
+        if authority.as_str().bytes().any(|b| b.is_ascii_uppercase()) {
+            return None;
+        }
         Some(key_of(scheme, &authority, &parts.uri))
     }
 
@@ -715,6 +716,41 @@ where
     Ok(res)
 }
 
+/// A GET without `Range`: the only request whose response may replace
+/// (or evict) what is stored for everybody.
+fn plain_get(method: &Method, headers: &HeaderMap) -> bool {
+    method == Method::GET && !headers.contains_key(header::RANGE)
+}
+
+/// Whether a response says by itself that it is per-user (`private`,
+/// `no-store`, `Set-Cookie`, a `Cache-Control` that cannot be read, `Vary:
+/// *`), or varies on other headers than the stored one: whoever asked.
+fn per_user(
+    shared: &HttpShared,
+    stored: &Stored,
+    status: StatusCode,
+    headers: &HeaderMap,
+    cc: &ResponseDirectives,
+) -> bool {
+    let alone = freshness::storable(
+        &Method::GET,
+        &HeaderMap::new(),
+        &RequestDirectives::default(),
+        status,
+        headers,
+        cc,
+        &shared.rules,
+    );
+    let names = |vary: &VaryValues| {
+        let mut names: Vec<HeaderName> = vary.iter().map(|(n, _)| n.clone()).collect();
+        names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        names.dedup();
+        names
+    };
+    let vary_changed = names(&vary_values(headers, &HeaderMap::new())) != names(&stored.vary);
+    !matches!(alone, Ok(_) | Err(NotStored::NoFreshness)) || vary_changed
+}
+
 /// Goes upstream (conditionally when a stored response with validators is
 /// given), then stores and answers per RFC 9111.
 async fn fetch<S, ReqBody, ResBody>(
@@ -778,6 +814,22 @@ where
             for (name, value) in update.iter() {
                 headers.append(name.clone(), value.clone());
             }
+            // A 304 never narrows `Vary`: the stored body was selected by
+            // the stored names, so the merged response varies on both
+            // (read from the raw 304, even when `Connection` lists it).
+            if res.headers().contains_key(header::VARY) {
+                let names: Vec<HeaderValue> = stored
+                    .headers
+                    .get_all(header::VARY)
+                    .iter()
+                    .chain(res.headers().get_all(header::VARY))
+                    .cloned()
+                    .collect();
+                headers.remove(header::VARY);
+                for value in names {
+                    headers.append(header::VARY, value);
+                }
+            }
             let cc = ResponseDirectives::from_headers(&headers);
             // The merged response is a new response to this client's
             // request: every storing and sharing rule applies to it again
@@ -799,7 +851,22 @@ where
                     other => other,
                 }
             };
-            let shareable = check(&HeaderMap::new(), &RequestDirectives::default());
+            // What the raw 304 says too: a `Set-Cookie`, `private` or
+            // `no-store` that `Connection` lists is still per-user.
+            let raw_cc = ResponseDirectives::from_headers(res.headers());
+            let raw = match freshness::storable(
+                &Method::GET,
+                &HeaderMap::new(),
+                &RequestDirectives::default(),
+                stored.status,
+                res.headers(),
+                &raw_cc,
+                &shared.rules,
+            ) {
+                Err(NotStored::NoFreshness) => Ok(Duration::ZERO),
+                other => other,
+            };
+            let shareable = raw.and(check(&HeaderMap::new(), &RequestDirectives::default()));
             let decision = shareable.and_then(|_| check(&client_headers, &req_cc));
             let updated = Arc::new(Stored {
                 status: stored.status,
@@ -823,7 +890,9 @@ where
                 // goes too.
                 (Err(_), _) => {
                     shared.stats.incr(Kind::NotStored);
-                    shared.forget(key);
+                    if plain_get(&method, &client_headers) {
+                        shared.forget(key);
+                    }
                     false
                 }
                 // This client's `no-store` or `Authorization`: its 304 is
@@ -861,8 +930,15 @@ where
     );
     let Ok(lifetime) = decision else {
         shared.stats.incr(Kind::NotStored);
-        if stale.is_some() && res.status().is_success() {
-            // The new response replaces the stored one, and may not be kept.
+        // The new response replaces the stored one and may not be kept,
+        // but only the response itself says so: a request's HEAD,
+        // `no-store`, `Authorization` or `Range` cannot evict the stored
+        // response for everybody.
+        if let Some(stored) = &stale
+            && res.status().is_success()
+            && plain_get(&method, &client_headers)
+            && per_user(shared, stored, res.status(), res.headers(), &cc)
+        {
             shared.forget(key);
         }
         return Ok((res.map(CacheBody::stream), None));
@@ -891,7 +967,7 @@ where
     if cookie_trailer && rules.shared && !rules.share_set_cookie {
         // A `Set-Cookie` is per user wherever it is written.
         shared.stats.incr(Kind::NotStored);
-        if stale.is_some() && res_parts.status.is_success() {
+        if stale.is_some() && res_parts.status.is_success() && plain_get(&method, &client_headers) {
             shared.forget(key);
         }
         let body = CacheBody::full(data, trailers);

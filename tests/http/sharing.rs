@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, HeaderValue, Request, Response};
+use axum::http::{HeaderMap, HeaderValue, Method, Request, Response};
 use axum::routing::get;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -95,6 +95,45 @@ pub(crate) fn routes() -> Router<Arc<Origin>> {
                     return reply(416, &[cc], format!("range not satisfiable #{n}"));
                 }
                 reply(200, &[cc, ("etag", h("\"p1\""))], format!("pre #{n}"))
+            }),
+        )
+        .route(
+            "/nv",
+            get(|State(o): State<Arc<Origin>>, hd: HeaderMap| async move {
+                let n = o.hit("/nv");
+                let cc = ("cache-control", h("max-age=60"));
+                let body = format!("nv #{n}");
+                if hd.contains_key("range") {
+                    let range = ("content-range", format!("bytes 0-0/{}", body.len()));
+                    return reply(206, &[cc, range], body[..1].to_string());
+                }
+                reply(200, &[cc], body)
+            }),
+        )
+        .route(
+            "/narrow",
+            get(|State(o): State<Arc<Origin>>, hd: HeaderMap| async move {
+                o.hit("/narrow");
+                if hd.get("if-none-match").is_some_and(|v| v == "\"n1\"") {
+                    return reply(
+                        304,
+                        &[
+                            ("etag", h("\"n1\"")),
+                            ("cache-control", h("max-age=60")),
+                            ("vary", h("Accept-Encoding")),
+                        ],
+                        Body::empty(),
+                    );
+                }
+                reply(
+                    200,
+                    &[
+                        ("etag", h("\"n1\"")),
+                        ("cache-control", h("max-age=0")),
+                        ("vary", h("Cookie")),
+                    ],
+                    format!("for {}", user_of(&hd)),
+                )
             }),
         )
         .route(
@@ -585,4 +624,109 @@ async fn concurrent_mixed_requests_never_carry_another_users_data() {
         s.origin.conditional.load(Ordering::SeqCst) > 0,
         "revalidations happened"
     );
+}
+
+#[tokio::test]
+async fn a_request_that_cannot_store_does_not_evict_the_stored_response() {
+    let s = setup(|b| b).await;
+    assert_eq!(s.get("/nv", &[]).await.text(), "nv #1");
+    let head = s
+        .send(Method::HEAD, "/nv", &[("cache-control", "no-cache")])
+        .await;
+    assert_eq!(head.status, 200);
+    let before = s.origin.count("/nv");
+    assert_eq!(s.get("/nv", &[]).await.text(), "nv #1", "HEAD evicted");
+    assert_eq!(s.origin.count("/nv"), before, "a hit after HEAD");
+    let hostile: [&[(&'static str, &str)]; 3] = [
+        &[("cache-control", "no-cache, no-store")],
+        &[
+            ("authorization", "Bearer mallory"),
+            ("cache-control", "no-cache"),
+        ],
+        &[("range", "bytes=0-0"), ("cache-control", "no-cache")],
+    ];
+    for headers in hostile {
+        let got = s.get("/nv", headers).await;
+        assert!(got.status.is_success(), "{headers:?}: {}", got.status);
+        let before = s.origin.count("/nv");
+        let anon = s.get("/nv", &[]).await;
+        assert_eq!(
+            s.origin.count("/nv"),
+            before,
+            "{headers:?} evicted: {}",
+            anon.text()
+        );
+    }
+    let before = s.origin.count("/nv");
+    assert_eq!(s.get("/nv", &[]).await.text(), "nv #1", "evicted");
+    assert_eq!(s.origin.count("/nv"), before, "a hit");
+}
+
+#[tokio::test]
+async fn a_304_cannot_narrow_vary_to_share_one_users_response() {
+    let s = setup(|b| b).await;
+    let (alice, bob) = (cookie("alice"), cookie("bob"));
+    assert_eq!(
+        s.get("/narrow", &[("cookie", &alice)]).await.text(),
+        "for alice"
+    );
+    // Alice revalidates: the 304 names only Accept-Encoding.
+    let a = s.get("/narrow", &[("cookie", &alice)]).await;
+    assert_eq!(a.text(), "for alice");
+    for _ in 0..2 {
+        let b = s.get("/narrow", &[("cookie", &bob)]).await;
+        assert!(!b.text().contains("alice"), "bob got {:?}", b.text());
+        let anon = s.get("/narrow", &[]).await;
+        assert!(!anon.text().contains("alice"), "anon got {:?}", anon.text());
+    }
+}
+
+#[tokio::test]
+async fn an_http1_absolute_target_without_host_neither_stores_nor_hits() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup(|b| b).await;
+    let own = s.addr.to_string();
+    // Written by hand: a client library would add `Host`.
+    let mut stream = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let req = format!("GET http://{own}/host HTTP/1.1\r\nconnection: close\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let raw = String::from_utf8_lossy(&raw);
+    assert!(raw.ends_with("host "), "the origin saw no Host: {raw}");
+    let user = s.get("/host", &[]).await;
+    assert_eq!(user.text(), format!("host {own}"), "poisoned");
+    assert_eq!(s.origin.count("/host"), 2);
+}
+
+#[tokio::test]
+async fn host_spellings_the_origin_sees_differently_never_share_an_entry() {
+    let s = setup(|b| b).await;
+    // Absolute-form `a.test`, `Host: A.TEST:80`: the origin sees the latter.
+    let odd = raw_get(s.addr, "http://a.test/host", &[("host", "A.TEST:80")]).await;
+    assert_eq!(odd.text(), "host A.TEST:80");
+    let plain = raw_get(s.addr, "/host", &[("host", "a.test")]).await;
+    assert_eq!(plain.text(), "host a.test", "poisoned");
+    // Nor the other way round, nor by case alone.
+    for host in ["A.TEST:80", "a.test:80", "A.test"] {
+        let got = raw_get(s.addr, "/host", &[("host", host)]).await;
+        assert_eq!(got.text(), format!("host {host}"));
+        let got = raw_get(s.addr, "http://a.test/host", &[("host", host)]).await;
+        assert_eq!(got.text(), format!("host {host}"));
+    }
+    // The same spelling still shares one entry.
+    let before = s.origin.count("/host");
+    let again = raw_get(s.addr, "http://a.test/host", &[("host", "a.test")]).await;
+    assert_eq!(again.text(), "host a.test");
+    assert_eq!(s.origin.count("/host"), before, "a hit");
+}
+
+#[tokio::test]
+async fn an_unbalanced_quote_does_not_hide_a_requests_no_store() {
+    let s = setup(|b| b).await;
+    let got = s
+        .get("/nv", &[("cache-control", r#"x="\", no-store"#)])
+        .await;
+    assert_eq!(got.text(), "nv #1");
+    assert_eq!(s.get("/nv", &[]).await.text(), "nv #2", "stored");
 }

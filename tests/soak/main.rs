@@ -482,6 +482,7 @@ const LANGUAGES: [&str; 4] = ["en", "fr", "de", "nl"];
 
 async fn http_get(svc: &HttpService, n: u64, lang: &str) {
     let req = Request::get(format!("http://soak.test/items/{n}"))
+        .header("host", "soak.test")
         .header("accept-language", lang)
         .body(Body::empty())
         .expect("request");
