@@ -627,10 +627,14 @@ async fn cancellation_uses_the_clusters_tls_connector() {
     eprintln!("dropped query cancelled through the cluster's connector after {took:?}");
 }
 
-/// Guarantee 7: a quoted token cookie is accepted.
+/// A `DbLayer` on a cluster that is never reached, a token, its text, and
+/// what the layer reads from a `Cookie` line of raw bytes.
 #[cfg(feature = "http")]
-#[tokio::test]
-async fn a_quoted_token_cookie_is_accepted() {
+async fn cookie_reader() -> (
+    ConsistencyToken,
+    String,
+    impl Fn(&[u8]) -> Option<ConsistencyToken>,
+) {
     use http::HeaderMap;
     use http::header::{COOKIE, HeaderValue};
     use tower_scale::http::DbLayer;
@@ -646,22 +650,31 @@ async fn a_quoted_token_cookie_is_accepted() {
     let token = ConsistencyToken::new(Lsn(0x16_B374_D848));
     let text = codec.encode(token);
     let layer = DbLayer::builder(cluster.db(), codec).build();
+    let token_of = move |line: &[u8]| {
+        let mut headers = HeaderMap::new();
+        headers.insert(COOKIE, HeaderValue::from_bytes(line).unwrap());
+        layer.token_of(&headers)
+    };
+    (token, text, token_of)
+}
+
+/// Guarantee 7: a quoted token cookie is accepted.
+#[cfg(feature = "http")]
+#[tokio::test]
+async fn a_quoted_token_cookie_is_accepted() {
+    let (token, text, token_of) = cookie_reader().await;
     for cookie in [
         format!("tower_scale_token={text}"),
         format!("tower_scale_token=\"{text}\""),
         format!("a=1; tower_scale_token=\"{text}\"; b=\"2\""),
     ] {
-        let mut headers = HeaderMap::new();
-        headers.insert(COOKIE, HeaderValue::from_str(&cookie).unwrap());
-        assert_eq!(layer.token_of(&headers), Some(token), "{cookie}");
+        assert_eq!(token_of(cookie.as_bytes()), Some(token), "{cookie}");
     }
     for bad in [
         format!("tower_scale_token=\"{text}"),
         format!("tower_scale_token=\"\"{text}\"\""),
     ] {
-        let mut headers = HeaderMap::new();
-        headers.insert(COOKIE, HeaderValue::from_str(&bad).unwrap());
-        assert_eq!(layer.token_of(&headers), None, "{bad}");
+        assert_eq!(token_of(bad.as_bytes()), None, "{bad}");
     }
 }
 
@@ -956,41 +969,21 @@ async fn the_unknown_token_reads_from_the_primary_without_fallback() {
 #[cfg(feature = "http")]
 #[tokio::test]
 async fn a_non_ascii_cookie_does_not_hide_the_token() {
-    use http::HeaderMap;
-    use http::header::{COOKIE, HeaderValue};
-    use tower_scale::http::DbLayer;
-    use tower_scale::pg::{Lsn, TokenCodec};
-
-    let cluster = Cluster::builder()
-        .primary(NodeConfig::from_url("postgresql://app@127.0.0.1:1/app").unwrap())
-        .probe_timeout(Duration::from_millis(100))
-        .build()
-        .await
-        .unwrap();
-    let codec = TokenCodec::new(&[9u8; 32], cluster.identity()).unwrap();
-    let token = ConsistencyToken::new(Lsn(0x16_B374_D848));
-    let text = codec.encode(token);
-    let layer = DbLayer::builder(cluster.db(), codec).build();
+    let (token, text, token_of) = cookie_reader().await;
     for line in [
         format!("n=Jos\u{e9}; tower_scale_token={text}"),
         format!("tower_scale_token={text}; n=Jos\u{e9}"),
         format!("a=\u{1f600}; tower_scale_token=\"{text}\"; b=\u{e9}"),
     ] {
-        let mut headers = HeaderMap::new();
-        headers.insert(COOKIE, HeaderValue::from_bytes(line.as_bytes()).unwrap());
-        assert_eq!(layer.token_of(&headers), Some(token), "{line}");
+        assert_eq!(token_of(line.as_bytes()), Some(token), "{line}");
     }
     // Latin-1 bytes, not UTF-8.
     let mut line = b"n=Jos\xe9; tower_scale_token=".to_vec();
     line.extend_from_slice(text.as_bytes());
-    let mut headers = HeaderMap::new();
-    headers.insert(COOKIE, HeaderValue::from_bytes(&line).unwrap());
-    assert_eq!(layer.token_of(&headers), Some(token));
+    assert_eq!(token_of(&line), Some(token));
     // A token value with non-ASCII bytes is not accepted.
-    let mut headers = HeaderMap::new();
     let bad = format!("tower_scale_token={text}\u{e9}");
-    headers.insert(COOKIE, HeaderValue::from_bytes(bad.as_bytes()).unwrap());
-    assert_eq!(layer.token_of(&headers), None);
+    assert_eq!(token_of(bad.as_bytes()), None);
 }
 
 /// Guarantee 4: transaction control sent through the transaction itself
