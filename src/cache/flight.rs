@@ -101,18 +101,6 @@ impl<K: Hash + Eq, R: Clone, E: Clone> Flights<K, R, E> {
 }
 
 impl<K: Hash + Eq + Clone, R: Clone, E: Clone> Flights<K, R, E> {
-    /// Joins the key's flight or leads a new one (no invalidation fence:
-    /// for callers that check the result against the log themselves; the
-    /// HTTP cache's own engine until it moves onto the core).
-    #[cfg_attr(not(feature = "http"), allow(dead_code))]
-    pub(crate) fn join(
-        self: &Arc<Self>,
-        key: &Hashed<K>,
-        min_version: Option<u64>,
-    ) -> Join<K, R, E> {
-        self.join_inner(key, min_version, None)
-    }
-
     /// Joins the key's flight or leads a new one. A flight that began
     /// before an invalidation that may touch the key is not joined: the
     /// request leads a new flight instead (the old one still answers its
@@ -124,22 +112,13 @@ impl<K: Hash + Eq + Clone, R: Clone, E: Clone> Flights<K, R, E> {
         min_version: Option<u64>,
         log: &InvalidationLog<K>,
     ) -> Join<K, R, E> {
-        self.join_inner(key, min_version, Some(log))
-    }
-
-    fn join_inner(
-        self: &Arc<Self>,
-        key: &Hashed<K>,
-        min_version: Option<u64>,
-        log: Option<&InvalidationLog<K>>,
-    ) -> Join<K, R, E> {
         let min_version = min_version.unwrap_or(0);
         let mut shard = self.shard(key);
         // Read under the shard lock: a flight in the map began at or after
         // the sequence it recorded.
-        let started_seq = log.map_or(0, InvalidationLog::current);
+        let started_seq = log.current();
         if let Some(flight) = shard.get(key) {
-            let fenced = log.is_some_and(|log| log.touched_since(key, flight.started_seq));
+            let fenced = log.touched_since(key, flight.started_seq);
             if !fenced {
                 return if flight.min_version >= min_version {
                     Join::Wait(Arc::clone(flight))

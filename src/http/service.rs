@@ -573,7 +573,9 @@ where
                         let req = Request::from_parts(parts, body);
                         rt.spawn(async move {
                             // One background revalidation per key.
-                            if let Join::Lead(leader) = shared.flights.join(&key, None) {
+                            if let Join::Lead(leader) =
+                                shared.flights.join_fenced(&key, None, &shared.log)
+                            {
                                 shared.stats.incr(Kind::Refreshes);
                                 let _ = fetch(&shared, svc, req, &key, Some(stored)).await;
                                 drop(leader);
@@ -687,7 +689,7 @@ where
 {
     let head = req.method() == Method::HEAD;
     let leader = loop {
-        match shared.flights.join(&key, None) {
+        match shared.flights.join_fenced(&key, None, &shared.log) {
             Join::Lead(leader) => break Some(leader),
             Join::Alone => break None,
             Join::Wait(flight) => {
