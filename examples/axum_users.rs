@@ -36,8 +36,8 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
 use tower_scale::cache::Invalidator;
-use tower_scale::http::{DbLayer, RequestDb};
 use tower_scale::pg::DbError;
+use tower_scale::pg::{DbLayer, RequestDb};
 use users::{UserCache, UserRead};
 
 #[derive(Serialize)]

@@ -31,8 +31,8 @@ use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 use tower::ServiceExt;
 use tower_scale::cache::Invalidator;
-use tower_scale::http::{DbLayer, RequestDb};
 use tower_scale::pg::DbError;
+use tower_scale::pg::{DbLayer, RequestDb};
 use users::{UserCache, UserRead};
 
 /// The method paths that only read; every other method goes to the primary.

@@ -74,6 +74,7 @@
 pub mod cache;
 pub mod error;
 mod random;
+mod sync;
 
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]

@@ -174,7 +174,7 @@ struct Ticker {
 impl Ticker {
     fn shared() -> Option<Arc<Self>> {
         static SHARED: Mutex<Weak<Ticker>> = Mutex::new(Weak::new());
-        let mut shared = SHARED.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut shared = crate::sync::lock(&SHARED);
         if let Some(ticker) = shared.upgrade() {
             return Some(ticker);
         }

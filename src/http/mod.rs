@@ -105,9 +105,13 @@
 //! or strip them in front of the cache.
 
 pub mod cache_control;
+/// Moved to [`crate::pg::layer`]: database routing is not HTTP caching.
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub mod db_layer;
+#[deprecated(since = "0.2.0", note = "moved to `tower_scale::pg::layer`")]
+pub mod db_layer {
+    pub use crate::pg::layer::*;
+}
 pub mod freshness;
 
 mod body;
@@ -115,8 +119,6 @@ mod layer;
 mod service;
 
 pub use self::body::CacheBody;
-#[cfg(feature = "postgres")]
-pub use self::db_layer::{DbLayer, DbLayerBuilder, DbRouting, Primary, Replica, RequestDb, Route};
 pub use self::freshness::HttpCachePolicy;
 pub use self::layer::{HonourRequest, HttpCacheLayer, HttpCacheLayerBuilder};
 pub use self::service::{HttpCache, HttpResponseFuture};

@@ -17,9 +17,11 @@ use tokio_postgres::{Row, SimpleQueryMessage, Statement};
 use tracing::Instrument;
 
 use super::balance::{Candidate, choose_replica};
-use super::cluster::{Canceller, Inner, Life, Node, Role};
+use super::cluster::Inner;
 use super::error::{DbError, Fault, Operation, PoolTimeout, fault};
 use super::lsn::{Consistency, ConsistencyToken, Lsn};
+use super::node::{Canceller, Node, Role};
+use tokio_util::sync::DropGuard;
 
 /// Why a read went where it went (in spans and [`Read::reason`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +80,7 @@ type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 #[derive(Clone)]
 pub struct Db {
     pub(crate) inner: Arc<Inner>,
-    pub(crate) life: Arc<Life>,
+    pub(crate) life: Arc<DropGuard>,
 }
 
 impl fmt::Debug for Db {

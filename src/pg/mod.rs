@@ -76,7 +76,7 @@
 //! 6. Cancel requests go through the cluster's TLS connector
 //!    ([`ClusterBuilder::build_with_tls`]).
 //! 7. Over HTTP, a token cookie sent quoted (`tower_scale_token="..."`, as
-//!    RFC 6265 allows) is accepted (`http::DbLayer`, feature `http`).
+//!    RFC 6265 allows) is accepted ([`layer::DbLayer`], feature `http`).
 //!
 //! ```no_run
 //! use tower_scale::pg::{Cluster, Consistency, NodeConfig};
@@ -98,15 +98,25 @@
 
 mod balance;
 mod cluster;
+mod config;
 mod db;
 mod error;
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub mod layer;
 mod lsn;
+mod monitor;
+mod node;
 pub mod token;
 
 pub use self::balance::{Candidate, choose_replica, ramp_weight};
-pub use self::cluster::{Cluster, ClusterBuilder, NodeConfig, NodeStatus, Role};
+pub use self::cluster::Cluster;
+pub use self::config::{ClusterBuilder, NodeConfig};
 pub use self::db::{Db, Query, QueryOutput, Read, RouteReason, Transaction, Written};
 pub use self::error::{DbError, Operation, PoolTimeout};
+#[cfg(feature = "http")]
+pub use self::layer::{DbLayer, DbLayerBuilder, DbRouting, Primary, Replica, RequestDb, Route};
 pub use self::lsn::{Consistency, ConsistencyToken, Lsn, LsnParseError};
+pub use self::node::{NodeStatus, Role};
 pub use self::token::{TokenCodec, cluster_identity};
 pub use deadpool_postgres::RecyclingMethod;

@@ -145,7 +145,7 @@ impl LocalCluster {
         builder: impl FnOnce() -> LocalClusterBuilder,
     ) -> Result<Arc<Self>, LocalError> {
         static SHARED: Mutex<Vec<(String, Weak<LocalCluster>)>> = Mutex::new(Vec::new());
-        let mut shared = SHARED.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut shared = crate::sync::lock(&SHARED);
         shared.retain(|(_, weak)| weak.strong_count() > 0);
         if let Some(cluster) = shared
             .iter()

@@ -300,7 +300,7 @@ pub(crate) fn wait_child(child: &mut Child, timeout: Duration) -> bool {
 /// handed out again, so parallel tests do not race each other for one.
 pub(crate) fn free_port() -> Result<u16, LocalError> {
     static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
-    let mut given = GIVEN.lock().unwrap_or_else(|poison| poison.into_inner());
+    let mut given = crate::sync::lock(&GIVEN);
     let given = given.get_or_insert_with(HashSet::new);
     for _ in 0..64 {
         let listener = TcpListener::bind(("127.0.0.1", 0))
@@ -357,9 +357,7 @@ pub(crate) struct ServerChild {
 
 impl ServerChild {
     pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
-        self.child
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
+        crate::sync::lock(&self.child)
     }
 
     /// The process id, while it runs.

@@ -87,9 +87,7 @@ struct State {
 
 impl State {
     fn generation(&self) -> std::sync::MutexGuard<'_, CancellationToken> {
-        self.generation
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
+        crate::sync::lock(&self.generation)
     }
 }
 

@@ -637,7 +637,7 @@ async fn cookie_reader() -> (
 ) {
     use http::HeaderMap;
     use http::header::{COOKIE, HeaderValue};
-    use tower_scale::http::DbLayer;
+    use tower_scale::pg::DbLayer;
     use tower_scale::pg::{Lsn, TokenCodec};
 
     let cluster = Cluster::builder()
@@ -889,8 +889,8 @@ async fn a_query_one_write_with_two_rows_is_not_reported_uncommitted() {
         use http::header::{COOKIE, HeaderValue, SET_COOKIE};
         use http::{HeaderMap, Request, Response};
         use tower::{Layer, ServiceExt};
-        use tower_scale::http::{DbLayer, RequestDb};
         use tower_scale::pg::TokenCodec;
+        use tower_scale::pg::{DbLayer, RequestDb};
 
         let codec = TokenCodec::new(&[3u8; 32], cluster.identity()).unwrap();
         let layer = DbLayer::builder(cluster.db(), codec).build();

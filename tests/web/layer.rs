@@ -7,8 +7,8 @@ use axum::http::Request;
 use axum::routing::get;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
-use tower_scale::http::{DbLayer, Primary, Replica, RequestDb, Route};
 use tower_scale::pg::{Cluster, ConsistencyToken, Lsn, NodeConfig, TokenCodec};
+use tower_scale::pg::{DbLayer, Primary, Replica, RequestDb, Route};
 use tower_scale::testing::LocalCluster;
 
 async fn show(db: RequestDb) -> String {

@@ -1,0 +1,47 @@
+//! The response future of [`DbRouting`](super::DbRouting).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+
+use http::Response;
+use pin_project_lite::pin_project;
+
+use super::layer::DbLayer;
+use crate::pg::ConsistencyToken;
+
+pin_project! {
+    /// The inner service's response, with the token of the request's
+    /// writes (if it wrote) set on it as a cookie and a header.
+    pub struct DbRoutingFuture<F> {
+        #[pin]
+        pub(super) inner: F,
+        pub(super) written: Arc<Mutex<Option<ConsistencyToken>>>,
+        pub(super) layer: DbLayer,
+    }
+}
+
+impl<F> fmt::Debug for DbRoutingFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DbRoutingFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, B, E> Future for DbRoutingFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<B>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut res = ready!(this.inner.poll(cx))?;
+        let wrote = *crate::sync::lock(this.written);
+        if let Some(token) = wrote {
+            this.layer.set_token(res.headers_mut(), token);
+        }
+        Poll::Ready(Ok(res))
+    }
+}

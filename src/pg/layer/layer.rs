@@ -1,0 +1,261 @@
+//! [`DbLayer`], its builder, and how it reads a request: the route, the
+//! client's token (header or cookie), and how it writes the new token back.
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::header::{COOKIE, HeaderName, HeaderValue, SET_COOKIE};
+use http::{HeaderMap, Method};
+use tower::Layer;
+
+use super::service::DbRouting;
+use crate::pg::{ConsistencyToken, Db, TokenCodec};
+
+/// Where a route's queries go by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Route {
+    /// By method: safe methods read from replicas, unsafe ones the primary.
+    ByMethod,
+    /// Everything on the primary.
+    Primary,
+    /// Reads from replicas, whatever the method.
+    Replicas,
+}
+
+#[derive(Debug)]
+struct Settings {
+    cookie: String,
+    header: HeaderName,
+    secure: bool,
+    overrides: Vec<(String, Route)>,
+    /// gRPC mode: the method paths that read; every other one writes.
+    grpc_reads: Option<std::collections::HashSet<String>>,
+}
+
+/// Configures and builds a [`DbLayer`].
+#[must_use]
+#[derive(Debug)]
+pub struct DbLayerBuilder {
+    db: Db,
+    codec: TokenCodec,
+    settings: Settings,
+}
+
+impl DbLayerBuilder {
+    /// The cookie name (default `tower_scale_token`).
+    pub fn cookie_name(mut self, name: impl Into<String>) -> Self {
+        self.settings.cookie = name.into();
+        self
+    }
+
+    /// The header name (default `x-consistency-token`).
+    pub fn header_name(mut self, name: HeaderName) -> Self {
+        self.settings.header = name;
+        self
+    }
+
+    /// Marks the cookie `Secure` (HTTPS only).
+    pub fn secure_cookie(mut self, yes: bool) -> Self {
+        self.settings.secure = yes;
+        self
+    }
+
+    /// Routes requests whose path starts with `prefix` as `route`
+    /// (the longest matching prefix wins).
+    pub fn route(mut self, prefix: impl Into<String>, route: Route) -> Self {
+        self.settings.overrides.push((prefix.into(), route));
+        self.settings
+            .overrides
+            .sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
+        self
+    }
+
+    /// gRPC mode, for tonic servers: the token travels in the metadata key
+    /// (`x-consistency-token` unless [`header_name`](Self::header_name)
+    /// says otherwise), no cookie is set, and requests are classified by
+    /// method path: the ones listed read from replicas, every other (and
+    /// unknown) method goes to the primary.
+    pub fn grpc<I, P>(mut self, read_methods: I) -> Self
+    where
+        I: IntoIterator<Item = P>,
+        P: Into<String>,
+    {
+        self.settings.grpc_reads = Some(read_methods.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Builds the layer.
+    pub fn build(self) -> DbLayer {
+        DbLayer {
+            db: self.db,
+            codec: Arc::new(self.codec),
+            settings: Arc::new(self.settings),
+        }
+    }
+}
+
+/// Puts a per-request [`RequestDb`] into the request extensions and the
+/// consistency token into responses; see the [module docs](self).
+#[derive(Clone)]
+pub struct DbLayer {
+    pub(super) db: Db,
+    codec: Arc<TokenCodec>,
+    settings: Arc<Settings>,
+}
+
+impl fmt::Debug for DbLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DbLayer")
+            .field("codec", &self.codec)
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+impl DbLayer {
+    /// A layer routing through `db`, with tokens from `codec`.
+    pub fn builder(db: Db, codec: TokenCodec) -> DbLayerBuilder {
+        DbLayerBuilder {
+            db,
+            codec,
+            settings: Settings {
+                cookie: "tower_scale_token".into(),
+                header: HeaderName::from_static("x-consistency-token"),
+                secure: false,
+                overrides: Vec::new(),
+                grpc_reads: None,
+            },
+        }
+    }
+}
+
+impl<S> Layer<S> for DbLayer {
+    type Service = DbRouting<S>;
+    fn layer(&self, inner: S) -> DbRouting<S> {
+        DbRouting {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// Cookie values of `name` in the request (all `Cookie` header lines). A
+/// value may be sent in double quotes (RFC 6265 `cookie-value`); the quotes
+/// are not part of it.
+fn cookies<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        // Pair by pair on the raw bytes: one cookie with a non-ASCII value
+        // must not hide the others on the line.
+        .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
+        .filter_map(move |pair| {
+            if !pair.is_ascii() {
+                return None;
+            }
+            let pair = std::str::from_utf8(pair).ok()?;
+            let (k, v) = pair.split_once('=')?;
+            (k.trim() == name).then_some(unquote(v.trim()))
+        })
+}
+
+/// `"value"` → `value`; anything else as it is.
+fn unquote(value: &str) -> &str {
+    value
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap_or(value)
+}
+
+impl DbLayer {
+    /// The newest valid token a request presents.
+    pub fn token_of(&self, headers: &HeaderMap) -> Option<ConsistencyToken> {
+        let from_header = headers
+            .get_all(&self.settings.header)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .filter_map(|v| self.codec.decode(v));
+        let from_cookie =
+            cookies(headers, &self.settings.cookie).filter_map(|v| self.codec.decode(v));
+        from_header.chain(from_cookie).max()
+    }
+
+    pub(super) fn route_of(&self, path: &str, method: &Method) -> Route {
+        if let Some(reads) = &self.settings.grpc_reads {
+            return if reads.contains(path) {
+                Route::Replicas
+            } else {
+                Route::Primary
+            };
+        }
+        let route = self
+            .settings
+            .overrides
+            .iter()
+            .find(|(prefix, _)| path.starts_with(prefix.as_str()))
+            .map_or(Route::ByMethod, |(_, r)| *r);
+        match route {
+            Route::ByMethod if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) => {
+                Route::Replicas
+            }
+            Route::ByMethod => Route::Primary,
+            other => other,
+        }
+    }
+
+    pub(super) fn set_token(&self, headers: &mut HeaderMap, token: ConsistencyToken) {
+        let encoded = self.codec.encode(token);
+        if self.settings.grpc_reads.is_some() {
+            if let Ok(v) = HeaderValue::from_str(&encoded) {
+                headers.insert(self.settings.header.clone(), v);
+            }
+            return;
+        }
+        let max_age = self.codec.lifetime().as_secs();
+        let cookie = format!(
+            "{}={encoded}; HttpOnly; SameSite=Lax; Path=/; Max-Age={max_age}{}",
+            self.settings.cookie,
+            if self.settings.secure { "; Secure" } else { "" }
+        );
+        if let Ok(v) = HeaderValue::from_str(&cookie) {
+            headers.append(SET_COOKIE, v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&encoded) {
+            headers.insert(self.settings.header.clone(), v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(cookie_lines: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for line in cookie_lines {
+            headers.append(COOKIE, HeaderValue::from_str(line).unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn cookie_values_plain_and_quoted() {
+        let name = "tower_scale_token";
+        let h = request(&[
+            "a=1; tower_scale_token=plain",
+            r#"tower_scale_token="quoted"; b=2"#,
+            r#"tower_scale_token = "spaced" "#,
+        ]);
+        let values: Vec<&str> = cookies(&h, name).collect();
+        assert_eq!(values, ["plain", "quoted", "spaced"]);
+        // Unbalanced or lone quotes are left alone (and then fail to decode).
+        let h = request(&[r#"tower_scale_token="open"#, r#"tower_scale_token=""#]);
+        let values: Vec<&str> = cookies(&h, name).collect();
+        assert_eq!(values, [r#""open"#, r#"""#]);
+        // Only the cookie of that name; an empty quoted value is empty.
+        let h = request(&[r#"other="x"; tower_scale_token="""#]);
+        let values: Vec<&str> = cookies(&h, name).collect();
+        assert_eq!(values, [""]);
+    }
+}

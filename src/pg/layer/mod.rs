@@ -1,0 +1,30 @@
+//! Per-request database routing for HTTP services, with consistency tokens
+//! that travel with the client (features `http` and `postgres`).
+//!
+//! [`DbLayer`] puts a [`RequestDb`] into every request's extensions:
+//! safe methods (GET, HEAD, OPTIONS) read from replicas, unsafe ones go to
+//! the primary, and a per-route override can change that. The client's
+//! token (cookie `tower_scale_token`, its value plain or in double quotes
+//! as RFC 6265 allows, or header `x-consistency-token`; when both are valid
+//! the newer wins) turns replica reads into read-your-writes reads; a write
+//! whose commit position could not be learned hands out a token that sends
+//! the client's reads to the primary until it expires. When a request wrote, its response carries the new token in both
+//! (`HttpOnly`, `SameSite=Lax`, `Path=/`, `Max-Age` = the token lifetime,
+//! `Secure` as an option), so any instance can serve the client's next
+//! request. Forged, malformed, oversized, expired or far-future tokens are
+//! ignored: the request gets the default consistency.
+//!
+//! The pieces: [`DbLayer`] and its builder (`layer.rs`: routes, the token's
+//! cookie and header), the service it makes ([`DbRouting`], `service.rs`)
+//! and its future (`future.rs`), and what handlers use ([`RequestDb`] and
+//! the [`Primary`] / [`Replica`] extractors, `request.rs`).
+
+mod future;
+mod layer;
+mod request;
+mod service;
+
+pub use self::future::DbRoutingFuture;
+pub use self::layer::{DbLayer, DbLayerBuilder, Route};
+pub use self::request::{MissingDbLayer, Primary, Replica, RequestDb};
+pub use self::service::DbRouting;

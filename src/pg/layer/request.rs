@@ -1,0 +1,214 @@
+//! What handlers use: [`RequestDb`], the per-request view of the database,
+//! and the [`Primary`] / [`Replica`] extractors.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use axum_core::extract::FromRequestParts;
+use axum_core::response::{IntoResponse, Response as AxumResponse};
+use http::StatusCode;
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+
+use super::layer::Route;
+use crate::pg::{Consistency, ConsistencyToken, Db, DbError, Read, Written};
+
+/// The per-request database view [`DbLayer`] puts in the request: reads
+/// go where the route and the client's token say, writes go to the
+/// primary and their tokens reach the response.
+#[derive(Clone)]
+pub struct RequestDb {
+    pub(super) db: Db,
+    pub(super) route: Route,
+    pub(super) token: Option<ConsistencyToken>,
+    pub(super) written: Arc<Mutex<Option<ConsistencyToken>>>,
+}
+
+impl fmt::Debug for RequestDb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestDb")
+            .field("route", &self.route)
+            .field("token", &self.token)
+            .finish()
+    }
+}
+
+type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+impl RequestDb {
+    /// The consistency reads of this request get: `Strong` on the primary
+    /// route; otherwise read-your-writes with the newest of the client's
+    /// token and this request's own writes, or `Any`.
+    pub fn consistency(&self) -> Consistency {
+        if self.route == Route::Primary {
+            return Consistency::Strong;
+        }
+        match self.min_token() {
+            Some(t) => Consistency::ReadYourWrites(t),
+            None => Consistency::Any,
+        }
+    }
+
+    /// The newest token this request must see: the client's or its own writes'.
+    pub fn min_token(&self) -> Option<ConsistencyToken> {
+        let own = *crate::sync::lock(&self.written);
+        match (self.token, own) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The client's token, as presented.
+    pub fn client_token(&self) -> Option<ConsistencyToken> {
+        self.token
+    }
+
+    /// The underlying handle.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Records a write's token so the response carries it.
+    pub fn record_write(&self, token: ConsistencyToken) {
+        let mut w = crate::sync::lock(&self.written);
+        *w = Some(w.map_or(token, |t| t.max(token)));
+    }
+
+    /// A read routed for this request.
+    pub async fn read_opt(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Read<Option<Row>>, DbError> {
+        self.db.read_opt(self.consistency(), sql, params).await
+    }
+
+    /// A read of exactly one row, routed for this request.
+    pub async fn read_one(&self, sql: &str, params: Params<'_>) -> Result<Read<Row>, DbError> {
+        self.db.read_one(self.consistency(), sql, params).await
+    }
+
+    /// A read of many rows, routed for this request.
+    pub async fn read_query(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Read<Vec<Row>>, DbError> {
+        self.db.read_query(self.consistency(), sql, params).await
+    }
+
+    /// A write on the primary; its token reaches the response.
+    pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<Written<u64>, DbError> {
+        let w = self
+            .db
+            .execute(sql, params)
+            .await
+            .inspect_err(|e| self.record_failed_write(e))?;
+        self.record_write(w.token);
+        Ok(w)
+    }
+
+    /// A write returning rows; its token reaches the response.
+    pub async fn query(&self, sql: &str, params: Params<'_>) -> Result<Written<Vec<Row>>, DbError> {
+        let w = self
+            .db
+            .query(sql, params)
+            .await
+            .inspect_err(|e| self.record_failed_write(e))?;
+        self.record_write(w.token);
+        Ok(w)
+    }
+
+    /// A write returning one row; its token reaches the response.
+    /// A write that committed but returned another row count still
+    /// records its token (see [`DbError::RowCount`]).
+    pub async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Written<Row>, DbError> {
+        match self.db.query_one(sql, params).await {
+            Ok(w) => {
+                self.record_write(w.token);
+                Ok(w)
+            }
+            Err(e) => {
+                self.record_failed_write(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// A failed write that committed, or may have, still reaches the
+    /// response: its token, or the unknown one (reads go to the primary).
+    fn record_failed_write(&self, e: &DbError) {
+        if let DbError::RowCount {
+            written: Some(token),
+            ..
+        } = e
+        {
+            self.record_write(*token);
+        } else if e.may_have_committed() {
+            self.record_write(ConsistencyToken::unknown());
+        }
+    }
+}
+
+/// Rejection of the extractors when no [`DbLayer`] is in front.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct MissingDbLayer;
+
+impl IntoResponse for MissingDbLayer {
+    fn into_response(self) -> AxumResponse {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "DbLayer is not installed in front of this route",
+        )
+            .into_response()
+    }
+}
+
+impl<St: Send + Sync> FromRequestParts<St> for RequestDb {
+    type Rejection = MissingDbLayer;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        _: &St,
+    ) -> Result<Self, MissingDbLayer> {
+        parts
+            .extensions
+            .get::<RequestDb>()
+            .cloned()
+            .ok_or(MissingDbLayer)
+    }
+}
+
+/// An extractor for the primary, whatever the route: `Strong` reads.
+#[derive(Debug, Clone)]
+pub struct Primary(pub RequestDb);
+
+/// An extractor for replicas, whatever the method: reads honour the
+/// client's token (read-your-writes) or go to any replica.
+#[derive(Debug, Clone)]
+pub struct Replica(pub RequestDb);
+
+impl<St: Send + Sync> FromRequestParts<St> for Primary {
+    type Rejection = MissingDbLayer;
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        state: &St,
+    ) -> Result<Self, MissingDbLayer> {
+        let mut db = RequestDb::from_request_parts(parts, state).await?;
+        db.route = Route::Primary;
+        Ok(Self(db))
+    }
+}
+
+impl<St: Send + Sync> FromRequestParts<St> for Replica {
+    type Rejection = MissingDbLayer;
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        state: &St,
+    ) -> Result<Self, MissingDbLayer> {
+        let mut db = RequestDb::from_request_parts(parts, state).await?;
+        db.route = Route::Replicas;
+        Ok(Self(db))
+    }
+}

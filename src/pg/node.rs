@@ -1,0 +1,377 @@
+//! One node: its pools, what the monitor last saw of it (role, health,
+//! LSN, lag), its latency estimate, and the cancel path for its queries.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, Runtime};
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+use tokio_postgres::{CancelToken, Socket};
+
+use super::balance::ramp_weight;
+use super::config::{ClusterBuilder, NodeConfig};
+use super::error::{DbError, PoolTimeout};
+use super::lsn::Lsn;
+use crate::error::ConfigError;
+
+const ROLE_UNKNOWN: u8 = 0;
+const ROLE_PRIMARY: u8 = 1;
+const ROLE_REPLICA: u8 = 2;
+
+/// What the monitor last saw a node as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Role {
+    /// Not probed yet, or unreachable since start.
+    Unknown,
+    /// Accepts writes (`pg_is_in_recovery()` is false).
+    Primary,
+    /// A standby.
+    Replica,
+}
+
+/// Sends a cancel request for a query through the cluster's own TLS
+/// connector (a cluster that requires TLS refuses plain cancel requests).
+pub(crate) type Canceller =
+    Arc<dyn Fn(CancelToken) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+pub(super) fn canceller<T>(tls: T, bound: Duration) -> Canceller
+where
+    T: MakeTlsConnect<Socket> + Clone + Sync + Send + 'static,
+    T::Stream: Sync + Send,
+    T::TlsConnect: Sync + Send,
+    <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+{
+    Arc::new(move |token: CancelToken| {
+        let tls = tls.clone();
+        Box::pin(async move {
+            // Connecting to a stalled server must not hang the task either.
+            if tokio::time::timeout(bound, token.cancel_query(tls))
+                .await
+                .is_err()
+            {
+                tracing::debug!("cancel request timed out");
+            }
+        })
+    })
+}
+
+/// One node: its pools and what the monitor knows of it.
+pub(crate) struct Node {
+    pub(crate) name: Arc<str>,
+    pub(crate) zone: Option<String>,
+    /// Reads (read-only sessions on configured replicas).
+    pub(crate) pool: Pool,
+    /// Writes: read-write sessions, so a promoted replica takes writes.
+    pub(super) write_pool: Pool,
+    pub(super) probe_pool: Pool,
+    pub(crate) configured_primary: bool,
+    role: AtomicU8,
+    healthy: AtomicBool,
+    /// Replay LSN (replica) or current LSN (primary), as last seen.
+    lsn: AtomicU64,
+    timeline: AtomicU64,
+    lag_nanos: AtomicU64,
+    healthy_since_ms: AtomicU64,
+    pub(crate) in_flight: AtomicU64,
+    latency_ewma_nanos: AtomicU64,
+    latency_at_nanos: AtomicU64,
+    latency_samples: AtomicU64,
+    pub(crate) queries: AtomicU64,
+}
+
+/// Samples a node needs before its latency counts in the balance.
+const LATENCY_WARMUP: u64 = 8;
+
+/// Without new samples a node's latency estimate halves this often.
+const LATENCY_HALF_LIFE: Duration = Duration::from_millis(250);
+
+impl Node {
+    pub(super) fn new<T>(
+        b: &ClusterBuilder,
+        name: String,
+        config: NodeConfig,
+        is_primary: bool,
+        tls: T,
+    ) -> Result<Self, ConfigError>
+    where
+        T: MakeTlsConnect<Socket> + Clone + Sync + Send + 'static,
+        T::Stream: Sync + Send,
+        T::TlsConnect: Sync + Send,
+        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+    {
+        let mut pg = config.config.clone();
+        let mut options = String::new();
+        if let Some(existing) = pg.get_options() {
+            options.push_str(existing);
+            options.push(' ');
+        }
+        if let Some(timeout) = b.statement_timeout {
+            options.push_str(&format!("-c statement_timeout={} ", timeout.as_millis()));
+        }
+        let probe = pg.clone();
+        let mut write = pg.clone();
+        write.options(options.trim());
+        if write.get_application_name().is_none() {
+            write.application_name("tower-scale");
+        }
+        if !is_primary {
+            // Replica sessions are read-only; a promoted replica keeps
+            // read-only sessions until the pool is recycled, so writes are
+            // routed by role, never to a replica's pool.
+            options.push_str("-c default_transaction_read_only=on");
+        }
+        pg.options(options.trim());
+        if pg.get_application_name().is_none() {
+            pg.application_name("tower-scale");
+        }
+        let build_pool = |pg: tokio_postgres::Config, size: usize, wait: Duration| {
+            let manager = Manager::from_config(
+                pg,
+                tls.clone(),
+                ManagerConfig {
+                    recycling_method: b.recycling.clone(),
+                },
+            );
+            Pool::builder(manager)
+                .max_size(size)
+                .wait_timeout(Some(wait))
+                .create_timeout(Some(b.create_timeout))
+                .recycle_timeout(Some(b.recycle_timeout))
+                .runtime(Runtime::Tokio1)
+                .build()
+                .map_err(|e| ConfigError::OutOfRange {
+                    field: "pool",
+                    reason: e.to_string(),
+                })
+        };
+        let mut probe = probe;
+        probe.application_name("tower-scale-monitor");
+        probe.connect_timeout(b.probe_timeout);
+        Ok(Self {
+            name: Arc::from(name),
+            zone: config.zone,
+            pool: build_pool(pg, b.pool_size, b.wait_timeout)?,
+            write_pool: build_pool(write, b.pool_size, b.wait_timeout)?,
+            probe_pool: build_pool(probe, 1, b.probe_timeout)?,
+            configured_primary: is_primary,
+            role: AtomicU8::new(ROLE_UNKNOWN),
+            healthy: AtomicBool::new(false),
+            lsn: AtomicU64::new(0),
+            timeline: AtomicU64::new(0),
+            lag_nanos: AtomicU64::new(0),
+            healthy_since_ms: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            // Unmeasured: as cheap as can be, so it gets tried and measured.
+            latency_ewma_nanos: AtomicU64::new(0),
+            latency_at_nanos: AtomicU64::new(0),
+            latency_samples: AtomicU64::new(0),
+            queries: AtomicU64::new(0),
+        })
+    }
+
+    pub(crate) fn role(&self) -> Role {
+        match self.role.load(Ordering::Acquire) {
+            ROLE_PRIMARY => Role::Primary,
+            ROLE_REPLICA => Role::Replica,
+            _ => Role::Unknown,
+        }
+    }
+
+    pub(crate) fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn lsn(&self) -> Lsn {
+        Lsn(self.lsn.load(Ordering::Acquire))
+    }
+
+    /// Raises the known LSN (never lowers it: replay only moves forward).
+    pub(crate) fn observe_lsn(&self, lsn: Lsn) {
+        self.lsn.fetch_max(lsn.0, Ordering::AcqRel);
+    }
+
+    pub(crate) fn timeline(&self) -> u64 {
+        self.timeline.load(Ordering::Acquire)
+    }
+
+    pub(super) fn set_lag(&self, lag: Duration) {
+        self.lag_nanos.store(
+            u64::try_from(lag.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Release,
+        );
+    }
+
+    /// A probe answered: the node's role, LSN and timeline as it reported
+    /// them; back in rotation (its ramp starts at `now_ms`) if it was out.
+    pub(super) fn observe_probe(&self, in_recovery: bool, lsn: Lsn, timeline: u64, now_ms: u64) {
+        self.role.store(
+            if in_recovery {
+                ROLE_REPLICA
+            } else {
+                ROLE_PRIMARY
+            },
+            Ordering::Release,
+        );
+        self.lsn.store(lsn.0, Ordering::Release);
+        self.timeline.store(timeline, Ordering::Release);
+        if !self.healthy.swap(true, Ordering::AcqRel) {
+            self.healthy_since_ms.store(now_ms, Ordering::Release);
+            tracing::info!(node = %self.name, "node in rotation");
+        }
+    }
+
+    /// A probe failed: out of rotation, idle connections dropped.
+    pub(super) fn observe_failure(&self, reason: &str) {
+        if self.healthy.swap(false, Ordering::AcqRel) {
+            tracing::warn!(node = %self.name, %reason, "node out of rotation");
+        }
+        self.drain();
+    }
+
+    /// When the node last came back into rotation, in milliseconds since
+    /// the cluster started.
+    pub(super) fn healthy_since_ms(&self) -> u64 {
+        self.healthy_since_ms.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn lag(&self) -> Duration {
+        Duration::from_nanos(self.lag_nanos.load(Ordering::Acquire))
+    }
+
+    /// The latency EWMA, decayed by half every [`LATENCY_HALF_LIFE`] without a
+    /// new sample, so a node that was slow once is tried again.
+    pub(crate) fn latency(&self, started: Instant) -> Duration {
+        if self.latency_samples.load(Ordering::Relaxed) < LATENCY_WARMUP {
+            // Not measured enough yet: look cheap, so it gets measured.
+            return Duration::ZERO;
+        }
+        let ewma = self.latency_ewma_nanos.load(Ordering::Relaxed) as f64;
+        let last = self.latency_at_nanos.load(Ordering::Relaxed);
+        let now = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let age = now.saturating_sub(last) as f64 / LATENCY_HALF_LIFE.as_nanos() as f64;
+        Duration::from_nanos((ewma * 0.5f64.powf(age)) as u64)
+    }
+
+    /// Folds one observed latency into the EWMA (alpha 0.2).
+    pub(crate) fn record_latency(&self, d: Duration, started: Instant) {
+        self.latency_at_nanos.store(
+            u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        let sample = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let old = self.latency_ewma_nanos.load(Ordering::Relaxed);
+        let samples = self.latency_samples.fetch_add(1, Ordering::Relaxed);
+        let new = if samples < LATENCY_WARMUP {
+            // The first queries on a node are slow (cold caches, new
+            // sessions): the warm-up keeps the best of them.
+            if old == 0 { sample } else { old.min(sample) }
+        } else {
+            (old / 5).saturating_mul(4).saturating_add(sample / 5)
+        };
+        self.latency_ewma_nanos.store(new, Ordering::Relaxed);
+    }
+
+    /// Takes the node out of rotation until the monitor sees it healthy.
+    pub(crate) fn mark_down(&self) {
+        if self.healthy.swap(false, Ordering::AcqRel) {
+            tracing::warn!(node = %self.name, "node taken out of rotation");
+        }
+        self.drain();
+    }
+
+    /// Drops the idle connections: after a crash or restart they are dead,
+    /// and handing them out would fail the next reads.
+    pub(crate) fn drain(&self) {
+        self.pool.retain(|_, _| false);
+        self.write_pool.retain(|_, _| false);
+    }
+
+    pub(crate) fn demote(&self) {
+        self.role.store(ROLE_REPLICA, Ordering::Release);
+    }
+
+    /// Checks out a connection, mapping pool errors to typed ones.
+    pub(crate) async fn connection(&self, write: bool) -> Result<Object, DbError> {
+        let started = Instant::now();
+        let pool = if write && !self.configured_primary {
+            &self.write_pool
+        } else {
+            &self.pool
+        };
+        let result = pool.get().await;
+        metrics::histogram!("tower_scale_db_pool_wait_seconds", "node" => Arc::clone(&self.name))
+            .record(started.elapsed().as_secs_f64());
+        result.map_err(|e| pool_error(&self.name, e))
+    }
+
+    pub(super) fn snapshot(&self, started: Instant, ramp: Duration) -> NodeStatus {
+        let since = self.healthy_since_ms.load(Ordering::Acquire);
+        let now_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        NodeStatus {
+            name: self.name.to_string(),
+            zone: self.zone.clone(),
+            role: self.role(),
+            healthy: self.is_healthy(),
+            lsn: self.lsn(),
+            timeline: self.timeline.load(Ordering::Acquire),
+            lag: self.lag(),
+            weight: if self.is_healthy() {
+                ramp_weight(Duration::from_millis(now_ms.saturating_sub(since)), ramp)
+            } else {
+                0.0
+            },
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            queries: self.queries.load(Ordering::Relaxed),
+        }
+    }
+}
+
+pub(crate) fn pool_error(node: &Arc<str>, e: deadpool_postgres::PoolError) -> DbError {
+    use deadpool_postgres::{PoolError, TimeoutType};
+    match e {
+        PoolError::Timeout(kind) => DbError::PoolTimeout {
+            node: Arc::clone(node),
+            kind: match kind {
+                TimeoutType::Wait => PoolTimeout::Wait,
+                TimeoutType::Create => PoolTimeout::Create,
+                TimeoutType::Recycle => PoolTimeout::Recycle,
+            },
+        },
+        PoolError::Backend(source) => DbError::Connect {
+            node: Arc::clone(node),
+            source: Arc::new(source),
+        },
+        _ => DbError::Shutdown,
+    }
+}
+
+/// What [`Cluster::status`] reports per node.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct NodeStatus {
+    /// The node's name.
+    pub name: String,
+    /// Its zone label.
+    pub zone: Option<String>,
+    /// Its role as last probed.
+    pub role: Role,
+    /// In rotation.
+    pub healthy: bool,
+    /// Replay LSN (replica) or current LSN (primary), as last seen.
+    pub lsn: Lsn,
+    /// The primary's timeline (0 for replicas).
+    pub timeline: u64,
+    /// Replication lag (zero when caught up).
+    pub lag: Duration,
+    /// Its share of reads during re-admission (0 when out, 1 when full).
+    pub weight: f64,
+    /// Queries running now, or waiting for one of its pooled connections
+    /// (the balancer steers away from queued work too).
+    pub in_flight: u64,
+    /// Queries served since start.
+    pub queries: u64,
+}
