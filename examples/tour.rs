@@ -229,7 +229,7 @@ struct UserReads;
 impl CachePolicy<Query, QueryOutput> for UserReads {
     type Key = i64;
     fn key(&self, q: &Query) -> Option<i64> {
-        q.consistency?;
+        q.access.consistency()?;
         q.sql
             .strip_prefix("SELECT name FROM users WHERE id = ")?
             .parse()

@@ -73,6 +73,8 @@
 
 pub mod cache;
 pub mod error;
+#[cfg(any(feature = "postgres", feature = "local-cluster"))]
+mod lsn_text;
 mod random;
 mod sync;
 

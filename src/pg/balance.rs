@@ -53,9 +53,8 @@ pub fn choose_replica(candidates: &[Candidate], random: u64) -> Option<usize> {
                 b += 1;
             }
             let (a, b) = (pool[a], pool[b]);
-            // Within 50% of each other the two are as good: keep the random
-            // pick, so measurement noise does not starve a replica.
-            let (winner, loser) = if candidates[b].cost() * 1.5 < candidates[a].cost() {
+            // The cheaper wins; a tie keeps the random pick.
+            let (winner, loser) = if candidates[b].cost() < candidates[a].cost() {
                 (b, a)
             } else {
                 (a, b)
@@ -142,6 +141,16 @@ mod tests {
         assert!(!cyclic);
         let counts = shares(&cands, 3000);
         assert!(counts.iter().all(|&n| n > 600), "{counts:?}");
+    }
+
+    #[test]
+    fn a_tie_is_settled_by_the_draw_and_any_difference_by_the_cost() {
+        // Equal costs: each of two wins about half of the draws.
+        let counts = shares(&[c(0, 1), c(0, 1)], 2000);
+        assert!(counts.iter().all(|&n| n > 800), "{counts:?}");
+        // No tolerance band: 5% cheaper always wins against one other.
+        let counts = shares(&[c(0, 100), c(0, 95)], 2000);
+        assert_eq!(counts, [0, 2000]);
     }
 
     #[test]

@@ -15,7 +15,7 @@ impl Lsn {
 
 impl fmt::Display for Lsn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+        f.write_str(&crate::lsn_text::format(self.0))
     }
 }
 
@@ -27,14 +27,9 @@ pub struct LsnParseError(String);
 impl FromStr for Lsn {
     type Err = LsnParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || LsnParseError(s.chars().take(64).collect());
-        let (hi, lo) = s.split_once('/').ok_or_else(bad)?;
-        if hi.is_empty() || lo.is_empty() || hi.len() > 8 || lo.len() > 8 {
-            return Err(bad());
-        }
-        let hi = u32::from_str_radix(hi, 16).map_err(|_| bad())?;
-        let lo = u32::from_str_radix(lo, 16).map_err(|_| bad())?;
-        Ok(Self((u64::from(hi) << 32) | u64::from(lo)))
+        crate::lsn_text::parse(s)
+            .map(Self)
+            .ok_or_else(|| LsnParseError(s.chars().take(64).collect()))
     }
 }
 

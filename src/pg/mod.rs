@@ -107,16 +107,22 @@ pub mod layer;
 mod lsn;
 mod monitor;
 mod node;
+mod query;
+mod route;
+mod session;
 pub mod token;
+mod transaction;
 
 pub use self::balance::{Candidate, choose_replica, ramp_weight};
 pub use self::cluster::Cluster;
 pub use self::config::{ClusterBuilder, NodeConfig};
-pub use self::db::{Db, Query, QueryOutput, Read, RouteReason, Transaction, Written};
+pub use self::db::{Db, Read, RouteReason, Written};
 pub use self::error::{DbError, Operation, PoolTimeout};
 #[cfg(feature = "http")]
 pub use self::layer::{DbLayer, DbLayerBuilder, DbRouting, Primary, Replica, RequestDb, Route};
 pub use self::lsn::{Consistency, ConsistencyToken, Lsn, LsnParseError};
 pub use self::node::{NodeStatus, Role};
+pub use self::query::{Access, Query, QueryFuture, QueryOutput};
 pub use self::token::{TokenCodec, cluster_identity};
+pub use self::transaction::Transaction;
 pub use deadpool_postgres::RecyclingMethod;

@@ -5,7 +5,6 @@ use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::str::FromStr;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -696,23 +695,11 @@ impl Node {
 
 /// Parses PostgreSQL's `pg_lsn` text form (`16/B374D848`) into a number.
 pub fn parse_lsn(text: &str) -> Result<u64, LocalError> {
-    Lsn::from_str(text).map(|l| l.0)
+    crate::lsn_text::parse(text)
+        .ok_or_else(|| LocalError::Config(format!("not a pg_lsn: {text:?}")))
 }
 
 /// Formats a WAL position as PostgreSQL does (`16/B374D848`).
 pub fn format_lsn(lsn: u64) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
-}
-
-struct Lsn(u64);
-
-impl FromStr for Lsn {
-    type Err = LocalError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || LocalError::Config(format!("not a pg_lsn: {s:?}"));
-        let (hi, lo) = s.split_once('/').ok_or_else(bad)?;
-        let hi = u32::from_str_radix(hi, 16).map_err(|_| bad())?;
-        let lo = u32::from_str_radix(lo, 16).map_err(|_| bad())?;
-        Ok(Self((u64::from(hi) << 32) | u64::from(lo)))
-    }
+    crate::lsn_text::format(lsn)
 }

@@ -84,7 +84,10 @@ async fn reads_spread_over_replicas_and_writes_stay_on_the_primary() {
         }
     }
     eprintln!("200 Any reads: {served:?}");
-    // Both serve; P2C may still favour the one measured faster.
+    // Both serve: a replica is "unmeasured" (cost as if instant) until it
+    // has answered 8 reads, so each gets at least those; after that P2C
+    // may favour the one measured faster (how shares follow load, latency
+    // and lag is tested on given costs in `pg::balance`).
     assert!(
         served.get("replica-1").copied().unwrap_or(0) >= 5,
         "{served:?}"

@@ -1,0 +1,292 @@
+//! Read routing: which replicas qualify for a consistency, the balancer's
+//! pick among them, the catch-up wait for read-your-writes, and the public
+//! read methods.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio_postgres::Row;
+use tracing::Instrument;
+
+use super::balance::{Candidate, choose_replica};
+use super::error::{DbError, Operation};
+use super::lsn::{Consistency, Lsn};
+use super::node::{Node, Role};
+
+use super::db::*;
+use super::session::*;
+
+/// How a read-your-writes catch-up ended.
+pub(super) enum CatchUp {
+    Replayed,
+    /// Still behind at the deadline, or no connection in time.
+    Behind,
+    /// The replica did not answer within the wait.
+    NoAnswer,
+}
+
+impl Db {
+    /// Candidates for a read, with their node indices.
+    pub(super) fn replicas(&self, accept: impl Fn(&Node) -> bool) -> Vec<(usize, Candidate)> {
+        let zone = self.inner.options.zone.as_deref();
+        self.inner
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.is_healthy() && n.role() == Role::Replica && accept(n))
+            .map(|(i, n)| {
+                (
+                    i,
+                    Candidate {
+                        in_flight: n.in_flight.load(Ordering::Relaxed),
+                        latency: n.latency(self.inner.started),
+                        lag: n.lag(),
+                        weight: self.inner.weight(n),
+                        same_zone: zone.is_some() && n.zone.as_deref() == zone,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    pub(super) fn pick(&self, candidates: &[(usize, Candidate)]) -> Option<usize> {
+        let only: Vec<Candidate> = candidates.iter().map(|(_, c)| *c).collect();
+        choose_replica(&only, self.inner.random()).map(|i| candidates[i].0)
+    }
+
+    /// Where a read goes, and the LSN its data reflects at least.
+    pub(super) async fn route(
+        &self,
+        consistency: Consistency,
+        exclude: Option<usize>,
+    ) -> Result<(usize, Lsn, RouteReason), DbError> {
+        let not_excluded = |i: &(usize, Candidate)| Some(i.0) != exclude;
+        let budget = self.inner.options.lag_budget;
+        // A replica that did not answer the catch-up query in time.
+        let mut stalled = None;
+        let choice = match consistency {
+            Consistency::Strong => None,
+            Consistency::Any => {
+                let c: Vec<_> = self
+                    .replicas(|n| n.lag() <= budget)
+                    .into_iter()
+                    .filter(not_excluded)
+                    .collect();
+                self.pick(&c).map(|i| (i, RouteReason::Replica))
+            }
+            Consistency::BoundedStaleness(bound) => {
+                let c: Vec<_> = self
+                    .replicas(|n| n.lag() <= bound)
+                    .into_iter()
+                    .filter(not_excluded)
+                    .collect();
+                self.pick(&c).map(|i| (i, RouteReason::Replica))
+            }
+            // A commit whose position is unknown: no replica can be shown
+            // to have it, and none is waited for.
+            Consistency::ReadYourWrites(token) if token.is_unknown() => None,
+            Consistency::ReadYourWrites(token) => {
+                let ready: Vec<_> = self
+                    .replicas(|n| n.lsn() >= token.lsn())
+                    .into_iter()
+                    .filter(not_excluded)
+                    .collect();
+                match self.pick(&ready) {
+                    Some(i) => Some((i, RouteReason::CaughtUp)),
+                    None => {
+                        // Waiting only helps on a replica that is not far behind.
+                        let wait = self.inner.options.read_your_writes_wait;
+                        let c: Vec<_> = self
+                            .replicas(|n| n.lag() <= wait)
+                            .into_iter()
+                            .filter(not_excluded)
+                            .collect();
+                        match self.pick(&c) {
+                            Some(i) => match self.wait_for_replay(i, token.lsn()).await {
+                                CatchUp::Replayed => Some((i, RouteReason::WaitedForReplica)),
+                                CatchUp::Behind => None,
+                                CatchUp::NoAnswer => {
+                                    stalled = Some(i);
+                                    None
+                                }
+                            },
+                            None => None,
+                        }
+                    }
+                }
+            }
+        };
+        if let Some((i, reason)) = choice {
+            return Ok((i, self.node(i).lsn(), reason));
+        }
+        // Strong reads and the unknown token belong on the primary: not a
+        // fallback, so `fallback_to_primary(false)` does not refuse them.
+        let primary_by_rule = match consistency {
+            Consistency::Strong => true,
+            Consistency::ReadYourWrites(token) => token.is_unknown(),
+            _ => false,
+        };
+        if !self.inner.options.fallback_to_primary && !primary_by_rule {
+            if let Some(i) = stalled {
+                return Err(DbError::Timeout {
+                    node: Arc::clone(&self.node(i).name),
+                    operation: Operation::CatchUp,
+                    after: self.inner.options.read_your_writes_wait,
+                });
+            }
+            return Err(DbError::NoPrimary {
+                tried: vec!["no replica qualifies and fallback_to_primary is off".into()],
+            });
+        }
+        let i = self.primary_index().await?;
+        let lsn = self
+            .node(i)
+            .lsn()
+            .max(Lsn(self.inner.last_write.load(Ordering::Acquire)));
+        let reason = if primary_by_rule {
+            RouteReason::Primary
+        } else {
+            RouteReason::FallbackToPrimary
+        };
+        Ok((i, lsn, reason))
+    }
+
+    /// Polls replica `index` until it has replayed `lsn`, within the
+    /// read-your-writes wait, which bounds everything here: the checkout
+    /// and every query. A replica that does not answer in time is left to
+    /// the monitor (a wait for a pooled connection is not held against it).
+    pub(super) async fn wait_for_replay(&self, index: usize, lsn: Lsn) -> CatchUp {
+        let node = self.node(index);
+        let wait = self.inner.options.read_your_writes_wait;
+        let deadline = tokio::time::Instant::now() + wait;
+        let Ok(Ok(conn)) = tokio::time::timeout_at(deadline, node.connection(false)).await else {
+            return CatchUp::Behind;
+        };
+        let running = Running::new(conn, &self.inner.cancel);
+        let Ok(conn) = running.conn() else {
+            return CatchUp::Behind;
+        };
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match tokio::time::timeout_at(deadline, conn.simple_query(REPLAY_SQL)).await {
+                Ok(Ok(messages)) => {
+                    if let Some(replayed) = parse_lsn(&messages) {
+                        node.observe_lsn(replayed);
+                        if replayed >= lsn {
+                            running.release();
+                            return CatchUp::Replayed;
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    running.settle(&e, false);
+                    return CatchUp::Behind;
+                }
+                Err(_) => {
+                    // Dropping `running` cancels the query and closes the session.
+                    tracing::debug!(node = %node.name, ?wait, "replica did not answer the catch-up query");
+                    self.inner.request_reprobe();
+                    return CatchUp::NoAnswer;
+                }
+            }
+            if tokio::time::Instant::now() + pause > deadline {
+                running.release();
+                return CatchUp::Behind;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    pub(super) async fn read(
+        &self,
+        consistency: Consistency,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Read<Vec<Row>>, DbError> {
+        let (index, lsn, reason) = self.route(consistency, None).await?;
+        let node = self.node(index);
+        let span = tracing::debug_span!(
+            "db.read",
+            node = %node.name,
+            reason = ?reason,
+            lag_ms = node.lag().as_millis() as u64,
+        );
+        match self.read_on(index, sql, params).instrument(span).await {
+            Ok(rows) => Ok(Read {
+                value: rows,
+                served_by: Arc::clone(&node.name),
+                lsn,
+                reason,
+            }),
+            // A replica that failed (not the query): once elsewhere.
+            Err((e, true)) if index != self.inner.primary.load(Ordering::Acquire) => {
+                tracing::warn!(node = %node.name, error = %e, "read failed on a replica; retrying elsewhere");
+                // Nowhere else to go: the first error is the one that says why.
+                let Ok((index, lsn, _)) = self.route(consistency, Some(index)).await else {
+                    return Err(e);
+                };
+                let rows = self.read_on(index, sql, params).await.map_err(|(e, _)| e)?;
+                Ok(Read {
+                    value: rows,
+                    served_by: Arc::clone(&self.node(index).name),
+                    lsn,
+                    reason: RouteReason::Retried,
+                })
+            }
+            Err((e, _)) => Err(e),
+        }
+    }
+
+    /// A read routed by `consistency`.
+    pub async fn read_query(
+        &self,
+        consistency: Consistency,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Read<Vec<Row>>, DbError> {
+        self.read(consistency, sql, params).await
+    }
+
+    /// A read of at most one row routed by `consistency`.
+    pub async fn read_opt(
+        &self,
+        consistency: Consistency,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Read<Option<Row>>, DbError> {
+        let r = self.read(consistency, sql, params).await?;
+        let mut rows = r.value;
+        if rows.len() > 1 {
+            return Err(DbError::RowCount {
+                node: Arc::clone(&r.served_by),
+                rows: rows.len(),
+                written: None,
+            });
+        }
+        Ok(Read {
+            value: rows.pop(),
+            served_by: r.served_by,
+            lsn: r.lsn,
+            reason: r.reason,
+        })
+    }
+
+    /// A read of exactly one row routed by `consistency`.
+    pub async fn read_one(
+        &self,
+        consistency: Consistency,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Read<Row>, DbError> {
+        let r = self.read(consistency, sql, params).await?;
+        let row = exactly_one(r.value, &r.served_by, None)?;
+        Ok(Read {
+            value: row,
+            served_by: r.served_by,
+            lsn: r.lsn,
+            reason: r.reason,
+        })
+    }
+}

@@ -1,0 +1,207 @@
+//! One statement on one session: the checkout that cancels and closes on
+//! abandonment, the in-flight count, the bounded statement cache, and the
+//! SQL the write path sends after a statement (token, replay position, commit).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use deadpool_postgres::{ClientWrapper, Object};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Row, SimpleQueryMessage, Statement};
+
+use super::error::{DbError, Fault, fault};
+use super::lsn::{ConsistencyToken, Lsn};
+use super::node::{Canceller, Node};
+
+/// A checked-out connection that may have a statement in flight. Dropped
+/// armed (a deadline passed, the caller gave up on the future), it cancels
+/// the server-side statement through the cluster's TLS connector and closes
+/// the session instead of handing it to someone else.
+pub(super) struct Running<'a> {
+    conn: Option<Object>,
+    cancel: &'a Canceller,
+}
+
+impl<'a> Running<'a> {
+    pub(super) fn new(conn: Object, cancel: &'a Canceller) -> Self {
+        Self {
+            conn: Some(conn),
+            cancel,
+        }
+    }
+
+    pub(super) fn conn(&self) -> Result<&Object, DbError> {
+        // Always set until release, discard or drop.
+        self.conn.as_ref().ok_or(DbError::Shutdown)
+    }
+
+    /// The statement finished and the session is sound: back to the pool.
+    pub(super) fn release(mut self) {
+        drop(self.conn.take());
+    }
+
+    /// The session is broken or in an unknown state: close it, no cancel.
+    pub(super) fn discard(mut self) {
+        if let Some(conn) = self.conn.take() {
+            drop(Object::take(conn));
+        }
+    }
+
+    /// Keeps the session out of the pool and hands it over (a transaction).
+    pub(super) fn into_object(mut self) -> Option<Object> {
+        self.conn.take()
+    }
+
+    /// After a driver error: sessions that failed, or that a demoted
+    /// primary answered, are closed; the others go back to the pool.
+    pub(super) fn settle(self, e: &tokio_postgres::Error, write: bool) {
+        if fault(e) == Fault::Connection
+            || (write && e.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION))
+        {
+            self.discard();
+        } else {
+            self.release();
+        }
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            cancel_and_close(Object::take(conn), self.cancel);
+        }
+    }
+}
+
+/// Cancels whatever runs on `client` and closes it, in the background.
+pub(super) fn cancel_and_close(client: ClientWrapper, cancel: &Canceller) {
+    let request = cancel(client.cancel_token());
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn(async move {
+                request.await;
+                drop(client);
+            });
+        }
+        Err(_) => drop(client),
+    }
+}
+
+/// Counts a query against its node from before the pool checkout (so the
+/// balancer sees queued work) until it ends, however it ends.
+pub(super) struct InFlight<'a>(&'a Node);
+
+impl<'a> InFlight<'a> {
+    pub(super) fn new(node: &'a Node) -> Self {
+        node.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(node)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How one attempt at a statement failed.
+pub(super) enum Failure {
+    /// No connection: nothing was sent.
+    Checkout(DbError),
+    /// The server did not answer in time (for a write, counted as possibly
+    /// committed even when only the preparation was pending).
+    Timeout,
+    /// The driver's error; `sent` once the statement itself (not only its
+    /// preparation) may have reached the server.
+    Driver {
+        source: tokio_postgres::Error,
+        sent: bool,
+    },
+}
+
+/// Statements kept prepared per connection. deadpool-postgres's statement
+/// cache has no limit of its own: SQL text built per request (an `IN` list
+/// of varying length, values spliced into the text) would grow it, and the
+/// server's prepared statements with it, for as long as the connection
+/// lives. Past this many the connection's cache is emptied (its statements
+/// are closed on the server) and refills with the statements in use.
+pub(crate) const MAX_CACHED_STATEMENTS: usize = 256;
+
+/// `prepare_cached`, keeping the connection's cache within
+/// [`MAX_CACHED_STATEMENTS`].
+pub(super) async fn prepare(
+    conn: &Object,
+    node: &Arc<str>,
+    sql: &str,
+) -> Result<Statement, tokio_postgres::Error> {
+    let stmt = conn.prepare_cached(sql).await?;
+    if conn.statement_cache.size() > MAX_CACHED_STATEMENTS {
+        conn.statement_cache.clear();
+        metrics::counter!("tower_scale_db_statement_cache_clears_total", "node" => Arc::clone(node))
+            .increment(1);
+    }
+    Ok(stmt)
+}
+
+pub(super) enum Mode {
+    Rows,
+    Execute,
+}
+
+pub(super) enum Output {
+    Rows(Vec<Row>),
+    Count(u64),
+}
+
+/// The token query: schema-qualified, so no `search_path` can redirect it.
+/// The simple protocol answers it in one round trip.
+pub(super) const TOKEN_SQL: &str = "SELECT pg_catalog.pg_current_wal_lsn()::text";
+
+/// Read-your-writes catch-up: how far a replica has replayed.
+pub(super) const REPLAY_SQL: &str = "SELECT pg_catalog.pg_last_wal_replay_lsn()::text";
+
+/// `COMMIT` with its guard and its token in one round trip. The guard
+/// `SAVEPOINT` fails in a failed transaction (25P02), and outside a
+/// transaction block (25P01: a statement of the transaction ended it, a
+/// `COMMIT`, `ROLLBACK` or `PREPARE TRANSACTION` sent through it); the
+/// server then skips the rest, so neither is ever taken for our commit.
+/// After `COMMIT`'s own completion the commit is certain, whatever happens
+/// to the token query.
+pub(super) const COMMIT_SQL: &str =
+    "SAVEPOINT tower_scale_guard; COMMIT; SELECT pg_catalog.pg_current_wal_lsn()::text";
+
+/// The WAL position in a token query's answer, if it is one.
+pub(super) fn parse_lsn(messages: &[SimpleQueryMessage]) -> Option<Lsn> {
+    messages.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(row) => row.get(0).and_then(|text| text.parse().ok()),
+        _ => None,
+    })
+}
+
+pub(super) fn rows(out: Output) -> Vec<Row> {
+    match out {
+        Output::Rows(rows) => rows,
+        Output::Count(_) => Vec::new(),
+    }
+}
+
+/// The one row; otherwise a [`DbError::RowCount`] carrying `written`, the
+/// token of a write that committed anyway.
+pub(super) fn exactly_one(
+    mut rows: Vec<Row>,
+    node: &Arc<str>,
+    written: Option<ConsistencyToken>,
+) -> Result<Row, DbError> {
+    if rows.len() != 1 {
+        return Err(DbError::RowCount {
+            node: Arc::clone(node),
+            rows: rows.len(),
+            written,
+        });
+    }
+    rows.pop().ok_or_else(|| DbError::RowCount {
+        node: Arc::clone(node),
+        rows: 0,
+        written,
+    })
+}

@@ -1,0 +1,306 @@
+//! [`Transaction`]: statements on one primary session, and a commit that
+//! is reported only when it happened.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use deadpool_postgres::Object;
+use futures_util::StreamExt;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Row, SimpleQueryMessage};
+
+use super::db::{Db, Params};
+use super::error::{DbError, Fault, Operation, fault};
+use super::lsn::{ConsistencyToken, Lsn};
+use super::session::{COMMIT_SQL, Mode, Output, Running, exactly_one, prepare, rows};
+
+/// A transaction on the primary. [`commit`](Self::commit) returns the
+/// token; dropping it uncommitted rolls back (the session is closed, so the
+/// server aborts it).
+///
+/// Every statement, and `COMMIT`, is bounded by the write timeout. A
+/// statement that times out, loses its connection or whose future is
+/// dropped mid-flight leaves the transaction unusable: its query is
+/// cancelled, later statements fail, and `commit` reports
+/// [`DbError::RolledBack`]. So does `commit` after a statement the server
+/// rejected (unless a savepoint recovered it): a rolled-back transaction is
+/// never reported committed.
+pub struct Transaction {
+    pub(super) db: Db,
+    pub(super) index: usize,
+    pub(super) conn: Option<Object>,
+    /// The session cannot be trusted any more (see the type's docs).
+    pub(super) broken: AtomicBool,
+}
+
+impl fmt::Debug for Transaction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Transaction")
+            .field("node", &self.db.node(self.index).name)
+            .field("broken", &self.broken.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// Marks the transaction broken and cancels its statement if the statement
+/// future is dropped before it ends.
+pub(super) struct StatementGuard<'a> {
+    tx: &'a Transaction,
+    armed: bool,
+}
+
+impl Drop for StatementGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.tx.break_session(true);
+        }
+    }
+}
+
+pub(super) const BROKEN: &str =
+    "the session was lost, or a statement timed out or was abandoned, before COMMIT";
+
+impl Transaction {
+    fn node_name(&self) -> Arc<str> {
+        Arc::clone(&self.db.node(self.index).name)
+    }
+
+    fn conn(&self) -> Result<&Object, DbError> {
+        if self.broken.load(Ordering::Acquire) {
+            return Err(DbError::RolledBack {
+                node: self.node_name(),
+                reason: BROKEN,
+                source: None,
+            });
+        }
+        self.conn.as_ref().ok_or(DbError::Shutdown)
+    }
+
+    /// From now on the transaction can only roll back; with `cancel`, the
+    /// statement running on it is cancelled.
+    fn break_session(&self, cancel: bool) {
+        if self.broken.swap(true, Ordering::AcqRel) || !cancel {
+            return;
+        }
+        if let Some(conn) = &self.conn {
+            let request = (self.db.inner.cancel)(conn.cancel_token());
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(request);
+            }
+        }
+    }
+
+    async fn statement(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+        mode: Mode,
+    ) -> Result<Output, DbError> {
+        let conn = self.conn()?;
+        let write_timeout = self.db.inner.options.write_timeout;
+        let mut guard = StatementGuard {
+            tx: self,
+            armed: true,
+        };
+        let result = tokio::time::timeout(write_timeout, async {
+            let stmt = prepare(conn, &self.db.node(self.index).name, sql).await?;
+            match mode {
+                Mode::Rows => conn.query(&stmt, params).await.map(Output::Rows),
+                Mode::Execute => conn.execute(&stmt, params).await.map(Output::Count),
+            }
+        })
+        .await;
+        guard.armed = false;
+        match result {
+            Ok(Ok(out)) => Ok(out),
+            Ok(Err(source)) => {
+                if fault(&source) == Fault::Connection {
+                    self.break_session(false);
+                }
+                // Nothing of the transaction can have committed.
+                Err(self
+                    .db
+                    .write_error(self.index, source, false, Operation::Statement))
+            }
+            Err(_) => {
+                self.break_session(true);
+                self.db.inner.request_reprobe();
+                Err(DbError::Timeout {
+                    node: self.node_name(),
+                    operation: Operation::Statement,
+                    after: write_timeout,
+                })
+            }
+        }
+    }
+
+    /// Runs a statement; returns its rows.
+    pub async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, DbError> {
+        self.statement(sql, params, Mode::Rows).await.map(rows)
+    }
+
+    /// Runs a statement for exactly one row.
+    pub async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, DbError> {
+        let rows = self.query(sql, params).await?;
+        exactly_one(rows, &self.db.node(self.index).name, None)
+    }
+
+    /// Runs a statement; returns the affected row count.
+    pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, DbError> {
+        match self.statement(sql, params, Mode::Execute).await? {
+            Output::Count(n) => Ok(n),
+            Output::Rows(rows) => Ok(rows.len() as u64),
+        }
+    }
+
+    /// Commits and returns the token of the commit, in one round trip
+    /// within the write timeout.
+    ///
+    /// - [`DbError::RolledBack`]: nothing was committed (a statement had
+    ///   failed, `COMMIT` failed, or the session was broken before it).
+    /// - [`DbError::EndedEarly`]: a statement sent through the transaction
+    ///   (`COMMIT`, `ROLLBACK`, `PREPARE TRANSACTION`...) had ended it; what
+    ///   it wrote may be committed.
+    /// - [`DbError::Timeout`] / [`DbError::Interrupted`] for
+    ///   [`Operation::Commit`]: `COMMIT` was sent and no answer came; the
+    ///   outcome is unknown.
+    /// - `Ok`: committed. If the token could not be had after `COMMIT`,
+    ///   the unknown token ([`ConsistencyToken::unknown`]), never an error.
+    pub async fn commit(mut self) -> Result<ConsistencyToken, DbError> {
+        let node = self.db.node(self.index);
+        let name = Arc::clone(&node.name);
+        let conn = self.conn.take().ok_or(DbError::Shutdown)?;
+        let running = Running::new(conn, &self.db.inner.cancel);
+        if self.broken.load(Ordering::Acquire) {
+            running.discard();
+            return Err(DbError::RolledBack {
+                node: name,
+                reason: BROKEN,
+                source: None,
+            });
+        }
+        let write_timeout = self.db.inner.options.write_timeout;
+        let deadline = tokio::time::Instant::now() + write_timeout;
+        // Statements completed: 1 after the guard, 2 after COMMIT.
+        let mut completed = 0;
+        let mut lsn = None;
+        let conn = running.conn()?;
+        let answer = tokio::time::timeout_at(deadline, async {
+            let stream = conn.simple_query_raw(COMMIT_SQL).await.map_err(Some)?;
+            futures_util::pin_mut!(stream);
+            while let Some(message) = stream.next().await {
+                match message.map_err(Some)? {
+                    SimpleQueryMessage::CommandComplete(_) => completed += 1,
+                    SimpleQueryMessage::Row(row) if completed == 2 => {
+                        lsn = row.get(0).and_then(|text| text.parse::<Lsn>().ok());
+                    }
+                    _ => {}
+                }
+            }
+            Ok::<_, Option<tokio_postgres::Error>>(())
+        })
+        .await;
+        match answer {
+            Err(_) if completed >= 2 => {
+                // Committed; only the token query is stuck.
+                self.db.inner.request_reprobe();
+                drop(running);
+                Ok(ConsistencyToken::unknown())
+            }
+            Err(_) => {
+                self.db.inner.request_reprobe();
+                drop(running);
+                Err(DbError::Timeout {
+                    node: name,
+                    operation: Operation::Commit,
+                    after: write_timeout,
+                })
+            }
+            Ok(Ok(())) if completed >= 2 => match lsn {
+                Some(lsn) => {
+                    running.release();
+                    Ok(self.db.commit_token(node, lsn))
+                }
+                None => {
+                    tracing::warn!(node = %name, "no WAL position after COMMIT; the token routes reads to the primary");
+                    running.discard();
+                    Ok(ConsistencyToken::unknown())
+                }
+            },
+            Ok(Err(Some(e))) if completed >= 2 => {
+                tracing::warn!(node = %name, error = %e, "the token query failed after COMMIT; the token routes reads to the primary");
+                running.discard();
+                Ok(ConsistencyToken::unknown())
+            }
+            Ok(Err(Some(e))) if fault(&e) == Fault::Connection => {
+                // The server may have run COMMIT before the session broke.
+                running.discard();
+                Err(self.db.write_error(self.index, e, true, Operation::Commit))
+            }
+            Ok(Err(Some(e)))
+                if completed == 0 && e.code() == Some(&SqlState::NO_ACTIVE_SQL_TRANSACTION) =>
+            {
+                // The user's own COMMIT, ROLLBACK or PREPARE TRANSACTION
+                // ended the block: what it wrote may be committed.
+                running.discard();
+                Err(DbError::EndedEarly {
+                    node: name,
+                    source: Arc::new(e),
+                })
+            }
+            Ok(Err(Some(e))) => {
+                let reason = if completed == 0 {
+                    "a statement of the transaction failed, so the server would answer COMMIT with ROLLBACK"
+                } else {
+                    "COMMIT failed"
+                };
+                // Whatever is left of the transaction ends with the session.
+                running.discard();
+                Err(DbError::RolledBack {
+                    node: name,
+                    reason,
+                    source: Some(Arc::new(e)),
+                })
+            }
+            // The server ended the answer early without an error: not a
+            // commit we can vouch for.
+            Ok(Ok(())) | Ok(Err(None)) => {
+                running.discard();
+                Err(DbError::Timeout {
+                    node: name,
+                    operation: Operation::Commit,
+                    after: write_timeout,
+                })
+            }
+        }
+    }
+
+    /// Rolls back, within the write timeout. Always succeeds in effect: if
+    /// `ROLLBACK` cannot be sent or answered, the session is closed, which
+    /// makes the server abort the transaction.
+    pub async fn rollback(mut self) -> Result<(), DbError> {
+        let conn = self.conn.take().ok_or(DbError::Shutdown)?;
+        let running = Running::new(conn, &self.db.inner.cancel);
+        if self.broken.load(Ordering::Acquire) {
+            running.discard();
+            return Ok(());
+        }
+        let write_timeout = self.db.inner.options.write_timeout;
+        match tokio::time::timeout(write_timeout, running.conn()?.batch_execute("ROLLBACK")).await {
+            Ok(Ok(())) => running.release(),
+            Ok(Err(_)) => running.discard(),
+            Err(_) => drop(running),
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Transaction {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            // Never return a session with an open transaction to the pool.
+            drop(Object::take(conn));
+        }
+    }
+}
