@@ -1,278 +1,20 @@
-//! A PostgreSQL primary with streaming replicas, from the installed binaries.
+//! One PostgreSQL server of a [`LocalCluster`](super::LocalCluster): init,
+//! base backup, start, stop, kill, pause, promote, and what to connect to.
 
 use std::fmt;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-use super::LocalError;
-use super::process::{self, MarkedDir, RunAs, ServerChild, io_err};
+use crate::testing::LocalError;
+use crate::testing::process::{self, MarkedDir, RunAs, ServerChild, io_err};
 
 /// How long a server may take to accept connections after it was started.
-const START_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Whether a node was started as the primary or as a streaming replica.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum NodeRole {
-    /// Accepts writes.
-    Primary,
-    /// Replays the primary's WAL (read-only until promoted).
-    Replica,
-}
-
-/// Options for a [`LocalCluster`].
-#[derive(Debug, Clone, Default)]
-#[must_use]
-pub struct LocalClusterBuilder {
-    replicas: usize,
-    apply_delays: Vec<(usize, Duration)>,
-    extra_conf: Vec<String>,
-}
-
-impl LocalClusterBuilder {
-    /// Number of streaming replicas (default 0).
-    pub fn replicas(mut self, n: usize) -> Self {
-        self.replicas = n;
-        self
-    }
-
-    /// Delays replay on replica `index` (0-based) by `delay`, through
-    /// `recovery_min_apply_delay`: the replica receives WAL at once but
-    /// applies each commit only `delay` after it happened, as a lagging
-    /// replica would.
-    pub fn apply_delay(mut self, index: usize, delay: Duration) -> Self {
-        self.apply_delays.push((index, delay));
-        self
-    }
-
-    /// An extra `postgresql.conf` line for every node (e.g. `"max_connections = 200"`).
-    pub fn conf(mut self, line: impl Into<String>) -> Self {
-        self.extra_conf.push(line.into());
-        self
-    }
-
-    /// Starts the primary, then each replica from a base backup of it.
-    ///
-    /// Blocks until every node accepts connections (a primary and two
-    /// replicas take a few seconds). Safe to call from inside a Tokio
-    /// runtime: it does not need one.
-    pub fn start(self) -> Result<LocalCluster, LocalError> {
-        if let Some((index, _)) = self.apply_delays.iter().find(|(i, _)| *i >= self.replicas) {
-            return Err(LocalError::Config(format!(
-                "apply_delay names replica {index}, but the cluster has {} replicas (0-based)",
-                self.replicas
-            )));
-        }
-        let started = Instant::now();
-        let bin = PgBin::find()?;
-        let run_as = RunAs::unprivileged()?;
-        let primary = Node::init_primary(&bin, run_as, &self.extra_conf)?;
-        let mut nodes = vec![primary];
-        for i in 0..self.replicas {
-            let delay = self
-                .apply_delays
-                .iter()
-                .rev()
-                .find(|(index, _)| *index == i)
-                .map(|(_, d)| *d);
-            let replica = Node::init_replica(&bin, run_as, &nodes[0], i + 1, delay)?;
-            nodes.push(replica);
-        }
-        tracing::info!(
-            replicas = self.replicas,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "local PostgreSQL cluster started"
-        );
-        Ok(LocalCluster {
-            nodes,
-            startup: started.elapsed(),
-        })
-    }
-}
-
-/// A PostgreSQL primary and N streaming replicas on free 127.0.0.1 ports,
-/// each in its own temp dir, started from the installed server binaries.
-///
-/// Everything is torn down on drop, also when a test panics: no server
-/// process and no temp dir is left behind. Servers of a run that died
-/// without dropping (SIGKILL, abort) are swept at the next start.
-///
-/// ```no_run
-/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-/// use tower_scale::testing::LocalCluster;
-///
-/// let cluster = LocalCluster::builder().replicas(2).start()?;
-/// let primary = cluster.primary().connect().await?;
-/// primary.batch_execute("CREATE TABLE t (id int)").await?;
-/// cluster.wait_for_replicas(std::time::Duration::from_secs(10)).await?;
-/// let replica = cluster.replica(0).connect().await?;
-/// replica.query("SELECT * FROM t", &[]).await?;
-/// # Ok(()) }
-/// ```
-#[derive(Debug)]
-pub struct LocalCluster {
-    nodes: Vec<Node>,
-    startup: Duration,
-}
-
-impl LocalCluster {
-    /// Options for a new cluster.
-    pub fn builder() -> LocalClusterBuilder {
-        LocalClusterBuilder::default()
-    }
-
-    /// Starts a primary with `replicas` undelayed replicas.
-    pub fn start(replicas: usize) -> Result<Self, LocalError> {
-        Self::builder().replicas(replicas).start()
-    }
-
-    /// A cluster shared by every caller that passes the same `name` while
-    /// one is alive, for tests that do not break it.
-    ///
-    /// The cluster lives as long as any returned `Arc` does: when the last
-    /// test holding it finishes, it is torn down (a `static` would never be
-    /// dropped and would leak its servers). `builder` is used only when no
-    /// live cluster has that name.
-    pub fn shared(
-        name: &str,
-        builder: impl FnOnce() -> LocalClusterBuilder,
-    ) -> Result<Arc<Self>, LocalError> {
-        static SHARED: Mutex<Vec<(String, Weak<LocalCluster>)>> = Mutex::new(Vec::new());
-        let mut shared = crate::sync::lock(&SHARED);
-        shared.retain(|(_, weak)| weak.strong_count() > 0);
-        if let Some(cluster) = shared
-            .iter()
-            .find(|(n, _)| n == name)
-            .and_then(|(_, weak)| weak.upgrade())
-        {
-            return Ok(cluster);
-        }
-        let cluster = Arc::new(builder().start()?);
-        shared.push((name.to_string(), Arc::downgrade(&cluster)));
-        Ok(cluster)
-    }
-
-    /// How long [`LocalClusterBuilder::start`] took.
-    pub fn startup_time(&self) -> Duration {
-        self.startup
-    }
-
-    /// The node started as the primary.
-    pub fn primary(&self) -> &Node {
-        &self.nodes[0]
-    }
-
-    /// Replica `index` (0-based, in the order they were started).
-    ///
-    /// # Panics
-    /// If there is no such replica: this is test support, and a wrong index
-    /// is a bug in the test.
-    pub fn replica(&self, index: usize) -> &Node {
-        self.replicas().get(index).unwrap_or_else(|| {
-            panic!(
-                "no replica {index}: the cluster has {}",
-                self.nodes.len() - 1
-            )
-        })
-    }
-
-    /// Every replica, in start order.
-    pub fn replicas(&self) -> &[Node] {
-        &self.nodes[1..]
-    }
-
-    /// Every node: the primary first, then the replicas.
-    pub fn nodes(&self) -> &[Node] {
-        &self.nodes
-    }
-
-    /// Waits until replica `index` has replayed the primary's current WAL
-    /// position (everything committed before this call).
-    pub async fn wait_for_replica(
-        &self,
-        index: usize,
-        timeout: Duration,
-    ) -> Result<(), LocalError> {
-        let lsn = self.primary().current_lsn().await?;
-        self.replica(index).wait_for_replay(lsn, timeout).await
-    }
-
-    /// Waits until every running, unpaused replica has replayed the
-    /// primary's current WAL position.
-    pub async fn wait_for_replicas(&self, timeout: Duration) -> Result<(), LocalError> {
-        let lsn = self.primary().current_lsn().await?;
-        for replica in self.replicas() {
-            if replica.is_running() && !replica.is_paused() {
-                replica.wait_for_replay(lsn, timeout).await?;
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Drop for LocalCluster {
-    fn drop(&mut self) {
-        // Replicas first, so they do not spend the teardown reconnecting.
-        for node in self.nodes.iter().rev() {
-            node.teardown();
-        }
-    }
-}
-
-/// The installed PostgreSQL server binaries.
-#[derive(Debug, Clone)]
-struct PgBin {
-    dir: PathBuf,
-}
-
-impl PgBin {
-    fn find() -> Result<Self, LocalError> {
-        let has_server =
-            |dir: &Path| dir.join("postgres").is_file() && dir.join("initdb").is_file();
-        if let Some(dir) = std::env::var_os("TOWER_SCALE_PG_BINDIR").map(PathBuf::from)
-            && has_server(&dir)
-        {
-            return Ok(Self { dir });
-        }
-        if let Ok(out) = std::process::Command::new("pg_config")
-            .arg("--bindir")
-            .output()
-        {
-            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-            if out.status.success() && has_server(&dir) {
-                return Ok(Self { dir });
-            }
-        }
-        let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                let version = e.file_name().to_str()?.parse::<u32>().ok()?;
-                let dir = e.path().join("bin");
-                has_server(&dir).then_some((version, dir))
-            })
-            .collect();
-        versions.sort();
-        match versions.pop() {
-            Some((_, dir)) => Ok(Self { dir }),
-            None => Err(LocalError::MissingBinary {
-                binary: "PostgreSQL server binaries (initdb, postgres, pg_basebackup)".into(),
-                package: "postgresql",
-            }),
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-}
+use super::{NodeRole, PgBin, START_TIMEOUT, format_lsn, parse_lsn};
 
 /// One PostgreSQL server of a [`LocalCluster`].
 pub struct Node {
@@ -299,7 +41,12 @@ impl fmt::Debug for Node {
 }
 
 impl Node {
-    fn new(name: String, role: NodeRole, bin: &PgBin, run_as: RunAs) -> Result<Self, LocalError> {
+    pub(super) fn new(
+        name: String,
+        role: NodeRole,
+        bin: &PgBin,
+        run_as: RunAs,
+    ) -> Result<Self, LocalError> {
         let dir = MarkedDir::new("pg", &run_as)?;
         Ok(Self {
             name,
@@ -312,7 +59,11 @@ impl Node {
         })
     }
 
-    fn init_primary(bin: &PgBin, run_as: RunAs, extra: &[String]) -> Result<Self, LocalError> {
+    pub(super) fn init_primary(
+        bin: &PgBin,
+        run_as: RunAs,
+        extra: &[String],
+    ) -> Result<Self, LocalError> {
         let node = Self::new("primary".into(), NodeRole::Primary, bin, run_as)?;
         let mut initdb = node.command("initdb");
         initdb.arg("-D").arg(node.data_dir()).args([
@@ -356,7 +107,7 @@ impl Node {
         Ok(node)
     }
 
-    fn init_replica(
+    pub(super) fn init_replica(
         bin: &PgBin,
         run_as: RunAs,
         primary: &Node,
@@ -398,22 +149,22 @@ impl Node {
         Ok(node)
     }
 
-    fn command(&self, binary: &str) -> std::process::Command {
+    pub(super) fn command(&self, binary: &str) -> std::process::Command {
         let mut cmd = self.run_as.command(self.bin.path(binary));
         // The postgres user may not be able to enter our working directory.
         cmd.current_dir(self.dir.path());
         cmd
     }
 
-    fn data_dir(&self) -> PathBuf {
+    pub(super) fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
 
-    fn log_path(&self) -> PathBuf {
+    pub(super) fn log_path(&self) -> PathBuf {
         self.dir.path().join("server.log")
     }
 
-    fn append_conf(&self, file: &str, lines: &[String]) -> Result<(), LocalError> {
+    pub(super) fn append_conf(&self, file: &str, lines: &[String]) -> Result<(), LocalError> {
         if lines.is_empty() {
             return Ok(());
         }
@@ -557,7 +308,7 @@ impl Node {
     /// what `pg_ctl start -w` waits for.
     /// The pid on line 1 must be the server we just started: a killed
     /// server leaves its `postmaster.pid` behind.
-    fn accepting(&self, pid: u32) -> bool {
+    pub(super) fn accepting(&self, pid: u32) -> bool {
         let Ok(text) = fs::read_to_string(self.data_dir().join("postmaster.pid")) else {
             return false;
         };
@@ -673,7 +424,7 @@ impl Node {
         }
     }
 
-    fn teardown(&self) {
+    pub(super) fn teardown(&self) {
         let _ = self.resume();
         let mut guard = self.child.lock();
         if let Some(mut child) = guard.take() {
@@ -691,15 +442,4 @@ impl Node {
             }
         }
     }
-}
-
-/// Parses PostgreSQL's `pg_lsn` text form (`16/B374D848`) into a number.
-pub fn parse_lsn(text: &str) -> Result<u64, LocalError> {
-    crate::lsn_text::parse(text)
-        .ok_or_else(|| LocalError::Config(format!("not a pg_lsn: {text:?}")))
-}
-
-/// Formats a WAL position as PostgreSQL does (`16/B374D848`).
-pub fn format_lsn(lsn: u64) -> String {
-    crate::lsn_text::format(lsn)
 }
