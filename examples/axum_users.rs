@@ -214,7 +214,6 @@ async fn delete(
 }
 
 async fn metrics_text(State(app): State<AppState>) -> Response {
-    app.users.stats().record_metrics("users");
     app.metrics.render().into_response()
 }
 

@@ -34,13 +34,27 @@
 //!   race-safe against fills in flight and understands version stamps (the
 //!   database LSN), which is how caching and replication share one
 //!   consistency model.
+//! - **The shared tier** (`cache::redis`, feature `redis`): a Redis L2 behind
+//!   every instance's L1, with leases against stampedes, versioned frames,
+//!   invalidation fan-out to every instance in order, and isolation (an
+//!   instance that cannot hear the fan-out stops trusting its L1).
+//! - **HTTP caching** ([`http`], feature `http`): an RFC 9111 shared cache
+//!   (`Cache-Control`, `Vary`, validators and 304s, `Age`, unsafe-method
+//!   invalidation) that never shares a per-user response.
+//! - **gRPC caching** ([`grpc`], feature `grpc`): unary responses of chosen
+//!   methods, keyed by path, message and chosen metadata.
+//! - **Replication routing** ([`pg`], feature `postgres`): a [`pg::Cluster`]
+//!   of a primary and replicas over deadpool-postgres pools, a health
+//!   monitor with failover and promotion, lag-aware power-of-two-choices
+//!   balancing, and read-your-writes through WAL-position tokens; `pg::layer`
+//!   (features `postgres` and `http`) carries the tokens through cookies,
+//!   headers and gRPC metadata.
 //! - **Real servers for tests** ([`testing`], feature `local-cluster`): a
 //!   PostgreSQL primary with streaming replicas and a Redis server, started
 //!   from the installed binaries in temp dirs on free loopback ports, with the
-//!   faults a production cluster sees (stop, kill, pause, promote, lag).
-//!
-//! Later parts (primary/replica routing with deadpool-postgres, the HTTP and
-//! gRPC glue, the shared Redis tier) plug into the same core.
+//!   faults a production cluster sees (stop, kill, pause, promote, lag), and a
+//!   TCP fault proxy (latency, black holes, refused connections).
+//! - **Errors** ([`error`]): the configuration error every builder returns.
 //!
 //! ## The consistency model
 //!
@@ -59,16 +73,13 @@
 //! | `quick-cache` | the L1 store on `quick_cache` (S3-FIFO) |
 //! | `http` | [`http`]: an RFC 9111 HTTP cache for axum and hyper services |
 //! | `grpc` | [`grpc`]: unary gRPC response caching for tonic servers |
-//! | `postgres` | [`pg`]: primary/replica routing over deadpool-postgres pools |
+//! | `postgres` | [`pg`]: primary/replica routing over deadpool-postgres pools (with `http`: `pg::layer`) |
+//! | `redis` | `cache::redis`: the shared L2 tier on Redis |
 //! | `local-cluster` | [`testing`]: PostgreSQL and Redis servers for tests, examples and benches |
 //! | `full` | every feature |
 #![cfg_attr(docsrs, feature(doc_cfg))]
-#![warn(
-    missing_docs,
-    missing_debug_implementations,
-    rust_2018_idioms,
-    unreachable_pub
-)]
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+#![deny(unreachable_pub)]
 #![forbid(unsafe_code)]
 
 pub mod cache;

@@ -250,6 +250,7 @@ pub async fn backend(args: &Args) -> Result<Backend, BoxError> {
     };
     let codec = TokenCodec::new(&key, cluster.identity())?;
     let layer = CacheLayer::builder(UserPolicy)
+        .name("users")
         .time_to_live(Duration::from_secs(60))
         .max_entries(100_000)
         .build()?;

@@ -81,6 +81,7 @@ impl<P> CacheLayer<P, NoStore> {
             early_refresh: Some(1.0),
             ttl_jitter: 0.0,
             max_tracked_invalidations: 100_000,
+            metrics: None,
         }
     }
 }
@@ -188,6 +189,7 @@ pub struct CacheLayerBuilder<P, W = ()> {
     early_refresh: Option<f64>,
     ttl_jitter: f64,
     max_tracked_invalidations: usize,
+    metrics: Option<(String, Duration)>,
 }
 
 impl<P, W> fmt::Debug for CacheLayerBuilder<P, W> {
@@ -251,7 +253,49 @@ impl<P, W> CacheLayerBuilder<P, W> {
             early_refresh: self.early_refresh,
             ttl_jitter: self.ttl_jitter,
             max_tracked_invalidations: self.max_tracked_invalidations,
+            metrics: self.metrics,
         }
+    }
+
+    /// Names the cache and publishes its statistics as the
+    /// `tower_scale_cache_*` metrics (labelled `cache="NAME"`, see the
+    /// README's metrics table) through the [`metrics`] facade, once a
+    /// second ([`metrics_interval`](Self::metrics_interval)), for as long as
+    /// the cache lives. Default: no name, no metrics unless you call
+    /// [`CacheStats::record_metrics`](super::CacheStats::record_metrics)
+    /// yourself.
+    ///
+    /// The publisher is a task on the Tokio runtime `build` runs in; building
+    /// a named cache outside a runtime is a configuration error. Names
+    /// become label values: use a fixed set (never a key or a user).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_scale::ConfigError> {
+    /// use tower_scale::cache::CacheLayer;
+    /// let layer = CacheLayer::builder(|id: &u64| Some(*id))
+    ///     .name("users")
+    ///     .build::<u64, String, std::io::Error>()?;
+    /// # drop(layer); Ok(()) }
+    /// ```
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        let every = self
+            .metrics
+            .as_ref()
+            .map_or(Duration::from_secs(1), |m| m.1);
+        self.metrics = Some((name.into(), every));
+        self
+    }
+
+    /// How often a [named](Self::name) cache publishes its metrics.
+    /// Default: 1 s. No effect without a name.
+    pub fn metrics_interval(mut self, every: Duration) -> Self {
+        if let Some(m) = self.metrics.as_mut() {
+            m.1 = every;
+        } else {
+            self.metrics = Some((String::new(), every));
+        }
+        self
     }
 
     /// The clock freshness is measured on. Default: [`Clock::new`]; tests
@@ -364,6 +408,7 @@ impl<P, W> CacheLayerBuilder<P, W> {
         R: Clone + Send + Sync + 'static,
         E: Clone + Send + Sync + 'static,
         W: Weigher<R>,
+        P: Send + Sync + 'static,
     {
         self.validate()?;
         let store = super::MokaStore::new(self.capacity);
@@ -381,6 +426,7 @@ impl<P, W> CacheLayerBuilder<P, W> {
         R: Clone + Send + Sync + 'static,
         E: Clone + Send + Sync + 'static,
         W: Weigher<R>,
+        P: Send + Sync + 'static,
     {
         self.validate()?;
         let store = super::QuickStore::new(self.capacity);
@@ -391,6 +437,7 @@ impl<P, W> CacheLayerBuilder<P, W> {
     pub fn build_with_store<St: Store>(self, store: St) -> Result<CacheLayer<P, St>, BuildError>
     where
         W: Weigher<St::Response>,
+        P: Send + Sync + 'static,
     {
         self.validate()?;
         let seed = self
@@ -419,7 +466,45 @@ impl<P, W> CacheLayerBuilder<P, W> {
             seed,
         );
         let shared = Arc::new(shared);
+        if let Some((name, every)) = self.metrics.filter(|(name, _)| !name.is_empty()) {
+            let runtime =
+                tokio::runtime::Handle::try_current().map_err(|_| BuildError::OutOfRange {
+                    field: "name",
+                    reason: "a named cache publishes its metrics from a task: build it inside \
+                             a Tokio runtime (or leave it unnamed and call \
+                             CacheStats::record_metrics yourself)"
+                        .into(),
+                })?;
+            runtime.spawn(publish_metrics(
+                Arc::downgrade(&shared),
+                shared.closed.clone(),
+                name,
+                every,
+            ));
+        }
         let life = Arc::new(Life::new(shared.closed.clone()));
         Ok(CacheLayer { shared, life })
+    }
+}
+
+/// Publishes a named cache's statistics every `every` until the cache's
+/// last handle goes (it holds the cache weakly).
+async fn publish_metrics<P, St: Store>(
+    shared: std::sync::Weak<Shared<P, St>>,
+    closed: tokio_util::sync::CancellationToken,
+    name: String,
+    every: Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            () = closed.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let Some(shared) = shared.upgrade() else {
+            break;
+        };
+        shared.stats().record_metrics(&name);
     }
 }

@@ -1074,3 +1074,61 @@ async fn a_waiter_keeps_its_own_stale_if_error_fallback() {
         "the failed refresh's error was replaced by the request's own fallback"
     );
 }
+
+/// A cache named on the builder publishes its statistics by itself, under
+/// its name, while it lives; nothing needs to call `record_metrics`.
+#[tokio::test(start_paused = true)]
+async fn a_named_cache_publishes_its_metrics() {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    // The only global recorder this test binary installs.
+    recorder.install().expect("recorder");
+    let origin = Origin::new();
+    let layer = CacheLayer::builder(|k: &u64| Some(*k))
+        .name("named-test")
+        .metrics_interval(Duration::from_millis(100))
+        .build::<u64, Resp, Err>()
+        .expect("layer");
+    let mut svc = tower::Layer::layer(&layer, origin.clone());
+    for _ in 0..3 {
+        svc.ready()
+            .await
+            .expect("ready")
+            .call(7)
+            .await
+            .expect("call");
+    }
+    let hits = |snapshotter: &metrics_util::debugging::Snapshotter| {
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .find_map(|(key, _, _, value)| {
+                let key = key.key();
+                let ours = key.name() == "tower_scale_cache_hits_total"
+                    && key
+                        .labels()
+                        .any(|l| l.key() == "cache" && l.value() == "named-test");
+                match value {
+                    metrics_util::debugging::DebugValue::Counter(n) if ours => Some(n),
+                    _ => None,
+                }
+            })
+    };
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(hits(&snapshotter), Some(2), "two hits after the first miss");
+    // Outside a runtime a named cache is refused with a clear error.
+    let built = std::thread::spawn(|| {
+        CacheLayer::builder(|k: &u64| Some(*k))
+            .name("no-runtime")
+            .build::<u64, Resp, Err>()
+            .err()
+            .map(|e| e.to_string())
+    })
+    .join()
+    .expect("thread");
+    assert!(
+        built.is_some_and(|e| e.contains("Tokio runtime")),
+        "a named cache built outside a runtime must fail to build"
+    );
+}
