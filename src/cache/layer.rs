@@ -353,6 +353,12 @@ impl<P, W> CacheLayerBuilder<P, W> {
     }
 
     fn validate(&self) -> Result<(), BuildError> {
+        if let Some((_, every)) = self.metrics.as_ref().filter(|(_, every)| every.is_zero()) {
+            return Err(BuildError::ZeroDuration {
+                field: "metrics_interval",
+                value: *every,
+            });
+        }
         if self.windows.ttl.is_zero() {
             return Err(BuildError::ZeroDuration {
                 field: "time_to_live",

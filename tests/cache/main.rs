@@ -1131,4 +1131,10 @@ async fn a_named_cache_publishes_its_metrics() {
         built.is_some_and(|e| e.contains("Tokio runtime")),
         "a named cache built outside a runtime must fail to build"
     );
+    // A zero interval is refused (it would spin).
+    let zero = CacheLayer::builder(|k: &u64| Some(*k))
+        .name("zero")
+        .metrics_interval(Duration::ZERO)
+        .build::<u64, Resp, Err>();
+    assert!(zero.is_err());
 }
