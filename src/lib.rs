@@ -71,6 +71,8 @@
 )]
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "http")]
+mod body;
 pub mod cache;
 pub mod error;
 mod random;
