@@ -241,7 +241,11 @@ mod tests {
         else {
             panic!("expected partial");
         };
-        assert_eq!(frames.len(), 2, "read up to the frame that passed the limit");
+        assert_eq!(
+            frames.len(),
+            2,
+            "read up to the frame that passed the limit"
+        );
         assert!(error.is_none());
         let rest = rest.expect("the rest of the body").collect().await.unwrap();
         let mut all: Vec<u8> = Vec::new();
@@ -256,7 +260,10 @@ mod tests {
 
     #[tokio::test]
     async fn an_error_is_kept_after_what_was_read() {
-        let body = frames(vec![Ok(Frame::data(Bytes::from_static(b"ab"))), Err("boom")]);
+        let body = frames(vec![
+            Ok(Frame::data(Bytes::from_static(b"ab"))),
+            Err("boom"),
+        ]);
         let Buffered::Partial {
             frames,
             rest,

@@ -322,18 +322,42 @@ mod tests {
         let sum = a + b;
         assert_eq!(sum.hits, a.hits + b.hits, "hits");
         assert_eq!(sum.stale_hits, a.stale_hits + b.stale_hits, "stale_hits");
-        assert_eq!(sum.stale_if_error, a.stale_if_error + b.stale_if_error, "stale_if_error");
+        assert_eq!(
+            sum.stale_if_error,
+            a.stale_if_error + b.stale_if_error,
+            "stale_if_error"
+        );
         assert_eq!(sum.misses, a.misses + b.misses, "misses");
         assert_eq!(sum.coalesced, a.coalesced + b.coalesced, "coalesced");
         assert_eq!(sum.refreshes, a.refreshes + b.refreshes, "refreshes");
-        assert_eq!(sum.early_refreshes, a.early_refreshes + b.early_refreshes, "early_refreshes");
-        assert_eq!(sum.inner_errors, a.inner_errors + b.inner_errors, "inner_errors");
+        assert_eq!(
+            sum.early_refreshes,
+            a.early_refreshes + b.early_refreshes,
+            "early_refreshes"
+        );
+        assert_eq!(
+            sum.inner_errors,
+            a.inner_errors + b.inner_errors,
+            "inner_errors"
+        );
         assert_eq!(sum.stored, a.stored + b.stored, "stored");
         assert_eq!(sum.not_stored, a.not_stored + b.not_stored, "not_stored");
-        assert_eq!(sum.invalidations, a.invalidations + b.invalidations, "invalidations");
+        assert_eq!(
+            sum.invalidations,
+            a.invalidations + b.invalidations,
+            "invalidations"
+        );
         assert_eq!(sum.bypasses, a.bypasses + b.bypasses, "bypasses");
-        assert_eq!(sum.remote_hits, a.remote_hits + b.remote_hits, "remote_hits");
-        assert_eq!(sum.remote_fenced, a.remote_fenced + b.remote_fenced, "remote_fenced");
+        assert_eq!(
+            sum.remote_hits,
+            a.remote_hits + b.remote_hits,
+            "remote_hits"
+        );
+        assert_eq!(
+            sum.remote_fenced,
+            a.remote_fenced + b.remote_fenced,
+            "remote_fenced"
+        );
         assert_eq!(sum.isolated, a.isolated + b.isolated, "isolated");
         assert_eq!(sum.evictions, a.evictions + b.evictions, "evictions");
         assert_eq!(sum.entries, a.entries + b.entries, "entries");

@@ -61,9 +61,7 @@ impl StoredGrpc {
     /// Whether the response may be stored: HTTP 200, `grpc-status: 0`,
     /// and exactly one well-framed message.
     pub(crate) fn storable(&self) -> bool {
-        self.status == StatusCode::OK
-            && self.grpc_status() == Some(0)
-            && single_message(&self.body)
+        self.status == StatusCode::OK && self.grpc_status() == Some(0) && single_message(&self.body)
     }
 
     /// The response, for one caller.
@@ -365,11 +363,9 @@ fn finish<B: Body<Data = Bytes>, E>(
                 weight: u32::try_from(size).unwrap_or(u32::MAX),
             })))
         }
-        Buffered::Partial {
-            error: Some(_), ..
-        } => Ok(Fetched::Complete(Arc::new(StoredGrpc::unavailable(
-            parts.version,
-        )))),
+        Buffered::Partial { error: Some(_), .. } => Ok(Fetched::Complete(Arc::new(
+            StoredGrpc::unavailable(parts.version),
+        ))),
         Buffered::Partial {
             frames,
             rest,

@@ -59,7 +59,12 @@ impl GrpcKey {
     ) -> Self {
         let metadata = names
             .iter()
-            .map(|name| (name.clone(), headers.get_all(name).iter().cloned().collect()))
+            .map(|name| {
+                (
+                    name.clone(),
+                    headers.get_all(name).iter().cloned().collect(),
+                )
+            })
             .collect();
         Self {
             path,
@@ -119,8 +124,7 @@ pub(crate) fn cacheable(config: &GrpcConfig, parts: &request::Parts) -> Option<A
 /// compressed-flag byte of 0 or 1, a big-endian `u32` length, then that
 /// many bytes): what a unary request and a successful unary response carry.
 pub(crate) fn single_message(bytes: &[u8]) -> bool {
-    let Some((&[flag, a, b, c, d], rest)) = bytes.split_first_chunk::<5>()
-    else {
+    let Some((&[flag, a, b, c, d], rest)) = bytes.split_first_chunk::<5>() else {
         return false;
     };
     let len = u32::from_be_bytes([a, b, c, d]);
@@ -184,10 +188,7 @@ mod tests {
 
     #[test]
     fn protocol_headers_are_always_in_the_key() {
-        assert_ne!(
-            key(&[("grpc-accept-encoding", "gzip")], &[]),
-            key(&[], &[])
-        );
+        assert_ne!(key(&[("grpc-accept-encoding", "gzip")], &[]), key(&[], &[]));
         assert_ne!(
             key(&[("content-type", "application/grpc+json")], &[]),
             key(&[("content-type", "application/grpc")], &[])
@@ -215,6 +216,9 @@ mod tests {
             "two messages"
         );
         assert!(!single_message(b"\x02\0\0\0\x01a"), "bad flag");
-        assert!(!single_message(b"\0\xff\xff\xff\xffa"), "length past the end");
+        assert!(
+            !single_message(b"\0\xff\xff\xff\xffa"),
+            "length past the end"
+        );
     }
 }

@@ -168,12 +168,13 @@ impl GrpcCacheLayerBuilder {
         }
         let mut key_names: Vec<HeaderName> = PROTOCOL_HEADERS.to_vec();
         for name in &self.key_metadata {
-            let header = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()).map_err(
-                |_| BuildError::OutOfRange {
-                    field: "key_metadata",
-                    reason: format!("{name:?} is not a valid metadata key"),
-                },
-            )?;
+            let header =
+                HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()).map_err(|_| {
+                    BuildError::OutOfRange {
+                        field: "key_metadata",
+                        reason: format!("{name:?} is not a valid metadata key"),
+                    }
+                })?;
             if !key_names.contains(&header) {
                 key_names.push(header);
             }
