@@ -198,10 +198,10 @@ mod tests {
 
     use super::{Buffered, buffer};
 
-    fn frames(
-        items: Vec<Result<Frame<Bytes>, &'static str>>,
-    ) -> StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, &'static str>>>>
-    {
+    type Frames =
+        StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, &'static str>>>>;
+
+    fn frames(items: Vec<Result<Frame<Bytes>, &'static str>>) -> Frames {
         StreamBody::new(futures::stream::iter(items))
     }
 

@@ -32,12 +32,15 @@ struct UpstreamError;
 /// What the upstream answers: headers and frames, or an error.
 type Answer = Result<(StatusCode, HeaderMap, Vec<Result<Frame<Bytes>, BodyError>>), UpstreamError>;
 
+/// A request as the upstream got it: headers, and body or its error.
+type Seen = (HeaderMap, Result<Bytes, String>);
+
 /// A scripted gRPC server: records each request (headers and body, or the
 /// body's error) and answers what `answer` says, after `gate` lets it.
 #[derive(Clone)]
 struct Upstream {
     calls: Arc<AtomicUsize>,
-    seen: Arc<Mutex<Vec<(HeaderMap, Result<Bytes, String>)>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
     answer: Arc<dyn Fn(&Bytes) -> Answer + Send + Sync>,
     gate: Option<Arc<Semaphore>>,
 }
@@ -67,7 +70,7 @@ impl Upstream {
         self.calls.load(Ordering::SeqCst)
     }
 
-    fn last_seen(&self) -> (HeaderMap, Result<Bytes, String>) {
+    fn last_seen(&self) -> Seen {
         self.seen.lock().unwrap().last().cloned().unwrap()
     }
 }
