@@ -203,6 +203,46 @@ impl GrpcCacheLayerBuilder {
 ///
 /// Every service the layer wraps (and every clone of those) shares one
 /// store, one single-flight group and one set of [`stats`](Self::stats).
+///
+/// ```
+/// use std::convert::Infallible;
+/// use std::time::Duration;
+///
+/// use bytes::Bytes;
+/// use http_body_util::{BodyExt, Full};
+/// use tower::{Layer, ServiceExt, service_fn};
+/// use tower_scale::grpc::{GrpcBody, GrpcCacheLayer};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let layer = GrpcCacheLayer::builder()
+///     .method("/users.v1.Users/GetUser", Duration::from_secs(30))
+///     .key_metadata("x-tenant")
+///     .build()?;
+/// // A stand-in for a tonic server: one message, then `grpc-status: 0`.
+/// let server = service_fn(|_req: http::Request<GrpcBody<Full<Bytes>>>| async {
+///     let mut trailers = http::HeaderMap::new();
+///     trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+///     let body = Full::new(Bytes::from_static(b"\0\0\0\0\x02hi"))
+///         .with_trailers(async move { Some(Ok(trailers)) });
+///     Ok::<_, Infallible>(http::Response::new(body))
+/// });
+/// let svc = layer.layer(server);
+///
+/// for _ in 0..2 {
+///     let req = http::Request::post("/users.v1.Users/GetUser")
+///         .header("content-type", "application/grpc")
+///         .header("x-tenant", "acme")
+///         .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02\x08\x01")))?;
+///     let res = svc.clone().oneshot(req).await?;
+///     let body = res.into_body().collect().await?;
+///     assert_eq!(body.trailers().map(|t| &t["grpc-status"]), Some(&"0".parse()?));
+///     assert_eq!(body.to_bytes(), &b"\0\0\0\0\x02hi"[..]);
+/// }
+/// let stats = layer.stats();
+/// assert_eq!((stats.misses, stats.hits), (1, 1));
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct GrpcCacheLayer {
     config: Arc<GrpcConfig>,
