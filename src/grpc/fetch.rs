@@ -2,11 +2,14 @@
 //! [`GrpcCall`] in, a [`Fetched`] out (free of the body types, so the core's
 //! store is too), and the [`GrpcPolicy`] that decides what is stored.
 //!
-//! A response the core cannot hold (too large, or the inner service
-//! failed) goes to the caller whose call it was through that call's
-//! [`Reply`] channel; the core sees [`Fetched::Unbuffered`] or
-//! [`FetchFailed`], stores nothing, and any coalesced caller makes its own
-//! call.
+//! Only a storable response is shared ([`Fetched::Complete`]). Any other
+//! answer goes to the caller whose call it was, through that call's
+//! [`Reply`] channel: a response too large to buffer, a gRPC error, or the
+//! inner service's error. An error may be down to that caller alone (its
+//! `grpc-timeout`, say, or other metadata not in the key), so it is not
+//! handed to the callers coalesced with it. The core then sees
+//! [`Fetched::CallerOnly`] or [`FetchFailed`], stores nothing, and each
+//! coalesced caller makes its own call.
 
 use std::fmt;
 use std::future::Future;
@@ -60,7 +63,7 @@ impl StoredGrpc {
 
     /// Whether the response may be stored: HTTP 200, `grpc-status: 0`,
     /// and exactly one well-framed message.
-    pub(crate) fn storable(&self) -> bool {
+    fn storable(&self) -> bool {
         self.status == StatusCode::OK && self.grpc_status() == Some(0) && single_message(&self.body)
     }
 
@@ -73,8 +76,8 @@ impl StoredGrpc {
         res
     }
 
-    /// The answer to every caller of a fill whose response body failed
-    /// part way: `UNAVAILABLE` (retryable), never stored.
+    /// The answer to the caller whose response body failed part way:
+    /// `UNAVAILABLE` (retryable), never stored.
     fn unavailable(version: Version) -> Self {
         let mut headers = HeaderMap::new();
         headers.insert(
@@ -107,10 +110,12 @@ fn header_bytes(headers: &HeaderMap) -> usize {
 /// What one upstream call gave the cache core.
 #[derive(Debug, Clone)]
 pub(crate) enum Fetched {
-    /// Buffered in full (stored if [`StoredGrpc::storable`]).
+    /// Buffered in full and [`StoredGrpc::storable`]: stored, and shared
+    /// with coalesced callers.
     Complete(Arc<StoredGrpc>),
-    /// Over the size limit: streamed to the caller that made the call.
-    Unbuffered,
+    /// Too large to buffer, or not storable: sent to the caller that made
+    /// the call.
+    CallerOnly,
 }
 
 impl Fetched {
@@ -118,7 +123,7 @@ impl Fetched {
     pub(crate) fn weight(&self) -> u32 {
         match self {
             Self::Complete(stored) => stored.weight,
-            Self::Unbuffered => 1,
+            Self::CallerOnly => 1,
         }
     }
 }
@@ -152,7 +157,7 @@ pub(crate) fn rebuild<B: Body>(parts: request::Parts, message: Bytes) -> Request
 }
 
 /// The cache core's policy: the call's precomputed key; stored with the
-/// method's TTL and tagged with its path when [`StoredGrpc::storable`].
+/// method's TTL and tagged with its path when [`Fetched::Complete`].
 #[derive(Debug)]
 pub(crate) struct GrpcPolicy {
     config: Arc<GrpcConfig>,
@@ -172,12 +177,10 @@ impl<T: Send + 'static> CachePolicy<GrpcCall<T>, Fetched> for GrpcPolicy {
     }
 
     fn storable(&self, key: &GrpcKey, fetched: &Fetched, _: &Windows) -> Option<Storable> {
-        let Fetched::Complete(stored) = fetched else {
+        // Only storable responses are `Complete` (see `finish`).
+        let Fetched::Complete(_) = fetched else {
             return None;
         };
-        if !stored.storable() {
-            return None;
-        }
         let (ttl, tag) = self.config.method(key.path())?;
         Some(Storable::new(Windows::ttl(ttl)).tag(tag.clone()))
     }
@@ -333,39 +336,35 @@ fn fail<B: Body, E>(
     reply: &mut Option<Reply<B, E>>,
     result: Result<Response<GrpcBody<B>>, E>,
 ) -> Result<Fetched, FetchFailed> {
-    if let Some(reply) = reply.take() {
-        // The caller may have gone: nobody to answer then.
-        let _ = reply.send(result);
-    }
+    send(reply, result);
     Err(FetchFailed)
 }
 
-/// What a buffered response gives the core.
+/// What a buffered response gives the core: a storable response to share,
+/// or (anything else) the response sent to its own caller.
 fn finish<B: Body<Data = Bytes>, E>(
     buffered: Buffered<B>,
     parts: response::Parts,
     key_size: usize,
     reply: &mut Option<Reply<B, E>>,
 ) -> Result<Fetched, FetchFailed> {
-    match buffered {
+    let stored = match buffered {
         Buffered::Complete { data, trailers } => {
             let size = key_size
                 .saturating_add(header_bytes(&parts.headers))
                 .saturating_add(data.len())
                 .saturating_add(trailers.as_ref().map_or(0, header_bytes))
                 .saturating_add(ENTRY_OVERHEAD);
-            Ok(Fetched::Complete(Arc::new(StoredGrpc {
+            StoredGrpc {
                 status: parts.status,
                 version: parts.version,
                 headers: parts.headers,
                 body: data,
                 trailers,
                 weight: u32::try_from(size).unwrap_or(u32::MAX),
-            })))
+            }
         }
-        Buffered::Partial { error: Some(_), .. } => Ok(Fetched::Complete(Arc::new(
-            StoredGrpc::unavailable(parts.version),
-        ))),
+        Buffered::Partial { error: Some(_), .. } => StoredGrpc::unavailable(parts.version),
         Buffered::Partial {
             frames,
             rest,
@@ -373,10 +372,21 @@ fn finish<B: Body<Data = Bytes>, E>(
         } => {
             // Too large to keep: the caller gets it unchanged.
             let body = CacheBody::partial(frames, rest, None);
-            if let Some(reply) = reply.take() {
-                let _ = reply.send(Ok(Response::from_parts(parts, body)));
-            }
-            Ok(Fetched::Unbuffered)
+            send(reply, Ok(Response::from_parts(parts, body)));
+            return Ok(Fetched::CallerOnly);
         }
+    };
+    if stored.storable() {
+        return Ok(Fetched::Complete(Arc::new(stored)));
+    }
+    send(reply, Ok(stored.respond()));
+    Ok(Fetched::CallerOnly)
+}
+
+/// Sends the caller its own answer.
+fn send<B: Body, E>(reply: &mut Option<Reply<B, E>>, result: Result<Response<GrpcBody<B>>, E>) {
+    if let Some(reply) = reply.take() {
+        // The caller may have gone: nobody to answer then.
+        let _ = reply.send(result);
     }
 }

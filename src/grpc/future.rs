@@ -40,13 +40,19 @@ struct Pending<S> {
     parts: request::Parts,
 }
 
-/// What a caller needs to make its own call when the core's answer was
-/// not for it (another caller's response too large to buffer, or another
-/// caller's inner error).
+/// A cacheable call, kept until it has its answer: when the core's answer
+/// was not for it (another caller's response that is not shared: too large
+/// to buffer, a gRPC error, or an inner error), it asks the core once more
+/// (so the callers in that position coalesce again, and a good answer is
+/// stored), then calls the inner service itself.
 struct Retry<S> {
     svc: S,
+    config: Arc<GrpcConfig>,
+    core: Core,
+    key: GrpcKey,
     parts: request::Parts,
-    message: Bytes,
+    /// Whether it may ask the core once more.
+    again: bool,
 }
 
 pin_project! {
@@ -178,7 +184,7 @@ where
                     let Some(pending) = pending.take() else {
                         panic!("gRPC cache ResponseFuture polled after completion");
                     };
-                    let next = ask_core(pending, buffered);
+                    let next = after_buffering(pending, buffered);
                     this.state.set(next);
                 }
                 StateProj::Cached { fut, reply, retry } => {
@@ -191,18 +197,19 @@ where
                     if let Ok(result) = reply.try_recv() {
                         return Poll::Ready(result);
                     }
-                    let Some(Retry {
-                        svc,
-                        parts,
-                        message,
-                    }) = retry.take()
-                    else {
+                    let Some(mut retry) = retry.take() else {
                         panic!("gRPC cache ResponseFuture polled after completion");
                     };
-                    this.state.set(State::Ready {
-                        svc,
-                        req: Some(rebuild(parts, message)),
-                    });
+                    let next = if retry.again {
+                        retry.again = false;
+                        ask_core(retry)
+                    } else {
+                        State::Ready {
+                            req: Some(rebuild(retry.parts, retry.key.message().clone())),
+                            svc: retry.svc,
+                        }
+                    };
+                    this.state.set(next);
                 }
             }
         }
@@ -213,7 +220,7 @@ where
 /// one complete unary message, otherwise a pass-through of the body as it
 /// came (a streaming or oversized body, one that failed, or one with
 /// trailers).
-fn ask_core<S, ReqBody, ResBody>(
+fn after_buffering<S, ReqBody, ResBody>(
     pending: Pending<S>,
     buffered: Buffered<ReqBody>,
 ) -> State<S, ReqBody, ResBody>
@@ -238,26 +245,15 @@ where
             data,
             trailers: None,
         } if single_message(&data) => {
-            let key = GrpcKey::new(path, data.clone(), &parts.headers, config.key_names());
-            let (tx, rx) = oneshot::channel();
-            let call = GrpcCall {
+            let key = GrpcKey::new(path, data, &parts.headers, config.key_names());
+            return ask_core(Retry {
+                svc,
+                config,
+                core,
                 key,
-                parts: parts.clone(),
-                reply: tx,
-            };
-            let mut cache = core.layer(GrpcFetch::new(svc.clone(), config.max_message()));
-            // The core is always ready (see `Cache`'s "Readiness"): no
-            // `poll_ready` to wait for.
-            let fut = cache.call(call);
-            return State::Cached {
-                fut,
-                reply: rx,
-                retry: Some(Retry {
-                    svc,
-                    parts,
-                    message: data,
-                }),
-            };
+                parts,
+                again: true,
+            });
         }
         Buffered::Complete { data, trailers } => CacheBody::full(data, trailers),
         Buffered::Partial {
@@ -269,6 +265,34 @@ where
     State::Ready {
         svc,
         req: Some(Request::from_parts(parts, body)),
+    }
+}
+
+/// The cache core's call for a buffered message.
+fn ask_core<S, ReqBody, ResBody>(retry: Retry<S>) -> State<S, ReqBody, ResBody>
+where
+    S: Service<Request<GrpcBody<ReqBody>>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Send,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send,
+{
+    let (tx, rx) = oneshot::channel();
+    let call = GrpcCall {
+        key: retry.key.clone(),
+        parts: retry.parts.clone(),
+        reply: tx,
+    };
+    let fetch = GrpcFetch::new(retry.svc.clone(), retry.config.max_message());
+    // The core is always ready (see `Cache`'s "Readiness"): no `poll_ready`
+    // to wait for.
+    let fut = retry.core.layer(fetch).call(call);
+    State::Cached {
+        fut,
+        reply: rx,
+        retry: Some(retry),
     }
 }
 

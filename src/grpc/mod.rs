@@ -21,9 +21,12 @@
 //!   exactly one well-framed message: gRPC errors travel as HTTP 200 and
 //!   are never stored. A hit returns the stored headers, message and
 //!   trailers.
-//! - Concurrent identical calls are coalesced (the core's single-flight);
-//!   a response over the size limit streams through, unchanged, to the
-//!   caller whose call it was (a coalesced caller then makes its own call).
+//! - Concurrent identical calls are coalesced (the core's single-flight),
+//!   and share the response only if it is stored. Anything else goes only
+//!   to the caller whose call it was, and each coalesced caller makes its
+//!   own call: a response over the size limit (streamed through
+//!   unchanged), and any error, which may be down to that caller's own
+//!   metadata (a short `grpc-timeout`, say).
 //! - A bad configuration is an error from
 //!   [`build`](GrpcCacheLayerBuilder::build), never a cache that silently
 //!   does nothing.

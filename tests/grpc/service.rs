@@ -41,12 +41,12 @@ type Seen = (HeaderMap, Result<Bytes, String>);
 struct Upstream {
     calls: Arc<AtomicUsize>,
     seen: Arc<Mutex<Vec<Seen>>>,
-    answer: Arc<dyn Fn(&Bytes) -> Answer + Send + Sync>,
+    answer: Arc<dyn Fn(&HeaderMap, &Bytes) -> Answer + Send + Sync>,
     gate: Option<Arc<Semaphore>>,
 }
 
 impl Upstream {
-    fn new(answer: impl Fn(&Bytes) -> Answer + Send + Sync + 'static) -> Self {
+    fn new(answer: impl Fn(&HeaderMap, &Bytes) -> Answer + Send + Sync + 'static) -> Self {
         Self {
             calls: Arc::default(),
             seen: Arc::default(),
@@ -57,7 +57,7 @@ impl Upstream {
 
     /// Answers with one message echoing the request and OK trailers.
     fn echo() -> Self {
-        Self::new(|msg| Ok(ok_response(msg)))
+        Self::new(|_, msg| Ok(ok_response(msg)))
     }
 
     fn gated(mut self) -> (Self, Arc<Semaphore>) {
@@ -101,11 +101,12 @@ where
             this.seen
                 .lock()
                 .unwrap()
-                .push((parts.headers, body.clone()));
+                .push((parts.headers.clone(), body.clone()));
             if let Some(gate) = &this.gate {
                 gate.acquire().await.unwrap().forget();
             }
-            let (status, headers, frames) = (this.answer)(&body.unwrap_or_default())?;
+            let (status, headers, frames) =
+                (this.answer)(&parts.headers, &body.unwrap_or_default())?;
             let mut res = http::Response::new(StreamBody::new(futures::stream::iter(frames)));
             *res.status_mut() = status;
             *res.headers_mut() = headers;
@@ -216,7 +217,7 @@ async fn a_hit_returns_the_stored_headers_message_and_trailers() {
 async fn a_response_too_large_to_buffer_passes_through_unchanged() {
     let big = Bytes::from(vec![7u8; 100]);
     let split = big.clone();
-    let upstream = Upstream::new(move |_| {
+    let upstream = Upstream::new(move |_, _| {
         // Two data frames and OK trailers: a valid message, over the limit.
         let framed = message(&split);
         Ok((
@@ -320,7 +321,9 @@ async fn chosen_metadata_distinguishes_and_other_metadata_is_ignored() {
 }
 
 /// Each answer is returned to its caller and never stored.
-async fn never_stored(answer: impl Fn(&Bytes) -> Answer + Send + Sync + 'static) -> Vec<Collected> {
+async fn never_stored(
+    answer: impl Fn(&HeaderMap, &Bytes) -> Answer + Send + Sync + 'static,
+) -> Vec<Collected> {
     let upstream = Upstream::new(answer);
     let layer = layer();
     let svc = layer.layer(upstream.clone());
@@ -336,7 +339,7 @@ async fn never_stored(answer: impl Fn(&Bytes) -> Answer + Send + Sync + 'static)
 #[tokio::test]
 async fn grpc_errors_are_not_stored() {
     // In the trailers.
-    let res = never_stored(|m| {
+    let res = never_stored(|_, m| {
         Ok((
             StatusCode::OK,
             grpc_headers(),
@@ -349,7 +352,7 @@ async fn grpc_errors_are_not_stored() {
     .await;
     assert_eq!(res[0].trailers, Some(status_trailers("5")));
     // A trailers-only response.
-    let res = never_stored(|_| {
+    let res = never_stored(|_, _| {
         let mut h = grpc_headers();
         h.insert("grpc-status", HeaderValue::from_static("7"));
         Ok((StatusCode::OK, h, vec![]))
@@ -357,7 +360,7 @@ async fn grpc_errors_are_not_stored() {
     .await;
     assert_eq!(res[0].headers["grpc-status"], "7");
     // OK in the trailers, but an HTTP error.
-    never_stored(|m| {
+    never_stored(|_, m| {
         let (_, h, f) = ok_response(m);
         Ok((StatusCode::SERVICE_UNAVAILABLE, h, f))
     })
@@ -367,14 +370,14 @@ async fn grpc_errors_are_not_stored() {
 #[tokio::test]
 async fn responses_that_are_not_one_whole_message_with_ok_trailers_are_not_stored() {
     // OK in the headers, a message, and no trailers: a cut stream.
-    never_stored(|m| {
+    never_stored(|_, m| {
         let mut h = grpc_headers();
         h.insert("grpc-status", HeaderValue::from_static("0"));
         Ok((StatusCode::OK, h, vec![Ok(Frame::data(m.clone()))]))
     })
     .await;
     // Trailers without grpc-status, even with OK in the headers.
-    never_stored(|m| {
+    never_stored(|_, m| {
         let mut h = grpc_headers();
         h.insert("grpc-status", HeaderValue::from_static("0"));
         Ok((
@@ -388,7 +391,7 @@ async fn responses_that_are_not_one_whole_message_with_ok_trailers_are_not_store
     })
     .await;
     // Two messages for a unary call.
-    never_stored(|m| {
+    never_stored(|_, m| {
         let two = [m.clone(), m.clone()].concat();
         let (s, h, mut f) = ok_response(m);
         f[0] = Ok(Frame::data(Bytes::from(two)));
@@ -396,7 +399,7 @@ async fn responses_that_are_not_one_whole_message_with_ok_trailers_are_not_store
     })
     .await;
     // A truncated message.
-    never_stored(|m| {
+    never_stored(|_, m| {
         let (s, h, mut f) = ok_response(m);
         f[0] = Ok(Frame::data(m.slice(..m.len() - 1)));
         Ok((s, h, f))
@@ -406,7 +409,7 @@ async fn responses_that_are_not_one_whole_message_with_ok_trailers_are_not_store
 
 #[tokio::test]
 async fn a_failing_response_body_answers_unavailable_and_is_not_stored() {
-    let res = never_stored(|m| {
+    let res = never_stored(|_, m| {
         Ok((
             StatusCode::OK,
             grpc_headers(),
@@ -419,7 +422,7 @@ async fn a_failing_response_body_answers_unavailable_and_is_not_stored() {
 
 #[tokio::test]
 async fn an_inner_error_reaches_its_caller_and_is_not_stored() {
-    let upstream = Upstream::new(|_| Err(UpstreamError));
+    let upstream = Upstream::new(|_, _| Err(UpstreamError));
     let layer = layer();
     let svc = layer.layer(upstream.clone());
     for round in 1..=2 {
@@ -499,7 +502,7 @@ async fn concurrent_identical_calls_are_coalesced() {
 async fn a_coalesced_caller_of_a_response_too_large_makes_its_own_call() {
     // The request fits in 16 bytes, the response (four times the
     // payload) does not.
-    let (upstream, gate) = Upstream::new(|m| {
+    let (upstream, gate) = Upstream::new(|_, m| {
         let payload = m.slice(5..).repeat(4);
         Ok(ok_response(&message(&payload)))
     })
@@ -595,4 +598,40 @@ fn configuration_errors_surface_at_build() {
     assert!(ok().key_metadata("bad header").build().is_err());
     let err = ok().method(GET, Duration::ZERO).build().unwrap_err();
     assert!(err.to_string().contains("ttl"), "{err}");
+}
+
+#[tokio::test]
+async fn an_error_goes_only_to_its_caller_not_to_the_calls_coalesced_with_it() {
+    // The upstream fails the call whose own metadata asks for too little
+    // time; a caller coalesced with it must not get that error.
+    let (upstream, gate) = Upstream::new(|headers, m| {
+        if headers.contains_key("grpc-timeout") {
+            let mut h = grpc_headers();
+            h.insert("grpc-status", HeaderValue::from_static("4"));
+            return Ok((StatusCode::OK, h, vec![]));
+        }
+        Ok(ok_response(m))
+    })
+    .gated();
+    let layer = layer();
+    let svc = layer.layer(upstream.clone());
+    let first = tokio::spawn({
+        let svc = svc.clone();
+        async move { call(&svc, unary(b"d", &[("grpc-timeout", "1n")])).await }
+    });
+    until(|| upstream.calls() == 1).await;
+    let second = tokio::spawn({
+        let svc = svc.clone();
+        async move { call(&svc, unary(b"d", &[])).await }
+    });
+    until(|| layer.stats().coalesced == 1).await;
+    gate.add_permits(2);
+    let (a, b) = (
+        first.await.unwrap().unwrap(),
+        second.await.unwrap().unwrap(),
+    );
+    assert_eq!(a.headers["grpc-status"], "4", "the caller's own error");
+    assert_eq!(b.trailers, Some(status_trailers("0")), "its own call");
+    assert_eq!(upstream.calls(), 2);
+    assert_eq!(layer.stats().stored, 1, "the good answer is stored");
 }
