@@ -32,6 +32,9 @@ struct UpstreamError;
 /// What the upstream answers: headers and frames, or an error.
 type Answer = Result<(StatusCode, HeaderMap, Vec<Result<Frame<Bytes>, BodyError>>), UpstreamError>;
 
+/// How the upstream answers a request (its headers and message).
+type Script = dyn Fn(&HeaderMap, &Bytes) -> Answer + Send + Sync;
+
 /// A request as the upstream got it: headers, and body or its error.
 type Seen = (HeaderMap, Result<Bytes, String>);
 
@@ -41,7 +44,7 @@ type Seen = (HeaderMap, Result<Bytes, String>);
 struct Upstream {
     calls: Arc<AtomicUsize>,
     seen: Arc<Mutex<Vec<Seen>>>,
-    answer: Arc<dyn Fn(&HeaderMap, &Bytes) -> Answer + Send + Sync>,
+    answer: Arc<Script>,
     gate: Option<Arc<Semaphore>>,
 }
 
