@@ -282,3 +282,62 @@ impl<S> Layer<S> for GrpcCacheLayer {
         GrpcCache::new(inner, Arc::clone(&self.config), self.core.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use tower::{ServiceExt, service_fn};
+
+    use super::*;
+    use crate::cache::Store;
+    use crate::grpc::GrpcBody;
+
+    /// One length-prefixed message of `n` bytes of `fill`.
+    fn message(fill: u8, n: usize) -> Bytes {
+        let mut out = vec![0u8];
+        out.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes());
+        out.resize(5 + n, fill);
+        Bytes::from(out)
+    }
+
+    #[tokio::test]
+    async fn the_store_is_bounded_in_bytes() {
+        let layer = GrpcCacheLayer::builder()
+            .method("/a.B/C", Duration::from_secs(60))
+            .max_bytes(4096)
+            .build()
+            .unwrap();
+        // 1,000-byte answers: three entries at most fit in 4 KiB.
+        let svc = layer.layer(service_fn(
+            |_: http::Request<GrpcBody<Full<Bytes>>>| async {
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                let body =
+                    Full::new(message(b'r', 1000)).with_trailers(async { Some(Ok(trailers)) });
+                Ok::<_, Infallible>(http::Response::new(body))
+            },
+        ));
+        for i in 0..20u8 {
+            let req = http::Request::post("/a.B/C")
+                .header("content-type", "application/grpc")
+                .body(Full::new(message(i, 1)))
+                .unwrap();
+            let res = svc.clone().oneshot(req).await.unwrap();
+            assert_eq!(
+                res.into_body().collect().await.unwrap().to_bytes().len(),
+                1005
+            );
+        }
+        assert_eq!(layer.stats().stored, 20);
+        let store = layer.core.store();
+        store.run_pending_tasks();
+        assert!(
+            (1..=3).contains(&store.entry_count()),
+            "{} entries",
+            store.entry_count()
+        );
+    }
+}
