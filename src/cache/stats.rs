@@ -192,6 +192,57 @@ pub struct CacheStats {
     pub entries: u64,
 }
 
+/// Adds two snapshots field by field (every counter and `entries`),
+/// saturating at `u64::MAX`: the figures of several caches as one, for
+/// example the caches of several layers reported under one name.
+///
+/// ```
+/// use tower_scale::cache::CacheStats;
+///
+/// let mut total = CacheStats::default();
+/// total += CacheStats::default();
+/// assert_eq!(total + CacheStats::default(), CacheStats::default());
+/// ```
+impl std::ops::Add for CacheStats {
+    type Output = Self;
+
+    fn add(self, other: Self) -> Self {
+        // A struct literal names every field: one added later and missing
+        // here fails to compile.
+        Self {
+            hits: self.hits.saturating_add(other.hits),
+            stale_hits: self.stale_hits.saturating_add(other.stale_hits),
+            stale_if_error: self.stale_if_error.saturating_add(other.stale_if_error),
+            misses: self.misses.saturating_add(other.misses),
+            coalesced: self.coalesced.saturating_add(other.coalesced),
+            refreshes: self.refreshes.saturating_add(other.refreshes),
+            early_refreshes: self.early_refreshes.saturating_add(other.early_refreshes),
+            inner_errors: self.inner_errors.saturating_add(other.inner_errors),
+            stored: self.stored.saturating_add(other.stored),
+            not_stored: self.not_stored.saturating_add(other.not_stored),
+            invalidations: self.invalidations.saturating_add(other.invalidations),
+            bypasses: self.bypasses.saturating_add(other.bypasses),
+            remote_hits: self.remote_hits.saturating_add(other.remote_hits),
+            remote_fenced: self.remote_fenced.saturating_add(other.remote_fenced),
+            isolated: self.isolated.saturating_add(other.isolated),
+            evictions: self.evictions.saturating_add(other.evictions),
+            entries: self.entries.saturating_add(other.entries),
+        }
+    }
+}
+
+impl std::ops::AddAssign for CacheStats {
+    fn add_assign(&mut self, other: Self) {
+        *self = *self + other;
+    }
+}
+
+impl std::iter::Sum for CacheStats {
+    fn sum<I: Iterator<Item = Self>>(iter: I) -> Self {
+        iter.fold(Self::default(), |a, b| a + b)
+    }
+}
+
 impl CacheStats {
     /// Records these figures in the [`metrics`] facade as absolute counters
     /// (`tower_scale_cache_hits_total`, `tower_scale_cache_misses_total`, ...)
@@ -229,5 +280,100 @@ impl CacheStats {
             metrics::counter!(metric, "cache" => name.clone()).absolute(value);
         }
         metrics::gauge!("tower_scale_cache_entries", "cache" => name).set(self.entries as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CacheStats;
+
+    /// A snapshot whose every field is distinct: `base + i` for the i-th.
+    fn numbered(base: u64) -> CacheStats {
+        let mut n = base;
+        let mut next = || {
+            n += 1;
+            n
+        };
+        CacheStats {
+            hits: next(),
+            stale_hits: next(),
+            stale_if_error: next(),
+            misses: next(),
+            coalesced: next(),
+            refreshes: next(),
+            early_refreshes: next(),
+            inner_errors: next(),
+            stored: next(),
+            not_stored: next(),
+            invalidations: next(),
+            bypasses: next(),
+            remote_hits: next(),
+            remote_fenced: next(),
+            isolated: next(),
+            evictions: next(),
+            entries: next(),
+        }
+    }
+
+    #[test]
+    fn add_sums_every_field() {
+        let a = numbered(0);
+        let b = numbered(100);
+        let sum = a + b;
+        assert_eq!(sum.hits, a.hits + b.hits, "hits");
+        assert_eq!(sum.stale_hits, a.stale_hits + b.stale_hits, "stale_hits");
+        assert_eq!(
+            sum.stale_if_error,
+            a.stale_if_error + b.stale_if_error,
+            "stale_if_error"
+        );
+        assert_eq!(sum.misses, a.misses + b.misses, "misses");
+        assert_eq!(sum.coalesced, a.coalesced + b.coalesced, "coalesced");
+        assert_eq!(sum.refreshes, a.refreshes + b.refreshes, "refreshes");
+        assert_eq!(
+            sum.early_refreshes,
+            a.early_refreshes + b.early_refreshes,
+            "early_refreshes"
+        );
+        assert_eq!(
+            sum.inner_errors,
+            a.inner_errors + b.inner_errors,
+            "inner_errors"
+        );
+        assert_eq!(sum.stored, a.stored + b.stored, "stored");
+        assert_eq!(sum.not_stored, a.not_stored + b.not_stored, "not_stored");
+        assert_eq!(
+            sum.invalidations,
+            a.invalidations + b.invalidations,
+            "invalidations"
+        );
+        assert_eq!(sum.bypasses, a.bypasses + b.bypasses, "bypasses");
+        assert_eq!(
+            sum.remote_hits,
+            a.remote_hits + b.remote_hits,
+            "remote_hits"
+        );
+        assert_eq!(
+            sum.remote_fenced,
+            a.remote_fenced + b.remote_fenced,
+            "remote_fenced"
+        );
+        assert_eq!(sum.isolated, a.isolated + b.isolated, "isolated");
+        assert_eq!(sum.evictions, a.evictions + b.evictions, "evictions");
+        assert_eq!(sum.entries, a.entries + b.entries, "entries");
+        let mut acc = a;
+        acc += b;
+        assert_eq!(acc, sum);
+        assert_eq!([a, b].into_iter().sum::<CacheStats>(), sum);
+        assert_eq!(a + CacheStats::default(), a);
+    }
+
+    #[test]
+    fn add_saturates() {
+        let max = CacheStats {
+            hits: u64::MAX,
+            ..CacheStats::default()
+        };
+        assert_eq!((max + numbered(0)).hits, u64::MAX);
     }
 }

@@ -17,6 +17,8 @@ use tonic_prost::ProstCodec;
 use tower::Service;
 use tower_scale::grpc::GrpcCacheLayer;
 
+mod service;
+
 #[derive(Clone, PartialEq, prost::Message)]
 struct GetUserRequest {
     #[prost(int64, tag = "1")]
