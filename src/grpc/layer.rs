@@ -79,6 +79,7 @@ pub struct GrpcCacheLayerBuilder {
     key_metadata: Vec<String>,
     max_message: usize,
     capacity: Capacity,
+    name: Option<String>,
 }
 
 impl GrpcCacheLayerBuilder {
@@ -88,7 +89,17 @@ impl GrpcCacheLayerBuilder {
             key_metadata: Vec::new(),
             max_message: 1 << 20,
             capacity: Capacity::Bytes(64 << 20),
+            name: None,
         }
+    }
+
+    /// Names the cache: its statistics are published as the
+    /// `tower_scale_cache_*` metrics labelled `cache="NAME"` once a second
+    /// (see [`CacheLayerBuilder::name`](crate::cache::CacheLayerBuilder::name);
+    /// build inside a Tokio runtime).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
     }
 
     /// Caches the unary method at `path` (`/package.Service/Method`) for
@@ -189,7 +200,10 @@ impl GrpcCacheLayerBuilder {
             key_names: key_names.into_boxed_slice(),
             max_message: self.max_message,
         });
-        let core = CacheLayer::builder(GrpcPolicy::new(Arc::clone(&config))).no_early_refresh();
+        let mut core = CacheLayer::builder(GrpcPolicy::new(Arc::clone(&config))).no_early_refresh();
+        if let Some(name) = self.name {
+            core = core.name(name);
+        }
         let core = match self.capacity {
             Capacity::Entries(n) => core.max_entries(n).build()?,
             Capacity::Bytes(n) => core.max_weight(n, Fetched::weight).build()?,
