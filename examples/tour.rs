@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use tower::{Service, ServiceExt};
 use tower_scale::cache::{CacheLayer, CachePolicy, Storable, Windows};
-use tower_scale::pg::{Cluster, Consistency, Db, DbError, NodeConfig, Query, QueryOutput};
+use tower_scale::pg::{Access, Cluster, Consistency, Db, DbError, NodeConfig, Query, QueryOutput};
 use tower_scale::testing::LocalCluster;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -229,7 +229,11 @@ struct UserReads;
 impl CachePolicy<Query, QueryOutput> for UserReads {
     type Key = i64;
     fn key(&self, q: &Query) -> Option<i64> {
-        q.access.consistency()?;
+        // `Any` reads only: a `Strong` or read-your-writes read must not be
+        // answered with what an `Any` read stored.
+        if q.access != Access::Read(Consistency::Any) {
+            return None;
+        }
         q.sql
             .strip_prefix("SELECT name FROM users WHERE id = ")?
             .parse()

@@ -288,7 +288,7 @@ impl<P, W> CacheLayerBuilder<P, W> {
     }
 
     /// How often a [named](Self::name) cache publishes its metrics.
-    /// Default: 1 s. No effect without a name.
+    /// Default: 1 s, at least 10 ms. No effect without a name.
     pub fn metrics_interval(mut self, every: Duration) -> Self {
         if let Some(m) = self.metrics.as_mut() {
             m.1 = every;
@@ -353,10 +353,14 @@ impl<P, W> CacheLayerBuilder<P, W> {
     }
 
     fn validate(&self) -> Result<(), BuildError> {
-        if let Some((_, every)) = self.metrics.as_ref().filter(|(_, every)| every.is_zero()) {
-            return Err(BuildError::ZeroDuration {
+        if let Some((_, every)) = self
+            .metrics
+            .as_ref()
+            .filter(|(name, every)| !name.is_empty() && *every < MIN_METRICS_INTERVAL)
+        {
+            return Err(BuildError::OutOfRange {
                 field: "metrics_interval",
-                value: *every,
+                reason: format!("{every:?} is below the {MIN_METRICS_INTERVAL:?} minimum"),
             });
         }
         if self.windows.ttl.is_zero() {
@@ -493,8 +497,12 @@ impl<P, W> CacheLayerBuilder<P, W> {
     }
 }
 
+/// The shortest [`CacheLayerBuilder::metrics_interval`].
+const MIN_METRICS_INTERVAL: Duration = Duration::from_millis(10);
+
 /// Publishes a named cache's statistics every `every` until the cache's
-/// last handle goes (it holds the cache weakly).
+/// last handle goes (it holds the cache weakly), as increments: caches that
+/// share a name add up.
 async fn publish_metrics<P, St: Store>(
     shared: std::sync::Weak<Shared<P, St>>,
     closed: tokio_util::sync::CancellationToken,
@@ -503,14 +511,26 @@ async fn publish_metrics<P, St: Store>(
 ) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut published = CacheStats::default();
     loop {
-        tokio::select! {
-            () = closed.cancelled() => break,
-            _ = tick.tick() => {}
-        }
+        let closing = tokio::select! {
+            () = closed.cancelled() => true,
+            _ = tick.tick() => false,
+        };
         let Some(shared) = shared.upgrade() else {
             break;
         };
-        shared.stats().record_metrics(&name);
+        let now = shared.stats();
+        now.record_metrics_since(&published, &name);
+        published = now;
+        if closing {
+            break;
+        }
     }
+    // The entries leave with the cache.
+    CacheStats {
+        entries: 0,
+        ..published
+    }
+    .record_metrics_since(&published, &name);
 }

@@ -244,15 +244,9 @@ impl std::iter::Sum for CacheStats {
 }
 
 impl CacheStats {
-    /// Records these figures in the [`metrics`] facade as absolute counters
-    /// (`tower_scale_cache_hits_total`, `tower_scale_cache_misses_total`, ...)
-    /// labelled `cache = name`, and `tower_scale_cache_entries` as a gauge.
-    ///
-    /// Call it before rendering an exporter (for example in a `/metrics`
-    /// handler): the hit path only touches the striped counters.
-    pub fn record_metrics(&self, name: &str) {
-        let name = name.to_string();
-        let counters: [(&'static str, u64); 16] = [
+    /// Every counter with its metric name.
+    fn counters(&self) -> [(&'static str, u64); 16] {
+        [
             ("tower_scale_cache_hits_total", self.hits),
             ("tower_scale_cache_stale_hits_total", self.stale_hits),
             (
@@ -275,11 +269,36 @@ impl CacheStats {
             ("tower_scale_cache_l2_fenced_total", self.remote_fenced),
             ("tower_scale_cache_isolated_total", self.isolated),
             ("tower_scale_cache_evictions_total", self.evictions),
-        ];
-        for (metric, value) in counters {
+        ]
+    }
+
+    /// Records these figures in the [`metrics`] facade as absolute counters
+    /// (`tower_scale_cache_hits_total`, `tower_scale_cache_misses_total`, ...)
+    /// labelled `cache = name`, and `tower_scale_cache_entries` as a gauge.
+    ///
+    /// Call it before rendering an exporter (for example in a `/metrics`
+    /// handler): the hit path only touches the striped counters.
+    pub fn record_metrics(&self, name: &str) {
+        let name = name.to_string();
+        for (metric, value) in self.counters() {
             metrics::counter!(metric, "cache" => name.clone()).absolute(value);
         }
         metrics::gauge!("tower_scale_cache_entries", "cache" => name).set(self.entries as f64);
+    }
+
+    /// Records what changed since `before` as increments, so caches that
+    /// share a name add up (and a cache rebuilt under the same name carries
+    /// the count on) instead of overwriting each other's totals.
+    pub(crate) fn record_metrics_since(&self, before: &CacheStats, name: &str) {
+        for ((metric, now), (_, was)) in self.counters().into_iter().zip(before.counters()) {
+            if now > was {
+                metrics::counter!(metric, "cache" => name.to_string()).increment(now - was);
+            }
+        }
+        if self.entries != before.entries {
+            metrics::gauge!("tower_scale_cache_entries", "cache" => name.to_string())
+                .increment(self.entries as f64 - before.entries as f64);
+        }
     }
 }
 

@@ -59,15 +59,21 @@ pub fn choose_replica(candidates: &[Candidate], random: u64) -> Option<usize> {
             } else {
                 (a, b)
             };
-            // A node being re-admitted wins only with probability `weight`,
-            // so its share ramps up instead of jumping back to full.
+            // A node being re-admitted wins against a node further along
+            // its ramp only with the ratio of their weights as probability,
+            // so its share ramps up instead of jumping back to full; nodes
+            // at the same point of the ramp (all of them after a start or a
+            // shared outage) compare by cost alone.
+            let (w_win, w_lose) = (
+                candidates[winner].weight.clamp(0.0, 1.0),
+                candidates[loser].weight.clamp(0.0, 1.0),
+            );
+            if w_win >= w_lose {
+                return Some(winner);
+            }
             let dice =
                 (crate::random::mix(random ^ 0x9E37_79B9_7F4A_7C15) % 10_000) as f64 / 10_000.0;
-            Some(if dice < candidates[winner].weight.clamp(0.0, 1.0) {
-                winner
-            } else {
-                loser
-            })
+            Some(if dice < w_win / w_lose { winner } else { loser })
         }
     }
 }
@@ -183,6 +189,18 @@ mod tests {
             "{at_start} {half_way} {full}"
         );
         assert!(at_start < full / 3, "not a jump back to a full share");
+    }
+
+    #[test]
+    fn ramping_together_still_prefers_the_cheaper() {
+        // After a start or a shared outage every replica ramps at once: the
+        // cheaper one must still get most reads.
+        let mut a = c(0, 1);
+        a.weight = 0.1;
+        let mut b = c(10, 1);
+        b.weight = 0.1;
+        let counts = shares(&[a, b], 2000);
+        assert_eq!(counts[1], 0, "{counts:?}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tokio_postgres::types::ToSql;
 use tracing::Instrument;
 
 use super::cluster::Inner;
-use super::error::{DbError, Fault, Operation, PoolTimeout, fault};
+use super::error::{DbError, Fault, Operation, PoolTimeout, fault, node_trouble};
 use super::lsn::{ConsistencyToken, Lsn};
 use super::node::{Node, Role};
 use super::session::*;
@@ -141,6 +141,9 @@ impl Db {
                 Ok((out, running))
             }
             Ok(Err(source)) => {
+                if !write && node_trouble(&source) {
+                    node.record_failure(started.elapsed(), self.inner.started);
+                }
                 // Parameter errors are raised before anything is sent.
                 let sent = fault(&source) != Fault::Client;
                 running.settle(&source, write);

@@ -266,6 +266,22 @@ pub(crate) enum Fault {
     Server,
 }
 
+/// A statement error that says something about the node rather than the
+/// statement: SQLSTATE classes 40 (serialization failures, recovery
+/// conflicts on a replica), 53 (insufficient resources), 55 (object not in
+/// prerequisite state), 57 other than our own cancel (57014) and the
+/// shutdown codes that [`fault`] already counts as connection failures, 58
+/// (system error) and XX (internal error). Data, syntax and permission
+/// errors (the caller's statement) are not: a client's bad query must not
+/// steer the balancer.
+pub(crate) fn node_trouble(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|code| {
+        let code = code.code();
+        let class = code.get(..2).unwrap_or("");
+        matches!(class, "40" | "53" | "55" | "58" | "XX") || (class == "57" && code != "57014")
+    })
+}
+
 /// Classifies a driver error.
 pub(crate) fn fault(e: &tokio_postgres::Error) -> Fault {
     if e.is_closed() {

@@ -83,7 +83,7 @@ impl ConsistencyToken {
 }
 
 /// How fresh a read must be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Consistency {
     /// Read the primary.

@@ -117,10 +117,9 @@ pub(super) async fn probe_all(inner: &Inner) {
                 Duration::ZERO
             };
             node.set_lag(lag);
-            if p.in_recovery {
-                metrics::gauge!("tower_scale_db_replica_lag_seconds", "node" => node.name.to_string())
-                    .set(lag.as_secs_f64());
-            }
+            // Zero once a node is promoted, so no alert stays stuck on it.
+            metrics::gauge!("tower_scale_db_replica_lag_seconds", "node" => node.name.to_string())
+                .set(lag.as_secs_f64());
         }
     }
     inner.changed.notify_waiters();

@@ -86,6 +86,9 @@ pub(crate) struct Node {
 /// Samples a node needs before its latency counts in the balance.
 const LATENCY_WARMUP: u64 = 8;
 
+/// A sample counts for at most this many times the current estimate.
+const LATENCY_OUTLIER_CAP: u64 = 4;
+
 /// Without new samples a node's latency estimate halves this often.
 const LATENCY_HALF_LIFE: Duration = Duration::from_millis(250);
 
@@ -256,7 +259,11 @@ impl Node {
         Duration::from_nanos((ewma * 0.5f64.powf(age)) as u64)
     }
 
-    /// Folds one observed latency into the EWMA (alpha 0.2).
+    /// Folds one observed latency into the EWMA (alpha 0.2). After the
+    /// warm-up a sample counts for at most [`LATENCY_OUTLIER_CAP`] times the
+    /// estimate, so one outlier (a lock wait, a checkpoint) raises it by at
+    /// most 1.6 times and the node is not shunned for long; a node that
+    /// really got slower gets there in a few reads.
     pub(crate) fn record_latency(&self, d: Duration, started: Instant) {
         self.latency_at_nanos.store(
             u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
@@ -270,9 +277,32 @@ impl Node {
             // sessions): the warm-up keeps the best of them.
             if old == 0 { sample } else { old.min(sample) }
         } else {
+            let sample = if old > 0 {
+                sample.min(old.saturating_mul(LATENCY_OUTLIER_CAP))
+            } else {
+                sample
+            };
             (old / 5).saturating_mul(4).saturating_add(sample / 5)
         };
         self.latency_ewma_nanos.store(new, Ordering::Relaxed);
+    }
+
+    /// A read the node failed for a reason of its own (see
+    /// [`node_trouble`](super::error::node_trouble)): it counts as measured
+    /// and at least twice as slow as it was (and at least 1 ms), so a node
+    /// that fails fast does not draw the reads its quick failures would
+    /// otherwise earn it.
+    pub(crate) fn record_failure(&self, d: Duration, started: Instant) {
+        self.latency_at_nanos.store(
+            u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        let sample = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let old = self.latency_ewma_nanos.load(Ordering::Relaxed);
+        let new = old.saturating_mul(2).max(sample).max(1_000_000);
+        self.latency_ewma_nanos.store(new, Ordering::Relaxed);
+        self.latency_samples
+            .fetch_max(LATENCY_WARMUP, Ordering::Relaxed);
     }
 
     /// Takes the node out of rotation until the monitor sees it healthy.
@@ -374,4 +404,56 @@ pub struct NodeStatus {
     pub in_flight: u64,
     /// Queries served since start.
     pub queries: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node() -> Node {
+        let config = NodeConfig::new(tokio_postgres::Config::new());
+        let built = Node::new(
+            &ClusterBuilder::default(),
+            "n".into(),
+            config,
+            false,
+            tokio_postgres::NoTls,
+        );
+        built.unwrap_or_else(|e| panic!("node: {e}"))
+    }
+
+    fn ms(d: Duration) -> f64 {
+        d.as_secs_f64() * 1e3
+    }
+
+    #[test]
+    fn one_outlier_moves_the_estimate_by_at_most_sixty_percent() {
+        let (n, started) = (node(), Instant::now());
+        for _ in 0..LATENCY_WARMUP {
+            n.record_latency(Duration::from_millis(1), started);
+        }
+        n.record_latency(Duration::from_secs(1), started);
+        let after = ms(n.latency(started));
+        assert!((1.5..=1.61).contains(&after), "{after} ms");
+        // A node that really got slower gets there in a few reads.
+        for _ in 0..12 {
+            n.record_latency(Duration::from_millis(50), started);
+        }
+        assert!(ms(n.latency(started)) > 40.0, "{:?}", n.latency(started));
+    }
+
+    #[test]
+    fn a_node_that_fails_fast_does_not_look_cheap() {
+        let (n, started) = (node(), Instant::now());
+        // Unmeasured: looks free, so it gets measured.
+        assert_eq!(n.latency(started), Duration::ZERO);
+        n.record_failure(Duration::from_micros(20), started);
+        assert!(ms(n.latency(started)) >= 0.99, "{:?}", n.latency(started));
+        for _ in 0..LATENCY_WARMUP {
+            n.record_latency(Duration::from_millis(2), started);
+        }
+        let before = ms(n.latency(started));
+        n.record_failure(Duration::from_micros(20), started);
+        assert!(ms(n.latency(started)) >= 1.9 * before, "{before} ms");
+    }
 }

@@ -15,7 +15,8 @@ use super::error::DbError;
 use super::lsn::{Consistency, ConsistencyToken, Lsn};
 
 /// Whether a [`Query`] writes or reads, and how consistently it reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Access {
     /// On the primary; the answer carries the write's token.
     Write,

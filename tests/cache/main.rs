@@ -1117,6 +1117,26 @@ async fn a_named_cache_publishes_its_metrics() {
     };
     tokio::time::sleep(Duration::from_millis(250)).await;
     assert_eq!(hits(&snapshotter), Some(2), "two hits after the first miss");
+    // A second cache under the same name adds its figures to the first's.
+    let twin = CacheLayer::builder(|k: &u64| Some(*k))
+        .name("named-test")
+        .metrics_interval(Duration::from_millis(100))
+        .build::<u64, Resp, Err>()
+        .expect("layer");
+    let mut twin_svc = tower::Layer::layer(&twin, origin.clone());
+    for _ in 0..2 {
+        twin_svc
+            .ready()
+            .await
+            .expect("ready")
+            .call(8)
+            .await
+            .expect("call");
+    }
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    // (The debugging recorder's snapshot hands out what was added since
+    // the last one.)
+    assert_eq!(hits(&snapshotter), Some(1), "2 + 1 hits under one name");
     // Outside a runtime a named cache is refused with a clear error.
     let built = std::thread::spawn(|| {
         CacheLayer::builder(|k: &u64| Some(*k))
