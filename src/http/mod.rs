@@ -111,12 +111,24 @@ pub mod db_layer;
 pub mod freshness;
 
 mod body;
+mod config;
+mod future;
 mod layer;
+#[cfg(feature = "redis")]
+mod remote;
 mod service;
+mod state;
+mod upstream;
 
 pub use self::body::CacheBody;
+pub use self::config::{HonourRequest, MAX_TAG_LEN, MAX_TAGS};
 #[cfg(feature = "postgres")]
 pub use self::db_layer::{DbLayer, DbLayerBuilder, DbRouting, Primary, Replica, RequestDb, Route};
 pub use self::freshness::HttpCachePolicy;
-pub use self::layer::{HonourRequest, HttpCacheLayer, HttpCacheLayerBuilder};
-pub use self::service::{HttpCache, HttpResponseFuture};
+pub use self::future::HttpResponseFuture;
+pub use self::layer::{HttpCacheLayer, HttpCacheLayerBuilder};
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::remote::HttpRedisCodec;
+pub use self::service::HttpCache;
+pub use self::state::StoredVariants;
