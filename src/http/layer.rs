@@ -244,7 +244,8 @@ impl HttpCacheLayerBuilder {
     /// `surrogate-key`): space-separated values, on one line or several,
     /// that [`HttpCacheLayer::invalidator`] can invalidate by. A response
     /// whose tags cannot be read (not visible ASCII), with more than
-    /// [`MAX_TAGS`](super::MAX_TAGS) tags or one longer than
+    /// [`MAX_TAGS`](super::MAX_TAGS) distinct tags (or more than four times
+    /// that many values in all), or with one longer than
     /// [`MAX_TAG_LEN`](super::MAX_TAG_LEN) bytes, is passed on but not
     /// stored (an invalidation of a tag it could not record would miss
     /// it). The header is removed from every response before it leaves the
