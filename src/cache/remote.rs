@@ -334,3 +334,58 @@ impl Gate {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ms: u64) -> Instant {
+        Instant::from_nanos(ms * 1_000_000)
+    }
+
+    #[test]
+    fn the_gate_trusts_the_store_only_between_heartbeats() {
+        let gate = Gate::new();
+        assert!(gate.trusted_at(at(0)), "no tier: always trusted");
+        gate.isolate(Duration::from_millis(100));
+        assert!(!gate.trusted_at(at(0)), "until the first heartbeat");
+        assert!(gate.remote_usable(at(0)), "the tier is, before joining");
+        let mut resets = 0;
+        gate.heard(at(10), at(20), || resets += 1);
+        assert_eq!(resets, 1, "the store is emptied before it is trusted");
+        assert!(gate.trusted_at(at(109)));
+        assert!(!gate.trusted_at(at(110)), "sent_at + ttl");
+        // A heartbeat from the future counts from now.
+        gate.heard(at(500), at(50), || resets += 1);
+        assert!(gate.trusted_at(at(149)) && !gate.trusted_at(at(150)));
+        assert_eq!(resets, 1, "no gap: no reset");
+        gate.lost();
+        assert!(!gate.trusted_at(at(60)));
+        assert!(!gate.remote_usable(at(60)), "isolated after joining");
+        // An old heartbeat does not end the isolation.
+        gate.heard(at(0), at(200), || resets += 1);
+        assert!(!gate.trusted_at(at(200)));
+        // Rejoining: reset, and the tier's values wait one more window.
+        gate.heard(at(195), at(200), || resets += 1);
+        assert_eq!(resets, 2);
+        assert!(gate.trusted_at(at(200)));
+        gate.heard(at(290), at(295), || resets += 1);
+        assert_eq!(resets, 2);
+        assert!(!gate.remote_usable(at(299)));
+        assert!(gate.remote_usable(at(300)));
+    }
+
+    #[test]
+    fn the_gate_tracks_pending_invalidations() {
+        let gate = Gate::new();
+        assert!(!gate.pending_after(gate.applied_seq()));
+        gate.queued(3);
+        assert!(gate.pending_after(gate.applied_seq()));
+        gate.applied(2);
+        assert!(gate.pending_after(gate.applied_seq()));
+        gate.applied(3);
+        gate.applied(1); // never goes back
+        assert_eq!(gate.applied_seq(), 3);
+        assert!(!gate.pending_after(3));
+    }
+}
