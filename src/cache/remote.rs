@@ -369,7 +369,7 @@ mod tests {
         gate.heard(at(195), at(200), || resets += 1);
         assert_eq!(resets, 2);
         assert!(gate.trusted_at(at(200)));
-        gate.heard(at(290), at(295), || resets += 1);
+        gate.heard(at(290), at(294), || resets += 1);
         assert_eq!(resets, 2);
         assert!(!gate.remote_usable(at(299)));
         assert!(gate.remote_usable(at(300)));
