@@ -209,6 +209,10 @@ pub(crate) mod sealed {
 /// store may serve (heartbeats), whether the tier's values may be used
 /// (rejoin fence), and which of this instance's invalidations the tier has
 /// applied. A cache that owns one forwards its [`LinkTarget`] calls here.
+///
+/// The HTTP cache's; the core cache (`service.rs`) still keeps the same
+/// state in its own fields, to move onto this.
+#[cfg(feature = "http")]
 #[derive(Debug)]
 pub(crate) struct Gate {
     /// The store serves hits only before this instant (nanos on the
@@ -230,6 +234,7 @@ pub(crate) struct Gate {
     order: std::sync::Mutex<()>,
 }
 
+#[cfg(feature = "http")]
 impl Gate {
     pub(crate) fn new() -> Self {
         use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -335,7 +340,7 @@ impl Gate {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "http"))]
 mod tests {
     use super::*;
 

@@ -544,6 +544,11 @@ impl HttpShared {
         // tier's answer; anything later may not be.
         let applied = self.gate.applied_seq();
         let found = tier.get(key.key()).await?;
+        if found.tags.len() > MAX_TAGS * MAX_VARIANTS {
+            // More than this cache ever writes: not a value of ours.
+            self.stats.incr(Kind::RemoteFenced);
+            return None;
+        }
         let mut variants: Vec<Arc<Stored>> = found.response.0.iter().cloned().collect();
         // Local variants the tier's set does not have stay (when they are
         // still valid here), after the tier's.
