@@ -38,7 +38,43 @@
 //!   a larger or endless body streams through to the client untouched and
 //!   is not stored. Trailers are kept.
 //! - **Misses** on one key are coalesced: one request goes upstream, the
-//!   others take its stored response when it matches their `Vary` headers.
+//!   others take its stored response when it matches their `Vary` headers
+//!   and is fresh for their request.
+//!
+//! # One engine with the core cache
+//!
+//! The HTTP cache keeps its responses in the cache core's machinery; only
+//! the RFC 9111 logic (storability, freshness, validators, `Vary`, 304
+//! merging) lives here.
+//!
+//! - **Store**: the core's [`Store`](crate::cache::Store), moka by default
+//!   ([`HttpCacheLayerBuilder::build`]) or quick_cache
+//!   (`HttpCacheLayerBuilder::build_quick`, feature `quick-cache`), bounded
+//!   by [`max_bytes`](HttpCacheLayerBuilder::max_bytes). One entry per URL
+//!   holds its `Vary` variants ([`StoredVariants`]). Evictions, hits,
+//!   misses and the rest are the core's [`CacheStats`](crate::cache::CacheStats).
+//! - **Tags**: a response names its tags in a header (default
+//!   `surrogate-key`, see [`HttpCacheLayerBuilder::tag_header`]); the
+//!   header is stripped before any response leaves the cache unless
+//!   [`pass_tag_header`](HttpCacheLayerBuilder::pass_tag_header) is on.
+//! - **Invalidation**: [`HttpCacheLayer::invalidator`] is the core's
+//!   [`Invalidator`](crate::cache::Invalidator) (by key, the cache key
+//!   string; by tag; all; with versions), with the core's guarantees: a
+//!   response whose fetch began before an invalidation touching it (its
+//!   key, one of its tags, everything) is not stored, and a request that
+//!   starts after the invalidation returned never gets it (not from the
+//!   store, not by joining that fetch, not from the shared tier). A tag
+//!   invalidation drops every variant of the URLs it touches.
+//! - **Shared tier**: `cache::redis::builder(url).attach(&layer,
+//!   layer.redis_codec())` (feature `redis`) shares responses between
+//!   instances: a miss asks the tier once; what a miss or a revalidation
+//!   stores is written to it under its lease (refused after any
+//!   invalidation since). The rules above apply to what comes back from
+//!   it: every variant is checked again against this cache's storing rules
+//!   (a per-user response is dropped, never served), selected by `Vary`,
+//!   and freshness-checked with its age including the time it spent in the
+//!   tier. The cross-instance invalidation bound is the tier's (see
+//!   `cache::redis`). A private cache cannot take a tier.
 //!
 //! # Guarantees: nothing per-user is shared
 //!
