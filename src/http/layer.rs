@@ -9,7 +9,8 @@ use tower::Layer;
 use super::config::{DEFAULT_TAG_HEADER, HonourRequest, HttpConfig};
 use super::freshness::HttpCachePolicy;
 use super::service::HttpCache;
-use super::state::{HttpShared, StoreKind, StoredVariants};
+use super::state::{HttpShared, StoreKind};
+use super::stored::StoredVariants;
 use crate::cache::invalidate::{InvalidateTarget, Invalidation, Invalidator};
 use crate::cache::remote::{AttachRemote, RemoteLink, RemoteTier, sealed};
 use crate::cache::{CacheStats, Clock};
@@ -250,7 +251,9 @@ impl HttpCacheLayerBuilder {
     /// stored (an invalidation of a tag it could not record would miss
     /// it). The header is removed from every response before it leaves the
     /// cache, stored or not, unless [`pass_tag_header`](Self::pass_tag_header)
-    /// is on.
+    /// is on. Tags are read from the header section only; trailers lose the
+    /// field in the responses the cache buffers (a body too large to buffer
+    /// streams through untouched, trailers included).
     pub fn tag_header(mut self, name: HeaderName) -> Self {
         self.config.tag_header = name;
         self

@@ -149,11 +149,13 @@ pub mod freshness;
 mod body;
 mod config;
 mod future;
+mod key;
 mod layer;
 #[cfg(feature = "redis")]
 mod remote;
 mod service;
 mod state;
+mod stored;
 mod upstream;
 
 pub use self::body::CacheBody;
@@ -167,4 +169,4 @@ pub use self::layer::{HttpCacheLayer, HttpCacheLayerBuilder};
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use self::remote::HttpRedisCodec;
 pub use self::service::HttpCache;
-pub use self::state::StoredVariants;
+pub use self::stored::StoredVariants;

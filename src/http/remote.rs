@@ -30,7 +30,7 @@ use http::{HeaderMap, Method, StatusCode, Version};
 use super::cache_control::{RequestDirectives, ResponseDirectives};
 use super::config::{MAX_TAG_LEN, MAX_TAGS};
 use super::freshness::{self, HttpCachePolicy, NotStored};
-use super::state::{Stored, StoredVariants, VaryValues};
+use super::stored::{Stored, StoredVariants, VaryValues};
 use crate::cache::redis::RedisCodec;
 use crate::cache::{Clock, Tag};
 

@@ -3,18 +3,16 @@
 //! tier and its [`Gate`]) holding the HTTP cache's values, plus the
 //! HTTP-specific parts of a lookup (the key, `Vary` selection).
 
-use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
-use http::{HeaderMap, StatusCode, Version};
+use http::HeaderMap;
 
 use super::cache_control::{RequestDirectives, ResponseDirectives};
-use super::config::{HttpConfig, MAX_TAG_LEN, MAX_TAGS};
-use super::freshness::{self, HttpCachePolicy};
+use super::config::{HttpConfig, MAX_TAGS};
+use super::freshness::HttpCachePolicy;
+use super::stored::{Stored, StoredVariants, VaryValues};
 use crate::cache::flight::Flights;
 use crate::cache::invalidate::{InvalidateTarget, Invalidation, InvalidationLog};
 use crate::cache::remote::{Gate, LinkTarget, RemoteEntry, RemoteTier};
@@ -22,147 +20,6 @@ use crate::cache::stats::{Kind, Stats};
 use crate::cache::{
     CacheStats, Capacity, Clock, Entry, Hashed, Instant, KeyHasher, MokaStore, Store, Tag,
 };
-
-/// One stored response.
-pub(crate) struct Stored {
-    pub(crate) status: StatusCode,
-    pub(crate) version: Version,
-    pub(crate) headers: HeaderMap,
-    pub(crate) body: Bytes,
-    pub(crate) trailers: Option<HeaderMap>,
-    pub(crate) cc: ResponseDirectives,
-    pub(crate) lifetime: Duration,
-    pub(crate) initial_age: Duration,
-    pub(crate) stored_at: Instant,
-    pub(crate) vary: VaryValues,
-    /// The tags the response carried (sorted, deduplicated).
-    pub(crate) tags: Box<[Tag]>,
-}
-
-/// The request header values a stored response was selected by: one pair
-/// per name in its `Vary`, `None` when the request did not have it.
-pub(crate) type VaryValues = Vec<(HeaderName, Option<Vec<u8>>)>;
-
-/// The `Vary` values of a response to a request with `request` headers
-/// (empty for `Vary: *`, which is never stored).
-pub(crate) fn vary_values(response: &HeaderMap, request: &HeaderMap) -> VaryValues {
-    freshness::vary_names(response)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|name| {
-            let value = freshness::normalized(request, &name);
-            (name, value)
-        })
-        .collect()
-}
-
-/// The `Host` header when there is at most one valid line: `Some(None)`
-/// without one, `None` for several lines or an invalid one.
-fn single_host(headers: &HeaderMap) -> Option<Option<http::uri::Authority>> {
-    let mut lines = headers.get_all(header::HOST).iter();
-    let Some(first) = lines.next() else {
-        return Some(None);
-    };
-    if lines.next().is_some() {
-        return None;
-    }
-    let host = first.to_str().ok()?.parse::<http::uri::Authority>().ok()?;
-    Some(Some(host))
-}
-
-/// `scheme://authority/path?query`, the authority lower-cased.
-pub(crate) fn key_of(scheme: &str, authority: &http::uri::Authority, uri: &http::Uri) -> String {
-    let authority = authority.as_str();
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut key = String::with_capacity(scheme.len() + authority.len() + path.len() + 3);
-    key.push_str(scheme);
-    key.push_str("://");
-    key.extend(authority.chars().map(|c| c.to_ascii_lowercase()));
-    key.push_str(path);
-    key
-}
-
-/// The tags in `name`'s values (space-separated, several lines allowed),
-/// sorted and deduplicated; `Err` when they cannot be read (not visible
-/// ASCII), are too many or one is too long: such a response is not stored,
-/// since an invalidation of a tag it could not record would miss it.
-pub(crate) fn tags_of(headers: &HeaderMap, name: &HeaderName) -> Result<Vec<Tag>, ()> {
-    let mut tags: Vec<&str> = Vec::new();
-    for value in headers.get_all(name) {
-        let text = value.to_str().map_err(|_| ())?;
-        for tag in text.split_ascii_whitespace() {
-            if tag.len() > MAX_TAG_LEN || tags.len() >= MAX_TAGS * 4 {
-                return Err(());
-            }
-            tags.push(tag);
-        }
-    }
-    tags.sort_unstable();
-    tags.dedup();
-    if tags.len() > MAX_TAGS {
-        return Err(());
-    }
-    Ok(tags.into_iter().map(Tag::from).collect())
-}
-
-impl Stored {
-    pub(crate) fn age(&self, now: Instant) -> Duration {
-        self.initial_age + now.saturating_duration_since(self.stored_at)
-    }
-
-    pub(crate) fn matches(&self, req: &HeaderMap) -> bool {
-        self.vary
-            .iter()
-            .all(|(name, value)| freshness::normalized(req, name).as_deref() == value.as_deref())
-    }
-
-    pub(crate) fn etag(&self) -> Option<&HeaderValue> {
-        self.headers.get(header::ETAG)
-    }
-
-    pub(crate) fn weight(&self) -> u32 {
-        u32::try_from(self.body.len() + 512).unwrap_or(u32::MAX)
-    }
-
-    /// How much longer it is fresh at `now`.
-    pub(crate) fn fresh_for(&self, now: Instant) -> Duration {
-        self.lifetime.saturating_sub(self.age(now))
-    }
-}
-
-/// The responses the HTTP cache holds under one key: one per distinct set
-/// of values of the request headers their `Vary` names, newest first.
-///
-/// Opaque: it is the value type of the HTTP cache's store and of its shared
-/// tier (`RedisTier<String, StoredVariants>`, encoded by
-/// [`HttpCacheLayer::redis_codec`](super::HttpCacheLayer::redis_codec)).
-#[derive(Clone)]
-pub struct StoredVariants(pub(crate) Arc<[Arc<Stored>]>);
-
-impl StoredVariants {
-    /// How many variants there are.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// True when there is none.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// The stored variant for a request with these headers.
-    pub(crate) fn find(&self, req: &HeaderMap) -> Option<&Arc<Stored>> {
-        self.0.iter().find(|s| s.matches(req))
-    }
-}
-
-impl fmt::Debug for StoredVariants {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list()
-            .entries(self.0.iter().map(|s| (s.status, s.body.len())))
-            .finish()
-    }
-}
 
 /// At most this many variants under one key (the oldest go first).
 const MAX_VARIANTS: usize = 16;
@@ -276,82 +133,6 @@ impl HttpShared {
     #[inline]
     pub(crate) fn hashed(&self, key: String) -> Hashed<String> {
         self.log.hasher.hashed(key)
-    }
-
-    /// The primary key: the target URI (scheme, authority, path and
-    /// query). Never from `X-Forwarded-*` or any other header but `Host`.
-    ///
-    /// `None` (neither stored nor served from the cache) when the request
-    /// names no authority, or two: an absolute-form target whose authority
-    /// is not byte for byte the `Host` header's, or more than one `Host`
-    /// line. The origin may build its response from either, so no one key
-    /// is right. Also `None` for an HTTP/1 absolute-form target without
-    /// `Host`, and for an authority with upper-case letters.
-    pub(crate) fn key(&self, parts: &http::request::Parts) -> Option<String> {
-        let scheme = self.scheme(parts);
-        let host = single_host(&parts.headers)?;
-        let authority = match (parts.uri.authority(), host) {
-            // HTTP/2 and HTTP/3 carry the authority in the target (the
-            // `:authority` pseudo-header). An HTTP/1 absolute-form target
-            // without `Host` names an authority that an origin reading
-            // `Host` never sees: not cached.
-            (Some(target), None) => {
-                if !matches!(parts.version, Version::HTTP_2 | Version::HTTP_3) {
-                    return None;
-                }
-                target.clone()
-            }
-            // Byte for byte: `A.TEST:80` and `a.test` are one origin to
-            // RFC 9110, but the origin sees the `Host` as written.
-            (Some(target), Some(host)) => {
-                if target.as_str() != host.as_str() {
-                    return None;
-                }
-                target.clone()
-            }
-            (None, Some(host)) => host,
-            (None, None) => return None,
-        };
-        // Keys are lower-case (so invalidation finds every spelling); an
-        // authority that is not is not cached, so what is stored under a
-        // key is what an origin saw for exactly that spelling.
-        if authority.as_str().bytes().any(|b| b.is_ascii_uppercase()) {
-            return None;
-        }
-        Some(key_of(scheme, &authority, &parts.uri))
-    }
-
-    pub(crate) fn scheme<'a>(&'a self, parts: &'a http::request::Parts) -> &'a str {
-        parts
-            .uri
-            .scheme_str()
-            .unwrap_or(self.config.default_scheme.as_str())
-    }
-
-    /// Every key an unsafe request may change: its key, or when the target
-    /// and `Host` disagree, the key under each of them (invalidating too
-    /// much is safe; too little is not).
-    pub(crate) fn invalidation_keys(&self, parts: &http::request::Parts) -> Vec<String> {
-        if let Some(key) = self.key(parts) {
-            return vec![key];
-        }
-        let scheme = self.scheme(parts);
-        let hosts = parts
-            .headers
-            .get_all(header::HOST)
-            .iter()
-            .filter_map(|v| v.to_str().ok()?.parse::<http::uri::Authority>().ok());
-        let mut keys: Vec<String> = parts
-            .uri
-            .authority()
-            .cloned()
-            .into_iter()
-            .chain(hosts)
-            .map(|a| key_of(scheme, &a, &parts.uri))
-            .collect();
-        keys.sort();
-        keys.dedup();
-        keys
     }
 
     /// The entry for `key` this instance may serve from now: trusted (the

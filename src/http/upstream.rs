@@ -14,7 +14,10 @@ use tower::{Service, ServiceExt};
 use super::body::{Buffered, CacheBody, buffer};
 use super::cache_control::{RequestDirectives, ResponseDirectives};
 use super::freshness::{self, NotStored, Usable};
-use super::state::{HttpShared, Stored, StoredVariants, VaryValues, tags_of, vary_values};
+use super::state::HttpShared;
+use super::stored::{
+    Stored, StoredVariants, VaryValues, respond, storable_headers, tags_of, vary_values,
+};
 use crate::cache::flight::Join;
 use crate::cache::invalidate::{InvalidateTarget, Invalidation};
 use crate::cache::remote::Lease;
@@ -22,113 +25,6 @@ use crate::cache::stats::Kind;
 use crate::cache::{Entry, Hashed};
 
 type HttpEntry = Entry<StoredVariants, ()>;
-
-/// Builds the response for a stored entry: a fresh `Response` with the
-/// stored status, headers (cloned, not re-parsed), body and trailers, and
-/// a correct `Age`; a 304 when the client's own validators match.
-pub(crate) fn respond<B: Body>(
-    stored: &Stored,
-    age: Duration,
-    head: bool,
-    req: &HeaderMap,
-) -> Response<CacheBody<B>> {
-    if client_validator_matches(stored, req) {
-        let mut res = Response::new(CacheBody::empty());
-        *res.status_mut() = StatusCode::NOT_MODIFIED;
-        // `Set-Cookie` only reaches here when the response carrying it is
-        // this client's own (a revalidation), or sharing it is configured.
-        for name in [
-            header::CACHE_CONTROL,
-            header::CONTENT_LOCATION,
-            header::DATE,
-            header::ETAG,
-            header::EXPIRES,
-            header::VARY,
-            header::LAST_MODIFIED,
-            header::SET_COOKIE,
-        ] {
-            for v in stored.headers.get_all(&name) {
-                res.headers_mut().append(name.clone(), v.clone());
-            }
-        }
-        res.headers_mut()
-            .insert(header::AGE, HeaderValue::from(age.as_secs()));
-        return res;
-    }
-    let body = if head {
-        CacheBody::empty()
-    } else {
-        CacheBody::full(stored.body.clone(), stored.trailers.clone())
-    };
-    let mut res = Response::new(body);
-    *res.status_mut() = stored.status;
-    *res.version_mut() = stored.version;
-    *res.headers_mut() = stored.headers.clone();
-    res.headers_mut()
-        .insert(header::AGE, HeaderValue::from(age.as_secs()));
-    res
-}
-
-/// `If-None-Match` (weak comparison) takes precedence over
-/// `If-Modified-Since` (RFC 9110 §13.2.2).
-fn client_validator_matches(stored: &Stored, req: &HeaderMap) -> bool {
-    if let Some(inm) = req.get(header::IF_NONE_MATCH) {
-        let Some(etag) = stored.etag().and_then(|e| e.to_str().ok()) else {
-            return false;
-        };
-        let Ok(list) = inm.to_str() else {
-            return false;
-        };
-        let weak = |t: &str| t.trim().trim_start_matches("W/").to_string();
-        return list
-            .split(',')
-            .any(|t| t.trim() == "*" || weak(t) == weak(etag));
-    }
-    if let Some(ims) = req
-        .get(header::IF_MODIFIED_SINCE)
-        .and_then(|v| v.to_str().ok())
-    {
-        let (Ok(since), Some(modified)) = (
-            httpdate::parse_http_date(ims),
-            freshness::date(&stored.headers, header::LAST_MODIFIED),
-        ) else {
-            return false;
-        };
-        return modified <= since;
-    }
-    false
-}
-
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authenticate",
-    "proxy-authorization",
-];
-
-/// The headers worth storing: hop-by-hop fields (and those `Connection`
-/// names) and `Age` removed.
-fn storable_headers(mut headers: HeaderMap) -> HeaderMap {
-    let named: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| {
-            v.split(',')
-                .map(|s| s.trim().to_ascii_lowercase())
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    for name in HOP_BY_HOP.iter().map(|s| s.to_string()).chain(named) {
-        headers.remove(name.as_str());
-    }
-    headers.remove(header::AGE);
-    headers
-}
 
 /// Removes the tag header unless it is configured to pass through.
 pub(crate) fn strip_tags(shared: &HttpShared, headers: &mut HeaderMap) {
@@ -591,13 +487,18 @@ where
         return Ok((res.map(CacheBody::stream), None));
     }
     let (res_parts, res_body) = res.into_parts();
-    let (data, trailers) = match buffer(res_body, shared.config.max_body).await {
+    let (data, mut trailers) = match buffer(res_body, shared.config.max_body).await {
         Buffered::Complete { data, trailers } => (data, trailers),
         Buffered::Passthrough(body) => {
             shared.stats.incr(Kind::NotStored);
             return Ok((Response::from_parts(res_parts, body), None));
         }
     };
+    // Tags are read from the header section only; a buffered body's
+    // trailers lose the field too.
+    if let Some(t) = trailers.as_mut() {
+        strip_tags(shared, t);
+    }
     let rules = &shared.rules;
     let cookie_trailer = trailers
         .as_ref()
