@@ -123,7 +123,13 @@ impl HttpCacheLayer {
     #[cfg(feature = "redis")]
     #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
     pub fn redis_codec(&self) -> super::remote::HttpRedisCodec {
-        super::remote::HttpRedisCodec::new(self.shared.clock.clone(), self.shared.rules.clone())
+        let config = &self.shared.config;
+        super::remote::HttpRedisCodec::new(
+            self.shared.clock.clone(),
+            self.shared.rules.clone(),
+            config.max_body,
+            (!config.pass_tag_header).then(|| config.tag_header.clone()),
+        )
     }
 }
 

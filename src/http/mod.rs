@@ -73,8 +73,11 @@
 //!   it: every variant is checked again against this cache's storing rules
 //!   (a per-user response is dropped, never served), selected by `Vary`,
 //!   and freshness-checked with its age including the time it spent in the
-//!   tier. The cross-instance invalidation bound is the tier's (see
-//!   `cache::redis`). A private cache cannot take a tier.
+//!   tier; this cache's tag-header and `max_body` settings apply to it too.
+//!   The cross-instance invalidation bound is the tier's (see
+//!   `cache::redis`). A private cache cannot take a tier. Unlike the core
+//!   cache, a miss does not wait for another instance that holds the lease
+//!   on the same URL: it fills here too and does not write the tier.
 //!
 //! # Guarantees: nothing per-user is shared
 //!

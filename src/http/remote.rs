@@ -9,6 +9,8 @@
 //! - adds the wall-clock time since the write to the age (so the time a
 //!   response spent in Redis counts; a clock that went back adds nothing),
 //!   and starts the age's clock again on this instance's [`Clock`];
+//! - removes the tag header unless this cache passes it, and drops a
+//!   variant whose body is larger than this cache's `max_body`;
 //! - re-reads `Cache-Control` from the headers and runs every storing rule
 //!   of a shared cache again: a variant that is per-user (`private`,
 //!   `no-store`, `Set-Cookie` in headers or trailers unless shared,
@@ -45,11 +47,25 @@ const MAX_VARIANTS: usize = 16;
 pub struct HttpRedisCodec {
     clock: Clock,
     rules: HttpCachePolicy,
+    /// The largest body this cache stores: a longer one is dropped.
+    max_body: usize,
+    /// The tag header to strip from what comes back (`None`: it passes).
+    strip: Option<HeaderName>,
 }
 
 impl HttpRedisCodec {
-    pub(crate) fn new(clock: Clock, rules: HttpCachePolicy) -> Self {
-        Self { clock, rules }
+    pub(crate) fn new(
+        clock: Clock,
+        rules: HttpCachePolicy,
+        max_body: usize,
+        strip: Option<HeaderName>,
+    ) -> Self {
+        Self {
+            clock,
+            rules,
+            max_body,
+            strip,
+        }
     }
 }
 
@@ -209,13 +225,21 @@ impl HttpRedisCodec {
             let status = StatusCode::from_u16(r.u16()?).ok()?;
             let version = version_of(r.u8()?)?;
             let age = Duration::from_millis(r.u64()?).saturating_add(in_tier);
-            let headers = r.headers()?;
-            let body = Bytes::copy_from_slice(r.bytes()?);
-            let trailers = match r.u8()? {
+            let mut headers = r.headers()?;
+            let body = r.bytes()?;
+            let body = (body.len() <= self.max_body).then(|| Bytes::copy_from_slice(body));
+            let mut trailers = match r.u8()? {
                 0 => None,
                 1 => Some(r.headers()?),
                 _ => return None,
             };
+            // Another instance may pass the tag header; this one may not.
+            if let Some(tag_header) = &self.strip {
+                headers.remove(tag_header);
+                if let Some(t) = trailers.as_mut() {
+                    t.remove(tag_header);
+                }
+            }
             let mut vary: VaryValues = Vec::new();
             for _ in 0..r.u16()? {
                 let name = HeaderName::from_bytes(r.bytes()?).ok()?;
@@ -239,6 +263,10 @@ impl HttpRedisCodec {
                 }
                 tags.push(Tag::from(t));
             }
+            // A body larger than this cache stores is not kept.
+            let Some(body) = body else {
+                continue;
+            };
             // Every rule of a shared cache, again: whatever wrote this value.
             let cc = ResponseDirectives::from_headers(&headers);
             let lifetime = match freshness::storable(
@@ -343,7 +371,13 @@ mod tests {
 
     fn codec() -> (HttpRedisCodec, crate::cache::MockClock) {
         let (clock, mock) = Clock::mock();
-        (HttpRedisCodec::new(clock, HttpCachePolicy::default()), mock)
+        let codec = HttpRedisCodec::new(
+            clock,
+            HttpCachePolicy::default(),
+            1 << 20,
+            Some(HeaderName::from_static("surrogate-key")),
+        );
+        (codec, mock)
     }
 
     fn shareable() -> StoredVariants {
@@ -441,6 +475,40 @@ mod tests {
         cookie_trailer.trailers = Some(t);
         let one = StoredVariants(vec![Arc::new(cookie_trailer)].into());
         assert!(codec.decode_at(&codec.encode_at(&one, now), now).is_none());
+    }
+
+    #[test]
+    fn this_caches_tag_header_and_body_limit_apply_to_what_comes_back() {
+        let (clock, _) = Clock::mock();
+        let writer = HttpRedisCodec::new(clock.clone(), HttpCachePolicy::default(), 1 << 20, None);
+        let reader = HttpRedisCodec::new(
+            clock,
+            HttpCachePolicy::default(),
+            4,
+            Some(HeaderName::from_static("surrogate-key")),
+        );
+        let tagged = stored(
+            &[("cache-control", "max-age=60"), ("surrogate-key", "user:1")],
+            vec![],
+            &["user:1"],
+        );
+        let now = SystemTime::now();
+        let bytes = writer.encode_at(&StoredVariants(vec![tagged].into()), now);
+        let back = writer.decode_at(&bytes, now).unwrap();
+        assert!(back.0[0].headers.contains_key("surrogate-key"), "passed");
+        assert!(
+            reader.decode_at(&bytes, now).is_none(),
+            "5 bytes of body, over the reader's max_body"
+        );
+        let reader = HttpRedisCodec::new(
+            Clock::mock().0,
+            HttpCachePolicy::default(),
+            1 << 20,
+            Some(HeaderName::from_static("surrogate-key")),
+        );
+        let back = reader.decode_at(&bytes, now).unwrap();
+        assert!(!back.0[0].headers.contains_key("surrogate-key"), "stripped");
+        assert_eq!(back.0[0].tags.len(), 1, "the tags themselves stay");
     }
 
     #[test]
