@@ -129,13 +129,6 @@ impl<P, St: Store> CacheLayer<P, St> {
         &self.shared.store
     }
 
-    /// The token cancelled when the last handle of the cache goes (for the
-    /// shared tier's tasks; an explicit `shutdown()` does not stop them).
-    #[cfg(feature = "redis")]
-    pub(crate) fn closed_token(&self) -> tokio_util::sync::CancellationToken {
-        self.shared.closed.clone()
-    }
-
     /// Puts a shared (L2) tier behind the in-process store, such as
     /// `RedisTier`, and returns the tier's [`RemoteLink`](super::RemoteLink)
     /// to this cache; `None` if a tier is attached already.
@@ -160,6 +153,32 @@ impl<P, St: Store> CacheLayer<P, St> {
     /// isolation window.
     pub fn shutdown(&self) {
         self.shared.shutdown.cancel();
+    }
+}
+
+impl<P, St: Store> super::remote::sealed::Sealed for CacheLayer<P, St> {}
+
+impl<P, St> super::remote::AttachRemote for CacheLayer<P, St>
+where
+    P: Send + Sync + 'static,
+    St: Store,
+{
+    type Key = St::Key;
+    type Response = St::Response;
+
+    fn attach_tier(
+        &self,
+        tier: Arc<dyn super::RemoteTier<St::Key, St::Response>>,
+    ) -> Result<super::RemoteLink<St::Key>, BuildError> {
+        self.attach_remote(tier)
+            .ok_or_else(|| BuildError::OutOfRange {
+                field: "shared tier",
+                reason: "this cache already has a shared tier attached".into(),
+            })
+    }
+
+    fn closed_token(&self) -> tokio_util::sync::CancellationToken {
+        self.shared.closed.clone()
     }
 }
 

@@ -93,7 +93,7 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
 use super::invalidate::{Invalidation, Tag};
-use super::remote::{BoxFuture, Lease, RemoteEntry, RemoteLink, RemoteTier};
+use super::remote::{AttachRemote, BoxFuture, Lease, RemoteEntry, RemoteLink, RemoteTier};
 use crate::error::ConfigError;
 
 /// Turns keys and responses into bytes and back.
@@ -172,15 +172,20 @@ impl RedisTierBuilder {
     /// Connects, subscribes to the invalidation channel, and attaches the
     /// tier to `layer`'s cache. Never fails because Redis is down (it keeps
     /// trying); fails for a malformed URL.
-    pub async fn attach<P, St, C>(
+    ///
+    /// `layer` is a [`CacheLayer`](super::CacheLayer) or, with the `http`
+    /// feature, an `HttpCacheLayer` (whose codec is
+    /// `HttpCacheLayer::redis_codec`).
+    pub async fn attach<L, C>(
         self,
-        layer: &super::CacheLayer<P, St>,
+        layer: &L,
         codec: C,
-    ) -> Result<Arc<RedisTier<St::Key, St::Response>>, ConfigError>
+    ) -> Result<Arc<RedisTier<L::Key, L::Response>>, ConfigError>
     where
-        P: Send + Sync + 'static,
-        St: super::Store,
-        C: RedisCodec<St::Key, St::Response>,
+        L: AttachRemote,
+        L::Key: Send + Sync + 'static,
+        L::Response: Send + Sync + 'static,
+        C: RedisCodec<L::Key, L::Response>,
     {
         if self.timeout.is_zero() || self.timeout >= self.isolation_ttl {
             return Err(ConfigError::OutOfRange {
@@ -252,14 +257,7 @@ impl RedisTierBuilder {
             last_queued: AtomicU64::new(0),
             applied: tokio::sync::watch::channel(0).0,
         });
-        let Some(link) =
-            layer.attach_remote(tier.clone() as Arc<dyn RemoteTier<St::Key, St::Response>>)
-        else {
-            return Err(ConfigError::OutOfRange {
-                field: "redis tier",
-                reason: "this cache already has a shared tier attached".into(),
-            });
-        };
+        let link = layer.attach_tier(tier.clone() as Arc<dyn RemoteTier<L::Key, L::Response>>)?;
         // Until its own heartbeat comes back through the subscription,
         // other instances' invalidations cannot reach this L1: no hits.
         link.require_heartbeats(tier.isolation_ttl);

@@ -175,3 +175,222 @@ impl<K> RemoteLink<K> {
         self.target.now()
     }
 }
+
+/// A cache a shared tier can be attached to: [`CacheLayer`](super::CacheLayer)
+/// and, with the `http` feature, `HttpCacheLayer`. Sealed: the methods are
+/// the tier's plumbing, not an extension point.
+pub trait AttachRemote: sealed::Sealed {
+    /// The cache's key type.
+    type Key;
+    /// The value the cache stores and the tier carries.
+    type Response;
+
+    /// Puts `tier` behind the cache's in-process store and returns the
+    /// tier's link to the cache; an error if the cache cannot take one (a
+    /// tier is attached already, or the cache must not share).
+    #[doc(hidden)]
+    fn attach_tier(
+        &self,
+        tier: Arc<dyn RemoteTier<Self::Key, Self::Response>>,
+    ) -> Result<RemoteLink<Self::Key>, crate::error::ConfigError>;
+
+    /// Cancelled when the last handle of the cache goes (the tier's tasks
+    /// run until then).
+    #[doc(hidden)]
+    fn closed_token(&self) -> tokio_util::sync::CancellationToken;
+}
+
+pub(crate) mod sealed {
+    /// Only this crate's caches take a shared tier.
+    pub trait Sealed {}
+}
+
+/// The state between an in-process store and a shared tier: whether the
+/// store may serve (heartbeats), whether the tier's values may be used
+/// (rejoin fence), and which of this instance's invalidations the tier has
+/// applied. A cache that owns one forwards its [`LinkTarget`] calls here.
+///
+/// The HTTP cache's; the core cache (`service.rs`) still keeps the same
+/// state in its own fields, to move onto this.
+#[cfg(feature = "http")]
+#[derive(Debug)]
+pub(crate) struct Gate {
+    /// The store serves hits only before this instant (nanos on the
+    /// cache's clock): `u64::MAX` without a tier that requires heartbeats,
+    /// otherwise the last heartbeat's send time plus the isolation window.
+    trusted_until: std::sync::atomic::AtomicU64,
+    /// The isolation window in nanos (0: heartbeats not required).
+    isolation: std::sync::atomic::AtomicU64,
+    /// Values from the tier are not used before this instant: after
+    /// rejoining, other instances may still be flushing what they queued.
+    remote_from: std::sync::atomic::AtomicU64,
+    /// Set by the first heartbeat: later gaps are rejoins.
+    joined: std::sync::atomic::AtomicBool,
+    /// The highest sequence number of this instance's invalidations queued
+    /// for the tier, and the highest the tier reported applied.
+    queued: std::sync::atomic::AtomicU64,
+    applied: std::sync::atomic::AtomicU64,
+    /// Orders "mark, then queue for the tier".
+    order: std::sync::Mutex<()>,
+}
+
+#[cfg(feature = "http")]
+impl Gate {
+    pub(crate) fn new() -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU64};
+        Self {
+            trusted_until: AtomicU64::new(u64::MAX),
+            isolation: AtomicU64::new(0),
+            remote_from: AtomicU64::new(0),
+            joined: AtomicBool::new(false),
+            queued: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
+            order: std::sync::Mutex::new(()),
+        }
+    }
+
+    /// Whether the in-process store may serve at `now` (one atomic load).
+    #[inline]
+    pub(crate) fn trusted_at(&self, now: Instant) -> bool {
+        now.as_nanos()
+            < self
+                .trusted_until
+                .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether values from the tier may be used at `now`: not while
+    /// isolated after having joined, nor for one window after rejoining.
+    pub(crate) fn remote_usable(&self, now: Instant) -> bool {
+        use std::sync::atomic::Ordering;
+        let isolated = !self.trusted_at(now) && self.joined.load(Ordering::Acquire);
+        !isolated && now.as_nanos() >= self.remote_from.load(Ordering::Acquire)
+    }
+
+    /// The highest of this instance's invalidations the tier has applied.
+    pub(crate) fn applied_seq(&self) -> u64 {
+        self.applied.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether invalidations queued after `applied` are still pending.
+    pub(crate) fn pending_after(&self, applied: u64) -> bool {
+        self.queued.load(std::sync::atomic::Ordering::Acquire) > applied
+    }
+
+    /// Holds the "mark, then queue" order.
+    pub(crate) fn order(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.order
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// This instance's invalidation `seq` is queued for the tier.
+    pub(crate) fn queued(&self, seq: u64) {
+        self.queued
+            .fetch_max(seq, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// The tier applied this instance's invalidations up to `seq`.
+    pub(crate) fn applied(&self, seq: u64) {
+        self.applied
+            .fetch_max(seq, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// From now on the store serves only while heartbeats come back.
+    pub(crate) fn isolate(&self, ttl: Duration) {
+        use std::sync::atomic::Ordering;
+        let nanos = u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX);
+        self.isolation.store(nanos.max(1), Ordering::Release);
+        self.trusted_until.store(0, Ordering::Release);
+    }
+
+    /// A heartbeat sent at `sent_at` came back at `now`. After a gap,
+    /// `reset` runs (empty the store, fence fills in flight) before the
+    /// store is trusted again.
+    pub(crate) fn heard(&self, sent_at: Instant, now: Instant, reset: impl FnOnce()) {
+        use std::sync::atomic::Ordering;
+        let ttl = self.isolation.load(Ordering::Acquire);
+        if ttl == 0 {
+            return;
+        }
+        // A heartbeat cannot have been sent in the future.
+        let until = sent_at.min(now).as_nanos().saturating_add(ttl);
+        if self.trusted_until.load(Ordering::Acquire) <= now.as_nanos() {
+            if until <= now.as_nanos() {
+                return; // an old heartbeat: still isolated
+            }
+            // Rejoining after a gap: keep the tier's values out for one
+            // more window (set first), then reset before trusting.
+            if self.joined.swap(true, Ordering::AcqRel) {
+                self.remote_from
+                    .store(now.as_nanos().saturating_add(ttl), Ordering::Release);
+            }
+            reset();
+            self.trusted_until.store(until, Ordering::Release);
+        } else {
+            self.trusted_until.fetch_max(until, Ordering::AcqRel);
+        }
+    }
+
+    /// The fan-out is lost: stop serving from the store now.
+    pub(crate) fn lost(&self) {
+        use std::sync::atomic::Ordering;
+        if self.isolation.load(Ordering::Acquire) != 0 {
+            self.trusted_until.store(0, Ordering::Release);
+        }
+    }
+}
+
+#[cfg(all(test, feature = "http"))]
+mod tests {
+    use super::*;
+
+    fn at(ms: u64) -> Instant {
+        Instant::from_nanos(ms * 1_000_000)
+    }
+
+    #[test]
+    fn the_gate_trusts_the_store_only_between_heartbeats() {
+        let gate = Gate::new();
+        assert!(gate.trusted_at(at(0)), "no tier: always trusted");
+        gate.isolate(Duration::from_millis(100));
+        assert!(!gate.trusted_at(at(0)), "until the first heartbeat");
+        assert!(gate.remote_usable(at(0)), "the tier is, before joining");
+        let mut resets = 0;
+        gate.heard(at(10), at(20), || resets += 1);
+        assert_eq!(resets, 1, "the store is emptied before it is trusted");
+        assert!(gate.trusted_at(at(109)));
+        assert!(!gate.trusted_at(at(110)), "sent_at + ttl");
+        // A heartbeat from the future counts from now.
+        gate.heard(at(500), at(50), || resets += 1);
+        assert!(gate.trusted_at(at(149)) && !gate.trusted_at(at(150)));
+        assert_eq!(resets, 1, "no gap: no reset");
+        gate.lost();
+        assert!(!gate.trusted_at(at(60)));
+        assert!(!gate.remote_usable(at(60)), "isolated after joining");
+        // An old heartbeat does not end the isolation.
+        gate.heard(at(0), at(200), || resets += 1);
+        assert!(!gate.trusted_at(at(200)));
+        // Rejoining: reset, and the tier's values wait one more window.
+        gate.heard(at(195), at(200), || resets += 1);
+        assert_eq!(resets, 2);
+        assert!(gate.trusted_at(at(200)));
+        gate.heard(at(290), at(294), || resets += 1);
+        assert_eq!(resets, 2);
+        assert!(!gate.remote_usable(at(299)));
+        assert!(gate.remote_usable(at(300)));
+    }
+
+    #[test]
+    fn the_gate_tracks_pending_invalidations() {
+        let gate = Gate::new();
+        assert!(!gate.pending_after(gate.applied_seq()));
+        gate.queued(3);
+        assert!(gate.pending_after(gate.applied_seq()));
+        gate.applied(2);
+        assert!(gate.pending_after(gate.applied_seq()));
+        gate.applied(3);
+        gate.applied(1); // never goes back
+        assert_eq!(gate.applied_seq(), 3);
+        assert!(!gate.pending_after(3));
+    }
+}

@@ -2,63 +2,19 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::HeaderName;
+use tokio_util::sync::DropGuard;
 use tower::Layer;
 
+use super::config::{DEFAULT_TAG_HEADER, HonourRequest, HttpConfig};
 use super::freshness::HttpCachePolicy;
-use super::service::{HttpCache, HttpShared};
+use super::service::HttpCache;
+use super::state::{HttpShared, StoreKind};
+use super::stored::StoredVariants;
+use crate::cache::invalidate::{InvalidateTarget, Invalidation, Invalidator};
+use crate::cache::remote::{AttachRemote, RemoteLink, RemoteTier, sealed};
 use crate::cache::{CacheStats, Clock};
 use crate::error::ConfigError;
-
-/// Which request directives the cache honours. A proxy must honour them
-/// all (the default); a server-side cache may switch some off so clients
-/// cannot bypass it. A switch that is off makes the cache act as if the
-/// client had not sent the directive, for serving and for storing alike.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct HonourRequest {
-    /// `no-cache` (and `Pragma: no-cache`): revalidate before answering.
-    pub no_cache: bool,
-    /// `no-store`: do not store the response.
-    pub no_store: bool,
-    /// `max-age`.
-    pub max_age: bool,
-    /// `max-stale`.
-    pub max_stale: bool,
-    /// `min-fresh`.
-    pub min_fresh: bool,
-    /// `only-if-cached`: a 504 instead of going upstream.
-    pub only_if_cached: bool,
-}
-
-impl HonourRequest {
-    /// Every request directive honoured (a proxy's duty).
-    pub const ALL: Self = Self {
-        no_cache: true,
-        no_store: true,
-        max_age: true,
-        max_stale: true,
-        min_fresh: true,
-        only_if_cached: true,
-    };
-    /// None honoured: the server decides alone.
-    pub const NONE: Self = Self {
-        no_cache: false,
-        no_store: false,
-        max_age: false,
-        max_stale: false,
-        min_fresh: false,
-        only_if_cached: false,
-    };
-}
-
-#[derive(Debug, Clone)]
-pub(crate) struct HttpConfig {
-    pub(crate) max_bytes: u64,
-    pub(crate) max_body: usize,
-    pub(crate) default_scheme: String,
-    pub(crate) honour: HonourRequest,
-    pub(crate) rules: HttpCachePolicy,
-}
 
 /// An RFC 9111 HTTP cache as a Tower layer: [`HttpCache`].
 ///
@@ -80,6 +36,7 @@ pub(crate) struct HttpConfig {
 #[derive(Clone)]
 pub struct HttpCacheLayer {
     shared: Arc<HttpShared>,
+    life: Arc<DropGuard>,
 }
 
 impl fmt::Debug for HttpCacheLayer {
@@ -100,6 +57,8 @@ impl HttpCacheLayer {
                 default_scheme: "http".into(),
                 honour: HonourRequest::ALL,
                 rules: HttpCachePolicy::default(),
+                tag_header: HeaderName::from_static(DEFAULT_TAG_HEADER),
+                pass_tag_header: false,
             },
             clock: None,
         }
@@ -111,9 +70,102 @@ impl HttpCacheLayer {
     }
 
     /// Removes the stored responses for a target URI
-    /// (`scheme://authority/path?query`).
+    /// (`scheme://authority/path?query`), here and, with a shared tier, on
+    /// every instance. The same as `invalidator().invalidate_key(uri)`.
     pub fn invalidate(&self, uri: &str) {
-        self.shared.invalidate(uri);
+        self.shared
+            .invalidate(Invalidation::Key(uri.to_string()), 0);
+    }
+
+    /// A handle to invalidate stored responses: by key (the cache key,
+    /// `scheme://authority/path?query` with the authority lower-cased), by
+    /// tag (the values of the [tag header](HttpCacheLayerBuilder::tag_header)
+    /// the responses carried), or all, optionally at a version. The same
+    /// [`Invalidator`] type the core cache gives, with the same race-safe
+    /// rules: a response whose fetch began before an invalidation that
+    /// touches it is neither stored nor served after it, and a request that
+    /// starts after the call returned never gets it. With a shared tier,
+    /// other instances apply it too (see `cache::redis`).
+    ///
+    /// ```
+    /// # fn demo() -> Result<(), tower_scale::ConfigError> {
+    /// use tower_scale::http::HttpCacheLayer;
+    ///
+    /// let layer = HttpCacheLayer::builder().build()?;
+    /// let invalidator = layer.invalidator();
+    /// invalidator.invalidate_tag("user:12"); // every response tagged `user:12`
+    /// invalidator.invalidate_key(&"https://example.com/users/12".to_string());
+    /// invalidator.invalidate_all();
+    /// # Ok(()) }
+    /// ```
+    pub fn invalidator(&self) -> Invalidator<String> {
+        Invalidator::new(self.shared.clone())
+    }
+
+    /// The codec for a Redis tier of this cache: stored responses and their
+    /// `Vary` variants, keyed by the cache key. Every variant a tier hands
+    /// back is checked again against this cache's sharing rules (one that
+    /// a shared cache would not store is dropped), and its age carries on
+    /// from the time it was written (by the wall clock: the time spent in
+    /// Redis counts).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), tower_scale::ConfigError> {
+    /// use tower_scale::http::HttpCacheLayer;
+    ///
+    /// let layer = HttpCacheLayer::builder().build()?;
+    /// let tier = tower_scale::cache::redis::builder("redis://127.0.0.1:6379")
+    ///     .prefix("pages")
+    ///     .attach(&layer, layer.redis_codec())
+    ///     .await?;
+    /// # let _ = tier; Ok(()) }
+    /// ```
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn redis_codec(&self) -> super::remote::HttpRedisCodec {
+        let config = &self.shared.config;
+        super::remote::HttpRedisCodec::new(
+            self.shared.clock.clone(),
+            self.shared.rules.clone(),
+            config.max_body,
+            (!config.pass_tag_header).then(|| config.tag_header.clone()),
+        )
+    }
+}
+
+impl sealed::Sealed for HttpCacheLayer {}
+
+/// A shared tier (Redis) shares stored responses between instances. Only a
+/// shared cache takes one: a [private](HttpCacheLayerBuilder::private)
+/// cache is one user's and its responses must not reach another instance.
+impl AttachRemote for HttpCacheLayer {
+    type Key = String;
+    type Response = StoredVariants;
+
+    fn attach_tier(
+        &self,
+        tier: Arc<dyn RemoteTier<String, StoredVariants>>,
+    ) -> Result<RemoteLink<String>, ConfigError> {
+        if !self.shared.rules.shared {
+            return Err(ConfigError::OutOfRange {
+                field: "shared tier",
+                reason: "a private HTTP cache holds one user's responses; it cannot share them"
+                    .into(),
+            });
+        }
+        if self.shared.remote.set(tier).is_err() {
+            return Err(ConfigError::OutOfRange {
+                field: "shared tier",
+                reason: "this cache already has a shared tier attached".into(),
+            });
+        }
+        Ok(RemoteLink {
+            target: self.shared.clone(),
+        })
+    }
+
+    fn closed_token(&self) -> tokio_util::sync::CancellationToken {
+        self.shared.closed.clone()
     }
 }
 
@@ -123,6 +175,7 @@ impl<S> Layer<S> for HttpCacheLayer {
         HttpCache {
             inner,
             shared: Arc::clone(&self.shared),
+            life: Arc::clone(&self.life),
         }
     }
 }
@@ -194,14 +247,54 @@ impl HttpCacheLayerBuilder {
         self
     }
 
+    /// The response header that carries a response's tags (default
+    /// `surrogate-key`): space-separated values, on one line or several,
+    /// that [`HttpCacheLayer::invalidator`] can invalidate by. A response
+    /// whose tags cannot be read (not visible ASCII), with more than
+    /// [`MAX_TAGS`](super::MAX_TAGS) distinct tags (or more than four times
+    /// that many values in all), or with one longer than
+    /// [`MAX_TAG_LEN`](super::MAX_TAG_LEN) bytes, is passed on but not
+    /// stored (an invalidation of a tag it could not record would miss
+    /// it). The header is removed from every response before it leaves the
+    /// cache, stored or not, unless [`pass_tag_header`](Self::pass_tag_header)
+    /// is on. Tags are read from the header section only; trailers lose the
+    /// field in the responses the cache buffers (a body too large to buffer
+    /// streams through untouched, trailers included).
+    pub fn tag_header(mut self, name: HeaderName) -> Self {
+        self.config.tag_header = name;
+        self
+    }
+
+    /// Lets the tag header through to clients (and stores it with the
+    /// response). Default: off; tags often name internal things (`user:12`),
+    /// so they stay in the cache.
+    pub fn pass_tag_header(mut self, pass: bool) -> Self {
+        self.config.pass_tag_header = pass;
+        self
+    }
+
     /// The clock ages are measured on (default: [`Clock::new`]).
     pub fn clock(mut self, clock: Clock) -> Self {
         self.clock = Some(clock);
         self
     }
 
-    /// Validates and builds.
+    /// Validates and builds, on the core's default store (moka, TinyLFU
+    /// admission), bounded by [`max_bytes`](Self::max_bytes).
     pub fn build(self) -> Result<HttpCacheLayer, ConfigError> {
+        self.build_on(StoreKind::Moka)
+    }
+
+    /// Validates and builds on the core's quick_cache store (feature
+    /// `quick-cache`: S3-FIFO, a shorter hit path), bounded by
+    /// [`max_bytes`](Self::max_bytes).
+    #[cfg(feature = "quick-cache")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "quick-cache")))]
+    pub fn build_quick(self) -> Result<HttpCacheLayer, ConfigError> {
+        self.build_on(StoreKind::Quick)
+    }
+
+    fn build_on(self, kind: StoreKind) -> Result<HttpCacheLayer, ConfigError> {
         if self.config.max_bytes == 0 {
             return Err(ConfigError::Zero { field: "max_bytes" });
         }
@@ -223,8 +316,8 @@ impl HttpCacheLayerBuilder {
             });
         }
         let clock = self.clock.unwrap_or_default();
-        Ok(HttpCacheLayer {
-            shared: Arc::new(HttpShared::new(self.config, clock)),
-        })
+        let shared = Arc::new(HttpShared::new(self.config, clock, kind));
+        let life = Arc::new(shared.closed.clone().drop_guard());
+        Ok(HttpCacheLayer { shared, life })
     }
 }

@@ -38,7 +38,46 @@
 //!   a larger or endless body streams through to the client untouched and
 //!   is not stored. Trailers are kept.
 //! - **Misses** on one key are coalesced: one request goes upstream, the
-//!   others take its stored response when it matches their `Vary` headers.
+//!   others take its stored response when it matches their `Vary` headers
+//!   and is fresh for their request.
+//!
+//! # One engine with the core cache
+//!
+//! The HTTP cache keeps its responses in the cache core's machinery; only
+//! the RFC 9111 logic (storability, freshness, validators, `Vary`, 304
+//! merging) lives here.
+//!
+//! - **Store**: the core's [`Store`](crate::cache::Store), moka by default
+//!   ([`HttpCacheLayerBuilder::build`]) or quick_cache
+//!   (`HttpCacheLayerBuilder::build_quick`, feature `quick-cache`), bounded
+//!   by [`max_bytes`](HttpCacheLayerBuilder::max_bytes). One entry per URL
+//!   holds its `Vary` variants ([`StoredVariants`]). Evictions, hits,
+//!   misses and the rest are the core's [`CacheStats`](crate::cache::CacheStats).
+//! - **Tags**: a response names its tags in a header (default
+//!   `surrogate-key`, see [`HttpCacheLayerBuilder::tag_header`]); the
+//!   header is stripped before any response leaves the cache unless
+//!   [`pass_tag_header`](HttpCacheLayerBuilder::pass_tag_header) is on.
+//! - **Invalidation**: [`HttpCacheLayer::invalidator`] is the core's
+//!   [`Invalidator`](crate::cache::Invalidator) (by key, the cache key
+//!   string; by tag; all; with versions), with the core's guarantees: a
+//!   response whose fetch began before an invalidation touching it (its
+//!   key, one of its tags, everything) is not stored, and a request that
+//!   starts after the invalidation returned never gets it (not from the
+//!   store, not by joining that fetch, not from the shared tier). A tag
+//!   invalidation drops every variant of the URLs it touches.
+//! - **Shared tier**: `cache::redis::builder(url).attach(&layer,
+//!   layer.redis_codec())` (feature `redis`) shares responses between
+//!   instances: a miss asks the tier once; what a miss or a revalidation
+//!   stores is written to it under its lease (refused after any
+//!   invalidation since). The rules above apply to what comes back from
+//!   it: every variant is checked again against this cache's storing rules
+//!   (a per-user response is dropped, never served), selected by `Vary`,
+//!   and freshness-checked with its age including the time it spent in the
+//!   tier; this cache's tag-header and `max_body` settings apply to it too.
+//!   The cross-instance invalidation bound is the tier's (see
+//!   `cache::redis`). A private cache cannot take a tier. Unlike the core
+//!   cache, a miss does not wait for another instance that holds the lease
+//!   on the same URL: it fills here too and does not write the tier.
 //!
 //! # Guarantees: nothing per-user is shared
 //!
@@ -112,13 +151,48 @@ pub mod cache_control;
 pub mod db_layer {
     pub use crate::pg::layer::*;
 }
+
+/// Moved to [`crate::pg::DbLayer`].
+#[cfg(feature = "postgres")]
+#[deprecated(since = "0.2.0", note = "moved to `tower_scale::pg::DbLayer`")]
+pub type DbLayer = crate::pg::DbLayer;
+/// Moved to [`crate::pg::DbLayerBuilder`].
+#[cfg(feature = "postgres")]
+#[deprecated(since = "0.2.0", note = "moved to `tower_scale::pg::DbLayerBuilder`")]
+pub type DbLayerBuilder = crate::pg::DbLayerBuilder;
+/// Moved to [`crate::pg::DbRouting`].
+#[cfg(feature = "postgres")]
+#[deprecated(since = "0.2.0", note = "moved to `tower_scale::pg::DbRouting`")]
+pub type DbRouting<S> = crate::pg::DbRouting<S>;
+/// Moved to [`crate::pg::RequestDb`].
+#[cfg(feature = "postgres")]
+#[deprecated(since = "0.2.0", note = "moved to `tower_scale::pg::RequestDb`")]
+pub type RequestDb = crate::pg::RequestDb;
+/// Moved to [`crate::pg::Route`].
+#[cfg(feature = "postgres")]
+#[deprecated(since = "0.2.0", note = "moved to `tower_scale::pg::Route`")]
+pub type Route = crate::pg::Route;
 pub mod freshness;
 
 mod body;
+mod config;
+mod future;
+mod key;
 mod layer;
+#[cfg(feature = "redis")]
+mod remote;
 mod service;
+mod state;
+mod stored;
+mod upstream;
 
 pub use self::body::CacheBody;
+pub use self::config::{HonourRequest, MAX_TAG_LEN, MAX_TAGS};
 pub use self::freshness::HttpCachePolicy;
-pub use self::layer::{HonourRequest, HttpCacheLayer, HttpCacheLayerBuilder};
-pub use self::service::{HttpCache, HttpResponseFuture};
+pub use self::future::HttpResponseFuture;
+pub use self::layer::{HttpCacheLayer, HttpCacheLayerBuilder};
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::remote::HttpRedisCodec;
+pub use self::service::HttpCache;
+pub use self::stored::StoredVariants;

@@ -7,6 +7,7 @@ mod common;
 mod parser;
 mod proxy;
 mod sharing;
+mod tags;
 
 use std::collections::HashMap;
 use std::convert::Infallible;

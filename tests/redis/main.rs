@@ -4,6 +4,8 @@
 //! guarantees under faults (`faults.rs`).
 
 mod faults;
+#[cfg(feature = "http")]
+mod http;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,0 +1,70 @@
+//! The HTTP cache's settings.
+
+use http::HeaderName;
+
+use super::freshness::HttpCachePolicy;
+
+/// Which request directives the cache honours. A proxy must honour them
+/// all (the default); a server-side cache may switch some off so clients
+/// cannot bypass it. A switch that is off makes the cache act as if the
+/// client had not sent the directive, for serving and for storing alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HonourRequest {
+    /// `no-cache` (and `Pragma: no-cache`): revalidate before answering.
+    pub no_cache: bool,
+    /// `no-store`: do not store the response.
+    pub no_store: bool,
+    /// `max-age`.
+    pub max_age: bool,
+    /// `max-stale`.
+    pub max_stale: bool,
+    /// `min-fresh`.
+    pub min_fresh: bool,
+    /// `only-if-cached`: a 504 instead of going upstream.
+    pub only_if_cached: bool,
+}
+
+impl HonourRequest {
+    /// Every request directive honoured (a proxy's duty).
+    pub const ALL: Self = Self {
+        no_cache: true,
+        no_store: true,
+        max_age: true,
+        max_stale: true,
+        min_fresh: true,
+        only_if_cached: true,
+    };
+    /// None honoured: the server decides alone.
+    pub const NONE: Self = Self {
+        no_cache: false,
+        no_store: false,
+        max_age: false,
+        max_stale: false,
+        min_fresh: false,
+        only_if_cached: false,
+    };
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct HttpConfig {
+    pub(crate) max_bytes: u64,
+    pub(crate) max_body: usize,
+    pub(crate) default_scheme: String,
+    pub(crate) honour: HonourRequest,
+    pub(crate) rules: HttpCachePolicy,
+    /// The response header tags are read from.
+    pub(crate) tag_header: HeaderName,
+    /// Whether the tag header reaches clients (and is stored).
+    pub(crate) pass_tag_header: bool,
+}
+
+/// The default tag header: `Surrogate-Key`, as CDNs (Fastly) name it.
+pub(crate) const DEFAULT_TAG_HEADER: &str = "surrogate-key";
+
+/// At most this many tags per response; a response with more is not stored
+/// (dropping some would let an invalidation of them miss it).
+pub const MAX_TAGS: usize = 64;
+
+/// The longest tag, in bytes; a response with a longer one is not stored.
+pub const MAX_TAG_LEN: usize = 256;

@@ -1,0 +1,111 @@
+//! The key a response is stored under: the target URI, from exactly one
+//! authority (see "The key" in the module docs).
+
+use http::Version;
+use http::header::{self, HeaderMap};
+
+use super::state::HttpShared;
+
+/// The `Host` header when there is at most one valid line: `Some(None)`
+/// without one, `None` for several lines or an invalid one.
+fn single_host(headers: &HeaderMap) -> Option<Option<http::uri::Authority>> {
+    let mut lines = headers.get_all(header::HOST).iter();
+    let Some(first) = lines.next() else {
+        return Some(None);
+    };
+    if lines.next().is_some() {
+        return None;
+    }
+    let host = first.to_str().ok()?.parse::<http::uri::Authority>().ok()?;
+    Some(Some(host))
+}
+
+/// `scheme://authority/path?query`, the authority lower-cased.
+pub(crate) fn key_of(scheme: &str, authority: &http::uri::Authority, uri: &http::Uri) -> String {
+    let authority = authority.as_str();
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut key = String::with_capacity(scheme.len() + authority.len() + path.len() + 3);
+    key.push_str(scheme);
+    key.push_str("://");
+    key.extend(authority.chars().map(|c| c.to_ascii_lowercase()));
+    key.push_str(path);
+    key
+}
+
+impl HttpShared {
+    /// The primary key: the target URI (scheme, authority, path and
+    /// query). Never from `X-Forwarded-*` or any other header but `Host`.
+    ///
+    /// `None` (neither stored nor served from the cache) when the request
+    /// names no authority, or two: an absolute-form target whose authority
+    /// is not byte for byte the `Host` header's, or more than one `Host`
+    /// line. The origin may build its response from either, so no one key
+    /// is right. Also `None` for an HTTP/1 absolute-form target without
+    /// `Host`, and for an authority with upper-case letters.
+    pub(crate) fn key(&self, parts: &http::request::Parts) -> Option<String> {
+        let scheme = self.scheme(parts);
+        let host = single_host(&parts.headers)?;
+        let authority = match (parts.uri.authority(), host) {
+            // HTTP/2 and HTTP/3 carry the authority in the target (the
+            // `:authority` pseudo-header). An HTTP/1 absolute-form target
+            // without `Host` names an authority that an origin reading
+            // `Host` never sees: not cached.
+            (Some(target), None) => {
+                if !matches!(parts.version, Version::HTTP_2 | Version::HTTP_3) {
+                    return None;
+                }
+                target.clone()
+            }
+            // Byte for byte: `A.TEST:80` and `a.test` are one origin to
+            // RFC 9110, but the origin sees the `Host` as written.
+            (Some(target), Some(host)) => {
+                if target.as_str() != host.as_str() {
+                    return None;
+                }
+                target.clone()
+            }
+            (None, Some(host)) => host,
+            (None, None) => return None,
+        };
+        // Keys are lower-case (so invalidation finds every spelling); an
+        // authority that is not is not cached, so what is stored under a
+        // key is what an origin saw for exactly that spelling.
+        if authority.as_str().bytes().any(|b| b.is_ascii_uppercase()) {
+            return None;
+        }
+        Some(key_of(scheme, &authority, &parts.uri))
+    }
+
+    pub(crate) fn scheme<'a>(&'a self, parts: &'a http::request::Parts) -> &'a str {
+        parts
+            .uri
+            .scheme_str()
+            .unwrap_or(self.config.default_scheme.as_str())
+    }
+
+    /// Every key an unsafe request may change: its key, or when the target
+    /// and `Host` disagree, the key under each of them (invalidating too
+    /// much is safe; too little is not).
+    pub(crate) fn invalidation_keys(&self, parts: &http::request::Parts) -> Vec<String> {
+        if let Some(key) = self.key(parts) {
+            return vec![key];
+        }
+        let scheme = self.scheme(parts);
+        let hosts = parts
+            .headers
+            .get_all(header::HOST)
+            .iter()
+            .filter_map(|v| v.to_str().ok()?.parse::<http::uri::Authority>().ok());
+        let mut keys: Vec<String> = parts
+            .uri
+            .authority()
+            .cloned()
+            .into_iter()
+            .chain(hosts)
+            .map(|a| key_of(scheme, &a, &parts.uri))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+}

@@ -1,0 +1,240 @@
+//! What the HTTP cache stores: one response ([`Stored`]) with the `Vary`
+//! values that select it and its tags, the variants of one URL
+//! ([`StoredVariants`]), and how a stored response is answered.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Response, StatusCode, Version};
+use http_body::Body;
+
+use super::body::CacheBody;
+use super::cache_control::ResponseDirectives;
+use super::config::{MAX_TAG_LEN, MAX_TAGS};
+use super::freshness;
+use crate::cache::{Instant, Tag};
+
+/// One stored response.
+pub(crate) struct Stored {
+    pub(crate) status: StatusCode,
+    pub(crate) version: Version,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
+    pub(crate) trailers: Option<HeaderMap>,
+    pub(crate) cc: ResponseDirectives,
+    pub(crate) lifetime: Duration,
+    pub(crate) initial_age: Duration,
+    pub(crate) stored_at: Instant,
+    pub(crate) vary: VaryValues,
+    /// The tags the response carried (sorted, deduplicated).
+    pub(crate) tags: Box<[Tag]>,
+}
+
+/// The request header values a stored response was selected by: one pair
+/// per name in its `Vary`, `None` when the request did not have it.
+pub(crate) type VaryValues = Vec<(HeaderName, Option<Vec<u8>>)>;
+
+/// The `Vary` values of a response to a request with `request` headers
+/// (empty for `Vary: *`, which is never stored).
+pub(crate) fn vary_values(response: &HeaderMap, request: &HeaderMap) -> VaryValues {
+    freshness::vary_names(response)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|name| {
+            let value = freshness::normalized(request, &name);
+            (name, value)
+        })
+        .collect()
+}
+
+/// The tags in `name`'s values (space-separated, several lines allowed),
+/// sorted and deduplicated; `Err` when they cannot be read (not visible
+/// ASCII), are too many or one is too long: such a response is not stored,
+/// since an invalidation of a tag it could not record would miss it.
+pub(crate) fn tags_of(headers: &HeaderMap, name: &HeaderName) -> Result<Vec<Tag>, ()> {
+    let mut tags: Vec<&str> = Vec::new();
+    for value in headers.get_all(name) {
+        let text = value.to_str().map_err(|_| ())?;
+        for tag in text.split_ascii_whitespace() {
+            if tag.len() > MAX_TAG_LEN || tags.len() >= MAX_TAGS * 4 {
+                return Err(());
+            }
+            tags.push(tag);
+        }
+    }
+    tags.sort_unstable();
+    tags.dedup();
+    if tags.len() > MAX_TAGS {
+        return Err(());
+    }
+    Ok(tags.into_iter().map(Tag::from).collect())
+}
+
+impl Stored {
+    pub(crate) fn age(&self, now: Instant) -> Duration {
+        self.initial_age + now.saturating_duration_since(self.stored_at)
+    }
+
+    pub(crate) fn matches(&self, req: &HeaderMap) -> bool {
+        self.vary
+            .iter()
+            .all(|(name, value)| freshness::normalized(req, name).as_deref() == value.as_deref())
+    }
+
+    pub(crate) fn etag(&self) -> Option<&HeaderValue> {
+        self.headers.get(header::ETAG)
+    }
+
+    pub(crate) fn weight(&self) -> u32 {
+        u32::try_from(self.body.len() + 512).unwrap_or(u32::MAX)
+    }
+
+    /// How much longer it is fresh at `now`.
+    pub(crate) fn fresh_for(&self, now: Instant) -> Duration {
+        self.lifetime.saturating_sub(self.age(now))
+    }
+}
+
+/// The responses the HTTP cache holds under one key: one per distinct set
+/// of values of the request headers their `Vary` names, newest first.
+///
+/// Opaque: it is the value type of the HTTP cache's store and of its shared
+/// tier (`RedisTier<String, StoredVariants>`, encoded by
+/// [`HttpCacheLayer::redis_codec`](super::HttpCacheLayer::redis_codec)).
+#[derive(Clone)]
+pub struct StoredVariants(pub(crate) Arc<[Arc<Stored>]>);
+
+impl StoredVariants {
+    /// How many variants there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when there is none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The stored variant for a request with these headers.
+    pub(crate) fn find(&self, req: &HeaderMap) -> Option<&Arc<Stored>> {
+        self.0.iter().find(|s| s.matches(req))
+    }
+}
+
+impl fmt::Debug for StoredVariants {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|s| (s.status, s.body.len())))
+            .finish()
+    }
+}
+
+/// Builds the response for a stored entry: a fresh `Response` with the
+/// stored status, headers (cloned, not re-parsed), body and trailers, and
+/// a correct `Age`; a 304 when the client's own validators match.
+pub(crate) fn respond<B: Body>(
+    stored: &Stored,
+    age: Duration,
+    head: bool,
+    req: &HeaderMap,
+) -> Response<CacheBody<B>> {
+    if client_validator_matches(stored, req) {
+        let mut res = Response::new(CacheBody::empty());
+        *res.status_mut() = StatusCode::NOT_MODIFIED;
+        // `Set-Cookie` only reaches here when the response carrying it is
+        // this client's own (a revalidation), or sharing it is configured.
+        for name in [
+            header::CACHE_CONTROL,
+            header::CONTENT_LOCATION,
+            header::DATE,
+            header::ETAG,
+            header::EXPIRES,
+            header::VARY,
+            header::LAST_MODIFIED,
+            header::SET_COOKIE,
+        ] {
+            for v in stored.headers.get_all(&name) {
+                res.headers_mut().append(name.clone(), v.clone());
+            }
+        }
+        res.headers_mut()
+            .insert(header::AGE, HeaderValue::from(age.as_secs()));
+        return res;
+    }
+    let body = if head {
+        CacheBody::empty()
+    } else {
+        CacheBody::full(stored.body.clone(), stored.trailers.clone())
+    };
+    let mut res = Response::new(body);
+    *res.status_mut() = stored.status;
+    *res.version_mut() = stored.version;
+    *res.headers_mut() = stored.headers.clone();
+    res.headers_mut()
+        .insert(header::AGE, HeaderValue::from(age.as_secs()));
+    res
+}
+
+/// `If-None-Match` (weak comparison) takes precedence over
+/// `If-Modified-Since` (RFC 9110 §13.2.2).
+fn client_validator_matches(stored: &Stored, req: &HeaderMap) -> bool {
+    if let Some(inm) = req.get(header::IF_NONE_MATCH) {
+        let Some(etag) = stored.etag().and_then(|e| e.to_str().ok()) else {
+            return false;
+        };
+        let Ok(list) = inm.to_str() else {
+            return false;
+        };
+        let weak = |t: &str| t.trim().trim_start_matches("W/").to_string();
+        return list
+            .split(',')
+            .any(|t| t.trim() == "*" || weak(t) == weak(etag));
+    }
+    if let Some(ims) = req
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok())
+    {
+        let (Ok(since), Some(modified)) = (
+            httpdate::parse_http_date(ims),
+            freshness::date(&stored.headers, header::LAST_MODIFIED),
+        ) else {
+            return false;
+        };
+        return modified <= since;
+    }
+    false
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+];
+
+/// The headers worth storing: hop-by-hop fields (and those `Connection`
+/// names) and `Age` removed.
+pub(crate) fn storable_headers(mut headers: HeaderMap) -> HeaderMap {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| {
+            v.split(',')
+                .map(|s| s.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for name in HOP_BY_HOP.iter().map(|s| s.to_string()).chain(named) {
+        headers.remove(name.as_str());
+    }
+    headers.remove(header::AGE);
+    headers
+}
