@@ -5,8 +5,8 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::clock::Instant;
-use super::invalidate::Tag;
+use super::Tag;
+use super::engine::clock::Instant;
 
 /// One cached response with its metadata, shared (`Arc`) between the store
 /// and the requests it answers.

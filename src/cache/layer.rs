@@ -8,12 +8,14 @@ use std::time::Duration;
 use tower::Layer;
 
 use super::BuildError;
-use super::clock::Clock;
-use super::invalidate::{InvalidationLog, Invalidator};
+use super::CacheStats;
+use super::Invalidator;
+use super::engine::clock::Clock;
+use super::engine::log::InvalidationLog;
+use super::engine::stats::Stats;
 use super::key::KeyHasher;
 use super::policy::Windows;
 use super::service::{Cache, Config, Life, Shared, Weigh};
-use super::stats::{CacheStats, Stats};
 use super::store::{Capacity, Store};
 
 /// Weighs a response for a weight-bounded store (for example by body bytes).

@@ -85,10 +85,9 @@
 
 pub mod future;
 
-mod clock;
+pub(crate) mod engine;
 mod entry;
-pub(crate) mod flight;
-pub(crate) mod invalidate;
+mod invalidate;
 mod key;
 mod layer;
 mod policy;
@@ -97,13 +96,14 @@ mod policy;
 pub mod redis;
 pub mod remote;
 mod service;
-pub(crate) mod stats;
+mod stats;
 mod store;
+mod tag;
 
-pub use self::clock::{COARSE_RESOLUTION, Clock, Instant, MockClock};
+pub use self::engine::clock::{COARSE_RESOLUTION, Clock, Instant, MockClock};
 pub use self::entry::Entry;
 pub use self::future::ResponseFuture;
-pub use self::invalidate::{Invalidation, Invalidator, Tag};
+pub use self::invalidate::{Invalidation, Invalidator};
 pub use self::key::{Hashed, KeyHasher, PassThrough, PassThroughHasher};
 pub use self::layer::{CacheLayer, CacheLayerBuilder, NoStore, Weigher};
 pub use self::policy::{CachePolicy, Storable, Windows};
@@ -115,6 +115,7 @@ pub use self::store::MokaStore;
 #[cfg(feature = "quick-cache")]
 pub use self::store::QuickStore;
 pub use self::store::{Capacity, Store};
+pub use self::tag::Tag;
 
 /// The error a cache builder returns for a bad setting.
 pub use crate::error::ConfigError as BuildError;

@@ -4,7 +4,7 @@
 use std::hash::Hash;
 use std::time::Duration;
 
-use super::invalidate::Tag;
+use super::Tag;
 
 /// Decides, per request and response, what the cache does.
 ///

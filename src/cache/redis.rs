@@ -92,8 +92,8 @@ use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
-use super::invalidate::{Invalidation, Tag};
 use super::remote::{AttachRemote, BoxFuture, Lease, RemoteEntry, RemoteLink, RemoteTier};
+use super::{Invalidation, Tag};
 use crate::error::ConfigError;
 
 /// Turns keys and responses into bytes and back.
@@ -717,7 +717,7 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
     }
 
     fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Queued<K>>> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.queue)
     }
 
     fn queue_len(&self) -> usize {
@@ -752,12 +752,7 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
         K: Send + Sync,
         R: Send + Sync,
     {
-        if let Some(c) = self
-            .manager
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        {
+        if let Some(c) = crate::sync::read(&self.manager).clone() {
             return Some(c);
         }
         if !self.connecting.swap(true, Ordering::AcqRel) {
@@ -770,7 +765,7 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
                         .await;
                 if let Some(t) = tier.upgrade() {
                     if let Ok(Ok(m)) = made {
-                        *t.manager.write().unwrap_or_else(|p| p.into_inner()) = Some(m);
+                        *crate::sync::write(&t.manager) = Some(m);
                     }
                     t.connecting.store(false, Ordering::Release);
                 }
@@ -839,7 +834,7 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
                 // few timeouts in a row, replace it.
                 if self.timeouts.fetch_add(1, Ordering::Relaxed) + 1 >= 3 {
                     self.timeouts.store(0, Ordering::Relaxed);
-                    *self.manager.write().unwrap_or_else(|p| p.into_inner()) = None;
+                    *crate::sync::write(&self.manager) = None;
                 }
                 self.failed("timed out");
                 None
@@ -866,7 +861,7 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
 
     fn failed(&self, error: &str) {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        let mut last = self.last_error.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = crate::sync::lock(&self.last_error);
         if last.as_deref() != Some(error) {
             tracing::debug!(error, "redis tier call failed");
             *last = Some(error.to_string());

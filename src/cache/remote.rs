@@ -11,8 +11,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::clock::Instant;
-use super::invalidate::{Invalidation, Tag};
+use super::engine::clock::Instant;
+use super::{Invalidation, Tag};
 
 /// A boxed, sendable future.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -278,9 +278,7 @@ impl Gate {
 
     /// Holds the "mark, then queue" order.
     pub(crate) fn order(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.order
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
+        crate::sync::lock(&self.order)
     }
 
     /// This instance's invalidation `seq` is queued for the tier.

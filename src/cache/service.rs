@@ -7,16 +7,18 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceExt};
 
-use super::clock::{Clock, Instant, nanos};
+use super::CacheStats;
+use super::engine::clock::{Clock, Instant, nanos};
+use super::engine::flight::{Flights, Join, Leader};
+use super::engine::log::{InvalidateTarget, InvalidationLog};
+use super::engine::stats::{Kind, Stats};
 use super::entry::{Entry, Freshness};
-use super::flight::{Flights, Join, Leader};
 use super::future::ResponseFuture;
-use super::invalidate::{InvalidateTarget, Invalidation, InvalidationLog, Invalidator};
 use super::key::Hashed;
 use super::policy::{CachePolicy, Storable, Windows};
 use super::remote::{Lease, LinkTarget, RemoteEntry, RemoteTier};
-use super::stats::{CacheStats, Kind, Stats};
 use super::store::Store;
+use super::{Invalidation, Invalidator};
 
 /// Past this many "recompute times × beta" before expiry the XFetch
 /// probability is below e^-20 (about 2e-9): the hit path skips the dice.
@@ -518,10 +520,7 @@ where
         // Mark and queue under one lock: the tier gets this instance's
         // invalidations in sequence order, and before this returns the
         // invalidation is queued, so the L2 read path sees it pending.
-        let _order = self
-            .remote_order
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
+        let _order = crate::sync::lock(&self.remote_order);
         let seq = self.apply_local(what.clone(), version);
         self.remote_queued.fetch_max(seq, Ordering::AcqRel);
         tier.invalidate(seq, what, version);

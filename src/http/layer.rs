@@ -11,9 +11,10 @@ use super::freshness::HttpCachePolicy;
 use super::service::HttpCache;
 use super::state::{HttpShared, StoreKind};
 use super::stored::StoredVariants;
-use crate::cache::invalidate::{InvalidateTarget, Invalidation, Invalidator};
+use crate::cache::engine::log::InvalidateTarget;
 use crate::cache::remote::{AttachRemote, RemoteLink, RemoteTier, sealed};
 use crate::cache::{CacheStats, Clock};
+use crate::cache::{Invalidation, Invalidator};
 use crate::error::ConfigError;
 
 /// An RFC 9111 HTTP cache as a Tower layer: [`HttpCache`].

@@ -17,9 +17,10 @@ use super::future::HttpResponseFuture;
 use super::state::HttpShared;
 use super::stored::respond;
 use super::upstream::{miss, pass, unsafe_method, upstream};
-use crate::cache::invalidate::{InvalidateTarget, Invalidation, Invalidator};
-use crate::cache::stats::Kind;
+use crate::cache::engine::log::InvalidateTarget;
+use crate::cache::engine::stats::Kind;
 use crate::cache::{CacheStats, Store};
+use crate::cache::{Invalidation, Invalidator};
 
 /// Caches the responses of an HTTP service as an RFC 9111 shared (or
 /// private) cache; see the [module docs](super).
@@ -161,7 +162,7 @@ where
                     {
                         let req = Request::from_parts(parts, body);
                         rt.spawn(async move {
-                            if let crate::cache::flight::Join::Lead(leader) =
+                            if let crate::cache::engine::flight::Join::Lead(leader) =
                                 shared.flights.join_fenced(&key, None, &shared.log)
                             {
                                 shared.stats.incr(Kind::Refreshes);

@@ -13,10 +13,11 @@ use super::cache_control::{RequestDirectives, ResponseDirectives};
 use super::config::{HttpConfig, MAX_TAGS};
 use super::freshness::HttpCachePolicy;
 use super::stored::{Stored, StoredVariants, VaryValues};
-use crate::cache::flight::Flights;
-use crate::cache::invalidate::{InvalidateTarget, Invalidation, InvalidationLog};
+use crate::cache::Invalidation;
+use crate::cache::engine::flight::Flights;
+use crate::cache::engine::log::{InvalidateTarget, InvalidationLog};
+use crate::cache::engine::stats::{Kind, Stats};
 use crate::cache::remote::{Gate, LinkTarget, RemoteEntry, RemoteTier};
-use crate::cache::stats::{Kind, Stats};
 use crate::cache::{
     CacheStats, Capacity, Clock, Entry, Hashed, Instant, KeyHasher, MokaStore, Store, Tag,
 };

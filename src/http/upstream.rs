@@ -18,10 +18,11 @@ use super::state::HttpShared;
 use super::stored::{
     Stored, StoredVariants, VaryValues, respond, storable_headers, tags_of, vary_values,
 };
-use crate::cache::flight::Join;
-use crate::cache::invalidate::{InvalidateTarget, Invalidation};
+use crate::cache::Invalidation;
+use crate::cache::engine::flight::Join;
+use crate::cache::engine::log::InvalidateTarget;
+use crate::cache::engine::stats::Kind;
 use crate::cache::remote::Lease;
-use crate::cache::stats::Kind;
 use crate::cache::{Entry, Hashed};
 
 type HttpEntry = Entry<StoredVariants, ()>;

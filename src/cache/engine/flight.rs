@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
-use super::invalidate::InvalidationLog;
-use super::key::{Hashed, PassThrough};
+use super::log::InvalidationLog;
+use crate::cache::key::{Hashed, PassThrough};
 
 const SHARDS: usize = 64;
 
@@ -36,9 +36,7 @@ pub(crate) struct Flight<R, E> {
 
 impl<R: Clone, E: Clone> Flight<R, E> {
     fn lock(&self) -> MutexGuard<'_, State<R, E>> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     /// Waits for the leader: `Some(result)`, or `None` if it was abandoned.
@@ -86,16 +84,14 @@ impl<K: Hash + Eq, R: Clone, E: Clone> Flights<K, R, E> {
     fn shard(&self, key: &Hashed<K>) -> MutexGuard<'_, FlightMap<K, R, E>> {
         // The low bits pick the table slot inside the shard; use the high ones.
         let index = (key.hash_value() >> 58) as usize % SHARDS;
-        self.shards[index]
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
+        crate::sync::lock(&self.shards[index])
     }
 
     /// Number of calls in flight (for tests and statistics).
     pub(crate) fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .map(|s| crate::sync::lock(&s).len())
             .sum()
     }
 }

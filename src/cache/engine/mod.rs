@@ -1,0 +1,9 @@
+//! The engine's crate-private parts, shared by the core cache, the HTTP
+//! cache and the gRPC cache: single-flight ([`flight`]), the invalidation
+//! log ([`log`]), the striped counters ([`stats`]) and the clock
+//! ([`clock`], whose types are public through [`crate::cache`]).
+
+pub(crate) mod clock;
+pub(crate) mod flight;
+pub(crate) mod log;
+pub(crate) mod stats;

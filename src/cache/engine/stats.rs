@@ -1,0 +1,141 @@
+//! Cache statistics: per-thread counter stripes that cost a plain load
+//! and store on the hit path (no locked instruction), readable in-process and exported through the
+//! `metrics` facade.
+
+use std::cell::Cell;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crossbeam_utils::CachePadded;
+
+use crate::cache::CacheStats;
+
+/// Stripes owned by one live thread each; threads beyond them share one
+/// more stripe through atomic adds.
+const OWNED_STRIPES: usize = 64;
+const KINDS: usize = 15;
+
+/// What a counter counts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Kind {
+    Hits,
+    StaleHits,
+    StaleIfError,
+    Misses,
+    Coalesced,
+    Refreshes,
+    EarlyRefreshes,
+    InnerErrors,
+    Stored,
+    NotStored,
+    Invalidations,
+    Bypasses,
+    RemoteHits,
+    RemoteFenced,
+    Isolated,
+}
+
+/// Which stripe this thread writes: its own (plain load and store, no
+/// locked instruction: exact, because it is the only writer), or the
+/// shared overflow stripe (atomic add).
+struct Slot {
+    index: usize,
+}
+
+static FREE_SLOTS: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+static NEXT_SLOT: AtomicU64 = AtomicU64::new(0);
+
+impl Slot {
+    fn claim() -> Self {
+        let reused = crate::sync::lock(&FREE_SLOTS).pop();
+        let index = reused.unwrap_or_else(|| {
+            let next = NEXT_SLOT.fetch_add(1, Ordering::Relaxed);
+            usize::try_from(next)
+                .unwrap_or(usize::MAX)
+                .min(OWNED_STRIPES)
+        });
+        Self { index }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        // Later writes from this thread's teardown go to the shared stripe.
+        let _ = SLOT_INDEX.try_with(|c| c.set(OWNED_STRIPES));
+        if self.index < OWNED_STRIPES {
+            // The mutex orders our last writes before the next owner's reads.
+            crate::sync::lock(&FREE_SLOTS).push(self.index);
+        }
+    }
+}
+
+thread_local! {
+    static SLOT: Slot = Slot::claim();
+    static SLOT_INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+#[inline]
+fn slot() -> usize {
+    let cached = SLOT_INDEX.with(Cell::get);
+    if cached != usize::MAX {
+        return cached;
+    }
+    // During thread teardown the slot may be gone: use the shared stripe.
+    let index = SLOT.try_with(|s| s.index).unwrap_or(OWNED_STRIPES);
+    SLOT_INDEX.with(|c| c.set(index));
+    index
+}
+
+pub(crate) struct Stats {
+    stripes: Box<[CachePadded<[AtomicU64; KINDS]>]>,
+}
+
+impl Stats {
+    pub(crate) fn new() -> Self {
+        Self {
+            stripes: (0..=OWNED_STRIPES)
+                .map(|_| CachePadded::new(std::array::from_fn(|_| AtomicU64::new(0))))
+                .collect(),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn incr(&self, kind: Kind) {
+        let index = slot();
+        let counter = &self.stripes[index.min(OWNED_STRIPES)][kind as usize];
+        if index < OWNED_STRIPES {
+            counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        } else {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn get(&self, kind: Kind) -> u64 {
+        self.stripes
+            .iter()
+            .map(|s| s[kind as usize].load(Ordering::Relaxed))
+            .sum()
+    }
+
+    pub(crate) fn snapshot(&self, evictions: u64, entries: u64) -> CacheStats {
+        CacheStats {
+            hits: self.get(Kind::Hits),
+            stale_hits: self.get(Kind::StaleHits),
+            stale_if_error: self.get(Kind::StaleIfError),
+            misses: self.get(Kind::Misses),
+            coalesced: self.get(Kind::Coalesced),
+            refreshes: self.get(Kind::Refreshes),
+            early_refreshes: self.get(Kind::EarlyRefreshes),
+            inner_errors: self.get(Kind::InnerErrors),
+            stored: self.get(Kind::Stored),
+            not_stored: self.get(Kind::NotStored),
+            invalidations: self.get(Kind::Invalidations),
+            bypasses: self.get(Kind::Bypasses),
+            remote_hits: self.get(Kind::RemoteHits),
+            remote_fenced: self.get(Kind::RemoteFenced),
+            isolated: self.get(Kind::Isolated),
+            evictions,
+            entries,
+        }
+    }
+}
