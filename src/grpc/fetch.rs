@@ -2,14 +2,14 @@
 //! [`GrpcCall`] in, a [`Fetched`] out (free of the body types, so the core's
 //! store is too), and the [`GrpcPolicy`] that decides what is stored.
 //!
-//! Only a storable response is shared ([`Fetched::Complete`]). Any other
-//! answer goes to the caller whose call it was, through that call's
+//! Only a storable response is shared (a [`Fetched`] holding it). Any
+//! other answer goes to the caller whose call it was, through that call's
 //! [`Reply`] channel: a response too large to buffer, a gRPC error, or the
 //! inner service's error. An error may be down to that caller alone (its
 //! `grpc-timeout`, say, or other metadata not in the key), so it is not
-//! handed to the callers coalesced with it. The core then sees
-//! [`Fetched::CallerOnly`] or [`FetchFailed`], stores nothing, and each
-//! coalesced caller makes its own call.
+//! handed to the callers coalesced with it. The core then sees an empty
+//! [`Fetched`] or [`FetchFailed`], stores nothing, and each coalesced
+//! caller makes its own call.
 
 use std::fmt;
 use std::future::Future;
@@ -39,16 +39,61 @@ const ENTRY_OVERHEAD: usize = 256;
 /// A complete unary response, buffered.
 #[derive(Debug)]
 pub(crate) struct StoredGrpc {
-    status: StatusCode,
-    version: Version,
-    headers: HeaderMap,
-    body: Bytes,
-    trailers: Option<HeaderMap>,
+    pub(crate) status: StatusCode,
+    pub(crate) version: Version,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
+    pub(crate) trailers: Option<HeaderMap>,
+    /// The key of the call it answers (the shared tier's codec writes it
+    /// with the response).
+    pub(crate) key: GrpcKey,
+    /// Read from the shared tier: served only for a call with this key
+    /// (see [`serves`](Self::serves)).
+    from_tier: bool,
     /// What the store counts it as: key and response bytes.
     weight: u32,
 }
 
 impl StoredGrpc {
+    /// A response to the call with `key`; `from_tier` when it was read
+    /// from the shared tier.
+    pub(crate) fn new(
+        status: StatusCode,
+        version: Version,
+        headers: HeaderMap,
+        body: Bytes,
+        trailers: Option<HeaderMap>,
+        key: GrpcKey,
+        from_tier: bool,
+    ) -> Self {
+        let size = key
+            .size()
+            .saturating_add(header_bytes(&headers))
+            .saturating_add(body.len())
+            .saturating_add(trailers.as_ref().map_or(0, header_bytes))
+            .saturating_add(ENTRY_OVERHEAD);
+        Self {
+            status,
+            version,
+            headers,
+            body,
+            trailers,
+            key,
+            from_tier,
+            weight: u32::try_from(size).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// Whether this response may answer the call with `key`: always for
+    /// one this instance fetched (the store found it under that key); for
+    /// one from the shared tier, only if the key it was written with is
+    /// `key` (a value that Redis holds under another key than its own is
+    /// never served).
+    #[inline]
+    pub(crate) fn serves(&self, key: &GrpcKey) -> bool {
+        !self.from_tier || self.key == *key
+    }
+
     /// The `grpc-status` of the response: from the trailers if it has any;
     /// from the headers only for a trailers-only response (no message).
     /// A message without trailers (a cut stream) has none.
@@ -63,7 +108,7 @@ impl StoredGrpc {
 
     /// Whether the response may be stored: HTTP 200, `grpc-status: 0`,
     /// and exactly one well-framed message.
-    fn storable(&self) -> bool {
+    pub(crate) fn storable(&self) -> bool {
         self.status == StatusCode::OK && self.grpc_status() == Some(0) && single_message(&self.body)
     }
 
@@ -78,7 +123,7 @@ impl StoredGrpc {
 
     /// The answer to the caller whose response body failed part way:
     /// `UNAVAILABLE` (retryable), never stored.
-    fn unavailable(version: Version) -> Self {
+    fn unavailable(version: Version, key: GrpcKey) -> Self {
         let mut headers = HeaderMap::new();
         headers.insert(
             http::header::CONTENT_TYPE,
@@ -95,6 +140,8 @@ impl StoredGrpc {
             headers,
             body: Bytes::new(),
             trailers: None,
+            key,
+            from_tier: false,
             weight: 1,
         }
     }
@@ -107,24 +154,24 @@ fn header_bytes(headers: &HeaderMap) -> usize {
         .sum()
 }
 
-/// What one upstream call gave the cache core.
+/// What one upstream call of the gRPC cache gave: the value type of its
+/// store and of its shared tier (`RedisTier<GrpcKey, Fetched>`, encoded by
+/// [`GrpcCacheLayer::redis_codec`](super::GrpcCacheLayer::redis_codec)).
+///
+/// Opaque: a complete unary response that may be stored (HTTP 200,
+/// `grpc-status: 0`, one message) and shared with coalesced callers, or
+/// nothing, when the response (too large to buffer, or not storable) went
+/// to the caller that made the call only.
 #[derive(Debug, Clone)]
-pub(crate) enum Fetched {
-    /// Buffered in full and [`StoredGrpc::storable`]: stored, and shared
-    /// with coalesced callers.
-    Complete(Arc<StoredGrpc>),
-    /// Too large to buffer, or not storable: sent to the caller that made
-    /// the call.
-    CallerOnly,
-}
+pub struct Fetched(pub(crate) Option<Arc<StoredGrpc>>);
 
 impl Fetched {
+    /// The answer nobody else shares.
+    pub(crate) const CALLER_ONLY: Self = Self(None);
+
     /// The weight of an entry for a byte-bounded store.
     pub(crate) fn weight(&self) -> u32 {
-        match self {
-            Self::Complete(stored) => stored.weight,
-            Self::CallerOnly => 1,
-        }
+        self.0.as_ref().map_or(1, |stored| stored.weight)
     }
 }
 
@@ -157,7 +204,8 @@ pub(crate) fn rebuild<B: Body>(parts: request::Parts, message: Bytes) -> Request
 }
 
 /// The cache core's policy: the call's precomputed key; stored with the
-/// method's TTL and tagged with its path when [`Fetched::Complete`].
+/// method's TTL and tagged with its path when the [`Fetched`] holds a
+/// response.
 #[derive(Debug)]
 pub(crate) struct GrpcPolicy {
     config: Arc<GrpcConfig>,
@@ -177,10 +225,8 @@ impl<T: Send + 'static> CachePolicy<GrpcCall<T>, Fetched> for GrpcPolicy {
     }
 
     fn storable(&self, key: &GrpcKey, fetched: &Fetched, _: &Windows) -> Option<Storable> {
-        // Only storable responses are `Complete` (see `finish`).
-        let Fetched::Complete(_) = fetched else {
-            return None;
-        };
+        // Only storable responses are held (see `finish`).
+        fetched.0.as_ref()?;
         let (ttl, tag) = self.config.method(key.path())?;
         Some(Storable::new(Windows::ttl(ttl)).tag(tag.clone()))
     }
@@ -233,7 +279,6 @@ where
     }
 
     fn call(&mut self, call: GrpcCall<Reply<ResBody, S::Error>>) -> Self::Future {
-        let key_size = call.key.size();
         let message = call.key.message().clone();
         FetchFuture {
             state: FetchState::Ready {
@@ -242,7 +287,7 @@ where
             },
             reply: Some(call.reply),
             max_message: self.max_message,
-            key_size,
+            key: Some(call.key),
         }
     }
 }
@@ -260,7 +305,7 @@ pin_project! {
         state: FetchState<S, ReqBody, ResBody>,
         reply: Option<Reply<ResBody, S::Error>>,
         max_message: usize,
-        key_size: usize,
+        key: Option<GrpcKey>,
     }
 }
 
@@ -321,10 +366,10 @@ where
                 },
                 FetchProj::Buffering { buffer, parts } => {
                     let buffered = ready!(Pin::new(buffer).poll(cx));
-                    let Some(parts) = parts.take() else {
+                    let (Some(parts), Some(key)) = (parts.take(), this.key.take()) else {
                         panic!("gRPC fetch polled after completion");
                     };
-                    return Poll::Ready(finish(buffered, parts, *this.key_size, this.reply));
+                    return Poll::Ready(finish(buffered, parts, key, this.reply));
                 }
             }
         }
@@ -345,26 +390,20 @@ fn fail<B: Body, E>(
 fn finish<B: Body<Data = Bytes>, E>(
     buffered: Buffered<B>,
     parts: response::Parts,
-    key_size: usize,
+    key: GrpcKey,
     reply: &mut Option<Reply<B, E>>,
 ) -> Result<Fetched, FetchFailed> {
     let stored = match buffered {
-        Buffered::Complete { data, trailers } => {
-            let size = key_size
-                .saturating_add(header_bytes(&parts.headers))
-                .saturating_add(data.len())
-                .saturating_add(trailers.as_ref().map_or(0, header_bytes))
-                .saturating_add(ENTRY_OVERHEAD);
-            StoredGrpc {
-                status: parts.status,
-                version: parts.version,
-                headers: parts.headers,
-                body: data,
-                trailers,
-                weight: u32::try_from(size).unwrap_or(u32::MAX),
-            }
-        }
-        Buffered::Partial { error: Some(_), .. } => StoredGrpc::unavailable(parts.version),
+        Buffered::Complete { data, trailers } => StoredGrpc::new(
+            parts.status,
+            parts.version,
+            parts.headers,
+            data,
+            trailers,
+            key,
+            false,
+        ),
+        Buffered::Partial { error: Some(_), .. } => StoredGrpc::unavailable(parts.version, key),
         Buffered::Partial {
             frames,
             rest,
@@ -373,14 +412,14 @@ fn finish<B: Body<Data = Bytes>, E>(
             // Too large to keep: the caller gets it unchanged.
             let body = CacheBody::partial(frames, rest, None);
             send(reply, Ok(Response::from_parts(parts, body)));
-            return Ok(Fetched::CallerOnly);
+            return Ok(Fetched::CALLER_ONLY);
         }
     };
     if stored.storable() {
-        return Ok(Fetched::Complete(Arc::new(stored)));
+        return Ok(Fetched(Some(Arc::new(stored))));
     }
     send(reply, Ok(stored.respond()));
-    Ok(Fetched::CallerOnly)
+    Ok(Fetched::CALLER_ONLY)
 }
 
 /// Sends the caller its own answer.

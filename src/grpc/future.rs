@@ -189,8 +189,14 @@ where
                 }
                 StateProj::Cached { fut, reply, retry } => {
                     let fetched = ready!(fut.poll(cx));
-                    if let Ok(Fetched::Complete(stored)) = fetched {
-                        return Poll::Ready(Ok(stored.respond()));
+                    if let (Ok(Fetched(Some(stored))), Some(retry)) = (&fetched, retry.as_ref()) {
+                        if stored.serves(&retry.key) {
+                            return Poll::Ready(Ok(stored.respond()));
+                        }
+                        // A value the shared tier held under this key but
+                        // written for another call: never served; dropped
+                        // here, from the tier and on every instance.
+                        retry.core.invalidator().invalidate_key(&retry.key);
                     }
                     // Not held by the core: this call's own response (or
                     // error) if it made the call; otherwise its own call.

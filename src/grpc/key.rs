@@ -73,6 +73,26 @@ impl GrpcKey {
         }
     }
 
+    /// A key from its parts, as the shared tier's codec reads them.
+    #[cfg(feature = "redis")]
+    pub(crate) fn from_parts(
+        path: Arc<str>,
+        message: Bytes,
+        metadata: Box<[(HeaderName, Box<[HeaderValue]>)]>,
+    ) -> Self {
+        Self {
+            path,
+            message,
+            metadata,
+        }
+    }
+
+    /// Each named header with all its values, in the configured order.
+    #[cfg(feature = "redis")]
+    pub(crate) fn metadata(&self) -> &[(HeaderName, Box<[HeaderValue]>)] {
+        &self.metadata
+    }
+
     /// The method path (`/package.Service/Method`).
     pub fn path(&self) -> &str {
         &self.path

@@ -7,17 +7,15 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::HeaderName;
+use http::header::{AUTHORIZATION, HeaderName};
 use tower::Layer;
 
-use super::fetch::{FetchFailed, Fetched, GrpcPolicy};
+use super::fetch::{Fetched, GrpcPolicy};
 use super::key::{GrpcKey, PROTOCOL_HEADERS};
 use super::service::GrpcCache;
-use crate::cache::{BuildError, CacheLayer, CacheStats, Invalidator, MokaStore, Tag};
-
-/// The store of the cache core: body-type free, so one core serves every
-/// service the layer wraps.
-pub(crate) type GrpcStore = MokaStore<GrpcKey, Fetched, FetchFailed>;
+use super::store::{GrpcStore, StoreKind};
+use crate::cache::remote::{AttachRemote, RemoteLink, RemoteTier, sealed};
+use crate::cache::{BuildError, CacheLayer, CacheStats, Capacity, Invalidator, Store, Tag};
 
 /// The cache core under the gRPC cache.
 pub(crate) type Core = CacheLayer<GrpcPolicy, GrpcStore>;
@@ -65,7 +63,7 @@ impl GrpcConfig {
 
 /// How the store is bounded.
 #[derive(Debug, Clone, Copy)]
-enum Capacity {
+enum Bound {
     Entries(u64),
     Bytes(u64),
 }
@@ -78,7 +76,7 @@ pub struct GrpcCacheLayerBuilder {
     methods: Vec<(String, Duration)>,
     key_metadata: Vec<String>,
     max_message: usize,
-    capacity: Capacity,
+    capacity: Bound,
     name: Option<String>,
 }
 
@@ -88,7 +86,7 @@ impl GrpcCacheLayerBuilder {
             methods: Vec::new(),
             key_metadata: Vec::new(),
             max_message: 1 << 20,
-            capacity: Capacity::Bytes(64 << 20),
+            capacity: Bound::Bytes(64 << 20),
             name: None,
         }
     }
@@ -128,7 +126,7 @@ impl GrpcCacheLayerBuilder {
     /// Bounds the store to `n` entries, whatever their size (replaces
     /// [`max_bytes`](Self::max_bytes)).
     pub fn max_entries(mut self, n: u64) -> Self {
-        self.capacity = Capacity::Entries(n);
+        self.capacity = Bound::Entries(n);
         self
     }
 
@@ -139,14 +137,28 @@ impl GrpcCacheLayerBuilder {
     /// [`max_message`](Self::max_message) bytes both ways, a bound by entries
     /// alone lets callers who send distinct large messages fill memory.
     pub fn max_bytes(mut self, n: u64) -> Self {
-        self.capacity = Capacity::Bytes(n);
+        self.capacity = Bound::Bytes(n);
         self
     }
 
-    /// Validates and builds: an invalid method path (not
-    /// `/package.Service/Method`), a zero TTL, no method at all, an invalid
-    /// metadata name, or a zero `max_message` or capacity is an error.
+    /// Validates and builds, on the core's default store (moka, TinyLFU
+    /// admission): an invalid method path (not `/package.Service/Method`),
+    /// a zero TTL, no method at all, an invalid metadata name, or a zero
+    /// `max_message` or capacity is an error.
     pub fn build(self) -> Result<GrpcCacheLayer, BuildError> {
+        self.build_on(StoreKind::Moka)
+    }
+
+    /// Validates and builds (with the same checks as [`build`](Self::build))
+    /// on the core's quick_cache store (feature `quick-cache`: S3-FIFO, a
+    /// shorter hit path), bounded the same way.
+    #[cfg(feature = "quick-cache")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "quick-cache")))]
+    pub fn build_quick(self) -> Result<GrpcCacheLayer, BuildError> {
+        self.build_on(StoreKind::Quick)
+    }
+
+    fn build_on(self, kind: StoreKind) -> Result<GrpcCacheLayer, BuildError> {
         if self.methods.is_empty() {
             return Err(BuildError::OutOfRange {
                 field: "method",
@@ -205,8 +217,12 @@ impl GrpcCacheLayerBuilder {
             core = core.name(name);
         }
         let core = match self.capacity {
-            Capacity::Entries(n) => core.max_entries(n).build()?,
-            Capacity::Bytes(n) => core.max_weight(n, Fetched::weight).build()?,
+            Bound::Entries(n) => core
+                .max_entries(n)
+                .build_with_store(GrpcStore::new(kind, Capacity::Entries(n)))?,
+            Bound::Bytes(n) => core
+                .max_weight(n, Fetched::weight)
+                .build_with_store(GrpcStore::new(kind, Capacity::Weight(n)))?,
         };
         Ok(GrpcCacheLayer { config, core })
     }
@@ -277,15 +293,94 @@ impl GrpcCacheLayer {
         GrpcCacheLayerBuilder::new()
     }
 
-    /// The counters of the cache core, for every service the layer wraps.
+    /// The counters of the cache core, for every service the layer wraps
+    /// (the store's deferred maintenance runs first, so evictions and the
+    /// entry count are current).
     pub fn stats(&self) -> CacheStats {
-        self.core.stats()
+        stats(&self.core)
     }
 
     /// A handle to drop entries: `invalidate_tag("/package.Service/Method")`
     /// drops every entry of that method, `invalidate_all()` every entry.
+    /// With a shared tier, other instances apply it too (see
+    /// [`redis_codec`](Self::redis_codec)).
     pub fn invalidator(&self) -> Invalidator<GrpcKey> {
         self.core.invalidator()
+    }
+
+    /// The codec for a Redis tier of this cache (feature `redis`): stored
+    /// responses keyed by the whole [`GrpcKey`], so instances share a
+    /// response only for the same method, message and key metadata.
+    ///
+    /// What comes back from Redis is checked again against this cache's
+    /// rules, whatever wrote it: HTTP 200, `grpc-status: 0`, exactly one
+    /// well-formed message within [`max_message`](GrpcCacheLayerBuilder::max_message),
+    /// a method this cache caches, the same key metadata names; anything
+    /// else (and anything that does not parse) is a miss, and the tier
+    /// deletes it. A value is served only for the key it was written with.
+    /// Its freshness is what the writer gave it (instances sharing a prefix
+    /// should cache a method with the same TTL).
+    ///
+    /// The key's bytes, its metadata values included, name the Redis
+    /// entry: a cache whose key holds `authorization` cannot take a shared
+    /// tier (credentials would be written to Redis key names). Key on a
+    /// non-secret caller id instead.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use tower_scale::grpc::GrpcCacheLayer;
+    ///
+    /// let layer = GrpcCacheLayer::builder()
+    ///     .method("/users.v1.Users/GetUser", Duration::from_secs(30))
+    ///     .build()?;
+    /// let tier = tower_scale::cache::redis::builder("redis://127.0.0.1:6379")
+    ///     .prefix("users-grpc")
+    ///     .attach(&layer, layer.redis_codec())
+    ///     .await?;
+    /// // Drops the method's entries here, in Redis and on every instance.
+    /// layer.invalidator().invalidate_tag("/users.v1.Users/GetUser");
+    /// # let _ = tier; Ok(()) }
+    /// ```
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn redis_codec(&self) -> super::remote::GrpcRedisCodec {
+        super::remote::GrpcRedisCodec::new(Arc::clone(&self.config))
+    }
+}
+
+/// The core's counters after its store's deferred maintenance.
+pub(crate) fn stats(core: &Core) -> CacheStats {
+    core.store().run_pending_tasks();
+    core.stats()
+}
+
+impl sealed::Sealed for GrpcCacheLayer {}
+
+/// A shared tier (Redis) shares stored responses between instances, keyed
+/// by the whole [`GrpcKey`]. A cache whose key holds `authorization`
+/// metadata does not take one: the key's bytes name the Redis entries.
+impl AttachRemote for GrpcCacheLayer {
+    type Key = GrpcKey;
+    type Response = Fetched;
+
+    fn attach_tier(
+        &self,
+        tier: Arc<dyn RemoteTier<GrpcKey, Fetched>>,
+    ) -> Result<RemoteLink<GrpcKey>, BuildError> {
+        if self.config.key_names().contains(&AUTHORIZATION) {
+            return Err(BuildError::OutOfRange {
+                field: "shared tier",
+                reason: "the cache key holds `authorization` metadata; a shared tier would \
+                         write credentials into Redis key names"
+                    .into(),
+            });
+        }
+        self.core.attach_tier(tier)
+    }
+
+    fn closed_token(&self) -> tokio_util::sync::CancellationToken {
+        self.core.closed_token()
     }
 }
 

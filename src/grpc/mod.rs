@@ -55,11 +55,18 @@ mod fetch;
 mod future;
 mod key;
 mod layer;
+#[cfg(feature = "redis")]
+mod remote;
 mod service;
+mod store;
 
+pub use self::fetch::Fetched;
 pub use self::future::ResponseFuture;
 pub use self::key::GrpcKey;
 pub use self::layer::{GrpcCacheLayer, GrpcCacheLayerBuilder};
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::remote::GrpcRedisCodec;
 pub use self::service::GrpcCache;
 
 /// The request body the inner service receives: the buffered message, or

@@ -44,7 +44,7 @@ impl<S> GrpcCache<S> {
     /// The counters of the cache core (shared with the layer and every
     /// service it made).
     pub fn stats(&self) -> CacheStats {
-        self.core.stats()
+        super::layer::stats(&self.core)
     }
 
     /// The inner service.
