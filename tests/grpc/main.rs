@@ -18,6 +18,7 @@ use tower::Service;
 use tower_scale::grpc::GrpcCacheLayer;
 
 mod service;
+mod store;
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct GetUserRequest {

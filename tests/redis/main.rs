@@ -1,9 +1,12 @@
 //! The shared tier against a real redis-server (LocalRedis): one origin
 //! call across four instances, invalidation fan-out, Redis killed under
 //! load, a dropped subscription, a corrupt value; the invalidation
-//! guarantees under faults (`faults.rs`).
+//! guarantees under faults (`faults.rs`); the HTTP and gRPC caches
+//! sharing responses (`http.rs`, `grpc.rs`).
 
 mod faults;
+#[cfg(feature = "grpc")]
+mod grpc;
 #[cfg(feature = "http")]
 mod http;
 
