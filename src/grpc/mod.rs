@@ -30,6 +30,17 @@
 //! - A bad configuration is an error from
 //!   [`build`](GrpcCacheLayerBuilder::build), never a cache that silently
 //!   does nothing.
+//! - **Store**: moka with [`build`](GrpcCacheLayerBuilder::build), or
+//!   quick_cache with `build_quick` (feature `quick-cache`); either is
+//!   bounded by [`max_bytes`](GrpcCacheLayerBuilder::max_bytes) (or
+//!   entries) and counts its evictions in
+//!   [`stats`](GrpcCacheLayer::stats).
+//! - **Sharing through Redis** (feature `redis`): `cache::redis::builder(url)
+//!   .attach(&layer, layer.redis_codec())` puts a shared tier behind the
+//!   store, keyed by the whole [`GrpcKey`]; invalidations (by key, by method
+//!   tag, all) reach every instance. What comes back from Redis is checked
+//!   again against this cache's storing rules and served only for the key
+//!   it was written with (see `GrpcCacheLayer::redis_codec`).
 //!
 //! ```
 //! use std::time::Duration;

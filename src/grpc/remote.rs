@@ -12,9 +12,10 @@
 //! header name or value, a method this cache does not cache, other key
 //! metadata names than this cache's, a request or response that is not one
 //! well-formed message within `max_message`, a status other than HTTP 200
-//! with `grpc-status: 0` in the trailers, or header sections over
-//! [`MAX_HEADER_BYTES`] or [`MAX_FIELDS`] fields: all are a miss (and the
-//! tier deletes the value). A decoded response remembers its key and is
+//! with `grpc-status: 0` in the trailers, header sections over
+//! [`MAX_HEADER_BYTES`] or [`MAX_FIELDS`] fields, connection fields
+//! ([`CONNECTION_FIELDS`]) or a `content-length` that is not the message's:
+//! all are a miss (and the tier deletes the value). A decoded response remembers its key and is
 //! served only for a call with that key.
 
 use std::sync::Arc;
@@ -36,6 +37,26 @@ const KEY_FORMAT: u8 = 1;
 const MAX_HEADER_BYTES: usize = 256 << 10;
 /// The most fields of a header section decoded.
 const MAX_FIELDS: usize = 1024;
+/// Fields about the connection or the framing, not the response: a value
+/// carrying one is refused (sent on, they would break the stream).
+const CONNECTION_FIELDS: [HeaderName; 5] = [
+    http::header::CONNECTION,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
+/// Whether a decoded header section may be sent on with a message of
+/// `body_len` bytes: no connection fields, and a `content-length`, if
+/// any, that is the message's.
+fn sendable(headers: &HeaderMap, body_len: usize) -> bool {
+    let length_ok = headers
+        .get_all(http::header::CONTENT_LENGTH)
+        .iter()
+        .all(|v| v.to_str().ok().and_then(|v| v.parse::<usize>().ok()) == Some(body_len));
+    length_ok && !CONNECTION_FIELDS.iter().any(|f| headers.contains_key(f))
+}
 
 /// The [`RedisCodec`] of a gRPC cache's shared tier: from
 /// [`GrpcCacheLayer::redis_codec`](super::GrpcCacheLayer::redis_codec),
@@ -112,6 +133,9 @@ impl Writer {
     }
 }
 
+/// A key's parts as read: path, message, metadata.
+type KeyParts<'a> = (&'a str, &'a [u8], Vec<(HeaderName, Box<[HeaderValue]>)>);
+
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
@@ -156,7 +180,7 @@ impl<'a> Reader<'a> {
         Some(map)
     }
     /// A key's parts: its path, message and metadata, each well-formed.
-    fn key(&mut self) -> Option<(&'a str, &'a [u8], Vec<(HeaderName, Box<[HeaderValue]>)>)> {
+    fn key(&mut self) -> Option<KeyParts<'a>> {
         let path = std::str::from_utf8(self.bytes()?).ok()?;
         let message = self.bytes()?;
         let mut metadata = Vec::new();
@@ -211,7 +235,12 @@ impl GrpcRedisCodec {
             1 => Some(r.headers()?),
             _ => return None,
         };
-        if !r.0.is_empty() {
+        if !r.0.is_empty()
+            || !sendable(&headers, body.len())
+            || trailers.as_ref().is_some_and(|t| {
+                !sendable(t, body.len()) || t.contains_key(http::header::CONTENT_LENGTH)
+            })
+        {
             return None;
         }
         let body = Bytes::copy_from_slice(body);

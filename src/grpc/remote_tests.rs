@@ -64,6 +64,23 @@ fn response(key: GrpcKey, status: u16, body: Bytes, trailers: Option<HeaderMap>)
     ))))
 }
 
+/// An OK response with one more field in its headers or trailers.
+fn with_header(key: GrpcKey, name: &'static str, value: &'static str, trailer: bool) -> Fetched {
+    let mut h = headers(&[("content-type", "application/grpc")]);
+    let mut t = headers(&[("grpc-status", "0")]);
+    let into = if trailer { &mut t } else { &mut h };
+    into.append(name, HeaderValue::from_static(value));
+    Fetched(Some(Arc::new(StoredGrpc::new(
+        StatusCode::OK,
+        Version::HTTP_2,
+        h,
+        message(b"abcde"),
+        Some(t),
+        key,
+        false,
+    ))))
+}
+
 fn ok(key: GrpcKey) -> Fetched {
     response(
         key,
@@ -224,11 +241,34 @@ fn storing_rules_are_checked_again_whatever_wrote_the_value() {
             "a method not cached here",
             ok(key(&codec, "/other.S/M", b"q", &[])),
         ),
+        (
+            "a connection field",
+            with_header(k(), "connection", "close", false),
+        ),
+        (
+            "transfer-encoding",
+            with_header(k(), "transfer-encoding", "chunked", false),
+        ),
+        (
+            "a wrong content-length",
+            with_header(k(), "content-length", "3", false),
+        ),
+        (
+            "content-length in trailers",
+            with_header(k(), "content-length", "10", true),
+        ),
+        (
+            "a trailer connection field",
+            with_header(k(), "keep-alive", "5", true),
+        ),
     ];
     for (what, value) in cases {
         let bytes = codec.encode(&value);
         assert!(codec.decode(&bytes).is_none(), "{what}");
     }
+    // A content-length that is the message's is kept.
+    let exact = with_header(k(), "content-length", "10", false);
+    assert!(codec.decode(&codec.encode(&exact)).is_some());
     // Another configuration's key metadata: not a key this cache makes.
     let plain = codec_with(&[PATH], &[], 1 << 10);
     let theirs = plain.encode(&ok(key(&plain, PATH, b"q", &[])));
@@ -267,7 +307,7 @@ fn garbage_never_panics_and_decodes_to_nothing_or_a_valid_value() {
             assert_eq!(s.status, StatusCode::OK);
             assert!(single_message(&s.body) && s.body.len() <= 1 << 10);
             assert!(codec.config.method(s.key.path()).is_some());
-            assert!(s.serves(&s.key) && s.from_tier_for_test());
+            assert!(s.serves(&s.key) && s.is_from_tier());
         }
     }
     assert!(
@@ -294,7 +334,7 @@ fn garbage_never_panics_and_decodes_to_nothing_or_a_valid_value() {
 }
 
 impl StoredGrpc {
-    fn from_tier_for_test(&self) -> bool {
+    fn is_from_tier(&self) -> bool {
         // A local fill serves any key it is asked with; this one does not.
         !self.serves(&GrpcKey::new(
             Arc::from("/x.Y/Z"),
