@@ -15,8 +15,10 @@ use super::engine::log::InvalidationLog;
 use super::engine::stats::Stats;
 use super::key::KeyHasher;
 use super::policy::Windows;
-use super::service::{Cache, Config, Life, Shared, Weigh};
+use super::service::Cache;
+use super::shared::{Config, Shared, Weigh};
 use super::store::{Capacity, Store};
+use tokio_util::sync::DropGuard;
 
 /// Weighs a response for a weight-bounded store (for example by body bytes).
 ///
@@ -46,7 +48,7 @@ impl<R, F: Fn(&R) -> u32 + Send + Sync + 'static> Weigher<R> for F {
 /// [`CacheLayer::builder`].
 pub struct CacheLayer<P, St: Store> {
     pub(crate) shared: Arc<Shared<P, St>>,
-    pub(crate) life: Arc<Life>,
+    pub(crate) life: Arc<DropGuard>,
 }
 
 impl<P, St: Store> Clone for CacheLayer<P, St> {
@@ -513,7 +515,7 @@ impl<P, W> CacheLayerBuilder<P, W> {
                 every,
             ));
         }
-        let life = Arc::new(Life::new(shared.closed.clone()));
+        let life = Arc::new(shared.closed.clone().drop_guard());
         Ok(CacheLayer { shared, life })
     }
 }

@@ -210,9 +210,7 @@ pub(crate) mod sealed {
 /// (rejoin fence), and which of this instance's invalidations the tier has
 /// applied. A cache that owns one forwards its [`LinkTarget`] calls here.
 ///
-/// The HTTP cache's; the core cache (`service.rs`) still keeps the same
-/// state in its own fields, to move onto this.
-#[cfg(feature = "http")]
+/// Shared by the core cache and the HTTP cache.
 #[derive(Debug)]
 pub(crate) struct Gate {
     /// The store serves hits only before this instant (nanos on the
@@ -234,7 +232,6 @@ pub(crate) struct Gate {
     order: std::sync::Mutex<()>,
 }
 
-#[cfg(feature = "http")]
 impl Gate {
     pub(crate) fn new() -> Self {
         use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -338,7 +335,7 @@ impl Gate {
     }
 }
 
-#[cfg(all(test, feature = "http"))]
+#[cfg(test)]
 mod tests {
     use super::*;
 
