@@ -298,7 +298,7 @@ impl<P, W> CacheLayerBuilder<P, W> {
     /// use tower_scale::cache::CacheLayer;
     /// let layer = CacheLayer::builder(|id: &u64| Some(*id))
     ///     .name("users")
-    ///     .build::<u64, String, std::io::Error>()?;
+    ///     .build::<u64, String, ()>()?;
     /// # drop(layer); Ok(()) }
     /// ```
     pub fn name(mut self, name: impl Into<String>) -> Self {
