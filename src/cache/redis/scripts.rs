@@ -14,7 +14,7 @@ use redis::{RedisResult, Script};
 /// Returns the value if every tag generation recorded with it is current;
 /// otherwise deletes it. A generation counter that is missing (deleted by
 /// an invalidation whose bump Redis refused) matches nothing.
-/// KEYS[1] = entry; ARGV[1] = the tag-key prefix.
+/// `KEYS[1]` = entry; `ARGV[1]` = the tag-key prefix.
 const GET_SCRIPT: &str = r#"
 local h = redis.call('HMGET', KEYS[1], 'v', 'g')
 if not h[1] then return false end
@@ -36,7 +36,7 @@ return h[1]
 /// created again never repeats a value an old entry recorded; a counter
 /// lives at least as long as the entries that recorded it (when it expires
 /// later, those entries simply stop matching: a miss).
-/// KEYS[1] = entry, KEYS[2] = epoch, KEYS[3] = lease; ARGV = epoch at
+/// `KEYS[1]` = entry, `KEYS[2]` = epoch, `KEYS[3]` = lease; ARGV = epoch at
 /// start, lease token ('' for none), value, px, tag-key prefix, random
 /// start, tags...
 const PUT_SCRIPT: &str = r#"
@@ -68,7 +68,7 @@ return 1
 
 /// Takes the lease (SET NX PX) and returns the epoch (created from a
 /// random start if missing), or false if taken.
-/// KEYS[1] = lease, KEYS[2] = epoch; ARGV = token, px, random start.
+/// `KEYS[1]` = lease, `KEYS[2]` = epoch; ARGV = token, px, random start.
 const LEASE_SCRIPT: &str = r#"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local e = redis.call('GET', KEYS[2])
@@ -81,7 +81,7 @@ end
 return false
 "#;
 
-/// Deletes a lease if it is still ours. KEYS[1] = lease; ARGV[1] = token.
+/// Deletes a lease if it is still ours. `KEYS[1]` = lease; `ARGV[1]` = token.
 const RELEASE_SCRIPT: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -96,8 +96,8 @@ return 0
 /// restart it at 1, a value an old entry may have recorded). A bump Redis
 /// refuses (out of memory) becomes a delete of the counter, which Redis
 /// accepts and which fences just as well. Returns 1 if a bump was refused.
-/// KEYS[1] = epoch, then per item: target (entry or counter), lease (or
-/// the target again); ARGV[1] = channel, then per item: 'k', 't' or 'a',
+/// `KEYS[1]` = epoch, then per item: target (entry or counter), lease (or
+/// the target again); `ARGV[1]` = channel, then per item: 'k', 't' or 'a',
 /// and the message to publish.
 const INVALIDATE_SCRIPT: &str = r#"
 local refused = 0
