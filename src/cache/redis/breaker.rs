@@ -85,9 +85,13 @@ impl Breaker {
     /// [`Breaker::failure`] at `now`.
     fn failure_at(&self, error: &str, now: Instant) {
         let n = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
-        if n >= self.threshold && self.state.swap(OPEN, Ordering::AcqRel) == CLOSED {
+        if n >= self.threshold && self.state.load(Ordering::Acquire) == CLOSED {
+            // The opening time first: an `allow` that sees the state open
+            // must not read an older time and let a call through at once.
             self.opened_at_ms.store(self.ms_at(now), Ordering::Release);
-            tracing::warn!(error, "redis tier: circuit open, serving without Redis");
+            if self.state.swap(OPEN, Ordering::AcqRel) == CLOSED {
+                tracing::warn!(error, "redis tier: circuit open, serving without Redis");
+            }
         }
     }
 

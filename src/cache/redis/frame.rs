@@ -9,7 +9,10 @@ use crate::cache::Tag;
 const FORMAT: u8 = 1;
 
 /// The frame around a value: format, absolute fresh-until (Unix ms), the
-/// stale windows, the version, the tags, then the codec's bytes.
+/// stale windows, the version, the tags, then the codec's bytes. `None`
+/// when the tags do not fit the frame (more than 65,535, or one longer than
+/// 65,535 bytes): such an entry stays out of the tier rather than travel
+/// under a cut tag that its invalidation would not reach.
 pub(super) fn encode_frame(
     entry_bytes: &[u8],
     fresh_until: u64,
@@ -17,7 +20,14 @@ pub(super) fn encode_frame(
     sie: u64,
     version: Option<u64>,
     tags: &[Tag],
-) -> Vec<u8> {
+) -> Option<Vec<u8>> {
+    let count = u16::try_from(tags.len()).ok()?;
+    if tags
+        .iter()
+        .any(|t| u16::try_from(t.as_str().len()).is_err())
+    {
+        return None;
+    }
     let mut out = Vec::with_capacity(entry_bytes.len() + 40);
     out.push(FORMAT);
     out.extend_from_slice(&fresh_until.to_be_bytes());
@@ -25,15 +35,15 @@ pub(super) fn encode_frame(
     out.extend_from_slice(&sie.to_be_bytes());
     out.push(u8::from(version.is_some()));
     out.extend_from_slice(&version.unwrap_or(0).to_be_bytes());
-    out.extend_from_slice(&u16::try_from(tags.len()).unwrap_or(u16::MAX).to_be_bytes());
-    for tag in tags.iter().take(usize::from(u16::MAX)) {
+    out.extend_from_slice(&count.to_be_bytes());
+    for tag in tags {
         let t = tag.as_str().as_bytes();
-        let len = u16::try_from(t.len()).unwrap_or(u16::MAX);
+        let len = u16::try_from(t.len()).ok()?;
         out.extend_from_slice(&len.to_be_bytes());
-        out.extend_from_slice(&t[..usize::from(len)]);
+        out.extend_from_slice(t);
     }
     out.extend_from_slice(entry_bytes);
-    out
+    Some(out)
 }
 
 /// A decoded frame; `body` borrows the codec's bytes.
@@ -103,6 +113,20 @@ mod tests {
             Some(42),
             &[Tag::from("users"), Tag::from("user:7")],
         )
+        .expect("fits")
+    }
+
+    #[test]
+    fn tags_that_do_not_fit_keep_the_entry_out_of_the_tier() {
+        let long = Tag::from("t".repeat(usize::from(u16::MAX) + 1));
+        assert!(encode_frame(b"x", 1, 2, 3, None, &[long]).is_none());
+        let many: Vec<Tag> = (0..=u32::from(u16::MAX))
+            .map(|i| Tag::from(i.to_string()))
+            .collect();
+        assert!(encode_frame(b"x", 1, 2, 3, None, &many).is_none());
+        let edge = Tag::from("t".repeat(usize::from(u16::MAX)));
+        let bytes = encode_frame(b"x", 1, 2, 3, None, std::slice::from_ref(&edge)).expect("fits");
+        assert_eq!(decode_frame(&bytes).expect("decodes").tags, vec![edge]);
     }
 
     #[test]
@@ -119,7 +143,7 @@ mod tests {
 
     #[test]
     fn no_version_no_tags_and_an_empty_body_round_trip() {
-        let bytes = encode_frame(b"", 0, 0, 0, None, &[]);
+        let bytes = encode_frame(b"", 0, 0, 0, None, &[]).expect("fits");
         assert_eq!(bytes.len(), HEAD);
         let f = decode_frame(&bytes).expect("decodes");
         assert_eq!((f.fresh_until, f.swr, f.sie), (0, 0, 0));
@@ -130,13 +154,13 @@ mod tests {
 
     #[test]
     fn version_zero_is_not_none() {
-        let bytes = encode_frame(b"x", 1, 2, 3, Some(0), &[]);
+        let bytes = encode_frame(b"x", 1, 2, 3, Some(0), &[]).expect("fits");
         assert_eq!(decode_frame(&bytes).expect("decodes").version, Some(0));
     }
 
     #[test]
     fn an_empty_tag_round_trips() {
-        let bytes = encode_frame(b"x", 1, 2, 3, None, &[Tag::from("")]);
+        let bytes = encode_frame(b"x", 1, 2, 3, None, &[Tag::from("")]).expect("fits");
         let f = decode_frame(&bytes).expect("decodes");
         assert_eq!(f.tags, vec![Tag::from("")]);
         assert_eq!(f.body, b"x");
@@ -171,7 +195,7 @@ mod tests {
 
     #[test]
     fn a_tag_that_is_not_utf8_is_none() {
-        let mut bytes = encode_frame(b"x", 1, 2, 3, None, &[Tag::from("ab")]);
+        let mut bytes = encode_frame(b"x", 1, 2, 3, None, &[Tag::from("ab")]).expect("fits");
         // The tag's bytes follow the head and their two-byte length.
         bytes[HEAD + 2] = 0xff;
         assert!(decode_frame(&bytes).is_none());
@@ -179,10 +203,10 @@ mod tests {
 
     #[test]
     fn a_tag_count_or_length_past_the_end_is_none() {
-        let mut bytes = encode_frame(b"", 1, 2, 3, None, &[Tag::from("ab")]);
+        let mut bytes = encode_frame(b"", 1, 2, 3, None, &[Tag::from("ab")]).expect("fits");
         bytes[HEAD - 2..HEAD].copy_from_slice(&u16::MAX.to_be_bytes());
         assert!(decode_frame(&bytes).is_none());
-        let mut bytes = encode_frame(b"", 1, 2, 3, None, &[Tag::from("ab")]);
+        let mut bytes = encode_frame(b"", 1, 2, 3, None, &[Tag::from("ab")]).expect("fits");
         bytes[HEAD..HEAD + 2].copy_from_slice(&u16::MAX.to_be_bytes());
         assert!(decode_frame(&bytes).is_none());
     }

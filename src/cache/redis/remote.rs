@@ -70,14 +70,18 @@ where
             let raw = self.codec.encode_key(key);
             let body = self.codec.encode(&entry.response);
             let fresh_until = now_ms().saturating_add(ms(entry.fresh_for));
-            let frame = encode_frame(
+            let Some(frame) = encode_frame(
                 &body,
                 fresh_until,
                 ms(entry.stale_while_revalidate),
                 ms(entry.stale_if_error),
                 entry.version,
                 &entry.tags,
-            );
+            ) else {
+                // Tags too large for the frame: this entry stays in L1.
+                self.release(key, lease).await;
+                return;
+            };
             // Redis keeps it as long as any window could use it.
             let px =
                 ms(entry.fresh_for + entry.stale_while_revalidate.max(entry.stale_if_error)).max(1);
