@@ -488,7 +488,7 @@ where
         let _order = self.gate.order();
         let seq = self.apply_local(what.clone(), version);
         self.gate.queued(seq);
-        tier.invalidate(seq, what, version);
+        tier.invalidate(seq, what, (version != 0).then_some(version));
     }
 }
 

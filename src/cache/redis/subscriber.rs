@@ -54,7 +54,7 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
             _ => return, // other instances' heartbeats, later kinds
         };
         self.stats.fanout_received.fetch_add(1, Ordering::Relaxed);
-        link.apply_remote(what, version);
+        link.apply_remote(what, (version != 0).then_some(version));
     }
 }
 
