@@ -102,7 +102,7 @@ fn measure_moka() {
         for k in 0..ENTRIES {
             ready(svc.call(k)).expect("fill");
         }
-        svc.store().inner().run_pending_tasks();
+        tower_scale::cache::Store::run_pending_tasks(svc.store());
         Box::new(svc)
     });
 }

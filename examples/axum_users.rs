@@ -112,7 +112,7 @@ async fn create(
             let id: i64 = w.value.get(0);
             // A 404 for this id may be cached from before it existed.
             app.invalidator
-                .invalidate_tag_at(format!("user:{id}"), w.token.known_lsn().map_or(0, |l| l.0));
+                .invalidate_tag_at(format!("user:{id}"), w.token.version());
             let res = (StatusCode::CREATED, user_json(id, w.value.get(1))).into_response();
             served_by(res, &w.served_by)
         }
@@ -179,7 +179,7 @@ async fn update(
     {
         Ok(w) => {
             app.invalidator
-                .invalidate_tag_at(format!("user:{id}"), w.token.known_lsn().map_or(0, |l| l.0));
+                .invalidate_tag_at(format!("user:{id}"), w.token.version());
             let res = match w.value.first() {
                 Some(row) => user_json(row.get(0), row.get(1)).into_response(),
                 None => error(StatusCode::NOT_FOUND, "not found"),
@@ -201,7 +201,7 @@ async fn delete(
     match db.execute("DELETE FROM users WHERE id = $1", &[&id]).await {
         Ok(w) => {
             app.invalidator
-                .invalidate_tag_at(format!("user:{id}"), w.token.known_lsn().map_or(0, |l| l.0));
+                .invalidate_tag_at(format!("user:{id}"), w.token.version());
             let res = if w.value == 0 {
                 error(StatusCode::NOT_FOUND, "not found")
             } else {

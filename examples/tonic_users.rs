@@ -119,7 +119,7 @@ impl Users for UsersService {
             .map_err(status)?;
         let id: i64 = w.value.get(0);
         self.invalidator
-            .invalidate_tag_at(format!("user:{id}"), w.token.known_lsn().map_or(0, |l| l.0));
+            .invalidate_tag_at(format!("user:{id}"), w.token.version());
         Ok(reply(
             User {
                 id,
@@ -141,7 +141,7 @@ impl Users for UsersService {
             .await
             .map_err(status)?;
         self.invalidator
-            .invalidate_tag_at(format!("user:{id}"), w.token.known_lsn().map_or(0, |l| l.0));
+            .invalidate_tag_at(format!("user:{id}"), w.token.version());
         match w.value.first() {
             Some(row) => Ok(reply(
                 User {

@@ -82,10 +82,8 @@
 #![deny(unreachable_pub)]
 #![forbid(unsafe_code)]
 
+/// Reading a body up to a limit, for the HTTP and gRPC caches.
 #[cfg(feature = "http")]
-// The HTTP cache moves onto it next (issue 13); until then only the gRPC
-// cache uses it.
-#[cfg_attr(not(feature = "grpc"), allow(dead_code))]
 mod body;
 pub mod cache;
 pub mod error;

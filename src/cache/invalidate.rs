@@ -70,13 +70,18 @@ impl<K> Invalidator<K> {
         self.target.invalidate(Invalidation::Key(key.clone()), 0);
     }
 
-    /// Removes the entry for `key`, and keeps out fills stamped below `version`.
-    pub fn invalidate_key_at(&self, key: &K, version: u64)
+    /// Removes the entry for `key`, and keeps out fills stamped below
+    /// `version` (a `u64`, or an `Option<u64>` where `None` is no version:
+    /// for example [`ConsistencyToken::version`], which is `None` for a
+    /// commit whose position is not known).
+    ///
+    /// [`ConsistencyToken::version`]: https://docs.rs/tower-scale/latest/tower_scale/pg/struct.ConsistencyToken.html#method.version
+    pub fn invalidate_key_at(&self, key: &K, version: impl Into<Option<u64>>)
     where
         K: Clone,
     {
         self.target
-            .invalidate(Invalidation::Key(key.clone()), version);
+            .invalidate(Invalidation::Key(key.clone()), plain(version));
     }
 
     /// Invalidates every entry stored with `tag`.
@@ -85,10 +90,11 @@ impl<K> Invalidator<K> {
     }
 
     /// Invalidates every entry with `tag`, and keeps out fills with that
-    /// tag stamped below `version`.
-    pub fn invalidate_tag_at(&self, tag: impl Into<Tag>, version: u64) {
+    /// tag stamped below `version` (as for
+    /// [`invalidate_key_at`](Self::invalidate_key_at)).
+    pub fn invalidate_tag_at(&self, tag: impl Into<Tag>, version: impl Into<Option<u64>>) {
         self.target
-            .invalidate(Invalidation::Tag(tag.into()), version);
+            .invalidate(Invalidation::Tag(tag.into()), plain(version));
     }
 
     /// Invalidates everything.
@@ -96,8 +102,15 @@ impl<K> Invalidator<K> {
         self.target.invalidate(Invalidation::All, 0);
     }
 
-    /// Applies one [`Invalidation`], optionally at a version (0 for none).
-    pub fn invalidate(&self, what: Invalidation<K>, version: u64) {
-        self.target.invalidate(what, version);
+    /// Applies one [`Invalidation`], at a version if one is given (as for
+    /// [`invalidate_key_at`](Self::invalidate_key_at)).
+    pub fn invalidate(&self, what: Invalidation<K>, version: impl Into<Option<u64>>) {
+        self.target.invalidate(what, plain(version));
     }
+}
+
+/// The log's form of a version: 0 stands for none (no fill is stamped
+/// below 0, so a mark at 0 keeps nothing out by version).
+fn plain(version: impl Into<Option<u64>>) -> u64 {
+    version.into().unwrap_or(0)
 }

@@ -12,11 +12,13 @@ use super::CacheStats;
 use super::Invalidator;
 use super::engine::clock::Clock;
 use super::engine::log::InvalidationLog;
-use super::engine::stats::Stats;
+use super::engine::stats::{Stats, publisher};
 use super::key::KeyHasher;
 use super::policy::Windows;
-use super::service::{Cache, Config, Life, Shared, Weigh};
+use super::service::Cache;
+use super::shared::{Config, Shared, Weigh};
 use super::store::{Capacity, Store};
+use tokio_util::sync::DropGuard;
 
 /// Weighs a response for a weight-bounded store (for example by body bytes).
 ///
@@ -46,7 +48,7 @@ impl<R, F: Fn(&R) -> u32 + Send + Sync + 'static> Weigher<R> for F {
 /// [`CacheLayer::builder`].
 pub struct CacheLayer<P, St: Store> {
     pub(crate) shared: Arc<Shared<P, St>>,
-    pub(crate) life: Arc<Life>,
+    pub(crate) life: Arc<DropGuard>,
 }
 
 impl<P, St: Store> Clone for CacheLayer<P, St> {
@@ -296,7 +298,7 @@ impl<P, W> CacheLayerBuilder<P, W> {
     /// use tower_scale::cache::CacheLayer;
     /// let layer = CacheLayer::builder(|id: &u64| Some(*id))
     ///     .name("users")
-    ///     .build::<u64, String, std::io::Error>()?;
+    ///     .build::<u64, String, ()>()?;
     /// # drop(layer); Ok(()) }
     /// ```
     pub fn name(mut self, name: impl Into<String>) -> Self {
@@ -374,15 +376,8 @@ impl<P, W> CacheLayerBuilder<P, W> {
     }
 
     fn validate(&self) -> Result<(), BuildError> {
-        if let Some((_, every)) = self
-            .metrics
-            .as_ref()
-            .filter(|(name, every)| !name.is_empty() && *every < MIN_METRICS_INTERVAL)
-        {
-            return Err(BuildError::OutOfRange {
-                field: "metrics_interval",
-                reason: format!("{every:?} is below the {MIN_METRICS_INTERVAL:?} minimum"),
-            });
+        if let Some((name, every)) = &self.metrics {
+            publisher::validate(name, *every)?;
         }
         if self.windows.ttl.is_zero() {
             return Err(BuildError::ZeroDuration {
@@ -497,61 +492,13 @@ impl<P, W> CacheLayerBuilder<P, W> {
             seed,
         );
         let shared = Arc::new(shared);
-        if let Some((name, every)) = self.metrics.filter(|(name, _)| !name.is_empty()) {
-            let runtime =
-                tokio::runtime::Handle::try_current().map_err(|_| BuildError::OutOfRange {
-                    field: "name",
-                    reason: "a named cache publishes its metrics from a task: build it inside \
-                             a Tokio runtime (or leave it unnamed and call \
-                             CacheStats::record_metrics yourself)"
-                        .into(),
-                })?;
-            runtime.spawn(publish_metrics(
-                Arc::downgrade(&shared),
-                shared.closed.clone(),
-                name,
-                every,
-            ));
+        if let Some((name, every)) = self.metrics {
+            let weak = Arc::downgrade(&shared);
+            publisher::spawn(name, every, shared.closed.clone(), move || {
+                weak.upgrade().map(|s| s.stats())
+            })?;
         }
-        let life = Arc::new(Life::new(shared.closed.clone()));
+        let life = Arc::new(shared.closed.clone().drop_guard());
         Ok(CacheLayer { shared, life })
     }
-}
-
-/// The shortest [`CacheLayerBuilder::metrics_interval`].
-const MIN_METRICS_INTERVAL: Duration = Duration::from_millis(10);
-
-/// Publishes a named cache's statistics every `every` until the cache's
-/// last handle goes (it holds the cache weakly), as increments: caches that
-/// share a name add up.
-async fn publish_metrics<P, St: Store>(
-    shared: std::sync::Weak<Shared<P, St>>,
-    closed: tokio_util::sync::CancellationToken,
-    name: String,
-    every: Duration,
-) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut published = CacheStats::default();
-    loop {
-        let closing = tokio::select! {
-            () = closed.cancelled() => true,
-            _ = tick.tick() => false,
-        };
-        let Some(shared) = shared.upgrade() else {
-            break;
-        };
-        let now = shared.stats();
-        now.record_metrics_since(&published, &name);
-        published = now;
-        if closing {
-            break;
-        }
-    }
-    // The entries leave with the cache.
-    CacheStats {
-        entries: 0,
-        ..published
-    }
-    .record_metrics_since(&published, &name);
 }

@@ -96,6 +96,7 @@ mod policy;
 pub mod redis;
 pub mod remote;
 mod service;
+mod shared;
 mod stats;
 mod store;
 mod tag;

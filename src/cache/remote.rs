@@ -2,20 +2,15 @@
 //! request that leads a miss, written after a fill, told about
 //! invalidations. [`crate::cache::redis`] implements it on Redis.
 //!
-//! The trait returns boxed futures (it is on the miss path only, never on
-//! a hit), so it needs no `async-trait` and stays object safe.
+//! The trait is an `async-trait` (boxed futures: it is on the miss path
+//! only, never on a hit), so it stays object safe.
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::engine::clock::Instant;
 use super::{Invalidation, Tag};
-
-/// A boxed, sendable future.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// An entry as the remote tier holds it: the response and what is left of
 /// its windows.
@@ -76,20 +71,24 @@ pub enum Lease {
 /// way to apply other instances' invalidations, to report its own
 /// invalidations as applied, and (optionally) to keep the in-process store
 /// trusted only while it hears from its fan-out.
-pub trait RemoteTier<K, R>: Send + Sync + 'static {
+#[async_trait::async_trait]
+pub trait RemoteTier<K, R>: Send + Sync + 'static
+where
+    K: Send + Sync + 'static,
+    R: Send + 'static,
+{
     /// The entry for `key`, if the tier has a valid one.
-    fn get<'a>(&'a self, key: &'a K) -> BoxFuture<'a, Option<RemoteEntry<R>>>;
+    async fn get(&self, key: &K) -> Option<RemoteEntry<R>>;
     /// Stores an entry filled under `lease` (refused if the lease was
     /// cancelled by an invalidation meanwhile).
-    fn put<'a>(&'a self, key: &'a K, entry: RemoteEntry<R>, lease: Lease) -> BoxFuture<'a, ()>;
+    async fn put(&self, key: &K, entry: RemoteEntry<R>, lease: Lease);
     /// Takes the fill lease for `key`.
-    fn lease<'a>(&'a self, key: &'a K) -> BoxFuture<'a, Lease>;
+    async fn lease(&self, key: &K) -> Lease;
     /// Gives up a lease without a put (the fill failed or was invalidated),
     /// so other instances stop waiting for it. The default does nothing
     /// (the lease then runs out by itself).
-    fn release<'a>(&'a self, key: &'a K, lease: Lease) -> BoxFuture<'a, ()> {
+    async fn release(&self, key: &K, lease: Lease) {
         let _ = (key, lease);
-        Box::pin(std::future::ready(()))
     }
     /// Queues an invalidation made on this instance, numbered `seq`, for
     /// the tier and the other instances. It must not block and must not
@@ -98,7 +97,8 @@ pub trait RemoteTier<K, R>: Send + Sync + 'static {
     /// retrying one that fails, and reports each applied one with
     /// [`RemoteLink::applied`]; until then the cache does not take values
     /// the invalidation touches from the tier.
-    fn invalidate(&self, seq: u64, what: Invalidation<K>, version: u64);
+    /// `version` is the write's version, if it has one.
+    fn invalidate(&self, seq: u64, what: Invalidation<K>, version: Option<u64>);
     /// How long a request waits for another instance's fill before it
     /// fills the key itself.
     fn lease_wait(&self) -> Duration {
@@ -140,8 +140,9 @@ pub(crate) trait LinkTarget<K>: Send + Sync {
 impl<K> RemoteLink<K> {
     /// Applies an invalidation another instance made to this instance's
     /// in-process store (it is not sent back to the tier).
-    pub fn apply_remote(&self, what: Invalidation<K>, version: u64) {
-        self.target.apply_remote(what, version);
+    /// `version` is the write's version, if it has one.
+    pub fn apply_remote(&self, what: Invalidation<K>, version: Option<u64>) {
+        self.target.apply_remote(what, version.unwrap_or(0));
     }
 
     /// Reports that this instance's invalidations up to `seq` (as given to
@@ -210,9 +211,7 @@ pub(crate) mod sealed {
 /// (rejoin fence), and which of this instance's invalidations the tier has
 /// applied. A cache that owns one forwards its [`LinkTarget`] calls here.
 ///
-/// The HTTP cache's; the core cache (`service.rs`) still keeps the same
-/// state in its own fields, to move onto this.
-#[cfg(feature = "http")]
+/// Shared by the core cache and the HTTP cache.
 #[derive(Debug)]
 pub(crate) struct Gate {
     /// The store serves hits only before this instant (nanos on the
@@ -234,7 +233,6 @@ pub(crate) struct Gate {
     order: std::sync::Mutex<()>,
 }
 
-#[cfg(feature = "http")]
 impl Gate {
     pub(crate) fn new() -> Self {
         use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -338,7 +336,7 @@ impl Gate {
     }
 }
 
-#[cfg(all(test, feature = "http"))]
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -178,43 +178,19 @@ pub(crate) enum Buffered<B: Body> {
     Passthrough(CacheBody<B>),
 }
 
-/// Reads `body` until it ends or passes `limit` bytes.
+/// Reads `body` until it ends or passes `limit` bytes (the crate's one
+/// buffering routine, [`crate::body::buffer`]); what could not be
+/// buffered is replayed to the client as read, then the rest or the error.
 pub(crate) async fn buffer<B>(body: B, limit: usize) -> Buffered<B>
 where
     B: Body<Data = Bytes>,
 {
-    let mut body = Box::pin(body);
-    let mut frames: VecDeque<Frame<Bytes>> = VecDeque::new();
-    let mut len = 0usize;
-    let mut trailers = None;
-    loop {
-        match std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
-            None => break,
-            Some(Err(e)) => {
-                return Buffered::Passthrough(CacheBody::partial(frames, None, Some(e)));
-            }
-            Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    len = len.saturating_add(data.len());
-                } else if let Some(t) = frame.trailers_ref() {
-                    trailers = Some(t.clone());
-                    continue;
-                }
-                frames.push_back(frame);
-                if len > limit {
-                    return Buffered::Passthrough(CacheBody::partial(frames, Some(body), None));
-                }
-            }
-        }
-    }
-    let mut data = bytes::BytesMut::with_capacity(len);
-    for frame in frames {
-        if let Ok(d) = frame.into_data() {
-            data.extend_from_slice(&d);
-        }
-    }
-    Buffered::Complete {
-        data: data.freeze(),
-        trailers,
+    match crate::body::buffer(body, limit).await {
+        crate::body::Buffered::Complete { data, trailers } => Buffered::Complete { data, trailers },
+        crate::body::Buffered::Partial {
+            frames,
+            rest,
+            error,
+        } => Buffered::Passthrough(CacheBody::partial(frames, rest, error)),
     }
 }

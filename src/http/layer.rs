@@ -62,6 +62,7 @@ impl HttpCacheLayer {
                 pass_tag_header: false,
             },
             clock: None,
+            metrics: (String::new(), std::time::Duration::from_secs(1)),
         }
     }
 
@@ -187,6 +188,8 @@ impl<S> Layer<S> for HttpCacheLayer {
 pub struct HttpCacheLayerBuilder {
     config: HttpConfig,
     clock: Option<Clock>,
+    /// Name and interval of the metrics publication (empty: none).
+    metrics: (String, std::time::Duration),
 }
 
 impl HttpCacheLayerBuilder {
@@ -274,6 +277,23 @@ impl HttpCacheLayerBuilder {
         self
     }
 
+    /// Names the cache and publishes its statistics as the
+    /// `tower_scale_cache_*` metrics labelled `cache="NAME"`, once a second
+    /// ([`metrics_interval`](Self::metrics_interval)), for as long as it
+    /// lives; building a named cache outside a Tokio runtime is an error.
+    /// See [`CacheLayerBuilder::name`](crate::cache::CacheLayerBuilder::name).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.metrics.0 = name.into();
+        self
+    }
+
+    /// How often a [named](Self::name) cache publishes its metrics.
+    /// Default: 1 s, at least 10 ms. No effect without a name.
+    pub fn metrics_interval(mut self, every: std::time::Duration) -> Self {
+        self.metrics.1 = every;
+        self
+    }
+
     /// The clock ages are measured on (default: [`Clock::new`]).
     pub fn clock(mut self, clock: Clock) -> Self {
         self.clock = Some(clock);
@@ -317,7 +337,16 @@ impl HttpCacheLayerBuilder {
             });
         }
         let clock = self.clock.unwrap_or_default();
+        let (name, every) = self.metrics;
+        crate::cache::engine::stats::publisher::validate(&name, every)?;
         let shared = Arc::new(HttpShared::new(self.config, clock, kind));
+        let weak = Arc::downgrade(&shared);
+        crate::cache::engine::stats::publisher::spawn(
+            name,
+            every,
+            shared.closed.clone(),
+            move || weak.upgrade().map(|s| s.stats()),
+        )?;
         let life = Arc::new(shared.closed.clone().drop_guard());
         Ok(HttpCacheLayer { shared, life })
     }

@@ -405,7 +405,7 @@ impl InvalidateTarget<String> for HttpShared {
         let _order = self.gate.order();
         let seq = self.apply_local(what.clone(), version);
         self.gate.queued(seq);
-        tier.invalidate(seq, what, version);
+        tier.invalidate(seq, what, (version != 0).then_some(version));
     }
 }
 

@@ -120,7 +120,7 @@ impl Cluster {
         notified.await;
     }
 
-    /// Stops the monitor now; queries fail with [`DbError::Shutdown`]
+    /// Stops the monitor now; queries fail with [`DbError::Shutdown`](super::DbError::Shutdown)
     /// afterwards only if they need the monitor (they keep their pools).
     pub fn shutdown(&self) {
         self.inner.shutdown.cancel();

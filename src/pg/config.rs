@@ -158,7 +158,7 @@ impl ClusterBuilder {
     }
 
     /// How long a query waits for a free connection before
-    /// [`DbError::PoolTimeout`] (default 5 s; always finite).
+    /// [`DbError::PoolTimeout`](super::DbError::PoolTimeout) (default 5 s; always finite).
     pub fn pool_wait_timeout(mut self, d: Duration) -> Self {
         self.wait_timeout = d;
         self
@@ -226,14 +226,14 @@ impl ClusterBuilder {
     }
 
     /// How long a write waits for a primary to be found (after a failover)
-    /// before [`DbError::NoPrimary`] (default 1 s).
+    /// before [`DbError::NoPrimary`](super::DbError::NoPrimary) (default 1 s).
     pub fn primary_wait(mut self, d: Duration) -> Self {
         self.primary_wait = d;
         self
     }
 
     /// Whether reads with no qualifying replica go to the primary (default)
-    /// or fail with [`DbError::NoPrimary`]-style errors.
+    /// or fail with [`DbError::NoPrimary`](super::DbError::NoPrimary)-style errors.
     pub fn fallback_to_primary(mut self, yes: bool) -> Self {
         self.fallback_to_primary = yes;
         self
@@ -262,7 +262,7 @@ impl ClusterBuilder {
     /// `BEGIN`, each statement, and `COMMIT` (with its token). Like the
     /// read timeout it counts once a connection is checked out. A write or
     /// `COMMIT` that times out may have committed
-    /// ([`DbError::may_have_committed`]); the primary does not leave the
+    /// ([`DbError::may_have_committed`](super::DbError::may_have_committed)); the primary does not leave the
     /// rotation for it (the monitor decides).
     pub fn write_timeout(mut self, d: Duration) -> Self {
         self.write_timeout = d;

@@ -71,6 +71,19 @@ impl ConsistencyToken {
         self.0
     }
 
+    /// The position as a cache version: what to invalidate at after the
+    /// write (`None` for the unknown token, so the invalidation carries no
+    /// version rather than one that would keep every later fill out).
+    ///
+    /// ```
+    /// # use tower_scale::pg::{ConsistencyToken, Lsn};
+    /// assert_eq!(ConsistencyToken::new(Lsn(42)).version(), Some(42));
+    /// assert_eq!(ConsistencyToken::unknown().version(), None);
+    /// ```
+    pub fn version(&self) -> Option<u64> {
+        self.known_lsn().map(|l| l.0)
+    }
+
     /// The WAL position, if known.
     pub fn known_lsn(&self) -> Option<Lsn> {
         (!self.is_unknown()).then_some(self.0)

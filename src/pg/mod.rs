@@ -113,6 +113,8 @@ mod session;
 pub mod token;
 mod transaction;
 
+// Public for the `route` benchmark only: the balancer is internal.
+#[doc(hidden)]
 pub use self::balance::{Candidate, choose_replica, ramp_weight};
 pub use self::cluster::Cluster;
 pub use self::config::{ClusterBuilder, NodeConfig};

@@ -379,7 +379,7 @@ pub(crate) fn pool_error(node: &Arc<str>, e: deadpool_postgres::PoolError) -> Db
     }
 }
 
-/// What [`Cluster::status`] reports per node.
+/// What [`Cluster::status`](super::Cluster::status) reports per node.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct NodeStatus {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use support::{Err, Origin, Resp, eventually};
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_scale::cache::{
-    Cache, CacheLayer, CachePolicy, Clock, MockClock, MokaStore, Storable, Windows,
+    Cache, CacheLayer, CachePolicy, Clock, MockClock, MokaStore, Storable, Store, Windows,
 };
 
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -639,8 +639,8 @@ async fn weight_bounded_stores_evict() {
     for k in 0..50 {
         svc.ready().await.unwrap().call(k).await.unwrap();
     }
-    svc.store().inner().run_pending_tasks();
-    let weight = svc.store().inner().weighted_size();
+    svc.store().run_pending_tasks();
+    let weight = svc.store().weighted_size();
     assert!(weight <= 1_000, "weighted size {weight} over the bound");
     assert!(svc.stats().evictions > 0);
     assert!(svc.stats().entries < 50);
@@ -663,7 +663,7 @@ async fn the_quick_cache_store_hits_and_evicts_by_weight() {
     for k in 0..100 {
         svc.ready().await.unwrap().call(k).await.unwrap();
     }
-    assert!(svc.store().inner().weight() <= 2_000);
+    assert!(svc.store().weighted_size() <= 2_000);
     assert!(svc.stats().evictions > 0);
 }
 

@@ -806,3 +806,38 @@ async fn router_layer_works_too() {
     assert_eq!(origin.count("/public"), 1);
     assert_eq!(layer.stats().hits, 2);
 }
+
+/// A named HTTP cache publishes its metrics from a task: outside a runtime
+/// the builder says so; inside one it builds (the publication itself is
+/// tested on the core cache, which shares the publisher).
+#[test]
+fn a_named_http_cache_needs_a_runtime() {
+    let refused = HttpCacheLayer::builder().name("pages").build();
+    assert!(
+        refused.is_err_and(|e| e.to_string().contains("Tokio runtime")),
+        "built a named cache outside a runtime"
+    );
+    assert!(
+        HttpCacheLayer::builder().build().is_ok(),
+        "unnamed: no runtime needed"
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let built = rt.block_on(async {
+        HttpCacheLayer::builder()
+            .name("pages")
+            .metrics_interval(Duration::from_millis(5))
+            .build()
+            .err()
+            .map(|e| e.to_string())
+    });
+    assert!(
+        built.is_some_and(|e| e.contains("metrics_interval")),
+        "5 ms is below the minimum"
+    );
+    rt.block_on(async {
+        assert!(HttpCacheLayer::builder().name("pages").build().is_ok());
+    });
+}

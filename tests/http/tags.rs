@@ -14,9 +14,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
-use tower_scale::cache::remote::{
-    AttachRemote, BoxFuture, Lease, RemoteEntry, RemoteLink, RemoteTier,
-};
+use tower_scale::cache::remote::{AttachRemote, Lease, RemoteEntry, RemoteLink, RemoteTier};
 use tower_scale::cache::{Clock, Invalidation, MockClock};
 use tower_scale::http::{HttpCache, HttpCacheLayer, HttpCacheLayerBuilder, StoredVariants};
 
@@ -422,24 +420,18 @@ struct SlowTier {
     queued: AtomicU64,
 }
 
+#[async_trait::async_trait]
 impl RemoteTier<String, StoredVariants> for SlowTier {
-    fn get<'a>(&'a self, key: &'a String) -> BoxFuture<'a, Option<RemoteEntry<StoredVariants>>> {
-        let found = self.held.lock().unwrap().get(key).cloned();
-        Box::pin(async move { found })
+    async fn get(&self, key: &String) -> Option<RemoteEntry<StoredVariants>> {
+        self.held.lock().unwrap().get(key).cloned()
     }
-    fn put<'a>(
-        &'a self,
-        key: &'a String,
-        entry: RemoteEntry<StoredVariants>,
-        _lease: Lease,
-    ) -> BoxFuture<'a, ()> {
+    async fn put(&self, key: &String, entry: RemoteEntry<StoredVariants>, _lease: Lease) {
         self.held.lock().unwrap().insert(key.clone(), entry);
-        Box::pin(async {})
     }
-    fn lease<'a>(&'a self, _key: &'a String) -> BoxFuture<'a, Lease> {
-        Box::pin(async { Lease::Acquired { token: 1, epoch: 1 } })
+    async fn lease(&self, _key: &String) -> Lease {
+        Lease::Acquired { token: 1, epoch: 1 }
     }
-    fn invalidate(&self, seq: u64, _what: Invalidation<String>, _version: u64) {
+    fn invalidate(&self, seq: u64, _what: Invalidation<String>, _version: Option<u64>) {
         self.queued.fetch_max(seq, Ordering::SeqCst);
     }
 }

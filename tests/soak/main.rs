@@ -603,7 +603,7 @@ async fn db_write(backend: &users::Backend, n: u64, name: &str) {
         .expect("update");
     backend
         .invalidator
-        .invalidate_tag_at(format!("user:{n}"), w.token.lsn().0);
+        .invalidate_tag_at(format!("user:{n}"), w.token.version());
     let row = backend
         .users
         .clone()

@@ -89,10 +89,7 @@ impl<K: Hash + Eq, R: Clone, E: Clone> Flights<K, R, E> {
 
     /// Number of calls in flight (for tests and statistics).
     pub(crate) fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| crate::sync::lock(&s).len())
-            .sum()
+        self.shards.iter().map(|s| crate::sync::lock(s).len()).sum()
     }
 }
 

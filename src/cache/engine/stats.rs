@@ -139,3 +139,86 @@ impl Stats {
         }
     }
 }
+
+/// Publishing a named cache's statistics through the `metrics` facade.
+pub(crate) mod publisher {
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+
+    use crate::cache::CacheStats;
+    use crate::error::ConfigError;
+
+    /// The shortest interval between two publications.
+    pub(crate) const MIN_INTERVAL: Duration = Duration::from_millis(10);
+
+    /// Refuses an interval below [`MIN_INTERVAL`] for a named cache (an
+    /// unnamed one publishes nothing, whatever its interval).
+    pub(crate) fn validate(name: &str, every: Duration) -> Result<(), ConfigError> {
+        if !name.is_empty() && every < MIN_INTERVAL {
+            return Err(ConfigError::OutOfRange {
+                field: "metrics_interval",
+                reason: format!("{every:?} is below the {MIN_INTERVAL:?} minimum"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Starts publishing what `read` returns every `every`, under `name`,
+    /// until `read` returns `None` (the cache is gone) or `closed` is
+    /// cancelled; a configuration error outside a Tokio runtime. An empty
+    /// name publishes nothing.
+    pub(crate) fn spawn(
+        name: String,
+        every: Duration,
+        closed: CancellationToken,
+        read: impl Fn() -> Option<CacheStats> + Send + 'static,
+    ) -> Result<(), ConfigError> {
+        if name.is_empty() {
+            return Ok(());
+        }
+        validate(&name, every)?;
+        let runtime =
+            tokio::runtime::Handle::try_current().map_err(|_| ConfigError::OutOfRange {
+                field: "name",
+                reason: "a named cache publishes its metrics from a task: build it inside a \
+                         Tokio runtime (or leave it unnamed and call \
+                         CacheStats::record_metrics yourself)"
+                    .into(),
+            })?;
+        runtime.spawn(publish(read, closed, name, every));
+        Ok(())
+    }
+
+    /// Publishes every `every` as increments (caches that share a name add
+    /// up); the entries gauge leaves with the cache.
+    async fn publish(
+        read: impl Fn() -> Option<CacheStats>,
+        closed: CancellationToken,
+        name: String,
+        every: Duration,
+    ) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut published = CacheStats::default();
+        loop {
+            let closing = tokio::select! {
+                () = closed.cancelled() => true,
+                _ = tick.tick() => false,
+            };
+            let Some(now) = read() else {
+                break;
+            };
+            now.record_metrics_since(&published, &name);
+            published = now;
+            if closing {
+                break;
+            }
+        }
+        CacheStats {
+            entries: 0,
+            ..published
+        }
+        .record_metrics_since(&published, &name);
+    }
+}

@@ -79,6 +79,13 @@ pub trait Store: Send + Sync + 'static {
     /// Entries evicted to stay within capacity, since the store was built.
     fn evictions(&self) -> u64;
 
+    /// The stored entries' total weight when the store is bounded by
+    /// weight, their number otherwise (may be approximate). Default:
+    /// [`entry_count`](Self::entry_count).
+    fn weighted_size(&self) -> u64 {
+        self.entry_count()
+    }
+
     /// Runs deferred maintenance (eviction, counts) now, for tests and
     /// statistics. Default: nothing to do.
     fn run_pending_tasks(&self) {}

@@ -37,11 +37,6 @@ where
             gone: AtomicU64::new(0),
         }
     }
-
-    /// The moka cache itself.
-    pub fn inner(&self) -> &moka::sync::Cache<Hashed<K>, Arc<Entry<R, E>>, PassThrough> {
-        &self.cache
-    }
 }
 
 impl<K, R, E> fmt::Debug for MokaStore<K, R, E> {
@@ -98,6 +93,10 @@ where
         inserted
             .saturating_sub(gone)
             .saturating_sub(self.cache.entry_count())
+    }
+
+    fn weighted_size(&self) -> u64 {
+        self.cache.weighted_size()
     }
 
     fn run_pending_tasks(&self) {

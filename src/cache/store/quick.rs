@@ -11,7 +11,7 @@ use crate::cache::key::{Hashed, PassThrough};
 
 /// Weighs entries by count (1 each) or by the layer's weigher.
 #[derive(Clone, Copy, Debug)]
-pub struct EntryWeighter {
+pub(super) struct EntryWeighter {
     by_weight: bool,
 }
 
@@ -28,7 +28,7 @@ impl<K, R, E> Weighter<Hashed<K>, Arc<Entry<R, E>>> for EntryWeighter {
 
 /// Counts evictions.
 #[derive(Clone, Debug, Default)]
-pub struct CountEvictions(Arc<AtomicU64>);
+pub(super) struct CountEvictions(Arc<AtomicU64>);
 
 impl<K, V> Lifecycle<K, V> for CountEvictions {
     type RequestState = ();
@@ -75,11 +75,6 @@ where
             evictions.clone(),
         );
         Self { cache, evictions }
-    }
-
-    /// The quick_cache cache itself.
-    pub fn inner(&self) -> &Inner<K, R, E> {
-        &self.cache
     }
 }
 
@@ -129,5 +124,9 @@ where
 
     fn evictions(&self) -> u64 {
         self.evictions.0.load(Ordering::Relaxed)
+    }
+
+    fn weighted_size(&self) -> u64 {
+        self.cache.weight()
     }
 }

@@ -9,7 +9,7 @@ use std::task::{Context, Poll, ready};
 use http::Response;
 use pin_project_lite::pin_project;
 
-use super::layer::DbLayer;
+use super::db_layer::DbLayer;
 use crate::pg::ConsistencyToken;
 
 pin_project! {

@@ -14,17 +14,17 @@
 //! request. Forged, malformed, oversized, expired or far-future tokens are
 //! ignored: the request gets the default consistency.
 //!
-//! The pieces: [`DbLayer`] and its builder (`layer.rs`: routes, the token's
+//! The pieces: [`DbLayer`] and its builder (`db_layer.rs`: routes, the token's
 //! cookie and header), the service it makes ([`DbRouting`], `service.rs`)
 //! and its future (`future.rs`), and what handlers use ([`RequestDb`] and
 //! the [`Primary`] / [`Replica`] extractors, `request.rs`).
 
+mod db_layer;
 mod future;
-mod layer;
 mod request;
 mod service;
 
+pub use self::db_layer::{DbLayer, DbLayerBuilder, Route};
 pub use self::future::DbRoutingFuture;
-pub use self::layer::{DbLayer, DbLayerBuilder, Route};
 pub use self::request::{MissingDbLayer, Primary, Replica, RequestDb};
 pub use self::service::DbRouting;

@@ -10,10 +10,10 @@ use http::StatusCode;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
-use super::layer::Route;
+use super::db_layer::Route;
 use crate::pg::{Consistency, ConsistencyToken, Db, DbError, Read, Written};
 
-/// The per-request database view [`DbLayer`] puts in the request: reads
+/// The per-request database view [`DbLayer`](super::DbLayer) puts in the request: reads
 /// go where the route and the client's token say, writes go to the
 /// primary and their tokens reach the response.
 #[derive(Clone)]
@@ -150,7 +150,7 @@ impl RequestDb {
     }
 }
 
-/// Rejection of the extractors when no [`DbLayer`] is in front.
+/// Rejection of the extractors when no [`DbLayer`](super::DbLayer) is in front.
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
 pub struct MissingDbLayer;

@@ -7,8 +7,8 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower::Service;
 
+use super::db_layer::DbLayer;
 use super::future::DbRoutingFuture;
-use super::layer::DbLayer;
 use super::request::RequestDb;
 
 /// The service [`DbLayer`] makes.

@@ -16,7 +16,7 @@ use crate::testing::process::{self, MarkedDir, RunAs, ServerChild, io_err};
 /// How long a server may take to accept connections after it was started.
 use super::{NodeRole, PgBin, START_TIMEOUT, format_lsn, parse_lsn};
 
-/// One PostgreSQL server of a [`LocalCluster`].
+/// One PostgreSQL server of a [`LocalCluster`](super::LocalCluster).
 pub struct Node {
     name: String,
     role: NodeRole,

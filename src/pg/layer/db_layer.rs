@@ -95,8 +95,8 @@ impl DbLayerBuilder {
     }
 }
 
-/// Puts a per-request [`RequestDb`] into the request extensions and the
-/// consistency token into responses; see the [module docs](self).
+/// Puts a per-request [`RequestDb`](super::RequestDb) into the request extensions and the
+/// consistency token into responses; see the [module docs](super).
 #[derive(Clone)]
 pub struct DbLayer {
     pub(super) db: Db,
