@@ -217,12 +217,19 @@ impl GrpcCacheLayerBuilder {
             core = core.name(name);
         }
         let core = match self.capacity {
-            Bound::Entries(n) => core
-                .max_entries(n)
-                .build_with_store(GrpcStore::new(kind, Capacity::Entries(n)))?,
-            Bound::Bytes(n) => core
-                .max_weight(n, Fetched::weight)
-                .build_with_store(GrpcStore::new(kind, Capacity::Weight(n)))?,
+            Bound::Entries(n) => core.max_entries(n).build_with_store(GrpcStore::new(
+                kind,
+                Capacity::Entries(n),
+                Arc::clone(&config),
+            ))?,
+            Bound::Bytes(n) => {
+                core.max_weight(n, Fetched::weight)
+                    .build_with_store(GrpcStore::new(
+                        kind,
+                        Capacity::Weight(n),
+                        Arc::clone(&config),
+                    ))?
+            }
         };
         Ok(GrpcCacheLayer { config, core })
     }

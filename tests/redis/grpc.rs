@@ -2,7 +2,8 @@
 //! another instance (its server not called), invalidation by method on one
 //! instance reaching the other, key metadata respected across instances,
 //! and values that are corrupt, not storable, or stored under another
-//! call's key never served.
+//! call's key never served; a frame stripped of its method's tag not kept
+//! where an invalidation of the method would miss it.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -327,6 +328,52 @@ async fn a_value_stored_under_another_calls_key_is_never_served() {
         "A #1 /users.v1.Users/GetUser id=1 acme"
     );
     assert_eq!(d.calls(), 0);
+}
+
+/// The tier's frame (format, fresh-until, the two stale windows, version
+/// flag and version: 34 bytes, then the tags) with no tags.
+fn without_tags(frame: &[u8]) -> Vec<u8> {
+    let count = u16::from_be_bytes([frame[34], frame[35]]);
+    let mut at = 36;
+    for _ in 0..count {
+        at += 2 + usize::from(u16::from_be_bytes([frame[at], frame[at + 1]]));
+    }
+    [&frame[..34], &[0, 0], &frame[at..]].concat()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_without_its_methods_tag_is_not_kept_where_invalidations_miss_it() {
+    let redis = LocalRedis::start().unwrap();
+    let mut conn = redis_conn(&redis).await;
+    let a = instance(&redis, "grpc-untagged", "A").await;
+    call(&a, GET, "id=1", None).await;
+    let key = entry_keys(&mut conn, "grpc-untagged").await.pop().unwrap();
+    let framed = value(&mut conn, &key).await;
+    set_value(&mut conn, &key, &without_tags(&framed)).await;
+    let b = instance(&redis, "grpc-untagged", "B").await;
+    for _ in 0..2 {
+        // A well-formed answer for this key: served, from Redis each time.
+        assert_eq!(
+            call(&b, GET, "id=1", None).await,
+            "A #1 /users.v1.Users/GetUser id=1 -"
+        );
+    }
+    assert_eq!(b.calls(), 0);
+    assert_eq!(b.layer.stats().hits, 0, "not kept in B's store");
+    assert_eq!(b.tier.stats().hits, 2);
+    // So invalidating the method on A reaches it: Redis's own record of
+    // the tag (not the frame's) drops it there.
+    let before = b.layer.stats().invalidations;
+    a.layer.invalidator().invalidate_tag(GET);
+    assert!(a.tier.flush(Duration::from_secs(5)).await);
+    until("B applied it", Duration::from_secs(10), || {
+        b.layer.stats().invalidations > before
+    })
+    .await;
+    assert_eq!(
+        call(&b, GET, "id=1", None).await,
+        "B #1 /users.v1.Users/GetUser id=1 -"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
