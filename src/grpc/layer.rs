@@ -324,7 +324,10 @@ impl GrpcCacheLayer {
     /// well-formed message within [`max_message`](GrpcCacheLayerBuilder::max_message),
     /// a method this cache caches, the same key metadata names; anything
     /// else (and anything that does not parse) is a miss, and the tier
-    /// deletes it. A value is served only for the key it was written with.
+    /// deletes it. A value is served only for the key it was written with,
+    /// and kept in this instance's store only if its frame carries its
+    /// method's tag and no stale windows (as this cache's own entries do),
+    /// so `invalidate_tag(method)` always reaches it.
     /// Its freshness is what the writer gave it (instances sharing a prefix
     /// should cache a method with the same TTL).
     ///
