@@ -177,8 +177,9 @@ impl<K> RemoteLink<K> {
     }
 }
 
-/// A cache a shared tier can be attached to: [`CacheLayer`](super::CacheLayer)
-/// and, with the `http` feature, `HttpCacheLayer`. Sealed: the methods are
+/// A cache a shared tier can be attached to: [`CacheLayer`](super::CacheLayer),
+/// `HttpCacheLayer` (feature `http`) and `GrpcCacheLayer` (feature `grpc`).
+/// Sealed: the methods are
 /// the tier's plumbing, not an extension point.
 pub trait AttachRemote: sealed::Sealed {
     /// The cache's key type.
