@@ -368,8 +368,10 @@ pub(crate) fn stats(core: &Core) -> CacheStats {
 impl sealed::Sealed for GrpcCacheLayer {}
 
 /// A shared tier (Redis) shares stored responses between instances, keyed
-/// by the whole [`GrpcKey`]. A cache whose key holds `authorization`
-/// metadata does not take one: the key's bytes name the Redis entries.
+/// by the whole [`GrpcKey`]. A cache whose key holds credentials
+/// (`authorization`, `proxy-authorization` or `cookie` metadata) does not
+/// take one: the key's bytes name the Redis entries. Key on a non-secret
+/// caller id instead (and never on an API key under another name).
 impl AttachRemote for GrpcCacheLayer {
     type Key = GrpcKey;
     type Response = Fetched;
@@ -378,12 +380,18 @@ impl AttachRemote for GrpcCacheLayer {
         &self,
         tier: Arc<dyn RemoteTier<GrpcKey, Fetched>>,
     ) -> Result<RemoteLink<GrpcKey>, BuildError> {
-        if self.config.key_names().contains(&AUTHORIZATION) {
+        let secrets = [
+            AUTHORIZATION,
+            http::header::PROXY_AUTHORIZATION,
+            http::header::COOKIE,
+        ];
+        if let Some(secret) = secrets.iter().find(|s| self.config.key_names().contains(s)) {
             return Err(BuildError::OutOfRange {
                 field: "shared tier",
-                reason: "the cache key holds `authorization` metadata; a shared tier would \
-                         write credentials into Redis key names"
-                    .into(),
+                reason: format!(
+                    "the cache key holds `{secret}` metadata; a shared tier would write \
+                     credentials into Redis key names"
+                ),
             });
         }
         self.core.attach_tier(tier)

@@ -82,12 +82,14 @@ impl HttpCacheLayer {
     /// A handle to invalidate stored responses: by key (the cache key,
     /// `scheme://authority/path?query` with the authority lower-cased), by
     /// tag (the values of the [tag header](HttpCacheLayerBuilder::tag_header)
-    /// the responses carried), or all, optionally at a version. The same
-    /// [`Invalidator`] type the core cache gives, with the same race-safe
-    /// rules: a response whose fetch began before an invalidation that
-    /// touches it is neither stored nor served after it, and a request that
-    /// starts after the call returned never gets it. With a shared tier,
-    /// other instances apply it too (see `cache::redis`).
+    /// the responses carried), or all. The same [`Invalidator`] type the
+    /// core cache gives, with the same race-safe rules: a response whose
+    /// fetch began before an invalidation that touches it is neither stored
+    /// nor served after it, and a request that starts after the call
+    /// returned never gets it. With a shared tier, other instances apply it
+    /// too (see `cache::redis`). HTTP responses carry no version stamp, so
+    /// the `*_at` forms act exactly like the plain ones here (the version
+    /// keeps nothing more out).
     ///
     /// ```
     /// # fn demo() -> Result<(), tower_scale::ConfigError> {

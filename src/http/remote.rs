@@ -36,6 +36,20 @@ use super::stored::{Stored, StoredVariants, VaryValues};
 use crate::cache::redis::RedisCodec;
 use crate::cache::{Clock, Tag};
 
+/// The most bytes of one header section decoded.
+const MAX_HEADER_BYTES: usize = 256 << 10;
+/// The most fields of one header section decoded.
+const MAX_FIELDS: usize = 1024;
+/// Fields about the connection, not the response: a value carrying one is
+/// refused (sent on, they would break the client's connection or stream).
+const CONNECTION_FIELDS: [HeaderName; 5] = [
+    http::header::CONNECTION,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
 const FORMAT: u8 = 1;
 /// At most this many variants decoded (the cache keeps 16 per key).
 const MAX_VARIANTS: usize = 16;
@@ -151,13 +165,29 @@ impl<'a> Reader<'a> {
         let n = usize::try_from(self.u32()?).ok()?;
         self.take(n)
     }
+    /// A header section: at most [`MAX_FIELDS`] fields and
+    /// [`MAX_HEADER_BYTES`] bytes (a value that asks for more is refused
+    /// before `HeaderMap` could overflow), and no connection field.
     fn headers(&mut self) -> Option<HeaderMap> {
-        let n = self.u32()?;
+        let n = usize::try_from(self.u32()?).ok()?;
+        if n > MAX_FIELDS {
+            return None;
+        }
         let mut map = HeaderMap::new();
+        let mut size = 0usize;
         for _ in 0..n {
-            let name = HeaderName::from_bytes(self.bytes()?).ok()?;
-            let value = HeaderValue::from_bytes(self.bytes()?).ok()?;
-            map.append(name, value);
+            let name = self.bytes()?;
+            let value = self.bytes()?;
+            size = size.saturating_add(name.len() + value.len());
+            if size > MAX_HEADER_BYTES {
+                return None;
+            }
+            let name = HeaderName::from_bytes(name).ok()?;
+            if CONNECTION_FIELDS.contains(&name) {
+                return None;
+            }
+            map.try_append(name, HeaderValue::from_bytes(value).ok()?)
+                .ok()?;
         }
         Some(map)
     }
@@ -227,6 +257,14 @@ impl HttpRedisCodec {
             let age = Duration::from_millis(r.u64()?).saturating_add(in_tier);
             let mut headers = r.headers()?;
             let body = r.bytes()?;
+            // A length that is not the body's would break the connection.
+            let length_ok = headers
+                .get_all(http::header::CONTENT_LENGTH)
+                .iter()
+                .all(|v| v.to_str().ok().and_then(|v| v.parse::<usize>().ok()) == Some(body.len()));
+            if !length_ok {
+                return None;
+            }
             let body = (body.len() <= self.max_body).then(|| Bytes::copy_from_slice(body));
             let mut trailers = match r.u8()? {
                 0 => None,
@@ -342,226 +380,5 @@ impl RedisCodec<String, StoredVariants> for HttpRedisCodec {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn stored(headers: &[(&str, &str)], vary: VaryValues, tags: &[&str]) -> Arc<Stored> {
-        let mut map = HeaderMap::new();
-        for (k, v) in headers {
-            map.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        let cc = ResponseDirectives::from_headers(&map);
-        Arc::new(Stored {
-            status: StatusCode::OK,
-            version: Version::HTTP_11,
-            headers: map,
-            body: Bytes::from_static(b"hello"),
-            trailers: None,
-            cc,
-            lifetime: Duration::from_secs(60),
-            initial_age: Duration::from_secs(5),
-            stored_at: crate::cache::Instant::default(),
-            vary,
-            tags: tags.iter().map(|t| Tag::from(*t)).collect(),
-        })
-    }
-
-    fn codec() -> (HttpRedisCodec, crate::cache::MockClock) {
-        let (clock, mock) = Clock::mock();
-        let codec = HttpRedisCodec::new(
-            clock,
-            HttpCachePolicy::default(),
-            1 << 20,
-            Some(HeaderName::from_static("surrogate-key")),
-        );
-        (codec, mock)
-    }
-
-    fn shareable() -> StoredVariants {
-        let lang = HeaderName::from_static("accept-language");
-        StoredVariants(
-            vec![
-                stored(
-                    &[("cache-control", "max-age=60"), ("vary", "accept-language")],
-                    vec![(lang.clone(), Some(b"fr".to_vec()))],
-                    &["user:1", "page"],
-                ),
-                stored(
-                    &[("cache-control", "max-age=60"), ("vary", "accept-language")],
-                    vec![(lang, None)],
-                    &[],
-                ),
-            ]
-            .into(),
-        )
-    }
-
-    #[test]
-    fn variants_round_trip_with_the_time_in_the_tier_added_to_their_age() {
-        let (codec, mock) = codec();
-        mock.advance(Duration::from_secs(3));
-        let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let bytes = codec.encode_at(&shareable(), t0);
-        let back = codec
-            .decode_at(&bytes, t0 + Duration::from_secs(20))
-            .unwrap();
-        assert_eq!(back.len(), 2);
-        let first = &back.0[0];
-        assert_eq!(first.body, Bytes::from_static(b"hello"));
-        assert_eq!(first.tags.len(), 2);
-        assert_eq!(first.lifetime, Duration::from_secs(60), "recomputed");
-        // 5 s initial + 3 s on A's clock + 20 s in the tier.
-        assert_eq!(first.age(codec.clock.now()), Duration::from_secs(28));
-        assert_eq!(back.0[1].vary[0].1, None);
-        // A clock that went back adds nothing.
-        let back = codec
-            .decode_at(&bytes, t0 - Duration::from_secs(50))
-            .unwrap();
-        assert_eq!(back.0[0].age(codec.clock.now()), Duration::from_secs(8));
-    }
-
-    #[test]
-    fn per_user_or_inconsistent_variants_are_dropped() {
-        let (codec, _) = codec();
-        let lang = HeaderName::from_static("accept-language");
-        let cases = [
-            stored(&[("cache-control", "private, max-age=60")], vec![], &[]),
-            stored(&[("cache-control", "no-store")], vec![], &[]),
-            stored(
-                &[("cache-control", "max-age=60"), ("set-cookie", "a=b")],
-                vec![],
-                &[],
-            ),
-            stored(
-                &[("cache-control", "max-age=60"), ("vary", "*")],
-                vec![],
-                &[],
-            ),
-            // Vary names a header its values do not.
-            stored(
-                &[("cache-control", "max-age=60"), ("vary", "cookie")],
-                vec![],
-                &[],
-            ),
-            // Values for a header Vary does not name.
-            stored(
-                &[("cache-control", "max-age=60")],
-                vec![(lang, Some(b"fr".to_vec()))],
-                &[],
-            ),
-        ];
-        let now = SystemTime::now();
-        for (i, s) in cases.into_iter().enumerate() {
-            let one = StoredVariants(vec![s.clone()].into());
-            assert!(
-                codec.decode_at(&codec.encode_at(&one, now), now).is_none(),
-                "case {i}"
-            );
-            // Next to a good one, only the bad one goes.
-            let mut both: Vec<_> = shareable().0.to_vec();
-            both.push(s);
-            let back = codec
-                .decode_at(&codec.encode_at(&StoredVariants(both.into()), now), now)
-                .unwrap();
-            assert_eq!(back.len(), 2, "case {i}");
-        }
-        let mut cookie_trailer =
-            (*stored(&[("cache-control", "max-age=60")], vec![], &[])).clone_for_test();
-        let mut t = HeaderMap::new();
-        t.insert(SET_COOKIE, HeaderValue::from_static("a=b"));
-        cookie_trailer.trailers = Some(t);
-        let one = StoredVariants(vec![Arc::new(cookie_trailer)].into());
-        assert!(codec.decode_at(&codec.encode_at(&one, now), now).is_none());
-    }
-
-    #[test]
-    fn this_caches_tag_header_and_body_limit_apply_to_what_comes_back() {
-        let (clock, _) = Clock::mock();
-        let writer = HttpRedisCodec::new(clock.clone(), HttpCachePolicy::default(), 1 << 20, None);
-        let reader = HttpRedisCodec::new(
-            clock,
-            HttpCachePolicy::default(),
-            4,
-            Some(HeaderName::from_static("surrogate-key")),
-        );
-        let tagged = stored(
-            &[("cache-control", "max-age=60"), ("surrogate-key", "user:1")],
-            vec![],
-            &["user:1"],
-        );
-        let now = SystemTime::now();
-        let bytes = writer.encode_at(&StoredVariants(vec![tagged].into()), now);
-        let back = writer.decode_at(&bytes, now).unwrap();
-        assert!(back.0[0].headers.contains_key("surrogate-key"), "passed");
-        assert!(
-            reader.decode_at(&bytes, now).is_none(),
-            "5 bytes of body, over the reader's max_body"
-        );
-        let reader = HttpRedisCodec::new(
-            Clock::mock().0,
-            HttpCachePolicy::default(),
-            1 << 20,
-            Some(HeaderName::from_static("surrogate-key")),
-        );
-        let back = reader.decode_at(&bytes, now).unwrap();
-        assert!(!back.0[0].headers.contains_key("surrogate-key"), "stripped");
-        assert_eq!(back.0[0].tags.len(), 1, "the tags themselves stay");
-    }
-
-    #[test]
-    fn garbage_never_panics_and_never_decodes_partly() {
-        let (codec, _) = codec();
-        let now = SystemTime::now();
-        let bytes = codec.encode_at(&shareable(), now);
-        for cut in 0..bytes.len() {
-            assert!(
-                codec.decode_at(&bytes[..cut], now).is_none(),
-                "cut at {cut}"
-            );
-        }
-        let mut longer = bytes.clone();
-        longer.push(0);
-        assert!(codec.decode_at(&longer, now).is_none(), "trailing bytes");
-        let mut wrong = bytes.clone();
-        wrong[0] = 2;
-        assert!(codec.decode_at(&wrong, now).is_none(), "another format");
-        // Every single-byte change: no panic (some decode to other values).
-        for i in 0..bytes.len() {
-            for x in [0x00, 0xff, 0x80, 0x0a] {
-                let mut b = bytes.clone();
-                b[i] = x;
-                let _ = codec.decode_at(&b, now);
-            }
-        }
-        // Lengths far beyond the input.
-        let mut huge = vec![FORMAT];
-        huge.extend_from_slice(&0u64.to_be_bytes());
-        huge.extend_from_slice(&1u16.to_be_bytes());
-        huge.extend_from_slice(&200u16.to_be_bytes());
-        huge.push(2);
-        huge.extend_from_slice(&0u64.to_be_bytes());
-        huge.extend_from_slice(&u32::MAX.to_be_bytes());
-        assert!(codec.decode_at(&huge, now).is_none());
-    }
-
-    impl Stored {
-        fn clone_for_test(&self) -> Stored {
-            Stored {
-                status: self.status,
-                version: self.version,
-                headers: self.headers.clone(),
-                body: self.body.clone(),
-                trailers: self.trailers.clone(),
-                cc: self.cc.clone(),
-                lifetime: self.lifetime,
-                initial_age: self.initial_age,
-                stored_at: self.stored_at,
-                vary: self.vary.clone(),
-                tags: self.tags.clone(),
-            }
-        }
-    }
-}
+#[path = "remote_tests.rs"]
+mod tests;

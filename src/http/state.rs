@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use http::HeaderMap;
 
-use super::cache_control::{RequestDirectives, ResponseDirectives};
+use super::cache_control::RequestDirectives;
 use super::config::{HttpConfig, MAX_TAGS};
 use super::freshness::HttpCachePolicy;
 use super::stored::{Stored, StoredVariants, VaryValues};
@@ -254,14 +254,14 @@ impl HttpShared {
         Some(entry)
     }
 
-    /// Drops every stored variant of a key, here and in the shared tier (a
-    /// response that replaced them may not be kept).
+    /// Drops every stored variant of a key on this instance (a response
+    /// that replaced them may not be kept).
     pub(crate) fn forget(&self, key: &Hashed<String>) {
-        if self.remote.get().is_some() {
-            self.invalidate(Invalidation::Key(key.key().clone()), 0);
-        } else {
-            self.store.remove(key);
-        }
+        // Here only: a client can trigger this (a request that made the
+        // origin answer per-user), and a fleet-wide invalidation per such
+        // request would let any client flood Redis and every instance.
+        // What the tier holds was shared under the rules and stays valid.
+        self.store.remove(key);
     }
 
     pub(crate) fn request_directives(&self, headers: &HeaderMap) -> RequestDirectives {
@@ -366,29 +366,37 @@ impl HttpShared {
         Some(entry)
     }
 
-    /// What the shared tier gets for a stored entry: `None` when no
-    /// variant is fresh any more (the tier serves only fresh values).
+    /// What the shared tier gets for a fill: the variant the fill fetched
+    /// (the first of the entry) alone, `None` when it is not fresh. Never
+    /// the other variants this instance holds: they were read before the
+    /// fill's lease, so an invalidation this instance has not heard of yet
+    /// may have removed them everywhere else, and writing them back under
+    /// the new lease would bring them back for every instance. The tier
+    /// keeps one variant per URL (the last one filled); others fill on
+    /// their own. A variant that varies on credentials (`Authorization`,
+    /// `Proxy-Authorization`, `Cookie`) is not shared: `None`.
     pub(crate) fn remote_entry(&self, entry: &HttpEntry) -> Option<RemoteEntry<StoredVariants>> {
-        let variants = entry.response()?;
-        let now = self.clock.now();
-        let fresh_for = variants.0.iter().map(|s| s.fresh_for(now)).max()?;
+        let fetched = entry.response()?.0.first()?;
+        // A response that varies on credentials stays here: its `Vary`
+        // values would be written to Redis in the clear.
+        let secrets = [
+            http::header::AUTHORIZATION,
+            http::header::PROXY_AUTHORIZATION,
+            http::header::COOKIE,
+        ];
+        if fetched.vary.iter().any(|(name, _)| secrets.contains(name)) {
+            return None;
+        }
+        let fresh_for = fetched.fresh_for(self.clock.now());
         if fresh_for.is_zero() {
             return None;
         }
-        let secs = |f: fn(&ResponseDirectives) -> Option<u64>| {
-            Duration::from_secs(
-                variants
-                    .0
-                    .iter()
-                    .filter_map(|s| f(&s.cc))
-                    .max()
-                    .unwrap_or(0),
-            )
-        };
-        let mut remote = RemoteEntry::new(variants.clone(), fresh_for);
-        remote.stale_while_revalidate = secs(|cc| cc.stale_while_revalidate);
-        remote.stale_if_error = secs(|cc| cc.stale_if_error);
-        remote.tags = entry.tags().to_vec();
+        let secs = |v: Option<u64>| Duration::from_secs(v.unwrap_or(0));
+        let mut remote =
+            RemoteEntry::new(StoredVariants(vec![Arc::clone(fetched)].into()), fresh_for);
+        remote.stale_while_revalidate = secs(fetched.cc.stale_while_revalidate);
+        remote.stale_if_error = secs(fetched.cc.stale_if_error);
+        remote.tags = fetched.tags.to_vec();
         Some(remote)
     }
 }

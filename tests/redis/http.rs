@@ -260,14 +260,23 @@ async fn vary_is_respected_on_both_tiers() {
     let (_, _, body) = call(&b, "/v", &[]).await;
     assert_eq!(body, "/v from B #2 for anon in -");
     assert_eq!(b.calls.of("/v"), 2);
-    // And a third instance gets all three from Redis.
+    // A fill writes only the variant it fetched, never the others its
+    // instance holds (they were read before its lease, and an invalidation
+    // it has not heard of yet may have removed them everywhere else): the
+    // tier holds the last variant filled, B's "-". A third instance gets
+    // that one from Redis and fills the others itself, each in its own
+    // language.
     let c = instance(&redis, "http-vary", "C", &routes).await;
-    for (lang, from) in [(Some("fr"), "A #1"), (Some("en"), "B #1"), (None, "B #2")] {
+    for (lang, from) in [(Some("fr"), "C #1"), (Some("en"), "C #2"), (None, "B #2")] {
         let headers: Vec<(&str, &str)> = lang.map(|l| ("accept-language", l)).into_iter().collect();
         let (_, _, body) = call(&c, "/v", &headers).await;
         assert!(body.contains(from), "{lang:?}: {body}");
+        assert!(
+            body.ends_with(&format!("in {}", lang.unwrap_or("-"))),
+            "{body}"
+        );
     }
-    assert_eq!(c.calls.total(), 0);
+    assert_eq!(c.calls.of("/v"), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -321,4 +330,31 @@ async fn a_garbled_value_is_a_miss_and_an_invalidated_one_is_never_served() {
     .await;
     let (_, _, body) = call(&a, "/g", &[]).await;
     assert!(!body.contains("#1"), "{body}");
+}
+
+/// A response that varies on credentials is cached per credential on the
+/// instance that fetched it, but never written to Redis: its `Vary` values
+/// (the session cookie) would be stored there in the clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_varying_on_credentials_stays_off_the_shared_tier() {
+    let redis = LocalRedis::start().unwrap();
+    let routes = routes(&[(
+        "/s",
+        vec![("cache-control", "public, max-age=600"), ("vary", "cookie")],
+    )]);
+    let a = instance(&redis, "http-secret", "A", &routes).await;
+    let b = instance(&redis, "http-secret", "B", &routes).await;
+    call(&a, "/s", &[("cookie", "session=alice")]).await;
+    let (_, _, again) = call(&a, "/s", &[("cookie", "session=alice")]).await;
+    assert!(again.contains("from A #1"), "a local hit: {again}");
+    let (_, _, body) = call(&b, "/s", &[("cookie", "session=alice")]).await;
+    assert!(body.contains("from B #1"), "not from Redis: {body}");
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("http-secret:e:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
 }

@@ -79,8 +79,10 @@ where
             return;
         };
         // Redis keeps it as long as any window could use it.
-        let px =
-            ms(entry.fresh_for + entry.stale_while_revalidate.max(entry.stale_if_error)).max(1);
+        let px = ms(entry
+            .fresh_for
+            .saturating_add(entry.stale_while_revalidate.max(entry.stale_if_error)))
+        .max(1);
         // Only a fill that took its lease (and with it the epoch)
         // before it read is put: a put that read the epoch later could
         // not tell whether an invalidation came between its read and
