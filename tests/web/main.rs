@@ -520,33 +520,37 @@ async fn two_instances_share_one_redis_tier() {
         .await
         .unwrap();
     let mut client = Client2::new(true);
-    let created = client
-        .send(
-            &a.addr,
-            "POST",
-            "/users",
-            Some(serde_json::json!({ "name": "shared" })),
-            &[],
-        )
-        .await;
-    let path = format!("/users/{}", created.body["id"]);
-    let on_a = client.send(&a.addr, "GET", &path, None, &[]).await;
-    assert_eq!(name(&on_a), Some("shared"));
-    // B's L1 misses; Redis has it (its subscription may take a moment:
-    // until then B does not trust its L1, which only means more L2 reads).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    // A user created and read on A is in Redis once A's tier is connected
+    // (the tier is fail-open: a read on A before its connection is up
+    // fills without writing Redis), so B reads it from there: a new user
+    // per round until that happens. B's L1 misses each new user; until
+    // B's subscription is up it does not trust its L1 either, which only
+    // means more L2 reads.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let path = loop {
+        let created = client
+            .send(
+                &a.addr,
+                "POST",
+                "/users",
+                Some(serde_json::json!({ "name": "shared" })),
+                &[],
+            )
+            .await;
+        let path = format!("/users/{}", created.body["id"]);
+        let on_a = client.send(&a.addr, "GET", &path, None, &[]).await;
+        assert_eq!(name(&on_a), Some("shared"));
         let on_b = client.send(&b.addr, "GET", &path, None, &[]).await;
         assert_eq!(name(&on_b), Some("shared"));
         if on_b.served_by == "cache-l2" {
-            break;
+            break path;
         }
         assert!(
             Instant::now() < deadline,
             "B never read from the shared tier (last: {})",
             on_b.served_by
         );
-    }
+    };
     // A write on A evicts B's copy: B reads the new name.
     client
         .send(
