@@ -50,6 +50,12 @@ pin_project! {
 }
 
 impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
+    /// True when the answer came from the in-process store (a fresh or
+    /// stale hit, or a cached error), known as soon as the future exists.
+    pub fn is_hit(&self) -> bool {
+        matches!(self.state, State::Ready { .. })
+    }
+
     #[inline]
     pub(crate) fn ready(result: Result<S::Response, S::Error>) -> Self {
         Self {

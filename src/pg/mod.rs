@@ -97,6 +97,8 @@
 //! ```
 
 mod balance;
+#[cfg(any(feature = "moka", feature = "quick-cache"))]
+mod cache;
 mod cluster;
 mod config;
 mod db;
@@ -116,6 +118,8 @@ mod transaction;
 // Public for the `route` benchmark only: the balancer is internal.
 #[doc(hidden)]
 pub use self::balance::{Candidate, choose_replica, ramp_weight};
+#[cfg(any(feature = "moka", feature = "quick-cache"))]
+pub use self::cache::{DbCache, DbCacheBuilder, DefaultStore, QueryPolicy};
 pub use self::cluster::Cluster;
 pub use self::config::{ClusterBuilder, NodeConfig};
 pub use self::db::{Db, Read, RouteReason, Written};

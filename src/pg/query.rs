@@ -13,6 +13,7 @@ use tokio_postgres::types::ToSql;
 use super::db::Db;
 use super::error::DbError;
 use super::lsn::{Consistency, ConsistencyToken, Lsn};
+use crate::cache::Tag;
 
 /// Whether a [`Query`] writes or reads, and how consistently it reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -43,6 +44,14 @@ pub struct Query {
     pub params: Vec<Arc<dyn ToSql + Send + Sync>>,
     /// A write (on the primary, answered with a token) or a read.
     pub access: Access,
+    /// The name a [`DbCache`](super::DbCache) stores this read under (a
+    /// stable name for the query and its parameters, such as `user:7`);
+    /// `None`: not cached.
+    pub cache_key: Option<Arc<str>>,
+    /// The tags of the data: a cached read is stored with them, and a
+    /// write through a [`DbCache`](super::DbCache) invalidates them at its
+    /// commit position.
+    pub tags: Vec<Tag>,
 }
 
 impl fmt::Debug for Query {
@@ -51,6 +60,8 @@ impl fmt::Debug for Query {
             .field("sql", &self.sql)
             .field("params", &self.params.len())
             .field("access", &self.access)
+            .field("cache_key", &self.cache_key)
+            .field("tags", &self.tags)
             .finish()
     }
 }
@@ -62,6 +73,8 @@ impl Query {
             sql: sql.into(),
             params: Vec::new(),
             access: Access::Read(consistency),
+            cache_key: None,
+            tags: Vec::new(),
         }
     }
 
@@ -71,6 +84,49 @@ impl Query {
             sql: sql.into(),
             params: Vec::new(),
             access: Access::Write,
+            cache_key: None,
+            tags: Vec::new(),
+        }
+    }
+
+    /// Caches this read under `key` in a [`DbCache`](super::DbCache) (the
+    /// key must name the query and its parameters; on a write it does
+    /// nothing).
+    #[must_use]
+    pub fn cache_key(mut self, key: impl Into<Arc<str>>) -> Self {
+        self.cache_key = Some(key.into());
+        self
+    }
+
+    /// Adds a tag: a cached read is stored with it, a write invalidates it.
+    #[must_use]
+    pub fn tag(mut self, tag: impl Into<Tag>) -> Self {
+        self.tags.push(tag.into());
+        self
+    }
+
+    /// The common case, one row by its key: caches a read under
+    /// `"{table}:{id}"` and tags it the same; a write invalidates that tag.
+    ///
+    /// ```
+    /// use tower_scale::pg::{Consistency, Query};
+    /// let read = Query::read("SELECT name FROM users WHERE id = $1", Consistency::Any)
+    ///     .bind(7i64)
+    ///     .for_key("users", 7);
+    /// assert_eq!(read.cache_key.as_deref(), Some("users:7"));
+    /// let write = Query::write("UPDATE users SET name = $1 WHERE id = $2")
+    ///     .bind("bob")
+    ///     .bind(7i64)
+    ///     .for_key("users", 7);
+    /// assert_eq!(write.tags[0].as_str(), "users:7");
+    /// ```
+    #[must_use]
+    pub fn for_key(self, table: &str, id: impl fmt::Display) -> Self {
+        let name = format!("{table}:{id}");
+        let query = self.tag(name.as_str());
+        match query.access {
+            Access::Read(_) => query.cache_key(name),
+            _ => query,
         }
     }
 
@@ -95,6 +151,8 @@ pub struct QueryOutput {
     pub lsn: Lsn,
     /// For writes, the token.
     pub token: Option<ConsistencyToken>,
+    /// The query's tags.
+    pub tags: Arc<[Tag]>,
 }
 
 /// The future of `Db`'s `Service<Query>`.
@@ -107,6 +165,14 @@ pub struct QueryFuture(Pin<Box<dyn Future<Output = Result<QueryOutput, DbError>>
 impl fmt::Debug for QueryFuture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("QueryFuture").finish_non_exhaustive()
+    }
+}
+
+impl QueryFuture {
+    pub(crate) fn new(
+        fut: impl Future<Output = Result<QueryOutput, DbError>> + Send + 'static,
+    ) -> Self {
+        Self(Box::pin(fut))
     }
 }
 
@@ -143,6 +209,7 @@ impl tower::Service<Query> for Db {
                         served_by: w.served_by,
                         lsn: w.token.lsn(),
                         token: Some(w.token),
+                        tags: q.tags.into(),
                     })
                 }
                 Access::Read(consistency) => {
@@ -152,6 +219,7 @@ impl tower::Service<Query> for Db {
                         served_by: r.served_by,
                         lsn: r.lsn,
                         token: None,
+                        tags: q.tags.into(),
                     })
                 }
             }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use tower_scale::pg::{Cluster, Consistency, DbError, NodeConfig, PoolTimeout, Role};
 use tower_scale::testing::LocalCluster;
 
+mod cache;
 mod hardening;
 
 const DEADLINE: Duration = Duration::from_secs(30);

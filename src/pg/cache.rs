@@ -1,0 +1,291 @@
+//! [`DbCache`]: the read-through cache over [`Db`] that keeps the
+//! consistency model with no policy to write.
+//!
+//! Every cached read is stamped with the WAL position its data reflects
+//! ([`QueryOutput::lsn`]); a read is answered from an entry only if the
+//! entry satisfies its consistency; a write through the cache invalidates
+//! its tags at its commit position, so a fill read below that position (a
+//! lagging replica's old row) is answered but never stored.
+//!
+//! | read | from the cache |
+//! |---|---|
+//! | `Any` | any fresh entry |
+//! | `ReadYourWrites(token)` | an entry stamped at or above the token (the unknown token: never) |
+//! | `Strong`, `BoundedStaleness` | never (straight to the database) |
+//!
+//! The guarantee: a read with a token never sees data older than the
+//! token, from the cache or a replica; after a write through the cache
+//! returned, no read sees a cached entry from before it.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tower::{Layer, Service, ServiceExt};
+
+use super::db::Db;
+use super::error::DbError;
+use super::lsn::Consistency;
+use super::query::{Access, Query, QueryFuture, QueryOutput};
+use crate::cache::{
+    Cache, CacheLayer, CacheLayerBuilder, CachePolicy, CacheStats, Invalidator, Storable, Store,
+    Windows,
+};
+use crate::error::ConfigError;
+
+/// The policy [`DbCache`] runs: key, consistency and stamps from the
+/// [`Query`] (public for [`DbCacheBuilder::configure`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueryPolicy;
+
+impl CachePolicy<Query, QueryOutput> for QueryPolicy {
+    type Key = Arc<str>;
+
+    fn key(&self, q: &Query) -> Option<Arc<str>> {
+        match q.access {
+            Access::Read(Consistency::Any | Consistency::ReadYourWrites(_)) => q.cache_key.clone(),
+            _ => None,
+        }
+    }
+
+    fn min_version(&self, q: &Query) -> Option<u64> {
+        match q.access {
+            // The unknown token is above every position: no entry serves it.
+            Access::Read(Consistency::ReadYourWrites(token)) => {
+                Some(token.version().unwrap_or(u64::MAX))
+            }
+            _ => None,
+        }
+    }
+
+    fn storable(&self, _key: &Arc<str>, out: &QueryOutput, windows: &Windows) -> Option<Storable> {
+        let mut s = Storable::new(*windows).version(out.lsn.0);
+        for tag in out.tags.iter() {
+            s = s.tag(tag.clone());
+        }
+        Some(s)
+    }
+}
+
+/// Configures a [`DbCache`].
+#[must_use]
+pub struct DbCacheBuilder {
+    db: Db,
+    layer: CacheLayerBuilder<QueryPolicy>,
+}
+
+impl fmt::Debug for DbCacheBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DbCacheBuilder")
+            .field("layer", &self.layer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DbCacheBuilder {
+    /// How long an entry is fresh (default 60 s).
+    pub fn time_to_live(self, ttl: Duration) -> Self {
+        self.configure(|b| b.time_to_live(ttl))
+    }
+
+    /// Bounds the store to `n` entries (default 10,000).
+    pub fn max_entries(self, n: u64) -> Self {
+        self.configure(|b| b.max_entries(n))
+    }
+
+    /// Names the cache for its metrics (see [`CacheLayerBuilder::name`]).
+    pub fn name(self, name: impl Into<String>) -> Self {
+        self.configure(|b| b.name(name))
+    }
+
+    /// Any other setting of the underlying [`CacheLayerBuilder`] (windows,
+    /// negative caching, clock, ...).
+    pub fn configure(
+        mut self,
+        f: impl FnOnce(CacheLayerBuilder<QueryPolicy>) -> CacheLayerBuilder<QueryPolicy>,
+    ) -> Self {
+        self.layer = f(self.layer);
+        self
+    }
+
+    /// Builds on the moka store.
+    #[cfg(feature = "moka")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "moka")))]
+    pub fn build(self) -> Result<DbCache, ConfigError> {
+        let layer = self.layer.build()?;
+        Ok(DbCache::from_layer(self.db, &layer))
+    }
+
+    /// Builds on the quick_cache store.
+    #[cfg(feature = "quick-cache")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "quick-cache")))]
+    pub fn build_quick(
+        self,
+    ) -> Result<DbCache<crate::cache::QuickStore<Arc<str>, QueryOutput, DbError>>, ConfigError>
+    {
+        let layer = self.layer.build_quick()?;
+        Ok(DbCache::from_layer(self.db, &layer))
+    }
+}
+
+/// A consistent read-through cache over [`Db`] (see the [module
+/// docs](self)): reads that name a [`cache_key`](Query::cache_key) are
+/// cached and stamped; writes invalidate their [tags](Query::tag) at their
+/// commit position. A `tower::Service<Query>`, like `Db` itself.
+///
+/// ```no_run
+/// # async fn demo(db: tower_scale::pg::Db) -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use tower_scale::pg::{Consistency, DbCache, Query};
+///
+/// let cache = DbCache::builder(db).time_to_live(Duration::from_secs(30)).build()?;
+/// let sql = "SELECT name FROM users WHERE id = $1";
+/// let first = cache.query(Query::read(sql, Consistency::Any).bind(7i64).for_key("users", 7)).await?;
+/// let again = cache.query(Query::read(sql, Consistency::Any).bind(7i64).for_key("users", 7)).await?;
+/// assert_eq!(&*again.served_by, "cache");
+/// // The write invalidates `users:7` at its commit position...
+/// let written = cache
+///     .query(Query::write("UPDATE users SET name = $1 WHERE id = $2").bind("bob").bind(7i64).for_key("users", 7))
+///     .await?;
+/// // ...and its token reads the new name, from the cache only once an
+/// // entry at or above the write is there.
+/// let token = written.token.expect("a write's token");
+/// let mine = cache
+///     .query(Query::read(sql, Consistency::ReadYourWrites(token)).bind(7i64).for_key("users", 7))
+///     .await?;
+/// # let _ = (first, mine); Ok(()) }
+/// ```
+pub struct DbCache<St = DefaultStore>
+where
+    St: Store<Key = Arc<str>, Response = QueryOutput, Error = DbError>,
+{
+    db: Db,
+    cache: Cache<Db, QueryPolicy, St>,
+    invalidator: Invalidator<Arc<str>>,
+}
+
+/// The store [`DbCache`] uses unless told otherwise.
+#[cfg(feature = "moka")]
+pub type DefaultStore = crate::cache::MokaStore<Arc<str>, QueryOutput, DbError>;
+/// The store [`DbCache`] uses unless told otherwise.
+#[cfg(all(not(feature = "moka"), feature = "quick-cache"))]
+pub type DefaultStore = crate::cache::QuickStore<Arc<str>, QueryOutput, DbError>;
+
+impl<St> Clone for DbCache<St>
+where
+    St: Store<Key = Arc<str>, Response = QueryOutput, Error = DbError>,
+{
+    fn clone(&self) -> Self {
+        Self {
+            db: self.db.clone(),
+            cache: self.cache.clone(),
+            invalidator: self.invalidator.clone(),
+        }
+    }
+}
+
+impl<St> fmt::Debug for DbCache<St>
+where
+    St: Store<Key = Arc<str>, Response = QueryOutput, Error = DbError>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DbCache")
+            .field("stats", &self.cache.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DbCache {
+    /// Starts configuring a cache over `db`.
+    pub fn builder(db: Db) -> DbCacheBuilder {
+        DbCacheBuilder {
+            db,
+            layer: CacheLayer::builder(QueryPolicy),
+        }
+    }
+}
+
+impl<St> DbCache<St>
+where
+    St: Store<Key = Arc<str>, Response = QueryOutput, Error = DbError>,
+{
+    /// A cache over `db` on a layer built with [`QueryPolicy`] (any store).
+    pub fn from_layer(db: Db, layer: &CacheLayer<QueryPolicy, St>) -> Self {
+        Self {
+            invalidator: layer.invalidator(),
+            cache: layer.layer(db.clone()),
+            db,
+        }
+    }
+
+    /// Runs `query`: a cacheable read from the cache or the database, a
+    /// write on the primary followed by its tags' invalidation.
+    pub async fn query(&self, query: Query) -> Result<QueryOutput, DbError> {
+        self.clone().oneshot(query).await
+    }
+
+    /// Invalidates by key, tag or everything (writes made elsewhere).
+    pub fn invalidator(&self) -> &Invalidator<Arc<str>> {
+        &self.invalidator
+    }
+
+    /// The cache's counters.
+    pub fn stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+
+    /// The database handle.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+}
+
+impl<St> Service<Query> for DbCache<St>
+where
+    St: Store<Key = Arc<str>, Response = QueryOutput, Error = DbError>,
+{
+    type Response = QueryOutput;
+    type Error = DbError;
+    type Future = QueryFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), DbError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, query: Query) -> QueryFuture {
+        if query.access == Access::Write {
+            let (mut db, invalidator) = (self.db.clone(), self.invalidator.clone());
+            let tags = query.tags.clone();
+            return QueryFuture::new(async move {
+                let result = db.call(query).await;
+                match &result {
+                    // At the commit position: fills read below it stay out.
+                    Ok(out) => {
+                        let version = out.token.and_then(|t| t.version());
+                        for tag in tags {
+                            invalidator.invalidate_tag_at(tag, version);
+                        }
+                    }
+                    // It may have committed: invalidate all the same.
+                    Err(e) if e.may_have_committed() => {
+                        for tag in tags {
+                            invalidator.invalidate_tag(tag);
+                        }
+                    }
+                    Err(_) => {}
+                }
+                result
+            });
+        }
+        let fut = self.cache.call(query);
+        let hit = fut.is_hit();
+        QueryFuture::new(async move {
+            let mut out = fut.await?;
+            if hit {
+                out.served_by = Arc::from("cache");
+            }
+            Ok(out)
+        })
+    }
+}
