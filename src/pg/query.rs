@@ -195,7 +195,7 @@ impl tower::Service<Query> for Db {
 
     fn call(&mut self, q: Query) -> Self::Future {
         let db = self.clone();
-        QueryFuture(Box::pin(async move {
+        QueryFuture::new(async move {
             let params: Vec<&(dyn ToSql + Sync)> = q
                 .params
                 .iter()
@@ -223,6 +223,6 @@ impl tower::Service<Query> for Db {
                     })
                 }
             }
-        }))
+        })
     }
 }
