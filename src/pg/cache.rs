@@ -39,12 +39,18 @@ use crate::error::ConfigError;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct QueryPolicy;
 
-impl CachePolicy<Query, QueryOutput> for QueryPolicy {
-    type Key = Arc<str>;
+/// The key of a cached read: its SQL text and its [`cache_key`](Query::cache_key)
+/// (two statements under one key name never answer each other).
+pub type QueryKey = (Arc<str>, Arc<str>);
 
-    fn key(&self, q: &Query) -> Option<Arc<str>> {
+impl CachePolicy<Query, QueryOutput> for QueryPolicy {
+    type Key = QueryKey;
+
+    fn key(&self, q: &Query) -> Option<QueryKey> {
         match q.access {
-            Access::Read(Consistency::Any | Consistency::ReadYourWrites(_)) => q.cache_key.clone(),
+            Access::Read(Consistency::Any | Consistency::ReadYourWrites(_)) => {
+                Some((Arc::clone(&q.sql), q.cache_key.clone()?))
+            }
             _ => None,
         }
     }
@@ -59,7 +65,7 @@ impl CachePolicy<Query, QueryOutput> for QueryPolicy {
         }
     }
 
-    fn storable(&self, _key: &Arc<str>, out: &QueryOutput, windows: &Windows) -> Option<Storable> {
+    fn storable(&self, _key: &QueryKey, out: &QueryOutput, windows: &Windows) -> Option<Storable> {
         let mut s = Storable::new(*windows).version(out.lsn.0);
         for tag in out.tags.iter() {
             s = s.tag(tag.clone());
@@ -122,7 +128,7 @@ impl DbCacheBuilder {
     #[cfg_attr(docsrs, doc(cfg(feature = "quick-cache")))]
     pub fn build_quick(
         self,
-    ) -> Result<DbCache<crate::cache::QuickStore<Arc<str>, QueryOutput, DbError>>, ConfigError>
+    ) -> Result<DbCache<crate::cache::QuickStore<QueryKey, QueryOutput, DbError>>, ConfigError>
     {
         let layer = self.layer.build_quick()?;
         Ok(DbCache::from_layer(self.db, &layer))
@@ -158,23 +164,23 @@ impl DbCacheBuilder {
 /// ```
 pub struct DbCache<St = DefaultStore>
 where
-    St: Store<Key = Arc<str>, Response = QueryOutput, Error = DbError>,
+    St: Store<Key = QueryKey, Response = QueryOutput, Error = DbError>,
 {
     db: Db,
     cache: Cache<Db, QueryPolicy, St>,
-    invalidator: Invalidator<Arc<str>>,
+    invalidator: Invalidator<QueryKey>,
 }
 
 /// The store [`DbCache`] uses unless told otherwise.
 #[cfg(feature = "moka")]
-pub type DefaultStore = crate::cache::MokaStore<Arc<str>, QueryOutput, DbError>;
+pub type DefaultStore = crate::cache::MokaStore<QueryKey, QueryOutput, DbError>;
 /// The store [`DbCache`] uses unless told otherwise.
 #[cfg(all(not(feature = "moka"), feature = "quick-cache"))]
-pub type DefaultStore = crate::cache::QuickStore<Arc<str>, QueryOutput, DbError>;
+pub type DefaultStore = crate::cache::QuickStore<QueryKey, QueryOutput, DbError>;
 
 impl<St> Clone for DbCache<St>
 where
-    St: Store<Key = Arc<str>, Response = QueryOutput, Error = DbError>,
+    St: Store<Key = QueryKey, Response = QueryOutput, Error = DbError>,
 {
     fn clone(&self) -> Self {
         Self {
@@ -187,7 +193,7 @@ where
 
 impl<St> fmt::Debug for DbCache<St>
 where
-    St: Store<Key = Arc<str>, Response = QueryOutput, Error = DbError>,
+    St: Store<Key = QueryKey, Response = QueryOutput, Error = DbError>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DbCache")
@@ -208,7 +214,7 @@ impl DbCache {
 
 impl<St> DbCache<St>
 where
-    St: Store<Key = Arc<str>, Response = QueryOutput, Error = DbError>,
+    St: Store<Key = QueryKey, Response = QueryOutput, Error = DbError>,
 {
     /// A cache over `db` on a layer built with [`QueryPolicy`] (any store).
     pub fn from_layer(db: Db, layer: &CacheLayer<QueryPolicy, St>) -> Self {
@@ -226,7 +232,7 @@ where
     }
 
     /// Invalidates by key, tag or everything (writes made elsewhere).
-    pub fn invalidator(&self) -> &Invalidator<Arc<str>> {
+    pub fn invalidator(&self) -> &Invalidator<QueryKey> {
         &self.invalidator
     }
 
@@ -243,7 +249,7 @@ where
 
 impl<St> Service<Query> for DbCache<St>
 where
-    St: Store<Key = Arc<str>, Response = QueryOutput, Error = DbError>,
+    St: Store<Key = QueryKey, Response = QueryOutput, Error = DbError>,
 {
     type Response = QueryOutput;
     type Error = DbError;

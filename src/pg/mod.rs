@@ -119,7 +119,7 @@ mod transaction;
 #[doc(hidden)]
 pub use self::balance::{Candidate, choose_replica, ramp_weight};
 #[cfg(any(feature = "moka", feature = "quick-cache"))]
-pub use self::cache::{DbCache, DbCacheBuilder, DefaultStore, QueryPolicy};
+pub use self::cache::{DbCache, DbCacheBuilder, DefaultStore, QueryKey, QueryPolicy};
 pub use self::cluster::Cluster;
 pub use self::config::{ClusterBuilder, NodeConfig};
 pub use self::db::{Db, Read, RouteReason, Written};

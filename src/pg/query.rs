@@ -44,8 +44,8 @@ pub struct Query {
     pub params: Vec<Arc<dyn ToSql + Send + Sync>>,
     /// A write (on the primary, answered with a token) or a read.
     pub access: Access,
-    /// The name a [`DbCache`](super::DbCache) stores this read under (a
-    /// stable name for the query and its parameters, such as `user:7`);
+    /// The name a [`DbCache`](super::DbCache) stores this read under, with
+    /// its SQL text: it must name the parameters (`users:7` for `id = 7`);
     /// `None`: not cached.
     pub cache_key: Option<Arc<str>>,
     /// The tags of the data: a cached read is stored with them, and a
