@@ -107,3 +107,44 @@ async fn the_database_cache_keeps_read_your_writes_through_a_lagging_replica() {
         "no stale fill was kept out: the test could not fail"
     );
 }
+
+/// What is cached, under which key, and what a token asks of an entry.
+#[test]
+fn the_policy_keys_reads_by_statement_and_name_and_leaves_the_rest_alone() {
+    use tower_scale::cache::CachePolicy;
+    use tower_scale::pg::{Lsn, QueryPolicy};
+    let p = QueryPolicy;
+    let name =
+        Query::read("SELECT name FROM users WHERE id = $1", Consistency::Any).for_key("users", 7);
+    let email =
+        Query::read("SELECT email FROM users WHERE id = $1", Consistency::Any).for_key("users", 7);
+    assert_ne!(p.key(&name), p.key(&email), "two statements under one name");
+    assert!(
+        p.key(&Query::read(SQL, Consistency::Any)).is_none(),
+        "no cache_key: not cached"
+    );
+    assert!(
+        p.key(&Query::read(SQL, Consistency::Strong).for_key("t", 1))
+            .is_none()
+    );
+    let bounded = Consistency::BoundedStaleness(Duration::from_secs(1));
+    assert!(p.key(&Query::read(SQL, bounded).for_key("t", 1)).is_none());
+    assert!(
+        p.key(&Query::write("UPDATE t SET a = 1").for_key("t", 1))
+            .is_none()
+    );
+    let token = ConsistencyToken::new(Lsn(42));
+    let ryw = Query::read(SQL, Consistency::ReadYourWrites(token)).for_key("t", 1);
+    assert_eq!(p.min_version(&ryw), Some(42));
+    let unknown = Query::read(
+        SQL,
+        Consistency::ReadYourWrites(ConsistencyToken::unknown()),
+    )
+    .for_key("t", 1);
+    assert_eq!(
+        p.min_version(&unknown),
+        Some(u64::MAX),
+        "no entry serves the unknown token"
+    );
+    assert_eq!(p.min_version(&name), None);
+}
