@@ -288,7 +288,10 @@ mod tests {
     #[test]
     fn names_are_tokens_or_strings_or_refused() {
         assert_eq!(encode_name("").unwrap(), "tower-scale");
-        assert_eq!(encode_name("edge-1.example:8080/a").unwrap(), "edge-1.example:8080/a");
+        assert_eq!(
+            encode_name("edge-1.example:8080/a").unwrap(),
+            "edge-1.example:8080/a"
+        );
         assert_eq!(encode_name("*x").unwrap(), "*x");
         assert_eq!(encode_name("My Cache").unwrap(), "\"My Cache\"");
         assert_eq!(encode_name("1st").unwrap(), "\"1st\"");
@@ -340,6 +343,9 @@ mod tests {
             -999_999_999_999_999,
             "within the sf-integer range"
         );
-        assert_eq!(ttl(Duration::from_secs(60), Duration::from_millis(10_900)), 50);
+        assert_eq!(
+            ttl(Duration::from_secs(60), Duration::from_millis(10_900)),
+            50
+        );
     }
 }
