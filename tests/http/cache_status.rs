@@ -20,12 +20,15 @@ use tower_scale::http::{HttpCache, HttpCacheLayer, HttpCacheLayerBuilder, Stored
 
 type Origin = BoxCloneSyncService<Request<Full<Bytes>>, Response<Full<Bytes>>, Infallible>;
 
+/// A status and headers.
+type Route = (u16, Vec<(String, HeaderValue)>);
+
 /// Per path: the status and headers the origin answers with (a 304 with
 /// the same headers to a request with `If-None-Match` when the route has
 /// an `ETag`), and how many calls it got.
 #[derive(Default)]
 struct Script {
-    routes: Mutex<HashMap<String, (u16, Vec<(String, HeaderValue)>)>>,
+    routes: Mutex<HashMap<String, Route>>,
     calls: Mutex<HashMap<String, usize>>,
     /// When set, a call waits for a permit before answering.
     gate: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
