@@ -313,7 +313,7 @@ impl HttpCacheLayerBuilder {
     /// | a stale stored one revalidated or refetched | `NAME; fwd=stale`, `; fwd-status=304` after a 304, `; stored` |
     /// | a fresh one the request's `no-cache` / `max-age` / `min-fresh` refused | `NAME; fwd=request` (same parameters) |
     /// | a stale one standing in for an error (`stale-if-error`) | `NAME; fwd=stale; fwd-status=503; ttl=-N` (no `fwd-status` after a service error) |
-    /// | not eligible: an unsafe method, `OPTIONS`, a request the cache cannot key, a `no-store` request not answered from storage | `NAME; fwd=bypass` |
+    /// | not eligible: an unsafe method, `OPTIONS`, a request the cache cannot key, a `no-store` request with nothing stored for it | `NAME; fwd=bypass` |
     ///
     /// `ttl` is the remaining freshness lifetime in whole seconds, negative
     /// for a stale response served under `stale-while-revalidate`,

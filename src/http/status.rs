@@ -33,7 +33,8 @@ pub(crate) const DEFAULT_NAME: &str = "tower-scale";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Fwd {
     /// Not eligible: an unsafe method, a request the cache cannot key, a
-    /// `no-store` request it did not answer from storage.
+    /// `no-store` request with nothing stored for it (one with a stale
+    /// stored response says `stale`: the cache did take it).
     Bypass,
     /// Nothing stored could be used.
     Miss,

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -302,6 +303,44 @@ async fn stale_while_revalidate_is_a_hit_with_a_negative_ttl_and_stale_if_error_
     assert_eq!(
         got.lines(),
         ["tower-scale; fwd=stale; fwd-status=503; ttl=-10"]
+    );
+}
+
+#[tokio::test]
+async fn stale_if_error_after_a_service_error_has_no_fwd_status() {
+    let (clock, mock) = Clock::mock();
+    let layer = HttpCacheLayer::builder().clock(clock).build().unwrap();
+    let down = Arc::new(AtomicBool::new(false));
+    let inner = tower::service_fn({
+        let down = down.clone();
+        move |_: Request<Full<Bytes>>| {
+            let down = down.load(Ordering::SeqCst);
+            async move {
+                if down {
+                    return Err(std::io::Error::other("down"));
+                }
+                let mut res = Response::new(Full::new(Bytes::from_static(b"up")));
+                let cc = HeaderValue::from_static("max-age=10, stale-if-error=60");
+                res.headers_mut().insert("cache-control", cc);
+                Ok(res)
+            }
+        }
+    });
+    let svc = tower::Layer::layer(&layer, inner);
+    let call = || {
+        let req = Request::get("/a").header("host", "a.test");
+        svc.clone()
+            .oneshot(req.body(Full::new(Bytes::new())).unwrap())
+    };
+    call().await.unwrap();
+    down.store(true, Ordering::SeqCst);
+    mock.advance(Duration::from_secs(25));
+    let res = call()
+        .await
+        .expect("the stale response stands in for the error");
+    assert_eq!(
+        res.headers()["cache-status"],
+        "tower-scale; fwd=stale; ttl=-15"
     );
 }
 
