@@ -169,6 +169,32 @@ pub(crate) fn note<B>(config: &HttpConfig, res: &mut Response<B>, f: impl FnOnce
     }
 }
 
+/// Notes `stored` on a fetch's response when it was stored.
+pub(crate) fn note_stored<B, T, E>(
+    config: &HttpConfig,
+    result: &mut Result<(Response<B>, Option<T>), E>,
+) {
+    if let Ok((res, Some(_))) = result {
+        note(config, res, |s| s.stored = true);
+    }
+}
+
+/// Notes a stale stored response standing in for an error
+/// (`stale-if-error`): its (negative) ttl and, after an HTTP error, the
+/// status the next hop gave.
+pub(crate) fn note_stood_in<B>(
+    config: &HttpConfig,
+    res: &mut Response<B>,
+    stored: &Stored,
+    age: Duration,
+    fwd_status: Option<StatusCode>,
+) {
+    note(config, res, |s| {
+        s.ttl = Some(ttl(stored.lifetime, age));
+        s.fwd_status = fwd_status;
+    });
+}
+
 /// Writes the entry for a response that went (or may have gone) upstream:
 /// the note left on it, the request going forward for `why` unless the
 /// note says otherwise. The note is removed.

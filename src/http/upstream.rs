@@ -222,9 +222,7 @@ where
 {
     let Some(tier) = shared.remote.get() else {
         let mut result = fetch(shared, svc, req, key, stale).await;
-        if let Ok((res, Some(_))) = &mut result {
-            status::note(&shared.config, res, |s| s.stored = true);
-        }
+        status::note_stored(&shared.config, &mut result);
         return result;
     };
     // Only a fill under a lease taken before it reads may write the tier.
@@ -234,9 +232,7 @@ where
         lease => lease,
     };
     let mut result = fetch(shared, svc, req, key, stale).await;
-    if let Ok((res, Some(_))) = &mut result {
-        status::note(&shared.config, res, |s| s.stored = true);
-    }
+    status::note_stored(&shared.config, &mut result);
     let shared_entry = match &result {
         Ok((_, Some(entry))) => shared.remote_entry(entry),
         _ => None,
@@ -326,8 +322,7 @@ where
                 if freshness::stale_if_error_allows(staleness, &stored.cc, &shared.rules) {
                     shared.stats.incr(Kind::StaleIfError);
                     let mut res = respond(stored, stored.age(now), head, &client_headers);
-                    let ttl = status::ttl(stored.lifetime, stored.age(now));
-                    status::note(&shared.config, &mut res, |s| s.ttl = Some(ttl));
+                    status::note_stood_in(&shared.config, &mut res, stored, stored.age(now), None);
                     return Ok((res, None));
                 }
             }
@@ -463,12 +458,9 @@ where
             let staleness = stored.age(now).saturating_sub(stored.lifetime);
             if freshness::stale_if_error_allows(staleness, &stored.cc, &shared.rules) {
                 shared.stats.incr(Kind::StaleIfError);
-                let mut served = respond(stored, stored.age(now), head, &client_headers);
-                let ttl = status::ttl(stored.lifetime, stored.age(now));
-                status::note(&shared.config, &mut served, |s| {
-                    s.fwd_status = Some(res.status());
-                    s.ttl = Some(ttl);
-                });
+                let (age, from) = (stored.age(now), Some(res.status()));
+                let mut served = respond(stored, age, head, &client_headers);
+                status::note_stood_in(&shared.config, &mut served, stored, age, from);
                 return Ok((served, None));
             }
         }
