@@ -57,6 +57,9 @@ pub(crate) struct HttpConfig {
     pub(crate) tag_header: HeaderName,
     /// Whether the tag header reaches clients (and is stored).
     pub(crate) pass_tag_header: bool,
+    /// The cache's name as its RFC 9211 `Cache-Status` entry writes it;
+    /// `None`: no entry (see [`status`](super::status)).
+    pub(crate) cache_status: Option<bytes::Bytes>,
 }
 
 /// The default tag header: `Surrogate-Key`, as CDNs (Fastly) name it.

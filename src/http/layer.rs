@@ -60,7 +60,9 @@ impl HttpCacheLayer {
                 rules: HttpCachePolicy::default(),
                 tag_header: HeaderName::from_static(DEFAULT_TAG_HEADER),
                 pass_tag_header: false,
+                cache_status: None,
             },
+            cache_status: true,
             clock: None,
             metrics: (String::new(), std::time::Duration::from_secs(1)),
         }
@@ -189,6 +191,8 @@ impl<S> Layer<S> for HttpCacheLayer {
 #[derive(Debug, Clone)]
 pub struct HttpCacheLayerBuilder {
     config: HttpConfig,
+    /// Whether responses get a `Cache-Status` entry.
+    cache_status: bool,
     clock: Option<Clock>,
     /// Name and interval of the metrics publication (empty: none).
     metrics: (String, std::time::Duration),
@@ -284,8 +288,50 @@ impl HttpCacheLayerBuilder {
     /// ([`metrics_interval`](Self::metrics_interval)), for as long as it
     /// lives; building a named cache outside a Tokio runtime is an error.
     /// See [`CacheLayerBuilder::name`](crate::cache::CacheLayerBuilder::name).
+    ///
+    /// The name is also the one the [`Cache-Status`](Self::cache_status)
+    /// entry gives (default `tower-scale`): written as a Structured Fields
+    /// token when it is one (`edge-1`, `cache.example.com`), else as a
+    /// quoted string (`"My cache"`); a name a quoted string cannot hold
+    /// (control characters, non-ASCII) fails the build unless
+    /// `cache_status(false)`.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.metrics.0 = name.into();
+        self
+    }
+
+    /// Adds this cache's RFC 9211 `Cache-Status` entry to every response
+    /// that passed through it (default: on), named by [`name`](Self::name)
+    /// (`tower-scale` when unnamed):
+    ///
+    /// | the response | the entry |
+    /// | --- | --- |
+    /// | served from storage (a `HEAD`, a client's 304 too) | `NAME; hit; ttl=N` |
+    /// | from the shared tier (L2) | `NAME; hit; ttl=N; detail=l2` |
+    /// | no usable stored response | `NAME; fwd=miss`, `; stored` when stored |
+    /// | a concurrent miss's response, reused | `NAME; fwd=miss; collapsed` |
+    /// | a stale stored one revalidated or refetched | `NAME; fwd=stale`, `; fwd-status=304` after a 304, `; stored` |
+    /// | a fresh one the request's `no-cache` / `max-age` / `min-fresh` refused | `NAME; fwd=request` (same parameters) |
+    /// | a stale one standing in for an error (`stale-if-error`) | `NAME; fwd=stale; fwd-status=503; ttl=-N` (no `fwd-status` after a service error) |
+    /// | not eligible: an unsafe method, `OPTIONS`, a request the cache cannot key, a `no-store` request with nothing stored for it | `NAME; fwd=bypass` |
+    ///
+    /// `ttl` is the remaining freshness lifetime in whole seconds, negative
+    /// for a stale response served under `stale-while-revalidate`,
+    /// `stale-if-error` or the request's `max-stale`; with the `Age` the
+    /// response carries it adds up to the freshness lifetime. `fwd-status`
+    /// is only written when it differs from the response's status (RFC 9211
+    /// §2.3). A `504` the cache makes for `only-if-cached` carries no entry
+    /// (RFC 9211 §2: it was not the origin's).
+    ///
+    /// The entry goes after the field's existing members (RFC 9211 §2: the
+    /// first member is the cache closest to the origin, the last the one
+    /// closest to the user), as a line of its own; the origin's or an inner
+    /// cache's entries are kept byte for byte and never read. It is added
+    /// on the way out only: stored responses (and what the shared tier
+    /// holds) keep the origin's field as it was, so a hit never replays
+    /// the entry of the miss that stored it.
+    pub fn cache_status(mut self, on: bool) -> Self {
+        self.cache_status = on;
         self
     }
 
@@ -341,7 +387,11 @@ impl HttpCacheLayerBuilder {
         let clock = self.clock.unwrap_or_default();
         let (name, every) = self.metrics;
         crate::cache::engine::stats::publisher::validate(&name, every)?;
-        let shared = Arc::new(HttpShared::new(self.config, clock, kind));
+        let mut config = self.config;
+        if self.cache_status {
+            config.cache_status = Some(super::status::encode_name(&name)?);
+        }
+        let shared = Arc::new(HttpShared::new(config, clock, kind));
         let weak = Arc::downgrade(&shared);
         crate::cache::engine::stats::publisher::spawn(
             name,

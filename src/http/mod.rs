@@ -37,6 +37,8 @@
 //! - **Bodies** are buffered up to a limit (1 MiB by default) to be stored;
 //!   a larger or endless body streams through to the client untouched and
 //!   is not stored. Trailers are kept.
+//! - **`Cache-Status`** (RFC 9211) on every response that passed through,
+//!   after the origin's entries; see [`HttpCacheLayerBuilder::cache_status`].
 //! - **Misses** on one key are coalesced: one request goes upstream, the
 //!   others take its stored response when it matches their `Vary` headers
 //!   and is fresh for their request.
@@ -183,6 +185,7 @@ mod layer;
 mod remote;
 mod service;
 mod state;
+mod status;
 mod stored;
 mod upstream;
 

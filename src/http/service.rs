@@ -15,6 +15,7 @@ use super::body::CacheBody;
 use super::freshness::{self, Usable};
 use super::future::HttpResponseFuture;
 use super::state::HttpShared;
+use super::status::{self, Fwd, Status};
 use super::stored::respond;
 use super::upstream::{miss, pass, unsafe_method, upstream};
 use crate::cache::engine::log::InvalidateTarget;
@@ -116,18 +117,19 @@ where
         let svc = self.inner.clone();
         let (parts, body) = req.into_parts();
         if !is_safe(&parts.method) {
-            return HttpResponseFuture::boxed(unsafe_method(
-                shared,
-                svc,
-                Request::from_parts(parts, body),
-            ));
+            return HttpResponseFuture::boxed(async move {
+                let res = unsafe_method(Arc::clone(&shared), svc, Request::from_parts(parts, body));
+                let res = res.await?;
+                Ok(status::finish(&shared.config, res, Fwd::Bypass))
+            });
         }
         let key = match (&parts.method, shared.key(&parts)) {
             (&Method::GET | &Method::HEAD, Some(key)) => key,
             _ => {
                 shared.stats.incr(Kind::Bypasses);
                 return HttpResponseFuture::boxed(async move {
-                    pass(&shared, svc, Request::from_parts(parts, body)).await
+                    let res = pass(&shared, svc, Request::from_parts(parts, body)).await?;
+                    Ok(status::finish(&shared.config, res, Fwd::Bypass))
                 });
             }
         };
@@ -144,16 +146,14 @@ where
             match freshness::usable(age, stored.lifetime, &stored.cc, &req_cc, &shared.rules) {
                 Usable::Fresh => {
                     shared.stats.incr(Kind::Hits);
-                    return HttpResponseFuture::ready(Ok(respond(
-                        &stored,
-                        age,
-                        head,
-                        &parts.headers,
-                    )));
+                    let mut res = respond(&stored, age, head, &parts.headers);
+                    status::stamp(&shared.config, &mut res, &Status::hit(&stored, age));
+                    return HttpResponseFuture::ready(Ok(res));
                 }
                 Usable::StaleWhileRevalidate => {
                     shared.stats.incr(Kind::StaleHits);
-                    let res = respond(&stored, age, head, &parts.headers);
+                    let mut res = respond(&stored, age, head, &parts.headers);
+                    status::stamp(&shared.config, &mut res, &Status::hit(&stored, age));
                     // One background revalidation per entry at a time (the
                     // entry's flag, no lock; the task's flight join keeps
                     // it to one per key even across entries).
@@ -179,16 +179,11 @@ where
                 }
                 Usable::Revalidate => {
                     shared.stats.incr(Kind::Misses);
+                    let why = status::revalidation(&stored, age, &shared.rules);
                     return HttpResponseFuture::boxed(async move {
-                        upstream(
-                            &shared,
-                            svc,
-                            Request::from_parts(parts, body),
-                            &key,
-                            Some(stored),
-                        )
-                        .await
-                        .map(|(res, _)| res)
+                        let req = Request::from_parts(parts, body);
+                        let (res, _) = upstream(&shared, svc, req, &key, Some(stored)).await?;
+                        Ok(status::finish(&shared.config, res, why))
                     });
                 }
             }
@@ -199,6 +194,17 @@ where
             *res.status_mut() = StatusCode::GATEWAY_TIMEOUT;
             return HttpResponseFuture::ready(Ok(res));
         }
-        HttpResponseFuture::boxed(miss(shared, svc, Request::from_parts(parts, body), key))
+        // A `no-store` request is not one the cache may store for: unless
+        // storage answers it, it bypasses the cache.
+        let why = if req_cc.no_store {
+            Fwd::Bypass
+        } else {
+            Fwd::Miss
+        };
+        HttpResponseFuture::boxed(async move {
+            let req = Request::from_parts(parts, body);
+            let res = miss(Arc::clone(&shared), svc, req, key).await?;
+            Ok(status::finish(&shared.config, res, why))
+        })
     }
 }

@@ -15,6 +15,7 @@ use super::body::{Buffered, CacheBody, buffer};
 use super::cache_control::{RequestDirectives, ResponseDirectives};
 use super::freshness::{self, NotStored, Usable};
 use super::state::HttpShared;
+use super::status::{self, Fwd, Status};
 use super::stored::{
     Stored, StoredVariants, VaryValues, respond, storable_headers, tags_of, vary_values,
 };
@@ -143,7 +144,12 @@ where
                         if let Some((stored, age)) =
                             fresh_variant(&shared, &variants, req.headers(), &req_cc)
                         {
-                            return Ok(respond(&stored, age, head, req.headers()));
+                            let mut res = respond(&stored, age, head, req.headers());
+                            status::note(&shared.config, &mut res, |s| {
+                                s.fwd = Some(Fwd::Miss);
+                                s.collapsed = true;
+                            });
+                            return Ok(res);
                         }
                         // Another variant, or not fresh for this request.
                         break None;
@@ -171,13 +177,25 @@ where
                 if let Some(leader) = leader {
                     leader.complete(&entry.result);
                 }
-                return Ok(respond(&stored, age, head, req.headers()));
+                let mut res = respond(&stored, age, head, req.headers());
+                status::note(&shared.config, &mut res, |s| {
+                    *s = Status::hit(&stored, age);
+                    s.l2 = true;
+                });
+                return Ok(res);
             }
             // Stale (or not fresh enough for this request): revalidate it.
             stale = variants.find(req.headers()).cloned();
         }
     }
-    let result = upstream(&shared, svc, req, &key, stale).await;
+    let why = stale.as_ref().map(|s| {
+        let age = s.age(shared.clock.now());
+        status::revalidation(s, age, &shared.rules)
+    });
+    let mut result = upstream(&shared, svc, req, &key, stale).await;
+    if let (Some(why), Ok((res, _))) = (why, &mut result) {
+        status::note(&shared.config, res, |s| s.fwd = s.fwd.or(Some(why)));
+    }
     if let Some(leader) = leader {
         let value = match &result {
             Ok((_, Some(entry))) => entry.result.clone(),
@@ -203,7 +221,9 @@ where
     ResBody: Body<Data = Bytes>,
 {
     let Some(tier) = shared.remote.get() else {
-        return fetch(shared, svc, req, key, stale).await;
+        let mut result = fetch(shared, svc, req, key, stale).await;
+        status::note_stored(&shared.config, &mut result);
+        return result;
     };
     // Only a fill under a lease taken before it reads may write the tier.
     let lease = match tier.lease(key.key()).await {
@@ -211,7 +231,8 @@ where
         Lease::Busy => Lease::Unavailable,
         lease => lease,
     };
-    let result = fetch(shared, svc, req, key, stale).await;
+    let mut result = fetch(shared, svc, req, key, stale).await;
+    status::note_stored(&shared.config, &mut result);
     let shared_entry = match &result {
         Ok((_, Some(entry))) => shared.remote_entry(entry),
         _ => None,
@@ -300,10 +321,9 @@ where
                 let staleness = stored.age(now).saturating_sub(stored.lifetime);
                 if freshness::stale_if_error_allows(staleness, &stored.cc, &shared.rules) {
                     shared.stats.incr(Kind::StaleIfError);
-                    return Ok((
-                        respond(stored, stored.age(now), head, &client_headers),
-                        None,
-                    ));
+                    let mut res = respond(stored, stored.age(now), head, &client_headers);
+                    status::note_stood_in(&shared.config, &mut res, stored, stored.age(now), None);
+                    return Ok((res, None));
                 }
             }
             shared.stats.incr(Kind::InnerErrors);
@@ -428,17 +448,20 @@ where
                 }
             };
             let age = updated.age(now);
-            let res = respond(&updated, age, head, &client_headers);
+            let mut res = respond(&updated, age, head, &client_headers);
+            status::note(&shared.config, &mut res, |s| {
+                s.fwd_status = Some(StatusCode::NOT_MODIFIED);
+            });
             return Ok((res, kept));
         }
         if res.status().is_server_error() {
             let staleness = stored.age(now).saturating_sub(stored.lifetime);
             if freshness::stale_if_error_allows(staleness, &stored.cc, &shared.rules) {
                 shared.stats.incr(Kind::StaleIfError);
-                return Ok((
-                    respond(stored, stored.age(now), head, &client_headers),
-                    None,
-                ));
+                let (age, from) = (stored.age(now), Some(res.status()));
+                let mut served = respond(stored, age, head, &client_headers);
+                status::note_stood_in(&shared.config, &mut served, stored, age, from);
+                return Ok((served, None));
             }
         }
     }
