@@ -195,4 +195,4 @@ pub use self::layer::{HttpCacheLayer, HttpCacheLayerBuilder};
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use self::remote::HttpRedisCodec;
 pub use self::service::HttpCache;
-pub use self::stored::StoredVariants;
+pub use self::stored::{CacheHit, StoredVariants};

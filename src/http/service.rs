@@ -12,10 +12,11 @@ use tokio_util::sync::DropGuard;
 use tower::Service;
 
 use super::body::CacheBody;
+use super::config::covers;
 use super::freshness::{self, Usable};
 use super::future::HttpResponseFuture;
 use super::state::HttpShared;
-use super::stored::respond;
+use super::stored::{CacheHit, hit, respond};
 use super::upstream::{miss, pass, unsafe_method, upstream};
 use crate::cache::engine::log::InvalidateTarget;
 use crate::cache::engine::stats::Kind;
@@ -135,25 +136,26 @@ where
         let req_cc = shared.request_directives(&parts.headers);
         let head = parts.method == Method::HEAD;
         let now = shared.clock.now();
+        let token = shared.request_version(&parts.headers);
+        // A variant stamped below the request's token is not answered
+        // from: the request is a miss, and its response replaces it.
         let found = shared.entry(&key, now).and_then(|entry| {
             let stored = entry.response()?.find(&parts.headers)?.clone();
-            Some((entry, stored))
+            covers(stored.stamp, token).then_some((entry, stored))
         });
         if let Some((entry, stored)) = found {
             let age = stored.age(now);
             match freshness::usable(age, stored.lifetime, &stored.cc, &req_cc, &shared.rules) {
                 Usable::Fresh => {
                     shared.stats.incr(Kind::Hits);
-                    return HttpResponseFuture::ready(Ok(respond(
-                        &stored,
-                        age,
-                        head,
-                        &parts.headers,
+                    return HttpResponseFuture::ready(Ok(hit(
+                        respond(&stored, age, head, &parts.headers),
+                        CacheHit::Local,
                     )));
                 }
                 Usable::StaleWhileRevalidate => {
                     shared.stats.incr(Kind::StaleHits);
-                    let res = respond(&stored, age, head, &parts.headers);
+                    let res = hit(respond(&stored, age, head, &parts.headers), CacheHit::Local);
                     // One background revalidation per entry at a time (the
                     // entry's flag, no lock; the task's flight join keeps
                     // it to one per key even across entries).
@@ -199,6 +201,12 @@ where
             *res.status_mut() = StatusCode::GATEWAY_TIMEOUT;
             return HttpResponseFuture::ready(Ok(res));
         }
-        HttpResponseFuture::boxed(miss(shared, svc, Request::from_parts(parts, body), key))
+        HttpResponseFuture::boxed(miss(
+            shared,
+            svc,
+            Request::from_parts(parts, body),
+            key,
+            token,
+        ))
     }
 }
