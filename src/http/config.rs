@@ -67,7 +67,10 @@ pub(crate) struct HttpConfig {
 /// The user's function from a request's headers to the version its token
 /// asks for (`u64::MAX`: newer than every stamp).
 #[derive(Clone)]
-pub(crate) struct RequestVersion(pub(crate) Arc<dyn Fn(&HeaderMap) -> Option<u64> + Send + Sync>);
+pub(crate) struct RequestVersion(pub(crate) Arc<VersionFn>);
+
+/// What [`RequestVersion`] holds.
+pub(crate) type VersionFn = dyn Fn(&HeaderMap) -> Option<u64> + Send + Sync;
 
 impl fmt::Debug for RequestVersion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
