@@ -346,7 +346,7 @@ impl HttpCacheLayerBuilder {
     /// let app = ServiceBuilder::new()
     ///     .layer(cache)
     ///     .layer(db_layer)
-    ///     .service(Router::new());
+    ///     .service(Router::<()>::new());
     /// # let _ = app; Ok(()) }
     /// ```
     #[cfg(feature = "postgres")]
