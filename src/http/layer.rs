@@ -300,7 +300,9 @@ impl HttpCacheLayerBuilder {
     /// from); one without it is unstamped and answers only requests
     /// without a token. Stamps travel through the shared tier with the
     /// responses. `f` runs on every GET and HEAD the cache sees, so it
-    /// must be quick (a token's signature check is). For a `DbLayer`,
+    /// must be quick (a token's signature check is). A client that can
+    /// choose its version (an unsigned one) can make each of its requests
+    /// a miss, as `Cache-Control: no-cache` can: read signed tokens. For a `DbLayer`,
     /// [`request_version_from`](Self::request_version_from) does this.
     ///
     /// ```

@@ -187,10 +187,13 @@ where
                 let res = respond(&stored, age, head, req.headers());
                 return Ok(hit(res, CacheHit::SharedTier));
             }
-            // Stale, not fresh enough for this request, or stamped below
-            // its token: revalidate it (a 304 is the origin's answer to
-            // this request).
-            stale = variants.find(req.headers()).cloned();
+            // Stale or not fresh enough for this request: revalidate it.
+            // Never one stamped below its token: neither a 304 nor a
+            // stale-if-error may hand this request data older than it.
+            stale = variants
+                .find(req.headers())
+                .filter(|s| covers(s.stamp, token))
+                .cloned();
         }
     }
     let result = upstream(&shared, svc, req, &key, stale).await;
