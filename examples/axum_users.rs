@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! cargo run --release --features full --example axum_users -- \
-//!     --listen 127.0.0.1:PORT [--primary URL --replica URL ...] [--token-key HEX]
+//!     --listen 127.0.0.1:PORT [--primary URL --replica URL ...] [--token-key HEX] \
+//!     [--redis URL] [--http-cache]
 //! ```
 //!
 //! Without `--primary` it starts a LocalCluster (one primary, two
@@ -20,6 +21,19 @@
 //!
 //! Every response that read or wrote data says who served it in
 //! `x-served-by`: `cache`, or the node that ran the query.
+//!
+//! With `--http-cache`, an `HttpCacheLayer` sits outside `DbLayer` and is
+//! the cache: `GET /users/{id}` reads through the request's `RequestDb`
+//! (no in-process user cache) and answers with `Cache-Control:
+//! s-maxage=30` and the tag `user:{id}` in `surrogate-key` (the cache
+//! strips it); writes invalidate that tag at their commit LSN. The cache
+//! stamps each stored response with the LSN its data reflects (the
+//! `DataVersion` `DbLayer` records) and answers a request carrying a
+//! token only from a response stamped at or above it, so the cookie or
+//! header still gives read-your-writes; a tokenless client sees data at
+//! most 30 s plus replica lag old. A response the HTTP cache answered says
+//! `x-served-by: cache` (`cache-l2` when it came from Redis, with
+//! `--redis`, which then shares the HTTP cache's responses too).
 
 #[path = "common/users.rs"]
 pub(crate) mod users;
@@ -36,6 +50,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
 use tower_scale::cache::Invalidator;
+use tower_scale::http::{CacheHit, HttpCacheLayer};
 use tower_scale::pg::DbError;
 use tower_scale::pg::{DbLayer, RequestDb};
 use users::{UserCache, UserRead};
@@ -55,7 +70,20 @@ struct NameJson {
 struct AppState {
     users: UserCache,
     invalidator: Invalidator<i64>,
+    /// With `--http-cache`: the HTTP cache's invalidator (by tag).
+    http: Option<Invalidator<String>>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+impl AppState {
+    /// After a write to user `id` at `version`: the cached reads of it go.
+    fn invalidate(&self, id: i64, version: Option<u64>) {
+        self.invalidator
+            .invalidate_tag_at(format!("user:{id}"), version);
+        if let Some(http) = &self.http {
+            http.invalidate_tag_at(format!("user:{id}"), version);
+        }
+    }
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -111,8 +139,7 @@ async fn create(
         Ok(w) => {
             let id: i64 = w.value.get(0);
             // A 404 for this id may be cached from before it existed.
-            app.invalidator
-                .invalidate_tag_at(format!("user:{id}"), w.token.version());
+            app.invalidate(id, w.token.version());
             let res = (StatusCode::CREATED, user_json(id, w.value.get(1))).into_response();
             served_by(res, &w.served_by)
         }
@@ -128,6 +155,9 @@ async fn read(
     let Ok(Path(id)) = id else {
         return error(StatusCode::BAD_REQUEST, "the id must be an integer");
     };
+    if app.http.is_some() {
+        return read_for_http_cache(&db, id).await;
+    }
     let result = app
         .users
         .clone()
@@ -157,6 +187,32 @@ async fn read(
     res
 }
 
+/// `GET /users/{id}` behind the HTTP cache: one read routed for the
+/// request (its `DbLayer` records the read's LSN for the cache's stamp),
+/// fresh for 30 s in shared caches, tagged `user:{id}`.
+async fn read_for_http_cache(db: &RequestDb, id: i64) -> Response {
+    let read = db
+        .read_opt("SELECT id, name FROM users WHERE id = $1", &[&id])
+        .await;
+    let mut res = match read {
+        Ok(r) => {
+            let res = match r.value {
+                Some(row) => user_json(row.get(0), row.get(1)).into_response(),
+                None => error(StatusCode::NOT_FOUND, "not found"),
+            };
+            served_by(res, &r.served_by)
+        }
+        // Not stored: no freshness of its own.
+        Err(e) => return db_error(e),
+    };
+    res.headers_mut()
+        .insert("cache-control", HeaderValue::from_static("s-maxage=30"));
+    if let Ok(tag) = HeaderValue::from_str(&format!("user:{id}")) {
+        res.headers_mut().insert("surrogate-key", tag);
+    }
+    res
+}
+
 async fn update(
     State(app): State<AppState>,
     db: RequestDb,
@@ -178,8 +234,7 @@ async fn update(
         .await
     {
         Ok(w) => {
-            app.invalidator
-                .invalidate_tag_at(format!("user:{id}"), w.token.version());
+            app.invalidate(id, w.token.version());
             let res = match w.value.first() {
                 Some(row) => user_json(row.get(0), row.get(1)).into_response(),
                 None => error(StatusCode::NOT_FOUND, "not found"),
@@ -200,8 +255,7 @@ async fn delete(
     };
     match db.execute("DELETE FROM users WHERE id = $1", &[&id]).await {
         Ok(w) => {
-            app.invalidator
-                .invalidate_tag_at(format!("user:{id}"), w.token.version());
+            app.invalidate(id, w.token.version());
             let res = if w.value == 0 {
                 error(StatusCode::NOT_FOUND, "not found")
             } else {
@@ -227,9 +281,22 @@ pub fn router(
     backend: &users::Backend,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 ) -> Router {
+    routes(backend, metrics, None).layer(db_layer(backend))
+}
+
+fn db_layer(backend: &users::Backend) -> DbLayer {
+    DbLayer::builder(backend.db.clone(), backend.codec.clone()).build()
+}
+
+fn routes(
+    backend: &users::Backend,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    http: Option<Invalidator<String>>,
+) -> Router {
     let state = AppState {
         users: backend.users.clone(),
         invalidator: backend.invalidator.clone(),
+        http,
         metrics,
     };
     Router::new()
@@ -238,7 +305,50 @@ pub fn router(
         .route("/metrics", get(metrics_text))
         .fallback(fallback)
         .with_state(state)
-        .layer(DbLayer::builder(backend.db.clone(), backend.codec.clone()).build())
+}
+
+/// The HTTP cache's Redis tier.
+pub type HttpTier =
+    std::sync::Arc<tower_scale::cache::redis::RedisTier<String, tower_scale::http::StoredVariants>>;
+
+/// `--http-cache`: the HTTP cache (shared through Redis with `--redis`)
+/// outside `DbLayer`, honouring the tokens `DbLayer` reads. Returns the
+/// service and the Redis tier to keep alive.
+pub async fn http_cached_router(
+    backend: &users::Backend,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    redis: Option<&str>,
+) -> Result<(Router, Option<HttpTier>), users::BoxError> {
+    let db_layer = db_layer(backend);
+    let cache = HttpCacheLayer::builder()
+        .name("users-http")
+        .request_version_from(&db_layer)
+        .build()?;
+    let tier = match redis {
+        Some(url) => Some(
+            tower_scale::cache::redis::builder(url.to_string())
+                .prefix("tower-scale-users-http")
+                .timeout(std::time::Duration::from_millis(250))
+                .attach(&cache, cache.redis_codec())
+                .await?,
+        ),
+        None => None,
+    };
+    let app = routes(backend, metrics, Some(cache.invalidator()))
+        .layer(db_layer)
+        .layer(cache)
+        .layer(axum::middleware::map_response(served_by_cache));
+    Ok((app, tier))
+}
+
+/// A response the HTTP cache answered says so: `cache`, or `cache-l2`
+/// when it came from the shared tier.
+async fn served_by_cache(res: Response) -> Response {
+    match res.extensions().get::<CacheHit>() {
+        Some(CacheHit::SharedTier) => served_by(res, "cache-l2"),
+        Some(_) => served_by(res, "cache"),
+        None => res,
+    }
 }
 
 #[tokio::main]
@@ -253,7 +363,11 @@ async fn main() {
 async fn run(args: users::Args) -> Result<(), users::BoxError> {
     let metrics = users::install_metrics()?;
     let backend = users::backend(&args).await?;
-    let app = router(&backend, metrics);
+    let (app, _tier) = if args.http_cache {
+        http_cached_router(&backend, metrics, args.redis.as_deref()).await?
+    } else {
+        (router(&backend, metrics), None)
+    };
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     println!("listening on http://{addr}");

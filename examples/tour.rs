@@ -379,6 +379,7 @@ async fn users_service(local: &LocalCluster) -> Result<(), Error> {
         replicas: local.replicas().iter().map(|r| r.url()).collect(),
         token_key: None,
         redis: None,
+        http_cache: false,
     };
     let backend = axum_users::users::backend(&args).await?;
     let metrics = axum_users::users::install_metrics()?;
@@ -540,6 +541,7 @@ async fn shared_tier(local: &LocalCluster) -> Result<(), Error> {
             replicas: local.replicas().iter().map(|r| r.url()).collect(),
             token_key: Some(key.clone()),
             redis: Some(redis.url()),
+            http_cache: false,
         };
         let backend = axum_users::users::backend(&args).await?;
         let handle = metrics_exporter_prometheus::PrometheusBuilder::new()

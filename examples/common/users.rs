@@ -66,17 +66,25 @@ pub struct Args {
     pub replicas: Vec<String>,
     pub token_key: Option<Vec<u8>>,
     pub redis: Option<String>,
+    /// `--http-cache` (axum_users): an HTTP cache outside `DbLayer`.
+    pub http_cache: bool,
 }
 
 pub fn usage(name: &str) -> String {
+    let http_cache = if name == "axum_users" {
+        " [--http-cache]"
+    } else {
+        ""
+    };
     format!(
-        "usage: {name} --listen IP:PORT [--primary URL --replica URL ...] [--token-key HEX64] [--redis URL]"
+        "usage: {name} --listen IP:PORT [--primary URL --replica URL ...] [--token-key HEX64] [--redis URL]{http_cache}"
     )
 }
 
 pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     let (mut listen, mut primary, mut replicas, mut token_key) = (None, None, Vec::new(), None);
     let mut redis = None;
+    let mut http_cache = false;
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
@@ -90,6 +98,7 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String
                 redis = Some(url);
             }
             "--replica" => replicas.push(value()?),
+            "--http-cache" => http_cache = true,
             "--token-key" => {
                 let hex = value()?;
                 if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -114,12 +123,19 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String
         replicas,
         token_key,
         redis,
+        http_cache,
     })
 }
 
 /// Parses the flags or exits with status 2 and the usage on stderr.
 pub fn args_or_exit(name: &str) -> Args {
-    match parse_args(std::env::args().skip(1)) {
+    let parsed = parse_args(std::env::args().skip(1)).and_then(|a| {
+        if a.http_cache && name != "axum_users" {
+            return Err("--http-cache is a flag of axum_users only".into());
+        }
+        Ok(a)
+    });
+    match parsed {
         Ok(a) => a,
         Err(message) => {
             if !message.is_empty() {

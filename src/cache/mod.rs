@@ -100,6 +100,7 @@ mod shared;
 mod stats;
 mod store;
 mod tag;
+mod version;
 
 pub use self::engine::clock::{COARSE_RESOLUTION, Clock, Instant, MockClock};
 pub use self::entry::Entry;
@@ -117,6 +118,7 @@ pub use self::store::MokaStore;
 pub use self::store::QuickStore;
 pub use self::store::{Capacity, Store};
 pub use self::tag::Tag;
+pub use self::version::DataVersion;
 
 /// The error a cache builder returns for a bad setting.
 pub use crate::error::ConfigError as BuildError;

@@ -1,6 +1,9 @@
 //! The HTTP cache's settings.
 
-use http::HeaderName;
+use std::fmt;
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderName};
 
 use super::freshness::HttpCachePolicy;
 
@@ -60,6 +63,35 @@ pub(crate) struct HttpConfig {
     /// The cache's name as its RFC 9211 `Cache-Status` entry writes it;
     /// `None`: no entry (see [`status`](super::status)).
     pub(crate) cache_status: Option<bytes::Bytes>,
+    /// Where a request's consistency token comes from (none: no token).
+    pub(crate) request_version: Option<RequestVersion>,
+}
+
+/// The user's function from a request's headers to the version its token
+/// asks for (`u64::MAX`: newer than every stamp).
+#[derive(Clone)]
+pub(crate) struct RequestVersion(pub(crate) Arc<VersionFn>);
+
+/// What [`RequestVersion`] holds.
+pub(crate) type VersionFn = dyn Fn(&HeaderMap) -> Option<u64> + Send + Sync;
+
+impl fmt::Debug for RequestVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RequestVersion(..)")
+    }
+}
+
+/// Whether a stored response stamped `stamp` may answer a request whose
+/// token asks for `token`: always without a token; with one, only a
+/// stamp at or above it (an unstamped response never, and the unknown
+/// token, `u64::MAX`, never).
+#[inline]
+pub(crate) fn covers(stamp: Option<u64>, token: Option<u64>) -> bool {
+    match token {
+        None => true,
+        Some(u64::MAX) => false,
+        Some(t) => stamp.is_some_and(|s| s >= t),
+    }
 }
 
 /// The default tag header: `Surrogate-Key`, as CDNs (Fastly) name it.

@@ -61,6 +61,7 @@ impl HttpCacheLayer {
                 tag_header: HeaderName::from_static(DEFAULT_TAG_HEADER),
                 pass_tag_header: false,
                 cache_status: None,
+                request_version: None,
             },
             cache_status: true,
             clock: None,
@@ -89,9 +90,14 @@ impl HttpCacheLayer {
     /// fetch began before an invalidation that touches it is neither stored
     /// nor served after it, and a request that starts after the call
     /// returned never gets it. With a shared tier, other instances apply it
-    /// too (see `cache::redis`). HTTP responses carry no version stamp, so
-    /// the `*_at` forms act exactly like the plain ones here (the version
-    /// keeps nothing more out).
+    /// too (see `cache::redis`). With a version (the `*_at` forms, e.g. a
+    /// write's `token.version()`), a response stamped below it (its
+    /// [`DataVersion`](crate::cache::DataVersion), see
+    /// [`request_version`](HttpCacheLayerBuilder::request_version)) is not
+    /// stored either, even when its fetch began after the call: a read
+    /// from a lagging replica is answered but never put back. A response
+    /// without a stamp is kept out only by invalidations after its fetch
+    /// began, as with the plain forms.
     ///
     /// ```
     /// # fn demo() -> Result<(), tower_scale::ConfigError> {
@@ -281,6 +287,82 @@ impl HttpCacheLayerBuilder {
     pub fn pass_tag_header(mut self, pass: bool) -> Self {
         self.config.pass_tag_header = pass;
         self
+    }
+
+    /// Makes the cache honour consistency tokens: `f` reads the version a
+    /// request's token asks for from its headers (`None`: no token, or
+    /// one that is not valid), and a stored response answers the request
+    /// only when it is stamped at or above that version. Otherwise the
+    /// request is a miss: it goes to the origin, and the fresh response
+    /// replaces the stored one. `u64::MAX` stands for a token whose
+    /// position is unknown: newer than every stamp, never answered from
+    /// the cache.
+    ///
+    /// A response is stamped with the [`DataVersion`](crate::cache::DataVersion)
+    /// in its extensions, which [`DbLayer`](crate::pg::DbLayer) sets
+    /// inside this cache (the version of the data the response was built
+    /// from); one without it is unstamped and answers only requests
+    /// without a token. Stamps travel through the shared tier with the
+    /// responses. `f` runs on every GET and HEAD the cache sees, so it
+    /// must be quick (a token's signature check is). A client that can
+    /// choose its version (an unsigned one) can make each of its requests
+    /// a miss, as `Cache-Control: no-cache` can: read signed tokens. For a `DbLayer`,
+    /// [`request_version_from`](Self::request_version_from) does this.
+    ///
+    /// ```
+    /// # fn demo() -> Result<(), tower_scale::ConfigError> {
+    /// use tower_scale::http::HttpCacheLayer;
+    ///
+    /// // A token in a header as a plain number (an example, not a safe
+    /// // token: use a signed one, as `request_version_from` does).
+    /// let layer = HttpCacheLayer::builder()
+    ///     .request_version(|headers| {
+    ///         headers.get("x-min-version")?.to_str().ok()?.parse().ok()
+    ///     })
+    ///     .build()?;
+    /// # let _ = layer; Ok(()) }
+    /// ```
+    pub fn request_version(
+        mut self,
+        f: impl Fn(&http::HeaderMap) -> Option<u64> + Send + Sync + 'static,
+    ) -> Self {
+        self.config.request_version = Some(super::config::RequestVersion(Arc::new(f)));
+        self
+    }
+
+    /// [`request_version`](Self::request_version) with the tokens `db`
+    /// reads ([`DbLayer::token_of`](crate::pg::DbLayer::token_of): its
+    /// cookie or header, signature, cluster and expiry checked; forged,
+    /// expired or foreign tokens count as none). A token whose position is
+    /// unknown is never answered from the cache. Put this cache outside
+    /// `db`, so that what it stores carries the data's version:
+    ///
+    /// ```no_run
+    /// # async fn demo(db: tower_scale::pg::Db, codec: tower_scale::pg::TokenCodec)
+    /// # -> Result<(), tower_scale::ConfigError> {
+    /// use axum::Router;
+    /// use tower::ServiceBuilder;
+    /// use tower_scale::http::HttpCacheLayer;
+    /// use tower_scale::pg::DbLayer;
+    ///
+    /// let db_layer = DbLayer::builder(db, codec).build();
+    /// let cache = HttpCacheLayer::builder()
+    ///     .request_version_from(&db_layer)
+    ///     .build()?;
+    /// let app = ServiceBuilder::new()
+    ///     .layer(cache)
+    ///     .layer(db_layer)
+    ///     .service(Router::<()>::new());
+    /// # let _ = app; Ok(()) }
+    /// ```
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    pub fn request_version_from(self, db: &crate::pg::DbLayer) -> Self {
+        let db = db.clone();
+        self.request_version(move |headers| {
+            db.token_of(headers)
+                .map(|t| t.version().unwrap_or(u64::MAX))
+        })
     }
 
     /// Names the cache and publishes its statistics as the

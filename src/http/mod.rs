@@ -81,6 +81,33 @@
 //!   cache, a miss does not wait for another instance that holds the lease
 //!   on the same URL: it fills here too and does not write the tier.
 //!
+//! # Consistency tokens
+//!
+//! Outside [`DbLayer`](crate::pg::DbLayer), the cache keeps read-your-writes
+//! ([`HttpCacheLayerBuilder::request_version_from`], or
+//! [`request_version`](HttpCacheLayerBuilder::request_version) for another
+//! token source):
+//!
+//! - every stored variant is stamped with the [`DataVersion`](crate::cache::DataVersion)
+//!   its response carried in its extensions (`DbLayer` sets it: the lowest
+//!   LSN among the request's reads and writes); one without it is
+//!   unstamped;
+//! - a request whose token asks for version `t` is answered from a variant
+//!   stamped `s` only when `s >= t`; otherwise (a newer token, an
+//!   unstamped variant, or a token whose position is unknown) it is a
+//!   miss: it goes to the origin, whose response replaces the variant. A
+//!   request without a token (or with one that is forged, expired or of
+//!   another cluster) is answered as before;
+//! - a request only waits for another's fetch of the same URL when that
+//!   request's token is at least its own, and takes its response only
+//!   when the stamp covers its token;
+//! - the invalidator's `*_at` forms keep out a response stamped below
+//!   their version, even one whose fetch began after them;
+//! - stamps travel through the shared tier with each variant.
+//!
+//! Responses answered from the cache carry [`CacheHit`] in their
+//! extensions (from this instance's store or from the shared tier).
+//!
 //! # Guarantees: nothing per-user is shared
 //!
 //! In a shared cache (the default), whatever the origin or the client
@@ -198,4 +225,4 @@ pub use self::layer::{HttpCacheLayer, HttpCacheLayerBuilder};
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use self::remote::HttpRedisCodec;
 pub use self::service::HttpCache;
-pub use self::stored::StoredVariants;
+pub use self::stored::{CacheHit, StoredVariants};

@@ -3,8 +3,9 @@
 //! The tier's frame (`cache::redis`) carries the entry's freshness window,
 //! tags and version; inside it, this codec's bytes carry each `Vary`
 //! variant: status, version, headers, body, trailers, the `Vary` values it
-//! was selected by, its tags, and its age when it was written with the wall
-//! clock time of the write. Decoding
+//! was selected by, its tags, its data version stamp (format 2; a value
+//! of format 1, written before stamps, decodes as unstamped), and its age
+//! when it was written with the wall clock time of the write. Decoding
 //!
 //! - adds the wall-clock time since the write to the age (so the time a
 //!   response spent in Redis counts; a clock that went back adds nothing),
@@ -50,7 +51,10 @@ const CONNECTION_FIELDS: [HeaderName; 5] = [
     HeaderName::from_static("proxy-connection"),
 ];
 
-const FORMAT: u8 = 1;
+/// The format written: 2 adds each variant's stamp after its tags.
+const FORMAT: u8 = 2;
+/// The format before stamps, still read (its variants are unstamped).
+const FORMAT_UNSTAMPED: u8 = 1;
 /// At most this many variants decoded (the cache keeps 16 per key).
 const MAX_VARIANTS: usize = 16;
 
@@ -231,6 +235,13 @@ impl HttpRedisCodec {
             for t in s.tags.iter() {
                 w.bytes(t.as_str().as_bytes());
             }
+            match s.stamp {
+                Some(v) => {
+                    w.u8(1);
+                    w.u64(v);
+                }
+                None => w.u8(0),
+            }
         }
         w.0
     }
@@ -240,9 +251,11 @@ impl HttpRedisCodec {
     /// left.
     fn decode_at(&self, bytes: &[u8], wall: SystemTime) -> Option<StoredVariants> {
         let mut r = Reader(bytes);
-        if r.u8()? != FORMAT {
-            return None;
-        }
+        let stamped = match r.u8()? {
+            FORMAT => true,
+            FORMAT_UNSTAMPED => false,
+            _ => return None,
+        };
         let written = r.u64()?;
         let in_tier = Duration::from_millis(wall_ms(wall).saturating_sub(written));
         let n = usize::from(r.u16()?);
@@ -301,6 +314,15 @@ impl HttpRedisCodec {
                 }
                 tags.push(Tag::from(t));
             }
+            let stamp = if stamped {
+                match r.u8()? {
+                    0 => None,
+                    1 => Some(r.u64()?),
+                    _ => return None,
+                }
+            } else {
+                None
+            };
             // A body larger than this cache stores is not kept.
             let Some(body) = body else {
                 continue;
@@ -352,6 +374,7 @@ impl HttpRedisCodec {
                 stored_at: now,
                 vary,
                 tags: tags.into_boxed_slice(),
+                stamp,
             }));
         }
         if !r.0.is_empty() || out.is_empty() {

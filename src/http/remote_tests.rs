@@ -23,6 +23,7 @@ fn stored(headers: &[(&str, &str)], vary: VaryValues, tags: &[&str]) -> Arc<Stor
         stored_at: crate::cache::Instant::default(),
         vary,
         tags: tags.iter().map(|t| Tag::from(*t)).collect(),
+        stamp: None,
     })
 }
 
@@ -183,7 +184,7 @@ fn garbage_never_panics_and_never_decodes_partly() {
     longer.push(0);
     assert!(codec.decode_at(&longer, now).is_none(), "trailing bytes");
     let mut wrong = bytes.clone();
-    wrong[0] = 2;
+    wrong[0] = 3;
     assert!(codec.decode_at(&wrong, now).is_none(), "another format");
     // Every single-byte change: no panic (some decode to other values).
     for i in 0..bytes.len() {
@@ -218,6 +219,7 @@ impl Stored {
             stored_at: self.stored_at,
             vary: self.vary.clone(),
             tags: self.tags.clone(),
+            stamp: self.stamp,
         }
     }
 }
@@ -269,4 +271,38 @@ fn hostile_header_sections_are_refused_not_trusted() {
             .decode_at(&encoded_with(&codec, &[("x-big", &big)]), at)
             .is_none()
     );
+}
+
+#[test]
+fn stamps_round_trip_per_variant_and_old_values_decode_unstamped() {
+    let (codec, _) = codec();
+    let at = UNIX_EPOCH + Duration::from_secs(1_000);
+    let lang = HeaderName::from_static("accept-language");
+    let headers = [("cache-control", "max-age=60"), ("vary", "accept-language")];
+    let mut fr = stored(&headers, vec![(lang.clone(), Some(b"fr".to_vec()))], &[]).clone_for_test();
+    fr.stamp = Some(u64::MAX - 1);
+    let mut de = stored(&headers, vec![(lang.clone(), Some(b"de".to_vec()))], &[]).clone_for_test();
+    de.stamp = Some(0);
+    let none = stored(&headers, vec![(lang.clone(), None)], &[]);
+    let variants = StoredVariants(vec![Arc::new(fr), Arc::new(de), none].into());
+    let back = codec
+        .decode_at(&codec.encode_at(&variants, at), at)
+        .unwrap();
+    let stamps: Vec<Option<u64>> = back.0.iter().map(|s| s.stamp).collect();
+    assert_eq!(stamps, [Some(u64::MAX - 1), Some(0), None]);
+    // A value written before stamps (format 1: no stamp byte) decodes,
+    // unstamped.
+    let one = StoredVariants(vec![stored(&headers, vec![(lang, None)], &[])].into());
+    let mut old = codec.encode_at(&one, at);
+    assert_eq!(old.pop(), Some(0), "the last byte is the stamp flag");
+    old[0] = 1;
+    let back = codec.decode_at(&old, at).unwrap();
+    assert_eq!(back.0[0].stamp, None);
+    // A format-1 value with a stamp byte has trailing bytes; a bad flag fails.
+    let mut trailing = codec.encode_at(&one, at);
+    trailing[0] = 1;
+    assert!(codec.decode_at(&trailing, at).is_none());
+    let mut flag = codec.encode_at(&one, at);
+    *flag.last_mut().unwrap() = 2;
+    assert!(codec.decode_at(&flag, at).is_none());
 }

@@ -12,11 +12,12 @@ use tokio_util::sync::DropGuard;
 use tower::Service;
 
 use super::body::CacheBody;
+use super::config::covers;
 use super::freshness::{self, Usable};
 use super::future::HttpResponseFuture;
 use super::state::HttpShared;
 use super::status::{self, Fwd, Status};
-use super::stored::respond;
+use super::stored::{CacheHit, hit, respond};
 use super::upstream::{miss, pass, unsafe_method, upstream};
 use crate::cache::engine::log::InvalidateTarget;
 use crate::cache::engine::stats::Kind;
@@ -137,22 +138,25 @@ where
         let req_cc = shared.request_directives(&parts.headers);
         let head = parts.method == Method::HEAD;
         let now = shared.clock.now();
+        let token = shared.request_version(&parts.headers);
+        // A variant stamped below the request's token is not answered
+        // from: the request is a miss, and its response replaces it.
         let found = shared.entry(&key, now).and_then(|entry| {
             let stored = entry.response()?.find(&parts.headers)?.clone();
-            Some((entry, stored))
+            covers(stored.stamp, token).then_some((entry, stored))
         });
         if let Some((entry, stored)) = found {
             let age = stored.age(now);
             match freshness::usable(age, stored.lifetime, &stored.cc, &req_cc, &shared.rules) {
                 Usable::Fresh => {
                     shared.stats.incr(Kind::Hits);
-                    let mut res = respond(&stored, age, head, &parts.headers);
+                    let mut res = hit(respond(&stored, age, head, &parts.headers), CacheHit::Local);
                     status::stamp(&shared.config, &mut res, &Status::hit(&stored, age));
                     return HttpResponseFuture::ready(Ok(res));
                 }
                 Usable::StaleWhileRevalidate => {
                     shared.stats.incr(Kind::StaleHits);
-                    let mut res = respond(&stored, age, head, &parts.headers);
+                    let mut res = hit(respond(&stored, age, head, &parts.headers), CacheHit::Local);
                     status::stamp(&shared.config, &mut res, &Status::hit(&stored, age));
                     // One background revalidation per entry at a time (the
                     // entry's flag, no lock; the task's flight join keeps
@@ -203,7 +207,7 @@ where
         };
         HttpResponseFuture::boxed(async move {
             let req = Request::from_parts(parts, body);
-            let res = miss(Arc::clone(&shared), svc, req, key).await?;
+            let res = miss(Arc::clone(&shared), svc, req, key, token).await?;
             Ok(status::finish(&shared.config, res, why))
         })
     }

@@ -172,7 +172,10 @@ impl HttpShared {
         fill_seq: u64,
         replaces: Option<&VaryValues>,
     ) -> Option<Arc<HttpEntry>> {
-        if !self.log.may_store(key, &stored.tags, fill_seq, None) {
+        if !self
+            .log
+            .may_store(key, &stored.tags, fill_seq, stored.stamp)
+        {
             self.stats.incr(Kind::NotStored);
             return None;
         }
@@ -198,14 +201,25 @@ impl HttpShared {
     }
 
     /// Stores `variants` under `key` as one entry (the core's rule: check,
-    /// insert, check again; see `cache::invalidate`).
+    /// insert, check again; see `cache::invalidate`). The first variant is
+    /// the one the caller filled: when an invalidation at a version above
+    /// its stamp keeps it out, nothing is stored; another variant kept out
+    /// that way is dropped.
     pub(crate) fn store_variants(
         &self,
         key: &Hashed<String>,
-        variants: Vec<Arc<Stored>>,
+        mut variants: Vec<Arc<Stored>>,
         fill_seq: u64,
         extra_tags: &[Tag],
     ) -> Option<Arc<HttpEntry>> {
+        let versions_allow = |s: &Arc<Stored>| {
+            s.stamp.is_none() || self.log.may_store(key, &s.tags, fill_seq, s.stamp)
+        };
+        if !variants.first().is_some_and(versions_allow) {
+            self.stats.incr(Kind::NotStored);
+            return None;
+        }
+        variants.retain(versions_allow);
         let mut tags: Vec<Tag> = variants
             .iter()
             .flat_map(|s| s.tags.iter().cloned())
@@ -229,8 +243,8 @@ impl HttpShared {
             validated_seq: AtomicU64::new(fill_seq),
             fresh_until: never,
             early_from: never,
+            version: variants.first().and_then(|s| s.stamp),
             result: Ok(StoredVariants(variants.into())),
-            version: None,
             stale_until: never,
             error_until: never,
             recompute: Duration::ZERO,
@@ -262,6 +276,16 @@ impl HttpShared {
         // request would let any client flood Redis and every instance.
         // What the tier holds was shared under the rules and stays valid.
         self.store.remove(key);
+    }
+
+    /// The version the request's token asks for (see
+    /// [`request_version`](super::HttpCacheLayerBuilder::request_version)).
+    #[inline]
+    pub(crate) fn request_version(&self, headers: &HeaderMap) -> Option<u64> {
+        self.config
+            .request_version
+            .as_ref()
+            .and_then(|f| (f.0)(headers))
     }
 
     pub(crate) fn request_directives(&self, headers: &HeaderMap) -> RequestDirectives {
@@ -397,6 +421,7 @@ impl HttpShared {
         remote.stale_while_revalidate = secs(fetched.cc.stale_while_revalidate);
         remote.stale_if_error = secs(fetched.cc.stale_if_error);
         remote.tags = fetched.tags.to_vec();
+        remote.version = fetched.stamp;
         Some(remote)
     }
 }

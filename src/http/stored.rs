@@ -31,6 +31,9 @@ pub(crate) struct Stored {
     pub(crate) vary: VaryValues,
     /// The tags the response carried (sorted, deduplicated).
     pub(crate) tags: Box<[Tag]>,
+    /// The version of the data it was built from (its
+    /// [`DataVersion`](crate::cache::DataVersion)), if it said.
+    pub(crate) stamp: Option<u64>,
 }
 
 /// The request header values a stored response was selected by: one pair
@@ -130,6 +133,47 @@ impl fmt::Debug for StoredVariants {
             .entries(self.0.iter().map(|s| (s.status, s.body.len())))
             .finish()
     }
+}
+
+/// In the extensions of every response the HTTP cache answered from what
+/// it stores rather than with the origin's answer to that request: a hit
+/// (fresh, or stale while it revalidates), a request that waited for
+/// another one's fetch of the same URL and took its stored response, a
+/// response from the shared tier, or a stale one served because the
+/// origin failed (`stale-if-error`). A response the origin revalidated
+/// (a 304 merged into the stored one) is the origin's answer and has none.
+///
+/// A layer outside the cache can read it, for example to say who served a
+/// response:
+///
+/// ```
+/// use axum::http::{HeaderValue, Response};
+/// use tower_scale::http::CacheHit;
+///
+/// fn served_by<B>(mut res: Response<B>) -> Response<B> {
+///     let by = match res.extensions().get::<CacheHit>() {
+///         Some(CacheHit::SharedTier) => "cache-l2",
+///         Some(_) => "cache",
+///         None => return res,
+///     };
+///     res.headers_mut().insert("x-served-by", HeaderValue::from_static(by));
+///     res
+/// }
+/// # let _ = served_by::<()>;
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CacheHit {
+    /// From this instance's store.
+    Local,
+    /// From the shared tier (Redis), on this instance's miss.
+    SharedTier,
+}
+
+/// `res`, marked as answered from the cache.
+pub(crate) fn hit<B>(mut res: Response<B>, how: CacheHit) -> Response<B> {
+    res.extensions_mut().insert(how);
+    res
 }
 
 /// Builds the response for a stored entry: a fresh `Response` with the

@@ -13,18 +13,20 @@ use tower::{Service, ServiceExt};
 
 use super::body::{Buffered, CacheBody, buffer};
 use super::cache_control::{RequestDirectives, ResponseDirectives};
+use super::config::covers;
 use super::freshness::{self, NotStored, Usable};
 use super::state::HttpShared;
 use super::status::{self, Fwd, Status};
 use super::stored::{
-    Stored, StoredVariants, VaryValues, respond, storable_headers, tags_of, vary_values,
+    CacheHit, Stored, StoredVariants, VaryValues, hit, respond, storable_headers, tags_of,
+    vary_values,
 };
 use crate::cache::Invalidation;
 use crate::cache::engine::flight::Join;
 use crate::cache::engine::log::InvalidateTarget;
 use crate::cache::engine::stats::Kind;
 use crate::cache::remote::Lease;
-use crate::cache::{Entry, Hashed};
+use crate::cache::{DataVersion, Entry, Hashed};
 
 type HttpEntry = Entry<StoredVariants, ()>;
 
@@ -104,14 +106,19 @@ fn same_origin(base: &http::Uri, location: &str) -> Option<String> {
     })
 }
 
-/// The stored variant for this request, if it is fresh enough for it.
+/// The stored variant for this request, if it is fresh enough for it and
+/// stamped at or above its token.
 fn fresh_variant(
     shared: &HttpShared,
     variants: &StoredVariants,
     req: &HeaderMap,
     req_cc: &RequestDirectives,
+    token: Option<u64>,
 ) -> Option<(Arc<Stored>, Duration)> {
     let stored = variants.find(req)?;
+    if !covers(stored.stamp, token) {
+        return None;
+    }
     let age = stored.age(shared.clock.now());
     let usable = freshness::usable(age, stored.lifetime, &stored.cc, req_cc, &shared.rules);
     (usable == Usable::Fresh).then(|| (Arc::clone(stored), age))
@@ -119,13 +126,16 @@ fn fresh_variant(
 
 /// A miss: one request per key goes upstream; concurrent ones wait and
 /// take what it stored if a variant matches their `Vary` headers and is
-/// fresh for them. With a shared tier, the request that leads asks it
-/// first (one round trip) and writes what it stores back to it.
+/// fresh for them (and stamped at or above their token: a request only
+/// waits for a fetch led by one whose token is at least its own). With a
+/// shared tier, the request that leads asks it first (one round trip) and
+/// writes what it stores back to it.
 pub(crate) async fn miss<S, ReqBody, ResBody>(
     shared: Arc<HttpShared>,
     svc: S,
     req: Request<ReqBody>,
     key: Hashed<String>,
+    token: Option<u64>,
 ) -> Result<Response<CacheBody<ResBody>>, S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
@@ -134,7 +144,7 @@ where
     let head = req.method() == Method::HEAD;
     let req_cc = shared.request_directives(req.headers());
     let leader = loop {
-        match shared.flights.join_fenced(&key, None, &shared.log) {
+        match shared.flights.join_fenced(&key, token, &shared.log) {
             Join::Lead(leader) => break Some(leader),
             Join::Alone => break None,
             Join::Wait(flight) => {
@@ -142,9 +152,10 @@ where
                 match flight.wait().await {
                     Some(Ok(variants)) => {
                         if let Some((stored, age)) =
-                            fresh_variant(&shared, &variants, req.headers(), &req_cc)
+                            fresh_variant(&shared, &variants, req.headers(), &req_cc, token)
                         {
-                            let mut res = respond(&stored, age, head, req.headers());
+                            let mut res =
+                                hit(respond(&stored, age, head, req.headers()), CacheHit::Local);
                             status::note(&shared.config, &mut res, |s| {
                                 s.fwd = Some(Fwd::Miss);
                                 s.collapsed = true;
@@ -173,19 +184,29 @@ where
         if let Some(entry) = shared.fill_from_remote(tier.as_ref(), &key, fill_seq).await
             && let Some(variants) = entry.response()
         {
-            if let Some((stored, age)) = fresh_variant(&shared, variants, req.headers(), &req_cc) {
+            if let Some((stored, age)) =
+                fresh_variant(&shared, variants, req.headers(), &req_cc, token)
+            {
                 if let Some(leader) = leader {
                     leader.complete(&entry.result);
                 }
-                let mut res = respond(&stored, age, head, req.headers());
+                let mut res = hit(
+                    respond(&stored, age, head, req.headers()),
+                    CacheHit::SharedTier,
+                );
                 status::note(&shared.config, &mut res, |s| {
                     *s = Status::hit(&stored, age);
                     s.l2 = true;
                 });
                 return Ok(res);
             }
-            // Stale (or not fresh enough for this request): revalidate it.
-            stale = variants.find(req.headers()).cloned();
+            // Stale or not fresh enough for this request: revalidate it.
+            // Never one stamped below its token: neither a 304 nor a
+            // stale-if-error may hand this request data older than it.
+            stale = variants
+                .find(req.headers())
+                .filter(|s| covers(s.stamp, token))
+                .cloned();
         }
     }
     let why = stale.as_ref().map(|s| {
@@ -321,7 +342,10 @@ where
                 let staleness = stored.age(now).saturating_sub(stored.lifetime);
                 if freshness::stale_if_error_allows(staleness, &stored.cc, &shared.rules) {
                     shared.stats.incr(Kind::StaleIfError);
-                    let mut res = respond(stored, stored.age(now), head, &client_headers);
+                    let mut res = hit(
+                        respond(stored, stored.age(now), head, &client_headers),
+                        CacheHit::Local,
+                    );
                     status::note_stood_in(&shared.config, &mut res, stored, stored.age(now), None);
                     return Ok((res, None));
                 }
@@ -330,6 +354,8 @@ where
             return Err(e);
         }
     };
+    // The version of the data the origin built this response from.
+    let stamp = res.extensions().get::<DataVersion>().map(|v| v.0);
     if let Some(stored) = &stale {
         if res.status() == StatusCode::NOT_MODIFIED {
             // Freshen the stored response with the 304's headers (§4.3.4).
@@ -423,6 +449,12 @@ where
                 initial_age: freshness::initial_age(res.headers(), request_time, response_time),
                 stored_at: now,
                 tags: tags.unwrap_or_default().into_boxed_slice(),
+                // The origin found the stored body current as of the 304's
+                // data, so it reflects the newer of the two.
+                stamp: match (stored.stamp, stamp) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                },
             });
             shared.stats.incr(Kind::Refreshes);
             let kept = match (shareable, decision) {
@@ -459,7 +491,7 @@ where
             if freshness::stale_if_error_allows(staleness, &stored.cc, &shared.rules) {
                 shared.stats.incr(Kind::StaleIfError);
                 let (age, from) = (stored.age(now), Some(res.status()));
-                let mut served = respond(stored, age, head, &client_headers);
+                let mut served = hit(respond(stored, age, head, &client_headers), CacheHit::Local);
                 status::note_stood_in(&shared.config, &mut served, stored, age, from);
                 return Ok((served, None));
             }
@@ -549,6 +581,7 @@ where
         stored_at: now,
         vary,
         tags: tags.into_boxed_slice(),
+        stamp,
     });
     let kept = shared.insert(key, Arc::clone(&stored), fill_seq, None);
     let mut res = Response::from_parts(

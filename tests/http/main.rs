@@ -9,6 +9,7 @@ mod parser;
 mod proxy;
 mod sharing;
 mod tags;
+mod tokens;
 
 use std::collections::HashMap;
 use std::convert::Infallible;

@@ -634,6 +634,7 @@ fn db_writes_and_the_users_router_keep_the_heap_flat() {
             replicas: Vec::new(),
             token_key: None,
             redis: None,
+            http_cache: false,
         };
         let backend = Arc::new(users::backend(&args).await.expect("backend"));
         backend

@@ -5,6 +5,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod grpc;
+mod http_cache;
 mod layer;
 
 use std::time::{Duration, Instant};

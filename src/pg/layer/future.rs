@@ -10,15 +10,18 @@ use http::Response;
 use pin_project_lite::pin_project;
 
 use super::db_layer::DbLayer;
+use crate::cache::DataVersion;
 use crate::pg::ConsistencyToken;
 
 pin_project! {
     /// The inner service's response, with the token of the request's
-    /// writes (if it wrote) set on it as a cookie and a header.
+    /// writes (if it wrote) set on it as a cookie and a header, and the
+    /// [`DataVersion`] of what it read and wrote in its extensions.
     pub struct DbRoutingFuture<F> {
         #[pin]
         pub(super) inner: F,
         pub(super) written: Arc<Mutex<Option<ConsistencyToken>>>,
+        pub(super) data: Arc<Mutex<Option<u64>>>,
         pub(super) layer: DbLayer,
     }
 }
@@ -41,6 +44,16 @@ where
         let wrote = *crate::sync::lock(this.written);
         if let Some(token) = wrote {
             this.layer.set_token(res.headers_mut(), token);
+        }
+        let data = *crate::sync::lock(this.data);
+        if let Some(v) = data {
+            // One the handler set itself counts too: the lower one is what
+            // the whole response reflects at least.
+            let v = res
+                .extensions()
+                .get::<DataVersion>()
+                .map_or(v, |DataVersion(set)| v.min(*set));
+            res.extensions_mut().insert(DataVersion(v));
         }
         Poll::Ready(Ok(res))
     }

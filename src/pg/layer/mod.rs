@@ -14,6 +14,15 @@
 //! request. Forged, malformed, oversized, expired or far-future tokens are
 //! ignored: the request gets the default consistency.
 //!
+//! A response of a request that read or wrote through its [`RequestDb`]
+//! carries the [`DataVersion`] of that data in its extensions (the lowest
+//! position among its reads and writes: what all of it reflects at least).
+//! An [`HttpCacheLayer`](crate::http::HttpCacheLayer) outside `DbLayer`
+//! stamps what it stores with it, and with
+//! [`request_version_from`](crate::http::HttpCacheLayerBuilder::request_version_from)
+//! answers a request from a stored response only when the stamp is at or
+//! above the request's token.
+//!
 //! The pieces: [`DbLayer`] and its builder (`db_layer.rs`: routes, the token's
 //! cookie and header), the service it makes ([`DbRouting`], `service.rs`)
 //! and its future (`future.rs`), and what handlers use ([`RequestDb`] and
@@ -28,3 +37,4 @@ pub use self::db_layer::{DbLayer, DbLayerBuilder, Route};
 pub use self::future::DbRoutingFuture;
 pub use self::request::{MissingDbLayer, Primary, Replica, RequestDb};
 pub use self::service::DbRouting;
+pub use crate::cache::DataVersion;

@@ -11,7 +11,7 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use super::db_layer::Route;
-use crate::pg::{Consistency, ConsistencyToken, Db, DbError, Read, Written};
+use crate::pg::{Consistency, ConsistencyToken, Db, DbError, Lsn, Read, Written};
 
 /// The per-request database view [`DbLayer`](super::DbLayer) puts in the request: reads
 /// go where the route and the client's token say, writes go to the
@@ -22,6 +22,9 @@ pub struct RequestDb {
     pub(super) route: Route,
     pub(super) token: Option<ConsistencyToken>,
     pub(super) written: Arc<Mutex<Option<ConsistencyToken>>>,
+    /// The data version of the response so far: the lowest position among
+    /// the reads and writes made (`None` until one is).
+    pub(super) data: Arc<Mutex<Option<u64>>>,
 }
 
 impl fmt::Debug for RequestDb {
@@ -68,10 +71,51 @@ impl RequestDb {
         &self.db
     }
 
-    /// Records a write's token so the response carries it.
+    /// Records a write's token so the response carries it (and, when its
+    /// position is known, counts it in the response's
+    /// [`DataVersion`](crate::cache::DataVersion), like
+    /// [`record_read`](Self::record_read)).
     pub fn record_write(&self, token: ConsistencyToken) {
-        let mut w = crate::sync::lock(&self.written);
-        *w = Some(w.map_or(token, |t| t.max(token)));
+        {
+            let mut w = crate::sync::lock(&self.written);
+            *w = Some(w.map_or(token, |t| t.max(token)));
+        }
+        if let Some(lsn) = token.known_lsn() {
+            self.record_read(lsn);
+        }
+    }
+
+    /// Records that the response is built from data read at `lsn` (a
+    /// lower bound, like [`Read::lsn`]). The read methods of this type do
+    /// it themselves; call it for data read another way (through the
+    /// underlying [`Db`], or from a cache whose entry is stamped with the
+    /// LSN it reflects), or the response's data version will claim more
+    /// than that data reflects.
+    ///
+    /// The response then carries [`DataVersion`](crate::cache::DataVersion)
+    /// in its extensions: the **lowest** position recorded, the one every
+    /// part of the response reflects at least (a read from a lagging
+    /// replica next to a newer read or write pulls it down). An HTTP cache
+    /// outside [`DbLayer`](super::DbLayer) stamps what it stores with it.
+    pub fn record_read(&self, lsn: Lsn) {
+        if lsn == Lsn::MAX {
+            // Not a position (the unknown token's): nothing is known.
+            return;
+        }
+        let mut d = crate::sync::lock(&self.data);
+        *d = Some(d.map_or(lsn.0, |v| v.min(lsn.0)));
+    }
+
+    /// The data version recorded so far (see [`record_read`](Self::record_read)).
+    pub fn data_version(&self) -> Option<crate::cache::DataVersion> {
+        crate::sync::lock(&self.data).map(crate::cache::DataVersion)
+    }
+
+    fn recorded<T>(&self, read: Result<Read<T>, DbError>) -> Result<Read<T>, DbError> {
+        if let Ok(r) = &read {
+            self.record_read(r.lsn);
+        }
+        read
     }
 
     /// A read routed for this request.
@@ -80,12 +124,12 @@ impl RequestDb {
         sql: &str,
         params: Params<'_>,
     ) -> Result<Read<Option<Row>>, DbError> {
-        self.db.read_opt(self.consistency(), sql, params).await
+        self.recorded(self.db.read_opt(self.consistency(), sql, params).await)
     }
 
     /// A read of exactly one row, routed for this request.
     pub async fn read_one(&self, sql: &str, params: Params<'_>) -> Result<Read<Row>, DbError> {
-        self.db.read_one(self.consistency(), sql, params).await
+        self.recorded(self.db.read_one(self.consistency(), sql, params).await)
     }
 
     /// A read of many rows, routed for this request.
@@ -94,7 +138,7 @@ impl RequestDb {
         sql: &str,
         params: Params<'_>,
     ) -> Result<Read<Vec<Row>>, DbError> {
-        self.db.read_query(self.consistency(), sql, params).await
+        self.recorded(self.db.read_query(self.consistency(), sql, params).await)
     }
 
     /// A write on the primary; its token reaches the response.

@@ -42,16 +42,19 @@ where
         let token = self.layer.token_of(req.headers());
         let route = self.layer.route_of(req.uri().path(), req.method());
         let written = Arc::new(Mutex::new(None));
+        let data = Arc::new(Mutex::new(None));
         let request_db = RequestDb {
             db: self.layer.db.clone(),
             route,
             token,
             written: Arc::clone(&written),
+            data: Arc::clone(&data),
         };
         req.extensions_mut().insert(request_db);
         DbRoutingFuture {
             inner: self.inner.call(req),
             written,
+            data,
             layer: self.layer.clone(),
         }
     }
