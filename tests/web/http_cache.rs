@@ -85,8 +85,16 @@ async fn the_cookie_sees_its_writes_and_older_tokens_hit_stamped_responses() {
         let again = writer.send(&app.addr, "GET", &path, None, &[]).await;
         assert_eq!(name(&again), Some("ada"));
         if again.served_by == "cache" {
+            // RFC 9211: the HTTP cache says so too.
+            let status = again.cache_status.as_deref().unwrap_or_default();
+            assert!(status.starts_with("users-http; hit; ttl="), "{status}");
             break;
         }
+        let status = again.cache_status.as_deref().unwrap_or_default();
+        assert!(
+            status.starts_with("users-http; fwd="),
+            "a refetch: {status}"
+        );
         assert!(
             Instant::now() < deadline,
             "never a hit: {}",

@@ -52,6 +52,8 @@ fn users(local: &LocalCluster, key: &str) -> common::Running {
 struct Reply {
     status: u16,
     served_by: String,
+    /// The RFC 9211 `Cache-Status` field, if any.
+    cache_status: Option<String>,
     cookie: Option<String>,
     body: serde_json::Value,
 }
@@ -106,6 +108,11 @@ impl Client2 {
             .get("x-served-by")
             .map(|v| v.to_str().unwrap().to_string())
             .unwrap_or_default();
+        let cache_status = res
+            .headers()
+            .get("cache-status")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let cookie = res
             .headers()
             .get("set-cookie")
@@ -120,6 +127,7 @@ impl Client2 {
         Reply {
             status,
             served_by,
+            cache_status,
             cookie,
             body,
         }
