@@ -9,7 +9,7 @@
 ///
 /// [`DbLayer`](crate::pg::DbLayer) (features `http` and `postgres`) puts it
 /// on the responses of requests that read or wrote through their
-/// [`RequestDb`](crate::pg::RequestDb): the highest position among their
+/// [`RequestDb`](crate::pg::RequestDb): the lowest position among their
 /// reads and writes. [`HttpCacheLayer`](crate::http::HttpCacheLayer)
 /// (feature `http`) stamps what it stores with it, so that a request whose
 /// consistency token is newer than the stamp is not answered from it, and

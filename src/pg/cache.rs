@@ -36,12 +36,24 @@ use crate::error::ConfigError;
 
 /// The policy [`DbCache`] runs: key, consistency and stamps from the
 /// [`Query`] (public for [`DbCacheBuilder::configure`]).
+///
+/// | read | answered from the cache |
+/// |---|---|
+/// | `Any` | by any fresh entry |
+/// | `ReadYourWrites(token)` | by an entry stamped at or above the token (the unknown token: never) |
+/// | `Strong`, `BoundedStaleness` | never (straight to the database) |
+///
+/// Every entry is stamped with the WAL position its data reflects and
+/// tagged with its key name and the query's tags.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct QueryPolicy;
 
-/// The key of a cached read: its SQL text and its [`cache_key`](Query::cache_key)
-/// (two statements under one key name never answer each other).
-pub type QueryKey = (Arc<str>, Arc<str>);
+/// The key of a cached read: its SQL text, its [`cache_key`](Query::cache_key)
+/// and its bound parameters as `Debug` writes them (two statements, or one
+/// statement with other parameters, under one key name never answer each
+/// other: `for_key("docs", 7)` on `WHERE id = $1 AND owner = $2` is still
+/// keyed by the owner).
+pub type QueryKey = (Arc<str>, Arc<str>, Arc<str>);
 
 impl CachePolicy<Query, QueryOutput> for QueryPolicy {
     type Key = QueryKey;
@@ -49,7 +61,9 @@ impl CachePolicy<Query, QueryOutput> for QueryPolicy {
     fn key(&self, q: &Query) -> Option<QueryKey> {
         match q.access {
             Access::Read(Consistency::Any | Consistency::ReadYourWrites(_)) => {
-                Some((Arc::clone(&q.sql), q.cache_key.clone()?))
+                let name = q.cache_key.clone()?;
+                let params = format!("{:?}", q.params);
+                Some((Arc::clone(&q.sql), name, params.into()))
             }
             _ => None,
         }
@@ -65,8 +79,12 @@ impl CachePolicy<Query, QueryOutput> for QueryPolicy {
         }
     }
 
-    fn storable(&self, _key: &QueryKey, out: &QueryOutput, windows: &Windows) -> Option<Storable> {
-        let mut s = Storable::new(*windows).version(out.lsn.0);
+    fn storable(&self, key: &QueryKey, out: &QueryOutput, windows: &Windows) -> Option<Storable> {
+        // Tagged with its key name too: a write tagged with that name
+        // invalidates it even when the read named no tag.
+        let mut s = Storable::new(*windows)
+            .version(out.lsn.0)
+            .tag(key.1.as_ref());
         for tag in out.tags.iter() {
             s = s.tag(tag.clone());
         }
@@ -135,8 +153,8 @@ impl DbCacheBuilder {
     }
 }
 
-/// A consistent read-through cache over [`Db`] (see the [module
-/// docs](self)): reads that name a [`cache_key`](Query::cache_key) are
+/// A consistent read-through cache over [`Db`] (which reads an entry
+/// answers: [`QueryPolicy`]): reads that name a [`cache_key`](Query::cache_key) are
 /// cached and stamped; writes invalidate their [tags](Query::tag) at their
 /// commit position. A `tower::Service<Query>`, like `Db` itself.
 ///

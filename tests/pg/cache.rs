@@ -119,6 +119,18 @@ fn the_policy_keys_reads_by_statement_and_name_and_leaves_the_rest_alone() {
     let email =
         Query::read("SELECT email FROM users WHERE id = $1", Consistency::Any).for_key("users", 7);
     assert_ne!(p.key(&name), p.key(&email), "two statements under one name");
+    // One statement, one key name, other parameters: other keys (the key
+    // name is the caller's, the parameters decide what the row is).
+    let docs = "SELECT body FROM docs WHERE id = $1 AND owner = $2";
+    let alice = Query::read(docs, Consistency::Any)
+        .bind(7i64)
+        .bind("alice")
+        .for_key("docs", 7);
+    let bob = Query::read(docs, Consistency::Any)
+        .bind(7i64)
+        .bind("bob")
+        .for_key("docs", 7);
+    assert_ne!(p.key(&alice), p.key(&bob), "alice's row answered bob");
     assert!(
         p.key(&Query::read(SQL, Consistency::Any)).is_none(),
         "no cache_key: not cached"
@@ -147,4 +159,39 @@ fn the_policy_keys_reads_by_statement_and_name_and_leaves_the_rest_alone() {
         "no entry serves the unknown token"
     );
     assert_eq!(p.min_version(&name), None);
+}
+
+/// A read named with `cache_key` alone (no tag) is invalidated by a write
+/// tagged with that name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_named_without_a_tag_is_invalidated_by_its_name() {
+    let local = LocalCluster::start(0).expect("LocalCluster");
+    let cluster = connect(&local, |b| b).await;
+    let db = cluster.db();
+    db.execute("CREATE TABLE named (id bigint primary key, v text)", &[])
+        .await
+        .expect("table");
+    db.execute("INSERT INTO named VALUES (1, 'old')", &[])
+        .await
+        .expect("row");
+    let cache = DbCache::builder(db).build().expect("cache");
+    let read = || {
+        Query::read("SELECT v FROM named WHERE id = $1", Consistency::Any)
+            .bind(1i64)
+            .cache_key("named:1")
+    };
+    let value = |out: tower_scale::pg::QueryOutput| out.rows[0].get::<_, String>(0);
+    assert_eq!(value(cache.query(read()).await.expect("read")), "old");
+    let hit = cache.query(read()).await.expect("read");
+    assert_eq!(&*hit.served_by, "cache");
+    cache
+        .query(Query::write("UPDATE named SET v = 'new' WHERE id = 1").tag("named:1"))
+        .await
+        .expect("write");
+    let after = cache.query(read()).await.expect("read");
+    assert_ne!(
+        &*after.served_by, "cache",
+        "the write's tag did not reach it"
+    );
+    assert_eq!(value(after), "new");
 }
