@@ -279,25 +279,19 @@ where
 
     fn call(&mut self, query: Query) -> QueryFuture {
         if query.access == Access::Write {
-            let (mut db, invalidator) = (self.db.clone(), self.invalidator.clone());
-            let tags = query.tags.clone();
+            let mut db = self.db.clone();
+            let mut pending = PendingWrite {
+                invalidator: self.invalidator.clone(),
+                tags: query.tags.clone(),
+            };
             return QueryFuture::new(async move {
                 let result = db.call(query).await;
                 match &result {
                     // At the commit position: fills read below it stay out.
-                    Ok(out) => {
-                        let version = out.token.and_then(|t| t.version());
-                        for tag in tags {
-                            invalidator.invalidate_tag_at(tag, version);
-                        }
-                    }
+                    Ok(out) => pending.done(out.token.and_then(|t| t.version())),
                     // It may have committed: invalidate all the same.
-                    Err(e) if e.may_have_committed() => {
-                        for tag in tags {
-                            invalidator.invalidate_tag(tag);
-                        }
-                    }
-                    Err(_) => {}
+                    Err(e) if e.may_have_committed() => pending.done(None),
+                    Err(_) => pending.tags.clear(),
                 }
                 result
             });
@@ -311,5 +305,27 @@ where
             }
             Ok(out)
         })
+    }
+}
+
+/// A write's tags until its invalidation ran: dropped before that (the
+/// caller gave up on a write that may have committed), it invalidates
+/// them plainly.
+struct PendingWrite {
+    invalidator: Invalidator<QueryKey>,
+    tags: Vec<crate::cache::Tag>,
+}
+
+impl PendingWrite {
+    fn done(&mut self, version: Option<u64>) {
+        for tag in std::mem::take(&mut self.tags) {
+            self.invalidator.invalidate_tag_at(tag, version);
+        }
+    }
+}
+
+impl Drop for PendingWrite {
+    fn drop(&mut self) {
+        self.done(None);
     }
 }
