@@ -289,8 +289,17 @@ where
                 match &result {
                     // At the commit position: fills read below it stay out.
                     Ok(out) => pending.done(out.token.and_then(|t| t.version())),
-                    // It may have committed: invalidate all the same.
-                    Err(e) if e.may_have_committed() => pending.done(None),
+                    // It may have committed, at a position not known: the
+                    // primary's position now is at or above it (if the
+                    // primary does not answer, a plain invalidation).
+                    Err(DbError::RowCount {
+                        written: Some(token),
+                        ..
+                    }) => pending.done(token.version()),
+                    Err(e) if e.may_have_committed() => {
+                        let now = primary_position(&db).await;
+                        pending.done(now);
+                    }
                     Err(_) => pending.tags.clear(),
                 }
                 result
@@ -328,4 +337,19 @@ impl Drop for PendingWrite {
     fn drop(&mut self) {
         self.done(None);
     }
+}
+
+/// The primary's WAL position now, as a version (`None` if it cannot be
+/// read within the read timeout).
+async fn primary_position(db: &Db) -> Option<u64> {
+    let row = db
+        .read_one(
+            Consistency::Strong,
+            "SELECT pg_catalog.pg_current_wal_lsn()::text",
+            &[],
+        )
+        .await
+        .ok()?;
+    let text: String = row.value.try_get(0).ok()?;
+    text.parse::<super::lsn::Lsn>().ok().map(|l| l.0)
 }

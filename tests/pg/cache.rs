@@ -195,3 +195,42 @@ async fn a_read_named_without_a_tag_is_invalidated_by_its_name() {
     );
     assert_eq!(value(after), "new");
 }
+
+/// A write that may have committed (here: it timed out) still invalidates
+/// its tags, at the primary's position read after the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_may_have_committed_still_invalidates() {
+    let local = LocalCluster::start(0).expect("LocalCluster");
+    let cluster = connect(&local, |b| b.write_timeout(Duration::from_millis(100))).await;
+    let db = cluster.db();
+    db.execute("CREATE TABLE slow (id bigint primary key, v text)", &[])
+        .await
+        .expect("table");
+    db.execute("INSERT INTO slow VALUES (1, 'old')", &[])
+        .await
+        .expect("row");
+    let cache = DbCache::builder(db).build().expect("cache");
+    let read = || {
+        Query::read("SELECT v FROM slow WHERE id = $1", Consistency::Any)
+            .bind(1i64)
+            .for_key("slow", 1)
+    };
+    cache.query(read()).await.expect("read");
+    assert_eq!(
+        &*cache.query(read()).await.expect("read").served_by,
+        "cache"
+    );
+    let timed_out = cache
+        .query(
+            Query::write("UPDATE slow SET v = 'new' WHERE id = 1 RETURNING pg_sleep(1)")
+                .for_key("slow", 1),
+        )
+        .await
+        .expect_err("the write outlives the write timeout");
+    assert!(timed_out.may_have_committed(), "{timed_out}");
+    let after = cache.query(read()).await.expect("read");
+    assert_ne!(
+        &*after.served_by, "cache",
+        "the entry survived a write that may have committed"
+    );
+}
