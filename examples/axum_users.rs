@@ -321,6 +321,7 @@ pub async fn http_cached_router(
 ) -> Result<(Router, Option<HttpTier>), users::BoxError> {
     let db_layer = db_layer(backend);
     let cache = HttpCacheLayer::builder()
+        .mark_hits(true)
         .name("users-http")
         .request_version_from(&db_layer)
         .build()?;

@@ -65,6 +65,9 @@ pub(crate) struct HttpConfig {
     pub(crate) cache_status: Option<bytes::Bytes>,
     /// Where a request's consistency token comes from (none: no token).
     pub(crate) request_version: Option<RequestVersion>,
+    /// Whether answers from the cache carry the [`CacheHit`](super::CacheHit)
+    /// extension.
+    pub(crate) mark_hits: bool,
 }
 
 /// The user's function from a request's headers to the version its token

@@ -62,6 +62,7 @@ impl HttpCacheLayer {
                 pass_tag_header: false,
                 cache_status: None,
                 request_version: None,
+                mark_hits: false,
             },
             cache_status: true,
             clock: None,
@@ -421,6 +422,16 @@ impl HttpCacheLayerBuilder {
     /// Default: 1 s, at least 10 ms. No effect without a name.
     pub fn metrics_interval(mut self, every: std::time::Duration) -> Self {
         self.metrics.1 = every;
+        self
+    }
+
+    /// Marks every answer from the cache with the
+    /// [`CacheHit`](super::CacheHit) response extension (`Local` or
+    /// `SharedTier`), for a layer outside to report it (an `x-served-by`
+    /// header, a metric). Default: off (the extension map costs two
+    /// allocations on every hit).
+    pub fn mark_hits(mut self, yes: bool) -> Self {
+        self.config.mark_hits = yes;
         self
     }
 

@@ -150,13 +150,21 @@ where
             match freshness::usable(age, stored.lifetime, &stored.cc, &req_cc, &shared.rules) {
                 Usable::Fresh => {
                     shared.stats.incr(Kind::Hits);
-                    let mut res = hit(respond(&stored, age, head, &parts.headers), CacheHit::Local);
+                    let mut res = hit(
+                        &shared.config,
+                        respond(&stored, age, head, &parts.headers),
+                        CacheHit::Local,
+                    );
                     status::stamp(&shared.config, &mut res, &Status::hit(&stored, age));
                     return HttpResponseFuture::ready(Ok(res));
                 }
                 Usable::StaleWhileRevalidate => {
                     shared.stats.incr(Kind::StaleHits);
-                    let mut res = hit(respond(&stored, age, head, &parts.headers), CacheHit::Local);
+                    let mut res = hit(
+                        &shared.config,
+                        respond(&stored, age, head, &parts.headers),
+                        CacheHit::Local,
+                    );
                     status::stamp(&shared.config, &mut res, &Status::hit(&stored, age));
                     // One background revalidation per entry at a time (the
                     // entry's flag, no lock; the task's flight join keeps

@@ -13,6 +13,7 @@ use http_body::Body;
 
 use super::body::CacheBody;
 use super::cache_control::ResponseDirectives;
+use super::config::HttpConfig;
 use super::config::{MAX_TAG_LEN, MAX_TAGS};
 use super::freshness;
 use crate::cache::{Instant, Tag};
@@ -171,8 +172,11 @@ pub enum CacheHit {
 }
 
 /// `res`, marked as answered from the cache.
-pub(crate) fn hit<B>(mut res: Response<B>, how: CacheHit) -> Response<B> {
-    res.extensions_mut().insert(how);
+pub(crate) fn hit<B>(config: &HttpConfig, mut res: Response<B>, how: CacheHit) -> Response<B> {
+    // Off unless asked for: the extension map costs two allocations a hit.
+    if config.mark_hits {
+        res.extensions_mut().insert(how);
+    }
     res
 }
 

@@ -154,8 +154,11 @@ where
                         if let Some((stored, age)) =
                             fresh_variant(&shared, &variants, req.headers(), &req_cc, token)
                         {
-                            let mut res =
-                                hit(respond(&stored, age, head, req.headers()), CacheHit::Local);
+                            let mut res = hit(
+                                &shared.config,
+                                respond(&stored, age, head, req.headers()),
+                                CacheHit::Local,
+                            );
                             status::note(&shared.config, &mut res, |s| {
                                 s.fwd = Some(Fwd::Miss);
                                 s.collapsed = true;
@@ -191,6 +194,7 @@ where
                     leader.complete(&entry.result);
                 }
                 let mut res = hit(
+                    &shared.config,
                     respond(&stored, age, head, req.headers()),
                     CacheHit::SharedTier,
                 );
@@ -343,6 +347,7 @@ where
                 if freshness::stale_if_error_allows(staleness, &stored.cc, &shared.rules) {
                     shared.stats.incr(Kind::StaleIfError);
                     let mut res = hit(
+                        &shared.config,
                         respond(stored, stored.age(now), head, &client_headers),
                         CacheHit::Local,
                     );
@@ -491,7 +496,11 @@ where
             if freshness::stale_if_error_allows(staleness, &stored.cc, &shared.rules) {
                 shared.stats.incr(Kind::StaleIfError);
                 let (age, from) = (stored.age(now), Some(res.status()));
-                let mut served = hit(respond(stored, age, head, &client_headers), CacheHit::Local);
+                let mut served = hit(
+                    &shared.config,
+                    respond(stored, age, head, &client_headers),
+                    CacheHit::Local,
+                );
                 status::note_stood_in(&shared.config, &mut served, stored, age, from);
                 return Ok((served, None));
             }

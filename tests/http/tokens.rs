@@ -38,6 +38,7 @@ const UNSTAMPED: u64 = u64::MAX;
 
 fn cache(data: &Arc<Data>) -> (Svc, HttpCacheLayer) {
     let layer = HttpCacheLayer::builder()
+        .mark_hits(true)
         .request_version(|h| h.get("x-min-version")?.to_str().ok()?.parse().ok())
         .build()
         .unwrap();
