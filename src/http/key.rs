@@ -109,3 +109,23 @@ impl HttpShared {
         keys
     }
 }
+
+/// The cache key of `location` relative to `base`, if it has the same origin.
+pub(super) fn same_origin(base: &http::Uri, location: &str) -> Option<String> {
+    let (scheme, authority) = (base.scheme_str()?, base.authority()?.as_str());
+    if location.starts_with('/') && !location.starts_with("//") {
+        return Some(format!("{scheme}://{authority}{location}"));
+    }
+    let uri: http::Uri = location.parse().ok()?;
+    let same = uri.scheme_str() == Some(scheme)
+        && uri
+            .authority()
+            .is_some_and(|a| a.as_str().eq_ignore_ascii_case(authority));
+    same.then(|| {
+        format!(
+            "{scheme}://{}{}",
+            authority.to_ascii_lowercase(),
+            uri.path_and_query().map_or("/", |p| p.as_str())
+        )
+    })
+}

@@ -15,6 +15,7 @@ use super::body::{Buffered, CacheBody, buffer};
 use super::cache_control::{RequestDirectives, ResponseDirectives};
 use super::config::covers;
 use super::freshness::{self, NotStored, Usable};
+use super::key::same_origin;
 use super::state::HttpShared;
 use super::status::{self, Fwd, Status};
 use super::stored::{
@@ -84,26 +85,6 @@ where
     }
     strip_tags(&shared, res.headers_mut());
     Ok(res.map(CacheBody::stream))
-}
-
-/// The cache key of `location` relative to `base`, if it has the same origin.
-fn same_origin(base: &http::Uri, location: &str) -> Option<String> {
-    let (scheme, authority) = (base.scheme_str()?, base.authority()?.as_str());
-    if location.starts_with('/') && !location.starts_with("//") {
-        return Some(format!("{scheme}://{authority}{location}"));
-    }
-    let uri: http::Uri = location.parse().ok()?;
-    let same = uri.scheme_str() == Some(scheme)
-        && uri
-            .authority()
-            .is_some_and(|a| a.as_str().eq_ignore_ascii_case(authority));
-    same.then(|| {
-        format!(
-            "{scheme}://{}{}",
-            authority.to_ascii_lowercase(),
-            uri.path_and_query().map_or("/", |p| p.as_str())
-        )
-    })
 }
 
 /// The stored variant for this request, if it is fresh enough for it and
