@@ -22,40 +22,25 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
-use http::{HeaderMap, StatusCode, Version};
+use http::{HeaderMap, StatusCode};
 
 use super::fetch::{Fetched, StoredGrpc};
 use super::key::{GrpcKey, single_message};
 use super::layer::GrpcConfig;
 use crate::cache::redis::RedisCodec;
+use crate::http::remote::{
+    CONNECTION_FIELDS, MAX_FIELDS, MAX_HEADER_BYTES, length_matches, version_code, version_of,
+};
 
 /// The value format.
 const FORMAT: u8 = 1;
 /// The key format.
 const KEY_FORMAT: u8 = 1;
-/// The most bytes (names and values) of a header section decoded.
-const MAX_HEADER_BYTES: usize = 256 << 10;
-/// The most fields of a header section decoded.
-const MAX_FIELDS: usize = 1024;
-/// Fields about the connection or the framing, not the response: a value
-/// carrying one is refused (sent on, they would break the stream).
-const CONNECTION_FIELDS: [HeaderName; 5] = [
-    http::header::CONNECTION,
-    http::header::TRANSFER_ENCODING,
-    http::header::UPGRADE,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-];
-
 /// Whether a decoded header section may be sent on with a message of
 /// `body_len` bytes: no connection fields, and a `content-length`, if
 /// any, that is the message's.
 fn sendable(headers: &HeaderMap, body_len: usize) -> bool {
-    let length_ok = headers
-        .get_all(http::header::CONTENT_LENGTH)
-        .iter()
-        .all(|v| v.to_str().ok().and_then(|v| v.parse::<usize>().ok()) == Some(body_len));
-    length_ok && !CONNECTION_FIELDS.iter().any(|f| headers.contains_key(f))
+    length_matches(headers, body_len) && !CONNECTION_FIELDS.iter().any(|f| headers.contains_key(f))
 }
 
 /// The [`RedisCodec`] of a gRPC cache's shared tier: from
@@ -70,27 +55,6 @@ impl GrpcRedisCodec {
     pub(crate) fn new(config: Arc<GrpcConfig>) -> Self {
         Self { config }
     }
-}
-
-fn version_code(v: Version) -> u8 {
-    match v {
-        Version::HTTP_09 => 0,
-        Version::HTTP_10 => 1,
-        Version::HTTP_2 => 3,
-        Version::HTTP_3 => 4,
-        _ => 2,
-    }
-}
-
-fn version_of(code: u8) -> Option<Version> {
-    Some(match code {
-        0 => Version::HTTP_09,
-        1 => Version::HTTP_10,
-        2 => Version::HTTP_11,
-        3 => Version::HTTP_2,
-        4 => Version::HTTP_3,
-        _ => return None,
-    })
 }
 
 /// Every length is a full `u64`: nothing is ever cut, so distinct keys

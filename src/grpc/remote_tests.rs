@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::grpc::GrpcCacheLayer;
+use http::Version;
 
 const PATH: &str = "/a.B/C";
 

@@ -209,7 +209,7 @@ mod future;
 mod key;
 mod layer;
 #[cfg(feature = "redis")]
-mod remote;
+pub(crate) mod remote;
 mod service;
 mod state;
 mod status;

@@ -38,18 +38,26 @@ use crate::cache::redis::RedisCodec;
 use crate::cache::{Clock, Tag};
 
 /// The most bytes of one header section decoded.
-const MAX_HEADER_BYTES: usize = 256 << 10;
+pub(crate) const MAX_HEADER_BYTES: usize = 256 << 10;
 /// The most fields of one header section decoded.
-const MAX_FIELDS: usize = 1024;
+pub(crate) const MAX_FIELDS: usize = 1024;
 /// Fields about the connection, not the response: a value carrying one is
 /// refused (sent on, they would break the client's connection or stream).
-const CONNECTION_FIELDS: [HeaderName; 5] = [
+pub(crate) const CONNECTION_FIELDS: [HeaderName; 5] = [
     http::header::CONNECTION,
     http::header::TRANSFER_ENCODING,
     http::header::UPGRADE,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
 ];
+
+/// Whether every `content-length` of `headers` is `body_len`.
+pub(crate) fn length_matches(headers: &HeaderMap, body_len: usize) -> bool {
+    headers
+        .get_all(http::header::CONTENT_LENGTH)
+        .iter()
+        .all(|v| v.to_str().ok().and_then(|v| v.parse::<usize>().ok()) == Some(body_len))
+}
 
 /// The format written: 2 adds each variant's stamp after its tags.
 const FORMAT: u8 = 2;
@@ -91,7 +99,9 @@ fn wall_ms(t: SystemTime) -> u64 {
     u64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX)
 }
 
-fn version_code(v: Version) -> u8 {
+/// A response's HTTP version as one byte of a tier value (the HTTP and
+/// gRPC codecs share it).
+pub(crate) fn version_code(v: Version) -> u8 {
     match v {
         Version::HTTP_09 => 0,
         Version::HTTP_10 => 1,
@@ -101,7 +111,8 @@ fn version_code(v: Version) -> u8 {
     }
 }
 
-fn version_of(code: u8) -> Option<Version> {
+/// The version [`version_code`] wrote; `None` for any other byte.
+pub(crate) fn version_of(code: u8) -> Option<Version> {
     Some(match code {
         0 => Version::HTTP_09,
         1 => Version::HTTP_10,
@@ -271,11 +282,7 @@ impl HttpRedisCodec {
             let mut headers = r.headers()?;
             let body = r.bytes()?;
             // A length that is not the body's would break the connection.
-            let length_ok = headers
-                .get_all(http::header::CONTENT_LENGTH)
-                .iter()
-                .all(|v| v.to_str().ok().and_then(|v| v.parse::<usize>().ok()) == Some(body.len()));
-            if !length_ok {
+            if !length_matches(&headers, body.len()) {
                 return None;
             }
             let body = (body.len() <= self.max_body).then(|| Bytes::copy_from_slice(body));
