@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Row;
+use tokio_postgres::types::PgLsn;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tracing::Instrument;
@@ -95,6 +96,13 @@ impl Db {
     /// One attempt at a statement on node `index`: checkout (bounded by the
     /// pool's own timeouts, not counted in `timeout`), then prepare and run
     /// within `timeout`. The connection comes back with the output, armed.
+    ///
+    /// A write (`write`) sends the token query right behind the statement,
+    /// before reading its answer: statement and token cost one round trip
+    /// (both statements' preparation another, once per connection). The
+    /// token query runs after the statement's own `Sync`, so after its
+    /// implicit transaction committed; its answer comes back as a
+    /// [`TokenAnswer`], never as the statement's error.
     pub(super) async fn attempt(
         &self,
         index: usize,
@@ -103,18 +111,29 @@ impl Db {
         mode: Mode,
         write: bool,
         timeout: Duration,
-    ) -> Result<(Output, Running<'_>), Failure> {
+    ) -> Result<Attempt<'_>, Failure> {
         let node = self.node(index);
         let _in_flight = InFlight::new(node);
         let conn = node.connection(write).await.map_err(Failure::Checkout)?;
         let running = Running::new(conn, &self.inner.cancel);
         let conn = running.conn().map_err(Failure::Checkout)?;
-        node.queries.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("tower_scale_db_queries_total", "node" => Arc::clone(&node.name))
-            .increment(1);
+        node.count_query();
         let deadline = tokio::time::Instant::now() + timeout;
-        let stmt = match tokio::time::timeout_at(deadline, prepare(conn, &node.name, sql)).await {
-            Ok(Ok(stmt)) => stmt,
+        let prepared = if write {
+            let both = futures_util::future::try_join(
+                prepare(conn, &node.name, sql),
+                prepare(conn, &node.name, TOKEN_SQL),
+            );
+            tokio::time::timeout_at(deadline, both)
+                .await
+                .map(|r| r.map(|(stmt, token)| (stmt, Some(token))))
+        } else {
+            tokio::time::timeout_at(deadline, prepare(conn, &node.name, sql))
+                .await
+                .map(|r| r.map(|stmt| (stmt, None)))
+        };
+        let (stmt, token_stmt) = match prepared {
+            Ok(Ok(prepared)) => prepared,
             Ok(Err(source)) => {
                 running.settle(&source, write);
                 return Err(Failure::Driver {
@@ -127,29 +146,53 @@ impl Db {
         // Time the execution only: a first prepare on a new connection must
         // not make a node look slow for long.
         let started = Instant::now();
-        let result = match mode {
-            Mode::Rows => tokio::time::timeout_at(deadline, conn.query(&stmt, params))
-                .await
-                .map(|r| r.map(Output::Rows)),
-            Mode::Execute => tokio::time::timeout_at(deadline, conn.execute(&stmt, params))
-                .await
-                .map(|r| r.map(Output::Count)),
+        let run = async {
+            match mode {
+                Mode::Rows => conn.query(&stmt, params).await.map(Output::Rows),
+                Mode::Execute => conn.execute(&stmt, params).await.map(Output::Count),
+            }
+        };
+        let (result, token) = match &token_stmt {
+            // Polled in this order: the statement goes out first.
+            Some(token_stmt) => pipelined(deadline, run, conn.query_one(token_stmt, &[])).await,
+            None => (
+                tokio::time::timeout_at(deadline, run).await.ok(),
+                Some(Ok(TokenAnswer::None)),
+            ),
         };
         match result {
-            Ok(Ok(out)) => {
-                node.record_latency(started.elapsed(), self.inner.started);
-                Ok((out, running))
+            Some(Ok(out)) => {
+                if !write {
+                    node.record_latency(started.elapsed(), self.inner.started);
+                }
+                let token = match token {
+                    Some(Ok(answer)) => answer,
+                    Some(Err(e)) => TokenAnswer::Failed(e),
+                    None => TokenAnswer::TimedOut,
+                };
+                Ok(Attempt {
+                    out,
+                    running,
+                    token,
+                })
             }
-            Ok(Err(source)) => {
+            Some(Err(source)) => {
                 if !write && node_trouble(&source) {
                     node.record_failure(started.elapsed(), self.inner.started);
                 }
                 // Parameter errors are raised before anything is sent.
                 let sent = fault(&source) != Fault::Client;
-                running.settle(&source, write);
+                match token {
+                    // The session is idle again (or broken: settle sees it).
+                    Some(Ok(_)) => running.settle(&source, write),
+                    // The token query failed too: the session's state is
+                    // unknown. Or it is still running: cancel and close.
+                    Some(Err(_)) => running.discard(),
+                    None => drop(running),
+                }
                 Err(Failure::Driver { source, sent })
             }
-            Err(_) => Err(Failure::Timeout),
+            None => Err(Failure::Timeout),
         }
     }
 
@@ -167,9 +210,9 @@ impl Db {
             .attempt(index, sql, params, Mode::Rows, false, read_timeout)
             .await
         {
-            Ok((out, running)) => {
-                running.release();
-                Ok(rows(out))
+            Ok(done) => {
+                done.running.release();
+                Ok(rows(done.out))
             }
             Err(Failure::Checkout(e)) => {
                 // Waiting for a connection says nothing about the server;
@@ -310,7 +353,7 @@ impl Db {
         let span = tracing::debug_span!("db.write", node = %node.name);
         async {
             let write_timeout = self.inner.options.write_timeout;
-            let (out, running) = match self
+            let done = match self
                 .attempt(index, sql, params, mode, true, write_timeout)
                 .await
             {
@@ -330,9 +373,9 @@ impl Db {
                 }
             };
             // Committed: from here on the write succeeds, token or not.
-            let token = self.token_after_commit(index, running).await;
+            let token = self.token_after_commit(node, done.running, done.token);
             Ok(Written {
-                value: out,
+                value: done.out,
                 token,
                 served_by: Arc::clone(&node.name),
             })
@@ -341,42 +384,41 @@ impl Db {
         .await
     }
 
-    /// The primary's WAL position after a commit, on the session that
-    /// committed, within the write timeout. If it cannot be had, the
-    /// unknown token: reads that present it go to the primary.
-    pub(super) async fn token_after_commit(
+    /// The token from the answer of the query pipelined behind a committed
+    /// statement. If it cannot be had, the unknown token: reads that
+    /// present it go to the primary.
+    fn token_after_commit(
         &self,
-        index: usize,
+        node: &Node,
         running: Running<'_>,
+        answer: TokenAnswer,
     ) -> ConsistencyToken {
-        let node = self.node(index);
-        let Ok(conn) = running.conn() else {
-            return ConsistencyToken::unknown();
-        };
-        let answer = tokio::time::timeout(
-            self.inner.options.write_timeout,
-            conn.simple_query(TOKEN_SQL),
-        )
-        .await;
         match answer {
-            Ok(Ok(messages)) => match parse_lsn(&messages) {
-                Some(lsn) => {
-                    running.release();
-                    self.commit_token(node, lsn)
+            TokenAnswer::Row(row) => {
+                let at = |i| row.try_get::<_, PgLsn>(i).ok().map(|l| Lsn(u64::from(l)));
+                match token_position(at(0), at(1), node.wal_layout()) {
+                    Some(lsn) => {
+                        running.release();
+                        self.commit_token(node, lsn)
+                    }
+                    None => {
+                        tracing::warn!(node = %node.name, "the token query's answer is not a WAL position; the write's token routes reads to the primary");
+                        running.discard();
+                        ConsistencyToken::unknown()
+                    }
                 }
-                None => {
-                    tracing::warn!(node = %node.name, "the token query's answer is not a WAL position; the write's token routes reads to the primary");
-                    running.discard();
-                    ConsistencyToken::unknown()
-                }
-            },
-            Ok(Err(e)) => {
+            }
+            TokenAnswer::None => {
+                running.release();
+                ConsistencyToken::unknown()
+            }
+            TokenAnswer::Failed(e) => {
                 tracing::warn!(node = %node.name, error = %e, "the token query failed after the commit; the write's token routes reads to the primary");
                 // The session's state is unknown: never reuse it.
                 running.discard();
                 ConsistencyToken::unknown()
             }
-            Err(_) => {
+            TokenAnswer::TimedOut => {
                 tracing::warn!(node = %node.name, "the token query timed out after the commit; the write's token routes reads to the primary");
                 self.inner.request_reprobe();
                 drop(running);

@@ -19,6 +19,55 @@ impl fmt::Display for Lsn {
     }
 }
 
+/// How a server lays out its WAL: the page size (`wal_block_size`) and
+/// the segment size (`wal_segment_size`), both in bytes (0 while unknown).
+///
+/// A write's token is taken from the WAL *insert* position, which is never
+/// below the end of the write's commit record, even under
+/// `synchronous_commit = off`, where the write position
+/// (`pg_current_wal_lsn()`) can trail a commit that has not been written
+/// out yet (a token taken from it would let a replica that lacks the
+/// commit serve the read). When the last record ended exactly at a page
+/// boundary, the insert position points past the next page's header,
+/// where no replica's replay position will ever stop until more WAL is
+/// written; [`commit_position`](Self::commit_position) moves it back to
+/// the boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct WalLayout {
+    pub(crate) block: u64,
+    pub(crate) segment: u64,
+}
+
+/// The header of a WAL page, and of a segment's first page, on 64-bit
+/// servers (`SizeOfXLogShortPHD`, `SizeOfXLogLongPHD`).
+const SHORT_PAGE_HEADER: u64 = 24;
+const LONG_PAGE_HEADER: u64 = 40;
+
+impl WalLayout {
+    /// The token for a commit answered before `insert` (the insert
+    /// position) and `written` (the write position) were read: never below
+    /// the commit record's end. An insert position right after a page
+    /// header becomes the page boundary, or the write position if that is
+    /// higher (so a server whose headers are another size, where that
+    /// offset could be a real record's end, still gets a token at or above
+    /// its durable commits).
+    pub(crate) fn commit_position(self, insert: Lsn, written: Lsn) -> Lsn {
+        if self.block == 0 || self.segment == 0 {
+            return insert;
+        }
+        let header = if insert.0 % self.segment == LONG_PAGE_HEADER {
+            LONG_PAGE_HEADER
+        } else if insert.0 % self.block == SHORT_PAGE_HEADER
+            && insert.0 % self.segment != SHORT_PAGE_HEADER
+        {
+            SHORT_PAGE_HEADER
+        } else {
+            return insert;
+        };
+        Lsn((insert.0 - header).max(written.0.min(insert.0)))
+    }
+}
+
 /// `pg_lsn` text that did not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("not a pg_lsn: {0:?} (expected two hex numbers like 16/B374D848)")]
@@ -134,5 +183,26 @@ mod tests {
         assert_eq!(unknown.max(known), unknown);
         assert_eq!(unknown.known_lsn(), None);
         assert_eq!(known.known_lsn(), Some(known.lsn()));
+    }
+
+    #[test]
+    fn a_commit_position_after_a_page_header_moves_to_the_boundary() {
+        let layout = WalLayout {
+            block: 8192,
+            segment: 16 << 20,
+        };
+        let seg = 16u64 << 20;
+        // Mid-page: the insert position as is.
+        assert_eq!(layout.commit_position(Lsn(seg + 8192 + 200), Lsn(0)), Lsn(seg + 8192 + 200));
+        // Right after a page's short header: the boundary.
+        assert_eq!(layout.commit_position(Lsn(seg + 8192 + 24), Lsn(0)), Lsn(seg + 8192));
+        // Right after a segment's long header: the boundary.
+        assert_eq!(layout.commit_position(Lsn(3 * seg + 40), Lsn(0)), Lsn(3 * seg));
+        // Offset 40 of a page that does not start a segment is a record's end.
+        assert_eq!(layout.commit_position(Lsn(seg + 8192 + 40), Lsn(0)), Lsn(seg + 8192 + 40));
+        // The write position is never given away for the boundary.
+        assert_eq!(layout.commit_position(Lsn(seg + 8192 + 24), Lsn(seg + 8192 + 24)), Lsn(seg + 8192 + 24));
+        // Unknown layout: the insert position.
+        assert_eq!(WalLayout::default().commit_position(Lsn(seg + 24), Lsn(0)), Lsn(seg + 24));
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::Object;
 
 use super::cluster::Inner;
-use super::lsn::Lsn;
+use super::lsn::{Lsn, WalLayout};
 use super::node::{Node, Role};
 
 /// The monitor task: probe every node each interval (or sooner on request).
@@ -35,6 +35,7 @@ struct Probe {
     lsn: Lsn,
     timeline: u64,
     replay_age: Option<Duration>,
+    layout: WalLayout,
 }
 
 const PROBE_SQL: &str = "SELECT pg_is_in_recovery(), \
@@ -42,7 +43,9 @@ const PROBE_SQL: &str = "SELECT pg_is_in_recovery(), \
     CASE WHEN pg_is_in_recovery() THEN 0::bigint \
          ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint END, \
     CASE WHEN pg_is_in_recovery() \
-         THEN extract(epoch FROM (now() - pg_last_xact_replay_timestamp()))::float8 END";
+         THEN extract(epoch FROM (now() - pg_last_xact_replay_timestamp()))::float8 END, \
+    current_setting('wal_block_size')::bigint, \
+    (SELECT setting::bigint FROM pg_catalog.pg_settings WHERE name = 'wal_segment_size')";
 
 async fn probe(node: &Node, timeout: Duration) -> Result<Probe, String> {
     let conn = tokio::time::timeout(timeout, node.probe_pool.get())
@@ -71,8 +74,20 @@ async fn probe(node: &Node, timeout: Duration) -> Result<Probe, String> {
                     .map_err(|e| e.to_string())?
                     .filter(|s| s.is_finite() && *s >= 0.0)
                     .map(Duration::from_secs_f64),
+                layout: WalLayout {
+                    block: size(row.try_get(4)),
+                    segment: size(row.try_get(5)),
+                },
             })
         }
+    }
+}
+
+/// A size setting in bytes, 0 when it is missing or not a power of two.
+fn size(value: Result<Option<i64>, tokio_postgres::Error>) -> u64 {
+    match value {
+        Ok(Some(n)) => u64::try_from(n).ok().filter(|n| n.is_power_of_two()).unwrap_or(0),
+        _ => 0,
     }
 }
 
@@ -84,7 +99,7 @@ pub(super) async fn probe_all(inner: &Inner) {
     let now_ms = u64::try_from(inner.started.elapsed().as_millis()).unwrap_or(u64::MAX);
     for (node, result) in inner.nodes.iter().zip(&results) {
         match result {
-            Ok(p) => node.observe_probe(p.in_recovery, p.lsn, p.timeline, now_ms),
+            Ok(p) => node.observe_probe(p.in_recovery, p.lsn, p.timeline, p.layout, now_ms),
             Err(reason) => node.observe_failure(reason),
         }
     }

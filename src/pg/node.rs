@@ -14,7 +14,7 @@ use tokio_postgres::{CancelToken, Socket};
 use super::balance::ramp_weight;
 use super::config::{ClusterBuilder, NodeConfig};
 use super::error::{DbError, PoolTimeout};
-use super::lsn::Lsn;
+use super::lsn::{Lsn, WalLayout};
 use crate::error::ConfigError;
 
 const ROLE_UNKNOWN: u8 = 0;
@@ -74,6 +74,8 @@ pub(crate) struct Node {
     /// Replay LSN (replica) or current LSN (primary), as last seen.
     lsn: AtomicU64,
     timeline: AtomicU64,
+    wal_block: AtomicU64,
+    wal_segment: AtomicU64,
     lag_nanos: AtomicU64,
     healthy_since_ms: AtomicU64,
     pub(crate) in_flight: AtomicU64,
@@ -81,6 +83,10 @@ pub(crate) struct Node {
     latency_at_nanos: AtomicU64,
     latency_samples: AtomicU64,
     pub(crate) queries: AtomicU64,
+    /// Registered once: a per-query `counter!` with a label hashes the
+    /// label set on every query.
+    queries_total: metrics::Counter,
+    pool_wait: metrics::Histogram,
 }
 
 /// Samples a node needs before its latency counts in the balance.
@@ -155,7 +161,6 @@ impl Node {
         probe.application_name("tower-scale-monitor");
         probe.connect_timeout(b.probe_timeout);
         Ok(Self {
-            name: Arc::from(name),
             zone: config.zone,
             pool: build_pool(pg, b.pool_size, b.wait_timeout)?,
             write_pool: build_pool(write, b.pool_size, b.wait_timeout)?,
@@ -165,6 +170,8 @@ impl Node {
             healthy: AtomicBool::new(false),
             lsn: AtomicU64::new(0),
             timeline: AtomicU64::new(0),
+            wal_block: AtomicU64::new(0),
+            wal_segment: AtomicU64::new(0),
             lag_nanos: AtomicU64::new(0),
             healthy_since_ms: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
@@ -173,6 +180,9 @@ impl Node {
             latency_at_nanos: AtomicU64::new(0),
             latency_samples: AtomicU64::new(0),
             queries: AtomicU64::new(0),
+            queries_total: metrics::counter!("tower_scale_db_queries_total", "node" => name.clone()),
+            pool_wait: metrics::histogram!("tower_scale_db_pool_wait_seconds", "node" => name.clone()),
+            name: Arc::from(name),
         })
     }
 
@@ -201,6 +211,14 @@ impl Node {
         self.timeline.load(Ordering::Acquire)
     }
 
+    /// The node's WAL layout as last probed (zeros before the first probe).
+    pub(crate) fn wal_layout(&self) -> WalLayout {
+        WalLayout {
+            block: self.wal_block.load(Ordering::Relaxed),
+            segment: self.wal_segment.load(Ordering::Relaxed),
+        }
+    }
+
     pub(super) fn set_lag(&self, lag: Duration) {
         self.lag_nanos.store(
             u64::try_from(lag.as_nanos()).unwrap_or(u64::MAX),
@@ -210,7 +228,16 @@ impl Node {
 
     /// A probe answered: the node's role, LSN and timeline as it reported
     /// them; back in rotation (its ramp starts at `now_ms`) if it was out.
-    pub(super) fn observe_probe(&self, in_recovery: bool, lsn: Lsn, timeline: u64, now_ms: u64) {
+    pub(super) fn observe_probe(
+        &self,
+        in_recovery: bool,
+        lsn: Lsn,
+        timeline: u64,
+        layout: WalLayout,
+        now_ms: u64,
+    ) {
+        self.wal_block.store(layout.block, Ordering::Relaxed);
+        self.wal_segment.store(layout.segment, Ordering::Relaxed);
         self.role.store(
             if in_recovery {
                 ROLE_REPLICA
@@ -333,9 +360,14 @@ impl Node {
             &self.pool
         };
         let result = pool.get().await;
-        metrics::histogram!("tower_scale_db_pool_wait_seconds", "node" => Arc::clone(&self.name))
-            .record(started.elapsed().as_secs_f64());
+        self.pool_wait.record(started.elapsed().as_secs_f64());
         result.map_err(|e| pool_error(&self.name, e))
+    }
+
+    /// One more query on this node (its count and the metric).
+    pub(crate) fn count_query(&self) {
+        self.queries.fetch_add(1, Ordering::Relaxed);
+        self.queries_total.increment(1);
     }
 
     pub(super) fn snapshot(&self, started: Instant, ramp: Duration) -> NodeStatus {

@@ -2,7 +2,9 @@
 //! abandonment, the in-flight count, the bounded statement cache, and the
 //! SQL the write path sends after a statement (token, replay position, commit).
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::sync::atomic::Ordering;
 
 use deadpool_postgres::{ClientWrapper, Object};
@@ -10,7 +12,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Row, SimpleQueryMessage, Statement};
 
 use super::error::{DbError, Fault, fault};
-use super::lsn::{ConsistencyToken, Lsn};
+use super::lsn::{ConsistencyToken, Lsn, WalLayout};
 use super::node::{Canceller, Node};
 
 /// A checked-out connection that may have a statement in flight. Dropped
@@ -119,6 +121,69 @@ pub(super) enum Failure {
     },
 }
 
+/// A statement that ran: its output, the session (armed until released),
+/// and the answer of the token query pipelined behind it.
+pub(super) struct Attempt<'a> {
+    pub(super) out: Output,
+    pub(super) running: Running<'a>,
+    pub(super) token: TokenAnswer,
+}
+
+/// The token query's answer, for a statement that succeeded.
+pub(super) enum TokenAnswer {
+    /// No token query was sent (a read).
+    None,
+    /// The token row: insert and write positions.
+    Row(Row),
+    /// It failed: the session's state is unknown.
+    Failed(tokio_postgres::Error),
+    /// No answer by the deadline: the session has a query in flight.
+    TimedOut,
+}
+
+/// Runs `statement` and `token` together until both answer or `deadline`
+/// passes, polling the statement first (so its request is sent first:
+/// tokio-postgres sends a request when its future is first polled, and
+/// the server answers them in order). `None` for whichever had not
+/// answered by the deadline.
+pub(super) async fn pipelined<S, T>(
+    deadline: tokio::time::Instant,
+    statement: S,
+    token: T,
+) -> (
+    Option<Result<Output, tokio_postgres::Error>>,
+    Option<Result<TokenAnswer, tokio_postgres::Error>>,
+)
+where
+    S: Future<Output = Result<Output, tokio_postgres::Error>>,
+    T: Future<Output = Result<Row, tokio_postgres::Error>>,
+{
+    let mut statement = std::pin::pin!(statement);
+    let mut token = std::pin::pin!(token);
+    let mut ran = None;
+    let mut answered = None;
+    let both = std::future::poll_fn(|cx| {
+        if ran.is_none() {
+            if let Poll::Ready(r) = statement.as_mut().poll(cx) {
+                ran = Some(r);
+            }
+        }
+        if answered.is_none() {
+            if let Poll::Ready(r) = token.as_mut().poll(cx) {
+                answered = Some(r.map(TokenAnswer::Row));
+            }
+        }
+        if ran.is_some() && answered.is_some() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    });
+    // On timeout, whatever answered stays recorded.
+    let _ = tokio::time::timeout_at(deadline, both).await;
+    (ran, answered)
+}
+
 /// Statements kept prepared per connection. deadpool-postgres's statement
 /// cache has no limit of its own: SQL text built per request (an `IN` list
 /// of varying length, values spliced into the text) would grow it, and the
@@ -153,9 +218,14 @@ pub(super) enum Output {
     Count(u64),
 }
 
-/// The token query: schema-qualified, so no `search_path` can redirect it.
-/// The simple protocol answers it in one round trip.
-pub(super) const TOKEN_SQL: &str = "SELECT pg_catalog.pg_current_wal_lsn()::text";
+/// The token query, pipelined behind every autocommit write (prepared
+/// once per connection, sent before the write's answer is read, so the
+/// write and its token cost one round trip): the WAL insert position and
+/// the write position (see [`WalLayout`](super::lsn::WalLayout) for why
+/// both). Schema-qualified, so no `search_path` can redirect it; it runs
+/// after the write's implicit transaction has committed (its own `Sync`).
+pub(super) const TOKEN_SQL: &str =
+    "SELECT pg_catalog.pg_current_wal_insert_lsn(), pg_catalog.pg_current_wal_lsn()";
 
 /// Read-your-writes catch-up: how far a replica has replayed.
 pub(super) const REPLAY_SQL: &str = "SELECT pg_catalog.pg_last_wal_replay_lsn()::text";
@@ -167,10 +237,20 @@ pub(super) const REPLAY_SQL: &str = "SELECT pg_catalog.pg_last_wal_replay_lsn():
 /// server then skips the rest, so neither is ever taken for our commit.
 /// After `COMMIT`'s own completion the commit is certain, whatever happens
 /// to the token query.
-pub(super) const COMMIT_SQL: &str =
-    "SAVEPOINT tower_scale_guard; COMMIT; SELECT pg_catalog.pg_current_wal_lsn()::text";
+pub(super) const COMMIT_SQL: &str = "SAVEPOINT tower_scale_guard; COMMIT; \
+    SELECT pg_catalog.pg_current_wal_insert_lsn()::text, pg_catalog.pg_current_wal_lsn()::text";
 
-/// The WAL position in a token query's answer, if it is one.
+/// The commit position in a token row (insert and write positions), if
+/// it holds one.
+pub(super) fn token_position(
+    insert: Option<Lsn>,
+    written: Option<Lsn>,
+    layout: WalLayout,
+) -> Option<Lsn> {
+    Some(layout.commit_position(insert?, written.unwrap_or_default()))
+}
+
+/// The WAL position in a replay query's answer, if it is one.
 pub(super) fn parse_lsn(messages: &[SimpleQueryMessage]) -> Option<Lsn> {
     messages.iter().find_map(|m| match m {
         SimpleQueryMessage::Row(row) => row.get(0).and_then(|text| text.parse().ok()),

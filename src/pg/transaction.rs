@@ -13,7 +13,9 @@ use tokio_postgres::{Row, SimpleQueryMessage};
 use super::db::{Db, Params};
 use super::error::{DbError, Fault, Operation, fault};
 use super::lsn::{ConsistencyToken, Lsn};
-use super::session::{COMMIT_SQL, Mode, Output, Running, exactly_one, prepare, rows};
+use super::session::{
+    COMMIT_SQL, Mode, Output, Running, exactly_one, prepare, rows, token_position,
+};
 
 /// A transaction on the primary. [`commit`](Self::commit) returns the
 /// token; dropping it uncommitted rolls back (the session is closed, so the
@@ -193,7 +195,8 @@ impl Transaction {
                 match message.map_err(Some)? {
                     SimpleQueryMessage::CommandComplete(_) => completed += 1,
                     SimpleQueryMessage::Row(row) if completed == 2 => {
-                        lsn = row.get(0).and_then(|text| text.parse::<Lsn>().ok());
+                        let at = |i| row.get(i).and_then(|text| text.parse::<Lsn>().ok());
+                        lsn = token_position(at(0), at(1), node.wal_layout());
                     }
                     _ => {}
                 }

@@ -13,8 +13,9 @@ use tower_scale::testing::LocalCluster;
 
 mod cache;
 mod hardening;
+mod tokens;
 
-const DEADLINE: Duration = Duration::from_secs(30);
+pub(crate) const DEADLINE: Duration = Duration::from_secs(30);
 
 async fn connect(
     local: &LocalCluster,

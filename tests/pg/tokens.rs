@@ -1,0 +1,156 @@
+//! A write's token covers its commit (one round trip for both), under
+//! asynchronous commit too, and a transaction's commit carries its token
+//! in the same round trip.
+
+use std::time::{Duration, Instant};
+
+use tower_scale::pg::{Cluster, Consistency, Lsn, NodeConfig};
+use tower_scale::testing::{FaultProxy, LocalCluster};
+
+use super::DEADLINE;
+
+/// Under `synchronous_commit = off` a commit returns before its WAL is
+/// written out, so the primary's *write* position can trail the commit
+/// record; the WAL writer is made to sleep 10 s so the window stays open.
+/// A token taken from the write position would let a replica that has
+/// replayed everything written (but not the commit) serve the read: the
+/// read-your-writes read would see the old value. With the token taken
+/// from the insert position, every read presenting it sees its write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_covers_its_commit_under_asynchronous_commit() {
+    let local = LocalCluster::builder()
+        .replicas(1)
+        .conf("wal_writer_delay = 10s")
+        .conf("wal_writer_flush_after = 0")
+        .start()
+        .unwrap();
+    let mut primary = local.primary().config();
+    primary.options("-c synchronous_commit=off");
+    let cluster = Cluster::builder()
+        .primary(NodeConfig::new(primary))
+        .replica(NodeConfig::new(local.replica(0).config()))
+        // Short: a replica that never gets the commit in time sends the
+        // read to the primary quickly.
+        .read_your_writes_wait(Duration::from_millis(50))
+        .build()
+        .await
+        .unwrap();
+    let db = cluster.db();
+    let direct = local.primary().connect().await.unwrap();
+    direct
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS counter (id int primary key, n bigint not null); \
+             INSERT INTO counter VALUES (1, 0) ON CONFLICT DO NOTHING",
+        )
+        .await
+        .unwrap();
+    local.wait_for_replicas(DEADLINE).await.unwrap();
+    let replica = local.replica(0).connect().await.unwrap();
+    let mut window_seen = 0;
+    let mut on_replica = 0;
+    for n in 1..=30i64 {
+        let w = db
+            .execute("UPDATE counter SET n = $1 WHERE id = 1", &[&n])
+            .await
+            .unwrap();
+        assert_eq!(w.value, 1);
+        let token = w.token;
+        assert!(!token.is_unknown());
+        // What a replica at or past the token holds, read directly in one
+        // snapshot with its replay position.
+        let row = replica
+            .query_one(
+                "SELECT pg_last_wal_replay_lsn()::text, n FROM counter WHERE id = 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        let replayed: Lsn = row.get::<_, String>(0).parse().unwrap();
+        let seen: i64 = row.get(1);
+        if replayed >= token.lsn() {
+            assert_eq!(seen, n, "a replica at {replayed} >= token {token:?} lacks write {n}");
+        } else {
+            window_seen += 1;
+        }
+        // Through the library: read-your-writes always sees the write.
+        let r = db
+            .read_one(
+                Consistency::ReadYourWrites(token),
+                "SELECT n FROM counter WHERE id = 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.value.get::<_, i64>(0), n, "served by {}", r.served_by);
+        if &*r.served_by != "primary" {
+            on_replica += 1;
+        }
+    }
+    eprintln!(
+        "asynchronous commit: 30/30 token reads saw their write ({on_replica} on the replica); \
+         {window_seen}/30 tokens were ahead of the replica's replay when read"
+    );
+    // The window existed (the test could fail): most commits were not yet
+    // on the replica when their token was checked.
+    assert!(window_seen > 0, "no write was ever behind: the test could not fail");
+}
+
+/// A write and its token are one round trip: with 100 ms each way injected
+/// between the application and the primary, an autocommit write (its
+/// statements prepared) completes in one 200 ms round trip, not two. (A
+/// protocol property, not a speed: the margin is a whole round trip.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_and_its_token_take_one_round_trip() {
+    let local = LocalCluster::start(0).unwrap();
+    let proxy = FaultProxy::start(([127, 0, 0, 1], local.primary().port()).into())
+        .await
+        .unwrap();
+    let mut config = local.primary().config();
+    config.host("127.0.0.1").port(proxy.port());
+    let cluster = Cluster::builder()
+        .primary(NodeConfig::new(config))
+        .pool_size(1)
+        .build()
+        .await
+        .unwrap();
+    let db = cluster.db();
+    let direct = local.primary().connect().await.unwrap();
+    direct
+        .batch_execute("CREATE TABLE t (id int primary key, n bigint); INSERT INTO t VALUES (1, 0)")
+        .await
+        .unwrap();
+    // Prepare the statements on the one pooled connection.
+    db.execute("UPDATE t SET n = n + 1 WHERE id = 1", &[])
+        .await
+        .unwrap();
+    let mut tx = db.transaction().await.unwrap();
+    tx.execute("UPDATE t SET n = n + 1 WHERE id = 1", &[])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let one_way = Duration::from_millis(100);
+    proxy.set_latency(one_way, Duration::ZERO);
+    let started = Instant::now();
+    let w = db
+        .execute("UPDATE t SET n = n + 1 WHERE id = 1", &[])
+        .await
+        .unwrap();
+    let write = started.elapsed();
+    assert!(!w.token.is_unknown());
+    let started = Instant::now();
+    tx = db.transaction().await.unwrap();
+    let begin = started.elapsed();
+    tx.execute("UPDATE t SET n = n + 1 WHERE id = 1", &[])
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let token = tx.commit().await.unwrap();
+    let commit = started.elapsed();
+    assert!(!token.is_unknown() && token > w.token);
+    eprintln!(
+        "round trip {:?}: autocommit write + token {write:?}, BEGIN {begin:?}, COMMIT + token {commit:?}",
+        one_way * 2
+    );
+    assert!(write < one_way * 4, "the write took two round trips: {write:?}");
+    assert!(commit < one_way * 4, "the commit took two round trips: {commit:?}");
+}
