@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Row;
-use tokio_postgres::types::PgLsn;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::PgLsn;
 use tokio_postgres::types::ToSql;
 use tracing::Instrument;
 

@@ -193,16 +193,34 @@ mod tests {
         };
         let seg = 16u64 << 20;
         // Mid-page: the insert position as is.
-        assert_eq!(layout.commit_position(Lsn(seg + 8192 + 200), Lsn(0)), Lsn(seg + 8192 + 200));
+        assert_eq!(
+            layout.commit_position(Lsn(seg + 8192 + 200), Lsn(0)),
+            Lsn(seg + 8192 + 200)
+        );
         // Right after a page's short header: the boundary.
-        assert_eq!(layout.commit_position(Lsn(seg + 8192 + 24), Lsn(0)), Lsn(seg + 8192));
+        assert_eq!(
+            layout.commit_position(Lsn(seg + 8192 + 24), Lsn(0)),
+            Lsn(seg + 8192)
+        );
         // Right after a segment's long header: the boundary.
-        assert_eq!(layout.commit_position(Lsn(3 * seg + 40), Lsn(0)), Lsn(3 * seg));
+        assert_eq!(
+            layout.commit_position(Lsn(3 * seg + 40), Lsn(0)),
+            Lsn(3 * seg)
+        );
         // Offset 40 of a page that does not start a segment is a record's end.
-        assert_eq!(layout.commit_position(Lsn(seg + 8192 + 40), Lsn(0)), Lsn(seg + 8192 + 40));
+        assert_eq!(
+            layout.commit_position(Lsn(seg + 8192 + 40), Lsn(0)),
+            Lsn(seg + 8192 + 40)
+        );
         // The write position is never given away for the boundary.
-        assert_eq!(layout.commit_position(Lsn(seg + 8192 + 24), Lsn(seg + 8192 + 24)), Lsn(seg + 8192 + 24));
+        assert_eq!(
+            layout.commit_position(Lsn(seg + 8192 + 24), Lsn(seg + 8192 + 24)),
+            Lsn(seg + 8192 + 24)
+        );
         // Unknown layout: the insert position.
-        assert_eq!(WalLayout::default().commit_position(Lsn(seg + 24), Lsn(0)), Lsn(seg + 24));
+        assert_eq!(
+            WalLayout::default().commit_position(Lsn(seg + 24), Lsn(0)),
+            Lsn(seg + 24)
+        );
     }
 }

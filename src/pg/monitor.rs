@@ -86,7 +86,10 @@ async fn probe(node: &Node, timeout: Duration) -> Result<Probe, String> {
 /// A size setting in bytes, 0 when it is missing or not a power of two.
 fn size(value: Result<Option<i64>, tokio_postgres::Error>) -> u64 {
     match value {
-        Ok(Some(n)) => u64::try_from(n).ok().filter(|n| n.is_power_of_two()).unwrap_or(0),
+        Ok(Some(n)) => u64::try_from(n)
+            .ok()
+            .filter(|n| n.is_power_of_two())
+            .unwrap_or(0),
         _ => 0,
     }
 }

@@ -4,8 +4,8 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::task::Poll;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 
 use deadpool_postgres::{ClientWrapper, Object};
 use tokio_postgres::error::SqlState;
