@@ -125,9 +125,7 @@ impl Cluster {
     pub fn shutdown(&self) {
         self.inner.shutdown.cancel();
         for node in &self.inner.nodes {
-            node.pool.close();
-            node.write_pool.close();
-            node.probe_pool.close();
+            node.close();
         }
     }
 }

@@ -151,7 +151,14 @@ impl ClusterBuilder {
         self
     }
 
-    /// Connections per node (default 16).
+    /// The most pooled connections an instance opens to one node (default
+    /// 16), reads and writes together; the monitor's probe is one more.
+    /// Plan `max_connections` on each server as instances × (`pool_size` +
+    /// 1) plus what else connects. A configured replica's sessions are
+    /// read-only; when it is promoted, a read-write pool of the same size
+    /// replaces them (the old sessions close as their queries end).
+    /// [`Cluster::status`](super::Cluster::status) and the
+    /// `tower_scale_db_pool_connections` gauges report each pool.
     pub fn pool_size(mut self, n: usize) -> Self {
         self.pool_size = n;
         self

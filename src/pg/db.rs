@@ -114,7 +114,7 @@ impl Db {
     ) -> Result<Attempt<'_>, Failure> {
         let node = self.node(index);
         let _in_flight = InFlight::new(node);
-        let conn = node.connection(write).await.map_err(Failure::Checkout)?;
+        let conn = node.connection().await.map_err(Failure::Checkout)?;
         let running = Running::new(conn, &self.inner.cancel);
         let conn = running.conn().map_err(Failure::Checkout)?;
         node.count_query();
@@ -479,7 +479,7 @@ impl Db {
     pub async fn transaction(&self) -> Result<Transaction, DbError> {
         let index = self.primary_index().await?;
         let node = self.node(index);
-        let conn = node.connection(true).await?;
+        let conn = node.connection().await?;
         let running = Running::new(conn, &self.inner.cancel);
         let write_timeout = self.inner.options.write_timeout;
         let begun =

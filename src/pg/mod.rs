@@ -127,7 +127,7 @@ pub use self::error::{DbError, Operation, PoolTimeout};
 #[cfg(feature = "http")]
 pub use self::layer::{DbLayer, DbLayerBuilder, DbRouting, Primary, Replica, RequestDb, Route};
 pub use self::lsn::{Consistency, ConsistencyToken, Lsn, LsnParseError};
-pub use self::node::{NodeStatus, Role};
+pub use self::node::{NodeStatus, PoolStatus, Role};
 pub use self::query::{Access, Query, QueryFuture, QueryOutput};
 pub use self::token::{TokenCodec, cluster_identity};
 pub use self::transaction::Transaction;

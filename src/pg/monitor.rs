@@ -140,6 +140,19 @@ pub(super) async fn probe_all(inner: &Inner) {
                 .set(lag.as_secs_f64());
         }
     }
+    for node in &inner.nodes {
+        let pool = node.pool_status();
+        for (state, n) in [
+            ("max", pool.max),
+            ("open", pool.open),
+            ("in_use", pool.in_use),
+            ("idle", pool.idle),
+            ("waiting", pool.waiting),
+        ] {
+            metrics::gauge!("tower_scale_db_pool_connections", "node" => node.name.to_string(), "state" => state)
+                .set(n as f64);
+        }
+    }
     inner.changed.notify_waiters();
 }
 

@@ -3,8 +3,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, Runtime};
@@ -63,10 +63,17 @@ where
 pub(crate) struct Node {
     pub(crate) name: Arc<str>,
     pub(crate) zone: Option<String>,
-    /// Reads (read-only sessions on configured replicas).
-    pub(crate) pool: Pool,
-    /// Writes: read-write sessions, so a promoted replica takes writes.
-    pub(super) write_pool: Pool,
+    /// Every query's sessions: read-write on the configured primary,
+    /// read-only on a configured replica until it is promoted.
+    pool: Pool,
+    /// A configured replica's read-write pool, made when the monitor first
+    /// sees it promoted; from then on it serves every query on the node
+    /// and the read-only pool is closed. So the node never has more than
+    /// `pool_size` pooled sessions at a time beyond the promotion's
+    /// in-flight queries.
+    promoted_pool: OnceLock<Pool>,
+    /// Builds the read-write pool of a configured replica.
+    make_write_pool: Option<Box<dyn Fn() -> Result<Pool, ConfigError> + Send + Sync>>,
     pub(super) probe_pool: Pool,
     pub(crate) configured_primary: bool,
     role: AtomicU8,
@@ -137,25 +144,13 @@ impl Node {
         if pg.get_application_name().is_none() {
             pg.application_name("tower-scale");
         }
+        let timeouts = PoolTimeouts {
+            create: b.create_timeout,
+            recycle: b.recycle_timeout,
+            recycling: b.recycling.clone(),
+        };
         let build_pool = |pg: tokio_postgres::Config, size: usize, wait: Duration| {
-            let manager = Manager::from_config(
-                pg,
-                tls.clone(),
-                ManagerConfig {
-                    recycling_method: b.recycling.clone(),
-                },
-            );
-            Pool::builder(manager)
-                .max_size(size)
-                .wait_timeout(Some(wait))
-                .create_timeout(Some(b.create_timeout))
-                .recycle_timeout(Some(b.recycle_timeout))
-                .runtime(Runtime::Tokio1)
-                .build()
-                .map_err(|e| ConfigError::OutOfRange {
-                    field: "pool",
-                    reason: e.to_string(),
-                })
+            timeouts.build(pg, tls.clone(), size, wait)
         };
         let mut probe = probe;
         probe.application_name("tower-scale-monitor");
@@ -163,7 +158,16 @@ impl Node {
         Ok(Self {
             zone: config.zone,
             pool: build_pool(pg, b.pool_size, b.wait_timeout)?,
-            write_pool: build_pool(write, b.pool_size, b.wait_timeout)?,
+            promoted_pool: OnceLock::new(),
+            make_write_pool: if is_primary {
+                None
+            } else {
+                let (size, wait, tls) = (b.pool_size, b.wait_timeout, tls.clone());
+                let timeouts = timeouts.clone();
+                Some(Box::new(move || {
+                    timeouts.build(write.clone(), tls.clone(), size, wait)
+                }))
+            },
             probe_pool: build_pool(probe, 1, b.probe_timeout)?,
             configured_primary: is_primary,
             role: AtomicU8::new(ROLE_UNKNOWN),
@@ -238,6 +242,9 @@ impl Node {
     ) {
         self.wal_block.store(layout.block, Ordering::Relaxed);
         self.wal_segment.store(layout.segment, Ordering::Relaxed);
+        if !in_recovery {
+            self.promote_pool();
+        }
         self.role.store(
             if in_recovery {
                 ROLE_REPLICA
@@ -340,11 +347,59 @@ impl Node {
         self.drain();
     }
 
+    /// A configured replica seen promoted: its read-write pool takes over
+    /// (made once), and the read-only one closes (idle sessions at once,
+    /// busy ones when their queries end).
+    fn promote_pool(&self) {
+        let Some(make) = &self.make_write_pool else {
+            return;
+        };
+        if self.promoted_pool.get().is_some() {
+            return;
+        }
+        match make() {
+            Ok(pool) => {
+                if self.promoted_pool.set(pool).is_ok() {
+                    self.pool.close();
+                    tracing::info!(node = %self.name, "promoted: read-write sessions from now on");
+                }
+            }
+            Err(e) => {
+                tracing::error!(node = %self.name, error = %e, "cannot make the promoted node's pool")
+            }
+        }
+    }
+
+    /// The pool every query on the node uses now.
+    pub(crate) fn pool(&self) -> &Pool {
+        self.promoted_pool.get().unwrap_or(&self.pool)
+    }
+
+    /// Closes the node's pools (the cluster shuts down).
+    pub(super) fn close(&self) {
+        self.pool.close();
+        if let Some(pool) = self.promoted_pool.get() {
+            pool.close();
+        }
+        self.probe_pool.close();
+    }
+
+    /// The pooled sessions now (the probe's is not counted).
+    pub(crate) fn pool_status(&self) -> PoolStatus {
+        let s = self.pool().status();
+        PoolStatus {
+            max: s.max_size,
+            open: s.size,
+            in_use: s.size.saturating_sub(s.available),
+            idle: s.available,
+            waiting: s.waiting,
+        }
+    }
+
     /// Drops the idle connections: after a crash or restart they are dead,
     /// and handing them out would fail the next reads.
     pub(crate) fn drain(&self) {
-        self.pool.retain(|_, _| false);
-        self.write_pool.retain(|_, _| false);
+        self.pool().retain(|_, _| false);
     }
 
     pub(crate) fn demote(&self) {
@@ -352,14 +407,14 @@ impl Node {
     }
 
     /// Checks out a connection, mapping pool errors to typed ones.
-    pub(crate) async fn connection(&self, write: bool) -> Result<Object, DbError> {
+    ///
+    /// Reads and writes share the node's pool. Writes go to the node the
+    /// monitor sees as the primary, whose pool is read-write by then; one
+    /// that reaches a replica anyway gets a read-only session and the
+    /// server's refusal ([`DbError::ReadOnly`]).
+    pub(crate) async fn connection(&self) -> Result<Object, DbError> {
         let started = Instant::now();
-        let pool = if write && !self.configured_primary {
-            &self.write_pool
-        } else {
-            &self.pool
-        };
-        let result = pool.get().await;
+        let result = self.pool().get().await;
         self.pool_wait.record(started.elapsed().as_secs_f64());
         result.map_err(|e| pool_error(&self.name, e))
     }
@@ -388,8 +443,70 @@ impl Node {
             },
             in_flight: self.in_flight.load(Ordering::Relaxed),
             queries: self.queries.load(Ordering::Relaxed),
+            pool: self.pool_status(),
         }
     }
+}
+
+/// The timeouts and recycling every pool of a cluster is built with.
+#[derive(Clone)]
+struct PoolTimeouts {
+    create: Duration,
+    recycle: Duration,
+    recycling: deadpool_postgres::RecyclingMethod,
+}
+
+impl PoolTimeouts {
+    fn build<T>(
+        &self,
+        pg: tokio_postgres::Config,
+        tls: T,
+        size: usize,
+        wait: Duration,
+    ) -> Result<Pool, ConfigError>
+    where
+        T: MakeTlsConnect<Socket> + Clone + Sync + Send + 'static,
+        T::Stream: Sync + Send,
+        T::TlsConnect: Sync + Send,
+        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+    {
+        let manager = Manager::from_config(
+            pg,
+            tls,
+            ManagerConfig {
+                recycling_method: self.recycling.clone(),
+            },
+        );
+        Pool::builder(manager)
+            .max_size(size)
+            .wait_timeout(Some(wait))
+            .create_timeout(Some(self.create))
+            .recycle_timeout(Some(self.recycle))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| ConfigError::OutOfRange {
+                field: "pool",
+                reason: e.to_string(),
+            })
+    }
+}
+
+/// A node's pooled sessions, in [`NodeStatus`] and the
+/// `tower_scale_db_pool_connections{node,state}` gauges. The monitor's
+/// probe session is one more, not counted here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct PoolStatus {
+    /// The most sessions the pool opens to the node (`pool_size`).
+    pub max: usize,
+    /// Sessions open now.
+    pub open: usize,
+    /// Sessions checked out.
+    pub in_use: usize,
+    /// Sessions open and idle.
+    pub idle: usize,
+    /// Queries waiting for a session.
+    pub waiting: usize,
 }
 
 pub(crate) fn pool_error(node: &Arc<str>, e: deadpool_postgres::PoolError) -> DbError {
@@ -436,6 +553,8 @@ pub struct NodeStatus {
     pub in_flight: u64,
     /// Queries served since start.
     pub queries: u64,
+    /// Its pooled sessions.
+    pub pool: PoolStatus,
 }
 
 #[cfg(test)]

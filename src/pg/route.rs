@@ -160,7 +160,7 @@ impl Db {
         let node = self.node(index);
         let wait = self.inner.options.read_your_writes_wait;
         let deadline = tokio::time::Instant::now() + wait;
-        let Ok(Ok(conn)) = tokio::time::timeout_at(deadline, node.connection(false)).await else {
+        let Ok(Ok(conn)) = tokio::time::timeout_at(deadline, node.connection()).await else {
             return CatchUp::Behind;
         };
         let running = Running::new(conn, &self.inner.cancel);

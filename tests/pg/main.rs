@@ -13,6 +13,7 @@ use tower_scale::testing::LocalCluster;
 
 mod cache;
 mod hardening;
+mod pools;
 mod tokens;
 
 pub(crate) const DEADLINE: Duration = Duration::from_secs(30);
@@ -40,7 +41,11 @@ async fn setup_table(cluster: &Cluster, local: &LocalCluster) {
     local.wait_for_replicas(DEADLINE).await.unwrap();
 }
 
-async fn until(what: &str, within: Duration, mut cond: impl AsyncFnMut() -> bool) -> Duration {
+pub(crate) async fn until(
+    what: &str,
+    within: Duration,
+    mut cond: impl AsyncFnMut() -> bool,
+) -> Duration {
     let started = Instant::now();
     while !cond().await {
         assert!(started.elapsed() < within, "timed out waiting for: {what}");
