@@ -153,8 +153,8 @@ impl ClusterBuilder {
 
     /// The most pooled connections an instance opens to one node (default
     /// 16), reads and writes together; the monitor's probe is one more.
-    /// Plan `max_connections` on each server as instances × (`pool_size` +
-    /// 1) plus what else connects. A configured replica's sessions are
+    /// Plan `max_connections` on each server as instances times
+    /// `pool_size + 1`, plus whatever else connects. A configured replica's sessions are
     /// read-only; when it is promoted, a read-write pool of the same size
     /// replaces them (the old sessions close as their queries end).
     /// [`Cluster::status`](super::Cluster::status) and the
