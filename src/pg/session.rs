@@ -163,15 +163,15 @@ where
     let mut ran = None;
     let mut answered = None;
     let both = std::future::poll_fn(|cx| {
-        if ran.is_none() {
-            if let Poll::Ready(r) = statement.as_mut().poll(cx) {
-                ran = Some(r);
-            }
+        if ran.is_none()
+            && let Poll::Ready(r) = statement.as_mut().poll(cx)
+        {
+            ran = Some(r);
         }
-        if answered.is_none() {
-            if let Poll::Ready(r) = token.as_mut().poll(cx) {
-                answered = Some(r.map(TokenAnswer::Row));
-            }
+        if answered.is_none()
+            && let Poll::Ready(r) = token.as_mut().poll(cx)
+        {
+            answered = Some(r.map(TokenAnswer::Row));
         }
         if ran.is_some() && answered.is_some() {
             Poll::Ready(())
