@@ -162,7 +162,7 @@ where
             for t in 0..tasks {
                 let (op, left) = (Arc::clone(&op), Arc::clone(&left));
                 set.spawn(async move {
-                    let mut state = 0x9E37_79B9_7F4A_7C15_u64 ^ (t as u64 + 1) * 0x1234_5678;
+                    let mut state = 0x9E37_79B9_7F4A_7C15_u64 ^ ((t as u64 + 1) * 0x1234_5678);
                     while left
                         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
                         .is_ok()
