@@ -339,13 +339,14 @@ impl Drop for PendingWrite {
     }
 }
 
-/// The primary's WAL position now, as a version (`None` if it cannot be
+/// The primary's WAL insert position now (at or past every commit, even
+/// an asynchronous one not yet written out), as a version (`None` if it cannot be
 /// read within the read timeout).
 async fn primary_position(db: &Db) -> Option<u64> {
     let row = db
         .read_one(
             Consistency::Strong,
-            "SELECT pg_catalog.pg_current_wal_lsn()::text",
+            "SELECT pg_catalog.pg_current_wal_insert_lsn()::text",
             &[],
         )
         .await
