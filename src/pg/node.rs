@@ -414,7 +414,13 @@ impl Node {
     /// server's refusal ([`DbError::ReadOnly`]).
     pub(crate) async fn connection(&self) -> Result<Object, DbError> {
         let started = Instant::now();
-        let result = self.pool().get().await;
+        let mut result = self.pool().get().await;
+        if matches!(result, Err(deadpool_postgres::PoolError::Closed))
+            && let Some(promoted) = self.promoted_pool.get()
+        {
+            // The read-only pool closed under us: the node was promoted.
+            result = promoted.get().await;
+        }
         self.pool_wait.record(started.elapsed().as_secs_f64());
         result.map_err(|e| pool_error(&self.name, e))
     }
