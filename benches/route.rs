@@ -181,6 +181,8 @@ where
 
 const READ_SQL: &str = "SELECT id, name FROM items WHERE id = $1";
 const WRITE_SQL: &str = "UPDATE items SET n = n + 1 WHERE id = $1";
+const TOKEN_SQL: &str =
+    "SELECT pg_catalog.pg_current_wal_insert_lsn(), pg_catalog.pg_current_wal_lsn()";
 
 fn throughput(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -259,6 +261,27 @@ fn throughput(c: &mut Criterion) {
                     let conn = pool.get().await.expect("checkout");
                     let stmt = conn.prepare_cached(WRITE_SQL).await.expect("prepare");
                     assert_eq!(conn.execute(&stmt, &[&id]).await.expect("update"), 1);
+                }
+            })
+        })
+    });
+    // The floor for any token: the same plain pool, with the token query
+    // pipelined behind each UPDATE by hand (what the server and the
+    // protocol cost, without the library).
+    group.bench_function("raw_pipelined_token", |b| {
+        b.iter_custom(|iters| {
+            let pool = primary_pool.clone();
+            spread(&rt, iters, 8, move |id| {
+                let pool = pool.clone();
+                async move {
+                    let conn = pool.get().await.expect("checkout");
+                    let stmt = conn.prepare_cached(WRITE_SQL).await.expect("prepare");
+                    let token = conn.prepare_cached(TOKEN_SQL).await.expect("prepare");
+                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+                    let (n, row) =
+                        futures::join!(conn.execute(&stmt, &params), conn.query_one(&token, &[]));
+                    assert_eq!(n.expect("update"), 1);
+                    black_box(row.expect("token"));
                 }
             })
         })
