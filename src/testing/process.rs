@@ -122,6 +122,7 @@ impl MarkedDir {
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700))
             .map_err(|e| io_err("chmod temp dir", e))?;
         run_as.own(dir.path())?;
+        watch_over(&base)?;
         Ok(Self { dir })
     }
 
@@ -134,6 +135,70 @@ impl MarkedDir {
         // Best effort: the mark only matters after a crash.
         let _ = fs::write(self.dir.path().join(SERVER_FILE), pid.to_string());
     }
+}
+
+/// The watchdog: a small `sh` process, in its own process group (so a
+/// Ctrl-C to the test's group does not take it down), whose stdin is a pipe
+/// only this process writes to. When this process ends, however it ends
+/// (SIGKILL included), the kernel closes the write end; the watchdog reads
+/// end-of-file and stops the servers running from this process's temp dirs
+/// (PostgreSQL with SIGQUIT, an immediate shutdown that takes its backends
+/// down too; Redis with SIGTERM; SIGKILL to both after 5 s), then removes
+/// the dirs. A clean exit has removed them already: it finds nothing to do.
+/// Not `PR_SET_PDEATHSIG`, which fires when the spawning *thread* exits (and
+/// tokio's blocking threads do).
+const WATCHDOG: &str = r#"
+mark="$1"; base="$2"
+cat >/dev/null
+for d in "$base"/tower-scale-*; do
+  [ "$(cat "$d/tower-scale.owner" 2>/dev/null)" = "$mark" ] || continue
+  pid=$(cat "$d/tower-scale.server" 2>/dev/null)
+  case "$pid" in
+    ''|*[!0-9]*) ;;
+    *)
+      if grep -qa redis-server "/proc/$pid/cmdline" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null
+      elif grep -qa postgres "/proc/$pid/cmdline" 2>/dev/null; then
+        kill -QUIT "$pid" 2>/dev/null
+      fi
+      # (A zombie's cmdline is empty: it counts as gone.)
+      i=0
+      while [ $i -lt 50 ] && grep -qa -e postgres -e redis-server "/proc/$pid/cmdline" 2>/dev/null; do
+        sleep 0.1; i=$((i+1))
+      done
+      if grep -qa -e postgres -e redis-server "/proc/$pid/cmdline" 2>/dev/null; then
+        kill -KILL "$pid" 2>/dev/null
+      fi
+      ;;
+  esac
+  rm -rf "$d"
+done
+"#;
+
+/// Starts this process's watchdog over `base` once (see [`WATCHDOG`]).
+fn watch_over(base: &Path) -> Result<(), LocalError> {
+    use std::os::unix::process::CommandExt;
+    static STARTED: Mutex<Option<std::process::ChildStdin>> = Mutex::new(None);
+    let mut started = crate::sync::lock(&STARTED);
+    if started.is_some() {
+        return Ok(());
+    }
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(WATCHDOG)
+        .arg("tower-scale-watchdog")
+        .arg(owner_mark(std::process::id())?)
+        .arg(base)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| io_err("starting the temp-dir watchdog (sh)", e))?;
+    // Kept open for the life of the process (std opens it close-on-exec,
+    // so no server inherits it): its closing is the signal.
+    *started = child.stdin.take();
+    Ok(())
 }
 
 /// `pid starttime` of a process: the start time tells a live owner from a

@@ -317,3 +317,75 @@ fn servers_of_a_crashed_run_are_swept() {
         "orphan dirs were not removed"
     );
 }
+
+/// Set in the child process of
+/// [`servers_of_a_killed_process_stop_within_seconds`].
+const CHILD_ENV: &str = "TOWER_SCALE_WATCHDOG_CHILD";
+
+/// The child's part (run only as that child): starts a LocalCluster and a
+/// LocalRedis, prints their server pids on one line, then waits to be killed.
+#[test]
+#[ignore = "run by servers_of_a_killed_process_stop_within_seconds as its child"]
+fn watchdog_child() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        return;
+    }
+    let cluster = LocalCluster::start(1).expect("cluster");
+    let redis = LocalRedis::start().expect("redis");
+    let mut pids: Vec<u32> = cluster.nodes().iter().filter_map(|n| n.pid()).collect();
+    pids.extend(redis.pid());
+    let line: Vec<String> = pids.iter().map(u32::to_string).collect();
+    println!("pids {}", line.join(" "));
+    use std::io::Write;
+    std::io::stdout().flush().expect("flush");
+    // Killed from outside; never returns on its own.
+    loop {
+        std::thread::park();
+    }
+}
+
+/// A process that started servers and is then SIGKILLed (no destructor
+/// runs) leaves none of them running: its watchdog sees the pipe from the
+/// dead process close and stops them, within a few seconds.
+#[test]
+fn servers_of_a_killed_process_stop_within_seconds() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", "watchdog_child", "--ignored", "--nocapture"])
+        .env(CHILD_ENV, "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the child");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut pids = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("read the child's output");
+        if let Some(rest) = line.strip_prefix("pids ") {
+            pids = rest
+                .split_whitespace()
+                .map(|p| p.parse::<u32>().expect("pid"))
+                .collect();
+            break;
+        }
+    }
+    assert_eq!(pids.len(), 3, "the child did not report its servers");
+    assert_eq!(pids_alive(&pids), pids, "the servers run before the kill");
+    let killed = Instant::now();
+    child.kill().expect("SIGKILL the child");
+    child.wait().expect("reap the child");
+    let deadline = killed + Duration::from_secs(10);
+    while !pids_alive(&pids).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "servers {:?} still run 10 s after their process was killed",
+            pids_alive(&pids)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "the servers of a SIGKILLed process ({pids:?}) were gone {:?} after the kill",
+        killed.elapsed()
+    );
+}
