@@ -64,6 +64,31 @@ impl Inner {
 ///
 /// The monitor and every background task stop when the last `Cluster` and
 /// `Db` handle is dropped, or on [`Cluster::shutdown`].
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tower_scale::pg::{Cluster, NodeConfig, Role};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let cluster = Cluster::builder()
+///     .primary(NodeConfig::from_url("postgresql://app@10.0.0.1/app")?)
+///     .replica(NodeConfig::from_url("postgresql://app@10.0.0.2/app")?.name("replica-a"))
+///     .pool_size(16)
+///     .read_timeout(Duration::from_secs(2))
+///     .build()
+///     .await?;
+/// for node in cluster.status() {
+///     println!(
+///         "{} {:?} healthy={} lag={:?} sessions {}/{}",
+///         node.name, node.role, node.healthy, node.lag, node.pool.in_use, node.pool.max
+///     );
+/// }
+/// assert!(cluster.status().iter().any(|n| n.role == Role::Primary));
+/// let db = cluster.db(); // cheap to clone; hand it to handlers
+/// # drop(db);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Cluster {
     pub(crate) inner: Arc<Inner>,

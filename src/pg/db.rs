@@ -74,6 +74,46 @@ pub(super) type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 /// with the statements in use (`tower_scale_db_statement_cache_clears_total`
 /// counts it), so SQL text that varies per request costs re-preparing, not
 /// memory.
+///
+/// Writes run on the primary and return a [`ConsistencyToken`]; a read
+/// that presents it sees the write (a replica that has replayed it, else
+/// the primary). An autocommit write and its token cost one round trip.
+///
+/// ```no_run
+/// use tower_scale::pg::{Cluster, Consistency, DbError, NodeConfig};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// # let cluster = Cluster::builder()
+/// #     .primary(NodeConfig::from_url("postgresql://app@10.0.0.1/app")?)
+/// #     .build()
+/// #     .await?;
+/// let db = cluster.db();
+/// let written = db
+///     .query_one(
+///         "INSERT INTO users (name) VALUES ($1) RETURNING id",
+///         &[&"ada"],
+///     )
+///     .await?;
+/// let id: i64 = written.value.get(0);
+/// // Read your own write, from a replica that has it or the primary.
+/// let read = db
+///     .read_one(
+///         Consistency::ReadYourWrites(written.token),
+///         "SELECT name FROM users WHERE id = $1",
+///         &[&id],
+///     )
+///     .await?;
+/// assert_eq!(read.value.get::<_, String>(0), "ada");
+/// // A write whose outcome is unknown says so.
+/// match db.execute("UPDATE users SET name = $1 WHERE id = $2", &[&"bob", &id]).await {
+///     Ok(w) => println!("updated {} row(s), token {:?}", w.value, w.token),
+///     Err(e) if e.may_have_committed() => println!("may have committed: {e}"),
+///     Err(e) => println!("not committed: {e}"),
+/// }
+/// # let _: Option<DbError> = None;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Db {
     pub(crate) inner: Arc<Inner>,

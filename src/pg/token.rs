@@ -41,6 +41,30 @@ pub fn cluster_identity(name: &str) -> u64 {
 }
 
 /// Signs and checks consistency tokens.
+///
+/// Every instance serving the same clients must use the same key and
+/// cluster identity; rotate by signing with a new key and accepting the
+/// old one for a token lifetime.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_scale::pg::{ConsistencyToken, Lsn, TokenCodec, cluster_identity};
+///
+/// let cluster = cluster_identity("10.0.0.1:5432/app");
+/// let codec = TokenCodec::new(b"0123456789abcdef0123456789abcdef", cluster)?
+///     .max_age(Duration::from_secs(30));
+/// let text = codec.encode(ConsistencyToken::new(Lsn(0x16_B374_D848)));
+/// assert_eq!(codec.decode(&text), Some(ConsistencyToken::new(Lsn(0x16_B374_D848))));
+/// // Tampered, foreign or garbage tokens are ignored, never an error.
+/// assert_eq!(codec.decode("not a token"), None);
+/// let other = TokenCodec::new(b"another key, at least 16 bytes", cluster)?;
+/// assert_eq!(other.decode(&text), None);
+/// // Rotation: sign with the new key, still accept the old one.
+/// let rotated = TokenCodec::new(b"the next key, 32 bytes of random", cluster)?
+///     .accept_previous(b"0123456789abcdef0123456789abcdef");
+/// assert!(rotated.decode(&text).is_some());
+/// # Ok::<(), tower_scale::ConfigError>(())
+/// ```
 #[derive(Clone)]
 pub struct TokenCodec {
     current: Vec<u8>,

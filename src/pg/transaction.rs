@@ -28,6 +28,29 @@ use super::session::{
 /// [`DbError::RolledBack`]. So does `commit` after a statement the server
 /// rejected (unless a savepoint recovered it): a rolled-back transaction is
 /// never reported committed.
+///
+/// ```no_run
+/// use tower_scale::pg::{Consistency, Db, DbError};
+///
+/// async fn transfer(db: &Db, from: i64, to: i64, cents: i64) -> Result<(), DbError> {
+///     let tx = db.transaction().await?;
+///     tx.execute("UPDATE accounts SET cents = cents - $1 WHERE id = $2", &[&cents, &from])
+///         .await?;
+///     tx.execute("UPDATE accounts SET cents = cents + $1 WHERE id = $2", &[&cents, &to])
+///         .await?;
+///     // `COMMIT` and the token in one round trip.
+///     let token = tx.commit().await?;
+///     let balance = db
+///         .read_one(
+///             Consistency::ReadYourWrites(token),
+///             "SELECT cents FROM accounts WHERE id = $1",
+///             &[&from],
+///         )
+///         .await?;
+///     println!("balance now {}", balance.value.get::<_, i64>(0));
+///     Ok(())
+/// }
+/// ```
 pub struct Transaction {
     pub(super) db: Db,
     pub(super) index: usize,
