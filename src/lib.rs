@@ -54,6 +54,8 @@
 //!   from the installed binaries in temp dirs on free loopback ports, with the
 //!   faults a production cluster sees (stop, kill, pause, promote, lag), and a
 //!   TCP fault proxy (latency, black holes, refused connections).
+//! - **Settings** (`settings`, feature `serde`): the cluster, cache, HTTP
+//!   cache and Redis builders from TOML, JSON or environment variables.
 //! - **Errors** ([`error`]): the configuration error every builder returns.
 //!
 //! ## The consistency model
@@ -76,6 +78,7 @@
 //! | `postgres` | [`pg`]: primary/replica routing over deadpool-postgres pools (with `http`: `pg::layer`) |
 //! | `redis` | `cache::redis`: the shared L2 tier on Redis |
 //! | `local-cluster` | [`testing`]: PostgreSQL and Redis servers for tests, examples and benches |
+//! | `serde` | `settings`: the builders from TOML, JSON or the environment |
 //! | `full` | every feature |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
@@ -90,6 +93,8 @@ pub mod error;
 #[cfg(any(feature = "postgres", feature = "local-cluster"))]
 mod lsn_text;
 mod random;
+#[cfg(any(feature = "serde", feature = "redis"))]
+mod redact;
 mod sync;
 
 #[cfg(feature = "http")]
@@ -107,6 +112,10 @@ pub mod pg;
 #[cfg(feature = "local-cluster")]
 #[cfg_attr(docsrs, doc(cfg(feature = "local-cluster")))]
 pub mod testing;
+
+#[cfg(feature = "serde")]
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+pub mod settings;
 
 pub use error::ConfigError;
 

@@ -223,6 +223,9 @@ impl<P, W> fmt::Debug for CacheLayerBuilder<P, W> {
             .field("capacity", &self.capacity)
             .field("early_refresh", &self.early_refresh)
             .field("ttl_jitter", &self.ttl_jitter)
+            .field("seed", &self.seed)
+            .field("max_tracked_invalidations", &self.max_tracked_invalidations)
+            .field("metrics", &self.metrics)
             .finish_non_exhaustive()
     }
 }

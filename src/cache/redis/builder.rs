@@ -30,8 +30,9 @@ pub fn builder(url: impl Into<String>) -> RedisTierBuilder {
     }
 }
 
-/// Settings of a [`RedisTier`].
-#[derive(Debug, Clone)]
+/// Settings of a [`RedisTier`]. Its `Debug` output never shows the URL's
+/// password.
+#[derive(Clone)]
 #[must_use]
 pub struct RedisTierBuilder {
     url: String,
@@ -43,6 +44,22 @@ pub struct RedisTierBuilder {
     open_for: Duration,
     isolation_ttl: Duration,
     max_queued: usize,
+}
+
+impl std::fmt::Debug for RedisTierBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTierBuilder")
+            .field("url", &crate::redact::secrets(&self.url))
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("lease_wait", &self.lease_wait)
+            .field("failures_to_open", &self.failures_to_open)
+            .field("open_for", &self.open_for)
+            .field("isolation_ttl", &self.isolation_ttl)
+            .field("max_queued", &self.max_queued)
+            .finish()
+    }
 }
 
 impl RedisTierBuilder {
