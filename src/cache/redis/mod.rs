@@ -110,6 +110,40 @@ use self::publisher::Queued;
 use self::scripts::Scripts;
 
 /// The shared tier on Redis; see the [module docs](self).
+///
+/// ```no_run
+/// use std::{sync::Arc, time::Duration};
+/// use tower_scale::cache::{CacheLayer, redis::{self, RedisCodec}};
+///
+/// /// How keys and responses travel through Redis.
+/// struct Codec;
+///
+/// impl RedisCodec<u64, Arc<Vec<u8>>> for Codec {
+///     fn encode_key(&self, k: &u64) -> Vec<u8> { k.to_be_bytes().to_vec() }
+///     fn decode_key(&self, b: &[u8]) -> Option<u64> { Some(u64::from_be_bytes(b.try_into().ok()?)) }
+///     fn encode(&self, r: &Arc<Vec<u8>>) -> Vec<u8> { r.to_vec() }
+///     fn decode(&self, b: &[u8]) -> Option<Arc<Vec<u8>>> { Some(Arc::new(b.to_vec())) }
+/// }
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let layer = CacheLayer::builder(|id: &u64| Some(*id))
+///     .time_to_live(Duration::from_secs(60))
+///     .build::<u64, Arc<Vec<u8>>, String>()?;
+/// // Every instance attaches the same Redis: L1 misses are read from it,
+/// // fills written to it, invalidations fanned out through it.
+/// let tier = redis::builder("redis://10.0.0.5:6379")
+///     .prefix("users")
+///     .isolation_ttl(Duration::from_millis(500))
+///     .attach(&layer, Codec)
+///     .await?;
+/// layer.invalidator().invalidate_key(&7);
+/// // Wait (boundedly) until the invalidation reached Redis, so every
+/// // other instance stops serving the old value within `isolation_ttl`.
+/// tier.flush(Duration::from_secs(1)).await;
+/// println!("{:?}", tier.stats());
+/// # Ok(())
+/// # }
+/// ```
 pub struct RedisTier<K, R> {
     /// Itself, for the background connect.
     me: std::sync::Weak<RedisTier<K, R>>,
