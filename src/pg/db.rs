@@ -17,6 +17,7 @@ use super::error::{DbError, Fault, Operation, PoolTimeout, fault, node_trouble};
 use super::lsn::{ConsistencyToken, Lsn};
 use super::node::{Node, Role};
 use super::session::*;
+use super::statement::{self, Context};
 use super::transaction::Transaction;
 use tokio_util::sync::DropGuard;
 
@@ -160,13 +161,15 @@ impl Db {
         node.count_query();
         let deadline = tokio::time::Instant::now() + timeout;
         let prepared = if write {
-            let both = futures_util::future::try_join(
+            // Both to the end (not `try_join`): a preparation dropped half
+            // way leaves its statement on the server, never closed.
+            let both = futures_util::future::join(
                 prepare(conn, &node.name, sql),
                 prepare(conn, &node.name, TOKEN_SQL),
             );
             tokio::time::timeout_at(deadline, both)
                 .await
-                .map(|r| r.map(|(stmt, token)| (stmt, Some(token))))
+                .map(|(stmt, token)| Ok((stmt?, Some(token?))))
         } else {
             tokio::time::timeout_at(deadline, prepare(conn, &node.name, sql))
                 .await
@@ -388,6 +391,7 @@ impl Db {
         params: Params<'_>,
         mode: Mode,
     ) -> Result<Written<Output>, DbError> {
+        statement::check(sql, Context::Pooled)?;
         let index = self.primary_index().await?;
         let node = self.node(index);
         let span = tracing::debug_span!("db.write", node = %node.name);

@@ -187,6 +187,23 @@ pub enum DbError {
         /// `None` for a read or a statement inside a transaction.
         written: Option<super::ConsistencyToken>,
     },
+    /// A statement that would end or change the pooled session for
+    /// whoever uses it next was refused before anything was sent:
+    /// transaction control outside [`Db::transaction`](super::Db::transaction)
+    /// (`BEGIN`, `COMMIT`, `ROLLBACK`, ...), or inside one where it would
+    /// end it (use [`commit`](super::Transaction::commit) and
+    /// [`rollback`](super::Transaction::rollback); savepoints are fine);
+    /// session settings (`SET` but `SET LOCAL`, `RESET`, `DISCARD`,
+    /// `DEALLOCATE`, `PREPARE`, `LISTEN`); `COPY ... STDIN`/`STDOUT`, which
+    /// the query protocol used here cannot carry. A client error
+    /// ([`DbError::is_client_error`]); no node is blamed.
+    #[error("`{keyword}` is not allowed here: {hint}")]
+    Refused {
+        /// The statement's keyword, as the refusal matched it.
+        keyword: &'static str,
+        /// What to do instead.
+        hint: &'static str,
+    },
     /// The cluster was shut down.
     #[error("the cluster was shut down")]
     Shutdown,
@@ -228,7 +245,8 @@ impl DbError {
     /// sent), a column read as the wrong type. Fix the call; retrying
     /// cannot help.
     pub fn is_client_error(&self) -> bool {
-        matches!(self, Self::Query { source, .. } if fault(source) == Fault::Client)
+        matches!(self, Self::Refused { .. })
+            || matches!(self, Self::Query { source, .. } if fault(source) == Fault::Client)
     }
 
     /// True when a write or `COMMIT` was sent but its answer never came (a

@@ -112,6 +112,7 @@ mod node;
 mod query;
 mod route;
 mod session;
+mod statement;
 pub mod token;
 mod transaction;
 

@@ -75,20 +75,23 @@ async fn probe(node: &Node, timeout: Duration) -> Result<Probe, String> {
                     .filter(|s| s.is_finite() && *s >= 0.0)
                     .map(Duration::from_secs_f64),
                 layout: WalLayout {
-                    block: size(row.try_get(4)),
-                    segment: size(row.try_get(5)),
+                    // Pages are 1 kB to 32 kB, segments 1 MB to 1 GB.
+                    block: size(row.try_get(4), 1 << 10),
+                    segment: size(row.try_get(5), 1 << 20),
                 },
             })
         }
     }
 }
 
-/// A size setting in bytes, 0 when it is missing or not a power of two.
-fn size(value: Result<Option<i64>, tokio_postgres::Error>) -> u64 {
+/// A size setting in bytes, 0 when it is missing, not a power of two, or
+/// below `min` (PostgreSQL 10 reports `wal_segment_size` in 8 kB units:
+/// 2048, which must not be taken for bytes).
+fn size(value: Result<Option<i64>, tokio_postgres::Error>, min: u64) -> u64 {
     match value {
         Ok(Some(n)) => u64::try_from(n)
             .ok()
-            .filter(|n| n.is_power_of_two())
+            .filter(|n| n.is_power_of_two() && *n >= min)
             .unwrap_or(0),
         _ => 0,
     }

@@ -74,6 +74,8 @@ pub(crate) struct Node {
     promoted_pool: OnceLock<Pool>,
     /// Builds the read-write pool of a configured replica.
     make_write_pool: Option<Box<dyn Fn() -> Result<Pool, ConfigError> + Send + Sync>>,
+    /// Set by [`close`](Self::close): a pool made after it is closed at once.
+    closed: AtomicBool,
     pub(super) probe_pool: Pool,
     pub(crate) configured_primary: bool,
     role: AtomicU8,
@@ -159,6 +161,7 @@ impl Node {
             zone: config.zone,
             pool: build_pool(pg, b.pool_size, b.wait_timeout)?,
             promoted_pool: OnceLock::new(),
+            closed: AtomicBool::new(false),
             make_write_pool: if is_primary {
                 None
             } else {
@@ -363,6 +366,12 @@ impl Node {
                     self.pool.close();
                     tracing::info!(node = %self.name, "promoted: read-write sessions from now on");
                 }
+                // The cluster shut down while this probe ran.
+                if self.closed.load(Ordering::Acquire)
+                    && let Some(pool) = self.promoted_pool.get()
+                {
+                    pool.close();
+                }
             }
             Err(e) => {
                 tracing::error!(node = %self.name, error = %e, "cannot make the promoted node's pool")
@@ -377,6 +386,7 @@ impl Node {
 
     /// Closes the node's pools (the cluster shuts down).
     pub(super) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
         self.pool.close();
         if let Some(pool) = self.promoted_pool.get() {
             pool.close();

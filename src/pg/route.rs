@@ -205,6 +205,7 @@ impl Db {
         sql: &str,
         params: Params<'_>,
     ) -> Result<Read<Vec<Row>>, DbError> {
+        super::statement::check(sql, super::statement::Context::Pooled)?;
         let (index, lsn, reason) = self.route(consistency, None).await?;
         let node = self.node(index);
         let span = tracing::debug_span!(

@@ -122,6 +122,7 @@ impl Transaction {
         params: Params<'_>,
         mode: Mode,
     ) -> Result<Output, DbError> {
+        super::statement::check(sql, super::statement::Context::Transaction)?;
         let conn = self.conn()?;
         let write_timeout = self.db.inner.options.write_timeout;
         let mut guard = StatementGuard {

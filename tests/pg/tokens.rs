@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use tower_scale::pg::{Cluster, Consistency, Lsn, NodeConfig};
+use tower_scale::pg::{Cluster, Consistency, DbError, Lsn, NodeConfig};
 use tower_scale::testing::{FaultProxy, LocalCluster};
 
 use super::DEADLINE;
@@ -179,4 +179,101 @@ async fn a_write_and_its_token_take_one_round_trip() {
         commit < one_way * 3,
         "the commit took two round trips: {commit:?}"
     );
+}
+
+/// Statements that would leave a pooled session in a transaction block or
+/// with changed settings are refused before anything is sent, so the
+/// writes after them commit; a statement that fails to prepare leaves no
+/// prepared statement behind; `COPY ... FROM STDIN` is refused at once and
+/// blames no node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_session_never_keeps_a_transaction_or_a_setting() {
+    let local = LocalCluster::start(0).unwrap();
+    let cluster = Cluster::builder()
+        .primary(NodeConfig::new(local.primary().config()))
+        .pool_size(1)
+        .build()
+        .await
+        .unwrap();
+    let db = cluster.db();
+    db.execute("CREATE TABLE t (id int)", &[]).await.unwrap();
+    for refused in [
+        "BEGIN",
+        "BEGIN ISOLATION LEVEL REPEATABLE READ",
+        "START TRANSACTION READ ONLY",
+        "SET default_transaction_read_only = on",
+        "SET statement_timeout = '1ms'",
+        "DISCARD ALL",
+        "DEALLOCATE ALL",
+        "PREPARE q AS SELECT 1",
+        "LISTEN c",
+    ] {
+        let err = db.execute(refused, &[]).await.unwrap_err();
+        assert!(matches!(err, DbError::Refused { .. }), "{refused}: {err:?}");
+        assert!(
+            err.is_client_error() && !err.may_have_committed(),
+            "{refused}"
+        );
+        let err = db
+            .read_query(Consistency::Any, refused, &[])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, DbError::Refused { .. }),
+            "read {refused}: {err:?}"
+        );
+        let w = db.execute("INSERT INTO t VALUES (1)", &[]).await.unwrap();
+        assert!(!w.token.is_unknown());
+    }
+    // Every insert committed: counted on another connection.
+    let direct = local.primary().connect().await.unwrap();
+    let n: i64 = direct
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 9);
+    let idle_in_tx: i64 = direct
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(idle_in_tx, 0);
+
+    // Failed preparations on a fresh session leave nothing prepared.
+    let fresh = Cluster::builder()
+        .primary(NodeConfig::new(local.primary().config()))
+        .pool_size(1)
+        .build()
+        .await
+        .unwrap();
+    let fresh_db = fresh.db();
+    for _ in 0..50 {
+        let err = fresh_db
+            .execute("SELECT * FROM no_such_table", &[])
+            .await
+            .unwrap_err();
+        assert_eq!(err.code().map(|c| c.code()), Some("42P01"), "{err}");
+    }
+    let prepared: i64 = fresh_db
+        .read_one(
+            Consistency::Strong,
+            "SELECT count(*) FROM pg_prepared_statements",
+            &[],
+        )
+        .await
+        .unwrap()
+        .value
+        .get(0);
+    assert!(prepared <= 3, "{prepared} statements left prepared");
+
+    // COPY from the client: refused at once, the primary stays in rotation.
+    let started = Instant::now();
+    let err = db.execute("COPY t FROM STDIN", &[]).await.unwrap_err();
+    assert!(matches!(err, DbError::Refused { .. }), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(cluster.status()[0].healthy);
 }
