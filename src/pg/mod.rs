@@ -32,8 +32,8 @@
 //!      [`ClusterBuilder::read_your_writes_wait`] (500 ms), then the primary
 //!      (or, with `fallback_to_primary(false)`, [`DbError::Timeout`] for
 //!      [`Operation::CatchUp`]);
-//!    - a write, and separately its token query; `BEGIN`, each statement of
-//!      a transaction, and `COMMIT` with its token:
+//!    - a write with its token query (sent together); `BEGIN`, each
+//!      statement of a transaction, and `COMMIT` with its token:
 //!      [`ClusterBuilder::write_timeout`] (10 s, its own setting);
 //!    - finding a primary after a failover: [`ClusterBuilder::primary_wait`]
 //!      (1 s); a monitor probe: [`ClusterBuilder::probe_timeout`] (500 ms);
@@ -60,8 +60,9 @@
 //!    fails in an aborted transaction: after a failed statement (unless a
 //!    savepoint recovered it), a failed `COMMIT`, or a statement that timed
 //!    out or lost its session, commit returns [`DbError::RolledBack`].
-//!    If the transaction's own statements ended it (`COMMIT`, `ROLLBACK`),
-//!    commit returns [`DbError::EndedEarly`] (may have committed).
+//!    Statements that would end the transaction are refused (guarantee 10);
+//!    if a block still ended early, commit returns [`DbError::EndedEarly`]
+//!    (may have committed).
 //! 5. **A committed write is reported committed.** Every error from a write
 //!    or commit means it did not commit, except the two that say the
 //!    outcome is unknown ([`DbError::may_have_committed`]: a timeout or a
@@ -77,6 +78,27 @@
 //!    ([`ClusterBuilder::build_with_tls`]).
 //! 7. Over HTTP, a token cookie sent quoted (`tower_scale_token="..."`, as
 //!    RFC 6265 allows) is accepted ([`layer::DbLayer`], feature `http`).
+//! 8. **A write and its token cost one round trip, and the token covers
+//!    the commit.** The token query is prepared once per session and sent
+//!    right behind the autocommit statement (it runs after the statement's
+//!    own `Sync`, so after its commit). The token is the WAL insert
+//!    position, never below the commit record's end, also under
+//!    `synchronous_commit = off` (where the write position trails commits
+//!    not yet written out). It may sit above WAL nobody has flushed yet;
+//!    replicas reach it at the next flush, and a read-your-writes read that
+//!    cannot wait goes to the primary.
+//! 9. **[`ClusterBuilder::pool_size`] is the most pooled sessions an
+//!    instance opens to a node** (the monitor's probe is one more); reads
+//!    and writes share the pool. A configured replica's sessions are
+//!    read-only; a read-write pool replaces them when it is promoted.
+//!    [`Cluster::status`] reports each pool ([`PoolStatus`]).
+//! 10. **A pooled session never keeps a transaction or a setting.**
+//!    Through [`Db`], transaction control (`BEGIN`, `COMMIT`, `ROLLBACK`,
+//!    ...), session settings (`SET`, `RESET`, `DISCARD`, `DEALLOCATE`,
+//!    `PREPARE`, `LISTEN`) and `COPY ... STDIN/STDOUT` are refused before
+//!    anything is sent ([`DbError::Refused`]); inside a [`Transaction`],
+//!    the statements that would end it are (savepoints, `ROLLBACK TO` and
+//!    `SET LOCAL` are fine).
 //!
 //! ```no_run
 //! use tower_scale::pg::{Cluster, Consistency, NodeConfig};
@@ -109,6 +131,7 @@ pub mod layer;
 mod lsn;
 mod monitor;
 mod node;
+mod pool;
 mod query;
 mod route;
 mod session;

@@ -143,7 +143,13 @@ pub(super) async fn probe_all(inner: &Inner) {
                 .set(lag.as_secs_f64());
         }
     }
-    for node in &inner.nodes {
+    let elected = inner.primary.load(Ordering::Acquire);
+    for (i, node) in inner.nodes.iter().enumerate() {
+        let (healthy, primary) = (node.is_healthy(), i == elected);
+        metrics::gauge!("tower_scale_db_node_healthy", "node" => node.name.to_string())
+            .set(if healthy { 1.0 } else { 0.0 });
+        metrics::gauge!("tower_scale_db_node_primary", "node" => node.name.to_string())
+            .set(if healthy && primary { 1.0 } else { 0.0 });
         let pool = node.pool_status();
         for (state, n) in [
             ("max", pool.max),

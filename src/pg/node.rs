@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, Runtime};
+use deadpool_postgres::{Object, Pool};
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{CancelToken, Socket};
 
@@ -15,6 +15,8 @@ use super::balance::ramp_weight;
 use super::config::{ClusterBuilder, NodeConfig};
 use super::error::{DbError, PoolTimeout};
 use super::lsn::{Lsn, WalLayout};
+pub use super::pool::PoolStatus;
+use super::pool::PoolTimeouts;
 use crate::error::ConfigError;
 
 const ROLE_UNKNOWN: u8 = 0;
@@ -462,67 +464,6 @@ impl Node {
             pool: self.pool_status(),
         }
     }
-}
-
-/// The timeouts and recycling every pool of a cluster is built with.
-#[derive(Clone)]
-struct PoolTimeouts {
-    create: Duration,
-    recycle: Duration,
-    recycling: deadpool_postgres::RecyclingMethod,
-}
-
-impl PoolTimeouts {
-    fn build<T>(
-        &self,
-        pg: tokio_postgres::Config,
-        tls: T,
-        size: usize,
-        wait: Duration,
-    ) -> Result<Pool, ConfigError>
-    where
-        T: MakeTlsConnect<Socket> + Clone + Sync + Send + 'static,
-        T::Stream: Sync + Send,
-        T::TlsConnect: Sync + Send,
-        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
-    {
-        let manager = Manager::from_config(
-            pg,
-            tls,
-            ManagerConfig {
-                recycling_method: self.recycling.clone(),
-            },
-        );
-        Pool::builder(manager)
-            .max_size(size)
-            .wait_timeout(Some(wait))
-            .create_timeout(Some(self.create))
-            .recycle_timeout(Some(self.recycle))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| ConfigError::OutOfRange {
-                field: "pool",
-                reason: e.to_string(),
-            })
-    }
-}
-
-/// A node's pooled sessions, in [`NodeStatus`] and the
-/// `tower_scale_db_pool_connections{node,state}` gauges. The monitor's
-/// probe session is one more, not counted here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub struct PoolStatus {
-    /// The most sessions the pool opens to the node (`pool_size`).
-    pub max: usize,
-    /// Sessions open now.
-    pub open: usize,
-    /// Sessions checked out.
-    pub in_use: usize,
-    /// Sessions open and idle.
-    pub idle: usize,
-    /// Queries waiting for a session.
-    pub waiting: usize,
 }
 
 pub(crate) fn pool_error(node: &Arc<str>, e: deadpool_postgres::PoolError) -> DbError {

@@ -108,6 +108,18 @@ async fn pool_size_bounds_the_sessions_per_node_before_and_after_a_promotion() {
         text.contains("tower_scale_db_pool_connections{node=\"primary\",state=\"max\"} 3"),
         "{text}"
     );
+    assert!(
+        text.contains("tower_scale_db_node_healthy{node=\"replica-1\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tower_scale_db_node_primary{node=\"primary\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tower_scale_db_node_primary{node=\"replica-1\"} 0"),
+        "{text}"
+    );
 
     // The primary goes; the replica is promoted and takes the writes on
     // the same three sessions at most (its read-only pool is closed).
@@ -119,6 +131,16 @@ async fn pool_size_bounds_the_sessions_per_node_before_and_after_a_promotion() {
     })
     .await;
     load(db.clone()).await;
+    cluster.next_probe().await;
+    let text = metrics.render();
+    assert!(
+        text.contains("tower_scale_db_node_healthy{node=\"primary\"} 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tower_scale_db_node_primary{node=\"replica-1\"} 1"),
+        "{text}"
+    );
     let (pooled, probe) = sessions(local.replica(0)).await;
     eprintln!("promoted replica-1: {pooled} pooled sessions, {probe} probe");
     assert!(pooled <= 3, "promoted: {pooled} pooled sessions");
