@@ -55,6 +55,9 @@
 //!   faults a production cluster sees (stop, kill, pause, promote, lag), and a
 //!   TCP fault proxy (latency, black holes, refused connections).
 //! - **Errors** ([`error`]): the configuration error every builder returns.
+//! - **The guide** ([`guide`], in the docs built with `full`): the scaling
+//!   journey step by step, each step's code, what it buys and costs, plus
+//!   operations and what is still being built.
 //!
 //! ## The consistency model
 //!
@@ -107,6 +110,13 @@ pub mod pg;
 #[cfg(feature = "local-cluster")]
 #[cfg_attr(docsrs, doc(cfg(feature = "local-cluster")))]
 pub mod testing;
+
+#[cfg(all(feature = "postgres", feature = "http", feature = "redis"))] // `http` brings `moka`
+#[cfg_attr(
+    docsrs,
+    doc(cfg(all(feature = "postgres", feature = "http", feature = "redis")))
+)]
+pub mod guide;
 
 pub use error::ConfigError;
 
