@@ -57,6 +57,9 @@
 //! - **Settings** (`settings`, feature `serde`): the cluster, cache, HTTP
 //!   cache and Redis builders from TOML, JSON or environment variables.
 //! - **Errors** ([`error`]): the configuration error every builder returns.
+//! - **The guide** ([`guide`], in the docs built with `full`): the scaling
+//!   journey step by step, each step's code, what it buys and costs, plus
+//!   operations and what is still being built.
 //!
 //! ## The consistency model
 //!
@@ -116,6 +119,13 @@ pub mod testing;
 #[cfg(feature = "serde")]
 #[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
 pub mod settings;
+
+#[cfg(all(feature = "postgres", feature = "http", feature = "redis"))] // `http` brings `moka`
+#[cfg_attr(
+    docsrs,
+    doc(cfg(all(feature = "postgres", feature = "http", feature = "redis")))
+)]
+pub mod guide;
 
 pub use error::ConfigError;
 
