@@ -296,13 +296,21 @@ impl Db {
                         true,
                     ));
                 }
-                // The query's fault, not the node's: no retry, no eviction.
+                // A replica cancelled the read for a conflict with
+                // recovery (40001, 40P01 on a standby): its replay's doing,
+                // not the query's; once elsewhere, no eviction.
+                let conflict = node.role() == Role::Replica
+                    && source
+                        .code()
+                        .is_some_and(|c| matches!(c.code(), "40001" | "40P01"));
+                // Otherwise the query's fault, not the node's: no retry, no
+                // eviction.
                 Err((
                     DbError::Query {
                         node: node_name,
                         source: Arc::new(source),
                     },
-                    false,
+                    conflict,
                 ))
             }
         }

@@ -12,13 +12,14 @@ use tower_scale::pg::{Cluster, Consistency, DbError, NodeConfig, PoolTimeout, Ro
 use tower_scale::testing::LocalCluster;
 
 mod cache;
+mod conflicts;
 mod hardening;
 mod pools;
 mod tokens;
 
 pub(crate) const DEADLINE: Duration = Duration::from_secs(30);
 
-async fn connect(
+pub(crate) async fn connect(
     local: &LocalCluster,
     configure: impl FnOnce(tower_scale::pg::ClusterBuilder) -> tower_scale::pg::ClusterBuilder,
 ) -> Cluster {
