@@ -19,11 +19,12 @@ pub struct Entry<R, E> {
     /// The last sequence number this entry was checked valid at; equal to
     /// the current one on the fast path.
     pub(crate) validated_seq: AtomicU64,
-    pub(crate) fresh_until: Instant,
-    /// From here on, a fresh hit rolls the XFetch dice (`Instant::MAX`-like
-    /// when early refresh is off).
+    /// From here on, a fresh hit rolls the XFetch dice; never after
+    /// `fresh_until` (equal to it when early refresh is off), so before it
+    /// the entry is fresh.
     pub(crate) early_from: Instant,
     pub(crate) result: Result<R, E>,
+    pub(crate) fresh_until: Instant,
     pub(crate) version: Option<u64>,
     pub(crate) stale_until: Instant,
     pub(crate) error_until: Instant,

@@ -120,6 +120,26 @@ impl<P, St: Store> Shared<P, St> {
         self.gate.trusted_at(now)
     }
 
+    /// The hit path's first look, run on the entry while the store lends
+    /// it: the response when the entry is valid without a look at the log
+    /// (nothing invalidated since it was last checked), stamped for the
+    /// request's minimum version, and fresh short of its early-refresh point
+    /// (which is never after its TTL). `None` sends the request through
+    /// [`lookup`](Self::lookup), which decides everything else; where this
+    /// answers, `lookup` would have answered a hit without refresh too.
+    #[inline]
+    pub(super) fn fast_hit(
+        &self,
+        entry: &Entry<St::Response, St::Error>,
+        min_version: Option<u64>,
+        now: Instant,
+    ) -> Option<Result<St::Response, St::Error>> {
+        let usable = now < entry.early_from
+            && self.log.validated(entry)
+            && min_version.is_none_or(|min| entry.version.is_some_and(|v| v >= min));
+        usable.then(|| entry.result.clone())
+    }
+
     #[inline]
     pub(super) fn lookup(
         &self,
@@ -418,7 +438,9 @@ impl<P, St: Store> Shared<P, St> {
                 let window = recompute.mul_f64(beta * XFETCH_CUTOFF);
                 Instant::from_nanos(fresh_until.as_nanos().saturating_sub(nanos(window)))
             }
-            _ => Instant::from_nanos(u64::MAX),
+            // No early refresh: the point is the TTL itself (never later,
+            // so `now < early_from` alone says fresh on the hit path).
+            _ => fresh_until,
         };
         let entry = Arc::new(Entry {
             early_from,

@@ -54,6 +54,14 @@ impl Store for HttpStore {
     fn get(&self, key: &Hashed<String>) -> Option<Arc<HttpEntry>> {
         each!(self, s => s.get(key))
     }
+    #[inline]
+    fn with_entry<T>(
+        &self,
+        key: &Hashed<String>,
+        f: impl FnOnce(&Arc<HttpEntry>) -> T,
+    ) -> Option<T> {
+        each!(self, s => s.with_entry(key, f))
+    }
     fn insert(&self, key: Hashed<String>, entry: Arc<HttpEntry>) {
         each!(self, s => s.insert(key, entry));
     }
