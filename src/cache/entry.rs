@@ -74,8 +74,11 @@ impl<R, E> Entry<R, E> {
         tags: Box<[Tag]>,
         weight: u32,
     ) -> Self {
-        let round_up =
-            |nanos: u128, unit: u128| u32::try_from(nanos.div_ceil(unit)).unwrap_or(u32::MAX);
+        // In u64 (a u128 division is a library call): 2^64 ns is 584 years.
+        let round_up = |d: Duration, unit: u64| {
+            let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+            u32::try_from(nanos.div_ceil(unit)).unwrap_or(u32::MAX)
+        };
         let lifetime = at.fresh_until.saturating_duration_since(at.stored_at);
         Self {
             validated_seq: AtomicU64::new(fill_seq),
@@ -88,8 +91,8 @@ impl<R, E> Entry<R, E> {
             version: version.unwrap_or(0),
             tags,
             weight,
-            recompute_us: round_up(recompute.as_nanos(), 1_000),
-            lifetime_ms: round_up(lifetime.as_nanos(), 1_000_000),
+            recompute_us: round_up(recompute, 1_000),
+            lifetime_ms: round_up(lifetime, 1_000_000),
             refreshing: AtomicBool::new(false),
             confirmed: AtomicBool::new(false),
             stamped: version.is_some(),
