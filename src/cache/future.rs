@@ -21,6 +21,9 @@ pin_project! {
     where
         S: Service<Req>,
     {
+        // A hit's answer, outside the state enum: the hit's poll is one
+        // `Option::take` and its drop finds nothing to do.
+        ready: Option<Result<S::Response, S::Error>>,
         #[pin]
         state: State<S, Req>,
     }
@@ -32,9 +35,8 @@ pin_project! {
     where
         S: Service<Req>,
     {
-        Ready {
-            result: Option<Result<S::Response, S::Error>>,
-        },
+        // The answer is (or was) in `ready`.
+        Hit,
         Bypass {
             svc: S,
             req: Option<Req>,
@@ -53,20 +55,20 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
     /// True when the answer came from the in-process store (a fresh or
     /// stale hit, or a cached error), known as soon as the future exists.
     pub fn is_hit(&self) -> bool {
-        matches!(self.state, State::Ready { .. })
+        matches!(self.state, State::Hit)
     }
 
     #[inline]
     pub(crate) fn ready(result: Result<S::Response, S::Error>) -> Self {
         Self {
-            state: State::Ready {
-                result: Some(result),
-            },
+            ready: Some(result),
+            state: State::Hit,
         }
     }
 
     pub(crate) fn bypass(svc: S, req: Req) -> Self {
         Self {
+            ready: None,
             state: State::Bypass {
                 svc,
                 req: Some(req),
@@ -76,6 +78,7 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
 
     pub(crate) fn miss(fut: BoxMiss<S::Response, S::Error>) -> Self {
         Self {
+            ready: None,
             state: State::Miss { fut },
         }
     }
@@ -87,14 +90,12 @@ impl<S: Service<Req>, Req> Future for ResponseFuture<S, Req> {
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        if let Some(result) = this.ready.take() {
+            return Poll::Ready(result);
+        }
         loop {
             match this.state.as_mut().project() {
-                StateProj::Ready { result } => {
-                    return match result.take() {
-                        Some(result) => Poll::Ready(result),
-                        None => panic!("cache ResponseFuture polled after completion"),
-                    };
-                }
+                StateProj::Hit => panic!("cache ResponseFuture polled after completion"),
                 StateProj::Bypass { svc, req } => {
                     // The cache is always ready; the inner service's
                     // readiness is awaited here, on this request's own clone.
@@ -117,7 +118,7 @@ impl<S: Service<Req>, Req> Future for ResponseFuture<S, Req> {
 impl<S: Service<Req>, Req> fmt::Debug for ResponseFuture<S, Req> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
-            State::Ready { .. } => "Ready",
+            State::Hit => "Hit",
             State::Bypass { .. } => "Bypass",
             State::Calling { .. } => "Calling",
             State::Miss { .. } => "Miss",

@@ -135,10 +135,26 @@ where
         let mut fallback = None;
         let now = shared.clock.now();
         let l1 = if shared.trusted_at(now) {
-            shared.store.get(&key)
+            // The common hit is answered while the store lends the entry
+            // (no reference count taken); anything else takes the entry out
+            // and goes through the full lookup.
+            shared.store.with_entry(&key, |entry| {
+                match shared.fast_hit(entry, min_version, now) {
+                    Some(result) => Probe::Hit(result),
+                    None => Probe::Look(Arc::clone(entry)),
+                }
+            })
         } else {
             shared.stats.incr(Kind::Isolated);
             None
+        };
+        let l1 = match l1 {
+            Some(Probe::Hit(result)) => {
+                shared.stats.incr(Kind::Hits);
+                return ResponseFuture::ready(result);
+            }
+            Some(Probe::Look(entry)) => Some(entry),
+            None => None,
         };
         if let Some(entry) = l1 {
             match shared.lookup(&entry, min_version, now) {
@@ -163,6 +179,14 @@ where
             fallback,
         )))
     }
+}
+
+/// What the hit path's first look at a lent entry found.
+enum Probe<R, E> {
+    /// A fresh, valid hit: the response.
+    Hit(Result<R, E>),
+    /// Something to look at closely: the entry, taken out of the store.
+    Look(Arc<Entry<R, E>>),
 }
 
 impl<S, P, St: Store> Cache<S, P, St> {

@@ -3,7 +3,7 @@
 //! from the shared tier, storing under the invalidation rules, invalidation
 //! and the shared tier's link.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use super::engine::clock::{Clock, Instant, nanos};
 use super::engine::flight::Flights;
 use super::engine::log::{InvalidateTarget, InvalidationLog};
 use super::engine::stats::{Kind, Stats};
-use super::entry::{Entry, Freshness};
+use super::entry::{Deadlines, Entry, Freshness};
 use super::key::Hashed;
 use super::policy::{CachePolicy, Storable, Windows};
 use super::remote::{Gate, Lease, LinkTarget, RemoteEntry, RemoteTier};
@@ -120,6 +120,26 @@ impl<P, St: Store> Shared<P, St> {
         self.gate.trusted_at(now)
     }
 
+    /// The hit path's first look, run on the entry while the store lends
+    /// it: the response when the entry is valid without a look at the log
+    /// (nothing invalidated since it was last checked), stamped for the
+    /// request's minimum version, and fresh short of its early-refresh point
+    /// (which is never after its TTL). `None` sends the request through
+    /// [`lookup`](Self::lookup), which decides everything else; where this
+    /// answers, `lookup` would have answered a hit without refresh too.
+    #[inline]
+    pub(super) fn fast_hit(
+        &self,
+        entry: &Entry<St::Response, St::Error>,
+        min_version: Option<u64>,
+        now: Instant,
+    ) -> Option<Result<St::Response, St::Error>> {
+        let usable = now < entry.early_from
+            && self.log.validated(entry)
+            && min_version.is_none_or(|min| entry.version().is_some_and(|v| v >= min));
+        usable.then(|| entry.result.clone())
+    }
+
     #[inline]
     pub(super) fn lookup(
         &self,
@@ -131,7 +151,7 @@ impl<P, St: Store> Shared<P, St> {
             return Lookup::Dead;
         }
         if let Some(min) = min_version
-            && entry.version.is_none_or(|v| v < min)
+            && entry.version().is_none_or(|v| v < min)
         {
             return Lookup::Skip;
         }
@@ -172,7 +192,7 @@ impl<P, St: Store> Shared<P, St> {
             .fresh_until
             .saturating_duration_since(now)
             .as_secs_f64();
-        let scale = entry.recompute.as_secs_f64() * beta;
+        let scale = entry.recompute().as_secs_f64() * beta;
         self.early_refresh_roll(entry, remaining, scale)
     }
 
@@ -205,7 +225,7 @@ impl<P, St: Store> Shared<P, St> {
         }
         let entry = self.store.get(key)?;
         let usable = self.log.still_valid(&entry)
-            && min_version.is_none_or(|min| entry.version.is_some_and(|v| v >= min))
+            && min_version.is_none_or(|min| entry.version().is_some_and(|v| v >= min))
             && entry.freshness(now) == Freshness::Fresh;
         usable.then_some(entry)
     }
@@ -418,24 +438,26 @@ impl<P, St: Store> Shared<P, St> {
                 let window = recompute.mul_f64(beta * XFETCH_CUTOFF);
                 Instant::from_nanos(fresh_until.as_nanos().saturating_sub(nanos(window)))
             }
-            _ => Instant::from_nanos(u64::MAX),
+            // No early refresh: the point is the TTL itself (never later,
+            // so `now < early_from` alone says fresh on the hit path).
+            _ => fresh_until,
         };
-        let entry = Arc::new(Entry {
-            early_from,
-            result,
+        let at = Deadlines {
             stored_at: now,
+            early_from,
             fresh_until,
             stale_until: fresh_until + windows.stale_while_revalidate,
             error_until: fresh_until + windows.stale_if_error,
+        };
+        let entry = Arc::new(Entry::new(
+            result,
+            at,
+            fill_seq,
             recompute,
             version,
-            tags: tags.into_boxed_slice(),
-            fill_seq,
-            validated_seq: AtomicU64::new(fill_seq),
-            refreshing: AtomicBool::new(false),
-            confirmed: AtomicBool::new(false),
+            tags.into_boxed_slice(),
             weight,
-        });
+        ));
         self.store.insert(key.clone(), Arc::clone(&entry));
         // Insert, then check again: an invalidation that marked in between
         // either sees our entry (and removes it) or is seen here.

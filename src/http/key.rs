@@ -27,7 +27,10 @@ pub(crate) fn key_of(scheme: &str, authority: &http::uri::Authority, uri: &http:
     let mut key = String::with_capacity(scheme.len() + authority.len() + path.len() + 3);
     key.push_str(scheme);
     key.push_str("://");
-    key.extend(authority.chars().map(|c| c.to_ascii_lowercase()));
+    let start = key.len();
+    key.push_str(authority);
+    // In place, byte-wise (ASCII only changes; `key` stays UTF-8).
+    key[start..].make_ascii_lowercase();
     key.push_str(path);
     key
 }

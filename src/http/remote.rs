@@ -33,7 +33,7 @@ use http::{HeaderMap, Method, StatusCode, Version};
 use super::cache_control::{RequestDirectives, ResponseDirectives};
 use super::config::{MAX_TAG_LEN, MAX_TAGS};
 use super::freshness::{self, HttpCachePolicy, NotStored};
-use super::stored::{Stored, StoredVariants, VaryValues};
+use super::stored::{HitHead, Stored, StoredVariants, VaryValues};
 use crate::cache::redis::RedisCodec;
 use crate::cache::{Clock, Tag};
 
@@ -382,6 +382,7 @@ impl HttpRedisCodec {
                 vary,
                 tags: tags.into_boxed_slice(),
                 stamp,
+                hit_head: HitHead::default(),
             }));
         }
         if !r.0.is_empty() || out.is_empty() {

@@ -24,6 +24,7 @@ fn stored(headers: &[(&str, &str)], vary: VaryValues, tags: &[&str]) -> Arc<Stor
         vary,
         tags: tags.iter().map(|t| Tag::from(*t)).collect(),
         stamp: None,
+        hit_head: HitHead::default(),
     })
 }
 
@@ -220,6 +221,7 @@ impl Stored {
             vary: self.vary.clone(),
             tags: self.tags.clone(),
             stamp: self.stamp,
+            hit_head: HitHead::default(),
         }
     }
 }

@@ -16,8 +16,8 @@ use super::config::covers;
 use super::freshness::{self, Usable};
 use super::future::HttpResponseFuture;
 use super::state::HttpShared;
-use super::status::{self, Fwd, Status};
-use super::stored::{CacheHit, hit, respond};
+use super::status::{self, Fwd};
+use super::stored::respond_hit;
 use super::upstream::{miss, pass, unsafe_method, upstream};
 use crate::cache::engine::log::InvalidateTarget;
 use crate::cache::engine::stats::Kind;
@@ -114,58 +114,51 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let shared = Arc::clone(&self.shared);
-        let svc = self.inner.clone();
+        // The handles a request that goes upstream needs are cloned on
+        // that path only: a hit takes no reference count.
+        let sh = &*self.shared;
         let (parts, body) = req.into_parts();
         if !is_safe(&parts.method) {
+            let (shared, svc) = (Arc::clone(&self.shared), self.inner.clone());
             return HttpResponseFuture::boxed(async move {
                 let res = unsafe_method(Arc::clone(&shared), svc, Request::from_parts(parts, body));
                 let res = res.await?;
                 Ok(status::finish(&shared.config, res, Fwd::Bypass))
             });
         }
-        let key = match (&parts.method, shared.key(&parts)) {
+        let key = match (&parts.method, sh.key(&parts)) {
             (&Method::GET | &Method::HEAD, Some(key)) => key,
             _ => {
-                shared.stats.incr(Kind::Bypasses);
+                sh.stats.incr(Kind::Bypasses);
+                let (shared, svc) = (Arc::clone(&self.shared), self.inner.clone());
                 return HttpResponseFuture::boxed(async move {
                     let res = pass(&shared, svc, Request::from_parts(parts, body)).await?;
                     Ok(status::finish(&shared.config, res, Fwd::Bypass))
                 });
             }
         };
-        let key = shared.hashed(key);
-        let req_cc = shared.request_directives(&parts.headers);
+        let key = sh.hashed(key);
+        let req_cc = sh.request_directives(&parts.headers);
         let head = parts.method == Method::HEAD;
-        let now = shared.clock.now();
-        let token = shared.request_version(&parts.headers);
+        let now = sh.clock.now();
+        let token = sh.request_version(&parts.headers);
         // A variant stamped below the request's token is not answered
         // from: the request is a miss, and its response replaces it.
-        let found = shared.entry(&key, now).and_then(|entry| {
+        let found = sh.entry(&key, now).and_then(|entry| {
             let stored = entry.response()?.find(&parts.headers)?.clone();
             covers(stored.stamp, token).then_some((entry, stored))
         });
         if let Some((entry, stored)) = found {
             let age = stored.age(now);
-            match freshness::usable(age, stored.lifetime, &stored.cc, &req_cc, &shared.rules) {
+            match freshness::usable(age, stored.lifetime, &stored.cc, &req_cc, &sh.rules) {
                 Usable::Fresh => {
-                    shared.stats.incr(Kind::Hits);
-                    let mut res = hit(
-                        &shared.config,
-                        respond(&stored, age, head, &parts.headers),
-                        CacheHit::Local,
-                    );
-                    status::stamp(&shared.config, &mut res, &Status::hit(&stored, age));
+                    sh.stats.incr(Kind::Hits);
+                    let res = respond_hit(&sh.config, &stored, age, head, &parts.headers);
                     return HttpResponseFuture::ready(Ok(res));
                 }
                 Usable::StaleWhileRevalidate => {
-                    shared.stats.incr(Kind::StaleHits);
-                    let mut res = hit(
-                        &shared.config,
-                        respond(&stored, age, head, &parts.headers),
-                        CacheHit::Local,
-                    );
-                    status::stamp(&shared.config, &mut res, &Status::hit(&stored, age));
+                    sh.stats.incr(Kind::StaleHits);
+                    let res = respond_hit(&sh.config, &stored, age, head, &parts.headers);
                     // One background revalidation per entry at a time (the
                     // entry's flag, no lock; the task's flight join keeps
                     // it to one per key even across entries).
@@ -173,6 +166,7 @@ where
                         && let Ok(rt) = tokio::runtime::Handle::try_current()
                     {
                         let req = Request::from_parts(parts, body);
+                        let (shared, svc) = (Arc::clone(&self.shared), self.inner.clone());
                         rt.spawn(async move {
                             if let crate::cache::engine::flight::Join::Lead(leader) =
                                 shared.flights.join_fenced(&key, None, &shared.log)
@@ -190,8 +184,9 @@ where
                     return HttpResponseFuture::ready(Ok(res));
                 }
                 Usable::Revalidate => {
-                    shared.stats.incr(Kind::Misses);
-                    let why = status::revalidation(&stored, age, &shared.rules);
+                    sh.stats.incr(Kind::Misses);
+                    let why = status::revalidation(&stored, age, &sh.rules);
+                    let (shared, svc) = (Arc::clone(&self.shared), self.inner.clone());
                     return HttpResponseFuture::boxed(async move {
                         let req = Request::from_parts(parts, body);
                         let (res, _) = upstream(&shared, svc, req, &key, Some(stored)).await?;
@@ -200,7 +195,7 @@ where
                 }
             }
         }
-        shared.stats.incr(Kind::Misses);
+        sh.stats.incr(Kind::Misses);
         if req_cc.only_if_cached {
             let mut res = Response::new(CacheBody::empty());
             *res.status_mut() = StatusCode::GATEWAY_TIMEOUT;
@@ -213,6 +208,7 @@ where
         } else {
             Fwd::Miss
         };
+        let (shared, svc) = (Arc::clone(&self.shared), self.inner.clone());
         HttpResponseFuture::boxed(async move {
             let req = Request::from_parts(parts, body);
             let res = miss(Arc::clone(&shared), svc, req, key, token).await?;

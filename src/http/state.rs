@@ -3,7 +3,7 @@
 //! tier and its [`Gate`]) holding the HTTP cache's values, plus the
 //! HTTP-specific parts of a lookup (the key, `Vary` selection).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -13,7 +13,6 @@ use super::cache_control::RequestDirectives;
 use super::config::{HttpConfig, MAX_TAGS};
 use super::freshness::HttpCachePolicy;
 use super::stored::{Stored, StoredVariants, VaryValues};
-use crate::cache::Invalidation;
 use crate::cache::engine::flight::Flights;
 use crate::cache::engine::log::{InvalidateTarget, InvalidationLog};
 use crate::cache::engine::stats::{Kind, Stats};
@@ -21,6 +20,7 @@ use crate::cache::remote::{Gate, LinkTarget, RemoteEntry, RemoteTier};
 use crate::cache::{
     CacheStats, Capacity, Clock, Entry, Hashed, Instant, KeyHasher, MokaStore, Store, Tag,
 };
+use crate::cache::{Deadlines, Invalidation};
 
 /// At most this many variants under one key (the oldest go first).
 const MAX_VARIANTS: usize = 16;
@@ -53,6 +53,14 @@ impl Store for HttpStore {
     #[inline]
     fn get(&self, key: &Hashed<String>) -> Option<Arc<HttpEntry>> {
         each!(self, s => s.get(key))
+    }
+    #[inline]
+    fn with_entry<T>(
+        &self,
+        key: &Hashed<String>,
+        f: impl FnOnce(&Arc<HttpEntry>) -> T,
+    ) -> Option<T> {
+        each!(self, s => s.with_entry(key, f))
     }
     fn insert(&self, key: Hashed<String>, entry: Arc<HttpEntry>) {
         each!(self, s => s.insert(key, entry));
@@ -239,22 +247,23 @@ impl HttpShared {
         // Freshness is per variant (RFC 9111, checked on every hit); the
         // entry itself is kept until it is evicted, replaced or invalidated.
         let never = Instant::from_nanos(u64::MAX);
-        let entry = Arc::new(Entry {
-            validated_seq: AtomicU64::new(fill_seq),
-            fresh_until: never,
+        let at = Deadlines {
+            stored_at: now,
             early_from: never,
-            version: variants.first().and_then(|s| s.stamp),
-            result: Ok(StoredVariants(variants.into())),
+            fresh_until: never,
             stale_until: never,
             error_until: never,
-            recompute: Duration::ZERO,
-            refreshing: AtomicBool::new(false),
-            confirmed: AtomicBool::new(false),
-            weight: weight.max(1),
+        };
+        let version = variants.first().and_then(|s| s.stamp);
+        let entry = Arc::new(Entry::new(
+            Ok(StoredVariants(variants.into())),
+            at,
             fill_seq,
-            stored_at: now,
-            tags: tags.into_boxed_slice(),
-        });
+            Duration::ZERO,
+            version,
+            tags.into_boxed_slice(),
+            weight.max(1),
+        ));
         self.store.insert(key.clone(), Arc::clone(&entry));
         // Insert, then check again: an invalidation that marked in between
         // either sees our entry (and removes it) or is seen here.

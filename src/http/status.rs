@@ -219,6 +219,14 @@ pub(crate) fn stamp<B>(config: &HttpConfig, res: &mut Response<B>, status: &Stat
 }
 
 fn write<B>(name: &Bytes, res: &mut Response<B>, status: &Status) {
+    if let Some(value) = value(name, res.status(), status) {
+        res.headers_mut().append(CACHE_STATUS, value);
+    }
+}
+
+/// This cache's entry for a response with status `res_status`: `NAME`
+/// then its parameters.
+pub(crate) fn value(name: &Bytes, res_status: StatusCode, status: &Status) -> Option<HeaderValue> {
     // The parameters are short and bounded: built on the stack, then one
     // allocation of the exact size for the value.
     let mut params = Params::default();
@@ -229,7 +237,7 @@ fn write<B>(name: &Bytes, res: &mut Response<B>, status: &Status) {
         params.push(b"; fwd=");
         params.push(fwd.token());
         if let Some(code) = status.fwd_status
-            && code != res.status()
+            && code != res_status
         {
             params.push(b"; fwd-status=");
             params.int(i64::from(code.as_u16()));
@@ -252,9 +260,7 @@ fn write<B>(name: &Bytes, res: &mut Response<B>, status: &Status) {
     value.extend_from_slice(name);
     value.extend_from_slice(params.as_slice());
     // Capacity equals length: the `Bytes` takes the buffer over.
-    if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
-        res.headers_mut().append(CACHE_STATUS, value);
-    }
+    HeaderValue::from_maybe_shared(Bytes::from(value)).ok()
 }
 
 /// A fixed buffer for the parameters (at most about 90 bytes).

@@ -3,7 +3,7 @@
 //! ([`StoredVariants`]), and how a stored response is answered.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,6 +16,7 @@ use super::cache_control::ResponseDirectives;
 use super::config::HttpConfig;
 use super::config::{MAX_TAG_LEN, MAX_TAGS};
 use super::freshness;
+use super::status::{self, Status};
 use crate::cache::{Instant, Tag};
 
 /// One stored response.
@@ -35,6 +36,61 @@ pub(crate) struct Stored {
     /// The version of the data it was built from (its
     /// [`DataVersion`](crate::cache::DataVersion)), if it said.
     pub(crate) stamp: Option<u64>,
+    /// The header map of its hits, kept for the current second of age.
+    pub(crate) hit_head: HitHead,
+}
+
+/// The header map of a variant's hits (the stored fields, `Age` and this
+/// cache's `Cache-Status` entry), kept for the second of age it was built
+/// for: `Age` and the entry's `ttl` change once a second, and building them
+/// on every hit (two allocations, the number formatting, and a map that
+/// grew and rehashed to take them) was most of what the cache added to a
+/// hit's response. A hit clones the kept map. Never stored elsewhere or
+/// sent to the shared tier.
+#[derive(Default)]
+pub(crate) struct HitHead(RwLock<Option<Arc<HitHeaders>>>);
+
+struct HitHeaders {
+    /// The whole seconds of age the map was built for.
+    age_secs: u64,
+    /// The cache name the status entry was built with (`None`: off).
+    name: Option<Bytes>,
+    headers: HeaderMap,
+}
+
+impl HitHead {
+    /// The headers of a hit on `stored` at `age`: the kept map when it was
+    /// built for the same second and cache name, else a new one (then
+    /// kept, unless another hit is storing one at the same moment).
+    fn headers(&self, config: &HttpConfig, stored: &Stored, age: Duration) -> HeaderMap {
+        let age_secs = age.as_secs();
+        let kept = crate::sync::read(&self.0).clone();
+        if let Some(kept) = kept.filter(|k| k.age_secs == age_secs && k.name == config.cache_status)
+        {
+            return kept.headers.clone();
+        }
+        let mut headers = HeaderMap::with_capacity(stored.headers.len() + 2);
+        for (name, value) in &stored.headers {
+            headers.append(name.clone(), value.clone());
+        }
+        headers.insert(header::AGE, HeaderValue::from(age_secs));
+        if let Some(value) = config
+            .cache_status
+            .as_ref()
+            .and_then(|name| status::value(name, stored.status, &Status::hit(stored, age)))
+        {
+            headers.append(status::CACHE_STATUS, value);
+        }
+        let built = Arc::new(HitHeaders {
+            age_secs,
+            name: config.cache_status.clone(),
+            headers: headers.clone(),
+        });
+        if let Ok(mut slot) = self.0.try_write() {
+            *slot = Some(built);
+        }
+        headers
+    }
 }
 
 /// The request header values a stored response was selected by: one pair
@@ -224,6 +280,35 @@ pub(crate) fn respond<B: Body>(
     res.headers_mut()
         .insert(header::AGE, HeaderValue::from(age.as_secs()));
     res
+}
+
+/// The response for a hit (fresh, or stale while it revalidates) on
+/// `stored`: what [`respond`] builds, marked as a hit, with this cache's
+/// `Cache-Status` entry: the header map is a clone of the one the
+/// variant's [`HitHead`] keeps for this second of age.
+pub(crate) fn respond_hit<B: Body>(
+    config: &HttpConfig,
+    stored: &Stored,
+    age: Duration,
+    head: bool,
+    req: &HeaderMap,
+) -> Response<CacheBody<B>> {
+    if client_validator_matches(stored, req) {
+        let mut res = hit(config, respond(stored, age, head, req), CacheHit::Local);
+        status::stamp(config, &mut res, &Status::hit(stored, age));
+        return res;
+    }
+    let headers = stored.hit_head.headers(config, stored, age);
+    let body = if head {
+        CacheBody::empty()
+    } else {
+        CacheBody::full(stored.body.clone(), stored.trailers.clone())
+    };
+    let mut res = Response::new(body);
+    *res.status_mut() = stored.status;
+    *res.version_mut() = stored.version;
+    *res.headers_mut() = headers;
+    hit(config, res, CacheHit::Local)
 }
 
 /// `If-None-Match` (weak comparison) takes precedence over

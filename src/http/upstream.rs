@@ -19,7 +19,7 @@ use super::key::same_origin;
 use super::state::HttpShared;
 use super::status::{self, Fwd, Status};
 use super::stored::{
-    CacheHit, Stored, StoredVariants, VaryValues, hit, respond, storable_headers, tags_of,
+    CacheHit, HitHead, Stored, StoredVariants, VaryValues, hit, respond, storable_headers, tags_of,
     vary_values,
 };
 use crate::cache::Invalidation;
@@ -441,6 +441,7 @@ where
                     (Some(a), Some(b)) => Some(a.max(b)),
                     (a, b) => a.or(b),
                 },
+                hit_head: HitHead::default(),
             });
             shared.stats.incr(Kind::Refreshes);
             let kept = match (shareable, decision) {
@@ -572,6 +573,7 @@ where
         vary,
         tags: tags.into_boxed_slice(),
         stamp,
+        hit_head: HitHead::default(),
     });
     let kept = shared.insert(key, Arc::clone(&stored), fill_seq, None);
     let mut res = Response::from_parts(

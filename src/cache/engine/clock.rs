@@ -53,7 +53,12 @@ impl Sub for Instant {
 
 #[derive(Clone)]
 enum Source {
-    Coarse(Arc<Ticker>),
+    /// The ticker's time, read through one pointer on the hit path; the
+    /// ticker itself is held only to stop its thread with the last clock.
+    Coarse {
+        state: Arc<TickerState>,
+        _ticker: Arc<Ticker>,
+    },
     Precise(quanta::Clock, quanta::Instant),
     Mock(Arc<AtomicU64>),
 }
@@ -95,7 +100,10 @@ impl Clock {
     /// spawned.
     pub fn coarse() -> Self {
         match Ticker::shared() {
-            Some(ticker) => Self(Source::Coarse(ticker)),
+            Some(ticker) => Self(Source::Coarse {
+                state: Arc::clone(&ticker.state),
+                _ticker: ticker,
+            }),
             None => Self::precise(),
         }
     }
@@ -117,7 +125,7 @@ impl Clock {
     #[inline]
     pub fn now(&self) -> Instant {
         match &self.0 {
-            Source::Coarse(ticker) => Instant(ticker.state.now.load(Ordering::Relaxed)),
+            Source::Coarse { state, .. } => Instant(state.now.load(Ordering::Relaxed)),
             Source::Precise(clock, origin) => Instant(nanos(clock.now() - *origin)),
             Source::Mock(time) => Instant(time.load(Ordering::SeqCst)),
         }
@@ -133,7 +141,7 @@ impl Default for Clock {
 impl fmt::Debug for Clock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self.0 {
-            Source::Coarse(_) => "Clock::Coarse",
+            Source::Coarse { .. } => "Clock::Coarse",
             Source::Precise(..) => "Clock::Precise",
             Source::Mock(_) => "Clock::Mock",
         })
@@ -233,7 +241,9 @@ mod tests {
     fn coarse_clocks_share_one_ticker() {
         let (a, b) = (Clock::coarse(), Clock::coarse());
         match (&a.0, &b.0) {
-            (Source::Coarse(x), Source::Coarse(y)) => assert!(Arc::ptr_eq(x, y)),
+            (Source::Coarse { _ticker: x, .. }, Source::Coarse { _ticker: y, .. }) => {
+                assert!(Arc::ptr_eq(x, y))
+            }
             _ => unreachable!(),
         }
     }

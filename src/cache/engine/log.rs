@@ -226,6 +226,15 @@ impl<K: Hash + Eq + Clone> InvalidationLog<K> {
         self.still_valid_slow(entry, now)
     }
 
+    /// The fast half of [`still_valid`](Self::still_valid): true when no
+    /// invalidation happened since the entry was last checked valid; false
+    /// means "look at the log", not "invalid". Takes no lock (the hit path
+    /// runs it while the store lends the entry under its own).
+    #[inline]
+    pub(crate) fn validated<R, E>(&self, entry: &Entry<R, E>) -> bool {
+        entry.validated_seq.load(Ordering::Relaxed) == self.seq.load(Ordering::Acquire)
+    }
+
     #[cold]
     fn still_valid_slow<R, E>(&self, entry: &Entry<R, E>, now: u64) -> bool {
         // Inserted but not yet re-checked by its fill: an invalidation of

@@ -1,9 +1,9 @@
 use std::fmt;
 use std::hash::Hash;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
-use quick_cache::{Lifecycle, Weighter};
+use quick_cache::{Lifecycle, OptionsBuilder, Weighter};
 
 use super::{Capacity, Store};
 use crate::cache::entry::Entry;
@@ -38,7 +38,7 @@ impl<K, V> Lifecycle<K, V> for CountEvictions {
     }
 }
 
-type Inner<K, R, E> = quick_cache::sync::Cache<
+type Shard<K, R, E> = quick_cache::unsync::Cache<
     Hashed<K>,
     Arc<Entry<R, E>>,
     EntryWeighter,
@@ -46,10 +46,21 @@ type Inner<K, R, E> = quick_cache::sync::Cache<
     CountEvictions,
 >;
 
-/// An L1 on `quick_cache::sync::Cache` (feature `quick-cache`), with the
-/// pass-through hasher.
+/// At least this many items per shard (quick_cache's own rule).
+const MIN_SHARD_ITEMS: u64 = 32;
+
+/// An L1 on quick_cache (feature `quick-cache`), with the pass-through
+/// hasher.
+///
+/// The shards are `quick_cache::unsync::Cache`s behind read-write locks,
+/// sharded the way `quick_cache::sync::Cache` shards, rather than the sync
+/// cache itself: the sync cache's `get` clones the value under its lock,
+/// which for an `Arc<Entry>` is an atomic increment and, when the hit is
+/// done, an atomic decrement. [`Store::with_entry`] here lends the entry
+/// under the shard's read lock instead, so a hit clones only the response.
 pub struct QuickStore<K, R, E> {
-    cache: Inner<K, R, E>,
+    shards: Box<[RwLock<Shard<K, R, E>>]>,
+    mask: u64,
     evictions: CountEvictions,
 }
 
@@ -67,14 +78,57 @@ where
             // A guess for the table size; quick_cache grows it if needed.
             Capacity::Weight(w) => ((w / 1024).max(64), true),
         };
-        let cache = quick_cache::sync::Cache::with(
-            usize::try_from(items).unwrap_or(usize::MAX),
-            capacity.limit(),
-            EntryWeighter { by_weight },
-            PassThrough,
-            evictions.clone(),
-        );
-        Self { cache, evictions }
+        let weight = capacity.limit();
+        // As `quick_cache::sync::Cache` does: four shards per core, fewer
+        // when a shard would hold under 32 items.
+        let parallelism = std::thread::available_parallelism().map_or(1, usize::from);
+        let mut shards = u64::try_from(parallelism.saturating_mul(4))
+            .unwrap_or(u64::MAX)
+            .checked_next_power_of_two()
+            .unwrap_or(1 << 16);
+        let per_shard = |total: u64, shards: u64| total.saturating_add(shards - 1) / shards;
+        while per_shard(items, shards) < MIN_SHARD_ITEMS && shards > 1 {
+            shards /= 2;
+        }
+        let (shard_items, shard_weight) = (per_shard(items, shards), per_shard(weight, shards));
+        let shards = (0..shards)
+            .map(|_| {
+                let mut options = OptionsBuilder::new();
+                options
+                    .estimated_items_capacity(usize::try_from(shard_items).unwrap_or(usize::MAX))
+                    .weight_capacity(shard_weight);
+                // Both settings are in range, so the options always build;
+                // `with` takes the same path.
+                let shard = match options.build() {
+                    Ok(options) => Shard::with_options(
+                        options,
+                        EntryWeighter { by_weight },
+                        PassThrough,
+                        evictions.clone(),
+                    ),
+                    Err(_) => Shard::with(
+                        usize::try_from(shard_items).unwrap_or(usize::MAX),
+                        shard_weight,
+                        EntryWeighter { by_weight },
+                        PassThrough,
+                        evictions.clone(),
+                    ),
+                };
+                RwLock::new(shard)
+            })
+            .collect::<Box<[_]>>();
+        Self {
+            mask: shards.len() as u64 - 1,
+            shards,
+            evictions,
+        }
+    }
+
+    fn shard(&self, key: &Hashed<K>) -> &RwLock<Shard<K, R, E>> {
+        // The middle bits, as quick_cache does: hashbrown probes with the
+        // low and the top seven.
+        let index = key.hash_value().rotate_right(usize::BITS / 2) & self.mask;
+        &self.shards[usize::try_from(index).unwrap_or(0)]
     }
 }
 
@@ -86,7 +140,7 @@ where
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("QuickStore")
-            .field("entries", &self.cache.len())
+            .field("entries", &self.entry_count())
             .finish()
     }
 }
@@ -103,23 +157,35 @@ where
 
     #[inline]
     fn get(&self, key: &Hashed<K>) -> Option<Arc<Entry<R, E>>> {
-        self.cache.get(key)
+        crate::sync::read(self.shard(key)).get(key).cloned()
+    }
+
+    #[inline]
+    fn with_entry<T>(&self, key: &Hashed<K>, f: impl FnOnce(&Arc<Entry<R, E>>) -> T) -> Option<T> {
+        crate::sync::read(self.shard(key)).get(key).map(f)
     }
 
     fn insert(&self, key: Hashed<K>, entry: Arc<Entry<R, E>>) {
-        self.cache.insert(key, entry);
+        crate::sync::write(self.shard(&key)).insert(key, entry);
     }
 
     fn remove(&self, key: &Hashed<K>) {
-        self.cache.remove(key);
+        // The removed entry is dropped after the lock is released.
+        let removed = crate::sync::write(self.shard(key)).remove(key);
+        drop(removed);
     }
 
     fn clear(&self) {
-        self.cache.clear();
+        for shard in self.shards.iter() {
+            crate::sync::write(shard).clear();
+        }
     }
 
     fn entry_count(&self) -> u64 {
-        self.cache.len() as u64
+        self.shards
+            .iter()
+            .map(|s| crate::sync::read(s).len() as u64)
+            .sum()
     }
 
     fn evictions(&self) -> u64 {
@@ -127,6 +193,9 @@ where
     }
 
     fn weighted_size(&self) -> u64 {
-        self.cache.weight()
+        self.shards
+            .iter()
+            .map(|s| crate::sync::read(s).weight())
+            .sum()
     }
 }
