@@ -88,27 +88,36 @@ impl DbLayerBuilder {
     /// Builds the layer.
     pub fn build(self) -> DbLayer {
         DbLayer {
-            db: self.db,
-            codec: Arc::new(self.codec),
-            settings: Arc::new(self.settings),
+            shared: Arc::new(Shared {
+                db: self.db,
+                codec: self.codec,
+                settings: self.settings,
+            }),
         }
     }
 }
 
 /// Puts a per-request [`RequestDb`](super::RequestDb) into the request extensions and the
 /// consistency token into responses; see the [module docs](super).
+///
+/// Cloning it (once per request, into the request's state) is one atomic
+/// increment: everything it holds is behind one `Arc`.
 #[derive(Clone)]
 pub struct DbLayer {
-    pub(super) db: Db,
-    codec: Arc<TokenCodec>,
-    settings: Arc<Settings>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    db: Db,
+    codec: TokenCodec,
+    settings: Settings,
 }
 
 impl fmt::Debug for DbLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DbLayer")
-            .field("codec", &self.codec)
-            .field("settings", &self.settings)
+            .field("codec", &self.shared.codec)
+            .field("settings", &self.shared.settings)
             .finish()
     }
 }
@@ -127,6 +136,13 @@ impl DbLayer {
                 grpc_reads: None,
             },
         }
+    }
+}
+
+impl DbLayer {
+    /// The database requests are routed through.
+    pub(super) fn db(&self) -> &Db {
+        &self.shared.db
     }
 }
 
@@ -170,27 +186,31 @@ fn unquote(value: &str) -> &str {
 
 impl DbLayer {
     /// The newest valid token a request presents.
+    ///
+    /// A request without the header and the cookie header costs two
+    /// header-map lookups: nothing is decoded, allocated or verified.
     pub fn token_of(&self, headers: &HeaderMap) -> Option<ConsistencyToken> {
+        let settings = &self.shared.settings;
+        let codec = &self.shared.codec;
         let from_header = headers
-            .get_all(&self.settings.header)
+            .get_all(&settings.header)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .filter_map(|v| self.codec.decode(v));
-        let from_cookie =
-            cookies(headers, &self.settings.cookie).filter_map(|v| self.codec.decode(v));
+            .filter_map(|v| codec.decode(v));
+        let from_cookie = cookies(headers, &settings.cookie).filter_map(|v| codec.decode(v));
         from_header.chain(from_cookie).max()
     }
 
     pub(super) fn route_of(&self, path: &str, method: &Method) -> Route {
-        if let Some(reads) = &self.settings.grpc_reads {
+        let settings = &self.shared.settings;
+        if let Some(reads) = &settings.grpc_reads {
             return if reads.contains(path) {
                 Route::Replicas
             } else {
                 Route::Primary
             };
         }
-        let route = self
-            .settings
+        let route = settings
             .overrides
             .iter()
             .find(|(prefix, _)| path.starts_with(prefix.as_str()))
@@ -205,24 +225,25 @@ impl DbLayer {
     }
 
     pub(super) fn set_token(&self, headers: &mut HeaderMap, token: ConsistencyToken) {
-        let encoded = self.codec.encode(token);
-        if self.settings.grpc_reads.is_some() {
+        let settings = &self.shared.settings;
+        let encoded = self.shared.codec.encode(token);
+        if settings.grpc_reads.is_some() {
             if let Ok(v) = HeaderValue::from_str(&encoded) {
-                headers.insert(self.settings.header.clone(), v);
+                headers.insert(settings.header.clone(), v);
             }
             return;
         }
-        let max_age = self.codec.lifetime().as_secs();
+        let max_age = self.shared.codec.lifetime().as_secs();
         let cookie = format!(
             "{}={encoded}; HttpOnly; SameSite=Lax; Path=/; Max-Age={max_age}{}",
-            self.settings.cookie,
-            if self.settings.secure { "; Secure" } else { "" }
+            settings.cookie,
+            if settings.secure { "; Secure" } else { "" }
         );
         if let Ok(v) = HeaderValue::from_str(&cookie) {
             headers.append(SET_COOKIE, v);
         }
         if let Ok(v) = HeaderValue::from_str(&encoded) {
-            headers.insert(self.settings.header.clone(), v);
+            headers.insert(settings.header.clone(), v);
         }
     }
 }

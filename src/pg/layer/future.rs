@@ -3,15 +3,14 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use http::Response;
 use pin_project_lite::pin_project;
 
-use super::db_layer::DbLayer;
+use super::request::RequestState;
 use crate::cache::DataVersion;
-use crate::pg::ConsistencyToken;
 
 pin_project! {
     /// The inner service's response, with the token of the request's
@@ -20,9 +19,7 @@ pin_project! {
     pub struct DbRoutingFuture<F> {
         #[pin]
         pub(super) inner: F,
-        pub(super) written: Arc<Mutex<Option<ConsistencyToken>>>,
-        pub(super) data: Arc<Mutex<Option<u64>>>,
-        pub(super) layer: DbLayer,
+        pub(super) state: Arc<RequestState>,
     }
 }
 
@@ -41,11 +38,12 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut res = ready!(this.inner.poll(cx))?;
-        let wrote = *crate::sync::lock(this.written);
+        let state = &**this.state;
+        let wrote = *crate::sync::lock(&state.written);
         if let Some(token) = wrote {
-            this.layer.set_token(res.headers_mut(), token);
+            state.layer.set_token(res.headers_mut(), token);
         }
-        let data = *crate::sync::lock(this.data);
+        let data = *crate::sync::lock(&state.data);
         if let Some(v) = data {
             // One the handler set itself counts too: the lower one is what
             // the whole response reflects at least.

@@ -10,7 +10,7 @@ use http::StatusCode;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
-use super::db_layer::Route;
+use super::db_layer::{DbLayer, Route};
 use crate::pg::{Consistency, ConsistencyToken, Db, DbError, Lsn, Read, Written};
 
 /// The per-request database view [`DbLayer`](super::DbLayer) puts in the request: reads
@@ -18,20 +18,41 @@ use crate::pg::{Consistency, ConsistencyToken, Db, DbError, Lsn, Read, Written};
 /// primary and their tokens reach the response.
 #[derive(Clone)]
 pub struct RequestDb {
-    pub(super) db: Db,
+    pub(super) state: Arc<RequestState>,
     pub(super) route: Route,
+}
+
+/// What a request's [`RequestDb`] (and its clones) share with the
+/// response future: one allocation per request.
+pub(super) struct RequestState {
+    pub(super) layer: DbLayer,
     pub(super) token: Option<ConsistencyToken>,
-    pub(super) written: Arc<Mutex<Option<ConsistencyToken>>>,
+    pub(super) written: Mutex<Option<ConsistencyToken>>,
     /// The data version of the response so far: the lowest position among
     /// the reads and writes made (`None` until one is).
-    pub(super) data: Arc<Mutex<Option<u64>>>,
+    pub(super) data: Mutex<Option<u64>>,
+}
+
+impl RequestDb {
+    /// The view of a request that presented `token`, routed as `route`.
+    pub(super) fn new(layer: DbLayer, route: Route, token: Option<ConsistencyToken>) -> Self {
+        Self {
+            state: Arc::new(RequestState {
+                layer,
+                token,
+                written: Mutex::new(None),
+                data: Mutex::new(None),
+            }),
+            route,
+        }
+    }
 }
 
 impl fmt::Debug for RequestDb {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RequestDb")
             .field("route", &self.route)
-            .field("token", &self.token)
+            .field("token", &self.state.token)
             .finish()
     }
 }
@@ -54,8 +75,8 @@ impl RequestDb {
 
     /// The newest token this request must see: the client's or its own writes'.
     pub fn min_token(&self) -> Option<ConsistencyToken> {
-        let own = *crate::sync::lock(&self.written);
-        match (self.token, own) {
+        let own = *crate::sync::lock(&self.state.written);
+        match (self.state.token, own) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         }
@@ -63,12 +84,12 @@ impl RequestDb {
 
     /// The client's token, as presented.
     pub fn client_token(&self) -> Option<ConsistencyToken> {
-        self.token
+        self.state.token
     }
 
     /// The underlying handle.
     pub fn db(&self) -> &Db {
-        &self.db
+        self.state.layer.db()
     }
 
     /// Records a write's token so the response carries it (and, when its
@@ -77,7 +98,7 @@ impl RequestDb {
     /// [`record_read`](Self::record_read)).
     pub fn record_write(&self, token: ConsistencyToken) {
         {
-            let mut w = crate::sync::lock(&self.written);
+            let mut w = crate::sync::lock(&self.state.written);
             *w = Some(w.map_or(token, |t| t.max(token)));
         }
         if let Some(lsn) = token.known_lsn() {
@@ -102,13 +123,13 @@ impl RequestDb {
             // Not a position (the unknown token's): nothing is known.
             return;
         }
-        let mut d = crate::sync::lock(&self.data);
+        let mut d = crate::sync::lock(&self.state.data);
         *d = Some(d.map_or(lsn.0, |v| v.min(lsn.0)));
     }
 
     /// The data version recorded so far (see [`record_read`](Self::record_read)).
     pub fn data_version(&self) -> Option<crate::cache::DataVersion> {
-        crate::sync::lock(&self.data).map(crate::cache::DataVersion)
+        crate::sync::lock(&self.state.data).map(crate::cache::DataVersion)
     }
 
     fn recorded<T>(&self, read: Result<Read<T>, DbError>) -> Result<Read<T>, DbError> {
@@ -124,12 +145,12 @@ impl RequestDb {
         sql: &str,
         params: Params<'_>,
     ) -> Result<Read<Option<Row>>, DbError> {
-        self.recorded(self.db.read_opt(self.consistency(), sql, params).await)
+        self.recorded(self.db().read_opt(self.consistency(), sql, params).await)
     }
 
     /// A read of exactly one row, routed for this request.
     pub async fn read_one(&self, sql: &str, params: Params<'_>) -> Result<Read<Row>, DbError> {
-        self.recorded(self.db.read_one(self.consistency(), sql, params).await)
+        self.recorded(self.db().read_one(self.consistency(), sql, params).await)
     }
 
     /// A read of many rows, routed for this request.
@@ -138,13 +159,13 @@ impl RequestDb {
         sql: &str,
         params: Params<'_>,
     ) -> Result<Read<Vec<Row>>, DbError> {
-        self.recorded(self.db.read_query(self.consistency(), sql, params).await)
+        self.recorded(self.db().read_query(self.consistency(), sql, params).await)
     }
 
     /// A write on the primary; its token reaches the response.
     pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<Written<u64>, DbError> {
         let w = self
-            .db
+            .db()
             .execute(sql, params)
             .await
             .inspect_err(|e| self.record_failed_write(e))?;
@@ -155,7 +176,7 @@ impl RequestDb {
     /// A write returning rows; its token reaches the response.
     pub async fn query(&self, sql: &str, params: Params<'_>) -> Result<Written<Vec<Row>>, DbError> {
         let w = self
-            .db
+            .db()
             .query(sql, params)
             .await
             .inspect_err(|e| self.record_failed_write(e))?;
@@ -167,7 +188,7 @@ impl RequestDb {
     /// A write that committed but returned another row count still
     /// records its token (see [`DbError::RowCount`]).
     pub async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Written<Row>, DbError> {
-        match self.db.query_one(sql, params).await {
+        match self.db().query_one(sql, params).await {
             Ok(w) => {
                 self.record_write(w.token);
                 Ok(w)
