@@ -53,26 +53,47 @@ async fn main() {
     }
 }
 
-async fn run(args: users::Args) -> Result<(), users::BoxError> {
-    let metrics = users::install_metrics()?;
-    let backend = users::backend(&args).await?;
-    let (app, _tier) = if args.http_cache {
-        http_cached_router(&backend, metrics, args.redis.as_deref()).await?
-    } else {
-        (router(&backend, metrics), None)
-    };
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    let addr = listener.local_addr()?;
+/// Announces `addr` and serves `app` until SIGTERM or Ctrl-C.
+async fn serve<S>(
+    listener: tokio::net::TcpListener,
+    addr: std::net::SocketAddr,
+    app: S,
+) -> std::io::Result<()>
+where
+    S: tower::Service<
+            axum::extract::Request,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
     println!("listening on http://{addr}");
     std::io::stdout().flush()?;
     axum::serve(
         axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
             let _ = tcp.set_nodelay(true);
         }),
-        app,
+        axum::ServiceExt::<axum::extract::Request>::into_make_service(app),
     )
     .with_graceful_shutdown(users::shutdown_signal())
-    .await?;
+    .await
+}
+
+async fn run(args: users::Args) -> Result<(), users::BoxError> {
+    let metrics = users::install_metrics()?;
+    let backend = users::backend(&args).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let addr = listener.local_addr()?;
+    let _tier = if args.http_cache {
+        let (app, tier) = http_cached_router(&backend, metrics, args.redis.as_deref()).await?;
+        serve(listener, addr, app).await?;
+        tier
+    } else {
+        serve(listener, addr, users_app::service(&backend, metrics)).await?;
+        None
+    };
     eprintln!("axum_users: shutting down");
     backend.cluster.shutdown();
     drop(backend);

@@ -4,11 +4,13 @@
 //! `common/users.rs`, which it reaches as `super::users`.
 #![allow(dead_code)]
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::users::{self, UserCache, UserRead};
+use super::users::{self, DbLoader, UserCache, UserRead};
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderName};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -21,9 +23,9 @@ use tower_scale::pg::DbError;
 use tower_scale::pg::{DbLayer, RequestDb};
 
 #[derive(Serialize)]
-struct UserJson {
+struct UserJson<'a> {
     id: i64,
-    name: String,
+    name: &'a str,
 }
 
 #[derive(Deserialize)]
@@ -31,16 +33,20 @@ struct NameJson {
     name: String,
 }
 
-#[derive(Clone)]
-struct AppState {
-    users: UserCache,
+/// Axum clones the state for every request: one reference count.
+type AppState = Arc<App>;
+
+struct App {
+    users: UserCache<DbLoader>,
     invalidator: Invalidator<i64>,
     /// With `--http-cache`: the HTTP cache's invalidator (by tag).
     http: Option<Invalidator<String>>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// `x-served-by` values of the cluster's nodes, built once.
+    served_by: ServedBy,
 }
 
-impl AppState {
+impl App {
     /// After a write to user `id` at `version`: the cached reads of it go.
     fn invalidate(&self, id: i64, version: Option<u64>) {
         self.invalidator
@@ -65,15 +71,71 @@ fn db_error(e: DbError) -> Response {
     }
 }
 
-fn served_by(mut res: Response, by: &str) -> Response {
-    if let Ok(v) = HeaderValue::from_str(by) {
-        res.headers_mut().insert("x-served-by", v);
+const X_SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
+
+/// The `x-served-by` values, built when the router is: answering a
+/// request clones one (a reference count), it never parses or allocates
+/// one. A node the cluster did not list at start (none, today) falls back
+/// to building its value.
+struct ServedBy {
+    nodes: Vec<(Box<str>, HeaderValue)>,
+}
+
+impl ServedBy {
+    fn new(cluster: &tower_scale::pg::Cluster) -> Self {
+        let nodes = cluster
+            .status()
+            .into_iter()
+            .filter_map(|n| {
+                let v = HeaderValue::from_str(&n.name).ok()?;
+                Some((n.name.into_boxed_str(), v))
+            })
+            .collect();
+        Self { nodes }
+    }
+
+    fn value(&self, by: &str) -> Option<HeaderValue> {
+        match by {
+            "cache" => Some(HeaderValue::from_static("cache")),
+            "cache-l2" => Some(HeaderValue::from_static("cache-l2")),
+            _ => self
+                .nodes
+                .iter()
+                .find(|(name, _)| **name == *by)
+                .map(|(_, v)| v.clone())
+                .or_else(|| HeaderValue::from_str(by).ok()),
+        }
+    }
+}
+
+fn served_by(mut res: Response, by: Option<HeaderValue>) -> Response {
+    if let Some(v) = by {
+        res.headers_mut().insert(X_SERVED_BY, v);
     }
     res
 }
 
-fn user_json(id: i64, name: String) -> Json<UserJson> {
-    Json(UserJson { id, name })
+/// `{"id":N,"name":"..."}`, as `Json(UserJson { id, name })` writes it,
+/// without its generic response building: the body in one allocation, the
+/// content type a static value.
+fn user_json(id: i64, name: &str) -> Response {
+    let mut body = Vec::with_capacity(name.len() + 40);
+    body.extend_from_slice(b"{\"id\":");
+    let written = serde_json::to_writer(&mut body, &id)
+        .and_then(|()| {
+            body.extend_from_slice(b",\"name\":");
+            serde_json::to_writer(&mut body, name)
+        })
+        .is_ok();
+    if !written {
+        // Writing to a Vec does not fail; this keeps the old path if it did.
+        return Json(UserJson { id, name }).into_response();
+    }
+    body.push(b'}');
+    let mut res = Response::new(axum::body::Body::from(body));
+    res.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
 }
 
 /// The name from a JSON body, or the 400 message.
@@ -106,7 +168,7 @@ async fn create(
             // A 404 for this id may be cached from before it existed.
             app.invalidate(id, w.token.version());
             let res = (StatusCode::CREATED, user_json(id, w.value.get(1))).into_response();
-            served_by(res, &w.served_by)
+            served_by(res, app.served_by.value(&w.served_by))
         }
         Err(e) => db_error(e),
     }
@@ -121,7 +183,7 @@ async fn read(
         return error(StatusCode::BAD_REQUEST, "the id must be an integer");
     };
     if app.http.is_some() {
-        return read_for_http_cache(&db, id).await;
+        return read_for_http_cache(&app, &db, id).await;
     }
     let result = app
         .users
@@ -133,13 +195,16 @@ async fn read(
         .await;
     let mut res = match result {
         Ok(user) => {
-            let by = if user.taken.swap(true, Ordering::SeqCst) {
-                "cache"
-            } else {
-                &*user.served_by
-            };
+            // A hit reads the flag without writing it (no cache-line
+            // ping-pong between cores on a hot key).
+            let by =
+                if user.taken.load(Ordering::Acquire) || user.taken.swap(true, Ordering::SeqCst) {
+                    Some(HeaderValue::from_static("cache"))
+                } else {
+                    app.served_by.value(&user.served_by)
+                };
             let res = match &user.row {
-                Some((id, name)) => user_json(*id, name.clone()).into_response(),
+                Some((id, name)) => user_json(*id, name),
                 None => error(StatusCode::NOT_FOUND, "not found"),
             };
             served_by(res, by)
@@ -148,30 +213,30 @@ async fn read(
     };
     // Browsers and proxies must not keep what the server may invalidate.
     res.headers_mut()
-        .insert("cache-control", HeaderValue::from_static("no-cache"));
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     res
 }
 
 /// `GET /users/{id}` behind the HTTP cache: one read routed for the
 /// request (its `DbLayer` records the read's LSN for the cache's stamp),
 /// fresh for 30 s in shared caches, tagged `user:{id}`.
-async fn read_for_http_cache(db: &RequestDb, id: i64) -> Response {
+async fn read_for_http_cache(app: &App, db: &RequestDb, id: i64) -> Response {
     let read = db
         .read_opt("SELECT id, name FROM users WHERE id = $1", &[&id])
         .await;
     let mut res = match read {
         Ok(r) => {
             let res = match r.value {
-                Some(row) => user_json(row.get(0), row.get(1)).into_response(),
+                Some(row) => user_json(row.get(0), row.get(1)),
                 None => error(StatusCode::NOT_FOUND, "not found"),
             };
-            served_by(res, &r.served_by)
+            served_by(res, app.served_by.value(&r.served_by))
         }
         // Not stored: no freshness of its own.
         Err(e) => return db_error(e),
     };
     res.headers_mut()
-        .insert("cache-control", HeaderValue::from_static("s-maxage=30"));
+        .insert(CACHE_CONTROL, HeaderValue::from_static("s-maxage=30"));
     if let Ok(tag) = HeaderValue::from_str(&format!("user:{id}")) {
         res.headers_mut().insert("surrogate-key", tag);
     }
@@ -201,10 +266,10 @@ async fn update(
         Ok(w) => {
             app.invalidate(id, w.token.version());
             let res = match w.value.first() {
-                Some(row) => user_json(row.get(0), row.get(1)).into_response(),
+                Some(row) => user_json(row.get(0), row.get(1)),
                 None => error(StatusCode::NOT_FOUND, "not found"),
             };
-            served_by(res, &w.served_by)
+            served_by(res, app.served_by.value(&w.served_by))
         }
         Err(e) => db_error(e),
     }
@@ -226,7 +291,7 @@ async fn delete(
             } else {
                 StatusCode::NO_CONTENT.into_response()
             };
-            served_by(res, &w.served_by)
+            served_by(res, app.served_by.value(&w.served_by))
         }
         Err(e) => db_error(e),
     }
@@ -240,13 +305,25 @@ async fn fallback() -> Response {
     error(StatusCode::NOT_FOUND, "no such route")
 }
 
-/// The whole service: routes, the users cache, and `DbLayer` around them
-/// (the tour runs it in-process).
+/// The whole service as a `Router`: routes, the users cache, and `DbLayer`
+/// around each route (the tour and the soak test run it in-process).
 pub fn router(
     backend: &users::Backend,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 ) -> Router {
     routes(backend, metrics, None).layer(db_layer(backend))
+}
+
+/// The same service as `axum_users` serves it: `DbLayer` once around the
+/// whole router rather than around each route. It answers exactly as
+/// [`router`] does; `Router::layer` puts the layer inside every route's
+/// boxed, cloned-per-request service, which cost the cached GET two more
+/// allocations and a boxed future per request.
+pub fn service(
+    backend: &users::Backend,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+) -> tower_scale::pg::DbRouting<Router> {
+    tower::Layer::layer(&db_layer(backend), routes(backend, metrics, None))
 }
 
 fn db_layer(backend: &users::Backend) -> DbLayer {
@@ -258,12 +335,13 @@ fn routes(
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     http: Option<Invalidator<String>>,
 ) -> Router {
-    let state = AppState {
+    let state = Arc::new(App {
         users: backend.users.clone(),
         invalidator: backend.invalidator.clone(),
         http,
         metrics,
-    };
+        served_by: ServedBy::new(&backend.cluster),
+    });
     Router::new()
         .route("/users", axum::routing::post(create))
         .route("/users/{id}", get(read).put(update).delete(delete))
@@ -311,8 +389,8 @@ pub async fn http_cached_router(
 /// when it came from the shared tier.
 async fn served_by_cache(res: Response) -> Response {
     match res.extensions().get::<CacheHit>() {
-        Some(CacheHit::SharedTier) => served_by(res, "cache-l2"),
-        Some(_) => served_by(res, "cache"),
+        Some(CacheHit::SharedTier) => served_by(res, Some(HeaderValue::from_static("cache-l2"))),
+        Some(_) => served_by(res, Some(HeaderValue::from_static("cache"))),
         None => res,
     }
 }

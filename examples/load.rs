@@ -1,0 +1,717 @@
+//! The load report: the `axum_users` service against a bare axum router,
+//! in one process, under the same load generator.
+//!
+//! ```text
+//! cargo run --release --features full --example load -- [--connections N] [--seconds S]
+//! ```
+//!
+//! It starts a LocalCluster (a primary and two streaming replicas, as
+//! separate PostgreSQL processes on free loopback ports), seeds the
+//! `users` table, then serves two apps from one Tokio runtime whose single
+//! worker (and blocking threads) are pinned to core 0, with the same
+//! `axum::serve` settings (`TCP_NODELAY`): the `axum_users` service as
+//! the example serves it (`users_app::service` in
+//! `examples/common/users_app.rs`, with its metrics recorder installed)
+//! and a bare axum `Router` whose `GET /users/{id}` returns the static
+//! body a cached read of a hot user returns. The generator (hyper's
+//! HTTP/1.1 client connections, `examples/common/load_client.rs`) runs on
+//! a current-thread runtime pinned to core 1. The PostgreSQL processes are
+//! not pinned: the scheduler puts them where it can.
+//!
+//! Scenarios (S seconds each, default 3; the ceiling and the cached GET
+//! are measured in alternating halves so drift on a shared machine hits
+//! both alike):
+//! - `ceiling`: the bare router;
+//! - `cached GET`: `GET /users/{id}` over 64 hot ids, all in the users cache;
+//! - `uncached GET`: every request a new id, read from a replica;
+//! - `PUT`: `PUT /users/{id}` on the primary;
+//! - `mixed 90/10 + tokens`: each connection a client keeping its token
+//!   cookie, nine hot reads to one write.
+//!
+//! For each it prints requests/s, p50, p99, the ratio to the ceiling, the
+//! CPU each side used (share of one core: server threads, generator
+//! threads, PostgreSQL processes) and who served the answers, and writes
+//! `target/load/report.svg`. Any request that fails (a wrong status, an
+//! uncached read the cache answered, a timeout of 2 s, a transport error)
+//! is counted and makes the example exit with status 1. Ctrl-C stops the
+//! run; every server it started is stopped on the way out, on a panic too.
+
+#[path = "common/load_chart.rs"]
+mod load_chart;
+#[path = "common/load_client.rs"]
+mod load_client;
+#[path = "common/users.rs"]
+mod users;
+#[path = "common/users_app.rs"]
+mod users_app;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::http::header::CONTENT_TYPE;
+use axum::routing::get;
+use load_client::{HOT_IDS, Plan, Scenario, Tally, UNCACHED_FIRST};
+use tower_scale::testing::LocalCluster;
+
+/// Users seeded before the run: the uncached GET reads each once.
+const SEEDED: i64 = 150_000;
+/// Load before each measured stretch, not counted.
+const WARM_UP: Duration = Duration::from_millis(300);
+
+struct Options {
+    connections: usize,
+    seconds: f64,
+}
+
+fn options() -> Options {
+    let usage = "usage: load [--connections N] [--seconds S]";
+    let mut o = Options {
+        connections: 32,
+        seconds: 3.0,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args.next();
+        let parsed = match (flag.as_str(), value.as_deref()) {
+            ("--connections", Some(v)) => v
+                .parse()
+                .ok()
+                .filter(|n| (1..=1024).contains(n))
+                .map(|n| o.connections = n),
+            ("--seconds", Some(v)) => v
+                .parse()
+                .ok()
+                .filter(|s: &f64| (0.2..=600.0).contains(s))
+                .map(|s| o.seconds = s),
+            _ => None,
+        };
+        if parsed.is_none() {
+            eprintln!("load: bad flag {flag:?} (connections 1..=1024, seconds 0.2..=600)\n{usage}");
+            std::process::exit(2);
+        }
+    }
+    o
+}
+
+/// Pins the calling thread to `core`; says so once if it cannot.
+fn pin(core: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    let pinned = set
+        .set(core)
+        .and_then(|()| nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set));
+    if let Err(e) = pinned {
+        static WARNED: AtomicBool = AtomicBool::new(false);
+        if !WARNED.swap(true, Ordering::Relaxed) {
+            eprintln!("load: could not pin a thread to core {core} ({e}); running unpinned");
+        }
+    }
+}
+
+/// On-CPU nanoseconds of this process's threads whose name starts with
+/// `prefix` (`/proc/self/task/*/schedstat`, falling back to `stat` ticks).
+fn threads_cpu(prefix: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
+        })
+        .map(|t| cpu_of(&t.path()))
+        .sum()
+}
+
+fn cpu_of(dir: &std::path::Path) -> u64 {
+    if let Ok(s) = std::fs::read_to_string(dir.join("schedstat"))
+        && let Some(ns) = s.split_whitespace().next().and_then(|v| v.parse().ok())
+    {
+        return ns;
+    }
+    // utime + stime, in clock ticks of 10 ms.
+    std::fs::read_to_string(dir.join("stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?) * 10_000_000)
+        })
+        .unwrap_or(0)
+}
+
+/// On-CPU nanoseconds of each PostgreSQL process of the cluster (the
+/// postmasters and their children), by pid.
+fn postgres_cpu(postmasters: &[u32]) -> HashMap<u32, u64> {
+    let mut out = HashMap::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let ppid = std::fs::read_to_string(p.path().join("stat"))
+            .ok()
+            .and_then(|s| {
+                let rest = &s[s.rfind(')')? + 2..];
+                rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+            });
+        if postmasters.contains(&pid) || ppid.is_some_and(|pp| postmasters.contains(&pp)) {
+            out.insert(pid, cpu_of(&p.path()));
+        }
+    }
+    out
+}
+
+/// CPU used during a stretch, in nanoseconds.
+#[derive(Default, Clone, Copy)]
+struct Cpu {
+    server: u64,
+    client: u64,
+    postgres: u64,
+}
+
+struct Probe<'a> {
+    postmasters: &'a [u32],
+    server: u64,
+    client: u64,
+    postgres: HashMap<u32, u64>,
+}
+
+impl<'a> Probe<'a> {
+    fn start(postmasters: &'a [u32]) -> Self {
+        Self {
+            postmasters,
+            server: threads_cpu("load-server"),
+            client: threads_cpu("load-client"),
+            postgres: postgres_cpu(postmasters),
+        }
+    }
+    fn stop(self) -> Cpu {
+        let pg = postgres_cpu(self.postmasters);
+        Cpu {
+            server: threads_cpu("load-server").saturating_sub(self.server),
+            client: threads_cpu("load-client").saturating_sub(self.client),
+            postgres: pg
+                .iter()
+                .map(|(pid, ns)| ns.saturating_sub(*self.postgres.get(pid).unwrap_or(&0)))
+                .sum(),
+        }
+    }
+}
+
+/// One scenario's result.
+struct Outcome {
+    scenario: Scenario,
+    tally: Tally,
+    wall: Duration,
+    cpu: Cpu,
+}
+
+impl Outcome {
+    fn rps(&self) -> f64 {
+        self.tally.latencies_us.len() as f64 / self.wall.as_secs_f64()
+    }
+    fn percentile_ms(&self, p: f64) -> f64 {
+        let l = &self.tally.latencies_us;
+        if l.is_empty() {
+            return 0.0;
+        }
+        let i = ((l.len() as f64 * p).ceil() as usize).clamp(1, l.len()) - 1;
+        f64::from(l[i]) / 1000.0
+    }
+    fn share(&self, ns: u64) -> f64 {
+        ns as f64 / self.wall.as_nanos() as f64 * 100.0
+    }
+    /// CPU microseconds per answered request.
+    fn per_request_us(&self, ns: u64) -> f64 {
+        let n = self.tally.latencies_us.len().max(1) as f64;
+        ns as f64 / n / 1000.0
+    }
+}
+
+/// Drives `scenario` against `addr` for `length` with `connections`
+/// connections on the generator runtime.
+fn drive(
+    client: &tokio::runtime::Runtime,
+    scenario: Scenario,
+    addr: SocketAddr,
+    connections: usize,
+    length: Duration,
+    next_uncached: &AtomicI64,
+    stop: &Arc<AtomicBool>,
+) -> Tally {
+    let plan = Arc::new(Plan {
+        scenario,
+        addr,
+        deadline: Instant::now() + length,
+        next_uncached: AtomicI64::new(next_uncached.load(Ordering::Relaxed)),
+        last_seeded: SEEDED,
+        stop: Arc::clone(stop),
+    });
+    let tally = client.block_on(async {
+        let tasks: Vec<_> = (0..connections)
+            .map(|i| tokio::spawn(load_client::connection(Arc::clone(&plan), i)))
+            .collect();
+        let mut all = Tally::default();
+        for t in tasks {
+            match t.await {
+                Ok(t) => all.merge(t),
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => {
+                    all.errors += 1;
+                    all.last_error = Some(e.to_string());
+                }
+            }
+        }
+        all
+    });
+    next_uncached.store(
+        plan.next_uncached.load(Ordering::Relaxed),
+        Ordering::Relaxed,
+    );
+    tally
+}
+
+/// Measures `scenario` for `length` (after a warm-up), in `halves` pieces
+/// alternating with the other scenarios of the same round.
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    client: &tokio::runtime::Runtime,
+    scenario: Scenario,
+    addr: SocketAddr,
+    o: &Options,
+    length: Duration,
+    next_uncached: &AtomicI64,
+    stop: &Arc<AtomicBool>,
+    postmasters: &[u32],
+    into: &mut Option<Outcome>,
+) {
+    if scenario != Scenario::UncachedGet {
+        drive(
+            client,
+            scenario,
+            addr,
+            o.connections,
+            WARM_UP,
+            next_uncached,
+            stop,
+        );
+    }
+    let probe = Probe::start(postmasters);
+    let started = Instant::now();
+    let tally = drive(
+        client,
+        scenario,
+        addr,
+        o.connections,
+        length,
+        next_uncached,
+        stop,
+    );
+    let wall = started.elapsed();
+    let cpu = probe.stop();
+    match into {
+        Some(out) => {
+            out.tally.merge(tally);
+            out.wall += wall;
+            out.cpu.server += cpu.server;
+            out.cpu.client += cpu.client;
+            out.cpu.postgres += cpu.postgres;
+        }
+        None => {
+            *into = Some(Outcome {
+                scenario,
+                tally,
+                wall,
+                cpu,
+            })
+        }
+    }
+}
+
+/// The body a cached read of the first hot user answers with.
+fn static_body() -> &'static str {
+    static BODY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BODY.get_or_init(|| {
+        let id = HOT_IDS.start;
+        serde_json::json!({ "id": id, "name": load_client::name_of(id) }).to_string()
+    })
+}
+
+async fn serve<S>(
+    app: S,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)>
+where
+    S: tower::Service<
+            axum::extract::Request,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = axum::serve(
+        axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+            let _ = tcp.set_nodelay(true);
+        }),
+        axum::ServiceExt::<axum::extract::Request>::into_make_service(app),
+    )
+    .with_graceful_shutdown(async move {
+        let mut stop = stop;
+        let _ = stop.wait_for(|s| *s).await;
+    });
+    let task = tokio::spawn(async move {
+        if let Err(e) = server.await {
+            eprintln!("load: server: {e}");
+        }
+    });
+    Ok((addr, task))
+}
+
+/// Seeds [`SEEDED`] users named [`load_client::name_of`] their id and
+/// waits until every replica has them.
+async fn seed(backend: &users::Backend, local: &LocalCluster) -> Result<(), users::BoxError> {
+    backend
+        .db
+        .execute(
+            "INSERT INTO users (id, name) SELECT g, 'user ' || lpad(g::text, 6, '0') \
+             FROM generate_series(1, $1::bigint) g",
+            &[&SEEDED],
+        )
+        .await?;
+    backend
+        .db
+        .execute("SELECT setval('users_id_seq', $1::bigint)", &[&SEEDED])
+        .await?;
+    for replica in local.replicas() {
+        let (client, conn) = replica.config().connect(tokio_postgres::NoTls).await?;
+        let conn = tokio::spawn(conn);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let row = client
+                .query_one("SELECT count(*) FROM users WHERE id = $1", &[&SEEDED])
+                .await?;
+            if row.get::<_, i64>(0) == 1 {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("replica {} did not catch up in 30 s", replica.name()).into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(client);
+        let _ = conn.await;
+    }
+    Ok(())
+}
+
+fn main() {
+    let o = options();
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("load: fewer than 2 cores: server and generator will share one");
+    }
+    // Started from the unpinned main thread, so the PostgreSQL processes
+    // do not inherit a pinned affinity.
+    let local = match LocalCluster::start(2) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("load: could not start the LocalCluster: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = match run(&o, &local) {
+        Ok(true) => 0,
+        Ok(false) => 1,
+        Err(e) => {
+            eprintln!("load: {e}");
+            1
+        }
+    };
+    // `local` stops its servers when dropped, here or while a panic unwinds.
+    drop(local);
+    std::process::exit(code);
+}
+
+fn runtime(
+    name: &'static str,
+    core: usize,
+    workers: Option<usize>,
+) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = match workers {
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_current_thread(),
+    };
+    b.enable_all()
+        .thread_name(name)
+        .on_thread_start(move || pin(core))
+        .build()
+}
+
+/// Runs every scenario; `Ok(false)` if any request failed.
+fn run(o: &Options, local: &LocalCluster) -> Result<bool, users::BoxError> {
+    let server = runtime("load-server", 0, Some(1))?;
+    // The generator's current-thread runtime runs on this thread: pin it
+    // from a thread of its own name.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop = Arc::new(AtomicBool::new(false));
+    let args = users::Args {
+        listen: "127.0.0.1:0".parse()?,
+        primary: Some(local.primary().url()),
+        replicas: local.replicas().iter().map(|r| r.url()).collect(),
+        token_key: None,
+        redis: None,
+        http_cache: false,
+    };
+    let (backend, users_addr, ceiling_addr, servers) = server.block_on(async {
+        let metrics = users::install_metrics()?;
+        let backend = users::backend(&args).await?;
+        seed(&backend, local).await?;
+        let app = users_app::service(&backend, metrics);
+        let ceiling = Router::new().route(
+            "/users/{id}",
+            get(|| async { ([(CONTENT_TYPE, "application/json")], static_body()) }),
+        );
+        let (users_addr, a) = serve(app, stop_rx.clone()).await?;
+        let (ceiling_addr, b) = serve(ceiling, stop_rx.clone()).await?;
+        let interrupted = Arc::clone(&stop);
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("load: interrupted, stopping");
+                interrupted.store(true, Ordering::Relaxed);
+            }
+        });
+        Ok::<_, users::BoxError>((backend, users_addr, ceiling_addr, [a, b]))
+    })?;
+    let postmasters: Vec<u32> = local.nodes().iter().filter_map(|n| n.pid()).collect();
+    let report = std::thread::Builder::new()
+        .name("load-client".into())
+        .spawn({
+            let stop = Arc::clone(&stop);
+            let connections = o.connections;
+            let seconds = o.seconds;
+            move || -> Result<Vec<Outcome>, String> {
+                pin(1);
+                let client = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                let o = Options {
+                    connections,
+                    seconds,
+                };
+                let next = AtomicI64::new(UNCACHED_FIRST);
+                let full = Duration::from_secs_f64(o.seconds);
+                let half = full / 2;
+                let (mut ceiling, mut cached) = (None, None);
+                for _ in 0..2 {
+                    measure(
+                        &client,
+                        Scenario::Ceiling,
+                        ceiling_addr,
+                        &o,
+                        half,
+                        &next,
+                        &stop,
+                        &postmasters,
+                        &mut ceiling,
+                    );
+                    measure(
+                        &client,
+                        Scenario::CachedGet,
+                        users_addr,
+                        &o,
+                        half,
+                        &next,
+                        &stop,
+                        &postmasters,
+                        &mut cached,
+                    );
+                }
+                let mut out: Vec<Outcome> = [ceiling, cached].into_iter().flatten().collect();
+                for s in [Scenario::UncachedGet, Scenario::Put, Scenario::Mixed] {
+                    let mut one = None;
+                    measure(
+                        &client,
+                        s,
+                        users_addr,
+                        &o,
+                        full,
+                        &next,
+                        &stop,
+                        &postmasters,
+                        &mut one,
+                    );
+                    out.extend(one);
+                }
+                Ok(out)
+            }
+        })?
+        .join();
+    // Stop the servers before anything else, whatever happened.
+    let _ = stop_tx.send(true);
+    server.block_on(async {
+        for s in servers {
+            if tokio::time::timeout(Duration::from_secs(5), s)
+                .await
+                .is_err()
+            {
+                eprintln!("load: a server did not stop within 5 s");
+            }
+        }
+    });
+    backend.cluster.shutdown();
+    drop(backend);
+    server.shutdown_timeout(Duration::from_secs(5));
+    let mut outcomes = match report {
+        Ok(r) => r?,
+        Err(panic) => std::panic::resume_unwind(panic),
+    };
+    for out in &mut outcomes {
+        out.tally.latencies_us.sort_unstable();
+    }
+    let interrupted = stop.load(Ordering::Relaxed);
+    print_table(o, &outcomes);
+    let chart = chart_path();
+    match write_chart(&chart, o, &outcomes) {
+        Ok(()) => println!("chart: {}", chart.display()),
+        Err(e) => eprintln!("load: could not write {}: {e}", chart.display()),
+    }
+    let failed: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|out| out.tally.failures() > 0 || out.tally.exhausted)
+        .collect();
+    for out in &failed {
+        let t = &out.tally;
+        eprintln!(
+            "load: {} failed: {} wrong answers {:?} (status 0: the cache answered an uncached read), {} timeouts, {} errors{}{}",
+            out.scenario.name(),
+            t.wrong_status.iter().map(|(_, n)| n).sum::<u64>(),
+            t.wrong_status,
+            t.timeouts,
+            t.errors,
+            t.last_error
+                .as_ref()
+                .map_or(String::new(), |e| format!(" (last: {e})")),
+            if t.exhausted {
+                "; ran out of seeded ids (use fewer --seconds)"
+            } else {
+                ""
+            },
+        );
+    }
+    if interrupted {
+        eprintln!("load: interrupted: the figures are partial");
+    }
+    Ok(failed.is_empty() && !interrupted)
+}
+
+fn print_table(o: &Options, outcomes: &[Outcome]) {
+    let ceiling = outcomes
+        .iter()
+        .find(|out| out.scenario == Scenario::Ceiling);
+    let ceiling_rps = ceiling.map_or(0.0, Outcome::rps);
+    let ceiling_cost = ceiling.map_or(0.0, |out| out.per_request_us(out.cpu.server));
+    println!(
+        "\n{} connections, {} s per scenario; server on core 0, generator on core 1",
+        o.connections, o.seconds
+    );
+    println!(
+        "{:<21} {:>10} {:>7} {:>7} {:>6} | {:>6} {:>6} {:>8} | {:>10} {:>10} {:>9} | {:>5}",
+        "scenario",
+        "requests/s",
+        "p50 ms",
+        "p99 ms",
+        "ratio",
+        "server",
+        "client",
+        "postgres",
+        "server/req",
+        "client/req",
+        "cpu ratio",
+        "fails"
+    );
+    for out in outcomes {
+        let cost = out.per_request_us(out.cpu.server);
+        println!(
+            "{:<21} {:>10.0} {:>7.3} {:>7.3} {:>5.2}x | {:>5.0}% {:>5.0}% {:>7.0}% | {:>8.2}us {:>8.2}us {:>8.2}x | {:>5}",
+            out.scenario.name(),
+            out.rps(),
+            out.percentile_ms(0.50),
+            out.percentile_ms(0.99),
+            if ceiling_rps > 0.0 {
+                out.rps() / ceiling_rps
+            } else {
+                0.0
+            },
+            out.share(out.cpu.server),
+            out.share(out.cpu.client),
+            out.share(out.cpu.postgres),
+            cost,
+            out.per_request_us(out.cpu.client),
+            if cost > 0.0 { ceiling_cost / cost } else { 0.0 },
+            out.tally.failures(),
+        );
+    }
+    println!(
+        "ratio: requests/s over the ceiling's. server, client, postgres: CPU used in % of one core \
+         (server: this process's server threads; client: the generator thread; postgres: the \
+         cluster's processes). server/req, client/req: CPU per request. cpu ratio: the ceiling's \
+         server CPU per request over this scenario's."
+    );
+    println!("served by (x-served-by):");
+    for out in outcomes
+        .iter()
+        .filter(|out| out.scenario != Scenario::Ceiling)
+    {
+        let mut by: Vec<String> = out
+            .tally
+            .served_by
+            .iter()
+            .map(|(b, n)| format!("{} {n}", String::from_utf8_lossy(b)))
+            .collect();
+        by.sort();
+        println!("  {:<20} {}", out.scenario.name(), by.join(", "));
+    }
+}
+
+/// `target/load/report.svg` in this crate.
+fn chart_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/load/report.svg")
+}
+
+fn write_chart(
+    path: &std::path::Path,
+    o: &Options,
+    outcomes: &[Outcome],
+) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let bars: Vec<load_chart::Bar> = outcomes
+        .iter()
+        .map(|out| load_chart::Bar {
+            name: out.scenario.name(),
+            requests_per_second: out.rps(),
+            p99_ms: out.percentile_ms(0.99),
+        })
+        .collect();
+    let title = format!(
+        "tower-scale load report: {} connections, {} s per scenario, server and generator on one core each",
+        o.connections, o.seconds
+    );
+    load_chart::write_svg(path, &bars, &title)
+}
