@@ -19,8 +19,8 @@
 //! not pinned: the scheduler puts them where it can.
 //!
 //! Scenarios (S seconds each, default 3; the ceiling and the cached GET
-//! are measured in alternating halves so drift on a shared machine hits
-//! both alike):
+//! are measured in four alternating stretches each, so that drift on a
+//! shared machine hits both alike):
 //! - `ceiling`: the bare router;
 //! - `cached GET`: `GET /users/{id}` over 64 hot ids, all in the users cache;
 //! - `uncached GET`: every request a new id, read from a replica;
@@ -61,7 +61,10 @@ use tower_scale::testing::LocalCluster;
 /// Users seeded before the run: the uncached GET reads each once.
 const SEEDED: i64 = 150_000;
 /// Load before each measured stretch, not counted.
-const WARM_UP: Duration = Duration::from_millis(300);
+const WARM_UP: Duration = Duration::from_millis(200);
+/// The ceiling and the cached GET alternate in this many stretches each,
+/// so that what else runs on the machine weighs on both alike.
+const ROUNDS: u32 = 4;
 
 struct Options {
     connections: usize,
@@ -71,7 +74,7 @@ struct Options {
 fn options() -> Options {
     let usage = "usage: load [--connections N] [--seconds S]";
     let mut o = Options {
-        connections: 32,
+        connections: 128,
         seconds: 3.0,
     };
     let mut args = std::env::args().skip(1);
@@ -112,25 +115,32 @@ fn pin(core: usize) {
     }
 }
 
-/// On-CPU nanoseconds of this process's threads whose name starts with
-/// `prefix` (`/proc/self/task/*/schedstat`, falling back to `stat` ticks).
-fn threads_cpu(prefix: &str) -> u64 {
+/// Nanoseconds this process's threads whose name starts with `prefix`
+/// spent on a CPU and waiting for one (`/proc/self/task/*/schedstat`).
+/// On a CPU plus waiting for one is the time they had work: when it is
+/// the whole run, that side was never idle, waiting for the other.
+fn threads_time(prefix: &str) -> (u64, u64) {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
+        return (0, 0);
     };
     tasks
         .flatten()
         .filter(|t| {
             std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
         })
-        .map(|t| cpu_of(&t.path()))
-        .sum()
+        .map(|t| schedstat(&t.path()).unwrap_or((cpu_of(&t.path()), 0)))
+        .fold((0, 0), |(r, w), (r2, w2)| (r + r2, w + w2))
+}
+
+/// On a CPU and waiting for one, in nanoseconds.
+fn schedstat(dir: &std::path::Path) -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string(dir.join("schedstat")).ok()?;
+    let mut f = s.split_whitespace().map(|v| v.parse::<u64>().ok());
+    Some((f.next()??, f.next()??))
 }
 
 fn cpu_of(dir: &std::path::Path) -> u64 {
-    if let Ok(s) = std::fs::read_to_string(dir.join("schedstat"))
-        && let Some(ns) = s.split_whitespace().next().and_then(|v| v.parse().ok())
-    {
+    if let Some((ns, _)) = schedstat(dir) {
         return ns;
     }
     // utime + stime, in clock ticks of 10 ms.
@@ -173,13 +183,16 @@ fn postgres_cpu(postmasters: &[u32]) -> HashMap<u32, u64> {
 struct Cpu {
     server: u64,
     client: u64,
+    /// Runnable but waiting for the core (another process had it).
+    server_wait: u64,
+    client_wait: u64,
     postgres: u64,
 }
 
 struct Probe<'a> {
     postmasters: &'a [u32],
-    server: u64,
-    client: u64,
+    server: (u64, u64),
+    client: (u64, u64),
     postgres: HashMap<u32, u64>,
 }
 
@@ -187,16 +200,20 @@ impl<'a> Probe<'a> {
     fn start(postmasters: &'a [u32]) -> Self {
         Self {
             postmasters,
-            server: threads_cpu("load-server"),
-            client: threads_cpu("load-client"),
+            server: threads_time("load-server"),
+            client: threads_time("load-client"),
             postgres: postgres_cpu(postmasters),
         }
     }
     fn stop(self) -> Cpu {
         let pg = postgres_cpu(self.postmasters);
+        let server = threads_time("load-server");
+        let client = threads_time("load-client");
         Cpu {
-            server: threads_cpu("load-server").saturating_sub(self.server),
-            client: threads_cpu("load-client").saturating_sub(self.client),
+            server: server.0.saturating_sub(self.server.0),
+            client: client.0.saturating_sub(self.client.0),
+            server_wait: server.1.saturating_sub(self.server.1),
+            client_wait: client.1.saturating_sub(self.client.1),
             postgres: pg
                 .iter()
                 .map(|(pid, ns)| ns.saturating_sub(*self.postgres.get(pid).unwrap_or(&0)))
@@ -322,6 +339,8 @@ fn measure(
             out.wall += wall;
             out.cpu.server += cpu.server;
             out.cpu.client += cpu.client;
+            out.cpu.server_wait += cpu.server_wait;
+            out.cpu.client_wait += cpu.client_wait;
             out.cpu.postgres += cpu.postgres;
         }
         None => {
@@ -515,15 +534,15 @@ fn run(o: &Options, local: &LocalCluster) -> Result<bool, users::BoxError> {
                 };
                 let next = AtomicI64::new(UNCACHED_FIRST);
                 let full = Duration::from_secs_f64(o.seconds);
-                let half = full / 2;
+                let stretch = full / ROUNDS;
                 let (mut ceiling, mut cached) = (None, None);
-                for _ in 0..2 {
+                for _ in 0..ROUNDS {
                     measure(
                         &client,
                         Scenario::Ceiling,
                         ceiling_addr,
                         &o,
-                        half,
+                        stretch,
                         &next,
                         &stop,
                         &postmasters,
@@ -534,7 +553,7 @@ fn run(o: &Options, local: &LocalCluster) -> Result<bool, users::BoxError> {
                         Scenario::CachedGet,
                         users_addr,
                         &o,
-                        half,
+                        stretch,
                         &next,
                         &stop,
                         &postmasters,
@@ -630,7 +649,7 @@ fn print_table(o: &Options, outcomes: &[Outcome]) {
         o.connections, o.seconds
     );
     println!(
-        "{:<21} {:>10} {:>7} {:>7} {:>6} | {:>6} {:>6} {:>8} | {:>10} {:>10} {:>9} | {:>5}",
+        "{:<21} {:>10} {:>7} {:>7} {:>6} | {:>10} {:>10} {:>8} | {:>10} {:>9} | {:>5}",
         "scenario",
         "requests/s",
         "p50 ms",
@@ -640,14 +659,23 @@ fn print_table(o: &Options, outcomes: &[Outcome]) {
         "client",
         "postgres",
         "server/req",
-        "client/req",
         "cpu ratio",
         "fails"
     );
     for out in outcomes {
         let cost = out.per_request_us(out.cpu.server);
+        let server = format!(
+            "{:.0}%/{:.0}%",
+            out.share(out.cpu.server),
+            out.share(out.cpu.server + out.cpu.server_wait)
+        );
+        let client = format!(
+            "{:.0}%/{:.0}%",
+            out.share(out.cpu.client),
+            out.share(out.cpu.client + out.cpu.client_wait)
+        );
         println!(
-            "{:<21} {:>10.0} {:>7.3} {:>7.3} {:>5.2}x | {:>5.0}% {:>5.0}% {:>7.0}% | {:>8.2}us {:>8.2}us {:>8.2}x | {:>5}",
+            "{:<21} {:>10.0} {:>7.3} {:>7.3} {:>5.2}x | {:>10} {:>10} {:>7.0}% | {:>8.2}us {:>8.2}x | {:>5}",
             out.scenario.name(),
             out.rps(),
             out.percentile_ms(0.50),
@@ -657,19 +685,19 @@ fn print_table(o: &Options, outcomes: &[Outcome]) {
             } else {
                 0.0
             },
-            out.share(out.cpu.server),
-            out.share(out.cpu.client),
+            server,
+            client,
             out.share(out.cpu.postgres),
             cost,
-            out.per_request_us(out.cpu.client),
             if cost > 0.0 { ceiling_cost / cost } else { 0.0 },
             out.tally.failures(),
         );
     }
     println!(
-        "ratio: requests/s over the ceiling's. server, client, postgres: CPU used in % of one core \
-         (server: this process's server threads; client: the generator thread; postgres: the \
-         cluster's processes). server/req, client/req: CPU per request. cpu ratio: the ceiling's \
+        "ratio: requests/s over the ceiling's. server, client: CPU used / busy (on the core or \
+         waiting for it: 100% busy means that side never waited for the other), in % of one core; \
+         server is this process's server threads, client the generator thread. postgres: the \
+         cluster's processes' CPU. server/req: server CPU per request. cpu ratio: the ceiling's \
          server CPU per request over this scenario's."
     );
     println!("served by (x-served-by):");

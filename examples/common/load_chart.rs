@@ -52,7 +52,7 @@ fn panel(
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d((0u32..n).into_segmented(), 0f64..top)?;
+        .build_cartesian_2d((0u32..n.saturating_sub(1)).into_segmented(), 0f64..top)?;
     chart
         .configure_mesh()
         .disable_x_mesh()
