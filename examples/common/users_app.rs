@@ -121,13 +121,14 @@ fn served_by(mut res: Response, by: Option<HeaderValue>) -> Response {
 fn user_json(id: i64, name: &str) -> Response {
     let mut body = Vec::with_capacity(name.len() + 40);
     body.extend_from_slice(b"{\"id\":");
-    let written = serde_json::to_writer(&mut body, &id)
-        .and_then(|()| {
-            body.extend_from_slice(b",\"name\":");
-            serde_json::to_writer(&mut body, name)
-        })
-        .is_ok();
-    if !written {
+    body.extend_from_slice(itoa_i64(id, &mut [0; 20]));
+    body.extend_from_slice(b",\"name\":");
+    if name.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        // Nothing to escape (names are mostly plain): copied as it is.
+        body.push(b'"');
+        body.extend_from_slice(name.as_bytes());
+        body.push(b'"');
+    } else if serde_json::to_writer(&mut body, name).is_err() {
         // Writing to a Vec does not fail; this keeps the old path if it did.
         return Json(UserJson { id, name }).into_response();
     }
@@ -136,6 +137,25 @@ fn user_json(id: i64, name: &str) -> Response {
     res.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     res
+}
+
+/// `n` in decimal, written at the end of `buf`.
+fn itoa_i64(n: i64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
+    let mut v = n.unsigned_abs();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    if n < 0 {
+        at -= 1;
+        buf[at] = b'-';
+    }
+    &buf[at..]
 }
 
 /// The name from a JSON body, or the 400 message.

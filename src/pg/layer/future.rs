@@ -39,12 +39,12 @@ where
         let this = self.project();
         let mut res = ready!(this.inner.poll(cx))?;
         let state = &**this.state;
-        let wrote = *crate::sync::lock(&state.written);
-        if let Some(token) = wrote {
+        // A request that neither wrote nor read through its RequestDb (a
+        // cache hit) costs two atomic loads here.
+        if let Some(token) = state.written() {
             state.layer.set_token(res.headers_mut(), token);
         }
-        let data = *crate::sync::lock(&state.data);
-        if let Some(v) = data {
+        if let Some(v) = state.data_version() {
             // One the handler set itself counts too: the lower one is what
             // the whole response reflects at least.
             let v = res

@@ -2,6 +2,7 @@
 //! and the [`Primary`] / [`Replica`] extractors.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum_core::extract::FromRequestParts;
@@ -27,10 +28,31 @@ pub struct RequestDb {
 pub(super) struct RequestState {
     pub(super) layer: DbLayer,
     pub(super) token: Option<ConsistencyToken>,
-    pub(super) written: Mutex<Option<ConsistencyToken>>,
+    written: Mutex<Option<ConsistencyToken>>,
+    /// Set once `written` holds a token: a request that wrote nothing (a
+    /// read, a cache hit) never takes the lock.
+    wrote: AtomicBool,
     /// The data version of the response so far: the lowest position among
-    /// the reads and writes made (`None` until one is).
-    pub(super) data: Mutex<Option<u64>>,
+    /// the reads and writes made ([`NO_DATA`] until one is).
+    data: AtomicU64,
+}
+
+/// `data` before any read or write: `Lsn::MAX` is never recorded.
+const NO_DATA: u64 = u64::MAX;
+
+impl RequestState {
+    /// The token of the request's writes, if it wrote.
+    pub(super) fn written(&self) -> Option<ConsistencyToken> {
+        if !self.wrote.load(Ordering::Acquire) {
+            return None;
+        }
+        *crate::sync::lock(&self.written)
+    }
+
+    /// The lowest position among the request's reads and writes.
+    pub(super) fn data_version(&self) -> Option<u64> {
+        Some(self.data.load(Ordering::Acquire)).filter(|&v| v != NO_DATA)
+    }
 }
 
 impl RequestDb {
@@ -41,7 +63,8 @@ impl RequestDb {
                 layer,
                 token,
                 written: Mutex::new(None),
-                data: Mutex::new(None),
+                wrote: AtomicBool::new(false),
+                data: AtomicU64::new(NO_DATA),
             }),
             route,
         }
@@ -75,7 +98,7 @@ impl RequestDb {
 
     /// The newest token this request must see: the client's or its own writes'.
     pub fn min_token(&self) -> Option<ConsistencyToken> {
-        let own = *crate::sync::lock(&self.state.written);
+        let own = self.state.written();
         match (self.state.token, own) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
@@ -100,6 +123,7 @@ impl RequestDb {
         {
             let mut w = crate::sync::lock(&self.state.written);
             *w = Some(w.map_or(token, |t| t.max(token)));
+            self.state.wrote.store(true, Ordering::Release);
         }
         if let Some(lsn) = token.known_lsn() {
             self.record_read(lsn);
@@ -123,13 +147,12 @@ impl RequestDb {
             // Not a position (the unknown token's): nothing is known.
             return;
         }
-        let mut d = crate::sync::lock(&self.state.data);
-        *d = Some(d.map_or(lsn.0, |v| v.min(lsn.0)));
+        self.state.data.fetch_min(lsn.0, Ordering::AcqRel);
     }
 
     /// The data version recorded so far (see [`record_read`](Self::record_read)).
     pub fn data_version(&self) -> Option<crate::cache::DataVersion> {
-        crate::sync::lock(&self.state.data).map(crate::cache::DataVersion)
+        self.state.data_version().map(crate::cache::DataVersion)
     }
 
     fn recorded<T>(&self, read: Result<Read<T>, DbError>) -> Result<Read<T>, DbError> {
