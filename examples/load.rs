@@ -40,12 +40,13 @@
 mod load_chart;
 #[path = "common/load_client.rs"]
 mod load_client;
+#[path = "common/load_cpu.rs"]
+mod load_cpu;
 #[path = "common/users.rs"]
 mod users;
 #[path = "common/users_app.rs"]
 mod users_app;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -56,6 +57,7 @@ use axum::Router;
 use axum::http::header::CONTENT_TYPE;
 use axum::routing::get;
 use load_client::{HOT_IDS, Plan, Scenario, Tally, UNCACHED_FIRST};
+use load_cpu::{Cpu, Probe, pin};
 use tower_scale::testing::LocalCluster;
 
 /// Users seeded before the run: the uncached GET reads each once.
@@ -99,127 +101,6 @@ fn options() -> Options {
         }
     }
     o
-}
-
-/// Pins the calling thread to `core`; says so once if it cannot.
-fn pin(core: usize) {
-    let mut set = nix::sched::CpuSet::new();
-    let pinned = set
-        .set(core)
-        .and_then(|()| nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set));
-    if let Err(e) = pinned {
-        static WARNED: AtomicBool = AtomicBool::new(false);
-        if !WARNED.swap(true, Ordering::Relaxed) {
-            eprintln!("load: could not pin a thread to core {core} ({e}); running unpinned");
-        }
-    }
-}
-
-/// Nanoseconds this process's threads whose name starts with `prefix`
-/// spent on a CPU and waiting for one (`/proc/self/task/*/schedstat`).
-/// On a CPU plus waiting for one is the time they had work: when it is
-/// the whole run, that side was never idle, waiting for the other.
-fn threads_time(prefix: &str) -> (u64, u64) {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return (0, 0);
-    };
-    tasks
-        .flatten()
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
-        })
-        .map(|t| schedstat(&t.path()).unwrap_or((cpu_of(&t.path()), 0)))
-        .fold((0, 0), |(r, w), (r2, w2)| (r + r2, w + w2))
-}
-
-/// On a CPU and waiting for one, in nanoseconds.
-fn schedstat(dir: &std::path::Path) -> Option<(u64, u64)> {
-    let s = std::fs::read_to_string(dir.join("schedstat")).ok()?;
-    let mut f = s.split_whitespace().map(|v| v.parse::<u64>().ok());
-    Some((f.next()??, f.next()??))
-}
-
-fn cpu_of(dir: &std::path::Path) -> u64 {
-    if let Some((ns, _)) = schedstat(dir) {
-        return ns;
-    }
-    // utime + stime, in clock ticks of 10 ms.
-    std::fs::read_to_string(dir.join("stat"))
-        .ok()
-        .and_then(|s| {
-            let rest = &s[s.rfind(')')? + 2..];
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some((f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?) * 10_000_000)
-        })
-        .unwrap_or(0)
-}
-
-/// On-CPU nanoseconds of each PostgreSQL process of the cluster (the
-/// postmasters and their children), by pid.
-fn postgres_cpu(postmasters: &[u32]) -> HashMap<u32, u64> {
-    let mut out = HashMap::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for p in procs.flatten() {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let ppid = std::fs::read_to_string(p.path().join("stat"))
-            .ok()
-            .and_then(|s| {
-                let rest = &s[s.rfind(')')? + 2..];
-                rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-            });
-        if postmasters.contains(&pid) || ppid.is_some_and(|pp| postmasters.contains(&pp)) {
-            out.insert(pid, cpu_of(&p.path()));
-        }
-    }
-    out
-}
-
-/// CPU used during a stretch, in nanoseconds.
-#[derive(Default, Clone, Copy)]
-struct Cpu {
-    server: u64,
-    client: u64,
-    /// Runnable but waiting for the core (another process had it).
-    server_wait: u64,
-    client_wait: u64,
-    postgres: u64,
-}
-
-struct Probe<'a> {
-    postmasters: &'a [u32],
-    server: (u64, u64),
-    client: (u64, u64),
-    postgres: HashMap<u32, u64>,
-}
-
-impl<'a> Probe<'a> {
-    fn start(postmasters: &'a [u32]) -> Self {
-        Self {
-            postmasters,
-            server: threads_time("load-server"),
-            client: threads_time("load-client"),
-            postgres: postgres_cpu(postmasters),
-        }
-    }
-    fn stop(self) -> Cpu {
-        let pg = postgres_cpu(self.postmasters);
-        let server = threads_time("load-server");
-        let client = threads_time("load-client");
-        Cpu {
-            server: server.0.saturating_sub(self.server.0),
-            client: client.0.saturating_sub(self.client.0),
-            server_wait: server.1.saturating_sub(self.server.1),
-            client_wait: client.1.saturating_sub(self.client.1),
-            postgres: pg
-                .iter()
-                .map(|(pid, ns)| ns.saturating_sub(*self.postgres.get(pid).unwrap_or(&0)))
-                .sum(),
-        }
-    }
 }
 
 /// One scenario's result.
@@ -295,8 +176,8 @@ fn drive(
     tally
 }
 
-/// Measures `scenario` for `length` (after a warm-up), in `halves` pieces
-/// alternating with the other scenarios of the same round.
+/// Measures `scenario` for `length` (after a warm-up) and adds the result
+/// to `into` (the ceiling and the cached GET are measured in stretches).
 #[allow(clippy::too_many_arguments)]
 fn measure(
     client: &tokio::runtime::Runtime,
@@ -461,30 +342,20 @@ fn main() {
     std::process::exit(code);
 }
 
-fn runtime(
-    name: &'static str,
-    core: usize,
-    workers: Option<usize>,
-) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut b = match workers {
-        Some(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
-        }
-        None => tokio::runtime::Builder::new_current_thread(),
-    };
-    b.enable_all()
-        .thread_name(name)
-        .on_thread_start(move || pin(core))
+/// The server side: a multi-thread runtime with one worker; it and its
+/// blocking threads are named `load-server` and pinned to core 0.
+fn server_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name("load-server")
+        .on_thread_start(|| pin(0))
         .build()
 }
 
 /// Runs every scenario; `Ok(false)` if any request failed.
 fn run(o: &Options, local: &LocalCluster) -> Result<bool, users::BoxError> {
-    let server = runtime("load-server", 0, Some(1))?;
-    // The generator's current-thread runtime runs on this thread: pin it
-    // from a thread of its own name.
+    let server = server_runtime()?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stop = Arc::new(AtomicBool::new(false));
     let args = users::Args {
