@@ -9,8 +9,9 @@ use std::sync::atomic::Ordering;
 
 use super::users::{self, UserRead};
 use axum::extract::rejection::{JsonRejection, PathRejection};
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, Path, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderName};
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -20,6 +21,7 @@ use tower::ServiceExt;
 use tower_scale::cache::Invalidator;
 use tower_scale::http::{CacheHit, HttpCacheLayer};
 use tower_scale::pg::DbError;
+use tower_scale::pg::layer::MissingDbLayer;
 use tower_scale::pg::{DbLayer, RequestDb};
 
 #[derive(Serialize)]
@@ -194,12 +196,44 @@ async fn create(
     }
 }
 
-async fn read(
-    State(app): State<AppState>,
+/// What `GET /users/{id}` reads from the request, in one extractor: its
+/// `RequestDb` and the id (`None`: not an integer).
+struct ReadRequest {
     db: RequestDb,
-    id: Result<Path<i64>, PathRejection>,
-) -> Response {
-    let Ok(Path(id)) = id else {
+    id: Option<i64>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for ReadRequest {
+    type Rejection = MissingDbLayer;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, MissingDbLayer> {
+        let db = RequestDb::from_request_parts(parts, state).await?;
+        // An id of plain digits (what clients send) is read from the path
+        // as it is: percent-decoding leaves it unchanged, and `Path`'s
+        // deserializer costs more than the rest of a cache hit's handler.
+        // Anything else goes through `Path`, as before.
+        let plain = parts
+            .uri
+            .path()
+            .strip_prefix("/users/")
+            .filter(|id| {
+                let digits = id.strip_prefix('-').unwrap_or(id);
+                (1..=18).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
+            })
+            .and_then(|id| id.parse().ok());
+        let id = match plain {
+            Some(id) => Some(id),
+            None => Path::<i64>::from_request_parts(parts, state)
+                .await
+                .ok()
+                .map(|Path(id)| id),
+        };
+        Ok(Self { db, id })
+    }
+}
+
+async fn read(State(app): State<AppState>, ReadRequest { db, id }: ReadRequest) -> Response {
+    let Some(id) = id else {
         return error(StatusCode::BAD_REQUEST, "the id must be an integer");
     };
     if app.http.is_some() {
