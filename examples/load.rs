@@ -320,6 +320,23 @@ fn main() {
     if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
         eprintln!("load: fewer than 2 cores: server and generator will share one");
     }
+    let server = match server_runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("load: could not start the server runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    // Ctrl-C, from now on, stops the run; the way out stops the servers
+    // (a Ctrl-C while the cluster starts is seen once it has).
+    let stop = Arc::new(AtomicBool::new(false));
+    let interrupted = Arc::clone(&stop);
+    server.spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("load: interrupted, stopping");
+            interrupted.store(true, Ordering::Relaxed);
+        }
+    });
     // Started from the unpinned main thread, so the PostgreSQL processes
     // do not inherit a pinned affinity.
     let local = match LocalCluster::start(2) {
@@ -329,7 +346,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let code = match run(&o, &local) {
+    let code = match run(&o, &local, server, stop) {
         Ok(true) => 0,
         Ok(false) => 1,
         Err(e) => {
@@ -354,10 +371,13 @@ fn server_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// Runs every scenario; `Ok(false)` if any request failed.
-fn run(o: &Options, local: &LocalCluster) -> Result<bool, users::BoxError> {
-    let server = server_runtime()?;
+fn run(
+    o: &Options,
+    local: &LocalCluster,
+    server: tokio::runtime::Runtime,
+    stop: Arc<AtomicBool>,
+) -> Result<bool, users::BoxError> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stop = Arc::new(AtomicBool::new(false));
     let args = users::Args {
         listen: "127.0.0.1:0".parse()?,
         primary: Some(local.primary().url()),
@@ -377,13 +397,6 @@ fn run(o: &Options, local: &LocalCluster) -> Result<bool, users::BoxError> {
         );
         let (users_addr, a) = serve(app, stop_rx.clone()).await?;
         let (ceiling_addr, b) = serve(ceiling, stop_rx.clone()).await?;
-        let interrupted = Arc::clone(&stop);
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("load: interrupted, stopping");
-                interrupted.store(true, Ordering::Relaxed);
-            }
-        });
         Ok::<_, users::BoxError>((backend, users_addr, ceiling_addr, [a, b]))
     })?;
     let postmasters: Vec<u32> = local.nodes().iter().filter_map(|n| n.pid()).collect();
