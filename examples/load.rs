@@ -19,8 +19,9 @@
 //! not pinned: the scheduler puts them where it can.
 //!
 //! Scenarios (S seconds each, default 3; the ceiling and the cached GET
-//! are measured in four alternating stretches each, so that drift on a
-//! shared machine hits both alike):
+//! are measured in six alternating stretches each, so that drift on a
+//! shared machine hits both alike; each stretch follows 200 ms of warm-up
+//! on the same connections):
 //! - `ceiling`: the bare router;
 //! - `cached GET`: `GET /users/{id}` over 64 hot ids, all in the users cache;
 //! - `uncached GET`: every request a new id, read from a replica;
@@ -66,7 +67,7 @@ const SEEDED: i64 = 150_000;
 const WARM_UP: Duration = Duration::from_millis(200);
 /// The ceiling and the cached GET alternate in this many stretches each,
 /// so that what else runs on the machine weighs on both alike.
-const ROUNDS: u32 = 4;
+const ROUNDS: u32 = 6;
 
 struct Options {
     connections: usize,
@@ -133,26 +134,44 @@ impl Outcome {
     }
 }
 
-/// Drives `scenario` against `addr` for `length` with `connections`
-/// connections on the generator runtime.
+/// Drives `scenario` against `addr` with `connections` connections on the
+/// generator runtime: `warm_up`, then `length` measured. The connections
+/// stay open from one to the other, so the measured stretch has neither
+/// connection set-up nor the tail of the last answers in it; the CPU
+/// probes are read at its start and end.
+#[allow(clippy::too_many_arguments)]
 fn drive(
     client: &tokio::runtime::Runtime,
     scenario: Scenario,
     addr: SocketAddr,
     connections: usize,
+    warm_up: Duration,
     length: Duration,
     next_uncached: &AtomicI64,
     stop: &Arc<AtomicBool>,
-) -> Tally {
+    postmasters: &Arc<[u32]>,
+) -> (Tally, Cpu, Duration) {
+    let measure_from = Instant::now() + warm_up;
     let plan = Arc::new(Plan {
         scenario,
         addr,
-        deadline: Instant::now() + length,
+        measure_from,
+        deadline: measure_from + length,
         next_uncached: AtomicI64::new(next_uncached.load(Ordering::Relaxed)),
         last_seeded: SEEDED,
         stop: Arc::clone(stop),
     });
-    let tally = client.block_on(async {
+    let (tally, cpu, wall) = client.block_on(async {
+        let postmasters = Arc::clone(postmasters);
+        let deadline = plan.deadline;
+        let probe = tokio::spawn(async move {
+            tokio::time::sleep_until(measure_from.into()).await;
+            let probe = Probe::start(&postmasters);
+            let started = Instant::now();
+            tokio::time::sleep_until(deadline.into()).await;
+            let cpu = probe.stop();
+            (cpu, started.elapsed())
+        });
         let tasks: Vec<_> = (0..connections)
             .map(|i| tokio::spawn(load_client::connection(Arc::clone(&plan), i)))
             .collect();
@@ -167,13 +186,18 @@ fn drive(
                 }
             }
         }
-        all
+        let (cpu, wall) = match probe.await {
+            Ok(measured) => measured,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => (Cpu::default(), length),
+        };
+        (all, cpu, wall)
     });
     next_uncached.store(
         plan.next_uncached.load(Ordering::Relaxed),
         Ordering::Relaxed,
     );
-    tally
+    (tally, cpu, wall)
 }
 
 /// Measures `scenario` for `length` (after a warm-up) and adds the result
@@ -187,33 +211,20 @@ fn measure(
     length: Duration,
     next_uncached: &AtomicI64,
     stop: &Arc<AtomicBool>,
-    postmasters: &[u32],
+    postmasters: &Arc<[u32]>,
     into: &mut Option<Outcome>,
 ) {
-    if scenario != Scenario::UncachedGet {
-        drive(
-            client,
-            scenario,
-            addr,
-            o.connections,
-            WARM_UP,
-            next_uncached,
-            stop,
-        );
-    }
-    let probe = Probe::start(postmasters);
-    let started = Instant::now();
-    let tally = drive(
+    let (tally, cpu, wall) = drive(
         client,
         scenario,
         addr,
         o.connections,
+        WARM_UP,
         length,
         next_uncached,
         stop,
+        postmasters,
     );
-    let wall = started.elapsed();
-    let cpu = probe.stop();
     match into {
         Some(out) => {
             out.tally.merge(tally);
@@ -399,7 +410,7 @@ fn run(
         let (ceiling_addr, b) = serve(ceiling, stop_rx.clone()).await?;
         Ok::<_, users::BoxError>((backend, users_addr, ceiling_addr, [a, b]))
     })?;
-    let postmasters: Vec<u32> = local.nodes().iter().filter_map(|n| n.pid()).collect();
+    let postmasters: Arc<[u32]> = local.nodes().iter().filter_map(|n| n.pid()).collect();
     let report = std::thread::Builder::new()
         .name("load-client".into())
         .spawn({

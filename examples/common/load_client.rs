@@ -79,6 +79,9 @@ impl Scenario {
 pub struct Plan {
     pub scenario: Scenario,
     pub addr: SocketAddr,
+    /// Answers to requests sent from here on are counted (before: warm-up).
+    pub measure_from: Instant,
+    /// No request is sent from here on.
     pub deadline: Instant,
     /// The next id of the uncached GET.
     pub next_uncached: AtomicI64,
@@ -198,6 +201,14 @@ pub async fn connection(plan: Arc<Plan>, index: usize) -> Tally {
                 continue;
             }
         };
+        if started < plan.measure_from {
+            // Warm-up: checked, not counted.
+            if answer.status != 200 {
+                add(&mut tally.wrong_status, answer.status, 1);
+            }
+            c.consume(answer.length);
+            continue;
+        }
         let us = started.elapsed().as_micros();
         tally
             .latencies_us
