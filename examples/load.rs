@@ -624,11 +624,20 @@ fn write_chart(
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    let ceiling = outcomes
+        .iter()
+        .find(|out| out.scenario == Scenario::Ceiling)
+        .map_or(0.0, Outcome::rps);
     let bars: Vec<load_chart::Bar> = outcomes
         .iter()
         .map(|out| load_chart::Bar {
             name: out.scenario.name(),
             requests_per_second: out.rps(),
+            ratio: if ceiling > 0.0 {
+                out.rps() / ceiling
+            } else {
+                0.0
+            },
             p99_ms: out.percentile_ms(0.99),
         })
         .collect();

@@ -11,6 +11,8 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 pub struct Bar {
     pub name: &'static str,
     pub requests_per_second: f64,
+    /// Requests/s over the ceiling's.
+    pub ratio: f64,
     pub p99_ms: f64,
 }
 
@@ -23,8 +25,9 @@ pub fn write_svg(path: &Path, bars: &[Bar], title: &str) -> Result<(), Box<dyn s
     panel(
         &left,
         bars,
-        "requests/s",
+        "requests/s (ratio to the ceiling)",
         |b| b.requests_per_second,
+        |b| format!("{} ({:.2}x)", format_value(b.requests_per_second), b.ratio),
         &RGBColor(52, 101, 164),
     )?;
     panel(
@@ -32,6 +35,7 @@ pub fn write_svg(path: &Path, bars: &[Bar], title: &str) -> Result<(), Box<dyn s
         bars,
         "p99 (ms)",
         |b| b.p99_ms,
+        |b| format_value(b.p99_ms),
         &RGBColor(204, 102, 0),
     )?;
     root.present()?;
@@ -43,6 +47,7 @@ fn panel(
     bars: &[Bar],
     caption: &str,
     value: impl Fn(&Bar) -> f64,
+    label: impl Fn(&Bar) -> String,
     color: &RGBColor,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let top = bars.iter().map(&value).fold(0.0, f64::max).max(1e-9) * 1.15;
@@ -82,7 +87,7 @@ fn panel(
         .pos(Pos::new(HPos::Center, VPos::Bottom));
     chart.draw_series(bars.iter().zip(0u32..).map(|(b, i)| {
         Text::new(
-            format_value(value(b)),
+            label(b),
             (SegmentValue::CenterOf(i), value(b) + top * 0.01),
             value_style.clone(),
         )
@@ -91,7 +96,9 @@ fn panel(
 }
 
 fn format_value(v: f64) -> String {
-    if v >= 1000.0 {
+    if v == 0.0 {
+        "0".to_string()
+    } else if v >= 1000.0 {
         format!("{:.0}", v)
     } else if v >= 10.0 {
         format!("{v:.1}")
