@@ -13,10 +13,12 @@
 //! the example serves it (`users_app::service` in
 //! `examples/common/users_app.rs`, with its metrics recorder installed)
 //! and a bare axum `Router` whose `GET /users/{id}` returns the static
-//! body a cached read of a hot user returns. The generator (hyper's
-//! HTTP/1.1 client connections, `examples/common/load_client.rs`) runs on
-//! a current-thread runtime pinned to core 1. The PostgreSQL processes are
-//! not pinned: the scheduler puts them where it can.
+//! body a cached read of a hot user returns. The generator (keep-alive
+//! HTTP/1.1 connections written and parsed by hand, wrk-style,
+//! `examples/common/load_client.rs`, which says why not hyper's client)
+//! runs on a current-thread runtime pinned to core 1. The PostgreSQL
+//! processes are not pinned: the scheduler puts them where it can, so
+//! under the database scenarios they share both cores with the two sides.
 //!
 //! Scenarios (S seconds each, default 3; the ceiling and the cached GET
 //! are measured in six alternating stretches each, so that drift on a
@@ -30,8 +32,12 @@
 //!   cookie, nine hot reads to one write.
 //!
 //! For each it prints requests/s, p50, p99, the ratio to the ceiling, the
-//! CPU each side used (share of one core: server threads, generator
-//! threads, PostgreSQL processes) and who served the answers, and writes
+//! CPU each side used and how busy it was (share of one core: server
+//! threads, generator thread; a side 100% busy never waited for the
+//! other, so the side that is and the one that is not show where the
+//! limit was), the PostgreSQL processes' CPU, the server's CPU per request
+//! and its ratio to the ceiling's (the figure least moved by other load
+//! on the machine), and who served the answers; and writes
 //! `target/load/report.svg`. Any request that fails (a wrong status, an
 //! uncached read the cache answered, a timeout of 2 s, a transport error)
 //! is counted and makes the example exit with status 1. Ctrl-C stops the

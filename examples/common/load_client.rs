@@ -9,8 +9,11 @@
 //! allocation per request. hyper's client (`conn::http1`) was the first
 //! choice; measured here it spent as much CPU per request as the server
 //! it drove (about 9 µs each on the ceiling), so on equal cores it could
-//! not show the server's limit. This one spends a fraction of that; the
-//! report prints both sides' CPU per request so that stays checked.
+//! not show the server's limit. This one spends 10-15% less than the
+//! server on the ceiling (most of either side's cost is the kernel's
+//! loopback TCP work), enough for the server to be the side that is 100%
+//! busy; the report prints both sides' CPU and busy time so that stays
+//! checked on every run.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
