@@ -33,13 +33,13 @@ use tower::ServiceExt;
 use tower_scale::cache::Invalidator;
 use tower_scale::pg::DbError;
 use tower_scale::pg::{DbLayer, RequestDb};
-use users::{UserCache, UserRead};
+use users::UserRead;
 
 /// The method paths that only read; every other method goes to the primary.
 const READS: [&str; 1] = ["/users.v1.Users/GetUser"];
 
 struct UsersService {
-    users: UserCache,
+    users: users::BackendUserCache,
     invalidator: Invalidator<i64>,
 }
 

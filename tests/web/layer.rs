@@ -80,3 +80,62 @@ async fn routes_by_method_override_and_extractor() {
         "a bad token is ignored"
     );
 }
+
+/// The token is found wherever it is among the request's fields (header,
+/// any `Cookie` line, several of each), the newest valid one wins, and a
+/// request with neither gets none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_newest_token_among_headers_and_cookies_wins() {
+    let local = LocalCluster::start(0).unwrap();
+    let cluster = Cluster::builder()
+        .primary(NodeConfig::new(local.primary().config()))
+        .build()
+        .await
+        .unwrap();
+    let codec = TokenCodec::new(&[7u8; 32], cluster.identity()).unwrap();
+    let old = codec.encode(ConsistencyToken::new(Lsn(10)));
+    let new = codec.encode(ConsistencyToken::new(Lsn(20)));
+    let layer = DbLayer::builder(cluster.db(), codec).build();
+    let lsn_of = |fields: Vec<(&'static str, String)>| {
+        let mut req = Request::builder().uri("/");
+        for (k, v) in fields {
+            req = req.header(k, v);
+        }
+        layer
+            .token_of(req.body(()).unwrap().headers())
+            .map(|t| t.lsn())
+    };
+    assert_eq!(lsn_of(vec![]), None);
+    assert_eq!(lsn_of(vec![("accept", "*/*".into())]), None);
+    assert_eq!(
+        lsn_of(vec![("x-consistency-token", old.clone())]),
+        Some(Lsn(10))
+    );
+    assert_eq!(
+        lsn_of(vec![
+            ("x-consistency-token", new.clone()),
+            ("cookie", format!("a=1; tower_scale_token={old}")),
+        ]),
+        Some(Lsn(20)),
+        "header newer than cookie"
+    );
+    assert_eq!(
+        lsn_of(vec![
+            ("cookie", "a=1".into()),
+            ("x-consistency-token", old.clone()),
+            ("accept", "*/*".into()),
+            ("cookie", format!("tower_scale_token=\"{new}\"; b=2")),
+        ]),
+        Some(Lsn(20)),
+        "a later cookie line, quoted, newer than the header"
+    );
+    assert_eq!(
+        lsn_of(vec![
+            ("x-consistency-token", "forged".into()),
+            ("x-consistency-token", old.clone()),
+            ("cookie", "tower_scale_token=forged".into()),
+        ]),
+        Some(Lsn(10)),
+        "forged values are skipped, the valid one kept"
+    );
+}

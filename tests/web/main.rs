@@ -575,3 +575,68 @@ async fn two_instances_share_one_redis_tier() {
         assert!(Instant::now() < deadline, "B kept the old row");
     }
 }
+
+/// `GET /users/{id}` reads plain-digit ids straight from the path and
+/// everything else through axum's `Path`: both answer as before (a
+/// percent-encoded id is the same id, a non-integer or one past `i64` is a
+/// 400, a negative id a 404), and the JSON is what serde writes, escapes
+/// included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_ids_and_json_answer_as_before() {
+    let local = LocalCluster::start(0).unwrap();
+    let app = tokio::task::block_in_place(|| users(&local, KEY));
+    let mut client = Client2::new(false);
+    let odd = "quote \" backslash \\ tab \t é";
+    let created = client
+        .send(
+            &app.addr,
+            "POST",
+            "/users",
+            Some(serde_json::json!({ "name": odd })),
+            &[],
+        )
+        .await;
+    assert_eq!(created.status, 201);
+    let id = created.body["id"].as_i64().unwrap();
+    let expected = serde_json::json!({ "id": id, "name": odd });
+    for _ in 0..2 {
+        // A miss, then a hit: the same body.
+        let r = client
+            .send(&app.addr, "GET", &format!("/users/{id}"), None, &[])
+            .await;
+        assert_eq!((r.status, &r.body), (200, &expected));
+    }
+    let encoded: String = id
+        .to_string()
+        .bytes()
+        .map(|b| format!("%{b:02X}"))
+        .collect();
+    let r = client
+        .send(&app.addr, "GET", &format!("/users/{encoded}"), None, &[])
+        .await;
+    assert_eq!((r.status, &r.body), (200, &expected), "percent-encoded id");
+    let r = client
+        .send(&app.addr, "GET", &format!("/users/+{id}"), None, &[])
+        .await;
+    assert_eq!(
+        (r.status, &r.body),
+        (200, &expected),
+        "a leading plus, as Path parses it"
+    );
+    for bad in ["abc", "1.5", "99999999999999999999", "-", "12a"] {
+        let r = client
+            .send(&app.addr, "GET", &format!("/users/{bad}"), None, &[])
+            .await;
+        assert_eq!(r.status, 400, "{bad}");
+        assert_eq!(r.body["error"], "the id must be an integer", "{bad}");
+    }
+    let r = client.send(&app.addr, "GET", "/users/-7", None, &[]).await;
+    assert_eq!(
+        (r.status, r.body["error"].as_str()),
+        (404, Some("not found"))
+    );
+    let r = client
+        .send(&app.addr, "GET", "/users/999999999999999999", None, &[])
+        .await;
+    assert_eq!(r.status, 404, "18 digits: read from the path, not found");
+}

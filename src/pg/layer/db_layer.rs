@@ -88,27 +88,36 @@ impl DbLayerBuilder {
     /// Builds the layer.
     pub fn build(self) -> DbLayer {
         DbLayer {
-            db: self.db,
-            codec: Arc::new(self.codec),
-            settings: Arc::new(self.settings),
+            shared: Arc::new(Shared {
+                db: self.db,
+                codec: self.codec,
+                settings: self.settings,
+            }),
         }
     }
 }
 
 /// Puts a per-request [`RequestDb`](super::RequestDb) into the request extensions and the
 /// consistency token into responses; see the [module docs](super).
+///
+/// Cloning it (once per request, into the request's state) is one atomic
+/// increment: everything it holds is behind one `Arc`.
 #[derive(Clone)]
 pub struct DbLayer {
-    pub(super) db: Db,
-    codec: Arc<TokenCodec>,
-    settings: Arc<Settings>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    db: Db,
+    codec: TokenCodec,
+    settings: Settings,
 }
 
 impl fmt::Debug for DbLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DbLayer")
-            .field("codec", &self.codec)
-            .field("settings", &self.settings)
+            .field("codec", &self.shared.codec)
+            .field("settings", &self.shared.settings)
             .finish()
     }
 }
@@ -130,6 +139,13 @@ impl DbLayer {
     }
 }
 
+impl DbLayer {
+    /// The database requests are routed through.
+    pub(super) fn db(&self) -> &Db {
+        &self.shared.db
+    }
+}
+
 impl<S> Layer<S> for DbLayer {
     type Service = DbRouting<S>;
     fn layer(&self, inner: S) -> DbRouting<S> {
@@ -143,13 +159,20 @@ impl<S> Layer<S> for DbLayer {
 /// Cookie values of `name` in the request (all `Cookie` header lines). A
 /// value may be sent in double quotes (RFC 6265 `cookie-value`); the quotes
 /// are not part of it.
+#[cfg(test)]
 fn cookies<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
     headers
         .get_all(COOKIE)
         .iter()
+        .flat_map(move |line| cookie_values(line, name))
+}
+
+/// Cookie values of `name` on one `Cookie` header line.
+fn cookie_values<'a>(line: &'a HeaderValue, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    line.as_bytes()
         // Pair by pair on the raw bytes: one cookie with a non-ASCII value
         // must not hide the others on the line.
-        .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
+        .split(|&b| b == b';')
         .filter_map(move |pair| {
             if !pair.is_ascii() {
                 return None;
@@ -170,27 +193,41 @@ fn unquote(value: &str) -> &str {
 
 impl DbLayer {
     /// The newest valid token a request presents.
+    ///
+    /// One pass over the request's fields comparing names: nothing is
+    /// hashed, and nothing is decoded, allocated or verified unless the
+    /// token header or a `Cookie` line is there. (Two header-map lookups,
+    /// each hashing a name, cost more than this scan for the fields
+    /// requests carry; the token layer is on every request's path.)
     pub fn token_of(&self, headers: &HeaderMap) -> Option<ConsistencyToken> {
-        let from_header = headers
-            .get_all(&self.settings.header)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .filter_map(|v| self.codec.decode(v));
-        let from_cookie =
-            cookies(headers, &self.settings.cookie).filter_map(|v| self.codec.decode(v));
-        from_header.chain(from_cookie).max()
+        let settings = &self.shared.settings;
+        let codec = &self.shared.codec;
+        let mut newest = None;
+        for (name, value) in headers {
+            let token = if name == COOKIE {
+                cookie_values(value, &settings.cookie)
+                    .filter_map(|v| codec.decode(v))
+                    .max()
+            } else if *name == settings.header {
+                value.to_str().ok().and_then(|v| codec.decode(v))
+            } else {
+                continue;
+            };
+            newest = newest.max(token);
+        }
+        newest
     }
 
     pub(super) fn route_of(&self, path: &str, method: &Method) -> Route {
-        if let Some(reads) = &self.settings.grpc_reads {
+        let settings = &self.shared.settings;
+        if let Some(reads) = &settings.grpc_reads {
             return if reads.contains(path) {
                 Route::Replicas
             } else {
                 Route::Primary
             };
         }
-        let route = self
-            .settings
+        let route = settings
             .overrides
             .iter()
             .find(|(prefix, _)| path.starts_with(prefix.as_str()))
@@ -205,24 +242,25 @@ impl DbLayer {
     }
 
     pub(super) fn set_token(&self, headers: &mut HeaderMap, token: ConsistencyToken) {
-        let encoded = self.codec.encode(token);
-        if self.settings.grpc_reads.is_some() {
+        let settings = &self.shared.settings;
+        let encoded = self.shared.codec.encode(token);
+        if settings.grpc_reads.is_some() {
             if let Ok(v) = HeaderValue::from_str(&encoded) {
-                headers.insert(self.settings.header.clone(), v);
+                headers.insert(settings.header.clone(), v);
             }
             return;
         }
-        let max_age = self.codec.lifetime().as_secs();
+        let max_age = self.shared.codec.lifetime().as_secs();
         let cookie = format!(
             "{}={encoded}; HttpOnly; SameSite=Lax; Path=/; Max-Age={max_age}{}",
-            self.settings.cookie,
-            if self.settings.secure { "; Secure" } else { "" }
+            settings.cookie,
+            if settings.secure { "; Secure" } else { "" }
         );
         if let Ok(v) = HeaderValue::from_str(&cookie) {
             headers.append(SET_COOKIE, v);
         }
         if let Ok(v) = HeaderValue::from_str(&encoded) {
-            headers.insert(self.settings.header.clone(), v);
+            headers.insert(settings.header.clone(), v);
         }
     }
 }

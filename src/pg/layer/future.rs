@@ -3,15 +3,14 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use http::Response;
 use pin_project_lite::pin_project;
 
-use super::db_layer::DbLayer;
+use super::request::RequestState;
 use crate::cache::DataVersion;
-use crate::pg::ConsistencyToken;
 
 pin_project! {
     /// The inner service's response, with the token of the request's
@@ -20,9 +19,7 @@ pin_project! {
     pub struct DbRoutingFuture<F> {
         #[pin]
         pub(super) inner: F,
-        pub(super) written: Arc<Mutex<Option<ConsistencyToken>>>,
-        pub(super) data: Arc<Mutex<Option<u64>>>,
-        pub(super) layer: DbLayer,
+        pub(super) state: Arc<RequestState>,
     }
 }
 
@@ -41,12 +38,13 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut res = ready!(this.inner.poll(cx))?;
-        let wrote = *crate::sync::lock(this.written);
-        if let Some(token) = wrote {
-            this.layer.set_token(res.headers_mut(), token);
+        let state = &**this.state;
+        // A request that neither wrote nor read through its RequestDb (a
+        // cache hit) costs two atomic loads here.
+        if let Some(token) = state.written() {
+            state.layer.set_token(res.headers_mut(), token);
         }
-        let data = *crate::sync::lock(this.data);
-        if let Some(v) = data {
+        if let Some(v) = state.data_version() {
             // One the handler set itself counts too: the lower one is what
             // the whole response reflects at least.
             let v = res

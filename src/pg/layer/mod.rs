@@ -23,6 +23,13 @@
 //! answers a request from a stored response only when the stamp is at or
 //! above the request's token.
 //!
+//! What it costs a request that carries no token: one pass over the
+//! request's header names (nothing hashed, decoded, allocated or
+//! HMAC-verified), one allocation for the state its [`RequestDb`] shares
+//! with the response future (plus the extension's box), and two atomic
+//! loads on the way out when the handler neither wrote nor read through
+//! it (a cache hit).
+//!
 //! The pieces: [`DbLayer`] and its builder (`db_layer.rs`: routes, the token's
 //! cookie and header), the service it makes ([`DbRouting`], `service.rs`)
 //! and its future (`future.rs`), and what handlers use ([`RequestDb`] and

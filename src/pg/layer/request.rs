@@ -2,6 +2,7 @@
 //! and the [`Primary`] / [`Replica`] extractors.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum_core::extract::FromRequestParts;
@@ -10,7 +11,7 @@ use http::StatusCode;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
-use super::db_layer::Route;
+use super::db_layer::{DbLayer, Route};
 use crate::pg::{Consistency, ConsistencyToken, Db, DbError, Lsn, Read, Written};
 
 /// The per-request database view [`DbLayer`](super::DbLayer) puts in the request: reads
@@ -18,20 +19,63 @@ use crate::pg::{Consistency, ConsistencyToken, Db, DbError, Lsn, Read, Written};
 /// primary and their tokens reach the response.
 #[derive(Clone)]
 pub struct RequestDb {
-    pub(super) db: Db,
+    pub(super) state: Arc<RequestState>,
     pub(super) route: Route,
+}
+
+/// What a request's [`RequestDb`] (and its clones) share with the
+/// response future: one allocation per request.
+pub(super) struct RequestState {
+    pub(super) layer: DbLayer,
     pub(super) token: Option<ConsistencyToken>,
-    pub(super) written: Arc<Mutex<Option<ConsistencyToken>>>,
+    written: Mutex<Option<ConsistencyToken>>,
+    /// Set once `written` holds a token: a request that wrote nothing (a
+    /// read, a cache hit) never takes the lock.
+    wrote: AtomicBool,
     /// The data version of the response so far: the lowest position among
-    /// the reads and writes made (`None` until one is).
-    pub(super) data: Arc<Mutex<Option<u64>>>,
+    /// the reads and writes made ([`NO_DATA`] until one is).
+    data: AtomicU64,
+}
+
+/// `data` before any read or write: `Lsn::MAX` is never recorded.
+const NO_DATA: u64 = u64::MAX;
+
+impl RequestState {
+    /// The token of the request's writes, if it wrote.
+    pub(super) fn written(&self) -> Option<ConsistencyToken> {
+        if !self.wrote.load(Ordering::Acquire) {
+            return None;
+        }
+        *crate::sync::lock(&self.written)
+    }
+
+    /// The lowest position among the request's reads and writes.
+    pub(super) fn data_version(&self) -> Option<u64> {
+        Some(self.data.load(Ordering::Acquire)).filter(|&v| v != NO_DATA)
+    }
+}
+
+impl RequestDb {
+    /// The view of a request that presented `token`, routed as `route`.
+    pub(super) fn new(layer: DbLayer, route: Route, token: Option<ConsistencyToken>) -> Self {
+        Self {
+            state: Arc::new(RequestState {
+                layer,
+                token,
+                written: Mutex::new(None),
+                wrote: AtomicBool::new(false),
+                data: AtomicU64::new(NO_DATA),
+            }),
+            route,
+        }
+    }
 }
 
 impl fmt::Debug for RequestDb {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RequestDb")
             .field("route", &self.route)
-            .field("token", &self.token)
+            .field("token", &self.state.token)
             .finish()
     }
 }
@@ -54,8 +98,8 @@ impl RequestDb {
 
     /// The newest token this request must see: the client's or its own writes'.
     pub fn min_token(&self) -> Option<ConsistencyToken> {
-        let own = *crate::sync::lock(&self.written);
-        match (self.token, own) {
+        let own = self.state.written();
+        match (self.state.token, own) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         }
@@ -63,12 +107,12 @@ impl RequestDb {
 
     /// The client's token, as presented.
     pub fn client_token(&self) -> Option<ConsistencyToken> {
-        self.token
+        self.state.token
     }
 
     /// The underlying handle.
     pub fn db(&self) -> &Db {
-        &self.db
+        self.state.layer.db()
     }
 
     /// Records a write's token so the response carries it (and, when its
@@ -77,8 +121,9 @@ impl RequestDb {
     /// [`record_read`](Self::record_read)).
     pub fn record_write(&self, token: ConsistencyToken) {
         {
-            let mut w = crate::sync::lock(&self.written);
+            let mut w = crate::sync::lock(&self.state.written);
             *w = Some(w.map_or(token, |t| t.max(token)));
+            self.state.wrote.store(true, Ordering::Release);
         }
         if let Some(lsn) = token.known_lsn() {
             self.record_read(lsn);
@@ -102,13 +147,12 @@ impl RequestDb {
             // Not a position (the unknown token's): nothing is known.
             return;
         }
-        let mut d = crate::sync::lock(&self.data);
-        *d = Some(d.map_or(lsn.0, |v| v.min(lsn.0)));
+        self.state.data.fetch_min(lsn.0, Ordering::AcqRel);
     }
 
     /// The data version recorded so far (see [`record_read`](Self::record_read)).
     pub fn data_version(&self) -> Option<crate::cache::DataVersion> {
-        crate::sync::lock(&self.data).map(crate::cache::DataVersion)
+        self.state.data_version().map(crate::cache::DataVersion)
     }
 
     fn recorded<T>(&self, read: Result<Read<T>, DbError>) -> Result<Read<T>, DbError> {
@@ -124,12 +168,12 @@ impl RequestDb {
         sql: &str,
         params: Params<'_>,
     ) -> Result<Read<Option<Row>>, DbError> {
-        self.recorded(self.db.read_opt(self.consistency(), sql, params).await)
+        self.recorded(self.db().read_opt(self.consistency(), sql, params).await)
     }
 
     /// A read of exactly one row, routed for this request.
     pub async fn read_one(&self, sql: &str, params: Params<'_>) -> Result<Read<Row>, DbError> {
-        self.recorded(self.db.read_one(self.consistency(), sql, params).await)
+        self.recorded(self.db().read_one(self.consistency(), sql, params).await)
     }
 
     /// A read of many rows, routed for this request.
@@ -138,13 +182,13 @@ impl RequestDb {
         sql: &str,
         params: Params<'_>,
     ) -> Result<Read<Vec<Row>>, DbError> {
-        self.recorded(self.db.read_query(self.consistency(), sql, params).await)
+        self.recorded(self.db().read_query(self.consistency(), sql, params).await)
     }
 
     /// A write on the primary; its token reaches the response.
     pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<Written<u64>, DbError> {
         let w = self
-            .db
+            .db()
             .execute(sql, params)
             .await
             .inspect_err(|e| self.record_failed_write(e))?;
@@ -155,7 +199,7 @@ impl RequestDb {
     /// A write returning rows; its token reaches the response.
     pub async fn query(&self, sql: &str, params: Params<'_>) -> Result<Written<Vec<Row>>, DbError> {
         let w = self
-            .db
+            .db()
             .query(sql, params)
             .await
             .inspect_err(|e| self.record_failed_write(e))?;
@@ -167,7 +211,7 @@ impl RequestDb {
     /// A write that committed but returned another row count still
     /// records its token (see [`DbError::RowCount`]).
     pub async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Written<Row>, DbError> {
-        match self.db.query_one(sql, params).await {
+        match self.db().query_one(sql, params).await {
             Ok(w) => {
                 self.record_write(w.token);
                 Ok(w)

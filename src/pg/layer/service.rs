@@ -1,7 +1,7 @@
 //! [`DbRouting`], the service [`DbLayer`](super::DbLayer) makes.
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
@@ -39,23 +39,17 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        // Without a token header or cookie this decodes nothing; the
+        // request's one allocation is the state its RequestDb shares with
+        // the future (plus the extension's box).
         let token = self.layer.token_of(req.headers());
         let route = self.layer.route_of(req.uri().path(), req.method());
-        let written = Arc::new(Mutex::new(None));
-        let data = Arc::new(Mutex::new(None));
-        let request_db = RequestDb {
-            db: self.layer.db.clone(),
-            route,
-            token,
-            written: Arc::clone(&written),
-            data: Arc::clone(&data),
-        };
+        let request_db = RequestDb::new(self.layer.clone(), route, token);
+        let state = Arc::clone(&request_db.state);
         req.extensions_mut().insert(request_db);
         DbRoutingFuture {
             inner: self.inner.call(req),
-            written,
-            data,
-            layer: self.layer.clone(),
+            state,
         }
     }
 }

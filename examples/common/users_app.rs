@@ -1,0 +1,453 @@
+//! The `axum_users` service itself: state, handlers and routers, shared by
+//! `examples/axum_users.rs` (which serves it) and `examples/load.rs` (which
+//! runs it in-process under load). Both include it with `#[path]` next to
+//! `common/users.rs`, which it reaches as `super::users`.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::users::{self, UserRead};
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderName};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tower::ServiceExt;
+use tower_scale::cache::Invalidator;
+use tower_scale::http::{CacheHit, HttpCacheLayer};
+use tower_scale::pg::DbError;
+use tower_scale::pg::layer::MissingDbLayer;
+use tower_scale::pg::{DbLayer, RequestDb};
+
+#[derive(Serialize)]
+struct UserJson<'a> {
+    id: i64,
+    name: &'a str,
+}
+
+#[derive(Deserialize)]
+struct NameJson {
+    name: String,
+}
+
+/// Axum clones the state for every request: one reference count.
+type AppState = Arc<App>;
+
+struct App {
+    users: users::BackendUserCache,
+    invalidator: Invalidator<i64>,
+    /// With `--http-cache`: the HTTP cache's invalidator (by tag).
+    http: Option<Invalidator<String>>,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// `x-served-by` values of the cluster's nodes, built once.
+    served_by: ServedBy,
+}
+
+impl App {
+    /// After a write to user `id` at `version`: the cached reads of it go.
+    fn invalidate(&self, id: i64, version: Option<u64>) {
+        self.invalidator
+            .invalidate_tag_at(format!("user:{id}"), version);
+        if let Some(http) = &self.http {
+            http.invalidate_tag_at(format!("user:{id}"), version);
+        }
+    }
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+}
+
+fn db_error(e: DbError) -> Response {
+    if users::unavailable(&e) {
+        eprintln!("database unavailable: {e}");
+        error(StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
+    } else {
+        eprintln!("query failed: {e}");
+        error(StatusCode::INTERNAL_SERVER_ERROR, "query failed")
+    }
+}
+
+const X_SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
+
+/// The `x-served-by` values, built when the router is: answering a
+/// request clones one (a reference count), it never parses or allocates
+/// one. A node the cluster did not list at start (none, today) falls back
+/// to building its value.
+struct ServedBy {
+    nodes: Vec<(Box<str>, HeaderValue)>,
+}
+
+impl ServedBy {
+    fn new(cluster: &tower_scale::pg::Cluster) -> Self {
+        let nodes = cluster
+            .status()
+            .into_iter()
+            .filter_map(|n| {
+                let v = HeaderValue::from_str(&n.name).ok()?;
+                Some((n.name.into_boxed_str(), v))
+            })
+            .collect();
+        Self { nodes }
+    }
+
+    fn value(&self, by: &str) -> Option<HeaderValue> {
+        match by {
+            "cache" => Some(HeaderValue::from_static("cache")),
+            "cache-l2" => Some(HeaderValue::from_static("cache-l2")),
+            _ => self
+                .nodes
+                .iter()
+                .find(|(name, _)| **name == *by)
+                .map(|(_, v)| v.clone())
+                .or_else(|| HeaderValue::from_str(by).ok()),
+        }
+    }
+}
+
+fn served_by(mut res: Response, by: Option<HeaderValue>) -> Response {
+    if let Some(v) = by {
+        res.headers_mut().insert(X_SERVED_BY, v);
+    }
+    res
+}
+
+/// `{"id":N,"name":"..."}`, as `Json(UserJson { id, name })` writes it,
+/// without its generic response building: the body in one allocation, the
+/// content type a static value.
+fn user_json(id: i64, name: &str) -> Response {
+    let mut body = Vec::with_capacity(name.len() + 40);
+    body.extend_from_slice(b"{\"id\":");
+    body.extend_from_slice(itoa_i64(id, &mut [0; 20]));
+    body.extend_from_slice(b",\"name\":");
+    if name.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        // Nothing to escape (names are mostly plain): copied as it is.
+        body.push(b'"');
+        body.extend_from_slice(name.as_bytes());
+        body.push(b'"');
+    } else if serde_json::to_writer(&mut body, name).is_err() {
+        // Writing to a Vec does not fail; this keeps the old path if it did.
+        return Json(UserJson { id, name }).into_response();
+    }
+    body.push(b'}');
+    let mut res = Response::new(axum::body::Body::from(body));
+    res.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
+}
+
+/// `n` in decimal, written at the end of `buf`.
+fn itoa_i64(n: i64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
+    let mut v = n.unsigned_abs();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    if n < 0 {
+        at -= 1;
+        buf[at] = b'-';
+    }
+    &buf[at..]
+}
+
+/// The name from a JSON body, or the 400 message.
+fn parse_name(body: Result<Json<NameJson>, JsonRejection>) -> Result<String, String> {
+    let Json(NameJson { name }) = body.map_err(|e| e.body_text())?;
+    if name.trim().is_empty() || name.len() > 1000 {
+        return Err("name must be 1 to 1000 characters".into());
+    }
+    Ok(name)
+}
+
+async fn create(
+    State(app): State<AppState>,
+    db: RequestDb,
+    body: Result<Json<NameJson>, JsonRejection>,
+) -> Response {
+    let name = match parse_name(body) {
+        Ok(n) => n,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    match db
+        .query_one(
+            "INSERT INTO users (name) VALUES ($1) RETURNING id, name",
+            &[&name],
+        )
+        .await
+    {
+        Ok(w) => {
+            let id: i64 = w.value.get(0);
+            // A 404 for this id may be cached from before it existed.
+            app.invalidate(id, w.token.version());
+            let res = (StatusCode::CREATED, user_json(id, w.value.get(1))).into_response();
+            served_by(res, app.served_by.value(&w.served_by))
+        }
+        Err(e) => db_error(e),
+    }
+}
+
+/// What `GET /users/{id}` reads from the request, in one extractor: its
+/// `RequestDb` and the id (`None`: not an integer).
+struct ReadRequest {
+    db: RequestDb,
+    id: Option<i64>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for ReadRequest {
+    type Rejection = MissingDbLayer;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, MissingDbLayer> {
+        let db = RequestDb::from_request_parts(parts, state).await?;
+        // An id of plain digits (what clients send) is read from the path
+        // as it is: percent-decoding leaves it unchanged, and `Path`'s
+        // deserializer costs more than the rest of a cache hit's handler.
+        // Anything else goes through `Path`, as before.
+        let plain = parts
+            .uri
+            .path()
+            .strip_prefix("/users/")
+            .filter(|id| {
+                let digits = id.strip_prefix('-').unwrap_or(id);
+                (1..=18).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
+            })
+            .and_then(|id| id.parse().ok());
+        let id = match plain {
+            Some(id) => Some(id),
+            None => Path::<i64>::from_request_parts(parts, state)
+                .await
+                .ok()
+                .map(|Path(id)| id),
+        };
+        Ok(Self { db, id })
+    }
+}
+
+async fn read(State(app): State<AppState>, ReadRequest { db, id }: ReadRequest) -> Response {
+    let Some(id) = id else {
+        return error(StatusCode::BAD_REQUEST, "the id must be an integer");
+    };
+    if app.http.is_some() {
+        // Boxed: its query future would make this handler's future (boxed
+        // and moved on every request, hits included) 3 KB instead of a
+        // few hundred bytes. This branch reads the database anyway.
+        return Box::pin(read_for_http_cache(&app, &db, id)).await;
+    }
+    let result = app
+        .users
+        .clone()
+        .oneshot(UserRead {
+            id,
+            consistency: db.consistency(),
+        })
+        .await;
+    let mut res = match result {
+        Ok(user) => {
+            // A hit reads the flag without writing it (no cache-line
+            // ping-pong between cores on a hot key).
+            let by =
+                if user.taken.load(Ordering::Acquire) || user.taken.swap(true, Ordering::SeqCst) {
+                    Some(HeaderValue::from_static("cache"))
+                } else {
+                    app.served_by.value(&user.served_by)
+                };
+            let res = match &user.row {
+                Some((id, name)) => user_json(*id, name),
+                None => error(StatusCode::NOT_FOUND, "not found"),
+            };
+            served_by(res, by)
+        }
+        Err(e) => db_error(e),
+    };
+    // Browsers and proxies must not keep what the server may invalidate.
+    res.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    res
+}
+
+/// `GET /users/{id}` behind the HTTP cache: one read routed for the
+/// request (its `DbLayer` records the read's LSN for the cache's stamp),
+/// fresh for 30 s in shared caches, tagged `user:{id}`.
+async fn read_for_http_cache(app: &App, db: &RequestDb, id: i64) -> Response {
+    let read = db
+        .read_opt("SELECT id, name FROM users WHERE id = $1", &[&id])
+        .await;
+    let mut res = match read {
+        Ok(r) => {
+            let res = match r.value {
+                Some(row) => user_json(row.get(0), row.get(1)),
+                None => error(StatusCode::NOT_FOUND, "not found"),
+            };
+            served_by(res, app.served_by.value(&r.served_by))
+        }
+        // Not stored: no freshness of its own.
+        Err(e) => return db_error(e),
+    };
+    res.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("s-maxage=30"));
+    if let Ok(tag) = HeaderValue::from_str(&format!("user:{id}")) {
+        res.headers_mut().insert("surrogate-key", tag);
+    }
+    res
+}
+
+async fn update(
+    State(app): State<AppState>,
+    db: RequestDb,
+    id: Result<Path<i64>, PathRejection>,
+    body: Result<Json<NameJson>, JsonRejection>,
+) -> Response {
+    let Ok(Path(id)) = id else {
+        return error(StatusCode::BAD_REQUEST, "the id must be an integer");
+    };
+    let name = match parse_name(body) {
+        Ok(n) => n,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    match db
+        .query(
+            "UPDATE users SET name = $1 WHERE id = $2 RETURNING id, name",
+            &[&name, &id],
+        )
+        .await
+    {
+        Ok(w) => {
+            app.invalidate(id, w.token.version());
+            let res = match w.value.first() {
+                Some(row) => user_json(row.get(0), row.get(1)),
+                None => error(StatusCode::NOT_FOUND, "not found"),
+            };
+            served_by(res, app.served_by.value(&w.served_by))
+        }
+        Err(e) => db_error(e),
+    }
+}
+
+async fn delete(
+    State(app): State<AppState>,
+    db: RequestDb,
+    id: Result<Path<i64>, PathRejection>,
+) -> Response {
+    let Ok(Path(id)) = id else {
+        return error(StatusCode::BAD_REQUEST, "the id must be an integer");
+    };
+    match db.execute("DELETE FROM users WHERE id = $1", &[&id]).await {
+        Ok(w) => {
+            app.invalidate(id, w.token.version());
+            let res = if w.value == 0 {
+                error(StatusCode::NOT_FOUND, "not found")
+            } else {
+                StatusCode::NO_CONTENT.into_response()
+            };
+            served_by(res, app.served_by.value(&w.served_by))
+        }
+        Err(e) => db_error(e),
+    }
+}
+
+async fn metrics_text(State(app): State<AppState>) -> Response {
+    app.metrics.render().into_response()
+}
+
+async fn fallback() -> Response {
+    error(StatusCode::NOT_FOUND, "no such route")
+}
+
+/// The whole service as a `Router`: routes, the users cache, and `DbLayer`
+/// around each route (the tour and the soak test run it in-process).
+pub fn router(
+    backend: &users::Backend,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+) -> Router {
+    routes(backend, metrics, None).layer(db_layer(backend))
+}
+
+/// The same service as `axum_users` serves it: `DbLayer` once around the
+/// whole router rather than around each route. It answers exactly as
+/// [`router`] does; `Router::layer` puts the layer inside every route's
+/// boxed, cloned-per-request service, which cost the cached GET two more
+/// allocations and a boxed future per request.
+pub fn service(
+    backend: &users::Backend,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+) -> tower_scale::pg::DbRouting<Router> {
+    tower::Layer::layer(&db_layer(backend), routes(backend, metrics, None))
+}
+
+fn db_layer(backend: &users::Backend) -> DbLayer {
+    DbLayer::builder(backend.db.clone(), backend.codec.clone()).build()
+}
+
+fn routes(
+    backend: &users::Backend,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    http: Option<Invalidator<String>>,
+) -> Router {
+    let state = Arc::new(App {
+        users: backend.users.clone(),
+        invalidator: backend.invalidator.clone(),
+        http,
+        metrics,
+        served_by: ServedBy::new(&backend.cluster),
+    });
+    Router::new()
+        .route("/users", axum::routing::post(create))
+        .route("/users/{id}", get(read).put(update).delete(delete))
+        .route("/metrics", get(metrics_text))
+        .fallback(fallback)
+        .with_state(state)
+}
+
+/// The HTTP cache's Redis tier.
+pub type HttpTier =
+    std::sync::Arc<tower_scale::cache::redis::RedisTier<String, tower_scale::http::StoredVariants>>;
+
+/// `--http-cache`: the HTTP cache (shared through Redis with `--redis`)
+/// outside `DbLayer`, honouring the tokens `DbLayer` reads. Returns the
+/// service and the Redis tier to keep alive.
+pub async fn http_cached_router(
+    backend: &users::Backend,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    redis: Option<&str>,
+) -> Result<(Router, Option<HttpTier>), users::BoxError> {
+    let db_layer = db_layer(backend);
+    let cache = HttpCacheLayer::builder()
+        .mark_hits(true)
+        .name("users-http")
+        .request_version_from(&db_layer)
+        .build()?;
+    let tier = match redis {
+        Some(url) => Some(
+            tower_scale::cache::redis::builder(url.to_string())
+                .prefix("tower-scale-users-http")
+                .timeout(std::time::Duration::from_millis(250))
+                .attach(&cache, cache.redis_codec())
+                .await?,
+        ),
+        None => None,
+    };
+    let app = routes(backend, metrics, Some(cache.invalidator()))
+        .layer(db_layer)
+        .layer(cache)
+        .layer(axum::middleware::map_response(served_by_cache));
+    Ok((app, tier))
+}
+
+/// A response the HTTP cache answered says so: `cache`, or `cache-l2`
+/// when it came from the shared tier.
+async fn served_by_cache(res: Response) -> Response {
+    match res.extensions().get::<CacheHit>() {
+        Some(CacheHit::SharedTier) => served_by(res, Some(HeaderValue::from_static("cache-l2"))),
+        Some(_) => served_by(res, Some(HeaderValue::from_static("cache"))),
+        None => res,
+    }
+}
