@@ -445,6 +445,13 @@ impl<P, W> CacheLayerBuilder<P, W> {
     }
 
     /// Builds the layer on a quick_cache store (feature `quick-cache`).
+    ///
+    /// A hit clones the response while the store lends the entry under its
+    /// shard's read lock (sparing two atomic count updates), so the
+    /// response's (and a cached error's) `Clone` must be cheap (an `Arc`,
+    /// `Bytes`) and must never call into the same cache: a deep copy holds
+    /// up the shard's writers, and a `Clone` that invalidates would wait for
+    /// itself. Evicted and replaced entries are dropped after the lock.
     #[cfg(feature = "quick-cache")]
     #[cfg_attr(docsrs, doc(cfg(feature = "quick-cache")))]
     pub fn build_quick<K, R, E>(

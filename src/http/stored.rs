@@ -69,17 +69,26 @@ impl HitHead {
         {
             return kept.headers.clone();
         }
-        let mut headers = HeaderMap::with_capacity(stored.headers.len() + 2);
-        for (name, value) in &stored.headers {
-            headers.append(name.clone(), value.clone());
-        }
-        headers.insert(header::AGE, HeaderValue::from(age_secs));
+        // Room for every distinct name plus the two added (capacity counts
+        // names, not values: a name repeated 25,000 times is one), never a
+        // panic: a map too large for that is cloned as is.
+        let mut headers = match HeaderMap::try_with_capacity(stored.headers.keys_len() + 2) {
+            Ok(mut headers) => {
+                for (name, value) in &stored.headers {
+                    headers.append(name.clone(), value.clone());
+                }
+                headers
+            }
+            Err(_) => stored.headers.clone(),
+        };
+        // (A map already at the size limit keeps no room for these two.)
+        let _ = headers.try_insert(header::AGE, HeaderValue::from(age_secs));
         if let Some(value) = config
             .cache_status
             .as_ref()
             .and_then(|name| status::value(name, stored.status, &Status::hit(stored, age)))
         {
-            headers.append(status::CACHE_STATUS, value);
+            let _ = headers.try_append(status::CACHE_STATUS, value);
         }
         let built = Arc::new(HitHeaders {
             age_secs,

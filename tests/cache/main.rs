@@ -1158,3 +1158,32 @@ async fn a_named_cache_publishes_its_metrics() {
         .build::<u64, Resp, Err>();
     assert!(zero.is_err());
 }
+
+/// A fill that replaces an expired entry of the same key is not an
+/// eviction, on quick_cache as on moka; capacity evictions are counted.
+#[tokio::test]
+async fn replacing_an_entry_is_not_an_eviction() {
+    let origin = Origin::new();
+    let (clock, mock) = Clock::mock();
+    let layer = CacheLayer::builder(some_key as KeyFn)
+        .time_to_live(Duration::from_secs(10))
+        .no_early_refresh()
+        .clock(clock)
+        .max_entries(64)
+        .build_quick()
+        .expect("valid config");
+    let mut svc = ServiceBuilder::new().layer(layer).service(origin.clone());
+    for round in 0..3 {
+        svc.ready().await.unwrap().call(1).await.unwrap();
+        mock.advance(Duration::from_secs(11));
+        assert_eq!(svc.stats().evictions, 0, "round {round}");
+    }
+    for k in 0..1_000 {
+        svc.ready().await.unwrap().call(k).await.unwrap();
+    }
+    let evicted = svc.stats().evictions;
+    assert!(
+        evicted >= 900,
+        "{evicted} evictions for 1,000 keys in 64 slots"
+    );
+}

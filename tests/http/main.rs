@@ -843,3 +843,44 @@ fn a_named_http_cache_needs_a_runtime() {
         assert!(HttpCacheLayer::builder().name("pages").build().is_ok());
     });
 }
+
+/// A stored response with a header repeated 25,000 times (more values than
+/// a header map's capacity may count) is served from the cache with every
+/// value and its `Age`, never a panic.
+#[tokio::test]
+async fn a_response_with_a_huge_repeated_header_is_served_whole() {
+    let (clock, _) = Clock::mock();
+    let layer = HttpCacheLayer::builder().clock(clock).build().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let app = Router::new()
+        .route(
+            "/many",
+            get(move || {
+                let counted = counted.clone();
+                async move {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let mut res = Response::new(Body::from("many"));
+                    res.headers_mut()
+                        .insert("cache-control", HeaderValue::from_static("max-age=60"));
+                    for _ in 0..25_000 {
+                        res.headers_mut()
+                            .append("x-a", HeaderValue::from_static("1"));
+                    }
+                    res
+                }
+            }),
+        )
+        .layer(layer.clone());
+    for _ in 0..2 {
+        let req = Request::get("/many")
+            .header("host", "a.example")
+            .body(Body::empty())
+            .unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.headers().get_all("x-a").iter().count(), 25_000);
+        assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), "many");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the second was a hit");
+    assert_eq!(layer.stats().hits, 1);
+}

@@ -74,7 +74,10 @@ pub trait Store: Send + Sync + 'static {
         &self,
         key: &Hashed<Self::Key>,
         f: impl FnOnce(&Arc<Entry<Self::Response, Self::Error>>) -> T,
-    ) -> Option<T> {
+    ) -> Option<T>
+    where
+        Self: Sized,
+    {
         self.get(key).map(|entry| f(&entry))
     }
 

@@ -26,15 +26,18 @@ impl<K, R, E> Weighter<Hashed<K>, Arc<Entry<R, E>>> for EntryWeighter {
     }
 }
 
-/// Counts evictions.
+/// Counts evictions, and hands the evicted values back so they are dropped
+/// after the shard's lock is released (a response's `Drop` is user code).
 #[derive(Clone, Debug, Default)]
 pub(super) struct CountEvictions(Arc<AtomicU64>);
 
 impl<K, V> Lifecycle<K, V> for CountEvictions {
-    type RequestState = ();
+    type RequestState = Vec<V>;
 
-    fn on_evict(&self, _state: &mut (), _key: K, _val: V) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+    fn on_evict(&self, state: &mut Vec<V>, _key: K, val: V) {
+        // Counted by the insert that evicted it (a replacement comes
+        // through here too and is not an eviction).
+        state.push(val);
     }
 }
 
@@ -166,7 +169,19 @@ where
     }
 
     fn insert(&self, key: Hashed<K>, entry: Arc<Entry<R, E>>) {
-        crate::sync::write(self.shard(&key)).insert(key, entry);
+        let mut evicted = Vec::new();
+        {
+            let mut shard = crate::sync::write(self.shard(&key));
+            // quick_cache hands a replaced value to `on_evict` too (keeping
+            // the key's place in its queues): a replacement is not an
+            // eviction, so it is taken back off the count.
+            let replacing = shard.contains_key(&key);
+            shard.insert_with_lifecycle(key, entry, &mut evicted);
+            let n = evicted.len() - usize::from(replacing && !evicted.is_empty());
+            self.evictions.0.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        // Dropped here, after the lock: a response's `Drop` is user code.
+        drop(evicted);
     }
 
     fn remove(&self, key: &Hashed<K>) {
@@ -177,7 +192,9 @@ where
 
     fn clear(&self) {
         for shard in self.shards.iter() {
-            crate::sync::write(shard).clear();
+            // Taken out under the lock, dropped after it.
+            let taken: Vec<_> = crate::sync::write(shard).drain().collect();
+            drop(taken);
         }
     }
 
