@@ -93,12 +93,12 @@
 //!    read-only; a read-write pool replaces them when it is promoted.
 //!    [`Cluster::status`] reports each pool ([`PoolStatus`]).
 //! 10. **A pooled session never keeps a transaction or a setting.**
-//!    Through [`Db`], transaction control (`BEGIN`, `COMMIT`, `ROLLBACK`,
-//!    ...), session settings (`SET`, `RESET`, `DISCARD`, `DEALLOCATE`,
-//!    `PREPARE`, `LISTEN`) and `COPY ... STDIN/STDOUT` are refused before
-//!    anything is sent ([`DbError::Refused`]); inside a [`Transaction`],
-//!    the statements that would end it are (savepoints, `ROLLBACK TO` and
-//!    `SET LOCAL` are fine).
+//!     Through [`Db`], transaction control (`BEGIN`, `COMMIT`, `ROLLBACK`,
+//!     ...), session settings (`SET`, `RESET`, `DISCARD`, `DEALLOCATE`,
+//!     `PREPARE`, `LISTEN`) and `COPY ... STDIN/STDOUT` are refused before
+//!     anything is sent ([`DbError::Refused`]); inside a [`Transaction`],
+//!     the statements that would end it are (savepoints, `ROLLBACK TO` and
+//!     `SET LOCAL` are fine).
 //!
 //! ```no_run
 //! use tower_scale::pg::{Cluster, Consistency, NodeConfig};
