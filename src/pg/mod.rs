@@ -149,7 +149,9 @@ pub use self::config::{ClusterBuilder, NodeConfig};
 pub use self::db::{Db, Read, RouteReason, Written};
 pub use self::error::{DbError, Operation, PoolTimeout};
 #[cfg(feature = "http")]
-pub use self::layer::{DbLayer, DbLayerBuilder, DbRouting, Primary, Replica, RequestDb, Route};
+pub use self::layer::{
+    DbLayer, DbLayerBuilder, DbRouting, MissingDbLayer, Primary, Replica, RequestDb, Route,
+};
 pub use self::lsn::{Consistency, ConsistencyToken, Lsn, LsnParseError};
 pub use self::node::{NodeStatus, PoolStatus, Role};
 pub use self::query::{Access, Query, QueryFuture, QueryOutput};
