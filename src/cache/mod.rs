@@ -103,6 +103,7 @@ mod tag;
 mod version;
 
 pub use self::engine::clock::{COARSE_RESOLUTION, Clock, Instant, MockClock};
+#[cfg(feature = "http")]
 pub(crate) use self::entry::Deadlines;
 pub use self::entry::Entry;
 pub use self::future::ResponseFuture;
