@@ -102,6 +102,49 @@ impl DbLayerBuilder {
 ///
 /// Cloning it (once per request, into the request's state) is one atomic
 /// increment: everything it holds is behind one `Arc`.
+///
+/// ```no_run
+/// use axum::{Router, routing::{get, post}};
+/// use tower_scale::pg::{Cluster, DbLayer, NodeConfig, RequestDb, Route, TokenCodec};
+///
+/// async fn show(db: RequestDb) -> String {
+///     // A replica, or read-your-writes when the client sent a token.
+///     match db.read_one("SELECT count(*) FROM users", &[]).await {
+///         Ok(r) => r.value.get::<_, i64>(0).to_string(),
+///         Err(e) => e.to_string(),
+///     }
+/// }
+///
+/// async fn create(db: RequestDb, name: String) -> String {
+///     // The primary; the token reaches the response (cookie and header).
+///     match db.execute("INSERT INTO users (name) VALUES ($1)", &[&name]).await {
+///         Ok(_) => "created".into(),
+///         Err(e) => e.to_string(),
+///     }
+/// }
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let cluster = Cluster::builder()
+///     .primary(NodeConfig::from_url("postgresql://app@10.0.0.1/app")?)
+///     .replica(NodeConfig::from_url("postgresql://app@10.0.0.2/app")?)
+///     .identity("users-db") // the same on every instance
+///     .build()
+///     .await?;
+/// // The same key on every instance that serves these clients.
+/// let codec = TokenCodec::new(b"32 random bytes, from a secret..", cluster.identity())?;
+/// let layer = DbLayer::builder(cluster.db(), codec)
+///     .secure_cookie(true)
+///     // A POST that only reads: replicas (read-your-writes with a token).
+///     .route("/search", Route::Replicas)
+///     .build();
+/// let app: Router = Router::new()
+///     .route("/users", get(show).post(create))
+///     .layer(layer);
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+/// axum::serve(listener, app).await?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct DbLayer {
     shared: Arc<Shared>,

@@ -17,6 +17,44 @@ use crate::pg::{Consistency, ConsistencyToken, Db, DbError, Lsn, Read, Written};
 /// The per-request database view [`DbLayer`](super::DbLayer) puts in the request: reads
 /// go where the route and the client's token say, writes go to the
 /// primary and their tokens reach the response.
+///
+/// An axum extractor (a request without `DbLayer` gets a 500,
+/// [`MissingDbLayer`]); [`Primary`] and [`Replica`] pin the choice.
+///
+/// ```no_run
+/// use axum::{Json, extract::Path, http::StatusCode};
+/// use tower_scale::pg::{Primary, RequestDb};
+///
+/// // Reads where the route says (replicas for GET), seeing the client's
+/// // own writes when it sent its token.
+/// async fn user(db: RequestDb, Path(id): Path<i64>) -> Result<String, StatusCode> {
+///     let row = db
+///         .read_opt("SELECT name FROM users WHERE id = $1", &[&id])
+///         .await
+///         .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
+///     row.value.map(|r| r.get(0)).ok_or(StatusCode::NOT_FOUND)
+/// }
+///
+/// // Always the primary (`Strong`), e.g. a balance before a payment.
+/// async fn balance(Primary(db): Primary, Path(id): Path<i64>) -> Result<String, StatusCode> {
+///     let row = db
+///         .read_one("SELECT cents FROM accounts WHERE id = $1", &[&id])
+///         .await
+///         .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
+///     Ok(row.value.get::<_, i64>(0).to_string())
+/// }
+///
+/// // A write: its token goes back to the client with the response.
+/// async fn rename(db: RequestDb, Path(id): Path<i64>, Json(name): Json<String>) -> StatusCode {
+///     match db.execute("UPDATE users SET name = $1 WHERE id = $2", &[&name, &id]).await {
+///         Ok(w) if w.value == 1 => StatusCode::NO_CONTENT,
+///         Ok(_) => StatusCode::NOT_FOUND,
+///         Err(e) if e.may_have_committed() => StatusCode::ACCEPTED,
+///         Err(_) => StatusCode::SERVICE_UNAVAILABLE,
+///     }
+/// }
+/// # let _ = (user, balance, rename);
+/// ```
 #[derive(Clone)]
 pub struct RequestDb {
     pub(super) state: Arc<RequestState>,
