@@ -45,7 +45,8 @@
 //!   methods, keyed by path, message and chosen metadata.
 //! - **Replication routing** ([`pg`], feature `postgres`): a [`pg::Cluster`]
 //!   of a primary and replicas over deadpool-postgres pools, a health
-//!   monitor with failover and promotion, lag-aware power-of-two-choices
+//!   monitor that follows a failover (a replica promoted by your tooling
+//!   takes the writes without a restart), lag-aware power-of-two-choices
 //!   balancing, and read-your-writes through WAL-position tokens; `pg::layer`
 //!   (features `postgres` and `http`) carries the tokens through cookies,
 //!   headers and gRPC metadata.
