@@ -7,58 +7,78 @@
 pub(crate) fn secrets(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
-    // URLs: from each `://`, the authority's user info up to `@`.
+    // URLs: from each `://`, the user info up to the last `@` before the
+    // end of the URL (white space or a quote). A password may hold `/`,
+    // `?`, `#` and `@` (the drivers read the user info up to the `@`).
     while let Some(at) = rest.find("://") {
         let (head, tail) = rest.split_at(at + 3);
         out.push_str(head);
-        let authority_end = tail
-            .find(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace() || c == '"')
+        let url_end = tail
+            .find(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == '`')
             .unwrap_or(tail.len());
-        let authority = &tail[..authority_end];
-        match (authority.rfind('@'), authority.find(':')) {
+        let url = &tail[..url_end];
+        match (url.rfind('@'), url.find(':')) {
             (Some(user_end), Some(colon)) if colon < user_end => {
-                out.push_str(&authority[..=colon]);
+                out.push_str(&url[..=colon]);
                 out.push_str("***");
-                out.push_str(&authority[user_end..]);
+                out.push_str(&url[user_end..]);
             }
-            _ => out.push_str(authority),
+            _ => out.push_str(url),
         }
-        rest = &tail[authority_end..];
+        rest = &tail[url_end..];
     }
     out.push_str(rest);
-    key_value_passwords(&out)
+    let out = key_value_passwords(&out, "password");
+    // Redis URLs may carry it as `?pass=`.
+    key_value_passwords(&out, "pass")
 }
 
-/// `password=VALUE` (quoted or not) becomes `password=***`.
-fn key_value_passwords(text: &str) -> String {
+/// `KEY=VALUE` (quoted or not) becomes `KEY=***`: a value in single or
+/// double quotes up to its closing quote (backslash escapes), else up to
+/// white space that is not escaped.
+fn key_value_passwords(text: &str, key: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
-    while let Some(at) = find_ascii_case_insensitive(rest, "password") {
-        let (head, tail) = rest.split_at(at + "password".len());
+    while let Some(at) = find_ascii_case_insensitive(rest, key) {
+        let (head, tail) = rest.split_at(at + key.len());
         out.push_str(head);
+        // Only a whole key: not `passphrase`, not `password` inside `pass`
+        // matching (`password=` is redacted by the first pass already).
+        let boundary_before = head[..head.len() - key.len()]
+            .chars()
+            .next_back()
+            .is_none_or(|c| !c.is_ascii_alphanumeric() && c != '_');
         let trimmed = tail.trim_start();
-        let Some(value) = trimmed.strip_prefix('=') else {
+        let Some(value) = trimmed.strip_prefix('=').filter(|_| boundary_before) else {
             rest = tail;
             continue;
         };
         out.push_str(&tail[..tail.len() - trimmed.len()]);
         out.push('=');
         let value = value.trim_start();
-        let end = if let Some(quoted) = value.strip_prefix('\'') {
-            // A quoted value ends at the next unescaped quote.
-            let mut escaped = false;
-            quoted
-                .char_indices()
-                .find(|&(_, c)| {
-                    let end = c == '\'' && !escaped;
-                    escaped = c == '\\' && !escaped;
-                    end
-                })
-                .map_or(value.len(), |(i, _)| i + 2)
-        } else {
-            value
-                .find(|c: char| c.is_whitespace() || c == '"' || c == ',')
-                .unwrap_or(value.len())
+        let end = match value.chars().next() {
+            Some(quote @ ('\'' | '"')) => {
+                let mut escaped = false;
+                value[1..]
+                    .char_indices()
+                    .find(|&(_, c)| {
+                        let end = c == quote && !escaped;
+                        escaped = c == '\\' && !escaped;
+                        end
+                    })
+                    .map_or(value.len(), |(i, _)| i + 2)
+            }
+            _ => {
+                let mut escaped = false;
+                value
+                    .char_indices()
+                    .find(|&(_, c)| {
+                        let end = c.is_whitespace() && !escaped;
+                        escaped = c == '\\' && !escaped;
+                        end
+                    })
+                    .map_or(value.len(), |(i, _)| i)
+            }
         };
         out.push_str("***");
         rest = &value[end..];
@@ -101,5 +121,29 @@ mod tests {
             secrets("host=h PASSWORD = 'a b\\' c' dbname=d"),
             "host=h PASSWORD =*** dbname=d"
         );
+        // Passwords with URL delimiters, commas, escapes and quotes.
+        for (text, secret) in [
+            ("postgresql://app:pa/ss@h/db", "pa/ss"),
+            ("postgresql://app:a?b#c@h:5432/db", "a?b#c"),
+            ("postgresql://app:p@ss@h/db", "p@ss"),
+            ("postgresql:///db?password=x1y2&host=h", "x1y2"),
+            ("host=h password=ab,cd dbname=d", "ab,cd"),
+            ("host=h password=ab\\ cd dbname=d", "cd"),
+            ("password = \"qu oted\"", "qu oted"),
+            ("unix:///run/redis.sock?pass=hunter2", "hunter2"),
+            ("redis://:hunter2@127.0.0.1:6379/0", "hunter2"),
+        ] {
+            let shown = secrets(text);
+            assert!(!shown.contains(secret), "{text} -> {shown}");
+            assert!(shown.contains("***"), "{text} -> {shown}");
+        }
+        // Ordinary text is left alone.
+        for text in [
+            "invalid type: string \"many\", expected an integer for key `cluster.pool_size`",
+            "the passphrase is not a password field",
+            "see https://example.com/docs?a=1#x",
+        ] {
+            assert_eq!(secrets(text), text);
+        }
     }
 }

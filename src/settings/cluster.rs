@@ -38,13 +38,17 @@ impl fmt::Debug for NodeSettings {
 #[serde(untagged)]
 enum NodeRepr {
     Url(String),
-    Full {
-        url: String,
-        #[serde(default)]
-        name: Option<String>,
-        #[serde(default)]
-        zone: Option<String>,
-    },
+    Full(NodeFull),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeFull {
+    url: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    zone: Option<String>,
 }
 
 impl From<NodeRepr> for NodeSettings {
@@ -55,13 +59,38 @@ impl From<NodeRepr> for NodeSettings {
                 name: None,
                 zone: None,
             },
-            NodeRepr::Full { url, name, zone } => Self { url, name, zone },
+            NodeRepr::Full(NodeFull { url, name, zone }) => Self { url, name, zone },
         }
     }
 }
 
+/// A list of nodes, or one string of URLs separated by white space (how
+/// the environment gives it).
+fn nodes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<NodeSettings>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Nodes {
+        List(Vec<NodeSettings>),
+        Urls(String),
+    }
+    Ok(match Nodes::deserialize(d)? {
+        Nodes::List(list) => list,
+        Nodes::Urls(text) => text
+            .split_whitespace()
+            .map(|url| NodeSettings {
+                url: url.to_string(),
+                name: None,
+                zone: None,
+            })
+            .collect(),
+    })
+}
+
 impl NodeSettings {
     fn node(&self, field: &str) -> Result<NodeConfig, SettingsError> {
+        if self.url.trim().is_empty() {
+            return Err(SettingsError::invalid(field, "an empty connection string"));
+        }
         // The parser's message never holds the URL, but redact anyway.
         let mut node = NodeConfig::from_url(&self.url).map_err(|e| {
             SettingsError::invalid(field, format!("not a PostgreSQL connection string ({e})"))
@@ -84,8 +113,8 @@ impl NodeSettings {
 pub struct ClusterSettings {
     /// The primary.
     pub primary: NodeSettings,
-    /// The replicas.
-    #[serde(default)]
+    /// The replicas (from one string: URLs separated by white space).
+    #[serde(default, deserialize_with = "nodes")]
     pub replicas: Vec<NodeSettings>,
     /// [`ClusterBuilder::zone`].
     #[serde(default)]

@@ -24,12 +24,12 @@
 //! ```
 //!
 //! The same from the environment, with the prefix `TOWER_SCALE` and `__`
-//! between levels (a list is comma-separated; from the environment a
-//! replica is a URL only):
+//! between levels (the replicas' URLs separated by white space; from the
+//! environment a replica is a URL only):
 //!
 //! ```text
 //! TOWER_SCALE__CLUSTER__PRIMARY=postgresql://app:secret@10.0.0.1/app
-//! TOWER_SCALE__CLUSTER__REPLICAS=postgresql://app:secret@10.0.0.2/app,postgresql://app:secret@10.0.0.3/app
+//! TOWER_SCALE__CLUSTER__REPLICAS="postgresql://app:secret@10.0.0.2/app postgresql://app:secret@10.0.0.3/app"
 //! TOWER_SCALE__CLUSTER__POOL_SIZE=8
 //! TOWER_SCALE__CLUSTER__READ_TIMEOUT=2s
 //! TOWER_SCALE__CACHE__TIME_TO_LIVE=60s
@@ -156,14 +156,15 @@ impl Settings {
     }
 
     /// Settings from environment variables named `{prefix}__{PART}__{FIELD}`
-    /// (`TOWER_SCALE__CLUSTER__POOL_SIZE=8`); lists are comma-separated.
+    /// (`TOWER_SCALE__CLUSTER__POOL_SIZE=8`); the replicas are one variable,
+    /// their URLs separated by white space (a URL may hold commas: several
+    /// hosts).
     pub fn from_env(prefix: &str) -> Result<Self, SettingsError> {
+        // Values stay strings (`try_parsing` would turn an identity
+        // `0042` into `42`); numbers and booleans are parsed per field.
         let env = config::Environment::with_prefix(prefix)
             .prefix_separator("__")
-            .separator("__")
-            .try_parsing(true)
-            .list_separator(",")
-            .with_list_parse_key("cluster.replicas");
+            .separator("__");
         Self::from_source(env)
     }
 

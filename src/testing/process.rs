@@ -130,10 +130,18 @@ impl MarkedDir {
         self.dir.path()
     }
 
-    /// Records the server's pid so a sweep can find it after a crash.
+    /// Records the server's pid and start time so a sweep (or the
+    /// watchdog) can find it after a crash, and never mistake a process
+    /// that reused the pid for it.
     pub(crate) fn record_server(&self, pid: u32) {
         // Best effort: the mark only matters after a crash.
-        let _ = fs::write(self.dir.path().join(SERVER_FILE), pid.to_string());
+        let start = process_start_time(pid).unwrap_or(0);
+        let _ = fs::write(self.dir.path().join(SERVER_FILE), format!("{pid} {start}"));
+    }
+
+    /// The server was stopped: nothing to find after a crash.
+    pub(crate) fn forget_server(&self) {
+        let _ = fs::remove_file(self.dir.path().join(SERVER_FILE));
     }
 }
 
@@ -151,8 +159,18 @@ const WATCHDOG: &str = r#"
 mark="$1"; base="$2"
 cat >/dev/null
 for d in "$base"/tower-scale-*; do
+  # Ours only: a real directory whose owner mark we wrote (a file owned by
+  # this user, not a link) and that names this process.
+  [ -d "$d" ] && [ ! -L "$d" ] || continue
+  [ -f "$d/tower-scale.owner" ] && [ ! -L "$d/tower-scale.owner" ] && [ -O "$d/tower-scale.owner" ] || continue
   [ "$(cat "$d/tower-scale.owner" 2>/dev/null)" = "$mark" ] || continue
-  pid=$(cat "$d/tower-scale.server" 2>/dev/null)
+  pid=; start=
+  set -- $(cat "$d/tower-scale.server" 2>/dev/null)
+  pid=$1; start=$2
+  # The recorded server only if the pid still has its start time (not a
+  # process that reused the pid).
+  now=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f20)
+  [ -n "$start" ] && [ "$now" = "$start" ] || pid=
   case "$pid" in
     ''|*[!0-9]*) ;;
     *)
@@ -260,7 +278,7 @@ fn sweep_stale(base: &Path) {
         }
         if let Some(pid) = fs::read_to_string(path.join(SERVER_FILE))
             .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
+            .and_then(|s| recorded_server(&s))
             && is_server_process(pid)
         {
             kill_tree(pid, Signal::SIGKILL);
@@ -269,6 +287,15 @@ fn sweep_stale(base: &Path) {
         tracing::info!(dir = %path.display(), "swept a temp dir left by a crashed run");
         let _ = fs::remove_dir_all(&path);
     }
+}
+
+/// The pid in a server mark (`pid starttime`), if that process still has
+/// that start time.
+fn recorded_server(mark: &str) -> Option<u32> {
+    let mut parts = mark.split_whitespace();
+    let pid = parts.next()?.parse::<u32>().ok()?;
+    let start = parts.next()?.parse::<u64>().ok()?;
+    (process_start_time(pid) == Some(start)).then_some(pid)
 }
 
 fn is_server_process(pid: u32) -> bool {

@@ -146,6 +146,7 @@ impl LocalRedis {
                 let _ = child.kill();
                 let _ = child.wait();
             }
+            self.dir.forget_server();
         }
         Ok(())
     }
@@ -156,6 +157,7 @@ impl LocalRedis {
         if let Some(mut child) = guard.take() {
             let _ = child.kill();
             let _ = child.wait();
+            self.dir.forget_server();
         }
         self.child.set_paused(false);
         Ok(())

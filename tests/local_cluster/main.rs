@@ -351,9 +351,11 @@ fn watchdog_child() {
 fn servers_of_a_killed_process_stop_within_seconds() {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
+    let tmp = tempfile::tempdir().expect("temp dir");
     let mut child = Command::new(std::env::current_exe().expect("test binary"))
         .args(["--exact", "watchdog_child", "--ignored", "--nocapture"])
         .env(CHILD_ENV, "1")
+        .env("TOWER_SCALE_TMPDIR", tmp.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -372,6 +374,27 @@ fn servers_of_a_killed_process_stop_within_seconds() {
     }
     assert_eq!(pids.len(), 3, "the child did not report its servers");
     assert_eq!(pids_alive(&pids), pids, "the servers run before the kill");
+    // A decoy that looks like a server, recorded (with another start time,
+    // as a process that reused a server's pid would be) in a dir marked
+    // as the child's: the watchdog removes the dir and spares the decoy.
+    let mut decoy = Command::new("sh")
+        .args(["-c", "sleep 60", "postgres-decoy"])
+        .spawn()
+        .expect("decoy");
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).expect("stat");
+    let start = stat[stat.rfind(')').expect("stat") + 2..]
+        .split_whitespace()
+        .nth(19)
+        .expect("start time")
+        .to_string();
+    let fake = tmp.path().join("tower-scale-decoy-x");
+    std::fs::create_dir(&fake).expect("fake dir");
+    std::fs::write(
+        fake.join("tower-scale.owner"),
+        format!("{} {start}", child.id()),
+    )
+    .unwrap();
+    std::fs::write(fake.join("tower-scale.server"), format!("{} 1", decoy.id())).unwrap();
     let killed = Instant::now();
     child.kill().expect("SIGKILL the child");
     child.wait().expect("reap the child");
@@ -388,4 +411,16 @@ fn servers_of_a_killed_process_stop_within_seconds() {
         "the servers of a SIGKILLed process ({pids:?}) were gone {:?} after the kill",
         killed.elapsed()
     );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fake.exists() {
+        assert!(Instant::now() < deadline, "the marked dir was not removed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        pids_alive(&[decoy.id()]),
+        [decoy.id()],
+        "the watchdog killed a process that only reused a recorded pid"
+    );
+    decoy.kill().expect("stop the decoy");
+    decoy.wait().expect("reap the decoy");
 }

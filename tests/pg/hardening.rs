@@ -1049,3 +1049,28 @@ async fn transaction_control_inside_a_transaction_is_not_a_commit() {
     kept.push("kept".into());
     assert_eq!(names, kept);
 }
+
+/// A request stuffed with forged token cookies costs a bounded number of
+/// HMACs: past eight candidates the rest are not looked at (a real token
+/// among the first eight is still found).
+#[cfg(feature = "http")]
+#[tokio::test]
+async fn forged_token_cookies_cost_a_bounded_amount() {
+    let (token, text, token_of) = cookie_reader().await;
+    let forged = "A".repeat(text.len());
+    let mut first = format!("tower_scale_token={text}");
+    for _ in 0..5_000 {
+        first.push_str(&format!("; tower_scale_token={forged}"));
+    }
+    assert_eq!(
+        token_of(first.as_bytes()),
+        Some(token),
+        "the real one came first"
+    );
+    let mut last = String::new();
+    for _ in 0..5_000 {
+        last.push_str(&format!("tower_scale_token={forged}; "));
+    }
+    last.push_str(&format!("tower_scale_token={text}"));
+    assert_eq!(token_of(last.as_bytes()), None, "looked past the budget");
+}

@@ -19,6 +19,7 @@ const TOML: &str = r#"
 primary = "postgresql://app:pa55-w0rd@10.0.0.1:5432/app"
 replicas = ["postgresql://app:pa55-w0rd@10.0.0.2:5432/app"]
 zone = "eu-1a"
+identity = "0042"
 pool_size = 8
 read_timeout = "2s"
 read_your_writes_wait = "250ms"
@@ -49,6 +50,7 @@ const JSON: &str = r#"{
     "primary": "postgresql://app:pa55-w0rd@10.0.0.1:5432/app",
     "replicas": [{"url": "postgresql://app:pa55-w0rd@10.0.0.2:5432/app"}],
     "zone": "eu-1a",
+    "identity": "0042",
     "pool_size": 8,
     "read_timeout": "2s",
     "read_your_writes_wait": "250ms",
@@ -66,6 +68,7 @@ const ENV: &[(&str, &str)] = &[
     ("TSTEST__CLUSTER__PRIMARY", PRIMARY),
     ("TSTEST__CLUSTER__REPLICAS", REPLICA),
     ("TSTEST__CLUSTER__ZONE", "eu-1a"),
+    ("TSTEST__CLUSTER__IDENTITY", "0042"),
     ("TSTEST__CLUSTER__POOL_SIZE", "8"),
     ("TSTEST__CLUSTER__READ_TIMEOUT", "2s"),
     ("TSTEST__CLUSTER__READ_YOUR_WRITES_WAIT", "250ms"),
@@ -91,6 +94,7 @@ fn by_hand() -> [String; 4] {
         .primary(NodeConfig::from_url(PRIMARY).unwrap())
         .replica(NodeConfig::from_url(REPLICA).unwrap())
         .zone("eu-1a")
+        .identity("0042")
         .pool_size(8)
         .read_timeout(Duration::from_secs(2))
         .read_your_writes_wait(Duration::from_millis(250))
@@ -212,6 +216,14 @@ fn a_wrong_field_is_named_and_no_password_shows() {
         ("[redis]\nurl = \"http://:pa55-w0rd@h\"\n", "redis.url"),
         ("[cache]\nttl = \"1s\"\n", "ttl"),
         ("[caches]\n", "caches"),
+        (
+            "[cluster]\nprimary = \"postgresql://app:pa55-w0rd@h/db\"\nreplicas = [{ url = \"postgresql://app:pa55-w0rd@h2/db\", nmae = \"b\" }]\n",
+            "replicas",
+        ),
+        (
+            "[cluster]\nprimary = \"postgresql://app:pa55-w0rd@h/db\"\nreplicas = [\"\"]\n",
+            "cluster.replicas[0]",
+        ),
         // A URL put where a number goes: the error quotes it, redacted.
         (
             "[cluster]\nprimary = \"postgresql://app:pa55-w0rd@h/db\"\npool_size = \"postgresql://app:pa55-w0rd@h/db\"\n",
@@ -257,4 +269,21 @@ fn a_wrong_field_is_named_and_no_password_shows() {
         !built.contains(SECRET),
         "a builder shows the password: {built}"
     );
+}
+
+#[test]
+fn replicas_from_the_environment_are_separated_by_white_space() {
+    // SAFETY-free: this test's own TSTEST2 variables only.
+    unsafe {
+        std::env::set_var("TSTEST2__CLUSTER__PRIMARY", PRIMARY);
+        std::env::set_var(
+            "TSTEST2__CLUSTER__REPLICAS",
+            format!("{REPLICA}  postgresql://app@h3,h4/app"),
+        );
+    }
+    let settings = Settings::from_env("TSTEST2").unwrap();
+    let cluster = settings.cluster.unwrap();
+    let urls: Vec<&str> = cluster.replicas.iter().map(|r| r.url.as_str()).collect();
+    assert_eq!(urls, [REPLICA, "postgresql://app@h3,h4/app"]);
+    cluster.builder().unwrap();
 }

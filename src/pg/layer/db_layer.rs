@@ -242,16 +242,27 @@ impl DbLayer {
     /// token header or a `Cookie` line is there. (Two header-map lookups,
     /// each hashing a name, cost more than this scan for the fields
     /// requests carry; the token layer is on every request's path.)
+    /// At most eight token values are looked at (each decoded is an HMAC per
+    /// key): the rest are ignored.
     pub fn token_of(&self, headers: &HeaderMap) -> Option<ConsistencyToken> {
         let settings = &self.shared.settings;
         let codec = &self.shared.codec;
         let mut newest = None;
+        // At most this many candidates are decoded (each an HMAC per key):
+        // a request stuffed with forged tokens costs a bounded amount.
+        let mut budget = MAX_TOKEN_CANDIDATES;
         for (name, value) in headers {
+            if budget == 0 {
+                break;
+            }
             let token = if name == COOKIE {
                 cookie_values(value, &settings.cookie)
+                    .take(budget)
+                    .inspect(|_| budget -= 1)
                     .filter_map(|v| codec.decode(v))
                     .max()
             } else if *name == settings.header {
+                budget -= 1;
                 value.to_str().ok().and_then(|v| codec.decode(v))
             } else {
                 continue;
@@ -307,6 +318,10 @@ impl DbLayer {
         }
     }
 }
+
+/// How many token values (cookies named like the token's, token headers) a
+/// request may present before the rest are ignored.
+const MAX_TOKEN_CANDIDATES: usize = 8;
 
 #[cfg(test)]
 mod tests {

@@ -337,6 +337,7 @@ impl Node {
             process::kill_tree(child.id(), Signal::SIGKILL);
         }
         let _ = child.wait();
+        self.dir.forget_server();
         result.map(|_| ())
     }
 
@@ -351,6 +352,7 @@ impl Node {
         process::kill_tree(child.id(), Signal::SIGKILL);
         let _ = child.wait();
         process::wait_gone(&pids, Duration::from_secs(10));
+        self.dir.forget_server();
         self.child.set_paused(false);
         Ok(())
     }
