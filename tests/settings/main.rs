@@ -285,5 +285,5 @@ fn replicas_from_the_environment_are_separated_by_white_space() {
     let cluster = settings.cluster.unwrap();
     let urls: Vec<&str> = cluster.replicas.iter().map(|r| r.url.as_str()).collect();
     assert_eq!(urls, [REPLICA, "postgresql://app@h3,h4/app"]);
-    cluster.builder().unwrap();
+    drop(cluster.builder().unwrap());
 }
