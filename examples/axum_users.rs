@@ -69,6 +69,9 @@ where
         + 'static,
     S::Future: Send,
 {
+    // Handlers in place before the announcement (a SIGTERM right after it
+    // must shut down cleanly).
+    let shutdown = users::shutdown_signal();
     println!("listening on http://{addr}");
     std::io::stdout().flush()?;
     axum::serve(
@@ -77,7 +80,7 @@ where
         }),
         axum::ServiceExt::<axum::extract::Request>::into_make_service(app),
     )
-    .with_graceful_shutdown(users::shutdown_signal())
+    .with_graceful_shutdown(shutdown)
     .await
 }
 

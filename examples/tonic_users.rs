@@ -175,6 +175,8 @@ async fn run(args: users::Args) -> Result<(), users::BoxError> {
         .build();
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
+    // Handlers in place before the announcement.
+    let shutdown = users::shutdown_signal();
     println!("listening on http://{addr}");
     std::io::stdout().flush()?;
     tonic::transport::Server::builder()
@@ -182,7 +184,7 @@ async fn run(args: users::Args) -> Result<(), users::BoxError> {
         .add_service(UsersServer::new(service))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            users::shutdown_signal(),
+            shutdown,
         )
         .await?;
     eprintln!("tonic_users: shutting down");
