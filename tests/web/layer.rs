@@ -139,3 +139,109 @@ async fn the_newest_token_among_headers_and_cookies_wins() {
         "forged values are skipped, the valid one kept"
     );
 }
+
+/// `RequestDb::cached`: a write through the database cache puts its token
+/// in the response, and a read through it with that cookie sees the write
+/// (from a replica that has it or the primary, never a stale cache entry);
+/// the read's data version reaches the response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_queries_carry_the_token_and_the_data_version() {
+    use axum::extract::State;
+    use axum::routing::put;
+    use tower_scale::cache::DataVersion;
+    use tower_scale::pg::{DbCache, Query};
+
+    let local = LocalCluster::builder()
+        .replicas(1)
+        .apply_delay(0, std::time::Duration::from_millis(500))
+        .start()
+        .unwrap();
+    let cluster = Cluster::builder()
+        .primary(NodeConfig::new(local.primary().config()))
+        .replica(NodeConfig::new(local.replica(0).config()))
+        .build()
+        .await
+        .unwrap();
+    let db = cluster.db();
+    db.execute("CREATE TABLE users (id bigint primary key, name text)", &[])
+        .await
+        .unwrap();
+    db.execute("INSERT INTO users VALUES (1, 'ada')", &[])
+        .await
+        .unwrap();
+    local
+        .wait_for_replicas(std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    let users = DbCache::builder(db.clone()).build().unwrap();
+    let codec = TokenCodec::new(&[7u8; 32], cluster.identity()).unwrap();
+    let app: Router = Router::new()
+        .route(
+            "/users/1",
+            get(|State(users): State<DbCache>, db: RequestDb| async move {
+                let q = Query::read("SELECT name FROM users WHERE id = $1", db.consistency())
+                    .bind(1i64)
+                    .for_key("users", 1);
+                let out = db.cached(&users, q).await.unwrap();
+                out.rows[0].get::<_, String>(0)
+            })
+            .merge(put(
+                |State(users): State<DbCache>, db: RequestDb, name: String| async move {
+                    let q = Query::write("UPDATE users SET name = $1 WHERE id = $2")
+                        .bind(name)
+                        .bind(1i64)
+                        .for_key("users", 1);
+                    db.cached(&users, q).await.unwrap();
+                    "ok"
+                },
+            )),
+        )
+        .with_state(users)
+        .layer(DbLayer::builder(cluster.db(), codec).build());
+    let send = |req: Request<Body>| {
+        let app = app.clone();
+        async move { app.oneshot(req).await.unwrap() }
+    };
+    // Warm the cache with the old name.
+    let res = send(Request::get("/users/1").body(Body::empty()).unwrap()).await;
+    assert!(
+        res.extensions().get::<DataVersion>().is_some(),
+        "no data version"
+    );
+    assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), "ada");
+    for round in 0..5 {
+        let name = format!("name {round}");
+        let res = send(
+            Request::put("/users/1")
+                .body(Body::from(name.clone()))
+                .unwrap(),
+        )
+        .await;
+        let cookie = res
+            .headers()
+            .get("set-cookie")
+            .expect("the write's token in the response")
+            .to_str()
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string();
+        let req = Request::get("/users/1")
+            .header("cookie", cookie)
+            .body(Body::empty())
+            .unwrap();
+        let body = send(req)
+            .await
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(
+            body,
+            name.as_bytes(),
+            "round {round}: the cookie's read missed its write"
+        );
+    }
+}

@@ -12,7 +12,11 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use super::db_layer::{DbLayer, Route};
-use crate::pg::{Consistency, ConsistencyToken, Db, DbError, Lsn, Read, Written};
+use crate::cache::Store;
+use crate::pg::{
+    Access, Consistency, ConsistencyToken, Db, DbCache, DbError, Lsn, Query, QueryKey, QueryOutput,
+    Read, Written,
+};
 
 /// The per-request database view [`DbLayer`](super::DbLayer) puts in the request: reads
 /// go where the route and the client's token say, writes go to the
@@ -232,6 +236,55 @@ impl RequestDb {
             .inspect_err(|e| self.record_failed_write(e))?;
         self.record_write(w.token);
         Ok(w)
+    }
+
+    /// Runs `query` through `cache` for this request, recording what it
+    /// read or wrote as this type's own methods do: a read goes with this
+    /// request's [`consistency`](Self::consistency) (whatever the query
+    /// said) and its data version is recorded (a hit's stamp included); a
+    /// write's token is recorded for the response (the unknown token when
+    /// it may have committed). Calling `cache.query` directly from a
+    /// handler skips both, and the client silently loses read-your-writes.
+    ///
+    /// ```no_run
+    /// use tower_scale::pg::{DbCache, DbError, Query, RequestDb};
+    ///
+    /// async fn name(db: RequestDb, users: DbCache, id: i64) -> Result<Option<String>, DbError> {
+    ///     let query = Query::read("SELECT name FROM users WHERE id = $1", db.consistency())
+    ///         .bind(id)
+    ///         .for_key("users", id);
+    ///     let out = db.cached(&users, query).await?;
+    ///     Ok(out.rows.first().map(|row| row.get(0)))
+    /// }
+    /// ```
+    pub async fn cached<St>(
+        &self,
+        cache: &DbCache<St>,
+        mut query: Query,
+    ) -> Result<QueryOutput, DbError>
+    where
+        St: Store<Key = QueryKey, Response = QueryOutput, Error = DbError>,
+    {
+        let write = query.access == Access::Write;
+        if !write {
+            query.access = Access::Read(self.consistency());
+        }
+        match cache.query(query).await {
+            Ok(out) => {
+                if write {
+                    self.record_write(out.token.unwrap_or(ConsistencyToken::unknown()));
+                } else {
+                    self.record_read(out.lsn);
+                }
+                Ok(out)
+            }
+            Err(e) => {
+                if write {
+                    self.record_failed_write(&e);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// A write returning rows; its token reaches the response.
