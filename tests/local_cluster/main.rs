@@ -424,3 +424,41 @@ fn servers_of_a_killed_process_stop_within_seconds() {
     decoy.kill().expect("stop the decoy");
     decoy.wait().expect("reap the decoy");
 }
+
+/// The primary runs with `wal_level = logical`: a publication and a
+/// `pgoutput` slot can be made, and a committed change is decoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_primary_decodes_changes_for_logical_replication() {
+    let cluster = LocalCluster::start(0).expect("cluster");
+    let primary = cluster.primary().connect().await.unwrap();
+    let level: String = primary
+        .query_one("SHOW wal_level", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(level, "logical");
+    // One statement each: a slot cannot be made in a transaction that wrote.
+    for sql in [
+        "CREATE TABLE feed_t (id int primary key, v text)",
+        "CREATE PUBLICATION feed_pub FOR TABLE feed_t",
+        "SELECT pg_create_logical_replication_slot('feed_slot', 'pgoutput')",
+        "INSERT INTO feed_t VALUES (1, 'a')",
+    ] {
+        primary.batch_execute(sql).await.unwrap();
+    }
+    let changes: i64 = primary
+        .query_one(
+            "SELECT count(*) FROM pg_logical_slot_peek_binary_changes('feed_slot', NULL, NULL, \
+             'proto_version', '1', 'publication_names', 'feed_pub')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // BEGIN, RELATION, INSERT, COMMIT.
+    assert!(changes >= 3, "{changes} decoded messages");
+    primary
+        .batch_execute("SELECT pg_drop_replication_slot('feed_slot')")
+        .await
+        .unwrap();
+}

@@ -79,7 +79,8 @@ impl Node {
         process::run(initdb, "initdb")?;
         let mut conf = vec![
             "listen_addresses = '127.0.0.1'".to_string(),
-            "wal_level = replica".into(),
+            // Logical decoding too: a change feed needs it on the primary.
+            "wal_level = logical".into(),
             "max_wal_senders = 20".into(),
             "max_replication_slots = 20".into(),
             "wal_keep_size = '512MB'".into(),
