@@ -277,6 +277,18 @@ pub(crate) fn respond<B: Body>(
             .insert(header::AGE, HeaderValue::from(age.as_secs()));
         return res;
     }
+    let mut headers = stored.headers.clone();
+    headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
+    stored_response(stored, head, headers)
+}
+
+/// `stored`'s status, version, body and trailers (no body for `HEAD`)
+/// with `headers`.
+fn stored_response<B: Body>(
+    stored: &Stored,
+    head: bool,
+    headers: HeaderMap,
+) -> Response<CacheBody<B>> {
     let body = if head {
         CacheBody::empty()
     } else {
@@ -285,9 +297,7 @@ pub(crate) fn respond<B: Body>(
     let mut res = Response::new(body);
     *res.status_mut() = stored.status;
     *res.version_mut() = stored.version;
-    *res.headers_mut() = stored.headers.clone();
-    res.headers_mut()
-        .insert(header::AGE, HeaderValue::from(age.as_secs()));
+    *res.headers_mut() = headers;
     res
 }
 
@@ -308,16 +318,11 @@ pub(crate) fn respond_hit<B: Body>(
         return res;
     }
     let headers = stored.hit_head.headers(config, stored, age);
-    let body = if head {
-        CacheBody::empty()
-    } else {
-        CacheBody::full(stored.body.clone(), stored.trailers.clone())
-    };
-    let mut res = Response::new(body);
-    *res.status_mut() = stored.status;
-    *res.version_mut() = stored.version;
-    *res.headers_mut() = headers;
-    hit(config, res, CacheHit::Local)
+    hit(
+        config,
+        stored_response(stored, head, headers),
+        CacheHit::Local,
+    )
 }
 
 /// `If-None-Match` (weak comparison) takes precedence over
