@@ -74,14 +74,7 @@ where
     let shutdown = users::shutdown_signal();
     println!("listening on http://{addr}");
     std::io::stdout().flush()?;
-    axum::serve(
-        axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-            let _ = tcp.set_nodelay(true);
-        }),
-        axum::ServiceExt::<axum::extract::Request>::into_make_service(app),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    users_app::serve_until(listener, app, shutdown).await
 }
 
 async fn run(args: users::Args) -> Result<(), users::BoxError> {

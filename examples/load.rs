@@ -277,13 +277,7 @@ where
 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let server = axum::serve(
-        axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-            let _ = tcp.set_nodelay(true);
-        }),
-        axum::ServiceExt::<axum::extract::Request>::into_make_service(app),
-    )
-    .with_graceful_shutdown(async move {
+    let server = users_app::serve_until(listener, app, async move {
         let mut stop = stop;
         let _ = stop.wait_for(|s| *s).await;
     });
@@ -395,14 +389,7 @@ fn run(
     stop: Arc<AtomicBool>,
 ) -> Result<bool, users::BoxError> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let args = users::Args {
-        listen: "127.0.0.1:0".parse()?,
-        primary: Some(local.primary().url()),
-        replicas: local.replicas().iter().map(|r| r.url()).collect(),
-        token_key: None,
-        redis: None,
-        http_cache: false,
-    };
+    let args = users::Args::in_process(local);
     let (backend, users_addr, ceiling_addr, servers) = server.block_on(async {
         let metrics = users::install_metrics()?;
         let backend = users::backend(&args).await?;

@@ -373,14 +373,7 @@ fn http_client() -> hyper_util::client::legacy::Client<
 
 async fn users_service(local: &LocalCluster) -> Result<(), Error> {
     println!("\n5. the users service (examples/axum_users.rs) in-process");
-    let args = axum_users::users::Args {
-        listen: "127.0.0.1:0".parse()?,
-        primary: Some(local.primary().url()),
-        replicas: local.replicas().iter().map(|r| r.url()).collect(),
-        token_key: None,
-        redis: None,
-        http_cache: false,
-    };
+    let args = axum_users::users::Args::in_process(local);
     let backend = axum_users::users::backend(&args).await?;
     let metrics = axum_users::users::install_metrics()?;
     let app = axum_users::router(&backend, metrics);

@@ -70,6 +70,22 @@ pub struct Args {
     pub http_cache: bool,
 }
 
+impl Args {
+    /// The service on `local`'s nodes, in-process (the tour, the load
+    /// report, the soak test): any port, a random token key, no Redis, no
+    /// HTTP cache.
+    pub fn in_process(local: &LocalCluster) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            primary: Some(local.primary().url()),
+            replicas: local.replicas().iter().map(|r| r.url()).collect(),
+            token_key: None,
+            redis: None,
+            http_cache: false,
+        }
+    }
+}
+
 pub fn usage(name: &str) -> String {
     let http_cache = if name == "axum_users" {
         " [--http-cache]"

@@ -383,6 +383,35 @@ pub fn service(
     tower::Layer::layer(&db_layer(backend), routes(backend, metrics, None))
 }
 
+/// Serves `app` on `listener` until `shutdown` resolves, with the users
+/// service's server settings (`TCP_NODELAY` on every connection). The load
+/// report serves its bare ceiling router through this too, so both run
+/// with the same settings.
+pub async fn serve_until<S>(
+    listener: tokio::net::TcpListener,
+    app: S,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()>
+where
+    S: tower::Service<
+            axum::extract::Request,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    axum::serve(
+        axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+            let _ = tcp.set_nodelay(true);
+        }),
+        axum::ServiceExt::<axum::extract::Request>::into_make_service(app),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
 fn db_layer(backend: &users::Backend) -> DbLayer {
     DbLayer::builder(backend.db.clone(), backend.codec.clone()).build()
 }

@@ -628,14 +628,7 @@ fn db_writes_and_the_users_router_keep_the_heap_flat() {
         const IDS: u64 = 300;
         const TASKS: usize = 5;
         let metrics = metrics();
-        let args = users::Args {
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            primary: Some(local.primary().url()),
-            replicas: Vec::new(),
-            token_key: None,
-            redis: None,
-            http_cache: false,
-        };
+        let args = users::Args::in_process(&local);
         let backend = Arc::new(users::backend(&args).await.expect("backend"));
         backend
             .db
