@@ -188,13 +188,17 @@ async fn a_write_and_its_token_take_one_round_trip() {
 /// blames no node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooled_session_never_keeps_a_transaction_or_a_setting() {
+    // A cluster of one pooled session on `local`'s primary.
+    async fn one_session(local: &LocalCluster) -> Cluster {
+        Cluster::builder()
+            .primary(NodeConfig::new(local.primary().config()))
+            .pool_size(1)
+            .build()
+            .await
+            .unwrap()
+    }
     let local = LocalCluster::start(0).unwrap();
-    let cluster = Cluster::builder()
-        .primary(NodeConfig::new(local.primary().config()))
-        .pool_size(1)
-        .build()
-        .await
-        .unwrap();
+    let cluster = one_session(&local).await;
     let db = cluster.db();
     db.execute("CREATE TABLE t (id int)", &[]).await.unwrap();
     for refused in [
@@ -244,12 +248,7 @@ async fn a_pooled_session_never_keeps_a_transaction_or_a_setting() {
     assert_eq!(idle_in_tx, 0);
 
     // Failed preparations on a fresh session leave nothing prepared.
-    let fresh = Cluster::builder()
-        .primary(NodeConfig::new(local.primary().config()))
-        .pool_size(1)
-        .build()
-        .await
-        .unwrap();
+    let fresh = one_session(&local).await;
     let fresh_db = fresh.db();
     for _ in 0..50 {
         let err = fresh_db
