@@ -102,6 +102,42 @@ impl<K> Invalidator<K> {
         self.target.invalidate(Invalidation::All, 0);
     }
 
+    /// Invalidates everything, and from now on keeps out every fill
+    /// stamped below `version` (as for
+    /// [`invalidate_key_at`](Self::invalidate_key_at), for every key).
+    pub fn invalidate_all_at(&self, version: impl Into<Option<u64>>) {
+        self.target.invalidate(Invalidation::All, plain(version));
+    }
+
+    /// Whether a shared tier (Redis) is attached to the cache.
+    pub fn has_shared_tier(&self) -> bool {
+        self.target.shared_gate().is_some()
+    }
+
+    /// Waits until every invalidation made through this cache before the
+    /// call reached the shared tier (applied to it and published to the
+    /// other instances), for at most `within`; true if it did, and at once
+    /// without a shared tier.
+    ///
+    /// `invalidate_*` returns as soon as this instance's store is clean
+    /// and the invalidation is queued; a caller whose guarantee must count
+    /// from the other instances (the [change feed] confirms a transaction
+    /// only after this) waits here.
+    ///
+    /// [change feed]: https://docs.rs/tower-scale/latest/tower_scale/pg/feed/index.html
+    pub fn published(
+        &self,
+        within: std::time::Duration,
+    ) -> impl std::future::Future<Output = bool> + Send + 'static {
+        let wait = self.target.shared_gate().map(|g| g.published(within));
+        async move {
+            match wait {
+                Some(wait) => wait.await,
+                None => true,
+            }
+        }
+    }
+
     /// Applies one [`Invalidation`], at a version if one is given (as for
     /// [`invalidate_key_at`](Self::invalidate_key_at)).
     pub fn invalidate(&self, what: Invalidation<K>, version: impl Into<Option<u64>>) {

@@ -230,6 +230,8 @@ pub(crate) struct Gate {
     /// for the tier, and the highest the tier reported applied.
     queued: std::sync::atomic::AtomicU64,
     applied: std::sync::atomic::AtomicU64,
+    /// `applied`, for those who wait for it ([`Gate::published`]).
+    applied_watch: tokio::sync::watch::Sender<u64>,
     /// Orders "mark, then queue for the tier".
     order: std::sync::Mutex<()>,
 }
@@ -244,6 +246,7 @@ impl Gate {
             joined: AtomicBool::new(false),
             queued: AtomicU64::new(0),
             applied: AtomicU64::new(0),
+            applied_watch: tokio::sync::watch::Sender::new(0),
             order: std::sync::Mutex::new(()),
         }
     }
@@ -290,6 +293,26 @@ impl Gate {
     pub(crate) fn applied(&self, seq: u64) {
         self.applied
             .fetch_max(seq, std::sync::atomic::Ordering::AcqRel);
+        self.applied_watch.send_if_modified(|a| {
+            let raised = seq > *a;
+            *a = (*a).max(seq);
+            raised
+        });
+    }
+
+    /// Waits until the tier applied every invalidation queued before the
+    /// call, for at most `within`; true if it did.
+    pub(crate) fn published(
+        &self,
+        within: Duration,
+    ) -> impl std::future::Future<Output = bool> + Send + 'static {
+        let target = self.queued.load(std::sync::atomic::Ordering::Acquire);
+        let mut applied = self.applied_watch.subscribe();
+        async move {
+            tokio::time::timeout(within, applied.wait_for(|a| *a >= target))
+                .await
+                .is_ok_and(|r| r.is_ok())
+        }
     }
 
     /// From now on the store serves only while heartbeats come back.

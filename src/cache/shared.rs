@@ -486,7 +486,7 @@ impl<P, St: Store> Shared<P, St> {
             }
             Invalidation::Tag(tag) => self.log.mark_tag(tag, version),
             Invalidation::All => {
-                let seq = self.log.mark_all();
+                let seq = self.log.mark_all(version);
                 self.store.clear();
                 seq
             }
@@ -512,6 +512,9 @@ where
         self.gate.queued(seq);
         tier.invalidate(seq, what, (version != 0).then_some(version));
     }
+    fn shared_gate(&self) -> Option<&super::remote::Gate> {
+        self.remote.get().map(|_| &self.gate)
+    }
 }
 
 impl<P, St> LinkTarget<St::Key> for Shared<P, St>
@@ -535,7 +538,7 @@ where
         // After a gap, invalidations may have been missed: empty the store
         // (and fence fills in flight) before trusting it again.
         self.gate.heard(sent_at, self.clock.now(), || {
-            self.log.mark_all();
+            self.log.mark_all(0);
             self.store.clear();
         });
     }

@@ -334,7 +334,7 @@ impl HttpShared {
             }
             Invalidation::Tag(tag) => self.log.mark_tag(tag, version),
             Invalidation::All => {
-                let seq = self.log.mark_all();
+                let seq = self.log.mark_all(version);
                 self.store.clear();
                 seq
             }
@@ -449,6 +449,9 @@ impl InvalidateTarget<String> for HttpShared {
         self.gate.queued(seq);
         tier.invalidate(seq, what, (version != 0).then_some(version));
     }
+    fn shared_gate(&self) -> Option<&crate::cache::remote::Gate> {
+        self.remote.get().map(|_| &self.gate)
+    }
 }
 
 impl LinkTarget<String> for HttpShared {
@@ -466,7 +469,7 @@ impl LinkTarget<String> for HttpShared {
 
     fn heard(&self, sent_at: Instant) {
         self.gate.heard(sent_at, self.clock.now(), || {
-            self.log.mark_all();
+            self.log.mark_all(0);
             self.store.clear();
         });
     }

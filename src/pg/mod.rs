@@ -125,6 +125,9 @@ mod cluster;
 mod config;
 mod db;
 mod error;
+#[cfg(feature = "change-feed")]
+#[cfg_attr(docsrs, doc(cfg(feature = "change-feed")))]
+pub mod feed;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod layer;

@@ -134,11 +134,17 @@ impl<K: Hash + Eq + Clone> InvalidationLog<K> {
         seq
     }
 
-    /// Marks everything invalidated; returns the invalidation's sequence number.
-    pub(crate) fn mark_all(&self) -> u64 {
-        let _marks = self.write();
+    /// Marks everything invalidated, and keeps out every fill stamped
+    /// below `version` from now on (0: none); returns the invalidation's
+    /// sequence number.
+    pub(crate) fn mark_all(&self, version: u64) -> u64 {
+        let mut marks = self.write();
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         self.all_seq.store(seq, Ordering::SeqCst);
+        // The floors' versions: a version-only mark (their sequence numbers
+        // stay, so unstamped fills after this one are stored as before).
+        marks.key_floor.version = marks.key_floor.version.max(version);
+        marks.tag_floor.version = marks.tag_floor.version.max(version);
         seq
     }
 
@@ -294,4 +300,6 @@ pub(crate) trait InvalidateTarget<K>: Send + Sync {
     /// Applies an invalidation here and queues it for the shared tier (and
     /// through it the other instances).
     fn invalidate(&self, what: Invalidation<K>, version: u64);
+    /// The shared tier's gate, when a tier is attached.
+    fn shared_gate(&self) -> Option<&crate::cache::remote::Gate>;
 }
