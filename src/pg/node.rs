@@ -64,6 +64,10 @@ where
 /// One node: its pools and what the monitor knows of it.
 pub(crate) struct Node {
     pub(crate) name: Arc<str>,
+    /// How to reach the node, as configured (the change feed opens its
+    /// replication session with it).
+    #[cfg_attr(not(feature = "change-feed"), allow(dead_code))]
+    pub(crate) conn: tokio_postgres::Config,
     pub(crate) zone: Option<String>,
     /// Every query's sessions: read-write on the configured primary,
     /// read-only on a configured replica until it is promoted.
@@ -123,6 +127,7 @@ impl Node {
         T::TlsConnect: Sync + Send,
         <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
     {
+        let conn = config.config.clone();
         let mut pg = config.config.clone();
         let mut options = String::new();
         if let Some(existing) = pg.get_options() {
@@ -160,6 +165,7 @@ impl Node {
         probe.application_name("tower-scale-monitor");
         probe.connect_timeout(b.probe_timeout);
         Ok(Self {
+            conn,
             zone: config.zone,
             pool: build_pool(pg, b.pool_size, b.wait_timeout)?,
             promoted_pool: OnceLock::new(),

@@ -106,7 +106,9 @@ impl Query {
     }
 
     /// The common case, one row by its key: caches a read under
-    /// `"{table}:{id}"` and tags it the same; a write invalidates that tag.
+    /// `"{table}:{id}"` and tags it the same (and `"{table}:*"`, which a
+    /// change feed invalidates on `TRUNCATE`); a write invalidates
+    /// `"{table}:{id}"`.
     ///
     /// ```
     /// use tower_scale::pg::{Consistency, Query};
@@ -125,7 +127,9 @@ impl Query {
         let name = format!("{table}:{id}");
         let query = self.tag(name.as_str());
         match query.access {
-            Access::Read(_) => query.cache_key(name),
+            // Also `{table}:*`: what a change feed invalidates when every
+            // row of the table may have changed (`TRUNCATE`).
+            Access::Read(_) => query.tag(format!("{table}:*")).cache_key(name),
             _ => query,
         }
     }

@@ -13,6 +13,8 @@ use tower_scale::testing::LocalCluster;
 
 mod cache;
 mod conflicts;
+#[cfg(feature = "change-feed")]
+mod feed;
 mod hardening;
 mod pools;
 mod tokens;

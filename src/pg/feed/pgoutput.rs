@@ -250,7 +250,10 @@ mod tests {
         let Ok(Message::Relation(rel)) = decode(&relation_bytes()) else {
             panic!("not a relation");
         };
-        assert_eq!((rel.schema.as_str(), rel.name.as_str()), ("public", "users"));
+        assert_eq!(
+            (rel.schema.as_str(), rel.name.as_str()),
+            ("public", "users")
+        );
         assert!(rel.columns[0].key && !rel.columns[1].key);
 
         let mut u = vec![b'U'];

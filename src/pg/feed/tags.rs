@@ -116,6 +116,13 @@ mod tests {
         assert_eq!(row_key([Some(""), Some("x")]), ",x");
         assert_eq!(&*row_tag("users", "7"), "users:7");
         assert_eq!(&*whole_table_tag("users"), "users:*");
-        assert_eq!(&*Change::Row { table: "t", key: "1" }.default_tag(), "t:1");
+        assert_eq!(
+            &*Change::Row {
+                table: "t",
+                key: "1"
+            }
+            .default_tag(),
+            "t:1"
+        );
     }
 }

@@ -1,0 +1,501 @@
+//! The consumer: one replication session at a time on the current
+//! primary, set up, streamed, confirmed only after the caches and their
+//! shared tier have the invalidations, and reconnected when it breaks or
+//! the primary moves.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
+use tokio_postgres::config::{Host, SslMode};
+use tokio_util::sync::CancellationToken;
+
+use super::apply::{Committed, Decoder};
+use super::setup::{self, SlotState};
+use super::sink::{Sink, all_published};
+use super::{
+    ChangeFeedBuilder, FeedError, FeedState, FeedStatus, SlotKind, StatusCell, Tables, TagMap,
+    initial_status,
+};
+use crate::pg::cluster::Cluster;
+use crate::pg::lsn::Lsn;
+
+/// How long the primary may look unhealthy to the monitor before the feed
+/// drops its stream and reconnects (a black-holed server sends nothing, and
+/// an idle stream sends nothing either).
+const UNHEALTHY_GRACE: Duration = Duration::from_secs(3);
+
+/// The longest pause between reconnects.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+struct Metrics {
+    bytes_behind: metrics::Gauge,
+    holder: metrics::Gauge,
+    transactions: metrics::Counter,
+    rows: metrics::Counter,
+    flushes: metrics::Counter,
+}
+
+/// The feed's settings and state, shared by the handle and the task.
+pub(crate) struct Shared {
+    pub(super) cluster: Cluster,
+    tables: Tables,
+    publication: String,
+    slot: String,
+    slot_kind: SlotKind,
+    sinks: Vec<Arc<dyn Sink>>,
+    map: Option<Arc<TagMap>>,
+    row_limit: usize,
+    pub(super) lease_poll: Duration,
+    timeout: Duration,
+    slot_create_timeout: Duration,
+    publish_timeout: Duration,
+    pub(super) status: StatusCell,
+    pub(super) changed: tokio::sync::watch::Sender<()>,
+    pub(super) stop: CancellationToken,
+    metrics: Metrics,
+}
+
+impl Shared {
+    pub(super) fn new(b: ChangeFeedBuilder) -> Self {
+        let slot = b.slot.clone();
+        Self {
+            metrics: Metrics {
+                bytes_behind: metrics::gauge!("tower_scale_feed_bytes_behind", "slot" => slot.clone()),
+                holder: metrics::gauge!("tower_scale_feed_holder", "slot" => slot.clone()),
+                transactions: metrics::counter!("tower_scale_feed_transactions_total", "slot" => slot.clone()),
+                rows: metrics::counter!("tower_scale_feed_rows_total", "slot" => slot.clone()),
+                flushes: metrics::counter!("tower_scale_feed_flushes_total", "slot" => slot.clone()),
+            },
+            status: StatusCell::new(initial_status(&slot)),
+            changed: tokio::sync::watch::Sender::new(()),
+            stop: CancellationToken::new(),
+            cluster: b.cluster,
+            tables: b.tables,
+            publication: b.publication,
+            slot: b.slot,
+            slot_kind: b.slot_kind,
+            sinks: b.sinks,
+            map: b.map,
+            row_limit: b.row_limit,
+            lease_poll: b.lease_poll,
+            timeout: b.timeout,
+            slot_create_timeout: b.slot_create_timeout,
+            publish_timeout: b.publish_timeout,
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut FeedStatus)) {
+        f(&mut crate::sync::lock(&self.status));
+        self.changed.send_replace(());
+    }
+
+    pub(super) fn cancel_all(&self) {
+        self.stop.cancel();
+    }
+
+    fn temporary(&self) -> bool {
+        match self.slot_kind {
+            SlotKind::Temporary => true,
+            SlotKind::Permanent => false,
+            SlotKind::Auto => !self.sinks.iter().any(|s| s.has_shared_tier()),
+        }
+    }
+
+    /// Invalidates one committed transaction's tags at `version`.
+    fn apply(&self, committed: &Committed, version: u64) {
+        committed.for_each_change(|change| {
+            let tags = match &self.map {
+                Some(map) => map(change),
+                None => vec![change.default_tag()],
+            };
+            for tag in tags {
+                for sink in &self.sinks {
+                    sink.invalidate_tag_at(tag.clone(), version);
+                }
+            }
+        });
+    }
+}
+
+/// The current primary: its index, name and connection settings.
+fn primary(shared: &Shared) -> Result<(usize, String, tokio_postgres::Config), FeedError> {
+    let inner = &shared.cluster.inner;
+    let idx = inner.primary.load(std::sync::atomic::Ordering::Acquire);
+    let node = inner.nodes.get(idx).ok_or(FeedError::NoPrimary)?;
+    Ok((idx, node.name.to_string(), node.conn.clone()))
+}
+
+/// Waits up to `within` for the monitor to know a primary.
+async fn wait_primary(
+    shared: &Shared,
+    within: Duration,
+) -> Result<(usize, String, tokio_postgres::Config), FeedError> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let changed = shared.cluster.inner.changed.notified();
+        if let Ok(found) = primary(shared) {
+            return Ok(found);
+        }
+        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            return Err(FeedError::NoPrimary);
+        }
+    }
+}
+
+/// The replication session's settings from the node's.
+fn replication_config(
+    conn: &tokio_postgres::Config,
+    slot: &str,
+    publication: &str,
+) -> Result<ReplicationConfig, FeedError> {
+    if conn.get_ssl_mode() == SslMode::Require {
+        return Err(FeedError::Tls);
+    }
+    let host = match conn.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(Host::Unix(p)) => p.to_string_lossy().into_owned(),
+        None => conn
+            .get_hostaddrs()
+            .first()
+            .map_or_else(|| "localhost".to_owned(), ToString::to_string),
+    };
+    let port = conn.get_ports().first().copied().unwrap_or(5432);
+    let user = conn.get_user().unwrap_or("postgres").to_owned();
+    let password = conn
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    let db = conn
+        .get_dbname()
+        .map_or_else(|| user.clone(), ToOwned::to_owned);
+    Ok(
+        ReplicationConfig::new(host, user, password, db, slot, publication)
+            .with_port(port)
+            .with_status_interval(Duration::from_secs(1))
+            .with_wakeup_interval(Duration::from_secs(1))
+            .with_application_name("tower-scale-feed"),
+    )
+}
+
+/// Ends the replication session however the owner leaves.
+struct Session(ReplicationClient);
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.0.stop();
+        self.0.abort();
+    }
+}
+
+async fn connect(
+    shared: &Shared,
+    conn: &tokio_postgres::Config,
+    slot: &str,
+) -> Result<Session, FeedError> {
+    let cfg = replication_config(conn, slot, &shared.publication)?;
+    let client = tokio::time::timeout(shared.timeout, ReplicationClient::connect_gated(cfg))
+        .await
+        .map_err(|_| FeedError::Timeout(shared.timeout))?
+        .map_err(|e| FeedError::Server(e.to_string()))?;
+    Ok(Session(client))
+}
+
+/// The checks a restart would not fix, and the publication, once.
+pub(super) async fn preflight(shared: &Shared) -> Result<(), FeedError> {
+    let (_, name, conn) = wait_primary(shared, shared.timeout).await?;
+    let mut session = connect(shared, &conn, &shared.slot).await?;
+    let client = &mut session.0;
+    setup::check_server(client, shared.timeout).await?;
+    publish(shared, client).await?;
+    shared.update(|s| s.node = Some(name));
+    Ok(())
+}
+
+/// Makes the publication list the tables that can be published; records
+/// the ones left out.
+async fn publish(shared: &Shared, client: &mut ReplicationClient) -> Result<(), FeedError> {
+    let candidates = setup::candidates(client, &shared.tables, shared.timeout).await?;
+    let published: Vec<_> = candidates.iter().filter(|c| c.left_out.is_none()).collect();
+    setup::ensure_publication(client, &shared.publication, &published, shared.timeout).await?;
+    let left_out: Vec<(String, String)> = candidates
+        .iter()
+        .filter_map(|c| {
+            let why = c.left_out.clone()?;
+            Some((super::tags::table_name(&c.schema, &c.name), why))
+        })
+        .collect();
+    for (table, why) in &left_out {
+        tracing::warn!(table, why, "change feed: table left out of the publication");
+    }
+    shared.update(|s| s.left_out = left_out);
+    Ok(())
+}
+
+/// How a session ended without an error.
+enum Ended {
+    Stopped,
+    /// Another instance holds the lease.
+    Standby,
+    /// The primary moved (or stopped answering): reconnect at once.
+    Moved,
+}
+
+/// The feed task: sessions until stopped.
+pub(super) async fn run(shared: Arc<Shared>) {
+    let stop = shared.stop.clone();
+    let mut identity = None;
+    let mut backoff = Duration::from_millis(100);
+    while !stop.is_cancelled() {
+        let outcome = session(&shared, &mut identity).await;
+        shared.metrics.holder.set(0.0);
+        let pause = match outcome {
+            Ok(Ended::Stopped) => break,
+            Ok(Ended::Standby) => {
+                backoff = Duration::from_millis(100);
+                shared.update(|s| {
+                    s.state = FeedState::Standby;
+                    s.last_error = None;
+                });
+                shared.lease_poll
+            }
+            Ok(Ended::Moved) => {
+                shared.update(|s| s.state = FeedState::Reconnecting);
+                Duration::ZERO
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "change feed: reconnecting");
+                shared.update(|s| {
+                    s.state = FeedState::Reconnecting;
+                    s.last_error = Some(e.to_string());
+                });
+                let pause = backoff;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                pause
+            }
+        };
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(pause) => {}
+        }
+    }
+    shared.update(|s| s.state = FeedState::Stopped);
+}
+
+/// One replication session: lease, setup, slot, stream.
+async fn session(
+    shared: &Shared,
+    last_identity: &mut Option<(String, u32)>,
+) -> Result<Ended, FeedError> {
+    let (idx, node, conn) = primary(shared)?;
+    let temporary = shared.temporary();
+    let slot = if temporary {
+        format!(
+            "{}_{:012x}",
+            shared.slot,
+            shared.cluster.inner.random() & 0xffff_ffff_ffff
+        )
+    } else {
+        shared.slot.clone()
+    };
+    let mut session = connect(shared, &conn, &slot).await?;
+    let client = &mut session.0;
+    let t = shared.timeout;
+    if !temporary {
+        let lock = format!(
+            "SELECT pg_catalog.pg_try_advisory_lock({})",
+            setup::lease_key(&slot)
+        );
+        if setup::scalar(client, &lock, t).await?.as_deref() != Some("t") {
+            return Ok(Ended::Standby);
+        }
+    }
+    shared.update(|s| {
+        s.state = FeedState::Starting;
+        s.node = Some(node.clone());
+        s.slot.clone_from(&slot);
+    });
+    let id = tokio::time::timeout(t, client.identify_system())
+        .await
+        .map_err(|_| FeedError::Timeout(t))?
+        .map_err(|e| FeedError::Server(e.to_string()))?;
+    let identity = (id.system_id, id.timeline);
+    setup::check_server(client, t).await?;
+    publish(shared, client).await?;
+    let create = shared.slot_create_timeout;
+    // Some(version): every cache is flushed at that position first.
+    let lost: Option<Option<u64>> = if temporary {
+        Some(Some(setup::create_slot(client, &slot, true, create).await?))
+    } else {
+        match setup::slot_state(client, &slot, t).await? {
+            SlotState::Missing => Some(Some(
+                setup::create_slot(client, &slot, false, create).await?,
+            )),
+            SlotState::Lost => {
+                setup::drop_slot(client, &slot, t).await?;
+                Some(Some(
+                    setup::create_slot(client, &slot, false, create).await?,
+                ))
+            }
+            // The slot is there, but this process last read another
+            // server's history (a promotion, a restored backup).
+            SlotState::Usable => last_identity
+                .as_ref()
+                .filter(|last| **last != identity)
+                .map(|_| None),
+        }
+    };
+    *last_identity = Some(identity);
+    if let Some(version) = lost {
+        tracing::warn!(
+            slot,
+            "change feed: the stream cannot resume; flushing every cache"
+        );
+        for sink in &shared.sinks {
+            sink.invalidate_all_at(version);
+        }
+        shared.metrics.flushes.increment(1);
+        shared.update(|s| s.flushes += 1);
+    }
+    client
+        .start()
+        .await
+        .map_err(|e| FeedError::Server(e.to_string()))?;
+    tokio::time::timeout(t, client.wait_started())
+        .await
+        .map_err(|_| FeedError::Timeout(t))?
+        .map_err(|e| FeedError::Server(e.to_string()))?;
+    shared.metrics.holder.set(1.0);
+    shared.update(|s| {
+        s.state = FeedState::Streaming;
+        s.takeovers += 1;
+        s.last_error = None;
+    });
+    stream(shared, client, idx).await
+}
+
+type Confirming = Option<(u64, Pin<Box<dyn Future<Output = bool> + Send>>)>;
+
+/// Streams until stopped, broken or moved.
+async fn stream(
+    shared: &Shared,
+    client: &mut ReplicationClient,
+    idx: usize,
+) -> Result<Ended, FeedError> {
+    let mut decoder = Decoder::new(shared.row_limit);
+    let mut in_transaction = false;
+    // The highest position applied (and, once published, confirmable).
+    let mut applied = 0u64;
+    let mut confirmed = 0u64;
+    let mut confirming: Confirming = None;
+    let mut unhealthy_since: Option<Instant> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if confirming.is_none() && applied > confirmed {
+            confirming = Some((
+                applied,
+                Box::pin(all_published(&shared.sinks, shared.publish_timeout)),
+            ));
+        }
+        tokio::select! {
+            biased;
+            () = shared.stop.cancelled() => return Ok(Ended::Stopped),
+            ok = async {
+                match confirming.as_mut() {
+                    Some((_, wait)) => wait.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some((lsn, _)) = confirming.take() {
+                    if ok {
+                        client.update_applied_lsn(pgwire_replication::Lsn(lsn));
+                        confirmed = lsn;
+                        shared.update(|s| s.confirmed = Some(Lsn(lsn)));
+                    }
+                }
+            }
+            event = client.recv() => {
+                let event = event
+                    .map_err(|e| FeedError::Server(e.to_string()))?
+                    .ok_or_else(|| FeedError::Server("the replication stream ended".into()))?;
+                match event {
+                    ReplicationEvent::Begin { .. } => {
+                        decoder.begin();
+                        in_transaction = true;
+                    }
+                    ReplicationEvent::XLogData { data, .. } => {
+                        decoder
+                            .message(&data)
+                            .map_err(|e| FeedError::Protocol(e.to_string()))?;
+                    }
+                    ReplicationEvent::Commit { end_lsn, .. } => {
+                        in_transaction = false;
+                        let committed = decoder
+                            .commit()
+                            .map_err(|e| FeedError::Protocol(e.to_string()))?;
+                        let end = end_lsn.as_u64();
+                        shared.apply(&committed, end);
+                        applied = applied.max(end);
+                        shared.metrics.transactions.increment(1);
+                        shared.metrics.rows.increment(committed.rows);
+                        shared.update(|s| {
+                            s.applied = Some(Lsn(applied));
+                            s.transactions += 1;
+                            s.rows += committed.rows;
+                        });
+                    }
+                    ReplicationEvent::KeepAlive { wal_end, .. } => {
+                        // Every transaction that committed before the
+                        // server's sent position was sent before this.
+                        if !in_transaction && wal_end.as_u64() > applied {
+                            applied = wal_end.as_u64();
+                            shared.update(|s| s.applied = Some(Lsn(applied)));
+                        }
+                    }
+                    ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
+                }
+            }
+            _ = tick.tick() => {
+                let inner = &shared.cluster.inner;
+                if inner.primary.load(std::sync::atomic::Ordering::Acquire) != idx {
+                    return Ok(Ended::Moved);
+                }
+                let Some(node) = inner.nodes.get(idx) else {
+                    return Ok(Ended::Moved);
+                };
+                if node.is_healthy() {
+                    unhealthy_since = None;
+                } else if unhealthy_since.get_or_insert_with(Instant::now).elapsed() > UNHEALTHY_GRACE {
+                    return Ok(Ended::Moved);
+                }
+                let behind = node.lsn().0.saturating_sub(confirmed.max(1));
+                #[allow(clippy::cast_precision_loss)]
+                shared.metrics.bytes_behind.set(behind as f64);
+            }
+        }
+    }
+}
+
+/// Drops the permanent slot (retrying while the stopping session still
+/// holds it).
+pub(super) async fn drop_slot(shared: &Shared) -> Result<(), FeedError> {
+    let (_, _, conn) = wait_primary(shared, shared.timeout).await?;
+    let deadline = tokio::time::Instant::now() + shared.timeout;
+    loop {
+        let mut session = connect(shared, &conn, &shared.slot).await?;
+        let client = &mut session.0;
+        let result = match setup::slot_state(client, &shared.slot, shared.timeout).await? {
+            SlotState::Missing => return Ok(()),
+            _ => setup::drop_slot(client, &shared.slot, shared.timeout).await,
+        };
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
