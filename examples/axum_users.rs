@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --release --features full --example axum_users -- \
 //!     --listen 127.0.0.1:PORT [--primary URL --replica URL ...] [--token-key HEX] \
-//!     [--redis URL] [--http-cache]
+//!     [--redis URL] [--http-cache] [--no-change-feed]
 //! ```
 //!
 //! Without `--primary` it starts a LocalCluster (one primary, two
@@ -18,6 +18,15 @@
 //! - `GET /users/{id}` -> 200 `{"id": N, "name": "..."}` or 404 `{"error": "not found"}`
 //! - `PUT /users/{id}` `{"name": "..."}` -> 200 the new row; `DELETE /users/{id}` -> 204
 //! - `GET /metrics` -> Prometheus text
+//!
+//! The cache hears every write to `users`, by any writer: a change feed
+//! from the primary's logical replication stream (`tower_scale::pg::feed`)
+//! invalidates `user:{id}` when the row changes, so an `UPDATE users SET
+//! name = ... WHERE id = ...` from `psql` is seen by tokenless reads within
+//! milliseconds (with `--redis`, on every instance: one holds the feed, the
+//! others hear it through Redis). `--no-change-feed` turns it off; a
+//! primary without `wal_level = logical` gets one warning on stderr and the
+//! service runs without it.
 //!
 //! Every response that read or wrote data says who served it in
 //! `x-served-by`: `cache`, or the node that ran the query.
@@ -83,10 +92,19 @@ async fn run(args: users::Args) -> Result<(), users::BoxError> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     let _tier = if args.http_cache {
-        let (app, tier) = http_cached_router(&backend, metrics, args.redis.as_deref()).await?;
+        let (app, tier, http) =
+            http_cached_router(&backend, metrics, args.redis.as_deref()).await?;
+        let _feed = match args.no_change_feed {
+            false => users::change_feed("axum_users", &backend, Some(http)).await,
+            true => None,
+        };
         serve(listener, addr, app).await?;
         tier
     } else {
+        let _feed = match args.no_change_feed {
+            false => users::change_feed("axum_users", &backend, None).await,
+            true => None,
+        };
         serve(listener, addr, users_app::service(&backend, metrics)).await?;
         None
     };

@@ -115,6 +115,7 @@ async fn run() -> Result<(), Error> {
     caching(&db).await?;
     users_service(&cluster).await?;
     shared_tier(&cluster).await?;
+    change_feed(&cluster).await?;
 
     let t = Instant::now();
     drop(db);
@@ -535,6 +536,7 @@ async fn shared_tier(local: &LocalCluster) -> Result<(), Error> {
             token_key: Some(key.clone()),
             redis: Some(redis.url()),
             http_cache: false,
+            no_change_feed: true,
         };
         let backend = axum_users::users::backend(&args).await?;
         let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -628,5 +630,78 @@ async fn shared_tier(local: &LocalCluster) -> Result<(), Error> {
     for (backend, _) in &instances {
         backend.cluster.shutdown();
     }
+    Ok(())
+}
+
+async fn change_feed(local: &LocalCluster) -> Result<(), Error> {
+    println!("\n7. a write from outside the library reaches the cache (the change feed)");
+    let args = axum_users::users::Args::in_process(local);
+    let backend = axum_users::users::backend(&args).await?;
+    let feed = axum_users::users::change_feed("tour", &backend, None)
+        .await
+        .ok_or("the change feed did not start")?;
+    if !feed.streaming(Duration::from_secs(30)).await {
+        return Err(format!("the change feed is not streaming: {:?}", feed.status()).into());
+    }
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .build_recorder()
+        .handle();
+    let app = axum_users::router(&backend, handle);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut client = Http {
+        client: http_client(),
+        addr,
+        cookie: None,
+    };
+    let created = client
+        .send("POST", "/users", Some(r#"{"name":"grace"}"#.into()), true)
+        .await?;
+    let id = created.id.ok_or("no id")?;
+    let path = format!("/users/{id}");
+    // Tokenless reads from here on: only the feed can make them see the
+    // change below.
+    client.cookie = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = client.send("GET", &path, None, false).await?;
+        if r.served_by == "cache" {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err("the read was never cached".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("  GET {path} is served by the cache (TTL 60 s)");
+    let plain = local.primary().connect().await?;
+    plain
+        .execute(
+            "UPDATE users SET name = 'hopper' WHERE id = $1",
+            &[&id],
+        )
+        .await?;
+    let t = Instant::now();
+    println!("  psql-style client: UPDATE users SET name = 'hopper' WHERE id = {id} (not through the library)");
+    loop {
+        let r = client.send("GET", &path, None, false).await?;
+        if r.name.as_deref() == Some("hopper") {
+            println!(
+                "  a tokenless GET read 'hopper' {:.2?} after the commit (served by {}); the feed applied {} transactions",
+                t.elapsed(),
+                r.served_by,
+                feed.status().transactions
+            );
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            return Err("the change never reached the service".into());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    server.abort();
+    drop(feed);
+    backend.cluster.shutdown();
     Ok(())
 }

@@ -68,6 +68,8 @@ pub struct Args {
     pub redis: Option<String>,
     /// `--http-cache` (axum_users): an HTTP cache outside `DbLayer`.
     pub http_cache: bool,
+    /// `--no-change-feed` (axum_users): no change feed from the primary.
+    pub no_change_feed: bool,
 }
 
 impl Args {
@@ -82,13 +84,14 @@ impl Args {
             token_key: None,
             redis: None,
             http_cache: false,
+            no_change_feed: false,
         }
     }
 }
 
 pub fn usage(name: &str) -> String {
     let http_cache = if name == "axum_users" {
-        " [--http-cache]"
+        " [--http-cache] [--no-change-feed]"
     } else {
         ""
     };
@@ -101,6 +104,7 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String
     let (mut listen, mut primary, mut replicas, mut token_key) = (None, None, Vec::new(), None);
     let mut redis = None;
     let mut http_cache = false;
+    let mut no_change_feed = false;
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
@@ -115,6 +119,7 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String
             }
             "--replica" => replicas.push(value()?),
             "--http-cache" => http_cache = true,
+            "--no-change-feed" => no_change_feed = true,
             "--token-key" => {
                 let hex = value()?;
                 if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -140,6 +145,7 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String
         token_key,
         redis,
         http_cache,
+        no_change_feed,
     })
 }
 
@@ -148,6 +154,9 @@ pub fn args_or_exit(name: &str) -> Args {
     let parsed = parse_args(std::env::args().skip(1)).and_then(|a| {
         if a.http_cache && name != "axum_users" {
             return Err("--http-cache is a flag of axum_users only".into());
+        }
+        if a.no_change_feed && name != "axum_users" {
+            return Err("--no-change-feed is a flag of axum_users only".into());
         }
         Ok(a)
     });
@@ -179,6 +188,9 @@ pub struct UserRead {
     pub consistency: Consistency,
 }
 
+/// The tag every user entry carries besides `user:{id}`.
+pub const USERS_WHOLE: &str = "users:*";
+
 /// Keyed by id, tagged `user:{id}`, stamped with the read's LSN; a request
 /// with a token skips entries stamped below it.
 pub struct UserPolicy;
@@ -195,7 +207,14 @@ impl CachePolicy<UserRead, Arc<UserRow>> for UserPolicy {
         }
     }
     fn storable(&self, id: &i64, row: &Arc<UserRow>, d: &Windows) -> Option<Storable> {
-        Some(Storable::new(*d).tag(format!("user:{id}")).version(row.lsn))
+        // `users:*`: what the change feed invalidates when every row may
+        // have changed (TRUNCATE, a schema change).
+        Some(
+            Storable::new(*d)
+                .tag(format!("user:{id}"))
+                .tag(USERS_WHOLE)
+                .version(row.lsn),
+        )
     }
 }
 
@@ -412,4 +431,47 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 /// Whether a database error means "unavailable" (503 / UNAVAILABLE).
 pub fn unavailable(e: &DbError) -> bool {
     !matches!(e, DbError::Query { .. } | DbError::RowCount { .. })
+}
+
+/// The change feed for the users table: a row changed by any writer (a
+/// migration, `psql`, another service) invalidates `user:{id}` in the user
+/// cache and in `http` (the HTTP cache, with `--http-cache`); `TRUNCATE` or
+/// a schema change invalidates every user. With `--redis` one instance
+/// holds the feed (a lease) and the others hear its invalidations through
+/// Redis; without it each instance reads its own temporary slot.
+///
+/// A primary that cannot run it (`wal_level` not `logical`, a role without
+/// `REPLICATION`) gets one warning on stderr naming the reason, and the
+/// service runs without it (entries then live until their TTL).
+#[allow(dead_code)]
+pub async fn change_feed(
+    name: &str,
+    backend: &Backend,
+    http: Option<Invalidator<String>>,
+) -> Option<tower_scale::pg::feed::ChangeFeed> {
+    use tower_scale::cache::Tag;
+    use tower_scale::pg::feed::{Change, ChangeFeed};
+    let mut builder = ChangeFeed::builder(&backend.cluster)
+        .tables(["users"])
+        .publication("tower_scale_users")
+        .slot("tower_scale_users")
+        .invalidates(backend.invalidator.clone())
+        .map_tags(|change| match change {
+            Change::Row {
+                table: "users",
+                key,
+            } => vec![Tag::from(format!("user:{key}"))],
+            Change::Whole { table: "users" } => vec![Tag::from(USERS_WHOLE)],
+            _ => Vec::new(),
+        });
+    if let Some(http) = http {
+        builder = builder.invalidates(http);
+    }
+    match builder.start().await {
+        Ok(feed) => Some(feed),
+        Err(e) => {
+            eprintln!("{name}: warning: running without the change feed: {e}");
+            None
+        }
+    }
 }

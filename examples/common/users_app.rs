@@ -294,7 +294,7 @@ async fn read_for_http_cache(app: &App, db: &RequestDb, id: i64) -> Response {
     };
     res.headers_mut()
         .insert(CACHE_CONTROL, HeaderValue::from_static("s-maxage=30"));
-    if let Ok(tag) = HeaderValue::from_str(&format!("user:{id}")) {
+    if let Ok(tag) = HeaderValue::from_str(&format!("user:{id} {}", users::USERS_WHOLE)) {
         res.headers_mut().insert("surrogate-key", tag);
     }
     res
@@ -447,7 +447,7 @@ pub async fn http_cached_router(
     backend: &users::Backend,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     redis: Option<&str>,
-) -> Result<(Router, Option<HttpTier>), users::BoxError> {
+) -> Result<(Router, Option<HttpTier>, Invalidator<String>), users::BoxError> {
     let db_layer = db_layer(backend);
     let cache = HttpCacheLayer::builder()
         .mark_hits(true)
@@ -464,11 +464,12 @@ pub async fn http_cached_router(
         ),
         None => None,
     };
+    let invalidator = cache.invalidator();
     let app = routes(backend, metrics, Some(cache.invalidator()))
         .layer(db_layer)
         .layer(cache)
         .layer(axum::middleware::map_response(served_by_cache));
-    Ok((app, tier))
+    Ok((app, tier, invalidator))
 }
 
 /// A response the HTTP cache answered says so: `cache`, or `cache-l2`
