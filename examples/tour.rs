@@ -677,13 +677,12 @@ async fn change_feed(local: &LocalCluster) -> Result<(), Error> {
     println!("  GET {path} is served by the cache (TTL 60 s)");
     let plain = local.primary().connect().await?;
     plain
-        .execute(
-            "UPDATE users SET name = 'hopper' WHERE id = $1",
-            &[&id],
-        )
+        .execute("UPDATE users SET name = 'hopper' WHERE id = $1", &[&id])
         .await?;
     let t = Instant::now();
-    println!("  psql-style client: UPDATE users SET name = 'hopper' WHERE id = {id} (not through the library)");
+    println!(
+        "  psql-style client: UPDATE users SET name = 'hopper' WHERE id = {id} (not through the library)"
+    );
     loop {
         let r = client.send("GET", &path, None, false).await?;
         if r.name.as_deref() == Some("hopper") {

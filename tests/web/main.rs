@@ -4,6 +4,8 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+#[cfg(feature = "change-feed")]
+mod feed;
 mod grpc;
 mod http_cache;
 mod layer;
