@@ -410,12 +410,12 @@ async fn stream(
                     None => std::future::pending().await,
                 }
             } => {
-                if let Some((lsn, _)) = confirming.take() {
-                    if ok {
-                        client.update_applied_lsn(pgwire_replication::Lsn(lsn));
-                        confirmed = lsn;
-                        shared.update(|s| s.confirmed = Some(Lsn(lsn)));
-                    }
+                if let Some((lsn, _)) = confirming.take()
+                    && ok
+                {
+                    client.update_applied_lsn(pgwire_replication::Lsn(lsn));
+                    confirmed = lsn;
+                    shared.update(|s| s.confirmed = Some(Lsn(lsn)));
                 }
             }
             event = client.recv() => {
