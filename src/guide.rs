@@ -34,6 +34,10 @@ pub mod step6_shared_redis_tier {}
 #[doc = include_str!("../docs/guide/07-http-cache-tier.md")]
 pub mod step7_http_cache_tier {}
 
+#[cfg(feature = "change-feed")]
+#[doc = include_str!("../docs/guide/08-change-feed.md")]
+pub mod step8_change_feed {}
+
 #[doc = include_str!("../docs/guide/operations.md")]
 pub mod operations {}
 
