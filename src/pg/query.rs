@@ -108,7 +108,10 @@ impl Query {
     /// The common case, one row by its key: caches a read under
     /// `"{table}:{id}"` and tags it the same (and `"{table}:*"`, which a
     /// change feed invalidates on `TRUNCATE`); a write invalidates
-    /// `"{table}:{id}"`.
+    /// `"{table}:{id}"`. `id` is written with `Display`, `,` and `\`
+    /// escaped with `\`: the change feed's spelling of a one-column key
+    /// when `Display` writes what PostgreSQL's text output does (integers,
+    /// text; not `bool`, which PostgreSQL writes `t`/`f`).
     ///
     /// ```
     /// use tower_scale::pg::{Consistency, Query};
@@ -124,7 +127,16 @@ impl Query {
     /// ```
     #[must_use]
     pub fn for_key(self, table: &str, id: impl fmt::Display) -> Self {
-        let name = format!("{table}:{id}");
+        // Spelled as the change feed spells a one-column key: `,` and `\`
+        // escaped with `\` (`pg::feed::tags`).
+        let mut key = String::new();
+        for c in id.to_string().chars() {
+            if c == ',' || c == '\\' {
+                key.push('\\');
+            }
+            key.push(c);
+        }
+        let name = format!("{table}:{key}");
         let query = self.tag(name.as_str());
         match query.access {
             // Also `{table}:*`: what a change feed invalidates when every

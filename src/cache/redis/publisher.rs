@@ -49,6 +49,9 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
                     queued = queue.len(),
                     "redis tier: invalidation queue full; collapsing it into one invalidation of everything"
                 );
+                // At the highest version among them: a fill stamped below
+                // any of them stays out on the other instances too.
+                let version = queue.iter().map(|q| q.version).fold(version, u64::max);
                 queue.clear();
                 queue.push_back(Queued {
                     seq,

@@ -22,6 +22,17 @@ use super::{
 use crate::pg::cluster::Cluster;
 use crate::pg::lsn::Lsn;
 
+/// The prefix of the logical message that tells whoever reads the slot to
+/// flush every cache: written into the WAL right after a new slot's
+/// starting point, so a holder that dies before its flush reached every
+/// instance leaves it to its successor (the slot is not confirmed past the
+/// message until a holder applied and published it).
+const FLUSH_MESSAGE: &str = "tower-scale-feed:flush";
+
+/// Consecutive confirmations the shared tier failed before the holder
+/// gives up the lease (another instance may reach the tier).
+const MAX_PUBLISH_FAILURES: u32 = 3;
+
 /// How long the primary may look unhealthy to the monitor before the feed
 /// drops its stream and reconnects (a black-holed server sends nothing, and
 /// an idle stream sends nothing either).
@@ -55,6 +66,9 @@ pub(crate) struct Shared {
     pub(super) status: StatusCell,
     pub(super) changed: tokio::sync::watch::Sender<()>,
     pub(super) stop: CancellationToken,
+    /// A slot creation that failed may have made the slot on the server
+    /// (its answer lost): the next session treats that slot as new.
+    create_uncertain: std::sync::atomic::AtomicBool,
     metrics: Metrics,
 }
 
@@ -72,6 +86,7 @@ impl Shared {
             status: StatusCell::new(initial_status(&slot)),
             changed: tokio::sync::watch::Sender::new(()),
             stop: CancellationToken::new(),
+            create_uncertain: std::sync::atomic::AtomicBool::new(false),
             cluster: b.cluster,
             tables: b.tables,
             publication: b.publication,
@@ -100,8 +115,22 @@ impl Shared {
         match self.slot_kind {
             SlotKind::Temporary => true,
             SlotKind::Permanent => false,
-            SlotKind::Auto => !self.sinks.iter().any(|s| s.has_shared_tier()),
+            // One slot for all only when every cache it feeds hears the
+            // holder through a shared tier.
+            SlotKind::Auto => {
+                self.sinks.is_empty() || !self.sinks.iter().all(|s| s.has_shared_tier())
+            }
         }
+    }
+
+    /// Invalidates everything in every cache (from `version` on, when
+    /// given).
+    fn flush(&self, version: Option<u64>) {
+        for sink in &self.sinks {
+            sink.invalidate_all_at(version);
+        }
+        self.metrics.flushes.increment(1);
+        self.update(|s| s.flushes += 1);
     }
 
     /// Invalidates one committed transaction's tags at `version`.
@@ -242,6 +271,8 @@ enum Ended {
     Standby,
     /// The primary moved (or stopped answering): reconnect at once.
     Moved,
+    /// The shared tier kept failing: the lease is given up for a while.
+    Yielded,
 }
 
 /// The feed task: sessions until stopped.
@@ -265,6 +296,16 @@ pub(super) async fn run(shared: Arc<Shared>) {
             Ok(Ended::Moved) => {
                 shared.update(|s| s.state = FeedState::Reconnecting);
                 Duration::ZERO
+            }
+            Ok(Ended::Yielded) => {
+                tracing::warn!(
+                    "change feed: the shared tier does not publish; giving up the lease"
+                );
+                shared.update(|s| {
+                    s.state = FeedState::Reconnecting;
+                    s.last_error = Some("the shared tier did not publish the invalidations".into());
+                });
+                shared.lease_poll * 8
             }
             Err(e) => {
                 tracing::warn!(error = %e, "change feed: reconnecting");
@@ -325,21 +366,19 @@ async fn session(
     let identity = (id.system_id, id.timeline);
     setup::check_server(client, t).await?;
     publish(shared, client).await?;
-    let create = shared.slot_create_timeout;
-    // Some(version): every cache is flushed at that position first.
+    let uncertain = &shared.create_uncertain;
+    // Some(version): every cache is flushed first (from that position on).
     let lost: Option<Option<u64>> = if temporary {
-        Some(Some(setup::create_slot(client, &slot, true, create).await?))
+        Some(Some(make_slot(shared, client, &slot, temporary).await?))
     } else {
         match setup::slot_state(client, &slot, t).await? {
-            SlotState::Missing => Some(Some(
-                setup::create_slot(client, &slot, false, create).await?,
-            )),
+            SlotState::Missing => Some(Some(make_slot(shared, client, &slot, temporary).await?)),
             SlotState::Lost => {
                 setup::drop_slot(client, &slot, t).await?;
-                Some(Some(
-                    setup::create_slot(client, &slot, false, create).await?,
-                ))
+                Some(Some(make_slot(shared, client, &slot, temporary).await?))
             }
+            // Made by a creation whose answer was lost: new all the same.
+            SlotState::Usable if uncertain.load(std::sync::atomic::Ordering::Acquire) => Some(None),
             // The slot is there, but this process last read another
             // server's history (a promotion, a restored backup).
             SlotState::Usable => last_identity
@@ -354,11 +393,21 @@ async fn session(
             slot,
             "change feed: the stream cannot resume; flushing every cache"
         );
-        for sink in &shared.sinks {
-            sink.invalidate_all_at(version);
+        if !temporary {
+            // Durable: whoever reads the slot next flushes too, until one
+            // holder applied and published it.
+            setup::query(
+                client,
+                &format!(
+                    "SELECT pg_catalog.pg_logical_emit_message(false, {}, '')",
+                    setup::literal(FLUSH_MESSAGE)
+                ),
+                t,
+            )
+            .await?;
         }
-        shared.metrics.flushes.increment(1);
-        shared.update(|s| s.flushes += 1);
+        uncertain.store(false, std::sync::atomic::Ordering::Release);
+        shared.flush(version);
     }
     client
         .start()
@@ -377,6 +426,20 @@ async fn session(
     stream(shared, client, idx).await
 }
 
+/// Creates the slot; until its flush was written, the slot counts as new
+/// even if the answer is lost.
+async fn make_slot(
+    shared: &Shared,
+    client: &mut ReplicationClient,
+    slot: &str,
+    temporary: bool,
+) -> Result<u64, FeedError> {
+    shared
+        .create_uncertain
+        .store(true, std::sync::atomic::Ordering::Release);
+    setup::create_slot(client, slot, temporary, shared.slot_create_timeout).await
+}
+
 type Confirming = Option<(u64, Pin<Box<dyn Future<Output = bool> + Send>>)>;
 
 /// Streams until stopped, broken or moved.
@@ -392,6 +455,7 @@ async fn stream(
     let mut confirmed = 0u64;
     let mut confirming: Confirming = None;
     let mut unhealthy_since: Option<Instant> = None;
+    let mut publish_failures = 0u32;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -410,12 +474,18 @@ async fn stream(
                     None => std::future::pending().await,
                 }
             } => {
-                if let Some((lsn, _)) = confirming.take()
-                    && ok
-                {
-                    client.update_applied_lsn(pgwire_replication::Lsn(lsn));
-                    confirmed = lsn;
-                    shared.update(|s| s.confirmed = Some(Lsn(lsn)));
+                if let Some((lsn, _)) = confirming.take() {
+                    if ok {
+                        publish_failures = 0;
+                        client.update_applied_lsn(pgwire_replication::Lsn(lsn));
+                        confirmed = lsn;
+                        shared.update(|s| s.confirmed = Some(Lsn(lsn)));
+                    } else {
+                        publish_failures += 1;
+                        if publish_failures >= MAX_PUBLISH_FAILURES {
+                            return Ok(Ended::Yielded);
+                        }
+                    }
                 }
             }
             event = client.recv() => {
@@ -455,6 +525,13 @@ async fn stream(
                             applied = wal_end.as_u64();
                             shared.update(|s| s.applied = Some(Lsn(applied)));
                         }
+                    }
+                    ReplicationEvent::Message { prefix, lsn, transactional: false, .. }
+                        if prefix == FLUSH_MESSAGE && !in_transaction =>
+                    {
+                        shared.flush(Some(lsn.as_u64()));
+                        applied = applied.max(lsn.as_u64());
+                        shared.update(|s| s.applied = Some(Lsn(applied)));
                     }
                     ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
                 }

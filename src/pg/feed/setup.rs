@@ -81,6 +81,9 @@ pub(super) struct Candidate {
     pub(super) oid: u32,
     pub(super) schema: String,
     pub(super) name: String,
+    /// A partitioned table (published through its root, partitions
+    /// included) rather than an ordinary one.
+    pub(super) partitioned: bool,
     /// `None`: published; `Some(reason)`: left out.
     pub(super) left_out: Option<String>,
 }
@@ -90,8 +93,8 @@ macro_rules! identity {
     ($r:literal) => {
         concat!(
             "(", $r, ".relreplident = 'f' OR (", $r, ".relreplident = 'd' AND EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = ",
-            $r, ".oid AND i.indisprimary)) OR (", $r, ".relreplident = 'i' AND EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = ",
-            $r, ".oid AND i.indisreplident)))"
+            $r, ".oid AND i.indisprimary AND i.indimmediate AND i.indisvalid)) OR (", $r, ".relreplident = 'i' AND EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = ",
+            $r, ".oid AND i.indisreplident AND i.indimmediate AND i.indisvalid)))"
         )
     };
 }
@@ -133,6 +136,7 @@ fn candidate(row: &[Option<String>]) -> Option<Candidate> {
         oid,
         schema,
         name,
+        partitioned: kind == "p",
         left_out,
     })
 }
@@ -186,7 +190,11 @@ pub(super) async fn ensure_publication(
     let name = literal(publication);
     let list: Vec<String> = published
         .iter()
-        .map(|c| format!("{}.{}", ident(&c.schema), ident(&c.name)))
+        // ONLY: inheritance children (which may have no key) stay out.
+        .map(|c| {
+            let only = if c.partitioned { "" } else { "ONLY " };
+            format!("{only}{}.{}", ident(&c.schema), ident(&c.name))
+        })
         .collect();
     let exists = query(
         client,
@@ -204,7 +212,7 @@ pub(super) async fn ensure_publication(
         } else {
             format!(" FOR TABLE {}", list.join(", "))
         };
-        query(
+        let created = query(
             client,
             &format!(
                 "CREATE PUBLICATION {}{tables} WITH (publish_via_partition_root = true)",
@@ -212,8 +220,13 @@ pub(super) async fn ensure_publication(
             ),
             within,
         )
-        .await?;
-        return Ok(());
+        .await;
+        return match created {
+            // Another instance made it at the same moment: its table list
+            // is reconciled at the next connect.
+            Err(FeedError::Server(e)) if e.contains("already exists") => Ok(()),
+            other => other.map(|_| ()),
+        };
     };
     let text = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
     if text(0) == "t" {
