@@ -114,8 +114,16 @@ mod tests {
         assert_eq!(row_key([Some("a,b"), Some("c\\d")]), "a\\,b,c\\\\d");
         assert_eq!(row_key([None, Some("")]), "\\N,");
         assert_eq!(row_key([Some(""), Some("x")]), ",x");
-        assert_eq!(&*row_tag("users", "7"), "users:7");
-        assert_eq!(&*whole_table_tag("users"), "users:*");
-        assert_eq!(&*Change::Row { table: "t", key: "1" }.default_tag(), "t:1");
+        assert_eq!(row_tag("users", "7").as_str(), "users:7");
+        assert_eq!(whole_table_tag("users").as_str(), "users:*");
+        assert_eq!(
+            Change::Row {
+                table: "t",
+                key: "1"
+            }
+            .default_tag()
+            .as_str(),
+            "t:1"
+        );
     }
 }
