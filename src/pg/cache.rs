@@ -97,7 +97,15 @@ impl CachePolicy<Query, QueryOutput> for QueryPolicy {
 pub struct DbCacheBuilder {
     db: Db,
     layer: CacheLayerBuilder<QueryPolicy>,
+    #[cfg(feature = "change-feed")]
+    reads: super::sql::ReadCaching,
+    #[cfg(feature = "change-feed")]
+    analysis_ttl: Duration,
 }
+
+/// How long a statement's analysis is trusted by default.
+#[cfg(feature = "change-feed")]
+const STATEMENT_ANALYSIS_TTL: Duration = Duration::from_secs(60);
 
 impl fmt::Debug for DbCacheBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -133,12 +141,35 @@ impl DbCacheBuilder {
         self
     }
 
+    /// Which reads are cached by the tables they read (feature
+    /// `change-feed`; default [`ReadCaching::Marked`](super::ReadCaching::Marked):
+    /// those marked with [`Query::cache_by_tables`]). See the
+    /// [`DbCache`] docs.
+    #[cfg(feature = "change-feed")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "change-feed")))]
+    pub fn cache_reads(mut self, reads: super::sql::ReadCaching) -> Self {
+        self.reads = reads;
+        self
+    }
+
+    /// How long what the catalog said about a statement (its tables, key
+    /// columns, functions) is trusted before it is asked again (feature
+    /// `change-feed`; default 60 s). A table replaced by a view is seen
+    /// within this time.
+    #[cfg(feature = "change-feed")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "change-feed")))]
+    pub fn statement_analysis_ttl(mut self, ttl: Duration) -> Self {
+        self.analysis_ttl = ttl;
+        self
+    }
+
     /// Builds on the moka store.
     #[cfg(feature = "moka")]
     #[cfg_attr(docsrs, doc(cfg(feature = "moka")))]
     pub fn build(self) -> Result<DbCache, ConfigError> {
+        let tables = self.tagging()?;
         let layer = self.layer.build()?;
-        Ok(DbCache::from_layer(self.db, &layer))
+        Ok(DbCache::assemble(self.db, &layer, tables))
     }
 
     /// Builds on the quick_cache store.
@@ -148,10 +179,37 @@ impl DbCacheBuilder {
         self,
     ) -> Result<DbCache<crate::cache::QuickStore<QueryKey, QueryOutput, DbError>>, ConfigError>
     {
+        let tables = self.tagging()?;
         let layer = self.layer.build_quick()?;
-        Ok(DbCache::from_layer(self.db, &layer))
+        Ok(DbCache::assemble(self.db, &layer, tables))
+    }
+
+    #[cfg(feature = "change-feed")]
+    fn tagging(&self) -> Result<Tagging, ConfigError> {
+        if self.analysis_ttl.is_zero() {
+            return Err(ConfigError::ZeroDuration {
+                field: "statement_analysis_ttl",
+                value: self.analysis_ttl,
+            });
+        }
+        Ok(Arc::new(super::sql::TableTagging::new(
+            self.reads,
+            self.analysis_ttl,
+        )))
+    }
+
+    #[cfg(not(feature = "change-feed"))]
+    fn tagging(&self) -> Result<Tagging, ConfigError> {
+        Ok(())
     }
 }
+
+/// What decides which reads are cached by their tables (feature
+/// `change-feed`).
+#[cfg(feature = "change-feed")]
+type Tagging = Arc<super::sql::TableTagging>;
+#[cfg(not(feature = "change-feed"))]
+type Tagging = ();
 
 /// A consistent read-through cache over [`Db`] (which reads an entry
 /// answers: [`QueryPolicy`]): reads that name a [`cache_key`](Query::cache_key) are
@@ -187,6 +245,7 @@ where
     db: Db,
     cache: Cache<Db, QueryPolicy, St>,
     invalidator: Invalidator<QueryKey>,
+    tables: Tagging,
 }
 
 /// The store [`DbCache`] uses unless told otherwise.
@@ -205,6 +264,7 @@ where
             db: self.db.clone(),
             cache: self.cache.clone(),
             invalidator: self.invalidator.clone(),
+            tables: self.tables.clone(),
         }
     }
 }
@@ -226,6 +286,10 @@ impl DbCache {
         DbCacheBuilder {
             db,
             layer: CacheLayer::builder(QueryPolicy),
+            #[cfg(feature = "change-feed")]
+            reads: super::sql::ReadCaching::default(),
+            #[cfg(feature = "change-feed")]
+            analysis_ttl: STATEMENT_ANALYSIS_TTL,
         }
     }
 }
@@ -234,11 +298,25 @@ impl<St> DbCache<St>
 where
     St: Store<Key = QueryKey, Response = QueryOutput, Error = DbError>,
 {
-    /// A cache over `db` on a layer built with [`QueryPolicy`] (any store).
+    /// A cache over `db` on a layer built with [`QueryPolicy`] (any store;
+    /// reads marked with `Query::cache_by_tables` are cached by their
+    /// tables, with the default settings).
     pub fn from_layer(db: Db, layer: &CacheLayer<QueryPolicy, St>) -> Self {
+        #[cfg(feature = "change-feed")]
+        let tables = Arc::new(super::sql::TableTagging::new(
+            super::sql::ReadCaching::default(),
+            STATEMENT_ANALYSIS_TTL,
+        ));
+        #[cfg(not(feature = "change-feed"))]
+        let tables = ();
+        Self::assemble(db, layer, tables)
+    }
+
+    fn assemble(db: Db, layer: &CacheLayer<QueryPolicy, St>, tables: Tagging) -> Self {
         Self {
             invalidator: layer.invalidator(),
             cache: layer.layer(db.clone()),
+            tables,
             db,
         }
     }
@@ -305,15 +383,34 @@ where
                 result
             });
         }
-        let fut = self.cache.call(query);
-        let hit = fut.is_hit();
-        QueryFuture::new(async move {
-            let mut out = fut.await?;
-            if hit {
-                out.served_by = Arc::from("cache");
+        #[cfg(feature = "change-feed")]
+        let query = match self.tables.step(query) {
+            super::sql::Step::Go(query) => query,
+            super::sql::Step::LookUp(query) => {
+                let tables = Arc::clone(&self.tables);
+                let db = self.db.clone();
+                let mut cache = self.cache.clone();
+                return QueryFuture::new(async move {
+                    let query = tables.look_up(&db, query).await;
+                    served(cache.call(query)).await
+                });
             }
-            Ok(out)
-        })
+        };
+        QueryFuture::new(served(self.cache.call(query)))
+    }
+}
+
+/// A read through the cache, saying `"cache"` in `served_by` for a hit.
+fn served(
+    fut: crate::cache::ResponseFuture<Db, Query>,
+) -> impl Future<Output = Result<QueryOutput, DbError>> + Send + 'static {
+    let hit = fut.is_hit();
+    async move {
+        let mut out = fut.await?;
+        if hit {
+            out.served_by = Arc::from("cache");
+        }
+        Ok(out)
     }
 }
 

@@ -138,6 +138,11 @@ mod pool;
 mod query;
 mod route;
 mod session;
+#[cfg(all(
+    feature = "change-feed",
+    any(feature = "moka", feature = "quick-cache")
+))]
+mod sql;
 mod statement;
 pub mod token;
 mod transaction;
@@ -158,6 +163,18 @@ pub use self::layer::{
 pub use self::lsn::{Consistency, ConsistencyToken, Lsn, LsnParseError};
 pub use self::node::{NodeStatus, PoolStatus, Role};
 pub use self::query::{Access, Query, QueryFuture, QueryOutput};
+#[cfg(all(
+    feature = "change-feed",
+    any(feature = "moka", feature = "quick-cache")
+))]
+#[cfg_attr(
+    docsrs,
+    doc(cfg(all(
+        feature = "change-feed",
+        any(feature = "moka", feature = "quick-cache")
+    )))
+)]
+pub use self::sql::ReadCaching;
 pub use self::token::{TokenCodec, cluster_identity};
 pub use self::transaction::Transaction;
 pub use deadpool_postgres::RecyclingMethod;

@@ -52,6 +52,10 @@ pub struct Query {
     /// write through a [`DbCache`](super::DbCache) invalidates them at its
     /// commit position.
     pub tags: Vec<Tag>,
+    /// Caches this read by the tables it reads, in a
+    /// [`DbCache`](super::DbCache) with feature `change-feed` (see
+    /// `Query::cache_by_tables`); ignored otherwise.
+    pub cache_by_tables: bool,
 }
 
 impl fmt::Debug for Query {
@@ -62,6 +66,7 @@ impl fmt::Debug for Query {
             .field("access", &self.access)
             .field("cache_key", &self.cache_key)
             .field("tags", &self.tags)
+            .field("cache_by_tables", &self.cache_by_tables)
             .finish()
     }
 }
@@ -75,6 +80,7 @@ impl Query {
             access: Access::Read(consistency),
             cache_key: None,
             tags: Vec::new(),
+            cache_by_tables: false,
         }
     }
 
@@ -86,6 +92,7 @@ impl Query {
             access: Access::Write,
             cache_key: None,
             tags: Vec::new(),
+            cache_by_tables: false,
         }
     }
 
@@ -95,6 +102,41 @@ impl Query {
     #[must_use]
     pub fn cache_key(mut self, key: impl Into<Arc<str>>) -> Self {
         self.cache_key = Some(key.into());
+        self
+    }
+
+    /// Caches this read in a [`DbCache`](super::DbCache) keyed by its
+    /// statement and parameters and tagged with the tables it reads, so
+    /// the change feed's invalidations reach it: `{table}:{key}` and
+    /// `{table}:*` for a lookup of one row by its key, `{table}` for each
+    /// table otherwise. A statement that cannot be attributed to base
+    /// tables (a view, a function that is not an immutable builtin, a
+    /// construct the analysis does not know) is not cached. Only `Any` and
+    /// `ReadYourWrites` reads are cached; a [`cache_key`](Self::cache_key)
+    /// set on the query wins. See [`ReadCaching`](super::ReadCaching) to
+    /// cache every read this way.
+    ///
+    /// ```
+    /// use tower_scale::pg::{Consistency, Query};
+    /// let read = Query::read("SELECT name FROM users WHERE id = $1", Consistency::Any)
+    ///     .bind(7i64)
+    ///     .cache_by_tables();
+    /// assert!(read.cache_by_tables);
+    /// ```
+    #[cfg(all(
+        feature = "change-feed",
+        any(feature = "moka", feature = "quick-cache")
+    ))]
+    #[cfg_attr(
+        docsrs,
+        doc(cfg(all(
+            feature = "change-feed",
+            any(feature = "moka", feature = "quick-cache")
+        )))
+    )]
+    #[must_use]
+    pub fn cache_by_tables(mut self) -> Self {
+        self.cache_by_tables = true;
         self
     }
 

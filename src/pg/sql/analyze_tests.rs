@@ -1,0 +1,248 @@
+use super::*;
+
+fn names(shape: &Shape) -> Vec<String> {
+    shape
+        .relations
+        .iter()
+        .map(|n| match &n.schema {
+            Some(s) => format!("{s}.{}", n.name),
+            None => n.name.clone(),
+        })
+        .collect()
+}
+
+fn functions(shape: &Shape) -> Vec<String> {
+    shape.functions.iter().map(|n| n.name.clone()).collect()
+}
+
+#[track_caller]
+fn tables_of(sql: &str) -> Vec<String> {
+    names(&analyze(sql).unwrap_or_else(|| panic!("not analysed: {sql}")))
+}
+
+#[track_caller]
+fn refused(sql: &str) {
+    assert_eq!(analyze(sql), None, "analysed: {sql}");
+}
+
+#[test]
+fn joins_subqueries_and_ctes_name_their_tables() {
+    assert_eq!(
+        tables_of("SELECT a.x, b.y FROM a JOIN b ON a.id = b.a_id WHERE b.y > $1"),
+        ["a", "b"]
+    );
+    assert_eq!(
+        tables_of("SELECT * FROM a, b LEFT JOIN c USING (id) CROSS JOIN d"),
+        ["a", "b", "c", "d"]
+    );
+    assert_eq!(
+        tables_of("SELECT x FROM a WHERE id IN (SELECT a_id FROM b) AND EXISTS (SELECT 1 FROM c)"),
+        ["a", "b", "c"]
+    );
+    assert_eq!(
+        tables_of("SELECT (SELECT max(y) FROM b) FROM (SELECT * FROM a) AS s"),
+        ["a", "b"]
+    );
+    assert_eq!(
+        tables_of("SELECT x FROM a UNION ALL SELECT x FROM b EXCEPT SELECT x FROM c"),
+        ["a", "b", "c"]
+    );
+    // CTE names are not tables; their bodies' tables are.
+    assert_eq!(
+        tables_of(
+            "WITH recent AS (SELECT * FROM orders), r2 AS (SELECT * FROM recent) SELECT * FROM r2 JOIN users u ON u.id = r2.user_id"
+        ),
+        ["orders", "users"]
+    );
+    assert_eq!(
+        tables_of(
+            "WITH RECURSIVE t(n) AS (SELECT id FROM nodes UNION SELECT n + 1 FROM t WHERE n < 5) SELECT * FROM t"
+        ),
+        ["nodes"]
+    );
+    // A CTE's name is not in scope in its own (non-recursive) body: there
+    // it is the table.
+    assert_eq!(
+        tables_of("WITH a AS (SELECT * FROM a) SELECT * FROM a"),
+        ["a"]
+    );
+    // A schema-qualified name is never a CTE.
+    assert_eq!(
+        tables_of("WITH a AS (SELECT 1) SELECT * FROM a, public.a"),
+        ["public.a"]
+    );
+    assert_eq!(
+        tables_of(
+            "SELECT * FROM (a JOIN b ON a.id = b.id) JOIN LATERAL (SELECT * FROM c WHERE c.id = a.id) l ON true"
+        ),
+        ["a", "b", "c"]
+    );
+}
+
+#[test]
+fn names_fold_like_postgresql() {
+    assert_eq!(tables_of("SELECT * FROM Users"), ["users"]);
+    assert_eq!(tables_of("SELECT * FROM \"Users\""), ["Users"]);
+    assert_eq!(
+        tables_of("SELECT * FROM App.\"My Table\""),
+        ["app.My Table"]
+    );
+    assert_eq!(tables_of("SELECT * FROM \"we\"\"ird\""), ["we\"ird"]);
+    let shape = analyze("SELECT * FROM \"we\"\"ird\", app.t").unwrap();
+    let quoted: Vec<String> = shape.relations.iter().map(Name::quoted).collect();
+    assert_eq!(quoted, ["\"we\"\"ird\"", "\"app\".\"t\""]);
+    refused("SELECT * FROM db.app.t");
+}
+
+#[test]
+fn functions_and_operators_are_collected() {
+    let shape = analyze(
+        "SELECT lower(name), count(*), coalesce(x, 0), pg_catalog.upper(y) FROM t \
+         WHERE a LIKE $1 AND b BETWEEN 1 AND 2 AND c = ANY($2) GROUP BY 1 HAVING sum(z) > 3",
+    )
+    .unwrap();
+    assert_eq!(functions(&shape), ["count", "lower", "sum", "upper"]);
+    assert!(
+        shape
+            .functions
+            .iter()
+            .any(|f| f.schema.as_deref() == Some("pg_catalog"))
+    );
+    for op in ["~~", ">=", "<=", "=", ">"] {
+        assert!(shape.operators.contains(op), "{op}: {:?}", shape.operators);
+    }
+    let shape = analyze("SELECT id, random() FROM t").unwrap();
+    assert_eq!(functions(&shape), ["random"]);
+    let shape = analyze("SELECT row_number() OVER (PARTITION BY a ORDER BY b) FROM t").unwrap();
+    assert_eq!(functions(&shape), ["row_number"]);
+    let shape = analyze("SELECT CURRENT_TIMESTAMP, now() FROM t").unwrap();
+    assert!(functions(&shape).contains(&"now".to_owned()), "{shape:?}");
+    assert!(shape.functions.len() == 2, "{shape:?}");
+    let shape = analyze("SELECT * FROM t WHERE x OPERATOR(pg_catalog.+) 1 > 2").unwrap();
+    assert!(shape.operators.contains("+"));
+}
+
+#[test]
+fn anything_but_a_plain_select_is_refused() {
+    let mut wrongly = Vec::new();
+    for sql in [
+        "",
+        "this is not sql",
+        "SELECT 1; SELECT 2",
+        "UPDATE t SET a = 1",
+        "INSERT INTO t VALUES (1)",
+        "DELETE FROM t",
+        "SELECT * FROM t FOR UPDATE",
+        "SELECT * FROM t FOR SHARE",
+        "SELECT * INTO copy FROM t",
+        "WITH moved AS (DELETE FROM t RETURNING *) SELECT * FROM moved",
+        "WITH x AS (UPDATE t SET a = 1 RETURNING *) SELECT * FROM x",
+        "SELECT * FROM generate_series(1, 10)",
+        "SELECT * FROM t, LATERAL generate_series(1, t.n)",
+        "SELECT * FROM unnest($1::int[])",
+        "SELECT * FROM t TABLESAMPLE SYSTEM (10)",
+        "SELECT * FROM t WHERE created > 'now'::timestamptz",
+        "SELECT * FROM t WHERE day = DATE 'today'",
+        "SELECT * FROM t WHERE day = CAST(' Tomorrow ' AS date)",
+        "SELECT * FROM t WHERE day = $1::text::date",
+        "EXPLAIN SELECT * FROM t",
+        "SHOW search_path",
+        "SELECT * FROM t WHERE a RLIKE 'x'",
+        "TABLE t",
+    ] {
+        if analyze(sql).is_some() {
+            wrongly.push(sql);
+        }
+    }
+    assert!(wrongly.is_empty(), "analysed: {wrongly:#?}");
+    // Dates that are not the clock are fine.
+    assert_eq!(
+        tables_of("SELECT * FROM t WHERE day > '2024-01-01'::date AND ts::date = $1"),
+        ["t"]
+    );
+}
+
+#[test]
+fn hostile_statements_do_not_overflow() {
+    // Nesting past sqlparser's recursion limit: a parse error.
+    let deep = format!("SELECT {}1{} FROM t", "(".repeat(5_000), ")".repeat(5_000));
+    refused(&deep);
+    let subqueries = format!(
+        "SELECT * FROM t WHERE id IN {}",
+        "(SELECT id FROM t WHERE id IN ".repeat(2_000)
+    );
+    refused(&subqueries);
+    // A left-deep chain is parsed without recursion: the walk's own limit.
+    let chain = format!("SELECT 1{} FROM t", " + 1".repeat(50_000));
+    refused(&chain);
+    let ors = format!(
+        "SELECT * FROM t WHERE {}",
+        vec!["id = 1"; 20_000].join(" OR ")
+    );
+    refused(&ors);
+    // Within the limits, long is fine.
+    let some_ors = format!("SELECT * FROM t WHERE {}", vec!["id = 1"; 100].join(" OR "));
+    assert_eq!(tables_of(&some_ors), ["t"]);
+    // Too long to analyse at all.
+    refused(&format!(
+        "SELECT * FROM t WHERE a IN ({})",
+        vec!["1"; 200_000].join(",")
+    ));
+    // Garbage.
+    refused("SELECT \u{0}");
+    refused("SELECT '");
+    refused("SELECT * FROM \"unterminated");
+}
+
+#[test]
+fn a_single_table_where_conjunction_is_a_lookup() {
+    let lookup = |sql: &str| analyze(sql).unwrap_or_else(|| panic!("{sql}")).lookup;
+    assert_eq!(
+        lookup("SELECT name FROM users WHERE id = $1"),
+        Some(vec![("id".into(), KeyValue::Param(1))])
+    );
+    assert_eq!(
+        lookup("SELECT * FROM app.docs d WHERE (d.owner = 'a,b') AND 7 = d.ID AND d.x > 3"),
+        Some(vec![
+            ("id".into(), KeyValue::Number("7".into())),
+            ("owner".into(), KeyValue::Text("a,b".into())),
+        ])
+    );
+    assert_eq!(
+        lookup("SELECT * FROM docs WHERE docs.id = $2 AND public.docs.k = TRUE"),
+        Some(vec![("id".into(), KeyValue::Param(2)),])
+    );
+    // Another alias's column, an OR, a cast: no term.
+    assert_eq!(lookup("SELECT * FROM docs d WHERE x.id = $1"), Some(vec![]));
+    assert_eq!(
+        lookup("SELECT * FROM docs WHERE id = $1 OR id = $2"),
+        Some(vec![])
+    );
+    assert_eq!(
+        lookup("SELECT * FROM docs WHERE id = $1::int8"),
+        Some(vec![])
+    );
+    // Not a single table: no lookup.
+    assert_eq!(lookup("SELECT * FROM docs"), None);
+    assert_eq!(
+        lookup("SELECT * FROM a JOIN b ON a.id = b.id WHERE a.id = $1"),
+        None
+    );
+    assert_eq!(lookup("SELECT * FROM a, b WHERE a.id = $1"), None);
+    assert_eq!(
+        lookup("SELECT * FROM a WHERE id = $1 AND name = (SELECT max(name) FROM a)"),
+        None
+    );
+    assert_eq!(
+        lookup("WITH c AS (SELECT 1) SELECT * FROM a WHERE id = $1"),
+        None
+    );
+    assert_eq!(
+        lookup("SELECT * FROM a WHERE id = $1 UNION SELECT * FROM a WHERE id = $2"),
+        None
+    );
+    assert_eq!(
+        lookup("SELECT * FROM a JOIN a b ON true WHERE a.id = $1"),
+        None
+    );
+}

@@ -1,0 +1,283 @@
+//! The plan of each statement text, remembered for a while, and how a
+//! read is keyed and tagged by it before it reaches the cache.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::ReadCaching;
+use super::analyze::analyze;
+use super::catalog::{self, KeySource, LookupFailed, Plan};
+use super::key::param_text;
+use crate::pg::db::Db;
+use crate::pg::feed::tags;
+use crate::pg::lsn::Consistency;
+use crate::pg::query::{Access, Query};
+use crate::sync::lock;
+
+/// Statement texts whose plan is remembered at once; past it the
+/// remembered plans are forgotten (they are looked up again).
+const MAX_STATEMENTS: usize = 1024;
+
+/// Which reads are tagged by their tables, and the plans so far.
+#[derive(Debug)]
+pub(crate) struct TableTagging {
+    mode: ReadCaching,
+    ttl: Duration,
+    plans: Mutex<HashMap<Arc<str>, Slot>>,
+}
+
+#[derive(Debug)]
+enum Slot {
+    /// A lookup is under way: reads of the statement meanwhile go uncached
+    /// (rather than wait for it or ask the catalog again).
+    Pending,
+    Ready {
+        plan: Arc<Plan>,
+        until: Instant,
+    },
+}
+
+/// What to do with a read.
+pub(crate) enum Step {
+    /// On to the cache as it is now (keyed and tagged, or not cached).
+    Go(Query),
+    /// Its statement's plan must be looked up first ([`TableTagging::look_up`]).
+    LookUp(Query),
+}
+
+impl TableTagging {
+    pub(crate) fn new(mode: ReadCaching, ttl: Duration) -> Self {
+        Self {
+            mode,
+            ttl,
+            plans: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether `query` is cached by its tables: a read the cache may
+    /// answer (`Any`, `ReadYourWrites`), with no key of its own, marked or
+    /// under [`ReadCaching::AllAnalyzable`].
+    fn wants(&self, query: &Query) -> bool {
+        matches!(
+            query.access,
+            Access::Read(Consistency::Any | Consistency::ReadYourWrites(_))
+        ) && query.cache_key.is_none()
+            && (query.cache_by_tables || self.mode == ReadCaching::AllAnalyzable)
+    }
+
+    /// Keys and tags `query` by its statement's plan if it is known.
+    pub(crate) fn step(&self, query: Query) -> Step {
+        if !self.wants(&query) {
+            return Step::Go(query);
+        }
+        let mut plans = lock(&self.plans);
+        let plan = match plans.get(&query.sql) {
+            Some(Slot::Ready { plan, until }) if Instant::now() < *until => Arc::clone(plan),
+            Some(Slot::Pending) => return Step::Go(query),
+            _ => {
+                if plans.len() >= MAX_STATEMENTS {
+                    plans.retain(|_, slot| matches!(slot, Slot::Pending));
+                }
+                plans.insert(Arc::clone(&query.sql), Slot::Pending);
+                return Step::LookUp(query);
+            }
+        };
+        drop(plans);
+        Step::Go(apply(&plan, query))
+    }
+
+    /// Looks up the plan of `query`'s statement, remembers it, and keys and
+    /// tags `query` by it. A lookup that fails leaves `query` uncached and
+    /// is not remembered.
+    pub(crate) async fn look_up(&self, db: &Db, query: Query) -> Query {
+        let mut pending = PendingLookup {
+            tagging: self,
+            sql: Some(Arc::clone(&query.sql)),
+        };
+        let plan = match analyze(&query.sql) {
+            None => Ok(Plan::NotCached),
+            Some(shape) => catalog::plan(db, &query.sql, &shape).await,
+        };
+        match plan {
+            Ok(plan) => {
+                let plan = Arc::new(plan);
+                pending.ready(Arc::clone(&plan));
+                apply(&plan, query)
+            }
+            Err(LookupFailed) => query,
+        }
+    }
+}
+
+/// A lookup under way: dropped before it finished (failed, or the caller
+/// gave up), it clears its statement's pending mark.
+struct PendingLookup<'a> {
+    tagging: &'a TableTagging,
+    sql: Option<Arc<str>>,
+}
+
+impl PendingLookup<'_> {
+    fn ready(&mut self, plan: Arc<Plan>) {
+        if let Some(sql) = self.sql.take() {
+            let until = Instant::now() + self.tagging.ttl;
+            lock(&self.tagging.plans).insert(sql, Slot::Ready { plan, until });
+        }
+    }
+}
+
+impl Drop for PendingLookup<'_> {
+    fn drop(&mut self) {
+        if let Some(sql) = self.sql.take() {
+            let mut plans = lock(&self.tagging.plans);
+            if matches!(plans.get(&sql), Some(Slot::Pending)) {
+                plans.remove(&sql);
+            }
+        }
+    }
+}
+
+/// `query` keyed and tagged by `plan` (unchanged if it is not cached).
+fn apply(plan: &Plan, mut query: Query) -> Query {
+    let tables = match plan {
+        Plan::NotCached => return query,
+        Plan::Tables(tables) => tables,
+        Plan::Row {
+            table,
+            key,
+            fallback,
+        } => match row_key(key, &query) {
+            Some(key) => {
+                let row = tags::row_tag(table, &key);
+                query.cache_key = Some(Arc::from(row.as_str()));
+                query.tags.push(row);
+                query.tags.push(tags::whole_table_tag(table));
+                return query;
+            }
+            None => fallback,
+        },
+    };
+    // The key name is a tag too (QueryPolicy): one of the tables'.
+    query.cache_key = tables.first().map(|t| Arc::from(t.as_str()));
+    query.tags.extend(tables.iter().cloned());
+    query
+}
+
+/// The row's key as the change feed spells it, from `query`'s parameters
+/// and the statement's literals.
+fn row_key(sources: &[KeySource], query: &Query) -> Option<String> {
+    let mut values: Vec<Option<String>> = Vec::with_capacity(sources.len());
+    for source in sources {
+        values.push(match source {
+            KeySource::Param { index, ty } => {
+                let param = query.params.get(*index)?;
+                param_text(&**param, ty)?
+            }
+            KeySource::Literal(text) => Some(text.clone()),
+        });
+    }
+    Some(tags::row_key(values.iter().map(Option::as_deref)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::Tag;
+    use tokio_postgres::types::Type;
+
+    fn tables(names: &[&str]) -> Arc<[Tag]> {
+        names.iter().map(|n| Tag::from(*n)).collect()
+    }
+
+    fn tag_names(q: &Query) -> Vec<&str> {
+        q.tags.iter().map(Tag::as_str).collect()
+    }
+
+    #[test]
+    fn a_row_plan_keys_by_the_row_and_falls_back_to_the_table() {
+        let plan = Plan::Row {
+            table: "docs".into(),
+            key: vec![
+                KeySource::Param {
+                    index: 1,
+                    ty: Type::TEXT,
+                },
+                KeySource::Literal("7".into()),
+            ],
+            fallback: tables(&["docs"]),
+        };
+        let read = Query::read("SELECT", Consistency::Any)
+            .bind(0i64)
+            .bind("a,b");
+        let q = apply(&plan, read);
+        assert_eq!(q.cache_key.as_deref(), Some("docs:a\\,b,7"));
+        assert_eq!(tag_names(&q), ["docs:a\\,b,7", "docs:*"]);
+        // A parameter that does not encode as the column's type: the table.
+        let read = Query::read("SELECT", Consistency::Any)
+            .bind(0i64)
+            .bind(1.5f64);
+        let q = apply(&plan, read);
+        assert_eq!(q.cache_key.as_deref(), Some("docs"));
+        assert_eq!(tag_names(&q), ["docs"]);
+        // A missing parameter: the table (the query fails anyway).
+        let q = apply(&plan, Query::read("SELECT", Consistency::Any));
+        assert_eq!(tag_names(&q), ["docs"]);
+    }
+
+    #[test]
+    fn a_table_plan_tags_every_table_and_not_cached_leaves_the_read_alone() {
+        let q = apply(
+            &Plan::Tables(tables(&["a", "app.b"])),
+            Query::read("SELECT", Consistency::Any).tag("mine"),
+        );
+        assert_eq!(q.cache_key.as_deref(), Some("a"));
+        assert_eq!(tag_names(&q), ["mine", "a", "app.b"]);
+        let q = apply(&Plan::NotCached, Query::read("SELECT", Consistency::Any));
+        assert!(q.cache_key.is_none() && q.tags.is_empty());
+    }
+
+    #[test]
+    fn only_marked_reads_without_a_key_are_tagged_unless_all_are() {
+        let marked = TableTagging::new(ReadCaching::Marked, Duration::from_secs(60));
+        let all = TableTagging::new(ReadCaching::AllAnalyzable, Duration::from_secs(60));
+        let plain = Query::read("SELECT 1", Consistency::Any);
+        assert!(!marked.wants(&plain));
+        assert!(all.wants(&plain));
+        assert!(marked.wants(&plain.clone().cache_by_tables()));
+        let keyed = plain.clone().cache_by_tables().cache_key("mine");
+        assert!(!marked.wants(&keyed) && !all.wants(&keyed));
+        let strong = Query::read("SELECT 1", Consistency::Strong).cache_by_tables();
+        assert!(!marked.wants(&strong) && !all.wants(&strong));
+        let bounded = Query::read(
+            "SELECT 1",
+            Consistency::BoundedStaleness(Duration::from_secs(1)),
+        );
+        assert!(!all.wants(&bounded));
+        assert!(!all.wants(&Query::write("UPDATE t SET a = 1").cache_by_tables()));
+    }
+
+    #[test]
+    fn one_lookup_at_a_time_per_statement_and_plans_expire() {
+        let tagging = TableTagging::new(ReadCaching::Marked, Duration::from_millis(1));
+        let read = || Query::read("SELECT a FROM t", Consistency::Any).cache_by_tables();
+        assert!(matches!(tagging.step(read()), Step::LookUp(_)));
+        // Meanwhile: uncached, no second lookup.
+        assert!(matches!(tagging.step(read()), Step::Go(q) if q.cache_key.is_none()));
+        let mut pending = PendingLookup {
+            tagging: &tagging,
+            sql: Some(Arc::from("SELECT a FROM t")),
+        };
+        pending.ready(Arc::new(Plan::Tables(tables(&["t"]))));
+        drop(pending);
+        // Known (unless it already expired: 1 ms).
+        let _ = tagging.step(read());
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(matches!(tagging.step(read()), Step::LookUp(_)), "expired");
+        // A lookup given up on clears its mark.
+        drop(PendingLookup {
+            tagging: &tagging,
+            sql: Some(Arc::from("SELECT a FROM t")),
+        });
+        assert!(matches!(tagging.step(read()), Step::LookUp(_)));
+    }
+}
