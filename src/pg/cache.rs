@@ -16,6 +16,19 @@
 //! The guarantee: a read with a token never sees data older than the
 //! token, from the cache or a replica; after a write through the cache
 //! returned, no read sees a cached entry from before it.
+//!
+//! # Query-result caching (feature `change-feed`)
+//!
+//! A read marked with `Query::cache_by_tables` (or every read, with
+//! `DbCacheBuilder::cache_reads`) needs no key: before it reaches the
+//! policy, its statement is analysed once (`super::sql`: parsed, its names
+//! checked in the catalog, the plan remembered) and the read is given the
+//! key name and tags the plan says — `{table}:{key}` and `{table}:*` for a
+//! lookup of one row by its key, `{table}` for every table otherwise — so
+//! the change feed's invalidations reach it. From there it is an ordinary
+//! keyed read: the same stamps, the same tokens. A statement that cannot
+//! be attributed to base tables, or whose lookup failed, goes uncached.
+//! The rules: `ReadCaching`.
 
 use std::fmt;
 use std::sync::Arc;

@@ -15,6 +15,8 @@ mod cache;
 mod conflicts;
 mod hardening;
 mod pools;
+#[cfg(feature = "change-feed")]
+mod query_cache;
 mod tokens;
 
 pub(crate) const DEADLINE: Duration = Duration::from_secs(30);

@@ -236,8 +236,6 @@ pub(super) fn object_name(name: &ObjectName) -> Option<Name> {
     }
 }
 
-/// String literals that PostgreSQL's date/time input reads the clock for.
-
 #[cfg(test)]
 #[path = "analyze_tests.rs"]
 mod tests;

@@ -98,7 +98,8 @@ const FUNCTIONS_SQL: &str = "\
 SELECT f.i::pg_catalog.int4, pg_catalog.count(p.oid),
        COALESCE(pg_catalog.bool_and(p.pronamespace = 'pg_catalog'::pg_catalog.regnamespace
                                     AND p.provolatile = 'i'), false)
-FROM pg_catalog.unnest($1::pg_catalog.text[], $2::pg_catalog.text[]) WITH ORDINALITY AS f(schema, name, i)
+FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.text[]))
+     WITH ORDINALITY AS f(schema, name, i)
 LEFT JOIN pg_catalog.pg_proc p ON p.proname = f.name AND p.pronamespace IN (
     SELECT n.oid FROM pg_catalog.pg_namespace n
     WHERE n.nspname = f.schema

@@ -9,6 +9,7 @@ use sqlparser::ast::{
 use super::analyze::object_name;
 use super::walk::Walk;
 
+/// String literals that PostgreSQL's date/time input reads the clock for.
 fn reads_the_clock(s: &str) -> bool {
     let s = s.trim();
     ["now", "today", "tomorrow", "yesterday"]
@@ -21,7 +22,10 @@ fn is_syntax_function(name: &ObjectName) -> bool {
     match name.0.as_slice() {
         [ObjectNamePart::Identifier(i)] if i.quote_style.is_none() => {
             let n = i.value.to_ascii_lowercase();
-            matches!(n.as_str(), "coalesce" | "nullif" | "greatest" | "least")
+            matches!(
+                n.as_str(),
+                "coalesce" | "nullif" | "greatest" | "least" | "row"
+            )
         }
         _ => false,
     }
