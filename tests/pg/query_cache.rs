@@ -402,3 +402,56 @@ async fn row_tags_match_the_feeds_spelling_of_text_uuid_int8_and_composite_keys(
     )
     .await;
 }
+
+/// The catalog lookup times out on a stalled replica: the read still
+/// succeeds (elsewhere, uncached), and the failure is not remembered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_catalog_lookup_leaves_the_read_uncached_not_failed() {
+    let local = LocalCluster::start(1).expect("LocalCluster");
+    // The monitor's probe outlasts the read timeout: the lookup sees the
+    // stall first.
+    let cluster = connect(&local, |b| {
+        b.read_timeout(Duration::from_millis(300))
+            .probe_timeout(Duration::from_secs(3))
+    })
+    .await;
+    let db = cluster.db();
+    db.execute(
+        "CREATE TABLE qc_stalled (id bigint PRIMARY KEY, v text NOT NULL)",
+        &[],
+    )
+    .await
+    .expect("table");
+    db.execute("INSERT INTO qc_stalled VALUES (1, 'x')", &[])
+        .await
+        .expect("row");
+    local.wait_for_replicas(DEADLINE).await.expect("replica");
+    let cache = cache(db.clone());
+    let read = || {
+        Query::read("SELECT v FROM qc_stalled WHERE id = $1", Consistency::Any)
+            .bind(1i64)
+            .cache_by_tables()
+    };
+    // A pooled session to the replica, so the lookup finds one and sends
+    // its queries (rather than wait to open one).
+    super::until("a read on the replica", DEADLINE, async || {
+        let r = db.read_one(Consistency::Any, "SELECT 1", &[]).await;
+        r.is_ok_and(|r| &*r.served_by == "replica-1")
+    })
+    .await;
+    local.replica(0).pause().expect("pause");
+    let out = cache.query(read()).await;
+    let marked_down = !cluster.status()[1].healthy;
+    local.replica(0).resume().expect("resume");
+    let out = out.expect("the read failed because the lookup did");
+    assert!(!from_cache(&out));
+    assert_eq!(out.rows[0].get::<_, String>(0), "x");
+    assert_eq!(cache.stats().hits, 0);
+    assert!(marked_down, "the stalled replica is still in rotation");
+    // Asked again, and cached this time.
+    run(&cache, read()).await;
+    assert!(
+        from_cache(&run(&cache, read()).await),
+        "the failure was remembered"
+    );
+}
