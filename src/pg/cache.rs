@@ -229,6 +229,12 @@ type Tagging = ();
 /// cached and stamped; writes invalidate their [tags](Query::tag) at their
 /// commit position. A `tower::Service<Query>`, like `Db` itself.
 ///
+/// With feature `change-feed`, a read needs no key of its own: marked with
+/// `Query::cache_by_tables` (or all reads, with `cache_reads`), it is
+/// keyed by its statement and parameters and tagged with the tables it
+/// reads, as the change feed invalidates them (query-result caching; the
+/// rules are on `ReadCaching`).
+///
 /// ```no_run
 /// # async fn demo(db: tower_scale::pg::Db) -> Result<(), Box<dyn std::error::Error>> {
 /// use std::time::Duration;
