@@ -16,6 +16,19 @@
 //! The guarantee: a read with a token never sees data older than the
 //! token, from the cache or a replica; after a write through the cache
 //! returned, no read sees a cached entry from before it.
+//!
+//! # Query-result caching (feature `change-feed`)
+//!
+//! A read marked with `Query::cache_by_tables` (or every read, with
+//! `DbCacheBuilder::cache_reads`) needs no key: before it reaches the
+//! policy, its statement is analysed once (`super::sql`: parsed, its names
+//! checked in the catalog, the plan remembered) and the read is given the
+//! key name and tags the plan says — `{table}:{key}` and `{table}:*` for a
+//! lookup of one row by its key, `{table}` for every table otherwise — so
+//! the change feed's invalidations reach it. From there it is an ordinary
+//! keyed read: the same stamps, the same tokens. A statement that cannot
+//! be attributed to base tables, or whose lookup failed, goes uncached.
+//! The rules: `ReadCaching`.
 
 use std::fmt;
 use std::sync::Arc;
@@ -215,6 +228,12 @@ type Tagging = ();
 /// answers: [`QueryPolicy`]): reads that name a [`cache_key`](Query::cache_key) are
 /// cached and stamped; writes invalidate their [tags](Query::tag) at their
 /// commit position. A `tower::Service<Query>`, like `Db` itself.
+///
+/// With feature `change-feed`, a read needs no key of its own: marked with
+/// `Query::cache_by_tables` (or all reads, with `cache_reads`), it is
+/// keyed by its statement and parameters and tagged with the tables it
+/// reads, as the change feed invalidates them (query-result caching; the
+/// rules are on `ReadCaching`).
 ///
 /// ```no_run
 /// # async fn demo(db: tower_scale::pg::Db) -> Result<(), Box<dyn std::error::Error>> {

@@ -17,6 +17,8 @@ mod conflicts;
 mod feed;
 mod hardening;
 mod pools;
+#[cfg(feature = "change-feed")]
+mod query_cache;
 mod tokens;
 
 pub(crate) const DEADLINE: Duration = Duration::from_secs(30);

@@ -118,6 +118,26 @@ fn functions_and_operators_are_collected() {
     let shape = analyze("SELECT CURRENT_TIMESTAMP, now() FROM t").unwrap();
     assert!(functions(&shape).contains(&"now".to_owned()), "{shape:?}");
     assert!(shape.functions.len() == 2, "{shape:?}");
+    // Constructors with function syntax are not functions.
+    let shape = analyze("SELECT ROW(1, a), ARRAY(SELECT 1), COALESCE(a, 1) FROM t").unwrap();
+    assert!(shape.functions.is_empty(), "{shape:?}");
+    // Clock readers are functions by these names: the catalog refuses them.
+    let shape = analyze(
+        "SELECT CURRENT_TIMESTAMP, CURRENT_DATE, current_user, LOCALTIMESTAMP(2), USER FROM t",
+    )
+    .unwrap();
+    assert_eq!(
+        functions(&shape),
+        [
+            "current_date",
+            "current_timestamp",
+            "current_user",
+            "localtimestamp",
+            "user"
+        ]
+    );
+    // Quoted, they are columns.
+    assert!(analyze("SELECT \"current_role\" FROM t").is_some());
     let shape = analyze("SELECT * FROM t WHERE x OPERATOR(pg_catalog.+) 1 > 2").unwrap();
     assert!(shape.operators.contains("+"));
 }
@@ -149,6 +169,13 @@ fn anything_but_a_plain_select_is_refused() {
         "SHOW search_path",
         "SELECT * FROM t WHERE a RLIKE 'x'",
         "TABLE t",
+        // PostgreSQL 14's `GROUP BY DISTINCT`: sqlparser does not know it.
+        "SELECT v FROM t GROUP BY DISTINCT v",
+        "SELECT * FROM ROWS FROM (generate_series(1, 2))",
+        "SELECT v FROM t ORDER BY v USING <",
+        // Keywords sqlparser reads as column names: the session's state.
+        "SELECT CURRENT_ROLE FROM t",
+        "SELECT * FROM t WHERE s = current_schema",
     ] {
         if analyze(sql).is_some() {
             wrongly.push(sql);

@@ -98,7 +98,8 @@ const FUNCTIONS_SQL: &str = "\
 SELECT f.i::pg_catalog.int4, pg_catalog.count(p.oid),
        COALESCE(pg_catalog.bool_and(p.pronamespace = 'pg_catalog'::pg_catalog.regnamespace
                                     AND p.provolatile = 'i'), false)
-FROM pg_catalog.unnest($1::pg_catalog.text[], $2::pg_catalog.text[]) WITH ORDINALITY AS f(schema, name, i)
+FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.text[]))
+     WITH ORDINALITY AS f(schema, name, i)
 LEFT JOIN pg_catalog.pg_proc p ON p.proname = f.name AND p.pronamespace IN (
     SELECT n.oid FROM pg_catalog.pg_namespace n
     WHERE n.nspname = f.schema
@@ -124,7 +125,8 @@ struct Answers {
 }
 
 /// Asks the catalog about `shape` (one session on a replica, else the
-/// primary; everything within the read timeout) and judges the answer.
+/// primary; the queries within the read timeout, after a checkout bounded
+/// by the pool's timeouts) and judges the answer.
 pub(crate) async fn plan(db: &Db, sql: &str, shape: &Shape) -> Result<Plan, LookupFailed> {
     if shape.relations.is_empty() {
         // Nothing to tag it with (and nothing worth caching).
@@ -135,16 +137,14 @@ pub(crate) async fn plan(db: &Db, sql: &str, shape: &Shape) -> Result<Plan, Look
 }
 
 async fn ask(db: &Db, sql: &str, shape: &Shape) -> Result<Answers, LookupFailed> {
-    let deadline = tokio::time::Instant::now() + db.inner.options.read_timeout;
     let (index, _, _) = db
         .route(Consistency::Any, None)
         .await
         .map_err(|_| LookupFailed)?;
     let node = db.node(index);
-    let conn = tokio::time::timeout_at(deadline, node.connection())
-        .await
-        .map_err(|_| LookupFailed)?
-        .map_err(|_| LookupFailed)?;
+    // Checkout is bounded by the pool's own timeouts, as a read's is.
+    let conn = node.connection().await.map_err(|_| LookupFailed)?;
+    let read_timeout = db.inner.options.read_timeout;
     let running = Running::new(conn, &db.inner.cancel);
     let conn = running.conn().map_err(|_| LookupFailed)?;
     let relations: Vec<String> = shape.relations.iter().map(|r| r.quoted()).collect();
@@ -182,7 +182,7 @@ async fn ask(db: &Db, sql: &str, shape: &Shape) -> Result<Answers, LookupFailed>
             operators: operators?,
         })
     };
-    match tokio::time::timeout_at(deadline, all).await {
+    match tokio::time::timeout(read_timeout, all).await {
         Ok(Ok(answers)) => {
             running.release();
             Ok(answers)
@@ -192,8 +192,14 @@ async fn ask(db: &Db, sql: &str, shape: &Shape) -> Result<Answers, LookupFailed>
             running.settle(&e, false);
             Err(LookupFailed)
         }
-        // Dropping `running` cancels what still runs and closes the session.
-        Err(_) => Err(LookupFailed),
+        Err(_) => {
+            // A stalled server, as for a read: out of rotation until the
+            // monitor sees it answer. Dropping `running` cancels what
+            // still runs and closes the session.
+            node.mark_down();
+            db.inner.request_reprobe();
+            Err(LookupFailed)
+        }
     }
 }
 

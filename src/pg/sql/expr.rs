@@ -9,6 +9,7 @@ use sqlparser::ast::{
 use super::analyze::object_name;
 use super::walk::Walk;
 
+/// String literals that PostgreSQL's date/time input reads the clock for.
 fn reads_the_clock(s: &str) -> bool {
     let s = s.trim();
     ["now", "today", "tomorrow", "yesterday"]
@@ -16,12 +17,34 @@ fn reads_the_clock(s: &str) -> bool {
         .any(|w| s.eq_ignore_ascii_case(w))
 }
 
+/// SQL value functions that sqlparser may read as a column name.
+fn is_session_keyword(name: &str) -> bool {
+    [
+        "current_role",
+        "current_schema",
+        "current_user",
+        "session_user",
+        "user",
+        "current_catalog",
+        "current_date",
+        "current_time",
+        "current_timestamp",
+        "localtime",
+        "localtimestamp",
+    ]
+    .iter()
+    .any(|k| name.eq_ignore_ascii_case(k))
+}
+
 /// Functions with their own syntax that are not in `pg_proc` by that name.
 fn is_syntax_function(name: &ObjectName) -> bool {
     match name.0.as_slice() {
         [ObjectNamePart::Identifier(i)] if i.quote_style.is_none() => {
             let n = i.value.to_ascii_lowercase();
-            matches!(n.as_str(), "coalesce" | "nullif" | "greatest" | "least")
+            matches!(
+                n.as_str(),
+                "coalesce" | "nullif" | "greatest" | "least" | "row"
+            )
         }
         _ => false,
     }
@@ -84,6 +107,8 @@ fn binary_operator(op: &BinaryOperator) -> Option<Option<String>> {
 impl Walk {
     pub(super) fn expr_here(&mut self, e: &Expr) -> Option<()> {
         match e {
+            // Unquoted, these are PostgreSQL's keywords for session state.
+            Expr::Identifier(i) if i.quote_style.is_none() && is_session_keyword(&i.value) => None,
             Expr::Identifier(_)
             | Expr::CompoundIdentifier(_)
             | Expr::Wildcard(_)

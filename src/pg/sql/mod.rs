@@ -3,65 +3,14 @@
 //! the change feed's invalidations (see [`tags`]) reach it with no tag
 //! written by hand.
 //!
-//! A statement is cached only if it can be attributed to base tables:
-//!
-//! 1. **Its text** (parsed with `sqlparser`, PostgreSQL dialect): exactly
-//!    one plain `SELECT` (set operations, subqueries, joins and non-data-
-//!    modifying CTEs included), no `FOR UPDATE`/`FOR SHARE`, no `INTO`, no
-//!    table function, `LATERAL` function, `TABLESAMPLE` or construct the
-//!    analysis does not know; no literal that PostgreSQL's date/time input
-//!    reads the clock for (`'now'`, `'today'`, `'tomorrow'`, `'yesterday'`)
-//!    and no cast to a date/time type of anything but a literal or a
-//!    column; at most 256 KiB. Statements that read no table are not
-//!    cached either.
-//! 2. **The catalog** (asked once per statement text on a replica, else the
-//!    primary, within the cluster's read timeout; the answer is
-//!    remembered for [`DbCacheBuilder::statement_analysis_ttl`], 60 s by
-//!    default, for up to 1,024 statements): every relation resolves (by the
-//!    session's `search_path`) to a permanent base table (`relkind` `r`
-//!    or `p`) outside the system schemas and without row-level security —
-//!    so views, materialized views, foreign, unlogged and temporary tables
-//!    are not cached; every function called resolves only to `pg_catalog`
-//!    functions that are **immutable**; no operator by a symbol used is
-//!    defined outside `pg_catalog` by a function that is not immutable.
-//!
-//! Stable functions are refused as well as volatile ones: a stable
-//! function (`now()`, `current_date`, `current_setting()`, `to_char` of a
-//! `timestamptz`, ...) may answer differently from one statement to the
-//! next while no table changes, so no invalidation would ever reach its
-//! entry. A name with any non-immutable overload is refused (the analysis
-//! does not resolve overloads), and so is any function outside
-//! `pg_catalog`, whatever its label: a user function may read tables the
-//! statement does not name.
-//!
-//! # Tags
-//!
-//! | statement | tags |
-//! |---|---|
-//! | one table (no join, subquery or CTE) whose `WHERE` compares every replica-identity column with `=` to a `$n` or a literal | `{table}:{key}` and `{table}:*` |
-//! | anything else | `{table}` for every table read, with its inheritance family (partitions, parents, children) |
-//!
-//! So a change to another row leaves a row lookup's entry alone, and a
-//! `TRUNCATE` or schema change (`{table}:*`) reaches it. The key is the
-//! text output of the key columns, as [`tags::row_key`] spells it: taken
-//! from a literal, or from the bound parameter encoded as the driver sends
-//! it and read back, for `int2`, `int4`, `int8`, `text`, `varchar`,
-//! `name` (deterministic collations), `bool` and `uuid`. Any other key type
-//! (`bpchar` among them: its output is padded to the column's length), a
-//! parameter that does not encode, a table in an inheritance family or a
-//! replica identity that is not the primary key or an index falls back to
-//! `{table}`: coarser, never wrong.
-//!
-//! The entry is stamped and answers tokens exactly as [`QueryPolicy`]
-//! says; a read that cannot be cached (or whose catalog lookup failed)
-//! goes to the database as it would without the cache, never failing
-//! because of it.
+//! The rules and the tags are on [`ReadCaching`]. The parts: `analyze`,
+//! `walk` and `expr` read the statement's text; `catalog` asks the
+//! database about its names and derives the [`catalog::Plan`]; `key` turns
+//! a key column's value into its text output; `reads` remembers each
+//! statement's plan and keys and tags a read by it.
 //!
 //! [`DbCache`]: super::DbCache
-//! [`DbCacheBuilder::statement_analysis_ttl`]: super::DbCacheBuilder::statement_analysis_ttl
-//! [`QueryPolicy`]: super::QueryPolicy
 //! [`tags`]: super::feed::tags
-//! [`tags::row_key`]: super::feed::tags::row_key
 
 mod analyze;
 mod catalog;
@@ -72,13 +21,117 @@ mod walk;
 
 pub(crate) use self::reads::{Step, TableTagging};
 
-/// Which reads a [`DbCache`](super::DbCache) caches by the tables they
-/// read ([`DbCacheBuilder::cache_reads`](super::DbCacheBuilder::cache_reads);
-/// see the [`DbCache`](super::DbCache) docs).
+/// Which reads a [`DbCache`] caches by the tables they read
+/// ([`DbCacheBuilder::cache_reads`]): query-result caching, keyed by the
+/// statement and its parameters and tagged as the change feed spells its
+/// invalidations (see [`tags`]), with no key or tag written by hand.
 ///
 /// Either way only `Any` and `ReadYourWrites` reads without a
-/// [`cache_key`](super::Query::cache_key) of their own are considered, and
-/// only statements the analysis can attribute to base tables are cached.
+/// [`cache_key`](super::Query::cache_key) of their own are considered
+/// (`Strong` and `BoundedStaleness` reads, and writes, are as without it).
+///
+/// A statement is cached only if it can be attributed to base tables:
+///
+/// 1. **Its text** (parsed with `sqlparser`, PostgreSQL dialect): exactly
+///    one plain `SELECT` (set operations, subqueries, joins and non-data-
+///    modifying CTEs included), no `FOR UPDATE`/`FOR SHARE`, no `INTO`, no
+///    table function, `LATERAL` function, `TABLESAMPLE` or construct the
+///    analysis does not know; no literal that PostgreSQL's date/time input
+///    reads the clock for (`'now'`, `'today'`, `'tomorrow'`, `'yesterday'`)
+///    and no cast to a date/time type of anything but a literal or a
+///    column; at most 256 KiB. Statements that read no table are not
+///    cached either.
+/// 2. **The catalog** (asked once per statement text on a replica, else the
+///    primary, within the cluster's read timeout; the answer is
+///    remembered for [`DbCacheBuilder::statement_analysis_ttl`], 60 s by
+///    default, for up to 1,024 statements): every relation resolves (by the
+///    session's `search_path`) to a permanent base table (`relkind` `r`
+///    or `p`) outside the system schemas and without row-level security —
+///    so views, materialized views, foreign, unlogged and temporary tables
+///    are not cached; every function called resolves only to `pg_catalog`
+///    functions that are **immutable**; no operator by a symbol used is
+///    defined outside `pg_catalog` by a function that is not immutable.
+///
+/// Stable functions are refused as well as volatile ones: a stable
+/// function (`now()`, `current_date`, `current_setting()`, `to_char` of a
+/// `timestamptz`, ...) may answer differently from one statement to the
+/// next while no table changes, so no invalidation would ever reach its
+/// entry. A name with any non-immutable overload is refused (the analysis
+/// does not resolve overloads), and so is any function outside
+/// `pg_catalog`, whatever its label: a user function may read tables the
+/// statement does not name.
+///
+/// # Tags
+///
+/// | statement | tags |
+/// |---|---|
+/// | one table (no join, subquery or CTE) whose `WHERE` compares every replica-identity column with `=` to a `$n` or a literal | `{table}:{key}` and `{table}:*` |
+/// | anything else | `{table}` for every table read, with its inheritance family (partitions, parents, children) |
+///
+/// So a change to another row leaves a row lookup's entry alone, and a
+/// `TRUNCATE` or schema change (`{table}:*`) reaches it. The key is the
+/// text output of the key columns, as [`tags::row_key`] spells it: taken
+/// from a literal, or from the bound parameter encoded as the driver sends
+/// it and read back, for `int2`, `int4`, `int8`, `text`, `varchar`,
+/// `name` (deterministic collations), `bool` and `uuid`. Any other key type
+/// (`bpchar` among them: its output is padded to the column's length), a
+/// parameter that does not encode, a table in an inheritance family or a
+/// replica identity that is not the primary key or an index falls back to
+/// `{table}`: coarser, never wrong.
+///
+/// The entry is stamped and answers tokens exactly as [`QueryPolicy`]
+/// says; a read that cannot be cached (or whose catalog lookup failed)
+/// goes to the database as it would without the cache, never failing
+/// because of it. While a statement's first lookup is under way, other
+/// reads of it go uncached rather than wait.
+///
+/// # Limits
+///
+/// - Entries are invalidated by the change feed (and by writes through the
+///   cache, by their own tags, and by the TTL): a table the feed's
+///   publication does not cover is never invalidated by a change.
+/// - What the catalog said is trusted for the analysis TTL: a table
+///   replaced by a view in that time is still taken for a table.
+/// - Casts and types are not checked: a user-defined cast or type input
+///   function that reads tables, or a text column holding `'now'` cast to
+///   a date, is beyond the analysis.
+/// - A statement text with values spliced in (rather than bound) is a new
+///   statement each time: a catalog lookup per read.
+///
+/// ```no_run
+/// # async fn demo(db: tower_scale::pg::Db) -> Result<(), Box<dyn std::error::Error>> {
+/// use tower_scale::pg::{Consistency, DbCache, Query, ReadCaching};
+///
+/// let cache = DbCache::builder(db).cache_reads(ReadCaching::Marked).build()?;
+/// // A join: tagged `users` and `orders`.
+/// let orders = Query::read(
+///     "SELECT o.id, o.total FROM orders o JOIN users u ON u.id = o.user_id WHERE u.email = $1",
+///     Consistency::Any,
+/// )
+/// .bind("ada@example.com")
+/// .cache_by_tables();
+/// cache.query(orders.clone()).await?;
+/// assert_eq!(&*cache.query(orders).await?.served_by, "cache");
+/// // A lookup by the primary key: tagged `users:7` and `users:*`, so a
+/// // change to another user leaves it cached.
+/// let user = Query::read("SELECT name FROM users WHERE id = $1", Consistency::Any)
+///     .bind(7i64)
+///     .cache_by_tables();
+/// cache.query(user).await?;
+/// // What the change feed sends for `UPDATE users SET ... WHERE id = 7`
+/// // committed at `lsn` (here by hand):
+/// # let lsn = 0u64;
+/// cache.invalidator().invalidate_tag_at("users", lsn);
+/// cache.invalidator().invalidate_tag_at("users:7", lsn);
+/// # Ok(()) }
+/// ```
+///
+/// [`DbCache`]: super::DbCache
+/// [`DbCacheBuilder::statement_analysis_ttl`]: super::DbCacheBuilder::statement_analysis_ttl
+/// [`QueryPolicy`]: super::QueryPolicy
+/// [`tags`]: super::feed::tags
+/// [`tags::row_key`]: super::feed::tags::row_key
+/// [`DbCacheBuilder::cache_reads`]: super::DbCacheBuilder::cache_reads
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ReadCaching {

@@ -2,7 +2,7 @@
 //! read is keyed and tagged by it before it reaches the cache.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use super::ReadCaching;
@@ -13,7 +13,7 @@ use crate::pg::db::Db;
 use crate::pg::feed::tags;
 use crate::pg::lsn::Consistency;
 use crate::pg::query::{Access, Query};
-use crate::sync::lock;
+use crate::sync::{read, write};
 
 /// Statement texts whose plan is remembered at once; past it the
 /// remembered plans are forgotten (they are looked up again).
@@ -24,17 +24,20 @@ const MAX_STATEMENTS: usize = 1024;
 pub(crate) struct TableTagging {
     mode: ReadCaching,
     ttl: Duration,
-    plans: Mutex<HashMap<Arc<str>, Slot>>,
+    plans: RwLock<HashMap<Arc<str>, Slot>>,
 }
 
 #[derive(Debug)]
 enum Slot {
-    /// A lookup is under way: reads of the statement meanwhile go uncached
-    /// (rather than wait for it or ask the catalog again).
+    /// The first lookup is under way: reads of the statement meanwhile go
+    /// uncached (rather than wait for it or ask the catalog again).
     Pending,
+    /// The plan, trusted until `until`; past it one read looks it up again
+    /// (`refreshing`) while the others keep using it.
     Ready {
         plan: Arc<Plan>,
         until: Instant,
+        refreshing: bool,
     },
 }
 
@@ -51,7 +54,7 @@ impl TableTagging {
         Self {
             mode,
             ttl,
-            plans: Mutex::new(HashMap::new()),
+            plans: RwLock::new(HashMap::new()),
         }
     }
 
@@ -71,19 +74,44 @@ impl TableTagging {
         if !self.wants(&query) {
             return Step::Go(query);
         }
-        let mut plans = lock(&self.plans);
-        let plan = match plans.get(&query.sql) {
-            Some(Slot::Ready { plan, until }) if Instant::now() < *until => Arc::clone(plan),
+        let known = match read(&self.plans).get(&query.sql) {
+            Some(Slot::Ready {
+                plan,
+                until,
+                refreshing,
+            }) if *refreshing || Instant::now() < *until => Some(Arc::clone(plan)),
             Some(Slot::Pending) => return Step::Go(query),
-            _ => {
-                if plans.len() >= MAX_STATEMENTS {
-                    plans.retain(|_, slot| matches!(slot, Slot::Pending));
+            _ => None,
+        };
+        let plan = match known {
+            Some(plan) => plan,
+            None => {
+                let mut plans = write(&self.plans);
+                match plans.get_mut(&query.sql) {
+                    // Another read got here first.
+                    Some(Slot::Pending) => return Step::Go(query),
+                    Some(Slot::Ready {
+                        plan,
+                        until,
+                        refreshing,
+                    }) => {
+                        if *refreshing || Instant::now() < *until {
+                            Arc::clone(plan)
+                        } else {
+                            *refreshing = true;
+                            return Step::LookUp(query);
+                        }
+                    }
+                    None => {
+                        if plans.len() >= MAX_STATEMENTS {
+                            plans.retain(|_, slot| matches!(slot, Slot::Pending));
+                        }
+                        plans.insert(Arc::clone(&query.sql), Slot::Pending);
+                        return Step::LookUp(query);
+                    }
                 }
-                plans.insert(Arc::clone(&query.sql), Slot::Pending);
-                return Step::LookUp(query);
             }
         };
-        drop(plans);
         Step::Go(apply(&plan, query))
     }
 
@@ -111,7 +139,7 @@ impl TableTagging {
 }
 
 /// A lookup under way: dropped before it finished (failed, or the caller
-/// gave up), it clears its statement's pending mark.
+/// gave up), it clears its statement's mark so a later read tries again.
 struct PendingLookup<'a> {
     tagging: &'a TableTagging,
     sql: Option<Arc<str>>,
@@ -121,7 +149,12 @@ impl PendingLookup<'_> {
     fn ready(&mut self, plan: Arc<Plan>) {
         if let Some(sql) = self.sql.take() {
             let until = Instant::now() + self.tagging.ttl;
-            lock(&self.tagging.plans).insert(sql, Slot::Ready { plan, until });
+            let ready = Slot::Ready {
+                plan,
+                until,
+                refreshing: false,
+            };
+            write(&self.tagging.plans).insert(sql, ready);
         }
     }
 }
@@ -129,9 +162,14 @@ impl PendingLookup<'_> {
 impl Drop for PendingLookup<'_> {
     fn drop(&mut self) {
         if let Some(sql) = self.sql.take() {
-            let mut plans = lock(&self.tagging.plans);
-            if matches!(plans.get(&sql), Some(Slot::Pending)) {
-                plans.remove(&sql);
+            let mut plans = write(&self.tagging.plans);
+            match plans.get_mut(&sql) {
+                Some(Slot::Pending) => {
+                    plans.remove(&sql);
+                }
+                // The old plan stays; the next read past its time retries.
+                Some(Slot::Ready { refreshing, .. }) => *refreshing = false,
+                None => {}
             }
         }
     }
@@ -258,26 +296,34 @@ mod tests {
 
     #[test]
     fn one_lookup_at_a_time_per_statement_and_plans_expire() {
-        let tagging = TableTagging::new(ReadCaching::Marked, Duration::from_millis(1));
-        let read = || Query::read("SELECT a FROM t", Consistency::Any).cache_by_tables();
-        assert!(matches!(tagging.step(read()), Step::LookUp(_)));
-        // Meanwhile: uncached, no second lookup.
-        assert!(matches!(tagging.step(read()), Step::Go(q) if q.cache_key.is_none()));
-        let mut pending = PendingLookup {
-            tagging: &tagging,
-            sql: Some(Arc::from("SELECT a FROM t")),
+        let sql = "SELECT a FROM t";
+        let tagging = TableTagging::new(ReadCaching::Marked, Duration::from_millis(50));
+        let read = || Query::read(sql, Consistency::Any).cache_by_tables();
+        let step = |t: &TableTagging| match t.step(read()) {
+            Step::LookUp(_) => "look up",
+            Step::Go(q) if q.cache_key.is_some() => "cached",
+            Step::Go(_) => "uncached",
         };
-        pending.ready(Arc::new(Plan::Tables(tables(&["t"]))));
-        drop(pending);
-        // Known (unless it already expired: 1 ms).
-        let _ = tagging.step(read());
-        std::thread::sleep(Duration::from_millis(5));
-        assert!(matches!(tagging.step(read()), Step::LookUp(_)), "expired");
+        let look_up = |t| PendingLookup {
+            tagging: t,
+            sql: Some(Arc::from(sql)),
+        };
+        assert_eq!(step(&tagging), "look up");
+        // Meanwhile: uncached, no second lookup.
+        assert_eq!(step(&tagging), "uncached");
         // A lookup given up on clears its mark.
-        drop(PendingLookup {
-            tagging: &tagging,
-            sql: Some(Arc::from("SELECT a FROM t")),
-        });
-        assert!(matches!(tagging.step(read()), Step::LookUp(_)));
+        drop(look_up(&tagging));
+        assert_eq!(step(&tagging), "look up");
+        look_up(&tagging).ready(Arc::new(Plan::Tables(tables(&["t"]))));
+        assert_eq!(step(&tagging), "cached");
+        // Expired: one read looks it up again, the others keep the plan.
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(step(&tagging), "look up");
+        assert_eq!(step(&tagging), "cached");
+        // That lookup failed: the next read tries again.
+        drop(look_up(&tagging));
+        assert_eq!(step(&tagging), "look up");
+        look_up(&tagging).ready(Arc::new(Plan::NotCached));
+        assert_eq!(step(&tagging), "uncached");
     }
 }

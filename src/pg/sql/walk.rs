@@ -3,7 +3,7 @@
 
 use sqlparser::ast::{
     Distinct, Expr, GroupByExpr, JoinConstraint, JoinOperator, LimitClause, NamedWindowExpr,
-    OrderByExpr, OrderByKind, Query, Select, SelectFlavor, SelectItem,
+    OrderByExpr, OrderByKind, OrderBySort, Query, Select, SelectFlavor, SelectItem,
     SelectItemQualifiedWildcardKind, SetExpr, TableFactor, TableWithJoins,
     WildcardAdditionalOptions, WindowFrameBound, WindowSpec,
 };
@@ -273,7 +273,8 @@ impl Walk {
 
     pub(super) fn order_by(&mut self, exprs: &[OrderByExpr]) -> Option<()> {
         for o in exprs {
-            if o.with_fill.is_some() {
+            // `USING op`: an operator the catalog step would have to check.
+            if o.with_fill.is_some() || matches!(o.options.sort, Some(OrderBySort::Using(_))) {
                 return None;
             }
             self.expr(&o.expr)?;
