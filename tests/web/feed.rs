@@ -169,3 +169,55 @@ async fn a_sql_write_reaches_every_instance_and_a_killed_holder_loses_nothing() 
         &stale[..stale.len().min(5)]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_holder_is_replaced_and_nothing_is_missed() {
+    let local = LocalCluster::start(1).unwrap();
+    let redis = LocalRedis::start().unwrap();
+    let flags = ["--redis".to_string(), redis.url()];
+    let a = tokio::task::block_in_place(|| start_users("axum_users", &local, KEY, &flags));
+    until("A holds the feed", async || is_holder(&a.addr).await).await;
+    let b = tokio::task::block_in_place(|| start_users("axum_users", &local, KEY, &flags));
+    let plain = local.primary().connect().await.unwrap();
+    let id: i64 = plain
+        .query_one("INSERT INTO users (name) VALUES ('before') RETURNING id", &[])
+        .await
+        .unwrap()
+        .get(0);
+    local.wait_for_replicas(DEADLINE).await.unwrap();
+    let mut client = Client2::new(false);
+    let path = format!("/users/{id}");
+    until("cached on B", async || {
+        client.send(&b.addr, "GET", &path, None, &[]).await.served_by == "cache"
+    })
+    .await;
+    // A stalls (its process stopped, its connections open): the server
+    // ends its replication session after the stall timeout, and the lease
+    // with it.
+    let pid = a.child.id().to_string();
+    let signal = |s: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([s, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    };
+    signal("-STOP");
+    let stalled = Instant::now();
+    plain
+        .execute("UPDATE users SET name = 'during' WHERE id = $1", &[&id])
+        .await
+        .unwrap();
+    until("B takes over", async || is_holder(&b.addr).await).await;
+    let takeover = stalled.elapsed();
+    until("the change made during the stall seen on B", async || {
+        name(&client.send(&b.addr, "GET", &path, None, &[]).await) == Some("during")
+    })
+    .await;
+    println!("takeover from a stalled holder: {takeover:?} (stall timeout 5 s)");
+    signal("-CONT");
+    // A comes back and stands by: one holder.
+    until("A stands by", async || !is_holder(&a.addr).await).await;
+    assert!(is_holder(&b.addr).await, "no holder after A came back");
+}

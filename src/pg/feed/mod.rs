@@ -69,6 +69,19 @@
 //!   treated as a change to every row of the table.
 //! - Tables are published when the feed connects: with
 //!   [`Tables::All`], a table created later joins at the next reconnect.
+//! - Give each service its own slot and publication names: two services
+//!   on the same names share one lease and rewrite each other's table list.
+//! - A holder that stalls (SIGSTOP, a frozen VM) keeps the lease until its
+//!   replication session times out ([`ChangeFeedBuilder::stall_timeout`],
+//!   5 s); meanwhile no invalidation from the feed reaches anyone.
+//! - With synchronous replication, a commit is decoded (and invalidated)
+//!   once it is flushed on the primary, before the standby confirms it and
+//!   it becomes visible there: a read on the primary in that window sees
+//!   the old row. Such reads are stamped with the primary's position as the
+//!   monitor last saw it, which is normally below the commit; keep
+//!   `probe_interval` short or TTLs bounded for data written that way.
+//! - Keys are written in PostgreSQL's text output with `DateStyle = ISO`
+//!   and `TimeZone = UTC` on the replication session.
 //! - The replication session does not use TLS yet: a node configured
 //!   with `sslmode=require` is refused ([`FeedError::Tls`]).
 
@@ -218,6 +231,7 @@ pub struct ChangeFeedBuilder {
     timeout: Duration,
     slot_create_timeout: Duration,
     publish_timeout: Duration,
+    stall_timeout: Duration,
 }
 
 impl fmt::Debug for ChangeFeedBuilder {
@@ -329,6 +343,16 @@ impl ChangeFeedBuilder {
         self
     }
 
+    /// The replication session's `wal_sender_timeout` (default 5 s): a
+    /// holder that stops answering (stalled, its host gone) loses its
+    /// session, and with it the lease, after this long; the client answers
+    /// every second while healthy. So a stalled holder is replaced within
+    /// about this plus [`lease_poll`](Self::lease_poll).
+    pub fn stall_timeout(mut self, timeout: Duration) -> Self {
+        self.stall_timeout = timeout;
+        self
+    }
+
     /// How long a confirmation waits for the shared tier before it is
     /// tried again (default 5 s). Nothing is confirmed past an
     /// invalidation the tier has not published.
@@ -344,10 +368,14 @@ impl ChangeFeedBuilder {
     pub async fn start(self) -> Result<ChangeFeed, FeedError> {
         valid_name("publication", &self.publication, 63)?;
         valid_name("slot", &self.slot, 50)?;
-        if self.lease_poll.is_zero() || self.timeout.is_zero() || self.publish_timeout.is_zero() {
+        if self.lease_poll.is_zero()
+            || self.timeout.is_zero()
+            || self.publish_timeout.is_zero()
+            || self.stall_timeout < Duration::from_secs(2)
+        {
             return Err(FeedError::Config {
                 field: "timeouts",
-                reason: "must be above zero".into(),
+                reason: "must be above zero (the stall timeout at least 2 s)".into(),
             });
         }
         let shared = Arc::new(run::Shared::new(self));
@@ -393,6 +421,7 @@ impl ChangeFeed {
             timeout: Duration::from_secs(5),
             slot_create_timeout: Duration::from_secs(60),
             publish_timeout: Duration::from_secs(5),
+            stall_timeout: Duration::from_secs(5),
         }
     }
 

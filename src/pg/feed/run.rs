@@ -63,6 +63,11 @@ pub(crate) struct Shared {
     timeout: Duration,
     slot_create_timeout: Duration,
     publish_timeout: Duration,
+    stall_timeout: Duration,
+    /// The stream failed in a way the slot cannot get past (its
+    /// publication was dropped and made again): the next session makes a
+    /// new slot (a slot loss).
+    slot_broken: std::sync::atomic::AtomicBool,
     pub(super) status: StatusCell,
     pub(super) changed: tokio::sync::watch::Sender<()>,
     pub(super) stop: CancellationToken,
@@ -99,6 +104,8 @@ impl Shared {
             timeout: b.timeout,
             slot_create_timeout: b.slot_create_timeout,
             publish_timeout: b.publish_timeout,
+            stall_timeout: b.stall_timeout,
+            slot_broken: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -179,6 +186,7 @@ fn replication_config(
     conn: &tokio_postgres::Config,
     slot: &str,
     publication: &str,
+    stall: Duration,
 ) -> Result<ReplicationConfig, FeedError> {
     if conn.get_ssl_mode() == SslMode::Require {
         return Err(FeedError::Tls);
@@ -206,7 +214,11 @@ fn replication_config(
             .with_port(port)
             .with_status_interval(Duration::from_secs(1))
             .with_wakeup_interval(Duration::from_secs(1))
-            .with_application_name("tower-scale-feed"),
+            .with_application_name("tower-scale-feed")
+            .with_options(format!(
+                "-c wal_sender_timeout={} -c datestyle=ISO -c timezone=UTC",
+                stall.as_millis()
+            )),
     )
 }
 
@@ -225,7 +237,7 @@ async fn connect(
     conn: &tokio_postgres::Config,
     slot: &str,
 ) -> Result<Session, FeedError> {
-    let cfg = replication_config(conn, slot, &shared.publication)?;
+    let cfg = replication_config(conn, slot, &shared.publication, shared.stall_timeout)?;
     let client = tokio::time::timeout(shared.timeout, ReplicationClient::connect_gated(cfg))
         .await
         .map_err(|_| FeedError::Timeout(shared.timeout))?
@@ -308,6 +320,16 @@ pub(super) async fn run(shared: Arc<Shared>) {
                 shared.lease_poll * 8
             }
             Err(e) => {
+                if let FeedError::Server(m) = &e
+                    && m.contains("publication")
+                    && m.contains("does not exist")
+                {
+                    // Decoding stops at the WAL of a publication that was
+                    // dropped (and made again): this slot cannot go on.
+                    shared
+                        .slot_broken
+                        .store(true, std::sync::atomic::Ordering::Release);
+                }
                 tracing::warn!(error = %e, "change feed: reconnecting");
                 shared.update(|s| {
                     s.state = FeedState::Reconnecting;
@@ -342,6 +364,9 @@ async fn session(
     } else {
         shared.slot.clone()
     };
+    if !temporary && lease_held_elsewhere(shared, &slot).await {
+        return Ok(Ended::Standby);
+    }
     let mut session = connect(shared, &conn, &slot).await?;
     let client = &mut session.0;
     let t = shared.timeout;
@@ -373,6 +398,14 @@ async fn session(
     } else {
         match setup::slot_state(client, &slot, t).await? {
             SlotState::Missing => Some(Some(make_slot(shared, client, &slot, temporary).await?)),
+            SlotState::Usable
+                if shared
+                    .slot_broken
+                    .swap(false, std::sync::atomic::Ordering::AcqRel) =>
+            {
+                setup::drop_slot(client, &slot, t).await?;
+                Some(Some(make_slot(shared, client, &slot, temporary).await?))
+            }
             SlotState::Lost => {
                 setup::drop_slot(client, &slot, t).await?;
                 Some(Some(make_slot(shared, client, &slot, temporary).await?))
@@ -424,6 +457,28 @@ async fn session(
         s.last_error = None;
     });
     stream(shared, client, idx).await
+}
+
+/// Whether another session holds the lease, asked through the cluster's
+/// own pool (so instances on standby do not open a replication session,
+/// which would take one of the primary's `max_wal_senders`, every poll).
+/// False when it cannot tell: the lease itself decides then.
+async fn lease_held_elsewhere(shared: &Shared, slot: &str) -> bool {
+    let key = u64::from_ne_bytes(setup::lease_key(slot).to_ne_bytes());
+    let (high, low) = (key >> 32, key & 0xffff_ffff);
+    let sql = format!(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'advisory' \
+         AND classid = {high}::int8::oid AND objid = {low}::int8::oid AND objsubid = 1 AND granted \
+         AND database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()))"
+    );
+    let db = shared.cluster.db();
+    match db
+        .read_one(crate::pg::Consistency::Strong, &sql, &[])
+        .await
+    {
+        Ok(row) => row.value.try_get::<_, bool>(0).unwrap_or(false),
+        Err(_) => false,
+    }
 }
 
 /// Creates the slot; until its flush was written, the slot counts as new
