@@ -109,6 +109,13 @@ impl<K> Invalidator<K> {
         self.target.invalidate(Invalidation::All, plain(version));
     }
 
+    /// Invalidations made here that the shared tier has not applied yet
+    /// (0 without a tier).
+    #[cfg_attr(not(feature = "change-feed"), allow(dead_code))]
+    pub(crate) fn shared_backlog(&self) -> u64 {
+        self.target.shared_gate().map_or(0, |g| g.backlog())
+    }
+
     /// Whether a shared tier (Redis) is attached to the cache.
     pub fn has_shared_tier(&self) -> bool {
         self.target.shared_gate().is_some()

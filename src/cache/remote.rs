@@ -300,6 +300,15 @@ impl Gate {
         });
     }
 
+    /// How many of this instance's invalidations the tier has not applied.
+    #[cfg_attr(not(feature = "change-feed"), allow(dead_code))]
+    pub(crate) fn backlog(&self) -> u64 {
+        use std::sync::atomic::Ordering;
+        self.queued
+            .load(Ordering::Acquire)
+            .saturating_sub(self.applied.load(Ordering::Acquire))
+    }
+
     /// Waits until the tier applied every invalidation queued before the
     /// call, for at most `within`; true if it did.
     pub(crate) fn published(

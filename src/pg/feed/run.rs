@@ -29,6 +29,12 @@ use crate::pg::lsn::Lsn;
 /// message until a holder applied and published it).
 const FLUSH_MESSAGE: &str = "tower-scale-feed:flush";
 
+/// Invalidations a cache's shared tier may have waiting before the feed
+/// stops reading the stream until the tier catches up (the slot keeps the
+/// WAL meanwhile). Without it a burst of row changes outruns the tier and
+/// its queue collapses into "invalidate everything" on every instance.
+const MAX_BACKLOG: u64 = 1_000;
+
 /// Consecutive confirmations the shared tier failed before the holder
 /// gives up the lease (another instance may reach the tier).
 const MAX_PUBLISH_FAILURES: u32 = 3;
@@ -565,6 +571,19 @@ async fn stream(
                         let end = end_lsn.as_u64();
                         shared.apply(&committed, end);
                         applied = applied.max(end);
+                        if shared.sinks.iter().any(|s| s.backlog() > MAX_BACKLOG) {
+                            tokio::select! {
+                                () = shared.stop.cancelled() => return Ok(Ended::Stopped),
+                                ok = all_published(&shared.sinks, shared.publish_timeout) => {
+                                    if !ok {
+                                        publish_failures += 1;
+                                        if publish_failures >= MAX_PUBLISH_FAILURES {
+                                            return Ok(Ended::Yielded);
+                                        }
+                                    }
+                                }
+                            }
+                        }
                         shared.metrics.transactions.increment(1);
                         shared.metrics.rows.increment(committed.rows);
                         shared.update(|s| {

@@ -13,6 +13,8 @@ pub(crate) trait Sink: Send + Sync {
     fn invalidate_all_at(&self, version: Option<u64>);
     fn published(&self, within: Duration) -> Pin<Box<dyn Future<Output = bool> + Send>>;
     fn has_shared_tier(&self) -> bool;
+    /// Invalidations the shared tier has not applied yet.
+    fn backlog(&self) -> u64;
 }
 
 impl<K: Send + Sync + 'static> Sink for Invalidator<K> {
@@ -30,6 +32,10 @@ impl<K: Send + Sync + 'static> Sink for Invalidator<K> {
 
     fn has_shared_tier(&self) -> bool {
         Invalidator::has_shared_tier(self)
+    }
+
+    fn backlog(&self) -> u64 {
+        self.shared_backlog()
     }
 }
 
