@@ -180,7 +180,10 @@ async fn a_stalled_holder_is_replaced_and_nothing_is_missed() {
     let b = tokio::task::block_in_place(|| start_users("axum_users", &local, KEY, &flags));
     let plain = local.primary().connect().await.unwrap();
     let id: i64 = plain
-        .query_one("INSERT INTO users (name) VALUES ('before') RETURNING id", &[])
+        .query_one(
+            "INSERT INTO users (name) VALUES ('before') RETURNING id",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -188,7 +191,11 @@ async fn a_stalled_holder_is_replaced_and_nothing_is_missed() {
     let mut client = Client2::new(false);
     let path = format!("/users/{id}");
     until("cached on B", async || {
-        client.send(&b.addr, "GET", &path, None, &[]).await.served_by == "cache"
+        client
+            .send(&b.addr, "GET", &path, None, &[])
+            .await
+            .served_by
+            == "cache"
     })
     .await;
     // A stalls (its process stopped, its connections open): the server

@@ -478,10 +478,7 @@ async fn lease_held_elsewhere(shared: &Shared, slot: &str) -> bool {
          AND database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()))"
     );
     let db = shared.cluster.db();
-    match db
-        .read_one(crate::pg::Consistency::Strong, &sql, &[])
-        .await
-    {
+    match db.read_one(crate::pg::Consistency::Strong, &sql, &[]).await {
         Ok(row) => row.value.try_get::<_, bool>(0).unwrap_or(false),
         Err(_) => false,
     }
