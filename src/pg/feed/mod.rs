@@ -90,6 +90,7 @@ mod pgoutput;
 mod run;
 mod setup;
 mod sink;
+mod stream;
 pub mod tags;
 
 use std::fmt;

@@ -3,56 +3,38 @@
 //! shared tier have the invalidations, and reconnected when it breaks or
 //! the primary moves.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
+use pgwire_replication::{ReplicationClient, ReplicationConfig};
 use tokio_postgres::config::{Host, SslMode};
 use tokio_util::sync::CancellationToken;
 
-use super::apply::{Committed, Decoder};
+use super::apply::Committed;
 use super::setup::{self, SlotState};
-use super::sink::{Sink, all_published};
+use super::sink::Sink;
 use super::{
     ChangeFeedBuilder, FeedError, FeedState, FeedStatus, SlotKind, StatusCell, Tables, TagMap,
     initial_status,
 };
 use crate::pg::cluster::Cluster;
-use crate::pg::lsn::Lsn;
 
 /// The prefix of the logical message that tells whoever reads the slot to
 /// flush every cache: written into the WAL right after a new slot's
 /// starting point, so a holder that dies before its flush reached every
 /// instance leaves it to its successor (the slot is not confirmed past the
 /// message until a holder applied and published it).
-const FLUSH_MESSAGE: &str = "tower-scale-feed:flush";
-
-/// Invalidations a cache's shared tier may have waiting before the feed
-/// stops reading the stream until the tier catches up (the slot keeps the
-/// WAL meanwhile). Without it a burst of row changes outruns the tier and
-/// its queue collapses into "invalidate everything" on every instance.
-const MAX_BACKLOG: u64 = 1_000;
-
-/// Consecutive confirmations the shared tier failed before the holder
-/// gives up the lease (another instance may reach the tier).
-const MAX_PUBLISH_FAILURES: u32 = 3;
-
-/// How long the primary may look unhealthy to the monitor before the feed
-/// drops its stream and reconnects (a black-holed server sends nothing, and
-/// an idle stream sends nothing either).
-const UNHEALTHY_GRACE: Duration = Duration::from_secs(3);
+pub(super) const FLUSH_MESSAGE: &str = "tower-scale-feed:flush";
 
 /// The longest pause between reconnects.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
-struct Metrics {
-    bytes_behind: metrics::Gauge,
-    holder: metrics::Gauge,
-    transactions: metrics::Counter,
-    rows: metrics::Counter,
-    flushes: metrics::Counter,
+pub(super) struct Metrics {
+    pub(super) bytes_behind: metrics::Gauge,
+    pub(super) holder: metrics::Gauge,
+    pub(super) transactions: metrics::Counter,
+    pub(super) rows: metrics::Counter,
+    pub(super) flushes: metrics::Counter,
 }
 
 /// The feed's settings and state, shared by the handle and the task.
@@ -62,13 +44,13 @@ pub(crate) struct Shared {
     publication: String,
     slot: String,
     slot_kind: SlotKind,
-    sinks: Vec<Arc<dyn Sink>>,
+    pub(super) sinks: Vec<Arc<dyn Sink>>,
     map: Option<Arc<TagMap>>,
-    row_limit: usize,
+    pub(super) row_limit: usize,
     pub(super) lease_poll: Duration,
     timeout: Duration,
     slot_create_timeout: Duration,
-    publish_timeout: Duration,
+    pub(super) publish_timeout: Duration,
     stall_timeout: Duration,
     /// The stream failed in a way the slot cannot get past (its
     /// publication was dropped and made again): the next session makes a
@@ -80,7 +62,7 @@ pub(crate) struct Shared {
     /// A slot creation that failed may have made the slot on the server
     /// (its answer lost): the next session treats that slot as new.
     create_uncertain: std::sync::atomic::AtomicBool,
-    metrics: Metrics,
+    pub(super) metrics: Metrics,
 }
 
 impl Shared {
@@ -115,7 +97,7 @@ impl Shared {
         }
     }
 
-    fn update(&self, f: impl FnOnce(&mut FeedStatus)) {
+    pub(super) fn update(&self, f: impl FnOnce(&mut FeedStatus)) {
         f(&mut crate::sync::lock(&self.status));
         self.changed.send_replace(());
     }
@@ -138,7 +120,7 @@ impl Shared {
 
     /// Invalidates everything in every cache (from `version` on, when
     /// given).
-    fn flush(&self, version: Option<u64>) {
+    pub(super) fn flush(&self, version: Option<u64>) {
         for sink in &self.sinks {
             sink.invalidate_all_at(version);
         }
@@ -147,7 +129,7 @@ impl Shared {
     }
 
     /// Invalidates one committed transaction's tags at `version`.
-    fn apply(&self, committed: &Committed, version: u64) {
+    pub(super) fn apply(&self, committed: &Committed, version: u64) {
         committed.for_each_change(|change| {
             let tags = match &self.map {
                 Some(map) => map(change),
@@ -283,7 +265,7 @@ async fn publish(shared: &Shared, client: &mut ReplicationClient) -> Result<(), 
 }
 
 /// How a session ended without an error.
-enum Ended {
+pub(super) enum Ended {
     Stopped,
     /// Another instance holds the lease.
     Standby,
@@ -462,7 +444,7 @@ async fn session(
         s.takeovers += 1;
         s.last_error = None;
     });
-    stream(shared, client, idx).await
+    super::stream::stream(shared, client, idx).await
 }
 
 /// Whether another session holds the lease, asked through the cluster's
@@ -496,136 +478,6 @@ async fn make_slot(
         .create_uncertain
         .store(true, std::sync::atomic::Ordering::Release);
     setup::create_slot(client, slot, temporary, shared.slot_create_timeout).await
-}
-
-type Confirming = Option<(u64, Pin<Box<dyn Future<Output = bool> + Send>>)>;
-
-/// Streams until stopped, broken or moved.
-async fn stream(
-    shared: &Shared,
-    client: &mut ReplicationClient,
-    idx: usize,
-) -> Result<Ended, FeedError> {
-    let mut decoder = Decoder::new(shared.row_limit);
-    let mut in_transaction = false;
-    // The highest position applied (and, once published, confirmable).
-    let mut applied = 0u64;
-    let mut confirmed = 0u64;
-    let mut confirming: Confirming = None;
-    let mut unhealthy_since: Option<Instant> = None;
-    let mut publish_failures = 0u32;
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        if confirming.is_none() && applied > confirmed {
-            confirming = Some((
-                applied,
-                Box::pin(all_published(&shared.sinks, shared.publish_timeout)),
-            ));
-        }
-        tokio::select! {
-            biased;
-            () = shared.stop.cancelled() => return Ok(Ended::Stopped),
-            ok = async {
-                match confirming.as_mut() {
-                    Some((_, wait)) => wait.await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                if let Some((lsn, _)) = confirming.take() {
-                    if ok {
-                        publish_failures = 0;
-                        client.update_applied_lsn(pgwire_replication::Lsn(lsn));
-                        confirmed = lsn;
-                        shared.update(|s| s.confirmed = Some(Lsn(lsn)));
-                    } else {
-                        publish_failures += 1;
-                        if publish_failures >= MAX_PUBLISH_FAILURES {
-                            return Ok(Ended::Yielded);
-                        }
-                    }
-                }
-            }
-            event = client.recv() => {
-                let event = event
-                    .map_err(|e| FeedError::Server(e.to_string()))?
-                    .ok_or_else(|| FeedError::Server("the replication stream ended".into()))?;
-                match event {
-                    ReplicationEvent::Begin { .. } => {
-                        decoder.begin();
-                        in_transaction = true;
-                    }
-                    ReplicationEvent::XLogData { data, .. } => {
-                        decoder
-                            .message(&data)
-                            .map_err(|e| FeedError::Protocol(e.to_string()))?;
-                    }
-                    ReplicationEvent::Commit { end_lsn, .. } => {
-                        in_transaction = false;
-                        let committed = decoder
-                            .commit()
-                            .map_err(|e| FeedError::Protocol(e.to_string()))?;
-                        let end = end_lsn.as_u64();
-                        shared.apply(&committed, end);
-                        applied = applied.max(end);
-                        if shared.sinks.iter().any(|s| s.backlog() > MAX_BACKLOG) {
-                            tokio::select! {
-                                () = shared.stop.cancelled() => return Ok(Ended::Stopped),
-                                ok = all_published(&shared.sinks, shared.publish_timeout) => {
-                                    if !ok {
-                                        publish_failures += 1;
-                                        if publish_failures >= MAX_PUBLISH_FAILURES {
-                                            return Ok(Ended::Yielded);
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                        shared.metrics.transactions.increment(1);
-                        shared.metrics.rows.increment(committed.rows);
-                        shared.update(|s| {
-                            s.applied = Some(Lsn(applied));
-                            s.transactions += 1;
-                            s.rows += committed.rows;
-                        });
-                    }
-                    ReplicationEvent::KeepAlive { wal_end, .. } => {
-                        // Every transaction that committed before the
-                        // server's sent position was sent before this.
-                        if !in_transaction && wal_end.as_u64() > applied {
-                            applied = wal_end.as_u64();
-                            shared.update(|s| s.applied = Some(Lsn(applied)));
-                        }
-                    }
-                    ReplicationEvent::Message { prefix, lsn, transactional: false, .. }
-                        if prefix == FLUSH_MESSAGE && !in_transaction =>
-                    {
-                        shared.flush(Some(lsn.as_u64()));
-                        applied = applied.max(lsn.as_u64());
-                        shared.update(|s| s.applied = Some(Lsn(applied)));
-                    }
-                    ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
-                }
-            }
-            _ = tick.tick() => {
-                let inner = &shared.cluster.inner;
-                if inner.primary.load(std::sync::atomic::Ordering::Acquire) != idx {
-                    return Ok(Ended::Moved);
-                }
-                let Some(node) = inner.nodes.get(idx) else {
-                    return Ok(Ended::Moved);
-                };
-                if node.is_healthy() {
-                    unhealthy_since = None;
-                } else if unhealthy_since.get_or_insert_with(Instant::now).elapsed() > UNHEALTHY_GRACE {
-                    return Ok(Ended::Moved);
-                }
-                let behind = node.lsn().0.saturating_sub(confirmed.max(1));
-                #[allow(clippy::cast_precision_loss)]
-                shared.metrics.bytes_behind.set(behind as f64);
-            }
-        }
-    }
 }
 
 /// Drops the permanent slot (retrying while the stopping session still
