@@ -228,3 +228,115 @@ async fn a_stalled_holder_is_replaced_and_nothing_is_missed() {
     until("A stands by", async || !is_holder(&a.addr).await).await;
     assert!(is_holder(&b.addr).await, "no holder after A came back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_without_logical_wal_gets_one_warning_and_the_service_runs() {
+    use std::io::{BufRead, BufReader, Read};
+    let local = LocalCluster::builder()
+        .replicas(0)
+        .conf("wal_level = replica")
+        .start()
+        .unwrap();
+    let mut child = std::process::Command::new(crate::common::example("axum_users"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--primary",
+            &local.primary().url(),
+        ])
+        .args(["--token-key", KEY])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("first line was {line:?}"))
+        .to_string();
+    let mut client = Client2::new(false);
+    let created = client
+        .send(
+            &addr,
+            "POST",
+            "/users",
+            Some(serde_json::json!({ "name": "w" })),
+            &[],
+        )
+        .await;
+    assert_eq!(created.status, 201);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("wal_level")).collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(warnings[0].contains("wal_level = logical"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_slot_flushes_every_instance_and_the_shared_tier() {
+    let local = LocalCluster::start(1).unwrap();
+    let redis = LocalRedis::start().unwrap();
+    let flags = ["--redis".to_string(), redis.url()];
+    let a = tokio::task::block_in_place(|| start_users("axum_users", &local, KEY, &flags));
+    until("A holds the feed", async || is_holder(&a.addr).await).await;
+    let b = tokio::task::block_in_place(|| start_users("axum_users", &local, KEY, &flags));
+    let plain = local.primary().connect().await.unwrap();
+    let id: i64 = plain
+        .query_one("INSERT INTO users (name) VALUES ('old') RETURNING id", &[])
+        .await
+        .unwrap()
+        .get(0);
+    local.wait_for_replicas(DEADLINE).await.unwrap();
+    let mut client = Client2::new(false);
+    let path = format!("/users/{id}");
+    until("cached on B (L1 and L2)", async || {
+        client
+            .send(&b.addr, "GET", &path, None, &[])
+            .await
+            .served_by
+            == "cache"
+    })
+    .await;
+    // The slot goes (its session terminated first), and a change is made
+    // while no slot exists: no stream will carry it.
+    until("the slot dropped", async || {
+        let _ = plain
+            .execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                 WHERE slot_name = 'tower_scale_users' AND active_pid IS NOT NULL",
+                &[],
+            )
+            .await;
+        plain
+            .execute("SELECT pg_drop_replication_slot('tower_scale_users')", &[])
+            .await
+            .is_ok()
+    })
+    .await;
+    plain
+        .execute("UPDATE users SET name = 'unseen' WHERE id = $1", &[&id])
+        .await
+        .unwrap();
+    local.wait_for_replicas(DEADLINE).await.unwrap();
+    // The new slot's flush reaches B's L1 and the shared tier.
+    until("B reads the change", async || {
+        name(&client.send(&b.addr, "GET", &path, None, &[]).await) == Some("unseen")
+    })
+    .await;
+    let c = tokio::task::block_in_place(|| start_users("axum_users", &local, KEY, &flags));
+    let r = client.send(&c.addr, "GET", &path, None, &[]).await;
+    assert_eq!(name(&r), Some("unseen"), "served by {}", r.served_by);
+    let again = client.send(&b.addr, "GET", &path, None, &[]).await;
+    assert_eq!(name(&again), Some("unseen"));
+}
