@@ -307,3 +307,69 @@ async fn a_primary_without_logical_wal_is_refused_naming_the_setting() {
     let err = ChangeFeed::builder(&cluster).start().await.unwrap_err();
     assert!(err.to_string().contains("wal_level = logical"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_resumes_without_a_flush_unless_its_creator_died_before_the_flush() {
+    let local = LocalCluster::start(0).unwrap();
+    let plain = table(
+        &local,
+        "CREATE TABLE items (id int8 PRIMARY KEY, name text NOT NULL);",
+    )
+    .await;
+    let cluster = connect(&local, |b| b).await;
+    let cache = DbCache::builder(cluster.db()).build().unwrap();
+    let start = || {
+        ChangeFeed::builder(&cluster)
+            .tables(["items"])
+            .slot("marked")
+            .slot_kind(SlotKind::Permanent)
+            .invalidates(cache.invalidator().clone())
+            .start()
+    };
+    let first = start().await.unwrap();
+    assert!(first.streaming(DEADLINE).await, "{:?}", first.status());
+    assert_eq!(first.status().flushes, 1, "a new slot flushes");
+    // Everything so far (its own flush message included) confirmed.
+    let now: String = plain
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let now: tower_scale::pg::Lsn = now.parse().unwrap();
+    until("the first holder confirmed", DEADLINE, async || {
+        first.status().confirmed.is_some_and(|c| c >= now)
+    })
+    .await;
+    first.shutdown();
+    drop(first);
+    // The same slot again: it resumes, nothing to flush.
+    let second = start().await.unwrap();
+    assert!(second.streaming(DEADLINE).await, "{:?}", second.status());
+    assert_eq!(second.status().flushes, 0, "a resumed slot flushed");
+    second.shutdown();
+    drop(second);
+    // As left by a holder killed between making the slot and writing its
+    // flush: the next holder flushes.
+    plain
+        .batch_execute(
+            "COMMENT ON PUBLICATION tower_scale_feed IS 'tower-scale-feed: flush pending for slot marked'",
+        )
+        .await
+        .unwrap();
+    let third = start().await.unwrap();
+    assert!(third.streaming(DEADLINE).await, "{:?}", third.status());
+    assert!(third.status().flushes >= 1, "{:?}", third.status());
+    let comment: Option<String> = plain
+        .query_one(
+            "SELECT obj_description(oid, 'pg_publication') FROM pg_publication WHERE pubname = 'tower_scale_feed'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        comment, None,
+        "the marker is cleared once the flush is written"
+    );
+    third.drop_slot().await.unwrap();
+}

@@ -69,6 +69,14 @@
 //!   treated as a change to every row of the table.
 //! - Tables are published when the feed connects: with
 //!   [`Tables::All`], a table created later joins at the next reconnect.
+//! - A cache fed through a Redis tier should keep that tier's
+//!   `max_queued_invalidations` above 1,000: the feed stops reading while
+//!   1,000 are waiting, and a smaller queue collapses into "invalidate
+//!   everything" first.
+//! - A new slot's flush is written into the WAL as a logical message
+//!   naming the slot (prefix `tower-scale-feed:flush`); while it is not yet
+//!   written, the publication's comment says a flush is pending, so a
+//!   holder that died in between leaves the flush to the next one.
 //! - Give each service its own slot and publication names: two services
 //!   on the same names share one lease and rewrite each other's table list.
 //! - A holder that stalls (SIGSTOP, a frozen VM) keeps the lease until its
@@ -306,7 +314,10 @@ impl ChangeFeedBuilder {
     /// Maps each change to the tags to invalidate (default
     /// [`Change::default_tag`]): for example a service that tags its
     /// entries `user:{id}` maps `Change::Row { table: "users", key }` to
-    /// `user:{key}`.
+    /// `user:{key}`. A change the mapping drops invalidates nothing: a
+    /// mapping that drops [`Change::Table`] must not feed caches whose
+    /// entries are tagged by table (query-result caching), and one that
+    /// drops [`Change::Whole`] leaves row entries alive through `TRUNCATE`.
     pub fn map_tags(
         mut self,
         map: impl Fn(Change<'_>) -> Vec<Tag> + Send + Sync + 'static,

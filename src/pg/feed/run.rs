@@ -42,7 +42,7 @@ pub(crate) struct Shared {
     pub(super) cluster: Cluster,
     tables: Tables,
     publication: String,
-    slot: String,
+    pub(super) slot: String,
     slot_kind: SlotKind,
     pub(super) sinks: Vec<Arc<dyn Sink>>,
     map: Option<Arc<TagMap>>,
@@ -204,7 +204,8 @@ fn replication_config(
             .with_wakeup_interval(Duration::from_secs(1))
             .with_application_name("tower-scale-feed")
             .with_options(format!(
-                "-c wal_sender_timeout={} -c datestyle=ISO -c timezone=UTC",
+                "-c wal_sender_timeout={} -c datestyle=ISO -c timezone=UTC \
+                 -c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3",
                 stall.as_millis()
             )),
     )
@@ -398,8 +399,14 @@ async fn session(
                 setup::drop_slot(client, &slot, t).await?;
                 Some(Some(make_slot(shared, client, &slot, temporary).await?))
             }
-            // Made by a creation whose answer was lost: new all the same.
-            SlotState::Usable if uncertain.load(std::sync::atomic::Ordering::Acquire) => Some(None),
+            // Made by a creation whose answer was lost, or by a process
+            // that died before it wrote the flush: new all the same.
+            SlotState::Usable
+                if uncertain.load(std::sync::atomic::Ordering::Acquire)
+                    || setup::is_pending(client, &shared.publication, &slot, t).await? =>
+            {
+                Some(None)
+            }
             // The slot is there, but this process last read another
             // server's history (a promotion, a restored backup).
             SlotState::Usable => last_identity
@@ -420,12 +427,16 @@ async fn session(
             setup::query(
                 client,
                 &format!(
-                    "SELECT pg_catalog.pg_logical_emit_message(false, {}, '')",
-                    setup::literal(FLUSH_MESSAGE)
+                    "SELECT pg_catalog.pg_logical_emit_message(false, {}, {})",
+                    setup::literal(FLUSH_MESSAGE),
+                    setup::literal(&slot)
                 ),
                 t,
             )
             .await?;
+            // Committing the clear also makes the message durable (the WAL
+            // is flushed up to the commit).
+            setup::mark_pending(client, &shared.publication, &slot, false, t).await?;
         }
         uncertain.store(false, std::sync::atomic::Ordering::Release);
         shared.flush(version);
@@ -477,6 +488,9 @@ async fn make_slot(
     shared
         .create_uncertain
         .store(true, std::sync::atomic::Ordering::Release);
+    if !temporary {
+        setup::mark_pending(client, &shared.publication, slot, true, shared.timeout).await?;
+    }
     setup::create_slot(client, slot, temporary, shared.slot_create_timeout).await
 }
 

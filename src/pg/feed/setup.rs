@@ -354,6 +354,60 @@ pub(super) async fn create_slot(
     Ok(point.0)
 }
 
+/// The publication's comment while a new slot's flush is not yet in the
+/// WAL (set before the slot is made, cleared once the flush message is
+/// written): a holder that finds it flushes, so a process that died in
+/// between leaves no silent gap.
+fn pending_marker(slot: &str) -> String {
+    format!("tower-scale-feed: flush pending for slot {slot}")
+}
+
+/// Sets or clears the marker; false when the role may not comment on the
+/// publication (it does not own it): the feed goes on without it.
+pub(super) async fn mark_pending(
+    client: &mut ReplicationClient,
+    publication: &str,
+    slot: &str,
+    pending: bool,
+    within: Duration,
+) -> Result<bool, FeedError> {
+    let value = if pending {
+        literal(&pending_marker(slot))
+    } else {
+        "NULL".to_owned()
+    };
+    match query(
+        client,
+        &format!("COMMENT ON PUBLICATION {} IS {value}", ident(publication)),
+        within,
+    )
+    .await
+    {
+        Ok(_) => Ok(true),
+        Err(FeedError::Server(e)) if e.contains("must be owner") => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether the marker is set for `slot`.
+pub(super) async fn is_pending(
+    client: &mut ReplicationClient,
+    publication: &str,
+    slot: &str,
+    within: Duration,
+) -> Result<bool, FeedError> {
+    let comment = scalar(
+        client,
+        &format!(
+            "SELECT pg_catalog.obj_description(oid, 'pg_publication') FROM pg_catalog.pg_publication WHERE pubname = {}",
+            literal(publication)
+        ),
+        within,
+    )
+    .await?;
+    Ok(comment.as_deref() == Some(pending_marker(slot).as_str()))
+}
+
 pub(super) async fn drop_slot(
     client: &mut ReplicationClient,
     slot: &str,

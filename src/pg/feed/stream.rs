@@ -125,8 +125,12 @@ pub(super) async fn stream(
                             shared.update(|s| s.applied = Some(Lsn(applied)));
                         }
                     }
-                    ReplicationEvent::Message { prefix, lsn, transactional: false, .. }
-                        if prefix == FLUSH_MESSAGE && !in_transaction =>
+                    // Ours only: the message goes to every slot of the
+                    // database, so it names the slot it is for.
+                    ReplicationEvent::Message { prefix, lsn, content, transactional: false }
+                        if prefix == FLUSH_MESSAGE
+                            && content.as_ref() == shared.slot.as_bytes()
+                            && !in_transaction =>
                     {
                         shared.flush(Some(lsn.as_u64()));
                         applied = applied.max(lsn.as_u64());
