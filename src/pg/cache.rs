@@ -114,6 +114,8 @@ pub struct DbCacheBuilder {
     reads: super::sql::ReadCaching,
     #[cfg(feature = "change-feed")]
     analysis_ttl: Duration,
+    #[cfg(feature = "change-feed")]
+    only_published: Option<String>,
 }
 
 /// How long a statement's analysis is trusted by default.
@@ -176,6 +178,25 @@ impl DbCacheBuilder {
         self
     }
 
+    /// Caches reads by their tables only if the change feed's publication
+    /// `publication` covers every table they read (feature `change-feed`;
+    /// the feed's default publication is `tower_scale_feed`): a table
+    /// outside it, or a partition whose root is not published either, is
+    /// read uncached. Checked with the rest of the statement's catalog
+    /// lookup (`pg_publication_tables`), so a table added to or dropped
+    /// from the publication is seen within
+    /// [`statement_analysis_ttl`](Self::statement_analysis_ttl).
+    ///
+    /// Without it, a table the publication does not cover is cached too
+    /// and its entries are invalidated only by the TTL and by writes
+    /// through the cache (see [`ReadCaching`](super::ReadCaching)).
+    #[cfg(feature = "change-feed")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "change-feed")))]
+    pub fn only_published(mut self, publication: impl Into<String>) -> Self {
+        self.only_published = Some(publication.into());
+        self
+    }
+
     /// Builds on the moka store.
     #[cfg(feature = "moka")]
     #[cfg_attr(docsrs, doc(cfg(feature = "moka")))]
@@ -208,6 +229,7 @@ impl DbCacheBuilder {
         Ok(Arc::new(super::sql::TableTagging::new(
             self.reads,
             self.analysis_ttl,
+            self.only_published.clone(),
         )))
     }
 
@@ -309,6 +331,8 @@ impl DbCache {
             reads: super::sql::ReadCaching::default(),
             #[cfg(feature = "change-feed")]
             analysis_ttl: STATEMENT_ANALYSIS_TTL,
+            #[cfg(feature = "change-feed")]
+            only_published: None,
         }
     }
 }
@@ -325,6 +349,7 @@ where
         let tables = Arc::new(super::sql::TableTagging::new(
             super::sql::ReadCaching::default(),
             STATEMENT_ANALYSIS_TTL,
+            None,
         ));
         #[cfg(not(feature = "change-feed"))]
         let tables = ();
@@ -405,12 +430,13 @@ where
         #[cfg(feature = "change-feed")]
         let query = match self.tables.step(query) {
             super::sql::Step::Go(query) => query,
-            super::sql::Step::LookUp(query) => {
-                let tables = Arc::clone(&self.tables);
+            super::sql::Step::LookUp(query, pending) => {
                 let db = self.db.clone();
                 let mut cache = self.cache.clone();
+                // `pending` moves into the future: dropped unpolled, it
+                // clears the statement's mark.
                 return QueryFuture::new(async move {
-                    let query = tables.look_up(&db, query).await;
+                    let query = super::sql::TableTagging::look_up(&db, query, pending).await;
                     served(cache.call(query)).await
                 });
             }

@@ -455,3 +455,161 @@ async fn a_failed_catalog_lookup_leaves_the_read_uncached_not_failed() {
         "the failure was remembered"
     );
 }
+
+/// Read three times; none served from the cache, every one bypassing it.
+async fn never_cached(cache: &DbCache, query: Query) {
+    let before = cache.stats();
+    for _ in 0..3 {
+        let out = run(cache, query.clone()).await;
+        assert!(!from_cache(&out), "served from the cache: {query:?}");
+    }
+    let after = cache.stats();
+    assert_eq!(after.hits, before.hits, "{query:?}");
+    assert_eq!(
+        after.bypasses,
+        before.bypasses + 3,
+        "not bypassed: {query:?}"
+    );
+}
+
+/// `u.order_count` is the call `order_count(u)` when the table has no such
+/// column: a user function that reads another table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_called_with_column_syntax_is_not_taken_for_a_column() {
+    let (_local, cluster) = setup(
+        "CREATE TABLE qc_fn_users (id bigint PRIMARY KEY, name text NOT NULL);
+         CREATE TABLE qc_fn_orders (id bigint PRIMARY KEY, user_id bigint NOT NULL);
+         INSERT INTO qc_fn_users VALUES (1, 'ann');
+         INSERT INTO qc_fn_orders VALUES (10, 1);
+         CREATE FUNCTION order_count(qc_fn_users) RETURNS bigint LANGUAGE sql STABLE
+             AS 'SELECT count(*) FROM qc_fn_orders WHERE user_id = $1.id';",
+    )
+    .await;
+    let db = cluster.db();
+    let cache = cache(db.clone());
+    let read = |sql: &str| {
+        Query::read(sql, Consistency::Any)
+            .bind(1i64)
+            .cache_by_tables()
+    };
+    for sql in [
+        "SELECT u.order_count FROM qc_fn_users u WHERE u.id = $1",
+        "SELECT (u).order_count FROM qc_fn_users u WHERE u.id = $1",
+        "SELECT qc_fn_users.order_count FROM qc_fn_users WHERE id = $1",
+        "SELECT name FROM qc_fn_users u WHERE id = $1 AND u.order_count > 0",
+        // A system column that changes with no logical change.
+        "SELECT u.ctid FROM qc_fn_users u WHERE u.id = $1",
+    ] {
+        let out = run(&cache, read(sql)).await;
+        assert_eq!(out.rows.len(), 1, "{sql}");
+        never_cached(&cache, read(sql)).await;
+    }
+    // The count does change with qc_fn_orders.
+    db.execute("INSERT INTO qc_fn_orders VALUES (11, 1)", &[])
+        .await
+        .expect("insert");
+    let strong = Query::read(
+        "SELECT u.order_count FROM qc_fn_users u WHERE u.id = $1",
+        Consistency::Strong,
+    )
+    .bind(1i64);
+    let out = run(&cache, strong).await;
+    assert_eq!(out.rows[0].get::<_, i64>(0), 2);
+    // Real columns, qualified, are cached (by the row).
+    let q = read("SELECT u.name, u.tableoid FROM qc_fn_users u WHERE u.id = $1");
+    tagged_exactly(&cache, q, &["qc_fn_users".into()], "qc_fn_users:1").await;
+}
+
+/// `u(uid, id)` renames the table's columns: `id` there is `name`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_alias_list_is_not_read_as_the_key() {
+    let (_local, cluster) = setup(
+        "CREATE TABLE qc_renamed (id text PRIMARY KEY, name text NOT NULL);
+         INSERT INTO qc_renamed VALUES ('1', 'x'), ('2', '1');",
+    )
+    .await;
+    let cache = cache(cluster.db());
+    let q = Query::read(
+        "SELECT uid FROM qc_renamed u(uid, id) WHERE id = $1",
+        Consistency::Any,
+    )
+    .bind("1")
+    .cache_by_tables();
+    // The row read is '2' (its name is '1'): row '1''s tag must not be the
+    // entry's only way out; the table's is.
+    assert_eq!(
+        run(&cache, q.clone()).await.rows[0].get::<_, String>(0),
+        "2"
+    );
+    tagged_exactly(&cache, q, &[], "qc_renamed").await;
+}
+
+/// With `only_published`, a table outside the publication is read
+/// uncached; a partition counts as published through its root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_published_tables_are_cached_when_asked() {
+    let (_local, cluster) = setup(
+        "CREATE TABLE qc_pub_in (id bigint PRIMARY KEY, v text NOT NULL);
+         CREATE TABLE qc_pub_out (id bigint PRIMARY KEY, v text NOT NULL);
+         CREATE TABLE qc_pub_parted (id bigint, v text NOT NULL, PRIMARY KEY (id)) PARTITION BY RANGE (id);
+         CREATE TABLE qc_pub_parted_1 PARTITION OF qc_pub_parted FOR VALUES FROM (0) TO (100);
+         INSERT INTO qc_pub_in VALUES (1, 'a');
+         INSERT INTO qc_pub_out VALUES (1, 'b');
+         INSERT INTO qc_pub_parted VALUES (1, 'c');
+         CREATE PUBLICATION qc_pub FOR TABLE qc_pub_in, qc_pub_parted;
+         CREATE PUBLICATION qc_pub_root FOR TABLE qc_pub_parted WITH (publish_via_partition_root = true);",
+    )
+    .await;
+    let db = cluster.db();
+    let only = |publication: &str| {
+        DbCache::builder(db.clone())
+            .time_to_live(Duration::from_secs(600))
+            .only_published(publication)
+            .build()
+            .expect("cache")
+    };
+    let read = |sql: &str| Query::read(sql, Consistency::Any).cache_by_tables();
+    let cached = async |cache: &DbCache, sql: &str| {
+        run(cache, read(sql)).await;
+        from_cache(&run(cache, read(sql)).await)
+    };
+    let published = only("qc_pub");
+    assert!(cached(&published, "SELECT v FROM qc_pub_in").await);
+    assert!(cached(&published, "SELECT v FROM qc_pub_parted").await);
+    assert!(cached(&published, "SELECT v FROM qc_pub_parted_1").await);
+    never_cached(&published, read("SELECT v FROM qc_pub_out")).await;
+    never_cached(
+        &published,
+        read("SELECT i.v FROM qc_pub_in i JOIN qc_pub_out o ON o.id = i.id"),
+    )
+    .await;
+    let via_root = only("qc_pub_root");
+    assert!(cached(&via_root, "SELECT v FROM qc_pub_parted_1 WHERE id = 1").await);
+    assert!(cached(&via_root, "SELECT v FROM qc_pub_parted").await);
+    never_cached(&via_root, read("SELECT v FROM qc_pub_in")).await;
+    // No such publication: nothing is cached.
+    never_cached(&only("qc_pub_none"), read("SELECT v FROM qc_pub_in")).await;
+    // Without the option, as before: cached whatever the publication.
+    assert!(cached(&cache(db.clone()), "SELECT v FROM qc_pub_out").await);
+}
+
+/// The future of a read that marks its statement for a lookup, dropped
+/// before its first poll: the next read is still analysed and cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_dropped_before_its_first_poll_leaves_no_mark() {
+    use tower::Service;
+    let (_local, cluster) = setup(
+        "CREATE TABLE qc_unpolled (id bigint PRIMARY KEY, v text NOT NULL);
+         INSERT INTO qc_unpolled VALUES (1, 'x');",
+    )
+    .await;
+    let cache = cache(cluster.db());
+    let read = || Query::read("SELECT v FROM qc_unpolled", Consistency::Any).cache_by_tables();
+    let unpolled = cache.clone().call(read());
+    drop(unpolled);
+    run(&cache, read()).await;
+    assert!(
+        from_cache(&run(&cache, read()).await),
+        "the statement stayed marked as being looked up"
+    );
+}

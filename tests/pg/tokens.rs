@@ -276,3 +276,73 @@ async fn a_pooled_session_never_keeps_a_transaction_or_a_setting() {
     assert!(started.elapsed() < Duration::from_secs(1));
     assert!(cluster.status()[0].healthy);
 }
+
+/// A session-level `set_config` (the pooled session's `search_path`
+/// changed for whoever gets it next) and temporary objects (a temporary
+/// `users` shadows the real one for later requests) are refused before
+/// anything is sent; a transaction-local `set_config` and `ON COMMIT DROP`
+/// are fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_session_keeps_no_set_config_or_temporary_object() {
+    let local = LocalCluster::start(0).unwrap();
+    let cluster = Cluster::builder()
+        .primary(NodeConfig::new(local.primary().config()))
+        .pool_size(1)
+        .build()
+        .await
+        .unwrap();
+    let db = cluster.db();
+    db.execute("CREATE TABLE IF NOT EXISTS shadowed (id int)", &[])
+        .await
+        .unwrap();
+    for refused in [
+        "SELECT set_config('search_path', 'evil', false)",
+        "SELECT pg_catalog.set_config('search_path', 'evil', 'false'::bool)",
+        "CREATE TEMP TABLE shadowed (id int)",
+        "CREATE TEMPORARY VIEW shadowed_v AS SELECT 1 AS id",
+        "SELECT 1 AS id INTO TEMP shadowed",
+    ] {
+        let err = db.execute(refused, &[]).await.unwrap_err();
+        assert!(matches!(err, DbError::Refused { .. }), "{refused}: {err:?}");
+        let err = db
+            .read_query(Consistency::Strong, refused, &[])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, DbError::Refused { .. }),
+            "read {refused}: {err:?}"
+        );
+        let tx = db.transaction().await.unwrap();
+        let err = tx.execute(refused, &[]).await.unwrap_err();
+        assert!(
+            matches!(err, DbError::Refused { .. }),
+            "tx {refused}: {err:?}"
+        );
+        tx.rollback().await.unwrap();
+    }
+    for fine in [
+        "SELECT set_config('application_name', 'local', true)",
+        "CREATE TEMP TABLE scratch (id int) ON COMMIT DROP",
+    ] {
+        db.execute(fine, &[]).await.unwrap();
+        let tx = db.transaction().await.unwrap();
+        tx.execute(fine, &[]).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    // The one session is as it was.
+    let row = db
+        .read_one(
+            Consistency::Strong,
+            "SELECT current_setting('search_path'), current_setting('application_name'), \
+             (SELECT count(*) FROM pg_catalog.pg_class WHERE relpersistence = 't')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let path: String = row.value.get(0);
+    let name: String = row.value.get(1);
+    let temporary: i64 = row.value.get(2);
+    assert_eq!(path, "\"$user\", public");
+    assert_ne!(name, "local");
+    assert_eq!(temporary, 0);
+}

@@ -72,6 +72,10 @@ pub(crate) struct Shape {
     /// Every operator used, by its symbol (also those that `IN`, `LIKE`,
     /// `BETWEEN` and the like stand for).
     pub(crate) operators: BTreeSet<String>,
+    /// Every qualified column reference (`x.y`, `(x).y`) whose qualifier
+    /// names a relation: `(relation, column)`, each of which must be a
+    /// column of the relation (else PostgreSQL calls the function `y(x)`).
+    pub(crate) columns: BTreeSet<(Name, String)>,
     /// For a statement over one table and nothing else (no join, subquery
     /// or CTE): the `column = value` terms of its `WHERE` conjunction,
     /// column names folded as identifiers are.
@@ -110,6 +114,7 @@ fn analyze_here(sql: &str) -> Option<Shape> {
         None
     };
     let mut shape = walk.shape;
+    shape.columns = walk.names.resolve()?;
     shape.lookup = lookup;
     Some(shape)
 }
@@ -133,6 +138,9 @@ fn single_table_lookup(query: &Query) -> Option<Vec<(String, KeyValue)>> {
     };
     let table = object_name(name)?;
     let alias = match alias {
+        // `users u(uid, id)`: the names in the `WHERE` are not the table's
+        // column names (the table's tags, not a row's).
+        Some(a) if !a.columns.is_empty() => return None,
         Some(a) => Some(ident(&a.name)?),
         None => None,
     };

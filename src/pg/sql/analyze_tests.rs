@@ -50,10 +50,13 @@ fn joins_subqueries_and_ctes_name_their_tables() {
     // CTE names are not tables; their bodies' tables are.
     assert_eq!(
         tables_of(
-            "WITH recent AS (SELECT * FROM orders), r2 AS (SELECT * FROM recent) SELECT * FROM r2 JOIN users u ON u.id = r2.user_id"
+            "WITH recent AS (SELECT * FROM orders), r2 AS (SELECT user_id FROM recent) SELECT * FROM r2 JOIN users u ON u.id = r2.user_id"
         ),
         ["orders", "users"]
     );
+    // A qualified name of a `SELECT *` CTE: its columns are not known from
+    // the text (it could be a function taking a record), not analysed.
+    refused("WITH r2 AS (SELECT * FROM orders) SELECT * FROM r2 JOIN users u ON u.id = r2.user_id");
     assert_eq!(
         tables_of(
             "WITH RECURSIVE t(n) AS (SELECT id FROM nodes UNION SELECT n + 1 FROM t WHERE n < 5) SELECT * FROM t"
@@ -239,8 +242,9 @@ fn a_single_table_where_conjunction_is_a_lookup() {
         lookup("SELECT * FROM docs WHERE docs.id = $2 AND public.docs.k = TRUE"),
         Some(vec![("id".into(), KeyValue::Param(2)),])
     );
-    // Another alias's column, an OR, a cast: no term.
-    assert_eq!(lookup("SELECT * FROM docs d WHERE x.id = $1"), Some(vec![]));
+    // Another alias's column (no such alias: not analysed at all), an OR,
+    // a cast: no term.
+    refused("SELECT * FROM docs d WHERE x.id = $1");
     assert_eq!(
         lookup("SELECT * FROM docs WHERE id = $1 OR id = $2"),
         Some(vec![])
@@ -272,4 +276,127 @@ fn a_single_table_where_conjunction_is_a_lookup() {
         lookup("SELECT * FROM a JOIN a b ON true WHERE a.id = $1"),
         None
     );
+}
+
+#[test]
+fn a_column_alias_list_is_no_lookup() {
+    let shape = |sql: &str| analyze(sql).unwrap_or_else(|| panic!("{sql}"));
+    // `id` here is the table's second column, renamed.
+    assert_eq!(
+        shape("SELECT * FROM users u(uid, id) WHERE id = $1").lookup,
+        None
+    );
+    assert_eq!(
+        shape("SELECT * FROM users u(uid) WHERE u.uid = $1").lookup,
+        None
+    );
+    // Without a column list, still one.
+    assert!(
+        shape("SELECT * FROM users u WHERE u.id = $1")
+            .lookup
+            .is_some()
+    );
+}
+
+/// `(relation, column)` pairs the catalog is asked to confirm.
+#[track_caller]
+fn columns_of(sql: &str) -> Vec<String> {
+    analyze(sql)
+        .unwrap_or_else(|| panic!("not analysed: {sql}"))
+        .columns
+        .iter()
+        .map(|(r, c)| format!("{}.{c}", r.quoted()))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+#[test]
+fn qualified_references_are_columns_to_confirm_or_refused() {
+    // `u.order_count` is `order_count(u)` if users has no such column.
+    assert_eq!(
+        columns_of("SELECT u.order_count FROM users u WHERE u.id = $1"),
+        ["\"users\".id", "\"users\".order_count"]
+    );
+    assert_eq!(
+        columns_of("SELECT (u).order_count FROM users u"),
+        ["\"users\".order_count"]
+    );
+    assert_eq!(
+        columns_of("SELECT users.n, app.docs.m, public.t.k FROM users, app.docs, t"),
+        ["\"app\".\"docs\".m", "\"t\".k", "\"users\".n"]
+    );
+    // In every clause, subqueries included; a name bound twice is checked
+    // against both.
+    assert_eq!(
+        columns_of("SELECT a.x FROM a WHERE a.y IN (SELECT a.z FROM b a) ORDER BY a.w"),
+        [
+            "\"a\".w", "\"a\".x", "\"a\".y", "\"a\".z", "\"b\".w", "\"b\".x", "\"b\".y", "\"b\".z"
+        ]
+    );
+    // Unqualified names are never function calls.
+    assert_eq!(
+        columns_of("SELECT order_count FROM users u"),
+        [] as [&str; 0]
+    );
+    // A subquery's or CTE's columns: the names its text spells out.
+    assert_eq!(
+        columns_of("SELECT s.n, s.m FROM (SELECT id AS n, t.m FROM t) s"),
+        ["\"t\".m"]
+    );
+    assert_eq!(
+        columns_of("WITH c(a) AS (SELECT x, y FROM t) SELECT c.a, c.y, d.b FROM c, c d(b)"),
+        [] as [&str; 0]
+    );
+    assert_eq!(columns_of("SELECT u.a FROM users u(a, b)"), [] as [&str; 0]);
+    for sql in [
+        // A name the subquery's text does not show may be `f(record)`.
+        "SELECT s.rec_count FROM (SELECT * FROM users) s",
+        "SELECT s.rec_count FROM (SELECT id FROM users) s",
+        "WITH c AS (SELECT * FROM users) SELECT c.rec_count FROM c",
+        "SELECT u.name FROM users u(a, b)",
+        // A join's alias, a field of a column, of a function's result.
+        "SELECT j.f FROM (users u JOIN orders o ON o.user_id = u.id) j",
+        "SELECT (u.name).length FROM users u",
+        "SELECT u.name.length FROM users u",
+        "SELECT (lower(u.name)).f FROM users u",
+        "SELECT u.tags[1].f FROM users u",
+        // A qualifier bound nowhere (or hidden by an alias).
+        "SELECT x.id FROM users u",
+        "SELECT users.id FROM users u",
+        "SELECT a.b.c.d FROM a",
+    ] {
+        refused(sql);
+    }
+    // Subscripts are fine.
+    assert_eq!(
+        columns_of("SELECT u.tags[1], (u.tags)[2:3] FROM users u"),
+        ["\"users\".tags"]
+    );
+}
+
+#[test]
+fn literals_that_read_the_clock_are_refused_as_words() {
+    for lit in [
+        "now",
+        " NOW ",
+        "today 08:00",
+        "yesterday UTC",
+        "tomorrow allballs",
+        "2024-01-01 today",
+        "Today",
+    ] {
+        refused(&format!("SELECT * FROM t WHERE d > '{lit}'"));
+        refused(&format!("SELECT * FROM t WHERE d > '{lit}'::timestamptz"));
+    }
+    for lit in [
+        "epoch",
+        "infinity",
+        "-infinity",
+        "allballs",
+        "nowhere",
+        "2024-01-01 08:00",
+    ] {
+        tables_of(&format!("SELECT * FROM t WHERE d > '{lit}'::timestamptz"));
+    }
 }

@@ -50,7 +50,9 @@ pub(crate) struct LookupFailed;
 
 /// One row per relation asked for and per member of its inheritance
 /// family (itself, its ancestors, its descendants); `kind` is NULL for a
-/// name that resolves to nothing.
+/// name that resolves to nothing. The last column: whether the member is
+/// published (it or an ancestor is in `pg_publication_tables` for
+/// publication `$2`; always true when `$2` is NULL).
 const RELATIONS_SQL: &str = "\
 WITH RECURSIVE wanted AS (
     SELECT w.i, pg_catalog.to_regclass(w.name)::pg_catalog.oid AS rel
@@ -65,10 +67,22 @@ WITH RECURSIVE wanted AS (
     SELECT u.i, h.inhparent FROM up u JOIN pg_catalog.pg_inherits h ON h.inhrelid = u.rel
 ), family AS (
     SELECT i, rel FROM down UNION SELECT i, rel FROM up
+), ancestors(rel, anc) AS (
+    SELECT rel, rel FROM family WHERE $2::pg_catalog.text IS NOT NULL
+    UNION
+    SELECT a.rel, h.inhparent FROM ancestors a JOIN pg_catalog.pg_inherits h ON h.inhrelid = a.anc
+), published AS (
+    SELECT DISTINCT a.rel
+    FROM ancestors a
+    JOIN pg_catalog.pg_class pc ON pc.oid = a.anc
+    JOIN pg_catalog.pg_namespace pn ON pn.oid = pc.relnamespace
+    JOIN pg_catalog.pg_publication_tables pt
+      ON pt.pubname = $2::pg_catalog.text AND pt.schemaname = pn.nspname AND pt.tablename = pc.relname
 )
 SELECT w.i::pg_catalog.int4, f.rel = w.rel, c.relkind::pg_catalog.text,
        c.relpersistence::pg_catalog.text, c.relrowsecurity, c.relreplident::pg_catalog.text,
-       n.nspname::pg_catalog.text, c.relname::pg_catalog.text
+       n.nspname::pg_catalog.text, c.relname::pg_catalog.text,
+       $2::pg_catalog.text IS NULL OR f.rel IN (SELECT rel FROM published)
 FROM wanted w
 LEFT JOIN family f ON f.i = w.i
 LEFT JOIN pg_catalog.pg_class c ON c.oid = f.rel
@@ -115,6 +129,18 @@ WHERE o.oprname = ANY ($1::pg_catalog.text[])
   AND o.oprnamespace <> 'pg_catalog'::pg_catalog.regnamespace
   AND p.provolatile <> 'i'";
 
+/// How many of the `(relation, column)` pairs name no column of the
+/// relation: none dropped, no system column but `tableoid` (`ctid`,
+/// `xmin`, `xmax` change without a logical change).
+const COLUMNS_SQL: &str = "\
+SELECT pg_catalog.count(*)::pg_catalog.int8
+FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.text[]))
+     AS c(rel, col)
+WHERE NOT EXISTS (
+    SELECT FROM pg_catalog.pg_attribute a
+    WHERE a.attrelid = pg_catalog.to_regclass(c.rel) AND a.attname = c.col::pg_catalog.name
+      AND NOT a.attisdropped AND (a.attnum > 0 OR a.attname = 'tableoid'))";
+
 /// What the database answered, before it is judged.
 struct Answers {
     params: Vec<Type>,
@@ -122,21 +148,34 @@ struct Answers {
     key: Vec<tokio_postgres::Row>,
     functions: Vec<tokio_postgres::Row>,
     operators: Vec<tokio_postgres::Row>,
+    /// Qualified references that name no column.
+    missing_columns: i64,
 }
 
 /// Asks the catalog about `shape` (one session on a replica, else the
 /// primary; the queries within the read timeout, after a checkout bounded
-/// by the pool's timeouts) and judges the answer.
-pub(crate) async fn plan(db: &Db, sql: &str, shape: &Shape) -> Result<Plan, LookupFailed> {
+/// by the pool's timeouts) and judges the answer. With `publication`,
+/// only tables that publication covers are cached.
+pub(crate) async fn plan(
+    db: &Db,
+    sql: &str,
+    shape: &Shape,
+    publication: Option<&str>,
+) -> Result<Plan, LookupFailed> {
     if shape.relations.is_empty() {
         // Nothing to tag it with (and nothing worth caching).
         return Ok(Plan::NotCached);
     }
-    let answers = ask(db, sql, shape).await?;
+    let answers = ask(db, sql, shape, publication).await?;
     Ok(judge(shape, &answers).unwrap_or(Plan::NotCached))
 }
 
-async fn ask(db: &Db, sql: &str, shape: &Shape) -> Result<Answers, LookupFailed> {
+async fn ask(
+    db: &Db,
+    sql: &str,
+    shape: &Shape,
+    publication: Option<&str>,
+) -> Result<Answers, LookupFailed> {
     let (index, _, _) = db
         .route(Consistency::Any, None)
         .await
@@ -154,6 +193,11 @@ async fn ask(db: &Db, sql: &str, shape: &Shape) -> Result<Answers, LookupFailed>
         .map(|f| (f.schema.as_deref(), f.name.as_str()))
         .unzip();
     let operators: Vec<&str> = shape.operators.iter().map(String::as_str).collect();
+    let (column_relations, columns): (Vec<String>, Vec<&str>) = shape
+        .columns
+        .iter()
+        .map(|(r, c)| (r.quoted(), c.as_str()))
+        .unzip();
     let single = match (&shape.lookup, relations.as_slice()) {
         (Some(_), [one]) => Some(one.as_str()),
         _ => None,
@@ -161,25 +205,39 @@ async fn ask(db: &Db, sql: &str, shape: &Shape) -> Result<Answers, LookupFailed>
     // Sent together (one round trip), each to its end: a preparation
     // dropped half way would leave its statement on the server.
     let all = async {
-        let (statement, relations, key, functions, operators) = futures_util::future::join5(
-            prepare(conn, &node.name, sql),
-            query(conn, &node.name, RELATIONS_SQL, &[&relations]),
-            async {
-                match single {
-                    Some(one) => query(conn, &node.name, KEY_SQL, &[&one]).await,
-                    None => Ok(Vec::new()),
-                }
-            },
-            query(conn, &node.name, FUNCTIONS_SQL, &[&schemas, &names]),
-            query(conn, &node.name, OPERATORS_SQL, &[&operators]),
-        )
-        .await;
+        let ((statement, relations, key, functions, operators), columns) =
+            futures_util::future::join(
+                futures_util::future::join5(
+                    prepare(conn, &node.name, sql),
+                    query(conn, &node.name, RELATIONS_SQL, &[&relations, &publication]),
+                    async {
+                        match single {
+                            Some(one) => query(conn, &node.name, KEY_SQL, &[&one]).await,
+                            None => Ok(Vec::new()),
+                        }
+                    },
+                    query(conn, &node.name, FUNCTIONS_SQL, &[&schemas, &names]),
+                    query(conn, &node.name, OPERATORS_SQL, &[&operators]),
+                ),
+                query(
+                    conn,
+                    &node.name,
+                    COLUMNS_SQL,
+                    &[&column_relations, &columns],
+                ),
+            )
+            .await;
+        let missing_columns = match columns?.first() {
+            Some(row) => row.try_get(0)?,
+            None => 0,
+        };
         Ok::<_, tokio_postgres::Error>(Answers {
             params: statement?.params().to_vec(),
             relations: relations?,
             key: key?,
             functions: functions?,
             operators: operators?,
+            missing_columns,
         })
     };
     match tokio::time::timeout(read_timeout, all).await {
@@ -231,6 +289,10 @@ fn judge(shape: &Shape, a: &Answers) -> Option<Plan> {
     if a.functions.len() != shape.functions.len() || !a.operators.is_empty() {
         return None;
     }
+    // Qualified references: real columns, not functions in disguise.
+    if a.missing_columns != 0 {
+        return None;
+    }
     // Relations: base tables, permanent, without row security; tagged with
     // their whole inheritance family (a partition's change may be reported
     // under its root, a parent's read covers its children).
@@ -246,9 +308,15 @@ fn judge(shape: &Shape, a: &Answers) -> Option<Plan> {
         let identity: Option<String> = row.try_get(5).ok()?;
         let schema: Option<String> = row.try_get(6).ok()?;
         let name: Option<String> = row.try_get(7).ok()?;
+        let published: Option<bool> = row.try_get(8).ok()?;
         let (Some(kind), Some(schema), Some(name)) = (kind, schema, name) else {
             return None;
         };
+        // A partitioned table holds no rows: its partitions are published
+        // (or it is, for them, with `publish_via_partition_root`).
+        if kind == "r" && published != Some(true) {
+            return None;
+        }
         if !matches!(kind.as_str(), "r" | "p")
             || persistence.as_deref() != Some("p")
             || row_security != Some(false)

@@ -6,15 +6,22 @@ use sqlparser::ast::{
     FunctionArguments, InTarget, ObjectName, ObjectNamePart, UnaryOperator, Value, WindowType,
 };
 
-use super::analyze::object_name;
+use super::analyze::{ident, object_name};
+use super::names::parts;
 use super::walk::Walk;
 
-/// String literals that PostgreSQL's date/time input reads the clock for.
+/// String literals that PostgreSQL's date/time input reads the clock for:
+/// any with `now`, `today`, `tomorrow` or `yesterday` as a word (`'today
+/// 08:00'`, `'yesterday UTC'`, `'NOW'`), whatever else it holds. Refused
+/// in every literal, not only those cast to a date/time type (the type is
+/// often inferred). `'epoch'`, `'infinity'` and `'allballs'` (midnight
+/// UTC) are constants.
 fn reads_the_clock(s: &str) -> bool {
-    let s = s.trim();
-    ["now", "today", "tomorrow", "yesterday"]
-        .iter()
-        .any(|w| s.eq_ignore_ascii_case(w))
+    s.split(|c: char| !c.is_ascii_alphabetic()).any(|word| {
+        ["now", "today", "tomorrow", "yesterday"]
+            .iter()
+            .any(|w| word.eq_ignore_ascii_case(w))
+    })
 }
 
 /// SQL value functions that sqlparser may read as a column name.
@@ -109,15 +116,36 @@ impl Walk {
         match e {
             // Unquoted, these are PostgreSQL's keywords for session state.
             Expr::Identifier(i) if i.quote_style.is_none() && is_session_keyword(&i.value) => None,
-            Expr::Identifier(_)
-            | Expr::CompoundIdentifier(_)
-            | Expr::Wildcard(_)
-            | Expr::QualifiedWildcard(..) => Some(()),
+            Expr::Identifier(_) | Expr::Wildcard(_) | Expr::QualifiedWildcard(..) => Some(()),
+            // `x.y`: a column of `x`, or the call `y(x)` (checked later).
+            Expr::CompoundIdentifier(names) => {
+                let names = names.iter().map(ident).collect::<Option<_>>()?;
+                self.names.reference(names)
+            }
             Expr::CompoundFieldAccess { root, access_chain } => {
-                self.expr(root)?;
-                for access in access_chain {
+                // `(x).y` is `x.y`; a field of anything else (`(x.y).z`,
+                // `(f(x)).z`, `a[1].z`) may be a function call too.
+                let dots = access_chain
+                    .iter()
+                    .take_while(|a| matches!(a, sqlparser::ast::AccessExpr::Dot(_)))
+                    .count();
+                if dots == 0 {
+                    self.expr(root)?;
+                } else {
+                    let mut names = parts(root)?;
+                    for access in &access_chain[..dots] {
+                        match access {
+                            sqlparser::ast::AccessExpr::Dot(Expr::Identifier(i)) => {
+                                names.push(ident(i)?)
+                            }
+                            _ => return None,
+                        }
+                    }
+                    self.names.reference(names)?;
+                }
+                for access in &access_chain[dots..] {
                     match access {
-                        sqlparser::ast::AccessExpr::Dot(e) => self.expr(e)?,
+                        sqlparser::ast::AccessExpr::Dot(_) => return None,
                         sqlparser::ast::AccessExpr::Subscript(s) => match s {
                             sqlparser::ast::Subscript::Index { index } => self.expr(index)?,
                             sqlparser::ast::Subscript::Slice {

@@ -16,6 +16,7 @@ mod analyze;
 mod catalog;
 mod expr;
 mod key;
+mod names;
 mod reads;
 mod walk;
 
@@ -30,27 +31,53 @@ pub(crate) use self::reads::{Step, TableTagging};
 /// [`cache_key`](super::Query::cache_key) of their own are considered
 /// (`Strong` and `BoundedStaleness` reads, and writes, are as without it).
 ///
+/// # Tables the change feed does not publish
+///
+/// **Without [`DbCacheBuilder::only_published`], a read of a table that
+/// the change feed's publication does not cover is cached all the same,
+/// and nothing but the TTL and writes through this cache ever invalidates
+/// it: a change made elsewhere (another service, `psql`, a migration) is
+/// not seen until the entry expires.** A cache fed by a
+/// [`ChangeFeed`](super::feed::ChangeFeed) should name its publication
+/// (the feed's default is `tower_scale_feed`):
+/// `DbCache::builder(db).only_published("tower_scale_feed")`. Tables left
+/// out of it (see the feed's `left_out` status) are then read uncached.
+///
 /// A statement is cached only if it can be attributed to base tables:
 ///
 /// 1. **Its text** (parsed with `sqlparser`, PostgreSQL dialect): exactly
 ///    one plain `SELECT` (set operations, subqueries, joins and non-data-
 ///    modifying CTEs included), no `FOR UPDATE`/`FOR SHARE`, no `INTO`, no
 ///    table function, `LATERAL` function, `TABLESAMPLE` or construct the
-///    analysis does not know; no literal that PostgreSQL's date/time input
-///    reads the clock for (`'now'`, `'today'`, `'tomorrow'`, `'yesterday'`)
-///    and no cast to a date/time type of anything but a literal or a
-///    column; at most 256 KiB. Statements that read no table are not
-///    cached either.
+///    analysis does not know; no string literal with a word that
+///    PostgreSQL's date/time input reads the clock for (`now`, `today`,
+///    `tomorrow`, `yesterday`: `'today 08:00'` as well as `'now'`, in any
+///    literal) and no cast to a date/time type of anything but a literal
+///    or a column; no field access (`(x.y).z`) but on a relation's row;
+///    a qualified name `s.y` of a subquery or CTE `s` only if `y` is an
+///    output name its text spells out (not through `SELECT *`); at most
+///    256 KiB. Statements that read no table are not cached either.
 /// 2. **The catalog** (asked once per statement text on a replica, else the
 ///    primary, within the cluster's read timeout; the answer is
 ///    remembered for [`DbCacheBuilder::statement_analysis_ttl`], 60 s by
-///    default, for up to 1,024 statements): every relation resolves (by the
+///    default, for up to 1,024 statements and 4 MiB of their text): every
+///    relation resolves (by the
 ///    session's `search_path`) to a permanent base table (`relkind` `r`
 ///    or `p`) outside the system schemas and without row-level security —
 ///    so views, materialized views, foreign, unlogged and temporary tables
 ///    are not cached; every function called resolves only to `pg_catalog`
 ///    functions that are **immutable**; no operator by a symbol used is
-///    defined outside `pg_catalog` by a function that is not immutable.
+///    defined outside `pg_catalog` by a function that is not immutable;
+///    every qualified column reference `x.y` (or `(x).y`) names a column
+///    of `x`'s table (not dropped; no system column but `tableoid`) —
+///    else PostgreSQL calls the function `y(x)`, which may read any table;
+///    with [`DbCacheBuilder::only_published`], every table (each partition
+///    or inheritance child read with it) is in the publication, itself or
+///    through an ancestor.
+///
+/// An unqualified name is never a function call in PostgreSQL (`SELECT
+/// order_count FROM users` is an error, not `order_count(users)`), so it
+/// is left to the database.
 ///
 /// Stable functions are refused as well as volatile ones: a stable
 /// function (`now()`, `current_date`, `current_setting()`, `to_char` of a
@@ -88,8 +115,9 @@ pub(crate) use self::reads::{Step, TableTagging};
 /// # Limits
 ///
 /// - Entries are invalidated by the change feed (and by writes through the
-///   cache, by their own tags, and by the TTL): a table the feed's
-///   publication does not cover is never invalidated by a change.
+///   cache, by their own tags, and by the TTL): **a table the feed's
+///   publication does not cover is never invalidated by a change**; use
+///   [`DbCacheBuilder::only_published`] to leave such tables uncached.
 /// - What the catalog said is trusted for the analysis TTL: a table
 ///   replaced by a view in that time is still taken for a table.
 /// - Casts and types are not checked: a user-defined cast or type input
@@ -132,6 +160,7 @@ pub(crate) use self::reads::{Step, TableTagging};
 /// [`tags`]: super::feed::tags
 /// [`tags::row_key`]: super::feed::tags::row_key
 /// [`DbCacheBuilder::cache_reads`]: super::DbCacheBuilder::cache_reads
+/// [`DbCacheBuilder::only_published`]: super::DbCacheBuilder::only_published
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ReadCaching {

@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use super::ReadCaching;
-use super::analyze::analyze;
+use super::analyze::{MAX_SQL_LEN, analyze};
 use super::catalog::{self, KeySource, LookupFailed, Plan};
 use super::key::param_text;
 use crate::pg::db::Db;
@@ -18,13 +18,51 @@ use crate::sync::{read, write};
 /// Statement texts whose plan is remembered at once; past it the
 /// remembered plans are forgotten (they are looked up again).
 const MAX_STATEMENTS: usize = 1024;
+/// The statement text the remembered plans hold at most, in bytes; past it
+/// they are forgotten too.
+pub(super) const MAX_PLAN_BYTES: usize = 4 * 1024 * 1024;
 
 /// Which reads are tagged by their tables, and the plans so far.
 #[derive(Debug)]
 pub(crate) struct TableTagging {
     mode: ReadCaching,
     ttl: Duration,
-    plans: RwLock<HashMap<Arc<str>, Slot>>,
+    /// Only tables this publication covers are cached.
+    publication: Option<String>,
+    plans: RwLock<Plans>,
+}
+
+/// The remembered plans and the bytes of statement text they hold.
+#[derive(Debug, Default)]
+struct Plans {
+    map: HashMap<Arc<str>, Slot>,
+    bytes: usize,
+}
+
+impl Plans {
+    fn insert(&mut self, sql: Arc<str>, slot: Slot) {
+        let len = sql.len();
+        if self.map.insert(sql, slot).is_none() {
+            self.bytes += len;
+        }
+    }
+
+    fn remove(&mut self, sql: &str) {
+        if self.map.remove(sql).is_some() {
+            self.bytes -= sql.len();
+        }
+    }
+
+    /// Room for `len` more bytes, forgetting every plan that is not being
+    /// looked up if needed; `false` if there is none even so.
+    fn make_room(&mut self, len: usize) -> bool {
+        let full = |p: &Self| p.map.len() >= MAX_STATEMENTS || p.bytes + len > MAX_PLAN_BYTES;
+        if full(self) {
+            self.map.retain(|_, slot| matches!(slot, Slot::Pending));
+            self.bytes = self.map.keys().map(|k| k.len()).sum();
+        }
+        !full(self)
+    }
 }
 
 #[derive(Debug)]
@@ -45,16 +83,18 @@ enum Slot {
 pub(crate) enum Step {
     /// On to the cache as it is now (keyed and tagged, or not cached).
     Go(Query),
-    /// Its statement's plan must be looked up first ([`TableTagging::look_up`]).
-    LookUp(Query),
+    /// Its statement's plan must be looked up first ([`TableTagging::look_up`]),
+    /// by whoever holds the lookup: dropped unused, it clears the mark.
+    LookUp(Query, PendingLookup),
 }
 
 impl TableTagging {
-    pub(crate) fn new(mode: ReadCaching, ttl: Duration) -> Self {
+    pub(crate) fn new(mode: ReadCaching, ttl: Duration, publication: Option<String>) -> Self {
         Self {
             mode,
             ttl,
-            plans: RwLock::new(HashMap::new()),
+            publication,
+            plans: RwLock::new(Plans::default()),
         }
     }
 
@@ -70,11 +110,12 @@ impl TableTagging {
     }
 
     /// Keys and tags `query` by its statement's plan if it is known.
-    pub(crate) fn step(&self, query: Query) -> Step {
-        if !self.wants(&query) {
+    pub(crate) fn step(self: &Arc<Self>, query: Query) -> Step {
+        // Too long to be analysed: not cached, and not remembered.
+        if !self.wants(&query) || query.sql.len() > MAX_SQL_LEN {
             return Step::Go(query);
         }
-        let known = match read(&self.plans).get(&query.sql) {
+        let known = match read(&self.plans).map.get(&query.sql) {
             Some(Slot::Ready {
                 plan,
                 until,
@@ -87,7 +128,7 @@ impl TableTagging {
             Some(plan) => plan,
             None => {
                 let mut plans = write(&self.plans);
-                match plans.get_mut(&query.sql) {
+                match plans.map.get_mut(&query.sql) {
                     // Another read got here first.
                     Some(Slot::Pending) => return Step::Go(query),
                     Some(Slot::Ready {
@@ -99,15 +140,17 @@ impl TableTagging {
                             Arc::clone(plan)
                         } else {
                             *refreshing = true;
-                            return Step::LookUp(query);
+                            let pending = self.pending(&query);
+                            return Step::LookUp(query, pending);
                         }
                     }
                     None => {
-                        if plans.len() >= MAX_STATEMENTS {
-                            plans.retain(|_, slot| matches!(slot, Slot::Pending));
+                        if !plans.make_room(query.sql.len()) {
+                            return Step::Go(query);
                         }
                         plans.insert(Arc::clone(&query.sql), Slot::Pending);
-                        return Step::LookUp(query);
+                        let pending = self.pending(&query);
+                        return Step::LookUp(query, pending);
                     }
                 }
             }
@@ -115,17 +158,21 @@ impl TableTagging {
         Step::Go(apply(&plan, query))
     }
 
+    fn pending(self: &Arc<Self>, query: &Query) -> PendingLookup {
+        PendingLookup {
+            tagging: Arc::clone(self),
+            sql: Some(Arc::clone(&query.sql)),
+        }
+    }
+
     /// Looks up the plan of `query`'s statement, remembers it, and keys and
     /// tags `query` by it. A lookup that fails leaves `query` uncached and
     /// is not remembered.
-    pub(crate) async fn look_up(&self, db: &Db, query: Query) -> Query {
-        let mut pending = PendingLookup {
-            tagging: self,
-            sql: Some(Arc::clone(&query.sql)),
-        };
+    pub(crate) async fn look_up(db: &Db, query: Query, mut pending: PendingLookup) -> Query {
+        let publication = pending.tagging.publication.as_deref();
         let plan = match analyze(&query.sql) {
             None => Ok(Plan::NotCached),
-            Some(shape) => catalog::plan(db, &query.sql, &shape).await,
+            Some(shape) => catalog::plan(db, &query.sql, &shape, publication).await,
         };
         match plan {
             Ok(plan) => {
@@ -136,16 +183,22 @@ impl TableTagging {
             Err(LookupFailed) => query,
         }
     }
+
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
+        read(&self.plans).bytes
+    }
 }
 
-/// A lookup under way: dropped before it finished (failed, or the caller
-/// gave up), it clears its statement's mark so a later read tries again.
-struct PendingLookup<'a> {
-    tagging: &'a TableTagging,
+/// A lookup under way, made when the statement is marked: dropped before
+/// it finished (failed, the caller gave up, or its future was never
+/// polled), it clears its statement's mark so a later read tries again.
+pub(crate) struct PendingLookup {
+    tagging: Arc<TableTagging>,
     sql: Option<Arc<str>>,
 }
 
-impl PendingLookup<'_> {
+impl PendingLookup {
     fn ready(&mut self, plan: Arc<Plan>) {
         if let Some(sql) = self.sql.take() {
             let until = Instant::now() + self.tagging.ttl;
@@ -154,19 +207,22 @@ impl PendingLookup<'_> {
                 until,
                 refreshing: false,
             };
-            write(&self.tagging.plans).insert(sql, ready);
+            let mut plans = write(&self.tagging.plans);
+            // Forgotten meanwhile (to make room): remembered again only if
+            // there is room.
+            if plans.map.contains_key(&sql) || plans.make_room(sql.len()) {
+                plans.insert(sql, ready);
+            }
         }
     }
 }
 
-impl Drop for PendingLookup<'_> {
+impl Drop for PendingLookup {
     fn drop(&mut self) {
         if let Some(sql) = self.sql.take() {
             let mut plans = write(&self.tagging.plans);
-            match plans.get_mut(&sql) {
-                Some(Slot::Pending) => {
-                    plans.remove(&sql);
-                }
+            match plans.map.get_mut(&sql) {
+                Some(Slot::Pending) => plans.remove(&sql),
                 // The old plan stays; the next read past its time retries.
                 Some(Slot::Ready { refreshing, .. }) => *refreshing = false,
                 None => {}
@@ -276,8 +332,8 @@ mod tests {
 
     #[test]
     fn only_marked_reads_without_a_key_are_tagged_unless_all_are() {
-        let marked = TableTagging::new(ReadCaching::Marked, Duration::from_secs(60));
-        let all = TableTagging::new(ReadCaching::AllAnalyzable, Duration::from_secs(60));
+        let marked = TableTagging::new(ReadCaching::Marked, Duration::from_secs(60), None);
+        let all = TableTagging::new(ReadCaching::AllAnalyzable, Duration::from_secs(60), None);
         let plain = Query::read("SELECT 1", Consistency::Any);
         assert!(!marked.wants(&plain));
         assert!(all.wants(&plain));
@@ -294,36 +350,91 @@ mod tests {
         assert!(!all.wants(&Query::write("UPDATE t SET a = 1").cache_by_tables()));
     }
 
+    fn tagging(ttl: Duration) -> Arc<TableTagging> {
+        Arc::new(TableTagging::new(ReadCaching::Marked, ttl, None))
+    }
+
+    /// What `step` says for `sql`, and the lookup to finish if it is one.
+    fn step(t: &Arc<TableTagging>, sql: &str) -> (&'static str, Option<PendingLookup>) {
+        match t.step(Query::read(sql, Consistency::Any).cache_by_tables()) {
+            Step::LookUp(_, pending) => ("look up", Some(pending)),
+            Step::Go(q) if q.cache_key.is_some() => ("cached", None),
+            Step::Go(_) => ("uncached", None),
+        }
+    }
+
     #[test]
     fn one_lookup_at_a_time_per_statement_and_plans_expire() {
         let sql = "SELECT a FROM t";
-        let tagging = TableTagging::new(ReadCaching::Marked, Duration::from_millis(50));
-        let read = || Query::read(sql, Consistency::Any).cache_by_tables();
-        let step = |t: &TableTagging| match t.step(read()) {
-            Step::LookUp(_) => "look up",
-            Step::Go(q) if q.cache_key.is_some() => "cached",
-            Step::Go(_) => "uncached",
-        };
-        let look_up = |t| PendingLookup {
-            tagging: t,
-            sql: Some(Arc::from(sql)),
-        };
-        assert_eq!(step(&tagging), "look up");
+        let tagging = tagging(Duration::from_millis(50));
+        let (what, lookup) = step(&tagging, sql);
+        assert_eq!(what, "look up");
         // Meanwhile: uncached, no second lookup.
-        assert_eq!(step(&tagging), "uncached");
+        assert_eq!(step(&tagging, sql).0, "uncached");
         // A lookup given up on clears its mark.
-        drop(look_up(&tagging));
-        assert_eq!(step(&tagging), "look up");
-        look_up(&tagging).ready(Arc::new(Plan::Tables(tables(&["t"]))));
-        assert_eq!(step(&tagging), "cached");
+        drop(lookup);
+        let (what, lookup) = step(&tagging, sql);
+        assert_eq!(what, "look up");
+        lookup
+            .unwrap()
+            .ready(Arc::new(Plan::Tables(tables(&["t"]))));
+        assert_eq!(step(&tagging, sql).0, "cached");
         // Expired: one read looks it up again, the others keep the plan.
         std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(step(&tagging), "look up");
-        assert_eq!(step(&tagging), "cached");
+        let (what, lookup) = step(&tagging, sql);
+        assert_eq!(what, "look up");
+        assert_eq!(step(&tagging, sql).0, "cached");
         // That lookup failed: the next read tries again.
-        drop(look_up(&tagging));
-        assert_eq!(step(&tagging), "look up");
-        look_up(&tagging).ready(Arc::new(Plan::NotCached));
-        assert_eq!(step(&tagging), "uncached");
+        drop(lookup);
+        let (what, lookup) = step(&tagging, sql);
+        assert_eq!(what, "look up");
+        lookup.unwrap().ready(Arc::new(Plan::NotCached));
+        assert_eq!(step(&tagging, sql).0, "uncached");
+    }
+
+    #[test]
+    fn a_lookup_whose_step_is_dropped_unused_clears_the_mark() {
+        let tagging = tagging(Duration::from_secs(60));
+        let read = || Query::read("SELECT a FROM t", Consistency::Any).cache_by_tables();
+        // The future that would run the lookup is dropped before its
+        // first poll: the step itself goes.
+        let first = tagging.step(read());
+        assert!(matches!(first, Step::LookUp(..)));
+        drop(first);
+        assert!(
+            matches!(tagging.step(read()), Step::LookUp(..)),
+            "the statement stayed marked"
+        );
+    }
+
+    #[test]
+    fn plans_hold_a_bounded_amount_of_statement_text() {
+        let tagging = tagging(Duration::from_secs(60));
+        // Over the analysis limit: not cached, and not remembered.
+        let huge = format!("SELECT a FROM t WHERE a = '{}'", "x".repeat(MAX_SQL_LEN));
+        assert_eq!(step(&tagging, &huge).0, "uncached");
+        assert_eq!(tagging.bytes(), 0);
+        // Many long statements, each remembered: the total stays bounded.
+        let long = |i: usize| {
+            format!(
+                "SELECT a FROM t WHERE a = '{}' AND b = {i}",
+                "x".repeat(200_000)
+            )
+        };
+        for i in 0..64 {
+            let (what, lookup) = step(&tagging, &long(i));
+            assert_eq!(what, "look up");
+            lookup
+                .unwrap()
+                .ready(Arc::new(Plan::Tables(tables(&["t"]))));
+            assert!(
+                tagging.bytes() <= MAX_PLAN_BYTES,
+                "{} bytes",
+                tagging.bytes()
+            );
+        }
+        assert_eq!(step(&tagging, &long(63)).0, "cached");
+        let held: usize = read(&tagging.plans).map.keys().map(|k| k.len()).sum();
+        assert_eq!(held, tagging.bytes());
     }
 }

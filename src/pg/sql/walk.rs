@@ -9,13 +9,16 @@ use sqlparser::ast::{
 };
 
 use super::analyze::{MAX_DEPTH, Shape, ident, object_name};
+use super::names::{Binding, Names, alias_name, columns, output_names, renamed};
 
 /// What the walk found so far.
 #[derive(Default)]
 pub(super) struct Walk {
     pub(super) shape: Shape,
-    /// CTE names in scope (innermost last).
-    ctes: Vec<String>,
+    /// CTE names in scope (innermost last), with their output names.
+    ctes: Vec<(String, Vec<Option<String>>)>,
+    /// Qualifiers and qualified column references.
+    pub(super) names: Names,
     depth: usize,
     /// Subqueries and CTEs seen (a row lookup has none).
     pub(super) subqueries: usize,
@@ -50,10 +53,13 @@ impl Walk {
             }
             let scope = w.ctes.len();
             if let Some(with) = &q.with {
-                let names: Vec<String> = with
+                let names: Vec<(String, Vec<Option<String>>)> = with
                     .cte_tables
                     .iter()
-                    .map(|c| ident(&c.alias.name))
+                    .map(|c| {
+                        let outputs = renamed(&c.alias.columns, output_names(&c.query))?;
+                        Some((ident(&c.alias.name)?, outputs))
+                    })
                     .collect::<Option<_>>()?;
                 if with.cte_tables.iter().any(|c| c.from.is_some()) {
                     return None;
@@ -225,6 +231,7 @@ impl Walk {
         self.nested(|w| match t {
             TableFactor::Table {
                 name,
+                alias,
                 args,
                 with_hints,
                 version,
@@ -248,25 +255,62 @@ impl Walk {
                 }
                 let name = object_name(name)?;
                 w.from_items += 1;
-                if name.schema.is_none() && w.ctes.contains(&name.name) {
+                let cte = match &name.schema {
+                    None => w.ctes.iter().rev().find(|(n, _)| *n == name.name),
+                    Some(_) => None,
+                };
+                let binding = match (cte, alias) {
                     // A CTE: its body was walked where it was defined.
-                    return Some(());
+                    (Some((_, outputs)), alias) => {
+                        let columns_named = alias.as_ref().map_or(&[][..], |a| &a.columns[..]);
+                        columns(&renamed(columns_named, outputs.clone())?)
+                    }
+                    // A column alias list renames the table's columns.
+                    (None, Some(a)) if !a.columns.is_empty() => {
+                        columns(&renamed(&a.columns, Vec::new())?)
+                    }
+                    (None, _) => Binding::Table(name.clone()),
+                };
+                match alias {
+                    Some(a) => w.names.bind(alias_name(&a.name)?, binding),
+                    None => {
+                        if let Some(schema) = &name.schema {
+                            w.names
+                                .bind(vec![schema.clone(), name.name.clone()], binding.clone());
+                        }
+                        w.names.bind(vec![name.name.clone()], binding);
+                    }
                 }
-                w.shape.relations.insert(name);
+                if cte.is_none() {
+                    w.shape.relations.insert(name);
+                }
                 Some(())
             }
             TableFactor::Derived {
-                subquery, sample, ..
+                subquery,
+                sample,
+                alias,
+                ..
             } => {
                 if sample.is_some() {
                     return None;
+                }
+                if let Some(a) = alias {
+                    let outputs = renamed(&a.columns, output_names(subquery))?;
+                    w.names.bind(alias_name(&a.name)?, columns(&outputs));
                 }
                 w.subqueries += 1;
                 w.query(subquery)
             }
             TableFactor::NestedJoin {
-                table_with_joins, ..
-            } => w.table_with_joins(table_with_joins),
+                table_with_joins,
+                alias,
+            } => {
+                if let Some(a) = alias {
+                    w.names.bind(alias_name(&a.name)?, Binding::Opaque);
+                }
+                w.table_with_joins(table_with_joins)
+            }
             _ => None,
         })
     }
