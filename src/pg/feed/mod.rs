@@ -314,10 +314,12 @@ impl ChangeFeedBuilder {
     /// Maps each change to the tags to invalidate (default
     /// [`Change::default_tag`]): for example a service that tags its
     /// entries `user:{id}` maps `Change::Row { table: "users", key }` to
-    /// `user:{key}`. A change the mapping drops invalidates nothing: a
-    /// mapping that drops [`Change::Table`] must not feed caches whose
-    /// entries are tagged by table (query-result caching), and one that
-    /// drops [`Change::Whole`] leaves row entries alive through `TRUNCATE`.
+    /// `user:{key}`. A map replaces the default tags, and a change it drops
+    /// invalidates nothing: a cache that also caches reads by their tables
+    /// (`Query::cache_by_tables`, `DbCacheBuilder::cache_reads`) relies on
+    /// `{table}`, `{table}:{key}` and `{table}:*`, so return
+    /// `change.default_tag()` along with your own tags for it; dropping
+    /// [`Change::Whole`] leaves row entries alive through `TRUNCATE`.
     pub fn map_tags(
         mut self,
         map: impl Fn(Change<'_>) -> Vec<Tag> + Send + Sync + 'static,
