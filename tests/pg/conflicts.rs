@@ -20,11 +20,13 @@ async fn a_read_cancelled_by_recovery_is_retried_elsewhere() {
     db.execute("CREATE TABLE c (id int)", &[]).await.unwrap();
     db.execute("INSERT INTO c VALUES (1)", &[]).await.unwrap();
     local.wait_for_replicas(DEADLINE).await.unwrap();
-    // A read that holds a lock on `c` on the replica for a while.
+    // A read that holds a lock on `c` on the replica for a while (long
+    // enough for a loaded machine to replay the lock before it ends, short
+    // enough for the retry elsewhere to finish within the read timeout).
     let read = tokio::spawn({
         let db = db.clone();
         async move {
-            db.read_one(Consistency::Any, "SELECT count(*) FROM c, pg_sleep(2)", &[])
+            db.read_one(Consistency::Any, "SELECT count(*) FROM c, pg_sleep(4)", &[])
                 .await
         }
     });
@@ -32,7 +34,7 @@ async fn a_read_cancelled_by_recovery_is_retried_elsewhere() {
     until("the read runs on the replica", DEADLINE, async || {
         replica
             .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(2)%' \
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(4)%' \
                  AND state = 'active' AND pid <> pg_backend_pid()",
                 &[],
             )
