@@ -63,6 +63,9 @@ pub struct ResponseDirectives {
     pub proxy_revalidate: bool,
     /// `immutable`.
     pub immutable: bool,
+    /// `must-understand` (RFC 9111 §5.2.2.3): store only a status code the
+    /// cache understands, and then `no-store` does not apply.
+    pub must_understand: bool,
     /// `stale-while-revalidate` (RFC 5861) in seconds.
     pub stale_while_revalidate: Option<u64>,
     /// `stale-if-error` (RFC 5861) in seconds.
@@ -338,6 +341,7 @@ impl ResponseDirectives {
                 "must-revalidate" => d.must_revalidate = true,
                 "proxy-revalidate" => d.proxy_revalidate = true,
                 "immutable" => d.immutable = true,
+                "must-understand" => d.must_understand = true,
                 "stale-while-revalidate" => fold_lenient(&mut d.stale_while_revalidate, value),
                 "stale-if-error" => fold_lenient(&mut d.stale_if_error, value),
                 _ => {}

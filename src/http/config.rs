@@ -54,6 +54,8 @@ pub(crate) struct HttpConfig {
     pub(crate) max_bytes: u64,
     pub(crate) max_body: usize,
     pub(crate) default_scheme: String,
+    /// The user's key function ([`super::KeyParts`]), if any.
+    pub(crate) custom_key: Option<super::custom_key::CustomKey>,
     pub(crate) honour: HonourRequest,
     pub(crate) rules: HttpCachePolicy,
     /// The response header tags are read from.

@@ -75,6 +75,18 @@ pub enum NotStored {
     NotModified,
     /// 412 or 416: the answer to one request's preconditions or range.
     Precondition,
+    /// An interim (1xx) response: never a final answer to store.
+    Interim,
+    /// `must-understand` on a status code this cache does not implement.
+    NotUnderstood,
+}
+
+/// The status codes whose caching semantics this cache implements (for
+/// `must-understand`): the heuristically cacheable ones but 206, and the
+/// redirects 302 and 307.
+pub fn understood(status: StatusCode) -> bool {
+    status != StatusCode::PARTIAL_CONTENT
+        && (heuristically_cacheable(status) || matches!(status.as_u16(), 302 | 307))
 }
 
 /// Parses an HTTP date header.
@@ -108,7 +120,9 @@ pub fn freshness_lifetime(
         return Some(expires.duration_since(date).unwrap_or(Duration::ZERO));
     }
     let fraction = rules.heuristic_fraction?;
-    if !heuristically_cacheable(status) {
+    // RFC 9111 §4.2.2: heuristics only for a heuristically cacheable
+    // status, or a response marked `public`.
+    if !heuristically_cacheable(status) && !cc.public {
         return None;
     }
     let last_modified = date(headers, LAST_MODIFIED)?;
@@ -138,6 +152,10 @@ pub fn storable(
     if method != Method::GET {
         return Err(NotStored::Method);
     }
+    // RFC 9111 §3: a cache never stores an interim response.
+    if status.is_informational() {
+        return Err(NotStored::Interim);
+    }
     if request.no_store {
         return Err(NotStored::RequestNoStore);
     }
@@ -153,7 +171,15 @@ pub fn storable(
     if cc.unparseable {
         return Err(NotStored::Unparseable);
     }
-    if cc.no_store {
+    // RFC 9111 §5.2.2.3: with `must-understand`, a status code this
+    // cache does not implement is not stored, and one it does is stored
+    // even with `no-store` (which is there for caches that do not know
+    // `must-understand`).
+    if cc.must_understand {
+        if !understood(status) {
+            return Err(NotStored::NotUnderstood);
+        }
+    } else if cc.no_store {
         return Err(NotStored::NoStore);
     }
     if rules.shared && cc.private {
@@ -234,12 +260,22 @@ pub fn initial_age(
     request_time: SystemTime,
     response_time: SystemTime,
 ) -> Duration {
-    let age_value = headers
-        .get(http::header::AGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| super::cache_control::delta_seconds(Some(v.trim())))
-        .map(Duration::from_secs)
-        .unwrap_or(Duration::ZERO);
+    // RFC 9111 §5.1: an `Age` that is not one non-negative integer (a
+    // list, several lines, anything else) makes the response stale: taken
+    // as the largest age there is.
+    let mut lines = headers.get_all(http::header::AGE).iter();
+    let age_value = match (lines.next(), lines.next()) {
+        (None, _) => Duration::ZERO,
+        (Some(v), None) => v
+            .to_str()
+            .ok()
+            .and_then(|v| super::cache_control::delta_seconds(Some(v.trim())))
+            .map_or(
+                Duration::from_secs(super::cache_control::MAX_DELTA_SECONDS),
+                Duration::from_secs,
+            ),
+        (Some(_), Some(_)) => Duration::from_secs(super::cache_control::MAX_DELTA_SECONDS),
+    };
     let apparent_age = date(headers, DATE)
         .and_then(|d| response_time.duration_since(d).ok())
         .unwrap_or(Duration::ZERO);

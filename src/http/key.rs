@@ -76,7 +76,43 @@ impl HttpShared {
         if authority.as_str().bytes().any(|b| b.is_ascii_uppercase()) {
             return None;
         }
-        Some(key_of(scheme, &authority, &parts.uri))
+        let key = key_of(scheme, &authority, &parts.uri);
+        match &self.config.custom_key {
+            None => Some(key),
+            Some(custom) => {
+                let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                let base = &key[..key.len() - pq.len()];
+                let mut kp = super::KeyParts::new(pq);
+                (custom.0)(parts, &mut kp).then(|| kp.finish(base))
+            }
+        }
+    }
+
+    /// The key's URL part under the custom key function (its normalised
+    /// path and query, no extra parts): what an unsafe request invalidates.
+    fn normalised(&self, parts: &http::request::Parts, key: String) -> String {
+        let Some(custom) = &self.config.custom_key else {
+            return key;
+        };
+        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let Some(base) = key.strip_suffix(pq) else {
+            return key;
+        };
+        let mut kp = super::KeyParts::new(pq);
+        // Whether it would cache the request does not matter here.
+        let _ = (custom.0)(parts, &mut kp);
+        format!("{base}{}", kp.path_and_query())
+    }
+
+    /// Invalidates the entry under `url` (a key without extra parts) and,
+    /// with a custom key, every entry whose key adds parts to it.
+    pub(crate) fn invalidate_url(&self, url: &str) {
+        use crate::cache::Invalidation;
+        use crate::cache::engine::log::InvalidateTarget;
+        self.invalidate(Invalidation::Key(url.to_owned()), 0);
+        if self.config.custom_key.is_some() {
+            self.invalidate(Invalidation::Tag(crate::cache::Tag::from(url)), 0);
+        }
     }
 
     pub(crate) fn scheme<'a>(&'a self, parts: &'a http::request::Parts) -> &'a str {
@@ -90,7 +126,9 @@ impl HttpShared {
     /// and `Host` disagree, the key under each of them (invalidating too
     /// much is safe; too little is not).
     pub(crate) fn invalidation_keys(&self, parts: &http::request::Parts) -> Vec<String> {
-        if let Some(key) = self.key(parts) {
+        if self.config.custom_key.is_none()
+            && let Some(key) = self.key(parts)
+        {
             return vec![key];
         }
         let scheme = self.scheme(parts);
@@ -105,7 +143,7 @@ impl HttpShared {
             .cloned()
             .into_iter()
             .chain(hosts)
-            .map(|a| key_of(scheme, &a, &parts.uri))
+            .map(|a| self.normalised(parts, key_of(scheme, &a, &parts.uri)))
             .collect();
         keys.sort();
         keys.dedup();

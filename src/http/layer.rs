@@ -56,6 +56,7 @@ impl HttpCacheLayer {
                 max_bytes: 256 << 20,
                 max_body: 1 << 20,
                 default_scheme: "http".into(),
+                custom_key: None,
                 honour: HonourRequest::ALL,
                 rules: HttpCachePolicy::default(),
                 tag_header: HeaderName::from_static(DEFAULT_TAG_HEADER),
@@ -279,6 +280,22 @@ impl HttpCacheLayerBuilder {
     /// streams through untouched, trailers included).
     pub fn tag_header(mut self, name: HeaderName) -> Self {
         self.config.tag_header = name;
+        self
+    }
+
+    /// A custom cache key: `f` may normalise the path and query and add
+    /// parts taken from the request ([`KeyParts`](super::KeyParts)); it
+    /// returns false for a request that must not be cached (it then goes
+    /// to the origin untouched). The scheme and authority stay the
+    /// cache's, `Vary` still selects variants, and every storing rule
+    /// still applies. An unsafe method invalidates every entry of its
+    /// target's normalised path and query, whatever parts were added (the
+    /// entries carry their URL as a tag).
+    pub fn cache_key(
+        mut self,
+        f: impl Fn(&http::request::Parts, &mut super::KeyParts) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.config.custom_key = Some(super::custom_key::CustomKey(std::sync::Arc::new(f)));
         self
     }
 

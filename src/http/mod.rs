@@ -43,6 +43,41 @@
 //!   others take its stored response when it matches their `Vary` headers
 //!   and is fresh for their request.
 //!
+//! # Conformance
+//!
+//! RFC 9111 (and RFC 9213, RFC 5861) requirements on a shared cache, each
+//! tested in `tests/http` by a test named after its section
+//! (`rfc9111_4_2_2_...`):
+//!
+//! | section | requirement | here |
+//! |---|---|---|
+//! | 9111 §3 | store only GET (a method it understands), final responses (never 1xx), with freshness or a validator | yes |
+//! | 9111 §3.1 | do not store connection-specific fields | yes |
+//! | 9111 §3.2 | update stored fields from a 304 | yes |
+//! | 9111 §3.3 | incomplete responses | not stored (a body that fails or exceeds `max_body` streams through) |
+//! | 9111 §3.4 | combining partial content | no: a 206 is never stored |
+//! | 9111 §3.5 | `Authorization` only with `public`, `s-maxage`, `must-revalidate` | yes |
+//! | 9111 §4 | another target URI never answered | yes |
+//! | 9111 §4.1 | `Vary` selects; `Vary: *` never matches | yes |
+//! | 9111 §4.2 | stale not reused without validation (unless allowed) | yes |
+//! | 9111 §4.2.1 | `s-maxage` > `max-age` > `Expires` | yes |
+//! | 9111 §4.2.2 | heuristics only for heuristically cacheable statuses or `public` | yes |
+//! | 9111 §4.2.3 | age calculation, upstream `Age` added | yes |
+//! | 9111 §4.3.1–§4.3.4 | conditional revalidation, 304 to clients, freshening | yes |
+//! | 9111 §4.3.5 | HEAD from a stored GET | yes |
+//! | 9111 §4.4 | unsafe methods invalidate the target, `Location`, `Content-Location` (same origin) | yes |
+//! | 9111 §5.1 | `Age` on hits; an invalid `Age` (not one non-negative integer) makes the response stale | yes |
+//! | 9111 §5.2.1 | request `max-age`, `max-stale`, `min-fresh`, `no-cache`, `no-store`, `only-if-cached` | yes (switchable: [`HonourRequest`]) |
+//! | 9111 §5.2.2 | response `must-revalidate`, `must-understand`, `no-cache`, `no-store`, `no-transform` (never transformed), `private`, `proxy-revalidate`, `public`, `s-maxage`, `max-age` | yes |
+//! | 9111 §5.3 | invalid `Expires` is in the past | yes |
+//! | 9111 §5.4 | request `Pragma: no-cache` without `Cache-Control` | yes |
+//! | 9111 §5.5 | `Warning` (obsolete) | never generated |
+//! | 5861 | `stale-while-revalidate`, `stale-if-error` | yes |
+//!
+//! `must-understand` is honoured for the status codes whose caching this
+//! cache implements ([`freshness::understood`]): the heuristically
+//! cacheable ones but 206, and 302 and 307.
+//!
 //! # One engine with the core cache
 //!
 //! The HTTP cache keeps its responses in the cache core's machinery; only
@@ -163,6 +198,11 @@
 //! - the values of the request headers the stored response names in
 //!   **`Vary`** (lines joined, white space around commas normalised).
 //!
+//! With [`HttpCacheLayerBuilder::cache_key`] the path and query may be
+//! normalised (a sorted query) and parts taken from the request added (a
+//! device class); the scheme and authority rules above still apply, and an
+//! unsafe method still invalidates every entry of its target.
+//!
 //! Nothing else is: not `Cookie`, not `Authorization` (those are handled
 //! by the storing rules above, not the key), not `Accept-Encoding` or
 //! `Accept-Language`, and not `X-Forwarded-Host`, `X-Forwarded-Proto`,
@@ -205,6 +245,7 @@ pub mod freshness;
 
 mod body;
 mod config;
+mod custom_key;
 mod future;
 mod key;
 mod layer;
@@ -218,6 +259,7 @@ mod upstream;
 
 pub use self::body::CacheBody;
 pub use self::config::{HonourRequest, MAX_TAG_LEN, MAX_TAGS};
+pub use self::custom_key::{InvalidPath, KeyParts};
 pub use self::freshness::HttpCachePolicy;
 pub use self::future::HttpResponseFuture;
 pub use self::layer::{HttpCacheLayer, HttpCacheLayerBuilder};

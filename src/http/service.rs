@@ -19,10 +19,9 @@ use super::state::HttpShared;
 use super::status::{self, Fwd};
 use super::stored::respond_hit;
 use super::upstream::{miss, pass, unsafe_method, upstream};
-use crate::cache::engine::log::InvalidateTarget;
+use crate::cache::Invalidator;
 use crate::cache::engine::stats::Kind;
 use crate::cache::{CacheStats, Store};
-use crate::cache::{Invalidation, Invalidator};
 
 /// Caches the responses of an HTTP service as an RFC 9111 shared (or
 /// private) cache; see the [module docs](super).
@@ -63,8 +62,7 @@ impl<S> HttpCache<S> {
     /// (`scheme://authority/path?query`), here and, with a shared tier, on
     /// every instance. The same as `invalidator().invalidate_key(uri)`.
     pub fn invalidate(&self, uri: &str) {
-        self.shared
-            .invalidate(Invalidation::Key(uri.to_string()), 0);
+        self.shared.invalidate_url(uri);
     }
 
     /// A handle to invalidate stored responses by key (the cache key

@@ -232,6 +232,9 @@ impl HttpShared {
             .iter()
             .flat_map(|s| s.tags.iter().cloned())
             .chain(extra_tags.iter().cloned())
+            // A custom key with extra parts: its URL as a tag, so that
+            // invalidating the URL reaches every such key.
+            .chain(super::custom_key::base_of(key.key()).map(Tag::from))
             .collect();
         tags.sort_unstable();
         tags.dedup();

@@ -22,9 +22,7 @@ use super::stored::{
     CacheHit, HitHead, Stored, StoredVariants, VaryValues, hit, respond, storable_headers, tags_of,
     vary_values,
 };
-use crate::cache::Invalidation;
 use crate::cache::engine::flight::Join;
-use crate::cache::engine::log::InvalidateTarget;
 use crate::cache::engine::stats::Kind;
 use crate::cache::remote::Lease;
 use crate::cache::{DataVersion, Entry, Hashed};
@@ -69,7 +67,7 @@ where
     let mut res = svc.oneshot(Request::from_parts(parts, body)).await?;
     if res.status().is_success() || res.status().is_redirection() {
         for target in &targets {
-            shared.invalidate(Invalidation::Key(target.clone()), 0);
+            shared.invalidate_url(target);
             let Ok(base) = target.parse::<http::Uri>() else {
                 continue;
             };
@@ -78,7 +76,7 @@ where
                     continue;
                 };
                 if let Some(key) = same_origin(&base, loc) {
-                    shared.invalidate(Invalidation::Key(key), 0);
+                    shared.invalidate_url(&key);
                 }
             }
         }

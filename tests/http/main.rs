@@ -7,6 +7,7 @@ mod cache_status;
 mod common;
 mod parser;
 mod proxy;
+mod rfc9111;
 mod sharing;
 mod tags;
 mod tokens;
