@@ -290,7 +290,9 @@ impl HttpCacheLayerBuilder {
     /// cache's, `Vary` still selects variants, and every storing rule
     /// still applies. An unsafe method invalidates every entry of its
     /// target's normalised path and query, whatever parts were added (the
-    /// entries carry their URL as a tag).
+    /// entries carry their URL as a tag: to invalidate a URL yourself, use
+    /// [`HttpCache::invalidate`](super::HttpCache::invalidate) or
+    /// invalidate that tag, not the key, which has the parts added).
     pub fn cache_key(
         mut self,
         f: impl Fn(&http::request::Parts, &mut super::KeyParts) -> bool + Send + Sync + 'static,
