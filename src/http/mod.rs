@@ -202,6 +202,7 @@ pub type RequestDb = crate::pg::RequestDb;
 #[deprecated(since = "0.2.0", note = "moved to `tower_scale::pg::Route`")]
 pub type Route = crate::pg::Route;
 pub mod freshness;
+pub mod targeted;
 
 mod body;
 mod config;
