@@ -9,6 +9,7 @@ mod parser;
 mod proxy;
 mod sharing;
 mod tags;
+mod targeted;
 mod tokens;
 
 use std::collections::HashMap;
@@ -37,6 +38,8 @@ struct Origin {
     counts: Mutex<HashMap<String, usize>>,
     conditional: AtomicUsize,
     fail: AtomicBool,
+    /// What `/t/{name}` answers (see `targeted`).
+    scripts: Mutex<HashMap<String, targeted::Script>>,
 }
 
 impl Origin {
@@ -340,6 +343,7 @@ fn origin_app(origin: Arc<Origin>) -> Router {
             }),
         )
         .merge(sharing::routes())
+        .merge(targeted::routes())
         .with_state(origin)
 }
 
