@@ -73,6 +73,9 @@ pub struct ResponseDirectives {
     /// A field line broke the list grammar somewhere: what it meant cannot
     /// be known for sure, so the response is not stored.
     pub unparseable: bool,
+    /// Read from a targeted field (RFC 9213, see [`targeted`](super::targeted)):
+    /// the response's `Cache-Control` and `Expires` were ignored.
+    pub targeted: bool,
 }
 
 /// Request directives.

@@ -62,6 +62,9 @@ pub(crate) struct HttpConfig {
     pub(crate) tag_header: HeaderName,
     /// Whether the tag header reaches clients (and is stored).
     pub(crate) pass_tag_header: bool,
+    /// Whether the targeted fields of `rules.targeted_fields` are removed
+    /// from every response that leaves the cache (they stay stored).
+    pub(crate) strip_targeted: bool,
     /// The cache's name as its RFC 9211 `Cache-Status` entry writes it;
     /// `None`: no entry (see [`status`](super::status)).
     pub(crate) cache_status: Option<bytes::Bytes>,
@@ -96,6 +99,19 @@ pub(crate) fn covers(stamp: Option<u64>, token: Option<u64>) -> bool {
         None => true,
         Some(u64::MAX) => false,
         Some(t) => stamp.is_some_and(|s| s >= t),
+    }
+}
+
+impl HttpConfig {
+    /// Removes the targeted fields from a response leaving the cache,
+    /// unless they are configured to pass.
+    #[inline]
+    pub(crate) fn strip_targeted(&self, headers: &mut HeaderMap) {
+        if self.strip_targeted {
+            for name in &self.rules.targeted_fields {
+                headers.remove(name);
+            }
+        }
     }
 }
 

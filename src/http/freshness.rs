@@ -33,6 +33,12 @@ pub struct HttpCachePolicy {
     pub heuristic_max: Duration,
     /// Share responses carrying `Set-Cookie` (a shared cache should not).
     pub share_set_cookie: bool,
+    /// The target list of RFC 9213 targeted fields, most applicable first
+    /// (default `["cdn-cache-control"]`; empty: off). The first one a
+    /// response carries with a valid, non-empty dictionary replaces its
+    /// `Cache-Control` and `Expires` for this cache (see
+    /// [`targeted`](super::targeted)).
+    pub targeted_fields: Vec<http::HeaderName>,
 }
 
 impl Default for HttpCachePolicy {
@@ -42,6 +48,7 @@ impl Default for HttpCachePolicy {
             heuristic_fraction: Some(0.1),
             heuristic_max: Duration::from_secs(24 * 3600),
             share_set_cookie: false,
+            targeted_fields: vec![super::targeted::CDN_CACHE_CONTROL],
         }
     }
 }
@@ -95,6 +102,14 @@ pub fn date(headers: &HeaderMap, name: http::header::HeaderName) -> Option<Syste
     httpdate::parse_http_date(value).ok()
 }
 
+/// The response directives this cache follows: those of the first field
+/// of `rules`' target list the response carries with a valid, non-empty
+/// dictionary (RFC 9213 §2.1), else its `Cache-Control`.
+pub fn response_directives(headers: &HeaderMap, rules: &HttpCachePolicy) -> ResponseDirectives {
+    super::targeted::select(headers, &rules.targeted_fields)
+        .unwrap_or_else(|| ResponseDirectives::from_headers(headers))
+}
+
 /// The freshness lifetime (RFC 9111 §4.2.1), or `None` when the response
 /// has neither explicit nor (allowed) heuristic freshness.
 pub fn freshness_lifetime(
@@ -111,7 +126,8 @@ pub fn freshness_lifetime(
     if let Some(s) = cc.max_age {
         return Some(Duration::from_secs(s));
     }
-    if headers.contains_key(EXPIRES) {
+    // A targeted field replaces `Expires` too (RFC 9213 §2.1).
+    if !cc.targeted && headers.contains_key(EXPIRES) {
         // An invalid Expires (e.g. "0") means already expired (§5.3).
         let Some(expires) = date(headers, EXPIRES) else {
             return Some(Duration::ZERO);

@@ -17,7 +17,7 @@ fn lifetime(
     rules: &HttpCachePolicy,
 ) -> Option<Duration> {
     let h = headers(pairs);
-    let cc = ResponseDirectives::from_headers(&h);
+    let cc = response_directives(&h, rules);
     freshness_lifetime(StatusCode::from_u16(status).unwrap(), &h, &cc, rules)
 }
 
@@ -61,6 +61,104 @@ fn explicit_freshness_order() {
         lifetime(500, &[("cache-control", "max-age=5")], &r),
         s(5),
         "any status with explicit freshness"
+    );
+}
+
+#[test]
+fn a_valid_targeted_field_replaces_cache_control_and_expires() {
+    let r = HttpCachePolicy::default();
+    let s = |n| Some(Duration::from_secs(n));
+    let expires = [
+        ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
+        ("expires", "Sun, 06 Nov 1994 08:50:37 GMT"),
+    ];
+    let with = |cdn: &'static str| {
+        let mut pairs = expires.to_vec();
+        pairs.push(("cache-control", "max-age=10"));
+        pairs.push(("cdn-cache-control", cdn));
+        lifetime(200, &pairs, &r)
+    };
+    assert_eq!(with("max-age=30"), s(30));
+    assert_eq!(with("s-maxage=40, max-age=30"), s(40));
+    assert_eq!(with("max-age=30;"), s(10), "invalid: Cache-Control");
+    // Valid without freshness: neither Cache-Control nor Expires counts,
+    // and no Last-Modified leaves nothing.
+    assert_eq!(with("must-revalidate"), None);
+    assert_eq!(lifetime(200, &expires, &r), s(60));
+    let off = HttpCachePolicy {
+        targeted_fields: Vec::new(),
+        ..HttpCachePolicy::default()
+    };
+    let pairs = [
+        ("cache-control", "max-age=10"),
+        ("cdn-cache-control", "max-age=30"),
+    ];
+    assert_eq!(lifetime(200, &pairs, &off), s(10), "an empty target list");
+}
+
+#[test]
+fn targeted_directives_decide_storing() {
+    let r = HttpCachePolicy::default();
+    let check = |pairs: &[(&'static str, &str)], auth: bool| {
+        let h = headers(pairs);
+        let mut req = HeaderMap::new();
+        if auth {
+            req.insert(AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+        }
+        let cc = response_directives(&h, &r);
+        storable(
+            &Method::GET,
+            &req,
+            &RequestDirectives::default(),
+            StatusCode::OK,
+            &h,
+            &cc,
+            &r,
+        )
+    };
+    let cc_no_store = ("cache-control", "no-store");
+    assert_eq!(
+        check(&[cc_no_store, ("cdn-cache-control", "max-age=60")], false),
+        Ok(Duration::from_secs(60))
+    );
+    let public = ("cache-control", "public, max-age=60");
+    for (cdn, why) in [
+        ("no-store", NotStored::NoStore),
+        ("private", NotStored::Private),
+        ("max-age=60, no-store=?1", NotStored::NoStore),
+    ] {
+        assert_eq!(
+            check(&[public, ("cdn-cache-control", cdn)], false),
+            Err(why)
+        );
+    }
+    assert_eq!(
+        check(&[public, ("cdn-cache-control", "max-age=60")], true),
+        Err(NotStored::Authorization),
+        "`public` in Cache-Control no longer counts"
+    );
+    assert!(check(&[("cdn-cache-control", "public, max-age=60")], true).is_ok());
+    assert_eq!(
+        check(
+            &[("cdn-cache-control", "max-age=60"), ("set-cookie", "a=b")],
+            false
+        ),
+        Err(NotStored::SetCookie)
+    );
+    assert_eq!(
+        check(&[("cache-control", "max-age=60, no-store garbage")], false),
+        Err(NotStored::Unparseable)
+    );
+    assert!(
+        check(
+            &[
+                ("cache-control", "max-age=60, no-store garbage"),
+                ("cdn-cache-control", "max-age=60"),
+            ],
+            false
+        )
+        .is_ok(),
+        "an unreadable Cache-Control is ignored too"
     );
 }
 

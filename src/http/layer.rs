@@ -61,11 +61,13 @@ impl HttpCacheLayer {
                 rules: HttpCachePolicy::default(),
                 tag_header: HeaderName::from_static(DEFAULT_TAG_HEADER),
                 pass_tag_header: false,
+                strip_targeted: true,
                 cache_status: None,
                 request_version: None,
                 mark_hits: false,
             },
             cache_status: true,
+            targeted_error: None,
             clock: None,
             metrics: (String::new(), std::time::Duration::from_secs(1)),
         }
@@ -201,6 +203,9 @@ pub struct HttpCacheLayerBuilder {
     config: HttpConfig,
     /// Whether responses get a `Cache-Status` entry.
     cache_status: bool,
+    /// Why the last [`targeted_fields`](Self::targeted_fields) list was
+    /// refused (reported by `build`).
+    targeted_error: Option<String>,
     clock: Option<Clock>,
     /// Name and interval of the metrics publication (empty: none).
     metrics: (String, std::time::Duration),
@@ -259,9 +264,72 @@ impl HttpCacheLayerBuilder {
     }
 
     /// Replaces the whole RFC 9111 policy (shared or private, heuristic
-    /// freshness, `Set-Cookie` sharing).
+    /// freshness, `Set-Cookie` sharing, the targeted fields): set it before
+    /// the individual setters, which change it.
     pub fn policy(mut self, policy: HttpCachePolicy) -> Self {
         self.config.rules = policy;
+        self
+    }
+
+    /// The target list of RFC 9213 targeted cache-control fields, most
+    /// applicable first (default: `["cdn-cache-control"]`; an empty list
+    /// turns targeted control off). Names are case-insensitive; one that is
+    /// not a valid header name, or `cache-control`, fails the build.
+    ///
+    /// For each response, the first field of the list that is present and
+    /// parses as a non-empty RFC 8941 dictionary is this cache's policy
+    /// for it: its `no-store`, `private`, `no-cache`, `max-age`,
+    /// `s-maxage`, `public`, `must-revalidate`, `proxy-revalidate`,
+    /// `stale-while-revalidate` and `stale-if-error` apply, and the
+    /// response's `Cache-Control` and `Expires` are ignored. So
+    /// `CDN-Cache-Control: max-age=600` with `Cache-Control: no-store` is
+    /// stored for ten minutes, and `CDN-Cache-Control: no-store` (or
+    /// `private`, or `no-cache`) wins over a permissive `Cache-Control`. A
+    /// field that is empty or does not parse is ignored as a whole and the
+    /// next one is tried, then `Cache-Control`. The rules on
+    /// `Authorization`, `Set-Cookie`, `Vary` and request directives still
+    /// apply, and a 304's targeted field updates the stored one like any
+    /// other header. See [`targeted`](super::targeted) for how members are
+    /// read. The fields are removed from the responses the cache sends
+    /// unless [`strip_targeted_fields`](Self::strip_targeted_fields) is off.
+    ///
+    /// ```
+    /// # fn demo() -> Result<(), tower_scale::ConfigError> {
+    /// use tower_scale::http::HttpCacheLayer;
+    ///
+    /// let layer = HttpCacheLayer::builder()
+    ///     .targeted_fields(["myapp-cdn-cache-control", "cdn-cache-control"])
+    ///     .build()?;
+    /// # let _ = layer; Ok(()) }
+    /// ```
+    pub fn targeted_fields<I>(mut self, names: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        self.targeted_error = None;
+        let mut fields = Vec::new();
+        for name in names {
+            let name = name.as_ref();
+            match HeaderName::from_bytes(name.as_bytes()) {
+                Ok(header) => fields.push(header),
+                Err(_) => {
+                    self.targeted_error = Some(format!("{name:?} is not a header name"));
+                }
+            }
+        }
+        self.config.rules.targeted_fields = fields;
+        self
+    }
+
+    /// Whether the [targeted fields](Self::targeted_fields) are removed
+    /// from every response leaving the cache, hits and misses alike
+    /// (default: on; RFC 9213 §3 lets a CDN remove them when nothing
+    /// downstream uses them). Either way they are stored with the response:
+    /// a hit, a 304's merge and the shared tier read them again. Turn it
+    /// off when a cache further down honours them too.
+    pub fn strip_targeted_fields(mut self, strip: bool) -> Self {
+        self.config.strip_targeted = strip;
         self
     }
 
@@ -478,6 +546,23 @@ impl HttpCacheLayerBuilder {
     fn build_on(self, kind: StoreKind) -> Result<HttpCacheLayer, ConfigError> {
         if self.config.max_bytes == 0 {
             return Err(ConfigError::Zero { field: "max_bytes" });
+        }
+        if let Some(reason) = self.targeted_error {
+            return Err(ConfigError::OutOfRange {
+                field: "targeted_fields",
+                reason,
+            });
+        }
+        if self
+            .config
+            .rules
+            .targeted_fields
+            .contains(&http::header::CACHE_CONTROL)
+        {
+            return Err(ConfigError::OutOfRange {
+                field: "targeted_fields",
+                reason: "`cache-control` is not a targeted field: it is what they replace".into(),
+            });
         }
         if let Some(f) = self.config.rules.heuristic_fraction
             && !(f.is_finite() && (0.0..=1.0).contains(&f))

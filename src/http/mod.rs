@@ -14,7 +14,8 @@
 //!   when the response says `public`, `s-maxage` or `must-revalidate`; never
 //!   `Set-Cookie` responses (in headers or trailers) unless configured;
 //!   never `Vary: *`; never a response whose `Cache-Control` cannot be
-//!   parsed.
+//!   parsed (unless a valid targeted field replaces it, see
+//!   [RFC 9213](#rfc-9213-targeted-cache-control)).
 //! - **Keys**: see [the key](#the-key) below.
 //! - **Freshness and age** (§4.2): upstream `Age` and the request/response
 //!   delay are counted in; a hit carries a correct `Age`. Invalid or
@@ -33,6 +34,9 @@
 //!   `Content-Location`.
 //! - **RFC 5861**: `stale-while-revalidate` (served at once, one background
 //!   revalidation per key) and `stale-if-error` (5xx or a service error).
+//! - **RFC 9213**: `CDN-Cache-Control` (or a configured list of targeted
+//!   fields) replaces `Cache-Control` and `Expires`; see
+//!   [below](#rfc-9213-targeted-cache-control).
 //! - **HEAD** is answered from a stored GET.
 //! - **Bodies** are buffered up to a limit (1 MiB by default) to be stored;
 //!   a larger or endless body streams through to the client untouched and
@@ -77,6 +81,24 @@
 //! `must-understand` is honoured for the status codes whose caching this
 //! cache implements ([`freshness::understood`]): the heuristically
 //! cacheable ones but 206, and 302 and 307.
+//!
+//! # RFC 9213: targeted cache control
+//!
+//! The cache has a target list ([`HttpCacheLayerBuilder::targeted_fields`],
+//! default `["cdn-cache-control"]`). What is and is not implemented:
+//!
+//! | RFC 9213 | here |
+//! | --- | --- |
+//! | §2.1: the first field of the list that is present, valid and non-empty decides, and `Cache-Control` and `Expires` are ignored | yes, per response (so per 304 merge and per value read back from the shared tier) |
+//! | §2.1: otherwise `Cache-Control` and `Expires` | yes: an invalid or empty field is ignored as if absent, and the next one is tried |
+//! | §2.1: `max-age`, `must-revalidate`, `no-store`, `no-cache`, `private` must be implemented | yes, and `s-maxage`, `public`, `proxy-revalidate`, `immutable`, `stale-while-revalidate`, `stale-if-error` |
+//! | §2.1: other mechanisms (`Authorization`, `Vary`) still apply | yes, and `Set-Cookie`, request directives, 304 merging |
+//! | §2.1: fields not on the list change nothing and are passed on | yes |
+//! | §2.2: an RFC 8941 dictionary; one that does not parse is ignored in its entirety | yes (the `sfv` crate, RFC 8941 mode); a key given twice takes its last value |
+//! | §2.2: parameters on directives ignored | yes |
+//! | §2.2: values mapped to types | `max-age`/`s-maxage` not a non-negative Integer: stale (lifetime 0); `stale-*` not one: ignored; a flag counts unless `?0` (see [`targeted`]) |
+//! | §3: `CDN-Cache-Control`; a CDN may remove it | in the default list; removed from every response leaving the cache unless [`strip_targeted_fields(false)`](HttpCacheLayerBuilder::strip_targeted_fields) (always kept in storage) |
+//! | a target list per request | no: one list per cache |
 //!
 //! # One engine with the core cache
 //!
@@ -167,7 +189,9 @@
 //!    empty members; repeated lines) is read without dropping a directive.
 //!    A line that breaks the grammar still has its directives' names read
 //!    (`private`, `no-store`, `no-cache` are never lost) and makes the
-//!    response not storable.
+//!    response not storable. A targeted field (RFC 9213) is read as a
+//!    strict Structured Fields dictionary instead: one that does not parse
+//!    is ignored as a whole, and `Cache-Control` applies.
 //! 3. **One authority.** A request whose absolute-form target names
 //!    another authority than its `Host` header (ports compared with the
 //!    scheme's default filled in, no userinfo), or that has several `Host`
@@ -242,6 +266,7 @@ pub type RequestDb = crate::pg::RequestDb;
 #[deprecated(since = "0.2.0", note = "moved to `tower_scale::pg::Route`")]
 pub type Route = crate::pg::Route;
 pub mod freshness;
+pub mod targeted;
 
 mod body;
 mod config;

@@ -12,7 +12,8 @@
 //!   and starts the age's clock again on this instance's [`Clock`];
 //! - removes the tag header unless this cache passes it, and drops a
 //!   variant whose body is larger than this cache's `max_body`;
-//! - re-reads `Cache-Control` from the headers and runs every storing rule
+//! - re-reads `Cache-Control` (or the targeted field this cache follows,
+//!   RFC 9213) from the headers and runs every storing rule
 //!   of a shared cache again: a variant that is per-user (`private`,
 //!   `no-store`, `Set-Cookie` in headers or trailers unless shared,
 //!   `Vary: *`, an unreadable `Cache-Control`), whose `Vary` values do not
@@ -30,7 +31,7 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, SET_COOKIE};
 use http::{HeaderMap, Method, StatusCode, Version};
 
-use super::cache_control::{RequestDirectives, ResponseDirectives};
+use super::cache_control::RequestDirectives;
 use super::config::{MAX_TAG_LEN, MAX_TAGS};
 use super::freshness::{self, HttpCachePolicy, NotStored};
 use super::stored::{HitHead, Stored, StoredVariants, VaryValues};
@@ -335,7 +336,7 @@ impl HttpRedisCodec {
                 continue;
             };
             // Every rule of a shared cache, again: whatever wrote this value.
-            let cc = ResponseDirectives::from_headers(&headers);
+            let cc = freshness::response_directives(&headers, &self.rules);
             let lifetime = match freshness::storable(
                 &Method::GET,
                 &HeaderMap::new(),

@@ -10,7 +10,7 @@ fn stored(headers: &[(&str, &str)], vary: VaryValues, tags: &[&str]) -> Arc<Stor
             HeaderValue::from_str(v).unwrap(),
         );
     }
-    let cc = ResponseDirectives::from_headers(&map);
+    let cc = freshness::response_directives(&map, &HttpCachePolicy::default());
     Arc::new(Stored {
         status: StatusCode::OK,
         version: Version::HTTP_11,
@@ -134,6 +134,64 @@ fn per_user_or_inconsistent_variants_are_dropped() {
     cookie_trailer.trailers = Some(t);
     let one = StoredVariants(vec![Arc::new(cookie_trailer)].into());
     assert!(codec.decode_at(&codec.encode_at(&one, now), now).is_none());
+}
+
+#[test]
+fn targeted_fields_rule_what_comes_back_as_they_rule_what_is_stored() {
+    let (codec, _) = codec();
+    let now = SystemTime::now();
+    let round_trip = |headers: &[(&str, &str)]| {
+        let one = StoredVariants(vec![stored(headers, vec![], &[])].into());
+        codec.decode_at(&codec.encode_at(&one, now), now)
+    };
+    // A targeted `private` or `no-store` keeps a permissive
+    // `Cache-Control` from sharing it.
+    for cdn in ["private", "no-store", "max-age=60, private"] {
+        let back = round_trip(&[
+            ("cache-control", "public, max-age=60"),
+            ("cdn-cache-control", cdn),
+        ]);
+        assert!(back.is_none(), "{cdn}");
+    }
+    // A targeted `max-age` stores what `Cache-Control` forbids, with its
+    // lifetime (`Expires` ignored).
+    let back = round_trip(&[
+        ("cache-control", "no-store"),
+        ("expires", "Thu, 01 Jan 1970 00:00:00 GMT"),
+        ("cdn-cache-control", "max-age=600"),
+    ])
+    .unwrap();
+    assert_eq!(back.0[0].lifetime, Duration::from_secs(600));
+    // An invalid one is ignored: `Cache-Control` rules.
+    assert!(
+        round_trip(&[
+            ("cache-control", "no-store"),
+            ("cdn-cache-control", "max-age=600;")
+        ])
+        .is_none()
+    );
+    // Another cache's target list: its own fields.
+    let off = HttpRedisCodec::new(
+        Clock::new(),
+        HttpCachePolicy {
+            targeted_fields: Vec::new(),
+            ..HttpCachePolicy::default()
+        },
+        1 << 20,
+        None,
+    );
+    let one = StoredVariants(
+        vec![stored(
+            &[
+                ("cache-control", "max-age=60"),
+                ("cdn-cache-control", "private"),
+            ],
+            vec![],
+            &[],
+        )]
+        .into(),
+    );
+    assert!(off.decode_at(&off.encode_at(&one, now), now).is_some());
 }
 
 #[test]

@@ -12,7 +12,7 @@ use tokio_util::sync::DropGuard;
 use tower::Service;
 
 use super::body::CacheBody;
-use super::config::covers;
+use super::config::{HttpConfig, covers};
 use super::freshness::{self, Usable};
 use super::future::HttpResponseFuture;
 use super::state::HttpShared;
@@ -85,6 +85,14 @@ impl<S> HttpCache<S> {
     }
 }
 
+/// A response that went forward, on its way out: the targeted fields
+/// stripped (unless they pass) and this cache's `Cache-Status` entry added.
+/// (A hit's header map is built without them: see `HitHead`.)
+fn leave<B>(config: &HttpConfig, mut res: Response<B>, why: Fwd) -> Response<B> {
+    config.strip_targeted(res.headers_mut());
+    status::finish(config, res, why)
+}
+
 fn is_safe(method: &Method) -> bool {
     matches!(
         *method,
@@ -121,7 +129,7 @@ where
             return HttpResponseFuture::boxed(async move {
                 let res = unsafe_method(Arc::clone(&shared), svc, Request::from_parts(parts, body));
                 let res = res.await?;
-                Ok(status::finish(&shared.config, res, Fwd::Bypass))
+                Ok(leave(&shared.config, res, Fwd::Bypass))
             });
         }
         let key = match (&parts.method, sh.key(&parts)) {
@@ -131,7 +139,7 @@ where
                 let (shared, svc) = (Arc::clone(&self.shared), self.inner.clone());
                 return HttpResponseFuture::boxed(async move {
                     let res = pass(&shared, svc, Request::from_parts(parts, body)).await?;
-                    Ok(status::finish(&shared.config, res, Fwd::Bypass))
+                    Ok(leave(&shared.config, res, Fwd::Bypass))
                 });
             }
         };
@@ -188,7 +196,7 @@ where
                     return HttpResponseFuture::boxed(async move {
                         let req = Request::from_parts(parts, body);
                         let (res, _) = upstream(&shared, svc, req, &key, Some(stored)).await?;
-                        Ok(status::finish(&shared.config, res, why))
+                        Ok(leave(&shared.config, res, why))
                     });
                 }
             }
@@ -210,7 +218,7 @@ where
         HttpResponseFuture::boxed(async move {
             let req = Request::from_parts(parts, body);
             let res = miss(Arc::clone(&shared), svc, req, key, token).await?;
-            Ok(status::finish(&shared.config, res, why))
+            Ok(leave(&shared.config, res, why))
         })
     }
 }

@@ -81,6 +81,7 @@ impl HitHead {
             }
             Err(_) => stored.headers.clone(),
         };
+        config.strip_targeted(&mut headers);
         // (A map already at the size limit keeps no room for these two.)
         let _ = headers.try_insert(header::AGE, HeaderValue::from(age_secs));
         if let Some(value) = config

@@ -376,7 +376,7 @@ where
                     headers.append(header::VARY, value);
                 }
             }
-            let cc = ResponseDirectives::from_headers(&headers);
+            let cc = freshness::response_directives(&headers, &shared.rules);
             // The merged response is a new response to this client's
             // request: every storing and sharing rule applies to it again
             // (a 304 may add `Set-Cookie`, `private`, `no-store`, `Vary`),
@@ -397,15 +397,25 @@ where
                     other => other,
                 }
             };
-            // What the raw 304 says too: a `Set-Cookie`, `private` or
-            // `no-store` that `Connection` lists is still per-user.
-            let raw_cc = ResponseDirectives::from_headers(res.headers());
+            // What the raw 304 says too, over the stored fields it does
+            // not replace: a `Set-Cookie`, `private` or `no-store` that
+            // `Connection` lists is still per-user, and the directives are
+            // chosen as for the merged response (a stored targeted field
+            // the 304 does not resend still replaces its `Cache-Control`).
+            let mut raw_headers = stored.headers.clone();
+            for name in res.headers().keys() {
+                raw_headers.remove(name);
+            }
+            for (name, value) in res.headers() {
+                raw_headers.append(name.clone(), value.clone());
+            }
+            let raw_cc = freshness::response_directives(&raw_headers, &shared.rules);
             let raw = match freshness::storable(
                 &Method::GET,
                 &HeaderMap::new(),
                 &RequestDirectives::default(),
                 stored.status,
-                res.headers(),
+                &raw_headers,
                 &raw_cc,
                 &shared.rules,
             ) {
@@ -492,7 +502,7 @@ where
     if !shared.config.pass_tag_header {
         res.headers_mut().remove(tag_header);
     }
-    let cc = ResponseDirectives::from_headers(res.headers());
+    let cc = freshness::response_directives(res.headers(), &shared.rules);
     let decision = freshness::storable(
         &method,
         &client_headers,

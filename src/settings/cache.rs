@@ -135,6 +135,14 @@ pub struct HttpCacheSettings {
     /// `pass_tag_header`.
     #[serde(default)]
     pub pass_tag_header: Option<bool>,
+    /// `targeted_fields` (the RFC 9213 target list, in order; empty: off):
+    /// a list, or one string of names separated by white space or commas
+    /// (how the environment gives it).
+    #[serde(default, deserialize_with = "field_names")]
+    pub targeted_fields: Option<Vec<String>>,
+    /// `strip_targeted_fields`.
+    #[serde(default)]
+    pub strip_targeted_fields: Option<bool>,
     /// `name`.
     #[serde(default)]
     pub name: Option<String>,
@@ -147,6 +155,26 @@ pub struct HttpCacheSettings {
     /// `mark_hits`.
     #[serde(default)]
     pub mark_hits: Option<bool>,
+}
+
+/// A list of names, or one string of them separated by white space or
+/// commas.
+#[cfg(feature = "http")]
+fn field_names<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Names {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(Some(match Names::deserialize(d)? {
+        Names::List(list) => list,
+        Names::Text(text) => text
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|name| !name.is_empty())
+            .map(str::to_string)
+            .collect(),
+    }))
 }
 
 #[cfg(feature = "http")]
@@ -191,6 +219,21 @@ impl HttpCacheSettings {
         }
         if let Some(yes) = self.pass_tag_header {
             b = b.pass_tag_header(yes);
+        }
+        if let Some(names) = &self.targeted_fields {
+            if let Some(bad) = names
+                .iter()
+                .find(|n| http::HeaderName::from_bytes(n.as_bytes()).is_err())
+            {
+                return Err(SettingsError::invalid(
+                    "http_cache.targeted_fields",
+                    format!("{bad:?} is not a header name"),
+                ));
+            }
+            b = b.targeted_fields(names);
+        }
+        if let Some(strip) = self.strip_targeted_fields {
+            b = b.strip_targeted_fields(strip);
         }
         if let Some(name) = &self.name {
             b = b.name(name.clone());

@@ -10,6 +10,7 @@ mod proxy;
 mod rfc9111;
 mod sharing;
 mod tags;
+mod targeted;
 mod tokens;
 
 use std::collections::HashMap;
@@ -38,6 +39,8 @@ struct Origin {
     counts: Mutex<HashMap<String, usize>>,
     conditional: AtomicUsize,
     fail: AtomicBool,
+    /// What `/t/{name}` answers (see `targeted`).
+    scripts: Mutex<HashMap<String, targeted::Script>>,
 }
 
 impl Origin {
@@ -341,6 +344,7 @@ fn origin_app(origin: Arc<Origin>) -> Router {
             }),
         )
         .merge(sharing::routes())
+        .merge(targeted::routes())
         .with_state(origin)
 }
 

@@ -37,6 +37,8 @@ early_refresh = 0
 max_bytes = 1048576
 cache_status = false
 tag_header = "x-tags"
+targeted_fields = ["myapp-cdn-cache-control", "cdn-cache-control"]
+strip_targeted_fields = false
 
 [redis]
 url = "redis://:pa55-w0rd@127.0.0.1:6379/0"
@@ -59,7 +61,9 @@ const JSON: &str = r#"{
   },
   "cache": {"time_to_live": "90s", "stale_while_revalidate": "90s", "max_entries": 5000,
             "ttl_jitter": 0.1, "early_refresh": 0},
-  "http_cache": {"max_bytes": 1048576, "cache_status": false, "tag_header": "x-tags"},
+  "http_cache": {"max_bytes": 1048576, "cache_status": false, "tag_header": "x-tags",
+                 "targeted_fields": ["myapp-cdn-cache-control", "cdn-cache-control"],
+                 "strip_targeted_fields": false},
   "redis": {"url": "redis://:pa55-w0rd@127.0.0.1:6379/0", "prefix": "users",
             "isolation_ttl": "500ms", "lease_ttl": "3s"}
 }"#;
@@ -82,6 +86,11 @@ const ENV: &[(&str, &str)] = &[
     ("TSTEST__HTTP_CACHE__MAX_BYTES", "1048576"),
     ("TSTEST__HTTP_CACHE__CACHE_STATUS", "false"),
     ("TSTEST__HTTP_CACHE__TAG_HEADER", "x-tags"),
+    (
+        "TSTEST__HTTP_CACHE__TARGETED_FIELDS",
+        "myapp-cdn-cache-control, cdn-cache-control",
+    ),
+    ("TSTEST__HTTP_CACHE__STRIP_TARGETED_FIELDS", "false"),
     ("TSTEST__REDIS__URL", "redis://:pa55-w0rd@127.0.0.1:6379/0"),
     ("TSTEST__REDIS__PREFIX", "users"),
     ("TSTEST__REDIS__ISOLATION_TTL", "500ms"),
@@ -109,7 +118,9 @@ fn by_hand() -> [String; 4] {
     let http = HttpCacheLayer::builder()
         .max_bytes(1 << 20)
         .cache_status(false)
-        .tag_header(http::HeaderName::from_static("x-tags"));
+        .tag_header(http::HeaderName::from_static("x-tags"))
+        .targeted_fields(["myapp-cdn-cache-control", "cdn-cache-control"])
+        .strip_targeted_fields(false);
     let redis = tower_scale::cache::redis::builder("redis://:pa55-w0rd@127.0.0.1:6379/0")
         .prefix("users")
         .isolation_ttl(Duration::from_millis(500))
@@ -212,6 +223,10 @@ fn a_wrong_field_is_named_and_no_password_shows() {
         (
             "[http_cache]\ntag_header = \"no spaces allowed\"\n",
             "http_cache.tag_header",
+        ),
+        (
+            "[http_cache]\ntargeted_fields = [\"no spaces allowed\"]\n",
+            "http_cache.targeted_fields",
         ),
         ("[redis]\nurl = \"http://:pa55-w0rd@h\"\n", "redis.url"),
         ("[cache]\nttl = \"1s\"\n", "ttl"),
