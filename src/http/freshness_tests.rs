@@ -411,8 +411,8 @@ fn initial_age_counts_upstream_age_and_delay() {
         initial_age(&h, now - Duration::from_secs(2), now),
         Duration::from_secs(32)
     );
-    assert_eq!(
-        initial_age(&headers(&[("age", "x")]), now, now),
-        Duration::ZERO
-    );
+    // RFC 9111 §5.1: an invalid Age makes the response stale.
+    let stale = Duration::from_secs(crate::http::cache_control::MAX_DELTA_SECONDS);
+    assert_eq!(initial_age(&headers(&[("age", "x")]), now, now), stale);
+    assert_eq!(initial_age(&headers(&[("age", "1, 2")]), now, now), stale);
 }
