@@ -33,6 +33,14 @@
 //!   `Content-Location`.
 //! - **RFC 5861**: `stale-while-revalidate` (served at once, one background
 //!   revalidation per key) and `stale-if-error` (5xx or a service error).
+//! - **Unreachable origin** (§4.2.4): when the inner service returns an
+//!   error or a response marked [`UpstreamUnreachable`] (a proxy's 502 for
+//!   a refused, reset or timed-out connection), a stale stored response is
+//!   served, up to [`max_stale_if_unreachable`](HttpCacheLayerBuilder::max_stale_if_unreachable)
+//!   of staleness (a day by default), unless a directive forbids it
+//!   (`no-cache`, `must-revalidate`, `proxy-revalidate`, `s-maxage`, or
+//!   the request's own): then a 504. With nothing stored, what the inner
+//!   service returned passes through.
 //! - **HEAD** is answered from a stored GET.
 //! - **Bodies** are buffered up to a limit (1 MiB by default) to be stored;
 //!   a larger or endless body streams through to the client untouched and
@@ -211,6 +219,7 @@ mod layer;
 #[cfg(feature = "redis")]
 pub(crate) mod remote;
 mod service;
+mod stand_in;
 mod state;
 mod status;
 mod stored;
@@ -225,4 +234,5 @@ pub use self::layer::{HttpCacheLayer, HttpCacheLayerBuilder};
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use self::remote::HttpRedisCodec;
 pub use self::service::HttpCache;
+pub use self::stand_in::UpstreamUnreachable;
 pub use self::stored::{CacheHit, StoredVariants};

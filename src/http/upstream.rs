@@ -16,8 +16,9 @@ use super::cache_control::{RequestDirectives, ResponseDirectives};
 use super::config::covers;
 use super::freshness::{self, NotStored, Usable};
 use super::key::same_origin;
+use super::stand_in::{self, Failure, UpstreamUnreachable};
 use super::state::HttpShared;
-use super::status::{self, Fwd, Status};
+use super::status::{self, Detail, Fwd, Status};
 use super::stored::{
     CacheHit, HitHead, Stored, StoredVariants, VaryValues, hit, respond, storable_headers, tags_of,
     vary_values,
@@ -181,7 +182,7 @@ where
                 );
                 status::note(&shared.config, &mut res, |s| {
                     *s = Status::hit(&stored, age);
-                    s.l2 = true;
+                    s.detail = Some(Detail::L2);
                 });
                 return Ok(res);
             }
@@ -323,16 +324,12 @@ where
     let mut res = match result {
         Ok(res) => res,
         Err(e) => {
+            // Unreachable: a stored response may stand in (or a 504).
             if let Some(stored) = &stale {
-                let staleness = stored.age(now).saturating_sub(stored.lifetime);
-                if freshness::stale_if_error_allows(staleness, &stored.cc, &shared.rules) {
-                    shared.stats.incr(Kind::StaleIfError);
-                    let mut res = hit(
-                        &shared.config,
-                        respond(stored, stored.age(now), head, &client_headers),
-                        CacheHit::Local,
-                    );
-                    status::note_stood_in(&shared.config, &mut res, stored, stored.age(now), None);
+                let failure = Failure::ServiceError;
+                let answer =
+                    stand_in::answer(shared, stored, failure, head, &client_headers, &req_cc, now);
+                if let Some(res) = answer {
                     return Ok((res, None));
                 }
             }
@@ -340,6 +337,30 @@ where
             return Err(e);
         }
     };
+    // What the inner service made because it could not reach the origin
+    // (or a 5xx) may leave a stored response to stand in; a marked
+    // response is never stored, nor replaces what is.
+    let unreachable = res.extensions().get::<UpstreamUnreachable>().is_some();
+    if let Some(stored) = &stale {
+        let failure = if unreachable {
+            Some(Failure::Unreachable(res.status()))
+        } else {
+            res.status()
+                .is_server_error()
+                .then(|| Failure::Status(res.status()))
+        };
+        if let Some(failure) = failure
+            && let Some(served) =
+                stand_in::answer(shared, stored, failure, head, &client_headers, &req_cc, now)
+        {
+            return Ok((served, None));
+        }
+    }
+    if unreachable {
+        shared.stats.incr(Kind::NotStored);
+        strip_tags(shared, res.headers_mut());
+        return Ok((res.map(CacheBody::stream), None));
+    }
     // The version of the data the origin built this response from.
     let stamp = res.extensions().get::<DataVersion>().map(|v| v.0);
     if let Some(stored) = &stale {
@@ -472,20 +493,6 @@ where
                 s.fwd_status = Some(StatusCode::NOT_MODIFIED);
             });
             return Ok((res, kept));
-        }
-        if res.status().is_server_error() {
-            let staleness = stored.age(now).saturating_sub(stored.lifetime);
-            if freshness::stale_if_error_allows(staleness, &stored.cc, &shared.rules) {
-                shared.stats.incr(Kind::StaleIfError);
-                let (age, from) = (stored.age(now), Some(res.status()));
-                let mut served = hit(
-                    &shared.config,
-                    respond(stored, age, head, &client_headers),
-                    CacheHit::Local,
-                );
-                status::note_stood_in(&shared.config, &mut served, stored, age, from);
-                return Ok((served, None));
-            }
         }
     }
     // The tags are read before the header goes; what reaches the client
