@@ -10,6 +10,7 @@ mod proxy;
 mod sharing;
 mod tags;
 mod tokens;
+mod unreachable;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
