@@ -363,137 +363,135 @@ where
     }
     // The version of the data the origin built this response from.
     let stamp = res.extensions().get::<DataVersion>().map(|v| v.0);
-    if let Some(stored) = &stale {
-        if res.status() == StatusCode::NOT_MODIFIED {
-            // Freshen the stored response with the 304's headers (§4.3.4).
-            let mut headers = stored.headers.clone();
-            // A 304 describes the stored body, never its length (RFC 9111 §3.2).
-            let mut update = storable_headers(res.headers().clone());
-            update.remove(header::CONTENT_LENGTH);
-            // Tags: the 304's when it carries the header, else the stored ones.
-            let tags = if res.headers().contains_key(tag_header) {
-                tags_of(res.headers(), tag_header)
-            } else {
-                Ok(stored.tags.to_vec())
-            };
-            strip_tags(shared, &mut update);
-            for name in update.keys() {
-                headers.remove(name);
+    if let Some(stored) = &stale
+        && res.status() == StatusCode::NOT_MODIFIED
+    {
+        // Freshen the stored response with the 304's headers (§4.3.4).
+        let mut headers = stored.headers.clone();
+        // A 304 describes the stored body, never its length (RFC 9111 §3.2).
+        let mut update = storable_headers(res.headers().clone());
+        update.remove(header::CONTENT_LENGTH);
+        // Tags: the 304's when it carries the header, else the stored ones.
+        let tags = if res.headers().contains_key(tag_header) {
+            tags_of(res.headers(), tag_header)
+        } else {
+            Ok(stored.tags.to_vec())
+        };
+        strip_tags(shared, &mut update);
+        for name in update.keys() {
+            headers.remove(name);
+        }
+        for (name, value) in update.iter() {
+            headers.append(name.clone(), value.clone());
+        }
+        // A 304 never narrows `Vary`: the stored body was selected by
+        // the stored names, so the merged response varies on both
+        // (read from the raw 304, even when `Connection` lists it).
+        if res.headers().contains_key(header::VARY) {
+            let names: Vec<HeaderValue> = stored
+                .headers
+                .get_all(header::VARY)
+                .iter()
+                .chain(res.headers().get_all(header::VARY))
+                .cloned()
+                .collect();
+            headers.remove(header::VARY);
+            for value in names {
+                headers.append(header::VARY, value);
             }
-            for (name, value) in update.iter() {
-                headers.append(name.clone(), value.clone());
-            }
-            // A 304 never narrows `Vary`: the stored body was selected by
-            // the stored names, so the merged response varies on both
-            // (read from the raw 304, even when `Connection` lists it).
-            if res.headers().contains_key(header::VARY) {
-                let names: Vec<HeaderValue> = stored
-                    .headers
-                    .get_all(header::VARY)
-                    .iter()
-                    .chain(res.headers().get_all(header::VARY))
-                    .cloned()
-                    .collect();
-                headers.remove(header::VARY);
-                for value in names {
-                    headers.append(header::VARY, value);
-                }
-            }
-            let cc = ResponseDirectives::from_headers(&headers);
-            // The merged response is a new response to this client's
-            // request: every storing and sharing rule applies to it again
-            // (a 304 may add `Set-Cookie`, `private`, `no-store`, `Vary`),
-            // and it is selected by this request's `Vary` values. First
-            // what the response says, whoever asked; then this request.
-            let check = |req_headers: &HeaderMap, req_cc: &RequestDirectives| {
-                match freshness::storable(
-                    &Method::GET,
-                    req_headers,
-                    req_cc,
-                    stored.status,
-                    &headers,
-                    &cc,
-                    &shared.rules,
-                ) {
-                    // Kept to be revalidated again, as before the 304.
-                    Err(NotStored::NoFreshness) => Ok(Duration::ZERO),
-                    other => other,
-                }
-            };
-            // What the raw 304 says too: a `Set-Cookie`, `private` or
-            // `no-store` that `Connection` lists is still per-user.
-            let raw_cc = ResponseDirectives::from_headers(res.headers());
-            let raw = match freshness::storable(
+        }
+        let cc = ResponseDirectives::from_headers(&headers);
+        // The merged response is a new response to this client's
+        // request: every storing and sharing rule applies to it again
+        // (a 304 may add `Set-Cookie`, `private`, `no-store`, `Vary`),
+        // and it is selected by this request's `Vary` values. First
+        // what the response says, whoever asked; then this request.
+        let check = |req_headers: &HeaderMap, req_cc: &RequestDirectives| {
+            match freshness::storable(
                 &Method::GET,
-                &HeaderMap::new(),
-                &RequestDirectives::default(),
+                req_headers,
+                req_cc,
                 stored.status,
-                res.headers(),
-                &raw_cc,
+                &headers,
+                &cc,
                 &shared.rules,
             ) {
+                // Kept to be revalidated again, as before the 304.
                 Err(NotStored::NoFreshness) => Ok(Duration::ZERO),
                 other => other,
-            };
-            let shareable = raw.and(check(&HeaderMap::new(), &RequestDirectives::default()));
-            let decision = shareable.and_then(|_| check(&client_headers, &req_cc));
-            // Tags that cannot be read keep it out (an invalidation of them
-            // would miss it); what was stored stays, as for this client's
-            // own reasons below.
-            let decision = match &tags {
-                Ok(_) => decision,
-                Err(()) => Err(NotStored::NoStore),
-            };
-            let updated = Arc::new(Stored {
-                status: stored.status,
-                version: stored.version,
-                vary: vary_values(&headers, &client_headers),
-                headers,
-                body: stored.body.clone(),
-                trailers: stored.trailers.clone(),
-                cc,
-                lifetime: decision.unwrap_or(Duration::ZERO),
-                initial_age: freshness::initial_age(res.headers(), request_time, response_time),
-                stored_at: now,
-                tags: tags.unwrap_or_default().into_boxed_slice(),
-                // The origin found the stored body current as of the 304's
-                // data, so it reflects the newer of the two.
-                stamp: match (stored.stamp, stamp) {
-                    (Some(a), Some(b)) => Some(a.max(b)),
-                    (a, b) => a.or(b),
-                },
-                hit_head: HitHead::default(),
-            });
-            shared.stats.incr(Kind::Refreshes);
-            let kept = match (shareable, decision) {
-                (_, Ok(_)) => {
-                    shared.insert(key, Arc::clone(&updated), fill_seq, Some(&stored.vary))
+            }
+        };
+        // What the raw 304 says too: a `Set-Cookie`, `private` or
+        // `no-store` that `Connection` lists is still per-user.
+        let raw_cc = ResponseDirectives::from_headers(res.headers());
+        let raw = match freshness::storable(
+            &Method::GET,
+            &HeaderMap::new(),
+            &RequestDirectives::default(),
+            stored.status,
+            res.headers(),
+            &raw_cc,
+            &shared.rules,
+        ) {
+            Err(NotStored::NoFreshness) => Ok(Duration::ZERO),
+            other => other,
+        };
+        let shareable = raw.and(check(&HeaderMap::new(), &RequestDirectives::default()));
+        let decision = shareable.and_then(|_| check(&client_headers, &req_cc));
+        // Tags that cannot be read keep it out (an invalidation of them
+        // would miss it); what was stored stays, as for this client's
+        // own reasons below.
+        let decision = match &tags {
+            Ok(_) => decision,
+            Err(()) => Err(NotStored::NoStore),
+        };
+        let updated = Arc::new(Stored {
+            status: stored.status,
+            version: stored.version,
+            vary: vary_values(&headers, &client_headers),
+            headers,
+            body: stored.body.clone(),
+            trailers: stored.trailers.clone(),
+            cc,
+            lifetime: decision.unwrap_or(Duration::ZERO),
+            initial_age: freshness::initial_age(res.headers(), request_time, response_time),
+            stored_at: now,
+            tags: tags.unwrap_or_default().into_boxed_slice(),
+            // The origin found the stored body current as of the 304's
+            // data, so it reflects the newer of the two.
+            stamp: match (stored.stamp, stamp) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            },
+            hit_head: HitHead::default(),
+        });
+        shared.stats.incr(Kind::Refreshes);
+        let kept = match (shareable, decision) {
+            (_, Ok(_)) => shared.insert(key, Arc::clone(&updated), fill_seq, Some(&stored.vary)),
+            // The origin now says the response is per-user (or cannot
+            // be read): only this client gets it, and what was stored
+            // goes too.
+            (Err(_), _) => {
+                shared.stats.incr(Kind::NotStored);
+                if plain_get(&method, &client_headers) {
+                    shared.forget(key);
                 }
-                // The origin now says the response is per-user (or cannot
-                // be read): only this client gets it, and what was stored
-                // goes too.
-                (Err(_), _) => {
-                    shared.stats.incr(Kind::NotStored);
-                    if plain_get(&method, &client_headers) {
-                        shared.forget(key);
-                    }
-                    None
-                }
-                // This client's `no-store` or `Authorization`: its 304 is
-                // not stored, and the stored response it validated stays
-                // as it was (a client cannot evict it for everybody).
-                (Ok(_), Err(_)) => {
-                    shared.stats.incr(Kind::NotStored);
-                    None
-                }
-            };
-            let age = updated.age(now);
-            let mut res = respond(&updated, age, head, &client_headers);
-            status::note(&shared.config, &mut res, |s| {
-                s.fwd_status = Some(StatusCode::NOT_MODIFIED);
-            });
-            return Ok((res, kept));
-        }
+                None
+            }
+            // This client's `no-store` or `Authorization`: its 304 is
+            // not stored, and the stored response it validated stays
+            // as it was (a client cannot evict it for everybody).
+            (Ok(_), Err(_)) => {
+                shared.stats.incr(Kind::NotStored);
+                None
+            }
+        };
+        let age = updated.age(now);
+        let mut res = respond(&updated, age, head, &client_headers);
+        status::note(&shared.config, &mut res, |s| {
+            s.fwd_status = Some(StatusCode::NOT_MODIFIED);
+        });
+        return Ok((res, kept));
     }
     // The tags are read before the header goes; what reaches the client
     // from here on has it stripped (unless configured to pass).
