@@ -37,6 +37,7 @@ early_refresh = 0
 max_bytes = 1048576
 cache_status = false
 tag_header = "x-tags"
+max_stale_if_unreachable = "2h"
 
 [redis]
 url = "redis://:pa55-w0rd@127.0.0.1:6379/0"
@@ -59,7 +60,8 @@ const JSON: &str = r#"{
   },
   "cache": {"time_to_live": "90s", "stale_while_revalidate": "90s", "max_entries": 5000,
             "ttl_jitter": 0.1, "early_refresh": 0},
-  "http_cache": {"max_bytes": 1048576, "cache_status": false, "tag_header": "x-tags"},
+  "http_cache": {"max_bytes": 1048576, "cache_status": false, "tag_header": "x-tags",
+    "max_stale_if_unreachable": "2h"},
   "redis": {"url": "redis://:pa55-w0rd@127.0.0.1:6379/0", "prefix": "users",
             "isolation_ttl": "500ms", "lease_ttl": "3s"}
 }"#;
@@ -82,6 +84,7 @@ const ENV: &[(&str, &str)] = &[
     ("TSTEST__HTTP_CACHE__MAX_BYTES", "1048576"),
     ("TSTEST__HTTP_CACHE__CACHE_STATUS", "false"),
     ("TSTEST__HTTP_CACHE__TAG_HEADER", "x-tags"),
+    ("TSTEST__HTTP_CACHE__MAX_STALE_IF_UNREACHABLE", "2h"),
     ("TSTEST__REDIS__URL", "redis://:pa55-w0rd@127.0.0.1:6379/0"),
     ("TSTEST__REDIS__PREFIX", "users"),
     ("TSTEST__REDIS__ISOLATION_TTL", "500ms"),
@@ -109,7 +112,8 @@ fn by_hand() -> [String; 4] {
     let http = HttpCacheLayer::builder()
         .max_bytes(1 << 20)
         .cache_status(false)
-        .tag_header(http::HeaderName::from_static("x-tags"));
+        .tag_header(http::HeaderName::from_static("x-tags"))
+        .max_stale_if_unreachable(Duration::from_secs(2 * 3600));
     let redis = tower_scale::cache::redis::builder("redis://:pa55-w0rd@127.0.0.1:6379/0")
         .prefix("users")
         .isolation_ttl(Duration::from_millis(500))
