@@ -19,7 +19,6 @@ use super::freshness::{self, HttpCachePolicy};
 use super::state::HttpShared;
 use super::status::{self, Detail};
 use super::stored::{CacheHit, Stored, hit, respond};
-use crate::cache::Instant;
 use crate::cache::engine::stats::Kind;
 
 /// Marks a response that the inner service made because it could not
@@ -107,19 +106,21 @@ pub(crate) fn stale_forbidden(
 /// `None`: what the inner service returned goes to the client.
 ///
 /// `stale-if-error` first (its own window, as before); then, for an
-/// unreachable origin, a 504 when a directive forbids serving stale, the
-/// stored response when it is stale by at most the configured bound.
+/// unreachable origin and a client waiting for the answer (not a
+/// background revalidation), a 504 when a directive forbids serving
+/// stale, the stored response when it is stale by at most the configured
+/// bound.
 pub(crate) fn answer<B: Body>(
     shared: &HttpShared,
     stored: &Stored,
     failure: Failure,
+    answers_client: bool,
     head: bool,
     client: &HeaderMap,
     req_cc: &RequestDirectives,
-    now: Instant,
 ) -> Option<Response<CacheBody<B>>> {
     let rules = &shared.rules;
-    let age = stored.age(now);
+    let age = stored.age(shared.clock.now());
     let staleness = age.saturating_sub(stored.lifetime);
     let serve = |detail| {
         let mut res = hit(
@@ -141,7 +142,7 @@ pub(crate) fn answer<B: Body>(
         shared.stats.incr(Kind::StaleIfError);
         return Some(serve(None));
     }
-    if let Failure::Status(_) = failure {
+    if matches!(failure, Failure::Status(_)) || !answers_client {
         return None;
     }
     if stale_forbidden(age, stored.lifetime, &stored.cc, req_cc, rules) {

@@ -199,7 +199,7 @@ where
         let age = s.age(shared.clock.now());
         status::revalidation(s, age, &shared.rules)
     });
-    let mut result = upstream(&shared, svc, req, &key, stale).await;
+    let mut result = upstream(&shared, svc, req, &key, stale, true).await;
     if let (Some(why), Ok((res, _))) = (why, &mut result) {
         status::note(&shared.config, res, |s| s.fwd = s.fwd.or(Some(why)));
     }
@@ -222,13 +222,14 @@ pub(crate) async fn upstream<S, ReqBody, ResBody>(
     req: Request<ReqBody>,
     key: &Hashed<String>,
     stale: Option<Arc<Stored>>,
+    answers_client: bool,
 ) -> Result<(Response<CacheBody<ResBody>>, Option<Arc<HttpEntry>>), S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: Body<Data = Bytes>,
 {
     let Some(tier) = shared.remote.get() else {
-        let mut result = fetch(shared, svc, req, key, stale).await;
+        let mut result = fetch(shared, svc, req, key, stale, answers_client).await;
         status::note_stored(&shared.config, &mut result);
         return result;
     };
@@ -238,7 +239,7 @@ where
         Lease::Busy => Lease::Unavailable,
         lease => lease,
     };
-    let mut result = fetch(shared, svc, req, key, stale).await;
+    let mut result = fetch(shared, svc, req, key, stale, answers_client).await;
     status::note_stored(&shared.config, &mut result);
     let shared_entry = match &result {
         Ok((_, Some(entry))) => shared.remote_entry(entry),
@@ -288,13 +289,16 @@ fn per_user(
 }
 
 /// Goes upstream (conditionally when a stored response with validators is
-/// given), then stores and answers per RFC 9111.
+/// given), then stores and answers per RFC 9111. In a background
+/// revalidation (`answers_client` false) an unreachable origin leaves the
+/// stored response as it is and nobody is answered stale for it.
 async fn fetch<S, ReqBody, ResBody>(
     shared: &HttpShared,
     svc: S,
     req: Request<ReqBody>,
     key: &Hashed<String>,
     stale: Option<Arc<Stored>>,
+    answers_client: bool,
 ) -> Result<(Response<CacheBody<ResBody>>, Option<Arc<HttpEntry>>), S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
@@ -321,40 +325,33 @@ where
     let result = svc.oneshot(Request::from_parts(parts, body)).await;
     let response_time = SystemTime::now();
     let now = shared.clock.now();
+    // When the origin failed, a stored response may stand in (or a 504).
+    let stood_in = |failure| {
+        let stored = stale.as_deref()?;
+        let (client, cc) = (&client_headers, &req_cc);
+        stand_in::answer(shared, stored, failure, answers_client, head, client, cc)
+    };
     let mut res = match result {
         Ok(res) => res,
         Err(e) => {
-            // Unreachable: a stored response may stand in (or a 504).
-            if let Some(stored) = &stale {
-                let failure = Failure::ServiceError;
-                let answer =
-                    stand_in::answer(shared, stored, failure, head, &client_headers, &req_cc, now);
-                if let Some(res) = answer {
-                    return Ok((res, None));
-                }
+            if let Some(res) = stood_in(Failure::ServiceError) {
+                return Ok((res, None));
             }
             shared.stats.incr(Kind::InnerErrors);
             return Err(e);
         }
     };
-    // What the inner service made because it could not reach the origin
-    // (or a 5xx) may leave a stored response to stand in; a marked
-    // response is never stored, nor replaces what is.
+    // A response the inner service made because it could not reach the
+    // origin is never stored, nor replaces what is.
     let unreachable = res.extensions().get::<UpstreamUnreachable>().is_some();
-    if let Some(stored) = &stale {
-        let failure = if unreachable {
-            Some(Failure::Unreachable(res.status()))
-        } else {
-            res.status()
-                .is_server_error()
-                .then(|| Failure::Status(res.status()))
-        };
-        if let Some(failure) = failure
-            && let Some(served) =
-                stand_in::answer(shared, stored, failure, head, &client_headers, &req_cc, now)
-        {
-            return Ok((served, None));
-        }
+    let failure = if unreachable {
+        Some(Failure::Unreachable(res.status()))
+    } else {
+        let status = res.status();
+        status.is_server_error().then_some(Failure::Status(status))
+    };
+    if let Some(served) = failure.and_then(stood_in) {
+        return Ok((served, None));
     }
     if unreachable {
         shared.stats.incr(Kind::NotStored);

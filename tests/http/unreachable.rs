@@ -50,6 +50,7 @@ fn cache_control(path: &str) -> &'static str {
         "/nocache" => "max-age=10, no-cache",
         "/smaxage" => "s-maxage=10",
         "/sie" => "max-age=10, stale-if-error=3600",
+        "/swr" => "max-age=10, stale-while-revalidate=60",
         _ => "max-age=10",
     }
 }
@@ -450,6 +451,27 @@ async fn rfc5861_stale_if_error_keeps_its_window_when_the_origin_is_unreachable(
     );
     let stats = layer.stats();
     assert_eq!((stats.stale_if_error, stats.stale_if_unreachable), (1, 0));
+}
+
+/// A stale-while-revalidate hit is answered at once; its background
+/// revalidation failing answers nobody: counted as an inner error, not as
+/// a stale response served.
+#[tokio::test]
+async fn rfc5861_a_failed_background_revalidation_serves_nobody_stale() {
+    let origin = RawOrigin::start(None).await;
+    let (svc, layer, clock) = cached(origin.addr, Inner::Errors, |b| b);
+    get(&svc, "/swr", &[]).await.unwrap();
+    origin.close().await;
+    clock.advance(Duration::from_secs(15));
+    let got = get(&svc, "/swr", &[]).await.unwrap();
+    assert_eq!((got.status, got.body.as_str()), (StatusCode::OK, "/swr #1"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while layer.stats().inner_errors == 0 {
+        assert!(Instant::now() < deadline, "no background revalidation");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let stats = layer.stats();
+    assert_eq!((stats.stale_hits, stats.stale_if_unreachable), (1, 0));
 }
 
 #[tokio::test]
