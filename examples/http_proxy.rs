@@ -7,10 +7,20 @@
 //!
 //! Every method, path, query, header and body is forwarded (hop-by-hop
 //! headers removed both ways); responses the origin allows are stored and
-//! hits are served from the cache, per RFC 9111. An unreachable upstream
-//! gives the client a 502. When ready it prints `listening on
-//! http://IP:PORT` as the first line on stdout; logs go to stderr. Bad flags
-//! print usage to stderr and exit with status 2.
+//! hits are served from the cache, per RFC 9111.
+//!
+//! An unreachable upstream (connection refused or reset, closed before a
+//! response, or no response head within `--upstream-timeout SECS`, default
+//! 30) gives a 502 marked [`UpstreamUnreachable`]: the cache then serves a
+//! stale stored response if the origin's directives allow it (a 504 if
+//! they forbid it; RFC 9111 §4.2.4), else the client gets the 502. The
+//! timeout bounds the connection and the response head; a body that
+//! streams after the head is not bounded by it. Any other upstream failure
+//! (an unreadable response) is an unmarked 502.
+//!
+//! When ready it prints `listening on http://IP:PORT` as the first line on
+//! stdout; logs go to stderr. Bad flags print usage to stderr and exit
+//! with status 2.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,6 +28,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
@@ -28,10 +39,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use tower::{Service, ServiceBuilder};
-use tower_scale::http::HttpCacheLayer;
+use tower_scale::http::{HttpCacheLayer, UpstreamUnreachable};
 
-const USAGE: &str =
-    "usage: http_proxy --listen IP:PORT --upstream http://HOST:PORT [--max-bytes N] [--max-body N]";
+const USAGE: &str = "usage: http_proxy --listen IP:PORT --upstream http://HOST:PORT \
+     [--max-bytes N] [--max-body N] [--upstream-timeout SECS]";
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
@@ -40,11 +51,13 @@ struct Args {
     upstream: Uri,
     max_bytes: u64,
     max_body: usize,
+    upstream_timeout: Duration,
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     let (mut listen, mut upstream) = (None, None);
     let (mut max_bytes, mut max_body) = (256u64 << 20, 1usize << 20);
+    let mut upstream_timeout = Duration::from_secs(30);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
@@ -68,6 +81,15 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
                 max_bytes = value()?.parse().map_err(|e| format!("--max-bytes: {e}"))?
             }
             "--max-body" => max_body = value()?.parse().map_err(|e| format!("--max-body: {e}"))?,
+            "--upstream-timeout" => {
+                let secs: u64 = value()?
+                    .parse()
+                    .map_err(|e| format!("--upstream-timeout: {e}"))?;
+                if secs == 0 {
+                    return Err("--upstream-timeout must be at least 1 second".into());
+                }
+                upstream_timeout = Duration::from_secs(secs);
+            }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown flag {other:?}")),
         }
@@ -77,6 +99,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         upstream: upstream.ok_or("--upstream is required")?,
         max_bytes,
         max_body,
+        upstream_timeout,
     })
 }
 
@@ -110,11 +133,46 @@ fn strip_hop_by_hop(headers: &mut header::HeaderMap) {
     headers.remove("proxy-connection");
 }
 
-/// Forwards to the upstream; a transport failure becomes a 502.
+/// Whether a client error means the origin could not be reached: the
+/// connection was refused (or failed), reset, or closed before a response.
+/// Not an unreadable response or the client's own request body failing.
+fn unreachable(e: &hyper_util::client::legacy::Error) -> bool {
+    if e.is_connect() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(h) = err.downcast_ref::<hyper::Error>()
+            && (h.is_incomplete_message() || h.is_canceled() || h.is_closed())
+        {
+            return true;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return matches!(
+                io.kind(),
+                ConnectionRefused
+                    | ConnectionReset
+                    | ConnectionAborted
+                    | BrokenPipe
+                    | UnexpectedEof
+                    | NotConnected
+                    | TimedOut
+            );
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// Forwards to the upstream; a transport failure becomes a 502, marked
+/// [`UpstreamUnreachable`] when the origin could not be reached.
 #[derive(Clone)]
 struct Forward {
     client: Client<HttpConnector, Incoming>,
     upstream: Uri,
+    /// Bounds the connection and the response head (not the body).
+    timeout: Duration,
 }
 
 impl Service<Request<Incoming>> for Forward {
@@ -129,6 +187,7 @@ impl Service<Request<Incoming>> for Forward {
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let client = self.client.clone();
         let upstream = self.upstream.clone();
+        let timeout = self.timeout;
         Box::pin(async move {
             let (mut parts, body) = req.into_parts();
             let path = parts
@@ -146,19 +205,36 @@ impl Service<Request<Incoming>> for Forward {
                 Err(_) => return Ok(error(StatusCode::BAD_REQUEST, "bad request target")),
             };
             strip_hop_by_hop(&mut parts.headers);
-            match client.request(Request::from_parts(parts, body)).await {
-                Ok(res) => {
+            let sent = client.request(Request::from_parts(parts, body));
+            match tokio::time::timeout(timeout, sent).await {
+                Ok(Ok(res)) => {
                     let (mut parts, body) = res.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
                     Ok(Response::from_parts(parts, body.boxed()))
                 }
-                Err(e) => {
+                Ok(Err(e)) if unreachable(&e) => {
+                    eprintln!("upstream unreachable: {e}");
+                    Ok(unreachable_502())
+                }
+                Ok(Err(e)) => {
                     eprintln!("upstream error: {e}");
-                    Ok(error(StatusCode::BAD_GATEWAY, "upstream unreachable"))
+                    Ok(error(StatusCode::BAD_GATEWAY, "bad response from upstream"))
+                }
+                Err(_) => {
+                    eprintln!("upstream timeout: no response within {timeout:?}");
+                    Ok(unreachable_502())
                 }
             }
         })
     }
+}
+
+/// The 502 for an origin that could not be reached, marked so the cache
+/// may serve a stale stored response instead.
+fn unreachable_502() -> Response<ProxyBody> {
+    let mut res = error(StatusCode::BAD_GATEWAY, "upstream unreachable");
+    res.extensions_mut().insert(UpstreamUnreachable);
+    res
 }
 
 fn error(status: StatusCode, message: &'static str) -> Response<ProxyBody> {
@@ -196,6 +272,7 @@ async fn main() {
     let forward = Forward {
         client: Client::builder(TokioExecutor::new()).build_http(),
         upstream: args.upstream,
+        timeout: args.upstream_timeout,
     };
     let service = ServiceBuilder::new().layer(layer).service(forward);
     let listener = match tokio::net::TcpListener::bind(args.listen).await {

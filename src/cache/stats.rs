@@ -12,6 +12,11 @@ pub struct CacheStats {
     /// Requests answered from a stale entry because the inner service failed
     /// (stale-if-error).
     pub stale_if_error: u64,
+    /// Requests answered from a stale entry because the origin could not
+    /// be reached (the HTTP cache's RFC 9111 §4.2.4 rule: an inner service
+    /// error, or a response marked `http::UpstreamUnreachable`); those
+    /// served under `stale-if-error` count in `stale_if_error` instead.
+    pub stale_if_unreachable: u64,
     /// Requests that found no usable entry (including the coalesced ones).
     pub misses: u64,
     /// Misses that waited for another request's inner call instead of making their own.
@@ -70,6 +75,9 @@ impl std::ops::Add for CacheStats {
             hits: self.hits.saturating_add(other.hits),
             stale_hits: self.stale_hits.saturating_add(other.stale_hits),
             stale_if_error: self.stale_if_error.saturating_add(other.stale_if_error),
+            stale_if_unreachable: self
+                .stale_if_unreachable
+                .saturating_add(other.stale_if_unreachable),
             misses: self.misses.saturating_add(other.misses),
             coalesced: self.coalesced.saturating_add(other.coalesced),
             refreshes: self.refreshes.saturating_add(other.refreshes),
@@ -102,13 +110,17 @@ impl std::iter::Sum for CacheStats {
 
 impl CacheStats {
     /// Every counter with its metric name.
-    fn counters(&self) -> [(&'static str, u64); 16] {
+    fn counters(&self) -> [(&'static str, u64); 17] {
         [
             ("tower_scale_cache_hits_total", self.hits),
             ("tower_scale_cache_stale_hits_total", self.stale_hits),
             (
                 "tower_scale_cache_stale_if_error_total",
                 self.stale_if_error,
+            ),
+            (
+                "tower_scale_cache_stale_if_unreachable_total",
+                self.stale_if_unreachable,
             ),
             ("tower_scale_cache_misses_total", self.misses),
             ("tower_scale_cache_coalesced_total", self.coalesced),
@@ -174,6 +186,7 @@ mod tests {
             hits: next(),
             stale_hits: next(),
             stale_if_error: next(),
+            stale_if_unreachable: next(),
             misses: next(),
             coalesced: next(),
             refreshes: next(),
@@ -202,6 +215,11 @@ mod tests {
             sum.stale_if_error,
             a.stale_if_error + b.stale_if_error,
             "stale_if_error"
+        );
+        assert_eq!(
+            sum.stale_if_unreachable,
+            a.stale_if_unreachable + b.stale_if_unreachable,
+            "stale_if_unreachable"
         );
         assert_eq!(sum.misses, a.misses + b.misses, "misses");
         assert_eq!(sum.coalesced, a.coalesced + b.coalesced, "coalesced");

@@ -73,6 +73,9 @@ pub(crate) struct HttpConfig {
     /// Whether answers from the cache carry the [`CacheHit`](super::CacheHit)
     /// extension.
     pub(crate) mark_hits: bool,
+    /// How stale a stored response may be to stand in for an unreachable
+    /// origin (RFC 9111 §4.2.4); zero: never.
+    pub(crate) max_stale_if_unreachable: std::time::Duration,
 }
 
 /// The user's function from a request's headers to the version its token

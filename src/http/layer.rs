@@ -9,6 +9,7 @@ use tower::Layer;
 use super::config::{DEFAULT_TAG_HEADER, HonourRequest, HttpConfig};
 use super::freshness::HttpCachePolicy;
 use super::service::HttpCache;
+use super::stand_in::DEFAULT_MAX_STALE_IF_UNREACHABLE;
 use super::state::{HttpShared, StoreKind};
 use super::stored::StoredVariants;
 use crate::cache::engine::log::InvalidateTarget;
@@ -65,6 +66,7 @@ impl HttpCacheLayer {
                 cache_status: None,
                 request_version: None,
                 mark_hits: false,
+                max_stale_if_unreachable: DEFAULT_MAX_STALE_IF_UNREACHABLE,
             },
             cache_status: true,
             targeted_error: None,
@@ -483,6 +485,7 @@ impl HttpCacheLayerBuilder {
     /// | a stale stored one revalidated or refetched | `NAME; fwd=stale`, `; fwd-status=304` after a 304, `; stored` |
     /// | a fresh one the request's `no-cache` / `max-age` / `min-fresh` refused | `NAME; fwd=request` (same parameters) |
     /// | a stale one standing in for an error (`stale-if-error`) | `NAME; fwd=stale; fwd-status=503; ttl=-N` (no `fwd-status` after a service error) |
+    /// | a stale one standing in for an unreachable origin ([`max_stale_if_unreachable`](Self::max_stale_if_unreachable)) | `NAME; fwd=stale; fwd-status=502; ttl=-N; detail=unreachable` (no `fwd-status` after a service error) |
     /// | not eligible: an unsafe method, `OPTIONS`, a request the cache cannot key, a `no-store` request with nothing stored for it | `NAME; fwd=bypass` |
     ///
     /// `ttl` is the remaining freshness lifetime in whole seconds, negative
@@ -490,8 +493,9 @@ impl HttpCacheLayerBuilder {
     /// `stale-if-error` or the request's `max-stale`; with the `Age` the
     /// response carries it adds up to the freshness lifetime. `fwd-status`
     /// is only written when it differs from the response's status (RFC 9211
-    /// §2.3). A `504` the cache makes for `only-if-cached` carries no entry
-    /// (RFC 9211 §2: it was not the origin's).
+    /// §2.3). A `504` the cache makes (for `only-if-cached`, or for an
+    /// unreachable origin when the stored response may not be served
+    /// stale) carries no entry (RFC 9211 §2: it was not the origin's).
     ///
     /// The entry goes after the field's existing members (RFC 9211 §2: the
     /// first member is the cache closest to the origin, the last the one
@@ -519,6 +523,41 @@ impl HttpCacheLayerBuilder {
     /// allocations on every hit).
     pub fn mark_hits(mut self, yes: bool) -> Self {
         self.config.mark_hits = yes;
+        self
+    }
+
+    /// How stale a stored response may be to stand in for an origin that
+    /// cannot be reached (default: one day; `Duration::ZERO`: never).
+    ///
+    /// The origin is unreachable when the inner service returns an error
+    /// or a response carrying [`UpstreamUnreachable`](super::UpstreamUnreachable)
+    /// in its extensions (a proxy's 502 for a refused, reset or timed-out
+    /// connection). Then a stored response for the request (selected by
+    /// `Vary`) that is stale, or that the request's directives sent to be
+    /// validated, is handled per RFC 9111 §4.2.4:
+    ///
+    /// - a directive forbids serving it stale: the response's `no-cache`,
+    ///   `must-revalidate`, and in a shared cache `proxy-revalidate` or
+    ///   `s-maxage`; or the request's (§5.2.1) `no-cache`, a `max-age` it
+    ///   is older than, a `min-fresh` it does not meet, or a `max-stale`
+    ///   it is staler than. The client gets a `504 Gateway Timeout` made
+    ///   by the cache (a short text body; no `Cache-Status` entry, RFC
+    ///   9211 §2);
+    /// - stale by at most this bound: it is served, with its `Age` and the
+    ///   entry `NAME; fwd=stale; ttl=-N; detail=unreachable` (with
+    ///   `fwd-status=502` after a marked response), counted in
+    ///   [`CacheStats::stale_if_unreachable`](crate::cache::CacheStats::stale_if_unreachable);
+    /// - staler: the client gets what the inner service returned (its
+    ///   error, or the proxy's 502).
+    ///
+    /// With nothing stored for the request, what the inner service
+    /// returned passes through. A response marked unreachable is never
+    /// stored and never replaces what is stored. `stale-if-error` (RFC
+    /// 5861) is checked first and keeps its own window and meaning (a 5xx
+    /// or a service error; counted in `stale_if_error`); a fresh stored
+    /// response is a hit and never reaches the origin.
+    pub fn max_stale_if_unreachable(mut self, bound: Duration) -> Self {
+        self.config.max_stale_if_unreachable = bound;
         self
     }
 

@@ -37,6 +37,14 @@
 //! - **RFC 9213**: `CDN-Cache-Control` (or a configured list of targeted
 //!   fields) replaces `Cache-Control` and `Expires`; see
 //!   [below](#rfc-9213-targeted-cache-control).
+//! - **Unreachable origin** (§4.2.4): when the inner service returns an
+//!   error or a response marked [`UpstreamUnreachable`] (a proxy's 502 for
+//!   a refused, reset or timed-out connection), a stale stored response is
+//!   served, up to [`max_stale_if_unreachable`](HttpCacheLayerBuilder::max_stale_if_unreachable)
+//!   of staleness (a day by default), unless a directive forbids it
+//!   (`no-cache`, `must-revalidate`, `proxy-revalidate`, `s-maxage`, or
+//!   the request's own): then a 504. With nothing stored, what the inner
+//!   service returned passes through.
 //! - **HEAD** is answered from a stored GET.
 //! - **Bodies** are buffered up to a limit (1 MiB by default) to be stored;
 //!   a larger or endless body streams through to the client untouched and
@@ -277,6 +285,7 @@ mod layer;
 #[cfg(feature = "redis")]
 pub(crate) mod remote;
 mod service;
+mod stand_in;
 mod state;
 mod status;
 mod stored;
@@ -292,4 +301,5 @@ pub use self::layer::{HttpCacheLayer, HttpCacheLayerBuilder};
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use self::remote::HttpRedisCodec;
 pub use self::service::HttpCache;
+pub use self::stand_in::UpstreamUnreachable;
 pub use self::stored::{CacheHit, StoredVariants};

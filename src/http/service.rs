@@ -178,7 +178,8 @@ where
                                 shared.flights.join_fenced(&key, None, &shared.log)
                             {
                                 shared.stats.incr(Kind::Refreshes);
-                                let _ = upstream(&shared, svc, req, &key, Some(stored)).await;
+                                let _ =
+                                    upstream(&shared, svc, req, &key, Some(stored), false).await;
                                 drop(leader);
                             }
                             // A later stale hit may try again.
@@ -195,7 +196,8 @@ where
                     let (shared, svc) = (Arc::clone(&self.shared), self.inner.clone());
                     return HttpResponseFuture::boxed(async move {
                         let req = Request::from_parts(parts, body);
-                        let (res, _) = upstream(&shared, svc, req, &key, Some(stored)).await?;
+                        let (res, _) =
+                            upstream(&shared, svc, req, &key, Some(stored), true).await?;
                         Ok(leave(&shared.config, res, why))
                     });
                 }

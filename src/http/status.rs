@@ -56,6 +56,25 @@ impl Fwd {
     }
 }
 
+/// The entry's `detail` (RFC 9211 §2.8): what the other parameters do not say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Detail {
+    /// Found in the shared tier (`detail=l2`).
+    L2,
+    /// A stale stored response served because the origin could not be
+    /// reached (`detail=unreachable`, RFC 9111 §4.2.4).
+    Unreachable,
+}
+
+impl Detail {
+    fn token(self) -> &'static [u8] {
+        match self {
+            Detail::L2 => b"l2",
+            Detail::Unreachable => b"unreachable",
+        }
+    }
+}
+
 /// What this cache's entry says about one response. Also the note the
 /// upstream code leaves in a response's extensions for what only it knows
 /// (collapsed, stored, the next hop's status); the service fills in the
@@ -74,8 +93,13 @@ pub(crate) struct Status {
     pub(crate) stored: bool,
     /// The request waited for another one's response and reused it.
     pub(crate) collapsed: bool,
-    /// Found in the shared tier (`detail=l2`).
-    pub(crate) l2: bool,
+    /// The `detail` parameter, if any.
+    pub(crate) detail: Option<Detail>,
+    /// Made by this cache, not from a stored response (a 504 when the
+    /// origin is unreachable and nothing stored may stand in): no entry
+    /// (RFC 9211 §2: an intermediary does not add one to a response it
+    /// generates locally unless it is based on a stored response).
+    pub(crate) generated: bool,
 }
 
 impl Status {
@@ -180,18 +204,20 @@ pub(crate) fn note_stored<B, T, E>(
 }
 
 /// Notes a stale stored response standing in for an error
-/// (`stale-if-error`): its (negative) ttl and, after an HTTP error, the
-/// status the next hop gave.
+/// (`stale-if-error`, or an unreachable origin with `detail`): its
+/// (negative) ttl and, after an HTTP error, the status the next hop gave.
 pub(crate) fn note_stood_in<B>(
     config: &HttpConfig,
     res: &mut Response<B>,
     stored: &Stored,
     age: Duration,
     fwd_status: Option<StatusCode>,
+    detail: Option<Detail>,
 ) {
     note(config, res, |s| {
         s.ttl = Some(ttl(stored.lifetime, age));
         s.fwd_status = fwd_status;
+        s.detail = detail;
     });
 }
 
@@ -201,6 +227,9 @@ pub(crate) fn note_stood_in<B>(
 pub(crate) fn finish<B>(config: &HttpConfig, mut res: Response<B>, why: Fwd) -> Response<B> {
     if let Some(name) = &config.cache_status {
         let mut status = res.extensions_mut().remove::<Status>().unwrap_or_default();
+        if status.generated {
+            return res;
+        }
         if !status.hit && status.fwd.is_none() {
             status.fwd = Some(why);
         }
@@ -253,8 +282,9 @@ pub(crate) fn value(name: &Bytes, res_status: StatusCode, status: &Status) -> Op
     if status.collapsed {
         params.push(b"; collapsed");
     }
-    if status.l2 {
-        params.push(b"; detail=l2");
+    if let Some(detail) = status.detail {
+        params.push(b"; detail=");
+        params.push(detail.token());
     }
     let mut value = Vec::with_capacity(name.len() + params.len);
     value.extend_from_slice(name);
@@ -263,7 +293,7 @@ pub(crate) fn value(name: &Bytes, res_status: StatusCode, status: &Status) -> Op
     HeaderValue::from_maybe_shared(Bytes::from(value)).ok()
 }
 
-/// A fixed buffer for the parameters (at most about 90 bytes).
+/// A fixed buffer for the parameters (at most about 100 bytes).
 struct Params {
     buf: [u8; 128],
     len: usize,
@@ -361,7 +391,7 @@ mod tests {
         let l2 = Status {
             hit: true,
             ttl: Some(0),
-            l2: true,
+            detail: Some(Detail::L2),
             ..Status::default()
         };
         assert_eq!(line(l2, StatusCode::OK), "c; hit; ttl=0; detail=l2");

@@ -16,8 +16,9 @@ use super::cache_control::{RequestDirectives, ResponseDirectives};
 use super::config::covers;
 use super::freshness::{self, NotStored, Usable};
 use super::key::same_origin;
+use super::stand_in::{self, Failure, UpstreamUnreachable};
 use super::state::HttpShared;
-use super::status::{self, Fwd, Status};
+use super::status::{self, Detail, Fwd, Status};
 use super::stored::{
     CacheHit, HitHead, Stored, StoredVariants, VaryValues, hit, respond, storable_headers, tags_of,
     vary_values,
@@ -179,7 +180,7 @@ where
                 );
                 status::note(&shared.config, &mut res, |s| {
                     *s = Status::hit(&stored, age);
-                    s.l2 = true;
+                    s.detail = Some(Detail::L2);
                 });
                 return Ok(res);
             }
@@ -196,7 +197,7 @@ where
         let age = s.age(shared.clock.now());
         status::revalidation(s, age, &shared.rules)
     });
-    let mut result = upstream(&shared, svc, req, &key, stale).await;
+    let mut result = upstream(&shared, svc, req, &key, stale, true).await;
     if let (Some(why), Ok((res, _))) = (why, &mut result) {
         status::note(&shared.config, res, |s| s.fwd = s.fwd.or(Some(why)));
     }
@@ -219,13 +220,14 @@ pub(crate) async fn upstream<S, ReqBody, ResBody>(
     req: Request<ReqBody>,
     key: &Hashed<String>,
     stale: Option<Arc<Stored>>,
+    answers_client: bool,
 ) -> Result<(Response<CacheBody<ResBody>>, Option<Arc<HttpEntry>>), S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: Body<Data = Bytes>,
 {
     let Some(tier) = shared.remote.get() else {
-        let mut result = fetch(shared, svc, req, key, stale).await;
+        let mut result = fetch(shared, svc, req, key, stale, answers_client).await;
         status::note_stored(&shared.config, &mut result);
         return result;
     };
@@ -235,7 +237,7 @@ where
         Lease::Busy => Lease::Unavailable,
         lease => lease,
     };
-    let mut result = fetch(shared, svc, req, key, stale).await;
+    let mut result = fetch(shared, svc, req, key, stale, answers_client).await;
     status::note_stored(&shared.config, &mut result);
     let shared_entry = match &result {
         Ok((_, Some(entry))) => shared.remote_entry(entry),
@@ -285,13 +287,16 @@ fn per_user(
 }
 
 /// Goes upstream (conditionally when a stored response with validators is
-/// given), then stores and answers per RFC 9111.
+/// given), then stores and answers per RFC 9111. In a background
+/// revalidation (`answers_client` false) an unreachable origin leaves the
+/// stored response as it is and nobody is answered stale for it.
 async fn fetch<S, ReqBody, ResBody>(
     shared: &HttpShared,
     svc: S,
     req: Request<ReqBody>,
     key: &Hashed<String>,
     stale: Option<Arc<Stored>>,
+    answers_client: bool,
 ) -> Result<(Response<CacheBody<ResBody>>, Option<Arc<HttpEntry>>), S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
@@ -318,183 +323,180 @@ where
     let result = svc.oneshot(Request::from_parts(parts, body)).await;
     let response_time = SystemTime::now();
     let now = shared.clock.now();
+    // When the origin failed, a stored response may stand in (or a 504).
+    let stood_in = |failure| {
+        let stored = stale.as_deref()?;
+        let (client, cc) = (&client_headers, &req_cc);
+        stand_in::answer(shared, stored, failure, answers_client, head, client, cc)
+    };
     let mut res = match result {
         Ok(res) => res,
         Err(e) => {
-            if let Some(stored) = &stale {
-                let staleness = stored.age(now).saturating_sub(stored.lifetime);
-                if freshness::stale_if_error_allows(staleness, &stored.cc, &shared.rules) {
-                    shared.stats.incr(Kind::StaleIfError);
-                    let mut res = hit(
-                        &shared.config,
-                        respond(stored, stored.age(now), head, &client_headers),
-                        CacheHit::Local,
-                    );
-                    status::note_stood_in(&shared.config, &mut res, stored, stored.age(now), None);
-                    return Ok((res, None));
-                }
+            if let Some(res) = stood_in(Failure::ServiceError) {
+                return Ok((res, None));
             }
             shared.stats.incr(Kind::InnerErrors);
             return Err(e);
         }
     };
+    // A response the inner service made because it could not reach the
+    // origin is never stored, nor replaces what is.
+    let unreachable = res.extensions().get::<UpstreamUnreachable>().is_some();
+    let failure = if unreachable {
+        Some(Failure::Unreachable(res.status()))
+    } else {
+        let status = res.status();
+        status.is_server_error().then_some(Failure::Status(status))
+    };
+    if let Some(served) = failure.and_then(stood_in) {
+        return Ok((served, None));
+    }
+    if unreachable {
+        shared.stats.incr(Kind::NotStored);
+        strip_tags(shared, res.headers_mut());
+        return Ok((res.map(CacheBody::stream), None));
+    }
     // The version of the data the origin built this response from.
     let stamp = res.extensions().get::<DataVersion>().map(|v| v.0);
-    if let Some(stored) = &stale {
-        if res.status() == StatusCode::NOT_MODIFIED {
-            // Freshen the stored response with the 304's headers (§4.3.4).
-            let mut headers = stored.headers.clone();
-            // A 304 describes the stored body, never its length (RFC 9111 §3.2).
-            let mut update = storable_headers(res.headers().clone());
-            update.remove(header::CONTENT_LENGTH);
-            // Tags: the 304's when it carries the header, else the stored ones.
-            let tags = if res.headers().contains_key(tag_header) {
-                tags_of(res.headers(), tag_header)
-            } else {
-                Ok(stored.tags.to_vec())
-            };
-            strip_tags(shared, &mut update);
-            for name in update.keys() {
-                headers.remove(name);
+    if let Some(stored) = &stale
+        && res.status() == StatusCode::NOT_MODIFIED
+    {
+        // Freshen the stored response with the 304's headers (§4.3.4).
+        let mut headers = stored.headers.clone();
+        // A 304 describes the stored body, never its length (RFC 9111 §3.2).
+        let mut update = storable_headers(res.headers().clone());
+        update.remove(header::CONTENT_LENGTH);
+        // Tags: the 304's when it carries the header, else the stored ones.
+        let tags = if res.headers().contains_key(tag_header) {
+            tags_of(res.headers(), tag_header)
+        } else {
+            Ok(stored.tags.to_vec())
+        };
+        strip_tags(shared, &mut update);
+        for name in update.keys() {
+            headers.remove(name);
+        }
+        for (name, value) in update.iter() {
+            headers.append(name.clone(), value.clone());
+        }
+        // A 304 never narrows `Vary`: the stored body was selected by
+        // the stored names, so the merged response varies on both
+        // (read from the raw 304, even when `Connection` lists it).
+        if res.headers().contains_key(header::VARY) {
+            let names: Vec<HeaderValue> = stored
+                .headers
+                .get_all(header::VARY)
+                .iter()
+                .chain(res.headers().get_all(header::VARY))
+                .cloned()
+                .collect();
+            headers.remove(header::VARY);
+            for value in names {
+                headers.append(header::VARY, value);
             }
-            for (name, value) in update.iter() {
-                headers.append(name.clone(), value.clone());
-            }
-            // A 304 never narrows `Vary`: the stored body was selected by
-            // the stored names, so the merged response varies on both
-            // (read from the raw 304, even when `Connection` lists it).
-            if res.headers().contains_key(header::VARY) {
-                let names: Vec<HeaderValue> = stored
-                    .headers
-                    .get_all(header::VARY)
-                    .iter()
-                    .chain(res.headers().get_all(header::VARY))
-                    .cloned()
-                    .collect();
-                headers.remove(header::VARY);
-                for value in names {
-                    headers.append(header::VARY, value);
-                }
-            }
-            let cc = freshness::response_directives(&headers, &shared.rules);
-            // The merged response is a new response to this client's
-            // request: every storing and sharing rule applies to it again
-            // (a 304 may add `Set-Cookie`, `private`, `no-store`, `Vary`),
-            // and it is selected by this request's `Vary` values. First
-            // what the response says, whoever asked; then this request.
-            let check = |req_headers: &HeaderMap, req_cc: &RequestDirectives| {
-                match freshness::storable(
-                    &Method::GET,
-                    req_headers,
-                    req_cc,
-                    stored.status,
-                    &headers,
-                    &cc,
-                    &shared.rules,
-                ) {
-                    // Kept to be revalidated again, as before the 304.
-                    Err(NotStored::NoFreshness) => Ok(Duration::ZERO),
-                    other => other,
-                }
-            };
-            // What the raw 304 says too, over the stored fields it does
-            // not replace: a `Set-Cookie`, `private` or `no-store` that
-            // `Connection` lists is still per-user, and the directives are
-            // chosen as for the merged response (a stored targeted field
-            // the 304 does not resend still replaces its `Cache-Control`).
-            let mut raw_headers = stored.headers.clone();
-            for name in res.headers().keys() {
-                raw_headers.remove(name);
-            }
-            for (name, value) in res.headers() {
-                raw_headers.append(name.clone(), value.clone());
-            }
-            let raw_cc = freshness::response_directives(&raw_headers, &shared.rules);
-            let raw = match freshness::storable(
+        }
+        let cc = freshness::response_directives(&headers, &shared.rules);
+        // The merged response is a new response to this client's
+        // request: every storing and sharing rule applies to it again
+        // (a 304 may add `Set-Cookie`, `private`, `no-store`, `Vary`),
+        // and it is selected by this request's `Vary` values. First
+        // what the response says, whoever asked; then this request.
+        let check = |req_headers: &HeaderMap, req_cc: &RequestDirectives| {
+            match freshness::storable(
                 &Method::GET,
-                &HeaderMap::new(),
-                &RequestDirectives::default(),
+                req_headers,
+                req_cc,
                 stored.status,
-                &raw_headers,
-                &raw_cc,
+                &headers,
+                &cc,
                 &shared.rules,
             ) {
+                // Kept to be revalidated again, as before the 304.
                 Err(NotStored::NoFreshness) => Ok(Duration::ZERO),
                 other => other,
-            };
-            let shareable = raw.and(check(&HeaderMap::new(), &RequestDirectives::default()));
-            let decision = shareable.and_then(|_| check(&client_headers, &req_cc));
-            // Tags that cannot be read keep it out (an invalidation of them
-            // would miss it); what was stored stays, as for this client's
-            // own reasons below.
-            let decision = match &tags {
-                Ok(_) => decision,
-                Err(()) => Err(NotStored::NoStore),
-            };
-            let updated = Arc::new(Stored {
-                status: stored.status,
-                version: stored.version,
-                vary: vary_values(&headers, &client_headers),
-                headers,
-                body: stored.body.clone(),
-                trailers: stored.trailers.clone(),
-                cc,
-                lifetime: decision.unwrap_or(Duration::ZERO),
-                initial_age: freshness::initial_age(res.headers(), request_time, response_time),
-                stored_at: now,
-                tags: tags.unwrap_or_default().into_boxed_slice(),
-                // The origin found the stored body current as of the 304's
-                // data, so it reflects the newer of the two.
-                stamp: match (stored.stamp, stamp) {
-                    (Some(a), Some(b)) => Some(a.max(b)),
-                    (a, b) => a.or(b),
-                },
-                hit_head: HitHead::default(),
-            });
-            shared.stats.incr(Kind::Refreshes);
-            let kept = match (shareable, decision) {
-                (_, Ok(_)) => {
-                    shared.insert(key, Arc::clone(&updated), fill_seq, Some(&stored.vary))
-                }
-                // The origin now says the response is per-user (or cannot
-                // be read): only this client gets it, and what was stored
-                // goes too.
-                (Err(_), _) => {
-                    shared.stats.incr(Kind::NotStored);
-                    if plain_get(&method, &client_headers) {
-                        shared.forget(key);
-                    }
-                    None
-                }
-                // This client's `no-store` or `Authorization`: its 304 is
-                // not stored, and the stored response it validated stays
-                // as it was (a client cannot evict it for everybody).
-                (Ok(_), Err(_)) => {
-                    shared.stats.incr(Kind::NotStored);
-                    None
-                }
-            };
-            let age = updated.age(now);
-            let mut res = respond(&updated, age, head, &client_headers);
-            status::note(&shared.config, &mut res, |s| {
-                s.fwd_status = Some(StatusCode::NOT_MODIFIED);
-            });
-            return Ok((res, kept));
-        }
-        if res.status().is_server_error() {
-            let staleness = stored.age(now).saturating_sub(stored.lifetime);
-            if freshness::stale_if_error_allows(staleness, &stored.cc, &shared.rules) {
-                shared.stats.incr(Kind::StaleIfError);
-                let (age, from) = (stored.age(now), Some(res.status()));
-                let mut served = hit(
-                    &shared.config,
-                    respond(stored, age, head, &client_headers),
-                    CacheHit::Local,
-                );
-                status::note_stood_in(&shared.config, &mut served, stored, age, from);
-                return Ok((served, None));
             }
+        };
+        // What the raw 304 says too, over the stored fields it does not
+        // replace: a `Set-Cookie`, `private` or `no-store` that
+        // `Connection` lists is still per-user, and the directives are
+        // chosen as for the merged response (a stored targeted field the
+        // 304 does not resend still replaces its `Cache-Control`).
+        let mut raw_headers = stored.headers.clone();
+        for name in res.headers().keys() {
+            raw_headers.remove(name);
         }
+        for (name, value) in res.headers() {
+            raw_headers.append(name.clone(), value.clone());
+        }
+        let raw_cc = freshness::response_directives(&raw_headers, &shared.rules);
+        let raw = match freshness::storable(
+            &Method::GET,
+            &HeaderMap::new(),
+            &RequestDirectives::default(),
+            stored.status,
+            &raw_headers,
+            &raw_cc,
+            &shared.rules,
+        ) {
+            Err(NotStored::NoFreshness) => Ok(Duration::ZERO),
+            other => other,
+        };
+        let shareable = raw.and(check(&HeaderMap::new(), &RequestDirectives::default()));
+        let decision = shareable.and_then(|_| check(&client_headers, &req_cc));
+        // Tags that cannot be read keep it out (an invalidation of them
+        // would miss it); what was stored stays, as for this client's
+        // own reasons below.
+        let decision = match &tags {
+            Ok(_) => decision,
+            Err(()) => Err(NotStored::NoStore),
+        };
+        let updated = Arc::new(Stored {
+            status: stored.status,
+            version: stored.version,
+            vary: vary_values(&headers, &client_headers),
+            headers,
+            body: stored.body.clone(),
+            trailers: stored.trailers.clone(),
+            cc,
+            lifetime: decision.unwrap_or(Duration::ZERO),
+            initial_age: freshness::initial_age(res.headers(), request_time, response_time),
+            stored_at: now,
+            tags: tags.unwrap_or_default().into_boxed_slice(),
+            // The origin found the stored body current as of the 304's
+            // data, so it reflects the newer of the two.
+            stamp: match (stored.stamp, stamp) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            },
+            hit_head: HitHead::default(),
+        });
+        shared.stats.incr(Kind::Refreshes);
+        let kept = match (shareable, decision) {
+            (_, Ok(_)) => shared.insert(key, Arc::clone(&updated), fill_seq, Some(&stored.vary)),
+            // The origin now says the response is per-user (or cannot
+            // be read): only this client gets it, and what was stored
+            // goes too.
+            (Err(_), _) => {
+                shared.stats.incr(Kind::NotStored);
+                if plain_get(&method, &client_headers) {
+                    shared.forget(key);
+                }
+                None
+            }
+            // This client's `no-store` or `Authorization`: its 304 is
+            // not stored, and the stored response it validated stays
+            // as it was (a client cannot evict it for everybody).
+            (Ok(_), Err(_)) => {
+                shared.stats.incr(Kind::NotStored);
+                None
+            }
+        };
+        let age = updated.age(now);
+        let mut res = respond(&updated, age, head, &client_headers);
+        status::note(&shared.config, &mut res, |s| {
+            s.fwd_status = Some(StatusCode::NOT_MODIFIED);
+        });
+        return Ok((res, kept));
     }
     // The tags are read before the header goes; what reaches the client
     // from here on has it stripped (unless configured to pass).

@@ -155,6 +155,9 @@ pub struct HttpCacheSettings {
     /// `mark_hits`.
     #[serde(default)]
     pub mark_hits: Option<bool>,
+    /// `max_stale_if_unreachable` (default one day; `0s`: never).
+    #[serde(default, with = "humantime_serde")]
+    pub max_stale_if_unreachable: Option<Duration>,
 }
 
 /// A list of names, or one string of them separated by white space or
@@ -246,6 +249,9 @@ impl HttpCacheSettings {
         }
         if let Some(yes) = self.mark_hits {
             b = b.mark_hits(yes);
+        }
+        if let Some(bound) = self.max_stale_if_unreachable {
+            b = b.max_stale_if_unreachable(bound);
         }
         Ok(b)
     }

@@ -12,6 +12,7 @@ mod sharing;
 mod tags;
 mod targeted;
 mod tokens;
+mod unreachable;
 
 use std::collections::HashMap;
 use std::convert::Infallible;

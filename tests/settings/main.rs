@@ -39,6 +39,7 @@ cache_status = false
 tag_header = "x-tags"
 targeted_fields = ["myapp-cdn-cache-control", "cdn-cache-control"]
 strip_targeted_fields = false
+max_stale_if_unreachable = "2h"
 
 [redis]
 url = "redis://:pa55-w0rd@127.0.0.1:6379/0"
@@ -63,7 +64,7 @@ const JSON: &str = r#"{
             "ttl_jitter": 0.1, "early_refresh": 0},
   "http_cache": {"max_bytes": 1048576, "cache_status": false, "tag_header": "x-tags",
                  "targeted_fields": ["myapp-cdn-cache-control", "cdn-cache-control"],
-                 "strip_targeted_fields": false},
+                 "strip_targeted_fields": false, "max_stale_if_unreachable": "2h"},
   "redis": {"url": "redis://:pa55-w0rd@127.0.0.1:6379/0", "prefix": "users",
             "isolation_ttl": "500ms", "lease_ttl": "3s"}
 }"#;
@@ -91,6 +92,7 @@ const ENV: &[(&str, &str)] = &[
         "myapp-cdn-cache-control, cdn-cache-control",
     ),
     ("TSTEST__HTTP_CACHE__STRIP_TARGETED_FIELDS", "false"),
+    ("TSTEST__HTTP_CACHE__MAX_STALE_IF_UNREACHABLE", "2h"),
     ("TSTEST__REDIS__URL", "redis://:pa55-w0rd@127.0.0.1:6379/0"),
     ("TSTEST__REDIS__PREFIX", "users"),
     ("TSTEST__REDIS__ISOLATION_TTL", "500ms"),
@@ -120,7 +122,8 @@ fn by_hand() -> [String; 4] {
         .cache_status(false)
         .tag_header(http::HeaderName::from_static("x-tags"))
         .targeted_fields(["myapp-cdn-cache-control", "cdn-cache-control"])
-        .strip_targeted_fields(false);
+        .strip_targeted_fields(false)
+        .max_stale_if_unreachable(Duration::from_secs(2 * 3600));
     let redis = tower_scale::cache::redis::builder("redis://:pa55-w0rd@127.0.0.1:6379/0")
         .prefix("users")
         .isolation_ttl(Duration::from_millis(500))

@@ -13,7 +13,7 @@ use crate::cache::CacheStats;
 /// Stripes owned by one live thread each; threads beyond them share one
 /// more stripe through atomic adds.
 const OWNED_STRIPES: usize = 64;
-const KINDS: usize = 15;
+const KINDS: usize = 16;
 
 /// What a counter counts.
 #[derive(Debug, Clone, Copy)]
@@ -21,6 +21,7 @@ pub(crate) enum Kind {
     Hits,
     StaleHits,
     StaleIfError,
+    StaleIfUnreachable,
     Misses,
     Coalesced,
     Refreshes,
@@ -122,6 +123,7 @@ impl Stats {
             hits: self.get(Kind::Hits),
             stale_hits: self.get(Kind::StaleHits),
             stale_if_error: self.get(Kind::StaleIfError),
+            stale_if_unreachable: self.get(Kind::StaleIfUnreachable),
             misses: self.get(Kind::Misses),
             coalesced: self.get(Kind::Coalesced),
             refreshes: self.get(Kind::Refreshes),
