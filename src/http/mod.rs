@@ -282,6 +282,7 @@ mod custom_key;
 mod future;
 mod key;
 mod layer;
+mod layer_cdn;
 #[cfg(feature = "redis")]
 pub(crate) mod remote;
 mod service;
