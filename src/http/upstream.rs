@@ -194,6 +194,10 @@ where
                 .cloned();
         }
     }
+    // A range request goes to the origin as sent and its 206 is never
+    // stored: it does not keep the others waiting for this URL (they
+    // would all go upstream after it). One of them leads instead.
+    let leader = leader.filter(|_| !req.headers().contains_key(header::RANGE));
     let why = stale.as_ref().map(|s| {
         let age = s.age(shared.clock.now());
         status::revalidation(s, age, &shared.rules)
