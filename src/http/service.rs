@@ -172,6 +172,11 @@ where
                     if entry.claim_refresh()
                         && let Ok(rt) = tokio::runtime::Handle::try_current()
                     {
+                        // A refresh for everybody: the whole response, not
+                        // this client's range of it.
+                        let mut parts = parts;
+                        parts.headers.remove(http::header::RANGE);
+                        parts.headers.remove(http::header::IF_RANGE);
                         let req = Request::from_parts(parts, body);
                         let (shared, svc) = (Arc::clone(&self.shared), self.inner.clone());
                         rt.spawn(async move {
