@@ -7,6 +7,7 @@ mod cache_status;
 mod common;
 mod parser;
 mod proxy;
+mod range;
 mod sharing;
 mod tags;
 mod tokens;
@@ -340,6 +341,7 @@ fn origin_app(origin: Arc<Origin>) -> Router {
             }),
         )
         .merge(sharing::routes())
+        .merge(range::routes())
         .with_state(origin)
 }
 
