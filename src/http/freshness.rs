@@ -59,7 +59,8 @@ impl Default for HttpCachePolicy {
 pub enum NotStored {
     /// Only GET responses are stored.
     Method,
-    /// 206 Partial Content (no range support).
+    /// 206 Partial Content: partial responses are not stored or combined
+    /// (ranges are answered from a stored complete response).
     Partial,
     /// `no-store`.
     NoStore,

@@ -46,6 +46,26 @@
 //!   the request's own): then a 504. With nothing stored, what the inner
 //!   service returned passes through.
 //! - **HEAD** is answered from a stored GET.
+//! - **Ranges** (RFC 9110 §14): a request for one `bytes` range
+//!   (`a-b`, `a-`, `-n`) of a stored `200` is answered from the cache with
+//!   a `206 Partial Content` whose body is that slice of the stored body
+//!   (`Content-Range`, `Content-Length` of the slice, trailers dropped),
+//!   or a `416` with `Content-Range: bytes */len` when no byte of it
+//!   exists; a `HEAD` gets the same headers. `If-Range` applies the range
+//!   only when it names the stored strong `ETag`, or its `Last-Modified`
+//!   when that is a strong validator (`Date` at least 60 s later);
+//!   otherwise the whole `200` is sent. A `Range` the cache cannot read
+//!   (another unit, bad syntax) is ignored (§14.2); a stored response
+//!   other than `200` is sent as is. A request for several ranges (or
+//!   with several `Range` lines) goes to the origin, bypassing the cache.
+//!   On a **miss** the request goes to the origin as sent, `Range`
+//!   included (a large file is not fetched whole for a small range), and
+//!   does not hold other requests for the URL waiting; a `206` is never
+//!   stored (partial responses are not combined, RFC 9111 §3.4), so the
+//!   cache fills from a plain `GET`, after which every range is answered
+//!   from it. A stale entry is revalidated as for any request, and the
+//!   range applied to the result. Requests that waited for another's
+//!   fetch, and hits from the shared tier, each get their own range.
 //! - **Bodies** are buffered up to a limit (1 MiB by default) to be stored;
 //!   a larger or endless body streams through to the client untouched and
 //!   is not stored. Trailers are kept.
@@ -283,6 +303,7 @@ mod future;
 mod key;
 mod layer;
 mod layer_cdn;
+mod range;
 #[cfg(feature = "redis")]
 pub(crate) mod remote;
 mod service;

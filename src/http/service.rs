@@ -15,6 +15,7 @@ use super::body::CacheBody;
 use super::config::{HttpConfig, covers};
 use super::freshness::{self, Usable};
 use super::future::HttpResponseFuture;
+use super::range::{self, Requested};
 use super::state::HttpShared;
 use super::status::{self, Fwd};
 use super::stored::respond_hit;
@@ -132,8 +133,14 @@ where
                 Ok(leave(&shared.config, res, Fwd::Bypass))
             });
         }
+        // Several ranges are the origin's to answer (and never stored).
+        let (range, multi) = match range::requested(&parts.headers) {
+            Some(Requested::Single(spec)) => (Some(spec), false),
+            Some(Requested::Multi) => (None, true),
+            None => (None, false),
+        };
         let key = match (&parts.method, sh.key(&parts)) {
-            (&Method::GET | &Method::HEAD, Some(key)) => key,
+            (&Method::GET | &Method::HEAD, Some(key)) if !multi => key,
             _ => {
                 sh.stats.incr(Kind::Bypasses);
                 let (shared, svc) = (Arc::clone(&self.shared), self.inner.clone());
@@ -159,18 +166,23 @@ where
             match freshness::usable(age, stored.lifetime, &stored.cc, &req_cc, &sh.rules) {
                 Usable::Fresh => {
                     sh.stats.incr(Kind::Hits);
-                    let res = respond_hit(&sh.config, &stored, age, head, &parts.headers);
+                    let res = respond_hit(&sh.config, &stored, age, head, &parts.headers, range);
                     return HttpResponseFuture::ready(Ok(res));
                 }
                 Usable::StaleWhileRevalidate => {
                     sh.stats.incr(Kind::StaleHits);
-                    let res = respond_hit(&sh.config, &stored, age, head, &parts.headers);
+                    let res = respond_hit(&sh.config, &stored, age, head, &parts.headers, range);
                     // One background revalidation per entry at a time (the
                     // entry's flag, no lock; the task's flight join keeps
                     // it to one per key even across entries).
                     if entry.claim_refresh()
                         && let Ok(rt) = tokio::runtime::Handle::try_current()
                     {
+                        // A refresh for everybody: the whole response, not
+                        // this client's range of it.
+                        let mut parts = parts;
+                        parts.headers.remove(http::header::RANGE);
+                        parts.headers.remove(http::header::IF_RANGE);
                         let req = Request::from_parts(parts, body);
                         let (shared, svc) = (Arc::clone(&self.shared), self.inner.clone());
                         rt.spawn(async move {

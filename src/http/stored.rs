@@ -3,7 +3,7 @@
 //! ([`StoredVariants`]), and how a stored response is answered.
 
 use std::fmt;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,6 +16,7 @@ use super::cache_control::ResponseDirectives;
 use super::config::HttpConfig;
 use super::config::{MAX_TAG_LEN, MAX_TAGS};
 use super::freshness;
+use super::range::{self, Answer, Spec};
 use super::status::{self, Status};
 use crate::cache::{Instant, Tag};
 
@@ -56,6 +57,11 @@ struct HitHeaders {
     /// The cache name the status entry was built with (`None`: off).
     name: Option<Bytes>,
     headers: HeaderMap,
+    /// `headers` with `Content-Range` and `Content-Length` entries, for
+    /// `206`s: made on the second's first range hit; each range hit
+    /// clones it and replaces the two values (no entry added, so the
+    /// clone never grows).
+    partial: OnceLock<HeaderMap>,
 }
 
 impl HitHead {
@@ -63,11 +69,39 @@ impl HitHead {
     /// built for the same second and cache name, else a new one (then
     /// kept, unless another hit is storing one at the same moment).
     fn headers(&self, config: &HttpConfig, stored: &Stored, age: Duration) -> HeaderMap {
+        self.kept(config, stored, age).headers.clone()
+    }
+
+    /// The headers of a `206` hit on `stored` at `age` for `range` (see
+    /// [`range::partial_headers`]).
+    fn partial_headers(
+        &self,
+        config: &HttpConfig,
+        stored: &Stored,
+        age: Duration,
+        range: &std::ops::Range<usize>,
+    ) -> HeaderMap {
+        let kept = self.kept(config, stored, age);
+        let mut headers = kept
+            .partial
+            .get_or_init(|| {
+                let mut headers = kept.headers.clone();
+                range::partial_headers(&mut headers, &(0..1), 1);
+                headers
+            })
+            .clone();
+        range::partial_headers(&mut headers, range, stored.body.len());
+        headers
+    }
+
+    /// The kept maps for this second of age and cache name, built when
+    /// there are none.
+    fn kept(&self, config: &HttpConfig, stored: &Stored, age: Duration) -> Arc<HitHeaders> {
         let age_secs = age.as_secs();
         let kept = crate::sync::read(&self.0).clone();
         if let Some(kept) = kept.filter(|k| k.age_secs == age_secs && k.name == config.cache_status)
         {
-            return kept.headers.clone();
+            return kept;
         }
         // Room for every distinct name plus the two added (capacity counts
         // names, not values: a name repeated 25,000 times is one), never a
@@ -94,12 +128,13 @@ impl HitHead {
         let built = Arc::new(HitHeaders {
             age_secs,
             name: config.cache_status.clone(),
-            headers: headers.clone(),
+            headers,
+            partial: OnceLock::new(),
         });
         if let Ok(mut slot) = self.0.try_write() {
-            *slot = Some(built);
+            *slot = Some(Arc::clone(&built));
         }
-        headers
+        built
     }
 }
 
@@ -248,7 +283,9 @@ pub(crate) fn hit<B>(config: &HttpConfig, mut res: Response<B>, how: CacheHit) -
 
 /// Builds the response for a stored entry: a fresh `Response` with the
 /// stored status, headers (cloned, not re-parsed), body and trailers, and
-/// a correct `Age`; a 304 when the client's own validators match.
+/// a correct `Age`; a 304 when the client's own validators match, else a
+/// 206 or 416 when the client asked for a range of a stored 200 (see
+/// [`range`]).
 pub(crate) fn respond<B: Body>(
     stored: &Stored,
     age: Duration,
@@ -278,9 +315,19 @@ pub(crate) fn respond<B: Body>(
             .insert(header::AGE, HeaderValue::from(age.as_secs()));
         return res;
     }
+    let answer = range::answer_for(stored, req);
+    if answer == Answer::Unsatisfiable {
+        return range::unsatisfiable(stored, age);
+    }
     let mut headers = stored.headers.clone();
     headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
-    stored_response(stored, head, headers)
+    match answer {
+        Answer::Partial(range) => {
+            range::partial_headers(&mut headers, &range, stored.body.len());
+            range::partial(stored, head, headers, range)
+        }
+        _ => stored_response(stored, head, headers),
+    }
 }
 
 /// `stored`'s status, version, body and trailers (no body for `HEAD`)
@@ -305,25 +352,33 @@ fn stored_response<B: Body>(
 /// The response for a hit (fresh, or stale while it revalidates) on
 /// `stored`: what [`respond`] builds, marked as a hit, with this cache's
 /// `Cache-Status` entry: the header map is a clone of the one the
-/// variant's [`HitHead`] keeps for this second of age.
+/// variant's [`HitHead`] keeps for this second of age. `range` is the
+/// request's single byte range, if it asked for one.
 pub(crate) fn respond_hit<B: Body>(
     config: &HttpConfig,
     stored: &Stored,
     age: Duration,
     head: bool,
     req: &HeaderMap,
+    range: Option<Spec>,
 ) -> Response<CacheBody<B>> {
-    if client_validator_matches(stored, req) {
+    let answer = match range {
+        Some(spec) => range::answer(stored, req, spec),
+        None => Answer::Full,
+    };
+    if answer == Answer::Unsatisfiable || client_validator_matches(stored, req) {
         let mut res = hit(config, respond(stored, age, head, req), CacheHit::Local);
         status::stamp(config, &mut res, &Status::hit(stored, age));
         return res;
     }
-    let headers = stored.hit_head.headers(config, stored, age);
-    hit(
-        config,
-        stored_response(stored, head, headers),
-        CacheHit::Local,
-    )
+    let res = match answer {
+        Answer::Partial(range) => {
+            let headers = stored.hit_head.partial_headers(config, stored, age, &range);
+            range::partial(stored, head, headers, range)
+        }
+        _ => stored_response(stored, head, stored.hit_head.headers(config, stored, age)),
+    };
+    hit(config, res, CacheHit::Local)
 }
 
 /// `If-None-Match` (weak comparison) takes precedence over

@@ -193,6 +193,10 @@ where
                 .cloned();
         }
     }
+    // A range request goes to the origin as sent and its 206 is never
+    // stored: it does not keep the others waiting for this URL (they
+    // would all go upstream after it). One of them leads instead.
+    let leader = leader.filter(|_| !req.headers().contains_key(header::RANGE));
     let why = stale.as_ref().map(|s| {
         let age = s.age(shared.clock.now());
         status::revalidation(s, age, &shared.rules)
@@ -249,12 +253,6 @@ where
         _ => {}
     }
     result
-}
-
-/// A GET without `Range`: the only request whose response may replace
-/// (or evict) what is stored for everybody.
-fn plain_get(method: &Method, headers: &HeaderMap) -> bool {
-    method == Method::GET && !headers.contains_key(header::RANGE)
 }
 
 /// Whether a response says by itself that it is per-user (`private`,
@@ -478,7 +476,7 @@ where
             // goes too.
             (Err(_), _) => {
                 shared.stats.incr(Kind::NotStored);
-                if plain_get(&method, &client_headers) {
+                if super::range::plain_get(&method, &client_headers) {
                     shared.forget(key);
                 }
                 None
@@ -522,7 +520,7 @@ where
         // response for everybody.
         if let Some(stored) = &stale
             && res.status().is_success()
-            && plain_get(&method, &client_headers)
+            && super::range::plain_get(&method, &client_headers)
             && per_user(shared, stored, res.status(), res.headers(), &cc)
         {
             shared.forget(key);
@@ -563,7 +561,10 @@ where
     if cookie_trailer && rules.shared && !rules.share_set_cookie {
         // A `Set-Cookie` is per user wherever it is written.
         shared.stats.incr(Kind::NotStored);
-        if stale.is_some() && res_parts.status.is_success() && plain_get(&method, &client_headers) {
+        if stale.is_some()
+            && res_parts.status.is_success()
+            && super::range::plain_get(&method, &client_headers)
+        {
             shared.forget(key);
         }
         let body = CacheBody::full(data, trailers);

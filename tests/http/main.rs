@@ -7,6 +7,7 @@ mod cache_status;
 mod common;
 mod parser;
 mod proxy;
+mod range;
 mod rfc9111;
 mod sharing;
 mod tags;
@@ -346,6 +347,7 @@ fn origin_app(origin: Arc<Origin>) -> Router {
         )
         .merge(sharing::routes())
         .merge(targeted::routes())
+        .merge(range::routes())
         .with_state(origin)
 }
 

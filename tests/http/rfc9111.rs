@@ -600,3 +600,34 @@ async fn custom_key_sorts_the_query_adds_a_device_and_unsafe_methods_reach_every
     // not cached (checked by the default key before the function runs).
     let _ = &r.layer;
 }
+
+#[tokio::test]
+async fn rfc9213_3_the_targeted_field_never_leaves_on_any_answer() {
+    let r = rig(|b| b).await;
+    let t = "/tf?h=cdn-cache-control:max-age%3D60&etag=%22e%22";
+    let first = r.get(t).await;
+    assert!(first.headers.get("cdn-cache-control").is_none(), "miss");
+    for (label, headers) in [
+        ("hit", vec![]),
+        ("206", vec![("range", "bytes=0-1")]),
+        ("416", vec![("range", "bytes=100000-")]),
+        ("304", vec![("if-none-match", "\"e\"")]),
+    ] {
+        let got = r.send(Method::GET, t, &headers).await;
+        assert!(
+            got.headers.get("cdn-cache-control").is_none(),
+            "{label} ({}) carried the targeted field",
+            got.status
+        );
+    }
+    let head = r.send(Method::HEAD, t, &[]).await;
+    assert!(head.headers.get("cdn-cache-control").is_none(), "HEAD");
+    assert_eq!(r.calls(t), 1);
+    // Stale and revalidated: the merged answer strips it too.
+    r.advance(61);
+    let revalidated = r.send(Method::GET, t, &[("range", "bytes=0-1")]).await;
+    assert!(
+        revalidated.headers.get("cdn-cache-control").is_none(),
+        "revalidated 206"
+    );
+}

@@ -358,3 +358,24 @@ async fn a_response_varying_on_credentials_stays_off_the_shared_tier() {
         .unwrap();
     assert!(keys.is_empty(), "{keys:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_is_answered_from_the_shared_tier() {
+    let redis = LocalRedis::start().unwrap();
+    let routes = routes(&[("/file", vec![("cache-control", "max-age=600")])]);
+    let a = instance(&redis, "http-range", "A", &routes).await;
+    let b = instance(&redis, "http-range", "B", &routes).await;
+    let (_, _, body) = call(&a, "/file", &[]).await;
+    assert_eq!(body, "/file from A #1 for anon in -");
+    let (status, headers, body) = call(&b, "/file", &[("range", "bytes=6-9")]).await;
+    assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(body, "from", "a slice of A's response");
+    assert_eq!(headers["content-range"], "bytes 6-9/29");
+    let cache_status = headers["cache-status"].to_str().unwrap();
+    assert!(cache_status.contains("detail=l2"), "{cache_status}");
+    assert_eq!(b.calls.total(), 0, "B's origin not called");
+    let (status, headers, _) = call(&b, "/file", &[("range", "bytes=29-")]).await;
+    assert_eq!(status, StatusCode::RANGE_NOT_SATISFIABLE, "then an L1 hit");
+    assert_eq!(headers["content-range"], "bytes */29");
+    assert_eq!(b.calls.total(), 0);
+}
