@@ -26,7 +26,10 @@ pub enum Invalidation<K> {
 /// need no runtime (a shared tier queues them and sends them from its own
 /// task). With a version (the
 /// LSN of the write), fills stamped below it are kept out as well, even if
-/// they start later (a lagging replica cannot put the old row back).
+/// they start later (a lagging replica cannot put the old row back), and
+/// entries and fills stamped at or above it are left alone: they already
+/// reflect the write (so a change feed's invalidation arriving after a
+/// read of the new row does not throw that read away).
 ///
 /// ```
 /// # use tower_scale::cache::CacheLayer;

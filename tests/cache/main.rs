@@ -520,6 +520,65 @@ async fn a_fill_older_than_the_last_invalidation_is_served_but_not_stored() {
 }
 
 #[tokio::test]
+async fn an_entry_stamped_at_or_above_an_invalidation_version_survives_it() {
+    // A change feed's invalidation can arrive after a read of the changed
+    // row was stored: an entry that reflects the change stays; one below it,
+    // and any entry after an invalidation without a version, goes.
+    let origin = Origin::new();
+    let version = Arc::new(std::sync::atomic::AtomicU64::new(120));
+    let (clock, _) = Clock::mock();
+    let layer = CacheLayer::builder(Versioned {
+        version: version.clone(),
+    })
+    .clock(clock)
+    .build()
+    .unwrap();
+    let inv = layer.invalidator();
+    let origin_by_pair = tower::service_fn({
+        let origin = origin.clone();
+        move |(k, _): (u64, u64)| origin.clone().oneshot(k)
+    });
+    let mut svc = ServiceBuilder::new().layer(layer).service(origin_by_pair);
+    async fn get<S>(svc: &mut S) -> String
+    where
+        S: Service<(u64, u64), Response = Resp>,
+        S::Error: std::fmt::Debug,
+    {
+        svc.ready()
+            .await
+            .unwrap()
+            .call((7, 0))
+            .await
+            .unwrap()
+            .as_str()
+            .to_string()
+    }
+    assert_eq!(get(&mut svc).await, "7#1");
+    inv.invalidate_tag_at("user:7", 100);
+    assert_eq!(
+        get(&mut svc).await,
+        "7#1",
+        "stamped 120, the change at 100: kept"
+    );
+    inv.invalidate_tag_at("user:7", 130);
+    assert_eq!(
+        get(&mut svc).await,
+        "7#2",
+        "a change at 130 is not in it: gone"
+    );
+    version.store(200, Ordering::SeqCst);
+    assert_eq!(get(&mut svc).await, "7#3");
+    inv.invalidate_tag_at("user:7", 150);
+    assert_eq!(
+        get(&mut svc).await,
+        "7#3",
+        "stamped 200 reflects 130 and 150"
+    );
+    inv.invalidate_tag("user:7");
+    assert_eq!(get(&mut svc).await, "7#4", "no version: always gone");
+}
+
+#[tokio::test]
 async fn a_request_skips_entries_older_than_its_minimum_version() {
     let origin = Origin::new();
     let version = Arc::new(std::sync::atomic::AtomicU64::new(10));

@@ -41,21 +41,58 @@ use crate::cache::{Invalidation, Tag};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Mark {
-    /// Sequence number of the invalidation.
+    /// Sequence number of the newest invalidation.
     seq: u64,
     /// Highest version invalidated (0 when none was given).
     version: u64,
+    /// Sequence number of the newest invalidation given without a version.
+    plain_seq: u64,
 }
 
 impl Mark {
+    /// Whether this mark keeps out (or invalidates) a fill that began at
+    /// `fill_seq`, stamped `version`.
+    ///
+    /// A fill stamped at or above every version this mark was given
+    /// already reflects the changes those invalidations were about: only
+    /// an invalidation without a version since its start touches it (so a
+    /// change feed's late invalidation of a row does not throw away an
+    /// entry read after the change). Any other fill is touched by every
+    /// invalidation since its start, and kept out when stamped below the
+    /// version.
     #[inline]
     fn blocks(&self, fill_seq: u64, version: Option<u64>) -> bool {
-        self.seq > fill_seq || version.is_some_and(|v| self.version > v)
+        match version {
+            Some(v) if self.version > 0 && v >= self.version => self.plain_seq > fill_seq,
+            Some(v) => self.seq > fill_seq || self.version > v,
+            None => self.seq > fill_seq,
+        }
+    }
+
+    /// Whether this mark invalidates a stored entry that was filled at
+    /// `fill_seq`, stamped `version` (its stamp was checked against the
+    /// versions when it was stored): an invalidation since its fill began,
+    /// unless the entry already reflects every version this mark was given.
+    #[inline]
+    fn touches(&self, fill_seq: u64, version: Option<u64>) -> bool {
+        match version {
+            Some(v) if self.version > 0 && v >= self.version => self.plain_seq > fill_seq,
+            _ => self.seq > fill_seq,
+        }
     }
 
     fn merge(&mut self, seq: u64, version: u64) {
         self.seq = self.seq.max(seq);
         self.version = self.version.max(version);
+        if version == 0 {
+            self.plain_seq = self.plain_seq.max(seq);
+        }
+    }
+
+    fn absorb(&mut self, other: &Mark) {
+        self.seq = self.seq.max(other.seq);
+        self.version = self.version.max(other.version);
+        self.plain_seq = self.plain_seq.max(other.plain_seq);
     }
 }
 
@@ -116,7 +153,7 @@ impl<K: Hash + Eq + Clone> InvalidationLog<K> {
         marks.keys.entry(key).or_default().merge(seq, version);
         if marks.keys.len() > self.max_marks {
             let floor = fold_oldest_half(&mut marks.keys, self.max_marks);
-            marks.key_floor.merge(floor.seq, floor.version);
+            marks.key_floor.absorb(&floor);
         }
         seq
     }
@@ -129,7 +166,7 @@ impl<K: Hash + Eq + Clone> InvalidationLog<K> {
         self.tag_seq.store(seq, Ordering::SeqCst);
         if marks.tags.len() > self.max_marks {
             let floor = fold_oldest_half(&mut marks.tags, self.max_marks);
-            marks.tag_floor.merge(floor.seq, floor.version);
+            marks.tag_floor.absorb(&floor);
         }
         seq
     }
@@ -254,13 +291,14 @@ impl<K: Hash + Eq + Clone> InvalidationLog<K> {
             return false;
         }
         let marks = self.read();
-        if marks.tag_floor.seq > fill {
+        let version = entry.version();
+        if marks.tag_floor.touches(fill, version) {
             return false;
         }
         if entry
             .tags
             .iter()
-            .any(|t| marks.tags.get(t).is_some_and(|m| m.seq > fill))
+            .any(|t| marks.tags.get(t).is_some_and(|m| m.touches(fill, version)))
         {
             return false;
         }
@@ -286,7 +324,7 @@ fn fold_oldest_half<Q: Hash + Eq, S: std::hash::BuildHasher + Clone>(
     let mut kept = HashMap::with_capacity_and_hasher(max_marks + 1, marks.hasher().clone());
     for (key, m) in marks.drain() {
         if m.seq <= cut {
-            floor.merge(m.seq, m.version);
+            floor.absorb(&m);
         } else {
             kept.insert(key, m);
         }
