@@ -12,10 +12,9 @@ use super::service::HttpCache;
 use super::stand_in::DEFAULT_MAX_STALE_IF_UNREACHABLE;
 use super::state::{HttpShared, StoreKind};
 use super::stored::StoredVariants;
-use crate::cache::engine::log::InvalidateTarget;
 use crate::cache::remote::{AttachRemote, RemoteLink, RemoteTier, sealed};
 use crate::cache::{CacheStats, Clock};
-use crate::cache::{Invalidation, Invalidator};
+use crate::cache::Invalidator;
 use crate::error::ConfigError;
 
 /// An RFC 9111 HTTP cache as a Tower layer: [`HttpCache`].
@@ -82,10 +81,12 @@ impl HttpCacheLayer {
 
     /// Removes the stored responses for a target URI
     /// (`scheme://authority/path?query`), here and, with a shared tier, on
-    /// every instance. The same as `invalidator().invalidate_key(uri)`.
+    /// every instance. The same as `invalidator().invalidate_key(uri)`,
+    /// and with a [custom key](HttpCacheLayerBuilder::cache_key) also
+    /// every entry whose key adds parts to `uri` (`uri` spelled as the key
+    /// function normalises it).
     pub fn invalidate(&self, uri: &str) {
-        self.shared
-            .invalidate(Invalidation::Key(uri.to_string()), 0);
+        self.shared.invalidate_url(uri);
     }
 
     /// A handle to invalidate stored responses: by key (the cache key,

@@ -61,7 +61,9 @@ impl<S> HttpCache<S> {
 
     /// Removes the stored responses for a target URI
     /// (`scheme://authority/path?query`), here and, with a shared tier, on
-    /// every instance. The same as `invalidator().invalidate_key(uri)`.
+    /// every instance. The same as `invalidator().invalidate_key(uri)`,
+    /// and with a [custom key](super::HttpCacheLayerBuilder::cache_key)
+    /// also every entry whose key adds parts to `uri`.
     pub fn invalidate(&self, uri: &str) {
         self.shared.invalidate_url(uri);
     }

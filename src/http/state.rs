@@ -386,6 +386,7 @@ impl HttpShared {
             .iter()
             .flat_map(|s| s.tags.iter().cloned())
             .chain(found.tags.iter().cloned())
+            .chain(super::custom_key::base_of(key.key()).map(Tag::from))
             .collect();
         tags.sort_unstable();
         tags.dedup();
@@ -411,7 +412,11 @@ impl HttpShared {
     /// keeps one variant per URL (the last one filled); others fill on
     /// their own. A variant that varies on credentials (`Authorization`,
     /// `Proxy-Authorization`, `Cookie`) is not shared: `None`.
-    pub(crate) fn remote_entry(&self, entry: &HttpEntry) -> Option<RemoteEntry<StoredVariants>> {
+    pub(crate) fn remote_entry(
+        &self,
+        key: &str,
+        entry: &HttpEntry,
+    ) -> Option<RemoteEntry<StoredVariants>> {
         let fetched = entry.response()?.0.first()?;
         // A response that varies on credentials stays here: its `Vary`
         // values would be written to Redis in the clear.
@@ -433,6 +438,11 @@ impl HttpShared {
         remote.stale_while_revalidate = secs(fetched.cc.stale_while_revalidate);
         remote.stale_if_error = secs(fetched.cc.stale_if_error);
         remote.tags = fetched.tags.to_vec();
+        // A custom key with parts: its URL too, so that invalidating the
+        // URL on any instance reaches this value in the tier.
+        if let Some(url) = super::custom_key::base_of(key) {
+            remote.tags.push(Tag::from(url));
+        }
         remote.version = fetched.stamp;
         Some(remote)
     }

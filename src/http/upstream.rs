@@ -244,7 +244,7 @@ where
     let mut result = fetch(shared, svc, req, key, stale, answers_client).await;
     status::note_stored(&shared.config, &mut result);
     let shared_entry = match &result {
-        Ok((_, Some(entry))) => shared.remote_entry(entry),
+        Ok((_, Some(entry))) => shared.remote_entry(key.key(), entry),
         _ => None,
     };
     match (shared_entry, lease) {

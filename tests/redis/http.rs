@@ -86,7 +86,19 @@ async fn instance(
     name: &'static str,
     routes: &Routes,
 ) -> Instance {
-    let layer = HttpCacheLayer::builder().build().unwrap();
+    instance_with(redis, prefix, name, routes, |b| b).await
+}
+
+async fn instance_with(
+    redis: &LocalRedis,
+    prefix: &str,
+    name: &'static str,
+    routes: &Routes,
+    configure: impl FnOnce(
+        tower_scale::http::HttpCacheLayerBuilder,
+    ) -> tower_scale::http::HttpCacheLayerBuilder,
+) -> Instance {
+    let layer = configure(HttpCacheLayer::builder()).build().unwrap();
     let tier = builder(redis.url())
         .prefix(prefix)
         .timeout(Duration::from_millis(500))
@@ -378,4 +390,39 @@ async fn a_range_is_answered_from_the_shared_tier() {
     assert_eq!(status, StatusCode::RANGE_NOT_SATISFIABLE, "then an L1 hit");
     assert_eq!(headers["content-range"], "bytes */29");
     assert_eq!(b.calls.total(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_key_with_parts_is_invalidated_by_its_url_on_every_tier() {
+    let redis = LocalRedis::start().unwrap();
+    let routes = routes(&[("/p", vec![("cache-control", "max-age=600")])]);
+    let device = |b: tower_scale::http::HttpCacheLayerBuilder| {
+        b.cache_key(|_req, key| {
+            key.push("device", "desktop");
+            true
+        })
+    };
+    let a = instance_with(&redis, "http-ck", "A", &routes, device).await;
+    let b = instance_with(&redis, "http-ck", "B", &routes, device).await;
+    let (_, _, body) = call(&a, "/p", &[]).await;
+    assert_eq!(body, "/p from A #1 for anon in -");
+    let (_, _, body) = call(&b, "/p", &[]).await;
+    assert_eq!(body, "/p from A #1 for anon in -", "an L2 hit on B");
+    assert_eq!(b.calls.total(), 0);
+    let before = b.layer.stats().invalidations;
+    a.layer.invalidate("http://a.test/p");
+    assert!(a.tier.flush(Duration::from_secs(5)).await);
+    until("B applied it", Duration::from_secs(10), || {
+        b.layer.stats().invalidations > before
+    })
+    .await;
+    let (_, _, body) = call(&b, "/p", &[]).await;
+    assert_eq!(body, "/p from B #1 for anon in -", "not B's L1, not L2");
+    // A new instance reads nothing old from the tier either.
+    let c = instance_with(&redis, "http-ck", "C", &routes, device).await;
+    let (_, _, body) = call(&c, "/p", &[]).await;
+    assert!(
+        !body.contains("from A"),
+        "the invalidated value came back from Redis: {body}"
+    );
 }
