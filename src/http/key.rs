@@ -115,6 +115,21 @@ impl HttpShared {
         }
     }
 
+    /// `url` (a key without parts) as the custom key function normalises
+    /// its path and query (unchanged without one).
+    pub(crate) fn normalise_url(&self, url: String) -> String {
+        if self.config.custom_key.is_none() {
+            return url;
+        }
+        match http::Request::get(url.as_str()).body(()) {
+            Ok(req) => {
+                let (parts, ()) = req.into_parts();
+                self.normalised(&parts, url)
+            }
+            Err(_) => url,
+        }
+    }
+
     pub(crate) fn scheme<'a>(&'a self, parts: &'a http::request::Parts) -> &'a str {
         parts
             .uri

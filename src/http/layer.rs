@@ -12,9 +12,9 @@ use super::service::HttpCache;
 use super::stand_in::DEFAULT_MAX_STALE_IF_UNREACHABLE;
 use super::state::{HttpShared, StoreKind};
 use super::stored::StoredVariants;
+use crate::cache::Invalidator;
 use crate::cache::remote::{AttachRemote, RemoteLink, RemoteTier, sealed};
 use crate::cache::{CacheStats, Clock};
-use crate::cache::Invalidator;
 use crate::error::ConfigError;
 
 /// An RFC 9111 HTTP cache as a Tower layer: [`HttpCache`].

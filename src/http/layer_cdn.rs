@@ -81,6 +81,10 @@ impl HttpCacheLayerBuilder {
     /// entries carry their URL as a tag: to invalidate a URL yourself, use
     /// [`HttpCache::invalidate`](super::HttpCache::invalidate) or
     /// invalidate that tag, not the key, which has the parts added).
+    /// Parts taken from request headers belong in
+    /// [`push`](super::KeyParts::push), not in the path: an unsafe method
+    /// invalidates the path its own headers give, so a path rewritten from
+    /// headers would leave the other rewrites stored.
     pub fn cache_key(
         mut self,
         f: impl Fn(&http::request::Parts, &mut super::KeyParts) -> bool + Send + Sync + 'static,

@@ -51,7 +51,8 @@
 //!   a `206 Partial Content` whose body is that slice of the stored body
 //!   (`Content-Range`, `Content-Length` of the slice, trailers dropped),
 //!   or a `416` with `Content-Range: bytes */len` when no byte of it
-//!   exists; a `HEAD` gets the same headers. `If-Range` applies the range
+//!   exists; only a GET has ranges (a `HEAD` with `Range` gets the full
+//!   `200`'s headers, §14.2). `If-Range` applies the range
 //!   only when it names the stored strong `ETag`, or its `Last-Modified`
 //!   when that is a strong validator (`Date` at least 60 s later);
 //!   otherwise the whole `200` is sent. A `Range` the cache cannot read
@@ -83,13 +84,13 @@
 //!
 //! | section | requirement | here |
 //! |---|---|---|
-//! | 9111 §3 | store only GET (a method it understands), final responses (never 1xx), with freshness or a validator | yes |
+//! | 9111 §3 | store only GET (a method it understands), final responses (never 1xx) | yes; a response needs explicit or heuristic freshness (one with only a validator is not stored) |
 //! | 9111 §3.1 | do not store connection-specific fields | yes |
 //! | 9111 §3.2 | update stored fields from a 304 | yes |
 //! | 9111 §3.3 | incomplete responses | not stored (a body that fails or exceeds `max_body` streams through) |
 //! | 9111 §3.4 | combining partial content | no: a 206 is never stored |
 //! | 9111 §3.5 | `Authorization` only with `public`, `s-maxage`, `must-revalidate` | yes |
-//! | 9111 §4 | another target URI never answered | yes |
+//! | 9111 §4 | another target URI never answered | yes (with a custom key, the target as the key function normalises it) |
 //! | 9111 §4.1 | `Vary` selects; `Vary: *` never matches | yes |
 //! | 9111 §4.2 | stale not reused without validation (unless allowed) | yes |
 //! | 9111 §4.2.1 | `s-maxage` > `max-age` > `Expires` | yes |
@@ -232,6 +233,14 @@
 //! 5. **Unkeyed inputs are the origin's to declare**: see
 //!    [the key](#the-key).
 //!
+//! A targeted field (RFC 9213, `CDN-Cache-Control`) is the origin speaking
+//! to this cache in place of `Cache-Control`: `CDN-Cache-Control:
+//! max-age=60` makes a response with `Cache-Control: private` storable
+//! here, as the RFC means; `Set-Cookie`, `Authorization` (whose sharing
+//! then needs `public`, `s-maxage` or `must-revalidate` in the targeted
+//! field), `Vary` and the 304 rules are unchanged. An origin whose
+//! responses are per-user must not send one.
+//!
 //! A private cache ([`HttpCacheLayerBuilder::private`]) is one user's and
 //! stores `private` responses; [`HttpCacheLayerBuilder::share_set_cookie`]
 //! shares `Set-Cookie` responses, a 304's included. Use neither in front
@@ -311,6 +320,7 @@ mod stand_in;
 mod state;
 mod status;
 mod stored;
+mod unsafe_method;
 mod upstream;
 
 pub use self::body::CacheBody;

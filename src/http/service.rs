@@ -19,7 +19,8 @@ use super::range::{self, Requested};
 use super::state::HttpShared;
 use super::status::{self, Fwd};
 use super::stored::respond_hit;
-use super::upstream::{miss, pass, unsafe_method, upstream};
+use super::unsafe_method::unsafe_method;
+use super::upstream::{miss, pass, upstream};
 use crate::cache::Invalidator;
 use crate::cache::engine::stats::Kind;
 use crate::cache::{CacheStats, Store};
@@ -136,7 +137,12 @@ where
             });
         }
         // Several ranges are the origin's to answer (and never stored).
-        let (range, multi) = match range::requested(&parts.headers) {
+        // Only a GET has ranges (RFC 9110 §14.2: ignored for other
+        // methods, HEAD included).
+        let requested = (parts.method == Method::GET)
+            .then(|| range::requested(&parts.headers))
+            .flatten();
+        let (range, multi) = match requested {
             Some(Requested::Single(spec)) => (Some(spec), false),
             Some(Requested::Multi) => (None, true),
             None => (None, false),

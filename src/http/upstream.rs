@@ -15,7 +15,6 @@ use super::body::{Buffered, CacheBody, buffer};
 use super::cache_control::{RequestDirectives, ResponseDirectives};
 use super::config::covers;
 use super::freshness::{self, NotStored, Usable};
-use super::key::same_origin;
 use super::stand_in::{self, Failure, UpstreamUnreachable};
 use super::state::HttpShared;
 use super::status::{self, Detail, Fwd, Status};
@@ -49,40 +48,6 @@ where
 {
     let mut res = svc.oneshot(req).await?;
     strip_tags(shared, res.headers_mut());
-    Ok(res.map(CacheBody::stream))
-}
-
-/// POST, PUT, PATCH, DELETE...: forwarded; on success, the target URI and
-/// a same-origin `Location` / `Content-Location` are invalidated.
-pub(crate) async fn unsafe_method<S, ReqBody, ResBody>(
-    shared: Arc<HttpShared>,
-    svc: S,
-    req: Request<ReqBody>,
-) -> Result<Response<CacheBody<ResBody>>, S::Error>
-where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: Body<Data = Bytes>,
-{
-    let (parts, body) = req.into_parts();
-    let targets = shared.invalidation_keys(&parts);
-    let mut res = svc.oneshot(Request::from_parts(parts, body)).await?;
-    if res.status().is_success() || res.status().is_redirection() {
-        for target in &targets {
-            shared.invalidate_url(target);
-            let Ok(base) = target.parse::<http::Uri>() else {
-                continue;
-            };
-            for name in [header::LOCATION, header::CONTENT_LOCATION] {
-                let Some(loc) = res.headers().get(&name).and_then(|v| v.to_str().ok()) else {
-                    continue;
-                };
-                if let Some(key) = same_origin(&base, loc) {
-                    shared.invalidate_url(&key);
-                }
-            }
-        }
-    }
-    strip_tags(&shared, res.headers_mut());
     Ok(res.map(CacheBody::stream))
 }
 

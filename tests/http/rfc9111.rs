@@ -631,3 +631,84 @@ async fn rfc9213_3_the_targeted_field_never_leaves_on_any_answer() {
         "revalidated 206"
     );
 }
+
+#[tokio::test]
+async fn rfc9110_14_2_head_ignores_range() {
+    let r = rig(|b| b).await;
+    let t = "/hr?h=cache-control:max-age%3D60";
+    r.get(t).await;
+    let head = r.send(Method::HEAD, t, &[("range", "bytes=999999-")]).await;
+    assert_eq!(head.status, 200, "a HEAD never gets a 206 or 416");
+}
+
+#[tokio::test]
+async fn rfc9111_4_4_a_write_whose_outcome_is_unknown_invalidates_its_target() {
+    // The inner service fails (a timeout, a reset after the request went
+    // out): the write may have happened, so the stored response goes.
+    use tower::{Service, ServiceExt};
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let layer = HttpCacheLayer::builder().build().unwrap();
+    let (f, c) = (Arc::clone(&fail), Arc::clone(&calls));
+    let mut svc = tower::Layer::layer(
+        &layer,
+        tower::service_fn(move |req: Request<Full<Bytes>>| {
+            let n = c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let failing =
+                f.load(std::sync::atomic::Ordering::SeqCst) && req.method() == Method::PUT;
+            async move {
+                if failing {
+                    return Err("timed out");
+                }
+                let mut res = Response::new(Full::new(Bytes::from(format!("v{n}"))));
+                res.headers_mut()
+                    .insert("cache-control", HeaderValue::from_static("max-age=60"));
+                Ok(res)
+            }
+        }),
+    );
+    let req = |m: Method| {
+        Request::builder()
+            .method(m)
+            .uri("http://a.test/doc")
+            .header("host", "a.test")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    async fn body<B>(res: Response<B>) -> String
+    where
+        B: http_body::Body,
+        B::Error: std::fmt::Debug,
+    {
+        String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    }
+    let first = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(req(Method::GET))
+        .await
+        .unwrap();
+    assert_eq!(body(first).await, "v0");
+    fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        svc.ready()
+            .await
+            .unwrap()
+            .call(req(Method::PUT))
+            .await
+            .is_err()
+    );
+    let after = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(req(Method::GET))
+        .await
+        .unwrap();
+    assert_eq!(
+        body(after).await,
+        "v2",
+        "the stored response survived a write of unknown outcome"
+    );
+}
