@@ -193,34 +193,46 @@ fn if_range_matches(stored: &Stored, headers: &HeaderMap) -> bool {
 /// allocation of the exact size.
 fn content_range(range: Option<&Range<usize>>, len: usize) -> HeaderValue {
     let mut text = Digits::default();
-    text.push(b"bytes ");
-    match range {
-        Some(range) => {
-            text.int(range.start);
-            text.push(b"-");
-            text.int(range.end - 1);
-        }
-        None => text.push(b"*"),
-    }
-    text.push(b"/");
-    text.int(len);
-    HeaderValue::from_maybe_shared(Bytes::copy_from_slice(text.as_slice()))
+    text.content_range(range, len);
+    HeaderValue::from_maybe_shared(Bytes::copy_from_slice(text.as_ref()))
         .expect("digits, spaces, '-', '*' and '/'")
 }
 
-/// A buffer for a `Content-Range` value: `bytes `, three numbers of at
-/// most 20 digits and two separators.
+/// The `Content-Range` and `Content-Length` values of a `206` for `range`
+/// of a `len`-byte body: both written into one buffer, which becomes one
+/// allocation ([`Bytes::from_owner`]) the two values are slices of.
+pub(crate) fn partial_values(range: &Range<usize>, len: usize) -> (HeaderValue, HeaderValue) {
+    let mut text = Digits::default();
+    text.content_range(Some(range), len);
+    let split = text.len;
+    text.int(range.len());
+    let both = Bytes::from_owner(text);
+    let value = |bytes: Bytes| {
+        HeaderValue::from_maybe_shared(bytes).expect("digits, spaces, '-', '*' and '/'")
+    };
+    (value(both.slice(..split)), value(both.slice(split..)))
+}
+
+/// A buffer for a `Content-Range` value (`bytes `, three numbers of at
+/// most 20 digits and two separators) and a `Content-Length` one (at most
+/// 20 digits).
 struct Digits {
-    buf: [u8; 72],
+    buf: [u8; 96],
     len: usize,
 }
 
 impl Default for Digits {
     fn default() -> Self {
         Self {
-            buf: [0; 72],
+            buf: [0; 96],
             len: 0,
         }
+    }
+}
+
+impl AsRef<[u8]> for Digits {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
 }
 
@@ -228,6 +240,20 @@ impl Digits {
     fn push(&mut self, bytes: &[u8]) {
         self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
         self.len += bytes.len();
+    }
+
+    fn content_range(&mut self, range: Option<&Range<usize>>, len: usize) {
+        self.push(b"bytes ");
+        match range {
+            Some(range) => {
+                self.int(range.start);
+                self.push(b"-");
+                self.int(range.end - 1);
+            }
+            None => self.push(b"*"),
+        }
+        self.push(b"/");
+        self.int(len);
     }
 
     fn int(&mut self, n: usize) {
@@ -244,18 +270,15 @@ impl Digits {
         }
         self.push(&digits[at..]);
     }
-
-    fn as_slice(&self) -> &[u8] {
-        &self.buf[..self.len]
-    }
 }
 
 /// Turns `headers` (a stored response's, with `Age` and any status entry)
 /// into a `206`'s for `range` of a `len`-byte body.
 pub(crate) fn partial_headers(headers: &mut HeaderMap, range: &Range<usize>, len: usize) {
+    let (content_range, content_length) = partial_values(range, len);
     // `try_insert`: a map at its size limit is left as it is, never a panic.
-    let _ = headers.try_insert(header::CONTENT_RANGE, content_range(Some(range), len));
-    let _ = headers.try_insert(header::CONTENT_LENGTH, HeaderValue::from(range.len()));
+    let _ = headers.try_insert(header::CONTENT_RANGE, content_range);
+    let _ = headers.try_insert(header::CONTENT_LENGTH, content_length);
 }
 
 /// The `206` for `range` of `stored`: `headers` as made by
@@ -366,5 +389,15 @@ mod tests {
             format!("bytes 10-{}/{}", usize::MAX - 1, usize::MAX)
         );
         assert_eq!(content_range(None, 1000), "bytes */1000");
+    }
+
+    #[test]
+    fn partial_values_are_written_exactly() {
+        let (range, length) = partial_values(&(8192..12288), 65536);
+        assert_eq!(range, "bytes 8192-12287/65536");
+        assert_eq!(length, "4096");
+        let (range, length) = partial_values(&(0..usize::MAX), usize::MAX);
+        assert_eq!(range, format!("bytes 0-{}/{}", usize::MAX - 1, usize::MAX));
+        assert_eq!(length, usize::MAX.to_string());
     }
 }

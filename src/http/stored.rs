@@ -3,7 +3,8 @@
 //! ([`StoredVariants`]), and how a stored response is answered.
 
 use std::fmt;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::ops::Range;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -57,11 +58,12 @@ struct HitHeaders {
     /// The cache name the status entry was built with (`None`: off).
     name: Option<Bytes>,
     headers: HeaderMap,
-    /// `headers` with `Content-Range` and `Content-Length` entries, for
-    /// `206`s: made on the second's first range hit; each range hit
-    /// clones it and replaces the two values (no entry added, so the
-    /// clone never grows).
-    partial: OnceLock<HeaderMap>,
+    /// The last `206`'s headers (`headers` with `Content-Range` and
+    /// `Content-Length`) and the range they are for: a hit on the same
+    /// range in the same second clones them, as a full hit clones
+    /// `headers`; another range clones them and replaces the two values
+    /// (no entry added, so the map never grows), then keeps its own.
+    partial: RwLock<Option<(Range<usize>, HeaderMap)>>,
 }
 
 impl HitHead {
@@ -79,18 +81,18 @@ impl HitHead {
         config: &HttpConfig,
         stored: &Stored,
         age: Duration,
-        range: &std::ops::Range<usize>,
+        range: &Range<usize>,
     ) -> HeaderMap {
         let kept = self.kept(config, stored, age);
-        let mut headers = kept
-            .partial
-            .get_or_init(|| {
-                let mut headers = kept.headers.clone();
-                range::partial_headers(&mut headers, &(0..1), 1);
-                headers
-            })
-            .clone();
+        let mut headers = match &*crate::sync::read(&kept.partial) {
+            Some((last, headers)) if last == range => return headers.clone(),
+            Some((_, headers)) => headers.clone(),
+            None => kept.headers.clone(),
+        };
         range::partial_headers(&mut headers, range, stored.body.len());
+        if let Ok(mut slot) = kept.partial.try_write() {
+            *slot = Some((range.clone(), headers.clone()));
+        }
         headers
     }
 
@@ -129,7 +131,7 @@ impl HitHead {
             age_secs,
             name: config.cache_status.clone(),
             headers,
-            partial: OnceLock::new(),
+            partial: RwLock::new(None),
         });
         if let Ok(mut slot) = self.0.try_write() {
             *slot = Some(Arc::clone(&built));

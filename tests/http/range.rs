@@ -188,6 +188,30 @@ async fn rfc9110_14_1_2_byte_ranges_are_slices_of_the_stored_body() {
     assert_eq!(s.origin.count("/r/body"), 1, "every range from the cache");
 }
 
+/// The cache keeps the last range's `206` headers per variant: a repeated
+/// range, and one asked for between two others, each get their own.
+#[tokio::test]
+async fn rfc9110_14_1_2_repeated_and_alternating_ranges_get_their_own_headers() {
+    let s = filled("/r/body").await;
+    let cases = [
+        ("bytes=0-99", 0..100),
+        ("bytes=0-99", 0..100),
+        ("bytes=100-", 100..LEN),
+        ("bytes=0-99", 0..100),
+        ("bytes=-300", 700..LEN),
+        ("bytes=-300", 700..LEN),
+        ("bytes=0-99", 0..100),
+    ];
+    for (range, slice) in cases {
+        let got = s.get("/r/body", &[("range", range)]).await;
+        assert_slice(&got, slice, range);
+        let full = s.get("/r/body", &[]).await;
+        assert_eq!(full.status, 200, "{range}: the full hit between");
+        assert!(!full.headers.contains_key("content-range"), "{range}");
+    }
+    assert_eq!(s.origin.count("/r/body"), 1, "every range from the cache");
+}
+
 #[tokio::test]
 async fn rfc9110_15_5_17_an_unsatisfiable_range_gets_416_with_the_length() {
     let s = filled("/r/body").await;
