@@ -119,13 +119,15 @@ impl Shared {
     }
 
     /// Invalidates everything in every cache (from `version` on, when
-    /// given).
-    pub(super) fn flush(&self, version: Option<u64>) {
+    /// given); counted as a flush unless it repeats one this session made.
+    pub(super) fn flush(&self, version: Option<u64>, count: bool) {
         for sink in &self.sinks {
             sink.invalidate_all_at(version);
         }
-        self.metrics.flushes.increment(1);
-        self.update(|s| s.flushes += 1);
+        if count {
+            self.metrics.flushes.increment(1);
+            self.update(|s| s.flushes += 1);
+        }
     }
 
     /// Invalidates one committed transaction's tags at `version`.
@@ -439,7 +441,7 @@ async fn session(
             setup::mark_pending(client, &shared.publication, &slot, false, t).await?;
         }
         uncertain.store(false, std::sync::atomic::Ordering::Release);
-        shared.flush(version);
+        shared.flush(version, true);
     }
     client
         .start()
@@ -455,7 +457,7 @@ async fn session(
         s.takeovers += 1;
         s.last_error = None;
     });
-    super::stream::stream(shared, client, idx).await
+    super::stream::stream(shared, client, idx, lost.is_some()).await
 }
 
 /// Whether another session holds the lease, asked through the cluster's

@@ -29,10 +29,13 @@ const UNHEALTHY_GRACE: Duration = Duration::from_secs(3);
 type Confirming = Option<(u64, Pin<Box<dyn Future<Output = bool> + Send>>)>;
 
 /// Streams until stopped, broken or moved.
+/// `flushed`: this session already flushed for the slot it made, so the
+/// flush message it wrote is applied again but not counted again.
 pub(super) async fn stream(
     shared: &Shared,
     client: &mut ReplicationClient,
     idx: usize,
+    mut flushed: bool,
 ) -> Result<Ended, FeedError> {
     let mut decoder = Decoder::new(shared.row_limit);
     let mut in_transaction = false;
@@ -132,7 +135,8 @@ pub(super) async fn stream(
                             && content.as_ref() == shared.slot.as_bytes()
                             && !in_transaction =>
                     {
-                        shared.flush(Some(lsn.as_u64()));
+                        shared.flush(Some(lsn.as_u64()), !flushed);
+                        flushed = false;
                         applied = applied.max(lsn.as_u64());
                         shared.update(|s| s.applied = Some(Lsn(applied)));
                     }
