@@ -78,6 +78,7 @@
 //! | `moka` (default) | the L1 store on `moka::sync::Cache` |
 //! | `quick-cache` | the L1 store on `quick_cache` (S3-FIFO) |
 //! | `http` | [`http`]: an RFC 9111 HTTP cache for axum and hyper services |
+//! | `purge` | the HTTP cache's purge API as an axum `Router` (`POST /_purge`: by tag, URL or all, bearer token); implies `http` |
 //! | `grpc` | [`grpc`]: unary gRPC response caching for tonic servers |
 //! | `postgres` | [`pg`]: primary/replica routing over deadpool-postgres pools (with `http`: `pg::layer`) |
 //! | `redis` | `cache::redis`: the shared L2 tier on Redis |

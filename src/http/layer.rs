@@ -89,6 +89,26 @@ impl HttpCacheLayer {
         self.shared.invalidate_url(uri);
     }
 
+    /// Purges stored responses by tag, by URL (every `Vary` variant) or
+    /// all, here and, with a shared tier, on every instance (as
+    /// [`invalidator`](Self::invalidator) does), and returns how many
+    /// entries (one per URL, or per key with a
+    /// [custom key](HttpCacheLayerBuilder::cache_key)) it removed on this
+    /// instance. Counting walks the whole store for tags and for
+    /// everything: O(entries), meant for admin actions.
+    ///
+    /// ```
+    /// # fn demo() -> Result<(), tower_scale::ConfigError> {
+    /// use tower_scale::http::{HttpCacheLayer, Purge};
+    ///
+    /// let layer = HttpCacheLayer::builder().build()?;
+    /// assert_eq!(layer.purge(&Purge::Tags(vec!["user:12".into()])), 0);
+    /// # Ok(()) }
+    /// ```
+    pub fn purge(&self, what: &super::Purge) -> usize {
+        self.shared.purge(what)
+    }
+
     /// A handle to invalidate stored responses: by key (the cache key,
     /// `scheme://authority/path?query` with the authority lower-cased), by
     /// tag (the values of the [tag header](HttpCacheLayerBuilder::tag_header)

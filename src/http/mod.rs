@@ -153,6 +153,11 @@
 //!   starts after the invalidation returned never gets it (not from the
 //!   store, not by joining that fetch, not from the shared tier). A tag
 //!   invalidation drops every variant of the URLs it touches.
+//! - **Purge**: [`HttpCacheLayer::purge`] invalidates by tags, URLs
+//!   (every variant) or all and counts the entries it removed on this
+//!   instance (a walk of the store: an admin action, not a hot path);
+//!   `HttpCacheLayer::purge_router` (feature `purge`) serves it as an
+//!   axum `Router`, `POST /_purge` behind a bearer token.
 //! - **Shared tier**: `cache::redis::builder(url).attach(&layer,
 //!   layer.redis_codec())` (feature `redis`) shares responses between
 //!   instances: a miss asks the tier once; what a miss or a revalidation
@@ -312,6 +317,9 @@ mod future;
 mod key;
 mod layer;
 mod layer_cdn;
+mod purge;
+#[cfg(feature = "purge")]
+mod purge_route;
 mod range;
 #[cfg(feature = "redis")]
 pub(crate) mod remote;
@@ -329,6 +337,10 @@ pub use self::custom_key::{InvalidPath, KeyParts};
 pub use self::freshness::HttpCachePolicy;
 pub use self::future::HttpResponseFuture;
 pub use self::layer::{HttpCacheLayer, HttpCacheLayerBuilder};
+pub use self::purge::Purge;
+#[cfg(feature = "purge")]
+#[cfg_attr(docsrs, doc(cfg(feature = "purge")))]
+pub use self::purge_route::PURGE_MAX_BODY;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use self::remote::HttpRedisCodec;

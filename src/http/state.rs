@@ -91,6 +91,11 @@ pub(crate) enum StoreKind {
 }
 
 impl HttpStore {
+    /// Calls `f` on every stored entry: a walk of the whole store.
+    pub(crate) fn for_each_entry(&self, f: impl FnMut(&Hashed<String>, &Arc<HttpEntry>)) {
+        each!(self, s => s.for_each_entry(f));
+    }
+
     fn new(kind: StoreKind, max_bytes: u64) -> Self {
         let capacity = Capacity::Weight(max_bytes);
         match kind {

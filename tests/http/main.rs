@@ -7,6 +7,8 @@ mod cache_status;
 mod common;
 mod parser;
 mod proxy;
+#[cfg(feature = "purge")]
+mod purge;
 mod range;
 mod rfc9111;
 mod sharing;

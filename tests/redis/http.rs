@@ -426,3 +426,59 @@ async fn a_custom_key_with_parts_is_invalidated_by_its_url_on_every_tier() {
         "the invalidated value came back from Redis: {body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_by_tag_on_a_makes_b_miss() {
+    use tower_scale::http::Purge;
+
+    let redis = LocalRedis::start().unwrap();
+    let routes = routes(&[
+        (
+            "/users/1",
+            vec![
+                ("cache-control", "max-age=600"),
+                ("surrogate-key", "user:1 users"),
+            ],
+        ),
+        (
+            "/users/2",
+            vec![
+                ("cache-control", "max-age=600"),
+                ("surrogate-key", "user:2 users"),
+            ],
+        ),
+    ]);
+    let a = instance(&redis, "http-purge", "A", &routes).await;
+    let b = instance(&redis, "http-purge", "B", &routes).await;
+    for path in ["/users/1", "/users/2"] {
+        call(&a, path, &[]).await;
+        call(&b, path, &[]).await;
+        call(&b, path, &[]).await;
+    }
+    assert_eq!(b.calls.total(), 0, "B filled from the shared tier");
+    assert_eq!(b.layer.stats().hits, 2, "then L1 hits on B");
+
+    let before = b.layer.stats().invalidations;
+    let started = std::time::Instant::now();
+    let purged = a.layer.purge(&Purge::Tags(vec!["user:1".into()]));
+    let returned = started.elapsed();
+    assert_eq!(purged, 1, "A's entry for /users/1");
+    let applied = until("B applied the purge", Duration::from_secs(10), || {
+        b.layer.stats().invalidations > before
+    })
+    .await;
+    let applied = returned + applied;
+    println!("purge on A: returned after {returned:?}, applied on B after {applied:?}");
+    let (_, _, body) = call(&b, "/users/1", &[]).await;
+    assert_eq!(body, "/users/1 from B #1 for anon in -", "B misses");
+    assert_eq!(b.calls.of("/users/1"), 1);
+    let (_, _, body) = call(&b, "/users/2", &[]).await;
+    assert_eq!(body, "/users/2 from A #1 for anon in -", "the other stays");
+    assert_eq!(b.calls.of("/users/2"), 0);
+    let (_, _, body) = call(&a, "/users/1", &[]).await;
+    assert_eq!(
+        body, "/users/1 from B #1 for anon in -",
+        "A's purged response is gone: A gets B's refill from the tier"
+    );
+    assert_eq!(a.calls.of("/users/1"), 1);
+}

@@ -37,6 +37,15 @@ where
             gone: AtomicU64::new(0),
         }
     }
+
+    /// Calls `f` on every stored entry (a walk of the whole store, for the
+    /// HTTP cache's purge counts).
+    #[cfg(feature = "http")]
+    pub(crate) fn for_each_entry(&self, mut f: impl FnMut(&Hashed<K>, &Arc<Entry<R, E>>)) {
+        for (key, entry) in self.cache.iter() {
+            f(&key, &entry);
+        }
+    }
 }
 
 impl<K, R, E> fmt::Debug for MokaStore<K, R, E> {

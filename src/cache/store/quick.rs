@@ -127,6 +127,18 @@ where
         }
     }
 
+    /// Calls `f` on every stored entry, one shard's read lock at a time
+    /// (a walk of the whole store, for the HTTP cache's purge counts); `f`
+    /// must not call back into the store.
+    #[cfg(feature = "http")]
+    pub(crate) fn for_each_entry(&self, mut f: impl FnMut(&Hashed<K>, &Arc<Entry<R, E>>)) {
+        for shard in self.shards.iter() {
+            for (key, entry) in crate::sync::read(shard).iter() {
+                f(key, entry);
+            }
+        }
+    }
+
     fn shard(&self, key: &Hashed<K>) -> &RwLock<Shard<K, R, E>> {
         // The middle bits, as quick_cache does: hashbrown probes with the
         // low and the top seven.

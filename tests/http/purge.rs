@@ -1,0 +1,350 @@
+//! The purge API (feature `purge`): the cache in front of a real origin on
+//! a loopback port, the purge router served on its own listener with
+//! `axum::serve`, both driven by a real HTTP client.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, Request, Response, StatusCode};
+use axum::routing::get;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use tower::ServiceBuilder;
+use tower_scale::http::{HttpCacheLayer, Purge};
+
+const TOKEN: &str = "s3cret-purge-token";
+
+type Calls = Arc<Mutex<HashMap<String, usize>>>;
+
+fn origin(calls: Calls) -> Router {
+    fn count(calls: &Calls, path: String) -> usize {
+        let mut calls = calls.lock().unwrap();
+        let n = calls.entry(path).or_default();
+        *n += 1;
+        *n
+    }
+    Router::new()
+        .route(
+            "/items/{id}",
+            get(
+                |State(c): State<Calls>, Path(id): Path<String>| async move {
+                    let n = count(&c, format!("/items/{id}"));
+                    Response::builder()
+                        .header("cache-control", "max-age=600")
+                        .header("surrogate-key", format!("item:{id} items"))
+                        .body(Body::from(format!("item {id} #{n}")))
+                        .unwrap()
+                },
+            ),
+        )
+        .route(
+            "/vary",
+            get(|State(c): State<Calls>, h: HeaderMap| async move {
+                let n = count(&c, "/vary".into());
+                let lang = h
+                    .get("accept-language")
+                    .map(|v| v.to_str().unwrap().to_string())
+                    .unwrap_or_default();
+                Response::builder()
+                    .header("cache-control", "max-age=600")
+                    .header("vary", "accept-language")
+                    .body(Body::from(format!("vary {lang} #{n}")))
+                    .unwrap()
+            }),
+        )
+        .with_state(calls)
+}
+
+struct Setup {
+    app: SocketAddr,
+    admin: SocketAddr,
+    layer: HttpCacheLayer,
+    calls: Calls,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+async fn setup() -> Setup {
+    setup_on(HttpCacheLayer::builder().build().unwrap()).await
+}
+
+async fn setup_on(layer: HttpCacheLayer) -> Setup {
+    let calls = Calls::default();
+    let svc = ServiceBuilder::new()
+        .map_request(|r: Request<hyper::body::Incoming>| r.map(Body::new))
+        .layer(layer.clone())
+        .service(origin(calls.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let svc = TowerToHyperService::new(svc.clone());
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = admin_listener.local_addr().unwrap();
+    let router = layer.purge_router(TOKEN);
+    tokio::spawn(async move { axum::serve(admin_listener, router).await });
+    Setup {
+        app,
+        admin,
+        layer,
+        calls,
+        client: Client::builder(TokioExecutor::new()).build_http(),
+    }
+}
+
+impl Setup {
+    fn calls(&self, path: &str) -> usize {
+        self.calls.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.app)
+    }
+
+    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> String {
+        let mut req = Request::get(self.url(path));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let res = self
+            .client
+            .request(req.body(Full::new(Bytes::new())).unwrap())
+            .await
+            .unwrap();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    /// A request to the purge route: status, headers, JSON body.
+    async fn purge_raw(
+        &self,
+        method: Method,
+        auth: Option<&str>,
+        body: impl Into<Bytes>,
+    ) -> (StatusCode, HeaderMap, serde_json::Value) {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("http://{}/_purge", self.admin))
+            .header("content-type", "application/json");
+        if let Some(auth) = auth {
+            req = req.header("authorization", auth);
+        }
+        let res = self
+            .client
+            .request(req.body(Full::new(body.into())).unwrap())
+            .await
+            .unwrap();
+        let (parts, body) = res.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+        (parts.status, parts.headers, json)
+    }
+
+    async fn purge(&self, body: serde_json::Value) -> (StatusCode, serde_json::Value) {
+        let auth = format!("Bearer {TOKEN}");
+        let (status, _, json) = self
+            .purge_raw(Method::POST, Some(&auth), body.to_string())
+            .await;
+        (status, json)
+    }
+
+    /// Fills `/items/1`, `/items/2`, `/items/3` (tags `item:N items`).
+    async fn fill_items(&self) {
+        for id in 1..=3 {
+            self.get(&format!("/items/{id}"), &[]).await;
+            self.get(&format!("/items/{id}"), &[]).await;
+        }
+        for id in 1..=3 {
+            assert_eq!(self.calls(&format!("/items/{id}")), 1, "stored");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_purge_by_tag_removes_the_tagged_responses_and_counts_them() {
+    let s = setup().await;
+    s.fill_items().await;
+    let (status, json) = s.purge(serde_json::json!({"tags": ["item:2"]})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json, serde_json::json!({"purged": 1}));
+    assert_eq!(s.get("/items/2", &[]).await, "item 2 #2", "origin again");
+    assert_eq!(s.get("/items/1", &[]).await, "item 1 #1", "untouched");
+    // Two entries carry `items` now (1 and 3; 2 was refilled): three.
+    let (_, json) = s
+        .purge(serde_json::json!({"tags": ["items", "item:1"]}))
+        .await;
+    assert_eq!(json, serde_json::json!({"purged": 3}), "each entry once");
+    let (_, json) = s.purge(serde_json::json!({"tags": ["items"]})).await;
+    assert_eq!(json, serde_json::json!({"purged": 0}), "already gone");
+    for id in 1..=3 {
+        s.get(&format!("/items/{id}"), &[]).await;
+    }
+    assert_eq!(s.calls("/items/1"), 2);
+    assert_eq!(s.calls("/items/3"), 2);
+}
+
+#[cfg(feature = "quick-cache")]
+#[tokio::test]
+async fn purges_count_on_the_quick_cache_store_too() {
+    let s = setup_on(HttpCacheLayer::builder().build_quick().unwrap()).await;
+    s.fill_items().await;
+    let (_, json) = s.purge(serde_json::json!({"tags": ["item:3"]})).await;
+    assert_eq!(json, serde_json::json!({"purged": 1}));
+    assert_eq!(s.get("/items/3", &[]).await, "item 3 #2");
+    let (_, json) = s
+        .purge(serde_json::json!({"urls": [s.url("/items/1")]}))
+        .await;
+    assert_eq!(json, serde_json::json!({"purged": 1}));
+    let (_, json) = s.purge(serde_json::json!({"all": true})).await;
+    assert_eq!(
+        json,
+        serde_json::json!({"purged": 2}),
+        "/items/2 and /items/3"
+    );
+}
+
+#[tokio::test]
+async fn a_purge_by_url_removes_every_vary_variant() {
+    let s = setup().await;
+    for lang in ["en", "fr", "en", "fr"] {
+        s.get("/vary", &[("accept-language", lang)]).await;
+    }
+    assert_eq!(s.calls("/vary"), 2, "two variants stored");
+    s.fill_items().await;
+    let (status, json) = s
+        .purge(serde_json::json!({"urls": [s.url("/vary"), s.url("/nothing")]}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json, serde_json::json!({"purged": 1}), "one URL entry");
+    assert_eq!(
+        s.get("/vary", &[("accept-language", "en")]).await,
+        "vary en #3"
+    );
+    assert_eq!(
+        s.get("/vary", &[("accept-language", "fr")]).await,
+        "vary fr #4"
+    );
+    assert_eq!(s.get("/items/1", &[]).await, "item 1 #1", "untouched");
+    // The programmatic form counts the same way.
+    assert_eq!(s.layer.purge(&Purge::Urls(vec![s.url("/items/1")])), 1);
+    assert_eq!(s.get("/items/1", &[]).await, "item 1 #2");
+}
+
+#[tokio::test]
+async fn a_purge_of_everything() {
+    let s = setup().await;
+    s.fill_items().await;
+    let (status, json) = s.purge(serde_json::json!({"all": true})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json, serde_json::json!({"purged": 3}));
+    for id in 1..=3 {
+        assert_eq!(
+            s.get(&format!("/items/{id}"), &[]).await,
+            format!("item {id} #2")
+        );
+    }
+    assert_eq!(s.layer.purge(&Purge::All), 3);
+}
+
+#[tokio::test]
+async fn without_a_valid_token_it_is_401_and_nothing_is_purged() {
+    let s = setup().await;
+    s.fill_items().await;
+    let body = serde_json::json!({"all": true}).to_string();
+    let wrong_byte = format!("Bearer {}X", &TOKEN[..TOKEN.len() - 1]);
+    let cases: [Option<&str>; 6] = [
+        None,
+        Some("Bearer wrong"),
+        Some(&wrong_byte),
+        Some("Bearer s3cret-purge-token-and-more"),
+        Some("Basic czNjcmV0LXB1cmdlLXRva2Vu"),
+        Some("s3cret-purge-token"),
+    ];
+    for auth in cases {
+        let (status, headers, json) = s.purge_raw(Method::POST, auth, body.clone()).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{auth:?}");
+        assert_eq!(headers["www-authenticate"], "Bearer");
+        assert!(json["error"].is_string());
+    }
+    for id in 1..=3 {
+        s.get(&format!("/items/{id}"), &[]).await;
+        assert_eq!(s.calls(&format!("/items/{id}")), 1, "still stored");
+    }
+    // The scheme is case-insensitive.
+    let auth = format!("bearer {TOKEN}");
+    let (status, _, _) = s.purge_raw(Method::POST, Some(&auth), body).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn bad_input_is_400_naming_the_problem() {
+    let s = setup().await;
+    s.fill_items().await;
+    let auth = format!("Bearer {TOKEN}");
+    let long_tag = "t".repeat(257);
+    let many: Vec<String> = (0..1001).map(|i| format!("t{i}")).collect();
+    let cases: Vec<(String, &str)> = vec![
+        ("{not json".into(), "invalid request body"),
+        (
+            r#"{"tags": ["a"], "extra": 1}"#.into(),
+            "unknown field `extra`",
+        ),
+        (r#"{"tags": ["a"], "all": true}"#.into(), "only one of"),
+        (
+            r#"{"tags": ["a"], "urls": ["http://a.test/"]}"#.into(),
+            "only one of",
+        ),
+        ("{}".into(), "one of `tags`, `urls` or `all` is required"),
+        (r#"{"tags": []}"#.into(), "`tags` must not be empty"),
+        (r#"{"urls": []}"#.into(), "`urls` must not be empty"),
+        (r#"{"all": false}"#.into(), "`all` must be true"),
+        (r#"{"tags": [1]}"#.into(), "invalid type"),
+        (r#"{"tags": "a"}"#.into(), "invalid type"),
+        (r#"{"tags": [""]}"#.into(), "`tags[0]` is empty"),
+        (
+            serde_json::json!({"tags": [long_tag]}).to_string(),
+            "`tags[0]` is 257 bytes",
+        ),
+        (
+            serde_json::json!({"tags": many}).to_string(),
+            "`tags` has 1001 items",
+        ),
+    ];
+    for (body, expected) in cases {
+        let (status, _, json) = s.purge_raw(Method::POST, Some(&auth), body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        let error = json["error"].as_str().unwrap_or_default();
+        assert!(error.contains(expected), "{body}: {error}");
+    }
+    for id in 1..=3 {
+        s.get(&format!("/items/{id}"), &[]).await;
+        assert_eq!(s.calls(&format!("/items/{id}")), 1, "still stored");
+    }
+}
+
+#[tokio::test]
+async fn a_body_over_64_kib_is_413_and_other_methods_405() {
+    let s = setup().await;
+    let auth = format!("Bearer {TOKEN}");
+    let big = format!(r#"{{"tags": ["{}"]}}"#, "a".repeat(65 * 1024));
+    let (status, _, _) = s.purge_raw(Method::POST, Some(&auth), big).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    let (status, _, _) = s.purge_raw(Method::GET, Some(&auth), "").await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    let (status, _, _) = s.purge_raw(Method::PUT, Some(&auth), "{}").await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+}
