@@ -95,13 +95,16 @@ impl RawOrigin {
     /// Closes the listener: connections are refused from now on.
     async fn close(&self) {
         self.accept.abort();
-        while !self.accept.is_finished() {
-            tokio::task::yield_now().await;
+        // The listener goes when the aborted task is dropped, which may be
+        // a moment after it reports finished: poll with a deadline.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while TcpStream::connect(self.addr).await.is_ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the listener still accepts"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        assert!(
-            TcpStream::connect(self.addr).await.is_err(),
-            "the listener still accepts"
-        );
     }
 
     fn url(&self) -> String {
