@@ -324,6 +324,7 @@ mod range;
 #[cfg(feature = "redis")]
 pub(crate) mod remote;
 mod service;
+mod stack_buf;
 mod stand_in;
 mod state;
 mod status;

@@ -193,7 +193,7 @@ fn if_range_matches(stored: &Stored, headers: &HeaderMap) -> bool {
 /// allocation of the exact size.
 fn content_range(range: Option<&Range<usize>>, len: usize) -> HeaderValue {
     let mut text = Digits::default();
-    text.content_range(range, len);
+    write_content_range(&mut text, range, len);
     HeaderValue::from_maybe_shared(Bytes::copy_from_slice(text.as_ref()))
         .expect("digits, spaces, '-', '*' and '/'")
 }
@@ -203,9 +203,9 @@ fn content_range(range: Option<&Range<usize>>, len: usize) -> HeaderValue {
 /// allocation ([`Bytes::from_owner`]) the two values are slices of.
 pub(crate) fn partial_values(range: &Range<usize>, len: usize) -> (HeaderValue, HeaderValue) {
     let mut text = Digits::default();
-    text.content_range(Some(range), len);
-    let split = text.len;
-    text.int(range.len());
+    write_content_range(&mut text, Some(range), len);
+    let split = text.len();
+    text.uint(range.len() as u64);
     let both = Bytes::from_owner(text);
     let value = |bytes: Bytes| {
         HeaderValue::from_maybe_shared(bytes).expect("digits, spaces, '-', '*' and '/'")
@@ -216,60 +216,21 @@ pub(crate) fn partial_values(range: &Range<usize>, len: usize) -> (HeaderValue, 
 /// A buffer for a `Content-Range` value (`bytes `, three numbers of at
 /// most 20 digits and two separators) and a `Content-Length` one (at most
 /// 20 digits).
-struct Digits {
-    buf: [u8; 96],
-    len: usize,
-}
+type Digits = super::stack_buf::StackBuf<96>;
 
-impl Default for Digits {
-    fn default() -> Self {
-        Self {
-            buf: [0; 96],
-            len: 0,
+/// Writes `bytes first-last/len` (`bytes */len` for no range).
+fn write_content_range(text: &mut Digits, range: Option<&Range<usize>>, len: usize) {
+    text.push(b"bytes ");
+    match range {
+        Some(range) => {
+            text.uint(range.start as u64);
+            text.push(b"-");
+            text.uint((range.end - 1) as u64);
         }
+        None => text.push(b"*"),
     }
-}
-
-impl AsRef<[u8]> for Digits {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf[..self.len]
-    }
-}
-
-impl Digits {
-    fn push(&mut self, bytes: &[u8]) {
-        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
-        self.len += bytes.len();
-    }
-
-    fn content_range(&mut self, range: Option<&Range<usize>>, len: usize) {
-        self.push(b"bytes ");
-        match range {
-            Some(range) => {
-                self.int(range.start);
-                self.push(b"-");
-                self.int(range.end - 1);
-            }
-            None => self.push(b"*"),
-        }
-        self.push(b"/");
-        self.int(len);
-    }
-
-    fn int(&mut self, n: usize) {
-        let mut digits = [0u8; 20];
-        let mut at = digits.len();
-        let mut v = n;
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (v % 10) as u8;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        self.push(&digits[at..]);
-    }
+    text.push(b"/");
+    text.uint(len as u64);
 }
 
 /// Turns `headers` (a stored response's, with `Age` and any status entry)

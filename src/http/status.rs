@@ -286,56 +286,15 @@ pub(crate) fn value(name: &Bytes, res_status: StatusCode, status: &Status) -> Op
         params.push(b"; detail=");
         params.push(detail.token());
     }
-    let mut value = Vec::with_capacity(name.len() + params.len);
+    let mut value = Vec::with_capacity(name.len() + params.len());
     value.extend_from_slice(name);
-    value.extend_from_slice(params.as_slice());
+    value.extend_from_slice(params.as_ref());
     // Capacity equals length: the `Bytes` takes the buffer over.
     HeaderValue::from_maybe_shared(Bytes::from(value)).ok()
 }
 
-/// A fixed buffer for the parameters (at most about 100 bytes).
-struct Params {
-    buf: [u8; 128],
-    len: usize,
-}
-
-impl Default for Params {
-    fn default() -> Self {
-        Self {
-            buf: [0; 128],
-            len: 0,
-        }
-    }
-}
-
-impl Params {
-    fn push(&mut self, bytes: &[u8]) {
-        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
-        self.len += bytes.len();
-    }
-
-    fn int(&mut self, n: i64) {
-        if n < 0 {
-            self.push(b"-");
-        }
-        let mut digits = [0u8; 20];
-        let mut at = digits.len();
-        let mut v = n.unsigned_abs();
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (v % 10) as u8;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        self.push(&digits[at..]);
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        &self.buf[..self.len]
-    }
-}
+/// The parameters (at most about 100 bytes).
+type Params = super::stack_buf::StackBuf<128>;
 
 #[cfg(test)]
 mod tests {
