@@ -77,31 +77,36 @@ impl HttpShared {
             return None;
         }
         let key = key_of(scheme, &authority, &parts.uri);
-        match &self.config.custom_key {
+        match self.custom_parts(parts, &key) {
             None => Some(key),
-            Some(custom) => {
-                let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-                let base = &key[..key.len() - pq.len()];
-                let mut kp = super::KeyParts::new(pq);
-                (custom.0)(parts, &mut kp).then(|| kp.finish(base))
-            }
+            Some((base, kp, cache)) => cache.then(|| kp.finish(base)),
         }
+    }
+
+    /// The custom key function applied to `parts`, whose default key is
+    /// `key`: the key's scheme and authority, the parts the function made,
+    /// and whether it caches the request (`None` without a function).
+    fn custom_parts<'k>(
+        &self,
+        parts: &http::request::Parts,
+        key: &'k str,
+    ) -> Option<(&'k str, super::KeyParts, bool)> {
+        let custom = self.config.custom_key.as_ref()?;
+        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let base = key.strip_suffix(pq)?;
+        let mut kp = super::KeyParts::new(pq);
+        let cache = (custom.0)(parts, &mut kp);
+        Some((base, kp, cache))
     }
 
     /// The key's URL part under the custom key function (its normalised
     /// path and query, no extra parts): what an unsafe request invalidates.
+    /// Whether the function would cache the request does not matter here.
     fn normalised(&self, parts: &http::request::Parts, key: String) -> String {
-        let Some(custom) = &self.config.custom_key else {
-            return key;
-        };
-        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let Some(base) = key.strip_suffix(pq) else {
-            return key;
-        };
-        let mut kp = super::KeyParts::new(pq);
-        // Whether it would cache the request does not matter here.
-        let _ = (custom.0)(parts, &mut kp);
-        format!("{base}{}", kp.path_and_query())
+        match self.custom_parts(parts, &key) {
+            Some((base, kp, _)) => format!("{base}{}", kp.path_and_query()),
+            None => key,
+        }
     }
 
     /// Invalidates the entry under `url` (a key without extra parts) and,

@@ -14,7 +14,8 @@ use super::state::HttpShared;
 use super::upstream::strip_tags;
 
 /// POST, PUT, PATCH, DELETE...: forwarded; on success, the target URI and
-/// a same-origin `Location` / `Content-Location` are invalidated.
+/// a same-origin `Location` / `Content-Location` are invalidated, and the
+/// target URI also when the outcome is unknown.
 pub(crate) async fn unsafe_method<S, ReqBody, ResBody>(
     shared: Arc<HttpShared>,
     svc: S,
@@ -27,27 +28,22 @@ where
     let (parts, body) = req.into_parts();
     let targets = shared.invalidation_keys(&parts);
     let res = svc.oneshot(Request::from_parts(parts, body)).await;
-    let mut res = match res {
-        Ok(res) => res,
-        Err(e) => {
-            // The write may have reached the origin (a timeout, a reset
-            // after the request was sent): its outcome is unknown, so what
-            // it may have changed goes.
-            for target in &targets {
-                shared.invalidate_url(target);
-            }
-            return Err(e);
-        }
+    // No answer from the origin (an inner error, a response marked
+    // unreachable: a timeout, a reset after the request was sent): the
+    // write may have happened, so what it may have changed goes.
+    let outcome_unknown = match &res {
+        Err(_) => true,
+        Ok(res) => res
+            .extensions()
+            .get::<super::UpstreamUnreachable>()
+            .is_some(),
     };
-    let unknown = res
-        .extensions()
-        .get::<super::UpstreamUnreachable>()
-        .is_some();
-    if unknown {
+    if outcome_unknown {
         for target in &targets {
             shared.invalidate_url(target);
         }
     }
+    let mut res = res?;
     if res.status().is_success() || res.status().is_redirection() {
         for target in &targets {
             shared.invalidate_url(target);
