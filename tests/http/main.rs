@@ -353,6 +353,28 @@ fn origin_app(origin: Arc<Origin>) -> Router {
         .with_state(origin)
 }
 
+/// Serves `app` behind `layer` on a free loopback port (hyper, HTTP/1 and
+/// HTTP/2); returns its address.
+pub(crate) async fn serve_cached(layer: &HttpCacheLayer, app: Router) -> SocketAddr {
+    let svc = ServiceBuilder::new()
+        .map_request(|r: Request<hyper::body::Incoming>| r.map(Body::new))
+        .layer(layer.clone())
+        .service(app);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let svc = TowerToHyperService::new(svc.clone());
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
 struct Setup {
     addr: SocketAddr,
     origin: Arc<Origin>,
@@ -371,25 +393,7 @@ async fn setup(
     let layer = configure(HttpCacheLayer::builder().clock(clock))
         .build()
         .unwrap();
-    let svc = ServiceBuilder::new()
-        .map_request(|r: Request<hyper::body::Incoming>| r.map(Body::new))
-        .layer(layer.clone())
-        .service(origin_app(origin.clone()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let svc = TowerToHyperService::new(svc.clone());
-            tokio::spawn(async move {
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
+    let addr = serve_cached(&layer, origin_app(origin.clone())).await;
     let client = Client::builder(TokioExecutor::new()).build_http();
     Setup {
         addr,

@@ -15,9 +15,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
-use tower::ServiceBuilder;
+use hyper_util::rt::TokioExecutor;
 use tower_scale::http::{HttpCacheLayer, Purge};
 
 const TOKEN: &str = "s3cret-purge-token";
@@ -77,22 +75,7 @@ async fn setup() -> Setup {
 
 async fn setup_on(layer: HttpCacheLayer) -> Setup {
     let calls = Calls::default();
-    let svc = ServiceBuilder::new()
-        .map_request(|r: Request<hyper::body::Incoming>| r.map(Body::new))
-        .layer(layer.clone())
-        .service(origin(calls.clone()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let svc = TowerToHyperService::new(svc.clone());
-            tokio::spawn(async move {
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
+    let app = crate::serve_cached(&layer, origin(calls.clone())).await;
     let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = admin_listener.local_addr().unwrap();
     let router = layer.purge_router(TOKEN);

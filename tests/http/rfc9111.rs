@@ -19,9 +19,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
-use tower::ServiceBuilder;
+use hyper_util::rt::TokioExecutor;
 use tower_scale::cache::{Clock, MockClock};
 use tower_scale::http::{HttpCacheLayer, HttpCacheLayerBuilder};
 
@@ -114,22 +112,7 @@ async fn rig(configure: impl FnOnce(HttpCacheLayerBuilder) -> HttpCacheLayerBuil
         .build()
         .unwrap();
     let app = Router::new().fallback(echo).with_state(Arc::clone(&counts));
-    let svc = ServiceBuilder::new()
-        .map_request(|r: Request<hyper::body::Incoming>| r.map(Body::new))
-        .layer(layer.clone())
-        .service(app);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let svc = TowerToHyperService::new(svc.clone());
-            tokio::spawn(async move {
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
+    let addr = crate::serve_cached(&layer, app).await;
     Rig {
         addr,
         counts,
