@@ -44,8 +44,11 @@ async fn pool_size_bounds_the_sessions_per_node_before_and_after_a_promotion() {
     let metrics = recorder();
     let local = LocalCluster::start(1).unwrap();
     let cluster = Cluster::builder()
-        .primary(NodeConfig::new(local.primary().config()))
-        .replica(NodeConfig::new(local.replica(0).config()))
+        // Names of their own: the recorder is process-wide and the other
+        // tests in this binary build clusters whose nodes are `primary` and
+        // `replica-1` (their gauges would overwrite these; failed once in CI).
+        .primary(NodeConfig::new(local.primary().config()).name("pools-primary"))
+        .replica(NodeConfig::new(local.replica(0).config()).name("pools-replica"))
         .pool_size(3)
         .probe_interval(Duration::from_millis(100))
         .build()
@@ -101,23 +104,23 @@ async fn pool_size_bounds_the_sessions_per_node_before_and_after_a_promotion() {
     let text = metrics.render();
     for state in ["max", "open", "in_use", "idle", "waiting"] {
         let line =
-            format!("tower_scale_db_pool_connections{{node=\"replica-1\",state=\"{state}\"}}");
+            format!("tower_scale_db_pool_connections{{node=\"pools-replica\",state=\"{state}\"}}");
         assert!(text.contains(&line), "no {line} in:\n{text}");
     }
     assert!(
-        text.contains("tower_scale_db_pool_connections{node=\"primary\",state=\"max\"} 3"),
+        text.contains("tower_scale_db_pool_connections{node=\"pools-primary\",state=\"max\"} 3"),
         "{text}"
     );
     assert!(
-        text.contains("tower_scale_db_node_healthy{node=\"replica-1\"} 1"),
+        text.contains("tower_scale_db_node_healthy{node=\"pools-replica\"} 1"),
         "{text}"
     );
     assert!(
-        text.contains("tower_scale_db_node_primary{node=\"primary\"} 1"),
+        text.contains("tower_scale_db_node_primary{node=\"pools-primary\"} 1"),
         "{text}"
     );
     assert!(
-        text.contains("tower_scale_db_node_primary{node=\"replica-1\"} 0"),
+        text.contains("tower_scale_db_node_primary{node=\"pools-replica\"} 0"),
         "{text}"
     );
 
@@ -134,11 +137,11 @@ async fn pool_size_bounds_the_sessions_per_node_before_and_after_a_promotion() {
     cluster.next_probe().await;
     let text = metrics.render();
     assert!(
-        text.contains("tower_scale_db_node_healthy{node=\"primary\"} 0"),
+        text.contains("tower_scale_db_node_healthy{node=\"pools-primary\"} 0"),
         "{text}"
     );
     assert!(
-        text.contains("tower_scale_db_node_primary{node=\"replica-1\"} 1"),
+        text.contains("tower_scale_db_node_primary{node=\"pools-replica\"} 1"),
         "{text}"
     );
     let (pooled, probe) = sessions(local.replica(0)).await;
