@@ -523,6 +523,8 @@ where
     St: Store,
 {
     fn apply_remote(&self, what: Invalidation<St::Key>, version: u64) {
+        self.stats
+            .incr_rare(crate::cache::engine::stats::Rare::RemoteInvalidations);
         self.apply_local(what, version);
     }
 

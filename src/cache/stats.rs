@@ -48,6 +48,15 @@ pub struct CacheStats {
     /// had not heard from the shared tier's invalidation fan-out within its
     /// isolation window.
     pub isolated: u64,
+    /// Invalidations made on other instances and applied to this
+    /// instance's store through the shared tier's fan-out (a purge of N
+    /// tags or URLs elsewhere arrives as N); also counted in
+    /// `invalidations`.
+    pub remote_invalidations: u64,
+    /// Purges taken on this instance (the HTTP cache's `purge` calls, its
+    /// purge route's included; always 0 for other caches). Each is applied
+    /// here at once and counted in `invalidations` per tag or URL.
+    pub purges: u64,
     /// Entries the store evicted to stay within its capacity.
     pub evictions: u64,
     /// Entries in the store now (approximate for moka).
@@ -90,6 +99,10 @@ impl std::ops::Add for CacheStats {
             remote_hits: self.remote_hits.saturating_add(other.remote_hits),
             remote_fenced: self.remote_fenced.saturating_add(other.remote_fenced),
             isolated: self.isolated.saturating_add(other.isolated),
+            remote_invalidations: self
+                .remote_invalidations
+                .saturating_add(other.remote_invalidations),
+            purges: self.purges.saturating_add(other.purges),
             evictions: self.evictions.saturating_add(other.evictions),
             entries: self.entries.saturating_add(other.entries),
         }
@@ -110,7 +123,7 @@ impl std::iter::Sum for CacheStats {
 
 impl CacheStats {
     /// Every counter with its metric name.
-    fn counters(&self) -> [(&'static str, u64); 17] {
+    fn counters(&self) -> [(&'static str, u64); 19] {
         [
             ("tower_scale_cache_hits_total", self.hits),
             ("tower_scale_cache_stale_hits_total", self.stale_hits),
@@ -137,6 +150,11 @@ impl CacheStats {
             ("tower_scale_cache_l2_hits_total", self.remote_hits),
             ("tower_scale_cache_l2_fenced_total", self.remote_fenced),
             ("tower_scale_cache_isolated_total", self.isolated),
+            (
+                "tower_scale_cache_remote_invalidations_total",
+                self.remote_invalidations,
+            ),
+            ("tower_scale_cache_purges_total", self.purges),
             ("tower_scale_cache_evictions_total", self.evictions),
         ]
     }
@@ -199,6 +217,8 @@ mod tests {
             remote_hits: next(),
             remote_fenced: next(),
             isolated: next(),
+            remote_invalidations: next(),
+            purges: next(),
             evictions: next(),
             entries: next(),
         }
@@ -253,6 +273,12 @@ mod tests {
             "remote_fenced"
         );
         assert_eq!(sum.isolated, a.isolated + b.isolated, "isolated");
+        assert_eq!(
+            sum.remote_invalidations,
+            a.remote_invalidations + b.remote_invalidations,
+            "remote_invalidations"
+        );
+        assert_eq!(sum.purges, a.purges + b.purges, "purges");
         assert_eq!(sum.evictions, a.evictions + b.evictions, "evictions");
         assert_eq!(sum.entries, a.entries + b.entries, "entries");
         let mut acc = a;

@@ -30,6 +30,8 @@ impl HttpShared {
     /// path. An entry stored between the walk and the invalidation is
     /// removed but not counted.
     pub(crate) fn purge(&self, what: &Purge) -> usize {
+        self.stats
+            .incr_rare(crate::cache::engine::stats::Rare::Purges);
         let mut found = 0;
         match what {
             Purge::Tags(tags) => {

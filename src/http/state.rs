@@ -474,6 +474,8 @@ impl InvalidateTarget<String> for HttpShared {
 
 impl LinkTarget<String> for HttpShared {
     fn apply_remote(&self, what: Invalidation<String>, version: u64) {
+        self.stats
+            .incr_rare(crate::cache::engine::stats::Rare::RemoteInvalidations);
         self.apply_local(what, version);
     }
 

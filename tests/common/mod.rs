@@ -34,6 +34,12 @@ impl Drop for Running {
 /// Starts an example and waits for `listening on http://IP:PORT` on its
 /// first stdout line.
 pub fn start(name: &str, args: &[&str]) -> Running {
+    start_reading(name, args, 0).0
+}
+
+/// Starts an example, waits for its readiness line and returns the
+/// `extra` stdout lines that follow it.
+pub fn start_reading(name: &str, args: &[&str], extra: usize) -> (Running, Vec<String>) {
     let mut child = Command::new(example(name))
         .args(args)
         .stdout(Stdio::piped())
@@ -42,13 +48,19 @@ pub fn start(name: &str, args: &[&str]) -> Running {
         .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
     let stdout = child.stdout.take().expect("stdout");
     let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("readiness line");
+    let mut stdout = BufReader::new(stdout);
+    stdout.read_line(&mut line).expect("readiness line");
     let addr = line
         .trim()
         .strip_prefix("listening on http://")
         .unwrap_or_else(|| panic!("{name}: first line was {line:?}"))
         .to_string();
-    Running { child, addr }
+    let lines = (0..extra)
+        .map(|_| {
+            let mut line = String::new();
+            stdout.read_line(&mut line).expect("stdout line");
+            line.trim().to_string()
+        })
+        .collect();
+    (Running { child, addr }, lines)
 }

@@ -471,6 +471,13 @@ async fn a_purge_by_tag_on_a_makes_b_miss() {
     .await;
     let applied = returned + applied;
     println!("purge on A: returned after {returned:?}, applied on B after {applied:?}");
+    let (a_stats, b_stats) = (a.layer.stats(), b.layer.stats());
+    assert_eq!((a_stats.purges, b_stats.purges), (1, 0), "taken on A only");
+    assert_eq!(
+        a_stats.remote_invalidations, 0,
+        "A's own purge is not remote"
+    );
+    assert_eq!(b_stats.remote_invalidations, 1, "one tag fanned in to B");
     let (_, _, body) = call(&b, "/users/1", &[]).await;
     assert_eq!(body, "/users/1 from B #1 for anon in -", "B misses");
     assert_eq!(b.calls.of("/users/1"), 1);

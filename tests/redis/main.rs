@@ -4,7 +4,12 @@
 //! guarantees under faults (`faults.rs`); the HTTP and gRPC caches
 //! sharing responses (`http.rs`, `grpc.rs`).
 
+#[cfg(all(feature = "http", feature = "purge"))]
+#[path = "../common/mod.rs"]
+mod common;
 mod faults;
+#[cfg(all(feature = "http", feature = "purge"))]
+mod fleet;
 #[cfg(feature = "grpc")]
 mod grpc;
 #[cfg(feature = "http")]

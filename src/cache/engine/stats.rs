@@ -89,6 +89,18 @@ fn slot() -> usize {
 
 pub(crate) struct Stats {
     stripes: Box<[CachePadded<[AtomicU64; KINDS]>]>,
+    /// Rare events (admin actions, fan-out), kept out of the stripes so a
+    /// stripe stays one padded line: plain atomic adds.
+    rare: [AtomicU64; RARE],
+}
+
+const RARE: usize = 2;
+
+/// What a rare counter counts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Rare {
+    RemoteInvalidations,
+    Purges,
 }
 
 impl Stats {
@@ -97,7 +109,13 @@ impl Stats {
             stripes: (0..=OWNED_STRIPES)
                 .map(|_| CachePadded::new(std::array::from_fn(|_| AtomicU64::new(0))))
                 .collect(),
+            rare: std::array::from_fn(|_| AtomicU64::new(0)),
         }
+    }
+
+    /// Counts a rare event.
+    pub(crate) fn incr_rare(&self, rare: Rare) {
+        self.rare[rare as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     #[inline]
@@ -136,6 +154,9 @@ impl Stats {
             remote_hits: self.get(Kind::RemoteHits),
             remote_fenced: self.get(Kind::RemoteFenced),
             isolated: self.get(Kind::Isolated),
+            remote_invalidations: self.rare[Rare::RemoteInvalidations as usize]
+                .load(Ordering::Relaxed),
+            purges: self.rare[Rare::Purges as usize].load(Ordering::Relaxed),
             evictions,
             entries,
         }

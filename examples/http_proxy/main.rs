@@ -1,0 +1,276 @@
+//! A caching reverse proxy and CDN node: the HTTP cache layer in front of
+//! a hyper client, sharing its cache with a fleet through Redis.
+//!
+//! ```text
+//! cargo run --release --features full --example http_proxy -- \
+//!     --listen 127.0.0.1:8010 --upstream http://127.0.0.1:8000
+//! ```
+//!
+//! Every method, path, query, header and body is forwarded (hop-by-hop
+//! headers removed both ways); responses the origin allows are stored and
+//! hits are served from the cache, per RFC 9111.
+//!
+//! An unreachable upstream (connection refused or reset, closed before a
+//! response, or no response head within `--upstream-timeout SECS`, default
+//! 30) gives a 502 marked [`UpstreamUnreachable`]: the cache then serves a
+//! stale stored response if the origin's directives allow it (a 504 if
+//! they forbid it; RFC 9111 §4.2.4), else the client gets the 502. The
+//! timeout bounds the connection and the response head; a body that
+//! streams after the head is not bounded by it. Any other upstream failure
+//! (an unreadable response) is an unmarked 502.
+//!
+//! ## A fleet of nodes
+//!
+//! - `--redis redis://HOST:PORT` shares the cache with every proxy on the
+//!   same Redis (and `--redis-prefix`, default `http_proxy`): a miss here
+//!   reads what another node stored (`Cache-Status: NAME; hit; detail=l2`),
+//!   fills are written there, and invalidations and purges reach every
+//!   node. Redis down never fails a request: the node serves from its own
+//!   store and the origin, and stops trusting its own store when it has
+//!   not heard the fleet for `--isolation-ttl-ms` (default 1000), so a
+//!   purge made elsewhere is honoured after at most that long.
+//! - `--purge-token TOKEN` (or `--purge-token-file PATH`, which keeps it
+//!   out of the process list) serves the purge API on the same listener
+//!   at exactly `POST /_purge` (`{"tags": [...]}`, `{"urls": [...]}` or
+//!   `{"all": true}`, `Authorization: Bearer TOKEN`; see
+//!   `HttpCacheLayer::purge_router`). Without it, that path goes to the
+//!   origin like any other; other methods on it always do.
+//! - `--metrics-listen IP:PORT` serves Prometheus text at `GET /metrics` on
+//!   a listener of its own (never on the proxied one, where the path is
+//!   the origin's). Of the counters, labelled `cache="NAME"` (`--name`,
+//!   default `tower-scale`, also the `Cache-Status` name):
+//!   L1 hits `tower_scale_cache_hits_total`, L2 hits
+//!   `tower_scale_cache_l2_hits_total`, purges received (this node's
+//!   route) `tower_scale_cache_purges_total`, purges applied here (each
+//!   tag or URL, this node's own and the fleet's)
+//!   `tower_scale_cache_invalidations_total`, of which from other nodes
+//!   `tower_scale_cache_remote_invalidations_total`; the Redis tier's
+//!   `tower_scale_cache_l2_*` are labelled `prefix`.
+//!
+//! When ready it prints `listening on http://IP:PORT` as the first line on
+//! stdout (then `metrics on http://IP:PORT` with `--metrics-listen`); logs
+//! go to stderr. Bad flags print usage to stderr and exit with status 2; a
+//! listener that cannot be bound exits with status 1.
+
+mod forward;
+mod node;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hyper::Uri;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use tower::ServiceBuilder;
+use tower_scale::http::HttpCacheLayer;
+
+use forward::Forward;
+
+const USAGE: &str = "usage: http_proxy --listen IP:PORT --upstream http://HOST:PORT \
+     [--max-bytes N] [--max-body N] [--upstream-timeout SECS] [--name NAME] \
+     [--redis redis://HOST:PORT] [--redis-prefix PREFIX] [--isolation-ttl-ms MS] \
+     [--purge-token TOKEN | --purge-token-file PATH] [--metrics-listen IP:PORT]";
+
+struct Args {
+    listen: SocketAddr,
+    upstream: Uri,
+    max_bytes: u64,
+    max_body: usize,
+    upstream_timeout: Duration,
+    name: String,
+    redis: Option<String>,
+    redis_prefix: String,
+    isolation_ttl: Option<Duration>,
+    purge_token: Option<String>,
+    metrics_listen: Option<SocketAddr>,
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
+    let (mut listen, mut upstream) = (None, None);
+    let (mut max_bytes, mut max_body) = (256u64 << 20, 1usize << 20);
+    let mut upstream_timeout = Duration::from_secs(30);
+    let mut name = "tower-scale".to_string();
+    let (mut redis, mut redis_prefix, mut isolation_ttl) = (None, "http_proxy".to_string(), None);
+    let (mut purge_token, mut metrics_listen) = (None, None);
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--listen" => listen = Some(addr(&flag, value()?)?),
+            "--upstream" => {
+                let uri = value()?
+                    .parse::<Uri>()
+                    .map_err(|e| format!("--upstream: {e}"))?;
+                if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+                    return Err("--upstream must be http://HOST:PORT".into());
+                }
+                upstream = Some(uri);
+            }
+            "--max-bytes" => {
+                max_bytes = value()?.parse().map_err(|e| format!("--max-bytes: {e}"))?
+            }
+            "--max-body" => max_body = value()?.parse().map_err(|e| format!("--max-body: {e}"))?,
+            "--upstream-timeout" => {
+                let secs: u64 = value()?
+                    .parse()
+                    .map_err(|e| format!("--upstream-timeout: {e}"))?;
+                if secs == 0 {
+                    return Err("--upstream-timeout must be at least 1 second".into());
+                }
+                upstream_timeout = Duration::from_secs(secs);
+            }
+            "--name" => name = value()?,
+            "--redis" => {
+                let url = value()?;
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    return Err("--redis must be redis://HOST:PORT".into());
+                }
+                redis = Some(url);
+            }
+            "--redis-prefix" => redis_prefix = value()?,
+            "--isolation-ttl-ms" => {
+                let ms: u64 = value()?
+                    .parse()
+                    .map_err(|e| format!("--isolation-ttl-ms: {e}"))?;
+                isolation_ttl = Some(Duration::from_millis(ms));
+            }
+            "--purge-token" => purge_token = Some(value()?),
+            "--purge-token-file" => {
+                let path = value()?;
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("--purge-token-file {path}: {e}"))?;
+                purge_token = Some(text.trim().to_string());
+            }
+            "--metrics-listen" => metrics_listen = Some(addr(&flag, value()?)?),
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown flag {other:?}")),
+        }
+    }
+    if purge_token.as_ref().is_some_and(|t| t.is_empty()) {
+        return Err("the purge token must not be empty".into());
+    }
+    if isolation_ttl.is_some() && redis.is_none() {
+        return Err("--isolation-ttl-ms needs --redis".into());
+    }
+    Ok(Args {
+        listen: listen.ok_or("--listen is required")?,
+        upstream: upstream.ok_or("--upstream is required")?,
+        max_bytes,
+        max_body,
+        upstream_timeout,
+        name,
+        redis,
+        redis_prefix,
+        isolation_ttl,
+        purge_token,
+        metrics_listen,
+    })
+}
+
+fn addr(flag: &str, value: String) -> Result<SocketAddr, String> {
+    value.parse().map_err(|e| format!("{flag}: {e}"))
+}
+
+/// Bad flags or settings: usage on stderr, status 2.
+fn usage_error(message: impl std::fmt::Display) -> ! {
+    eprintln!("http_proxy: {message}\n{USAGE}");
+    std::process::exit(2);
+}
+
+async fn bind(addr: SocketAddr) -> tokio::net::TcpListener {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("http_proxy: cannot listen on {addr}: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(args) => args,
+        Err(message) if message.is_empty() => {
+            eprintln!("{USAGE}");
+            std::process::exit(2);
+        }
+        Err(message) => usage_error(message),
+    };
+    if args.purge_token.as_ref().is_some_and(|t| t.len() < 16) {
+        eprintln!("http_proxy: warning: a purge token under 16 bytes is easy to guess");
+    }
+    // Before the cache is built: it registers its metrics when it starts.
+    let prometheus = args
+        .metrics_listen
+        .map(|_| metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder());
+    let prometheus = match prometheus.transpose() {
+        Ok(p) => p,
+        Err(e) => usage_error(format!("metrics: {e}")),
+    };
+    let layer = match HttpCacheLayer::builder()
+        .max_bytes(args.max_bytes)
+        .max_body(args.max_body)
+        .name(args.name.clone())
+        .build()
+    {
+        Ok(layer) => layer,
+        Err(e) => usage_error(e),
+    };
+    let tier = match &args.redis {
+        None => None,
+        Some(url) => {
+            let mut builder =
+                tower_scale::cache::redis::builder(url.clone()).prefix(args.redis_prefix.clone());
+            if let Some(ttl) = args.isolation_ttl {
+                builder = builder.isolation_ttl(ttl);
+            }
+            // Never fails because Redis is down: it keeps trying.
+            match builder.attach(&layer, layer.redis_codec()).await {
+                Ok(tier) => Some(tier),
+                Err(e) => usage_error(e),
+            }
+        }
+    };
+    let forward = Forward {
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        upstream: args.upstream,
+        timeout: args.upstream_timeout,
+    };
+    let purge = args.purge_token.map(|token| layer.purge_router(token));
+    let service = node::Node::new(
+        ServiceBuilder::new().layer(layer.clone()).service(forward),
+        purge,
+    );
+    let listener = bind(args.listen).await;
+    let metrics = match (args.metrics_listen, prometheus) {
+        (Some(at), Some(handle)) => Some((bind(at).await, handle)),
+        _ => None,
+    };
+    let addr = listener.local_addr().unwrap_or(args.listen);
+    println!("listening on http://{addr}");
+    if let Some((metrics_listener, handle)) = metrics {
+        let at = metrics_listener.local_addr().unwrap_or(addr);
+        println!("metrics on http://{at}");
+        tokio::spawn(node::serve_metrics(metrics_listener, handle, tier.clone()));
+    }
+    let _ = std::io::stdout().flush();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let svc = TowerToHyperService::new(service.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await
+                    {
+                        eprintln!("connection error: {e}");
+                    }
+                });
+            }
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+}
