@@ -50,6 +50,11 @@
 //!   balancing, and read-your-writes through WAL-position tokens; `pg::layer`
 //!   (features `postgres` and `http`) carries the tokens through cookies,
 //!   headers and gRPC metadata.
+//! - **The job queue** (`queue`, feature `queue`): jobs enqueued in the
+//!   business write's own transaction, workers that are tower Services
+//!   claiming with `SKIP LOCKED` under renewed leases, retries with
+//!   back-off, dead letters, and handlers that read their job's writes
+//!   through a read-your-writes token even from a lagging replica.
 //! - **Real servers for tests** ([`testing`], feature `local-cluster`): a
 //!   PostgreSQL primary with streaming replicas and a Redis server, started
 //!   from the installed binaries in temp dirs on free loopback ports, with the
@@ -113,6 +118,10 @@ pub mod grpc;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod pg;
+
+#[cfg(feature = "queue")]
+#[cfg_attr(docsrs, doc(cfg(feature = "queue")))]
+pub mod queue;
 
 #[cfg(feature = "local-cluster")]
 #[cfg_attr(docsrs, doc(cfg(feature = "local-cluster")))]

@@ -63,6 +63,15 @@ pub enum DbError {
         /// The nodes tried, with what each said.
         tried: Vec<String>,
     },
+    /// A `LISTEN` session ended or could not be opened (the job queue's
+    /// wake-ups; its workers poll meanwhile and reconnect).
+    #[error("listening on {node}: {reason}")]
+    Listen {
+        /// The node listened on.
+        node: Arc<str>,
+        /// What ended the session.
+        reason: String,
+    },
     /// A pool timed out. Nothing was sent: a write did not commit.
     #[error(
         "connection pool of {node}: {kind:?} timeout; raise the pool size or the timeout, \

@@ -131,6 +131,10 @@ pub mod feed;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod layer;
+#[cfg(feature = "queue")]
+mod listen;
+#[cfg(feature = "queue")]
+pub(crate) use self::listen::{OnListening, OnNotify};
 mod lsn;
 mod monitor;
 mod node;

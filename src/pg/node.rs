@@ -102,6 +102,9 @@ pub(crate) struct Node {
     /// label set on every query.
     queries_total: metrics::Counter,
     pool_wait: metrics::Histogram,
+    /// `LISTEN` on a session of its own, as the write pool connects.
+    #[cfg(feature = "queue")]
+    pub(crate) listen: super::listen::Listen,
 }
 
 /// Samples a node needs before its latency counts in the balance.
@@ -161,6 +164,12 @@ impl Node {
         let build_pool = |pg: tokio_postgres::Config, size: usize, wait: Duration| {
             timeouts.build(pg, tls.clone(), size, wait)
         };
+        #[cfg(feature = "queue")]
+        let listen = {
+            let mut listen = write.clone();
+            listen.application_name("tower-scale-listen");
+            super::listen::listener(listen, tls.clone(), b.create_timeout)
+        };
         let mut probe = probe;
         probe.application_name("tower-scale-monitor");
         probe.connect_timeout(b.probe_timeout);
@@ -197,6 +206,8 @@ impl Node {
             queries: AtomicU64::new(0),
             queries_total: metrics::counter!("tower_scale_db_queries_total", "node" => name.clone()),
             pool_wait: metrics::histogram!("tower_scale_db_pool_wait_seconds", "node" => name.clone()),
+            #[cfg(feature = "queue")]
+            listen,
             name: Arc::from(name),
         })
     }
