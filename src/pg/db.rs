@@ -357,25 +357,6 @@ impl Db {
         }
     }
 
-    /// Listens on `channel` on the primary (a session of its own) until
-    /// that session ends; the caller reconnects.
-    #[cfg(feature = "queue")]
-    pub(crate) async fn listen(
-        &self,
-        channel: String,
-        on_notify: super::listen::OnNotify,
-        listening: super::listen::OnListening,
-    ) -> Result<(), DbError> {
-        let index = self.primary_index().await?;
-        let node = self.node(index);
-        (node.listen)(channel, on_notify, listening)
-            .await
-            .map_err(|reason| DbError::Listen {
-                node: Arc::clone(&node.name),
-                reason,
-            })
-    }
-
     /// The primary's index, waiting a bounded time for one to be found.
     pub(super) async fn primary_index(&self) -> Result<usize, DbError> {
         let deadline = tokio::time::Instant::now() + self.inner.options.primary_wait;

@@ -9,6 +9,8 @@ use std::time::Duration;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{AsyncMessage, Socket};
 
+use super::DbError;
+
 /// Called with each notification's payload.
 pub(crate) type OnNotify = Arc<dyn Fn(&str) + Send + Sync>;
 
@@ -97,4 +99,24 @@ where
     .await;
     driver.abort();
     result
+}
+
+impl super::Db {
+    /// Listens on `channel` on the primary (a session of its own) until
+    /// that session ends; the caller reconnects.
+    pub(crate) async fn listen(
+        &self,
+        channel: String,
+        on_notify: OnNotify,
+        listening: OnListening,
+    ) -> Result<(), DbError> {
+        let index = self.primary_index().await?;
+        let node = self.node(index);
+        (node.listen)(channel, on_notify, listening)
+            .await
+            .map_err(|reason| DbError::Listen {
+                node: Arc::clone(&node.name),
+                reason,
+            })
+    }
 }

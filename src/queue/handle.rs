@@ -30,6 +30,8 @@ pub(crate) struct Inner {
     pub(crate) sql: Sql,
     pub(crate) clock: QueueClock,
     pub(crate) max_attempts: u32,
+    /// The wake-ups of this queue's workers in this process.
+    pub(crate) hub: std::sync::Mutex<std::sync::Weak<super::wake::Hub>>,
 }
 
 impl fmt::Debug for Queue {
@@ -101,6 +103,7 @@ impl QueueBuilder {
                 sql,
                 clock: self.clock,
                 max_attempts: self.max_attempts,
+                hub: std::sync::Mutex::new(std::sync::Weak::new()),
             }),
         })
     }

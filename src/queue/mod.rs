@@ -82,9 +82,11 @@
 
 mod handle;
 mod job;
+mod run;
 mod schema;
 mod stats;
 mod time;
+mod wake;
 mod worker;
 
 use std::fmt;

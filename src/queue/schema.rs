@@ -107,8 +107,12 @@ impl Sql {
                  SELECT id, CASE WHEN $8 THEN pg_notify($9, $1)::text END FROM ins"
             ),
             existing: format!("SELECT id FROM {t} WHERE queue = $1 AND idempotency_key = $2"),
+            // $6: jobs this worker finished, deleted in the same round trip.
             claim: format!(
-                "WITH c AS (
+                "WITH done AS (
+                    DELETE FROM {t} WHERE id = ANY($6) AND owner = $5 AND state = 'running'
+                 ),
+                 c AS (
                     SELECT id FROM {t}
                     WHERE queue = $1 AND state = 'ready' AND run_at <= $2
                     ORDER BY priority DESC, run_at, id

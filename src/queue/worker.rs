@@ -2,25 +2,23 @@
 //! `SKIP LOCKED` under a lease it renews, settles in batches, retries with
 //! back-off, dead-letters, and shuts down gracefully.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use tokio::task::JoinSet;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tower::{Service, ServiceExt};
-use tracing::Instrument;
+use tower::Service;
 
+use super::QueueError;
 use super::handle::Queue;
-use super::job::{Job, JobDb};
+use super::job::Job;
+use super::run::Run;
 use super::stats::{Counters, WorkerStats};
 use super::time::Backoff;
-use super::{JobId, QueueError};
+use super::wake::Hub;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Runs a `Service<Job>` over a [`Queue`]: up to
 /// [`concurrency`](Self::concurrency) jobs at a time, each claimed under a
@@ -62,16 +60,16 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// ```
 #[must_use]
 pub struct Worker<S> {
-    queue: Queue,
-    service: S,
-    concurrency: usize,
-    batch: usize,
-    lease: Duration,
-    poll_interval: Duration,
-    backoff: Backoff,
-    listen: bool,
-    metrics_interval: Duration,
-    drop_grace: Duration,
+    pub(crate) queue: Queue,
+    pub(crate) service: S,
+    pub(crate) concurrency: usize,
+    pub(crate) batch: usize,
+    pub(crate) lease: Duration,
+    pub(crate) poll_interval: Duration,
+    pub(crate) backoff: Backoff,
+    pub(crate) listen: bool,
+    pub(crate) metrics_interval: Duration,
+    pub(crate) drop_grace: Duration,
 }
 
 impl<S> fmt::Debug for Worker<S> {
@@ -194,35 +192,22 @@ where
             .to_ne_bytes(),
         );
         let counters = Arc::new(Counters::new(self.queue.name()));
-        let wake = Arc::new(tokio::sync::Notify::new());
-        let listening = Arc::new(AtomicBool::new(false));
-        if self.listen {
-            runtime.spawn(listen(
-                self.queue.clone(),
-                wake.clone(),
-                stop.clone(),
-                self.poll_interval,
-                listening.clone(),
-            ));
-        }
-        let run = Run {
-            rng: crate::random::Random::new(owner as u64),
-            worker: self,
+        let hub = self
+            .listen
+            .then(|| Hub::of(&self.queue, self.poll_interval, &runtime));
+        let run = Run::new(
+            self,
             owner,
-            counters: counters.clone(),
-            wake,
-            stop: stop.clone(),
-            grace: grace.clone(),
-            tasks: JoinSet::new(),
-            running: HashMap::new(),
-            done: Vec::new(),
-            failed: Vec::new(),
-        };
+            counters.clone(),
+            hub.clone(),
+            stop.clone(),
+            grace.clone(),
+        );
         let task = runtime.spawn(run.run());
         Ok(WorkerHandle {
             stop,
             grace,
-            listening,
+            hub,
             task: Some(task),
             counters,
             owner,
@@ -240,7 +225,7 @@ fn nanos(d: Duration) -> u64 {
 pub struct WorkerHandle {
     stop: CancellationToken,
     grace: Arc<AtomicU64>,
-    listening: Arc<AtomicBool>,
+    hub: Option<Arc<Hub>>,
     task: Option<tokio::task::JoinHandle<ShutdownReport>>,
     counters: Arc<Counters>,
     owner: i64,
@@ -267,7 +252,9 @@ impl WorkerHandle {
     /// Whether the worker's `LISTEN` session is up now (without it the
     /// worker still finds jobs by polling).
     pub fn listening(&self) -> bool {
-        self.listening.load(Ordering::Acquire)
+        self.hub
+            .as_ref()
+            .is_some_and(|h| h.listening.load(Ordering::Acquire))
     }
 
     /// The owner id the worker's claims carry (the `owner` column).
@@ -294,355 +281,4 @@ pub struct ShutdownReport {
     /// (the database was unreachable): their leases expire and they run
     /// again.
     pub unsettled: u64,
-}
-
-/// Keeps a `LISTEN` session on the primary, waking the worker for each
-/// notification of its queue, reconnecting after a pause when it ends.
-async fn listen(
-    queue: Queue,
-    wake: Arc<tokio::sync::Notify>,
-    stop: CancellationToken,
-    pause: Duration,
-    flag: Arc<AtomicBool>,
-) {
-    let name = queue.inner.name.clone();
-    loop {
-        let (w, n) = (wake.clone(), name.clone());
-        let on_notify: crate::pg::OnNotify = Arc::new(move |payload: &str| {
-            if payload == &*n {
-                w.notify_one();
-            }
-        });
-        let (w, f) = (wake.clone(), flag.clone());
-        let listening: crate::pg::OnListening = Arc::new(move |on| {
-            f.store(on, Ordering::Release);
-            if on {
-                // Jobs committed while no session listened: look once more.
-                w.notify_one();
-            }
-        });
-        tokio::select! {
-            () = stop.cancelled() => return,
-            ended = queue.inner.db.listen(queue.inner.sql.channel.clone(), on_notify, listening) => {
-                if let Err(e) = ended {
-                    tracing::debug!(queue = %name, error = %e, "job queue: listening again");
-                }
-            }
-        }
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(pause) => {}
-        }
-    }
-}
-
-/// A job being handled.
-struct Running {
-    id: i64,
-    attempt: u32,
-}
-
-/// What a handler's task returns.
-type Outcome = (i64, Result<(), String>);
-
-struct Run<S> {
-    worker: Worker<S>,
-    owner: i64,
-    counters: Arc<Counters>,
-    wake: Arc<tokio::sync::Notify>,
-    stop: CancellationToken,
-    grace: Arc<AtomicU64>,
-    tasks: JoinSet<Outcome>,
-    running: HashMap<tokio::task::Id, Running>,
-    /// Finished jobs to delete.
-    done: Vec<i64>,
-    /// Failed jobs to reschedule: id, error, attempt.
-    failed: Vec<(i64, String, u32)>,
-    rng: crate::random::Random,
-}
-
-impl<S> Run<S>
-where
-    S: Service<Job, Response = ()> + Clone + Send + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-{
-    async fn run(mut self) -> ShutdownReport {
-        let w = &self.worker;
-        let (poll, renew) = (w.poll_interval, w.lease / 3);
-        let metrics_every = w.metrics_interval;
-        let mut next_poll = Instant::now();
-        let mut next_renewal = Instant::now() + renew;
-        let mut next_metrics = Instant::now();
-        let mut next_reap = Instant::now();
-        loop {
-            if self.stop.is_cancelled() {
-                break;
-            }
-            self.settle().await;
-            let now = Instant::now();
-            if now >= next_reap {
-                self.reap().await;
-                next_reap = now + poll;
-            }
-            if now >= next_renewal {
-                self.renew().await;
-                next_renewal = now + renew;
-            }
-            if now >= next_metrics {
-                self.publish_depth().await;
-                next_metrics = now + metrics_every;
-            }
-            let free = self.worker.concurrency.saturating_sub(self.tasks.len());
-            if free > 0 {
-                let want = free.min(self.worker.batch);
-                next_poll = now + poll;
-                match self.claim(want).await {
-                    // A full batch: more may be due.
-                    Ok(n) if n == want && self.tasks.len() < self.worker.concurrency => continue,
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(queue = %self.worker.queue.name(), error = %e, "job queue: claim failed")
-                    }
-                }
-            }
-            let wake_at = next_poll.min(next_renewal).min(next_metrics);
-            let has_room = self.tasks.len() < self.worker.concurrency;
-            tokio::select! {
-                () = self.stop.cancelled() => break,
-                Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
-                    self.finished(joined);
-                    while let Some(joined) = self.tasks.try_join_next_with_id() {
-                        self.finished(joined);
-                    }
-                }
-                () = self.wake.notified(), if has_room => next_poll = Instant::now(),
-                () = tokio::time::sleep_until(wake_at) => {}
-            }
-        }
-        self.shut_down().await
-    }
-
-    /// Claims up to `want` due jobs and starts them; how many it got.
-    async fn claim(&mut self, want: usize) -> Result<usize, QueueError> {
-        let q = self.worker.queue.inner.clone();
-        let now = q.clock.now();
-        let lease_until = now + self.worker.lease;
-        let name: &str = &q.name;
-        let limit = i64::try_from(want).unwrap_or(i64::MAX);
-        let written =
-            q.db.query(
-                &q.sql.claim,
-                &[&name, &now, &limit, &lease_until, &self.owner],
-            )
-            .await?;
-        self.counters.claims.fetch_add(1, Ordering::Relaxed);
-        let token = written.token;
-        let claimed = written.value.len();
-        for row in written.value {
-            let job = Job {
-                id: JobId(row.try_get(0)?),
-                queue: q.name.clone(),
-                payload: row.try_get(1)?,
-                attempt: u32::try_from(row.try_get::<_, i32>(2)?).unwrap_or(0),
-                max_attempts: u32::try_from(row.try_get::<_, i32>(3)?).unwrap_or(1),
-                priority: row.try_get(4)?,
-                enqueued_at: row.try_get(5)?,
-                due_at: row.try_get(6)?,
-                db: JobDb::new(q.db.clone(), token),
-            };
-            self.start(job);
-        }
-        Ok(claimed)
-    }
-
-    fn start(&mut self, job: Job) {
-        let (id, attempt) = (job.id.0, job.attempt);
-        let span = tracing::info_span!("job", queue = %job.queue, job = id, attempt);
-        let service = self.worker.service.clone();
-        let counters = self.counters.clone();
-        let handler = async move {
-            let started = std::time::Instant::now();
-            let result = service.oneshot(job).await.map_err(|e| e.into().to_string());
-            counters.handled(started.elapsed());
-            (id, result)
-        }
-        .instrument(span);
-        let task = self.tasks.spawn(handler);
-        self.running.insert(task.id(), Running { id, attempt });
-    }
-
-    /// Books a handler's end: done, failed, or panicked (a failure).
-    fn finished(&mut self, joined: Result<(tokio::task::Id, Outcome), tokio::task::JoinError>) {
-        let (task, outcome) = match joined {
-            Ok((task, (_, outcome))) => (task, outcome),
-            Err(e) => {
-                let task = e.id();
-                let why = if e.is_panic() {
-                    format!("the handler panicked: {}", panic_message(e.into_panic()))
-                } else {
-                    "the handler was cancelled".into()
-                };
-                (task, Err(why))
-            }
-        };
-        let Some(job) = self.running.remove(&task) else {
-            return;
-        };
-        match outcome {
-            Ok(()) => self.done.push(job.id),
-            Err(why) => {
-                self.counters.failed();
-                self.failed.push((job.id, why, job.attempt));
-            }
-        }
-    }
-
-    /// Writes finished and failed jobs (one statement each kind); what
-    /// cannot be written now is kept, its lease renewed, and tried again.
-    async fn settle(&mut self) {
-        let q = self.worker.queue.inner.clone();
-        if !self.done.is_empty() {
-            match q
-                .db
-                .execute(&q.sql.complete, &[&self.done, &self.owner])
-                .await
-            {
-                Ok(w) => {
-                    self.counters.processed(w.value);
-                    self.done.clear();
-                }
-                Err(e) => {
-                    tracing::warn!(queue = %q.name, error = %e, "job queue: completing jobs failed; retrying")
-                }
-            }
-        }
-        if !self.failed.is_empty() {
-            let now = q.clock.now();
-            let ids: Vec<i64> = self.failed.iter().map(|f| f.0).collect();
-            let errors: Vec<&str> = self.failed.iter().map(|f| f.1.as_str()).collect();
-            let at: Vec<SystemTime> = self
-                .failed
-                .iter()
-                .map(|f| now + self.worker.backoff.delay(f.2, self.rng.next_unit()))
-                .collect();
-            match q
-                .db
-                .query(&q.sql.fail, &[&ids, &errors, &at, &self.owner])
-                .await
-            {
-                Ok(w) => {
-                    for row in &w.value {
-                        self.counters
-                            .rescheduled(row.try_get::<_, &str>(0).unwrap_or("ready"));
-                    }
-                    self.failed.clear();
-                }
-                Err(e) => {
-                    tracing::warn!(queue = %q.name, error = %e, "job queue: rescheduling failed jobs failed; retrying")
-                }
-            }
-        }
-    }
-
-    /// Renews the leases of every job this worker holds.
-    async fn renew(&mut self) {
-        let ids: Vec<i64> = self
-            .running
-            .values()
-            .map(|r| r.id)
-            .chain(self.done.iter().copied())
-            .chain(self.failed.iter().map(|f| f.0))
-            .collect();
-        if ids.is_empty() {
-            return;
-        }
-        let q = &self.worker.queue.inner;
-        let until = q.clock.now() + self.worker.lease;
-        match q
-            .db
-            .query(&q.sql.heartbeat, &[&ids, &self.owner, &until])
-            .await
-        {
-            Ok(w) if w.value.len() < ids.len() => {
-                let lost = (ids.len() - w.value.len()) as u64;
-                self.counters.leases_lost.fetch_add(lost, Ordering::Relaxed);
-                tracing::warn!(queue = %q.name, lost, "job queue: leases lost (renewed too late); those jobs may run twice");
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(queue = %q.name, error = %e, "job queue: renewing leases failed")
-            }
-        }
-    }
-
-    /// Makes jobs whose lease ran out due again (or dead).
-    async fn reap(&mut self) {
-        let q = &self.worker.queue.inner;
-        let now = q.clock.now();
-        let name: &str = &q.name;
-        match q.db.query(&q.sql.reap, &[&name, &now]).await {
-            Ok(w) => {
-                for row in &w.value {
-                    self.counters
-                        .rescheduled(row.try_get::<_, &str>(0).unwrap_or("ready"));
-                }
-                if !w.value.is_empty() {
-                    tracing::info!(queue = %q.name, jobs = w.value.len(), "job queue: leases expired; jobs due again");
-                }
-            }
-            Err(e) => tracing::debug!(queue = %q.name, error = %e, "job queue: reaping failed"),
-        }
-    }
-
-    async fn publish_depth(&mut self) {
-        match self.worker.queue.depth().await {
-            Ok(depth) => self.counters.depth(&depth),
-            Err(e) => {
-                tracing::debug!(queue = %self.worker.queue.name(), error = %e, "job queue: depth failed")
-            }
-        }
-    }
-
-    async fn shut_down(mut self) -> ShutdownReport {
-        let grace = Duration::from_nanos(self.grace.load(Ordering::Relaxed));
-        let deadline = Instant::now() + grace;
-        let mut report = ShutdownReport::default();
-        self.renew().await;
-        while !self.tasks.is_empty() {
-            tokio::select! {
-                Some(joined) = self.tasks.join_next_with_id() => {
-                    self.finished(joined);
-                    report.finished += 1;
-                }
-                () = tokio::time::sleep_until(deadline) => break,
-            }
-        }
-        self.tasks.abort_all();
-        let left: Vec<i64> = self.running.drain().map(|(_, r)| r.id).collect();
-        while self.tasks.join_next().await.is_some() {}
-        let q = self.worker.queue.inner.clone();
-        if !left.is_empty() {
-            match q.db.execute(&q.sql.release, &[&left, &self.owner]).await {
-                Ok(w) => report.released = w.value,
-                Err(e) => {
-                    tracing::warn!(queue = %q.name, error = %e, "job queue: releasing jobs failed; their leases will expire");
-                    report.unsettled += left.len() as u64;
-                }
-            }
-        }
-        self.settle().await;
-        report.unsettled += (self.done.len() + self.failed.len()) as u64;
-        report
-    }
-}
-
-fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "(not a string)".into()
-    }
 }

@@ -1,0 +1,395 @@
+//! The worker's loop: claims (with the finished jobs deleted in the same
+//! round trip), handlers as tasks, settling, lease renewal, reaping
+//! expired leases, and the shutdown.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tower::{Service, ServiceExt};
+use tracing::Instrument;
+
+use super::job::{Job, JobDb};
+use super::stats::Counters;
+use super::wake::Hub;
+use super::worker::{BoxError, ShutdownReport, Worker};
+use super::{JobId, QueueError};
+
+/// A job being handled.
+struct Running {
+    id: i64,
+    attempt: u32,
+}
+
+/// What a handler's task returns.
+type Outcome = (i64, Result<(), String>);
+
+/// How long a free slot may wait for others before claiming under load.
+const CLAIM_LINGER: Duration = Duration::from_millis(2);
+
+pub(crate) struct Run<S> {
+    worker: Worker<S>,
+    owner: i64,
+    counters: Arc<Counters>,
+    hub: Option<Arc<Hub>>,
+    stop: CancellationToken,
+    grace: Arc<AtomicU64>,
+    tasks: JoinSet<Outcome>,
+    running: HashMap<tokio::task::Id, Running>,
+    /// Finished jobs to delete.
+    done: Vec<i64>,
+    /// Failed jobs to reschedule: id, error, attempt.
+    failed: Vec<(i64, String, u32)>,
+    rng: crate::random::Random,
+}
+
+impl<S> Run<S>
+where
+    S: Service<Job, Response = ()> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    pub(crate) fn new(
+        worker: Worker<S>,
+        owner: i64,
+        counters: Arc<Counters>,
+        hub: Option<Arc<Hub>>,
+        stop: CancellationToken,
+        grace: Arc<AtomicU64>,
+    ) -> Self {
+        Self {
+            rng: crate::random::Random::new(owner as u64),
+            worker,
+            owner,
+            counters,
+            hub,
+            stop,
+            grace,
+            tasks: JoinSet::new(),
+            running: HashMap::new(),
+            done: Vec::new(),
+            failed: Vec::new(),
+        }
+    }
+
+    pub(crate) async fn run(mut self) -> ShutdownReport {
+        let w = &self.worker;
+        let (poll, renew) = (w.poll_interval, w.lease / 3);
+        let metrics_every = w.metrics_interval;
+        // Under load, claim once half the slots are free (or a moment
+        // after the first one is): fewer, fuller round trips.
+        let threshold = (w.concurrency.min(w.batch) / 2).max(1);
+        let start = Instant::now();
+        let (mut next_claim, mut next_reap, mut next_metrics) = (start, start, start);
+        let mut next_renewal = start + renew;
+        loop {
+            if self.stop.is_cancelled() {
+                break;
+            }
+            if !self.failed.is_empty() {
+                self.settle_failed().await;
+            }
+            let now = Instant::now();
+            if now >= next_reap {
+                self.reap().await;
+                next_reap = now + poll;
+            }
+            if now >= next_renewal {
+                self.renew().await;
+                next_renewal = now + renew;
+            }
+            if now >= next_metrics {
+                self.publish_depth().await;
+                next_metrics = now + metrics_every;
+            }
+            let free = self.worker.concurrency.saturating_sub(self.tasks.len());
+            if free > 0 && now >= next_claim {
+                let want = free.min(self.worker.batch);
+                next_claim = now + poll;
+                match self.claim(want).await {
+                    // A full batch and room for more: more may be due.
+                    Ok(n) if n == want && want < free => {
+                        next_claim = now;
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(queue = %self.worker.queue.name(), error = %e, "job queue: claim failed")
+                    }
+                }
+            } else if self.done.len() >= self.worker.batch {
+                // All slots busy with long jobs: do not let the done pile up.
+                self.settle_done().await;
+            }
+            let has_room = self.tasks.len() < self.worker.concurrency;
+            let mut wake_at = next_renewal.min(next_metrics).min(next_reap);
+            if has_room {
+                wake_at = wake_at.min(next_claim);
+            }
+            tokio::select! {
+                () = self.stop.cancelled() => break,
+                Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
+                    self.finished(joined);
+                    while let Some(joined) = self.tasks.try_join_next_with_id() {
+                        self.finished(joined);
+                    }
+                    let free = self.worker.concurrency.saturating_sub(self.tasks.len());
+                    let soon = Instant::now() + CLAIM_LINGER;
+                    next_claim = if free >= threshold { Instant::now() } else { next_claim.min(soon) };
+                }
+                () = notified(&self.hub), if has_room => next_claim = Instant::now(),
+                () = tokio::time::sleep_until(wake_at) => {}
+            }
+        }
+        self.shut_down().await
+    }
+
+    /// Claims up to `want` due jobs and starts them; how many it got.
+    async fn claim(&mut self, want: usize) -> Result<usize, QueueError> {
+        let q = self.worker.queue.inner.clone();
+        let now = q.clock.now();
+        let lease_until = now + self.worker.lease;
+        let name: &str = &q.name;
+        let limit = i64::try_from(want).unwrap_or(i64::MAX);
+        let written =
+            q.db.query(
+                &q.sql.claim,
+                &[&name, &now, &limit, &lease_until, &self.owner, &self.done],
+            )
+            .await?;
+        self.counters.claims.fetch_add(1, Ordering::Relaxed);
+        // The finished jobs went with the claim.
+        self.counters.processed(self.done.len() as u64);
+        self.done.clear();
+        let token = written.token;
+        let claimed = written.value.len();
+        for row in written.value {
+            let job = Job {
+                id: JobId(row.try_get(0)?),
+                queue: q.name.clone(),
+                payload: row.try_get(1)?,
+                attempt: u32::try_from(row.try_get::<_, i32>(2)?).unwrap_or(0),
+                max_attempts: u32::try_from(row.try_get::<_, i32>(3)?).unwrap_or(1),
+                priority: row.try_get(4)?,
+                enqueued_at: row.try_get(5)?,
+                due_at: row.try_get(6)?,
+                db: JobDb::new(q.db.clone(), token),
+            };
+            self.start(job);
+        }
+        Ok(claimed)
+    }
+
+    fn start(&mut self, job: Job) {
+        let (id, attempt) = (job.id.0, job.attempt);
+        let span = tracing::info_span!("job", queue = %job.queue, job = id, attempt);
+        let service = self.worker.service.clone();
+        let counters = self.counters.clone();
+        let handler = async move {
+            let started = std::time::Instant::now();
+            let result = service.oneshot(job).await.map_err(|e| e.into().to_string());
+            counters.handled(started.elapsed());
+            (id, result)
+        }
+        .instrument(span);
+        let task = self.tasks.spawn(handler);
+        self.running.insert(task.id(), Running { id, attempt });
+    }
+
+    /// Books a handler's end: done, failed, or panicked (a failure).
+    fn finished(&mut self, joined: Result<(tokio::task::Id, Outcome), tokio::task::JoinError>) {
+        let (task, outcome) = match joined {
+            Ok((task, (_, outcome))) => (task, outcome),
+            Err(e) => {
+                let task = e.id();
+                let why = if e.is_panic() {
+                    format!("the handler panicked: {}", panic_message(e.into_panic()))
+                } else {
+                    "the handler was cancelled".into()
+                };
+                (task, Err(why))
+            }
+        };
+        let Some(job) = self.running.remove(&task) else {
+            return;
+        };
+        match outcome {
+            Ok(()) => self.done.push(job.id),
+            Err(why) => {
+                self.counters.failed();
+                self.failed.push((job.id, why, job.attempt));
+            }
+        }
+    }
+
+    /// Writes finished and failed jobs (one statement each kind); what
+    /// cannot be written now is kept, its lease renewed, and tried again.
+    async fn settle(&mut self) {
+        self.settle_done().await;
+        self.settle_failed().await;
+    }
+
+    /// Deletes finished jobs (they usually go with the next claim).
+    async fn settle_done(&mut self) {
+        let q = self.worker.queue.inner.clone();
+        if !self.done.is_empty() {
+            match q
+                .db
+                .execute(&q.sql.complete, &[&self.done, &self.owner])
+                .await
+            {
+                Ok(w) => {
+                    self.counters.processed(w.value);
+                    self.done.clear();
+                }
+                Err(e) => {
+                    tracing::warn!(queue = %q.name, error = %e, "job queue: completing jobs failed; retrying")
+                }
+            }
+        }
+    }
+
+    /// Reschedules failed jobs (or makes them dead).
+    async fn settle_failed(&mut self) {
+        let q = self.worker.queue.inner.clone();
+        if !self.failed.is_empty() {
+            let now = q.clock.now();
+            let ids: Vec<i64> = self.failed.iter().map(|f| f.0).collect();
+            let errors: Vec<&str> = self.failed.iter().map(|f| f.1.as_str()).collect();
+            let at: Vec<SystemTime> = self
+                .failed
+                .iter()
+                .map(|f| now + self.worker.backoff.delay(f.2, self.rng.next_unit()))
+                .collect();
+            match q
+                .db
+                .query(&q.sql.fail, &[&ids, &errors, &at, &self.owner])
+                .await
+            {
+                Ok(w) => {
+                    for row in &w.value {
+                        self.counters
+                            .rescheduled(row.try_get::<_, &str>(0).unwrap_or("ready"));
+                    }
+                    self.failed.clear();
+                }
+                Err(e) => {
+                    tracing::warn!(queue = %q.name, error = %e, "job queue: rescheduling failed jobs failed; retrying")
+                }
+            }
+        }
+    }
+
+    /// Renews the leases of every job this worker holds.
+    async fn renew(&mut self) {
+        let ids: Vec<i64> = self
+            .running
+            .values()
+            .map(|r| r.id)
+            .chain(self.done.iter().copied())
+            .chain(self.failed.iter().map(|f| f.0))
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        let q = &self.worker.queue.inner;
+        let until = q.clock.now() + self.worker.lease;
+        match q
+            .db
+            .query(&q.sql.heartbeat, &[&ids, &self.owner, &until])
+            .await
+        {
+            Ok(w) if w.value.len() < ids.len() => {
+                let lost = (ids.len() - w.value.len()) as u64;
+                self.counters.leases_lost.fetch_add(lost, Ordering::Relaxed);
+                tracing::warn!(queue = %q.name, lost, "job queue: leases lost (renewed too late); those jobs may run twice");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(queue = %q.name, error = %e, "job queue: renewing leases failed")
+            }
+        }
+    }
+
+    /// Makes jobs whose lease ran out due again (or dead).
+    async fn reap(&mut self) {
+        let q = &self.worker.queue.inner;
+        let now = q.clock.now();
+        let name: &str = &q.name;
+        match q.db.query(&q.sql.reap, &[&name, &now]).await {
+            Ok(w) => {
+                for row in &w.value {
+                    self.counters
+                        .rescheduled(row.try_get::<_, &str>(0).unwrap_or("ready"));
+                }
+                if !w.value.is_empty() {
+                    tracing::info!(queue = %q.name, jobs = w.value.len(), "job queue: leases expired; jobs due again");
+                }
+            }
+            Err(e) => tracing::debug!(queue = %q.name, error = %e, "job queue: reaping failed"),
+        }
+    }
+
+    async fn publish_depth(&mut self) {
+        match self.worker.queue.depth().await {
+            Ok(depth) => self.counters.depth(&depth),
+            Err(e) => {
+                tracing::debug!(queue = %self.worker.queue.name(), error = %e, "job queue: depth failed")
+            }
+        }
+    }
+
+    async fn shut_down(mut self) -> ShutdownReport {
+        let grace = Duration::from_nanos(self.grace.load(Ordering::Relaxed));
+        let deadline = Instant::now() + grace;
+        let mut report = ShutdownReport::default();
+        self.renew().await;
+        while !self.tasks.is_empty() {
+            tokio::select! {
+                Some(joined) = self.tasks.join_next_with_id() => {
+                    self.finished(joined);
+                    report.finished += 1;
+                }
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        self.tasks.abort_all();
+        let left: Vec<i64> = self.running.drain().map(|(_, r)| r.id).collect();
+        while self.tasks.join_next().await.is_some() {}
+        let q = self.worker.queue.inner.clone();
+        if !left.is_empty() {
+            match q.db.execute(&q.sql.release, &[&left, &self.owner]).await {
+                Ok(w) => report.released = w.value,
+                Err(e) => {
+                    tracing::warn!(queue = %q.name, error = %e, "job queue: releasing jobs failed; their leases will expire");
+                    report.unsettled += left.len() as u64;
+                }
+            }
+        }
+        self.settle().await;
+        report.unsettled += (self.done.len() + self.failed.len()) as u64;
+        report
+    }
+}
+
+/// A notification for this worker's queue (never, without a hub).
+async fn notified(hub: &Option<Arc<Hub>>) {
+    match hub {
+        Some(hub) => hub.notify.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(not a string)".into()
+    }
+}
