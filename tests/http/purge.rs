@@ -331,3 +331,135 @@ async fn a_body_over_64_kib_is_413_and_other_methods_405() {
     let (status, _, _) = s.purge_raw(Method::PUT, Some(&auth), "{}").await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
 }
+
+/// An origin for the revalidation races: `v1` (ETag `"v1"`, tag `r`,
+/// fresh for 1 s, then stale for 60) to an unconditional request; a
+/// conditional one is reported on `arrived` and answered `304` once the
+/// test sends on `release`.
+fn validating_origin(
+    arrived: tokio::sync::mpsc::UnboundedSender<()>,
+    release: Arc<tokio::sync::Semaphore>,
+) -> ValidatingOrigin {
+    tower::util::BoxCloneSyncService::new(tower::service_fn(move |req: Request<Full<Bytes>>| {
+        let (arrived, release) = (arrived.clone(), release.clone());
+        async move {
+            let res = Response::builder()
+                .header("cache-control", "max-age=1, stale-while-revalidate=60")
+                .header("etag", "\"v1\"")
+                .header("surrogate-key", "r");
+            if req.headers().contains_key("if-none-match") {
+                let _ = arrived.send(());
+                release.acquire().await.unwrap().forget();
+                return Ok(res
+                    .status(StatusCode::NOT_MODIFIED)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap());
+            }
+            Ok(res.body(Full::new(Bytes::from_static(b"v1"))).unwrap())
+        }
+    }))
+}
+
+type ValidatingOrigin = tower::util::BoxCloneSyncService<
+    Request<Full<Bytes>>,
+    Response<Full<Bytes>>,
+    std::convert::Infallible,
+>;
+
+/// The cache in front of [`validating_origin`] on a mock clock, `/p`
+/// stored and then stale (2 s later).
+async fn stale_page() -> (
+    tower_scale::http::HttpCache<ValidatingOrigin>,
+    HttpCacheLayer,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+    Arc<tokio::sync::Semaphore>,
+) {
+    use tower::{Layer, ServiceExt};
+    let (clock, mock) = tower_scale::cache::Clock::mock();
+    let layer = HttpCacheLayer::builder().clock(clock).build().unwrap();
+    let (arrived, arrivals) = tokio::sync::mpsc::unbounded_channel();
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let svc = layer.layer(validating_origin(arrived, release.clone()));
+    let res = svc.clone().oneshot(page(&[])).await.unwrap();
+    assert_eq!(body_of(res).await, "v1");
+    mock.advance(std::time::Duration::from_secs(2));
+    (svc, layer, arrivals, release)
+}
+
+fn page(headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
+    let mut req = Request::get("/p").header("host", "cdn.test");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.body(Full::new(Bytes::new())).unwrap()
+}
+
+async fn body_of<B: http_body::Body<Data = Bytes>>(res: Response<B>) -> String
+where
+    B::Error: std::fmt::Debug,
+{
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+/// A purge between reading the stale entry and the origin's 304 keeps the
+/// merge out (it would store the purged body under a sequence number
+/// taken after the purge): the request that forces revalidation.
+#[tokio::test]
+async fn a_purge_during_a_revalidation_keeps_the_304_out() {
+    use tower::{Service, ServiceExt};
+    let (mut svc, layer, mut arrivals, release) = stale_page().await;
+    // `no-cache`: revalidated before answering. The stale entry is read
+    // when the request is called, before its future first runs.
+    let revalidating = svc.call(page(&[("cache-control", "no-cache")]));
+    assert_eq!(layer.purge(&Purge::Tags(vec!["r".into()])), 1);
+    let revalidating = tokio::spawn(revalidating);
+    arrivals.recv().await.unwrap();
+    release.add_permits(1);
+    let res = revalidating.await.unwrap().unwrap();
+    assert_eq!(body_of(res).await, "v1", "asked before the purge");
+    let stored = layer.stats().stored;
+    let next = svc.ready().await.unwrap().call(page(&[])).await.unwrap();
+    let status = next.headers()["cache-status"].to_str().unwrap().to_string();
+    assert!(
+        !status.contains("hit"),
+        "the purged body came back: {status}"
+    );
+    assert_eq!(layer.stats().stored, stored + 1, "refilled from the origin");
+}
+
+/// The same with a stale hit whose revalidation runs in the background.
+#[tokio::test]
+async fn a_purge_during_a_background_revalidation_keeps_the_304_out() {
+    use tower::ServiceExt;
+    let (svc, layer, mut arrivals, release) = stale_page().await;
+    let stale = svc.clone().oneshot(page(&[])).await.unwrap();
+    assert!(
+        stale.headers()["cache-status"]
+            .to_str()
+            .unwrap()
+            .contains("hit"),
+        "a stale hit"
+    );
+    // The revalidation is spawned, not run yet (current-thread runtime).
+    assert_eq!(layer.purge(&Purge::Tags(vec!["r".into()])), 1);
+    arrivals.recv().await.unwrap();
+    let before = layer.stats();
+    release.add_permits(1);
+    // Wait for the 304 to be merged and kept or refused.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let now = layer.stats();
+        if now.stored + now.not_stored > before.stored + before.not_stored {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no revalidation");
+        tokio::task::yield_now().await;
+    }
+    let next = svc.oneshot(page(&[])).await.unwrap();
+    let status = next.headers()["cache-status"].to_str().unwrap().to_string();
+    assert!(
+        !status.contains("hit"),
+        "the purged body came back: {status}"
+    );
+}
