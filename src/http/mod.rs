@@ -341,7 +341,7 @@ pub use self::layer::{HttpCacheLayer, HttpCacheLayerBuilder};
 pub use self::purge::Purge;
 #[cfg(feature = "purge")]
 #[cfg_attr(docsrs, doc(cfg(feature = "purge")))]
-pub use self::purge_route::PURGE_MAX_BODY;
+pub use self::purge_route::{PURGE_BODY_TIMEOUT, PURGE_MAX_BODY};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use self::remote::HttpRedisCodec;

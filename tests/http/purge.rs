@@ -267,6 +267,7 @@ async fn without_a_valid_token_it_is_401_and_nothing_is_purged() {
         s.get(&format!("/items/{id}"), &[]).await;
         assert_eq!(s.calls(&format!("/items/{id}")), 1, "still stored");
     }
+    assert_eq!(s.layer.stats().purges_refused, 6, "each refusal counted");
     // The scheme is case-insensitive.
     let auth = format!("bearer {TOKEN}");
     let (status, _, _) = s.purge_raw(Method::POST, Some(&auth), body).await;
@@ -298,6 +299,23 @@ async fn bad_input_is_400_naming_the_problem() {
         (r#"{"tags": [1]}"#.into(), "invalid type"),
         (r#"{"tags": "a"}"#.into(), "invalid type"),
         (r#"{"tags": [""]}"#.into(), "`tags[0]` is empty"),
+        (
+            r#"{"tags": ["ok", "a b"]}"#.into(),
+            "`tags[1]` contains whitespace",
+        ),
+        (
+            r#"{"tags": ["a\u0001"]}"#.into(),
+            "`tags[0]` contains whitespace",
+        ),
+        (r#"{"urls": ["not a url"]}"#.into(), "`urls[0]`: not a URL"),
+        (
+            r#"{"urls": ["/items/1"]}"#.into(),
+            "`urls[0]`: not an absolute URL",
+        ),
+        (
+            r#"{"urls": ["http://a.test/", "ftp://a.test/"]}"#.into(),
+            "`urls[1]`: not an http or https URL",
+        ),
         (
             serde_json::json!({"tags": [long_tag]}).to_string(),
             "`tags[0]` is 257 bytes",
@@ -462,4 +480,104 @@ async fn a_purge_during_a_background_revalidation_keeps_the_304_out() {
         !status.contains("hit"),
         "the purged body came back: {status}"
     );
+}
+
+/// Keys keep the `Host` header as written: a purge by URL finds the
+/// default port written or left out, and any case of the host.
+#[tokio::test]
+async fn a_purge_by_url_finds_every_spelling_of_the_origin() {
+    let s = setup().await;
+    let via = |host: &'static str, id: u32| {
+        let s = &s;
+        async move { s.get(&format!("/items/{id}"), &[("host", host)]).await }
+    };
+    assert_eq!(via("cdn.test:80", 1).await, "item 1 #1");
+    assert_eq!(via("cdn.test:80", 1).await, "item 1 #1", "stored");
+    assert_eq!(via("cdn.test", 2).await, "item 2 #1");
+    assert_eq!(via("cdn.test:8080", 3).await, "item 3 #1");
+    let (status, json) = s
+        .purge(serde_json::json!({"urls": ["http://cdn.test/items/1"]}))
+        .await;
+    assert_eq!(
+        (status, json),
+        (StatusCode::OK, serde_json::json!({"purged": 1}))
+    );
+    assert_eq!(via("cdn.test:80", 1).await, "item 1 #2", "a miss");
+    let (_, json) = s
+        .purge(serde_json::json!({"urls": ["http://CDN.test:80/items/2"]}))
+        .await;
+    assert_eq!(json, serde_json::json!({"purged": 1}));
+    assert_eq!(via("cdn.test", 2).await, "item 2 #2", "a miss");
+    // Another port is another origin.
+    let (_, json) = s
+        .purge(serde_json::json!({"urls": ["http://cdn.test/items/3"]}))
+        .await;
+    assert_eq!(json, serde_json::json!({"purged": 0}));
+    assert_eq!(via("cdn.test:8080", 3).await, "item 3 #1");
+    assert_eq!(
+        s.layer
+            .purge(&Purge::Urls(vec!["HTTP://cdn.test:8080/items/3".into()])),
+        1
+    );
+    assert_eq!(via("cdn.test:8080", 3).await, "item 3 #2");
+}
+
+/// A body that trickles in is cut off after the documented 10 s (on a
+/// paused clock: no real wait).
+#[tokio::test(start_paused = true)]
+async fn a_purge_body_that_never_ends_is_408() {
+    use futures::StreamExt;
+    use tower::ServiceExt;
+    let layer = HttpCacheLayer::builder().build().unwrap();
+    let first = futures::stream::once(async {
+        Ok::<_, std::io::Error>(Bytes::from_static(b"{\"tags\": ["))
+    });
+    let req = Request::post("/_purge")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(Body::from_stream(first.chain(futures::stream::pending())))
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let res = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        layer.purge_router(TOKEN).oneshot(req),
+    )
+    .await
+    .expect("the route gives up on the body")
+    .unwrap();
+    let waited = started.elapsed();
+    assert_eq!(res.status(), StatusCode::REQUEST_TIMEOUT);
+    assert!(body_of(res).await.contains("error"));
+    assert!(
+        (10..11).contains(&waited.as_secs()),
+        "cut off after {waited:?}"
+    );
+}
+
+/// A chunked body (no `Content-Length`) over 64 KiB is 413 too: the
+/// limit holds while the body streams, not only on the declared length.
+#[tokio::test]
+async fn a_chunked_body_over_64_kib_is_413() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup().await;
+    let mut conn = tokio::net::TcpStream::connect(s.admin).await.unwrap();
+    let head = format!(
+        "POST /_purge HTTP/1.1\r\nhost: admin\r\nauthorization: Bearer {TOKEN}\r\n\
+         content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let chunk = format!("2000\r\n{}\r\n", "a".repeat(0x2000));
+    // 9 chunks of 8 KiB: 72 KiB. The server may answer and close early.
+    for _ in 0..9 {
+        if conn.write_all(chunk.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+    let _ = conn.write_all(b"0\r\n\r\n").await;
+    let mut answer = vec![0u8; 64];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), conn.read(&mut answer))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
 }
