@@ -581,3 +581,38 @@ async fn a_chunked_body_over_64_kib_is_413() {
     let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
 }
+
+/// With a custom key, a purge URL is normalised as the key function
+/// normalises requests (here: the query sorted), and reaches every key
+/// that adds parts to it.
+#[tokio::test]
+async fn a_purge_by_url_normalises_as_the_custom_key_does() {
+    let layer = HttpCacheLayer::builder()
+        .cache_key(|req, key| {
+            key.sort_query();
+            let device = req
+                .headers
+                .get("x-device")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("desktop")
+                .to_owned();
+            key.push("device", &device);
+            true
+        })
+        .build()
+        .unwrap();
+    let s = setup_on(layer).await;
+    assert_eq!(s.get("/items/1?a=1&b=2", &[]).await, "item 1 #1");
+    let mobile = [("x-device", "mobile")];
+    assert_eq!(s.get("/items/1?b=2&a=1", &mobile).await, "item 1 #2");
+    assert_eq!(s.get("/items/1?b=2&a=1", &[]).await, "item 1 #1", "stored");
+    let (status, json) = s
+        .purge(serde_json::json!({"urls": [s.url("/items/1?b=2&a=1")]}))
+        .await;
+    assert_eq!(
+        (status, json),
+        (StatusCode::OK, serde_json::json!({"purged": 2}))
+    );
+    assert_eq!(s.get("/items/1?a=1&b=2", &[]).await, "item 1 #3");
+    assert_eq!(s.get("/items/1?a=1&b=2", &mobile).await, "item 1 #4");
+}
