@@ -47,13 +47,25 @@
 //!   `tower_scale_cache_remote_invalidations_total`; the Redis tier's
 //!   `tower_scale_cache_l2_*` are labelled `prefix`.
 //!
+//! ## Deadlines
+//!
+//! A client must send its whole request head within `--header-timeout
+//! SECS` (default 30; the first bytes too, before HTTP/1 or HTTP/2 is
+//! known), else its connection is closed, on the proxied and the metrics
+//! listeners alike; HTTP/2 connections are pinged every 20 s and closed
+//! when a ping goes unanswered for 20 s. The purge route reads its body for
+//! at most 10 s (`408`). A failed accept (out of file descriptors) pauses
+//! that listener for 50 ms.
+//!
 //! When ready it prints `listening on http://IP:PORT` as the first line on
 //! stdout (then `metrics on http://IP:PORT` with `--metrics-listen`); logs
-//! go to stderr. Bad flags print usage to stderr and exit with status 2; a
-//! listener that cannot be bound exits with status 1.
+//! go to stderr. Bad flags (a flag given twice among them) print usage to
+//! stderr and exit with status 2; a listener that cannot be bound, or a
+//! metrics recorder that cannot be installed, exits with status 1.
 
 mod forward;
 mod node;
+mod serve;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -61,8 +73,7 @@ use std::time::Duration;
 
 use hyper::Uri;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
+use hyper_util::rt::TokioExecutor;
 use tower::ServiceBuilder;
 use tower_scale::http::HttpCacheLayer;
 
@@ -71,7 +82,8 @@ use forward::Forward;
 const USAGE: &str = "usage: http_proxy --listen IP:PORT --upstream http://HOST:PORT \
      [--max-bytes N] [--max-body N] [--upstream-timeout SECS] [--name NAME] \
      [--redis redis://HOST:PORT] [--redis-prefix PREFIX] [--isolation-ttl-ms MS] \
-     [--purge-token TOKEN | --purge-token-file PATH] [--metrics-listen IP:PORT]";
+     [--purge-token TOKEN | --purge-token-file PATH] [--metrics-listen IP:PORT] \
+     [--header-timeout SECS]";
 
 struct Args {
     listen: SocketAddr,
@@ -85,6 +97,7 @@ struct Args {
     isolation_ttl: Option<Duration>,
     purge_token: Option<String>,
     metrics_listen: Option<SocketAddr>,
+    header_timeout: Duration,
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -94,7 +107,22 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut name = "tower-scale".to_string();
     let (mut redis, mut redis_prefix, mut isolation_ttl) = (None, "http_proxy".to_string(), None);
     let (mut purge_token, mut metrics_listen) = (None, None);
+    let mut header_timeout = Duration::from_secs(30);
+    let mut seen = std::collections::HashSet::new();
     while let Some(flag) = args.next() {
+        // Each setting once: a second one would silently win (a second
+        // `--redis` would split the fleet, a second token widen access).
+        let setting = match flag.as_str() {
+            "--purge-token-file" => "--purge-token",
+            other => other,
+        };
+        if setting.starts_with("--") && !seen.insert(setting.to_string()) {
+            return Err(if setting == "--purge-token" {
+                "--purge-token / --purge-token-file given more than once".into()
+            } else {
+                format!("{flag} given more than once")
+            });
+        }
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--listen" => listen = Some(addr(&flag, value()?)?),
@@ -143,6 +171,15 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
                 purge_token = Some(text.trim().to_string());
             }
             "--metrics-listen" => metrics_listen = Some(addr(&flag, value()?)?),
+            "--header-timeout" => {
+                let secs: u64 = value()?
+                    .parse()
+                    .map_err(|e| format!("--header-timeout: {e}"))?;
+                if secs == 0 {
+                    return Err("--header-timeout must be at least 1 second".into());
+                }
+                header_timeout = Duration::from_secs(secs);
+            }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown flag {other:?}")),
         }
@@ -165,6 +202,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         isolation_ttl,
         purge_token,
         metrics_listen,
+        header_timeout,
     })
 }
 
@@ -207,7 +245,11 @@ async fn main() {
         .map(|_| metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder());
     let prometheus = match prometheus.transpose() {
         Ok(p) => p,
-        Err(e) => usage_error(format!("metrics: {e}")),
+        // Not a bad flag: the process cannot run as asked.
+        Err(e) => {
+            eprintln!("http_proxy: cannot install the metrics recorder: {e}");
+            std::process::exit(1);
+        }
     };
     let layer = match HttpCacheLayer::builder()
         .max_bytes(args.max_bytes)
@@ -253,24 +295,13 @@ async fn main() {
     if let Some((metrics_listener, handle)) = metrics {
         let at = metrics_listener.local_addr().unwrap_or(addr);
         println!("metrics on http://{at}");
-        tokio::spawn(node::serve_metrics(metrics_listener, handle, tier.clone()));
+        let app = node::metrics_router(handle, tier.clone());
+        let timeout = args.header_timeout;
+        tokio::spawn(async move { serve::serve(metrics_listener, app, timeout, "metrics").await });
     }
     let _ = std::io::stdout().flush();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                let svc = TowerToHyperService::new(service.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await
-                    {
-                        eprintln!("connection error: {e}");
-                    }
-                });
-            }
-            _ = tokio::signal::ctrl_c() => break,
-        }
+    tokio::select! {
+        () = serve::serve(listener, service, args.header_timeout, "proxy") => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }

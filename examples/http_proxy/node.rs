@@ -71,17 +71,17 @@ where
     }
 }
 
-/// Serves `GET /metrics` (Prometheus text) until the process ends. The
-/// cache publishes its counters once a second; the Redis tier's are read
-/// on each scrape.
-pub async fn serve_metrics<T>(
-    listener: tokio::net::TcpListener,
+/// `GET /metrics` (Prometheus text), for a listener of its own. The cache
+/// publishes its counters once a second; the Redis tier's are read on each
+/// scrape.
+pub fn metrics_router<T>(
     handle: metrics_exporter_prometheus::PrometheusHandle,
     tier: Option<Arc<T>>,
-) where
+) -> axum::Router
+where
     T: Stats + Send + Sync + 'static,
 {
-    let app = axum::Router::new().route(
+    axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
             if let Some(tier) = &tier {
@@ -90,10 +90,7 @@ pub async fn serve_metrics<T>(
             let text = handle.render();
             async move { text }
         }),
-    );
-    if let Err(e) = axum::serve(listener, app).await {
-        eprintln!("metrics listener: {e}");
-    }
+    )
 }
 
 /// A tier whose counters are recorded on a scrape.

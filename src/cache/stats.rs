@@ -57,6 +57,9 @@ pub struct CacheStats {
     /// purge route's included; always 0 for other caches). Each is applied
     /// here at once and counted in `invalidations` per tag or URL.
     pub purges: u64,
+    /// Purge requests the HTTP cache's purge route refused for want of a
+    /// valid bearer token (`401`); always 0 for other caches.
+    pub purges_refused: u64,
     /// Entries the store evicted to stay within its capacity.
     pub evictions: u64,
     /// Entries in the store now (approximate for moka).
@@ -103,6 +106,7 @@ impl std::ops::Add for CacheStats {
                 .remote_invalidations
                 .saturating_add(other.remote_invalidations),
             purges: self.purges.saturating_add(other.purges),
+            purges_refused: self.purges_refused.saturating_add(other.purges_refused),
             evictions: self.evictions.saturating_add(other.evictions),
             entries: self.entries.saturating_add(other.entries),
         }
@@ -123,7 +127,7 @@ impl std::iter::Sum for CacheStats {
 
 impl CacheStats {
     /// Every counter with its metric name.
-    fn counters(&self) -> [(&'static str, u64); 19] {
+    fn counters(&self) -> [(&'static str, u64); 20] {
         [
             ("tower_scale_cache_hits_total", self.hits),
             ("tower_scale_cache_stale_hits_total", self.stale_hits),
@@ -155,6 +159,10 @@ impl CacheStats {
                 self.remote_invalidations,
             ),
             ("tower_scale_cache_purges_total", self.purges),
+            (
+                "tower_scale_cache_purges_refused_total",
+                self.purges_refused,
+            ),
             ("tower_scale_cache_evictions_total", self.evictions),
         ]
     }
@@ -219,6 +227,7 @@ mod tests {
             isolated: next(),
             remote_invalidations: next(),
             purges: next(),
+            purges_refused: next(),
             evictions: next(),
             entries: next(),
         }
@@ -279,6 +288,11 @@ mod tests {
             "remote_invalidations"
         );
         assert_eq!(sum.purges, a.purges + b.purges, "purges");
+        assert_eq!(
+            sum.purges_refused,
+            a.purges_refused + b.purges_refused,
+            "purges_refused"
+        );
         assert_eq!(sum.evictions, a.evictions + b.evictions, "evictions");
         assert_eq!(sum.entries, a.entries + b.entries, "entries");
         let mut acc = a;

@@ -36,7 +36,7 @@ use crate::error::ConfigError;
 /// ```
 #[derive(Clone)]
 pub struct HttpCacheLayer {
-    shared: Arc<HttpShared>,
+    pub(super) shared: Arc<HttpShared>,
     life: Arc<DropGuard>,
 }
 

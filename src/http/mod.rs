@@ -22,7 +22,9 @@
 //!   conflicting `max-age` means stale (see [`cache_control`]).
 //! - **Revalidation** (§4.3): a stale entry is revalidated with
 //!   `If-None-Match` / `If-Modified-Since` (a conditional request, not a
-//!   refetch); a 304 freshens the stored headers. `no-cache`,
+//!   refetch); a 304 freshens the stored headers, and is kept only if
+//!   nothing touching the entry was invalidated since it was looked up (a
+//!   purge during the revalidation is not undone by the 304). `no-cache`,
 //!   `must-revalidate`, `proxy-revalidate` force it. Clients' own
 //!   conditional requests get a 304 from the cache when the entry matches.
 //! - **Request directives** (§5.2.1): `no-cache`, `no-store`, `max-age`,
@@ -341,7 +343,7 @@ pub use self::layer::{HttpCacheLayer, HttpCacheLayerBuilder};
 pub use self::purge::Purge;
 #[cfg(feature = "purge")]
 #[cfg_attr(docsrs, doc(cfg(feature = "purge")))]
-pub use self::purge_route::PURGE_MAX_BODY;
+pub use self::purge_route::{PURGE_BODY_TIMEOUT, PURGE_MAX_BODY};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use self::remote::HttpRedisCodec;

@@ -3,6 +3,8 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Body;
@@ -18,6 +20,10 @@ use super::{HttpCacheLayer, Purge};
 /// The largest purge request body accepted (64 KiB); a larger one gets a
 /// `413`.
 pub const PURGE_MAX_BODY: usize = 64 * 1024;
+/// How long the purge route waits for the whole request body (10 s); a
+/// body still arriving then gets a `408` (a client trickling bytes holds
+/// no task for longer).
+pub const PURGE_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// At most this many tags or URLs in one request.
 const MAX_ITEMS: usize = 1_000;
 /// The longest tag accepted, in bytes.
@@ -29,6 +35,9 @@ const MAX_URL_BYTES: usize = 8 * 1024;
 struct PurgeState {
     layer: HttpCacheLayer,
     token: Arc<[u8]>,
+    /// The second (Unix time) of the last warning about a refused request:
+    /// at most one a second, however many come.
+    warned_at: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for PurgeState {
@@ -62,9 +71,10 @@ impl HttpCacheLayer {
     /// | case | status |
     /// | --- | --- |
     /// | done | `200` `{"purged": N}`, N entries removed on this instance |
-    /// | no `Authorization`, another scheme, a wrong token | `401` with `WWW-Authenticate: Bearer`, nothing purged |
-    /// | a body over [`PURGE_MAX_BODY`] (64 KiB) | `413` |
-    /// | not JSON, an unknown field, none or several of `tags` / `urls` / `all`, `all` not `true`, an empty list, more than 1,000 items, a tag over 256 bytes or a URL over 8 KiB, an empty string | `400` `{"error": "..."}` saying which |
+    /// | no `Authorization`, another scheme, a wrong token | `401` with `WWW-Authenticate: Bearer`, nothing purged; counted (`tower_scale_cache_purges_refused_total`, [`CacheStats::purges_refused`](crate::cache::CacheStats::purges_refused)) and logged as a warning at most once a second, never with what the request sent |
+    /// | a body over [`PURGE_MAX_BODY`] (64 KiB), declared or streamed | `413` |
+    /// | a body not complete within [`PURGE_BODY_TIMEOUT`] (10 s) | `408` |
+    /// | not JSON, an unknown field, none or several of `tags` / `urls` / `all`, `all` not `true`, an empty list, more than 1,000 items, a tag over 256 bytes or a URL over 8 KiB, an empty string, a tag with whitespace or a control character (stored tags are split on whitespace, so it could never match), a URL that is not an absolute `http` or `https` URL | `400` `{"error": "..."}` saying which |
     /// | another method | `405` |
     ///
     /// The token is compared in constant time (a fold over the bytes that
@@ -85,6 +95,7 @@ impl HttpCacheLayer {
         let state = PurgeState {
             layer: self.clone(),
             token: token.into().into_bytes().into(),
+            warned_at: Arc::new(AtomicU64::new(0)),
         };
         Router::new()
             .route("/_purge", post(purge_handler))
@@ -105,6 +116,7 @@ fn bad_request(error: impl Into<String>) -> Response {
 
 async fn purge_handler(State(state): State<PurgeState>, req: Request) -> Response {
     if !authorized(req.headers(), &state.token) {
+        refused(&state);
         let mut res = json(
             StatusCode::UNAUTHORIZED,
             serde_json::json!({ "error": "a valid `Authorization: Bearer` token is required" }),
@@ -127,10 +139,23 @@ async fn purge_handler(State(state): State<PurgeState>, req: Request) -> Respons
         return too_large();
     }
     let body: Body = req.into_body();
-    let bytes = match Limited::new(body, PURGE_MAX_BODY).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
-        Err(_) => return bad_request("the body could not be read"),
+    let read = tokio::time::timeout(
+        PURGE_BODY_TIMEOUT,
+        Limited::new(body, PURGE_MAX_BODY).collect(),
+    );
+    let bytes = match read.await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
+        Ok(Err(_)) => return bad_request("the body could not be read"),
+        Err(_) => {
+            return json(
+                StatusCode::REQUEST_TIMEOUT,
+                serde_json::json!({ "error": format!(
+                    "the body did not arrive within {} s",
+                    PURGE_BODY_TIMEOUT.as_secs()
+                ) }),
+            );
+        }
     };
     let what = match parse(&bytes) {
         Ok(what) => what,
@@ -138,6 +163,31 @@ async fn purge_handler(State(state): State<PurgeState>, req: Request) -> Respons
     };
     let purged = state.layer.purge(&what);
     json(StatusCode::OK, serde_json::json!({ "purged": purged }))
+}
+
+/// Counts a refused request and warns about it, at most once a second
+/// (a flood of them must not flood the log). Nothing the request sent is
+/// logged: a near-miss token is token material.
+fn refused(state: &PurgeState) {
+    let shared = &state.layer.shared;
+    shared
+        .stats
+        .incr_rare(crate::cache::engine::stats::Rare::PurgesRefused);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = state.warned_at.load(Ordering::Relaxed);
+    if now > last
+        && state
+            .warned_at
+            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            refused_so_far = shared.stats().purges_refused,
+            "purge route: a request without a valid bearer token was refused (401)"
+        );
+    }
 }
 
 /// Whether the request carries `Authorization: Bearer <token>` (scheme
@@ -175,10 +225,21 @@ fn parse(bytes: &[u8]) -> Result<Purge, String> {
     match (body.tags, body.urls, body.all) {
         (Some(tags), None, None) => {
             check_items("tags", &tags, MAX_TAG_BYTES)?;
+            if let Some(i) = tags
+                .iter()
+                .position(|t| t.chars().any(|c| c.is_whitespace() || c.is_control()))
+            {
+                return Err(format!(
+                    "`tags[{i}]` contains whitespace or a control character (no stored tag can)"
+                ));
+            }
             Ok(Purge::Tags(tags))
         }
         (None, Some(urls), None) => {
             check_items("urls", &urls, MAX_URL_BYTES)?;
+            for (i, url) in urls.iter().enumerate() {
+                super::purge::url_spellings(url).map_err(|why| format!("`urls[{i}]`: {why}"))?;
+            }
             Ok(Purge::Urls(urls))
         }
         (None, None, Some(true)) => Ok(Purge::All),

@@ -20,7 +20,7 @@ use super::state::HttpShared;
 use super::status::{self, Fwd};
 use super::stored::respond_hit;
 use super::unsafe_method::unsafe_method;
-use super::upstream::{miss, pass, upstream};
+use super::upstream::{Stale, miss, pass, upstream};
 use crate::cache::Invalidator;
 use crate::cache::engine::stats::Kind;
 use crate::cache::{CacheStats, Store};
@@ -163,6 +163,10 @@ where
         let head = parts.method == Method::HEAD;
         let now = sh.clock.now();
         let token = sh.request_version(&parts.headers);
+        // Read before the lookup: a revalidation's 304 keeps the body found
+        // now, so it is stored only if nothing touching it was invalidated
+        // since (one atomic load).
+        let read_seq = sh.log.current();
         // A variant stamped below the request's token is not answered
         // from: the request is a miss, and its response replaces it.
         let found = sh.entry(&key, now).and_then(|entry| {
@@ -193,13 +197,13 @@ where
                         parts.headers.remove(http::header::IF_RANGE);
                         let req = Request::from_parts(parts, body);
                         let (shared, svc) = (Arc::clone(&self.shared), self.inner.clone());
+                        let stale = Stale { stored, read_seq };
                         rt.spawn(async move {
                             if let crate::cache::engine::flight::Join::Lead(leader) =
                                 shared.flights.join_fenced(&key, None, &shared.log)
                             {
                                 shared.stats.incr(Kind::Refreshes);
-                                let _ =
-                                    upstream(&shared, svc, req, &key, Some(stored), false).await;
+                                let _ = upstream(&shared, svc, req, &key, Some(stale), false).await;
                                 drop(leader);
                             }
                             // A later stale hit may try again.
@@ -214,10 +218,10 @@ where
                     sh.stats.incr(Kind::Misses);
                     let why = status::revalidation(&stored, age, &sh.rules);
                     let (shared, svc) = (Arc::clone(&self.shared), self.inner.clone());
+                    let stale = Stale { stored, read_seq };
                     return HttpResponseFuture::boxed(async move {
                         let req = Request::from_parts(parts, body);
-                        let (res, _) =
-                            upstream(&shared, svc, req, &key, Some(stored), true).await?;
+                        let (res, _) = upstream(&shared, svc, req, &key, Some(stale), true).await?;
                         Ok(leave(&shared.config, res, why))
                     });
                 }

@@ -443,3 +443,32 @@ pub(crate) fn storable_headers(mut headers: HeaderMap) -> HeaderMap {
     headers.remove(header::AGE);
     headers
 }
+
+/// Whether a response says by itself that it is per-user (`private`,
+/// `no-store`, `Set-Cookie`, a `Cache-Control` that cannot be read, `Vary:
+/// *`), or varies on other headers than the stored one: whoever asked.
+pub(crate) fn per_user(
+    rules: &super::freshness::HttpCachePolicy,
+    stored: &Stored,
+    status: StatusCode,
+    headers: &HeaderMap,
+    cc: &ResponseDirectives,
+) -> bool {
+    let alone = freshness::storable(
+        &http::Method::GET,
+        &HeaderMap::new(),
+        &super::cache_control::RequestDirectives::default(),
+        status,
+        headers,
+        cc,
+        rules,
+    );
+    let names = |vary: &VaryValues| {
+        let mut names: Vec<HeaderName> = vary.iter().map(|(n, _)| n.clone()).collect();
+        names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        names.dedup();
+        names
+    };
+    let vary_changed = names(&vary_values(headers, &HeaderMap::new())) != names(&stored.vary);
+    !matches!(alone, Ok(_) | Err(freshness::NotStored::NoFreshness)) || vary_changed
+}

@@ -6,20 +6,20 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body;
 use tower::{Service, ServiceExt};
 
 use super::body::{Buffered, CacheBody, buffer};
-use super::cache_control::{RequestDirectives, ResponseDirectives};
+use super::cache_control::RequestDirectives;
 use super::config::covers;
 use super::freshness::{self, NotStored, Usable};
 use super::stand_in::{self, Failure, UpstreamUnreachable};
 use super::state::HttpShared;
 use super::status::{self, Detail, Fwd, Status};
 use super::stored::{
-    CacheHit, HitHead, Stored, StoredVariants, VaryValues, hit, respond, storable_headers, tags_of,
+    CacheHit, HitHead, Stored, StoredVariants, hit, per_user, respond, storable_headers, tags_of,
     vary_values,
 };
 use crate::cache::engine::flight::Join;
@@ -28,6 +28,23 @@ use crate::cache::remote::Lease;
 use crate::cache::{DataVersion, Entry, Hashed};
 
 type HttpEntry = Entry<StoredVariants, ()>;
+
+/// A stored response to revalidate, with the invalidation sequence number
+/// read before it was looked up. A `304` keeps its body, which is no newer
+/// than that lookup, so the merge is stored only if nothing touching it
+/// was invalidated since then (not merely since the revalidation began:
+/// a purge in between would otherwise come back under a later number).
+pub(crate) struct Stale {
+    pub(crate) stored: Arc<Stored>,
+    pub(crate) read_seq: u64,
+}
+
+/// What [`fetch`] stored, and whether it is a `304` merged into the stale
+/// body (never written to the shared tier: see [`upstream`]).
+struct Kept {
+    entry: Arc<HttpEntry>,
+    merged: bool,
+}
 
 /// Removes the tag header unless it is configured to pass through.
 pub(crate) fn strip_tags(shared: &HttpShared, headers: &mut HeaderMap) {
@@ -155,7 +172,10 @@ where
             stale = variants
                 .find(req.headers())
                 .filter(|s| covers(s.stamp, token))
-                .cloned();
+                .map(|stored| Stale {
+                    stored: Arc::clone(stored),
+                    read_seq: fill_seq,
+                });
         }
     }
     // A range request goes to the origin as sent and its 206 is never
@@ -163,8 +183,8 @@ where
     // would all go upstream after it). One of them leads instead.
     let leader = leader.filter(|_| !req.headers().contains_key(header::RANGE));
     let why = stale.as_ref().map(|s| {
-        let age = s.age(shared.clock.now());
-        status::revalidation(s, age, &shared.rules)
+        let age = s.stored.age(shared.clock.now());
+        status::revalidation(&s.stored, age, &shared.rules)
     });
     let mut result = upstream(&shared, svc, req, &key, stale, true).await;
     if let (Some(why), Ok((res, _))) = (why, &mut result) {
@@ -182,13 +202,16 @@ where
 
 /// [`fetch`] under the shared tier's lease (when one is attached): what it
 /// stores is written to the tier, unless an invalidation came since the
-/// lease was taken (the tier refuses the put).
+/// lease was taken (the tier refuses the put). A `304` merged into a stale
+/// body is not written: the body was read before the lease, so another
+/// instance's invalidation this one has not heard of yet may have removed
+/// it everywhere, and the put (under a newer epoch) would bring it back.
 pub(crate) async fn upstream<S, ReqBody, ResBody>(
     shared: &HttpShared,
     svc: S,
     req: Request<ReqBody>,
     key: &Hashed<String>,
-    stale: Option<Arc<Stored>>,
+    stale: Option<Stale>,
     answers_client: bool,
 ) -> Result<(Response<CacheBody<ResBody>>, Option<Arc<HttpEntry>>), S::Error>
 where
@@ -198,7 +221,7 @@ where
     let Some(tier) = shared.remote.get() else {
         let mut result = fetch(shared, svc, req, key, stale, answers_client).await;
         status::note_stored(&shared.config, &mut result);
-        return result;
+        return result.map(|(res, kept)| (res, kept.map(|k| k.entry)));
     };
     // Only a fill under a lease taken before it reads may write the tier.
     let lease = match tier.lease(key.key()).await {
@@ -209,7 +232,7 @@ where
     let mut result = fetch(shared, svc, req, key, stale, answers_client).await;
     status::note_stored(&shared.config, &mut result);
     let shared_entry = match &result {
-        Ok((_, Some(entry))) => shared.remote_entry(key.key(), entry),
+        Ok((_, Some(kept))) if !kept.merged => shared.remote_entry(key.key(), &kept.entry),
         _ => None,
     };
     match (shared_entry, lease) {
@@ -217,36 +240,7 @@ where
         (None, Lease::Acquired { .. }) => tier.release(key.key(), lease).await,
         _ => {}
     }
-    result
-}
-
-/// Whether a response says by itself that it is per-user (`private`,
-/// `no-store`, `Set-Cookie`, a `Cache-Control` that cannot be read, `Vary:
-/// *`), or varies on other headers than the stored one: whoever asked.
-fn per_user(
-    shared: &HttpShared,
-    stored: &Stored,
-    status: StatusCode,
-    headers: &HeaderMap,
-    cc: &ResponseDirectives,
-) -> bool {
-    let alone = freshness::storable(
-        &Method::GET,
-        &HeaderMap::new(),
-        &RequestDirectives::default(),
-        status,
-        headers,
-        cc,
-        &shared.rules,
-    );
-    let names = |vary: &VaryValues| {
-        let mut names: Vec<HeaderName> = vary.iter().map(|(n, _)| n.clone()).collect();
-        names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-        names.dedup();
-        names
-    };
-    let vary_changed = names(&vary_values(headers, &HeaderMap::new())) != names(&stored.vary);
-    !matches!(alone, Ok(_) | Err(NotStored::NoFreshness)) || vary_changed
+    result.map(|(res, kept)| (res, kept.map(|k| k.entry)))
 }
 
 /// Goes upstream (conditionally when a stored response with validators is
@@ -258,9 +252,9 @@ async fn fetch<S, ReqBody, ResBody>(
     svc: S,
     req: Request<ReqBody>,
     key: &Hashed<String>,
-    stale: Option<Arc<Stored>>,
+    stale: Option<Stale>,
     answers_client: bool,
-) -> Result<(Response<CacheBody<ResBody>>, Option<Arc<HttpEntry>>), S::Error>
+) -> Result<(Response<CacheBody<ResBody>>, Option<Kept>), S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: Body<Data = Bytes>,
@@ -271,6 +265,10 @@ where
     let req_cc = shared.request_directives(&client_headers);
     let method = parts.method.clone();
     let head = method == Method::HEAD;
+    let (stale, read_seq) = match stale {
+        Some(s) => (Some(s.stored), s.read_seq),
+        None => (None, u64::MAX),
+    };
     if let Some(stored) = &stale {
         // Revalidate: a conditional request, not a refetch.
         parts.headers.remove(header::IF_NONE_MATCH);
@@ -434,8 +432,10 @@ where
             hit_head: HitHead::default(),
         });
         shared.stats.incr(Kind::Refreshes);
+        // As of the stale lookup: the body is that old.
+        let merge_seq = fill_seq.min(read_seq);
         let kept = match (shareable, decision) {
-            (_, Ok(_)) => shared.insert(key, Arc::clone(&updated), fill_seq, Some(&stored.vary)),
+            (_, Ok(_)) => shared.insert(key, Arc::clone(&updated), merge_seq, Some(&stored.vary)),
             // The origin now says the response is per-user (or cannot
             // be read): only this client gets it, and what was stored
             // goes too.
@@ -458,6 +458,10 @@ where
         let mut res = respond(&updated, age, head, &client_headers);
         status::note(&shared.config, &mut res, |s| {
             s.fwd_status = Some(StatusCode::NOT_MODIFIED);
+        });
+        let kept = kept.map(|entry| Kept {
+            entry,
+            merged: true,
         });
         return Ok((res, kept));
     }
@@ -486,7 +490,7 @@ where
         if let Some(stored) = &stale
             && res.status().is_success()
             && super::range::plain_get(&method, &client_headers)
-            && per_user(shared, stored, res.status(), res.headers(), &cc)
+            && per_user(&shared.rules, stored, res.status(), res.headers(), &cc)
         {
             shared.forget(key);
         }
@@ -551,7 +555,12 @@ where
         stamp,
         hit_head: HitHead::default(),
     });
-    let kept = shared.insert(key, Arc::clone(&stored), fill_seq, None);
+    let kept = shared
+        .insert(key, Arc::clone(&stored), fill_seq, None)
+        .map(|entry| Kept {
+            entry,
+            merged: false,
+        });
     let mut res = Response::from_parts(
         res_parts,
         CacheBody::full(stored.body.clone(), stored.trailers.clone()),

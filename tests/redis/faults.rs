@@ -348,6 +348,13 @@ async fn refused_writes_still_invalidate_everywhere() {
         "B got it from Redis"
     );
     refuse_writes(&redis.url()).await;
+    // Out of memory is not read-only: heartbeats (whose write falls back
+    // to a DEL) go on, so the L1s stay trusted.
+    let beats = a.2.stats().heartbeats;
+    until("A's heartbeats go on", Duration::from_secs(10), || {
+        a.2.stats().heartbeats >= beats + 2
+    })
+    .await;
     let version = model.bump(2);
     a.1.invalidate_tag("g:0");
     until("B applied it", Duration::from_secs(10), || {

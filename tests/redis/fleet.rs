@@ -508,19 +508,51 @@ async fn a_purge_during_a_fill_on_another_node_keeps_the_fill_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_stopped_nodes_serve_and_a_purge_holds_within_the_isolation_window() {
-    redis_gone("stopped", "fleet-4", |r| r.stop().unwrap()).await;
+    redis_gone(
+        "stopped",
+        "fleet-4",
+        |r| r.stop().unwrap(),
+        |r| r.start_again().unwrap(),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_black_holed_nodes_serve_and_a_purge_holds_within_the_isolation_window() {
     // SIGSTOP: connections stay open and nothing answers, so nothing tells
-    // B it lost the fan-out but the silence of its heartbeats.
-    redis_gone("black-holed", "fleet-5", |r| r.pause().unwrap()).await;
+    // B it lost the fan-out but the silence of its heartbeats. On SIGCONT
+    // Redis still holds the purged page (under its old tag generation)
+    // until A delivers its queued purge.
+    redis_gone(
+        "black-holed",
+        "fleet-5",
+        |r| r.pause().unwrap(),
+        |r| r.resume().unwrap(),
+    )
+    .await;
+}
+
+/// The isolation window the fault tests give the nodes, and the most a
+/// node may take past it to stop serving what it can no longer vouch for:
+/// two heartbeat periods (a quarter window each) and a slack for a loaded
+/// machine. A five-fold regression of the window (2.5 s) still fails.
+const ISOLATION: Duration = Duration::from_millis(500);
+const SLACK: Duration = Duration::from_millis(1250);
+
+fn isolation_bound() -> Duration {
+    ISOLATION + ISOLATION / 2 + SLACK
 }
 
 /// Redis goes away (`how`): both nodes keep serving, a purge on A holds
-/// there at once and on B within the isolation window.
-async fn redis_gone(what: &str, prefix: &str, how: impl FnOnce(&LocalRedis)) {
+/// there at once and on B within the isolation window. Then it comes back
+/// (`back`): B never reads the purged page from Redis before A's queued
+/// purge is delivered, and both nodes serve from their stores again.
+async fn redis_gone(
+    what: &str,
+    prefix: &str,
+    how: impl FnOnce(&LocalRedis),
+    back: impl FnOnce(&LocalRedis),
+) {
     let redis = LocalRedis::start().unwrap();
     let origin = origin().await;
     let isolation = ["--purge-token", TOKEN, "--isolation-ttl-ms", "500"];
@@ -549,11 +581,95 @@ async fn redis_gone(what: &str, prefix: &str, how: impl FnOnce(&LocalRedis)) {
     let since_purge = purged.elapsed();
     println!(
         "Redis {what}: B served fresh {since_stop:?} after the stop, \
-         {since_purge:?} after the purge (isolation window 500 ms)"
+         {since_purge:?} after the purge (isolation window {ISOLATION:?}, bound {:?})",
+        isolation_bound()
     );
     // Without the window B would serve it for the page's 600 s max-age.
     assert!(
-        since_purge < Duration::from_secs(5),
-        "B served the purged page for {since_purge:?}"
+        since_stop <= isolation_bound(),
+        "B served the purged page for {since_stop:?} after Redis went"
     );
+
+    // Redis returns: B rejoins, and never takes the purged page from it.
+    back(&redis);
+    let returned = Instant::now();
+    let rejoined = until(
+        "B serves /page/1 from its store again",
+        Duration::from_secs(10),
+        async || {
+            let res = fetch(&b, "/page/1").await;
+            assert_ne!(
+                res.body,
+                "page 1 #1",
+                "B served the purged page after Redis returned: {}",
+                res.cache_status()
+            );
+            res.cache_status().contains("hit")
+        },
+    )
+    .await;
+    println!("Redis {what} back: B hits again after {rejoined:?}");
+    assert!(returned.elapsed() < Duration::from_secs(10));
+}
+
+/// Runs one command on the test's Redis (an admin connection of its own).
+async fn redis_command(redis: &LocalRedis, args: &[&str]) {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut cmd = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        cmd.arg(*arg);
+    }
+    let _: redis::Value = cmd.query_async(&mut conn).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_read_only_a_purge_holds_within_the_isolation_window() {
+    let redis = LocalRedis::start().unwrap();
+    let origin = origin().await;
+    let isolation = ["--purge-token", TOKEN, "--isolation-ttl-ms", "500"];
+    let a = node(&origin, &redis, "fleet-6", &isolation);
+    let b = node(&origin, &redis, "fleet-6", &isolation);
+    warm(&a, &b, &origin, "/page/1").await;
+
+    // A replica of a master that is not there: it answers (reads,
+    // PUBLISH) and refuses every write, so A's purge cannot reach Redis.
+    redis_command(&redis, &["REPLICAOF", "127.0.0.1", "1"]).await;
+    let refused = Instant::now();
+    let res = purge(&a, r#"{"tags": ["page:1"]}"#).await;
+    assert_eq!((res.status, res.body.as_str()), (200, r#"{"purged":1}"#));
+    assert_eq!(fetch(&a, "/page/1").await.body, "page 1 #2");
+    // B never hears of it; it must stop trusting its store (and Redis's
+    // copy) as it does when Redis is down.
+    until(
+        "B stops serving the purged page",
+        isolation_bound() + Duration::from_secs(2),
+        async || fetch(&b, "/page/1").await.body != "page 1 #1",
+    )
+    .await;
+    let since = refused.elapsed();
+    println!(
+        "Redis read-only: B served fresh {since:?} after writes were refused \
+         (isolation window {ISOLATION:?}, bound {:?})",
+        isolation_bound()
+    );
+    assert!(
+        since <= isolation_bound(),
+        "B served the purged page for {since:?} while Redis refused writes"
+    );
+
+    // Writes accepted again: A's queued purge goes through, B rejoins and
+    // serves from its store, never the purged page.
+    redis_command(&redis, &["REPLICAOF", "NO", "ONE"]).await;
+    let rejoined = until(
+        "B serves /page/1 from its store again",
+        Duration::from_secs(10),
+        async || {
+            let res = fetch(&b, "/page/1").await;
+            assert_ne!(res.body, "page 1 #1", "{}", res.cache_status());
+            res.cache_status().contains("hit")
+        },
+    )
+    .await;
+    println!("Redis writable again: B hits after {rejoined:?}");
 }

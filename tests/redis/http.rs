@@ -491,3 +491,73 @@ async fn a_purge_by_tag_on_a_makes_b_miss() {
     );
     assert_eq!(a.calls.of("/users/1"), 1);
 }
+
+/// A `304` merged into a stale body is stored here but never written to
+/// Redis: the body was read before the fill's lease, so an invalidation
+/// from another instance that this one has not heard yet could have
+/// removed it everywhere, and the put would bring it back for all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_304_merge_is_not_written_to_redis() {
+    let redis = LocalRedis::start().unwrap();
+    let layer = HttpCacheLayer::builder().build().unwrap();
+    let tier = builder(redis.url())
+        .prefix("http-merge")
+        .timeout(Duration::from_millis(500))
+        .attach(&layer, layer.redis_codec())
+        .await
+        .unwrap();
+    until("heard its heartbeat", Duration::from_secs(10), || {
+        tier.stats().heartbeats > 0
+    })
+    .await;
+    let origin: Origin =
+        BoxCloneSyncService::new(tower::service_fn(|req: Request<Full<Bytes>>| async move {
+            let res = Response::builder()
+                .header("cache-control", "max-age=60")
+                .header("etag", "\"v1\"");
+            let res = if req.headers().contains_key("if-none-match") {
+                res.status(StatusCode::NOT_MODIFIED)
+                    .body(Full::new(Bytes::new()))
+            } else {
+                res.body(Full::new(Bytes::from_static(b"v1")))
+            };
+            Ok::<_, Infallible>(res.unwrap())
+        }));
+    let svc = tower::Layer::layer(&layer, origin);
+    let get = |headers: &'static [(&'static str, &'static str)]| {
+        let svc = svc.clone();
+        async move {
+            let mut req = Request::get("/m").header("host", "a.test");
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            let res = svc
+                .oneshot(req.body(Full::new(Bytes::new())).unwrap())
+                .await
+                .unwrap();
+            res.into_body().collect().await.unwrap().to_bytes()
+        }
+    };
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut entries = async || -> Vec<String> {
+        redis::cmd("KEYS")
+            .arg("http-merge:e:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    };
+    assert_eq!(get(&[]).await, "v1");
+    let stored = entries().await;
+    assert_eq!(stored.len(), 1, "the 200 is shared");
+    let _: () = redis::cmd("DEL")
+        .arg(&stored[0])
+        .query_async(&mut client.get_multiplexed_async_connection().await.unwrap())
+        .await
+        .unwrap();
+    // Revalidated (`no-cache`): the origin answers 304, the merge is kept
+    // here (the put, if any, is done before the response is).
+    assert_eq!(get(&[("cache-control", "no-cache")]).await, "v1");
+    assert_eq!(layer.stats().refreshes, 1, "a 304 merge");
+    assert!(entries().await.is_empty(), "the merge reached Redis");
+}

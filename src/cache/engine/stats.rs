@@ -94,13 +94,14 @@ pub(crate) struct Stats {
     rare: [AtomicU64; RARE],
 }
 
-const RARE: usize = 2;
+const RARE: usize = 3;
 
 /// What a rare counter counts.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Rare {
     RemoteInvalidations,
     Purges,
+    PurgesRefused,
 }
 
 impl Stats {
@@ -157,6 +158,7 @@ impl Stats {
             remote_invalidations: self.rare[Rare::RemoteInvalidations as usize]
                 .load(Ordering::Relaxed),
             purges: self.rare[Rare::Purges as usize].load(Ordering::Relaxed),
+            purges_refused: self.rare[Rare::PurgesRefused as usize].load(Ordering::Relaxed),
             evictions,
             entries,
         }

@@ -60,10 +60,14 @@
 //! Outside the guarantees: a Redis restored from a snapshot, or failed over
 //! to a replica that lags, may give back values invalidated after that
 //! point (run the tier's Redis as a cache, without persistence, or call
-//! `invalidate_all` after such an event); a Redis that refuses writes for
-//! another reason than memory (read-only replica, ACL, failed snapshot)
-//! counts as unreachable for invalidations; every instance sharing a
+//! `invalidate_all` after such an event); every instance sharing a
 //! `prefix` must use the same key codec. Codecs must not panic.
+//! - **Redis refusing every write** (a read-only replica, `MISCONF` after
+//!   a failed snapshot, an ACL): invalidations cannot be applied, and
+//!   heartbeats, which write a key before they publish, stop with them, so
+//!   every instance stops trusting its L1 (and Redis values) within
+//!   `isolation_ttl`, as if Redis were down; this instance's queued
+//!   invalidations are delivered when Redis takes writes again.
 //! - **Redis refusing writes** (`maxmemory` with `noeviction`): a refused
 //!   generation bump is replaced by deleting the counter, which every entry
 //!   recorded under it fails to match; the invalidation is still published;
@@ -227,6 +231,11 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
     }
     fn channel(&self) -> String {
         format!("{}:invalidate", self.prefix)
+    }
+    /// This instance's heartbeat key (written by every heartbeat, so that
+    /// a Redis refusing writes stops the heartbeats).
+    fn heartbeat_key(&self) -> String {
+        format!("{}:hb:{:016x}", self.prefix, self.instance)
     }
 }
 

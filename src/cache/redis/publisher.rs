@@ -10,11 +10,10 @@ use std::sync::Weak;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use redis::AsyncCommands;
 use tokio_util::sync::CancellationToken;
 
 use super::message::{self, MSG_ALL, MSG_HEARTBEAT, MSG_KEY, MSG_TAG};
-use super::{ALL_TAG, RedisTier};
+use super::{ALL_TAG, RedisTier, ms};
 use crate::cache::{Invalidation, RemoteLink};
 
 /// The most invalidations one delivery carries.
@@ -135,7 +134,11 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
         }
     }
 
-    /// Sends this instance's heartbeat (its clock's time) on the channel.
+    /// Sends this instance's heartbeat (its clock's time) on the channel,
+    /// through a script that writes first: a Redis that would refuse this
+    /// instance's invalidations (read-only, `MISCONF`) refuses the
+    /// heartbeat too, so every instance isolates instead of trusting an
+    /// L1 that a purge it cannot hear of should have emptied.
     async fn heartbeat(&self, link: &RemoteLink<K>)
     where
         K: Send + Sync + 'static,
@@ -143,10 +146,14 @@ impl<K: 'static, R: 'static> RedisTier<K, R> {
     {
         let sent_at = link.now().as_nanos();
         let message = self.message(MSG_HEARTBEAT, 0, &sent_at.to_be_bytes());
-        let channel = self.channel();
+        let (channel, key) = (self.channel(), self.heartbeat_key());
+        // The key outlives a few missed beats, then goes by itself.
+        let px = ms(self.isolation_ttl.saturating_mul(2)).max(1);
+        let scripts = &self.scripts;
+        let (channel, key, message) = (&channel, &key, &message);
         let _: Option<i64> = self
             .call_within(self.publish_timeout(), |mut c| async move {
-                c.publish(&channel, message).await
+                scripts.heartbeat(&mut c, key, channel, message, px).await
             })
             .await;
     }

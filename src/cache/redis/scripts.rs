@@ -5,8 +5,9 @@
 //! (an entry: a hash of the framed value `v` and the tag generations `g`
 //! it was stored under), `{prefix}:l:{key}` (a fill lease),
 //! `{prefix}:t:{tag}` (a tag's generation counter; every entry also
-//! carries the tag standing for "all") and `{prefix}:epoch` (bumped by
-//! every invalidation, cancelling puts of fills in flight).
+//! carries the tag standing for "all"), `{prefix}:epoch` (bumped by
+//! every invalidation, cancelling puts of fills in flight) and
+//! `{prefix}:hb:{instance}` (written by each heartbeat of an instance).
 
 use redis::aio::ConnectionManager;
 use redis::{RedisResult, Script};
@@ -125,6 +126,26 @@ end
 return refused
 "#;
 
+/// Writes this instance's heartbeat key, then publishes the heartbeat, in
+/// one atomic step: a Redis that refuses the invalidation scripts' writes
+/// (a read-only replica, `MISCONF` after a failed snapshot, an ACL) also
+/// refuses this, so no heartbeat goes out and every instance stops trusting
+/// its L1 within the isolation window (a bare `PUBLISH` still works on a
+/// replica). Out of memory (`noeviction`), where the invalidation script
+/// falls back to deletes, the `SET` is refused and the `DEL` (which Redis
+/// accepts then, as it does the invalidations') stands in for it. The
+/// first write of the script decides: Redis refuses a write in a script
+/// only before the script has written anything.
+/// `KEYS[1]` = heartbeat key; `ARGV[1]` = channel, `ARGV[2]` = message,
+/// `ARGV[3]` = px.
+const HEARTBEAT_SCRIPT: &str = r#"
+local r = redis.pcall('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+if type(r) == 'table' and r.err then
+  redis.call('DEL', KEYS[1])
+end
+return redis.call('PUBLISH', ARGV[1], ARGV[2])
+"#;
+
 /// The scripts of one tier (run by their hash, `EVALSHA`; the client
 /// loads a script Redis does not know yet).
 pub(super) struct Scripts {
@@ -133,6 +154,7 @@ pub(super) struct Scripts {
     lease: Script,
     invalidate: Script,
     release: Script,
+    heartbeat: Script,
 }
 
 /// What a put stores, and the fill it belongs to.
@@ -162,6 +184,7 @@ impl Scripts {
             lease: Script::new(LEASE_SCRIPT),
             invalidate: Script::new(INVALIDATE_SCRIPT),
             release: Script::new(RELEASE_SCRIPT),
+            heartbeat: Script::new(HEARTBEAT_SCRIPT),
         }
     }
 
@@ -245,5 +268,25 @@ impl Scripts {
             inv.arg(a.as_slice());
         }
         inv.invoke_async(c).await
+    }
+
+    /// Writes the heartbeat key and publishes `message` on `channel`
+    /// ([`HEARTBEAT_SCRIPT`]): an error whenever Redis refuses writes for
+    /// another reason than memory.
+    pub(super) async fn heartbeat(
+        &self,
+        c: &mut ConnectionManager,
+        heartbeat_key: &str,
+        channel: &str,
+        message: &[u8],
+        px: u64,
+    ) -> RedisResult<i64> {
+        self.heartbeat
+            .key(heartbeat_key)
+            .arg(channel)
+            .arg(message)
+            .arg(px)
+            .invoke_async(c)
+            .await
     }
 }
