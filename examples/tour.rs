@@ -537,6 +537,7 @@ async fn shared_tier(local: &LocalCluster) -> Result<(), Error> {
             redis: Some(redis.url()),
             http_cache: false,
             no_change_feed: true,
+            workers: None,
         };
         let backend = axum_users::users::backend(&args).await?;
         let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
