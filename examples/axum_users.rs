@@ -62,7 +62,7 @@ mod users_app;
 
 use std::io::Write;
 
-pub use users_app::{http_cached_router, router, welcome_worker};
+pub use users_app::{Welcome, http_cached_router, router, welcome_worker};
 
 #[tokio::main]
 async fn main() {

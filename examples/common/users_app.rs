@@ -601,19 +601,26 @@ impl tower::Service<Job> for Welcome {
     }
 }
 
-/// The welcome worker for `backend`'s queue, `slots` jobs at a time,
-/// invalidating the users cache and `http` (the HTTP cache, with
-/// `--http-cache`). Not started: the caller may tune it first.
+impl Welcome {
+    /// The handler for `backend`'s service, invalidating its users cache
+    /// and `http` (the HTTP cache, with `--http-cache`).
+    pub fn new(backend: &users::Backend, http: Option<Invalidator<String>>) -> Self {
+        Self {
+            invalidate: Invalidate {
+                users: backend.invalidator.clone(),
+                http,
+            },
+        }
+    }
+}
+
+/// The welcome worker for `backend`'s queue, `slots` jobs at a time (one
+/// `Worker`, one claim loop, `slots` handlers at once). Not started: the
+/// caller may tune it first.
 pub fn welcome_worker(
     backend: &users::Backend,
     http: Option<Invalidator<String>>,
     slots: usize,
 ) -> Worker<Welcome> {
-    let welcome = Welcome {
-        invalidate: Invalidate {
-            users: backend.invalidator.clone(),
-            http,
-        },
-    };
-    Worker::new(backend.welcome.clone(), welcome).concurrency(slots)
+    Worker::new(backend.welcome.clone(), Welcome::new(backend, http)).concurrency(slots)
 }
