@@ -58,11 +58,11 @@
 #[path = "common/users.rs"]
 pub(crate) mod users;
 #[path = "common/users_app.rs"]
-mod users_app;
+pub(crate) mod users_app;
 
 use std::io::Write;
 
-pub use users_app::{Welcome, http_cached_router, router, welcome_worker};
+pub use users_app::{http_cached_router, router};
 
 #[tokio::main]
 async fn main() {

@@ -752,7 +752,7 @@ async fn jobs(local: &LocalCluster) -> Result<(), Error> {
     // The services of steps 5 to 7 enqueued jobs and ran no worker.
     let waiting = backend.welcome.depth().await?.ready;
     let t = Instant::now();
-    let worker = axum_users::welcome_worker(&backend, None, 2)
+    let worker = axum_users::users_app::welcome_worker(&backend, None, 2)
         .poll_interval(Duration::from_millis(100))
         .start()?;
     let mut ids = Vec::new();
@@ -841,7 +841,7 @@ async fn jobs(local: &LocalCluster) -> Result<(), Error> {
     let killed = Instant::now();
     println!("  worker A killed mid-job (its runtime and connections dropped, nothing released)");
     let (again, mut rerun) = tokio::sync::mpsc::unbounded_channel();
-    let welcome = axum_users::Welcome::new(&backend, None);
+    let welcome = axum_users::users_app::Welcome::new(&backend, None);
     let worker = Worker::new(
         backend.welcome.clone(),
         tower::service_fn(move |job: Job| {

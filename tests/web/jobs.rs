@@ -352,7 +352,7 @@ async fn the_worker_s_update_evicts_the_cached_user() {
         }
         let depth = backend.welcome.depth().await.unwrap();
         assert_eq!(depth.ready, 1, "{mode}: the job waits");
-        let worker = axum_users::welcome_worker(&backend, http, 1)
+        let worker = axum_users::users_app::welcome_worker(&backend, http, 1)
             .start()
             .unwrap();
         let started = Instant::now();
