@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --release --features full --example axum_users -- \
 //!     --listen 127.0.0.1:PORT [--primary URL --replica URL ...] [--token-key HEX] \
-//!     [--redis URL] [--http-cache] [--no-change-feed]
+//!     [--redis URL] [--http-cache] [--no-change-feed] [--workers N]
 //! ```
 //!
 //! Without `--primary` it starts a LocalCluster (one primary, two
@@ -14,10 +14,21 @@
 //! as the first line on stdout; logs go to stderr; SIGTERM or Ctrl-C shut
 //! it down cleanly.
 //!
-//! - `POST /users` `{"name": "..."}` -> 201 `{"id": N, "name": "..."}`
-//! - `GET /users/{id}` -> 200 `{"id": N, "name": "..."}` or 404 `{"error": "not found"}`
+//! - `POST /users` `{"name": "..."}` -> 201 `{"id": N, "name": "...", "welcomed": false}`
+//! - `GET /users/{id}` -> 200 `{"id": N, "name": "...", "welcomed": B}` or 404 `{"error": "not found"}`
 //! - `PUT /users/{id}` `{"name": "..."}` -> 200 the new row; `DELETE /users/{id}` -> 204
 //! - `GET /metrics` -> Prometheus text
+//!
+//! `POST /users` enqueues a `welcome` job (`tower_scale::queue`) in the
+//! insert's own transaction: the job exists if and only if the user does
+//! (with shards, it will live on the user's shard). A worker in the same
+//! process (`--workers N` jobs at a time, default 2; 0 runs none) reads the
+//! user from a replica at the job's token, sets `welcomed_at` (added with
+//! `ALTER TABLE ... ADD COLUMN IF NOT EXISTS` to a table from before it)
+//! and invalidates `user:{id}` like any write; users answer with
+//! `"welcomed": true` from then on. A worker killed mid-job loses its
+//! lease and the job runs again (the update is idempotent). SIGTERM stops
+//! the worker with the server, giving running jobs 5 s.
 //!
 //! The cache hears every write to `users`, by any writer: a change feed
 //! from the primary's logical replication stream (`tower_scale::pg::feed`)
@@ -47,7 +58,7 @@
 #[path = "common/users.rs"]
 pub(crate) mod users;
 #[path = "common/users_app.rs"]
-mod users_app;
+pub(crate) mod users_app;
 
 use std::io::Write;
 
@@ -86,29 +97,51 @@ where
     users_app::serve_until(listener, app, shutdown).await
 }
 
+/// How long running welcome jobs get to finish at shutdown (the rest are
+/// released for another instance).
+const WORKER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The welcome worker, unless `--workers 0`.
+fn start_worker(
+    args: &users::Args,
+    backend: &users::Backend,
+    http: Option<tower_scale::cache::Invalidator<String>>,
+) -> Result<Option<tower_scale::queue::WorkerHandle>, users::BoxError> {
+    match args.workers() {
+        0 => Ok(None),
+        n => Ok(Some(users_app::welcome_worker(backend, http, n).start()?)),
+    }
+}
+
 async fn run(args: users::Args) -> Result<(), users::BoxError> {
     let metrics = users::install_metrics()?;
     let backend = users::backend(&args).await?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
-    let _tier = if args.http_cache {
+    let (_tier, worker) = if args.http_cache {
         let (app, tier, http) =
             http_cached_router(&backend, metrics, args.redis.as_deref()).await?;
+        let worker = start_worker(&args, &backend, Some(http.clone()))?;
         let _feed = match args.no_change_feed {
             false => users::change_feed("axum_users", &backend, Some(http)).await,
             true => None,
         };
         serve(listener, addr, app).await?;
-        tier
+        (tier, worker)
     } else {
+        let worker = start_worker(&args, &backend, None)?;
         let _feed = match args.no_change_feed {
             false => users::change_feed("axum_users", &backend, None).await,
             true => None,
         };
         serve(listener, addr, users_app::service(&backend, metrics)).await?;
-        None
+        (None, worker)
     };
     eprintln!("axum_users: shutting down");
+    if let Some(worker) = worker {
+        let report = worker.shutdown(WORKER_GRACE).await;
+        eprintln!("axum_users: welcome worker stopped: {report:?}");
+    }
     backend.cluster.shutdown();
     drop(backend);
     Ok(())

@@ -95,10 +95,10 @@ impl Users for UsersService {
             &*row.served_by
         };
         match &row.row {
-            Some((id, name)) => Ok(reply(
+            Some(user) => Ok(reply(
                 User {
-                    id: *id,
-                    name: name.clone(),
+                    id: user.id,
+                    name: user.name.clone(),
                 },
                 by,
             )),

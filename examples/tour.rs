@@ -19,7 +19,13 @@
 //!    replicas, read-your-writes through the consistency cookie, and a
 //!    replica stopped mid-way with no failed request;
 //! 6. two instances of the service sharing one Redis: an L1 miss on one is
-//!    an L2 hit, and a write on one evicts the other's L1.
+//!    an L2 hit, and a write on one evicts the other's L1;
+//! 7. a plain SQL `UPDATE` reaching the cached service through the change
+//!    feed;
+//! 8. jobs: `POST /users` enqueues a welcome job in the insert's
+//!    transaction and a worker marks the user welcomed; then a worker
+//!    killed mid-job (its runtime dropped, as a process killed) and the job
+//!    done again, attempt 2, by another once the lease lapses.
 //!
 //! Everything it started is stopped on exit.
 
@@ -116,6 +122,7 @@ async fn run() -> Result<(), Error> {
     users_service(&cluster).await?;
     shared_tier(&cluster).await?;
     change_feed(&cluster).await?;
+    jobs(&cluster).await?;
 
     let t = Instant::now();
     drop(db);
@@ -304,6 +311,7 @@ struct Reply {
     served_by: String,
     name: Option<String>,
     id: Option<i64>,
+    welcomed: Option<bool>,
 }
 
 impl Http {
@@ -357,6 +365,7 @@ impl Http {
                 .and_then(|v| v.as_str())
                 .map(str::to_string),
             id: json.get("id").and_then(|v| v.as_i64()),
+            welcomed: json.get("welcomed").and_then(|v| v.as_bool()),
         })
     }
 }
@@ -537,6 +546,7 @@ async fn shared_tier(local: &LocalCluster) -> Result<(), Error> {
             redis: Some(redis.url()),
             http_cache: false,
             no_change_feed: true,
+            workers: None,
         };
         let backend = axum_users::users::backend(&args).await?;
         let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -701,6 +711,155 @@ async fn change_feed(local: &LocalCluster) -> Result<(), Error> {
     }
     server.abort();
     drop(feed);
+    backend.cluster.shutdown();
+    Ok(())
+}
+
+/// Reads `/users/{id}` with the cookie until it says `"welcomed": true`.
+async fn until_welcomed(http: &mut Http, id: i64, within: Duration) -> Result<(), Error> {
+    let deadline = Instant::now() + within;
+    while http
+        .send("GET", &format!("/users/{id}"), None, true)
+        .await?
+        .welcomed
+        != Some(true)
+    {
+        if Instant::now() > deadline {
+            return Err(format!("user {id} was never welcomed").into());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(())
+}
+
+async fn jobs(local: &LocalCluster) -> Result<(), Error> {
+    use tower_scale::queue::{Job, Queue, Worker};
+    println!("\n8. jobs: a welcome job per new user, and a worker killed mid-job");
+    let args = axum_users::users::Args::in_process(local);
+    let backend = axum_users::users::backend(&args).await?;
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .build_recorder()
+        .handle();
+    let app = axum_users::router(&backend, handle);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut client = Http {
+        client: http_client(),
+        addr,
+        cookie: None,
+    };
+    // The services of steps 5 to 7 enqueued jobs and ran no worker.
+    let waiting = backend.welcome.depth().await?.ready;
+    let t = Instant::now();
+    let worker = axum_users::users_app::welcome_worker(&backend, None, 2)
+        .poll_interval(Duration::from_millis(100))
+        .start()?;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let r = client
+            .send(
+                "POST",
+                "/users",
+                Some(format!(r#"{{"name":"job-{i}"}}"#)),
+                true,
+            )
+            .await?;
+        if r.status != 201 || r.welcomed != Some(false) {
+            return Err(format!("POST /users: {} welcomed={:?}", r.status, r.welcomed).into());
+        }
+        ids.push(r.id.ok_or("no id")?);
+    }
+    for id in &ids {
+        until_welcomed(&mut client, *id, Duration::from_secs(10)).await?;
+    }
+    let flowed = t.elapsed();
+    while worker.stats().processed < waiting + 5 {
+        if t.elapsed() > Duration::from_secs(10) {
+            return Err("the worker never finished the waiting jobs".into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    println!(
+        "  5 POST /users, each user and its welcome job in one transaction, answered \"welcomed\": false"
+    );
+    println!(
+        "  a worker (2 slots) welcomed all 5 within {flowed:.2?}, behind the {waiting} jobs steps 5 to 7 \
+         left (no worker there): {} jobs done in {:.2?}",
+        worker.stats().processed,
+        t.elapsed()
+    );
+    worker.shutdown(Duration::from_secs(5)).await;
+
+    // Worker A: its own runtime and connections, as a process of its own;
+    // its handler hangs. Dropping the runtime kills it mid-job: no release,
+    // no more lease renewals.
+    let doomed = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("worker-a")
+        .enable_all()
+        .build()?;
+    let (took, mut taken) = tokio::sync::mpsc::unbounded_channel();
+    let url = local.primary().url();
+    doomed.spawn(async move {
+        let cluster = Cluster::builder()
+            .primary(NodeConfig::from_url(&url)?)
+            .build()
+            .await?;
+        let queue = Queue::builder(cluster.db(), axum_users::users::WELCOME_QUEUE)
+            .build()
+            .await?;
+        let _worker = Worker::new(
+            queue,
+            tower::service_fn(move |job: Job| {
+                let _ = took.send((job.id, job.attempt));
+                std::future::pending::<Result<(), std::convert::Infallible>>()
+            }),
+        )
+        .lease(Duration::from_secs(1))
+        .poll_interval(Duration::from_millis(50))
+        .start()?;
+        std::future::pending::<()>().await;
+        Ok::<(), Error>(())
+    });
+    let r = client
+        .send(
+            "POST",
+            "/users",
+            Some(r#"{"name":"interrupted"}"#.into()),
+            true,
+        )
+        .await?;
+    let id = r.id.ok_or("no id")?;
+    let (job, attempt) = tokio::time::timeout(Duration::from_secs(10), taken.recv())
+        .await?
+        .ok_or("worker A stopped")?;
+    println!(
+        "  worker A (lease 1 s) took job {job} (user {id}), attempt {attempt}; its handler hangs"
+    );
+    doomed.shutdown_background();
+    let killed = Instant::now();
+    println!("  worker A killed mid-job (its runtime and connections dropped, nothing released)");
+    let (again, mut rerun) = tokio::sync::mpsc::unbounded_channel();
+    let welcome = axum_users::users_app::Welcome::new(&backend, None);
+    let worker = Worker::new(
+        backend.welcome.clone(),
+        tower::service_fn(move |job: Job| {
+            let _ = again.send((job.id, job.attempt, killed.elapsed()));
+            welcome.clone().oneshot(job)
+        }),
+    )
+    .poll_interval(Duration::from_millis(100))
+    .start()?;
+    until_welcomed(&mut client, id, Duration::from_secs(10)).await?;
+    let (job, attempt, after) = rerun.recv().await.ok_or("worker B stopped")?;
+    println!(
+        "  worker B took job {job} again {after:.2?} after the kill (A's lease lapsed), attempt {attempt}; \
+         user {id} read back \"welcomed\": true {:.2?} after the kill",
+        killed.elapsed()
+    );
+    worker.shutdown(Duration::from_secs(5)).await;
+    server.abort();
     backend.cluster.shutdown();
     Ok(())
 }

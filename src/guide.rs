@@ -12,6 +12,16 @@
 //! 8. [Operations](operations): PostgreSQL settings, metrics to alert on,
 //!    what happens in each failure
 //! 9. [What next](what_next): the parts still being built
+//!
+//! The `axum_users` example the pages build on also runs background work
+//! on the job queue (`tower_scale::queue`, feature `queue`): `POST /users`
+//! enqueues a `welcome` job in the insert's own transaction, so the job
+//! exists if and only if the user does; a worker in the same process
+//! (`--workers N`, default 2) reads the user from a replica at the job's
+//! token, sets `welcomed_at` idempotently and invalidates `user:{id}` like
+//! any write, and users answer `"welcomed": true` from then on. A worker
+//! killed mid-job stops renewing its lease and another runs the job again
+//! (the tour's step 8 shows it).
 
 #[doc = include_str!("../docs/guide/01-one-server.md")]
 pub mod step1_one_server {}

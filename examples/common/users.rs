@@ -12,6 +12,7 @@ use tower_scale::cache::{
     Cache, CacheLayer, CachePolicy, Invalidator, MokaStore, QuickStore, Storable, Windows,
 };
 use tower_scale::pg::{Cluster, Consistency, Db, DbError, NodeConfig, TokenCodec};
+use tower_scale::queue::Queue;
 use tower_scale::testing::LocalCluster;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -70,6 +71,21 @@ pub struct Args {
     pub http_cache: bool,
     /// `--no-change-feed` (axum_users): no change feed from the primary.
     pub no_change_feed: bool,
+    /// `--workers N` (axum_users): the welcome worker's concurrency, `None`
+    /// for the default ([`DEFAULT_WORKERS`]); 0 runs no worker.
+    pub workers: Option<usize>,
+}
+
+/// The welcome worker's concurrency without `--workers`.
+pub const DEFAULT_WORKERS: usize = 2;
+/// The most `--workers` accepts (each slot can hold a pooled connection).
+pub const MAX_WORKERS: usize = 256;
+
+impl Args {
+    /// The welcome worker's concurrency (0: no worker).
+    pub fn workers(&self) -> usize {
+        self.workers.unwrap_or(DEFAULT_WORKERS)
+    }
 }
 
 impl Args {
@@ -85,13 +101,14 @@ impl Args {
             redis: None,
             http_cache: false,
             no_change_feed: false,
+            workers: None,
         }
     }
 }
 
 pub fn usage(name: &str) -> String {
     let http_cache = if name == "axum_users" {
-        " [--http-cache] [--no-change-feed]"
+        " [--http-cache] [--no-change-feed] [--workers N]"
     } else {
         ""
     };
@@ -105,6 +122,7 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String
     let mut redis = None;
     let mut http_cache = false;
     let mut no_change_feed = false;
+    let mut workers = None;
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
@@ -120,6 +138,14 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String
             "--replica" => replicas.push(value()?),
             "--http-cache" => http_cache = true,
             "--no-change-feed" => no_change_feed = true,
+            "--workers" => {
+                let n = value()?
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| *n <= MAX_WORKERS)
+                    .ok_or_else(|| format!("--workers must be 0 to {MAX_WORKERS}"))?;
+                workers = Some(n);
+            }
             "--token-key" => {
                 let hex = value()?;
                 if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -146,6 +172,7 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String
         redis,
         http_cache,
         no_change_feed,
+        workers,
     })
 }
 
@@ -157,6 +184,9 @@ pub fn args_or_exit(name: &str) -> Args {
         }
         if a.no_change_feed && name != "axum_users" {
             return Err("--no-change-feed is a flag of axum_users only".into());
+        }
+        if a.workers.is_some() && name != "axum_users" {
+            return Err("--workers is a flag of axum_users only".into());
         }
         Ok(a)
     });
@@ -172,9 +202,32 @@ pub fn args_or_exit(name: &str) -> Args {
     }
 }
 
-/// A cached read of one user: the row (or none) and who read it.
-pub struct UserRow {
-    pub row: Option<(i64, String)>,
+/// A user as the service returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub id: i64,
+    pub name: String,
+    /// The welcome job has run (`welcomed_at` is set).
+    pub welcomed: bool,
+}
+
+impl User {
+    /// From a row selected as `id, name, welcomed_at IS NOT NULL` (what
+    /// every statement of the service returning a user selects).
+    pub fn from_row(row: &tokio_postgres::Row) -> Result<Self, tokio_postgres::Error> {
+        Ok(Self {
+            id: row.try_get(0)?,
+            name: row.try_get(1)?,
+            welcomed: row.try_get(2)?,
+        })
+    }
+}
+
+/// A cached read of one user: the row (or none) and who read it. The
+/// service's rows are [`User`]s; `(id, name)` rows are for caches over a
+/// stand-in loader (the soak test's), which need nothing more.
+pub struct UserRow<U = (i64, String)> {
+    pub row: Option<U>,
     pub served_by: Arc<str>,
     pub lsn: u64,
     /// The first request to take this result made the query; later ones
@@ -195,7 +248,7 @@ pub const USERS_WHOLE: &str = "users:*";
 /// with a token skips entries stamped below it.
 pub struct UserPolicy;
 
-impl CachePolicy<UserRead, Arc<UserRow>> for UserPolicy {
+impl<U: Send + Sync + 'static> CachePolicy<UserRead, Arc<UserRow<U>>> for UserPolicy {
     type Key = i64;
     fn key(&self, req: &UserRead) -> Option<i64> {
         Some(req.id)
@@ -206,7 +259,7 @@ impl CachePolicy<UserRead, Arc<UserRow>> for UserPolicy {
             _ => None,
         }
     }
-    fn storable(&self, id: &i64, row: &Arc<UserRow>, d: &Windows) -> Option<Storable> {
+    fn storable(&self, id: &i64, row: &Arc<UserRow<U>>, d: &Windows) -> Option<Storable> {
         // `users:*`: what the change feed invalidates when every row may
         // have changed (TRUNCATE, a schema change).
         Some(
@@ -229,12 +282,7 @@ pub type UserCache<L = Loader, St = MokaStore<i64, Arc<UserRow>, DbError>> =
 /// its read log through a channel, its clock) was about 720 instructions
 /// of the request's 13,600, the largest single cost after axum and the
 /// allocator; quick_cache's is a fraction of that.
-pub type BackendUserCache = UserCache<DbLoader, QuickStore<i64, Arc<UserRow>, DbError>>;
-
-/// The loader the cache calls on a miss: one routed read.
-pub fn loader(db: Db) -> Loader {
-    tower::util::BoxCloneSyncService::new(DbLoader { db })
-}
+pub type BackendUserCache = UserCache<DbLoader, QuickStore<i64, Arc<UserRow<User>>, DbError>>;
 
 /// The loader the cache calls on a miss: one routed read. A handler clones
 /// the cache (and so this) on every request, hits included: cloning it is
@@ -245,10 +293,10 @@ pub struct DbLoader {
 }
 
 impl tower::Service<UserRead> for DbLoader {
-    type Response = Arc<UserRow>;
+    type Response = Arc<UserRow<User>>;
     type Error = DbError;
     type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Arc<UserRow>, DbError>> + Send + 'static>,
+        Box<dyn std::future::Future<Output = Result<Arc<UserRow<User>>, DbError>> + Send + 'static>,
     >;
 
     fn poll_ready(
@@ -261,20 +309,27 @@ impl tower::Service<UserRead> for DbLoader {
     fn call(&mut self, req: UserRead) -> Self::Future {
         let db = self.db.clone();
         Box::pin(async move {
-            let r = db
-                .read_opt(
-                    req.consistency,
-                    "SELECT id, name FROM users WHERE id = $1",
-                    &[&req.id],
-                )
-                .await?;
+            let r = db.read_opt(req.consistency, USER_BY_ID, &[&req.id]).await?;
+            let row = r.value.as_ref().map(User::from_row).transpose();
             Ok(Arc::new(UserRow {
-                row: r.value.map(|row| (row.get(0), row.get(1))),
+                row: row.map_err(|e| row_shape(&r.served_by, e))?,
                 served_by: r.served_by,
                 lsn: r.lsn.0,
                 taken: AtomicBool::new(false),
             }))
         })
+    }
+}
+
+/// `SELECT` of one user by id (`$1`), as [`User::from_row`] reads it.
+pub const USER_BY_ID: &str = "SELECT id, name, welcomed_at IS NOT NULL FROM users WHERE id = $1";
+
+/// A row that is not the shape selected (the table changed under the
+/// service): a failed query, as the driver reports a type mismatch.
+pub fn row_shape(node: &Arc<str>, e: tokio_postgres::Error) -> DbError {
+    DbError::Query {
+        node: Arc::clone(node),
+        source: Arc::new(e),
     }
 }
 
@@ -288,7 +343,10 @@ pub struct Backend {
     pub users: BackendUserCache,
     pub invalidator: Invalidator<i64>,
     /// The shared tier, with `--redis`.
-    pub redis: Option<Arc<tower_scale::cache::redis::RedisTier<i64, Arc<UserRow>>>>,
+    pub redis: Option<Arc<tower_scale::cache::redis::RedisTier<i64, Arc<UserRow<User>>>>>,
+    /// The `welcome` queue: `POST /users` enqueues a job in the insert's
+    /// transaction (so, with shards, on the user's shard).
+    pub welcome: Queue,
 }
 
 pub async fn backend(args: &Args) -> Result<Backend, BoxError> {
@@ -326,6 +384,27 @@ pub async fn backend(args: &Args) -> Result<Backend, BoxError> {
         &[],
     )
     .await?;
+    // `welcomed_at` came with the welcome job: a database from before it
+    // gets the column. Looked up first so that instances starting on a
+    // table that has it take no ACCESS EXCLUSIVE lock.
+    let has_column = db
+        .read_one(
+            Consistency::Strong,
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'users'::regclass
+                AND attname = 'welcomed_at' AND NOT attisdropped)",
+            &[],
+        )
+        .await?
+        .value
+        .try_get::<_, bool>(0)?;
+    if !has_column {
+        db.execute(
+            "ALTER TABLE users ADD COLUMN IF NOT EXISTS welcomed_at timestamptz",
+            &[],
+        )
+        .await?;
+    }
+    let welcome = Queue::builder(db.clone(), WELCOME_QUEUE).build().await?;
     let key = match &args.token_key {
         Some(k) => k.clone(),
         None => {
@@ -360,40 +439,91 @@ pub async fn backend(args: &Args) -> Result<Backend, BoxError> {
         users,
         invalidator,
         redis,
+        welcome,
     })
 }
 
-/// How user rows travel through Redis: `[has row][id][name]` plus the LSN;
-/// a row that comes back from Redis says it was served by `cache-l2`.
+/// The queue `POST /users` enqueues on; its payload is [`WelcomeJob`].
+pub const WELCOME_QUEUE: &str = "welcome";
+
+/// A welcome job's payload.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, Copy)]
+pub struct WelcomeJob {
+    pub user: i64,
+}
+
+/// How user rows travel through Redis: the LSN, then a marker byte and the
+/// row. `(id, name)` rows are marked 1 (`[id][name]`), [`User`]s 2
+/// (`[id][welcomed][name]`): each kind reads only its own marker and takes
+/// the other as undecodable (a miss), so instances from before `welcomed`
+/// sharing a tier never read a row without it. A row that comes back from
+/// Redis says it was served by `cache-l2`.
 pub struct UserCodec;
 
-impl tower_scale::cache::redis::RedisCodec<i64, Arc<UserRow>> for UserCodec {
+/// A row kind [`UserCodec`] carries.
+pub trait RowBytes: Sized + Send + Sync + 'static {
+    fn encode(&self, out: &mut Vec<u8>);
+    fn decode(bytes: &[u8]) -> Option<Self>;
+}
+
+impl RowBytes for (i64, String) {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.push(1);
+        out.extend_from_slice(&self.0.to_be_bytes());
+        out.extend_from_slice(self.1.as_bytes());
+    }
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        if *bytes.first()? != 1 {
+            return None;
+        }
+        let id = i64::from_be_bytes(bytes.get(1..9)?.try_into().ok()?);
+        Some((id, String::from_utf8(bytes.get(9..)?.to_vec()).ok()?))
+    }
+}
+
+impl RowBytes for User {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.push(2);
+        out.extend_from_slice(&self.id.to_be_bytes());
+        out.push(u8::from(self.welcomed));
+        out.extend_from_slice(self.name.as_bytes());
+    }
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        if *bytes.first()? != 2 {
+            return None;
+        }
+        Some(User {
+            id: i64::from_be_bytes(bytes.get(1..9)?.try_into().ok()?),
+            welcomed: match *bytes.get(9)? {
+                0 => false,
+                1 => true,
+                _ => return None,
+            },
+            name: String::from_utf8(bytes.get(10..)?.to_vec()).ok()?,
+        })
+    }
+}
+
+impl<U: RowBytes> tower_scale::cache::redis::RedisCodec<i64, Arc<UserRow<U>>> for UserCodec {
     fn encode_key(&self, key: &i64) -> Vec<u8> {
         key.to_be_bytes().to_vec()
     }
     fn decode_key(&self, bytes: &[u8]) -> Option<i64> {
         Some(i64::from_be_bytes(bytes.try_into().ok()?))
     }
-    fn encode(&self, row: &Arc<UserRow>) -> Vec<u8> {
+    fn encode(&self, row: &Arc<UserRow<U>>) -> Vec<u8> {
         let mut out = row.lsn.to_be_bytes().to_vec();
-        if let Some((id, name)) = &row.row {
-            out.push(1);
-            out.extend_from_slice(&id.to_be_bytes());
-            out.extend_from_slice(name.as_bytes());
-        } else {
-            out.push(0);
+        match &row.row {
+            Some(r) => r.encode(&mut out),
+            None => out.push(0),
         }
         out
     }
-    fn decode(&self, bytes: &[u8]) -> Option<Arc<UserRow>> {
+    fn decode(&self, bytes: &[u8]) -> Option<Arc<UserRow<U>>> {
         let lsn = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
         let row = match *bytes.get(8)? {
             0 => None,
-            1 => {
-                let id = i64::from_be_bytes(bytes.get(9..17)?.try_into().ok()?);
-                Some((id, String::from_utf8(bytes.get(17..)?.to_vec()).ok()?))
-            }
-            _ => return None,
+            _ => Some(U::decode(bytes.get(8..)?)?),
         };
         Some(Arc::new(UserRow {
             row,

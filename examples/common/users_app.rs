@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::users::{self, UserRead};
+use super::users::{self, User, UserRead, WelcomeJob};
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderName};
@@ -22,12 +22,14 @@ use tower_scale::cache::Invalidator;
 use tower_scale::http::{CacheHit, HttpCacheLayer};
 use tower_scale::pg::DbError;
 use tower_scale::pg::layer::MissingDbLayer;
-use tower_scale::pg::{DbLayer, RequestDb};
+use tower_scale::pg::{ConsistencyToken, DbLayer, RequestDb};
+use tower_scale::queue::{Job, NewJob, QueueError, Worker};
 
 #[derive(Serialize)]
 struct UserJson<'a> {
     id: i64,
     name: &'a str,
+    welcomed: bool,
 }
 
 #[derive(Deserialize)]
@@ -40,19 +42,29 @@ type AppState = Arc<App>;
 
 struct App {
     users: users::BackendUserCache,
-    invalidator: Invalidator<i64>,
-    /// With `--http-cache`: the HTTP cache's invalidator (by tag).
-    http: Option<Invalidator<String>>,
+    invalidate: Invalidate,
+    /// With `--http-cache`, the HTTP cache is the cache: reads go past
+    /// the users cache.
+    http_cache: bool,
+    welcome: tower_scale::queue::Queue,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// `x-served-by` values of the cluster's nodes, built once.
     served_by: ServedBy,
 }
 
-impl App {
+/// What a write to a user invalidates: the users cache and, with
+/// `--http-cache`, the HTTP cache (by tag). The handlers and the welcome
+/// worker write through it alike.
+#[derive(Clone)]
+pub struct Invalidate {
+    users: Invalidator<i64>,
+    http: Option<Invalidator<String>>,
+}
+
+impl Invalidate {
     /// After a write to user `id` at `version`: the cached reads of it go.
-    fn invalidate(&self, id: i64, version: Option<u64>) {
-        self.invalidator
-            .invalidate_tag_at(format!("user:{id}"), version);
+    fn user(&self, id: i64, version: Option<u64>) {
+        self.users.invalidate_tag_at(format!("user:{id}"), version);
         if let Some(http) = &self.http {
             http.invalidate_tag_at(format!("user:{id}"), version);
         }
@@ -117,11 +129,11 @@ fn served_by(mut res: Response, by: Option<HeaderValue>) -> Response {
     res
 }
 
-/// `{"id":N,"name":"..."}`, as `Json(UserJson { id, name })` writes it,
-/// without its generic response building: the body in one allocation, the
-/// content type a static value.
-fn user_json(id: i64, name: &str) -> Response {
-    let mut body = Vec::with_capacity(name.len() + 40);
+/// `{"id":N,"name":"...","welcomed":B}`, as `Json(UserJson { .. })`
+/// writes it, without its generic response building: the body in one
+/// allocation, the content type a static value.
+fn user_json(id: i64, name: &str, welcomed: bool) -> Response {
+    let mut body = Vec::with_capacity(name.len() + 56);
     body.extend_from_slice(b"{\"id\":");
     body.extend_from_slice(itoa_i64(id, &mut [0; 20]));
     body.extend_from_slice(b",\"name\":");
@@ -132,9 +144,12 @@ fn user_json(id: i64, name: &str) -> Response {
         body.push(b'"');
     } else if serde_json::to_writer(&mut body, name).is_err() {
         // Writing to a Vec does not fail; this keeps the old path if it did.
-        return Json(UserJson { id, name }).into_response();
+        return Json(UserJson { id, name, welcomed }).into_response();
     }
-    body.push(b'}');
+    body.extend_from_slice(match welcomed {
+        true => b",\"welcomed\":true}",
+        false => b",\"welcomed\":false}",
+    });
     let mut res = Response::new(axum::body::Body::from(body));
     res.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -169,6 +184,13 @@ fn parse_name(body: Result<Json<NameJson>, JsonRejection>) -> Result<String, Str
     Ok(name)
 }
 
+fn user_response(user: &User) -> Response {
+    user_json(user.id, &user.name, user.welcomed)
+}
+
+/// `POST /users`: the insert and its welcome job in one transaction (the
+/// job exists if and only if the user does), answered like any write: 201,
+/// the user, and the commit's token in the cookie.
 async fn create(
     State(app): State<AppState>,
     db: RequestDb,
@@ -178,21 +200,59 @@ async fn create(
         Ok(n) => n,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
-    match db
+    let (user, token) = match insert_and_enqueue(&app, &db, &name).await {
+        Ok(done) => done,
+        Err(e) => return e,
+    };
+    db.record_write(token);
+    // A 404 for this id may be cached from before it existed.
+    app.invalidate.user(user.id, token.version());
+    let res = (StatusCode::CREATED, user_response(&user)).into_response();
+    let by = db.db().primary_name();
+    served_by(res, by.and_then(|by| app.served_by.value(&by)))
+}
+
+async fn insert_and_enqueue(
+    app: &App,
+    db: &RequestDb,
+    name: &str,
+) -> Result<(User, ConsistencyToken), Response> {
+    let tx = db.db().transaction().await.map_err(db_error)?;
+    let row = tx
         .query_one(
-            "INSERT INTO users (name) VALUES ($1) RETURNING id, name",
+            "INSERT INTO users (name) VALUES ($1) RETURNING id, name, welcomed_at IS NOT NULL",
             &[&name],
         )
         .await
-    {
-        Ok(w) => {
-            let id: i64 = w.value.get(0);
-            // A 404 for this id may be cached from before it existed.
-            app.invalidate(id, w.token.version());
-            let res = (StatusCode::CREATED, user_json(id, w.value.get(1))).into_response();
-            served_by(res, app.served_by.value(&w.served_by))
+        .map_err(db_error)?;
+    let user = User::from_row(&row).map_err(|e| {
+        eprintln!("query failed: {e}");
+        error(StatusCode::INTERNAL_SERVER_ERROR, "query failed")
+    })?;
+    let job = NewJob::new(&WelcomeJob { user: user.id }).map_err(queue_error)?;
+    app.welcome
+        .enqueue_in(&tx, job)
+        .await
+        .map_err(queue_error)?;
+    match tx.commit().await {
+        Ok(token) => Ok((user, token)),
+        Err(e) => {
+            if e.may_have_committed() {
+                // The client's next read must not miss it if it did.
+                db.record_write(ConsistencyToken::unknown());
+            }
+            Err(db_error(e))
         }
-        Err(e) => db_error(e),
+    }
+}
+
+fn queue_error(e: QueueError) -> Response {
+    match e {
+        QueueError::Db(e) => db_error(e),
+        e => {
+            eprintln!("enqueueing the welcome job failed: {e}");
+            error(StatusCode::INTERNAL_SERVER_ERROR, "query failed")
+        }
     }
 }
 
@@ -236,7 +296,7 @@ async fn read(State(app): State<AppState>, ReadRequest { db, id }: ReadRequest) 
     let Some(id) = id else {
         return error(StatusCode::BAD_REQUEST, "the id must be an integer");
     };
-    if app.http.is_some() {
+    if app.http_cache {
         // Boxed: its query future would make this handler's future (boxed
         // and moved on every request, hits included) 3 KB instead of a
         // few hundred bytes. This branch reads the database anyway.
@@ -261,7 +321,7 @@ async fn read(State(app): State<AppState>, ReadRequest { db, id }: ReadRequest) 
                     app.served_by.value(&user.served_by)
                 };
             let res = match &user.row {
-                Some((id, name)) => user_json(*id, name),
+                Some(u) => user_response(u),
                 None => error(StatusCode::NOT_FOUND, "not found"),
             };
             served_by(res, by)
@@ -278,14 +338,14 @@ async fn read(State(app): State<AppState>, ReadRequest { db, id }: ReadRequest) 
 /// request (its `DbLayer` records the read's LSN for the cache's stamp),
 /// fresh for 30 s in shared caches, tagged `user:{id}`.
 async fn read_for_http_cache(app: &App, db: &RequestDb, id: i64) -> Response {
-    let read = db
-        .read_opt("SELECT id, name FROM users WHERE id = $1", &[&id])
-        .await;
+    let read = db.read_opt(users::USER_BY_ID, &[&id]).await;
     let mut res = match read {
         Ok(r) => {
-            let res = match r.value {
-                Some(row) => user_json(row.get(0), row.get(1)),
-                None => error(StatusCode::NOT_FOUND, "not found"),
+            let user = r.value.as_ref().map(User::from_row).transpose();
+            let res = match user {
+                Ok(Some(u)) => user_response(&u),
+                Ok(None) => error(StatusCode::NOT_FOUND, "not found"),
+                Err(e) => return db_error(users::row_shape(&r.served_by, e)),
             };
             served_by(res, app.served_by.value(&r.served_by))
         }
@@ -315,15 +375,16 @@ async fn update(
     };
     match db
         .query(
-            "UPDATE users SET name = $1 WHERE id = $2 RETURNING id, name",
+            "UPDATE users SET name = $1 WHERE id = $2 RETURNING id, name, welcomed_at IS NOT NULL",
             &[&name, &id],
         )
         .await
     {
         Ok(w) => {
-            app.invalidate(id, w.token.version());
-            let res = match w.value.first() {
-                Some(row) => user_json(row.get(0), row.get(1)),
+            app.invalidate.user(id, w.token.version());
+            let res = match w.value.first().map(User::from_row) {
+                Some(Ok(u)) => user_response(&u),
+                Some(Err(e)) => return db_error(users::row_shape(&w.served_by, e)),
                 None => error(StatusCode::NOT_FOUND, "not found"),
             };
             served_by(res, app.served_by.value(&w.served_by))
@@ -342,7 +403,7 @@ async fn delete(
     };
     match db.execute("DELETE FROM users WHERE id = $1", &[&id]).await {
         Ok(w) => {
-            app.invalidate(id, w.token.version());
+            app.invalidate.user(id, w.token.version());
             let res = if w.value == 0 {
                 error(StatusCode::NOT_FOUND, "not found")
             } else {
@@ -423,8 +484,12 @@ fn routes(
 ) -> Router {
     let state = Arc::new(App {
         users: backend.users.clone(),
-        invalidator: backend.invalidator.clone(),
-        http,
+        http_cache: http.is_some(),
+        invalidate: Invalidate {
+            users: backend.invalidator.clone(),
+            http,
+        },
+        welcome: backend.welcome.clone(),
         metrics,
         served_by: ServedBy::new(&backend.cluster),
     });
@@ -480,4 +545,82 @@ async fn served_by_cache(res: Response) -> Response {
         Some(_) => served_by(res, Some(HeaderValue::from_static("cache"))),
         None => res,
     }
+}
+
+/// The welcome job's handler: reads the user where the job's writes are
+/// visible (a replica that has replayed the insert, at the job's token),
+/// marks it welcomed, and invalidates `user:{id}` at the update's token as
+/// every write of the service does. Idempotent: a second run (a worker
+/// killed after the update) keeps the first `welcomed_at`. A user deleted
+/// before its job ran is skipped.
+#[derive(Clone)]
+pub struct Welcome {
+    invalidate: Invalidate,
+}
+
+impl tower::Service<Job> for Welcome {
+    type Response = ();
+    type Error = users::BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(), users::BoxError>> + Send + 'static>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), users::BoxError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, job: Job) -> Self::Future {
+        let invalidate = self.invalidate.clone();
+        Box::pin(async move {
+            let WelcomeJob { user: id } = job.payload_as()?;
+            let read = job.db.read_opt(users::USER_BY_ID, &[&id]).await?;
+            let Some(row) = read.value else {
+                // Deleted before its welcome: nothing to do.
+                return Ok(());
+            };
+            let user = User::from_row(&row)?;
+            // The welcome itself (an email...) would go here.
+            tracing::debug!(user = id, name = %user.name, attempt = job.attempt, "welcome");
+            // The mark even when the read saw it set: a run that died
+            // between its update and its invalidation left caches to
+            // invalidate.
+            let w = job
+                .db
+                .db()
+                .execute(
+                    "UPDATE users SET welcomed_at = coalesce(welcomed_at, now()) WHERE id = $1",
+                    &[&id],
+                )
+                .await?;
+            invalidate.user(id, w.token.version());
+            Ok(())
+        })
+    }
+}
+
+impl Welcome {
+    /// The handler for `backend`'s service, invalidating its users cache
+    /// and `http` (the HTTP cache, with `--http-cache`).
+    pub fn new(backend: &users::Backend, http: Option<Invalidator<String>>) -> Self {
+        Self {
+            invalidate: Invalidate {
+                users: backend.invalidator.clone(),
+                http,
+            },
+        }
+    }
+}
+
+/// The welcome worker for `backend`'s queue, `slots` jobs at a time (one
+/// `Worker`, one claim loop, `slots` handlers at once). Not started: the
+/// caller may tune it first.
+pub fn welcome_worker(
+    backend: &users::Backend,
+    http: Option<Invalidator<String>>,
+    slots: usize,
+) -> Worker<Welcome> {
+    Worker::new(backend.welcome.clone(), Welcome::new(backend, http)).concurrency(slots)
 }
