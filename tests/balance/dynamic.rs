@@ -1,0 +1,1 @@
+//! Upstreams added and removed at run time through the handle.

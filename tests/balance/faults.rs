@@ -1,0 +1,1 @@
+//! Killed, restarted and black-holed origins.

@@ -1,0 +1,1 @@
+//! Hostile or odd requests.
