@@ -27,6 +27,7 @@ pub(crate) struct Settings {
     pub(crate) health_interval: Duration,
     pub(crate) default_rtt: Duration,
     pub(crate) decay: Duration,
+    pub(crate) max_request_head: usize,
     /// The ramp's draws and p2c's picks.
     pub(crate) random: Arc<Random>,
 }
@@ -65,6 +66,7 @@ pub struct BalancerBuilder {
     max_idle_per_upstream: usize,
     idle_timeout: Duration,
     queue: usize,
+    max_request_head: usize,
     seed: u64,
 }
 
@@ -84,6 +86,7 @@ impl Default for BalancerBuilder {
             max_idle_per_upstream: 64,
             idle_timeout: Duration::from_secs(90),
             queue: 1024,
+            max_request_head: 64 * 1024,
             seed: 0x2545_F491_4F6C_DD1D,
         }
     }
@@ -184,6 +187,16 @@ impl BalancerBuilder {
         self
     }
 
+    /// The largest request head forwarded (the target and every header's
+    /// name and value), in bytes; a larger one is answered with a 431 by
+    /// the balancer itself. An upstream with a smaller limit may close the
+    /// connection on a large head before answering, which would count
+    /// against it: a client could eject upstreams at will. Default 64 KiB.
+    pub fn max_request_head(mut self, bytes: usize) -> Self {
+        self.max_request_head = bytes;
+        self
+    }
+
     /// Seeds the balancer's random choices (p2c's pairs, the ramp's
     /// draws), for reproducible tests.
     pub fn seed(mut self, seed: u64) -> Self {
@@ -205,6 +218,11 @@ impl BalancerBuilder {
         positive("default_rtt", self.default_rtt)?;
         positive("decay", self.decay)?;
         positive("idle_timeout", self.idle_timeout)?;
+        if self.max_request_head == 0 {
+            return Err(ConfigError::Zero {
+                field: "max_request_head",
+            });
+        }
         if self.queue == 0 {
             return Err(ConfigError::Zero { field: "queue" });
         }
@@ -256,6 +274,7 @@ impl BalancerBuilder {
             health_interval: self.health_interval,
             default_rtt: self.default_rtt,
             decay: self.decay,
+            max_request_head: self.max_request_head,
             random: Arc::new(Random::new(self.seed)),
         };
         Ok((settings, connect_timeout))

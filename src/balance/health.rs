@@ -189,6 +189,10 @@ impl Health {
         if !was_out {
             self.consecutive = self.consecutive.saturating_add(1);
             self.ejections += 1;
+        } else if sent_under.is_none() {
+            // An active check failed while it was out: it keeps failing,
+            // so its back-off grows (without being a new ejection).
+            self.consecutive = self.consecutive.saturating_add(1);
         }
         let length = backoff.ejection(self.consecutive.max(1));
         let until = match self.phase {
@@ -333,14 +337,15 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_check_while_ejected_extends_without_counting_twice() {
+    fn a_failed_check_while_ejected_grows_the_back_off_without_a_new_ejection() {
         let b = backoff();
         let t0 = Instant::now();
         let mut h = Health::new(t0);
         assert_eq!(h.failed(t0, None, &b), Failed::Ejected(b.base));
         let later = t0 + Duration::from_millis(50);
         assert_eq!(h.failed(later, None, &b), Failed::AlreadyOut);
-        assert_eq!(h.consecutive_failures(), 1);
-        assert_eq!(h.admit(later, None), Admit::Wait(Some(later + b.base)));
+        assert_eq!(h.consecutive_failures(), 2);
+        assert_eq!(h.ejections(), 1);
+        assert_eq!(h.admit(later, None), Admit::Wait(Some(later + b.base * 2)));
     }
 }

@@ -57,6 +57,16 @@ pub(crate) fn target(scheme: &Scheme, authority: &Authority, uri: &Uri) -> Uri {
     Uri::from_parts(parts).unwrap_or_default()
 }
 
+/// The size of a request head as the balancer counts it: the target, and
+/// every field's name and value.
+pub(crate) fn head_size(uri: &Uri, headers: &HeaderMap) -> usize {
+    let fields: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    fields + uri.path_and_query().map_or(0, |p| p.as_str().len())
+}
+
 /// Methods that may be sent twice with the effect of once (RFC 9110
 /// §9.2.2).
 pub(crate) fn idempotent(method: &Method) -> bool {

@@ -25,7 +25,7 @@ use super::config::Settings;
 use super::discover::Discovered;
 use super::endpoint::{Attempt, Client, EndpointFuture, Failure};
 use super::probe;
-use super::request::{Outcome, idempotent, may_retry, strip_hop_by_hop};
+use super::request::{Outcome, head_size, idempotent, may_retry, strip_hop_by_hop};
 use super::stats::FailureKind;
 use super::upstreams::Upstreams;
 use crate::http::UpstreamUnreachable;
@@ -45,7 +45,9 @@ type P2cFuture = futures_util::future::MapErr<EndpointFuture, fn(Infallible) -> 
 /// reached (refused, reset, no response head within the upstream timeout),
 /// so that an HTTP cache in front may serve a stale response; an unmarked
 /// 502 for an answer that was not HTTP; a 503 when no upstream is
-/// configured or none is in rotation; a 501 for `CONNECT`; a 400 when the
+/// configured or none is in rotation; a 501 for `CONNECT`; a 431 for a
+/// request head over [`max_request_head`](super::BalancerBuilder::max_request_head);
+/// a 400 when the
 /// request's own body failed while it was sent.
 ///
 /// Cloning is cheap and shares everything (the upstream set, their
@@ -234,6 +236,12 @@ where
 {
     if req.method() == Method::CONNECT {
         return own(StatusCode::NOT_IMPLEMENTED, "CONNECT is not supported\n");
+    }
+    if head_size(req.uri(), req.headers()) > shared.settings.max_request_head {
+        return own(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request head too large\n",
+        );
     }
     let (parts, body) = req.into_parts();
     let mut head = Head {

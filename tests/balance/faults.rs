@@ -102,6 +102,9 @@ async fn a_killed_origin_is_ejected_by_its_first_failed_request() {
         .ejection_max(Duration::from_secs(30))
         .build(&set)
         .unwrap();
+    // `b` is slower: p2c prefers `a`, so the first request after the
+    // kill goes to it.
+    origins[1].set_delay(Duration::from_millis(5));
     for _ in 0..20 {
         assert_eq!(send(&balancer, get("/warm")).await.status, 200);
     }
@@ -217,6 +220,9 @@ async fn a_refused_post_goes_to_another_upstream_with_its_body() {
     let good = Origin::start("good").await;
     let refusing = refusing_url().await;
     let set = upstreams([refusing.clone(), good.url()]);
+    // Slower than the refusing upstream's assumed 1 ms: p2c tries that one
+    // by the second request.
+    good.set_delay(Duration::from_millis(5));
     let balancer = builder()
         .ejection_base(Duration::from_secs(30))
         .ejection_max(Duration::from_secs(30))
