@@ -30,10 +30,11 @@
 //! loop {
 //!     let (stream, _) = listener.accept().await?;
 //!     let service = TowerToHyperService::new(service.clone());
-//!     tokio::spawn(
-//!         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-//!             .serve_connection_with_upgrades(TokioIo::new(stream), service),
-//!     );
+//!     tokio::spawn(async move {
+//!         let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+//!             .serve_connection(TokioIo::new(stream), service)
+//!             .await;
+//!     });
 //!     // Elsewhere, following the service registry:
 //!     // upstreams.add(new_url)?; upstreams.remove(&old_url);
 //! }
