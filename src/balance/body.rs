@@ -5,6 +5,8 @@
 
 use std::fmt;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -22,6 +24,10 @@ pub(crate) struct RequestBody<B> {
     inner: Option<B>,
     read: bool,
     back: Option<oneshot::Sender<B>>,
+    /// Set once the whole body was read (absent for an empty body): a
+    /// request that times out before that was waiting for its client,
+    /// not for its upstream.
+    sent: Option<Arc<AtomicBool>>,
 }
 
 impl<B: Body> RequestBody<B> {
@@ -37,6 +43,7 @@ impl<B: Body> RequestBody<B> {
                 inner: Some(body),
                 read: false,
                 back: Some(tx),
+                sent: Some(Arc::new(AtomicBool::new(false))),
             },
             Some(rx),
         )
@@ -50,7 +57,14 @@ impl<B> RequestBody<B> {
             inner: None,
             read: false,
             back: None,
+            sent: None,
         }
+    }
+
+    /// A flag set once the whole body was read; `None` for an empty body
+    /// (nothing to wait for).
+    pub(crate) fn sent_flag(&self) -> Option<Arc<AtomicBool>> {
+        self.sent.clone()
     }
 }
 
@@ -86,11 +100,20 @@ where
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        let polled = Pin::new(inner).poll_frame(cx);
+        let mut inner = Pin::new(inner);
+        let polled = inner.as_mut().poll_frame(cx);
         if polled.is_ready() {
             // Something was taken from the body (a frame, its end or an
             // error): it can no longer be sent again as it was.
             this.read = true;
+            let ended = match &polled {
+                Poll::Ready(None) => true,
+                Poll::Ready(Some(Ok(_))) => inner.is_end_stream(),
+                _ => false,
+            };
+            if ended && let Some(sent) = &this.sent {
+                sent.store(true, Ordering::Release);
+            }
         }
         polled
     }
@@ -201,7 +224,10 @@ mod tests {
     #[tokio::test]
     async fn a_read_body_is_spent() {
         let (body, back) = RequestBody::new(Full::new(Bytes::from_static(b"abc")));
+        let sent = body.sent_flag().expect("a body with data is watched");
+        assert!(!sent.load(Ordering::Acquire));
         let _ = body.collect().await;
+        assert!(sent.load(Ordering::Acquire), "read to its end");
         let back = back.expect("a body with data is kept");
         assert!(
             back.await.is_err(),

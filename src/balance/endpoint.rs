@@ -9,6 +9,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use http::{Request, Response};
@@ -89,6 +90,7 @@ where
 
     fn call(&mut self, req: Request<RequestBody<B>>) -> ForwardFuture {
         let (mut parts, body) = req.into_parts();
+        let body_sent = body.sent_flag();
         parts.uri = target(&self.state.scheme, &self.state.authority, &parts.uri);
         let sent_under = lock(&self.state.health).dispatch();
         self.state.stats.sent();
@@ -99,6 +101,7 @@ where
                 state: Arc::clone(&self.state),
                 settings: Arc::clone(&self.settings),
                 sent_under,
+                body_sent,
                 done: false,
             },
         }
@@ -142,6 +145,17 @@ impl Future for ForwardFuture {
                 tracing::debug!(upstream = %guard.state.key, %error, ?outcome, "upstream request failed");
                 outcome
             }
+            // A client still uploading when the time ran out held the
+            // request up itself: otherwise a slow upload would eject any
+            // upstream at will.
+            Err(_)
+                if guard
+                    .body_sent
+                    .as_ref()
+                    .is_some_and(|sent| !sent.load(Ordering::Acquire)) =>
+            {
+                Outcome::SlowClient
+            }
             Err(_) => Outcome::Upstream(FailureKind::Timeout),
         };
         match outcome {
@@ -150,9 +164,11 @@ impl Future for ForwardFuture {
                     .state
                     .failed(kind, Some(guard.sent_under), &guard.settings.backoff);
             }
-            // The client's body failed: the upstream is not to blame, but a
-            // probe it was is due again.
-            Outcome::Request => lock(&guard.state.health).abandoned(guard.sent_under),
+            // The client's fault: the upstream is not to blame, but a probe
+            // it was is due again.
+            Outcome::Request | Outcome::SlowClient => {
+                lock(&guard.state.health).abandoned(guard.sent_under)
+            }
         }
         Poll::Ready(Ok(Err(Failure {
             outcome,
@@ -167,6 +183,8 @@ struct Guard {
     state: Arc<UpstreamState>,
     settings: Arc<Settings>,
     sent_under: u64,
+    /// Set once the request body was read to its end (`None`: empty).
+    body_sent: Option<Arc<AtomicBool>>,
     done: bool,
 }
 

@@ -66,7 +66,12 @@
 //!   Failures of requests sent before the ejection do not count again.
 //!   An ejected upstream's `poll_ready` is pending, so p2c never picks it
 //!   (tower's ready cache parks it, and its back-off timer or a health
-//!   change wakes it). A 5xx is an answer: it does not eject.
+//!   change wakes it). A 5xx is an answer: it does not eject. Nothing a
+//!   client does counts against an upstream: a request body that fails
+//!   (400), a timeout that passed while the client was still uploading
+//!   (408), a request head over
+//!   [`max_request_head`](BalancerBuilder::max_request_head) (431, not
+//!   forwarded: an upstream with a smaller limit might reset on it).
 //! - **Active** (with a [`health_path`](BalancerBuilder::health_path)):
 //!   every [`health_interval`](BalancerBuilder::health_interval) (default
 //!   2 s) each upstream is asked `GET <path>`; anything but a 2xx or 3xx in

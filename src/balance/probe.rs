@@ -78,7 +78,7 @@ async fn check(
             tracing::debug!(upstream = %upstream.key, %error, "health check failed");
             match classify(&error) {
                 Outcome::Upstream(kind) => Some(kind),
-                Outcome::Request => Some(FailureKind::Protocol),
+                Outcome::Request | Outcome::SlowClient => Some(FailureKind::Protocol),
             }
         }
         Err(_) => Some(FailureKind::Timeout),

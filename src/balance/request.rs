@@ -101,6 +101,9 @@ pub(crate) enum Outcome {
     /// The request itself could not be sent (its body failed while being
     /// read): not the upstream's fault.
     Request,
+    /// The upstream timeout passed while the client was still sending the
+    /// body: the upstream was waiting for it, not the other way round.
+    SlowClient,
 }
 
 /// Reads a client error.

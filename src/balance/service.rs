@@ -47,7 +47,8 @@ type P2cFuture = futures_util::future::MapErr<EndpointFuture, fn(Infallible) -> 
 /// 502 for an answer that was not HTTP; a 503 when no upstream is
 /// configured or none is in rotation; a 501 for `CONNECT`; a 431 for a
 /// request head over [`max_request_head`](super::BalancerBuilder::max_request_head);
-/// a 400 when the
+/// a 408 when the upstream timeout passed while the client was still
+/// sending the body (not counted against the upstream); a 400 when the
 /// request's own body failed while it was sent.
 ///
 /// Cloning is cheap and shares everything (the upstream set, their
@@ -202,6 +203,10 @@ fn failed(outcome: Outcome) -> Response<ResponseBody> {
             res
         }
         Outcome::Request => own(StatusCode::BAD_REQUEST, "the request body failed\n"),
+        Outcome::SlowClient => own(
+            StatusCode::REQUEST_TIMEOUT,
+            "the request body did not arrive within the upstream timeout\n",
+        ),
     }
 }
 

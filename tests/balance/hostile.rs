@@ -216,3 +216,38 @@ async fn serves_hyper_clients_behind_the_http_cache() {
     assert!(body.ends_with(b" 10"), "{body:?}");
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_times_out_against_the_client_not_the_upstream() {
+    let o = Origin::start("o").await;
+    let set = upstreams([o.url()]);
+    type Stalling = StreamBody<
+        futures::stream::Chain<
+            futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::io::Error>>>,
+            futures::stream::Pending<Result<Frame<Bytes>, std::io::Error>>,
+        >,
+    >;
+    let timeout = Duration::from_millis(300);
+    let balancer: Balancer<Stalling> = builder().upstream_timeout(timeout).build(&set).unwrap();
+    use futures::StreamExt;
+    // Ten bytes of a hundred, then nothing.
+    let body = StreamBody::new(
+        futures::stream::iter(vec![Ok(Frame::data(Bytes::from_static(b"0123456789")))])
+            .chain(futures::stream::pending()),
+    );
+    let req = Request::post("/upload")
+        .header("content-length", "100")
+        .body(body)
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let res = balancer.clone().oneshot(req).await.unwrap();
+    println!(
+        "a stalled upload: {} after {:?}",
+        res.status(),
+        started.elapsed()
+    );
+    assert_eq!(res.status(), StatusCode::REQUEST_TIMEOUT);
+    let s = status_of(&set, &o.url());
+    assert_eq!((s.failures, s.ejections), (0, 0), "{s:?}");
+    assert!(matches!(s.health, UpstreamHealth::Healthy { .. }));
+}
