@@ -85,6 +85,7 @@
 //! | `http` | [`http`]: an RFC 9111 HTTP cache for axum and hyper services |
 //! | `purge` | the HTTP cache's purge API as an axum `Router` (`POST /_purge`: by tag, URL or all, bearer token); implies `http` |
 //! | `grpc` | [`grpc`]: unary gRPC response caching for tonic servers |
+//! | `balance` | [`balance`]: a load balancer over HTTP upstreams (p2c over peak-EWMA, health checks, retries, upstreams changed at run time); implies `http` |
 //! | `postgres` | [`pg`]: primary/replica routing over deadpool-postgres pools (with `http`: `pg::layer`) |
 //! | `redis` | `cache::redis`: the shared L2 tier on Redis |
 //! | `local-cluster` | [`testing`]: PostgreSQL and Redis servers for tests, examples and benches |
@@ -114,6 +115,10 @@ pub mod http;
 #[cfg(feature = "grpc")]
 #[cfg_attr(docsrs, doc(cfg(feature = "grpc")))]
 pub mod grpc;
+
+#[cfg(feature = "balance")]
+#[cfg_attr(docsrs, doc(cfg(feature = "balance")))]
+pub mod balance;
 
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

@@ -1,0 +1,323 @@
+//! One upstream as the p2c balancer sees it: [`Endpoint`] gates it by its
+//! health (`poll_ready` is pending while it is ejected, and while its
+//! probe runs) and reports its load (peak-EWMA, held back at random while
+//! it ramps up); [`Forward`] sends the request on the shared keep-alive
+//! client and reads the outcome into its health.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
+
+use http::{Request, Response};
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tokio::time::{Instant, Sleep, Timeout};
+use tower::Service;
+use tower::load::Load;
+use tower::load::completion::{CompleteOnResponse, TrackCompletionFuture};
+use tower::load::peak_ewma::{self, PeakEwma};
+
+use super::body::RequestBody;
+use super::config::Settings;
+use super::health::Admit;
+use super::request::{Outcome, classify, target};
+use super::stats::FailureKind;
+use super::upstreams::UpstreamState;
+use crate::sync::lock;
+
+/// The keep-alive client every endpoint sends through (one pool, keyed by
+/// upstream).
+pub(crate) type Client<B> = hyper_util::client::legacy::Client<HttpConnector, RequestBody<B>>;
+
+/// What an endpoint's `call` returns: the forwarded request, its response
+/// time measured for peak-EWMA.
+pub(crate) type EndpointFuture =
+    TrackCompletionFuture<ForwardFuture, CompleteOnResponse, peak_ewma::Handle>;
+
+/// A request to one upstream that did not get a response head.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub(crate) outcome: Outcome,
+    pub(crate) upstream: Arc<UpstreamState>,
+}
+
+/// What one upstream gave.
+pub(crate) type Attempt = Result<Response<Incoming>, Failure>;
+
+/// Sends a request to one upstream.
+pub(crate) struct Forward<B> {
+    state: Arc<UpstreamState>,
+    client: Client<B>,
+    settings: Arc<Settings>,
+}
+
+impl<B> Clone for Forward<B> {
+    fn clone(&self) -> Self {
+        Self {
+            state: Arc::clone(&self.state),
+            client: self.client.clone(),
+            settings: Arc::clone(&self.settings),
+        }
+    }
+}
+
+impl<B> fmt::Debug for Forward<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Forward")
+            .field("upstream", &self.state.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> Service<Request<RequestBody<B>>> for Forward<B>
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Response = Attempt;
+    type Error = Infallible;
+    type Future = ForwardFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<RequestBody<B>>) -> ForwardFuture {
+        let (mut parts, body) = req.into_parts();
+        let body_sent = body.sent_flag();
+        parts.uri = target(&self.state.scheme, &self.state.authority, &parts.uri);
+        let sent_under = lock(&self.state.health).dispatch();
+        self.state.stats.sent();
+        let response = self.client.request(Request::from_parts(parts, body));
+        ForwardFuture {
+            response: tokio::time::timeout(self.settings.upstream_timeout, response),
+            guard: Guard {
+                state: Arc::clone(&self.state),
+                settings: Arc::clone(&self.settings),
+                sent_under,
+                body_sent,
+                done: false,
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request on its way to one upstream, bounded by the upstream
+    /// timeout (the connection and the response head).
+    pub(crate) struct ForwardFuture {
+        #[pin]
+        response: Timeout<hyper_util::client::legacy::ResponseFuture>,
+        guard: Guard,
+    }
+}
+
+impl fmt::Debug for ForwardFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ForwardFuture")
+            .field("upstream", &self.guard.state.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Future for ForwardFuture {
+    type Output = Result<Attempt, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.response.poll(cx));
+        let guard = this.guard;
+        guard.done = true;
+        guard.state.stats.ended();
+        let outcome = match result {
+            Ok(Ok(response)) => {
+                guard.state.succeeded(guard.sent_under);
+                return Poll::Ready(Ok(Ok(response)));
+            }
+            Ok(Err(error)) => {
+                let outcome = classify(&error);
+                tracing::debug!(upstream = %guard.state.key, %error, ?outcome, "upstream request failed");
+                outcome
+            }
+            // A client still uploading when the time ran out held the
+            // request up itself: otherwise a slow upload would eject any
+            // upstream at will.
+            Err(_)
+                if guard
+                    .body_sent
+                    .as_ref()
+                    .is_some_and(|sent| !sent.load(Ordering::Acquire)) =>
+            {
+                Outcome::SlowClient
+            }
+            Err(_) => Outcome::Upstream(FailureKind::Timeout),
+        };
+        match outcome {
+            Outcome::Upstream(kind) => {
+                guard
+                    .state
+                    .failed(kind, Some(guard.sent_under), &guard.settings.backoff);
+            }
+            // The client's fault: the upstream is not to blame, but a probe
+            // it was is due again.
+            Outcome::Request | Outcome::SlowClient => {
+                lock(&guard.state.health).abandoned(guard.sent_under)
+            }
+        }
+        Poll::Ready(Ok(Err(Failure {
+            outcome,
+            upstream: Arc::clone(&guard.state),
+        })))
+    }
+}
+
+/// Ends the request's accounting if its future is dropped before the
+/// upstream answered (the client went away).
+struct Guard {
+    state: Arc<UpstreamState>,
+    settings: Arc<Settings>,
+    sent_under: u64,
+    /// Set once the request body was read to its end (`None`: empty).
+    body_sent: Option<Arc<AtomicBool>>,
+    done: bool,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.state.stats.ended();
+            lock(&self.state.health).abandoned(self.sent_under);
+        }
+    }
+}
+
+/// The load p2c compares: the peak-EWMA cost, unless the upstream is
+/// held back for this comparison (it ramps up, and lost the draw), in
+/// which case it loses to any upstream that is not.
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+pub(crate) struct RampedCost {
+    // Field order matters: compared first.
+    held_back: bool,
+    cost: peak_ewma::Cost,
+}
+
+/// One upstream in the balancer.
+pub(crate) struct Endpoint<B> {
+    state: Arc<UpstreamState>,
+    forward: Forward<B>,
+    ewma: PeakEwma<Forward<B>>,
+    /// The ejection count its peak-EWMA was started under: after an
+    /// ejection it starts afresh (a timeout's peak would starve it for
+    /// long after it recovered).
+    ewma_since: u64,
+    sleep: Option<Pin<Box<Sleep>>>,
+    settings: Arc<Settings>,
+}
+
+impl<B> fmt::Debug for Endpoint<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("upstream", &self.state.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> Endpoint<B> {
+    pub(crate) fn new(
+        state: Arc<UpstreamState>,
+        client: Client<B>,
+        settings: Arc<Settings>,
+    ) -> Self {
+        let forward = Forward {
+            state: Arc::clone(&state),
+            client,
+            settings: Arc::clone(&settings),
+        };
+        let ewma_since = lock(&state.health).ejections();
+        Self {
+            ewma: settings.peak_ewma(forward.clone()),
+            forward,
+            state,
+            ewma_since,
+            sleep: None,
+            settings,
+        }
+    }
+}
+
+impl<B> Service<Request<RequestBody<B>>> for Endpoint<B>
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Response = Attempt;
+    type Error = Infallible;
+    type Future = EndpointFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Twice at most: once more after a back-off's timer fired.
+        for _ in 0..2 {
+            let (admit, ejections) = {
+                let mut health = lock(&self.state.health);
+                let admit = health.admit(Instant::now(), Some(cx.waker()));
+                (admit, health.ejections())
+            };
+            match admit {
+                Admit::Ready => {
+                    self.sleep = None;
+                    if ejections != self.ewma_since {
+                        self.ewma = self.settings.peak_ewma(self.forward.clone());
+                        self.ewma_since = ejections;
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                // Its probe runs: woken when it ends.
+                Admit::Wait(None) => {
+                    self.sleep = None;
+                    return Poll::Pending;
+                }
+                Admit::Wait(Some(until)) => {
+                    let sleep = match &mut self.sleep {
+                        Some(sleep) => {
+                            if sleep.deadline() != until {
+                                sleep.as_mut().reset(until);
+                            }
+                            sleep
+                        }
+                        None => self.sleep.insert(Box::pin(tokio::time::sleep_until(until))),
+                    };
+                    if sleep.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    self.sleep = None;
+                }
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    fn call(&mut self, req: Request<RequestBody<B>>) -> Self::Future {
+        self.ewma.call(req)
+    }
+}
+
+impl<B> Load for Endpoint<B> {
+    type Metric = RampedCost;
+
+    fn load(&self) -> RampedCost {
+        let weight = lock(&self.state.health).weight(Instant::now(), &self.settings.backoff);
+        let held_back = weight < 1.0 && self.settings.random.next_unit() > weight;
+        RampedCost {
+            held_back,
+            cost: self.ewma.load(),
+        }
+    }
+}
