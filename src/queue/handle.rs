@@ -109,8 +109,19 @@ impl QueueBuilder {
     }
 }
 
+/// Whether a JSON value holds a NUL in a string or a key.
+fn has_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(has_nul),
+        serde_json::Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
 fn check_name(name: &str) -> Result<(), QueueError> {
     if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+        // (control characters include NUL, which text cannot hold)
         return Err(QueueError::Invalid(format!(
             "queue name {name:?}: 1 to 128 bytes, no control characters"
         )));
@@ -268,7 +279,9 @@ impl Queue {
         let now = self.inner.clock.now();
         let run_at = match (job.run_at, job.run_after) {
             (Some(at), _) => at,
-            (None, Some(after)) => now + after,
+            (None, Some(after)) => now.checked_add(after).ok_or_else(|| {
+                QueueError::Invalid(format!("run_after({after:?}) is out of range"))
+            })?,
             (None, None) => now,
         };
         let max_attempts = job.max_attempts.unwrap_or(self.inner.max_attempts);
@@ -276,8 +289,13 @@ impl Queue {
             .ok()
             .filter(|n| *n > 0)
             .ok_or_else(|| QueueError::Invalid("max_attempts must be 1 to 2^31-1".into()))?;
+        if has_nul(&job.payload) {
+            return Err(QueueError::Invalid(
+                "the payload holds a NUL character (\\u0000), which jsonb cannot store".into(),
+            ));
+        }
         if let Some(key) = &job.idempotency_key
-            && (key.is_empty() || key.len() > 512)
+            && (key.is_empty() || key.len() > 512 || key.contains('\0'))
         {
             return Err(QueueError::Invalid(
                 "an idempotency key must be 1 to 512 bytes".into(),

@@ -25,6 +25,35 @@ struct Running {
     attempt: u32,
 }
 
+/// The longest error kept with a job (bytes).
+const MAX_ERROR: usize = 8 * 1024;
+
+/// An error as a job keeps it: no NUL (PostgreSQL `text` refuses it, and
+/// one bad message would block every reschedule of the batch), at most
+/// [`MAX_ERROR`] bytes.
+fn clean_error(mut error: String) -> String {
+    if error.contains('\0') {
+        error = error.replace('\0', "\u{FFFD}");
+    }
+    if error.len() > MAX_ERROR {
+        let mut end = MAX_ERROR;
+        while !error.is_char_boundary(end) {
+            end -= 1;
+        }
+        error.truncate(end);
+    }
+    error
+}
+
+/// Ids and attempts as two arrays (the statements' `unnest` pairs).
+fn pairs(items: impl Iterator<Item = (i64, i32)>) -> (Vec<i64>, Vec<i32>) {
+    items.unzip()
+}
+
+fn attempt(n: u32) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
 /// What a handler's task returns.
 type Outcome = (i64, Result<(), String>);
 
@@ -40,8 +69,8 @@ pub(crate) struct Run<S> {
     grace: Arc<AtomicU64>,
     tasks: JoinSet<Outcome>,
     running: HashMap<tokio::task::Id, Running>,
-    /// Finished jobs to delete.
-    done: Vec<i64>,
+    /// Finished jobs to delete: id, attempt (the claim it was).
+    done: Vec<(i64, i32)>,
     /// Failed jobs to reschedule: id, error, attempt.
     failed: Vec<(i64, String, u32)>,
     rng: crate::random::Random,
@@ -155,12 +184,33 @@ where
         let lease_until = now + self.worker.lease;
         let name: &str = &q.name;
         let limit = i64::try_from(want).unwrap_or(i64::MAX);
-        let written =
-            q.db.query(
+        let (done_ids, done_attempts) = pairs(self.done.iter().copied());
+        let written = match q
+            .db
+            .query(
                 &q.sql.claim,
-                &[&name, &now, &limit, &lease_until, &self.owner, &self.done],
+                &[
+                    &name,
+                    &now,
+                    &limit,
+                    &lease_until,
+                    &self.owner,
+                    &done_ids,
+                    &done_attempts,
+                ],
             )
-            .await?;
+            .await
+        {
+            Ok(written) => written,
+            Err(e) => {
+                if e.may_have_committed() {
+                    // Jobs may be ours that we never started: give them
+                    // back now rather than after their lease.
+                    self.release_orphans().await;
+                }
+                return Err(e.into());
+            }
+        };
         self.counters.claims.fetch_add(1, Ordering::Relaxed);
         // The finished jobs went with the claim.
         self.counters.processed(self.done.len() as u64);
@@ -189,9 +239,17 @@ where
         let span = tracing::info_span!("job", queue = %job.queue, job = id, attempt);
         let service = self.worker.service.clone();
         let counters = self.counters.clone();
+        let timeout = self.worker.timeout;
         let handler = async move {
             let started = std::time::Instant::now();
-            let result = service.oneshot(job).await.map_err(|e| e.into().to_string());
+            let call = service.oneshot(job);
+            let result = match timeout {
+                None => call.await.map_err(|e| e.into().to_string()),
+                Some(t) => match tokio::time::timeout(t, call).await {
+                    Ok(r) => r.map_err(|e| e.into().to_string()),
+                    Err(_) => Err(format!("the handler timed out after {t:?}")),
+                },
+            };
             counters.handled(started.elapsed());
             (id, result)
         }
@@ -218,10 +276,10 @@ where
             return;
         };
         match outcome {
-            Ok(()) => self.done.push(job.id),
+            Ok(()) => self.done.push((job.id, attempt(job.attempt))),
             Err(why) => {
                 self.counters.failed();
-                self.failed.push((job.id, why, job.attempt));
+                self.failed.push((job.id, clean_error(why), job.attempt));
             }
         }
     }
@@ -237,9 +295,10 @@ where
     async fn settle_done(&mut self) {
         let q = self.worker.queue.inner.clone();
         if !self.done.is_empty() {
+            let (ids, attempts) = pairs(self.done.iter().copied());
             match q
                 .db
-                .execute(&q.sql.complete, &[&self.done, &self.owner])
+                .execute(&q.sql.complete, &[&ids, &attempts, &self.owner])
                 .await
             {
                 Ok(w) => {
@@ -259,6 +318,7 @@ where
         if !self.failed.is_empty() {
             let now = q.clock.now();
             let ids: Vec<i64> = self.failed.iter().map(|f| f.0).collect();
+            let attempts: Vec<i32> = self.failed.iter().map(|f| attempt(f.2)).collect();
             let errors: Vec<&str> = self.failed.iter().map(|f| f.1.as_str()).collect();
             let at: Vec<SystemTime> = self
                 .failed
@@ -267,7 +327,7 @@ where
                 .collect();
             match q
                 .db
-                .query(&q.sql.fail, &[&ids, &errors, &at, &self.owner])
+                .query(&q.sql.fail, &[&ids, &errors, &at, &self.owner, &attempts])
                 .await
             {
                 Ok(w) => {
@@ -286,21 +346,21 @@ where
 
     /// Renews the leases of every job this worker holds.
     async fn renew(&mut self) {
-        let ids: Vec<i64> = self
-            .running
-            .values()
-            .map(|r| r.id)
-            .chain(self.done.iter().copied())
-            .chain(self.failed.iter().map(|f| f.0))
-            .collect();
+        let (ids, attempts) = pairs(
+            self.running
+                .values()
+                .map(|r| (r.id, attempt(r.attempt)))
+                .chain(self.done.iter().copied())
+                .chain(self.failed.iter().map(|f| (f.0, attempt(f.2)))),
+        );
         if ids.is_empty() {
             return;
         }
-        let q = &self.worker.queue.inner;
+        let q = self.worker.queue.inner.clone();
         let until = q.clock.now() + self.worker.lease;
         match q
             .db
-            .query(&q.sql.heartbeat, &[&ids, &self.owner, &until])
+            .query(&q.sql.heartbeat, &[&ids, &self.owner, &until, &attempts])
             .await
         {
             Ok(w) if w.value.len() < ids.len() => {
@@ -312,6 +372,26 @@ where
             Err(e) => {
                 tracing::warn!(queue = %q.name, error = %e, "job queue: renewing leases failed")
             }
+        }
+    }
+
+    /// Gives back jobs this worker holds but does not track (a claim whose
+    /// answer was lost).
+    async fn release_orphans(&mut self) {
+        let q = self.worker.queue.inner.clone();
+        let tracked: Vec<i64> = self
+            .running
+            .values()
+            .map(|r| r.id)
+            .chain(self.done.iter().map(|d| d.0))
+            .chain(self.failed.iter().map(|f| f.0))
+            .collect();
+        let name: &str = &q.name;
+        if let Err(e) =
+            q.db.execute(&q.sql.orphans, &[&name, &self.owner, &tracked])
+                .await
+        {
+            tracing::warn!(queue = %q.name, error = %e, "job queue: releasing unknown claims failed; their leases will expire");
         }
     }
 
@@ -345,28 +425,53 @@ where
 
     async fn shut_down(mut self) -> ShutdownReport {
         let grace = Duration::from_nanos(self.grace.load(Ordering::Relaxed));
-        let deadline = Instant::now() + grace;
+        let far = Instant::now() + Duration::from_secs(365 * 86_400);
+        let deadline = Instant::now().checked_add(grace).unwrap_or(far).min(far);
+        let renew_every = self.worker.lease / 3;
         let mut report = ShutdownReport::default();
         self.renew().await;
+        let mut next_renewal = Instant::now() + renew_every;
         while !self.tasks.is_empty() {
             tokio::select! {
                 Some(joined) = self.tasks.join_next_with_id() => {
                     self.finished(joined);
                     report.finished += 1;
                 }
+                // The leases of jobs still running must outlive the grace.
+                () = tokio::time::sleep_until(next_renewal) => {
+                    self.renew().await;
+                    next_renewal = Instant::now() + renew_every;
+                }
                 () = tokio::time::sleep_until(deadline) => break,
             }
         }
         self.tasks.abort_all();
-        let left: Vec<i64> = self.running.drain().map(|(_, r)| r.id).collect();
-        while self.tasks.join_next().await.is_some() {}
+        // A handler that finished as it was aborted keeps its outcome.
+        while let Some(joined) = self.tasks.join_next_with_id().await {
+            match joined {
+                Err(e) if e.is_cancelled() => {}
+                joined => {
+                    self.finished(joined);
+                    report.finished += 1;
+                }
+            }
+        }
+        let (ids, attempts) = pairs(
+            self.running
+                .drain()
+                .map(|(_, r)| (r.id, attempt(r.attempt))),
+        );
         let q = self.worker.queue.inner.clone();
-        if !left.is_empty() {
-            match q.db.execute(&q.sql.release, &[&left, &self.owner]).await {
+        if !ids.is_empty() {
+            match q
+                .db
+                .execute(&q.sql.release, &[&ids, &self.owner, &attempts])
+                .await
+            {
                 Ok(w) => report.released = w.value,
                 Err(e) => {
                     tracing::warn!(queue = %q.name, error = %e, "job queue: releasing jobs failed; their leases will expire");
-                    report.unsettled += left.len() as u64;
+                    report.unsettled += ids.len() as u64;
                 }
             }
         }

@@ -17,6 +17,7 @@ pub(crate) struct Sql {
     pub(crate) fail: String,
     pub(crate) release: String,
     pub(crate) heartbeat: String,
+    pub(crate) orphans: String,
     pub(crate) reap: String,
     pub(crate) depth: String,
     pub(crate) dead: String,
@@ -25,12 +26,18 @@ pub(crate) struct Sql {
 
 /// Checks a table name: `name` or `schema.name`, each part lower-case
 /// ASCII letters, digits and `_`, not starting with a digit, at most 48
-/// bytes (index names add a suffix within PostgreSQL's 63).
+/// bytes (index names add a suffix within PostgreSQL's 63), and the whole
+/// at most 63 bytes (it is the notification channel's name).
 pub(crate) fn check_table(name: &str) -> Result<(Option<&str>, &str), ConfigError> {
     let bad = |reason: &str| ConfigError::OutOfRange {
         field: "queue table",
         reason: format!("{name:?}: {reason}"),
     };
+    if name.len() > 63 {
+        return Err(bad(
+            "at most 63 bytes in all (the name is also its NOTIFY channel's)",
+        ));
+    }
     let (schema, table) = match name.split_once('.') {
         Some((s, t)) => (Some(s), t),
         None => (None, name),
@@ -110,7 +117,9 @@ impl Sql {
             // $6: jobs this worker finished, deleted in the same round trip.
             claim: format!(
                 "WITH done AS (
-                    DELETE FROM {t} WHERE id = ANY($6) AND owner = $5 AND state = 'running'
+                    DELETE FROM {t} AS d USING unnest($6::bigint[], $7::int[]) AS f(id, n)
+                    WHERE d.id = f.id AND d.attempts = f.n AND d.owner = $5
+                      AND d.state = 'running'
                  ),
                  c AS (
                     SELECT id FROM {t}
@@ -126,26 +135,37 @@ impl Sql {
                            j.enqueued_at, j.run_at"
             ),
             complete: format!(
-                "DELETE FROM {t} WHERE id = ANY($1) AND owner = $2 AND state = 'running'"
+                "DELETE FROM {t} AS d USING unnest($1::bigint[], $2::int[]) AS f(id, n)
+                 WHERE d.id = f.id AND d.attempts = f.n AND d.owner = $3 AND d.state = 'running'"
             ),
             fail: format!(
                 "UPDATE {t} AS j SET
                     state = CASE WHEN j.attempts >= j.max_attempts THEN 'dead' ELSE 'ready' END,
                     run_at = CASE WHEN j.attempts >= j.max_attempts THEN j.run_at ELSE f.at END,
                     last_error = f.err, owner = NULL, lease_until = NULL
-                 FROM unnest($1::bigint[], $2::text[], $3::timestamptz[]) AS f(id, err, at)
-                 WHERE j.id = f.id AND j.owner = $4 AND j.state = 'running'
+                 FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $5::int[])
+                      AS f(id, err, at, n)
+                 WHERE j.id = f.id AND j.attempts = f.n AND j.owner = $4 AND j.state = 'running'
                  RETURNING j.state"
             ),
             release: format!(
-                "UPDATE {t} SET state = 'ready', owner = NULL, lease_until = NULL,
-                    attempts = greatest(attempts - 1, 0)
-                 WHERE id = ANY($1) AND owner = $2 AND state = 'running'"
+                "UPDATE {t} AS j SET state = 'ready', owner = NULL, lease_until = NULL,
+                    attempts = greatest(j.attempts - 1, 0)
+                 FROM unnest($1::bigint[], $3::int[]) AS f(id, n)
+                 WHERE j.id = f.id AND j.attempts = f.n AND j.owner = $2 AND j.state = 'running'"
             ),
             heartbeat: format!(
-                "UPDATE {t} SET lease_until = $3
-                 WHERE id = ANY($1) AND owner = $2 AND state = 'running'
-                 RETURNING id"
+                "UPDATE {t} AS j SET lease_until = $3
+                 FROM unnest($1::bigint[], $4::int[]) AS f(id, n)
+                 WHERE j.id = f.id AND j.attempts = f.n AND j.owner = $2 AND j.state = 'running'
+                 RETURNING j.id"
+            ),
+            // A claim whose outcome is unknown: what this worker holds
+            // but does not track was claimed by it and never started.
+            orphans: format!(
+                "UPDATE {t} SET state = 'ready', owner = NULL, lease_until = NULL,
+                    attempts = greatest(attempts - 1, 0)
+                 WHERE queue = $1 AND owner = $2 AND state = 'running' AND id <> ALL($3)"
             ),
             reap: format!(
                 "UPDATE {t} SET
@@ -185,7 +205,9 @@ mod tests {
         for good in ["jobs", "tower_scale_jobs", "app.jobs", "_x1"] {
             assert!(check_table(good).is_ok(), "{good}");
         }
+        let long = format!("{}.{}", "s".repeat(30), "t".repeat(40));
         for bad in [
+            long.as_str(),
             "",
             "Jobs",
             "1jobs",

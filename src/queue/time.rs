@@ -96,11 +96,13 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    /// `base` doubling up to `max`, with jitter.
+    /// `base` doubling up to `max` (at most a year), with jitter.
     pub fn new(base: Duration, max: Duration) -> Self {
+        let year = Duration::from_secs(365 * 86_400);
+        let base = base.min(year);
         Self {
             base,
-            max: max.max(base),
+            max: max.max(base).min(year),
             jitter: true,
         }
     }
@@ -156,7 +158,7 @@ mod tests {
         }
         assert_eq!(b.without_jitter().delay(3, 0.0), Duration::from_millis(400));
         let huge = Backoff::new(Duration::from_secs(u64::MAX / 4), Duration::MAX);
-        assert_eq!(huge.ceiling(40), Duration::from_nanos(u64::MAX));
+        assert_eq!(huge.ceiling(40), Duration::from_secs(365 * 86_400));
     }
 
     #[test]

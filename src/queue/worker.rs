@@ -70,6 +70,7 @@ pub struct Worker<S> {
     pub(crate) listen: bool,
     pub(crate) metrics_interval: Duration,
     pub(crate) drop_grace: Duration,
+    pub(crate) timeout: Option<Duration>,
 }
 
 impl<S> fmt::Debug for Worker<S> {
@@ -105,6 +106,7 @@ where
             listen: true,
             metrics_interval: Duration::from_secs(5),
             drop_grace: Duration::from_secs(30),
+            timeout: None,
         }
     }
 
@@ -163,6 +165,14 @@ where
         self
     }
 
+    /// Fails a handler that has not finished after `limit` (its future is
+    /// dropped; the job is retried like any failure). Default: none, a
+    /// handler may run as long as it likes while its lease is renewed.
+    pub fn timeout(mut self, limit: Duration) -> Self {
+        self.timeout = Some(limit);
+        self
+    }
+
     /// Checks the settings and starts the worker on the current Tokio
     /// runtime.
     pub fn start(self) -> Result<WorkerHandle, QueueError> {
@@ -175,6 +185,13 @@ where
         }
         if self.poll_interval.is_zero() || self.metrics_interval.is_zero() {
             return bad("poll_interval and metrics_interval must be above zero");
+        }
+        const DAY: Duration = Duration::from_secs(86_400);
+        if self.lease > DAY || self.poll_interval > DAY || self.metrics_interval > DAY {
+            return bad("lease, poll_interval and metrics_interval must be at most a day");
+        }
+        if self.timeout.is_some_and(|t| t.is_zero()) {
+            return bad("a handler timeout must be above zero");
         }
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| QueueError::Invalid("start a worker inside a Tokio runtime".into()))?;

@@ -153,6 +153,14 @@ async fn a_worker_killed_mid_job_loses_its_lease_and_the_job_runs_again() {
         .await
         .unwrap()
         .id;
+    /// Kills the child however the test ends.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -166,6 +174,7 @@ async fn a_worker_killed_mid_job_loses_its_lease_and_the_job_runs_again() {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
+    let mut child = Kill(child);
     let expected = format!("started job {id} attempt 1");
     let started = tokio::time::timeout(
         DEADLINE,
@@ -180,8 +189,8 @@ async fn a_worker_killed_mid_job_loses_its_lease_and_the_job_runs_again() {
     .expect("the child started the job in time")
     .unwrap();
     assert!(started, "the child never started the job");
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    child.0.kill().unwrap(); // SIGKILL
+    child.0.wait().unwrap();
     let killed = Instant::now();
 
     let ledger = Ledger::default();
@@ -250,8 +259,9 @@ async fn a_shutdown_under_load_leaves_no_job_claimed_without_an_owner() {
     })
     .await;
     let owner = first.owner();
-    let report = first.shutdown(Duration::from_millis(10)).await;
-    println!("shutdown under load: {report:?}");
+    let stopped = first.shutdown(Duration::from_millis(10)).await;
+    println!("shutdown under load: {stopped:?}");
+    let report = stopped;
     assert_eq!(report.unsettled, 0);
     let held: i64 = db
         .read_one(
@@ -270,8 +280,8 @@ async fn a_shutdown_under_load_leaves_no_job_claimed_without_an_owner() {
         .start()
         .unwrap();
     until("every job done", DEADLINE, async || ledger.len() == 300).await;
-    let report = second.shutdown(Duration::from_secs(10)).await;
-    assert_eq!((report.released, report.unsettled), (0, 0), "{report:?}");
+    let last = second.shutdown(Duration::from_secs(10)).await;
+    assert_eq!((last.released, last.unsettled), (0, 0), "{last:?}");
     until("every job deleted", DEADLINE, async || {
         let d = queue.depth().await.unwrap();
         d.ready + d.running == 0

@@ -11,6 +11,7 @@ use tower_scale::pg::{Cluster, NodeConfig};
 use tower_scale::queue::{Job, NewJob, Queue, QueueClock, Worker};
 use tower_scale::testing::LocalCluster;
 
+mod attacks;
 mod faults;
 mod retries;
 
