@@ -115,6 +115,7 @@ where
         let start = Instant::now();
         let (mut next_claim, mut next_reap, mut next_metrics) = (start, start, start);
         let mut next_renewal = start + renew;
+        let (mut by_notify, mut drained) = (false, false);
         loop {
             if self.stop.is_cancelled() {
                 break;
@@ -136,10 +137,25 @@ where
                 next_metrics = now + metrics_every;
             }
             let free = self.worker.concurrency.saturating_sub(self.tasks.len());
-            if free > 0 && now >= next_claim {
+            // A notification while another worker of this queue here is
+            // claiming: that one claims once more after (the hub remembers),
+            // so under load notifications merge into fewer, fuller claims.
+            let gated = std::mem::take(&mut by_notify);
+            let skip = gated && !self.hub.as_ref().is_none_or(|h| h.begin_claim());
+            if free > 0 && now >= next_claim && skip {
+                next_claim = now + poll;
+            } else if free > 0 && now >= next_claim {
                 let want = free.min(self.worker.batch);
                 next_claim = now + poll;
-                match self.claim(want).await {
+                let claimed = self.claim(want).await;
+                if gated && let Some(hub) = &self.hub {
+                    hub.end_claim();
+                }
+                // Fewer than asked: nothing more is due; the next claim
+                // waits for a notification (or the poll), not for
+                // completions.
+                drained = !matches!(claimed, Ok(n) if n == want);
+                match claimed {
                     // A full batch and room for more: more may be due.
                     Ok(n) if n == want && want < free => {
                         next_claim = now;
@@ -168,9 +184,14 @@ where
                     }
                     let free = self.worker.concurrency.saturating_sub(self.tasks.len());
                     let soon = Instant::now() + CLAIM_LINGER;
-                    next_claim = if free >= threshold { Instant::now() } else { next_claim.min(soon) };
+                    if !drained {
+                        next_claim = if free >= threshold { Instant::now() } else { next_claim.min(soon) };
+                    }
                 }
-                () = notified(&self.hub), if has_room => next_claim = Instant::now(),
+                () = notified(&self.hub), if has_room => {
+                    next_claim = Instant::now();
+                    by_notify = true;
+                }
                 () = tokio::time::sleep_until(wake_at) => {}
             }
         }

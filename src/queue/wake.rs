@@ -18,6 +18,9 @@ pub(crate) struct Hub {
     pub(crate) notify: Notify,
     /// Whether the `LISTEN` session is up.
     pub(crate) listening: AtomicBool,
+    /// A worker is claiming for a notification; another notification came
+    /// meanwhile.
+    claiming: std::sync::Mutex<(bool, bool)>,
     _stop: DropGuard,
 }
 
@@ -30,6 +33,33 @@ impl std::fmt::Debug for Hub {
 }
 
 impl Hub {
+    /// Whether this worker should claim for a notification now: false if
+    /// another is claiming (it will claim once more when done).
+    pub(crate) fn begin_claim(&self) -> bool {
+        let mut c = crate::sync::lock(&self.claiming);
+        if c.0 {
+            c.1 = true;
+            false
+        } else {
+            c.0 = true;
+            true
+        }
+    }
+
+    /// The claim begun by [`begin_claim`](Self::begin_claim) is done; one
+    /// more round if notifications came meanwhile.
+    pub(crate) fn end_claim(&self) {
+        let again = {
+            let mut c = crate::sync::lock(&self.claiming);
+            let again = c.1;
+            *c = (false, false);
+            again
+        };
+        if again {
+            self.notify.notify_one();
+        }
+    }
+
     /// The hub of `queue` in this process, its listener started on
     /// `runtime` if none runs; `pause` between reconnections.
     pub(crate) fn of(queue: &Queue, pause: Duration, runtime: &tokio::runtime::Handle) -> Arc<Hub> {
@@ -41,6 +71,7 @@ impl Hub {
         let hub = Arc::new(Hub {
             notify: Notify::new(),
             listening: AtomicBool::new(false),
+            claiming: std::sync::Mutex::new((false, false)),
             _stop: stop.clone().drop_guard(),
         });
         runtime.spawn(listen(queue.clone(), Arc::downgrade(&hub), stop, pause));
