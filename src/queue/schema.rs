@@ -115,10 +115,14 @@ impl Sql {
             ),
             existing: format!("SELECT id FROM {t} WHERE queue = $1 AND idempotency_key = $2"),
             // $6: jobs this worker finished, deleted in the same round trip.
+            // Every statement on a batch of ids names them with `id = ANY`
+            // as well as through `unnest`: an index condition, so the
+            // planner never hash-joins the whole table (it did, under a
+            // backlog: 16 ms a claim).
             claim: format!(
                 "WITH done AS (
                     DELETE FROM {t} AS d USING unnest($6::bigint[], $7::int[]) AS f(id, n)
-                    WHERE d.id = f.id AND d.attempts = f.n AND d.owner = $5
+                    WHERE d.id = ANY($6) AND d.id = f.id AND d.attempts = f.n AND d.owner = $5
                       AND d.state = 'running'
                  ),
                  c AS (
@@ -136,7 +140,7 @@ impl Sql {
             ),
             complete: format!(
                 "DELETE FROM {t} AS d USING unnest($1::bigint[], $2::int[]) AS f(id, n)
-                 WHERE d.id = f.id AND d.attempts = f.n AND d.owner = $3 AND d.state = 'running'"
+                 WHERE d.id = ANY($1) AND d.id = f.id AND d.attempts = f.n AND d.owner = $3 AND d.state = 'running'"
             ),
             fail: format!(
                 "UPDATE {t} AS j SET
@@ -145,19 +149,21 @@ impl Sql {
                     last_error = f.err, owner = NULL, lease_until = NULL
                  FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $5::int[])
                       AS f(id, err, at, n)
-                 WHERE j.id = f.id AND j.attempts = f.n AND j.owner = $4 AND j.state = 'running'
+                 WHERE j.id = ANY($1) AND j.id = f.id AND j.attempts = f.n AND j.owner = $4 AND j.state = 'running'
                  RETURNING j.state"
             ),
             release: format!(
                 "UPDATE {t} AS j SET state = 'ready', owner = NULL, lease_until = NULL,
                     attempts = greatest(j.attempts - 1, 0)
                  FROM unnest($1::bigint[], $3::int[]) AS f(id, n)
-                 WHERE j.id = f.id AND j.attempts = f.n AND j.owner = $2 AND j.state = 'running'"
+                 WHERE j.id = ANY($1) AND j.id = f.id AND j.attempts = f.n AND j.owner = $2
+                   AND j.state = 'running'"
             ),
             heartbeat: format!(
                 "UPDATE {t} AS j SET lease_until = $3
                  FROM unnest($1::bigint[], $4::int[]) AS f(id, n)
-                 WHERE j.id = f.id AND j.attempts = f.n AND j.owner = $2 AND j.state = 'running'
+                 WHERE j.id = ANY($1) AND j.id = f.id AND j.attempts = f.n AND j.owner = $2
+                   AND j.state = 'running'
                  RETURNING j.id"
             ),
             // A claim whose outcome is unknown: what this worker holds
