@@ -232,6 +232,27 @@ struct Row {
     due: bool,
 }
 
+impl Row {
+    /// The enqueue statement's parameters, in order.
+    fn params<'a>(
+        &'a self,
+        name: &'a &'a str,
+        sql: &'a Sql,
+    ) -> [&'a (dyn tokio_postgres::types::ToSql + Sync); 9] {
+        [
+            name,
+            &self.payload,
+            &self.priority,
+            &self.run_at,
+            &self.max_attempts,
+            &self.key,
+            &self.now,
+            &self.due,
+            &sql.channel,
+        ]
+    }
+}
+
 impl Queue {
     /// Starts configuring the queue `name` on `db`'s cluster.
     ///
@@ -320,20 +341,7 @@ impl Queue {
         let written = self
             .inner
             .db
-            .query(
-                &sql.enqueue,
-                &[
-                    &name,
-                    &r.payload,
-                    &r.priority,
-                    &r.run_at,
-                    &r.max_attempts,
-                    &r.key,
-                    &r.now,
-                    &r.due,
-                    &sql.channel,
-                ],
-            )
+            .query(&sql.enqueue, &r.params(&name, sql))
             .await?;
         if let Some(row) = written.value.first() {
             return Ok(Enqueued {
@@ -360,22 +368,7 @@ impl Queue {
         let r = self.row(job)?;
         let sql = &self.inner.sql;
         let name: &str = &self.inner.name;
-        let rows = tx
-            .query(
-                &sql.enqueue,
-                &[
-                    &name,
-                    &r.payload,
-                    &r.priority,
-                    &r.run_at,
-                    &r.max_attempts,
-                    &r.key,
-                    &r.now,
-                    &r.due,
-                    &sql.channel,
-                ],
-            )
-            .await?;
+        let rows = tx.query(&sql.enqueue, &r.params(&name, sql)).await?;
         let (row, created) = match rows.first() {
             Some(row) => (Some(row.try_get(0)?), true),
             None => {
