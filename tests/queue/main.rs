@@ -185,9 +185,10 @@ async fn ten_thousand_jobs_from_eight_tasks_are_each_done_once_by_four_workers()
     })
     .await;
     let total = started.elapsed();
-    let mut processed = 0;
+    let (mut processed, mut claims) = (0, 0);
     for w in workers {
         processed += w.stats().processed;
+        claims += w.stats().claims;
         let report = w.shutdown(Duration::from_secs(5)).await;
         assert_eq!(report.unsettled, 0, "{report:?}");
     }
@@ -201,7 +202,8 @@ async fn ten_thousand_jobs_from_eight_tasks_are_each_done_once_by_four_workers()
     waits.sort();
     println!(
         "10,000 jobs: enqueued in {enqueued:?}, all done after {total:?} ({:.0} jobs/s); \
-         enqueue to start p50 {:?}, p99 {:?}; {processed} deleted by the workers so far",
+         enqueue to start p50 {:?}, p99 {:?}; {processed} deleted by the workers so far, \
+         {claims} claim statements",
         10_000.0 / total.as_secs_f64(),
         percentile(&waits, 0.5),
         percentile(&waits, 0.99),
