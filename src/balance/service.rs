@@ -42,10 +42,10 @@ type P2cFuture = futures_util::future::MapErr<EndpointFuture, fn(Infallible) -> 
 ///
 /// HTTP-facing: its error is [`Infallible`]; a failure is a response. A
 /// 502 marked [`UpstreamUnreachable`] when the upstream could not be
-/// reached (refused, reset, no response head within the upstream timeout),
-/// so that an HTTP cache in front may serve a stale response; an unmarked
-/// 502 for an answer that was not HTTP; a 503 when no upstream is
-/// configured or none is in rotation; a 501 for `CONNECT`; a 431 for a
+/// reached (refused, reset, no response head within the upstream timeout)
+/// or every upstream is out of rotation, so that an HTTP cache in front
+/// may serve a stale response; an unmarked 502 for an answer that was not
+/// HTTP; a 503 when no upstream is configured; a 501 for `CONNECT`; a 431 for a
 /// request head over [`max_request_head`](super::BalancerBuilder::max_request_head);
 /// a 408 when the upstream timeout passed while the client was still
 /// sending the body (not counted against the upstream); a 400 when the
@@ -191,6 +191,15 @@ fn own(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
     res
 }
 
+/// The answer when every configured upstream is out of rotation: as
+/// unreachable as one that refused (a 502 marked [`UpstreamUnreachable`],
+/// so that a cache in front may serve stale), answered at once.
+fn none_in_rotation(text: &'static str) -> Response<ResponseBody> {
+    let mut res = own(StatusCode::BAD_GATEWAY, text);
+    res.extensions_mut().insert(UpstreamUnreachable);
+    res
+}
+
 /// The answer to a request that failed for good.
 fn failed(outcome: Outcome) -> Response<ResponseBody> {
     match outcome {
@@ -264,7 +273,7 @@ where
             return match (last, configured) {
                 (Some(failure), _) => failed(failure.outcome),
                 (None, false) => own(StatusCode::SERVICE_UNAVAILABLE, "no upstream configured\n"),
-                (None, true) => own(StatusCode::SERVICE_UNAVAILABLE, "no upstream in rotation\n"),
+                (None, true) => none_in_rotation("no upstream in rotation\n"),
             };
         }
         let timeout = shared.settings.upstream_timeout;
@@ -273,10 +282,9 @@ where
             Ok(Err(_)) | Err(_) => {
                 return match last {
                     Some(failure) => failed(failure.outcome),
-                    None => own(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "no upstream became ready within the upstream timeout\n",
-                    ),
+                    None => {
+                        none_in_rotation("no upstream became ready within the upstream timeout\n")
+                    }
                 };
             }
         }
@@ -321,6 +329,6 @@ where
     }
     match last {
         Some(failure) => failed(failure.outcome),
-        None => own(StatusCode::SERVICE_UNAVAILABLE, "no upstream in rotation\n"),
+        None => none_in_rotation("no upstream in rotation\n"),
     }
 }
