@@ -1008,7 +1008,7 @@ async fn balancing() -> Result<(), Error> {
     }
     let after = spread(&balancer, 4, phase).await;
     println!(
-        "  then, {:.0?} after the kill: {}",
+        "  then, {:.1?} after the kill: {}",
         t.elapsed(),
         shares(&after)
     );
