@@ -1,9 +1,8 @@
-//! [`Balancer`]: the HTTP-facing service. Each request goes through a
-//! [`tower::buffer::Buffer`] to one worker that owns the p2c
-//! [`Balance`](tower::balance::p2c::Balance) (p2c is not `Clone`, and its
-//! ready set must be polled by one task so that no wake-up is lost); the
-//! request's own task then awaits the chosen upstream's answer, and sends
-//! it once more to another upstream when the retry rule allows.
+//! [`Balancer`]: the HTTP-facing service. Each request's own task has the
+//! shared p2c [`Balance`](tower::balance::p2c::Balance) pick an upstream
+//! (see [`Picker`](super::pick::Picker): no hop to a worker task), sends
+//! it there, awaits the answer, and sends it once more to another upstream
+//! when the retry rule allows.
 
 use std::convert::Infallible;
 use std::fmt;
@@ -16,14 +15,14 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use hyper::body::Incoming;
 use tokio_util::sync::{CancellationToken, DropGuard};
+use tower::Service;
 use tower::balance::p2c::Balance;
-use tower::buffer::Buffer;
-use tower::{Service, ServiceExt};
 
 use super::body::{RequestBody, ResponseBody};
 use super::config::Settings;
 use super::discover::Discovered;
 use super::endpoint::{Attempt, Client, EndpointFuture, Failure};
+use super::pick::{NotPicked, Picker};
 use super::probe;
 use super::request::{Outcome, head_size, idempotent, may_retry, strip_hop_by_hop};
 use super::stats::FailureKind;
@@ -34,7 +33,8 @@ use crate::random::Random;
 type UpstreamRequest<B> = Request<RequestBody<B>>;
 /// What p2c's `call` returns (named without bounds on `B`, so that the
 /// balancer's struct needs none).
-type P2cFuture = futures_util::future::MapErr<EndpointFuture, fn(Infallible) -> tower::BoxError>;
+pub(crate) type P2cFuture =
+    futures_util::future::MapErr<EndpointFuture, fn(Infallible) -> tower::BoxError>;
 
 /// Spreads requests over [`Upstreams`] with `tower::balance::p2c` over
 /// peak-EWMA load, ejecting upstreams that fail and retrying what may be
@@ -55,7 +55,7 @@ type P2cFuture = futures_util::future::MapErr<EndpointFuture, fn(Infallible) -> 
 /// health, the connection pool); the background tasks stop when the last
 /// clone is dropped.
 pub struct Balancer<B = Incoming> {
-    buffer: Buffer<UpstreamRequest<B>, P2cFuture>,
+    picker: Arc<Picker<B>>,
     shared: Arc<Shared>,
 }
 
@@ -67,10 +67,10 @@ struct Shared {
     _stop: DropGuard,
 }
 
-impl<B: Send + 'static> Clone for Balancer<B> {
+impl<B> Clone for Balancer<B> {
     fn clone(&self) -> Self {
         Self {
-            buffer: self.buffer.clone(),
+            picker: Arc::clone(&self.picker),
             shared: Arc::clone(&self.shared),
         }
     }
@@ -105,11 +105,10 @@ where
         changes: tokio::sync::mpsc::UnboundedReceiver<super::upstreams::SetChange>,
         client: Client<B>,
         settings: Arc<Settings>,
-        queue: usize,
     ) -> Self {
         let discover = Discovered::new(changes, client, Arc::clone(&settings));
         let p2c = Balance::from_rng(discover, P2cRng(Arc::clone(&settings.random)));
-        let buffer = Buffer::new(p2c, queue);
+        let picker = Arc::new(Picker::new(p2c));
         let stop = CancellationToken::new();
         if let Some(path) = settings.health_path.clone() {
             tokio::spawn(probe::run(
@@ -120,7 +119,7 @@ where
             ));
         }
         Self {
-            buffer,
+            picker,
             shared: Arc::new(Shared {
                 upstreams,
                 settings,
@@ -155,7 +154,11 @@ where
 
     fn call(&mut self, req: Request<B>) -> ResponseFuture {
         ResponseFuture {
-            inner: Box::pin(forward(self.buffer.clone(), Arc::clone(&self.shared), req)),
+            inner: Box::pin(forward(
+                Arc::clone(&self.picker),
+                Arc::clone(&self.shared),
+                req,
+            )),
         }
     }
 }
@@ -239,7 +242,7 @@ impl Head {
 }
 
 async fn forward<B>(
-    mut buffer: Buffer<UpstreamRequest<B>, P2cFuture>,
+    picker: Arc<Picker<B>>,
     shared: Arc<Shared>,
     req: Request<B>,
 ) -> Response<ResponseBody>
@@ -277,9 +280,13 @@ where
             };
         }
         let timeout = shared.settings.upstream_timeout;
-        match tokio::time::timeout(timeout, buffer.ready()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) | Err(_) => {
+        let attempt: Attempt = match picker.send(head.request(body), timeout).await {
+            Ok(sent) => match sent.await {
+                Ok(attempt) => attempt,
+                // The endpoint's error is `Infallible`, boxed by p2c.
+                Err(_) => return own(StatusCode::SERVICE_UNAVAILABLE, "balancer stopped\n"),
+            },
+            Err(NotPicked::Timeout) => {
                 return match last {
                     Some(failure) => failed(failure.outcome),
                     None => {
@@ -287,11 +294,9 @@ where
                     }
                 };
             }
-        }
-        let attempt: Attempt = match buffer.call(head.request(body)).await {
-            Ok(attempt) => attempt,
-            // The worker is gone (the runtime shuts down).
-            Err(_) => return own(StatusCode::SERVICE_UNAVAILABLE, "balancer stopped\n"),
+            Err(NotPicked::Failed) => {
+                return own(StatusCode::SERVICE_UNAVAILABLE, "balancer stopped\n");
+            }
         };
         let failure = match attempt {
             Ok(res) => {
