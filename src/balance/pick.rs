@@ -49,6 +49,16 @@ impl Wake for WakeAll {
     }
 }
 
+/// What [`Picker::try_send`] did.
+pub(crate) enum Picked<B> {
+    /// Sent to the upstream p2c picked: its answer to come.
+    Sent(P2cFuture),
+    /// None is ready now: the request, unsent.
+    Pending(UpstreamRequest<B>),
+    /// p2c failed (it cannot: its discover stream is infallible).
+    Failed,
+}
+
 /// Why no upstream was picked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum NotPicked {
@@ -86,28 +96,34 @@ where
         }
     }
 
+    /// Sends `req` to the upstream p2c picks if one is ready now; gives it
+    /// back if none is.
+    pub(crate) fn try_send(&self, req: UpstreamRequest<B>) -> Picked<B> {
+        let mut p2c = lock(&self.p2c);
+        let mut cx = Context::from_waker(&self.waker);
+        match p2c.poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => Picked::Sent(p2c.call(req)),
+            Poll::Ready(Err(_)) => Picked::Failed,
+            Poll::Pending => Picked::Pending(req),
+        }
+    }
+
     /// Sends `req` to the upstream p2c picks once one is ready, waiting at
     /// most `within` for one.
     pub(crate) async fn send(
         &self,
-        req: UpstreamRequest<B>,
+        mut req: UpstreamRequest<B>,
         within: Duration,
     ) -> Result<P2cFuture, NotPicked> {
-        let mut deadline = None;
+        let deadline = Instant::now() + within;
         loop {
             // Before polling: a wake-up from here on completes it.
             let changed = self.wake_all.0.notified();
-            {
-                let mut p2c = lock(&self.p2c);
-                let mut cx = Context::from_waker(&self.waker);
-                match p2c.poll_ready(&mut cx) {
-                    Poll::Ready(Ok(())) => return Ok(p2c.call(req)),
-                    Poll::Ready(Err(_)) => return Err(NotPicked::Failed),
-                    Poll::Pending => {}
-                }
-            }
-            // Only a request that waits reads the clock for its deadline.
-            let deadline = *deadline.get_or_insert_with(|| Instant::now() + within);
+            req = match self.try_send(req) {
+                Picked::Sent(sent) => return Ok(sent),
+                Picked::Failed => return Err(NotPicked::Failed),
+                Picked::Pending(req) => req,
+            };
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 return Err(NotPicked::Timeout);
             }

@@ -22,7 +22,7 @@ use super::body::{RequestBody, ResponseBody};
 use super::config::Settings;
 use super::discover::Discovered;
 use super::endpoint::{Attempt, Client, EndpointFuture, Failure};
-use super::pick::{NotPicked, Picker};
+use super::pick::{NotPicked, Picked, Picker};
 use super::probe;
 use super::request::{Outcome, head_size, idempotent, may_retry, strip_hop_by_hop};
 use super::stats::FailureKind;
@@ -271,32 +271,42 @@ where
     let (mut body, mut back) = RequestBody::new(body);
     let mut last: Option<Failure> = None;
     for _attempt in 0..2 {
-        let (configured, usable) = shared.upstreams.usable();
-        if !usable {
-            return match (last, configured) {
-                (Some(failure), _) => failed(failure.outcome),
-                (None, false) => own(StatusCode::SERVICE_UNAVAILABLE, "no upstream configured\n"),
-                (None, true) => none_in_rotation("no upstream in rotation\n"),
-            };
-        }
-        let timeout = shared.settings.upstream_timeout;
-        let attempt: Attempt = match picker.send(head.request(body), timeout).await {
-            Ok(sent) => match sent.await {
-                Ok(attempt) => attempt,
-                // The endpoint's error is `Infallible`, boxed by p2c.
-                Err(_) => return own(StatusCode::SERVICE_UNAVAILABLE, "balancer stopped\n"),
-            },
-            Err(NotPicked::Timeout) => {
-                return match last {
-                    Some(failure) => failed(failure.outcome),
-                    None => {
-                        none_in_rotation("no upstream became ready within the upstream timeout\n")
+        // The common case first: an upstream is ready, nothing else to ask.
+        let sent = match picker.try_send(head.request(body)) {
+            Picked::Sent(sent) => sent,
+            Picked::Failed => return own(StatusCode::SERVICE_UNAVAILABLE, "balancer stopped\n"),
+            Picked::Pending(req) => {
+                // None ready: answer at once if none may become ready soon.
+                let (configured, usable) = shared.upstreams.usable();
+                if !usable {
+                    return match (last, configured) {
+                        (Some(failure), _) => failed(failure.outcome),
+                        (None, false) => {
+                            own(StatusCode::SERVICE_UNAVAILABLE, "no upstream configured\n")
+                        }
+                        (None, true) => none_in_rotation("no upstream in rotation\n"),
+                    };
+                }
+                match picker.send(req, shared.settings.upstream_timeout).await {
+                    Ok(sent) => sent,
+                    Err(NotPicked::Timeout) => {
+                        return match last {
+                            Some(failure) => failed(failure.outcome),
+                            None => none_in_rotation(
+                                "no upstream became ready within the upstream timeout\n",
+                            ),
+                        };
                     }
-                };
+                    Err(NotPicked::Failed) => {
+                        return own(StatusCode::SERVICE_UNAVAILABLE, "balancer stopped\n");
+                    }
+                }
             }
-            Err(NotPicked::Failed) => {
-                return own(StatusCode::SERVICE_UNAVAILABLE, "balancer stopped\n");
-            }
+        };
+        let attempt: Attempt = match sent.await {
+            Ok(attempt) => attempt,
+            // The endpoint's error is `Infallible`, boxed by p2c.
+            Err(_) => return own(StatusCode::SERVICE_UNAVAILABLE, "balancer stopped\n"),
         };
         let failure = match attempt {
             Ok(res) => {
