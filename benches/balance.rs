@@ -102,11 +102,15 @@ fn proxy(c: &mut Criterion) {
             }
         })
     });
+    let item: hyper::Uri = "/item".parse().expect("path");
     group.bench_function("balanced_miss", |b| {
         b.to_async(&rt).iter(|| {
-            let balancer = balancer.clone();
+            let (balancer, item) = (balancer.clone(), &item);
             async move {
-                let req = Request::get("/item").body(Empty::new()).expect("request");
+                // Built as `client.get` builds it: from a parsed target.
+                let req = Request::get(item.clone())
+                    .body(Empty::new())
+                    .expect("request");
                 let res = balancer.oneshot(req).await.expect("infallible");
                 let body = res.into_body().collect().await.expect("body").to_bytes();
                 black_box(body)

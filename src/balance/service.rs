@@ -287,7 +287,9 @@ where
                         (None, true) => none_in_rotation("no upstream in rotation\n"),
                     };
                 }
-                match picker.send(req, shared.settings.upstream_timeout).await {
+                // Boxed: the rare path keeps the common one's future small.
+                let waited = Box::pin(picker.send(req, shared.settings.upstream_timeout));
+                match waited.await {
                     Ok(sent) => sent,
                     Err(NotPicked::Timeout) => {
                         return match last {
