@@ -20,13 +20,15 @@ use axum::routing::any;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
+use hyper_util::rt::TokioExecutor;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::common::{self, Running};
+
+#[path = "../balance/killable.rs"]
+mod killable;
 
 /// How long `/slow` takes to answer.
 const SLOW: Duration = Duration::from_secs(3);
@@ -91,21 +93,7 @@ impl Origin {
             .fallback(any(handle))
             .with_state(Arc::clone(&state));
         let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            let mut connections = JoinSet::new();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let svc = TowerToHyperService::new(app.clone());
-                connections.spawn(async move {
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-                while connections.try_join_next().is_some() {}
-            }
-        });
+        let task = tokio::spawn(killable::serve(listener, app));
         Origin {
             addr,
             state,
