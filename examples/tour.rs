@@ -25,7 +25,11 @@
 //! 8. jobs: `POST /users` enqueues a welcome job in the insert's
 //!    transaction and a worker marks the user welcomed; then a worker
 //!    killed mid-job (its runtime dropped, as a process killed) and the job
-//!    done again, attempt 2, by another once the lease lapses.
+//!    done again, attempt 2, by another once the lease lapses;
+//! 9. the load balancer: three origins behind a `Balancer` (p2c over
+//!    peak-EWMA), one killed under load with no failed request and its
+//!    share moving to the other two, then a fourth added through the
+//!    `Upstreams` handle, taking a share.
 //!
 //! Everything it started is stopped on exit.
 
@@ -123,6 +127,7 @@ async fn run() -> Result<(), Error> {
     shared_tier(&cluster).await?;
     change_feed(&cluster).await?;
     jobs(&cluster).await?;
+    balancing().await?;
 
     let t = Instant::now();
     drop(db);
@@ -861,5 +866,169 @@ async fn jobs(local: &LocalCluster) -> Result<(), Error> {
     worker.shutdown(Duration::from_secs(5)).await;
     server.abort();
     backend.cluster.shutdown();
+    Ok(())
+}
+
+/// An origin for step 9: answers its name; every connection is a task of
+/// its server task, so aborting that kills it whole (listener and
+/// connections), as a process killed.
+struct Origin {
+    name: &'static str,
+    addr: std::net::SocketAddr,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Origin {
+    async fn start(name: &'static str) -> Result<Origin, Error> {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let app = axum::Router::new().fallback(move || async move {
+            ([("x-origin", name), ("cache-control", "no-store")], name)
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let server = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+                connections.spawn(async move {
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+                while connections.try_join_next().is_some() {}
+            }
+        });
+        Ok(Origin { name, addr, server })
+    }
+
+    fn url(&self) -> Result<hyper::Uri, Error> {
+        Ok(format!("http://{}", self.addr).parse()?)
+    }
+}
+
+type Balanced = tower_scale::balance::Balancer<http_body_util::Empty<bytes::Bytes>>;
+
+/// Sends GETs through `balancer` from `clients` tasks for `run`; the
+/// answers per origin (`failed` for anything but a 200).
+async fn spread(balancer: &Balanced, clients: usize, run: Duration) -> BTreeMap<String, u64> {
+    let until = Instant::now() + run;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..clients {
+        let balancer = balancer.clone();
+        tasks.spawn(async move {
+            use http_body_util::BodyExt;
+            let mut seen = BTreeMap::<String, u64>::new();
+            while Instant::now() < until {
+                let req = hyper::Request::get("/item").body(http_body_util::Empty::new());
+                let Ok(req) = req else { continue };
+                let Ok(res) = balancer.clone().oneshot(req).await;
+                let origin = match res.headers().get("x-origin").map(|v| v.to_str()) {
+                    Some(Ok(name)) if res.status() == 200 => name.to_string(),
+                    _ => "failed".to_string(),
+                };
+                let read = res.into_body().collect().await.is_ok();
+                let origin = if read { origin } else { "failed".into() };
+                *seen.entry(origin).or_default() += 1;
+            }
+            seen
+        });
+    }
+    let mut all = BTreeMap::new();
+    while let Some(Ok(seen)) = tasks.join_next().await {
+        for (origin, n) in seen {
+            *all.entry(origin).or_default() += n;
+        }
+    }
+    all
+}
+
+/// `origin-1 34%, origin-2 33%, ...` of the answers.
+fn shares(seen: &BTreeMap<String, u64>) -> String {
+    let total: u64 = seen.values().sum();
+    seen.iter()
+        .map(|(origin, n)| format!("{origin} {:.0}%", 100.0 * *n as f64 / total.max(1) as f64))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+async fn balancing() -> Result<(), Error> {
+    use tower_scale::balance::{Balancer, Upstreams};
+    println!("\n9. the load balancer: three origins, one killed under load, a fourth added");
+    let mut origins = vec![
+        Origin::start("origin-1").await?,
+        Origin::start("origin-2").await?,
+        Origin::start("origin-3").await?,
+    ];
+    let upstreams = Upstreams::new();
+    for origin in &origins {
+        upstreams.add(origin.url()?)?;
+    }
+    let balancer: Balanced = Balancer::builder()
+        .upstream_timeout(Duration::from_secs(2))
+        .slow_start(Duration::from_millis(300))
+        .build(&upstreams)?;
+    let phase = Duration::from_millis(300);
+    let before = spread(&balancer, 4, phase).await;
+    let total: u64 = before.values().sum();
+    println!(
+        "  a Balancer over 3 origins, 4 clients for {phase:.0?}: {total} GETs, {}",
+        shares(&before)
+    );
+
+    // `origin-2` killed a third of the way into the next phase.
+    let load = {
+        let balancer = balancer.clone();
+        tokio::spawn(async move { spread(&balancer, 4, 3 * phase).await })
+    };
+    tokio::time::sleep(phase).await;
+    let mut killed = origins.remove(1);
+    killed.server.abort();
+    let t = Instant::now();
+    let _ = (&mut killed.server).await;
+    let during = load.await?;
+    let failed = during.get("failed").copied().unwrap_or(0);
+    let status = upstreams.status();
+    let out = status
+        .iter()
+        .find(|s| s.url.authority().map(|a| a.as_str()) == Some(&killed.addr.to_string()));
+    println!(
+        "  {} killed under load (requests that failed on it and went to another: {}; ejected {} time(s)): \
+         {} GETs, {failed} failed; {}",
+        killed.name,
+        out.map_or(0, |s| s.retries),
+        out.map_or(0, |s| s.ejections),
+        during.values().sum::<u64>(),
+        shares(&during)
+    );
+    if failed > 0 {
+        return Err(format!("{failed} requests failed while {} was killed", killed.name).into());
+    }
+    let after = spread(&balancer, 4, phase).await;
+    println!(
+        "  then, {:.1?} after the kill: {}",
+        t.elapsed(),
+        shares(&after)
+    );
+    if after.contains_key(killed.name) || after.contains_key("failed") {
+        return Err(format!("after the kill: {after:?}").into());
+    }
+
+    let fourth = Origin::start("origin-4").await?;
+    upstreams.add(fourth.url()?)?;
+    upstreams.remove(&killed.url()?);
+    let added = spread(&balancer, 4, 2 * phase).await;
+    println!(
+        "  origin-4 added (Upstreams::add; slow start 300 ms), origin-2 removed: {}",
+        shares(&added)
+    );
+    if !added.contains_key(fourth.name) || added.contains_key("failed") {
+        return Err(format!("with origin-4 added: {added:?}").into());
+    }
+    for origin in origins.iter().chain([&fourth]) {
+        origin.server.abort();
+    }
     Ok(())
 }

@@ -1,23 +1,52 @@
-//! A caching reverse proxy and CDN node: the HTTP cache layer in front of
-//! a hyper client, sharing its cache with a fleet through Redis.
+//! A caching reverse proxy, CDN node and load balancer: the HTTP cache
+//! layer in front of [`tower_scale::balance::Balancer`] (tower's p2c over
+//! peak-EWMA load) across one or more origins, sharing its cache with a
+//! fleet through Redis.
 //!
 //! ```text
 //! cargo run --release --features full --example http_proxy -- \
-//!     --listen 127.0.0.1:8010 --upstream http://127.0.0.1:8000
+//!     --listen 127.0.0.1:8010 \
+//!     --upstream http://127.0.0.1:8000 --upstream http://127.0.0.1:8001
 //! ```
 //!
 //! Every method, path, query, header and body is forwarded (hop-by-hop
 //! headers removed both ways); responses the origin allows are stored and
 //! hits are served from the cache, per RFC 9111.
 //!
-//! An unreachable upstream (connection refused or reset, closed before a
-//! response, or no response head within `--upstream-timeout SECS`, default
-//! 30) gives a 502 marked [`UpstreamUnreachable`]: the cache then serves a
-//! stale stored response if the origin's directives allow it (a 504 if
-//! they forbid it; RFC 9111 §4.2.4), else the client gets the 502. The
-//! timeout bounds the connection and the response head; a body that
-//! streams after the head is not bounded by it. Any other upstream failure
-//! (an unreadable response) is an unmarked 502.
+//! ## Upstreams
+//!
+//! - `--upstream http://HOST:PORT`, repeated for each origin; or
+//!   `--upstreams-file PATH`: one `http://HOST:PORT` a line, blank lines
+//!   and `#` comments ignored. Both may be given: the `--upstream` ones
+//!   are always in the set, the file's join them. At least one upstream in
+//!   all is required; a file that cannot be read or holds a bad address
+//!   stops the start with status 2.
+//! - `SIGHUP` (with `--upstreams-file`) reloads the file: added upstreams
+//!   start taking requests (ramped up over 10 s), removed ones take no new
+//!   request and finish those in flight, the others keep their health and
+//!   counters. A file that cannot be read, holds a bad address or leaves
+//!   no upstream at all is refused: the current list stays, and the error
+//!   goes to stderr (as does what a reload changed).
+//! - Misses are spread over the upstreams in rotation (p2c over
+//!   peak-EWMA), on keep-alive connections kept per upstream. An upstream
+//!   that refuses, resets, or gets no response head within
+//!   `--upstream-timeout SECS` (default 30) is ejected, for 1 s doubled
+//!   at each further failure in a row up to 30 s, then re-admitted by one
+//!   probe request and a 10 s slow start. `--health-path PATH` adds an
+//!   active check: `GET PATH` on every upstream every `--health-interval
+//!   SECS` (default 2), anything but a 2xx or 3xx ejecting it.
+//! - A request that could not connect is sent once to another upstream;
+//!   one reset before its response head too, if its method is idempotent.
+//!   Never one whose body was (even partly) sent.
+//!
+//! An upstream that cannot be reached (refused, reset, closed before a
+//! response, no response head in time, or every upstream out of rotation)
+//! gives a 502 marked [`UpstreamUnreachable`](tower_scale::http::UpstreamUnreachable):
+//! the cache then serves a stale stored response if the origin's
+//! directives allow it (a 504 if they forbid it; RFC 9111 §4.2.4), else
+//! the client gets the 502. The timeout bounds the connection and the
+//! response head; a body that streams after the head is not bounded by it.
+//! An unreadable response is an unmarked 502.
 //!
 //! ## A fleet of nodes
 //!
@@ -45,7 +74,13 @@
 //!   tag or URL, this node's own and the fleet's)
 //!   `tower_scale_cache_invalidations_total`, of which from other nodes
 //!   `tower_scale_cache_remote_invalidations_total`; the Redis tier's
-//!   `tower_scale_cache_l2_*` are labelled `prefix`.
+//!   `tower_scale_cache_l2_*` are labelled `prefix`. The balancer's, per
+//!   upstream (label `upstream="http://HOST:PORT"`):
+//!   `tower_scale_upstream_requests_total`,
+//!   `tower_scale_upstream_failures_total` (label `kind`),
+//!   `tower_scale_upstream_retries_total`,
+//!   `tower_scale_upstream_ejections_total`, `tower_scale_upstream_load`
+//!   and `tower_scale_upstream_healthy` (see the README's metrics table).
 //!
 //! ## Deadlines
 //!
@@ -61,33 +96,36 @@
 //! stdout (then `metrics on http://IP:PORT` with `--metrics-listen`); logs
 //! go to stderr. Bad flags (a flag given twice among them) print usage to
 //! stderr and exit with status 2; a listener that cannot be bound, or a
-//! metrics recorder that cannot be installed, exits with status 1.
+//! metrics recorder or `SIGHUP` handler that cannot be installed, exits
+//! with status 1.
 
-mod forward;
 mod node;
 mod serve;
+mod upstreams;
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use hyper::Uri;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tower::ServiceBuilder;
+use tower_scale::balance::{Balancer, Upstreams};
 use tower_scale::http::HttpCacheLayer;
 
-use forward::Forward;
-
-const USAGE: &str = "usage: http_proxy --listen IP:PORT --upstream http://HOST:PORT \
-     [--max-bytes N] [--max-body N] [--upstream-timeout SECS] [--name NAME] \
+const USAGE: &str = "usage: http_proxy --listen IP:PORT \
+     (--upstream http://HOST:PORT ... | --upstreams-file PATH) \
+     [--health-path PATH] [--health-interval SECS] [--max-bytes N] [--max-body N] [--upstream-timeout SECS] [--name NAME] \
      [--redis redis://HOST:PORT] [--redis-prefix PREFIX] [--isolation-ttl-ms MS] \
      [--purge-token TOKEN | --purge-token-file PATH] [--metrics-listen IP:PORT] \
      [--header-timeout SECS]";
 
 struct Args {
     listen: SocketAddr,
-    upstream: Uri,
+    /// `--upstream`, each given.
+    upstreams: Vec<Uri>,
+    upstreams_file: Option<std::path::PathBuf>,
+    health_path: Option<String>,
+    health_interval: Option<Duration>,
     max_bytes: u64,
     max_body: usize,
     upstream_timeout: Duration,
@@ -101,7 +139,8 @@ struct Args {
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
-    let (mut listen, mut upstream) = (None, None);
+    let (mut listen, mut upstreams, mut upstreams_file) = (None, Vec::new(), None);
+    let (mut health_path, mut health_interval) = (None, None);
     let (mut max_bytes, mut max_body) = (256u64 << 20, 1usize << 20);
     let mut upstream_timeout = Duration::from_secs(30);
     let mut name = "tower-scale".to_string();
@@ -116,7 +155,9 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
             "--purge-token-file" => "--purge-token",
             other => other,
         };
-        if setting.starts_with("--") && !seen.insert(setting.to_string()) {
+        // `--upstream` is repeated, once for each origin.
+        if setting.starts_with("--") && setting != "--upstream" && !seen.insert(setting.to_string())
+        {
             return Err(if setting == "--purge-token" {
                 "--purge-token / --purge-token-file given more than once".into()
             } else {
@@ -126,28 +167,15 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--listen" => listen = Some(addr(&flag, value()?)?),
-            "--upstream" => {
-                let uri = value()?
-                    .parse::<Uri>()
-                    .map_err(|e| format!("--upstream: {e}"))?;
-                if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-                    return Err("--upstream must be http://HOST:PORT".into());
-                }
-                upstream = Some(uri);
-            }
+            "--upstream" => upstreams.push(upstreams::parse_url(&value()?)?),
+            "--upstreams-file" => upstreams_file = Some(value()?.into()),
+            "--health-path" => health_path = Some(value()?),
+            "--health-interval" => health_interval = Some(secs(&flag, value()?)?),
             "--max-bytes" => {
                 max_bytes = value()?.parse().map_err(|e| format!("--max-bytes: {e}"))?
             }
             "--max-body" => max_body = value()?.parse().map_err(|e| format!("--max-body: {e}"))?,
-            "--upstream-timeout" => {
-                let secs: u64 = value()?
-                    .parse()
-                    .map_err(|e| format!("--upstream-timeout: {e}"))?;
-                if secs == 0 {
-                    return Err("--upstream-timeout must be at least 1 second".into());
-                }
-                upstream_timeout = Duration::from_secs(secs);
-            }
+            "--upstream-timeout" => upstream_timeout = secs(&flag, value()?)?,
             "--name" => name = value()?,
             "--redis" => {
                 let url = value()?;
@@ -171,15 +199,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
                 purge_token = Some(text.trim().to_string());
             }
             "--metrics-listen" => metrics_listen = Some(addr(&flag, value()?)?),
-            "--header-timeout" => {
-                let secs: u64 = value()?
-                    .parse()
-                    .map_err(|e| format!("--header-timeout: {e}"))?;
-                if secs == 0 {
-                    return Err("--header-timeout must be at least 1 second".into());
-                }
-                header_timeout = Duration::from_secs(secs);
-            }
+            "--header-timeout" => header_timeout = secs(&flag, value()?)?,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown flag {other:?}")),
         }
@@ -190,9 +210,19 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     if isolation_ttl.is_some() && redis.is_none() {
         return Err("--isolation-ttl-ms needs --redis".into());
     }
+    if health_interval.is_some() && health_path.is_none() {
+        return Err("--health-interval needs --health-path".into());
+    }
+    let listen = listen.ok_or("--listen is required")?;
+    if upstreams.is_empty() && upstreams_file.is_none() {
+        return Err("--upstream or --upstreams-file is required".into());
+    }
     Ok(Args {
-        listen: listen.ok_or("--listen is required")?,
-        upstream: upstream.ok_or("--upstream is required")?,
+        listen,
+        upstreams,
+        upstreams_file,
+        health_path,
+        health_interval,
         max_bytes,
         max_body,
         upstream_timeout,
@@ -208,6 +238,15 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
 
 fn addr(flag: &str, value: String) -> Result<SocketAddr, String> {
     value.parse().map_err(|e| format!("{flag}: {e}"))
+}
+
+/// A whole number of seconds, at least one.
+fn secs(flag: &str, value: String) -> Result<Duration, String> {
+    match value.parse::<u64>() {
+        Ok(0) => Err(format!("{flag} must be at least 1 second")),
+        Ok(secs) => Ok(Duration::from_secs(secs)),
+        Err(e) => Err(format!("{flag}: {e}")),
+    }
 }
 
 /// Bad flags or settings: usage on stderr, status 2.
@@ -275,14 +314,38 @@ async fn main() {
             }
         }
     };
-    let forward = Forward {
-        client: Client::builder(TokioExecutor::new()).build_http(),
-        upstream: args.upstream,
-        timeout: args.upstream_timeout,
+    // After the recorder: each upstream registers its metrics when added.
+    let list = upstreams::List::new(args.upstreams, args.upstreams_file);
+    let set = Upstreams::new();
+    if let Err(e) = list.apply(&set) {
+        usage_error(e);
+    }
+    let mut balancer = Balancer::builder()
+        .upstream_timeout(args.upstream_timeout)
+        .health_path(args.health_path);
+    if let Some(interval) = args.health_interval {
+        balancer = balancer.health_interval(interval);
+    }
+    let balancer: Balancer = match balancer.build(&set) {
+        Ok(balancer) => balancer,
+        Err(e) => usage_error(e),
     };
+    // Before the readiness line: a SIGHUP sent once it is out must reload,
+    // not end the process (its default).
+    if list.has_file() {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(hangups) => {
+                tokio::spawn(upstreams::reload_on_hangup(hangups, list, set));
+            }
+            Err(e) => {
+                eprintln!("http_proxy: cannot handle SIGHUP: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
     let purge = args.purge_token.map(|token| layer.purge_router(token));
     let service = node::Node::new(
-        ServiceBuilder::new().layer(layer.clone()).service(forward),
+        ServiceBuilder::new().layer(layer.clone()).service(balancer),
         purge,
     );
     let listener = bind(args.listen).await;

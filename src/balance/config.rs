@@ -49,8 +49,8 @@ impl Settings {
 /// Builds a [`Balancer`]; from [`Balancer::builder`].
 ///
 /// Every setting has a default; `build` checks them and needs a Tokio
-/// runtime (it starts the balancer's worker and, with a health path, its
-/// health checks).
+/// runtime (its upstream connections and, with a health path, its health
+/// checks run as tasks on it).
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct BalancerBuilder {
@@ -65,7 +65,6 @@ pub struct BalancerBuilder {
     decay: Duration,
     max_idle_per_upstream: usize,
     idle_timeout: Duration,
-    queue: usize,
     max_request_head: usize,
     seed: u64,
 }
@@ -85,7 +84,6 @@ impl Default for BalancerBuilder {
             decay: Duration::from_secs(10),
             max_idle_per_upstream: 64,
             idle_timeout: Duration::from_secs(90),
-            queue: 1024,
             max_request_head: 64 * 1024,
             seed: 0x2545_F491_4F6C_DD1D,
         }
@@ -180,13 +178,6 @@ impl BalancerBuilder {
         self
     }
 
-    /// Requests that may wait for the balancer's worker to pick an
-    /// upstream before callers wait to enqueue. Default 1024.
-    pub fn queue(mut self, requests: usize) -> Self {
-        self.queue = requests;
-        self
-    }
-
     /// The largest request head forwarded (the target and every header's
     /// name and value), in bytes; a larger one is answered with a 431 by
     /// the balancer itself. An upstream with a smaller limit may close the
@@ -222,9 +213,6 @@ impl BalancerBuilder {
             return Err(ConfigError::Zero {
                 field: "max_request_head",
             });
-        }
-        if self.queue == 0 {
-            return Err(ConfigError::Zero { field: "queue" });
         }
         if self.ejection_max < self.ejection_base {
             return Err(ConfigError::OutOfRange {
@@ -308,7 +296,6 @@ impl BalancerBuilder {
             changes,
             client,
             Arc::new(settings),
-            self.queue,
         ))
     }
 }

@@ -40,10 +40,10 @@ pub enum BuildError {
     /// A setting is out of range.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// `build` was called outside a Tokio runtime: the balancer runs a
-    /// background task (the balancing worker and the health checks).
+    /// `build` was called outside a Tokio runtime: the balancer runs its
+    /// upstream connections and health checks as tasks.
     #[error(
-        "the balancer must be built inside a Tokio runtime (it spawns its worker and health checks)"
+        "the balancer must be built inside a Tokio runtime (it spawns its connections and health checks)"
     )]
     NoRuntime,
     /// The [`Upstreams`](super::Upstreams) handle already feeds a live

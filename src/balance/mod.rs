@@ -133,6 +133,7 @@ mod discover;
 mod endpoint;
 pub mod error;
 mod health;
+mod pick;
 mod probe;
 mod request;
 mod service;

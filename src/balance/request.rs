@@ -22,6 +22,10 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// Removes the hop-by-hop fields: the standard ones, `Keep-Alive`,
 /// `Proxy-Connection`, and every field `Connection` names.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names, without hashing.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let mut named: Vec<HeaderName> = Vec::new();
     for value in headers.get_all(header::CONNECTION) {
         let Ok(value) = value.to_str() else { continue };
@@ -36,6 +40,11 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
+}
+
+/// Whether `name` is hop-by-hop whatever `Connection` says.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name == "keep-alive" || name == "proxy-connection"
 }
 
 /// The request's target on the upstream: the upstream's scheme and

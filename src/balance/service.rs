@@ -1,9 +1,8 @@
-//! [`Balancer`]: the HTTP-facing service. Each request goes through a
-//! [`tower::buffer::Buffer`] to one worker that owns the p2c
-//! [`Balance`](tower::balance::p2c::Balance) (p2c is not `Clone`, and its
-//! ready set must be polled by one task so that no wake-up is lost); the
-//! request's own task then awaits the chosen upstream's answer, and sends
-//! it once more to another upstream when the retry rule allows.
+//! [`Balancer`]: the HTTP-facing service. Each request's own task has the
+//! shared p2c [`Balance`](tower::balance::p2c::Balance) pick an upstream
+//! (see [`Picker`](super::pick::Picker): no hop to a worker task), sends
+//! it there, awaits the answer, and sends it once more to another upstream
+//! when the retry rule allows.
 
 use std::convert::Infallible;
 use std::fmt;
@@ -16,14 +15,14 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use hyper::body::Incoming;
 use tokio_util::sync::{CancellationToken, DropGuard};
+use tower::Service;
 use tower::balance::p2c::Balance;
-use tower::buffer::Buffer;
-use tower::{Service, ServiceExt};
 
 use super::body::{RequestBody, ResponseBody};
 use super::config::Settings;
 use super::discover::Discovered;
 use super::endpoint::{Attempt, Client, EndpointFuture, Failure};
+use super::pick::{NotPicked, Picked, Picker};
 use super::probe;
 use super::request::{Outcome, head_size, idempotent, may_retry, strip_hop_by_hop};
 use super::stats::FailureKind;
@@ -34,7 +33,8 @@ use crate::random::Random;
 type UpstreamRequest<B> = Request<RequestBody<B>>;
 /// What p2c's `call` returns (named without bounds on `B`, so that the
 /// balancer's struct needs none).
-type P2cFuture = futures_util::future::MapErr<EndpointFuture, fn(Infallible) -> tower::BoxError>;
+pub(crate) type P2cFuture =
+    futures_util::future::MapErr<EndpointFuture, fn(Infallible) -> tower::BoxError>;
 
 /// Spreads requests over [`Upstreams`] with `tower::balance::p2c` over
 /// peak-EWMA load, ejecting upstreams that fail and retrying what may be
@@ -42,10 +42,10 @@ type P2cFuture = futures_util::future::MapErr<EndpointFuture, fn(Infallible) -> 
 ///
 /// HTTP-facing: its error is [`Infallible`]; a failure is a response. A
 /// 502 marked [`UpstreamUnreachable`] when the upstream could not be
-/// reached (refused, reset, no response head within the upstream timeout),
-/// so that an HTTP cache in front may serve a stale response; an unmarked
-/// 502 for an answer that was not HTTP; a 503 when no upstream is
-/// configured or none is in rotation; a 501 for `CONNECT`; a 431 for a
+/// reached (refused, reset, no response head within the upstream timeout)
+/// or every upstream is out of rotation, so that an HTTP cache in front
+/// may serve a stale response; an unmarked 502 for an answer that was not
+/// HTTP; a 503 when no upstream is configured; a 501 for `CONNECT`; a 431 for a
 /// request head over [`max_request_head`](super::BalancerBuilder::max_request_head);
 /// a 408 when the upstream timeout passed while the client was still
 /// sending the body (not counted against the upstream); a 400 when the
@@ -55,7 +55,7 @@ type P2cFuture = futures_util::future::MapErr<EndpointFuture, fn(Infallible) -> 
 /// health, the connection pool); the background tasks stop when the last
 /// clone is dropped.
 pub struct Balancer<B = Incoming> {
-    buffer: Buffer<UpstreamRequest<B>, P2cFuture>,
+    picker: Arc<Picker<B>>,
     shared: Arc<Shared>,
 }
 
@@ -67,10 +67,10 @@ struct Shared {
     _stop: DropGuard,
 }
 
-impl<B: Send + 'static> Clone for Balancer<B> {
+impl<B> Clone for Balancer<B> {
     fn clone(&self) -> Self {
         Self {
-            buffer: self.buffer.clone(),
+            picker: Arc::clone(&self.picker),
             shared: Arc::clone(&self.shared),
         }
     }
@@ -105,11 +105,10 @@ where
         changes: tokio::sync::mpsc::UnboundedReceiver<super::upstreams::SetChange>,
         client: Client<B>,
         settings: Arc<Settings>,
-        queue: usize,
     ) -> Self {
         let discover = Discovered::new(changes, client, Arc::clone(&settings));
         let p2c = Balance::from_rng(discover, P2cRng(Arc::clone(&settings.random)));
-        let buffer = Buffer::new(p2c, queue);
+        let picker = Arc::new(Picker::new(p2c));
         let stop = CancellationToken::new();
         if let Some(path) = settings.health_path.clone() {
             tokio::spawn(probe::run(
@@ -120,7 +119,7 @@ where
             ));
         }
         Self {
-            buffer,
+            picker,
             shared: Arc::new(Shared {
                 upstreams,
                 settings,
@@ -155,7 +154,11 @@ where
 
     fn call(&mut self, req: Request<B>) -> ResponseFuture {
         ResponseFuture {
-            inner: Box::pin(forward(self.buffer.clone(), Arc::clone(&self.shared), req)),
+            inner: Box::pin(forward(
+                Arc::clone(&self.picker),
+                Arc::clone(&self.shared),
+                req,
+            )),
         }
     }
 }
@@ -188,6 +191,15 @@ fn own(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    res
+}
+
+/// The answer when every configured upstream is out of rotation: as
+/// unreachable as one that refused (a 502 marked [`UpstreamUnreachable`],
+/// so that a cache in front may serve stale), answered at once.
+fn none_in_rotation(text: &'static str) -> Response<ResponseBody> {
+    let mut res = own(StatusCode::BAD_GATEWAY, text);
+    res.extensions_mut().insert(UpstreamUnreachable);
     res
 }
 
@@ -230,7 +242,7 @@ impl Head {
 }
 
 async fn forward<B>(
-    mut buffer: Buffer<UpstreamRequest<B>, P2cFuture>,
+    picker: Arc<Picker<B>>,
     shared: Arc<Shared>,
     req: Request<B>,
 ) -> Response<ResponseBody>
@@ -259,30 +271,43 @@ where
     let (mut body, mut back) = RequestBody::new(body);
     let mut last: Option<Failure> = None;
     for _attempt in 0..2 {
-        let (configured, usable) = shared.upstreams.usable();
-        if !usable {
-            return match (last, configured) {
-                (Some(failure), _) => failed(failure.outcome),
-                (None, false) => own(StatusCode::SERVICE_UNAVAILABLE, "no upstream configured\n"),
-                (None, true) => own(StatusCode::SERVICE_UNAVAILABLE, "no upstream in rotation\n"),
-            };
-        }
-        let timeout = shared.settings.upstream_timeout;
-        match tokio::time::timeout(timeout, buffer.ready()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) | Err(_) => {
-                return match last {
-                    Some(failure) => failed(failure.outcome),
-                    None => own(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "no upstream became ready within the upstream timeout\n",
-                    ),
-                };
+        // The common case first: an upstream is ready, nothing else to ask.
+        let sent = match picker.try_send(head.request(body)) {
+            Picked::Sent(sent) => sent,
+            Picked::Failed => return own(StatusCode::SERVICE_UNAVAILABLE, "balancer stopped\n"),
+            Picked::Pending(req) => {
+                // None ready: answer at once if none may become ready soon.
+                let (configured, usable) = shared.upstreams.usable();
+                if !usable {
+                    return match (last, configured) {
+                        (Some(failure), _) => failed(failure.outcome),
+                        (None, false) => {
+                            own(StatusCode::SERVICE_UNAVAILABLE, "no upstream configured\n")
+                        }
+                        (None, true) => none_in_rotation("no upstream in rotation\n"),
+                    };
+                }
+                // Boxed: the rare path keeps the common one's future small.
+                let waited = Box::pin(picker.send(req, shared.settings.upstream_timeout));
+                match waited.await {
+                    Ok(sent) => sent,
+                    Err(NotPicked::Timeout) => {
+                        return match last {
+                            Some(failure) => failed(failure.outcome),
+                            None => none_in_rotation(
+                                "no upstream became ready within the upstream timeout\n",
+                            ),
+                        };
+                    }
+                    Err(NotPicked::Failed) => {
+                        return own(StatusCode::SERVICE_UNAVAILABLE, "balancer stopped\n");
+                    }
+                }
             }
-        }
-        let attempt: Attempt = match buffer.call(head.request(body)).await {
+        };
+        let attempt: Attempt = match sent.await {
             Ok(attempt) => attempt,
-            // The worker is gone (the runtime shuts down).
+            // The endpoint's error is `Infallible`, boxed by p2c.
             Err(_) => return own(StatusCode::SERVICE_UNAVAILABLE, "balancer stopped\n"),
         };
         let failure = match attempt {
@@ -321,6 +346,6 @@ where
     }
     match last {
         Some(failure) => failed(failure.outcome),
-        None => own(StatusCode::SERVICE_UNAVAILABLE, "no upstream in rotation\n"),
+        None => none_in_rotation("no upstream in rotation\n"),
     }
 }

@@ -7,6 +7,7 @@
 mod dynamic;
 mod faults;
 mod hostile;
+mod killable;
 mod metrics;
 mod spread;
 
@@ -22,8 +23,6 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use axum::routing::any;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
@@ -99,25 +98,6 @@ async fn handle(State(o): State<Arc<OriginState>>, req: Request<Body>) -> Respon
     res
 }
 
-/// Accepts on `listener` and serves `app`; every connection is a task of
-/// this one, so aborting it closes the listener and every connection (an
-/// origin killed).
-async fn serve(listener: TcpListener, app: Router) {
-    let mut connections = JoinSet::new();
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let svc = TowerToHyperService::new(app.clone());
-        connections.spawn(async move {
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-        while connections.try_join_next().is_some() {}
-    }
-}
-
 /// A real origin on a loopback port.
 pub struct Origin {
     pub addr: SocketAddr,
@@ -145,7 +125,7 @@ impl Origin {
         let app = Router::new()
             .fallback(any(handle))
             .with_state(Arc::clone(&self.state));
-        self.task = Some(tokio::spawn(serve(listener, app)));
+        self.task = Some(tokio::spawn(killable::serve(listener, app)));
     }
 
     pub fn url(&self) -> Uri {

@@ -2,6 +2,7 @@
 //! real HTTP client. The origin counts the requests (and the conditional
 //! ones) it receives; time is a mock clock.
 
+mod balance_proxy;
 mod cache_status;
 #[path = "../common/mod.rs"]
 mod common;
