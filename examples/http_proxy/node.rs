@@ -50,7 +50,11 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        // Hop-by-hop fields go before the cache keys the request: a field
+        // named in `Connection` must not reach the cache's `Vary` match
+        // when the origin will not see it.
+        tower_scale::balance::strip_hop_by_hop(req.headers_mut());
         let purge = self
             .purge
             .clone()

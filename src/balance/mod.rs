@@ -143,6 +143,7 @@ mod upstreams;
 pub use self::body::ResponseBody;
 pub use self::config::BalancerBuilder;
 pub use self::error::{BuildError, InvalidUpstream};
+pub use self::request::strip_hop_by_hop;
 pub use self::service::{Balancer, ResponseFuture};
 pub use self::stats::FailureKind;
 pub use self::upstreams::{SetOutcome, UpstreamHealth, UpstreamStatus, Upstreams};

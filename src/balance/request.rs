@@ -19,9 +19,29 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 
-/// Removes the hop-by-hop fields: the standard ones, `Keep-Alive`,
-/// `Proxy-Connection`, and every field `Connection` names.
-pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// Removes the hop-by-hop fields (RFC 9110 §7.6.1): the standard ones,
+/// `Keep-Alive`, `Proxy-Connection`, and every field `Connection` names,
+/// except `Host` (the target's authority is never hop-by-hop: a request
+/// naming it in `Connection` would reach the origin with another host).
+///
+/// The balancer strips both ways itself. An HTTP cache in front of it
+/// should see the request stripped as well, or a client can name a field
+/// the cache keys on (`Connection: accept-language`) so that the origin
+/// answers without it while the cache stores the answer under it:
+/// call this on the request before the cache.
+///
+/// ```
+/// use http::HeaderMap;
+///
+/// let mut h = HeaderMap::new();
+/// h.insert("connection", "accept-language, host".parse().unwrap());
+/// h.insert("accept-language", "fr".parse().unwrap());
+/// h.insert("host", "a.test".parse().unwrap());
+/// tower_scale::balance::strip_hop_by_hop(&mut h);
+/// assert!(h.get("accept-language").is_none() && h.get("connection").is_none());
+/// assert_eq!(h["host"], "a.test");
+/// ```
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the names, without hashing.
     if !headers.keys().any(is_hop_by_hop) {
         return;
@@ -30,7 +50,9 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for value in headers.get_all(header::CONNECTION) {
         let Ok(value) = value.to_str() else { continue };
         for token in value.split(',') {
-            if let Ok(name) = HeaderName::from_bytes(token.trim().as_bytes()) {
+            if let Ok(name) = HeaderName::from_bytes(token.trim().as_bytes())
+                && name != header::HOST
+            {
                 named.push(name);
             }
         }

@@ -267,6 +267,15 @@ where
         headers: parts.headers,
     };
     strip_hop_by_hop(&mut head.headers);
+    // An HTTP/2 (or absolute-form) request carries its authority in the
+    // target, not in `Host`: keep it for the origin, whose address replaces
+    // the target's (the cache keyed the answer on this authority).
+    if !head.headers.contains_key(http::header::HOST)
+        && let Some(authority) = head.uri.authority()
+        && let Ok(host) = http::HeaderValue::from_str(authority.as_str())
+    {
+        head.headers.insert(http::header::HOST, host);
+    }
     let idempotent = idempotent(&head.method);
     let (mut body, mut back) = RequestBody::new(body);
     let mut last: Option<Failure> = None;

@@ -251,3 +251,30 @@ async fn a_slow_upload_times_out_against_the_client_not_the_upstream() {
     assert_eq!((s.failures, s.ejections), (0, 0), "{s:?}");
     assert!(matches!(s.health, UpstreamHealth::Healthy { .. }));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_host_reaches_the_origin_whatever_connection_or_the_version_says() {
+    let o = Origin::start("o").await;
+    let set = upstreams([o.url()]);
+    let balancer = builder().build(&set).unwrap();
+    // `Connection: host` would have the origin see its own address as
+    // the host while a cache in front keyed the answer on `a.test`.
+    let named = Request::get("/named")
+        .header("host", "a.test")
+        .header("connection", "host, x-drop")
+        .header("x-drop", "1")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(send(&balancer, named).await.status, 200);
+    // An HTTP/2 request carries its authority in the target, no `Host`.
+    let h2 = Request::get("http://b.test/h2")
+        .version(Version::HTTP_2)
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(send(&balancer, h2).await.status, 200);
+    let seen = o.state.seen.lock().unwrap().clone();
+    assert_eq!(seen[0].headers["host"], "a.test");
+    assert!(seen[0].headers.get("x-drop").is_none());
+    assert_eq!(seen[1].uri.to_string(), "/h2");
+    assert_eq!(seen[1].headers["host"], "b.test");
+}
