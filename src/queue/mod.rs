@@ -23,7 +23,10 @@
 //!   with its last error ([`Queue::dead_jobs`], [`Queue::retry_dead`]).
 //! - **Time is the library's**: schedules, claims and leases compare
 //!   against a [`QueueClock`] the library passes in, never the database's
-//!   `now()`, so tests drive time.
+//!   `now()`, so tests drive time. With the system clock, the hosts that
+//!   run workers must agree on the time to well within the lease (NTP): a
+//!   host whose clock runs ahead by more than the lease sees the others'
+//!   leases as expired and runs their jobs again.
 //!
 //! ```no_run
 //! # async fn demo(db: tower_scale::pg::Db) -> Result<(), tower_scale::queue::QueueError> {
