@@ -54,8 +54,9 @@ fn attempt(n: u32) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
-/// What a handler's task returns.
-type Outcome = (i64, Result<(), String>);
+/// What a handler's task returns (its job is the task's entry in
+/// `running`).
+type Outcome = Result<(), String>;
 
 /// How long a free slot may wait for others before claiming under load.
 const CLAIM_LINGER: Duration = Duration::from_millis(2);
@@ -141,12 +142,13 @@ where
             // claiming: that one claims once more after (the hub remembers),
             // so under load notifications merge into fewer, fuller claims.
             let gated = std::mem::take(&mut by_notify);
-            let skip = gated && !self.hub.as_ref().is_none_or(|h| h.begin_claim());
-            if free > 0 && now >= next_claim && skip {
+            if free > 0 && now >= next_claim {
                 next_claim = now + poll;
-            } else if free > 0 && now >= next_claim {
+                // Taken only here, so every begin has its end below.
+                if gated && !self.hub.as_ref().is_none_or(|h| h.begin_claim()) {
+                    continue;
+                }
                 let want = free.min(self.worker.batch);
-                next_claim = now + poll;
                 let claimed = self.claim(want).await;
                 if gated && let Some(hub) = &self.hub {
                     hub.end_claim();
@@ -237,22 +239,35 @@ where
         self.counters.processed(self.done.len() as u64);
         self.done.clear();
         let token = written.token;
-        let claimed = written.value.len();
-        for row in written.value {
-            let job = Job {
-                id: JobId(row.try_get(0)?),
-                queue: q.name.clone(),
-                payload: row.try_get(1)?,
-                attempt: u32::try_from(row.try_get::<_, i32>(2)?).unwrap_or(0),
-                max_attempts: u32::try_from(row.try_get::<_, i32>(3)?).unwrap_or(1),
-                priority: row.try_get(4)?,
-                enqueued_at: row.try_get(5)?,
-                due_at: row.try_get(6)?,
-                db: JobDb::new(q.db.clone(), token),
-            };
-            self.start(job);
+        let jobs: Result<Vec<Job>, tokio_postgres::Error> = written
+            .value
+            .iter()
+            .map(|row| {
+                Ok(Job {
+                    id: JobId(row.try_get(0)?),
+                    queue: q.name.clone(),
+                    payload: row.try_get(1)?,
+                    attempt: u32::try_from(row.try_get::<_, i32>(2)?).unwrap_or(0),
+                    max_attempts: u32::try_from(row.try_get::<_, i32>(3)?).unwrap_or(1),
+                    priority: row.try_get(4)?,
+                    enqueued_at: row.try_get(5)?,
+                    due_at: row.try_get(6)?,
+                    db: JobDb::new(q.db.clone(), token),
+                })
+            })
+            .collect();
+        match jobs {
+            Ok(jobs) => {
+                let claimed = jobs.len();
+                jobs.into_iter().for_each(|job| self.start(job));
+                Ok(claimed)
+            }
+            Err(e) => {
+                // Claimed but not started: give them back now.
+                self.release_orphans().await;
+                Err(e.into())
+            }
         }
-        Ok(claimed)
     }
 
     fn start(&mut self, job: Job) {
@@ -272,7 +287,7 @@ where
                 },
             };
             counters.handled(started.elapsed());
-            (id, result)
+            result
         }
         .instrument(span);
         let task = self.tasks.spawn(handler);
@@ -282,7 +297,7 @@ where
     /// Books a handler's end: done, failed, or panicked (a failure).
     fn finished(&mut self, joined: Result<(tokio::task::Id, Outcome), tokio::task::JoinError>) {
         let (task, outcome) = match joined {
-            Ok((task, (_, outcome))) => (task, outcome),
+            Ok((task, outcome)) => (task, outcome),
             Err(e) => {
                 let task = e.id();
                 let why = if e.is_panic() {
