@@ -1,4 +1,5 @@
-//! Running the examples as real processes from tests.
+//! Running the examples as real processes from tests, and waiting for a
+//! condition with a deadline.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -63,4 +64,19 @@ pub fn start_reading(name: &str, args: &[&str], extra: usize) -> (Running, Vec<S
         })
         .collect();
     (Running { child, addr }, lines)
+}
+
+/// Polls `cond` every 10 ms until it holds and returns how long that took;
+/// fails the test after `within`.
+pub async fn until(
+    what: &str,
+    within: std::time::Duration,
+    mut cond: impl AsyncFnMut() -> bool,
+) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    while !cond().await {
+        assert!(started.elapsed() < within, "timed out waiting for: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    started.elapsed()
 }

@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 use tower_scale::pg::{Cluster, Consistency, DbError, NodeConfig, PoolTimeout, Role};
 use tower_scale::testing::LocalCluster;
 
+#[path = "../common/mod.rs"]
+mod common;
+
 mod cache;
 mod conflicts;
 #[cfg(feature = "change-feed")]
@@ -20,6 +23,8 @@ mod pools;
 #[cfg(feature = "change-feed")]
 mod query_cache;
 mod tokens;
+
+pub(crate) use common::until;
 
 pub(crate) const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -44,19 +49,6 @@ async fn setup_table(cluster: &Cluster, local: &LocalCluster) {
         .await
         .unwrap();
     local.wait_for_replicas(DEADLINE).await.unwrap();
-}
-
-pub(crate) async fn until(
-    what: &str,
-    within: Duration,
-    mut cond: impl AsyncFnMut() -> bool,
-) -> Duration {
-    let started = Instant::now();
-    while !cond().await {
-        assert!(started.elapsed() < within, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    started.elapsed()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,9 +11,14 @@ use tower_scale::pg::{Cluster, NodeConfig};
 use tower_scale::queue::{Job, NewJob, Queue, QueueClock, Worker};
 use tower_scale::testing::LocalCluster;
 
+#[path = "../common/mod.rs"]
+mod common;
+
 mod attacks;
 mod faults;
 mod retries;
+
+pub(crate) use common::until;
 
 pub(crate) const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -30,19 +35,6 @@ pub(crate) async fn connect(local: &LocalCluster) -> Cluster {
         builder = builder.replica(NodeConfig::new(replica.config()));
     }
     builder.build().await.expect("cluster")
-}
-
-pub(crate) async fn until(
-    what: &str,
-    within: Duration,
-    mut cond: impl AsyncFnMut() -> bool,
-) -> Duration {
-    let started = Instant::now();
-    while !cond().await {
-        assert!(started.elapsed() < within, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    started.elapsed()
 }
 
 /// Each job's id and how many times its handler ran, with the time from

@@ -19,7 +19,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::Semaphore;
 use tower_scale::testing::LocalRedis;
 
-use crate::common::{self, Running};
+use crate::common::{self, Running, until};
 
 const TOKEN: &str = "fleet-test-token-0123456789";
 const HOST: &str = "cdn.test";
@@ -225,18 +225,6 @@ async fn purge(n: &Node, json: &str) -> Answer {
         json,
     )
     .await
-}
-
-/// Polls `cond` every 10 ms until it holds; panics after `within`.
-async fn until(what: &str, within: Duration, mut cond: impl AsyncFnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    loop {
-        if cond().await {
-            return started.elapsed();
-        }
-        assert!(started.elapsed() < within, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// The Prometheus text a node's metrics listener serves.
