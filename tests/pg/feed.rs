@@ -340,8 +340,27 @@ async fn a_slot_resumes_without_a_flush_unless_its_creator_died_before_the_flush
         first.status().confirmed.is_some_and(|c| c >= now)
     })
     .await;
+    let confirmed = first.status().confirmed.map(|c| c.to_string());
     first.shutdown();
     drop(first);
+    // A stop reports what it confirmed to the server before it lets the
+    // session go (the standby status goes out once a second otherwise).
+    until(
+        "the server has the confirmed position",
+        DEADLINE,
+        async || {
+            let row = plain
+                .query_one(
+                    "SELECT confirmed_flush_lsn >= $1::text::pg_lsn AND NOT active \
+                 FROM pg_replication_slots WHERE slot_name = 'marked'",
+                    &[&confirmed],
+                )
+                .await
+                .unwrap();
+            row.get::<_, bool>(0)
+        },
+    )
+    .await;
     // The same slot again: it resumes, nothing to flush.
     let second = start().await.unwrap();
     assert!(second.streaming(DEADLINE).await, "{:?}", second.status());

@@ -206,7 +206,9 @@ pub struct FeedStatus {
     pub node: Option<String>,
     /// The commit position of the last transaction applied to the caches.
     pub applied: Option<Lsn>,
-    /// The position confirmed to the slot (applied and published).
+    /// The position confirmed to the slot (applied and published). The
+    /// server hears of it within a second, and before a
+    /// [`shutdown`](ChangeFeed::shutdown) lets the session go (at most 3 s).
     pub confirmed: Option<Lsn>,
     /// Transactions applied.
     pub transactions: u64,

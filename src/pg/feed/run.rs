@@ -203,6 +203,8 @@ fn replication_config(
         ReplicationConfig::new(host, user, password, db, slot, publication)
             .with_port(port)
             .with_status_interval(Duration::from_secs(1))
+            // Needed for `feedback_pending_since` (a stop waits for it).
+            .with_feedback_observer(pgwire_replication::FeedbackObserver::new(|_| {}))
             .with_wakeup_interval(Duration::from_secs(1))
             .with_application_name("tower-scale-feed")
             .with_options(format!(

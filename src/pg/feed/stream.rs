@@ -26,7 +26,28 @@ const MAX_PUBLISH_FAILURES: u32 = 3;
 /// an idle stream sends nothing either).
 const UNHEALTHY_GRACE: Duration = Duration::from_secs(3);
 
+/// How long a stopping session waits for the server to have been told
+/// the last confirmed position (the standby status goes out once per
+/// second): without it a holder stopped within a second of confirming
+/// leaves its successor to replay, and a slot it had just made would be
+/// flushed a second time by the next holder.
+const FINAL_FEEDBACK: Duration = Duration::from_secs(3);
+
 type Confirming = Option<(u64, Pin<Box<dyn Future<Output = bool> + Send>>)>;
+
+/// A stop: waits (at most [`FINAL_FEEDBACK`]) until the position this
+/// session confirmed has reached the server, so the next holder resumes
+/// from it.
+async fn stopped(client: &ReplicationClient) -> Ended {
+    let deadline = Instant::now() + FINAL_FEEDBACK;
+    while client.feedback_pending_since().is_some()
+        && client.is_running()
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ended::Stopped
+}
 
 /// Streams until stopped, broken or moved.
 /// `flushed`: this session already flushed for the slot it made, so the
@@ -56,7 +77,7 @@ pub(super) async fn stream(
         }
         tokio::select! {
             biased;
-            () = shared.stop.cancelled() => return Ok(Ended::Stopped),
+            () = shared.stop.cancelled() => return Ok(stopped(client).await),
             ok = async {
                 match confirming.as_mut() {
                     Some((_, wait)) => wait.await,
@@ -101,7 +122,7 @@ pub(super) async fn stream(
                         applied = applied.max(end);
                         if shared.sinks.iter().any(|s| s.backlog() > MAX_BACKLOG) {
                             tokio::select! {
-                                () = shared.stop.cancelled() => return Ok(Ended::Stopped),
+                                () = shared.stop.cancelled() => return Ok(stopped(client).await),
                                 ok = all_published(&shared.sinks, shared.publish_timeout) => {
                                     if !ok {
                                         publish_failures += 1;
