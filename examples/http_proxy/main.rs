@@ -24,9 +24,13 @@
 //! - `SIGHUP` (with `--upstreams-file`) reloads the file: added upstreams
 //!   start taking requests (ramped up over 10 s), removed ones take no new
 //!   request and finish those in flight, the others keep their health and
-//!   counters. A file that cannot be read, holds a bad address or leaves
-//!   no upstream at all is refused: the current list stays, and the error
-//!   goes to stderr (as does what a reload changed).
+//!   counters. A file that cannot be read, is not a regular file, is over
+//!   1 MiB, is empty (0 bytes: caught mid-write; a list of none needs a
+//!   comment line), holds a bad address or leaves no upstream at all is
+//!   refused: the current list stays, and the error goes to stderr (as
+//!   does what a reload changed). Replace the file by renaming a complete
+//!   one over it.
+//! - The origin gets the client's address appended to `X-Forwarded-For`.
 //! - Misses are spread over the upstreams in rotation (p2c over
 //!   peak-EWMA), on keep-alive connections kept per upstream. An upstream
 //!   that refuses, resets, or gets no response head within

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -18,6 +19,8 @@ use tower::Service;
 
 /// How long the loop pauses after a failed accept.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
+
+const X_FORWARDED_FOR: &str = "x-forwarded-for";
 
 /// The HTTP/2 connection preface: what a client speaking HTTP/2 with prior
 /// knowledge sends first.
@@ -47,10 +50,10 @@ where
         .keep_alive_timeout(Duration::from_secs(20));
     let mut failing = false;
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => {
                 failing = false;
-                stream
+                accepted
             }
             Err(e) => {
                 // EMFILE and friends: accepting again at once fails again
@@ -63,7 +66,15 @@ where
                 continue;
             }
         };
-        let (builder, svc) = (builder.clone(), TowerToHyperService::new(service.clone()));
+        // The origin learns who asked: the peer's address appended to
+        // `X-Forwarded-For` (a client's own value stays in front of it).
+        let forwarded = forwarded_for(peer.ip());
+        let svc =
+            tower::util::MapRequest::new(service.clone(), move |mut req: Request<Incoming>| {
+                append_forwarded_for(req.headers_mut(), &forwarded);
+                req
+            });
+        let (builder, svc) = (builder.clone(), TowerToHyperService::new(svc));
         tokio::spawn(async move {
             // hyper reads the first bytes (HTTP/1 or HTTP/2?) before any of
             // its timers run: bound that too.
@@ -97,4 +108,32 @@ async fn speaks(stream: &TcpStream, within: Duration) -> bool {
         }
     };
     matches!(tokio::time::timeout(within, told).await, Ok(Some(())))
+}
+
+/// The peer's address as an `X-Forwarded-For` element.
+fn forwarded_for(ip: std::net::IpAddr) -> HeaderValue {
+    // An IP address is always a valid field value.
+    HeaderValue::from_str(&ip.to_canonical().to_string())
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// Appends `peer` to the request's `X-Forwarded-For` (RFC 7239 §4's
+/// de facto predecessor): one field, the client's elements first.
+fn append_forwarded_for(headers: &mut HeaderMap, peer: &HeaderValue) {
+    let before: Vec<&[u8]> = headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    if before.is_empty() {
+        headers.insert(X_FORWARDED_FOR, peer.clone());
+        return;
+    }
+    let mut joined = before.join(&b", "[..]);
+    joined.extend_from_slice(b", ");
+    joined.extend_from_slice(peer.as_bytes());
+    // The parts were valid values and ", " is: so is the whole.
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
 }

@@ -52,11 +52,36 @@ impl List {
     }
 }
 
+/// The largest upstreams file read.
+const MAX_FILE: u64 = 1 << 20;
+
 /// The file's addresses: one `http://HOST:PORT` a line; blank lines and
-/// what follows a `#` are ignored.
+/// what follows a `#` are ignored. Refused: anything but a regular file
+/// (a FIFO would block the reload), a file over 1 MiB, and an empty one
+/// (0 bytes: a file caught while it is being rewritten; a list meant to be
+/// empty says so with a comment line). Replace the file by renaming a
+/// complete one over it, and a reload never sees half of it.
 fn read(path: &Path) -> Result<Vec<Uri>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("--upstreams-file {}: {e}", path.display()))?;
+    let fail = |e: &dyn std::fmt::Display| format!("--upstreams-file {}: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(|e| fail(&e))?;
+    let meta = file.metadata().map_err(|e| fail(&e))?;
+    if !meta.is_file() {
+        return Err(fail(&"not a regular file"));
+    }
+    if meta.len() > MAX_FILE {
+        return Err(fail(&format_args!("over {MAX_FILE} bytes")));
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::Read::take(file, MAX_FILE + 1), &mut text)
+        .map_err(|e| fail(&e))?;
+    if text.is_empty() {
+        return Err(fail(
+            &"empty (being written?); a list of none needs a comment line",
+        ));
+    }
+    if text.len() as u64 > MAX_FILE {
+        return Err(fail(&format_args!("over {MAX_FILE} bytes")));
+    }
     let mut urls = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap_or_default().trim();

@@ -11,6 +11,10 @@ use tower::load::CompleteOnResponse;
 use tower::load::peak_ewma::PeakEwma;
 
 use super::body::RequestBody;
+
+/// Below the 5 s keep-alive timeout of many servers (Node, Apache,
+/// hyper's examples): the client closes an idle connection first.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 use super::error::BuildError;
 use super::health::Backoff;
 use super::service::Balancer;
@@ -83,7 +87,7 @@ impl Default for BalancerBuilder {
             default_rtt: Duration::from_millis(1),
             decay: Duration::from_secs(10),
             max_idle_per_upstream: 64,
-            idle_timeout: Duration::from_secs(90),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_request_head: 64 * 1024,
             seed: 0x2545_F491_4F6C_DD1D,
         }
@@ -172,7 +176,11 @@ impl BalancerBuilder {
         self
     }
 
-    /// How long an idle keep-alive connection is kept. Default 90 s.
+    /// How long an idle keep-alive connection is kept. Default 4 s: keep
+    /// it below every upstream's own keep-alive timeout (often 5 s), or an
+    /// upstream closing an idle connection just as a request goes out on
+    /// it fails that request (a reset: the request may be retried if it is
+    /// idempotent, and the upstream is ejected).
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.idle_timeout = timeout;
         self

@@ -93,23 +93,55 @@ where
     }
 
     fn call(&mut self, req: Request<RequestBody<B>>) -> ForwardFuture {
-        let (mut parts, body) = req.into_parts();
-        let body_sent = body.sent_flag();
-        let this = &*self.shared;
-        parts.uri = target(&this.state.scheme, &this.state.authority, &parts.uri);
-        let sent_under = lock(&this.state.health).dispatch();
-        this.state.stats.sent();
-        let response = this.client.request(Request::from_parts(parts, body));
-        ForwardFuture {
-            response: tokio::time::timeout(this.settings.upstream_timeout, response),
-            guard: Guard {
-                state: Arc::clone(&this.state),
-                settings: Arc::clone(&this.settings),
-                sent_under,
-                body_sent,
-                done: false,
-            },
-        }
+        let sent_under = lock(&self.shared.state.health).dispatch();
+        send(&self.shared, req, sent_under)
+    }
+}
+
+/// Panic mode's probe: `req` straight to `state` (not through p2c), as
+/// the probe [`Health::panic_probe`](super::health::Health::panic_probe)
+/// started under `sent_under`.
+pub(crate) fn panic_probe<B>(
+    state: Arc<UpstreamState>,
+    client: Client<B>,
+    settings: Arc<Settings>,
+    req: Request<RequestBody<B>>,
+    sent_under: u64,
+) -> ForwardFuture
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let shared = ForwardShared {
+        state,
+        client,
+        settings,
+    };
+    send(&shared, req, sent_under)
+}
+
+/// Sends `req` to the upstream, dispatched under `sent_under`.
+fn send<B>(this: &ForwardShared<B>, req: Request<RequestBody<B>>, sent_under: u64) -> ForwardFuture
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (mut parts, body) = req.into_parts();
+    let body_sent = body.sent_flag();
+    parts.uri = target(&this.state.scheme, &this.state.authority, &parts.uri);
+    this.state.stats.sent();
+    let response = this.client.request(Request::from_parts(parts, body));
+    ForwardFuture {
+        response: tokio::time::timeout(this.settings.upstream_timeout, response),
+        guard: Guard {
+            state: Arc::clone(&this.state),
+            settings: Arc::clone(&this.settings),
+            sent_under,
+            body_sent,
+            done: false,
+        },
     }
 }
 
@@ -171,7 +203,7 @@ impl Future for ForwardFuture {
             }
             // The client's fault: the upstream is not to blame, but a probe
             // it was is due again.
-            Outcome::Request | Outcome::SlowClient => {
+            Outcome::Request | Outcome::SlowClient | Outcome::ClosedDuringUpload => {
                 lock(&guard.state.health).abandoned(guard.sent_under)
             }
         }

@@ -219,6 +219,27 @@ impl Health {
         }
     }
 
+    /// When its back-off ends, if it is ejected.
+    pub(crate) fn ejected_until(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Ejected { until } => Some(until),
+            Phase::Admitted { .. } | Phase::Probing { .. } => None,
+        }
+    }
+
+    /// Panic mode (every upstream is ejected): ends the back-off early and
+    /// sends the probe at once. Returns the ejection count it is sent
+    /// under; `None` if it is not ejected. No other request is sent while
+    /// the probe runs, as for any probe.
+    pub(crate) fn panic_probe(&mut self) -> Option<u64> {
+        let Phase::Ejected { .. } = self.phase else {
+            return None;
+        };
+        self.phase = Phase::Probing { in_flight: true };
+        self.wake();
+        Some(self.ejections)
+    }
+
     /// The active health check answered: an ejected upstream's back-off
     /// ends now (its next request is the probe).
     pub(crate) fn check_passed(&mut self) {
@@ -334,6 +355,27 @@ mod tests {
         assert_eq!(h.admit(t0, None), Admit::Wait(None));
         h.abandoned(probe);
         assert_eq!(h.admit(t0, None), Admit::Ready);
+    }
+
+    #[test]
+    fn a_panic_probe_ends_the_back_off_and_is_the_only_request() {
+        let b = backoff();
+        let t0 = Instant::now();
+        let mut h = Health::new(t0);
+        assert_eq!(h.panic_probe(), None, "only an ejected upstream");
+        let sent = h.dispatch();
+        h.failed(t0, Some(sent), &b);
+        assert_eq!(h.ejected_until(), Some(t0 + b.base));
+        let probe = h.panic_probe();
+        assert_eq!(probe, Some(1));
+        assert_eq!(h.admit(t0, None), Admit::Wait(None));
+        assert_eq!(h.panic_probe(), None, "one probe at a time");
+        // It fails: ejected again, for longer.
+        assert_eq!(h.failed(t0, probe, &b), Failed::Ejected(b.base * 2));
+        // The next one answers: back in rotation.
+        let probe = h.panic_probe().unwrap_or_default();
+        h.succeeded(t0, probe);
+        assert_eq!(h.phase(), Phase::Admitted { since: t0 });
     }
 
     #[test]

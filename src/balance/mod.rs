@@ -71,7 +71,11 @@
 //!   (400), a timeout that passed while the client was still uploading
 //!   (408), a request head over
 //!   [`max_request_head`](BalancerBuilder::max_request_head) (431, not
-//!   forwarded: an upstream with a smaller limit might reset on it).
+//!   forwarded: an upstream with a smaller limit might reset on it), a
+//!   connection the upstream closed while the body was still being
+//!   written to it (502, not retried: that is how servers refuse a body
+//!   they will not take, a `413` and a close; a crash shows on the
+//!   requests that follow).
 //! - **Active** (with a [`health_path`](BalancerBuilder::health_path)):
 //!   every [`health_interval`](BalancerBuilder::health_interval) (default
 //!   2 s) each upstream is asked `GET <path>`; anything but a 2xx or 3xx in
@@ -85,6 +89,15 @@
 //!   (loses to any upstream that is not) with probability `1 - weight`.
 //!   A failed probe ejects it again, for twice as long. New upstreams
 //!   ramp up the same way.
+//! - **Panic mode**: when every upstream is ejected with time left on its
+//!   back-off, a request does not get a 502 at once: the upstream whose
+//!   back-off ends first is probed with it right away, and requests that
+//!   come meanwhile wait for that probe (one at a time, as for any probe;
+//!   a waiting request gives up at its upstream timeout, or probes once
+//!   itself, so it waits at most about twice that). With one upstream, a
+//!   single reset would otherwise answer 502 for the whole back-off.
+//!   Counted in `tower_scale_upstream_panic_probes_total`. A retry never
+//!   probes: its answer is the first failure's.
 //!
 //! # Retries
 //!
@@ -122,6 +135,8 @@
 //! `tower_scale_upstream_failures_total` (label `kind`: `connect`,
 //! `reset`, `timeout`, `protocol`, `health_check`),
 //! `tower_scale_upstream_retries_total`,
+//! `tower_scale_upstream_panic_probes_total` (probed early because every
+//! upstream was ejected),
 //! `tower_scale_upstream_ejections_total`, `tower_scale_upstream_load`
 //! (requests waiting for their response head), and
 //! `tower_scale_upstream_healthy` (1 in rotation, 0 ejected or removed).

@@ -20,7 +20,6 @@
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
-use std::time::Duration;
 
 use http::Request;
 use http_body::Body;
@@ -30,8 +29,11 @@ use tower::Service;
 use tower::balance::p2c::Balance;
 
 use super::body::RequestBody;
+use super::config::Settings;
 use super::discover::Discovered;
+use super::endpoint::{self, Client, ForwardFuture};
 use super::service::P2cFuture;
+use super::upstreams::UpstreamState;
 use crate::sync::lock;
 
 type UpstreamRequest<B> = Request<RequestBody<B>>;
@@ -59,10 +61,13 @@ pub(crate) enum Picked<B> {
     Failed,
 }
 
-/// Why no upstream was picked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum NotPicked {
-    /// None became ready within the time given.
+/// Why [`Picker::send_or_wait`] sent nothing.
+// Moved once per wake-up on the rare path: boxing would cost more.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Waited<B> {
+    /// Something changed: the request, unsent, to try again.
+    Changed(UpstreamRequest<B>),
+    /// Nothing became ready before the deadline.
     Timeout,
     /// p2c failed (its discover stream did; it cannot, being infallible).
     Failed,
@@ -73,6 +78,9 @@ pub(crate) struct Picker<B> {
     p2c: Mutex<Balance<Discovered<B>, UpstreamRequest<B>>>,
     wake_all: Arc<WakeAll>,
     waker: Waker,
+    /// For panic mode's probes, sent past p2c.
+    client: Client<B>,
+    settings: Arc<Settings>,
 }
 
 impl<B> fmt::Debug for Picker<B> {
@@ -87,12 +95,18 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    pub(crate) fn new(p2c: Balance<Discovered<B>, UpstreamRequest<B>>) -> Self {
+    pub(crate) fn new(
+        p2c: Balance<Discovered<B>, UpstreamRequest<B>>,
+        client: Client<B>,
+        settings: Arc<Settings>,
+    ) -> Self {
         let wake_all = Arc::new(WakeAll(Notify::new()));
         Self {
             p2c: Mutex::new(p2c),
             waker: Waker::from(Arc::clone(&wake_all)),
             wake_all,
+            client,
+            settings,
         }
     }
 
@@ -108,25 +122,42 @@ where
         }
     }
 
-    /// Sends `req` to the upstream p2c picks once one is ready, waiting at
-    /// most `within` for one.
-    pub(crate) async fn send(
+    /// Sends `req` to the upstream p2c picks if one is ready now; if none
+    /// is, waits until something changes (an upstream ready again, added,
+    /// ejected, a probe ended) or `deadline`, and gives the request back
+    /// so that the caller looks at the set again.
+    pub(crate) async fn send_or_wait(
         &self,
-        mut req: UpstreamRequest<B>,
-        within: Duration,
-    ) -> Result<P2cFuture, NotPicked> {
-        let deadline = Instant::now() + within;
-        loop {
-            // Before polling: a wake-up from here on completes it.
-            let changed = self.wake_all.0.notified();
-            req = match self.try_send(req) {
-                Picked::Sent(sent) => return Ok(sent),
-                Picked::Failed => return Err(NotPicked::Failed),
-                Picked::Pending(req) => req,
-            };
-            if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                return Err(NotPicked::Timeout);
-            }
+        req: UpstreamRequest<B>,
+        deadline: Instant,
+    ) -> Result<P2cFuture, Waited<B>> {
+        // Before polling: a wake-up from here on completes it.
+        let changed = self.wake_all.0.notified();
+        let req = match self.try_send(req) {
+            Picked::Sent(sent) => return Ok(sent),
+            Picked::Failed => return Err(Waited::Failed),
+            Picked::Pending(req) => req,
+        };
+        match tokio::time::timeout_at(deadline, changed).await {
+            Ok(()) => Err(Waited::Changed(req)),
+            Err(_) => Err(Waited::Timeout),
         }
+    }
+
+    /// Panic mode: `req` straight to `state`, probed early under
+    /// `sent_under` (see [`Upstreams::panic_probe`](super::upstreams::Upstreams::panic_probe)).
+    pub(crate) fn panic_probe(
+        &self,
+        state: Arc<UpstreamState>,
+        req: UpstreamRequest<B>,
+        sent_under: u64,
+    ) -> ForwardFuture {
+        endpoint::panic_probe(
+            state,
+            self.client.clone(),
+            Arc::clone(&self.settings),
+            req,
+            sent_under,
+        )
     }
 }

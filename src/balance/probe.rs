@@ -78,7 +78,9 @@ async fn check(
             tracing::debug!(upstream = %upstream.key, %error, "health check failed");
             match classify(&error) {
                 Outcome::Upstream(kind) => Some(kind),
-                Outcome::Request | Outcome::SlowClient => Some(FailureKind::Protocol),
+                Outcome::Request | Outcome::SlowClient | Outcome::ClosedDuringUpload => {
+                    Some(FailureKind::Protocol)
+                }
             }
         }
         Err(_) => Some(FailureKind::Timeout),

@@ -135,7 +135,15 @@ pub(crate) enum Outcome {
     /// The upstream timeout passed while the client was still sending the
     /// body: the upstream was waiting for it, not the other way round.
     SlowClient,
+    /// The upstream closed or reset the connection while the body was
+    /// still being sent: most often its answer to a body it refuses (a 413
+    /// and a close), which must not eject it; a crash shows on the
+    /// requests that follow.
+    ClosedDuringUpload,
 }
+
+/// hyper's text for an error writing the request body to the connection.
+const BODY_WRITE: &str = "error writing a body to connection";
 
 /// Reads a client error.
 pub(crate) fn classify(error: &hyper_util::client::legacy::Error) -> Outcome {
@@ -147,6 +155,11 @@ pub(crate) fn classify(error: &hyper_util::client::legacy::Error) -> Outcome {
         if let Some(h) = err.downcast_ref::<hyper::Error>() {
             if h.is_user() || h.is_body_write_aborted() {
                 return Outcome::Request;
+            }
+            // hyper has no predicate for its `BodyWrite` kind; its text is
+            // what tells (tests/balance/panic.rs fails if it changes).
+            if h.to_string() == BODY_WRITE {
+                return Outcome::ClosedDuringUpload;
             }
             if h.is_parse() || h.is_parse_status() {
                 return Outcome::Upstream(FailureKind::Protocol);

@@ -21,8 +21,8 @@ use tower::balance::p2c::Balance;
 use super::body::{RequestBody, ResponseBody};
 use super::config::Settings;
 use super::discover::Discovered;
-use super::endpoint::{Attempt, Client, EndpointFuture, Failure};
-use super::pick::{NotPicked, Picked, Picker};
+use super::endpoint::{Attempt, Client, EndpointFuture, Failure, ForwardFuture};
+use super::pick::{Picked, Picker, Waited};
 use super::probe;
 use super::request::{Outcome, head_size, idempotent, may_retry, strip_hop_by_hop};
 use super::stats::FailureKind;
@@ -106,9 +106,10 @@ where
         client: Client<B>,
         settings: Arc<Settings>,
     ) -> Self {
+        let client_for_probes = client.clone();
         let discover = Discovered::new(changes, client, Arc::clone(&settings));
         let p2c = Balance::from_rng(discover, P2cRng(Arc::clone(&settings.random)));
-        let picker = Arc::new(Picker::new(p2c));
+        let picker = Arc::new(Picker::new(p2c, client_for_probes, Arc::clone(&settings)));
         let stop = CancellationToken::new();
         if let Some(path) = settings.health_path.clone() {
             tokio::spawn(probe::run(
@@ -215,6 +216,10 @@ fn failed(outcome: Outcome) -> Response<ResponseBody> {
             res
         }
         Outcome::Request => own(StatusCode::BAD_REQUEST, "the request body failed\n"),
+        Outcome::ClosedDuringUpload => own(
+            StatusCode::BAD_GATEWAY,
+            "the upstream closed the connection before the request body was sent\n",
+        ),
         Outcome::SlowClient => own(
             StatusCode::REQUEST_TIMEOUT,
             "the request body did not arrive within the upstream timeout\n",
@@ -238,6 +243,74 @@ impl Head {
         // The upstream connection is HTTP/1.1 whatever the client spoke.
         *req.version_mut() = Version::HTTP_11;
         req
+    }
+}
+
+/// A request on its way.
+enum Sending {
+    /// Through p2c.
+    P2c(P2cFuture),
+    /// Panic mode's early probe, past p2c.
+    Probe(ForwardFuture),
+}
+
+/// Why [`wait_for_one`] sent nothing: the answer to give (unless an
+/// earlier attempt's failure says more).
+enum Gave {
+    Up(Response<ResponseBody>),
+}
+
+/// No upstream was ready: waits (at most the upstream timeout) for one,
+/// looking at the set again at every change. When every upstream is
+/// ejected, the first request (`may_panic`, not a retry) probes the one
+/// whose back-off ends first at once (panic mode: with a single upstream,
+/// one failure would otherwise answer 502 for the whole back-off), and
+/// the requests that come meanwhile wait for that probe.
+async fn wait_for_one<B>(
+    picker: &Picker<B>,
+    shared: &Shared,
+    mut req: UpstreamRequest<B>,
+    may_panic: bool,
+) -> Result<Sending, Gave>
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let deadline = tokio::time::Instant::now() + shared.settings.upstream_timeout;
+    loop {
+        let (configured, usable) = shared.upstreams.usable();
+        if !configured {
+            return Err(Gave::Up(own(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no upstream configured\n",
+            )));
+        }
+        if !usable {
+            if !may_panic {
+                return Err(Gave::Up(none_in_rotation("no upstream in rotation\n")));
+            }
+            if let Some((state, sent_under)) = shared.upstreams.panic_probe() {
+                return Ok(Sending::Probe(picker.panic_probe(state, req, sent_under)));
+            }
+            // One came back meanwhile: look again.
+            continue;
+        }
+        req = match picker.send_or_wait(req, deadline).await {
+            Ok(sent) => return Ok(Sending::P2c(sent)),
+            Err(Waited::Changed(req)) => req,
+            Err(Waited::Timeout) => {
+                return Err(Gave::Up(none_in_rotation(
+                    "no upstream became ready within the upstream timeout\n",
+                )));
+            }
+            Err(Waited::Failed) => {
+                return Err(Gave::Up(own(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "balancer stopped\n",
+                )));
+            }
+        };
     }
 }
 
@@ -281,43 +354,32 @@ where
     let mut last: Option<Failure> = None;
     for _attempt in 0..2 {
         // The common case first: an upstream is ready, nothing else to ask.
-        let sent = match picker.try_send(head.request(body)) {
-            Picked::Sent(sent) => sent,
+        let sending = match picker.try_send(head.request(body)) {
+            Picked::Sent(sent) => Sending::P2c(sent),
             Picked::Failed => return own(StatusCode::SERVICE_UNAVAILABLE, "balancer stopped\n"),
+            // Boxed: the rare path keeps the common one's future small.
             Picked::Pending(req) => {
-                // None ready: answer at once if none may become ready soon.
-                let (configured, usable) = shared.upstreams.usable();
-                if !usable {
-                    return match (last, configured) {
-                        (Some(failure), _) => failed(failure.outcome),
-                        (None, false) => {
-                            own(StatusCode::SERVICE_UNAVAILABLE, "no upstream configured\n")
-                        }
-                        (None, true) => none_in_rotation("no upstream in rotation\n"),
-                    };
-                }
-                // Boxed: the rare path keeps the common one's future small.
-                let waited = Box::pin(picker.send(req, shared.settings.upstream_timeout));
-                match waited.await {
-                    Ok(sent) => sent,
-                    Err(NotPicked::Timeout) => {
+                match Box::pin(wait_for_one(&picker, &shared, req, last.is_none())).await {
+                    Ok(sending) => sending,
+                    Err(Gave::Up(why)) => {
                         return match last {
                             Some(failure) => failed(failure.outcome),
-                            None => none_in_rotation(
-                                "no upstream became ready within the upstream timeout\n",
-                            ),
+                            None => why,
                         };
-                    }
-                    Err(NotPicked::Failed) => {
-                        return own(StatusCode::SERVICE_UNAVAILABLE, "balancer stopped\n");
                     }
                 }
             }
         };
-        let attempt: Attempt = match sent.await {
-            Ok(attempt) => attempt,
-            // The endpoint's error is `Infallible`, boxed by p2c.
-            Err(_) => return own(StatusCode::SERVICE_UNAVAILABLE, "balancer stopped\n"),
+        let attempt: Attempt = match sending {
+            Sending::P2c(sent) => match sent.await {
+                Ok(attempt) => attempt,
+                // The endpoint's error is `Infallible`, boxed by p2c.
+                Err(_) => return own(StatusCode::SERVICE_UNAVAILABLE, "balancer stopped\n"),
+            },
+            Sending::Probe(sent) => match sent.await {
+                Ok(attempt) => attempt,
+                Err(never) => match never {},
+            },
         };
         let failure = match attempt {
             Ok(res) => {

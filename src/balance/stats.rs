@@ -56,6 +56,7 @@ pub(crate) struct UpstreamStats {
     pub(crate) requests: AtomicU64,
     pub(crate) failures: AtomicU64,
     pub(crate) retries: AtomicU64,
+    pub(crate) panic_probes: AtomicU64,
     pub(crate) in_flight: AtomicU64,
     metrics: Metrics,
 }
@@ -65,6 +66,7 @@ struct Metrics {
     requests: Counter,
     failures: [Counter; 5],
     retries: Counter,
+    panic_probes: Counter,
     ejections: Counter,
     load: Gauge,
     healthy: Gauge,
@@ -83,6 +85,7 @@ impl UpstreamStats {
             requests: metrics::counter!("tower_scale_upstream_requests_total", &[label()]),
             failures,
             retries: metrics::counter!("tower_scale_upstream_retries_total", &[label()]),
+            panic_probes: metrics::counter!("tower_scale_upstream_panic_probes_total", &[label()]),
             ejections: metrics::counter!("tower_scale_upstream_ejections_total", &[label()]),
             load: metrics::gauge!("tower_scale_upstream_load", &[label()]),
             healthy: metrics::gauge!("tower_scale_upstream_healthy", &[label()]),
@@ -93,6 +96,7 @@ impl UpstreamStats {
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            panic_probes: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             metrics,
         }
@@ -127,6 +131,12 @@ impl UpstreamStats {
     pub(crate) fn retried(&self) {
         self.retries.fetch_add(1, Ordering::Relaxed);
         self.metrics.retries.increment(1);
+    }
+
+    /// Probed early because every upstream was ejected (panic mode).
+    pub(crate) fn panic_probe(&self) {
+        self.panic_probes.fetch_add(1, Ordering::Relaxed);
+        self.metrics.panic_probes.increment(1);
     }
 
     pub(crate) fn ejected(&self) {

@@ -2,6 +2,7 @@
 //! run time, each upstream's shared state (health and counters), and the
 //! stream of changes the balancer consumes as its `Discover`.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -125,6 +126,9 @@ pub struct UpstreamStatus {
     pub ejections: u64,
     /// Requests that failed on it and were sent again to another.
     pub retries: u64,
+    /// Times it was probed before its back-off ended because every
+    /// upstream was ejected (panic mode).
+    pub panic_probes: u64,
     /// Requests waiting for its response head now (the load
     /// `tower_scale_upstream_load` reports).
     pub in_flight: u64,
@@ -269,10 +273,12 @@ impl Upstreams {
     /// not listed, leaves the others (their health and counters) alone.
     /// Nothing changes if one of `urls` is refused.
     pub fn set(&self, urls: impl IntoIterator<Item = Uri>) -> Result<SetOutcome, InvalidUpstream> {
+        // Sets, not scans: a registry's list of thousands stays linear.
         let mut wanted: Vec<(Key, Authority)> = Vec::new();
+        let mut named: HashSet<Key> = HashSet::new();
         for url in urls {
             let (key, authority) = normalize(&url)?;
-            if !wanted.iter().any(|(k, _)| *k == key) {
+            if named.insert(key.clone()) {
                 wanted.push((key, authority));
             }
         }
@@ -280,7 +286,7 @@ impl Upstreams {
         let mut registry = lock(&self.registry);
         let mut removed = Vec::new();
         registry.list.retain(|u| {
-            let keep = wanted.iter().any(|(k, _)| *k == u.key);
+            let keep = named.contains(&u.key);
             if !keep {
                 removed.push(Arc::clone(u));
             }
@@ -290,8 +296,9 @@ impl Upstreams {
             registry.send(Change::Remove(state.key.clone()));
             outcome.removed.push(state.uri());
         }
+        let present: HashSet<Key> = registry.list.iter().map(|u| u.key.clone()).collect();
         for (key, authority) in wanted {
-            if registry.list.iter().any(|u| u.key == key) {
+            if present.contains(&key) {
                 continue;
             }
             let state = Arc::new(UpstreamState::new(key.clone(), authority));
@@ -354,6 +361,7 @@ impl Upstreams {
                     failures: load(&u.stats.failures),
                     ejections,
                     retries: load(&u.stats.retries),
+                    panic_probes: load(&u.stats.panic_probes),
                     in_flight: load(&u.stats.in_flight),
                 }
             })
@@ -377,6 +385,27 @@ impl Upstreams {
             .iter()
             .any(|u| lock(&u.health).admissible(now));
         (any, usable)
+    }
+
+    /// Panic mode: when every upstream is ejected with time left on its
+    /// back-off, the one whose back-off ends first is probed at once (see
+    /// [`Health::panic_probe`]); with the ejection count it is sent under.
+    /// `None` when one is in rotation, probing, or due a probe (a request
+    /// waits for it then), or when there is none.
+    pub(crate) fn panic_probe(&self) -> Option<(Arc<UpstreamState>, u64)> {
+        let registry = lock(&self.registry);
+        let mut soonest: Option<(Instant, &Arc<UpstreamState>)> = None;
+        for u in &registry.list {
+            let until = lock(&u.health).ejected_until()?;
+            if soonest.is_none_or(|(first, _)| until < first) {
+                soonest = Some((until, u));
+            }
+        }
+        let (_, state) = soonest?;
+        let sent_under = lock(&state.health).panic_probe()?;
+        state.stats.panic_probe();
+        tracing::debug!(upstream = %state.key, "every upstream ejected: probing one early (panic mode)");
+        Some((Arc::clone(state), sent_under))
     }
 
     /// Binds the set to a new balancer: the returned stream gets every

@@ -9,6 +9,7 @@ mod faults;
 mod hostile;
 mod killable;
 mod metrics;
+mod panic;
 mod spread;
 
 use std::collections::HashMap;

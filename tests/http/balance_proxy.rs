@@ -46,6 +46,7 @@ struct OriginState {
 
 async fn handle(State(o): State<Arc<OriginState>>, req: Request<Body>) -> Response<Body> {
     let path = req.uri().path().to_string();
+    let req_xff = req.headers().get("x-forwarded-for").cloned();
     let status = if path == "/health" {
         if o.sick.load(Ordering::SeqCst) {
             StatusCode::SERVICE_UNAVAILABLE
@@ -71,6 +72,9 @@ async fn handle(State(o): State<Arc<OriginState>>, req: Request<Body>) -> Respon
     // Every request is a miss: the balancer answers them all.
     h.insert("cache-control", "no-store".parse().unwrap());
     h.insert("x-origin", o.name.parse().unwrap());
+    if let Some(xff) = req_xff {
+        h.insert("x-saw-forwarded-for", xff);
+    }
     res
 }
 
@@ -379,6 +383,28 @@ async fn three_origins_share_the_load_and_a_killed_one_fails_no_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_origin_learns_the_client_address_after_the_clients_own_forwarded_for() {
+    let a = Origin::start("a").await;
+    let proxy = Proxy::start(args(&[&a], &[])).await;
+    let addr = proxy.running.addr.clone();
+    for (sent, seen) in [
+        (None, "127.0.0.1"),
+        (Some("203.0.113.9"), "203.0.113.9, 127.0.0.1"),
+    ] {
+        let mut req = Request::get(format!("http://{addr}/xff"));
+        if let Some(sent) = sent {
+            req = req.header("x-forwarded-for", sent);
+        }
+        let res = client()
+            .request(req.body(Empty::new()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["x-saw-forwarded-for"], seen, "sent {sent:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_upstreams_file_without_dropping_requests_in_flight() {
     let origins = [
         Origin::start("a").await,
@@ -437,6 +463,16 @@ async fn sighup_reloads_the_upstreams_file_without_dropping_requests_in_flight()
         .await;
     }
     let on_c = c.state.slow_in_flight.load(Ordering::SeqCst);
+
+    // A file caught while it is rewritten (0 bytes) is refused.
+    std::fs::write(&file, "").unwrap();
+    let report = proxy.reload().await;
+    println!("empty file: {report}");
+    assert!(
+        report.contains("not reloaded") && report.contains("empty"),
+        "{report}"
+    );
+    assert_eq!(proxy.healthy(&c.url()).await, Some(1.0));
 
     // A file that cannot be used is refused: the list stays.
     write(&[0, 1, 3], "https://127.0.0.1:1\n");
@@ -551,8 +587,13 @@ async fn the_active_health_check_ejects_an_origin_that_fails_it() {
 fn bad_upstream_lists_are_refused_at_start() {
     let file = tempfile_path("bad-upstreams");
     let missing = tempfile_path("missing-upstreams");
-    let cases: [(&str, &[&str], &str); 7] = [
-        ("", &["--upstreams-file", ""], "no upstream listed"),
+    let cases: [(&str, &[&str], &str); 8] = [
+        ("", &["--upstreams-file", ""], "empty"),
+        (
+            "",
+            &["--upstream", "http://127.0.0.1:1", "--upstreams-file", ""],
+            "empty",
+        ),
         (
             "# only a comment\n\n",
             &["--upstreams-file", ""],
