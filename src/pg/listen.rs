@@ -66,7 +66,9 @@ where
         .map_err(|_| format!("no session within {bound:?}"))?
         .map_err(|e| e.to_string())?;
     let (ended_tx, mut ended) = tokio::sync::oneshot::channel::<String>();
-    let driver = tokio::spawn(async move {
+    // Aborted however this future ends (dropped too: the primary moved),
+    // so the session's connection never outlives it.
+    let _driver = AbortOnDrop(tokio::spawn(async move {
         let why = loop {
             match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
                 Some(Ok(AsyncMessage::Notification(n))) => on_notify(n.payload()),
@@ -76,9 +78,9 @@ where
             }
         };
         let _ = ended_tx.send(why);
-    });
+    }));
     let quoted = format!("LISTEN \"{}\"", channel.replace('"', "\"\""));
-    let result = async {
+    async {
         tokio::time::timeout(bound, client.batch_execute(&quoted))
             .await
             .map_err(|_| format!("LISTEN unanswered within {bound:?}"))?
@@ -96,14 +98,23 @@ where
             }
         }
     }
-    .await;
-    driver.abort();
-    result
+    .await
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl super::Db {
     /// Listens on `channel` on the primary (a session of its own) until
-    /// that session ends; the caller reconnects.
+    /// that session ends, or the primary moves to another node (after a
+    /// failover the old primary, if it still runs, would hear no more
+    /// notifications); the caller reconnects.
     pub(crate) async fn listen(
         &self,
         channel: String,
@@ -112,11 +123,35 @@ impl super::Db {
     ) -> Result<(), DbError> {
         let index = self.primary_index().await?;
         let node = self.node(index);
-        (node.listen)(channel, on_notify, listening)
-            .await
-            .map_err(|reason| DbError::Listen {
+        let session = (node.listen)(channel, on_notify, Arc::clone(&listening));
+        let moved = async {
+            loop {
+                let notified = self.inner.changed.notified();
+                if self
+                    .inner
+                    .primary
+                    .load(std::sync::atomic::Ordering::Acquire)
+                    != index
+                {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::select! {
+            ended = session => ended.map_err(|reason| DbError::Listen {
                 node: Arc::clone(&node.name),
                 reason,
-            })
+            }),
+            () = moved => {
+                // The session's future is dropped with its connection;
+                // its own `listening(false)` went with it.
+                listening(false);
+                Err(DbError::Listen {
+                    node: Arc::clone(&node.name),
+                    reason: "the primary moved to another node".into(),
+                })
+            }
+        }
     }
 }

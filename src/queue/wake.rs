@@ -80,11 +80,19 @@ impl Hub {
     }
 }
 
+/// The first pause before listening again after a session that never
+/// listened (doubled while that goes on, up to the `pause` given); after
+/// one that did (it broke, or the primary moved), again at once.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+
 /// Keeps a `LISTEN` session on the primary, waking a worker for each
-/// notification of the queue, reconnecting after `pause` when it ends.
+/// notification of the queue, reconnecting when it ends (at once after a
+/// session that listened, else after a back-off up to `pause`).
 async fn listen(queue: Queue, hub: Weak<Hub>, stop: CancellationToken, pause: Duration) {
     let name = queue.inner.name.clone();
+    let mut retry = FIRST_RETRY.min(pause);
     loop {
+        let listened = Arc::new(AtomicBool::new(false));
         let (h, n) = (hub.clone(), name.clone());
         let on_notify: crate::pg::OnNotify = Arc::new(move |payload: &str| {
             if payload == &*n
@@ -93,8 +101,11 @@ async fn listen(queue: Queue, hub: Weak<Hub>, stop: CancellationToken, pause: Du
                 hub.notify.notify_one();
             }
         });
-        let h = hub.clone();
+        let (h, l) = (hub.clone(), Arc::clone(&listened));
         let listening: crate::pg::OnListening = Arc::new(move |on| {
+            if on {
+                l.store(true, Ordering::Release);
+            }
             if let Some(hub) = h.upgrade() {
                 hub.listening.store(on, Ordering::Release);
                 if on {
@@ -114,9 +125,17 @@ async fn listen(queue: Queue, hub: Weak<Hub>, stop: CancellationToken, pause: Du
                 }
             }
         }
+        let wait = if listened.load(Ordering::Acquire) {
+            retry = FIRST_RETRY.min(pause);
+            Duration::ZERO
+        } else {
+            let wait = retry;
+            retry = (retry * 2).min(pause);
+            wait
+        };
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(pause) => {}
+            () = tokio::time::sleep(wait) => {}
         }
     }
 }

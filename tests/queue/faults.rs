@@ -293,3 +293,69 @@ async fn a_shutdown_under_load_leaves_no_job_claimed_without_an_owner() {
         "{again} jobs ran twice"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_workers_wake_on_the_new_primarys_notifications() {
+    let local = LocalCluster::start(1).unwrap();
+    let cluster = connect(&local).await;
+    let db = cluster.db();
+    let queue = Queue::builder(db.clone(), "failover_wake")
+        .build()
+        .await
+        .unwrap();
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    // Polling once a minute: only a notification can wake it in time.
+    let worker = Worker::new(
+        queue.clone(),
+        tower::service_fn(move |_job: Job| {
+            r.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<(), String>(()) }
+        }),
+    )
+    .poll_interval(Duration::from_secs(60))
+    .start()
+    .unwrap();
+    until("the worker listens", DEADLINE, async || worker.listening()).await;
+    queue.enqueue(NewJob::new(&0).unwrap()).await.unwrap();
+    until("the first job ran", DEADLINE, async || {
+        ran.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // The old primary stalls (its listening session stays open, silent)
+    // and the replica is promoted: the monitor moves the primary.
+    local.primary().pause().unwrap();
+    local.replica(0).promote().await.unwrap();
+    until(
+        "the promoted replica is the primary",
+        DEADLINE,
+        async || {
+            cluster.status().iter().any(|n| {
+                n.name == "replica-1" && n.healthy && n.role == tower_scale::pg::Role::Primary
+            })
+        },
+    )
+    .await;
+    let moved = Instant::now();
+    until("the worker listens again", DEADLINE, async || {
+        worker.listening()
+    })
+    .await;
+    let enqueued = Instant::now();
+    queue.enqueue(NewJob::new(&1).unwrap()).await.unwrap();
+    // The old session's own check would end it after 10 s and more: the
+    // move ends it at once.
+    until(
+        "the job enqueued on the new primary ran",
+        Duration::from_secs(8),
+        async || ran.load(Ordering::SeqCst) == 2,
+    )
+    .await;
+    println!(
+        "after a failover: listening again {:?} after the move, a job started {:?} after its enqueue",
+        enqueued - moved,
+        enqueued.elapsed()
+    );
+    local.primary().resume().unwrap();
+    worker.shutdown(Duration::from_secs(5)).await;
+}
