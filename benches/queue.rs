@@ -192,6 +192,14 @@ fn benches(c: &mut Criterion) {
             }
         })
     });
+    let (claims, processed) = workers.iter().fold((0, 0), |(c, p), w| {
+        let s = w.stats();
+        (c + s.claims, p + s.processed)
+    });
+    println!(
+        "queue/throughput: {claims} claim statements for {processed} jobs ({:.2} jobs per claim)",
+        processed as f64 / claims.max(1) as f64
+    );
     rt.block_on(async {
         for w in workers {
             w.shutdown(Duration::from_secs(5)).await;

@@ -32,6 +32,8 @@ pub(crate) struct Inner {
     pub(crate) max_attempts: u32,
     /// The wake-ups of this queue's workers in this process.
     pub(crate) hub: std::sync::Mutex<std::sync::Weak<super::wake::Hub>>,
+    /// Standalone enqueues' notifications, coalesced.
+    pub(crate) notify: Arc<super::notify::NotifyGate>,
 }
 
 impl fmt::Debug for Queue {
@@ -104,6 +106,7 @@ impl QueueBuilder {
                 clock: self.clock,
                 max_attempts: self.max_attempts,
                 hub: std::sync::Mutex::new(std::sync::Weak::new()),
+                notify: Arc::default(),
             }),
         })
     }
@@ -335,14 +338,24 @@ impl Queue {
 
     /// Enqueues in its own transaction; the returned token is the commit's.
     pub async fn enqueue(&self, job: NewJob) -> Result<Enqueued, QueueError> {
-        let r = self.row(job)?;
+        let mut r = self.row(job)?;
         let sql = &self.inner.sql;
         let name: &str = &self.inner.name;
+        let gate = &self.inner.notify;
+        // Due now but inside the notification window: a trailing one
+        // follows the commit (see `notify`).
+        let trailing = r.due && !gate.notify_now();
+        r.due &= !trailing;
         let written = self
             .inner
             .db
             .query(&sql.enqueue, &r.params(&name, sql))
-            .await?;
+            .await;
+        if trailing {
+            // Even after an error: the statement may have committed.
+            gate.suppressed(&self.inner.db, &sql.channel, name);
+        }
+        let written = written?;
         if let Some(row) = written.value.first() {
             return Ok(Enqueued {
                 id: JobId(row.try_get(0)?),

@@ -85,6 +85,7 @@
 
 mod handle;
 mod job;
+mod notify;
 mod run;
 mod schema;
 mod stats;

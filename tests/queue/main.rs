@@ -251,6 +251,62 @@ async fn an_idempotency_key_enqueues_once_while_the_job_exists() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_enqueues_wakes_workers_for_every_job_with_fewer_notifications() {
+    let local = shared();
+    let cluster = connect(&local).await;
+    let queue = Queue::builder(cluster.db(), "burst").build().await.unwrap();
+    let ledger = Ledger::default();
+    let l = ledger.clone();
+    // Polling once a minute: every job must be found by a notification,
+    // the trailing ones included.
+    let worker = Worker::new(
+        queue.clone(),
+        tower::service_fn(move |job: Job| {
+            l.record(&job);
+            async { Ok::<(), String>(()) }
+        }),
+    )
+    .concurrency(8)
+    .poll_interval(Duration::from_secs(60))
+    .start()
+    .unwrap();
+    until("the worker listens", DEADLINE, async || worker.listening()).await;
+    for round in 0..3 {
+        let mut tasks = tokio::task::JoinSet::new();
+        for p in 0..4 {
+            let queue = queue.clone();
+            tasks.spawn(async move {
+                let mut ids = Vec::new();
+                for i in 0..50 {
+                    let job = NewJob::new(&(round * 1000 + p * 100 + i)).unwrap();
+                    ids.push(queue.enqueue(job).await.unwrap().id.0);
+                }
+                ids
+            });
+        }
+        let mut ids = Vec::new();
+        while let Some(batch) = tasks.join_next().await {
+            ids.extend(batch.unwrap());
+        }
+        let enqueued = Instant::now();
+        until(
+            "every job of the burst ran",
+            Duration::from_secs(30),
+            async || ids.iter().all(|id| ledger.runs(*id) == 1),
+        )
+        .await;
+        println!(
+            "a burst of 200 enqueues (round {round}): the last job ran {:?} after the last enqueue; {} claims so far",
+            enqueued.elapsed(),
+            worker.stats().claims
+        );
+    }
+    let claims = worker.stats().claims;
+    worker.shutdown(Duration::from_secs(5)).await;
+    assert!(claims < 600, "{claims} claims for 600 jobs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_wake_on_notify_and_find_jobs_by_polling_without_it() {
     let local = shared();
     let cluster = connect(&local).await;

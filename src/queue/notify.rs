@@ -1,0 +1,95 @@
+//! Coalescing the wake-up notifications of standalone enqueues.
+//!
+//! PostgreSQL serialises committing transactions that sent a `NOTIFY`
+//! (one lock on the notification queue, held to the end of the commit),
+//! and every notification wakes the listening sessions and a worker that
+//! then claims: under a burst of enqueues, one notification per job is
+//! both a serial section and a claim per job. So a queue handle notifies
+//! at most once per [`WINDOW`] from this process: an enqueue inside the
+//! window commits without one, and leaves a **trailing** notification,
+//! sent once the window ends and always after that enqueue committed.
+//! A job therefore wakes a worker at most one window after its commit
+//! (a lone job at once); polling stays the fallback if a notification is
+//! lost.
+//!
+//! Jobs enqueued in a caller's transaction always notify at its commit:
+//! a trailing notification could run before that commit, which is the
+//! caller's to make.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::pg::Db;
+use crate::sync::lock;
+
+/// The shortest time between two notifications of one queue handle.
+pub(crate) const WINDOW: Duration = Duration::from_millis(5);
+
+#[derive(Debug, Default)]
+pub(crate) struct NotifyGate {
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// When the last notification went out (in an enqueue, or trailing).
+    last: Option<Instant>,
+    /// A trailing notification is scheduled and not yet sent.
+    trailing: bool,
+}
+
+impl NotifyGate {
+    /// Whether the enqueue about to be sent notifies itself (the window is
+    /// over); if not, the caller calls [`suppressed`](Self::suppressed)
+    /// once it committed.
+    pub(crate) fn notify_now(&self) -> bool {
+        let now = Instant::now();
+        let mut s = lock(&self.state);
+        if s.last.is_some_and(|last| now < last + WINDOW) {
+            return false;
+        }
+        s.last = Some(now);
+        true
+    }
+
+    /// An enqueue that did not notify has committed: a notification must
+    /// follow. One scheduled and not yet sent will do (it is sent after
+    /// this point, so after that commit); otherwise one is scheduled at
+    /// the window's end.
+    pub(crate) fn suppressed(self: &Arc<Self>, db: &Db, channel: &str, name: &str) {
+        let at = {
+            let mut s = lock(&self.state);
+            if s.trailing {
+                return;
+            }
+            s.trailing = true;
+            s.last.map_or_else(Instant::now, |last| last + WINDOW)
+        };
+        let (gate, db) = (Arc::clone(self), db.clone());
+        let (channel, name) = (channel.to_owned(), name.to_owned());
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime (the enqueue ran on one, so this does not
+            // happen): the workers' polling finds the job.
+            lock(&self.state).trailing = false;
+            return;
+        };
+        runtime.spawn(async move {
+            tokio::time::sleep_until(at).await;
+            {
+                // Cleared before it is sent: an enqueue that still sees it
+                // set committed before this notification goes out.
+                let mut s = lock(&gate.state);
+                s.trailing = false;
+                s.last = Some(Instant::now());
+            }
+            if let Err(e) = db
+                .execute("SELECT pg_catalog.pg_notify($1, $2)", &[&channel, &name])
+                .await
+            {
+                tracing::debug!(queue = %name, error = %e, "job queue: trailing notification failed; workers poll");
+            }
+        });
+    }
+}
