@@ -71,6 +71,9 @@ where
         let forwarded = forwarded_for(peer.ip());
         let svc =
             tower::util::MapRequest::new(service.clone(), move |mut req: Request<Incoming>| {
+                // Hop-by-hop fields go first: `Connection: x-forwarded-for`
+                // would otherwise remove the address appended here.
+                tower_scale::balance::strip_hop_by_hop(req.headers_mut());
                 append_forwarded_for(req.headers_mut(), &forwarded);
                 req
             });

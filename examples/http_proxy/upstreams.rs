@@ -63,6 +63,11 @@ const MAX_FILE: u64 = 1 << 20;
 /// complete one over it, and a reload never sees half of it.
 fn read(path: &Path) -> Result<Vec<Uri>, String> {
     let fail = |e: &dyn std::fmt::Display| format!("--upstreams-file {}: {e}", path.display());
+    // Before opening: opening a FIFO blocks until a writer comes.
+    let meta = std::fs::metadata(path).map_err(|e| fail(&e))?;
+    if !meta.is_file() {
+        return Err(fail(&"not a regular file"));
+    }
     let file = std::fs::File::open(path).map_err(|e| fail(&e))?;
     let meta = file.metadata().map_err(|e| fail(&e))?;
     if !meta.is_file() {

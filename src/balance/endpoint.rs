@@ -178,7 +178,13 @@ impl Future for ForwardFuture {
                 return Poll::Ready(Ok(Ok(response)));
             }
             Ok(Err(error)) => {
-                let outcome = classify(&error);
+                let outcome = match classify(&error) {
+                    // No body: the head's write failed, as a reset.
+                    Outcome::ClosedDuringUpload if guard.body_sent.is_none() => {
+                        Outcome::Upstream(FailureKind::Reset)
+                    }
+                    outcome => outcome,
+                };
                 tracing::debug!(upstream = %guard.state.key, %error, ?outcome, "upstream request failed");
                 outcome
             }
@@ -203,7 +209,10 @@ impl Future for ForwardFuture {
             }
             // The client's fault: the upstream is not to blame, but a probe
             // it was is due again.
-            Outcome::Request | Outcome::SlowClient | Outcome::ClosedDuringUpload => {
+            Outcome::ClosedDuringUpload => guard
+                .state
+                .closed_during_upload(guard.sent_under, &guard.settings.backoff),
+            Outcome::Request | Outcome::SlowClient => {
                 lock(&guard.state.health).abandoned(guard.sent_under)
             }
         }

@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// Connections closed during an upload, in a row, that eject an upstream.
+pub(crate) const UPLOAD_STRIKES: u32 = 3;
+
 /// The smallest share a re-admitted upstream starts its ramp with.
 pub(crate) const RAMP_FLOOR: f64 = 0.1;
 
@@ -93,6 +96,9 @@ pub(crate) struct Health {
     phase: Phase,
     /// Ejections since the last success.
     consecutive: u32,
+    /// Connections it closed while a request body was being written, in a
+    /// row (reset by any answer): [`UPLOAD_STRIKES`] of them eject it.
+    upload_closes: u32,
     /// Ejections ever: a request remembers the count it was sent under, so
     /// that answers to requests sent before an ejection do not move it.
     ejections: u64,
@@ -106,6 +112,7 @@ impl Health {
         Self {
             phase: Phase::Admitted { since: now },
             consecutive: 0,
+            upload_closes: 0,
             ejections: 0,
             waker: None,
         }
@@ -123,12 +130,15 @@ impl Health {
         self.ejections
     }
 
-    /// Whether it may take a request now or soon (not ejected with time
-    /// left on its back-off).
+    /// Whether it may take a request now: in rotation, due its probe, or
+    /// at the end of its back-off. Not while its probe runs: a request
+    /// waiting for a probe to a black hole would wait the whole upstream
+    /// timeout, where an answer at once lets a cache serve stale.
     pub(crate) fn admissible(&self, now: Instant) -> bool {
         match self.phase {
             Phase::Ejected { until } => now >= until,
-            Phase::Admitted { .. } | Phase::Probing { .. } => true,
+            Phase::Admitted { .. } | Phase::Probing { in_flight: false } => true,
+            Phase::Probing { in_flight: true } => false,
         }
     }
 
@@ -164,6 +174,7 @@ impl Health {
 
     /// A request sent under `sent_under` got a response.
     pub(crate) fn succeeded(&mut self, now: Instant, sent_under: u64) {
+        self.upload_closes = 0;
         if sent_under != self.ejections {
             return;
         }
@@ -206,6 +217,26 @@ impl Health {
         } else {
             Failed::Ejected(length)
         }
+    }
+
+    /// The connection closed while the body of a request sent under
+    /// `sent_under` was being written: how servers refuse a body (a `413`
+    /// and a close), so one alone ejects nothing; [`UPLOAD_STRIKES`] in a
+    /// row with no answer between (an upstream that drops every
+    /// connection) eject it as a failure would. `None` if nothing changed.
+    pub(crate) fn closed_during_upload(
+        &mut self,
+        now: Instant,
+        sent_under: u64,
+        backoff: &Backoff,
+    ) -> Option<Failed> {
+        self.upload_closes = self.upload_closes.saturating_add(1);
+        if self.upload_closes >= UPLOAD_STRIKES {
+            self.upload_closes = 0;
+            return Some(self.failed(now, Some(sent_under), backoff));
+        }
+        self.abandoned(sent_under);
+        None
     }
 
     /// A request sent under `sent_under` ended without an answer either
@@ -352,6 +383,7 @@ mod tests {
         h.check_passed();
         assert!(h.admissible(t0));
         let probe = h.dispatch();
+        assert!(!h.admissible(t0), "not while its probe runs");
         assert_eq!(h.admit(t0, None), Admit::Wait(None));
         h.abandoned(probe);
         assert_eq!(h.admit(t0, None), Admit::Ready);
@@ -376,6 +408,29 @@ mod tests {
         let probe = h.panic_probe().unwrap_or_default();
         h.succeeded(t0, probe);
         assert_eq!(h.phase(), Phase::Admitted { since: t0 });
+    }
+
+    #[test]
+    fn uploads_cut_eject_only_three_in_a_row() {
+        let b = backoff();
+        let t0 = Instant::now();
+        let mut h = Health::new(t0);
+        for _ in 0..2 {
+            let sent = h.dispatch();
+            assert_eq!(h.closed_during_upload(t0, sent, &b), None);
+        }
+        // An answer between: the count starts again.
+        let sent = h.dispatch();
+        h.succeeded(t0, sent);
+        for _ in 0..2 {
+            let sent = h.dispatch();
+            assert_eq!(h.closed_during_upload(t0, sent, &b), None);
+        }
+        let sent = h.dispatch();
+        assert_eq!(
+            h.closed_during_upload(t0, sent, &b),
+            Some(Failed::Ejected(b.base))
+        );
     }
 
     #[test]

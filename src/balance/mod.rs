@@ -72,10 +72,11 @@
 //!   (408), a request head over
 //!   [`max_request_head`](BalancerBuilder::max_request_head) (431, not
 //!   forwarded: an upstream with a smaller limit might reset on it), a
-//!   connection the upstream closed while the body was still being
-//!   written to it (502, not retried: that is how servers refuse a body
-//!   they will not take, a `413` and a close; a crash shows on the
-//!   requests that follow).
+//!   connection the upstream closed while a request body was still being
+//!   written to it (a 502, not retried: that is how servers refuse a body
+//!   they will not take, a `413` and a close; counted as a `reset`
+//!   failure, it ejects only the third time in a row with no answer
+//!   between, so that an upstream dropping every connection still goes).
 //! - **Active** (with a [`health_path`](BalancerBuilder::health_path)):
 //!   every [`health_interval`](BalancerBuilder::health_interval) (default
 //!   2 s) each upstream is asked `GET <path>`; anything but a 2xx or 3xx in
@@ -90,14 +91,16 @@
 //!   A failed probe ejects it again, for twice as long. New upstreams
 //!   ramp up the same way.
 //! - **Panic mode**: when every upstream is ejected with time left on its
-//!   back-off, a request does not get a 502 at once: the upstream whose
-//!   back-off ends first is probed with it right away, and requests that
-//!   come meanwhile wait for that probe (one at a time, as for any probe;
-//!   a waiting request gives up at its upstream timeout, or probes once
-//!   itself, so it waits at most about twice that). With one upstream, a
-//!   single reset would otherwise answer 502 for the whole back-off.
-//!   Counted in `tower_scale_upstream_panic_probes_total`. A retry never
-//!   probes: its answer is the first failure's.
+//!   back-off and none is being probed, a request does not get a 502 at
+//!   once: the upstream whose back-off ends first is probed with it right
+//!   away. With one upstream, a single reset would otherwise answer 502
+//!   for the whole back-off. One probe at a time: requests that come
+//!   while it runs (and while any probe runs with no upstream in
+//!   rotation) are answered at once with a 502 marked unreachable, never
+//!   kept waiting behind a probe to a black hole, so that a cache in
+//!   front serves stale. Counted in
+//!   `tower_scale_upstream_panic_probes_total`. A retry never probes: its
+//!   answer is the first failure's.
 //!
 //! # Retries
 //!

@@ -135,10 +135,11 @@ pub(crate) enum Outcome {
     /// The upstream timeout passed while the client was still sending the
     /// body: the upstream was waiting for it, not the other way round.
     SlowClient,
-    /// The upstream closed or reset the connection while the body was
-    /// still being sent: most often its answer to a body it refuses (a 413
-    /// and a close), which must not eject it; a crash shows on the
-    /// requests that follow.
+    /// The upstream closed or reset the connection while a request with a
+    /// body was being written: most often its answer to a body it refuses
+    /// (a `413` and a close), so one alone does not eject it; three in a
+    /// row with no answer between do (an upstream that drops every
+    /// connection). Never retried: the body was read.
     ClosedDuringUpload,
 }
 

@@ -261,11 +261,12 @@ enum Gave {
 }
 
 /// No upstream was ready: waits (at most the upstream timeout) for one,
-/// looking at the set again at every change. When every upstream is
-/// ejected, the first request (`may_panic`, not a retry) probes the one
-/// whose back-off ends first at once (panic mode: with a single upstream,
-/// one failure would otherwise answer 502 for the whole back-off), and
-/// the requests that come meanwhile wait for that probe.
+/// looking at the set again at every change. When no upstream takes
+/// requests (each ejected, or being probed), a request (`may_panic`: not
+/// a retry) probes the one whose back-off ends first at once if none is
+/// being probed (panic mode: with a single upstream, one failure would
+/// otherwise answer 502 for the whole back-off); the others are answered
+/// at once (a 502 marked unreachable), never kept waiting for a probe.
 async fn wait_for_one<B>(
     picker: &Picker<B>,
     shared: &Shared,
@@ -293,7 +294,11 @@ where
             if let Some((state, sent_under)) = shared.upstreams.panic_probe() {
                 return Ok(Sending::Probe(picker.panic_probe(state, req, sent_under)));
             }
-            // One came back meanwhile: look again.
+            // A probe runs (an answer at once beats waiting for it: a
+            // cache in front may serve stale), or one came back meanwhile.
+            if !shared.upstreams.usable().1 {
+                return Err(Gave::Up(none_in_rotation("no upstream in rotation\n")));
+            }
             continue;
         }
         req = match picker.send_or_wait(req, deadline).await {

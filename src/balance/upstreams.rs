@@ -73,6 +73,21 @@ impl UpstreamState {
     pub(crate) fn failed(&self, kind: FailureKind, sent_under: Option<u64>, backoff: &Backoff) {
         self.stats.failed(kind);
         let outcome = lock(&self.health).failed(Instant::now(), sent_under, backoff);
+        self.after_failure(kind, outcome);
+    }
+
+    /// The connection closed while the body of a request sent under
+    /// `sent_under` was written (counted as a reset; ejects only when it
+    /// keeps happening, see [`Health::closed_during_upload`]).
+    pub(crate) fn closed_during_upload(&self, sent_under: u64, backoff: &Backoff) {
+        self.stats.failed(FailureKind::Reset);
+        let outcome = lock(&self.health).closed_during_upload(Instant::now(), sent_under, backoff);
+        if let Some(outcome) = outcome {
+            self.after_failure(FailureKind::Reset, outcome);
+        }
+    }
+
+    fn after_failure(&self, kind: FailureKind, outcome: Failed) {
         if let Failed::Ejected(length) = outcome {
             tracing::warn!(upstream = %self.key, %kind, ?length, "upstream ejected");
             self.stats.ejected();
@@ -387,15 +402,16 @@ impl Upstreams {
         (any, usable)
     }
 
-    /// Panic mode: when every upstream is ejected with time left on its
-    /// back-off, the one whose back-off ends first is probed at once (see
+    /// Panic mode: when no upstream takes requests and none is being
+    /// probed, the one whose back-off ends first is probed at once (see
     /// [`Health::panic_probe`]); with the ejection count it is sent under.
-    /// `None` when one is in rotation, probing, or due a probe (a request
-    /// waits for it then), or when there is none.
+    /// `None` when one is in rotation, due a probe, or being probed, or
+    /// when there is none.
     pub(crate) fn panic_probe(&self) -> Option<(Arc<UpstreamState>, u64)> {
         let registry = lock(&self.registry);
         let mut soonest: Option<(Instant, &Arc<UpstreamState>)> = None;
         for u in &registry.list {
+            // One in rotation, due, or probing: no panic.
             let until = lock(&u.health).ejected_until()?;
             if soonest.is_none_or(|(first, _)| until < first) {
                 soonest = Some((until, u));

@@ -387,20 +387,32 @@ async fn the_origin_learns_the_client_address_after_the_clients_own_forwarded_fo
     let a = Origin::start("a").await;
     let proxy = Proxy::start(args(&[&a], &[])).await;
     let addr = proxy.running.addr.clone();
-    for (sent, seen) in [
-        (None, "127.0.0.1"),
-        (Some("203.0.113.9"), "203.0.113.9, 127.0.0.1"),
+    for (sent, connection, seen) in [
+        (None, None, "127.0.0.1"),
+        (Some("203.0.113.9"), None, "203.0.113.9, 127.0.0.1"),
+        // Naming it hop-by-hop removes the client's value, never ours.
+        (Some("203.0.113.9"), Some("x-forwarded-for"), "127.0.0.1"),
     ] {
         let mut req = Request::get(format!("http://{addr}/xff"));
         if let Some(sent) = sent {
             req = req.header("x-forwarded-for", sent);
+        }
+        if let Some(connection) = connection {
+            req = req.header("connection", connection);
         }
         let res = client()
             .request(req.body(Empty::new()).unwrap())
             .await
             .unwrap();
         assert_eq!(res.status(), 200);
-        assert_eq!(res.headers()["x-saw-forwarded-for"], seen, "sent {sent:?}");
+        assert_eq!(
+            res.headers()
+                .get("x-saw-forwarded-for")
+                .map(|v| v.as_bytes()),
+            Some(seen.as_bytes()),
+            "sent {sent:?}, {connection:?}: {:?}",
+            res.headers()
+        );
     }
 }
 
@@ -646,6 +658,32 @@ fn bad_upstream_lists_are_refused_at_start() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+    // A FIFO is refused before it is opened (opening one blocks until a
+    // writer comes).
+    let fifo = tempfile_path("fifo-upstreams");
+    let _ = std::fs::remove_file(&fifo);
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = Command::new(common::example("http_proxy"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "http://127.0.0.1:1",
+        ])
+        .arg("--upstreams-file")
+        .arg(&fifo)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not a regular file"), "{stderr}");
+    let _ = std::fs::remove_file(&fifo);
     let _ = std::fs::remove_file(&file);
 }
 
