@@ -127,12 +127,13 @@ impl super::Db {
         let moved = async {
             loop {
                 let notified = self.inner.changed.notified();
-                if self
+                // Another node elected; not a moment without a primary
+                // (one failed probe), which would only churn the session.
+                let now = self
                     .inner
                     .primary
-                    .load(std::sync::atomic::Ordering::Acquire)
-                    != index
-                {
+                    .load(std::sync::atomic::Ordering::Acquire);
+                if now != index && now < self.inner.nodes.len() {
                     return;
                 }
                 notified.await;

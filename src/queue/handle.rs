@@ -346,16 +346,19 @@ impl Queue {
         // follows the commit (see `notify`).
         let trailing = r.due && !gate.notify_now();
         r.due &= !trailing;
+        // Owed however this ends (an error or a dropped future included:
+        // the statement may have committed).
+        let _owed = trailing.then(|| super::notify::Trailing {
+            gate,
+            db: &self.inner.db,
+            channel: &sql.channel,
+            name,
+        });
         let written = self
             .inner
             .db
             .query(&sql.enqueue, &r.params(&name, sql))
-            .await;
-        if trailing {
-            // Even after an error: the statement may have committed.
-            gate.suppressed(&self.inner.db, &sql.channel, name);
-        }
-        let written = written?;
+            .await?;
         if let Some(row) = written.value.first() {
             return Ok(Enqueued {
                 id: JobId(row.try_get(0)?),

@@ -15,6 +15,12 @@
 //! Jobs enqueued in a caller's transaction always notify at its commit:
 //! a trailing notification could run before that commit, which is the
 //! caller's to make.
+//!
+//! Where the trailing notification can miss (the workers' polling then
+//! finds the job, within `poll_interval`): an enqueue whose answer was
+//! lost (a timeout) may commit after the notification; a process that
+//! exits, or drops its runtime, within the window of its last enqueues
+//! never sends it.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,6 +32,22 @@ use crate::sync::lock;
 
 /// The shortest time between two notifications of one queue handle.
 pub(crate) const WINDOW: Duration = Duration::from_millis(5);
+
+/// Owed by an enqueue that did not notify: sends the trailing
+/// notification when dropped, however the enqueue ended (answered,
+/// failed, or its future dropped while the statement may still commit).
+pub(crate) struct Trailing<'a> {
+    pub(crate) gate: &'a Arc<NotifyGate>,
+    pub(crate) db: &'a Db,
+    pub(crate) channel: &'a str,
+    pub(crate) name: &'a str,
+}
+
+impl Drop for Trailing<'_> {
+    fn drop(&mut self) {
+        self.gate.suppressed(self.db, self.channel, self.name);
+    }
+}
 
 #[derive(Debug, Default)]
 pub(crate) struct NotifyGate {

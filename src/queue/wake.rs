@@ -81,9 +81,14 @@ impl Hub {
 }
 
 /// The first pause before listening again after a session that never
-/// listened (doubled while that goes on, up to the `pause` given); after
-/// one that did (it broke, or the primary moved), again at once.
+/// listened or did not last [`LASTED`] (doubled while that goes on, up to
+/// the `pause` given); after one that did (it broke, or the primary
+/// moved), again at once.
 const FIRST_RETRY: Duration = Duration::from_millis(100);
+/// How long a session must have listened for the next to start at once
+/// (a server that ends every session right after `LISTEN` would
+/// otherwise be reconnected to in a tight loop).
+const LASTED: Duration = Duration::from_secs(1);
 
 /// Keeps a `LISTEN` session on the primary, waking a worker for each
 /// notification of the queue, reconnecting when it ends (at once after a
@@ -92,7 +97,7 @@ async fn listen(queue: Queue, hub: Weak<Hub>, stop: CancellationToken, pause: Du
     let name = queue.inner.name.clone();
     let mut retry = FIRST_RETRY.min(pause);
     loop {
-        let listened = Arc::new(AtomicBool::new(false));
+        let listened = Arc::new(std::sync::OnceLock::<tokio::time::Instant>::new());
         let (h, n) = (hub.clone(), name.clone());
         let on_notify: crate::pg::OnNotify = Arc::new(move |payload: &str| {
             if payload == &*n
@@ -104,7 +109,7 @@ async fn listen(queue: Queue, hub: Weak<Hub>, stop: CancellationToken, pause: Du
         let (h, l) = (hub.clone(), Arc::clone(&listened));
         let listening: crate::pg::OnListening = Arc::new(move |on| {
             if on {
-                l.store(true, Ordering::Release);
+                let _ = l.set(tokio::time::Instant::now());
             }
             if let Some(hub) = h.upgrade() {
                 hub.listening.store(on, Ordering::Release);
@@ -125,7 +130,7 @@ async fn listen(queue: Queue, hub: Weak<Hub>, stop: CancellationToken, pause: Du
                 }
             }
         }
-        let wait = if listened.load(Ordering::Acquire) {
+        let wait = if listened.get().is_some_and(|at| at.elapsed() >= LASTED) {
             retry = FIRST_RETRY.min(pause);
             Duration::ZERO
         } else {

@@ -256,3 +256,86 @@ async fn out_of_range_settings_are_errors_and_a_hung_handler_times_out() {
     assert!(last.contains("timed out after 100ms"), "{last}");
     worker.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enqueue_dropped_mid_flight_still_wakes_a_worker_if_it_committed() {
+    let local = crate::shared();
+    let cluster = crate::connect(&local).await;
+    let db = cluster.db();
+    let queue = Queue::builder(db.clone(), "dropped_enqueue")
+        .build()
+        .await
+        .unwrap();
+    let ran = Arc::new(std::sync::Mutex::new(
+        std::collections::HashSet::<i64>::new(),
+    ));
+    let r = ran.clone();
+    // Polling once a minute: only a notification can wake it in time.
+    let worker = Worker::new(
+        queue.clone(),
+        tower::service_fn(move |job: Job| {
+            r.lock().unwrap().insert(job.payload.as_i64().unwrap_or(-1));
+            async { Ok::<(), String>(()) }
+        }),
+    )
+    .poll_interval(Duration::from_secs(60))
+    .start()
+    .unwrap();
+    crate::until("the worker listens", crate::DEADLINE, async || {
+        worker.listening()
+    })
+    .await;
+    let (mut cut, mut cut_ran, mut cut_polled) = (0, 0, 0);
+    for i in 0..40i64 {
+        // The first notifies; the second, inside the window, owes a
+        // trailing notification, and its future is sometimes dropped
+        // mid-flight (after its statement was sent, or its commit).
+        queue.enqueue(NewJob::new(&(i * 2)).unwrap()).await.unwrap();
+        let b = i * 2 + 1;
+        let wait = Duration::from_micros(50 * (i as u64 % 10));
+        let completed = tokio::time::timeout(wait, queue.enqueue(NewJob::new(&b).unwrap()))
+            .await
+            .is_ok();
+        let ran_b = async || ran.lock().unwrap().contains(&b);
+        if completed {
+            // Answered: it runs on a notification, never left to polling.
+            until("an enqueued job ran", Duration::from_secs(10), ran_b).await;
+            continue;
+        }
+        cut += 1;
+        let exists = async || {
+            db.read_one(
+                Consistency::Strong,
+                "SELECT count(*) FROM tower_scale_jobs WHERE queue = 'dropped_enqueue' \
+                 AND payload = to_jsonb($1::int8)",
+                &[&b],
+            )
+            .await
+            .unwrap()
+            .value
+            .get::<_, i64>(0)
+                > 0
+        };
+        // Cut: if it committed, the owed notification wakes a worker,
+        // unless the commit came after it (then polling finds it).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            if ran_b().await {
+                cut_ran += 1;
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                if exists().await {
+                    cut_polled += 1;
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    println!(
+        "dropped enqueues: {cut} of 40 cut mid-flight; {cut_ran} of those committed and ran on a \
+         notification, {cut_polled} committed after it (left to polling)"
+    );
+    worker.shutdown(Duration::from_secs(5)).await;
+}

@@ -499,10 +499,10 @@ async fn make_slot(
 }
 
 /// Drops the permanent slot (retrying while the stopping session still
-/// holds it).
+/// holds it: it lets go once its last position reached the server).
 pub(super) async fn drop_slot(shared: &Shared) -> Result<(), FeedError> {
     let (_, _, conn) = wait_primary(shared, shared.timeout).await?;
-    let deadline = tokio::time::Instant::now() + shared.timeout;
+    let deadline = tokio::time::Instant::now() + shared.timeout + super::stream::FINAL_FEEDBACK;
     loop {
         let mut session = connect(shared, &conn, &shared.slot).await?;
         let client = &mut session.0;

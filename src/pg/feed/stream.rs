@@ -31,15 +31,22 @@ const UNHEALTHY_GRACE: Duration = Duration::from_secs(3);
 /// second): without it a holder stopped within a second of confirming
 /// leaves its successor to replay, and a slot it had just made would be
 /// flushed a second time by the next holder.
-const FINAL_FEEDBACK: Duration = Duration::from_secs(3);
+pub(super) const FINAL_FEEDBACK: Duration = Duration::from_secs(3);
 
 type Confirming = Option<(u64, Pin<Box<dyn Future<Output = bool> + Send>>)>;
 
-/// A stop: waits (at most [`FINAL_FEEDBACK`]) until the position this
-/// session confirmed has reached the server, so the next holder resumes
-/// from it.
-async fn stopped(client: &ReplicationClient) -> Ended {
+/// A stop: finishes a confirmation in flight (what was applied and is
+/// being published), then waits until the position this session
+/// confirmed has reached the server, so the next holder resumes from it;
+/// [`FINAL_FEEDBACK`] at most in all.
+async fn stopped(shared: &Shared, client: &ReplicationClient, confirming: Confirming) -> Ended {
     let deadline = Instant::now() + FINAL_FEEDBACK;
+    if let Some((lsn, wait)) = confirming
+        && tokio::time::timeout(FINAL_FEEDBACK, wait).await == Ok(true)
+    {
+        client.update_applied_lsn(pgwire_replication::Lsn(lsn));
+        shared.update(|s| s.confirmed = Some(Lsn(lsn)));
+    }
     while client.feedback_pending_since().is_some()
         && client.is_running()
         && Instant::now() < deadline
@@ -77,7 +84,7 @@ pub(super) async fn stream(
         }
         tokio::select! {
             biased;
-            () = shared.stop.cancelled() => return Ok(stopped(client).await),
+            () = shared.stop.cancelled() => return Ok(stopped(shared, client, confirming.take()).await),
             ok = async {
                 match confirming.as_mut() {
                     Some((_, wait)) => wait.await,
@@ -122,7 +129,7 @@ pub(super) async fn stream(
                         applied = applied.max(end);
                         if shared.sinks.iter().any(|s| s.backlog() > MAX_BACKLOG) {
                             tokio::select! {
-                                () = shared.stop.cancelled() => return Ok(stopped(client).await),
+                                () = shared.stop.cancelled() => return Ok(stopped(shared, client, confirming.take()).await),
                                 ok = all_published(&shared.sinks, shared.publish_timeout) => {
                                     if !ok {
                                         publish_failures += 1;
