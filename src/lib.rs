@@ -101,6 +101,7 @@
 mod body;
 pub mod cache;
 pub mod error;
+pub mod ids;
 #[cfg(any(feature = "postgres", feature = "local-cluster"))]
 mod lsn_text;
 mod random;
