@@ -13,7 +13,7 @@ use tower::discover::Change;
 
 use super::config::Settings;
 use super::endpoint::{Client, Endpoint};
-use super::upstreams::{Key, SetChange};
+use super::upstreams::{Id, SetChange};
 
 /// The stream of changes p2c consumes ([`tower::discover::Discover`] is
 /// implemented for it).
@@ -44,7 +44,7 @@ impl<B> fmt::Debug for Discovered<B> {
 }
 
 impl<B> Stream for Discovered<B> {
-    type Item = Result<Change<Key, Endpoint<B>>, Infallible>;
+    type Item = Result<Change<Id, Endpoint<B>>, Infallible>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();

@@ -4,6 +4,7 @@
 //! it ramps up); [`Forward`] sends the request on the shared keep-alive
 //! client and reads the outcome into its health.
 
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
@@ -24,7 +25,7 @@ use tower::load::peak_ewma::{self, PeakEwma};
 
 use super::body::RequestBody;
 use super::config::Settings;
-use super::health::Admit;
+use super::health::{Admit, Phase};
 use super::request::{Outcome, classify, target};
 use super::stats::FailureKind;
 use super::upstreams::UpstreamState;
@@ -221,6 +222,10 @@ pub(crate) struct Endpoint<B> {
     /// ejection it starts afresh (a timeout's peak would starve it for
     /// long after it recovered).
     ewma_since: u64,
+    /// The start of the admission its ramp was last seen finished in:
+    /// while the upstream stays admitted since then, its weight is 1.0
+    /// without reading the clock.
+    ramped: Cell<Option<Instant>>,
     sleep: Option<Pin<Box<Sleep>>>,
     settings: Arc<Settings>,
 }
@@ -252,6 +257,7 @@ impl<B> Endpoint<B> {
             forward,
             state,
             ewma_since,
+            ramped: Cell::new(None),
             sleep: None,
             settings,
         }
@@ -273,7 +279,12 @@ where
         for _ in 0..2 {
             let (admit, ejections) = {
                 let mut health = lock(&self.state.health);
-                let admit = health.admit(Instant::now(), Some(cx.waker()));
+                // In rotation: ready, without reading the clock.
+                let admit = if let Phase::Admitted { .. } = health.phase() {
+                    Admit::Ready
+                } else {
+                    health.admit(Instant::now(), Some(cx.waker()))
+                };
                 (admit, health.ejections())
             };
             match admit {
@@ -320,7 +331,22 @@ impl<B> Load for Endpoint<B> {
     type Metric = RampedCost;
 
     fn load(&self) -> RampedCost {
-        let weight = lock(&self.state.health).weight(Instant::now(), &self.settings.backoff);
+        let weight = {
+            let health = lock(&self.state.health);
+            match health.phase() {
+                Phase::Admitted { since } if self.ramped.get() == Some(since) => 1.0,
+                phase => {
+                    let weight = health.weight(Instant::now(), &self.settings.backoff);
+                    // The ramp only goes up while it stays admitted.
+                    if let Phase::Admitted { since } = phase
+                        && weight >= 1.0
+                    {
+                        self.ramped.set(Some(since));
+                    }
+                    weight
+                }
+            }
+        };
         let held_back = weight < 1.0 && self.settings.random.next_unit() > weight;
         RampedCost {
             held_back,

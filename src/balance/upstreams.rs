@@ -2,6 +2,7 @@
 //! run time, each upstream's shared state (health and counters), and the
 //! stream of changes the balancer consumes as its `Discover`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,14 +20,20 @@ use crate::sync::lock;
 /// An upstream's identity in the balancer: `http://host:port`.
 pub(crate) type Key = Arc<str>;
 
+/// An upstream's key in the balancer's discover stream: a number unique
+/// in the process (tower's ready cache hashes it at every request, as it
+/// moves the called endpoint out of its ready set and back).
+pub(crate) type Id = u64;
+
 /// A change to the set, as the balancer's discover stream receives it.
-pub(crate) type SetChange = Change<Key, Arc<UpstreamState>>;
+pub(crate) type SetChange = Change<Id, Arc<UpstreamState>>;
 
 /// One upstream: where it is, its health, its counters. Shared by the
 /// handle, the balancer's endpoint and the health checks.
 #[derive(Debug)]
 pub(crate) struct UpstreamState {
     pub(crate) key: Key,
+    pub(crate) id: Id,
     pub(crate) scheme: Scheme,
     pub(crate) authority: Authority,
     pub(crate) health: Mutex<Health>,
@@ -35,9 +42,11 @@ pub(crate) struct UpstreamState {
 
 impl UpstreamState {
     fn new(key: Key, authority: Authority) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
         Self {
             stats: UpstreamStats::new(&key),
             key,
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
             scheme: Scheme::HTTP,
             authority,
             health: Mutex::new(Health::new(Instant::now())),
@@ -241,9 +250,9 @@ impl Upstreams {
         if registry.list.iter().any(|u| u.key == key) {
             return Ok(false);
         }
-        let state = Arc::new(UpstreamState::new(key.clone(), authority));
+        let state = Arc::new(UpstreamState::new(key, authority));
         registry.list.push(Arc::clone(&state));
-        registry.send(Change::Insert(key, state));
+        registry.send(Change::Insert(state.id, state));
         Ok(true)
     }
 
@@ -258,7 +267,7 @@ impl Upstreams {
             return false;
         };
         let state = registry.list.remove(i);
-        registry.send(Change::Remove(key));
+        registry.send(Change::Remove(state.id));
         drop(registry);
         state.stats.removed();
         lock(&state.health).wake();
@@ -287,17 +296,17 @@ impl Upstreams {
             keep
         });
         for state in &removed {
-            registry.send(Change::Remove(state.key.clone()));
+            registry.send(Change::Remove(state.id));
             outcome.removed.push(state.uri());
         }
         for (key, authority) in wanted {
             if registry.list.iter().any(|u| u.key == key) {
                 continue;
             }
-            let state = Arc::new(UpstreamState::new(key.clone(), authority));
+            let state = Arc::new(UpstreamState::new(key, authority));
             outcome.added.push(state.uri());
             registry.list.push(Arc::clone(&state));
-            registry.send(Change::Insert(key, state));
+            registry.send(Change::Insert(state.id, state));
         }
         drop(registry);
         for state in removed {
@@ -395,7 +404,7 @@ impl Upstreams {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         for u in &registry.list {
-            let _ = tx.send(Change::Insert(u.key.clone(), Arc::clone(u)));
+            let _ = tx.send(Change::Insert(u.id, Arc::clone(u)));
         }
         registry.subscriber = Some(tx);
         registry.backoff = backoff;
