@@ -196,9 +196,37 @@ fn interleaved() {
     );
 }
 
+/// `BALANCE_COUNT=balanced:N` (or `direct:N`): both kinds warmed, then
+/// `N` requests of the one kind, and nothing else. For instruction counts:
+/// run it under `valgrind --tool=callgrind` for two values of `N`; the
+/// difference over the difference in `N` is the cost of one request,
+/// setup and warm-up excluded.
+fn count(spec: &str) {
+    let (kind, n) = spec.split_once(':').expect("BALANCE_COUNT=KIND:N");
+    let n: u32 = n.parse().expect("BALANCE_COUNT=KIND:N");
+    let s = setup();
+    s.rt.block_on(async {
+        for _ in 0..200 {
+            black_box(direct(&s.client, &s.direct_url).await);
+            black_box(balanced(&s.balancer, &s.item).await);
+        }
+        for _ in 0..n {
+            let body = match kind {
+                "balanced" => balanced(&s.balancer, &s.item).await,
+                _ => direct(&s.client, &s.direct_url).await,
+            };
+            black_box(body);
+        }
+    });
+}
+
 criterion_group!(benches, proxy);
 
 fn main() {
+    if let Ok(spec) = std::env::var("BALANCE_COUNT") {
+        count(&spec);
+        return;
+    }
     benches();
     Criterion::default().configure_from_args().final_summary();
     // Only under `cargo bench` (not `cargo test --benches`, nor a filter

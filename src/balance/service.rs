@@ -154,11 +154,7 @@ where
 
     fn call(&mut self, req: Request<B>) -> ResponseFuture {
         ResponseFuture {
-            inner: Box::pin(forward(
-                Arc::clone(&self.picker),
-                Arc::clone(&self.shared),
-                req,
-            )),
+            inner: forward(Arc::clone(&self.picker), Arc::clone(&self.shared), req),
         }
     }
 }
@@ -166,8 +162,10 @@ where
 /// The response future of [`Balancer`]. Boxed: the balancer's whole path
 /// is a network round trip, where one allocation does not show.
 pub struct ResponseFuture {
-    inner: Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>>,
+    inner: Answer,
 }
+
+type Answer = Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>>;
 
 impl fmt::Debug for ResponseFuture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -241,24 +239,28 @@ impl Head {
     }
 }
 
-async fn forward<B>(
-    picker: Arc<Picker<B>>,
-    shared: Arc<Shared>,
-    req: Request<B>,
-) -> Response<ResponseBody>
+/// What needs no upstream is answered here; the rest is [`send`]'s, whose
+/// future does not hold the request as it came (an async fn keeps its
+/// arguments for its whole life): 1,232 bytes with it, too large for the
+/// allocator's per-thread cache, a slow `malloc` and `free` per request.
+fn forward<B>(picker: Arc<Picker<B>>, shared: Arc<Shared>, req: Request<B>) -> Answer
 where
     B: Body + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let answer = |res| -> Answer { Box::pin(std::future::ready(res)) };
     if req.method() == Method::CONNECT {
-        return own(StatusCode::NOT_IMPLEMENTED, "CONNECT is not supported\n");
+        return answer(own(
+            StatusCode::NOT_IMPLEMENTED,
+            "CONNECT is not supported\n",
+        ));
     }
     if head_size(req.uri(), req.headers()) > shared.settings.max_request_head {
-        return own(
+        return answer(own(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "request head too large\n",
-        );
+        ));
     }
     let (parts, body) = req.into_parts();
     let mut head = Head {
@@ -276,6 +278,20 @@ where
     {
         head.headers.insert(http::header::HOST, host);
     }
+    Box::pin(send(picker, shared, head, body))
+}
+
+async fn send<B>(
+    picker: Arc<Picker<B>>,
+    shared: Arc<Shared>,
+    head: Head,
+    body: B,
+) -> Response<ResponseBody>
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let idempotent = idempotent(&head.method);
     let (mut body, mut back) = RequestBody::new(body);
     let mut last: Option<Failure> = None;
