@@ -7,7 +7,6 @@ use http::uri::PathAndQuery;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tower::load::CompleteOnResponse;
 use tower::load::peak_ewma::PeakEwma;
 
 use super::body::RequestBody;
@@ -35,14 +34,9 @@ pub(crate) struct Settings {
 impl Settings {
     /// A fresh peak-EWMA around `service`: no latency measured yet, so
     /// `default_rtt` stands in until the first response.
-    pub(crate) fn peak_ewma<S>(&self, service: S) -> PeakEwma<S> {
+    pub(crate) fn peak_ewma<S, C: Default>(&self, service: S) -> PeakEwma<S, C> {
         let decay_ns = self.decay.as_secs_f64() * 1e9;
-        PeakEwma::new(
-            service,
-            self.default_rtt,
-            decay_ns,
-            CompleteOnResponse::default(),
-        )
+        PeakEwma::new(service, self.default_rtt, decay_ns, C::default())
     }
 }
 

@@ -1,8 +1,10 @@
 //! One upstream as the p2c balancer sees it: [`Endpoint`] gates it by its
 //! health (`poll_ready` is pending while it is ejected, and while its
 //! probe runs) and reports its load (peak-EWMA, held back at random while
-//! it ramps up); [`Forward`] sends the request on the shared keep-alive
-//! client and reads the outcome into its health.
+//! it ramps up). p2c's `call` only picks: it counts the request against
+//! the upstream and gives a [`Chosen`] (with peak-EWMA's handle), which the
+//! caller sends on the shared keep-alive client once it has let go of
+//! p2c's lock; the [`ForwardFuture`] reads the outcome into its health.
 
 use std::cell::Cell;
 use std::convert::Infallible;
@@ -20,7 +22,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::time::{Instant, Sleep, Timeout};
 use tower::Service;
 use tower::load::Load;
-use tower::load::completion::{CompleteOnResponse, TrackCompletionFuture};
+use tower::load::completion::{TrackCompletion, TrackCompletionFuture};
 use tower::load::peak_ewma::{self, PeakEwma};
 
 use super::body::RequestBody;
@@ -35,10 +37,12 @@ use crate::sync::lock;
 /// upstream).
 pub(crate) type Client<B> = hyper_util::client::legacy::Client<HttpConnector, RequestBody<B>>;
 
-/// What an endpoint's `call` returns: the forwarded request, its response
-/// time measured for peak-EWMA.
-pub(crate) type EndpointFuture =
-    TrackCompletionFuture<ForwardFuture, CompleteOnResponse, peak_ewma::Handle>;
+/// What an endpoint's `call` returns: the upstream picked, at once.
+pub(crate) type EndpointFuture<B> = TrackCompletionFuture<
+    std::future::Ready<Result<Dispatch<B>, Infallible>>,
+    KeepHandle,
+    peak_ewma::Handle,
+>;
 
 /// A request to one upstream that did not get a response head.
 #[derive(Debug)]
@@ -50,7 +54,7 @@ pub(crate) struct Failure {
 /// What one upstream gave.
 pub(crate) type Attempt = Result<Response<Incoming>, Failure>;
 
-/// Sends a request to one upstream. One pointer: p2c's ready cache moves
+/// One upstream's sending side. One pointer: p2c's ready cache moves
 /// its endpoints (each holding two of these) at every request, and a
 /// hyper client is several hundred bytes.
 pub(crate) struct Forward<B> {
@@ -79,37 +83,80 @@ impl<B> fmt::Debug for Forward<B> {
     }
 }
 
-impl<B> Service<Request<RequestBody<B>>> for Forward<B>
-where
-    B: Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    type Response = Attempt;
+/// p2c's `call` on a [`Forward`]: a request goes to this upstream (its
+/// probe, if one is due: marked sent while p2c is still locked, so that
+/// no other request takes it), and it is counted in flight.
+impl<B> Service<()> for Forward<B> {
+    type Response = Dispatch<B>;
     type Error = Infallible;
-    type Future = ForwardFuture;
+    type Future = std::future::Ready<Result<Dispatch<B>, Infallible>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<RequestBody<B>>) -> ForwardFuture {
-        let (mut parts, body) = req.into_parts();
-        let body_sent = body.sent_flag();
+    fn call(&mut self, (): ()) -> Self::Future {
         let this = &*self.shared;
-        parts.uri = target(&this.state.scheme, &this.state.authority, &parts.uri);
         let sent_under = lock(&this.state.health).dispatch();
         this.state.stats.sent();
-        let response = this.client.request(Request::from_parts(parts, body));
-        ForwardFuture {
-            response: tokio::time::timeout(this.settings.upstream_timeout, response),
+        std::future::ready(Ok(Dispatch {
+            forward: self.clone(),
             guard: Guard {
                 state: Arc::clone(&this.state),
                 settings: Arc::clone(&this.settings),
                 sent_under,
-                body_sent,
+                body_sent: None,
                 done: false,
             },
+        }))
+    }
+}
+
+/// A request counted against one upstream, not sent yet.
+pub(crate) struct Dispatch<B> {
+    forward: Forward<B>,
+    guard: Guard,
+}
+
+/// Peak-EWMA's handle kept with the [`Dispatch`] (tower's
+/// `CompleteOnResponse` would drop it as soon as p2c's `call` returns):
+/// the [`ForwardFuture`] drops it when the upstream answered, so that the
+/// time measured is the round trip, as with a request sent inside `call`.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct KeepHandle;
+
+impl<B> TrackCompletion<peak_ewma::Handle, Dispatch<B>> for KeepHandle {
+    type Output = Chosen<B>;
+
+    fn track_completion(&self, handle: peak_ewma::Handle, dispatch: Dispatch<B>) -> Chosen<B> {
+        Chosen { dispatch, handle }
+    }
+}
+
+/// The upstream p2c picked for a request, ready to send it.
+pub(crate) struct Chosen<B> {
+    dispatch: Dispatch<B>,
+    handle: peak_ewma::Handle,
+}
+
+impl<B> Chosen<B>
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// Sends `req` to the upstream.
+    pub(crate) fn send(self, req: Request<RequestBody<B>>) -> ForwardFuture {
+        let Dispatch { forward, mut guard } = self.dispatch;
+        let (mut parts, body) = req.into_parts();
+        guard.body_sent = body.sent_flag();
+        let this = &*forward.shared;
+        parts.uri = target(&this.state.scheme, &this.state.authority, &parts.uri);
+        let response = this.client.request(Request::from_parts(parts, body));
+        ForwardFuture {
+            response: tokio::time::timeout(this.settings.upstream_timeout, response),
+            guard,
+            handle: Some(self.handle),
         }
     }
 }
@@ -121,6 +168,9 @@ pin_project_lite::pin_project! {
         #[pin]
         response: Timeout<hyper_util::client::legacy::ResponseFuture>,
         guard: Guard,
+        // Dropped when the upstream answered (or failed): peak-EWMA's
+        // round trip ends.
+        handle: Option<peak_ewma::Handle>,
     }
 }
 
@@ -133,18 +183,20 @@ impl fmt::Debug for ForwardFuture {
 }
 
 impl Future for ForwardFuture {
-    type Output = Result<Attempt, Infallible>;
+    type Output = Attempt;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Attempt> {
         let this = self.project();
         let result = ready!(this.response.poll(cx));
+        // After the health below, as when tower's future dropped it.
+        let _handle = this.handle.take();
         let guard = this.guard;
         guard.done = true;
         guard.state.stats.ended();
         let outcome = match result {
             Ok(Ok(response)) => {
                 guard.state.succeeded(guard.sent_under);
-                return Poll::Ready(Ok(Ok(response)));
+                return Poll::Ready(Ok(response));
             }
             Ok(Err(error)) => {
                 let outcome = classify(&error);
@@ -176,10 +228,10 @@ impl Future for ForwardFuture {
                 lock(&guard.state.health).abandoned(guard.sent_under)
             }
         }
-        Poll::Ready(Ok(Err(Failure {
+        Poll::Ready(Err(Failure {
             outcome,
             upstream: Arc::clone(&guard.state),
-        })))
+        }))
     }
 }
 
@@ -217,7 +269,7 @@ pub(crate) struct RampedCost {
 pub(crate) struct Endpoint<B> {
     state: Arc<UpstreamState>,
     forward: Forward<B>,
-    ewma: PeakEwma<Forward<B>>,
+    ewma: PeakEwma<Forward<B>, KeepHandle>,
     /// The ejection count its peak-EWMA was started under: after an
     /// ejection it starts afresh (a timeout's peak would starve it for
     /// long after it recovered).
@@ -264,15 +316,10 @@ impl<B> Endpoint<B> {
     }
 }
 
-impl<B> Service<Request<RequestBody<B>>> for Endpoint<B>
-where
-    B: Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    type Response = Attempt;
+impl<B> Service<()> for Endpoint<B> {
+    type Response = Chosen<B>;
     type Error = Infallible;
-    type Future = EndpointFuture;
+    type Future = EndpointFuture<B>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         // Twice at most: once more after a back-off's timer fired.
@@ -322,8 +369,8 @@ where
         Poll::Pending
     }
 
-    fn call(&mut self, req: Request<RequestBody<B>>) -> Self::Future {
-        self.ewma.call(req)
+    fn call(&mut self, (): ()) -> Self::Future {
+        self.ewma.call(())
     }
 }
 

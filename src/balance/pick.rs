@@ -7,8 +7,9 @@
 //! its response future comes back over another, two wake-ups of another
 //! task per request (on a loopback miss, about half the balancer's cost).
 //! Here the caller takes a mutex instead, polls p2c itself and calls the
-//! chosen endpoint; the mutex is held only for that (no `.await` under
-//! it), and the request is sent from the caller's task.
+//! chosen endpoint, which only counts the request against its upstream;
+//! the mutex is held only for that (no `.await` under it), and the
+//! request is sent from the caller's task once it is let go.
 //!
 //! The wake-ups p2c registers (an endpoint becoming ready again, a
 //! back-off timer, an upstream added) must reach whoever waits, not only
@@ -22,19 +23,15 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
-use http::Request;
-use http_body::Body;
+use futures_util::FutureExt;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tower::Service;
 use tower::balance::p2c::Balance;
 
-use super::body::RequestBody;
 use super::discover::Discovered;
-use super::service::P2cFuture;
+use super::endpoint::Chosen;
 use crate::sync::lock;
-
-type UpstreamRequest<B> = Request<RequestBody<B>>;
 
 /// p2c's waker: wakes every caller waiting for an upstream.
 struct WakeAll(Notify);
@@ -49,12 +46,12 @@ impl Wake for WakeAll {
     }
 }
 
-/// What [`Picker::try_send`] did.
+/// What [`Picker::try_pick`] did.
 pub(crate) enum Picked<B> {
-    /// Sent to the upstream p2c picked: its answer to come.
-    Sent(P2cFuture),
-    /// None is ready now: the request, unsent.
-    Pending(UpstreamRequest<B>),
+    /// The upstream p2c picked, the request counted against it.
+    Chosen(Chosen<B>),
+    /// None is ready now.
+    Pending,
     /// p2c failed (it cannot: its discover stream is infallible).
     Failed,
 }
@@ -70,7 +67,7 @@ pub(crate) enum NotPicked {
 
 /// The shared p2c balancer.
 pub(crate) struct Picker<B> {
-    p2c: Mutex<Balance<Discovered<B>, UpstreamRequest<B>>>,
+    p2c: Mutex<Balance<Discovered<B>, ()>>,
     wake_all: Arc<WakeAll>,
     waker: Waker,
 }
@@ -81,13 +78,8 @@ impl<B> fmt::Debug for Picker<B> {
     }
 }
 
-impl<B> Picker<B>
-where
-    B: Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    pub(crate) fn new(p2c: Balance<Discovered<B>, UpstreamRequest<B>>) -> Self {
+impl<B> Picker<B> {
+    pub(crate) fn new(p2c: Balance<Discovered<B>, ()>) -> Self {
         let wake_all = Arc::new(WakeAll(Notify::new()));
         Self {
             p2c: Mutex::new(p2c),
@@ -96,34 +88,34 @@ where
         }
     }
 
-    /// Sends `req` to the upstream p2c picks if one is ready now; gives it
-    /// back if none is.
-    pub(crate) fn try_send(&self, req: UpstreamRequest<B>) -> Picked<B> {
+    /// The upstream p2c picks, if one is ready now.
+    pub(crate) fn try_pick(&self) -> Picked<B> {
         let mut p2c = lock(&self.p2c);
         let mut cx = Context::from_waker(&self.waker);
         match p2c.poll_ready(&mut cx) {
-            Poll::Ready(Ok(())) => Picked::Sent(p2c.call(req)),
+            // The endpoint's future is ready at once (it only counts the
+            // request).
+            Poll::Ready(Ok(())) => match p2c.call(()).now_or_never() {
+                Some(Ok(chosen)) => Picked::Chosen(chosen),
+                Some(Err(_)) | None => Picked::Failed,
+            },
             Poll::Ready(Err(_)) => Picked::Failed,
-            Poll::Pending => Picked::Pending(req),
+            Poll::Pending => Picked::Pending,
         }
     }
 
-    /// Sends `req` to the upstream p2c picks once one is ready, waiting at
-    /// most `within` for one.
-    pub(crate) async fn send(
-        &self,
-        mut req: UpstreamRequest<B>,
-        within: Duration,
-    ) -> Result<P2cFuture, NotPicked> {
+    /// The upstream p2c picks once one is ready, waiting at most `within`
+    /// for one.
+    pub(crate) async fn pick(&self, within: Duration) -> Result<Chosen<B>, NotPicked> {
         let deadline = Instant::now() + within;
         loop {
             // Before polling: a wake-up from here on completes it.
             let changed = self.wake_all.0.notified();
-            req = match self.try_send(req) {
-                Picked::Sent(sent) => return Ok(sent),
+            match self.try_pick() {
+                Picked::Chosen(chosen) => return Ok(chosen),
                 Picked::Failed => return Err(NotPicked::Failed),
-                Picked::Pending(req) => req,
-            };
+                Picked::Pending => {}
+            }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 return Err(NotPicked::Timeout);
             }

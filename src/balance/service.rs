@@ -21,7 +21,7 @@ use tower::balance::p2c::Balance;
 use super::body::{RequestBody, ResponseBody};
 use super::config::Settings;
 use super::discover::Discovered;
-use super::endpoint::{Attempt, Client, EndpointFuture, Failure};
+use super::endpoint::{Attempt, Client, Failure};
 use super::pick::{NotPicked, Picked, Picker};
 use super::probe;
 use super::request::{Outcome, head_size, idempotent, may_retry, strip_hop_by_hop};
@@ -31,10 +31,6 @@ use crate::http::UpstreamUnreachable;
 use crate::random::Random;
 
 type UpstreamRequest<B> = Request<RequestBody<B>>;
-/// What p2c's `call` returns (named without bounds on `B`, so that the
-/// balancer's struct needs none).
-pub(crate) type P2cFuture =
-    futures_util::future::MapErr<EndpointFuture, fn(Infallible) -> tower::BoxError>;
 
 /// Spreads requests over [`Upstreams`] with `tower::balance::p2c` over
 /// peak-EWMA load, ejecting upstreams that fail and retrying what may be
@@ -297,10 +293,10 @@ where
     let mut last: Option<Failure> = None;
     for _attempt in 0..2 {
         // The common case first: an upstream is ready, nothing else to ask.
-        let sent = match picker.try_send(head.request(body)) {
-            Picked::Sent(sent) => sent,
+        let chosen = match picker.try_pick() {
+            Picked::Chosen(chosen) => chosen,
             Picked::Failed => return own(StatusCode::SERVICE_UNAVAILABLE, "balancer stopped\n"),
-            Picked::Pending(req) => {
+            Picked::Pending => {
                 // None ready: answer at once if none may become ready soon.
                 let (configured, usable) = shared.upstreams.usable();
                 if !usable {
@@ -313,9 +309,9 @@ where
                     };
                 }
                 // Boxed: the rare path keeps the common one's future small.
-                let waited = Box::pin(picker.send(req, shared.settings.upstream_timeout));
+                let waited = Box::pin(picker.pick(shared.settings.upstream_timeout));
                 match waited.await {
-                    Ok(sent) => sent,
+                    Ok(chosen) => chosen,
                     Err(NotPicked::Timeout) => {
                         return match last {
                             Some(failure) => failed(failure.outcome),
@@ -330,11 +326,7 @@ where
                 }
             }
         };
-        let attempt: Attempt = match sent.await {
-            Ok(attempt) => attempt,
-            // The endpoint's error is `Infallible`, boxed by p2c.
-            Err(_) => return own(StatusCode::SERVICE_UNAVAILABLE, "balancer stopped\n"),
-        };
+        let attempt: Attempt = chosen.send(head.request(body)).await;
         let failure = match attempt {
             Ok(res) => {
                 let (mut parts, body) = res.into_parts();
