@@ -7,10 +7,10 @@ use http::uri::PathAndQuery;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tower::load::peak_ewma::PeakEwma;
 
 use super::body::RequestBody;
 use super::error::BuildError;
+use super::ewma::PeakEwma;
 use super::health::Backoff;
 use super::service::Balancer;
 use super::upstreams::Upstreams;
@@ -32,11 +32,10 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
-    /// A fresh peak-EWMA around `service`: no latency measured yet, so
-    /// `default_rtt` stands in until the first response.
-    pub(crate) fn peak_ewma<S, C: Default>(&self, service: S) -> PeakEwma<S, C> {
-        let decay_ns = self.decay.as_secs_f64() * 1e9;
-        PeakEwma::new(service, self.default_rtt, decay_ns, C::default())
+    /// A fresh peak-EWMA: no latency measured yet, so `default_rtt`
+    /// stands in until the first response.
+    pub(crate) fn peak_ewma(&self) -> PeakEwma {
+        PeakEwma::new(self.default_rtt, self.decay, tokio::time::Instant::now())
     }
 }
 

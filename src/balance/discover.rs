@@ -13,6 +13,7 @@ use tower::discover::Change;
 
 use super::config::Settings;
 use super::endpoint::{Client, Endpoint};
+use super::ewma::PickClock;
 use super::upstreams::{Id, SetChange};
 
 /// The stream of changes p2c consumes ([`tower::discover::Discover`] is
@@ -21,6 +22,7 @@ pub(crate) struct Discovered<B> {
     changes: mpsc::UnboundedReceiver<SetChange>,
     client: Client<B>,
     settings: Arc<Settings>,
+    clock: Arc<PickClock>,
 }
 
 impl<B> Discovered<B> {
@@ -28,11 +30,13 @@ impl<B> Discovered<B> {
         changes: mpsc::UnboundedReceiver<SetChange>,
         client: Client<B>,
         settings: Arc<Settings>,
+        clock: Arc<PickClock>,
     ) -> Self {
         Self {
             changes,
             client,
             settings,
+            clock,
         }
     }
 }
@@ -53,7 +57,12 @@ impl<B> Stream for Discovered<B> {
                 Ok(match change {
                     Change::Insert(key, state) => Change::Insert(
                         key,
-                        Endpoint::new(state, this.client.clone(), Arc::clone(&this.settings)),
+                        Endpoint::new(
+                            state,
+                            this.client.clone(),
+                            Arc::clone(&this.settings),
+                            Arc::clone(&this.clock),
+                        ),
                     ),
                     Change::Remove(key) => Change::Remove(key),
                 })

@@ -2,8 +2,8 @@
 //! health (`poll_ready` is pending while it is ejected, and while its
 //! probe runs) and reports its load (peak-EWMA, held back at random while
 //! it ramps up). p2c's `call` only picks: it counts the request against
-//! the upstream and gives a [`Chosen`] (with peak-EWMA's handle), which the
-//! caller sends on the shared keep-alive client once it has let go of
+//! the upstream and gives a [`Chosen`] (with its peak-EWMA handle), which
+//! the caller sends on the shared keep-alive client once it has let go of
 //! p2c's lock; the [`ForwardFuture`] reads the outcome into its health.
 
 use std::cell::Cell;
@@ -22,11 +22,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::time::{Instant, Sleep, Timeout};
 use tower::Service;
 use tower::load::Load;
-use tower::load::completion::{TrackCompletion, TrackCompletionFuture};
-use tower::load::peak_ewma::{self, PeakEwma};
 
 use super::body::RequestBody;
 use super::config::Settings;
+use super::ewma::{self, PeakEwma, PickClock};
 use super::health::{Admit, Phase};
 use super::request::{Outcome, classify, target};
 use super::stats::FailureKind;
@@ -38,11 +37,7 @@ use crate::sync::lock;
 pub(crate) type Client<B> = hyper_util::client::legacy::Client<HttpConnector, RequestBody<B>>;
 
 /// What an endpoint's `call` returns: the upstream picked, at once.
-pub(crate) type EndpointFuture<B> = TrackCompletionFuture<
-    std::future::Ready<Result<Dispatch<B>, Infallible>>,
-    KeepHandle,
-    peak_ewma::Handle,
->;
+pub(crate) type EndpointFuture<B> = std::future::Ready<Result<Chosen<B>, Infallible>>;
 
 /// A request to one upstream that did not get a response head.
 #[derive(Debug)]
@@ -55,8 +50,8 @@ pub(crate) struct Failure {
 pub(crate) type Attempt = Result<Response<Incoming>, Failure>;
 
 /// One upstream's sending side. One pointer: p2c's ready cache moves
-/// its endpoints (each holding two of these) at every request, and a
-/// hyper client is several hundred bytes.
+/// its endpoints at every request, and a hyper client is several hundred
+/// bytes.
 pub(crate) struct Forward<B> {
     shared: Arc<ForwardShared<B>>,
 }
@@ -83,60 +78,11 @@ impl<B> fmt::Debug for Forward<B> {
     }
 }
 
-/// p2c's `call` on a [`Forward`]: a request goes to this upstream (its
-/// probe, if one is due: marked sent while p2c is still locked, so that
-/// no other request takes it), and it is counted in flight.
-impl<B> Service<()> for Forward<B> {
-    type Response = Dispatch<B>;
-    type Error = Infallible;
-    type Future = std::future::Ready<Result<Dispatch<B>, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, (): ()) -> Self::Future {
-        let this = &*self.shared;
-        let sent_under = lock(&this.state.health).dispatch();
-        this.state.stats.sent();
-        std::future::ready(Ok(Dispatch {
-            forward: self.clone(),
-            guard: Guard {
-                state: Arc::clone(&this.state),
-                settings: Arc::clone(&this.settings),
-                sent_under,
-                body_sent: None,
-                done: false,
-            },
-        }))
-    }
-}
-
-/// A request counted against one upstream, not sent yet.
-pub(crate) struct Dispatch<B> {
-    forward: Forward<B>,
-    guard: Guard,
-}
-
-/// Peak-EWMA's handle kept with the [`Dispatch`] (tower's
-/// `CompleteOnResponse` would drop it as soon as p2c's `call` returns):
-/// the [`ForwardFuture`] drops it when the upstream answered, so that the
-/// time measured is the round trip, as with a request sent inside `call`.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct KeepHandle;
-
-impl<B> TrackCompletion<peak_ewma::Handle, Dispatch<B>> for KeepHandle {
-    type Output = Chosen<B>;
-
-    fn track_completion(&self, handle: peak_ewma::Handle, dispatch: Dispatch<B>) -> Chosen<B> {
-        Chosen { dispatch, handle }
-    }
-}
-
 /// The upstream p2c picked for a request, ready to send it.
 pub(crate) struct Chosen<B> {
-    dispatch: Dispatch<B>,
-    handle: peak_ewma::Handle,
+    forward: Forward<B>,
+    guard: Guard,
+    handle: ewma::Handle,
 }
 
 impl<B> Chosen<B>
@@ -147,16 +93,22 @@ where
 {
     /// Sends `req` to the upstream.
     pub(crate) fn send(self, req: Request<RequestBody<B>>) -> ForwardFuture {
-        let Dispatch { forward, mut guard } = self.dispatch;
+        let Self {
+            forward,
+            mut guard,
+            handle,
+        } = self;
         let (mut parts, body) = req.into_parts();
         guard.body_sent = body.sent_flag();
         let this = &*forward.shared;
         parts.uri = target(&this.state.scheme, &this.state.authority, &parts.uri);
         let response = this.client.request(Request::from_parts(parts, body));
+        // From the instant of the pick: no clock read of its own.
+        let deadline = handle.sent_at() + this.settings.upstream_timeout;
         ForwardFuture {
-            response: tokio::time::timeout(this.settings.upstream_timeout, response),
+            response: tokio::time::timeout_at(deadline, response),
             guard,
-            handle: Some(self.handle),
+            handle: Some(handle),
         }
     }
 }
@@ -170,7 +122,7 @@ pin_project_lite::pin_project! {
         guard: Guard,
         // Dropped when the upstream answered (or failed): peak-EWMA's
         // round trip ends.
-        handle: Option<peak_ewma::Handle>,
+        handle: Option<ewma::Handle>,
     }
 }
 
@@ -188,7 +140,7 @@ impl Future for ForwardFuture {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Attempt> {
         let this = self.project();
         let result = ready!(this.response.poll(cx));
-        // After the health below, as when tower's future dropped it.
+        // Dropped after the health below.
         let _handle = this.handle.take();
         let guard = this.guard;
         guard.done = true;
@@ -262,14 +214,16 @@ impl Drop for Guard {
 pub(crate) struct RampedCost {
     // Field order matters: compared first.
     held_back: bool,
-    cost: peak_ewma::Cost,
+    cost: f64,
 }
 
 /// One upstream in the balancer.
 pub(crate) struct Endpoint<B> {
     state: Arc<UpstreamState>,
     forward: Forward<B>,
-    ewma: PeakEwma<Forward<B>, KeepHandle>,
+    ewma: PeakEwma,
+    /// The instant of the pick under way.
+    clock: Arc<PickClock>,
     /// The ejection count its peak-EWMA was started under: after an
     /// ejection it starts afresh (a timeout's peak would starve it for
     /// long after it recovered).
@@ -295,6 +249,7 @@ impl<B> Endpoint<B> {
         state: Arc<UpstreamState>,
         client: Client<B>,
         settings: Arc<Settings>,
+        clock: Arc<PickClock>,
     ) -> Self {
         let forward = Forward {
             shared: Arc::new(ForwardShared {
@@ -305,7 +260,8 @@ impl<B> Endpoint<B> {
         };
         let ewma_since = lock(&state.health).ejections();
         Self {
-            ewma: settings.peak_ewma(forward.clone()),
+            ewma: settings.peak_ewma(),
+            clock,
             forward,
             state,
             ewma_since,
@@ -338,7 +294,7 @@ impl<B> Service<()> for Endpoint<B> {
                 Admit::Ready => {
                     self.sleep = None;
                     if ejections != self.ewma_since {
-                        self.ewma = self.settings.peak_ewma(self.forward.clone());
+                        self.ewma = self.settings.peak_ewma();
                         self.ewma_since = ejections;
                     }
                     return Poll::Ready(Ok(()));
@@ -369,8 +325,23 @@ impl<B> Service<()> for Endpoint<B> {
         Poll::Pending
     }
 
+    /// Counts a request against the upstream (its probe, if one is due,
+    /// marked sent while p2c is still locked, so that no other request
+    /// takes it) and gives it to the caller to send.
     fn call(&mut self, (): ()) -> Self::Future {
-        self.ewma.call(())
+        let sent_under = lock(&self.state.health).dispatch();
+        self.state.stats.sent();
+        std::future::ready(Ok(Chosen {
+            forward: self.forward.clone(),
+            guard: Guard {
+                state: Arc::clone(&self.state),
+                settings: Arc::clone(&self.settings),
+                sent_under,
+                body_sent: None,
+                done: false,
+            },
+            handle: self.ewma.handle(self.clock.now()),
+        }))
     }
 }
 
@@ -378,12 +349,13 @@ impl<B> Load for Endpoint<B> {
     type Metric = RampedCost;
 
     fn load(&self) -> RampedCost {
+        let now = self.clock.now();
         let weight = {
             let health = lock(&self.state.health);
             match health.phase() {
                 Phase::Admitted { since } if self.ramped.get() == Some(since) => 1.0,
                 phase => {
-                    let weight = health.weight(Instant::now(), &self.settings.backoff);
+                    let weight = health.weight(now, &self.settings.backoff);
                     // The ramp only goes up while it stays admitted.
                     if let Phase::Admitted { since } = phase
                         && weight >= 1.0
@@ -397,7 +369,7 @@ impl<B> Load for Endpoint<B> {
         let held_back = weight < 1.0 && self.settings.random.next_unit() > weight;
         RampedCost {
             held_back,
-            cost: self.ewma.load(),
+            cost: self.ewma.cost(now),
         }
     }
 }

@@ -31,6 +31,7 @@ use tower::balance::p2c::Balance;
 
 use super::discover::Discovered;
 use super::endpoint::Chosen;
+use super::ewma::PickClock;
 use crate::sync::lock;
 
 /// p2c's waker: wakes every caller waiting for an upstream.
@@ -68,6 +69,9 @@ pub(crate) enum NotPicked {
 /// The shared p2c balancer.
 pub(crate) struct Picker<B> {
     p2c: Mutex<Balance<Discovered<B>, ()>>,
+    /// Read once per pick, under the lock: both loads p2c compares, the
+    /// send time and the deadline use it.
+    clock: Arc<PickClock>,
     wake_all: Arc<WakeAll>,
     waker: Waker,
 }
@@ -79,10 +83,11 @@ impl<B> fmt::Debug for Picker<B> {
 }
 
 impl<B> Picker<B> {
-    pub(crate) fn new(p2c: Balance<Discovered<B>, ()>) -> Self {
+    pub(crate) fn new(p2c: Balance<Discovered<B>, ()>, clock: Arc<PickClock>) -> Self {
         let wake_all = Arc::new(WakeAll(Notify::new()));
         Self {
             p2c: Mutex::new(p2c),
+            clock,
             waker: Waker::from(Arc::clone(&wake_all)),
             wake_all,
         }
@@ -91,6 +96,7 @@ impl<B> Picker<B> {
     /// The upstream p2c picks, if one is ready now.
     pub(crate) fn try_pick(&self) -> Picked<B> {
         let mut p2c = lock(&self.p2c);
+        self.clock.start();
         let mut cx = Context::from_waker(&self.waker);
         match p2c.poll_ready(&mut cx) {
             // The endpoint's future is ready at once (it only counts the

@@ -22,6 +22,7 @@ use super::body::{RequestBody, ResponseBody};
 use super::config::Settings;
 use super::discover::Discovered;
 use super::endpoint::{Attempt, Client, Failure};
+use super::ewma::PickClock;
 use super::pick::{NotPicked, Picked, Picker};
 use super::probe;
 use super::request::{Outcome, head_size, idempotent, may_retry, strip_hop_by_hop};
@@ -102,9 +103,10 @@ where
         client: Client<B>,
         settings: Arc<Settings>,
     ) -> Self {
-        let discover = Discovered::new(changes, client, Arc::clone(&settings));
+        let clock = Arc::new(PickClock::new());
+        let discover = Discovered::new(changes, client, Arc::clone(&settings), Arc::clone(&clock));
         let p2c = Balance::from_rng(discover, P2cRng(Arc::clone(&settings.random)));
-        let picker = Arc::new(Picker::new(p2c));
+        let picker = Arc::new(Picker::new(p2c, clock));
         let stop = CancellationToken::new();
         if let Some(path) = settings.health_path.clone() {
             tokio::spawn(probe::run(
