@@ -140,14 +140,17 @@ impl Future for ForwardFuture {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Attempt> {
         let this = self.project();
         let result = ready!(this.response.poll(cx));
-        // Dropped after the health below.
-        let _handle = this.handle.take();
+        // One clock read for peak-EWMA's round trip and the health.
+        let now = Instant::now();
+        if let Some(handle) = this.handle.take() {
+            handle.finish(now);
+        }
         let guard = this.guard;
         guard.done = true;
         guard.state.stats.ended();
         let outcome = match result {
             Ok(Ok(response)) => {
-                guard.state.succeeded(guard.sent_under);
+                guard.state.succeeded(guard.sent_under, now);
                 return Poll::Ready(Ok(response));
             }
             Ok(Err(error)) => {

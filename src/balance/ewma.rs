@@ -3,11 +3,11 @@
 //!
 //! tower's reads the clock twice for each load p2c compares (two per
 //! pick), once when the request is sent and twice when it is answered:
-//! seven reads per request, each 30–40 ns on a virtual machine, about 2%
-//! of a loopback round trip. Here one instant serves a whole pick
+//! seven reads per request, each 30–40 ns on a virtual machine, over 1% of
+//! a loopback round trip. Here one instant serves a whole pick
 //! ([`PickClock`]: read once by the picker, then both loads, the send time
-//! and the request's deadline use it), and the answer is read once:
-//! two reads per request.
+//! and the request's deadline use it), and one the answer (its round trip
+//! and the upstream's health): two reads per request.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -61,13 +61,14 @@ struct Estimate {
 }
 
 /// A request in flight: the estimate takes its response time when it is
-/// dropped (answered, failed or abandoned), and it counts as pending
-/// until then.
+/// finished (answered or failed) or dropped (abandoned), and it counts as
+/// pending until then.
 #[derive(Debug)]
 pub(crate) struct Handle {
     sent_at: Instant,
     decay_ns: f64,
     estimate: Arc<Mutex<Estimate>>,
+    finished: bool,
 }
 
 impl PeakEwma {
@@ -97,6 +98,7 @@ impl PeakEwma {
             sent_at,
             decay_ns: self.decay_ns,
             estimate: Arc::clone(&self.estimate),
+            finished: false,
         }
     }
 }
@@ -106,12 +108,20 @@ impl Handle {
     pub(crate) fn sent_at(&self) -> Instant {
         self.sent_at
     }
+
+    /// The upstream answered (or failed) at `now`.
+    pub(crate) fn finish(mut self, now: Instant) {
+        self.finished = true;
+        lock(&self.estimate).update(self.sent_at, now, now, self.decay_ns);
+    }
 }
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        let now = Instant::now();
-        lock(&self.estimate).update(self.sent_at, now, now, self.decay_ns);
+        if !self.finished {
+            let now = Instant::now();
+            lock(&self.estimate).update(self.sent_at, now, now, self.decay_ns);
+        }
     }
 }
 

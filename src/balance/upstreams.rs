@@ -63,11 +63,11 @@ impl UpstreamState {
             .unwrap_or_default()
     }
 
-    /// A request sent under `sent_under` got a response head.
-    pub(crate) fn succeeded(&self, sent_under: u64) {
+    /// A request sent under `sent_under` got a response head at `now`.
+    pub(crate) fn succeeded(&self, sent_under: u64, now: Instant) {
         let mut health = lock(&self.health);
         let before = health.phase();
-        health.succeeded(Instant::now(), sent_under);
+        health.succeeded(now, sent_under);
         if !matches!(before, Phase::Admitted { .. })
             && matches!(health.phase(), Phase::Admitted { .. })
         {
