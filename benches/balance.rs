@@ -17,8 +17,8 @@
 //! runtime. Target: `balanced_miss / direct_miss` at most 1.10.
 //!
 //! Measured (2 cores shared with other builds' benchmarks, load average
-//! 5–7): interleaved medians 1.080 (quartiles 1.066, 1.106), 1.052 and
-//! 1.059 (wide quartiles); callgrind (`BALANCE_COUNT`, below) 56,816
+//! 5–7): interleaved medians 1.080 (quartiles 1.066, 1.106), 1.052, 1.059
+//! and 1.097 (wide quartiles); callgrind (`BALANCE_COUNT`, below) 56,816
 //! instructions per balanced request against 48,463 direct (10,838 more
 //! before the request's future shrank, p2c's call only picked and
 //! peak-EWMA read the clock once per pick).
