@@ -16,6 +16,13 @@
 //! origins are axum routers served by hyper on 127.0.0.1, in the same
 //! runtime. Target: `balanced_miss / direct_miss` at most 1.10.
 //!
+//! Measured (2 cores shared with other builds' benchmarks, load average
+//! 5–7): interleaved medians 1.080 (quartiles 1.066, 1.106), 1.052, 1.059
+//! and 1.097 (wide quartiles); callgrind (`BALANCE_COUNT`, below) 56,816
+//! instructions per balanced request against 48,463 direct (10,838 more
+//! before the request's future shrank, p2c's call only picked and
+//! peak-EWMA read the clock once per pick).
+//!
 //! Then, under `cargo bench`, the same two requests interleaved in
 //! batches (`interleaved`): the ratio when both see the same load, which
 //! the two criterion functions, run one after the other on a shared
@@ -196,9 +203,37 @@ fn interleaved() {
     );
 }
 
+/// `BALANCE_COUNT=balanced:N` (or `direct:N`): both kinds warmed, then
+/// `N` requests of the one kind, and nothing else. For instruction counts:
+/// run it under `valgrind --tool=callgrind` for two values of `N`; the
+/// difference over the difference in `N` is the cost of one request,
+/// setup and warm-up excluded.
+fn count(spec: &str) {
+    let (kind, n) = spec.split_once(':').expect("BALANCE_COUNT=KIND:N");
+    let n: u32 = n.parse().expect("BALANCE_COUNT=KIND:N");
+    let s = setup();
+    s.rt.block_on(async {
+        for _ in 0..200 {
+            black_box(direct(&s.client, &s.direct_url).await);
+            black_box(balanced(&s.balancer, &s.item).await);
+        }
+        for _ in 0..n {
+            let body = match kind {
+                "balanced" => balanced(&s.balancer, &s.item).await,
+                _ => direct(&s.client, &s.direct_url).await,
+            };
+            black_box(body);
+        }
+    });
+}
+
 criterion_group!(benches, proxy);
 
 fn main() {
+    if let Ok(spec) = std::env::var("BALANCE_COUNT") {
+        count(&spec);
+        return;
+    }
     benches();
     Criterion::default().configure_from_args().final_summary();
     // Only under `cargo bench` (not `cargo test --benches`, nor a filter

@@ -170,9 +170,8 @@ impl IdGenerator {
 
     fn compose(&self, state: u64) -> i64 {
         let (time, sequence) = (state >> SEQUENCE_BITS, state & SEQUENCE_MASK);
-        let id = (time << (INSTANCE_BITS + SEQUENCE_BITS))
-            | (self.instance << SEQUENCE_BITS)
-            | sequence;
+        let id =
+            (time << (INSTANCE_BITS + SEQUENCE_BITS)) | (self.instance << SEQUENCE_BITS) | sequence;
         // 63 bits at most: the time is masked to 41.
         i64::try_from(id & (u64::MAX >> 1)).unwrap_or(i64::MAX)
     }
@@ -223,7 +222,10 @@ mod tests {
                     let ids = IdGenerator::new(instance).unwrap_or_else(|e| panic!("{e}"));
                     let made: Vec<i64> = (0..250_000).map(|_| ids.next_id()).collect();
                     assert!(made.windows(2).all(|w| w[0] < w[1]), "instance {instance}");
-                    assert!(made.iter().all(|id| IdParts::of(*id).instance == instance as u16));
+                    assert!(
+                        made.iter()
+                            .all(|id| IdParts::of(*id).instance == instance as u16)
+                    );
                     made
                 })
             })
@@ -284,12 +286,18 @@ mod tests {
         assert_eq!(first, (123_456_789 << 22) | (5 << 12));
         assert_eq!(ids.next_id(), first + 1);
         let parts = IdParts::of(first + 1);
-        assert_eq!((parts.millis, parts.instance, parts.sequence), (123_456_789, 5, 1));
+        assert_eq!(
+            (parts.millis, parts.instance, parts.sequence),
+            (123_456_789, 5, 1)
+        );
         assert_eq!(
             parts.time(),
             UNIX_EPOCH + Duration::from_millis(EPOCH_UNIX_MS + 123_456_789)
         );
-        assert_eq!(IdGenerator::new(1024).map(|_| ()), Err(InvalidInstance(1024)));
+        assert_eq!(
+            IdGenerator::new(1024).map(|_| ()),
+            Err(InvalidInstance(1024))
+        );
         assert!(IdGenerator::new(1023).is_ok());
     }
 

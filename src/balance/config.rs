@@ -7,8 +7,6 @@ use http::uri::PathAndQuery;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tower::load::CompleteOnResponse;
-use tower::load::peak_ewma::PeakEwma;
 
 use super::body::RequestBody;
 
@@ -16,6 +14,7 @@ use super::body::RequestBody;
 /// hyper's examples): the client closes an idle connection first.
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 use super::error::BuildError;
+use super::ewma::PeakEwma;
 use super::health::Backoff;
 use super::service::Balancer;
 use super::upstreams::Upstreams;
@@ -37,16 +36,10 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
-    /// A fresh peak-EWMA around `service`: no latency measured yet, so
-    /// `default_rtt` stands in until the first response.
-    pub(crate) fn peak_ewma<S>(&self, service: S) -> PeakEwma<S> {
-        let decay_ns = self.decay.as_secs_f64() * 1e9;
-        PeakEwma::new(
-            service,
-            self.default_rtt,
-            decay_ns,
-            CompleteOnResponse::default(),
-        )
+    /// A fresh peak-EWMA: no latency measured yet, so `default_rtt`
+    /// stands in until the first response.
+    pub(crate) fn peak_ewma(&self) -> PeakEwma {
+        PeakEwma::new(self.default_rtt, self.decay, tokio::time::Instant::now())
     }
 }
 

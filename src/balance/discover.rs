@@ -13,7 +13,8 @@ use tower::discover::Change;
 
 use super::config::Settings;
 use super::endpoint::{Client, Endpoint};
-use super::upstreams::{Key, SetChange};
+use super::ewma::PickClock;
+use super::upstreams::{Id, SetChange};
 
 /// The stream of changes p2c consumes ([`tower::discover::Discover`] is
 /// implemented for it).
@@ -21,6 +22,7 @@ pub(crate) struct Discovered<B> {
     changes: mpsc::UnboundedReceiver<SetChange>,
     client: Client<B>,
     settings: Arc<Settings>,
+    clock: Arc<PickClock>,
 }
 
 impl<B> Discovered<B> {
@@ -28,11 +30,13 @@ impl<B> Discovered<B> {
         changes: mpsc::UnboundedReceiver<SetChange>,
         client: Client<B>,
         settings: Arc<Settings>,
+        clock: Arc<PickClock>,
     ) -> Self {
         Self {
             changes,
             client,
             settings,
+            clock,
         }
     }
 }
@@ -44,7 +48,7 @@ impl<B> fmt::Debug for Discovered<B> {
 }
 
 impl<B> Stream for Discovered<B> {
-    type Item = Result<Change<Key, Endpoint<B>>, Infallible>;
+    type Item = Result<Change<Id, Endpoint<B>>, Infallible>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
@@ -53,7 +57,12 @@ impl<B> Stream for Discovered<B> {
                 Ok(match change {
                     Change::Insert(key, state) => Change::Insert(
                         key,
-                        Endpoint::new(state, this.client.clone(), Arc::clone(&this.settings)),
+                        Endpoint::new(
+                            state,
+                            this.client.clone(),
+                            Arc::clone(&this.settings),
+                            Arc::clone(&this.clock),
+                        ),
                     ),
                     Change::Remove(key) => Change::Remove(key),
                 })

@@ -1,9 +1,12 @@
 //! One upstream as the p2c balancer sees it: [`Endpoint`] gates it by its
 //! health (`poll_ready` is pending while it is ejected, and while its
 //! probe runs) and reports its load (peak-EWMA, held back at random while
-//! it ramps up); [`Forward`] sends the request on the shared keep-alive
-//! client and reads the outcome into its health.
+//! it ramps up). p2c's `call` only picks: it counts the request against
+//! the upstream and gives a [`Chosen`] (with its peak-EWMA handle), which
+//! the caller sends on the shared keep-alive client once it has let go of
+//! p2c's lock; the [`ForwardFuture`] reads the outcome into its health.
 
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
@@ -19,12 +22,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::time::{Instant, Sleep, Timeout};
 use tower::Service;
 use tower::load::Load;
-use tower::load::completion::{CompleteOnResponse, TrackCompletionFuture};
-use tower::load::peak_ewma::{self, PeakEwma};
 
 use super::body::RequestBody;
 use super::config::Settings;
-use super::health::Admit;
+use super::ewma::{self, PeakEwma, PickClock};
+use super::health::{Admit, Phase};
 use super::request::{Outcome, classify, target};
 use super::stats::FailureKind;
 use super::upstreams::UpstreamState;
@@ -34,10 +36,8 @@ use crate::sync::lock;
 /// upstream).
 pub(crate) type Client<B> = hyper_util::client::legacy::Client<HttpConnector, RequestBody<B>>;
 
-/// What an endpoint's `call` returns: the forwarded request, its response
-/// time measured for peak-EWMA.
-pub(crate) type EndpointFuture =
-    TrackCompletionFuture<ForwardFuture, CompleteOnResponse, peak_ewma::Handle>;
+/// What an endpoint's `call` returns: the upstream picked, at once.
+pub(crate) type EndpointFuture<B> = std::future::Ready<Result<Chosen<B>, Infallible>>;
 
 /// A request to one upstream that did not get a response head.
 #[derive(Debug)]
@@ -49,9 +49,9 @@ pub(crate) struct Failure {
 /// What one upstream gave.
 pub(crate) type Attempt = Result<Response<Incoming>, Failure>;
 
-/// Sends a request to one upstream. One pointer: p2c's ready cache moves
-/// its endpoints (each holding two of these) at every request, and a
-/// hyper client is several hundred bytes.
+/// One upstream's sending side. One pointer: p2c's ready cache moves
+/// its endpoints at every request, and a hyper client is several hundred
+/// bytes.
 pub(crate) struct Forward<B> {
     shared: Arc<ForwardShared<B>>,
 }
@@ -78,70 +78,70 @@ impl<B> fmt::Debug for Forward<B> {
     }
 }
 
-impl<B> Service<Request<RequestBody<B>>> for Forward<B>
+/// The upstream p2c picked for a request, ready to send it.
+pub(crate) struct Chosen<B> {
+    forward: Forward<B>,
+    guard: Guard,
+    /// Peak-EWMA's measure of this request (none for panic mode's probe,
+    /// sent past p2c).
+    handle: Option<ewma::Handle>,
+}
+
+impl<B> Chosen<B>
 where
     B: Body + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    type Response = Attempt;
-    type Error = Infallible;
-    type Future = ForwardFuture;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<RequestBody<B>>) -> ForwardFuture {
-        let sent_under = lock(&self.shared.state.health).dispatch();
-        send(&self.shared, req, sent_under)
+    /// Sends `req` to the upstream.
+    pub(crate) fn send(self, req: Request<RequestBody<B>>) -> ForwardFuture {
+        let Self {
+            forward,
+            mut guard,
+            handle,
+        } = self;
+        let (mut parts, body) = req.into_parts();
+        guard.body_sent = body.sent_flag();
+        let this = &*forward.shared;
+        parts.uri = target(&this.state.scheme, &this.state.authority, &parts.uri);
+        let response = this.client.request(Request::from_parts(parts, body));
+        // From the instant of the pick: no clock read of its own.
+        let sent_at = handle
+            .as_ref()
+            .map_or_else(Instant::now, ewma::Handle::sent_at);
+        ForwardFuture {
+            response: tokio::time::timeout_at(sent_at + this.settings.upstream_timeout, response),
+            guard,
+            handle,
+        }
     }
 }
 
-/// Panic mode's probe: `req` straight to `state` (not through p2c), as
-/// the probe [`Health::panic_probe`](super::health::Health::panic_probe)
-/// started under `sent_under`.
+/// Panic mode's probe of `state`, past p2c, started under `sent_under`
+/// (see [`Health::panic_probe`](super::health::Health::panic_probe)).
 pub(crate) fn panic_probe<B>(
     state: Arc<UpstreamState>,
     client: Client<B>,
     settings: Arc<Settings>,
-    req: Request<RequestBody<B>>,
     sent_under: u64,
-) -> ForwardFuture
-where
-    B: Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let shared = ForwardShared {
-        state,
-        client,
-        settings,
-    };
-    send(&shared, req, sent_under)
-}
-
-/// Sends `req` to the upstream, dispatched under `sent_under`.
-fn send<B>(this: &ForwardShared<B>, req: Request<RequestBody<B>>, sent_under: u64) -> ForwardFuture
-where
-    B: Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let (mut parts, body) = req.into_parts();
-    let body_sent = body.sent_flag();
-    parts.uri = target(&this.state.scheme, &this.state.authority, &parts.uri);
-    this.state.stats.sent();
-    let response = this.client.request(Request::from_parts(parts, body));
-    ForwardFuture {
-        response: tokio::time::timeout(this.settings.upstream_timeout, response),
+) -> Chosen<B> {
+    state.stats.sent();
+    Chosen {
+        forward: Forward {
+            shared: Arc::new(ForwardShared {
+                state: Arc::clone(&state),
+                client,
+                settings: Arc::clone(&settings),
+            }),
+        },
         guard: Guard {
-            state: Arc::clone(&this.state),
-            settings: Arc::clone(&this.settings),
+            state,
+            settings,
             sent_under,
-            body_sent,
+            body_sent: None,
             done: false,
         },
+        handle: None,
     }
 }
 
@@ -152,6 +152,9 @@ pin_project_lite::pin_project! {
         #[pin]
         response: Timeout<hyper_util::client::legacy::ResponseFuture>,
         guard: Guard,
+        // Dropped when the upstream answered (or failed): peak-EWMA's
+        // round trip ends.
+        handle: Option<ewma::Handle>,
     }
 }
 
@@ -164,18 +167,23 @@ impl fmt::Debug for ForwardFuture {
 }
 
 impl Future for ForwardFuture {
-    type Output = Result<Attempt, Infallible>;
+    type Output = Attempt;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Attempt> {
         let this = self.project();
         let result = ready!(this.response.poll(cx));
+        // One clock read for peak-EWMA's round trip and the health.
+        let now = Instant::now();
+        if let Some(handle) = this.handle.take() {
+            handle.finish(now);
+        }
         let guard = this.guard;
         guard.done = true;
         guard.state.stats.ended();
         let outcome = match result {
             Ok(Ok(response)) => {
-                guard.state.succeeded(guard.sent_under);
-                return Poll::Ready(Ok(Ok(response)));
+                guard.state.succeeded(guard.sent_under, now);
+                return Poll::Ready(Ok(response));
             }
             Ok(Err(error)) => {
                 let outcome = match classify(&error) {
@@ -216,10 +224,10 @@ impl Future for ForwardFuture {
                 lock(&guard.state.health).abandoned(guard.sent_under)
             }
         }
-        Poll::Ready(Ok(Err(Failure {
+        Poll::Ready(Err(Failure {
             outcome,
             upstream: Arc::clone(&guard.state),
-        })))
+        }))
     }
 }
 
@@ -250,18 +258,24 @@ impl Drop for Guard {
 pub(crate) struct RampedCost {
     // Field order matters: compared first.
     held_back: bool,
-    cost: peak_ewma::Cost,
+    cost: f64,
 }
 
 /// One upstream in the balancer.
 pub(crate) struct Endpoint<B> {
     state: Arc<UpstreamState>,
     forward: Forward<B>,
-    ewma: PeakEwma<Forward<B>>,
+    ewma: PeakEwma,
+    /// The instant of the pick under way.
+    clock: Arc<PickClock>,
     /// The ejection count its peak-EWMA was started under: after an
     /// ejection it starts afresh (a timeout's peak would starve it for
     /// long after it recovered).
     ewma_since: u64,
+    /// The start of the admission its ramp was last seen finished in:
+    /// while the upstream stays admitted since then, its weight is 1.0
+    /// without reading the clock.
+    ramped: Cell<Option<Instant>>,
     sleep: Option<Pin<Box<Sleep>>>,
     settings: Arc<Settings>,
 }
@@ -279,6 +293,7 @@ impl<B> Endpoint<B> {
         state: Arc<UpstreamState>,
         client: Client<B>,
         settings: Arc<Settings>,
+        clock: Arc<PickClock>,
     ) -> Self {
         let forward = Forward {
             shared: Arc::new(ForwardShared {
@@ -289,39 +304,41 @@ impl<B> Endpoint<B> {
         };
         let ewma_since = lock(&state.health).ejections();
         Self {
-            ewma: settings.peak_ewma(forward.clone()),
+            ewma: settings.peak_ewma(),
+            clock,
             forward,
             state,
             ewma_since,
+            ramped: Cell::new(None),
             sleep: None,
             settings,
         }
     }
 }
 
-impl<B> Service<Request<RequestBody<B>>> for Endpoint<B>
-where
-    B: Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    type Response = Attempt;
+impl<B> Service<()> for Endpoint<B> {
+    type Response = Chosen<B>;
     type Error = Infallible;
-    type Future = EndpointFuture;
+    type Future = EndpointFuture<B>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         // Twice at most: once more after a back-off's timer fired.
         for _ in 0..2 {
             let (admit, ejections) = {
                 let mut health = lock(&self.state.health);
-                let admit = health.admit(Instant::now(), Some(cx.waker()));
+                // In rotation: ready, without reading the clock.
+                let admit = if let Phase::Admitted { .. } = health.phase() {
+                    Admit::Ready
+                } else {
+                    health.admit(Instant::now(), Some(cx.waker()))
+                };
                 (admit, health.ejections())
             };
             match admit {
                 Admit::Ready => {
                     self.sleep = None;
                     if ejections != self.ewma_since {
-                        self.ewma = self.settings.peak_ewma(self.forward.clone());
+                        self.ewma = self.settings.peak_ewma();
                         self.ewma_since = ejections;
                     }
                     return Poll::Ready(Ok(()));
@@ -352,8 +369,23 @@ where
         Poll::Pending
     }
 
-    fn call(&mut self, req: Request<RequestBody<B>>) -> Self::Future {
-        self.ewma.call(req)
+    /// Counts a request against the upstream (its probe, if one is due,
+    /// marked sent while p2c is still locked, so that no other request
+    /// takes it) and gives it to the caller to send.
+    fn call(&mut self, (): ()) -> Self::Future {
+        let sent_under = lock(&self.state.health).dispatch();
+        self.state.stats.sent();
+        std::future::ready(Ok(Chosen {
+            forward: self.forward.clone(),
+            guard: Guard {
+                state: Arc::clone(&self.state),
+                settings: Arc::clone(&self.settings),
+                sent_under,
+                body_sent: None,
+                done: false,
+            },
+            handle: Some(self.ewma.handle(self.clock.now())),
+        }))
     }
 }
 
@@ -361,11 +393,27 @@ impl<B> Load for Endpoint<B> {
     type Metric = RampedCost;
 
     fn load(&self) -> RampedCost {
-        let weight = lock(&self.state.health).weight(Instant::now(), &self.settings.backoff);
+        let now = self.clock.now();
+        let weight = {
+            let health = lock(&self.state.health);
+            match health.phase() {
+                Phase::Admitted { since } if self.ramped.get() == Some(since) => 1.0,
+                phase => {
+                    let weight = health.weight(now, &self.settings.backoff);
+                    // The ramp only goes up while it stays admitted.
+                    if let Phase::Admitted { since } = phase
+                        && weight >= 1.0
+                    {
+                        self.ramped.set(Some(since));
+                    }
+                    weight
+                }
+            }
+        };
         let held_back = weight < 1.0 && self.settings.random.next_unit() > weight;
         RampedCost {
             held_back,
-            cost: self.ewma.load(),
+            cost: self.ewma.cost(now),
         }
     }
 }

@@ -44,8 +44,10 @@
 //! # Choosing an upstream: p2c over peak-EWMA
 //!
 //! Each request goes to the less loaded of two upstreams drawn at random
-//! ([`tower::balance::p2c::Balance`]). The load is
-//! [`tower::load::PeakEwma`]: the moving average of the upstream's
+//! ([`tower::balance::p2c::Balance`]). The load is peak-EWMA, as
+//! [`tower::load::PeakEwma`] computes it (the balancer computes it itself,
+//! reading the clock once per pick rather than seven times per request):
+//! the moving average of the upstream's
 //! response time (to the response head), which jumps to any slower
 //! response at once and decays back over [`decay`](BalancerBuilder::decay),
 //! multiplied by the requests it has in flight. Peak-EWMA rather than
@@ -150,6 +152,7 @@ mod config;
 mod discover;
 mod endpoint;
 pub mod error;
+mod ewma;
 mod health;
 mod pick;
 mod probe;

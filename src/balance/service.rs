@@ -21,7 +21,8 @@ use tower::balance::p2c::Balance;
 use super::body::{RequestBody, ResponseBody};
 use super::config::Settings;
 use super::discover::Discovered;
-use super::endpoint::{Attempt, Client, EndpointFuture, Failure, ForwardFuture};
+use super::endpoint::{Attempt, Chosen, Client, Failure};
+use super::ewma::PickClock;
 use super::pick::{Picked, Picker, Waited};
 use super::probe;
 use super::request::{Outcome, head_size, idempotent, may_retry, strip_hop_by_hop};
@@ -31,10 +32,6 @@ use crate::http::UpstreamUnreachable;
 use crate::random::Random;
 
 type UpstreamRequest<B> = Request<RequestBody<B>>;
-/// What p2c's `call` returns (named without bounds on `B`, so that the
-/// balancer's struct needs none).
-pub(crate) type P2cFuture =
-    futures_util::future::MapErr<EndpointFuture, fn(Infallible) -> tower::BoxError>;
 
 /// Spreads requests over [`Upstreams`] with `tower::balance::p2c` over
 /// peak-EWMA load, ejecting upstreams that fail and retrying what may be
@@ -106,10 +103,15 @@ where
         client: Client<B>,
         settings: Arc<Settings>,
     ) -> Self {
-        let client_for_probes = client.clone();
-        let discover = Discovered::new(changes, client, Arc::clone(&settings));
+        let clock = Arc::new(PickClock::new());
+        let discover = Discovered::new(
+            changes,
+            client.clone(),
+            Arc::clone(&settings),
+            Arc::clone(&clock),
+        );
         let p2c = Balance::from_rng(discover, P2cRng(Arc::clone(&settings.random)));
-        let picker = Arc::new(Picker::new(p2c, client_for_probes, Arc::clone(&settings)));
+        let picker = Arc::new(Picker::new(p2c, clock, client, Arc::clone(&settings)));
         let stop = CancellationToken::new();
         if let Some(path) = settings.health_path.clone() {
             tokio::spawn(probe::run(
@@ -155,11 +157,7 @@ where
 
     fn call(&mut self, req: Request<B>) -> ResponseFuture {
         ResponseFuture {
-            inner: Box::pin(forward(
-                Arc::clone(&self.picker),
-                Arc::clone(&self.shared),
-                req,
-            )),
+            inner: forward(Arc::clone(&self.picker), Arc::clone(&self.shared), req),
         }
     }
 }
@@ -167,8 +165,10 @@ where
 /// The response future of [`Balancer`]. Boxed: the balancer's whole path
 /// is a network round trip, where one allocation does not show.
 pub struct ResponseFuture {
-    inner: Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>>,
+    inner: Answer,
 }
+
+type Answer = Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>>;
 
 impl fmt::Debug for ResponseFuture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -246,97 +246,28 @@ impl Head {
     }
 }
 
-/// A request on its way.
-enum Sending {
-    /// Through p2c.
-    P2c(P2cFuture),
-    /// Panic mode's early probe, past p2c.
-    Probe(ForwardFuture),
-}
-
-/// Why [`wait_for_one`] sent nothing: the answer to give (unless an
-/// earlier attempt's failure says more).
-enum Gave {
-    Up(Response<ResponseBody>),
-}
-
-/// No upstream was ready: waits (at most the upstream timeout) for one,
-/// looking at the set again at every change. When no upstream takes
-/// requests (each ejected, or being probed), a request (`may_panic`: not
-/// a retry) probes the one whose back-off ends first at once if none is
-/// being probed (panic mode: with a single upstream, one failure would
-/// otherwise answer 502 for the whole back-off); the others are answered
-/// at once (a 502 marked unreachable), never kept waiting for a probe.
-async fn wait_for_one<B>(
-    picker: &Picker<B>,
-    shared: &Shared,
-    mut req: UpstreamRequest<B>,
-    may_panic: bool,
-) -> Result<Sending, Gave>
+/// What needs no upstream is answered here; the rest is [`send`]'s, whose
+/// future does not hold the request as it came (an async fn keeps its
+/// arguments for its whole life): 1,232 bytes with it, too large for the
+/// allocator's per-thread cache, a slow `malloc` and `free` per request.
+fn forward<B>(picker: Arc<Picker<B>>, shared: Arc<Shared>, req: Request<B>) -> Answer
 where
     B: Body + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let deadline = tokio::time::Instant::now() + shared.settings.upstream_timeout;
-    loop {
-        let (configured, usable) = shared.upstreams.usable();
-        if !configured {
-            return Err(Gave::Up(own(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no upstream configured\n",
-            )));
-        }
-        if !usable {
-            if !may_panic {
-                return Err(Gave::Up(none_in_rotation("no upstream in rotation\n")));
-            }
-            if let Some((state, sent_under)) = shared.upstreams.panic_probe() {
-                return Ok(Sending::Probe(picker.panic_probe(state, req, sent_under)));
-            }
-            // A probe runs (an answer at once beats waiting for it: a
-            // cache in front may serve stale), or one came back meanwhile.
-            if !shared.upstreams.usable().1 {
-                return Err(Gave::Up(none_in_rotation("no upstream in rotation\n")));
-            }
-            continue;
-        }
-        req = match picker.send_or_wait(req, deadline).await {
-            Ok(sent) => return Ok(Sending::P2c(sent)),
-            Err(Waited::Changed(req)) => req,
-            Err(Waited::Timeout) => {
-                return Err(Gave::Up(none_in_rotation(
-                    "no upstream became ready within the upstream timeout\n",
-                )));
-            }
-            Err(Waited::Failed) => {
-                return Err(Gave::Up(own(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "balancer stopped\n",
-                )));
-            }
-        };
-    }
-}
-
-async fn forward<B>(
-    picker: Arc<Picker<B>>,
-    shared: Arc<Shared>,
-    req: Request<B>,
-) -> Response<ResponseBody>
-where
-    B: Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+    let answer = |res| -> Answer { Box::pin(std::future::ready(res)) };
     if req.method() == Method::CONNECT {
-        return own(StatusCode::NOT_IMPLEMENTED, "CONNECT is not supported\n");
+        return answer(own(
+            StatusCode::NOT_IMPLEMENTED,
+            "CONNECT is not supported\n",
+        ));
     }
     if head_size(req.uri(), req.headers()) > shared.settings.max_request_head {
-        return own(
+        return answer(own(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "request head too large\n",
-        );
+        ));
     }
     let (parts, body) = req.into_parts();
     let mut head = Head {
@@ -354,38 +285,95 @@ where
     {
         head.headers.insert(http::header::HOST, host);
     }
+    Box::pin(send(picker, shared, head, body))
+}
+
+/// No upstream was ready: waits (at most the upstream timeout) for one,
+/// looking at the set again at every change. When no upstream takes
+/// requests (each ejected, or being probed), a request (`may_panic`: not
+/// a retry) probes the one whose back-off ends first at once if none is
+/// being probed (panic mode: with a single upstream, one failure would
+/// otherwise answer 502 for the whole back-off); the others are answered
+/// at once (a 502 marked unreachable), never kept waiting for a probe.
+/// `Err`: the answer to give (unless an earlier attempt's failure says
+/// more).
+async fn wait_for_one<B>(
+    picker: &Picker<B>,
+    shared: &Shared,
+    may_panic: bool,
+) -> Result<Chosen<B>, Response<ResponseBody>>
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let deadline = tokio::time::Instant::now() + shared.settings.upstream_timeout;
+    loop {
+        let (configured, usable) = shared.upstreams.usable();
+        if !configured {
+            return Err(own(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no upstream configured\n",
+            ));
+        }
+        if !usable {
+            if may_panic && let Some((state, sent_under)) = shared.upstreams.panic_probe() {
+                return Ok(picker.panic_probe(state, sent_under));
+            }
+            // A probe runs (an answer at once beats waiting for it: a
+            // cache in front may serve stale), or one came back meanwhile.
+            if !may_panic || !shared.upstreams.usable().1 {
+                return Err(none_in_rotation("no upstream in rotation\n"));
+            }
+            continue;
+        }
+        match picker.pick_or_wait(deadline).await {
+            Ok(chosen) => return Ok(chosen),
+            Err(Waited::Changed) => {}
+            Err(Waited::Timeout) => {
+                return Err(none_in_rotation(
+                    "no upstream became ready within the upstream timeout\n",
+                ));
+            }
+            Err(Waited::Failed) => {
+                return Err(own(StatusCode::SERVICE_UNAVAILABLE, "balancer stopped\n"));
+            }
+        }
+    }
+}
+
+async fn send<B>(
+    picker: Arc<Picker<B>>,
+    shared: Arc<Shared>,
+    head: Head,
+    body: B,
+) -> Response<ResponseBody>
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let idempotent = idempotent(&head.method);
     let (mut body, mut back) = RequestBody::new(body);
     let mut last: Option<Failure> = None;
     for _attempt in 0..2 {
         // The common case first: an upstream is ready, nothing else to ask.
-        let sending = match picker.try_send(head.request(body)) {
-            Picked::Sent(sent) => Sending::P2c(sent),
+        let chosen = match picker.try_pick() {
+            Picked::Chosen(chosen) => chosen,
             Picked::Failed => return own(StatusCode::SERVICE_UNAVAILABLE, "balancer stopped\n"),
             // Boxed: the rare path keeps the common one's future small.
-            Picked::Pending(req) => {
-                match Box::pin(wait_for_one(&picker, &shared, req, last.is_none())).await {
-                    Ok(sending) => sending,
-                    Err(Gave::Up(why)) => {
-                        return match last {
-                            Some(failure) => failed(failure.outcome),
-                            None => why,
-                        };
-                    }
+            Picked::Pending => match Box::pin(wait_for_one(&picker, &shared, last.is_none())).await
+            {
+                Ok(chosen) => chosen,
+                Err(why) => {
+                    return match last {
+                        Some(failure) => failed(failure.outcome),
+                        None => why,
+                    };
                 }
-            }
-        };
-        let attempt: Attempt = match sending {
-            Sending::P2c(sent) => match sent.await {
-                Ok(attempt) => attempt,
-                // The endpoint's error is `Infallible`, boxed by p2c.
-                Err(_) => return own(StatusCode::SERVICE_UNAVAILABLE, "balancer stopped\n"),
-            },
-            Sending::Probe(sent) => match sent.await {
-                Ok(attempt) => attempt,
-                Err(never) => match never {},
             },
         };
+        let attempt: Attempt = chosen.send(head.request(body)).await;
         let failure = match attempt {
             Ok(res) => {
                 let (mut parts, body) = res.into_parts();

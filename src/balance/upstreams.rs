@@ -3,6 +3,7 @@
 //! stream of changes the balancer consumes as its `Discover`.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,14 +21,20 @@ use crate::sync::lock;
 /// An upstream's identity in the balancer: `http://host:port`.
 pub(crate) type Key = Arc<str>;
 
+/// An upstream's key in the balancer's discover stream: a number unique
+/// in the process (tower's ready cache hashes it at every request, as it
+/// moves the called endpoint out of its ready set and back).
+pub(crate) type Id = u64;
+
 /// A change to the set, as the balancer's discover stream receives it.
-pub(crate) type SetChange = Change<Key, Arc<UpstreamState>>;
+pub(crate) type SetChange = Change<Id, Arc<UpstreamState>>;
 
 /// One upstream: where it is, its health, its counters. Shared by the
 /// handle, the balancer's endpoint and the health checks.
 #[derive(Debug)]
 pub(crate) struct UpstreamState {
     pub(crate) key: Key,
+    pub(crate) id: Id,
     pub(crate) scheme: Scheme,
     pub(crate) authority: Authority,
     pub(crate) health: Mutex<Health>,
@@ -36,9 +43,11 @@ pub(crate) struct UpstreamState {
 
 impl UpstreamState {
     fn new(key: Key, authority: Authority) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
         Self {
             stats: UpstreamStats::new(&key),
             key,
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
             scheme: Scheme::HTTP,
             authority,
             health: Mutex::new(Health::new(Instant::now())),
@@ -55,11 +64,11 @@ impl UpstreamState {
             .unwrap_or_default()
     }
 
-    /// A request sent under `sent_under` got a response head.
-    pub(crate) fn succeeded(&self, sent_under: u64) {
+    /// A request sent under `sent_under` got a response head at `now`.
+    pub(crate) fn succeeded(&self, sent_under: u64, now: Instant) {
         let mut health = lock(&self.health);
         let before = health.phase();
-        health.succeeded(Instant::now(), sent_under);
+        health.succeeded(now, sent_under);
         if !matches!(before, Phase::Admitted { .. })
             && matches!(health.phase(), Phase::Admitted { .. })
         {
@@ -260,9 +269,9 @@ impl Upstreams {
         if registry.list.iter().any(|u| u.key == key) {
             return Ok(false);
         }
-        let state = Arc::new(UpstreamState::new(key.clone(), authority));
+        let state = Arc::new(UpstreamState::new(key, authority));
         registry.list.push(Arc::clone(&state));
-        registry.send(Change::Insert(key, state));
+        registry.send(Change::Insert(state.id, state));
         Ok(true)
     }
 
@@ -277,7 +286,7 @@ impl Upstreams {
             return false;
         };
         let state = registry.list.remove(i);
-        registry.send(Change::Remove(key));
+        registry.send(Change::Remove(state.id));
         drop(registry);
         state.stats.removed();
         lock(&state.health).wake();
@@ -308,7 +317,7 @@ impl Upstreams {
             keep
         });
         for state in &removed {
-            registry.send(Change::Remove(state.key.clone()));
+            registry.send(Change::Remove(state.id));
             outcome.removed.push(state.uri());
         }
         let present: HashSet<Key> = registry.list.iter().map(|u| u.key.clone()).collect();
@@ -316,10 +325,10 @@ impl Upstreams {
             if present.contains(&key) {
                 continue;
             }
-            let state = Arc::new(UpstreamState::new(key.clone(), authority));
+            let state = Arc::new(UpstreamState::new(key, authority));
             outcome.added.push(state.uri());
             registry.list.push(Arc::clone(&state));
-            registry.send(Change::Insert(key, state));
+            registry.send(Change::Insert(state.id, state));
         }
         drop(registry);
         for state in removed {
@@ -440,7 +449,7 @@ impl Upstreams {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         for u in &registry.list {
-            let _ = tx.send(Change::Insert(u.key.clone(), Arc::clone(u)));
+            let _ = tx.send(Change::Insert(u.id, Arc::clone(u)));
         }
         registry.subscriber = Some(tx);
         registry.backoff = backoff;
