@@ -404,6 +404,17 @@ impl ShardedCluster {
         }
     }
 
+    /// The map, refreshed unless another caller already installed one
+    /// newer than `seen`.
+    pub(crate) async fn refresh_if_not_newer(&self, seen: u64) -> Result<Arc<SlotMap>, ShardError> {
+        let _one = self.inner.refreshing.lock().await;
+        let current = self.map();
+        if current.version() > seen {
+            return Ok(current);
+        }
+        self.refresh_locked().await
+    }
+
     /// Refreshes the map if a token was routed by a newer one.
     pub(crate) async fn catch_up_map(&self, version: u64) -> Result<(), ShardError> {
         if version > self.map().version() {

@@ -109,38 +109,50 @@ enum Fenced<T> {
 
 impl ShardedCluster {
     /// The owner of `slot` by the current map, with the map's version.
-    fn owner(&self, slot: u16) -> Result<(usize, u64), ShardError> {
+    /// A slot without an owner is between a move's two commits (or an
+    /// interrupted move): the map is refreshed until it has one, within
+    /// the moved wait.
+    async fn owner(&self, slot: u16) -> Result<(usize, u64), ShardError> {
         let map = self.map();
-        let index = map.owner_index(slot).ok_or(ShardError::Unowned { slot })?;
-        Ok((index, map.version()))
+        if let Some(index) = map.owner_index(slot) {
+            return Ok((index, map.version()));
+        }
+        let deadline = tokio::time::Instant::now() + self.inner.moved_wait;
+        let mut pause = std::time::Duration::from_millis(2);
+        let mut seen = map.version();
+        loop {
+            let map = self.refresh_if_not_newer(seen).await?;
+            seen = map.version();
+            if let Some(index) = map.owner_index(slot) {
+                return Ok((index, map.version()));
+            }
+            if tokio::time::Instant::now() + pause > deadline {
+                return Err(ShardError::Unowned { slot });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_millis(50));
+        }
     }
 
-    /// Runs `attempt` on the slot's owner; on [`Fenced::Moved`] refreshes
-    /// the map (waiting for the new owner within the moved wait) and runs
-    /// it once more. `attempt` gets the shard index and whether this is
-    /// the retry.
-    async fn fenced<T>(
+    /// After shard `refused` refused `slot` (map `version`): the shard to
+    /// retry on, once the map shows one (see `refresh_after_moved`).
+    async fn after_moved(
         &self,
         slot: u16,
+        refused: usize,
+        version: u64,
         read: bool,
-        attempt: impl AsyncFn(usize, bool) -> Result<Fenced<T>, ShardError>,
-    ) -> Result<(T, usize, u64), ShardError> {
-        let (index, version) = self.owner(slot)?;
-        if let Fenced::Done(t) = attempt(index, false).await? {
-            return Ok((t, index, version));
-        }
-        let moved = |index: usize| ShardError::Moved {
+    ) -> Result<usize, ShardError> {
+        self.refresh_after_moved(slot, refused, version, read)
+            .await?
+            .ok_or_else(|| self.moved(slot, refused, version))
+    }
+
+    fn moved(&self, slot: u16, index: usize, version: u64) -> ShardError {
+        ShardError::Moved {
             slot,
             shard: Arc::clone(&self.inner.shards[index].name),
             version,
-        };
-        let Some(next) = self.refresh_after_moved(slot, index, version, read).await? else {
-            return Err(moved(index));
-        };
-        let version = self.map().version();
-        match attempt(next, true).await? {
-            Fenced::Done(t) => Ok((t, next, version)),
-            Fenced::Moved => Err(moved(next)),
         }
     }
 
@@ -164,6 +176,24 @@ impl ShardedCluster {
         Ok(Fenced::Done(tx))
     }
 
+    /// A fenced transaction on the owner of `slot`, after one refresh
+    /// and retry if refused; with the shard index and the map version.
+    async fn begin_owned(&self, slot: u16) -> Result<(Transaction, usize, u64), ShardError> {
+        let (mut index, version) = self.owner(slot).await?;
+        let mut retried = false;
+        loop {
+            match self.begin_fenced(index, slot).await? {
+                Fenced::Done(tx) if retried => return Ok((tx, index, self.map().version())),
+                Fenced::Done(tx) => return Ok((tx, index, version)),
+                Fenced::Moved if retried => return Err(self.moved(slot, index, version)),
+                Fenced::Moved => {
+                    index = self.after_moved(slot, index, version, false).await?;
+                    retried = true;
+                }
+            }
+        }
+    }
+
     /// Runs a statement on the primary of `key`'s shard, in a transaction
     /// that first takes the slot's ownership row `FOR SHARE` (so the slot
     /// cannot move until it commits, and a shard that does not own the
@@ -179,21 +209,11 @@ impl ShardedCluster {
         params: Params<'_>,
     ) -> Result<ShardWritten<Vec<Row>>, ShardError> {
         let slot = self.slot(key);
-        let ((rows, token), index, version) = self
-            .fenced(slot, false, async |index, _| {
-                let Fenced::Done(tx) = self.begin_fenced(index, slot).await? else {
-                    return Ok(Fenced::Moved);
-                };
-                let name = &self.inner.shards[index].name;
-                let rows = tx
-                    .query(sql, params)
-                    .await
-                    .map_err(|e| ShardError::db(name, e))?;
-                let token = tx.commit().await.map_err(|e| ShardError::db(name, e))?;
-                Ok(Fenced::Done((rows, token)))
-            })
-            .await?;
+        let (tx, index, version) = self.begin_owned(slot).await?;
         let shard = &self.inner.shards[index];
+        let err = |e| ShardError::db(&shard.name, e);
+        let rows = tx.query(sql, params).await.map_err(err)?;
+        let token = tx.commit().await.map_err(err)?;
         Ok(ShardWritten {
             value: rows,
             token: ShardedToken::single(shard.id, token, version),
@@ -210,11 +230,7 @@ impl ShardedCluster {
         key: &K,
     ) -> Result<ShardTransaction, ShardError> {
         let slot = self.slot(key);
-        let (tx, index, version) = self
-            .fenced(slot, false, async |index, _| {
-                self.begin_fenced(index, slot).await
-            })
-            .await?;
+        let (tx, index, version) = self.begin_owned(slot).await?;
         let shard = &self.inner.shards[index];
         Ok(ShardTransaction {
             tx,
@@ -250,25 +266,30 @@ impl ShardedCluster {
         let mut all: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(params.len() + 1);
         all.extend_from_slice(params);
         all.push(&slot_param);
-        let (read, index, _) = self
-            .fenced(slot, true, async |index, retry| {
-                let shard = &self.inner.shards[index];
-                let c = if retry {
-                    Consistency::Strong
-                } else {
-                    consistency.on_shard(shard.id)
-                };
-                let read = shard
-                    .db
-                    .read_query(c, &fenced_sql, &all)
-                    .await
-                    .map_err(|e| ShardError::db(&shard.name, e))?;
-                if read.value.is_empty() {
-                    return Ok(Fenced::Moved);
+        let (mut index, version) = self.owner(slot).await?;
+        let mut retried = false;
+        let read = loop {
+            let shard = &self.inner.shards[index];
+            // The retry reads the owner's primary: a replica may lag the map.
+            let c = if retried {
+                Consistency::Strong
+            } else {
+                consistency.on_shard(shard.id)
+            };
+            let read = shard
+                .db
+                .read_query(c, &fenced_sql, &all)
+                .await
+                .map_err(|e| ShardError::db(&shard.name, e))?;
+            match read.value.is_empty() {
+                false => break read,
+                true if retried => return Err(self.moved(slot, index, version)),
+                true => {
+                    index = self.after_moved(slot, index, version, true).await?;
+                    retried = true;
                 }
-                Ok(Fenced::Done(read))
-            })
-            .await?;
+            }
+        };
         let mut rows = read.value;
         // The one row of an owned slot whose statement found nothing.
         rows.retain(|row| {
