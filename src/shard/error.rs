@@ -57,7 +57,7 @@ pub enum ShardError {
     },
     /// A cross-shard read did not finish on every shard in time (see
     /// [`ShardedCluster::read_all`](super::ShardedCluster::read_all)).
-    #[error("read on every shard failed on {}: {}", names(failed), failed.first().map(|(_, e)| e.to_string()).unwrap_or_default())]
+    #[error("cross-shard read failed on {}: {}", names(failed), failed.first().map(|(_, e)| e.to_string()).unwrap_or_default())]
     Shards {
         /// Each shard that failed, with its error.
         failed: Vec<(Arc<str>, ShardError)>,
