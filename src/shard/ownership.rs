@@ -181,7 +181,7 @@ pub(crate) async fn take(
 /// more column, `tower_scale_owned` (true), at the end; a statement with
 /// no rows gives one row where it is NULL.
 pub(crate) fn fenced_read_sql(sql: &str, slot_param: usize) -> String {
-    let sql = sql.trim_end().trim_end_matches(';');
+    let sql = crate::pg::query_body(sql);
     format!(
         "SELECT tower_scale_q.* FROM \
          (SELECT 1 FROM tower_scale_shard_slots WHERE slot = ${slot_param}) AS tower_scale_own \

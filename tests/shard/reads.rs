@@ -12,14 +12,24 @@ use crate::{DEADLINE, database, sharded};
 
 /// A key whose slot `sharded` gives to `shard`, from `from` up.
 fn key_on(sharded: &tower_scale::shard::ShardedCluster, shard: &str, from: i64) -> i64 {
-    (from..).find(|k| sharded.shard_for(k).as_deref() == Some(shard)).expect("a key")
+    (from..)
+        .find(|k| sharded.shard_for(k).as_deref() == Some(shard))
+        .expect("a key")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_with_two_shards_reads_both_writes_through_delayed_replicas() {
     let delay = Duration::from_secs(1);
     let locals: Vec<Arc<LocalCluster>> = (0..2)
-        .map(|_| Arc::new(LocalCluster::builder().replicas(1).apply_delay(0, delay).start().unwrap()))
+        .map(|_| {
+            Arc::new(
+                LocalCluster::builder()
+                    .replicas(1)
+                    .apply_delay(0, delay)
+                    .start()
+                    .unwrap(),
+            )
+        })
         .collect();
     database(&locals, "ryw").await;
     let sharded = sharded(&locals, "ryw", |b| b, |b| b).await;
@@ -32,7 +42,11 @@ async fn a_token_with_two_shards_reads_both_writes_through_delayed_replicas() {
     for (k, name) in [(k1, "one"), (k2, "two")] {
         let slot = i32::from(sharded.slot(&k));
         let w = sharded
-            .write(&k, "INSERT INTO items (id, slot, name) VALUES ($1, $2, $3)", &[&k, &slot, &name])
+            .write(
+                &k,
+                "INSERT INTO items (id, slot, name) VALUES ($1, $2, $3)",
+                &[&k, &slot, &name],
+            )
             .await
             .unwrap();
         token.merge(&w.token);
@@ -62,7 +76,12 @@ async fn a_token_with_two_shards_reads_both_writes_through_delayed_replicas() {
             Consistency::ReadYourWrites(_)
         ));
         let r = sharded
-            .read(&k, &consistency, "SELECT name FROM items WHERE id = $1", &[&k])
+            .read(
+                &k,
+                &consistency,
+                "SELECT name FROM items WHERE id = $1",
+                &[&k],
+            )
             .await
             .unwrap();
         assert_eq!(r.value.len(), 1, "{shard} sees the write");
@@ -79,7 +98,9 @@ async fn a_token_with_two_shards_reads_both_writes_through_delayed_replicas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_all_names_a_stopped_or_stalled_shard_or_returns_partial_rows() {
-    let locals: Vec<Arc<LocalCluster>> = (0..2).map(|_| Arc::new(LocalCluster::start(0).unwrap())).collect();
+    let locals: Vec<Arc<LocalCluster>> = (0..2)
+        .map(|_| Arc::new(LocalCluster::start(0).unwrap()))
+        .collect();
     database(&locals, "all_down").await;
     let short = |b: tower_scale::pg::ClusterBuilder| {
         b.primary_wait(Duration::from_millis(300))
@@ -94,23 +115,36 @@ async fn read_all_names_a_stopped_or_stalled_shard_or_returns_partial_rows() {
     for k in 1..=40i64 {
         let slot = i32::from(sharded.slot(&k));
         sharded
-            .write(&k, "INSERT INTO items (id, slot, name) VALUES ($1, $2, 'x')", &[&k, &slot])
+            .write(
+                &k,
+                "INSERT INTO items (id, slot, name) VALUES ($1, $2, 'x')",
+                &[&k, &slot],
+            )
             .await
             .unwrap();
     }
     // Every shard answers: merged in order with a limit, counted.
     let all = sharded
-        .read_all(&ShardConsistency::Strong, "SELECT id FROM items ORDER BY id LIMIT 7", &[])
+        .read_all(
+            &ShardConsistency::Strong,
+            "SELECT id FROM items ORDER BY id LIMIT 7",
+            &[],
+        )
         .await
         .unwrap();
     assert!(!all.partial);
     assert_eq!(all.shards.len(), 2);
-    let ids: Vec<i64> = all.merge_sorted(7, |a, b| a.get::<_, i64>(0).cmp(&b.get::<_, i64>(0)))
+    let ids: Vec<i64> = all
+        .merge_sorted(7, |a, b| a.get::<_, i64>(0).cmp(&b.get::<_, i64>(0)))
         .into_iter()
         .map(|r| r.get(0))
         .collect();
     assert_eq!(ids, (1..=7).collect::<Vec<i64>>());
-    let lists: Vec<Vec<i64>> = all.shards.iter().map(|s| s.rows.iter().map(|r| r.get(0)).collect()).collect();
+    let lists: Vec<Vec<i64>> = all
+        .shards
+        .iter()
+        .map(|s| s.rows.iter().map(|r| r.get(0)).collect())
+        .collect();
     assert_eq!(merge_sorted(lists, 3, |a, b| a.cmp(b)), vec![1, 2, 3]);
     let counts = sharded
         .read_all(&ShardConsistency::Strong, "SELECT count(*) FROM items", &[])
@@ -121,11 +155,20 @@ async fn read_all_names_a_stopped_or_stalled_shard_or_returns_partial_rows() {
     // shard-2 stopped: a typed error naming it; partial rows on request.
     locals[1].primary().stop().unwrap();
     let sql = "SELECT id FROM items ORDER BY id";
-    let err = sharded.read_all(&ShardConsistency::Strong, sql, &[]).await.unwrap_err();
-    assert!(matches!(&err, ShardError::Shards { failed } if failed.len() == 1), "{err}");
+    let err = sharded
+        .read_all(&ShardConsistency::Strong, sql, &[])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ShardError::Shards { failed } if failed.len() == 1),
+        "{err}"
+    );
     assert_eq!(err.shards(), vec!["shard-2"]);
     assert!(err.to_string().contains("shard-2"), "{err}");
-    let partial = sharded.read_all_partial(&ShardConsistency::Strong, sql, &[]).await.unwrap();
+    let partial = sharded
+        .read_all_partial(&ShardConsistency::Strong, sql, &[])
+        .await
+        .unwrap();
     assert!(partial.partial);
     assert_eq!(partial.shards.len(), 1);
     assert_eq!(&*partial.shards[0].shard, "shard-1");
@@ -136,18 +179,29 @@ async fn read_all_names_a_stopped_or_stalled_shard_or_returns_partial_rows() {
 
     // shard-1 stalled (SIGSTOP): the per-shard deadline bounds the wait.
     crate::until("shard-2 answers again", DEADLINE, async || {
-        sharded.read_all(&ShardConsistency::Strong, sql, &[]).await.is_ok()
+        sharded
+            .read_all(&ShardConsistency::Strong, sql, &[])
+            .await
+            .is_ok()
     })
     .await;
     locals[0].primary().pause().unwrap();
     let started = Instant::now();
-    let err = sharded.read_all(&ShardConsistency::Strong, sql, &[]).await.unwrap_err();
+    let err = sharded
+        .read_all(&ShardConsistency::Strong, sql, &[])
+        .await
+        .unwrap_err();
     let took = started.elapsed();
-    let partial = sharded.read_all_partial(&ShardConsistency::Strong, sql, &[]).await;
+    let partial = sharded
+        .read_all_partial(&ShardConsistency::Strong, sql, &[])
+        .await;
     locals[0].primary().resume().unwrap();
     println!("stalled shard: failed after {took:?}: {err}");
     assert_eq!(err.shards(), vec!["shard-1"]);
-    assert!(took < deadline + Duration::from_millis(500), "took {took:?}");
+    assert!(
+        took < deadline + Duration::from_millis(500),
+        "took {took:?}"
+    );
     let partial = partial.unwrap();
     assert!(partial.partial);
     assert_eq!(&*partial.shards[0].shard, "shard-2");
