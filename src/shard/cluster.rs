@@ -34,6 +34,34 @@ pub(crate) struct Inner {
     pub(crate) moved_wait: Duration,
     pub(crate) read_all_timeout: Duration,
     pub(crate) on_moved: Vec<SlotsMoved>,
+    /// Fenced forms of the read statements seen, by their text.
+    pub(crate) read_sql: RwLock<ReadSqlCache>,
+}
+
+/// Statement text → (its parameter count, its fenced form).
+pub(crate) type ReadSqlCache =
+    std::collections::HashMap<Box<str>, (usize, Arc<str>), foldhash::fast::RandomState>;
+
+/// At most this many fenced statements are kept (then the cache starts
+/// over: SQL text built per request must not grow it for ever).
+const MAX_READ_SQL: usize = 256;
+
+impl Inner {
+    /// The fenced form of `sql` with `params` parameters of its own.
+    pub(crate) fn fenced_read(&self, sql: &str, params: usize) -> Arc<str> {
+        if let Some((n, fenced)) = crate::sync::read(&self.read_sql).get(sql)
+            && *n == params
+        {
+            return Arc::clone(fenced);
+        }
+        let fenced: Arc<str> = ownership::fenced_read_sql(sql, params + 1).into();
+        let mut cache = crate::sync::write(&self.read_sql);
+        if cache.len() >= MAX_READ_SQL {
+            cache.clear();
+        }
+        cache.insert(sql.into(), (params, Arc::clone(&fenced)));
+        fenced
+    }
 }
 
 /// Several [`Cluster`]s (shards), each a primary with its replicas, behind
@@ -210,6 +238,7 @@ impl ShardedClusterBuilder {
                 moved_wait: self.moved_wait,
                 read_all_timeout,
                 on_moved: self.on_moved,
+                read_sql: RwLock::new(ReadSqlCache::default()),
             }),
         };
         for shard in &sharded.inner.shards {

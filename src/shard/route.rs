@@ -11,7 +11,7 @@ use crate::pg::{Consistency, ConsistencyToken, Lsn, RouteReason, Transaction};
 
 use super::cluster::ShardedCluster;
 use super::error::ShardError;
-use super::ownership::{FENCE_SQL, fenced_read_sql};
+use super::ownership::FENCE_SQL;
 use super::slot::ShardKey;
 use super::token::{ShardConsistency, ShardedToken};
 
@@ -261,7 +261,7 @@ impl ShardedCluster {
     ) -> Result<ShardRead<Vec<Row>>, ShardError> {
         self.catch_up_map(consistency.map_version()).await?;
         let slot = self.slot(key);
-        let fenced_sql = fenced_read_sql(sql, params.len() + 1);
+        let fenced_sql = self.inner.fenced_read(sql, params.len());
         let slot_param = i32::from(slot);
         let mut all: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(params.len() + 1);
         all.extend_from_slice(params);
