@@ -79,6 +79,58 @@ fn shard(c: &mut Criterion) {
         })
     });
     group.finish();
+
+    // The two reads interleaved, 2,000 at a time: the machine's other
+    // load hits both alike (criterion runs one function after the other).
+    let mut ratios = Vec::new();
+    for _ in 0..7 {
+        let plain = rt.block_on(async {
+            let started = std::time::Instant::now();
+            for id in 1..=2000i64 {
+                let id = id % support::ITEMS + 1;
+                black_box(
+                    db.read_one(
+                        tower_scale::pg::Consistency::Any,
+                        support::ROUTED_READ_SQL,
+                        &[&id],
+                    )
+                    .await
+                    .expect("row"),
+                );
+            }
+            started.elapsed()
+        });
+        let fenced = rt.block_on(async {
+            let started = std::time::Instant::now();
+            for id in 1..=2000i64 {
+                let id = id % support::ITEMS + 1;
+                black_box(
+                    sharded
+                        .read(
+                            &id,
+                            &ShardConsistency::Any,
+                            support::ROUTED_READ_SQL,
+                            &[&id],
+                        )
+                        .await
+                        .expect("row"),
+                );
+            }
+            started.elapsed()
+        });
+        ratios.push(fenced.as_secs_f64() / plain.as_secs_f64());
+    }
+    let mut sorted = ratios.clone();
+    sorted.sort_by(f64::total_cmp);
+    println!(
+        "interleaved shard/routed_read / route/routed_read: {} (median {:.3})",
+        ratios
+            .iter()
+            .map(|r| format!("{r:.3}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        sorted[sorted.len() / 2]
+    );
     drop(db);
     drop(cluster);
     drop(sharded);
