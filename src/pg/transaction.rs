@@ -130,7 +130,7 @@ impl Transaction {
             armed: true,
         };
         let result = tokio::time::timeout(write_timeout, async {
-            let stmt = prepare(conn, &self.db.node(self.index).name, sql).await?;
+            let stmt = prepare(conn, &self.db.node(self.index).statement_cache_clears, sql).await?;
             match mode {
                 Mode::Rows => conn.query(&stmt, params).await.map(Output::Rows),
                 Mode::Execute => conn.execute(&stmt, params).await.map(Output::Count),

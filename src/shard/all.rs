@@ -220,8 +220,9 @@ impl ShardedCluster {
             match result {
                 Ok(rows) => all.shards.push(rows),
                 Err(e) => {
-                    metrics::counter!("tower_scale_shard_read_all_failures_total", "shard" => Arc::clone(&name))
-                        .increment(1);
+                    if let Some(shard) = self.inner.shards.iter().find(|s| s.name == name) {
+                        shard.read_all_failures.increment(1);
+                    }
                     all.failed.push((name, e));
                 }
             }

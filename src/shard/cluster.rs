@@ -19,6 +19,8 @@ pub type SlotsMoved = Arc<dyn Fn(&[u16]) + Send + Sync>;
 /// One shard: a named cluster.
 pub(crate) struct Shard {
     pub(crate) name: Arc<str>,
+    /// `tower_scale_shard_read_all_failures_total` of this shard.
+    pub(crate) read_all_failures: metrics::Counter,
     pub(crate) id: u64,
     pub(crate) cluster: Cluster,
     pub(crate) db: Db,
@@ -34,8 +36,17 @@ pub(crate) struct Inner {
     pub(crate) moved_wait: Duration,
     pub(crate) read_all_timeout: Duration,
     pub(crate) on_moved: Vec<SlotsMoved>,
+    pub(crate) metrics: Metrics,
     /// Fenced forms of the read statements seen, by their text.
     pub(crate) read_sql: RwLock<ReadSqlCache>,
+}
+
+/// The sharded cluster's series, registered at build (label `cluster`:
+/// [`ShardedClusterBuilder::name`]).
+pub(crate) struct Metrics {
+    pub(crate) moved: metrics::Counter,
+    pub(crate) slots_moved: metrics::Counter,
+    pub(crate) map_version: metrics::Gauge,
 }
 
 /// Statement text → (its parameter count, its fenced form).
@@ -114,6 +125,7 @@ pub struct ShardedClusterBuilder {
     slots: u16,
     initial: Option<Vec<(SlotRange, String)>>,
     identity: Option<String>,
+    name: Option<String>,
     moved_wait: Duration,
     read_all_timeout: Option<Duration>,
     on_moved: Vec<SlotsMoved>,
@@ -160,6 +172,14 @@ impl ShardedClusterBuilder {
     /// The name tokens are bound to (default: the shard names, sorted).
     pub fn identity(mut self, name: impl Into<String>) -> Self {
         self.identity = Some(name.into());
+        self
+    }
+
+    /// The name of the sharded cluster in its metrics (the `cluster`
+    /// label of the `tower_scale_shard_*` series; default: the shard
+    /// names, sorted, joined with `,`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
         self
     }
 
@@ -216,10 +236,21 @@ impl ShardedClusterBuilder {
                 .unwrap_or_else(|| format!("tower-scale shards: {}", names.join(","))),
         );
         let read_all_timeout = self.read_all_timeout.unwrap_or(Duration::from_secs(11));
+        let label = self.name.clone().unwrap_or_else(|| names.join(","));
+        let metrics = Metrics {
+            moved: metrics::counter!("tower_scale_shard_moved_total", "cluster" => label.clone()),
+            slots_moved: metrics::counter!("tower_scale_shard_slots_moved_total", "cluster" => label.clone()),
+            map_version: metrics::gauge!("tower_scale_shard_map_version", "cluster" => label.clone()),
+        };
         let shards: Vec<Shard> = self
             .shards
             .into_iter()
             .map(|(name, cluster)| Shard {
+                read_all_failures: metrics::counter!(
+                    "tower_scale_shard_read_all_failures_total",
+                    "cluster" => label.clone(),
+                    "shard" => name.to_string()
+                ),
                 id: shard_id(&name),
                 db: cluster.db(),
                 name,
@@ -238,6 +269,7 @@ impl ShardedClusterBuilder {
                 moved_wait: self.moved_wait,
                 read_all_timeout,
                 on_moved: self.on_moved,
+                metrics,
                 read_sql: RwLock::new(ReadSqlCache::default()),
             }),
         };
@@ -291,6 +323,7 @@ impl ShardedCluster {
             slots: DEFAULT_SLOTS,
             initial: None,
             identity: None,
+            name: None,
             moved_wait: Duration::from_secs(2),
             read_all_timeout: None,
             on_moved: Vec::new(),
@@ -383,13 +416,15 @@ impl ShardedCluster {
         };
         let changed = old.changed_slots(&fresh);
         if old.version() != 0 && !changed.is_empty() {
-            metrics::counter!("tower_scale_shard_slots_moved_total")
+            self.inner
+                .metrics
+                .slots_moved
                 .increment(changed.len() as u64);
             for hook in &self.inner.on_moved {
                 hook(&changed);
             }
         }
-        metrics::gauge!("tower_scale_shard_map_version").set(fresh.version() as f64);
+        self.inner.metrics.map_version.set(fresh.version() as f64);
         Ok(fresh)
     }
 
@@ -405,7 +440,7 @@ impl ShardedCluster {
         seen: u64,
         same_ok: bool,
     ) -> Result<Option<usize>, ShardError> {
-        metrics::counter!("tower_scale_shard_moved_total").increment(1);
+        self.inner.metrics.moved.increment(1);
         let deadline = tokio::time::Instant::now() + self.inner.moved_wait;
         let mut pause = Duration::from_millis(2);
         loop {

@@ -18,6 +18,7 @@ mod common;
 
 mod fence;
 mod hostile;
+mod metrics;
 mod reads;
 mod routing;
 
