@@ -293,7 +293,7 @@ impl ShardedCluster {
         let mut rows = read.value;
         // The one row of an owned slot whose statement found nothing.
         rows.retain(|row| {
-            row.len() > 0
+            !row.is_empty()
                 && row.try_get::<_, Option<bool>>(row.len() - 1).ok().flatten() == Some(true)
         });
         Ok(ShardRead {
