@@ -130,11 +130,13 @@ impl TokenCodec {
     }
 
     /// The cluster identity tokens are bound to.
+    #[cfg(feature = "shard")]
     pub(crate) fn cluster(&self) -> u64 {
         self.cluster
     }
 
     /// Appends the MAC of `bytes` (signed with the current key).
+    #[cfg(feature = "shard")]
     pub(crate) fn sign(&self, bytes: &mut Vec<u8>) {
         if let Some(mac) = Self::mac(&self.current, bytes) {
             bytes.extend_from_slice(&mac.finalize().into_bytes()[..MAC]);
@@ -142,6 +144,7 @@ impl TokenCodec {
     }
 
     /// The payload of `bytes` (payload then MAC) if a known key signed it.
+    #[cfg(feature = "shard")]
     pub(crate) fn verified<'a>(&self, bytes: &'a [u8]) -> Option<&'a [u8]> {
         let (payload, tag) = bytes.split_at_checked(bytes.len().checked_sub(MAC)?)?;
         std::iter::once(&self.current)
@@ -153,6 +156,7 @@ impl TokenCodec {
     }
 
     /// True if a token issued at `issued` (Unix seconds) is current at `now`.
+    #[cfg(feature = "shard")]
     pub(crate) fn fresh(&self, issued: u64, now: SystemTime) -> bool {
         let issued = UNIX_EPOCH + Duration::from_secs(issued);
         issued <= now + self.skew && now.duration_since(issued).unwrap_or_default() <= self.max_age
