@@ -376,7 +376,9 @@ impl ShardedCluster {
         let mut owned = Vec::new();
         let mut version = 0;
         for (i, shard) in self.inner.shards.iter().enumerate() {
-            for (slot, v) in ownership::owned(&shard.db, &shard.name).await? {
+            let (slots, map_version) = ownership::owned(&shard.db, &shard.name).await?;
+            version = version.max(map_version);
+            for (slot, v) in slots {
                 if slot >= self.inner.slots {
                     return Err(ShardError::Setup(format!(
                         "shard {:?} lists slot {slot}, outside the key space",

@@ -18,6 +18,8 @@ use super::ownership;
 /// version), then [`commit`](Self::commit). Dropping it aborts the move.
 pub struct SlotMove {
     cluster: ShardedCluster,
+    /// Holds the move lock until the move committed.
+    serial: (Arc<str>, Transaction),
     range: SlotRange,
     from: Option<(Arc<str>, Transaction)>,
     to: (Arc<str>, Transaction),
@@ -70,6 +72,8 @@ impl SlotMove {
         }
         let (name, tx) = self.to;
         tx.commit().await.map_err(|e| ShardError::db(&name, e))?;
+        // It wrote nothing: however it ends, the lock goes with it.
+        let _ = self.serial.1.rollback().await;
         self.cluster.refresh().await?;
         Ok(self.version)
     }
@@ -87,6 +91,19 @@ impl ShardedCluster {
             });
         }
         let target = self.shard_index(to)?;
+        // One move at a time, so versions follow the order moves commit in.
+        let first = self
+            .inner
+            .shards
+            .iter()
+            .min_by(|a, b| a.name.cmp(&b.name))
+            .ok_or_else(|| ShardError::Setup("no shards".into()))?;
+        let serial = first
+            .db
+            .transaction()
+            .await
+            .map_err(|e| ShardError::db(&first.name, e))?;
+        ownership::lock_moves(&serial, &first.name).await?;
         let map = self.refresh().await?;
         let mut owners: Vec<Option<usize>> = range.slots().map(|s| map.owner_index(s)).collect();
         owners.dedup();
@@ -120,6 +137,7 @@ impl ShardedCluster {
                     )));
                 }
                 ownership::release(&tx, &shard.name, range).await?;
+                ownership::bump(&tx, &shard.name, version).await?;
                 Some((Arc::clone(&shard.name), tx))
             }
             None => None,
@@ -131,8 +149,10 @@ impl ShardedCluster {
             .await
             .map_err(|e| ShardError::db(&shard.name, e))?;
         ownership::take(&tx, &shard.name, range, version).await?;
+        ownership::bump(&tx, &shard.name, version).await?;
         Ok(SlotMove {
             cluster: self.clone(),
+            serial: (Arc::clone(&first.name), serial),
             range,
             from,
             to: (Arc::clone(&shard.name), tx),

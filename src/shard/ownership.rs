@@ -2,15 +2,20 @@
 //!
 //! ```sql
 //! CREATE TABLE tower_scale_shard_map   (one bool PRIMARY KEY CHECK (one),
-//!                                       shard text NOT NULL, slot_count int4 NOT NULL);
+//!                                       shard text NOT NULL, slot_count int4 NOT NULL,
+//!                                       version int8 NOT NULL DEFAULT 0);
 //! CREATE TABLE tower_scale_shard_slots (slot int4 PRIMARY KEY, version int8 NOT NULL);
 //! ```
 //!
 //! `tower_scale_shard_map` names the shard the database is (so an instance
-//! configured with two names swapped refuses to start) and the slot count;
+//! configured with two names swapped refuses to start), the slot count,
+//! and the highest map version a move committed there (it never goes
+//! down, also when the slots that carried it move away);
 //! `tower_scale_shard_slots` lists the slots it owns with the map version
-//! that gave each to it. The map's version is the highest slot version on
-//! any shard.
+//! that gave each to it. The map's version is the highest of those on any
+//! shard. Moves are serialised by an advisory lock on the shard whose name
+//! sorts first, held until the move committed, so versions follow the
+//! order moves commit in.
 
 use std::sync::Arc;
 
@@ -24,9 +29,12 @@ const SETUP_LOCK: i64 = 0x7473_7368_6172_6401; // "tsshard\x01"
 
 const CREATE: &str = "CREATE TABLE IF NOT EXISTS tower_scale_shard_map (\
        one bool PRIMARY KEY DEFAULT true CHECK (one), \
-       shard text NOT NULL, slot_count int4 NOT NULL); \
+       shard text NOT NULL, slot_count int4 NOT NULL, version int8 NOT NULL DEFAULT 0); \
      CREATE TABLE IF NOT EXISTS tower_scale_shard_slots (\
        slot int4 PRIMARY KEY, version int8 NOT NULL)";
+
+/// Serialises moves (`pg_advisory_xact_lock` on the first shard by name).
+const MOVE_LOCK: i64 = 0x7473_7368_6172_6402; // "tsshard\x02"
 
 /// The write fence: the slot's row, locked against a change of ownership
 /// until the write's transaction ends.
@@ -75,19 +83,28 @@ pub(crate) async fn setup(db: &Db, name: &Arc<str>, slots: u16) -> Result<(), Sh
     Ok(())
 }
 
-/// The slots the shard owns, with their versions (from its primary).
-pub(crate) async fn owned(db: &Db, name: &Arc<str>) -> Result<Vec<(u16, u64)>, ShardError> {
+/// The slots the shard owns, with their versions, and the shard's map
+/// version (from its primary).
+pub(crate) async fn owned(db: &Db, name: &Arc<str>) -> Result<(Vec<(u16, u64)>, u64), ShardError> {
     let rows = db
         .read_query(
             Consistency::Strong,
-            "SELECT slot, version FROM tower_scale_shard_slots ORDER BY slot",
+            "SELECT slot, version FROM tower_scale_shard_slots \
+             UNION ALL SELECT -1, version FROM tower_scale_shard_map ORDER BY 1",
             &[],
         )
         .await
         .map_err(|e| ShardError::db(name, e))?;
     let mut out = Vec::with_capacity(rows.value.len());
+    let mut map_version = 0;
     for row in rows.value {
-        let (slot, version): (i32, i64) = (row.get(0), row.get(1));
+        let bad = |e| ShardError::Setup(format!("shard {name:?}'s ownership tables: {e}"));
+        let (slot, version): (i32, i64) =
+            (row.try_get(0).map_err(bad)?, row.try_get(1).map_err(bad)?);
+        if slot == -1 {
+            map_version = u64::try_from(version).unwrap_or(0);
+            continue;
+        }
         let (Ok(slot), Ok(version)) = (u16::try_from(slot), u64::try_from(version)) else {
             return Err(ShardError::Setup(format!(
                 "shard {name:?} lists slot {slot} at version {version}, which is out of range"
@@ -95,7 +112,31 @@ pub(crate) async fn owned(db: &Db, name: &Arc<str>) -> Result<Vec<(u16, u64)>, S
         };
         out.push((slot, version));
     }
-    Ok(out)
+    Ok((out, map_version))
+}
+
+/// Takes the move lock in `tx` (on the first shard by name), within the
+/// write timeout.
+pub(crate) async fn lock_moves(tx: &Transaction, name: &Arc<str>) -> Result<(), ShardError> {
+    tx.execute("SELECT pg_catalog.pg_advisory_xact_lock($1)", &[&MOVE_LOCK])
+        .await
+        .map_err(|e| ShardError::db(name, e))?;
+    Ok(())
+}
+
+/// Raises the shard's map version to `version` (within a move).
+pub(crate) async fn bump(
+    tx: &Transaction,
+    name: &Arc<str>,
+    version: u64,
+) -> Result<(), ShardError> {
+    tx.execute(
+        "UPDATE tower_scale_shard_map SET version = greatest(version, $1)",
+        &[&(version as i64)],
+    )
+    .await
+    .map_err(|e| ShardError::db(name, e))?;
+    Ok(())
 }
 
 /// Gives `range` to the shard at `version` if nobody has it (bootstrap).

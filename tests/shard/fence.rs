@@ -53,7 +53,15 @@ fn other(shard: &str) -> &'static str {
 async fn a_stale_write_is_refused_by_the_old_owner_and_lands_on_the_new() {
     let locals = shared();
     database(&locals, "fence_write").await;
-    let stale = sharded(&locals, "fence_write", |b| b, |b| b).await;
+    let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let hook = Arc::clone(&heard);
+    let stale = sharded(
+        &locals,
+        "fence_write",
+        |b| b,
+        move |b| b.on_slots_moved(move |slots| hook.lock().unwrap().extend_from_slice(slots)),
+    )
+    .await;
     let mover = sharded(&locals, "fence_write", |b| b, |b| b).await;
     let clients = [
         client(&locals[0], "fence_write").await,
@@ -88,6 +96,11 @@ async fn a_stale_write_is_refused_by_the_old_owner_and_lands_on_the_new() {
         stale.map().owner(slot),
         Some("shard-2"),
         "refreshed by the refusal"
+    );
+    assert_eq!(
+        *heard.lock().unwrap(),
+        vec![slot],
+        "the moved slot, for its cache entries"
     );
 
     // The same through a transaction: moved back, the stale instance's
@@ -167,7 +180,15 @@ async fn a_stale_read_returns_the_row_never_a_false_not_found() {
         );
         assert_eq!(r.value[0].get::<_, String>("name"), "seven");
         assert_eq!(r.value[0].get::<_, i64>(0), key);
-        assert_eq!(&*r.shard, now_at);
+        if consistency == ShardConsistency::Strong {
+            assert_eq!(&*r.shard, now_at);
+        } else {
+            // `Any` may be answered by the old owner's replica that has
+            // not replayed the move yet: its own consistent snapshot (the
+            // slot still owned there, the row with it), as stale as `Any`
+            // allows, never empty.
+            println!("round {round}: {consistency:?} answered by {}", r.served_by);
+        }
         // A key that does not exist is still "not found", from the owner.
         let missing = 1_000_000 + i64::from(round as u8);
         let r = stale
@@ -310,4 +331,42 @@ async fn writes_racing_moves_leave_no_row_on_a_shard_that_does_not_own_it() {
             "a refused write wrote nothing"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_moves_get_versions_in_commit_order() {
+    let locals = shared();
+    database(&locals, "fence_versions").await;
+    let a = sharded(&locals, "fence_versions", |b| b, |b| b).await;
+    let b = sharded(&locals, "fence_versions", |b| b, |b| b).await;
+    // Each mover sends its two slots away and back, six times.
+    let run = |mover: ShardedCluster, slots: [u16; 2]| {
+        tokio::spawn(async move {
+            let mut versions = Vec::new();
+            for round in 0..6 {
+                for slot in slots {
+                    let home = if slot < 2048 { "shard-1" } else { "shard-2" };
+                    let to = if round % 2 == 0 { other(home) } else { home };
+                    versions.push(mover.move_slots(SlotRange::one(slot), to).await.unwrap());
+                    // A mover's map only ever moves forward.
+                    assert!(mover.map().version() >= *versions.last().unwrap());
+                }
+            }
+            versions
+        })
+    };
+    let (va, vb) = (run(a.clone(), [10, 3000]), run(b.clone(), [20, 3010]));
+    let mut all = va.await.unwrap();
+    all.extend(vb.await.unwrap());
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (2..=25).collect::<Vec<u64>>(),
+        "one version per move, no two alike"
+    );
+    let fresh = a.refresh().await.unwrap();
+    assert_eq!(fresh.version(), 25);
+    assert_eq!(fresh.owner(10), Some("shard-1"));
+    assert_eq!(fresh.owner(3010), Some("shard-2"));
+    assert_eq!(*b.refresh().await.unwrap(), *fresh, "both instances agree");
 }
