@@ -194,8 +194,9 @@ async fn odd_keys_and_statement_shapes_read_right() {
     }
     let key = 5i64;
     let slot = i32::from(sharded.slot(&key));
+    let mut token = tower_scale::shard::ShardedToken::new();
     for i in 0..50i64 {
-        sharded
+        let w = sharded
             .write(
                 &key,
                 "INSERT INTO items (id, slot, name) VALUES ($1, $2, $3)",
@@ -203,12 +204,15 @@ async fn odd_keys_and_statement_shapes_read_right() {
             )
             .await
             .unwrap();
+        token.merge(&w.token);
     }
+    // From a replica that has every write (or the primary).
+    let consistency = ShardConsistency::ReadYourWrites(token);
     let read = |sql: &'static str| {
-        let sharded = sharded.clone();
+        let (sharded, consistency) = (sharded.clone(), consistency.clone());
         async move {
             sharded
-                .read(&key, &ShardConsistency::Any, sql, &[&slot])
+                .read(&key, &consistency, sql, &[&slot])
                 .await
                 .unwrap()
                 .value
