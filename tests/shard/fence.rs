@@ -160,6 +160,8 @@ async fn a_stale_read_returns_the_row_never_a_false_not_found() {
     .enumerate()
     {
         now_at = other(&now_at).to_string();
+        // The reader knows where the row is now; then it moves.
+        stale.refresh().await.unwrap();
         move_with_rows(&mover, slot, &now_at).await;
         assert_ne!(
             stale.map().owner(slot),
