@@ -331,3 +331,52 @@ impl Drop for Transaction {
         }
     }
 }
+
+#[cfg(feature = "shard")]
+impl Db {
+    /// Starts a transaction with `begin`, simple-query text that starts
+    /// with `BEGIN` and may run more (the shard fence), in one round trip
+    /// within the write timeout; returns the rows it answered. If any of
+    /// it fails, the session is closed (the server aborts what began).
+    pub(crate) async fn transaction_with(
+        &self,
+        begin: &str,
+    ) -> Result<(Transaction, Vec<tokio_postgres::SimpleQueryRow>), DbError> {
+        let index = self.primary_index().await?;
+        let node = self.node(index);
+        let conn = node.connection().await?;
+        let running = Running::new(conn, &self.inner.cancel);
+        let write_timeout = self.inner.options.write_timeout;
+        let begun = tokio::time::timeout(write_timeout, running.conn()?.simple_query(begin)).await;
+        match begun {
+            Ok(Ok(messages)) => {
+                let rows = messages
+                    .into_iter()
+                    .filter_map(|m| match m {
+                        SimpleQueryMessage::Row(row) => Some(row),
+                        _ => None,
+                    })
+                    .collect();
+                let tx = Transaction {
+                    db: self.clone(),
+                    index,
+                    conn: running.into_object(),
+                    broken: AtomicBool::new(false),
+                };
+                Ok((tx, rows))
+            }
+            Ok(Err(source)) => {
+                running.discard();
+                Err(self.write_error(index, source, false, Operation::Begin))
+            }
+            Err(_) => {
+                self.inner.request_reprobe();
+                Err(DbError::Timeout {
+                    node: Arc::clone(&node.name),
+                    operation: Operation::Begin,
+                    after: write_timeout,
+                })
+            }
+        }
+    }
+}

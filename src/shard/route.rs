@@ -156,7 +156,8 @@ impl ShardedCluster {
         }
     }
 
-    /// Begins a transaction on shard `index` and takes the slot's fence.
+    /// Begins a transaction on shard `index` and takes the slot's fence,
+    /// in one round trip (`BEGIN` and the fence sent together).
     async fn begin_fenced(
         &self,
         index: usize,
@@ -164,11 +165,9 @@ impl ShardedCluster {
     ) -> Result<Fenced<Transaction>, ShardError> {
         let shard = &self.inner.shards[index];
         let err = |e| ShardError::db(&shard.name, e);
-        let tx = shard.db.transaction().await.map_err(err)?;
-        let own = tx
-            .query(FENCE_SQL, &[&i32::from(slot)])
-            .await
-            .map_err(err)?;
+        // The slot is a number: written into the text, nothing to escape.
+        let begin = format!("BEGIN; {}", FENCE_SQL.replace("$1", &slot.to_string()));
+        let (tx, own) = shard.db.transaction_with(&begin).await.map_err(err)?;
         if own.is_empty() {
             tx.rollback().await.map_err(err)?;
             return Ok(Fenced::Moved);
