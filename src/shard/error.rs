@@ -70,6 +70,17 @@ pub enum ShardError {
         /// The deadline.
         after: std::time::Duration,
     },
+    /// A shard's change feed could not start
+    /// ([`ShardedCluster::change_feeds`](super::ShardedCluster::change_feeds)).
+    #[cfg(feature = "change-feed")]
+    #[error("change feed of shard {shard}: {source}")]
+    Feed {
+        /// The shard.
+        shard: Arc<str>,
+        /// Why.
+        #[source]
+        source: crate::pg::feed::FeedError,
+    },
     /// The shards' ownership tables or the configuration are not usable
     /// (a shard's table names another shard, slot counts differ...).
     #[error("sharding setup: {0}")]

@@ -45,9 +45,10 @@
 //!   part. Tag entries with [`slot_tag`] and invalidate those tags from
 //!   [`on_slots_moved`](ShardedClusterBuilder::on_slots_moved), which fires
 //!   with the slots whose owner changed when this instance learns of a
-//!   move. Each shard runs its own change feed: one
-//!   `pg::feed::ChangeFeed` per shard's cluster (feature `change-feed`),
-//!   all feeding the same invalidator.
+//!   move. Each shard runs its own change feed
+//!   (`ShardedCluster::change_feeds`, feature `change-feed`: one consumer
+//!   per shard, all feeding the same invalidators; see there for
+//!   table-wide tags).
 //!
 //! Moves: [`ShardedCluster::move_slots`] changes ownership;
 //! [`ShardedCluster::begin_move`] leaves room to copy the range's rows
@@ -81,6 +82,8 @@
 mod all;
 mod cluster;
 mod error;
+#[cfg(feature = "change-feed")]
+mod feed;
 mod map;
 mod moves;
 mod ownership;

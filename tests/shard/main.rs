@@ -16,6 +16,8 @@ use tower_scale::testing::LocalCluster;
 #[path = "../common/mod.rs"]
 mod common;
 
+#[cfg(feature = "change-feed")]
+mod feed;
 mod fence;
 mod hostile;
 mod metrics;
