@@ -160,10 +160,12 @@ impl ShardedClusterBuilder {
         self
     }
 
-    /// Who owns what on a first start (when no shard owns any slot):
+    /// Who owns what on a first start (when no move has happened and some
+    /// slot has no owner: also a first start that stopped half way):
     /// inclusive slot ranges and shard names covering every slot. Default:
-    /// an even split in the order the shards were added. Ignored once the
-    /// shards own slots: the tables are the map.
+    /// an even split in the order the shards were added. Instances starting
+    /// together must agree on it. Ignored once the map is complete: the
+    /// tables are the map.
     pub fn initial_map(mut self, ranges: Vec<(SlotRange, String)>) -> Self {
         self.initial = Some(ranges);
         self
@@ -277,7 +279,10 @@ impl ShardedClusterBuilder {
             ownership::setup(&shard.db, &shard.name, self.slots).await?;
         }
         let map = sharded.load().await?;
-        if map.version() == 0 {
+        // A first start, or one that stopped half way through writing the
+        // initial map (no move has happened yet): claiming is idempotent.
+        let unowned = (0..self.slots).any(|s| map.owner_index(s).is_none());
+        if map.version() <= 1 && unowned {
             let initial = match self.initial {
                 Some(ranges) => ranges,
                 None => {

@@ -175,6 +175,23 @@ async fn bad_slots_names_and_setups_are_refused() {
     ] {
         assert!(matches!(bad.build().await, Err(ShardError::Setup(_))));
     }
+
+    // A first start that stopped half way (shard-2's slots never written):
+    // the next start finishes the initial map instead of leaving half the
+    // key space without an owner.
+    crate::client(&locals[1], "hostile_setup")
+        .await
+        .execute("DELETE FROM tower_scale_shard_slots", &[])
+        .await
+        .unwrap();
+    let restarted = ShardedCluster::builder()
+        .shard("shard-1", one)
+        .shard("shard-2", two)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(restarted.map().owner(3000), Some("shard-2"));
+    assert_eq!(restarted.map().slots_of("shard-2").len(), 2048);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
