@@ -377,11 +377,39 @@ impl ShardedCluster {
     }
 
     /// Reads every shard's ownership table (from the primaries).
+    ///
+    /// All shards at once, each within the read-all deadline. A shard that
+    /// does not answer keeps the slots the previous map gave it (it cannot
+    /// have let go of them: a move locks its rows first), at version 0 so
+    /// any shard that claims them now wins; with no previous map (the
+    /// first load), its error is the load's.
     async fn load(&self) -> Result<SlotMap, ShardError> {
+        let deadline = self.inner.read_all_timeout;
+        let answers = futures_util::future::join_all(self.inner.shards.iter().map(|shard| async {
+            match tokio::time::timeout(deadline, ownership::owned(&shard.db, &shard.name)).await {
+                Ok(answer) => answer,
+                Err(_) => Err(ShardError::Timeout {
+                    shard: Arc::clone(&shard.name),
+                    after: deadline,
+                }),
+            }
+        }))
+        .await;
+        let previous = self.map();
         let mut owned = Vec::new();
         let mut version = 0;
-        for (i, shard) in self.inner.shards.iter().enumerate() {
-            let (slots, map_version) = ownership::owned(&shard.db, &shard.name).await?;
+        for (i, (shard, answer)) in self.inner.shards.iter().zip(answers).enumerate() {
+            let (slots, map_version) = match answer {
+                Ok(answer) => answer,
+                Err(e) if previous.version() > 0 => {
+                    tracing::warn!(shard = %shard.name, error = %e, "the shard's ownership table could not be read; keeping its slots from the previous map");
+                    for slot in previous.slots_of(&shard.name) {
+                        owned.push((i as u16, slot, 0));
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             version = version.max(map_version);
             for (slot, v) in slots {
                 if slot >= self.inner.slots {
@@ -394,6 +422,9 @@ impl ShardedCluster {
                 owned.push((i as u16, slot, v));
             }
         }
+        // Claims read from the shards first, then the kept ones: at a tie
+        // `from_owned` keeps the first.
+        owned.sort_by_key(|&(_, _, v)| std::cmp::Reverse(v));
         let names = self
             .inner
             .shards

@@ -175,6 +175,22 @@ async fn read_all_names_a_stopped_or_stalled_shard_or_returns_partial_rows() {
     assert!(!partial.shards[0].rows.is_empty());
     assert_eq!(partial.failed.len(), 1);
     assert_eq!(&*partial.failed[0].0, "shard-2");
+    // The map still refreshes (shard-2 keeps the slots it had), and
+    // shard-1's keys are still written.
+    let map = sharded.refresh().await.unwrap();
+    assert_eq!(map.slots_of("shard-2").len(), 2048);
+    let k = (100i64..)
+        .find(|k| map.owner(sharded.slot(k)) == Some("shard-1"))
+        .unwrap();
+    let slot = i32::from(sharded.slot(&k));
+    sharded
+        .write(
+            &k,
+            "INSERT INTO items (id, slot, name) VALUES ($1, $2, 'y')",
+            &[&k, &slot],
+        )
+        .await
+        .unwrap();
     locals[1].primary().start().unwrap();
 
     // shard-1 stalled (SIGSTOP): the per-shard deadline bounds the wait.
