@@ -101,6 +101,12 @@ impl ShardTransaction {
     }
 }
 
+/// `BEGIN` and the fence of `slot` as simple-query text (the slot is a
+/// number: written into the text, nothing to escape).
+fn fence_text(slot: u16) -> String {
+    format!("BEGIN; {}", FENCE_SQL.replace("$1", &slot.to_string()))
+}
+
 /// How a fenced attempt ended.
 enum Fenced<T> {
     Done(T),
@@ -165,9 +171,11 @@ impl ShardedCluster {
     ) -> Result<Fenced<Transaction>, ShardError> {
         let shard = &self.inner.shards[index];
         let err = |e| ShardError::db(&shard.name, e);
-        // The slot is a number: written into the text, nothing to escape.
-        let begin = format!("BEGIN; {}", FENCE_SQL.replace("$1", &slot.to_string()));
-        let (tx, own) = shard.db.transaction_with(&begin).await.map_err(err)?;
+        let (tx, own) = shard
+            .db
+            .transaction_with(&fence_text(slot))
+            .await
+            .map_err(err)?;
         if own.is_empty() {
             tx.rollback().await.map_err(err)?;
             return Ok(Fenced::Moved);
@@ -201,6 +209,11 @@ impl ShardedCluster {
     /// The statement must only touch rows of `key` (or of keys in the same
     /// slot). Refused for a stale map: the map is refreshed and the write
     /// retried once on the new owner, transparently.
+    ///
+    /// Two round trips: `BEGIN`, the fence and the statement are sent
+    /// together (the server runs the statement after the fence; where the
+    /// fence found no row, the statement is rolled back, whatever it did
+    /// or failed with), then `COMMIT` with the token.
     pub async fn write<K: ShardKey + ?Sized>(
         &self,
         key: &K,
@@ -208,11 +221,39 @@ impl ShardedCluster {
         params: Params<'_>,
     ) -> Result<ShardWritten<Vec<Row>>, ShardError> {
         let slot = self.slot(key);
-        let (tx, index, version) = self.begin_owned(slot).await?;
+        let (mut index, version) = self.owner(slot).await?;
+        let mut retried = false;
+        let (tx, rows) = loop {
+            let shard = &self.inner.shards[index];
+            let err = |e| ShardError::db(&shard.name, e);
+            // BEGIN, the fence and the statement in one round trip: the
+            // statement runs after the fence; if the fence found no row, it
+            // is rolled back with the rest.
+            let begun = shard
+                .db
+                .transaction_with_statement(&fence_text(slot), sql, params)
+                .await
+                .map_err(err)?;
+            if !begun.begin_rows.is_empty() {
+                break (begun.tx, begun.statement.map_err(err)?);
+            }
+            drop(begun.tx);
+            if retried {
+                return Err(self.moved(slot, index, version));
+            }
+            index = self.after_moved(slot, index, version, false).await?;
+            retried = true;
+        };
+        let version = if retried {
+            self.map().version()
+        } else {
+            version
+        };
         let shard = &self.inner.shards[index];
-        let err = |e| ShardError::db(&shard.name, e);
-        let rows = tx.query(sql, params).await.map_err(err)?;
-        let token = tx.commit().await.map_err(err)?;
+        let token = tx
+            .commit()
+            .await
+            .map_err(|e| ShardError::db(&shard.name, e))?;
         Ok(ShardWritten {
             value: rows,
             token: ShardedToken::single(shard.id, token, version),

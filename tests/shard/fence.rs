@@ -372,3 +372,44 @@ async fn concurrent_moves_get_versions_in_commit_order() {
     assert_eq!(fresh.owner(3010), Some("shard-2"));
     assert_eq!(*b.refresh().await.unwrap(), *fresh, "both instances agree");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_write_that_fails_on_the_old_owner_is_moved_not_failed() {
+    let locals = shared();
+    database(&locals, "fence_fails").await;
+    let stale = sharded(&locals, "fence_fails", |b| b, |b| b).await;
+    let mover = sharded(&locals, "fence_fails", |b| b, |b| b).await;
+    let clients = [
+        client(&locals[0], "fence_fails").await,
+        client(&locals[1], "fence_fails").await,
+    ];
+    let key = 42i64;
+    let slot = stale.slot(&key);
+    let slot_i = i32::from(slot);
+    let sql = "INSERT INTO items (id, slot, name) VALUES ($1, $2, 'x')";
+    mover.write(&key, sql, &[&key, &slot_i]).await.unwrap();
+    // Moved without its row: the old owner keeps a row the new one lacks.
+    mover
+        .move_slots(SlotRange::one(slot), "shard-2")
+        .await
+        .unwrap();
+    // On the old owner the insert would violate the key; the fence runs
+    // first and refuses the slot, so the write is retried, not failed.
+    let w = stale.write(&key, sql, &[&key, &slot_i]).await.unwrap();
+    assert_eq!(&*w.shard, "shard-2");
+    assert_eq!(holders(&clients, key).await, vec![0, 1]);
+    // A statement that fails on the owner is the caller's error, and
+    // nothing of it is committed.
+    let err = stale.write(&key, sql, &[&key, &slot_i]).await.unwrap_err();
+    assert!(
+        matches!(&err, ShardError::Db { shard, .. } if &**shard == "shard-2"),
+        "{err}"
+    );
+    assert!(!err.may_have_committed());
+    let n: i64 = clients[1]
+        .query_one("SELECT count(*) FROM items WHERE id = $1", &[&key])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+}
