@@ -89,6 +89,27 @@ async fn a_token_with_two_shards_reads_both_writes_through_delayed_replicas() {
         assert_eq!(&*r.shard, shard);
         println!("{shard}: served by {} ({:?})", r.served_by, r.reason);
     }
+    // A token that overflowed with other shards' writes: a shard it does
+    // not list is read on its primary (its writes may be among the dropped).
+    let mut crowded = tower_scale::shard::ShardedToken::new();
+    for i in 0..9u64 {
+        crowded.add(
+            shard_id(&format!("elsewhere-{i}")),
+            tower_scale::pg::ConsistencyToken::new(tower_scale::pg::Lsn(1)),
+        );
+    }
+    assert!(crowded.overflowed());
+    let r = sharded
+        .read(
+            &k1,
+            &ShardConsistency::ReadYourWrites(crowded),
+            "SELECT name FROM items WHERE id = $1",
+            &[&k1],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.reason, tower_scale::pg::RouteReason::Primary);
+    assert_eq!(r.value[0].get::<_, String>(0), "one");
     let all = sharded
         .read_all(&consistency, "SELECT count(*) FROM items", &[])
         .await
