@@ -204,7 +204,11 @@ impl ShardedClusterBuilder {
 
     /// Called with the slots whose owner changed whenever this instance
     /// learns of a move: invalidate cache entries tagged
-    /// [`slot_tag`](super::slot_tag) there.
+    /// [`slot_tag`](super::slot_tag) there (without a version: the new
+    /// owner's positions are another WAL's; an [`Invalidator`](crate::cache::Invalidator)
+    /// also keeps out fills that began before it). It runs right after the
+    /// new map is installed, while other refreshes wait: keep it quick (an
+    /// invalidation is), never blocking.
     pub fn on_slots_moved(mut self, f: impl Fn(&[u16]) + Send + Sync + 'static) -> Self {
         self.on_moved.push(Arc::new(f));
         self
