@@ -67,11 +67,11 @@ impl AllRows {
         for s in &self.shards {
             let Some(row) = s.rows.first() else { continue };
             let v: Option<i64> = row.try_get(column).map_err(|e| {
-                ShardError::Setup(format!("column {column} of shard {}: {e}", s.shard))
+                ShardError::Combine(format!("column {column} of shard {}: {e}", s.shard))
             })?;
             total = total
                 .checked_add(v.unwrap_or(0))
-                .ok_or_else(|| ShardError::Setup("the sum over shards overflows i64".into()))?;
+                .ok_or_else(|| ShardError::Combine("the sum over shards overflows i64".into()))?;
         }
         Ok(total)
     }

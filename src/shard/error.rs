@@ -81,6 +81,10 @@ pub enum ShardError {
         #[source]
         source: crate::pg::feed::FeedError,
     },
+    /// Combining the shards' answers failed (a column of another type
+    /// than asked, a sum beyond `i64`).
+    #[error("combining the shards' answers: {0}")]
+    Combine(String),
     /// The shards' ownership tables or the configuration are not usable
     /// (a shard's table names another shard, slot counts differ...).
     #[error("sharding setup: {0}")]

@@ -4,7 +4,8 @@
 //! CREATE TABLE tower_scale_shard_map   (one bool PRIMARY KEY CHECK (one),
 //!                                       shard text NOT NULL, slot_count int4 NOT NULL,
 //!                                       version int8 NOT NULL DEFAULT 0);
-//! CREATE TABLE tower_scale_shard_slots (slot int4 PRIMARY KEY, version int8 NOT NULL);
+//! CREATE TABLE tower_scale_shard_slots (slot int4 PRIMARY KEY CHECK (slot >= 0),
+//!                                       version int8 NOT NULL);
 //! ```
 //!
 //! `tower_scale_shard_map` names the shard the database is (so an instance
@@ -31,7 +32,7 @@ const CREATE: &str = "CREATE TABLE IF NOT EXISTS tower_scale_shard_map (\
        one bool PRIMARY KEY DEFAULT true CHECK (one), \
        shard text NOT NULL, slot_count int4 NOT NULL, version int8 NOT NULL DEFAULT 0); \
      CREATE TABLE IF NOT EXISTS tower_scale_shard_slots (\
-       slot int4 PRIMARY KEY, version int8 NOT NULL)";
+       slot int4 PRIMARY KEY CHECK (slot >= 0), version int8 NOT NULL)";
 
 /// Serialises moves (`pg_advisory_xact_lock` on the first shard by name).
 const MOVE_LOCK: i64 = 0x7473_7368_6172_6402; // "tsshard\x02"

@@ -172,6 +172,18 @@ async fn read_all_names_a_stopped_or_stalled_shard_or_returns_partial_rows() {
         .await
         .unwrap();
     assert_eq!(counts.sum_i64(0).unwrap(), 40);
+    // Another column, another type, a sum beyond i64: typed errors.
+    assert!(matches!(counts.sum_i64(3), Err(ShardError::Combine(_))));
+    let big = sharded
+        .read_all(
+            &ShardConsistency::Strong,
+            "SELECT 9223372036854775807::int8, 'x'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(matches!(big.sum_i64(0), Err(ShardError::Combine(_))));
+    assert!(matches!(big.sum_i64(1), Err(ShardError::Combine(_))));
 
     // shard-2 stopped: a typed error naming it; partial rows on request.
     locals[1].primary().stop().unwrap();
