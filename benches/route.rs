@@ -20,38 +20,23 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tower_scale::pg::{Candidate, Cluster, Consistency, NodeConfig, choose_replica};
 use tower_scale::testing::LocalCluster;
 
+#[path = "support/mod.rs"]
+mod support;
+
 fn route(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .expect("runtime");
-    let local = LocalCluster::start(1).expect("LocalCluster");
+    let local = support::items_cluster(&rt);
     let (cluster, client, stmt) = rt.block_on(async {
-        let primary = local.primary().connect().await.expect("connect");
-        primary
-            .batch_execute(
-                "CREATE TABLE items (id bigint primary key, name text not null);
-                 INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 1000) g",
-            )
-            .await
-            .expect("setup");
-        local
-            .wait_for_replicas(Duration::from_secs(30))
-            .await
-            .expect("replay");
         let client = local.replica(0).connect().await.expect("connect replica");
         let stmt = client
-            .prepare("SELECT id, name FROM items WHERE id = $1")
+            .prepare(support::ROUTED_READ_SQL)
             .await
             .expect("prepare");
-        let cluster = Cluster::builder()
-            .primary(NodeConfig::new(local.primary().config()))
-            .replica(NodeConfig::new(local.replica(0).config()))
-            .build()
-            .await
-            .expect("cluster");
-        (cluster, client, stmt)
+        (support::connect(&local).await, client, stmt)
     });
     let db = cluster.db();
 
@@ -60,29 +45,12 @@ fn route(c: &mut Criterion) {
     let mut id = 0i64;
     group.bench_function("held_client", |b| {
         b.to_async(&rt).iter(|| {
-            id = id % 1000 + 1;
+            id = id % support::ITEMS + 1;
             let (client, stmt) = (&client, &stmt);
             async move { black_box(client.query_one(stmt, &[&id]).await.expect("row")) }
         })
     });
-    group.bench_function("routed_read", |b| {
-        b.to_async(&rt).iter(|| {
-            id = id % 1000 + 1;
-            let db = &db;
-            async move {
-                let r = db
-                    .read_one(
-                        Consistency::Any,
-                        "SELECT id, name FROM items WHERE id = $1",
-                        &[&id],
-                    )
-                    .await
-                    .expect("row");
-                assert_eq!(&*r.served_by, "replica-1");
-                black_box(r)
-            }
-        })
-    });
+    support::routed_read(&mut group, &rt, &db);
     let candidates = [
         Candidate {
             in_flight: 2,

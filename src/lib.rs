@@ -87,6 +87,7 @@
 //! | `grpc` | [`grpc`]: unary gRPC response caching for tonic servers |
 //! | `balance` | [`balance`]: a load balancer over HTTP upstreams (p2c over peak-EWMA, health checks, retries, upstreams changed at run time); implies `http` |
 //! | `postgres` | [`pg`]: primary/replica routing over deadpool-postgres pools (with `http`: `pg::layer`) |
+//! | `shard` | [`shard`]: several primaries behind one handle, routed by a shard key, fenced against stale maps; implies `postgres` |
 //! | `redis` | `cache::redis`: the shared L2 tier on Redis |
 //! | `local-cluster` | [`testing`]: PostgreSQL and Redis servers for tests, examples and benches |
 //! | `serde` | `settings`: the builders from TOML, JSON or the environment |
@@ -128,6 +129,10 @@ pub mod pg;
 #[cfg(feature = "queue")]
 #[cfg_attr(docsrs, doc(cfg(feature = "queue")))]
 pub mod queue;
+
+#[cfg(feature = "shard")]
+#[cfg_attr(docsrs, doc(cfg(feature = "shard")))]
+pub mod shard;
 
 #[cfg(feature = "local-cluster")]
 #[cfg_attr(docsrs, doc(cfg(feature = "local-cluster")))]

@@ -104,6 +104,7 @@ pub struct ClusterBuilder {
     pub(super) read_timeout: Duration,
     pub(super) write_timeout: Duration,
     pub(super) identity: Option<String>,
+    pub(super) name: Option<String>,
 }
 
 impl Default for ClusterBuilder {
@@ -128,6 +129,7 @@ impl Default for ClusterBuilder {
             read_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(10),
             identity: None,
+            name: None,
         }
     }
 }
@@ -251,6 +253,16 @@ impl ClusterBuilder {
     /// on it; another cluster's tokens are then ignored.
     pub fn identity(mut self, name: impl Into<String>) -> Self {
         self.identity = Some(name.into());
+        self
+    }
+
+    /// The cluster's name in metrics: every `tower_scale_db_*` series of
+    /// its nodes gets a `cluster` label with it, so two clusters in one
+    /// process whose nodes have the same names (the shards of a
+    /// `ShardedCluster`, each with a `primary`) keep separate series.
+    /// Without it, the series carry `node` alone, as before.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
         self
     }
 

@@ -164,14 +164,14 @@ impl Db {
             // Both to the end (not `try_join`): a preparation dropped half
             // way leaves its statement on the server, never closed.
             let both = futures_util::future::join(
-                prepare(conn, &node.name, sql),
-                prepare(conn, &node.name, TOKEN_SQL),
+                prepare(conn, &node.statement_cache_clears, sql),
+                prepare(conn, &node.statement_cache_clears, TOKEN_SQL),
             );
             tokio::time::timeout_at(deadline, both)
                 .await
                 .map(|(stmt, token)| Ok((stmt?, Some(token?))))
         } else {
-            tokio::time::timeout_at(deadline, prepare(conn, &node.name, sql))
+            tokio::time::timeout_at(deadline, prepare(conn, &node.statement_cache_clears, sql))
                 .await
                 .map(|r| r.map(|stmt| (stmt, None)))
         };

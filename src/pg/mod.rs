@@ -179,6 +179,8 @@ pub use self::query::{Access, Query, QueryFuture, QueryOutput};
     )))
 )]
 pub use self::sql::ReadCaching;
+#[cfg(feature = "shard")]
+pub(crate) use self::statement::query_body;
 pub use self::token::{TokenCodec, cluster_identity};
 pub use self::transaction::Transaction;
 pub use deadpool_postgres::RecyclingMethod;

@@ -139,16 +139,19 @@ pub(super) async fn probe_all(inner: &Inner) {
             };
             node.set_lag(lag);
             // Zero once a node is promoted, so no alert stays stuck on it.
-            metrics::gauge!("tower_scale_db_replica_lag_seconds", "node" => node.name.to_string())
+            metrics::gauge!("tower_scale_db_replica_lag_seconds", node.labels.clone())
                 .set(lag.as_secs_f64());
         }
     }
     let elected = inner.primary.load(Ordering::Acquire);
     for (i, node) in inner.nodes.iter().enumerate() {
         let (healthy, primary) = (node.is_healthy(), i == elected);
-        metrics::gauge!("tower_scale_db_node_healthy", "node" => node.name.to_string())
-            .set(if healthy { 1.0 } else { 0.0 });
-        metrics::gauge!("tower_scale_db_node_primary", "node" => node.name.to_string())
+        metrics::gauge!("tower_scale_db_node_healthy", node.labels.clone()).set(if healthy {
+            1.0
+        } else {
+            0.0
+        });
+        metrics::gauge!("tower_scale_db_node_primary", node.labels.clone())
             .set(if healthy && primary { 1.0 } else { 0.0 });
         let pool = node.pool_status();
         for (state, n) in [
@@ -158,8 +161,9 @@ pub(super) async fn probe_all(inner: &Inner) {
             ("idle", pool.idle),
             ("waiting", pool.waiting),
         ] {
-            metrics::gauge!("tower_scale_db_pool_connections", "node" => node.name.to_string(), "state" => state)
-                .set(n as f64);
+            let mut labels = node.labels.clone();
+            labels.push(metrics::Label::new("state", state));
+            metrics::gauge!("tower_scale_db_pool_connections", labels).set(n as f64);
         }
     }
     inner.changed.notify_waiters();

@@ -64,6 +64,11 @@ where
 /// One node: its pools and what the monitor knows of it.
 pub(crate) struct Node {
     pub(crate) name: Arc<str>,
+    /// `node`, and `cluster` if the cluster is named: every
+    /// `tower_scale_db_*` series of this node carries them.
+    pub(crate) labels: Vec<metrics::Label>,
+    /// `tower_scale_db_statement_cache_clears_total`.
+    pub(crate) statement_cache_clears: metrics::Counter,
     /// How to reach the node, as configured (the change feed opens its
     /// replication session with it).
     #[cfg_attr(not(feature = "change-feed"), allow(dead_code))]
@@ -130,6 +135,11 @@ impl Node {
         T::TlsConnect: Sync + Send,
         <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
     {
+        // Registered once: a query never looks a label set up.
+        let mut labels = vec![metrics::Label::new("node", name.clone())];
+        if let Some(cluster) = &b.name {
+            labels.push(metrics::Label::new("cluster", cluster.clone()));
+        }
         let conn = config.config.clone();
         let mut pg = config.config.clone();
         let mut options = String::new();
@@ -204,8 +214,13 @@ impl Node {
             latency_at_nanos: AtomicU64::new(0),
             latency_samples: AtomicU64::new(0),
             queries: AtomicU64::new(0),
-            queries_total: metrics::counter!("tower_scale_db_queries_total", "node" => name.clone()),
-            pool_wait: metrics::histogram!("tower_scale_db_pool_wait_seconds", "node" => name.clone()),
+            queries_total: metrics::counter!("tower_scale_db_queries_total", labels.clone()),
+            pool_wait: metrics::histogram!("tower_scale_db_pool_wait_seconds", labels.clone()),
+            statement_cache_clears: metrics::counter!(
+                "tower_scale_db_statement_cache_clears_total",
+                labels.clone()
+            ),
+            labels,
             #[cfg(feature = "queue")]
             listen,
             name: Arc::from(name),

@@ -196,14 +196,13 @@ pub(crate) const MAX_CACHED_STATEMENTS: usize = 256;
 /// [`MAX_CACHED_STATEMENTS`].
 pub(super) async fn prepare(
     conn: &Object,
-    node: &Arc<str>,
+    clears: &metrics::Counter,
     sql: &str,
 ) -> Result<Statement, tokio_postgres::Error> {
     let stmt = conn.prepare_cached(sql).await?;
     if conn.statement_cache.size() > MAX_CACHED_STATEMENTS {
         conn.statement_cache.clear();
-        metrics::counter!("tower_scale_db_statement_cache_clears_total", "node" => Arc::clone(node))
-            .increment(1);
+        clears.increment(1);
     }
     Ok(stmt)
 }

@@ -211,8 +211,27 @@ fn skip_string(b: &[u8], mut i: usize, backslash: bool) -> usize {
 /// `sql`'s tokens: comments and white space skipped, literals (standard,
 /// `E'...'`, dollar-quoted) opaque, quoted identifiers unquoted.
 fn tokens(sql: &str) -> Vec<Token> {
+    spanned(sql).into_iter().map(|(t, _)| t).collect()
+}
+
+/// `sql` without trailing `;` and what follows its last other token
+/// (comments, white space): the statement as the body of a subquery.
+#[cfg(feature = "shard")]
+pub(crate) fn query_body(sql: &str) -> &str {
+    let mut spanned = spanned(sql);
+    while matches!(spanned.last(), Some((Token::Punct(b';'), _))) {
+        spanned.pop();
+    }
+    spanned
+        .last()
+        .map_or("", |&(_, end)| sql.get(..end).unwrap_or(sql))
+}
+
+/// [`tokens`], each with the index just past it.
+fn spanned(sql: &str) -> Vec<(Token, usize)> {
     let b = sql.as_bytes();
     let mut out = Vec::new();
+    let mut ends = Vec::new();
     let mut i = 0;
     let is_word = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80;
     while i < b.len() {
@@ -320,8 +339,9 @@ fn tokens(sql: &str) -> Vec<Token> {
                 i += 1;
             }
         }
+        ends.resize(out.len(), i);
     }
-    out
+    out.into_iter().zip(ends).collect()
 }
 
 /// The words of SQL text, upper-cased ASCII, skipping white space and
@@ -407,6 +427,16 @@ mod tests {
 
     fn refused(sql: &str, context: Context) -> bool {
         check(sql, context).is_err()
+    }
+
+    #[cfg(feature = "shard")]
+    #[test]
+    fn a_query_body_loses_trailing_semicolons_and_comments_only() {
+        assert_eq!(super::query_body("SELECT 1;  -- done\n"), "SELECT 1");
+        assert_eq!(super::query_body("SELECT ';' ; ; /* x */"), "SELECT ';'");
+        assert_eq!(super::query_body("SELECT $$a;$$"), "SELECT $$a;$$");
+        assert_eq!(super::query_body("SELECT 'é' -- é"), "SELECT 'é'");
+        assert_eq!(super::query_body(" ; "), "");
     }
 
     #[test]

@@ -129,6 +129,39 @@ impl TokenCodec {
         Some(mac)
     }
 
+    /// The cluster identity tokens are bound to.
+    #[cfg(feature = "shard")]
+    pub(crate) fn cluster(&self) -> u64 {
+        self.cluster
+    }
+
+    /// Appends the MAC of `bytes` (signed with the current key).
+    #[cfg(feature = "shard")]
+    pub(crate) fn sign(&self, bytes: &mut Vec<u8>) {
+        if let Some(mac) = Self::mac(&self.current, bytes) {
+            bytes.extend_from_slice(&mac.finalize().into_bytes()[..MAC]);
+        }
+    }
+
+    /// The payload of `bytes` (payload then MAC) if a known key signed it.
+    #[cfg(feature = "shard")]
+    pub(crate) fn verified<'a>(&self, bytes: &'a [u8]) -> Option<&'a [u8]> {
+        let (payload, tag) = bytes.split_at_checked(bytes.len().checked_sub(MAC)?)?;
+        std::iter::once(&self.current)
+            .chain(&self.previous)
+            .any(|key| {
+                Self::mac(key, payload).is_some_and(|m| m.verify_truncated_left(tag).is_ok())
+            })
+            .then_some(payload)
+    }
+
+    /// True if a token issued at `issued` (Unix seconds) is current at `now`.
+    #[cfg(feature = "shard")]
+    pub(crate) fn fresh(&self, issued: u64, now: SystemTime) -> bool {
+        let issued = UNIX_EPOCH + Duration::from_secs(issued);
+        issued <= now + self.skew && now.duration_since(issued).unwrap_or_default() <= self.max_age
+    }
+
     /// Encodes `token`, issued now.
     pub fn encode(&self, token: ConsistencyToken) -> String {
         self.encode_at(token, SystemTime::now())

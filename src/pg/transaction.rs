@@ -130,7 +130,7 @@ impl Transaction {
             armed: true,
         };
         let result = tokio::time::timeout(write_timeout, async {
-            let stmt = prepare(conn, &self.db.node(self.index).name, sql).await?;
+            let stmt = prepare(conn, &self.db.node(self.index).statement_cache_clears, sql).await?;
             match mode {
                 Mode::Rows => conn.query(&stmt, params).await.map(Output::Rows),
                 Mode::Execute => conn.execute(&stmt, params).await.map(Output::Count),
@@ -329,5 +329,172 @@ impl Drop for Transaction {
             // Never return a session with an open transaction to the pool.
             drop(Object::take(conn));
         }
+    }
+}
+
+#[cfg(feature = "shard")]
+impl Db {
+    /// Starts a transaction with `begin`, simple-query text that starts
+    /// with `BEGIN` and may run more (the shard fence), in one round trip
+    /// within the write timeout; returns the rows it answered. If any of
+    /// it fails, the session is closed (the server aborts what began).
+    pub(crate) async fn transaction_with(
+        &self,
+        begin: &str,
+    ) -> Result<(Transaction, Vec<tokio_postgres::SimpleQueryRow>), DbError> {
+        let index = self.primary_index().await?;
+        let node = self.node(index);
+        let conn = node.connection().await?;
+        let running = Running::new(conn, &self.inner.cancel);
+        let write_timeout = self.inner.options.write_timeout;
+        let begun = tokio::time::timeout(write_timeout, running.conn()?.simple_query(begin)).await;
+        match begun {
+            Ok(Ok(messages)) => {
+                let rows = messages
+                    .into_iter()
+                    .filter_map(|m| match m {
+                        SimpleQueryMessage::Row(row) => Some(row),
+                        _ => None,
+                    })
+                    .collect();
+                let tx = Transaction {
+                    db: self.clone(),
+                    index,
+                    conn: running.into_object(),
+                    broken: AtomicBool::new(false),
+                };
+                Ok((tx, rows))
+            }
+            Ok(Err(source)) => {
+                running.discard();
+                Err(self.write_error(index, source, false, Operation::Begin))
+            }
+            Err(_) => {
+                self.inner.request_reprobe();
+                Err(DbError::Timeout {
+                    node: Arc::clone(&node.name),
+                    operation: Operation::Begin,
+                    after: write_timeout,
+                })
+            }
+        }
+    }
+}
+
+/// A transaction begun together with its first statement (see
+/// [`Db::transaction_with_statement`]).
+#[cfg(feature = "shard")]
+pub(crate) struct Begun {
+    pub(crate) tx: Transaction,
+    /// The rows the begin text answered.
+    pub(crate) begin_rows: Vec<tokio_postgres::SimpleQueryRow>,
+    /// The statement's rows, or why it failed (the transaction is then
+    /// aborted: drop it).
+    pub(crate) statement: Result<Vec<Row>, DbError>,
+}
+
+#[cfg(feature = "shard")]
+impl Db {
+    /// Like [`transaction_with`](Self::transaction_with), with the first
+    /// statement sent in the same flight, right behind `begin` (the server
+    /// runs them in order: the statement after everything `begin` did).
+    /// One round trip, plus the statement's preparation the first time a
+    /// session sees it. Nothing is committed: the caller commits or drops
+    /// the transaction, so no error here means "may have committed".
+    pub(crate) async fn transaction_with_statement(
+        &self,
+        begin: &str,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Begun, DbError> {
+        super::statement::check(sql, super::statement::Context::Transaction)?;
+        let index = self.primary_index().await?;
+        let node = self.node(index);
+        let conn = node.connection().await?;
+        let running = Running::new(conn, &self.inner.cancel);
+        let write_timeout = self.inner.options.write_timeout;
+        let deadline = tokio::time::Instant::now() + write_timeout;
+        let timeout = |operation| DbError::Timeout {
+            node: Arc::clone(&node.name),
+            operation,
+            after: write_timeout,
+        };
+        let conn = running.conn()?;
+        let prepared =
+            tokio::time::timeout_at(deadline, prepare(conn, &node.statement_cache_clears, sql))
+                .await;
+        let statement = match prepared {
+            Ok(Ok(statement)) => statement,
+            Ok(Err(source)) => {
+                // Outside any transaction: the session is as it was.
+                running.settle(&source, true);
+                return Err(self.write_error(index, source, false, Operation::Statement));
+            }
+            Err(_) => {
+                self.inner.request_reprobe();
+                return Err(timeout(Operation::Begin));
+            }
+        };
+        // Polled in this order, so sent in this order. Whatever had not
+        // answered by the deadline is `None`.
+        let (begin_answer, answer) = {
+            let mut begun = std::pin::pin!(conn.simple_query(begin));
+            let mut ran = std::pin::pin!(conn.query(&statement, params));
+            let (mut begin_answer, mut answer) = (None, None);
+            let both = std::future::poll_fn(|cx| {
+                if begin_answer.is_none()
+                    && let std::task::Poll::Ready(r) = begun.as_mut().poll(cx)
+                {
+                    begin_answer = Some(r);
+                }
+                if answer.is_none()
+                    && let std::task::Poll::Ready(r) = ran.as_mut().poll(cx)
+                {
+                    answer = Some(r);
+                }
+                if begin_answer.is_some() && answer.is_some() {
+                    std::task::Poll::Ready(())
+                } else {
+                    std::task::Poll::Pending
+                }
+            });
+            let _ = tokio::time::timeout_at(deadline, both).await;
+            (begin_answer, answer)
+        };
+        let (Some(begin_answer), Some(answer)) = (begin_answer, answer) else {
+            // Dropping `running` cancels what runs and closes the session.
+            self.inner.request_reprobe();
+            drop(running);
+            return Err(timeout(Operation::Statement));
+        };
+        let begin_rows = match begin_answer {
+            Ok(messages) => messages
+                .into_iter()
+                .filter_map(|m| match m {
+                    SimpleQueryMessage::Row(row) => Some(row),
+                    _ => None,
+                })
+                .collect(),
+            Err(source) => {
+                running.discard();
+                return Err(self.write_error(index, source, false, Operation::Begin));
+            }
+        };
+        let tx = Transaction {
+            db: self.clone(),
+            index,
+            conn: running.into_object(),
+            broken: AtomicBool::new(false),
+        };
+        let statement = answer.map_err(|source| {
+            // The transaction is aborted; commit would say RolledBack.
+            tx.broken.store(true, Ordering::Release);
+            self.write_error(index, source, false, Operation::Statement)
+        });
+        Ok(Begun {
+            tx,
+            begin_rows,
+            statement,
+        })
     }
 }

@@ -208,20 +208,37 @@ async fn ask(
         let ((statement, relations, key, functions, operators), columns) =
             futures_util::future::join(
                 futures_util::future::join5(
-                    prepare(conn, &node.name, sql),
-                    query(conn, &node.name, RELATIONS_SQL, &[&relations, &publication]),
+                    prepare(conn, &node.statement_cache_clears, sql),
+                    query(
+                        conn,
+                        &node.statement_cache_clears,
+                        RELATIONS_SQL,
+                        &[&relations, &publication],
+                    ),
                     async {
                         match single {
-                            Some(one) => query(conn, &node.name, KEY_SQL, &[&one]).await,
+                            Some(one) => {
+                                query(conn, &node.statement_cache_clears, KEY_SQL, &[&one]).await
+                            }
                             None => Ok(Vec::new()),
                         }
                     },
-                    query(conn, &node.name, FUNCTIONS_SQL, &[&schemas, &names]),
-                    query(conn, &node.name, OPERATORS_SQL, &[&operators]),
+                    query(
+                        conn,
+                        &node.statement_cache_clears,
+                        FUNCTIONS_SQL,
+                        &[&schemas, &names],
+                    ),
+                    query(
+                        conn,
+                        &node.statement_cache_clears,
+                        OPERATORS_SQL,
+                        &[&operators],
+                    ),
                 ),
                 query(
                     conn,
-                    &node.name,
+                    &node.statement_cache_clears,
                     COLUMNS_SQL,
                     &[&column_relations, &columns],
                 ),
@@ -263,7 +280,7 @@ async fn ask(
 
 async fn query(
     conn: &deadpool_postgres::Object,
-    node: &Arc<str>,
+    node: &metrics::Counter,
     sql: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {

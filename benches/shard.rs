@@ -1,0 +1,141 @@
+//! Sharding's cost on the read path, beside the unsharded routed read in
+//! the same run.
+//!
+//! ```text
+//! cargo bench --features full --bench shard
+//! ```
+//!
+//! `route/routed_read`: one row by primary key through `Db` with `Any`
+//! (the `route` bench's measurement, the same code). `shard/routed_read`:
+//! the same query on the same replica through `ShardedCluster::read`
+//! (slot, map lookup, and the read's ownership fence: the statement as a
+//! lateral subquery of the slot's ownership row). The cluster is the only
+//! shard, so both reads run on the same server. `shard/route`: the key →
+//! shard decision alone (CRC-32 of the key, map lookup).
+
+use std::hint::black_box;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use tower_scale::shard::{ShardConsistency, ShardedCluster};
+
+#[path = "support/mod.rs"]
+mod support;
+
+fn shard(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let local = support::items_cluster(&rt);
+    let (cluster, sharded) = rt.block_on(async {
+        let sharded = ShardedCluster::builder()
+            .shard("shard-1", support::connect(&local).await)
+            .build()
+            .await
+            .expect("sharded");
+        // The fence's table, replayed before measuring.
+        local
+            .wait_for_replicas(std::time::Duration::from_secs(30))
+            .await
+            .expect("replay");
+        (support::connect(&local).await, sharded)
+    });
+    let db = cluster.db();
+
+    let mut group = c.benchmark_group("route");
+    group.throughput(Throughput::Elements(1));
+    support::routed_read(&mut group, &rt, &db);
+    group.finish();
+
+    let mut group = c.benchmark_group("shard");
+    group.throughput(Throughput::Elements(1));
+    let mut key = 0i64;
+    group.bench_function("route", |b| {
+        b.iter(|| {
+            key = key.wrapping_add(1);
+            black_box(sharded.shard_for(black_box(&key)))
+        })
+    });
+    let mut id = 0i64;
+    group.bench_function("routed_read", |b| {
+        b.to_async(&rt).iter(|| {
+            id = id % support::ITEMS + 1;
+            let sharded = &sharded;
+            async move {
+                let r = sharded
+                    .read(
+                        &id,
+                        &ShardConsistency::Any,
+                        support::ROUTED_READ_SQL,
+                        &[&id],
+                    )
+                    .await
+                    .expect("read");
+                assert_eq!(r.value.len(), 1);
+                assert_eq!(&*r.served_by, "replica-1");
+                black_box(r)
+            }
+        })
+    });
+    group.finish();
+
+    // The two reads interleaved, 2,000 at a time: the machine's other
+    // load hits both alike (criterion runs one function after the other).
+    let mut ratios = Vec::new();
+    for _ in 0..7 {
+        let plain = rt.block_on(async {
+            let started = std::time::Instant::now();
+            for id in 1..=2000i64 {
+                let id = id % support::ITEMS + 1;
+                black_box(
+                    db.read_one(
+                        tower_scale::pg::Consistency::Any,
+                        support::ROUTED_READ_SQL,
+                        &[&id],
+                    )
+                    .await
+                    .expect("row"),
+                );
+            }
+            started.elapsed()
+        });
+        let fenced = rt.block_on(async {
+            let started = std::time::Instant::now();
+            for id in 1..=2000i64 {
+                let id = id % support::ITEMS + 1;
+                black_box(
+                    sharded
+                        .read(
+                            &id,
+                            &ShardConsistency::Any,
+                            support::ROUTED_READ_SQL,
+                            &[&id],
+                        )
+                        .await
+                        .expect("row"),
+                );
+            }
+            started.elapsed()
+        });
+        ratios.push(fenced.as_secs_f64() / plain.as_secs_f64());
+    }
+    let mut sorted = ratios.clone();
+    sorted.sort_by(f64::total_cmp);
+    println!(
+        "interleaved shard/routed_read / route/routed_read: {} (median {:.3})",
+        ratios
+            .iter()
+            .map(|r| format!("{r:.3}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        sorted[sorted.len() / 2]
+    );
+    drop(db);
+    drop(cluster);
+    drop(sharded);
+    drop(local);
+}
+
+criterion_group!(benches, shard);
+criterion_main!(benches);

@@ -1,0 +1,534 @@
+//! [`ShardedCluster`]: the shards, the slot map and its refresh.
+
+use std::fmt;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::pg::{Cluster, Db};
+
+use super::error::ShardError;
+use super::map::{SlotMap, SlotRange};
+use super::ownership;
+use super::slot::{DEFAULT_SLOTS, MAX_SLOTS, ShardKey, slot_of};
+use super::token::shard_id;
+
+/// Called with the slots whose owner changed, each time this instance
+/// learns of a move (see [`ShardedClusterBuilder::on_slots_moved`]).
+pub type SlotsMoved = Arc<dyn Fn(&[u16]) + Send + Sync>;
+
+/// One shard: a named cluster.
+pub(crate) struct Shard {
+    pub(crate) name: Arc<str>,
+    /// `tower_scale_shard_read_all_failures_total` of this shard.
+    pub(crate) read_all_failures: metrics::Counter,
+    pub(crate) id: u64,
+    pub(crate) cluster: Cluster,
+    pub(crate) db: Db,
+}
+
+pub(crate) struct Inner {
+    pub(crate) shards: Vec<Shard>,
+    pub(crate) map: RwLock<Arc<SlotMap>>,
+    /// One refresh at a time; callers that waited find the map newer.
+    pub(crate) refreshing: tokio::sync::Mutex<()>,
+    pub(crate) slots: u16,
+    pub(crate) identity: u64,
+    pub(crate) moved_wait: Duration,
+    pub(crate) read_all_timeout: Duration,
+    pub(crate) on_moved: Vec<SlotsMoved>,
+    pub(crate) metrics: Metrics,
+    /// Fenced forms of the read statements seen, by their text.
+    pub(crate) read_sql: RwLock<ReadSqlCache>,
+}
+
+/// The sharded cluster's series, registered at build (label `cluster`:
+/// [`ShardedClusterBuilder::name`]).
+pub(crate) struct Metrics {
+    pub(crate) moved: metrics::Counter,
+    pub(crate) slots_moved: metrics::Counter,
+    pub(crate) map_version: metrics::Gauge,
+}
+
+/// Statement text → (its parameter count, its fenced form).
+pub(crate) type ReadSqlCache =
+    std::collections::HashMap<Box<str>, (usize, Arc<str>), foldhash::fast::RandomState>;
+
+/// At most this many fenced statements are kept (then the cache starts
+/// over: SQL text built per request must not grow it for ever).
+const MAX_READ_SQL: usize = 256;
+
+impl Inner {
+    /// The fenced form of `sql` with `params` parameters of its own.
+    pub(crate) fn fenced_read(&self, sql: &str, params: usize) -> Arc<str> {
+        if let Some((n, fenced)) = crate::sync::read(&self.read_sql).get(sql)
+            && *n == params
+        {
+            return Arc::clone(fenced);
+        }
+        let fenced: Arc<str> = ownership::fenced_read_sql(sql, params + 1).into();
+        let mut cache = crate::sync::write(&self.read_sql);
+        if cache.len() >= MAX_READ_SQL {
+            cache.clear();
+        }
+        cache.insert(sql.into(), (params, Arc::clone(&fenced)));
+        fenced
+    }
+}
+
+/// Several [`Cluster`]s (shards), each a primary with its replicas, behind
+/// one handle that routes by a shard key.
+///
+/// The key space is divided into slots ([`slot_of`]); a versioned
+/// [`SlotMap`] gives each slot to one shard. The map lives in ownership
+/// tables on the shards' primaries (see the module docs of
+/// [`shard`](super)); every write is fenced by its slot's ownership row in
+/// its own transaction, every read checks it in its own snapshot, so an
+/// instance with a stale map gets [`ShardError::Moved`] from the old owner
+/// instead of writing or reading there, refreshes and retries once.
+///
+/// ```no_run
+/// use tower_scale::pg::{Cluster, NodeConfig};
+/// use tower_scale::shard::{ShardConsistency, ShardedCluster};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let one = Cluster::builder().primary(NodeConfig::from_url("postgresql://app@db-1/app")?).build().await?;
+/// let two = Cluster::builder().primary(NodeConfig::from_url("postgresql://app@db-2/app")?).build().await?;
+/// let sharded = ShardedCluster::builder().shard("shard-1", one).shard("shard-2", two).build().await?;
+/// let user = 42i64;
+/// let w = sharded
+///     .write(&user, "INSERT INTO users (id, name) VALUES ($1, $2)", &[&user, &"ada"])
+///     .await?;
+/// let r = sharded
+///     .read(&user, &ShardConsistency::ReadYourWrites(w.token), "SELECT name FROM users WHERE id = $1", &[&user])
+///     .await?;
+/// assert_eq!(r.value[0].get::<_, String>(0), "ada");
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct ShardedCluster {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl fmt::Debug for ShardedCluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShardedCluster")
+            .field("shards", &self.shard_names())
+            .field("map", &self.map())
+            .finish()
+    }
+}
+
+/// Configures a [`ShardedCluster`].
+#[must_use]
+pub struct ShardedClusterBuilder {
+    shards: Vec<(Arc<str>, Cluster)>,
+    slots: u16,
+    initial: Option<Vec<(SlotRange, String)>>,
+    identity: Option<String>,
+    name: Option<String>,
+    moved_wait: Duration,
+    read_all_timeout: Option<Duration>,
+    on_moved: Vec<SlotsMoved>,
+}
+
+impl fmt::Debug for ShardedClusterBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShardedClusterBuilder")
+            .field(
+                "shards",
+                &self.shards.iter().map(|s| &s.0).collect::<Vec<_>>(),
+            )
+            .field("slots", &self.slots)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ShardedClusterBuilder {
+    /// Adds a shard named `name` (for example `shard-1`): the name is how
+    /// the ownership tables, tokens and errors know it, so every instance
+    /// must give each database the same name.
+    pub fn shard(mut self, name: impl Into<Arc<str>>, cluster: Cluster) -> Self {
+        self.shards.push((name.into(), cluster));
+        self
+    }
+
+    /// The number of slots (default 4096, at most 16384): fixed for the
+    /// life of the data (recorded on each shard; an instance with another
+    /// count refuses to start).
+    pub fn slots(mut self, n: u16) -> Self {
+        self.slots = n;
+        self
+    }
+
+    /// Who owns what on a first start (when no move has happened and some
+    /// slot has no owner: also a first start that stopped half way):
+    /// inclusive slot ranges and shard names covering every slot. Default:
+    /// an even split in the order the shards were added. Instances starting
+    /// together must agree on it. Ignored once the map is complete: the
+    /// tables are the map.
+    pub fn initial_map(mut self, ranges: Vec<(SlotRange, String)>) -> Self {
+        self.initial = Some(ranges);
+        self
+    }
+
+    /// The name tokens are bound to (default: the shard names, sorted).
+    pub fn identity(mut self, name: impl Into<String>) -> Self {
+        self.identity = Some(name.into());
+        self
+    }
+
+    /// The name of the sharded cluster in its metrics (the `cluster`
+    /// label of the `tower_scale_shard_*` series; default: the shard
+    /// names, sorted, joined with `,`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// How long a request refused with [`ShardError::Moved`] waits for
+    /// the map to show the slot's new owner before its one retry (a move
+    /// commits on the old owner, then on the new one). Default 2 s.
+    pub fn moved_wait(mut self, d: Duration) -> Self {
+        self.moved_wait = d;
+        self
+    }
+
+    /// The per-shard deadline of [`ShardedCluster::read_all`] (default
+    /// 11 s: twice the default read timeout, the most a routed read with
+    /// its retry takes, plus 1 s). Set it below that to bound a stalled
+    /// shard sooner.
+    pub fn read_all_timeout(mut self, d: Duration) -> Self {
+        self.read_all_timeout = Some(d);
+        self
+    }
+
+    /// Called with the slots whose owner changed whenever this instance
+    /// learns of a move: invalidate cache entries tagged
+    /// [`slot_tag`](super::slot_tag) there (without a version: the new
+    /// owner's positions are another WAL's; an [`Invalidator`](crate::cache::Invalidator)
+    /// also keeps out fills that began before it). It runs right after the
+    /// new map is installed, while other refreshes wait: keep it quick (an
+    /// invalidation is), never blocking.
+    pub fn on_slots_moved(mut self, f: impl Fn(&[u16]) + Send + Sync + 'static) -> Self {
+        self.on_moved.push(Arc::new(f));
+        self
+    }
+
+    /// Checks the configuration, creates the ownership tables where
+    /// missing, writes the initial map if no shard owns any slot, and
+    /// reads the map.
+    pub async fn build(self) -> Result<ShardedCluster, ShardError> {
+        if self.shards.is_empty() {
+            return Err(ShardError::Setup("no shards configured".into()));
+        }
+        if self.shards.len() >= usize::from(super::map::NO_OWNER) {
+            return Err(ShardError::Setup("too many shards".into()));
+        }
+        if self.slots == 0 || self.slots > MAX_SLOTS {
+            return Err(ShardError::Setup(format!(
+                "the slot count must be 1..={MAX_SLOTS}, got {}",
+                self.slots
+            )));
+        }
+        let mut names: Vec<&str> = self.shards.iter().map(|s| &*s.0).collect();
+        names.sort_unstable();
+        if names.windows(2).any(|w| w[0] == w[1]) {
+            return Err(ShardError::Setup("two shards have the same name".into()));
+        }
+        let identity = crate::pg::cluster_identity(
+            &self
+                .identity
+                .clone()
+                .unwrap_or_else(|| format!("tower-scale shards: {}", names.join(","))),
+        );
+        let read_all_timeout = self.read_all_timeout.unwrap_or(Duration::from_secs(11));
+        let label = self.name.clone().unwrap_or_else(|| names.join(","));
+        let metrics = Metrics {
+            moved: metrics::counter!("tower_scale_shard_moved_total", "cluster" => label.clone()),
+            slots_moved: metrics::counter!("tower_scale_shard_slots_moved_total", "cluster" => label.clone()),
+            map_version: metrics::gauge!("tower_scale_shard_map_version", "cluster" => label.clone()),
+        };
+        let shards: Vec<Shard> = self
+            .shards
+            .into_iter()
+            .map(|(name, cluster)| Shard {
+                read_all_failures: metrics::counter!(
+                    "tower_scale_shard_read_all_failures_total",
+                    "cluster" => label.clone(),
+                    "shard" => name.to_string()
+                ),
+                id: shard_id(&name),
+                db: cluster.db(),
+                name,
+                cluster,
+            })
+            .collect();
+        let names: Vec<Arc<str>> = shards.iter().map(|s| Arc::clone(&s.name)).collect();
+        let empty = SlotMap::from_owned(0, self.slots, names, &[]);
+        let sharded = ShardedCluster {
+            inner: Arc::new(Inner {
+                shards,
+                map: RwLock::new(Arc::new(empty)),
+                refreshing: tokio::sync::Mutex::new(()),
+                slots: self.slots,
+                identity,
+                moved_wait: self.moved_wait,
+                read_all_timeout,
+                on_moved: self.on_moved,
+                metrics,
+                read_sql: RwLock::new(ReadSqlCache::default()),
+            }),
+        };
+        for shard in &sharded.inner.shards {
+            ownership::setup(&shard.db, &shard.name, self.slots).await?;
+        }
+        let map = sharded.load().await?;
+        // A first start, or one that stopped half way through writing the
+        // initial map (no move has happened yet): claiming is idempotent.
+        let unowned = (0..self.slots).any(|s| map.owner_index(s).is_none());
+        if map.version() <= 1 && unowned {
+            let initial = match self.initial {
+                Some(ranges) => ranges,
+                None => {
+                    let names: Vec<&str> = sharded.shard_names();
+                    SlotMap::even(self.slots, &names)
+                        .ranges()
+                        .into_iter()
+                        .filter_map(|(r, o)| Some((r, o?.to_string())))
+                        .collect()
+                }
+            };
+            let mut covered = vec![false; usize::from(self.slots)];
+            for (range, name) in &initial {
+                let index = sharded.shard_index(name)?;
+                if range.is_empty() || range.last >= self.slots {
+                    return Err(ShardError::Setup(format!(
+                        "initial range {range} is outside 0..{}",
+                        self.slots
+                    )));
+                }
+                for s in range.slots() {
+                    covered[usize::from(s)] = true;
+                }
+                let shard = &sharded.inner.shards[index];
+                ownership::claim(&shard.db, &shard.name, *range, 1).await?;
+            }
+            if let Some(s) = covered.iter().position(|c| !c) {
+                return Err(ShardError::Setup(format!(
+                    "the initial map leaves slot {s} without an owner"
+                )));
+            }
+        }
+        sharded.refresh().await?;
+        Ok(sharded)
+    }
+}
+
+impl ShardedCluster {
+    /// Starts configuring a sharded cluster.
+    pub fn builder() -> ShardedClusterBuilder {
+        ShardedClusterBuilder {
+            shards: Vec::new(),
+            slots: DEFAULT_SLOTS,
+            initial: None,
+            identity: None,
+            name: None,
+            moved_wait: Duration::from_secs(2),
+            read_all_timeout: None,
+            on_moved: Vec::new(),
+        }
+    }
+
+    /// The slot of `key` (a hash and a modulo: see [`slot_of`]).
+    pub fn slot<K: ShardKey + ?Sized>(&self, key: &K) -> u16 {
+        slot_of(key, self.inner.slots)
+    }
+
+    /// The name of the shard `key` routes to by this instance's map.
+    pub fn shard_for<K: ShardKey + ?Sized>(&self, key: &K) -> Option<Arc<str>> {
+        let map = self.map();
+        let index = map.owner_index(self.slot(key))?;
+        Some(Arc::clone(&self.inner.shards[index].name))
+    }
+
+    /// This instance's map.
+    pub fn map(&self) -> Arc<SlotMap> {
+        Arc::clone(&crate::sync::read(&self.inner.map))
+    }
+
+    /// The shard names, as configured.
+    pub fn shard_names(&self) -> Vec<&str> {
+        self.inner.shards.iter().map(|s| &*s.name).collect()
+    }
+
+    /// The cluster of shard `name`.
+    pub fn shard(&self, name: &str) -> Result<&Cluster, ShardError> {
+        Ok(&self.inner.shards[self.shard_index(name)?].cluster)
+    }
+
+    /// The identity [`ShardedTokenCodec`](super::ShardedTokenCodec)s of
+    /// this cluster are bound to.
+    pub fn identity(&self) -> u64 {
+        self.inner.identity
+    }
+
+    pub(crate) fn shard_index(&self, name: &str) -> Result<usize, ShardError> {
+        self.inner
+            .shards
+            .iter()
+            .position(|s| &*s.name == name)
+            .ok_or_else(|| ShardError::UnknownShard(name.chars().take(64).collect()))
+    }
+
+    /// Reads every shard's ownership table (from the primaries).
+    ///
+    /// All shards at once, each within the read-all deadline. A shard that
+    /// does not answer keeps the slots the previous map gave it (it cannot
+    /// have let go of them: a move locks its rows first), at version 0 so
+    /// any shard that claims them now wins; with no previous map (the
+    /// first load), its error is the load's.
+    async fn load(&self) -> Result<SlotMap, ShardError> {
+        let deadline = self.inner.read_all_timeout;
+        let answers = futures_util::future::join_all(self.inner.shards.iter().map(|shard| async {
+            match tokio::time::timeout(deadline, ownership::owned(&shard.db, &shard.name)).await {
+                Ok(answer) => answer,
+                Err(_) => Err(ShardError::Timeout {
+                    shard: Arc::clone(&shard.name),
+                    after: deadline,
+                }),
+            }
+        }))
+        .await;
+        let previous = self.map();
+        let mut owned = Vec::new();
+        let mut version = 0;
+        for (i, (shard, answer)) in self.inner.shards.iter().zip(answers).enumerate() {
+            let (slots, map_version) = match answer {
+                Ok(answer) => answer,
+                Err(e) if previous.version() > 0 => {
+                    tracing::warn!(shard = %shard.name, error = %e, "the shard's ownership table could not be read; keeping its slots from the previous map");
+                    for slot in previous.slots_of(&shard.name) {
+                        owned.push((i as u16, slot, 0));
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            version = version.max(map_version);
+            for (slot, v) in slots {
+                if slot >= self.inner.slots {
+                    return Err(ShardError::Setup(format!(
+                        "shard {:?} lists slot {slot}, outside the key space",
+                        shard.name
+                    )));
+                }
+                version = version.max(v);
+                owned.push((i as u16, slot, v));
+            }
+        }
+        // Claims read from the shards first, then the kept ones: at a tie
+        // `from_owned` keeps the first.
+        owned.sort_by_key(|&(_, _, v)| std::cmp::Reverse(v));
+        let names = self
+            .inner
+            .shards
+            .iter()
+            .map(|s| Arc::clone(&s.name))
+            .collect();
+        Ok(SlotMap::from_owned(
+            version,
+            self.inner.slots,
+            names,
+            &owned,
+        ))
+    }
+
+    /// Reads the map from the shards now and installs it; the slots whose
+    /// owner changed go to the [`on_slots_moved`](ShardedClusterBuilder::on_slots_moved) hooks.
+    pub async fn refresh(&self) -> Result<Arc<SlotMap>, ShardError> {
+        let _one = self.inner.refreshing.lock().await;
+        self.refresh_locked().await
+    }
+
+    async fn refresh_locked(&self) -> Result<Arc<SlotMap>, ShardError> {
+        let fresh = Arc::new(self.load().await?);
+        let old = {
+            let mut map = crate::sync::write(&self.inner.map);
+            std::mem::replace(&mut *map, Arc::clone(&fresh))
+        };
+        let changed = old.changed_slots(&fresh);
+        if old.version() != 0 && !changed.is_empty() {
+            self.inner
+                .metrics
+                .slots_moved
+                .increment(changed.len() as u64);
+            for hook in &self.inner.on_moved {
+                hook(&changed);
+            }
+        }
+        self.inner.metrics.map_version.set(fresh.version() as f64);
+        Ok(fresh)
+    }
+
+    /// After shard `refused` refused `slot` under map `seen`: refreshes
+    /// until the map gives the slot to another shard, within the moved
+    /// wait (with `same_ok`, a read refused by a lagging replica, the same
+    /// shard will do: the retry reads its primary). `None`: still the same
+    /// owner (or none) at the deadline.
+    pub(crate) async fn refresh_after_moved(
+        &self,
+        slot: u16,
+        refused: usize,
+        seen: u64,
+        same_ok: bool,
+    ) -> Result<Option<usize>, ShardError> {
+        self.inner.metrics.moved.increment(1);
+        let deadline = tokio::time::Instant::now() + self.inner.moved_wait;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let map = {
+                let _one = self.inner.refreshing.lock().await;
+                let current = self.map();
+                // Another caller refreshed meanwhile: use its map first.
+                if current.version() > seen
+                    && current.owner_index(slot).is_some_and(|o| o != refused)
+                {
+                    current
+                } else {
+                    self.refresh_locked().await?
+                }
+            };
+            match map.owner_index(slot) {
+                Some(o) if o != refused || same_ok => return Ok(Some(o)),
+                _ => {}
+            }
+            if tokio::time::Instant::now() + pause > deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// The map, refreshed unless another caller already installed one
+    /// newer than `seen`.
+    pub(crate) async fn refresh_if_not_newer(&self, seen: u64) -> Result<Arc<SlotMap>, ShardError> {
+        let _one = self.inner.refreshing.lock().await;
+        let current = self.map();
+        if current.version() > seen {
+            return Ok(current);
+        }
+        self.refresh_locked().await
+    }
+
+    /// Refreshes the map if a token was routed by a newer one.
+    pub(crate) async fn catch_up_map(&self, version: u64) -> Result<(), ShardError> {
+        if version > self.map().version() {
+            let _one = self.inner.refreshing.lock().await;
+            if version > self.map().version() {
+                self.refresh_locked().await?;
+            }
+        }
+        Ok(())
+    }
+}

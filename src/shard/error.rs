@@ -1,0 +1,130 @@
+//! Errors of the sharded cluster.
+
+use std::sync::Arc;
+
+use crate::pg::DbError;
+
+/// An error from [`ShardedCluster`](super::ShardedCluster).
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ShardError {
+    /// The shard refused the slot: it does not own it (the instance's map
+    /// was stale). The cluster refreshes its map and retries once by
+    /// itself; this error means the retry was refused too (a move in
+    /// progress that did not finish within the moved wait). Nothing was
+    /// written.
+    #[error(
+        "slot {slot} is not owned by {shard} (map version {version}); a move is in progress \
+         or the ownership tables disagree: retry, or check `ShardedCluster::map`"
+    )]
+    Moved {
+        /// The key's slot.
+        slot: u16,
+        /// The shard that refused it.
+        shard: Arc<str>,
+        /// The map version the instance had when it was refused.
+        version: u64,
+    },
+    /// No shard owns the slot: a move stopped between its two commits, or
+    /// the ownership tables were edited. Run the move again
+    /// ([`ShardedCluster::move_slots`](super::ShardedCluster::move_slots)).
+    #[error(
+        "no shard owns slot {slot}; finish the interrupted move with ShardedCluster::move_slots"
+    )]
+    Unowned {
+        /// The slot.
+        slot: u16,
+    },
+    /// A slot number outside the key space.
+    #[error("slot {slot} is outside the key space of {slots} slots")]
+    SlotOutOfRange {
+        /// The slot given.
+        slot: u32,
+        /// The number of slots.
+        slots: u16,
+    },
+    /// A shard name that is not configured.
+    #[error("no shard is named {0:?}")]
+    UnknownShard(String),
+    /// A shard's database failed.
+    #[error("shard {shard}: {source}")]
+    Db {
+        /// The shard.
+        shard: Arc<str>,
+        /// What failed.
+        #[source]
+        source: DbError,
+    },
+    /// A cross-shard read did not finish on every shard in time (see
+    /// [`ShardedCluster::read_all`](super::ShardedCluster::read_all)).
+    #[error("cross-shard read failed on {}: {}", names(failed), failed.first().map(|(_, e)| e.to_string()).unwrap_or_default())]
+    Shards {
+        /// Each shard that failed, with its error.
+        failed: Vec<(Arc<str>, ShardError)>,
+    },
+    /// A shard's read took longer than the per-shard deadline.
+    #[error("shard {shard} did not answer within {after:?}")]
+    Timeout {
+        /// The shard.
+        shard: Arc<str>,
+        /// The deadline.
+        after: std::time::Duration,
+    },
+    /// A shard's change feed could not start
+    /// ([`ShardedCluster::change_feeds`](super::ShardedCluster::change_feeds)).
+    #[cfg(feature = "change-feed")]
+    #[error("change feed of shard {shard}: {source}")]
+    Feed {
+        /// The shard.
+        shard: Arc<str>,
+        /// Why.
+        #[source]
+        source: crate::pg::feed::FeedError,
+    },
+    /// Combining the shards' answers failed (a column of another type
+    /// than asked, a sum beyond `i64`).
+    #[error("combining the shards' answers: {0}")]
+    Combine(String),
+    /// The shards' ownership tables or the configuration are not usable
+    /// (a shard's table names another shard, slot counts differ...).
+    #[error("sharding setup: {0}")]
+    Setup(String),
+}
+
+fn names(failed: &[(Arc<str>, ShardError)]) -> String {
+    failed
+        .iter()
+        .map(|(n, _)| &**n)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl ShardError {
+    pub(crate) fn db(shard: &Arc<str>, source: DbError) -> Self {
+        Self::Db {
+            shard: Arc::clone(shard),
+            source,
+        }
+    }
+
+    /// True if a write that failed with this error may have committed
+    /// (see [`DbError::may_have_committed`]).
+    pub fn may_have_committed(&self) -> bool {
+        match self {
+            Self::Db { source, .. } => source.may_have_committed(),
+            _ => false,
+        }
+    }
+
+    /// The shards this error names (the failed ones of a cross-shard
+    /// read, or the one shard).
+    pub fn shards(&self) -> Vec<&str> {
+        match self {
+            Self::Moved { shard, .. } | Self::Db { shard, .. } | Self::Timeout { shard, .. } => {
+                vec![shard]
+            }
+            Self::Shards { failed } => failed.iter().map(|(n, _)| &**n).collect(),
+            _ => Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! Changing a slot range's owner: the fence's other side.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::pg::Transaction;
+
+use super::cluster::ShardedCluster;
+use super::error::ShardError;
+use super::map::SlotRange;
+use super::ownership;
+
+/// A move of a slot range in progress: the range's ownership rows are
+/// locked `FOR UPDATE` on the old owner (writes to it wait, writes in
+/// flight have finished), and the new owner's rows are written but not
+/// committed. Copy the range's data with [`source`](Self::source) and
+/// [`target`](Self::target) (data copying is the caller's in this
+/// version), then [`commit`](Self::commit). Dropping it aborts the move.
+pub struct SlotMove {
+    cluster: ShardedCluster,
+    /// Holds the move lock until the move committed.
+    serial: (Arc<str>, Transaction),
+    range: SlotRange,
+    from: Option<(Arc<str>, Transaction)>,
+    to: (Arc<str>, Transaction),
+    version: u64,
+}
+
+impl fmt::Debug for SlotMove {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SlotMove")
+            .field("range", &self.range)
+            .field("from", &self.from.as_ref().map(|f| &f.0))
+            .field("to", &self.to.0)
+            .field("version", &self.version)
+            .finish()
+    }
+}
+
+impl SlotMove {
+    /// The old owner's transaction (`None` when finishing a move that
+    /// was interrupted after the old owner let go).
+    pub fn source(&self) -> Option<&Transaction> {
+        self.from.as_ref().map(|f| &f.1)
+    }
+
+    /// The new owner's transaction.
+    pub fn target(&self) -> &Transaction {
+        &self.to.1
+    }
+
+    /// The range moved.
+    pub fn range(&self) -> SlotRange {
+        self.range
+    }
+
+    /// The map version the move creates.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Commits the old owner's release first, then the new owner's claim,
+    /// and refreshes this instance's map. Between the two commits no shard
+    /// owns the range (requests refused meanwhile wait for the new owner,
+    /// within the moved wait), so no write is accepted by the new owner
+    /// while the old one could still serve a read. If the second commit
+    /// fails, no shard owns the range: run the move again (it finishes
+    /// from there).
+    pub async fn commit(self) -> Result<u64, ShardError> {
+        if let Some((name, tx)) = self.from {
+            tx.commit().await.map_err(|e| ShardError::db(&name, e))?;
+        }
+        let (name, tx) = self.to;
+        tx.commit().await.map_err(|e| ShardError::db(&name, e))?;
+        // It wrote nothing: however it ends, the lock goes with it.
+        let _ = self.serial.1.rollback().await;
+        self.cluster.refresh().await?;
+        Ok(self.version)
+    }
+}
+
+impl ShardedCluster {
+    /// Starts moving `range` to shard `to` (see [`SlotMove`]). The range
+    /// must be owned by one shard other than `to`, or by none (an
+    /// interrupted move).
+    pub async fn begin_move(&self, range: SlotRange, to: &str) -> Result<SlotMove, ShardError> {
+        if range.is_empty() || range.last >= self.inner.slots {
+            return Err(ShardError::SlotOutOfRange {
+                slot: u32::from(range.last.max(range.first)),
+                slots: self.inner.slots,
+            });
+        }
+        let target = self.shard_index(to)?;
+        // One move at a time, so versions follow the order moves commit in.
+        let first = self
+            .inner
+            .shards
+            .iter()
+            .min_by(|a, b| a.name.cmp(&b.name))
+            .ok_or_else(|| ShardError::Setup("no shards".into()))?;
+        let serial = first
+            .db
+            .transaction()
+            .await
+            .map_err(|e| ShardError::db(&first.name, e))?;
+        ownership::lock_moves(&serial, &first.name).await?;
+        let map = self.refresh().await?;
+        let mut owners: Vec<Option<usize>> = range.slots().map(|s| map.owner_index(s)).collect();
+        owners.dedup();
+        let source = match owners.as_slice() {
+            [Some(o)] if *o == target => {
+                return Err(ShardError::Setup(format!("{to} already owns {range}")));
+            }
+            [o] => *o,
+            _ => {
+                return Err(ShardError::Setup(format!(
+                    "{range} spans several owners: move each owner's part on its own"
+                )));
+            }
+        };
+        let version = map.version() + 1;
+        let from = match source {
+            Some(i) => {
+                let shard = &self.inner.shards[i];
+                let tx = shard
+                    .db
+                    .transaction()
+                    .await
+                    .map_err(|e| ShardError::db(&shard.name, e))?;
+                let locked = ownership::lock_source(&tx, &shard.name, range).await?;
+                if locked != range.len() {
+                    // Moved since the map was read: start again.
+                    return Err(ShardError::Setup(format!(
+                        "{} owns {locked} of the {} slots of {range} now; retry the move",
+                        shard.name,
+                        range.len()
+                    )));
+                }
+                ownership::release(&tx, &shard.name, range).await?;
+                ownership::bump(&tx, &shard.name, version).await?;
+                Some((Arc::clone(&shard.name), tx))
+            }
+            None => None,
+        };
+        let shard = &self.inner.shards[target];
+        let tx = shard
+            .db
+            .transaction()
+            .await
+            .map_err(|e| ShardError::db(&shard.name, e))?;
+        ownership::take(&tx, &shard.name, range, version).await?;
+        ownership::bump(&tx, &shard.name, version).await?;
+        Ok(SlotMove {
+            cluster: self.clone(),
+            serial: (Arc::clone(&first.name), serial),
+            range,
+            from,
+            to: (Arc::clone(&shard.name), tx),
+            version,
+        })
+    }
+
+    /// Moves the ownership of `range` to shard `to` now (no data is
+    /// copied: see [`begin_move`](Self::begin_move) to copy in between).
+    /// Returns the new map version.
+    pub async fn move_slots(&self, range: SlotRange, to: &str) -> Result<u64, ShardError> {
+        self.begin_move(range, to).await?.commit().await
+    }
+}

@@ -1,0 +1,233 @@
+//! The ownership tables on each shard's primary, and moving slots.
+//!
+//! ```sql
+//! CREATE TABLE tower_scale_shard_map   (one bool PRIMARY KEY CHECK (one),
+//!                                       shard text NOT NULL, slot_count int4 NOT NULL,
+//!                                       version int8 NOT NULL DEFAULT 0);
+//! CREATE TABLE tower_scale_shard_slots (slot int4 PRIMARY KEY CHECK (slot >= 0),
+//!                                       version int8 NOT NULL);
+//! ```
+//!
+//! `tower_scale_shard_map` names the shard the database is (so an instance
+//! configured with two names swapped refuses to start), the slot count,
+//! and the highest map version a move committed there (it never goes
+//! down, also when the slots that carried it move away);
+//! `tower_scale_shard_slots` lists the slots it owns with the map version
+//! that gave each to it. The map's version is the highest of those on any
+//! shard. Moves are serialised by an advisory lock on the shard whose name
+//! sorts first, held until the move committed, so versions follow the
+//! order moves commit in.
+
+use std::sync::Arc;
+
+use crate::pg::{Consistency, Db, Transaction};
+
+use super::error::ShardError;
+use super::map::SlotRange;
+
+/// Serialises the setup of concurrent instances (`pg_advisory_xact_lock`).
+const SETUP_LOCK: i64 = 0x7473_7368_6172_6401; // "tsshard\x01"
+
+const CREATE: &str = "CREATE TABLE IF NOT EXISTS tower_scale_shard_map (\
+       one bool PRIMARY KEY DEFAULT true CHECK (one), \
+       shard text NOT NULL, slot_count int4 NOT NULL, version int8 NOT NULL DEFAULT 0); \
+     CREATE TABLE IF NOT EXISTS tower_scale_shard_slots (\
+       slot int4 PRIMARY KEY CHECK (slot >= 0), version int8 NOT NULL)";
+
+/// Serialises moves (`pg_advisory_xact_lock` on the first shard by name).
+const MOVE_LOCK: i64 = 0x7473_7368_6172_6402; // "tsshard\x02"
+
+/// The write fence: the slot's row, locked against a change of ownership
+/// until the write's transaction ends.
+pub(crate) const FENCE_SQL: &str =
+    "SELECT version FROM tower_scale_shard_slots WHERE slot = $1 FOR SHARE";
+
+/// Creates the tables if needed and checks (or records) which shard this
+/// database is and the slot count.
+pub(crate) async fn setup(db: &Db, name: &Arc<str>, slots: u16) -> Result<(), ShardError> {
+    let err = |e| ShardError::db(name, e);
+    let tx = db.transaction().await.map_err(err)?;
+    tx.execute(
+        "SELECT pg_catalog.pg_advisory_xact_lock($1)",
+        &[&SETUP_LOCK],
+    )
+    .await
+    .map_err(err)?;
+    for statement in CREATE.split("; ") {
+        tx.execute(statement, &[]).await.map_err(err)?;
+    }
+    tx.execute(
+        "INSERT INTO tower_scale_shard_map (shard, slot_count) VALUES ($1, $2) \
+         ON CONFLICT (one) DO NOTHING",
+        &[&&**name, &i32::from(slots)],
+    )
+    .await
+    .map_err(err)?;
+    let row = tx
+        .query_one("SELECT shard, slot_count FROM tower_scale_shard_map", &[])
+        .await
+        .map_err(err)?;
+    let (recorded, count): (String, i32) = (row.get(0), row.get(1));
+    tx.commit().await.map_err(err)?;
+    if recorded != **name {
+        return Err(ShardError::Setup(format!(
+            "the database configured as shard {name:?} records itself as {recorded:?}: \
+             check the shards' addresses"
+        )));
+    }
+    if count != i32::from(slots) {
+        return Err(ShardError::Setup(format!(
+            "shard {name:?} was set up with {count} slots, this instance uses {slots}: \
+             the slot count is fixed for the life of the data"
+        )));
+    }
+    Ok(())
+}
+
+/// The slots the shard owns, with their versions, and the shard's map
+/// version (from its primary).
+pub(crate) async fn owned(db: &Db, name: &Arc<str>) -> Result<(Vec<(u16, u64)>, u64), ShardError> {
+    let rows = db
+        .read_query(
+            Consistency::Strong,
+            "SELECT slot, version FROM tower_scale_shard_slots \
+             UNION ALL SELECT -1, version FROM tower_scale_shard_map ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(|e| ShardError::db(name, e))?;
+    let mut out = Vec::with_capacity(rows.value.len());
+    let mut map_version = 0;
+    for row in rows.value {
+        let bad = |e| ShardError::Setup(format!("shard {name:?}'s ownership tables: {e}"));
+        let (slot, version): (i32, i64) =
+            (row.try_get(0).map_err(bad)?, row.try_get(1).map_err(bad)?);
+        if slot == -1 {
+            map_version = u64::try_from(version).unwrap_or(0);
+            continue;
+        }
+        let (Ok(slot), Ok(version)) = (u16::try_from(slot), u64::try_from(version)) else {
+            return Err(ShardError::Setup(format!(
+                "shard {name:?} lists slot {slot} at version {version}, which is out of range"
+            )));
+        };
+        out.push((slot, version));
+    }
+    Ok((out, map_version))
+}
+
+/// Takes the move lock in `tx` (on the first shard by name), within the
+/// write timeout.
+pub(crate) async fn lock_moves(tx: &Transaction, name: &Arc<str>) -> Result<(), ShardError> {
+    tx.execute("SELECT pg_catalog.pg_advisory_xact_lock($1)", &[&MOVE_LOCK])
+        .await
+        .map_err(|e| ShardError::db(name, e))?;
+    Ok(())
+}
+
+/// Raises the shard's map version to `version` (within a move).
+pub(crate) async fn bump(
+    tx: &Transaction,
+    name: &Arc<str>,
+    version: u64,
+) -> Result<(), ShardError> {
+    tx.execute(
+        "UPDATE tower_scale_shard_map SET version = greatest(version, $1)",
+        &[&(version as i64)],
+    )
+    .await
+    .map_err(|e| ShardError::db(name, e))?;
+    Ok(())
+}
+
+/// Gives `range` to the shard at `version` if nobody has it (bootstrap).
+pub(crate) async fn claim(
+    db: &Db,
+    name: &Arc<str>,
+    range: SlotRange,
+    version: u64,
+) -> Result<(), ShardError> {
+    db.execute(
+        "INSERT INTO tower_scale_shard_slots (slot, version) \
+         SELECT s, $3 FROM pg_catalog.generate_series($1::int4, $2::int4) s \
+         ON CONFLICT (slot) DO NOTHING",
+        &[
+            &i32::from(range.first),
+            &i32::from(range.last),
+            &(version as i64),
+        ],
+    )
+    .await
+    .map_err(|e| ShardError::db(name, e))?;
+    Ok(())
+}
+
+/// Locks `range` on the source (every row, `FOR UPDATE`: in-flight writes
+/// finish first, later ones wait), returning how many rows it holds.
+pub(crate) async fn lock_source(
+    tx: &Transaction,
+    name: &Arc<str>,
+    range: SlotRange,
+) -> Result<usize, ShardError> {
+    let rows = tx
+        .query(
+            "SELECT slot FROM tower_scale_shard_slots WHERE slot BETWEEN $1 AND $2 \
+             ORDER BY slot FOR UPDATE",
+            &[&i32::from(range.first), &i32::from(range.last)],
+        )
+        .await
+        .map_err(|e| ShardError::db(name, e))?;
+    Ok(rows.len())
+}
+
+/// Releases `range` on the source (within the move's transaction).
+pub(crate) async fn release(
+    tx: &Transaction,
+    name: &Arc<str>,
+    range: SlotRange,
+) -> Result<(), ShardError> {
+    tx.execute(
+        "DELETE FROM tower_scale_shard_slots WHERE slot BETWEEN $1 AND $2",
+        &[&i32::from(range.first), &i32::from(range.last)],
+    )
+    .await
+    .map_err(|e| ShardError::db(name, e))?;
+    Ok(())
+}
+
+/// Takes `range` on the target at `version` (within the move's transaction).
+pub(crate) async fn take(
+    tx: &Transaction,
+    name: &Arc<str>,
+    range: SlotRange,
+    version: u64,
+) -> Result<(), ShardError> {
+    tx.execute(
+        "INSERT INTO tower_scale_shard_slots (slot, version) \
+         SELECT s, $3 FROM pg_catalog.generate_series($1::int4, $2::int4) s \
+         ON CONFLICT (slot) DO UPDATE SET version = EXCLUDED.version",
+        &[
+            &i32::from(range.first),
+            &i32::from(range.last),
+            &(version as i64),
+        ],
+    )
+    .await
+    .map_err(|e| ShardError::db(name, e))?;
+    Ok(())
+}
+
+/// The fenced form of a read: the statement as a lateral subquery of the
+/// slot's ownership row, so both are read in one snapshot. No row: the
+/// shard does not own the slot. Otherwise the statement's rows with one
+/// more column, `tower_scale_owned` (true), at the end; a statement with
+/// no rows gives one row where it is NULL.
+pub(crate) fn fenced_read_sql(sql: &str, slot_param: usize) -> String {
+    let sql = crate::pg::query_body(sql);
+    format!(
+        "SELECT tower_scale_q.* FROM \
+         (SELECT 1 FROM tower_scale_shard_slots WHERE slot = ${slot_param}) AS tower_scale_own \
+         LEFT JOIN LATERAL (SELECT tower_scale_u.*, true AS tower_scale_owned FROM (\n{sql}\n) \
+         AS tower_scale_u) AS tower_scale_q ON true"
+    )
+}

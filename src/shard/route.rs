@@ -1,0 +1,362 @@
+//! Routed writes, transactions and reads on the key's shard, fenced by
+//! the shard's ownership row.
+
+use std::fmt;
+use std::sync::Arc;
+
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+
+use crate::pg::{Consistency, ConsistencyToken, Lsn, RouteReason, Transaction};
+
+use super::cluster::ShardedCluster;
+use super::error::ShardError;
+use super::ownership::FENCE_SQL;
+use super::slot::ShardKey;
+use super::token::{ShardConsistency, ShardedToken};
+
+type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+/// A routed write's result.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ShardWritten<T> {
+    /// What the statement returned.
+    pub value: T,
+    /// Present it (merged with others) on later reads to see this write.
+    pub token: ShardedToken,
+    /// The shard that took it.
+    pub shard: Arc<str>,
+    /// The key's slot.
+    pub slot: u16,
+}
+
+/// A routed read's result.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ShardRead<T> {
+    /// The rows. Each has one more column than the statement, last:
+    /// `tower_scale_owned` (the fence's; read columns by index below
+    /// `row.len() - 1` or by name).
+    pub value: T,
+    /// The shard that answered.
+    pub shard: Arc<str>,
+    /// The node that ran the query.
+    pub served_by: Arc<str>,
+    /// A WAL position (on that shard) the data reflects at least.
+    pub lsn: Lsn,
+    /// Why that node.
+    pub reason: RouteReason,
+}
+
+/// A transaction on the shard owning a slot, holding the slot's
+/// ownership row `FOR SHARE` until it ends, so the slot cannot move while
+/// it runs. Statements go through [`Transaction`]'s methods (`Deref`).
+pub struct ShardTransaction {
+    tx: Transaction,
+    shard: Arc<str>,
+    shard_id: u64,
+    slot: u16,
+    map_version: u64,
+}
+
+impl fmt::Debug for ShardTransaction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShardTransaction")
+            .field("shard", &self.shard)
+            .field("slot", &self.slot)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::ops::Deref for ShardTransaction {
+    type Target = Transaction;
+    fn deref(&self) -> &Transaction {
+        &self.tx
+    }
+}
+
+impl ShardTransaction {
+    /// The shard it runs on.
+    pub fn shard(&self) -> &Arc<str> {
+        &self.shard
+    }
+
+    /// Commits (see [`Transaction::commit`]) and returns the token.
+    pub async fn commit(self) -> Result<ShardedToken, ShardError> {
+        let token = self
+            .tx
+            .commit()
+            .await
+            .map_err(|e| ShardError::db(&self.shard, e))?;
+        Ok(ShardedToken::single(self.shard_id, token, self.map_version))
+    }
+
+    /// Rolls back.
+    pub async fn rollback(self) -> Result<(), ShardError> {
+        self.tx
+            .rollback()
+            .await
+            .map_err(|e| ShardError::db(&self.shard, e))
+    }
+}
+
+/// `BEGIN` and the fence of `slot` as simple-query text (the slot is a
+/// number: written into the text, nothing to escape).
+fn fence_text(slot: u16) -> String {
+    format!("BEGIN; {}", FENCE_SQL.replace("$1", &slot.to_string()))
+}
+
+/// How a fenced attempt ended.
+enum Fenced<T> {
+    Done(T),
+    Moved,
+}
+
+impl ShardedCluster {
+    /// The owner of `slot` by the current map, with the map's version.
+    /// A slot without an owner is between a move's two commits (or an
+    /// interrupted move): the map is refreshed until it has one, within
+    /// the moved wait.
+    async fn owner(&self, slot: u16) -> Result<(usize, u64), ShardError> {
+        let map = self.map();
+        if let Some(index) = map.owner_index(slot) {
+            return Ok((index, map.version()));
+        }
+        let deadline = tokio::time::Instant::now() + self.inner.moved_wait;
+        let mut pause = std::time::Duration::from_millis(2);
+        let mut seen = map.version();
+        loop {
+            let map = self.refresh_if_not_newer(seen).await?;
+            seen = map.version();
+            if let Some(index) = map.owner_index(slot) {
+                return Ok((index, map.version()));
+            }
+            if tokio::time::Instant::now() + pause > deadline {
+                return Err(ShardError::Unowned { slot });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// After shard `refused` refused `slot` (map `version`): the shard to
+    /// retry on, once the map shows one (see `refresh_after_moved`).
+    async fn after_moved(
+        &self,
+        slot: u16,
+        refused: usize,
+        version: u64,
+        read: bool,
+    ) -> Result<usize, ShardError> {
+        self.refresh_after_moved(slot, refused, version, read)
+            .await?
+            .ok_or_else(|| self.moved(slot, refused, version))
+    }
+
+    fn moved(&self, slot: u16, index: usize, version: u64) -> ShardError {
+        ShardError::Moved {
+            slot,
+            shard: Arc::clone(&self.inner.shards[index].name),
+            version,
+        }
+    }
+
+    /// Begins a transaction on shard `index` and takes the slot's fence,
+    /// in one round trip (`BEGIN` and the fence sent together).
+    async fn begin_fenced(
+        &self,
+        index: usize,
+        slot: u16,
+    ) -> Result<Fenced<Transaction>, ShardError> {
+        let shard = &self.inner.shards[index];
+        let err = |e| ShardError::db(&shard.name, e);
+        let (tx, own) = shard
+            .db
+            .transaction_with(&fence_text(slot))
+            .await
+            .map_err(err)?;
+        if own.is_empty() {
+            tx.rollback().await.map_err(err)?;
+            return Ok(Fenced::Moved);
+        }
+        Ok(Fenced::Done(tx))
+    }
+
+    /// A fenced transaction on the owner of `slot`, after one refresh
+    /// and retry if refused; with the shard index and the map version.
+    async fn begin_owned(&self, slot: u16) -> Result<(Transaction, usize, u64), ShardError> {
+        let (mut index, version) = self.owner(slot).await?;
+        let mut retried = false;
+        loop {
+            match self.begin_fenced(index, slot).await? {
+                Fenced::Done(tx) if retried => return Ok((tx, index, self.map().version())),
+                Fenced::Done(tx) => return Ok((tx, index, version)),
+                Fenced::Moved if retried => return Err(self.moved(slot, index, version)),
+                Fenced::Moved => {
+                    index = self.after_moved(slot, index, version, false).await?;
+                    retried = true;
+                }
+            }
+        }
+    }
+
+    /// Runs a statement on the primary of `key`'s shard, in a transaction
+    /// that first takes the slot's ownership row `FOR SHARE` (so the slot
+    /// cannot move until it commits, and a shard that does not own the
+    /// slot refuses it), and returns its rows with the write's token.
+    ///
+    /// The statement must only touch rows of `key` (or of keys in the same
+    /// slot). Refused for a stale map: the map is refreshed and the write
+    /// retried once on the new owner, transparently.
+    ///
+    /// Two round trips: `BEGIN`, the fence and the statement are sent
+    /// together (the server runs the statement after the fence; where the
+    /// fence found no row, the statement is rolled back, whatever it did
+    /// or failed with), then `COMMIT` with the token.
+    pub async fn write<K: ShardKey + ?Sized>(
+        &self,
+        key: &K,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<ShardWritten<Vec<Row>>, ShardError> {
+        let slot = self.slot(key);
+        let (mut index, version) = self.owner(slot).await?;
+        let mut retried = false;
+        let (tx, rows) = loop {
+            let shard = &self.inner.shards[index];
+            let err = |e| ShardError::db(&shard.name, e);
+            // BEGIN, the fence and the statement in one round trip: the
+            // statement runs after the fence; if the fence found no row, it
+            // is rolled back with the rest.
+            let begun = shard
+                .db
+                .transaction_with_statement(&fence_text(slot), sql, params)
+                .await
+                .map_err(err)?;
+            if !begun.begin_rows.is_empty() {
+                break (begun.tx, begun.statement.map_err(err)?);
+            }
+            drop(begun.tx);
+            if retried {
+                return Err(self.moved(slot, index, version));
+            }
+            index = self.after_moved(slot, index, version, false).await?;
+            retried = true;
+        };
+        let version = if retried {
+            self.map().version()
+        } else {
+            version
+        };
+        let shard = &self.inner.shards[index];
+        let token = tx
+            .commit()
+            .await
+            .map_err(|e| ShardError::db(&shard.name, e))?;
+        Ok(ShardWritten {
+            value: rows,
+            token: ShardedToken::single(shard.id, token, version),
+            shard: Arc::clone(&shard.name),
+            slot,
+        })
+    }
+
+    /// Starts a transaction on the primary of `key`'s shard holding the
+    /// slot's fence (see [`ShardTransaction`]); a stale map is refreshed
+    /// and the start retried once.
+    pub async fn transaction<K: ShardKey + ?Sized>(
+        &self,
+        key: &K,
+    ) -> Result<ShardTransaction, ShardError> {
+        let slot = self.slot(key);
+        let (tx, index, version) = self.begin_owned(slot).await?;
+        let shard = &self.inner.shards[index];
+        Ok(ShardTransaction {
+            tx,
+            shard: Arc::clone(&shard.name),
+            shard_id: shard.id,
+            slot,
+            map_version: version,
+        })
+    }
+
+    /// A read on `key`'s shard routed by `consistency` (replicas, lag,
+    /// read-your-writes, failover: as [`Db`](crate::pg::Db) does).
+    ///
+    /// The read is fenced: the statement runs as a subquery joined to the
+    /// slot's ownership row, in one statement and so one snapshot. A shard
+    /// (or a replica) that does not own the slot in that snapshot answers
+    /// no row at all, never a false "not found": the map is refreshed and
+    /// the read retried once on the owner's primary. `sql` must be a
+    /// `SELECT` (or `VALUES`, `TABLE`, `WITH ... SELECT`) usable as a
+    /// subquery; its order is kept. A token routed by a newer map than
+    /// this instance's refreshes the map first.
+    pub async fn read<K: ShardKey + ?Sized>(
+        &self,
+        key: &K,
+        consistency: &ShardConsistency,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<ShardRead<Vec<Row>>, ShardError> {
+        self.catch_up_map(consistency.map_version()).await?;
+        let slot = self.slot(key);
+        let fenced_sql = self.inner.fenced_read(sql, params.len());
+        let slot_param = i32::from(slot);
+        let mut all: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(params.len() + 1);
+        all.extend_from_slice(params);
+        all.push(&slot_param);
+        let (mut index, version) = self.owner(slot).await?;
+        let mut retried = false;
+        let read = loop {
+            let shard = &self.inner.shards[index];
+            // The retry reads the owner's primary: a replica may lag the map.
+            let c = if retried {
+                Consistency::Strong
+            } else {
+                consistency.on_shard(shard.id)
+            };
+            let read = shard
+                .db
+                .read_query(c, &fenced_sql, &all)
+                .await
+                .map_err(|e| ShardError::db(&shard.name, e))?;
+            match read.value.is_empty() {
+                false => break read,
+                true if retried => return Err(self.moved(slot, index, version)),
+                true => {
+                    index = self.after_moved(slot, index, version, true).await?;
+                    retried = true;
+                }
+            }
+        };
+        let mut rows = read.value;
+        // The one row of an owned slot whose statement found nothing.
+        rows.retain(|row| {
+            !row.is_empty()
+                && row.try_get::<_, Option<bool>>(row.len() - 1).ok().flatten() == Some(true)
+        });
+        Ok(ShardRead {
+            value: rows,
+            shard: Arc::clone(&self.inner.shards[index].name),
+            served_by: read.served_by,
+            lsn: read.lsn,
+            reason: read.reason,
+        })
+    }
+
+    /// The consistency token of a write made outside this handle (for
+    /// example by a [`ShardTransaction`] committed elsewhere) on `shard`.
+    pub fn token_for(
+        &self,
+        shard: &str,
+        token: ConsistencyToken,
+    ) -> Result<ShardedToken, ShardError> {
+        let index = self.shard_index(shard)?;
+        Ok(ShardedToken::single(
+            self.inner.shards[index].id,
+            token,
+            self.map().version(),
+        ))
+    }
+}

@@ -1,0 +1,267 @@
+//! Reading the fence as an attacker would: tokens with 100 shards or
+//! forged counts, slot numbers out of range, swapped shard names, odd
+//! keys and statement shapes.
+
+use std::time::{Duration, SystemTime};
+
+use tower_scale::pg::{Consistency, ConsistencyToken, Lsn, TokenCodec};
+use tower_scale::shard::{
+    MAX_TOKEN_LEN, MAX_TOKEN_SHARDS, ShardConsistency, ShardError, ShardedCluster, ShardedToken,
+    ShardedTokenCodec, SlotRange, shard_id,
+};
+
+use crate::{cluster, database, sharded, shared};
+
+const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+fn codec(identity: u64) -> ShardedTokenCodec {
+    ShardedTokenCodec::new(TokenCodec::new(KEY, identity).unwrap())
+}
+
+#[test]
+fn a_token_for_100_shards_keeps_8_and_sends_the_rest_to_their_primaries() {
+    let mut token = ShardedToken::new();
+    for i in 0..100u64 {
+        token.add(
+            shard_id(&format!("shard-{i}")),
+            ConsistencyToken::new(Lsn(1000 + i)),
+        );
+    }
+    assert_eq!(token.shards().len(), MAX_TOKEN_SHARDS);
+    assert!(token.overflowed());
+    // The highest positions are kept.
+    let kept = token.shards().iter().map(|(_, t)| t.lsn().0).min().unwrap();
+    assert_eq!(kept, 1092);
+    let c = codec(9);
+    let text = c.encode(&token);
+    assert!(
+        text.len() <= MAX_TOKEN_LEN && MAX_TOKEN_LEN < 4096,
+        "{} chars",
+        text.len()
+    );
+    let back = c.decode(&text).expect("decodes");
+    assert_eq!(back, token);
+    // A dropped shard: its primary (the unknown token), never "any replica".
+    assert_eq!(
+        back.for_shard(shard_id("shard-0")),
+        Consistency::ReadYourWrites(ConsistencyToken::unknown())
+    );
+    assert_eq!(
+        back.for_shard(shard_id("shard-99")),
+        Consistency::ReadYourWrites(ConsistencyToken::new(Lsn(1099)))
+    );
+    // Without overflow, a shard never written needs nothing.
+    let one = ShardedToken::single(shard_id("a"), ConsistencyToken::new(Lsn(5)), 1);
+    assert_eq!(one.for_shard(shard_id("b")), Consistency::Any);
+}
+
+#[test]
+fn forged_foreign_expired_or_garbled_tokens_are_ignored() {
+    use base64::Engine;
+    let c = codec(9);
+    let mut token = ShardedToken::single(shard_id("shard-1"), ConsistencyToken::new(Lsn(77)), 4);
+    token.add(shard_id("shard-2"), ConsistencyToken::new(Lsn(88)));
+    let text = c.encode(&token);
+    for i in 0..text.len() {
+        let mut chars: Vec<char> = text.chars().collect();
+        chars[i] = if chars[i] == 'A' { 'B' } else { 'A' };
+        let forged: String = chars.into_iter().collect();
+        if forged != text {
+            assert_eq!(c.decode(&forged), None, "position {i}");
+        }
+    }
+    // A count of 200 entries, a flag nobody defined, a huge input.
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(&text)
+        .unwrap();
+    for (at, value) in [(26usize, 200u8), (26, 9), (25, 0x80)] {
+        let mut bad = raw.clone();
+        bad[at] = value;
+        let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&bad);
+        assert_eq!(c.decode(&forged), None);
+    }
+    assert_eq!(c.decode(&"A".repeat(100_000)), None);
+    assert_eq!(c.decode(""), None);
+    // Another cluster identity; expired; from the future.
+    assert_eq!(codec(10).decode(&text), None);
+    let now = SystemTime::now();
+    assert_eq!(
+        c.decode(&c.encode_at(&token, now - Duration::from_secs(61))),
+        None
+    );
+    assert_eq!(
+        c.decode(&c.encode_at(&token, now + Duration::from_secs(3600))),
+        None
+    );
+    // A single cluster's token is not a sharded one, and the reverse.
+    let single = TokenCodec::new(KEY, 9).unwrap();
+    let single_text = single.encode(ConsistencyToken::new(Lsn(5)));
+    assert_eq!(c.decode(&single_text), None);
+    assert_eq!(single.decode(&text), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_slots_names_and_setups_are_refused() {
+    let locals = shared();
+    database(&locals, "hostile_setup").await;
+    let sharded = sharded(&locals, "hostile_setup", |b| b, |b| b).await;
+    for range in [
+        SlotRange::new(4096, 4096),
+        SlotRange::new(0, 65535),
+        SlotRange::new(9, 3),
+    ] {
+        let err = sharded.begin_move(range, "shard-2").await.unwrap_err();
+        assert!(
+            matches!(err, ShardError::SlotOutOfRange { .. }),
+            "{range}: {err}"
+        );
+    }
+    let err = sharded
+        .move_slots(SlotRange::one(1), "shard-9")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ShardError::UnknownShard(_)), "{err}");
+    let err = sharded
+        .move_slots(SlotRange::one(1), "shard-1")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ShardError::Setup(_)),
+        "already the owner: {err}"
+    );
+    let err = sharded
+        .move_slots(SlotRange::new(2040, 2050), "shard-1")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ShardError::Setup(_)),
+        "spans two owners: {err}"
+    );
+    assert_eq!(sharded.map().version(), 1, "nothing moved");
+
+    // Another instance with the names swapped, or another slot count, or
+    // one shard twice: refused before routing anything.
+    let one = cluster(&locals[0], 1, "hostile_setup", |b| b).await;
+    let two = cluster(&locals[1], 2, "hostile_setup", |b| b).await;
+    let swapped = ShardedCluster::builder()
+        .shard("shard-1", two.clone())
+        .shard("shard-2", one.clone())
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        swapped.to_string().contains("records itself as"),
+        "{swapped}"
+    );
+    let recount = ShardedCluster::builder()
+        .shard("shard-1", one.clone())
+        .shard("shard-2", two.clone())
+        .slots(1024)
+        .build()
+        .await
+        .unwrap_err();
+    assert!(recount.to_string().contains("4096 slots"), "{recount}");
+    for bad in [
+        ShardedCluster::builder()
+            .shard("shard-1", one.clone())
+            .shard("shard-1", two.clone()),
+        ShardedCluster::builder()
+            .shard("shard-1", one.clone())
+            .slots(0),
+        ShardedCluster::builder()
+            .shard("shard-1", one.clone())
+            .slots(u16::MAX),
+        ShardedCluster::builder(),
+    ] {
+        assert!(matches!(bad.build().await, Err(ShardError::Setup(_))));
+    }
+
+    // A first start that stopped half way (shard-2's slots never written):
+    // the next start finishes the initial map instead of leaving half the
+    // key space without an owner.
+    crate::client(&locals[1], "hostile_setup")
+        .await
+        .execute("DELETE FROM tower_scale_shard_slots", &[])
+        .await
+        .unwrap();
+    let restarted = ShardedCluster::builder()
+        .shard("shard-1", one)
+        .shard("shard-2", two)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(restarted.map().owner(3000), Some("shard-2"));
+    assert_eq!(restarted.map().slots_of("shard-2").len(), 2048);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_keys_and_statement_shapes_read_right() {
+    let locals = shared();
+    database(&locals, "hostile_shapes").await;
+    let sharded = sharded(&locals, "hostile_shapes", |b| b, |b| b).await;
+    // A megabyte of key, NUL bytes, an empty key: all route.
+    let big = "k".repeat(1 << 20);
+    for key in [big.as_str(), "\0\0", ""] {
+        assert!(sharded.shard_for(key).is_some());
+        let r = sharded
+            .read(key, &ShardConsistency::Strong, "SELECT $1::text", &[&"x"])
+            .await
+            .unwrap();
+        assert_eq!(r.value.len(), 1);
+    }
+    let key = 5i64;
+    let slot = i32::from(sharded.slot(&key));
+    let mut token = tower_scale::shard::ShardedToken::new();
+    for i in 0..50i64 {
+        let w = sharded
+            .write(
+                &key,
+                "INSERT INTO items (id, slot, name) VALUES ($1, $2, $3)",
+                &[&(1000 + i), &slot, &format!("n{i:02}")],
+            )
+            .await
+            .unwrap();
+        token.merge(&w.token);
+    }
+    // From a replica that has every write (or the primary).
+    let consistency = ShardConsistency::ReadYourWrites(token);
+    let read = |sql: &'static str| {
+        let (sharded, consistency) = (sharded.clone(), consistency.clone());
+        async move {
+            sharded
+                .read(&key, &consistency, sql, &[&slot])
+                .await
+                .unwrap()
+                .value
+        }
+    };
+    // Order kept, descending; a trailing semicolon and a trailing comment.
+    let rows =
+        read("SELECT id, name FROM items WHERE slot = $1 ORDER BY id DESC; -- newest first").await;
+    let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(ids, (1000..1050).rev().collect::<Vec<_>>());
+    // Duplicate column names, a CTE, VALUES, an empty result.
+    let rows = read("SELECT id, id, name FROM items WHERE slot = $1 AND id = 1007").await;
+    assert_eq!(
+        (rows[0].get::<_, i64>(0), rows[0].get::<_, i64>(1)),
+        (1007, 1007)
+    );
+    let rows =
+        read("WITH x AS (SELECT count(*) AS n FROM items WHERE slot = $1) SELECT n FROM x").await;
+    assert_eq!(rows[0].get::<_, i64>(0), 50);
+    let rows = read("SELECT * FROM (VALUES (1), (2)) v(a) WHERE $1::int4 IS NOT NULL").await;
+    assert_eq!(rows.len(), 2);
+    let rows = read("SELECT id FROM items WHERE slot = $1 AND false").await;
+    assert!(rows.is_empty(), "a true 'not found'");
+    // A statement that is not a query is the caller's error, typed.
+    let err = sharded
+        .read(
+            &key,
+            &ShardConsistency::Any,
+            "DELETE FROM items WHERE slot = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ShardError::Db { .. }), "{err}");
+}
