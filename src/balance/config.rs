@@ -13,6 +13,9 @@ use super::body::RequestBody;
 /// Below the 5 s keep-alive timeout of many servers (Node, Apache,
 /// hyper's examples): the client closes an idle connection first.
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// The longest duration setting: a year.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
 use super::error::BuildError;
 use super::ewma::PeakEwma;
 use super::health::Backoff;
@@ -200,6 +203,13 @@ impl BalancerBuilder {
         let positive = |field: &'static str, value: Duration| {
             if value.is_zero() {
                 Err(ConfigError::ZeroDuration { field, value })
+            } else if value > MAX_DURATION {
+                // Added to an `Instant` on the request path: bounded so
+                // that it cannot overflow.
+                Err(ConfigError::OutOfRange {
+                    field,
+                    reason: format!("{value:?} is over a year"),
+                })
             } else {
                 Ok(())
             }
@@ -210,6 +220,8 @@ impl BalancerBuilder {
         positive("default_rtt", self.default_rtt)?;
         positive("decay", self.decay)?;
         positive("idle_timeout", self.idle_timeout)?;
+        positive("ejection_max", self.ejection_max)?;
+        positive("slow_start", self.slow_start.max(Duration::from_nanos(1)))?;
         if self.max_request_head == 0 {
             return Err(ConfigError::Zero {
                 field: "max_request_head",

@@ -100,19 +100,20 @@ where
             mut guard,
             handle,
         } = self;
+        guard.handle = handle;
         let (mut parts, body) = req.into_parts();
         guard.body_sent = body.sent_flag();
         let this = &*forward.shared;
         parts.uri = target(&this.state.scheme, &this.state.authority, &parts.uri);
         let response = this.client.request(Request::from_parts(parts, body));
         // From the instant of the pick: no clock read of its own.
-        let sent_at = handle
+        let sent_at = guard
+            .handle
             .as_ref()
             .map_or_else(Instant::now, ewma::Handle::sent_at);
         ForwardFuture {
             response: tokio::time::timeout_at(sent_at + this.settings.upstream_timeout, response),
             guard,
-            handle,
         }
     }
 }
@@ -139,6 +140,7 @@ pub(crate) fn panic_probe<B>(
             settings,
             sent_under,
             body_sent: None,
+            handle: None,
             done: false,
         },
         handle: None,
@@ -152,9 +154,6 @@ pin_project_lite::pin_project! {
         #[pin]
         response: Timeout<hyper_util::client::legacy::ResponseFuture>,
         guard: Guard,
-        // Dropped when the upstream answered (or failed): peak-EWMA's
-        // round trip ends.
-        handle: Option<ewma::Handle>,
     }
 }
 
@@ -174,14 +173,15 @@ impl Future for ForwardFuture {
         let result = ready!(this.response.poll(cx));
         // One clock read for peak-EWMA's round trip and the health.
         let now = Instant::now();
-        if let Some(handle) = this.handle.take() {
-            handle.finish(now);
-        }
         let guard = this.guard;
+        let handle = guard.handle.take();
         guard.done = true;
         guard.state.stats.ended();
         let outcome = match result {
             Ok(Ok(response)) => {
+                if let Some(handle) = handle {
+                    handle.finish(now);
+                }
                 guard.state.succeeded(guard.sent_under, now);
                 return Poll::Ready(Ok(response));
             }
@@ -209,6 +209,17 @@ impl Future for ForwardFuture {
             }
             Err(_) => Outcome::Upstream(FailureKind::Timeout),
         };
+        // Peak-EWMA measures the upstream: not a time the client's own
+        // faults made (a 30 s trickled upload would be its peak for
+        // minutes).
+        if let Some(handle) = handle {
+            match outcome {
+                Outcome::Upstream(_) => handle.finish(now),
+                Outcome::ClosedDuringUpload | Outcome::Request | Outcome::SlowClient => {
+                    handle.discard()
+                }
+            }
+        }
         match outcome {
             Outcome::Upstream(kind) => {
                 guard
@@ -217,9 +228,7 @@ impl Future for ForwardFuture {
             }
             // The client's fault: the upstream is not to blame, but a probe
             // it was is due again.
-            Outcome::ClosedDuringUpload => guard
-                .state
-                .closed_during_upload(guard.sent_under, &guard.settings.backoff),
+            Outcome::ClosedDuringUpload => guard.state.closed_during_upload(guard.sent_under),
             Outcome::Request | Outcome::SlowClient => {
                 lock(&guard.state.health).abandoned(guard.sent_under)
             }
@@ -239,6 +248,8 @@ struct Guard {
     sent_under: u64,
     /// Set once the request body was read to its end (`None`: empty).
     body_sent: Option<Arc<AtomicBool>>,
+    /// Peak-EWMA's measure of the request, ended with it.
+    handle: Option<ewma::Handle>,
     done: bool,
 }
 
@@ -247,6 +258,17 @@ impl Drop for Guard {
         if !self.done {
             self.state.stats.ended();
             lock(&self.state.health).abandoned(self.sent_under);
+            // The client went away: while it was still uploading, the time
+            // is its own, not the upstream's (otherwise the handle's drop
+            // counts it, a lower bound of the upstream's answer).
+            if let Some(handle) = self.handle.take()
+                && self
+                    .body_sent
+                    .as_ref()
+                    .is_some_and(|sent| !sent.load(Ordering::Acquire))
+            {
+                handle.discard();
+            }
         }
     }
 }
@@ -373,7 +395,11 @@ impl<B> Service<()> for Endpoint<B> {
     /// marked sent while p2c is still locked, so that no other request
     /// takes it) and gives it to the caller to send.
     fn call(&mut self, (): ()) -> Self::Future {
-        let sent_under = lock(&self.state.health).dispatch();
+        // Under the ejection count `poll_ready` saw: an ejection in
+        // between (another task's failure) makes this request's answer
+        // stale evidence, as for any request sent before it.
+        lock(&self.state.health).dispatch();
+        let sent_under = self.ewma_since;
         self.state.stats.sent();
         std::future::ready(Ok(Chosen {
             forward: self.forward.clone(),
@@ -382,6 +408,7 @@ impl<B> Service<()> for Endpoint<B> {
                 settings: Arc::clone(&self.settings),
                 sent_under,
                 body_sent: None,
+                handle: None,
                 done: false,
             },
             handle: Some(self.ewma.handle(self.clock.now())),

@@ -114,6 +114,13 @@ impl Handle {
         self.finished = true;
         lock(&self.estimate).update(self.sent_at, now, now, self.decay_ns);
     }
+
+    /// The request ended for the client's reasons (its body failed or
+    /// trickled, it went away): the time says nothing of the upstream, and
+    /// a slow client's 30 s would be the upstream's peak for minutes.
+    pub(crate) fn discard(mut self) {
+        self.finished = true;
+    }
 }
 
 impl Drop for Handle {
@@ -157,6 +164,18 @@ mod tests {
     use super::*;
 
     const DECAY: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_discarded_measure_leaves_the_estimate_alone() {
+        let t0 = Instant::now() - Duration::from_secs(30);
+        let ewma = PeakEwma::new(Duration::from_millis(1), DECAY, t0);
+        // Sent 30 s ago (a trickled upload): discarded, not a 30 s peak.
+        ewma.handle(t0).discard();
+        assert_eq!(lock(&ewma.estimate).rtt_ns, 1e6);
+        // Dropped unfinished: counted (a lower bound of the answer).
+        drop(ewma.handle(t0));
+        assert!(lock(&ewma.estimate).rtt_ns >= 29e9);
+    }
 
     #[test]
     fn a_slower_response_is_the_estimate_at_once_and_a_faster_one_moves_it_slowly() {

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Connections closed during an upload, in a row, that eject an upstream.
+/// Connections closed during an upload, in a row, that make an
+/// upstream's next request a probe.
 pub(crate) const UPLOAD_STRIKES: u32 = 3;
 
 /// The smallest share a re-admitted upstream starts its ramp with.
@@ -221,22 +222,34 @@ impl Health {
 
     /// The connection closed while the body of a request sent under
     /// `sent_under` was being written: how servers refuse a body (a `413`
-    /// and a close), so one alone ejects nothing; [`UPLOAD_STRIKES`] in a
-    /// row with no answer between (an upstream that drops every
-    /// connection) eject it as a failure would. `None` if nothing changed.
-    pub(crate) fn closed_during_upload(
-        &mut self,
-        now: Instant,
-        sent_under: u64,
-        backoff: &Backoff,
-    ) -> Option<Failed> {
-        self.upload_closes = self.upload_closes.saturating_add(1);
-        if self.upload_closes >= UPLOAD_STRIKES {
-            self.upload_closes = 0;
-            return Some(self.failed(now, Some(sent_under), backoff));
+    /// and a close), so it never ejects (a client could eject upstreams at
+    /// will with bodies they refuse). [`UPLOAD_STRIKES`] in a row with no
+    /// answer between make the next request a probe: an upstream that
+    /// drops every connection fails it (and is ejected) as soon as that
+    /// probe has no body; one that answers is back at once. A probe cut
+    /// this way says nothing: the probe is due again. True when it became
+    /// due a probe.
+    pub(crate) fn closed_during_upload(&mut self, sent_under: u64) -> bool {
+        if sent_under != self.ejections {
+            return false;
         }
-        self.abandoned(sent_under);
-        None
+        match self.phase {
+            Phase::Admitted { .. } => {
+                self.upload_closes = self.upload_closes.saturating_add(1);
+                if self.upload_closes < UPLOAD_STRIKES {
+                    return false;
+                }
+                self.upload_closes = 0;
+                self.phase = Phase::Probing { in_flight: false };
+                self.wake();
+                true
+            }
+            Phase::Probing { .. } => {
+                self.abandoned(sent_under);
+                false
+            }
+            Phase::Ejected { .. } => false,
+        }
     }
 
     /// A request sent under `sent_under` ended without an answer either
@@ -411,26 +424,32 @@ mod tests {
     }
 
     #[test]
-    fn uploads_cut_eject_only_three_in_a_row() {
-        let b = backoff();
+    fn uploads_cut_never_eject_three_in_a_row_make_the_next_request_a_probe() {
         let t0 = Instant::now();
         let mut h = Health::new(t0);
         for _ in 0..2 {
             let sent = h.dispatch();
-            assert_eq!(h.closed_during_upload(t0, sent, &b), None);
+            assert!(!h.closed_during_upload(sent));
         }
         // An answer between: the count starts again.
         let sent = h.dispatch();
         h.succeeded(t0, sent);
         for _ in 0..2 {
             let sent = h.dispatch();
-            assert_eq!(h.closed_during_upload(t0, sent, &b), None);
+            assert!(!h.closed_during_upload(sent));
         }
         let sent = h.dispatch();
-        assert_eq!(
-            h.closed_during_upload(t0, sent, &b),
-            Some(Failed::Ejected(b.base))
-        );
+        assert!(h.closed_during_upload(sent));
+        assert_eq!(h.phase(), Phase::Probing { in_flight: false });
+        assert_eq!(h.ejections(), 0);
+        // A probe cut the same way says nothing: due again.
+        let probe = h.dispatch();
+        assert!(!h.closed_during_upload(probe));
+        assert_eq!(h.phase(), Phase::Probing { in_flight: false });
+        // The next answer re-admits it.
+        let probe = h.dispatch();
+        h.succeeded(t0, probe);
+        assert!(matches!(h.phase(), Phase::Admitted { .. }));
     }
 
     #[test]

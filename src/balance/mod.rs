@@ -77,8 +77,11 @@
 //!   connection the upstream closed while a request body was still being
 //!   written to it (a 502, not retried: that is how servers refuse a body
 //!   they will not take, a `413` and a close; counted as a `reset`
-//!   failure, it ejects only the third time in a row with no answer
-//!   between, so that an upstream dropping every connection still goes).
+//!   failure, it never ejects; three in a row with no answer between make
+//!   the upstream's next request a probe, so that one dropping every
+//!   connection goes as soon as a request without a body fails on it).
+//!   Nor does a client's slowness count in peak-EWMA: a request that ends
+//!   for the client's reasons leaves the upstream's estimate alone.
 //! - **Active** (with a [`health_path`](BalancerBuilder::health_path)):
 //!   every [`health_interval`](BalancerBuilder::health_interval) (default
 //!   2 s) each upstream is asked `GET <path>`; anything but a 2xx or 3xx in

@@ -86,13 +86,12 @@ impl UpstreamState {
     }
 
     /// The connection closed while the body of a request sent under
-    /// `sent_under` was written (counted as a reset; ejects only when it
-    /// keeps happening, see [`Health::closed_during_upload`]).
-    pub(crate) fn closed_during_upload(&self, sent_under: u64, backoff: &Backoff) {
+    /// `sent_under` was written: counted as a reset, never an ejection
+    /// (see [`Health::closed_during_upload`]).
+    pub(crate) fn closed_during_upload(&self, sent_under: u64) {
         self.stats.failed(FailureKind::Reset);
-        let outcome = lock(&self.health).closed_during_upload(Instant::now(), sent_under, backoff);
-        if let Some(outcome) = outcome {
-            self.after_failure(FailureKind::Reset, outcome);
+        if lock(&self.health).closed_during_upload(sent_under) {
+            tracing::info!(upstream = %self.key, "uploads cut three times in a row: its next request is a probe");
         }
     }
 

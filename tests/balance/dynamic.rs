@@ -153,3 +153,17 @@ fn build_outside_a_runtime_is_an_error() {
         .build::<Req>(&set);
     assert!(matches!(bad, Err(BuildError::Config(_))), "{bad:?}");
 }
+
+#[test]
+fn durations_that_would_overflow_an_instant_are_refused() {
+    let set = Upstreams::new();
+    for builder in [
+        builder().upstream_timeout(Duration::MAX),
+        builder().ejection_base(Duration::MAX),
+        builder().ejection_max(Duration::MAX),
+        builder().slow_start(Duration::MAX),
+    ] {
+        let err = builder.build::<Req>(&set).map(|_| ()).unwrap_err();
+        assert!(err.to_string().contains("over a year"), "{err}");
+    }
+}
