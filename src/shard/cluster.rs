@@ -282,6 +282,21 @@ impl ShardedClusterBuilder {
         for shard in &sharded.inner.shards {
             ownership::setup(&shard.db, &shard.name, self.slots).await?;
         }
+        // Claimed under the move lock, with the map read under it:
+        // instances starting together (in whatever order their shards are
+        // listed) agree; the first claims, the others find every slot owned.
+        let first = sharded
+            .inner
+            .shards
+            .iter()
+            .min_by(|a, b| a.name.cmp(&b.name))
+            .ok_or_else(|| ShardError::Setup("no shards".into()))?;
+        let serial = first
+            .db
+            .transaction()
+            .await
+            .map_err(|e| ShardError::db(&first.name, e))?;
+        ownership::lock_moves(&serial, &first.name).await?;
         let map = sharded.load().await?;
         // A first start, or one that stopped half way through writing the
         // initial map (no move has happened yet): claiming is idempotent.
@@ -290,7 +305,10 @@ impl ShardedClusterBuilder {
             let initial = match self.initial {
                 Some(ranges) => ranges,
                 None => {
-                    let names: Vec<&str> = sharded.shard_names();
+                    // By name, not by the order given: the same split
+                    // whichever instance claims.
+                    let mut names: Vec<&str> = sharded.shard_names();
+                    names.sort_unstable();
                     SlotMap::even(self.slots, &names)
                         .ranges()
                         .into_iter()
@@ -319,6 +337,8 @@ impl ShardedClusterBuilder {
                 )));
             }
         }
+        // It wrote nothing: however it ends, the lock goes with it.
+        let _ = serial.rollback().await;
         sharded.refresh().await?;
         Ok(sharded)
     }
@@ -401,6 +421,8 @@ impl ShardedCluster {
         .await;
         let previous = self.map();
         let mut owned = Vec::new();
+        // Which shard's table lists each slot (tables read, not kept).
+        let mut listed: Vec<Option<usize>> = vec![None; usize::from(self.inner.slots)];
         let mut version = 0;
         for (i, (shard, answer)) in self.inner.shards.iter().zip(answers).enumerate() {
             let (slots, map_version) = match answer {
@@ -416,6 +438,18 @@ impl ShardedCluster {
             };
             version = version.max(map_version);
             for (slot, v) in slots {
+                if slot < self.inner.slots {
+                    match listed[usize::from(slot)] {
+                        Some(other) if other != i => {
+                            // Two owners pass two fences: refuse, not pick.
+                            return Err(ShardError::Setup(format!(
+                                "slot {slot} is listed as owned by both {:?} and {:?}: the ownership tables disagree",
+                                self.inner.shards[other].name, shard.name
+                            )));
+                        }
+                        _ => listed[usize::from(slot)] = Some(i),
+                    }
+                }
                 if slot >= self.inner.slots {
                     return Err(ShardError::Setup(format!(
                         "shard {:?} lists slot {slot}, outside the key space",

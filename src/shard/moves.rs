@@ -80,6 +80,42 @@ impl SlotMove {
 }
 
 impl ShardedCluster {
+    /// Every shard but `target` answers, on its primary, that it lists no
+    /// slot of `range`.
+    async fn none_lists(&self, range: SlotRange, target: usize) -> Result<(), ShardError> {
+        let (first, last) = (i32::from(range.first), i32::from(range.last));
+        for (i, shard) in self.inner.shards.iter().enumerate() {
+            if i == target {
+                continue;
+            }
+            let row = shard
+                .db
+                .read_one(
+                    crate::pg::Consistency::Strong,
+                    "SELECT count(*) FROM tower_scale_shard_slots WHERE slot BETWEEN $1 AND $2",
+                    &[&first, &last],
+                )
+                .await
+                .map_err(|e| {
+                    ShardError::Setup(format!(
+                        "{range} has no owner in the map, but {} does not answer ({e}): \
+                         it may own it; finish the move once it does",
+                        shard.name
+                    ))
+                })?;
+            let listed: i64 = row.value.try_get(0).map_err(|e| {
+                ShardError::Setup(format!("{}: a count of its slots: {e}", shard.name))
+            })?;
+            if listed > 0 {
+                return Err(ShardError::Setup(format!(
+                    "{} lists {listed} slots of {range}: the map is stale; refresh and retry",
+                    shard.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Starts moving `range` to shard `to` (see [`SlotMove`]). The range
     /// must be owned by one shard other than `to`, or by none (an
     /// interrupted move).
@@ -118,6 +154,13 @@ impl ShardedCluster {
                 )));
             }
         };
+        if source.is_none() {
+            // Finishing an interrupted move: only if every other shard
+            // answers that it lists none of the range (a shard that claimed
+            // it and cannot be reached now is kept in the map from before,
+            // so the range would look unowned while it owns it).
+            self.none_lists(range, target).await?;
+        }
         let version = map.version() + 1;
         let from = match source {
             Some(i) => {

@@ -103,6 +103,17 @@ impl ShardTransaction {
 
 /// `BEGIN` and the fence of `slot` as simple-query text (the slot is a
 /// number: written into the text, nothing to escape).
+/// The version of the ownership row the fence found (0 if unreadable):
+/// a token carries at least it, so a reader whose map predates a move
+/// back to this shard refreshes before it reads (its map may point at the
+/// shard the slot visited, whose replica still shows it owned).
+fn fence_version(rows: &[tokio_postgres::SimpleQueryRow]) -> u64 {
+    rows.first()
+        .and_then(|row| row.get(0))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
 fn fence_text(slot: u16) -> String {
     format!("BEGIN; {}", FENCE_SQL.replace("$1", &slot.to_string()))
 }
@@ -168,7 +179,7 @@ impl ShardedCluster {
         &self,
         index: usize,
         slot: u16,
-    ) -> Result<Fenced<Transaction>, ShardError> {
+    ) -> Result<Fenced<(Transaction, u64)>, ShardError> {
         let shard = &self.inner.shards[index];
         let err = |e| ShardError::db(&shard.name, e);
         let (tx, own) = shard
@@ -180,7 +191,7 @@ impl ShardedCluster {
             tx.rollback().await.map_err(err)?;
             return Ok(Fenced::Moved);
         }
-        Ok(Fenced::Done(tx))
+        Ok(Fenced::Done((tx, fence_version(&own))))
     }
 
     /// A fenced transaction on the owner of `slot`, after one refresh
@@ -190,8 +201,10 @@ impl ShardedCluster {
         let mut retried = false;
         loop {
             match self.begin_fenced(index, slot).await? {
-                Fenced::Done(tx) if retried => return Ok((tx, index, self.map().version())),
-                Fenced::Done(tx) => return Ok((tx, index, version)),
+                Fenced::Done((tx, fenced)) if retried => {
+                    return Ok((tx, index, self.map().version().max(fenced)));
+                }
+                Fenced::Done((tx, fenced)) => return Ok((tx, index, version.max(fenced))),
                 Fenced::Moved if retried => return Err(self.moved(slot, index, version)),
                 Fenced::Moved => {
                     index = self.after_moved(slot, index, version, false).await?;
@@ -223,7 +236,7 @@ impl ShardedCluster {
         let slot = self.slot(key);
         let (mut index, version) = self.owner(slot).await?;
         let mut retried = false;
-        let (tx, rows) = loop {
+        let (tx, rows, fenced) = loop {
             let shard = &self.inner.shards[index];
             let err = |e| ShardError::db(&shard.name, e);
             // BEGIN, the fence and the statement in one round trip: the
@@ -235,7 +248,8 @@ impl ShardedCluster {
                 .await
                 .map_err(err)?;
             if !begun.begin_rows.is_empty() {
-                break (begun.tx, begun.statement.map_err(err)?);
+                let fenced = fence_version(&begun.begin_rows);
+                break (begun.tx, begun.statement.map_err(err)?, fenced);
             }
             drop(begun.tx);
             if retried {
@@ -248,7 +262,8 @@ impl ShardedCluster {
             self.map().version()
         } else {
             version
-        };
+        }
+        .max(fenced);
         let shard = &self.inner.shards[index];
         let token = tx
             .commit()

@@ -265,3 +265,41 @@ async fn odd_keys_and_statement_shapes_read_right() {
         .unwrap_err();
     assert!(matches!(err, ShardError::Db { .. }), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_starting_together_with_shards_in_opposite_orders_agree_on_one_map() {
+    let locals = shared();
+    database(&locals, "shard_first_start").await;
+    // Two instances on fresh databases, the shards listed in opposite
+    // orders, built at the same time: each would claim its own even split.
+    let build = |order: [usize; 2]| {
+        let locals = locals.clone();
+        async move {
+            let mut builder = tower_scale::shard::ShardedCluster::builder();
+            for i in order {
+                let c = cluster(&locals[i], i + 1, "shard_first_start", |b| b).await;
+                builder = builder.shard(format!("shard-{}", i + 1), c);
+            }
+            builder.build().await.expect("sharded cluster")
+        }
+    };
+    let (a, b) = tokio::join!(build([0, 1]), build([1, 0]));
+    let (ma, mb) = (a.map(), b.map());
+    assert_eq!(ma.ranges(), mb.ranges(), "{ma:?} vs {mb:?}");
+    // No slot listed by both shards' tables.
+    let mut listed = std::collections::HashMap::new();
+    for (i, local) in locals.iter().enumerate() {
+        let c = crate::client(local, "shard_first_start").await;
+        for row in c
+            .query("SELECT slot FROM tower_scale_shard_slots", &[])
+            .await
+            .unwrap()
+        {
+            let slot: i32 = row.get(0);
+            if let Some(other) = listed.insert(slot, i) {
+                panic!("slot {slot} listed by shard {other} and shard {i}");
+            }
+        }
+    }
+    assert_eq!(listed.len(), 4096);
+}
