@@ -231,3 +231,70 @@ pub(crate) fn fenced_read_sql(sql: &str, slot_param: usize) -> String {
          AS tower_scale_u) AS tower_scale_q ON true"
     )
 }
+
+/// The highest `$n` placeholder `sql` uses, outside strings, quoted
+/// identifiers, comments and dollar-quoted bodies (0 if none).
+pub(crate) fn highest_placeholder(sql: &str) -> usize {
+    let b = sql.as_bytes();
+    let (mut i, mut highest) = (0, 0usize);
+    let skip_to = |from: usize, end: &[u8]| -> usize {
+        b[from..]
+            .windows(end.len())
+            .position(|w| w == end)
+            .map_or(b.len(), |p| from + p + end.len())
+    };
+    while i < b.len() {
+        match b[i] {
+            b'\'' => i = skip_to(i + 1, b"'"),
+            b'"' => i = skip_to(i + 1, b"\""),
+            b'-' if b.get(i + 1) == Some(&b'-') => i = skip_to(i + 2, b"\n"),
+            b'/' if b.get(i + 1) == Some(&b'*') => i = skip_to(i + 2, b"*/"),
+            b'$' => {
+                let digits = b[i + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
+                if digits > 0 {
+                    let n = sql[i + 1..i + 1 + digits]
+                        .parse::<usize>()
+                        .unwrap_or(usize::MAX);
+                    highest = highest.max(n);
+                    i += 1 + digits;
+                } else {
+                    // A dollar quote: `$tag$ ... $tag$`.
+                    let tag_len = b[i + 1..]
+                        .iter()
+                        .take_while(|c| c.is_ascii_alphanumeric() || **c == b'_')
+                        .count();
+                    if b.get(i + 1 + tag_len) == Some(&b'$') {
+                        let tag = &b[i..i + 2 + tag_len];
+                        i = skip_to(i + 2 + tag_len, tag);
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    highest
+}
+
+#[cfg(test)]
+mod placeholder_tests {
+    use super::highest_placeholder;
+
+    #[test]
+    fn placeholders_outside_strings_comments_and_dollar_quotes() {
+        assert_eq!(highest_placeholder("SELECT 1"), 0);
+        assert_eq!(
+            highest_placeholder("SELECT * FROM t WHERE a = $1 AND b = $12"),
+            12
+        );
+        assert_eq!(
+            highest_placeholder("SELECT '$9', \"$8\" FROM t WHERE a = $2"),
+            2
+        );
+        assert_eq!(highest_placeholder("SELECT 1 -- $7\n, $3 /* $9 */"), 3);
+        assert_eq!(highest_placeholder("SELECT $q$ $5 $q$, $$ $6 $$, $1"), 1);
+        assert_eq!(highest_placeholder("SELECT 'it''s $4', $2"), 2);
+        assert_eq!(highest_placeholder("SELECT '$1"), 0);
+    }
+}

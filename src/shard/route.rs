@@ -11,7 +11,7 @@ use crate::pg::{Consistency, ConsistencyToken, Lsn, RouteReason, Transaction};
 
 use super::cluster::ShardedCluster;
 use super::error::ShardError;
-use super::ownership::FENCE_SQL;
+use super::ownership::{self, FENCE_SQL};
 use super::slot::ShardKey;
 use super::token::{ShardConsistency, ShardedToken};
 
@@ -316,6 +316,15 @@ impl ShardedCluster {
     ) -> Result<ShardRead<Vec<Row>>, ShardError> {
         self.catch_up_map(consistency.map_version()).await?;
         let slot = self.slot(key);
+        // The fence's own parameter comes after the caller's: a statement
+        // naming more than it was given would bind it.
+        let named = ownership::highest_placeholder(sql);
+        if named > params.len() {
+            return Err(ShardError::Setup(format!(
+                "the statement uses ${named} but {} parameters were given",
+                params.len()
+            )));
+        }
         let fenced_sql = self.inner.fenced_read(sql, params.len());
         let slot_param = i32::from(slot);
         let mut all: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(params.len() + 1);

@@ -209,6 +209,18 @@ async fn odd_keys_and_statement_shapes_read_right() {
             .unwrap();
         assert_eq!(r.value.len(), 1);
     }
+    // A statement naming more parameters than given is refused: the
+    // fence's own parameter comes after the caller's and must not bind.
+    let err = sharded
+        .read(
+            &1i64,
+            &ShardConsistency::Strong,
+            "SELECT $1::int4 + $2::int4",
+            &[&1i32],
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("$2"), "{err}");
     let key = 5i64;
     let slot = i32::from(sharded.slot(&key));
     let mut token = tower_scale::shard::ShardedToken::new();
