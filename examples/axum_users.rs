@@ -59,6 +59,8 @@
 pub(crate) mod users;
 #[path = "common/users_app.rs"]
 pub(crate) mod users_app;
+#[path = "common/users_shards.rs"]
+pub(crate) mod users_shards;
 
 use std::io::Write;
 
@@ -115,6 +117,9 @@ fn start_worker(
 
 async fn run(args: users::Args) -> Result<(), users::BoxError> {
     let metrics = users::install_metrics()?;
+    if args.sharding.enabled() {
+        return run_sharded(args, metrics).await;
+    }
     let backend = users::backend(&args).await?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
@@ -143,6 +148,26 @@ async fn run(args: users::Args) -> Result<(), users::BoxError> {
         eprintln!("axum_users: welcome worker stopped: {report:?}");
     }
     backend.cluster.shutdown();
+    drop(backend);
+    Ok(())
+}
+
+/// `--shards N` or `--shard ...`: the service on a sharded cluster.
+async fn run_sharded(
+    args: users::Args,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+) -> Result<(), users::BoxError> {
+    let backend = users_shards::backend(&args).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let addr = listener.local_addr()?;
+    let workers = users_shards::start_workers(&backend, args.workers())?;
+    let app = users_shards::router(&backend, metrics, args.sharding.admin_token.clone());
+    serve(listener, addr, app).await?;
+    eprintln!("axum_users: shutting down");
+    for worker in workers {
+        let report = worker.shutdown(WORKER_GRACE).await;
+        eprintln!("axum_users: welcome worker stopped: {report:?}");
+    }
     drop(backend);
     Ok(())
 }

@@ -552,6 +552,7 @@ async fn shared_tier(local: &LocalCluster) -> Result<(), Error> {
             http_cache: false,
             no_change_feed: true,
             workers: None,
+            sharding: Default::default(),
         };
         let backend = axum_users::users::backend(&args).await?;
         let handle = metrics_exporter_prometheus::PrometheusBuilder::new()

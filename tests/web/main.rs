@@ -12,7 +12,7 @@ mod jobs;
 mod layer;
 
 // In-process for `jobs`, where a test decides when the worker starts.
-#[cfg(all(feature = "queue", feature = "change-feed"))]
+#[cfg(all(feature = "queue", feature = "change-feed", feature = "shard"))]
 #[path = "../../examples/axum_users.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod axum_users;
