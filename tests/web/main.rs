@@ -10,6 +10,8 @@ mod grpc;
 mod http_cache;
 mod jobs;
 mod layer;
+#[cfg(feature = "shard")]
+mod shards;
 
 // In-process for `jobs`, where a test decides when the worker starts.
 #[cfg(all(feature = "queue", feature = "change-feed", feature = "shard"))]
