@@ -5,7 +5,17 @@
 //! cargo run --release --features full --example axum_users -- \
 //!     --listen 127.0.0.1:PORT [--primary URL --replica URL ...] [--token-key HEX] \
 //!     [--redis URL] [--http-cache] [--no-change-feed] [--workers N]
+//! cargo run --release --features full --example axum_users -- \
+//!     --listen 127.0.0.1:PORT (--shards N | --shard NAME=PRIMARY_URL[,REPLICA_URL...] ...) \
+//!     [--instance-id N] [--admin-token TOKEN] [--token-key HEX] [--workers N]
 //! ```
+//!
+//! With `--shards N` (N LocalClusters, one replica each, `shard-1`...) or
+//! `--shard` (given servers) the users live on a sharded cluster, placed by
+//! id (`examples/common/users_shards.rs`): the same routes and shapes, plus
+//! `GET /users?limit=N&after=ID` (a listing in id order across shards) and
+//! `GET /admin/shards` (the slot map, with `Authorization: Bearer TOKEN`
+//! of `--admin-token`; without that flag every `/admin/*` path is 404).
 //!
 //! Without `--primary` it starts a LocalCluster (one primary, two
 //! replicas) and stops it on exit. Without `--token-key` (64 hex
