@@ -161,6 +161,26 @@ impl Args {
     }
 }
 
+impl Args {
+    /// `--shards n` in-process (the tour): any port, a random token key.
+    pub fn in_process_sharded(n: usize) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            primary: None,
+            replicas: Vec::new(),
+            token_key: None,
+            redis: None,
+            http_cache: false,
+            no_change_feed: true,
+            workers: None,
+            sharding: Sharding {
+                local: Some(n),
+                ..Sharding::default()
+            },
+        }
+    }
+}
+
 pub fn usage(name: &str) -> String {
     let http_cache = if name == "axum_users" {
         " [--http-cache] [--no-change-feed] [--workers N]\n       [--shards N | --shard NAME=PRIMARY_URL[,REPLICA_URL...] ...] [--instance-id N] [--admin-token TOKEN]"
