@@ -232,12 +232,14 @@ pub fn router(
     router.fallback(users_app::fallback).with_state(state)
 }
 
-/// Cookie values of `name` on one `Cookie` line (quotes stripped).
+/// Cookie values of `name` on one `Cookie` line (quotes stripped), pair
+/// by pair on the raw bytes: one cookie with a non-ASCII value does not
+/// hide the others (as `DbLayer` reads them).
 fn cookie_values<'a>(line: &'a HeaderValue, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-    line.to_str()
-        .unwrap_or_default()
-        .split(';')
+    line.as_bytes()
+        .split(|&b| b == b';')
         .filter_map(move |pair| {
+            let pair = std::str::from_utf8(pair).ok().filter(|p| p.is_ascii())?;
             let (k, v) = pair.split_once('=')?;
             let v = v.trim();
             let v = v

@@ -205,6 +205,37 @@ async fn two_shards_spread_list_in_order_and_show_their_slots() {
         owners.keys().eq(["shard-1", "shard-2"]),
         "both shards own slots"
     );
+
+    // Each welcome job ran on its user's shard (a worker per shard).
+    let t = Instant::now();
+    common::until("every user welcomed", Duration::from_secs(30), async || {
+        let r = client
+            .send(addr, "GET", "/users?limit=1000", None, &[])
+            .await;
+        let users = r.body["users"].as_array().cloned().unwrap_or_default();
+        users.len() == 199 && users.iter().all(|u| u["welcomed"] == true)
+    })
+    .await;
+    eprintln!("199 users welcomed {:?} after the check began", t.elapsed());
+
+    // SIGTERM: a clean exit that stops both LocalClusters.
+    let mut service = service;
+    let pid = service.child.id();
+    let dirs = super::dirs_owned_by(pid);
+    assert_eq!(dirs.len(), 4, "two primaries and two replicas: {dirs:?}");
+    super::nix_kill(pid);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = service.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    for dir in dirs {
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
     eprintln!("whole test in {:?}", started.elapsed());
 }
 
