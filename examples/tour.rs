@@ -31,9 +31,9 @@
 //!    share moving to the other two, then a fourth added through the
 //!    `Upstreams` handle, taking a share;
 //! 10. the users service on two shards (`axum_users --shards 2`): users
-//!    spread over both by id, their welcome jobs run on their shards, a
-//!    listing in id order across the shards page by page, and the slot
-//!    map of `GET /admin/shards`.
+//!     spread over both by id, their welcome jobs run on their shards, a
+//!     listing in id order across the shards page by page, and the slot
+//!     map of `GET /admin/shards`.
 //!
 //! Everything it started is stopped on exit.
 
