@@ -276,6 +276,9 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String
     if !sharding.given.is_empty() && primary.is_some() {
         return Err("--shard cannot be given with --primary".into());
     }
+    if !sharding.enabled() && (sharding.instance_id != 0 || sharding.admin_token.is_some()) {
+        return Err("--instance-id and --admin-token need --shards or --shard".into());
+    }
     if sharding.enabled() && (http_cache || redis.is_some()) {
         return Err("--http-cache and --redis do not work with shards yet".into());
     }

@@ -347,15 +347,20 @@ async fn the_cookie_reads_its_writes_on_every_shard_through_delayed_replicas() {
     }
 }
 
-/// `--shards` with `--shard` or `--primary` exits 2 with the usage.
+/// `--shards` with `--shard` or `--primary` exits 2 with the usage, and
+/// so do bad sharding flags and the sharded mode's flags without it.
 #[test]
 fn shards_with_shard_or_primary_is_a_usage_error() {
     for extra in [
-        ["--shard", "a=postgresql://localhost/x"],
-        ["--primary", "postgresql://localhost/x"],
+        ["--shards", "2", "--shard", "a=postgresql://localhost/x"],
+        ["--shards", "2", "--primary", "postgresql://localhost/x"],
+        ["--shards", "0", "--admin-token", "x"],
+        ["--shard", "a=", "--admin-token", "x"],
+        ["--admin-token", "x", "--workers", "1"],
+        ["--instance-id", "1024", "--shards", "1"],
     ] {
         let out = std::process::Command::new(common::example("axum_users"))
-            .args(["--listen", "127.0.0.1:0", "--shards", "2"])
+            .args(["--listen", "127.0.0.1:0"])
             .args(extra)
             .output()
             .unwrap();
