@@ -12,7 +12,7 @@
 //!
 //! With `--shards N` (N LocalClusters, one replica each, `shard-1`...) or
 //! `--shard` (given servers) the users live on a sharded cluster, placed by
-//! id (`examples/common/users_shards.rs`): the same routes and shapes, plus
+//! id (`examples/common/users_shards.rs`, `users_shards_views.rs`): the same routes and shapes, plus
 //! `GET /users?limit=N&after=ID` (a listing in id order across shards) and
 //! `GET /admin/shards` (the slot map, with `Authorization: Bearer TOKEN`
 //! of `--admin-token`; without that flag every `/admin/*` path is 404).
@@ -71,6 +71,8 @@ pub(crate) mod users;
 pub(crate) mod users_app;
 #[path = "common/users_shards.rs"]
 pub(crate) mod users_shards;
+#[path = "common/users_shards_views.rs"]
+pub(crate) mod users_shards_views;
 
 use std::io::Write;
 
