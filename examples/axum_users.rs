@@ -13,9 +13,10 @@
 //! With `--shards N` (N LocalClusters, one replica each, `shard-1`...) or
 //! `--shard` (given servers) the users live on a sharded cluster, placed
 //! by id (`examples/common/users_shards.rs` and `users_shards_views.rs`):
-//! the same routes and shapes, plus `GET /users?limit=N&after=ID` (a listing in id order across shards) and
-//! `GET /admin/shards` (the slot map, with `Authorization: Bearer TOKEN`
-//! of `--admin-token`; without that flag every `/admin/*` path is 404).
+//! the same routes and shapes, plus `GET /users?limit=N&after=ID` (a
+//! listing in id order across shards) and `GET /admin/shards` (the slot
+//! map, with `Authorization: Bearer TOKEN` of `--admin-token`; without
+//! that flag every `/admin/*` path is 404).
 //!
 //! Without `--primary` it starts a LocalCluster (one primary, two
 //! replicas) and stops it on exit. Without `--token-key` (64 hex
