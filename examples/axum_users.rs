@@ -5,7 +5,18 @@
 //! cargo run --release --features full --example axum_users -- \
 //!     --listen 127.0.0.1:PORT [--primary URL --replica URL ...] [--token-key HEX] \
 //!     [--redis URL] [--http-cache] [--no-change-feed] [--workers N]
+//! cargo run --release --features full --example axum_users -- \
+//!     --listen 127.0.0.1:PORT (--shards N | --shard NAME=PRIMARY_URL[,REPLICA_URL...] ...) \
+//!     [--instance-id N] [--admin-token TOKEN] [--token-key HEX] [--workers N]
 //! ```
+//!
+//! With `--shards N` (N LocalClusters, one replica each, `shard-1`...) or
+//! `--shard` (given servers) the users live on a sharded cluster, placed
+//! by id (`examples/common/users_shards.rs` and `users_shards_views.rs`):
+//! the same routes and shapes, plus `GET /users?limit=N&after=ID` (a
+//! listing in id order across shards) and `GET /admin/shards` (the slot
+//! map, with `Authorization: Bearer TOKEN` of `--admin-token`; without
+//! that flag every `/admin/*` path is 404).
 //!
 //! Without `--primary` it starts a LocalCluster (one primary, two
 //! replicas) and stops it on exit. Without `--token-key` (64 hex
@@ -59,6 +70,10 @@
 pub(crate) mod users;
 #[path = "common/users_app.rs"]
 pub(crate) mod users_app;
+#[path = "common/users_shards.rs"]
+pub(crate) mod users_shards;
+#[path = "common/users_shards_views.rs"]
+pub(crate) mod users_shards_views;
 
 use std::io::Write;
 
@@ -115,6 +130,9 @@ fn start_worker(
 
 async fn run(args: users::Args) -> Result<(), users::BoxError> {
     let metrics = users::install_metrics()?;
+    if args.sharding.enabled() {
+        return run_sharded(args, metrics).await;
+    }
     let backend = users::backend(&args).await?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
@@ -143,6 +161,26 @@ async fn run(args: users::Args) -> Result<(), users::BoxError> {
         eprintln!("axum_users: welcome worker stopped: {report:?}");
     }
     backend.cluster.shutdown();
+    drop(backend);
+    Ok(())
+}
+
+/// `--shards N` or `--shard ...`: the service on a sharded cluster.
+async fn run_sharded(
+    args: users::Args,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+) -> Result<(), users::BoxError> {
+    let backend = users_shards::backend(&args).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let addr = listener.local_addr()?;
+    let workers = users_shards::start_workers(&backend, args.workers())?;
+    let app = users_shards::router(&backend, metrics, args.sharding.admin_token.clone());
+    serve(listener, addr, app).await?;
+    eprintln!("axum_users: shutting down");
+    for worker in workers {
+        let report = worker.shutdown(WORKER_GRACE).await;
+        eprintln!("axum_users: welcome worker stopped: {report:?}");
+    }
     drop(backend);
     Ok(())
 }

@@ -29,13 +29,19 @@
 //! 9. the load balancer: three origins behind a `Balancer` (p2c over
 //!    peak-EWMA), one killed under load with no failed request and its
 //!    share moving to the other two, then a fourth added through the
-//!    `Upstreams` handle, taking a share.
+//!    `Upstreams` handle, taking a share;
+//! 10. the users service on two shards (`axum_users --shards 2`): users
+//!     spread over both by id, their welcome jobs run on their shards, a
+//!     listing in id order across the shards page by page, and the slot
+//!     map of `GET /admin/shards`.
 //!
 //! Everything it started is stopped on exit.
 
 #[allow(dead_code)]
 #[path = "axum_users.rs"]
 mod axum_users;
+#[path = "common/tour_shards.rs"]
+mod tour_shards;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -128,6 +134,7 @@ async fn run() -> Result<(), Error> {
     change_feed(&cluster).await?;
     jobs(&cluster).await?;
     balancing().await?;
+    tour_shards::shards().await?;
 
     let t = Instant::now();
     drop(db);
@@ -552,6 +559,7 @@ async fn shared_tier(local: &LocalCluster) -> Result<(), Error> {
             http_cache: false,
             no_change_feed: true,
             workers: None,
+            sharding: Default::default(),
         };
         let backend = axum_users::users::backend(&args).await?;
         let handle = metrics_exporter_prometheus::PrometheusBuilder::new()

@@ -74,6 +74,60 @@ pub struct Args {
     /// `--workers N` (axum_users): the welcome worker's concurrency, `None`
     /// for the default ([`DEFAULT_WORKERS`]); 0 runs no worker.
     pub workers: Option<usize>,
+    /// `--shards`, `--shard`, `--instance-id`, `--admin-token`
+    /// (axum_users): the service on several shards.
+    pub sharding: Sharding,
+}
+
+/// The sharding flags of `axum_users` (all empty: one cluster, as before).
+#[derive(Debug, Clone, Default)]
+pub struct Sharding {
+    /// `--shards N`: N LocalClusters, one replica each, named `shard-1`...
+    pub local: Option<usize>,
+    /// `--shard NAME=PRIMARY_URL[,REPLICA_URL...]`, in order.
+    pub given: Vec<ShardFlag>,
+    /// `--instance-id N` (default 0): the id generator's instance.
+    pub instance_id: u16,
+    /// `--admin-token TOKEN`: `/admin/*` answers, behind this bearer token.
+    pub admin_token: Option<String>,
+}
+
+impl Sharding {
+    /// Whether the service runs on shards.
+    pub fn enabled(&self) -> bool {
+        self.local.is_some() || !self.given.is_empty()
+    }
+}
+
+/// One `--shard NAME=PRIMARY_URL[,REPLICA_URL...]`.
+#[derive(Debug, Clone)]
+pub struct ShardFlag {
+    pub name: String,
+    pub primary: String,
+    pub replicas: Vec<String>,
+}
+
+/// The most `--shards` starts.
+pub const MAX_LOCAL_SHARDS: usize = 16;
+
+fn parse_shard_flag(text: &str) -> Result<ShardFlag, String> {
+    let bad = || "--shard must be NAME=PRIMARY_URL[,REPLICA_URL...]".to_string();
+    let (name, urls) = text.split_once('=').ok_or_else(bad)?;
+    let valid = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
+    if name.is_empty() || name.len() > 64 || !name.bytes().all(valid) {
+        return Err("--shard: the name must be 1 to 64 letters, digits, '-' or '_'".into());
+    }
+    let mut urls = urls.split(',').map(str::to_string);
+    let primary = urls.next().filter(|p| !p.is_empty()).ok_or_else(bad)?;
+    let replicas: Vec<String> = urls.collect();
+    if replicas.iter().any(String::is_empty) {
+        return Err(bad());
+    }
+    Ok(ShardFlag {
+        name: name.to_string(),
+        primary,
+        replicas,
+    })
 }
 
 /// The welcome worker's concurrency without `--workers`.
@@ -102,13 +156,34 @@ impl Args {
             http_cache: false,
             no_change_feed: false,
             workers: None,
+            sharding: Sharding::default(),
+        }
+    }
+}
+
+impl Args {
+    /// `--shards n` in-process (the tour): any port, a random token key.
+    pub fn in_process_sharded(n: usize) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            primary: None,
+            replicas: Vec::new(),
+            token_key: None,
+            redis: None,
+            http_cache: false,
+            no_change_feed: true,
+            workers: None,
+            sharding: Sharding {
+                local: Some(n),
+                ..Sharding::default()
+            },
         }
     }
 }
 
 pub fn usage(name: &str) -> String {
     let http_cache = if name == "axum_users" {
-        " [--http-cache] [--no-change-feed] [--workers N]"
+        " [--http-cache] [--no-change-feed] [--workers N]\n       [--shards N | --shard NAME=PRIMARY_URL[,REPLICA_URL...] ...] [--instance-id N] [--admin-token TOKEN]"
     } else {
         ""
     };
@@ -123,6 +198,7 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String
     let mut http_cache = false;
     let mut no_change_feed = false;
     let mut workers = None;
+    let mut sharding = Sharding::default();
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
@@ -146,6 +222,36 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String
                     .ok_or_else(|| format!("--workers must be 0 to {MAX_WORKERS}"))?;
                 workers = Some(n);
             }
+            "--shards" => {
+                let n = value()?
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_LOCAL_SHARDS).contains(n))
+                    .ok_or_else(|| format!("--shards must be 1 to {MAX_LOCAL_SHARDS}"))?;
+                sharding.local = Some(n);
+            }
+            "--shard" => {
+                let flag = parse_shard_flag(&value()?)?;
+                if sharding.given.iter().any(|s| s.name == flag.name) {
+                    return Err(format!("--shard {:?} given twice", flag.name));
+                }
+                sharding.given.push(flag);
+            }
+            "--instance-id" => {
+                let n = value()?
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|n| *n <= 1023)
+                    .ok_or("--instance-id must be 0 to 1023")?;
+                sharding.instance_id = n;
+            }
+            "--admin-token" => {
+                let token = value()?;
+                if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err("--admin-token must be printable ASCII without spaces".into());
+                }
+                sharding.admin_token = Some(token);
+            }
             "--token-key" => {
                 let hex = value()?;
                 if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -164,6 +270,18 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String
     if primary.is_none() && !replicas.is_empty() {
         return Err("--replica needs --primary".into());
     }
+    if sharding.local.is_some() && (!sharding.given.is_empty() || primary.is_some()) {
+        return Err("--shards cannot be given with --shard or --primary".into());
+    }
+    if !sharding.given.is_empty() && primary.is_some() {
+        return Err("--shard cannot be given with --primary".into());
+    }
+    if !sharding.enabled() && (sharding.instance_id != 0 || sharding.admin_token.is_some()) {
+        return Err("--instance-id and --admin-token need --shards or --shard".into());
+    }
+    if sharding.enabled() && (http_cache || redis.is_some()) {
+        return Err("--http-cache and --redis do not work with shards yet".into());
+    }
     Ok(Args {
         listen: listen.ok_or("--listen is required")?,
         primary,
@@ -173,6 +291,7 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String
         http_cache,
         no_change_feed,
         workers,
+        sharding,
     })
 }
 
@@ -187,6 +306,10 @@ pub fn args_or_exit(name: &str) -> Args {
         }
         if a.workers.is_some() && name != "axum_users" {
             return Err("--workers is a flag of axum_users only".into());
+        }
+        let s = &a.sharding;
+        if (s.enabled() || s.instance_id != 0 || s.admin_token.is_some()) && name != "axum_users" {
+            return Err("the sharding flags are flags of axum_users only".into());
         }
         Ok(a)
     });

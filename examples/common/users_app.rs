@@ -33,7 +33,7 @@ struct UserJson<'a> {
 }
 
 #[derive(Deserialize)]
-struct NameJson {
+pub(crate) struct NameJson {
     name: String,
 }
 
@@ -57,25 +57,28 @@ struct App {
 /// worker write through it alike.
 #[derive(Clone)]
 pub struct Invalidate {
-    users: Invalidator<i64>,
+    /// The users cache (none in the sharded mode, which has no cache).
+    users: Option<Invalidator<i64>>,
     http: Option<Invalidator<String>>,
 }
 
 impl Invalidate {
     /// After a write to user `id` at `version`: the cached reads of it go.
     fn user(&self, id: i64, version: Option<u64>) {
-        self.users.invalidate_tag_at(format!("user:{id}"), version);
+        if let Some(users) = &self.users {
+            users.invalidate_tag_at(format!("user:{id}"), version);
+        }
         if let Some(http) = &self.http {
             http.invalidate_tag_at(format!("user:{id}"), version);
         }
     }
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
 }
 
-fn db_error(e: DbError) -> Response {
+pub(crate) fn db_error(e: DbError) -> Response {
     if users::unavailable(&e) {
         eprintln!("database unavailable: {e}");
         error(StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
@@ -85,7 +88,7 @@ fn db_error(e: DbError) -> Response {
     }
 }
 
-const X_SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
+pub(crate) const X_SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
 
 /// The `x-served-by` values, built when the router is: answering a
 /// request clones one (a reference count), it never parses or allocates
@@ -122,7 +125,7 @@ impl ServedBy {
     }
 }
 
-fn served_by(mut res: Response, by: Option<HeaderValue>) -> Response {
+pub(crate) fn served_by(mut res: Response, by: Option<HeaderValue>) -> Response {
     if let Some(v) = by {
         res.headers_mut().insert(X_SERVED_BY, v);
     }
@@ -176,7 +179,7 @@ fn itoa_i64(n: i64, buf: &mut [u8; 20]) -> &[u8] {
 }
 
 /// The name from a JSON body, or the 400 message.
-fn parse_name(body: Result<Json<NameJson>, JsonRejection>) -> Result<String, String> {
+pub(crate) fn parse_name(body: Result<Json<NameJson>, JsonRejection>) -> Result<String, String> {
     let Json(NameJson { name }) = body.map_err(|e| e.body_text())?;
     if name.trim().is_empty() || name.len() > 1000 {
         return Err("name must be 1 to 1000 characters".into());
@@ -184,7 +187,7 @@ fn parse_name(body: Result<Json<NameJson>, JsonRejection>) -> Result<String, Str
     Ok(name)
 }
 
-fn user_response(user: &User) -> Response {
+pub(crate) fn user_response(user: &User) -> Response {
     user_json(user.id, &user.name, user.welcomed)
 }
 
@@ -419,7 +422,7 @@ async fn metrics_text(State(app): State<AppState>) -> Response {
     app.metrics.render().into_response()
 }
 
-async fn fallback() -> Response {
+pub(crate) async fn fallback() -> Response {
     error(StatusCode::NOT_FOUND, "no such route")
 }
 
@@ -486,7 +489,7 @@ fn routes(
         users: backend.users.clone(),
         http_cache: http.is_some(),
         invalidate: Invalidate {
-            users: backend.invalidator.clone(),
+            users: Some(backend.invalidator.clone()),
             http,
         },
         welcome: backend.welcome.clone(),
@@ -607,8 +610,19 @@ impl Welcome {
     pub fn new(backend: &users::Backend, http: Option<Invalidator<String>>) -> Self {
         Self {
             invalidate: Invalidate {
-                users: backend.invalidator.clone(),
+                users: Some(backend.invalidator.clone()),
                 http,
+            },
+        }
+    }
+
+    /// The handler for a service without a users cache (the sharded
+    /// mode): its update invalidates nothing.
+    pub fn without_cache() -> Self {
+        Self {
+            invalidate: Invalidate {
+                users: None,
+                http: None,
             },
         }
     }

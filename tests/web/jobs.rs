@@ -262,7 +262,7 @@ fn bad_workers_values_print_usage_and_exit_2() {
 /// cached as `"welcomed": false` (a hit) is read again as `true` once the
 /// worker has run, with no change feed, in the users cache and in the
 /// HTTP cache (`--http-cache`).
-#[cfg(all(feature = "queue", feature = "change-feed"))]
+#[cfg(all(feature = "queue", feature = "change-feed", feature = "shard"))]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_s_update_evicts_the_cached_user() {
     use super::axum_users::{self, users};

@@ -10,9 +10,11 @@ mod grpc;
 mod http_cache;
 mod jobs;
 mod layer;
+#[cfg(feature = "shard")]
+mod shards;
 
 // In-process for `jobs`, where a test decides when the worker starts.
-#[cfg(all(feature = "queue", feature = "change-feed"))]
+#[cfg(all(feature = "queue", feature = "change-feed", feature = "shard"))]
 #[path = "../../examples/axum_users.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod axum_users;

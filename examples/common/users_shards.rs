@@ -1,0 +1,543 @@
+//! The users service on several shards (`axum_users --shards N` or
+//! `--shard NAME=PRIMARY_URL[,REPLICA_URL...]`): users are placed by id
+//! (`tower_scale::ids`, no central sequence) on a
+//! `tower_scale::shard::ShardedCluster`; the routes, headers, status codes
+//! and JSON shapes are those of the single-cluster service (the JSON
+//! helpers are `users_app`'s), plus `GET /users` (a listing across shards)
+//! and `GET /admin/shards` (behind `--admin-token`).
+//!
+//! The consistency token is a `ShardedToken` (a commit LSN per shard
+//! written), carried in the same cookie (`tower_scale_token`) and header
+//! (`x-consistency-token`) as the single-cluster token: a write answers
+//! with the client's token merged with its own, so a client that keeps the
+//! cookie reads its writes on every shard.
+//!
+//! The welcome job lives on its user's shard: it is enqueued in the
+//! insert's shard transaction, and each shard has its own worker. There is
+//! no users cache in this mode yet (every read goes to a shard).
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::header::{CACHE_CONTROL, COOKIE, HeaderName, SET_COOKIE};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+
+use super::users::{self, BoxError, User, WelcomeJob};
+use super::users_app::{self, NameJson};
+use super::users_shards_views;
+use tower_scale::ids::IdGenerator;
+use tower_scale::pg::{Cluster, ConsistencyToken, NodeConfig, TokenCodec};
+use tower_scale::queue::{NewJob, Queue, QueueError, Worker, WorkerHandle};
+use tower_scale::shard::{
+    ShardConsistency, ShardError, ShardedCluster, ShardedToken, ShardedTokenCodec,
+};
+use tower_scale::testing::LocalCluster;
+
+/// The token's cookie and header: the single-cluster service's names.
+pub const COOKIE_NAME: &str = "tower_scale_token";
+const TOKEN_HEADER: HeaderName = HeaderName::from_static("x-consistency-token");
+/// How many token values a request may present before the rest are ignored.
+const MAX_TOKEN_CANDIDATES: usize = 8;
+/// Every request's database work finishes within this, or answers 503.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// `GET /users` without `limit`, and the most it takes.
+pub const DEFAULT_LIMIT: usize = 50;
+pub const MAX_LIMIT: usize = 1000;
+
+/// Everything the sharded service runs on.
+pub struct ShardedBackend {
+    /// Our own clusters with `--shards N`; stopped on drop.
+    pub locals: Vec<LocalCluster>,
+    pub cluster: ShardedCluster,
+    pub codec: ShardedTokenCodec,
+    /// The cookie's `Max-Age` (the codec's token lifetime).
+    pub lifetime: Duration,
+    pub ids: IdGenerator,
+    /// Each shard's `welcome` queue, in the shards' order.
+    pub queues: Vec<(Arc<str>, Queue)>,
+}
+
+/// One shard's nodes, before connecting.
+struct ShardNodes {
+    name: String,
+    primary: NodeConfig,
+    replicas: Vec<NodeConfig>,
+}
+
+/// Starts (`--shards N`) or connects to (`--shard ...`) the shards, makes
+/// the schema and the welcome queues on each, and the id generator
+/// (resuming after the largest id this instance made before).
+pub async fn backend(args: &users::Args) -> Result<ShardedBackend, BoxError> {
+    let s = &args.sharding;
+    let mut locals = Vec::new();
+    let mut nodes = Vec::new();
+    if let Some(n) = s.local {
+        // All at once: each start is mostly waiting on initdb and a base
+        // backup.
+        let starts: Vec<_> = (0..n)
+            .map(|_| tokio::task::spawn_blocking(|| LocalCluster::start(1)))
+            .collect();
+        for start in starts {
+            locals.push(start.await??);
+        }
+        for (i, l) in locals.iter().enumerate() {
+            nodes.push(ShardNodes {
+                name: format!("shard-{}", i + 1),
+                primary: NodeConfig::new(l.primary().config()),
+                replicas: l
+                    .replicas()
+                    .iter()
+                    .map(|r| NodeConfig::new(r.config()))
+                    .collect(),
+            });
+        }
+    } else {
+        for flag in &s.given {
+            nodes.push(ShardNodes {
+                name: flag.name.clone(),
+                primary: NodeConfig::from_url(&flag.primary)?,
+                replicas: flag
+                    .replicas
+                    .iter()
+                    .map(|r| NodeConfig::from_url(r))
+                    .collect::<Result<_, _>>()?,
+            });
+        }
+    }
+    let mut builder = ShardedCluster::builder().read_all_timeout(Duration::from_secs(2));
+    let mut queues = Vec::new();
+    for shard in nodes {
+        let mut b = Cluster::builder()
+            .primary(shard.primary)
+            .read_timeout(Duration::from_secs(2));
+        for r in shard.replicas {
+            b = b.replica(r);
+        }
+        let cluster = b.build().await?;
+        let db = cluster.db();
+        // Ids come from the generator: no sequence.
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS users (id bigint primary key, name text not null,
+                welcomed_at timestamptz)",
+            &[],
+        )
+        .await?;
+        db.execute(
+            "ALTER TABLE users ADD COLUMN IF NOT EXISTS welcomed_at timestamptz",
+            &[],
+        )
+        .await?;
+        let queue = Queue::builder(db, users::WELCOME_QUEUE).build().await?;
+        queues.push((Arc::<str>::from(shard.name.as_str()), queue));
+        builder = builder.shard(shard.name, cluster);
+    }
+    let cluster = builder.build().await?;
+    let key = match &args.token_key {
+        Some(k) => k.clone(),
+        None => {
+            let mut k = vec![0u8; 32];
+            getrandom::fill(&mut k).map_err(|e| format!("random key: {e}"))?;
+            k
+        }
+    };
+    let codec = TokenCodec::new(&key, cluster.identity())?;
+    let lifetime = codec.lifetime();
+    let ids = IdGenerator::new(u64::from(s.instance_id))?;
+    // A restart on a clock behind the ids made before must not repeat
+    // them: resume after the largest one of this instance.
+    let mine = cluster
+        .read_all(
+            &ShardConsistency::Strong,
+            "SELECT coalesce(max(id), 0)::int8 FROM users WHERE ((id >> 12) & 1023) = $1",
+            &[&i64::from(s.instance_id)],
+        )
+        .await?;
+    let last = mine
+        .rows()
+        .filter_map(|r| r.try_get::<_, i64>(0).ok())
+        .max()
+        .unwrap_or(0);
+    let ids = if last > 0 {
+        ids.resuming_after(last)
+    } else {
+        ids
+    };
+    Ok(ShardedBackend {
+        locals,
+        cluster,
+        codec: ShardedTokenCodec::new(codec),
+        lifetime,
+        ids,
+        queues,
+    })
+}
+
+/// One welcome worker per shard, `slots` jobs at a time each (none for 0).
+pub fn start_workers(
+    backend: &ShardedBackend,
+    slots: usize,
+) -> Result<Vec<WorkerHandle>, BoxError> {
+    if slots == 0 {
+        return Ok(Vec::new());
+    }
+    let mut handles = Vec::new();
+    for (_, queue) in &backend.queues {
+        let worker = Worker::new(queue.clone(), users_app::Welcome::without_cache());
+        handles.push(worker.concurrency(slots).start()?);
+    }
+    Ok(handles)
+}
+
+pub(crate) struct App {
+    pub(crate) cluster: ShardedCluster,
+    pub(crate) codec: ShardedTokenCodec,
+    pub(crate) lifetime: Duration,
+    pub(crate) ids: IdGenerator,
+    pub(crate) queues: Vec<(Arc<str>, Queue)>,
+    pub(crate) metrics: metrics_exporter_prometheus::PrometheusHandle,
+    pub(crate) admin_token: Option<String>,
+}
+
+pub(crate) type AppState = Arc<App>;
+
+/// The sharded service's router (`/admin/*` only with an admin token).
+pub fn router(
+    backend: &ShardedBackend,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    admin_token: Option<String>,
+) -> Router {
+    let with_admin = admin_token.is_some();
+    let state = Arc::new(App {
+        cluster: backend.cluster.clone(),
+        codec: backend.codec.clone(),
+        lifetime: backend.lifetime,
+        ids: backend.ids.clone(),
+        queues: backend.queues.clone(),
+        metrics,
+        admin_token,
+    });
+    let mut router = Router::new()
+        .route("/users", get(users_shards_views::list).post(create))
+        .route("/users/{id}", get(read).put(update).delete(delete))
+        .route("/metrics", get(metrics_text));
+    if with_admin {
+        router = router.route("/admin/shards", get(users_shards_views::admin_shards));
+    }
+    router.fallback(users_app::fallback).with_state(state)
+}
+
+/// Cookie values of `name` on one `Cookie` line (quotes stripped), pair
+/// by pair on the raw bytes: one cookie with a non-ASCII value does not
+/// hide the others (as `DbLayer` reads them).
+fn cookie_values<'a>(line: &'a HeaderValue, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    line.as_bytes()
+        .split(|&b| b == b';')
+        .filter_map(move |pair| {
+            let pair = std::str::from_utf8(pair).ok().filter(|p| p.is_ascii())?;
+            let (k, v) = pair.split_once('=')?;
+            let v = v.trim();
+            let v = v
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or(v);
+            (k.trim() == name).then_some(v)
+        })
+}
+
+impl App {
+    /// Every valid token the request presents (cookie or header), merged:
+    /// the newest position of each shard. At most
+    /// [`MAX_TOKEN_CANDIDATES`] values are decoded.
+    fn token_of(&self, headers: &HeaderMap) -> Option<ShardedToken> {
+        let mut merged: Option<ShardedToken> = None;
+        let mut candidates = Vec::new();
+        for line in headers.get_all(COOKIE) {
+            candidates.extend(cookie_values(line, COOKIE_NAME));
+        }
+        candidates.extend(
+            headers
+                .get_all(TOKEN_HEADER)
+                .iter()
+                .filter_map(|v| v.to_str().ok()),
+        );
+        for text in candidates.into_iter().take(MAX_TOKEN_CANDIDATES) {
+            if let Some(t) = self.codec.decode(text) {
+                match &mut merged {
+                    Some(m) => m.merge(&t),
+                    None => merged = Some(t),
+                }
+            }
+        }
+        merged
+    }
+
+    pub(crate) fn consistency(&self, headers: &HeaderMap) -> ShardConsistency {
+        match self.token_of(headers) {
+            Some(t) => ShardConsistency::ReadYourWrites(t),
+            None => ShardConsistency::Any,
+        }
+    }
+
+    /// The response carries `written` merged with the request's token, in
+    /// the cookie and the header (as `DbLayer` writes them).
+    fn with_token(
+        &self,
+        mut res: Response,
+        headers: &HeaderMap,
+        written: &ShardedToken,
+    ) -> Response {
+        let mut token = self.token_of(headers).unwrap_or_default();
+        token.merge(written);
+        let encoded = self.codec.encode(&token);
+        let cookie = format!(
+            "{COOKIE_NAME}={encoded}; HttpOnly; SameSite=Lax; Path=/; Max-Age={}",
+            self.lifetime.as_secs()
+        );
+        if let Ok(v) = HeaderValue::from_str(&cookie) {
+            res.headers_mut().append(SET_COOKIE, v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&encoded) {
+            res.headers_mut().insert(TOKEN_HEADER, v);
+        }
+        res
+    }
+
+    /// `NAME/node` for `x-served-by`.
+    fn served_by(shard: &str, node: &str) -> Option<HeaderValue> {
+        HeaderValue::from_str(&format!("{shard}/{node}")).ok()
+    }
+
+    /// `NAME/primary` (the name of the shard's primary node).
+    fn primary_of(&self, shard: &str) -> Option<HeaderValue> {
+        let node = self
+            .cluster
+            .shard(shard)
+            .ok()
+            .and_then(|c| c.db().primary_name())
+            .unwrap_or_else(|| Arc::from("primary"));
+        Self::served_by(shard, &node)
+    }
+}
+
+fn shard_error(e: ShardError) -> Response {
+    let unavailable = match &e {
+        ShardError::Db { source, .. } => users::unavailable(source),
+        ShardError::Combine(_) => false,
+        _ => true,
+    };
+    if unavailable {
+        eprintln!("database unavailable: {e}");
+        users_app::error(StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
+    } else {
+        eprintln!("query failed: {e}");
+        users_app::error(StatusCode::INTERNAL_SERVER_ERROR, "query failed")
+    }
+}
+
+/// `work` within [`REQUEST_DEADLINE`]; past it, 503.
+pub(crate) async fn within<T>(
+    work: impl Future<Output = Result<T, ShardError>>,
+) -> Result<T, Response> {
+    match tokio::time::timeout(REQUEST_DEADLINE, work).await {
+        Ok(r) => r.map_err(shard_error),
+        Err(_) => Err(unavailable()),
+    }
+}
+
+pub(crate) fn row_error(e: tokio_postgres::Error) -> Response {
+    eprintln!("query failed: {e}");
+    users_app::error(StatusCode::INTERNAL_SERVER_ERROR, "query failed")
+}
+
+fn bad_id() -> Response {
+    users_app::error(StatusCode::BAD_REQUEST, "the id must be an integer")
+}
+
+/// `POST /users`: a new id, the insert and its welcome job in one
+/// transaction on the id's shard.
+async fn create(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<NameJson>, JsonRejection>,
+) -> Response {
+    let name = match users_app::parse_name(body) {
+        Ok(n) => n,
+        Err(message) => return users_app::error(StatusCode::BAD_REQUEST, message),
+    };
+    let id = app.ids.next_id();
+    match insert_and_enqueue(&app, id, &name).await {
+        Ok((user, shard, token)) => {
+            let res = (StatusCode::CREATED, users_app::user_response(&user)).into_response();
+            let res = users_app::served_by(res, app.primary_of(&shard));
+            app.with_token(res, &headers, &token)
+        }
+        Err((res, Some(unknown))) => app.with_token(res, &headers, &unknown),
+        Err((res, None)) => res,
+    }
+}
+
+/// The insert, the job and the commit; on a failure, the response and,
+/// when the commit may have happened, a token that sends the client's
+/// next reads of that shard to its primary.
+async fn insert_and_enqueue(
+    app: &App,
+    id: i64,
+    name: &str,
+) -> Result<(User, Arc<str>, ShardedToken), (Response, Option<ShardedToken>)> {
+    let fail = |r: Response| (r, None);
+    let tx = within(app.cluster.transaction(&id)).await.map_err(fail)?;
+    let shard = Arc::clone(tx.shard());
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&id, &name];
+    let insert = tx.query_one(
+        "INSERT INTO users (id, name) VALUES ($1, $2) RETURNING id, name, welcomed_at IS NOT NULL",
+        &params,
+    );
+    let row = match tokio::time::timeout(REQUEST_DEADLINE, insert).await {
+        Ok(r) => r.map_err(|e| fail(users_app::db_error(e)))?,
+        Err(_) => return Err(fail(unavailable())),
+    };
+    let user = User::from_row(&row).map_err(|e| fail(row_error(e)))?;
+    let queue = app.queues.iter().find(|(n, _)| *n == shard).map(|(_, q)| q);
+    let Some(queue) = queue else {
+        eprintln!("no welcome queue for {shard}");
+        return Err(fail(users_app::error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "query failed",
+        )));
+    };
+    let job = NewJob::new(&WelcomeJob { user: id }).map_err(|e| fail(queue_error(e)))?;
+    match tokio::time::timeout(REQUEST_DEADLINE, queue.enqueue_in(&tx, job)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(fail(queue_error(e))),
+        Err(_) => return Err(fail(unavailable())),
+    }
+    match tokio::time::timeout(REQUEST_DEADLINE, tx.commit()).await {
+        Ok(Ok(token)) => Ok((user, shard, token)),
+        Ok(Err(e)) => {
+            // The client's next read must not miss it if it did commit.
+            let unknown = e
+                .may_have_committed()
+                .then(|| {
+                    app.cluster
+                        .token_for(&shard, ConsistencyToken::unknown())
+                        .ok()
+                })
+                .flatten();
+            Err((shard_error(e), unknown))
+        }
+        Err(_) => {
+            let unknown = app
+                .cluster
+                .token_for(&shard, ConsistencyToken::unknown())
+                .ok();
+            Err((unavailable(), unknown))
+        }
+    }
+}
+
+fn unavailable() -> Response {
+    eprintln!("database unavailable: no answer within {REQUEST_DEADLINE:?}");
+    users_app::error(StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
+}
+
+fn queue_error(e: QueueError) -> Response {
+    match e {
+        QueueError::Db(e) => users_app::db_error(e),
+        e => {
+            eprintln!("enqueueing the welcome job failed: {e}");
+            users_app::error(StatusCode::INTERNAL_SERVER_ERROR, "query failed")
+        }
+    }
+}
+
+/// `GET /users/{id}` on the id's shard, at the request's token.
+async fn read(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    id: Result<Path<i64>, PathRejection>,
+) -> Response {
+    let Ok(Path(id)) = id else {
+        return bad_id();
+    };
+    let consistency = app.consistency(&headers);
+    let r = match within(
+        app.cluster
+            .read(&id, &consistency, users::USER_BY_ID, &[&id]),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(res) => return res,
+    };
+    let mut res = match r.value.first().map(User::from_row) {
+        Some(Ok(u)) => users_app::user_response(&u),
+        Some(Err(e)) => return row_error(e),
+        None => users_app::error(StatusCode::NOT_FOUND, "not found"),
+    };
+    res.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    users_app::served_by(res, App::served_by(&r.shard, &r.served_by))
+}
+
+/// `PUT /users/{id}` on the id's shard's primary.
+async fn update(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    id: Result<Path<i64>, PathRejection>,
+    body: Result<Json<NameJson>, JsonRejection>,
+) -> Response {
+    let Ok(Path(id)) = id else {
+        return bad_id();
+    };
+    let name = match users_app::parse_name(body) {
+        Ok(n) => n,
+        Err(message) => return users_app::error(StatusCode::BAD_REQUEST, message),
+    };
+    let sql =
+        "UPDATE users SET name = $1 WHERE id = $2 RETURNING id, name, welcomed_at IS NOT NULL";
+    let w = match within(app.cluster.write(&id, sql, &[&name, &id])).await {
+        Ok(w) => w,
+        Err(res) => return res,
+    };
+    let res = match w.value.first().map(User::from_row) {
+        Some(Ok(u)) => users_app::user_response(&u),
+        Some(Err(e)) => return row_error(e),
+        None => users_app::error(StatusCode::NOT_FOUND, "not found"),
+    };
+    let res = users_app::served_by(res, app.primary_of(&w.shard));
+    app.with_token(res, &headers, &w.token)
+}
+
+/// `DELETE /users/{id}` on the id's shard's primary.
+async fn delete(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    id: Result<Path<i64>, PathRejection>,
+) -> Response {
+    let Ok(Path(id)) = id else {
+        return bad_id();
+    };
+    let sql = "DELETE FROM users WHERE id = $1 RETURNING id";
+    let w = match within(app.cluster.write(&id, sql, &[&id])).await {
+        Ok(w) => w,
+        Err(res) => return res,
+    };
+    let res = if w.value.is_empty() {
+        users_app::error(StatusCode::NOT_FOUND, "not found")
+    } else {
+        StatusCode::NO_CONTENT.into_response()
+    };
+    let res = users_app::served_by(res, app.primary_of(&w.shard));
+    app.with_token(res, &headers, &w.token)
+}
+
+async fn metrics_text(State(app): State<AppState>) -> Response {
+    app.metrics.render().into_response()
+}
