@@ -36,7 +36,9 @@ impl<P, W> CacheLayerBuilder<P, W> {
     ///
     /// Any key read more often than one read in `capacity` is in the
     /// sketch whatever else is read; the counts are estimates from a
-    /// sample of the reads ([`HotKey`]).
+    /// sample of the reads ([`HotKey`]). Caches that share a name share
+    /// the gauges (the last to publish wins); the gauges keep their last
+    /// values after the cache is dropped.
     ///
     /// ```
     /// use tower_scale::cache::CacheLayer;

@@ -105,7 +105,7 @@ async fn a_hot_key_tops_the_report_and_never_reads_from_the_primary() {
 
     // A short TTL: the hot key misses again and again.
     let cache = DbCache::builder(db.clone())
-        .time_to_live(Duration::from_millis(20))
+        .time_to_live(Duration::from_millis(5))
         .build()
         .expect("cache");
     let mut state = seed;

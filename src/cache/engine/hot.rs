@@ -56,8 +56,9 @@ const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 ///
 /// `reads` is an estimate: the sampled reads the key is guaranteed
 /// (Space-Saving's lower bound) times the sampling rate, halved every
-/// half-life. Hits, misses and misses that waited for another request's
-/// fill all count as reads.
+/// half-life, and low by the samples lost when two threads sampled at the
+/// same moment (the sketch's lock is only tried). Hits, misses and misses
+/// that waited for another request's fill all count as reads.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -74,7 +75,7 @@ const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 ///     Ok::<_, Infallible>(id * 2)
 /// }));
 /// for i in 0..100u64 {
-///     let key = if i % 2 == 0 { 7 } else { i };
+///     let key = if i % 2 == 0 { 7 } else { 1000 + i };
 ///     svc.ready().await?.call(key).await?;
 /// }
 /// let hot = layer.hot_keys(3);
@@ -261,7 +262,7 @@ impl<K: PartialEq + Clone> HotKeys<K> {
                 .map(|s| (s.guaranteed(), s.count, s.key.key().clone()))
                 .collect()
         };
-        ranked.sort_unstable_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
+        ranked.sort_unstable_by_key(|r| std::cmp::Reverse((r.0, r.1)));
         ranked.truncate(k);
         let rate = u64::from(self.config.sample_every.max(1));
         ranked
@@ -406,12 +407,10 @@ mod tests {
     fn a_flood_of_distinct_keys_keeps_the_hot_key_on_top() {
         let hasher = KeyHasher::new();
         let hot = tracker(16, 1);
-        let mut n = 0u64;
         for i in 0..100_000u64 {
             // One read in 10 is the hot key; the rest never repeat.
             let key = if i % 10 == 0 { 0 } else { 1_000_000 + i };
-            hot.sample(n, &hasher.hashed(key), at(0));
-            n += 1;
+            hot.sample(i, &hasher.hashed(key), at(0));
         }
         let top = hot.top(16, at(0));
         assert_eq!(top[0].key, 0, "{top:?}");
