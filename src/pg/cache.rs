@@ -535,3 +535,34 @@ async fn primary_position(db: &Db) -> Option<u64> {
     let text: String = row.value.try_get(0).ok()?;
     text.parse::<super::lsn::Lsn>().ok().map(|l| l.0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::route::RouteHint;
+    use crate::pg::{ConsistencyToken, Lsn};
+
+    /// Only a hot key's `Any` read is sent past the lag budget: a token,
+    /// a bound or `Strong` keeps its own routing, and a write is untouched.
+    #[test]
+    fn only_any_reads_of_hot_keys_get_the_hint() {
+        let key: QueryKey = ("q".into(), "k".into(), "[]".into());
+        let hinted = |mut q: Query| {
+            QueryPolicy.on_hot_miss(&key, &mut q);
+            q.route_hint
+        };
+        let sql = "SELECT 1";
+        assert_eq!(
+            hinted(Query::read(sql, Consistency::Any)),
+            RouteHint::AnyHealthyReplica
+        );
+        for c in [
+            Consistency::Strong,
+            Consistency::BoundedStaleness(Duration::from_millis(100)),
+            Consistency::ReadYourWrites(ConsistencyToken::new(Lsn(7))),
+        ] {
+            assert_eq!(hinted(Query::read(sql, c)), RouteHint::None, "{c:?}");
+        }
+        assert_eq!(hinted(Query::write("UPDATE t SET a = 1")), RouteHint::None);
+    }
+}
