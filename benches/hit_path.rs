@@ -8,6 +8,8 @@
 //! 10,000 keys with 256-byte values, one thread (`hit_path`); the same hits
 //! from two threads (`hit_path_2_threads`, wall time per lookup); and 1,000
 //! concurrent requests on a cold key (`miss/coalesced_1000`).
+//! `layer_quick_hit_hot_keys` is `layer_quick_hit` with hot keys tracked
+//! (`track_hot_keys(64)`, one read in 32 sampled).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -133,6 +135,26 @@ fn hit_path(c: &mut Criterion) {
         "every benchmarked call was a hit"
     );
 
+    // The same with hot keys tracked (the default sampling, one read in 32):
+    // what tracking costs a hit.
+    let layer = CacheLayer::builder(|k: &u64| Some(*k))
+        .time_to_live(Duration::from_secs(3600))
+        .max_entries(2 * KEYS)
+        .track_hot_keys(64)
+        .build_quick()
+        .expect("config");
+    let mut hot_svc = layer.layer(origin(values.clone()));
+    for k in 0..KEYS {
+        now(hot_svc.call(k)).expect("fill");
+    }
+    group.bench_function("layer_quick_hit_hot_keys", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            black_box(now(hot_svc.call(black_box(i))))
+        })
+    });
+    assert!(!layer.hot_keys(1).is_empty(), "hot keys were sampled");
+
     let mut inner = origin(values.clone());
     group.bench_function("direct_inner_call", |b| {
         b.iter(|| {
@@ -238,6 +260,26 @@ fn hit_path_2_threads(c: &mut Criterion) {
         b.iter_custom(|iters| {
             two_threads(iters, || {
                 let mut svc = svc.clone();
+                move |k| {
+                    black_box(now(svc.call(k)).ok());
+                }
+            })
+        })
+    });
+    let layer = CacheLayer::builder(|k: &u64| Some(*k))
+        .time_to_live(Duration::from_secs(3600))
+        .max_entries(2 * KEYS)
+        .track_hot_keys(64)
+        .build_quick()
+        .expect("config");
+    let hot_svc = layer.layer(origin(values.clone()));
+    for k in 0..KEYS {
+        now(hot_svc.clone().call(k)).expect("fill");
+    }
+    group.bench_function("layer_quick_hit_hot_keys", |b| {
+        b.iter_custom(|iters| {
+            two_threads(iters, || {
+                let mut svc = hot_svc.clone();
                 move |k| {
                     black_box(now(svc.call(k)).ok());
                 }

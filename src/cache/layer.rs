@@ -11,6 +11,7 @@ use super::BuildError;
 use super::CacheStats;
 use super::Invalidator;
 use super::engine::clock::Clock;
+use super::engine::hot::{HotConfig, HotKeys};
 use super::engine::log::InvalidationLog;
 use super::engine::stats::{Stats, publisher};
 use super::key::KeyHasher;
@@ -86,6 +87,7 @@ impl<P> CacheLayer<P, NoStore> {
             ttl_jitter: 0.0,
             max_tracked_invalidations: 100_000,
             metrics: None,
+            hot: HotConfig::off(),
         }
     }
 }
@@ -213,6 +215,8 @@ pub struct CacheLayerBuilder<P, W = ()> {
     ttl_jitter: f64,
     max_tracked_invalidations: usize,
     metrics: Option<(String, Duration)>,
+    /// Set in `super::hot`.
+    pub(super) hot: HotConfig,
 }
 
 impl<P, W> fmt::Debug for CacheLayerBuilder<P, W> {
@@ -226,6 +230,7 @@ impl<P, W> fmt::Debug for CacheLayerBuilder<P, W> {
             .field("seed", &self.seed)
             .field("max_tracked_invalidations", &self.max_tracked_invalidations)
             .field("metrics", &self.metrics)
+            .field("hot_keys", &self.hot)
             .finish_non_exhaustive()
     }
 }
@@ -280,6 +285,7 @@ impl<P, W> CacheLayerBuilder<P, W> {
             ttl_jitter: self.ttl_jitter,
             max_tracked_invalidations: self.max_tracked_invalidations,
             metrics: self.metrics,
+            hot: self.hot,
         }
     }
 
@@ -416,6 +422,7 @@ impl<P, W> CacheLayerBuilder<P, W> {
                 reason: format!("must be in 0.0..1.0, got {}", self.ttl_jitter),
             });
         }
+        super::hot::validate(&self.hot)?;
         if self.max_tracked_invalidations < 2 {
             return Err(BuildError::OutOfRange {
                 field: "max_tracked_invalidations",
@@ -499,13 +506,23 @@ impl<P, W> CacheLayerBuilder<P, W> {
             self.clock,
             InvalidationLog::new(KeyHasher::new(), self.max_tracked_invalidations),
             Stats::new(),
+            HotKeys::new(
+                self.hot,
+                self.metrics
+                    .as_ref()
+                    .map(|m| m.0.clone())
+                    .unwrap_or_default(),
+            ),
             seed,
         );
         let shared = Arc::new(shared);
         if let Some((name, every)) = self.metrics {
             let weak = Arc::downgrade(&shared);
             publisher::spawn(name, every, shared.closed.clone(), move || {
-                weak.upgrade().map(|s| s.stats())
+                weak.upgrade().map(|s| {
+                    s.hot.publish_periodic(s.clock.now());
+                    s.stats()
+                })
             })?;
         }
         let life = Arc::new(shared.closed.clone().drop_guard());

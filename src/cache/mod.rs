@@ -87,6 +87,7 @@ pub mod future;
 
 pub(crate) mod engine;
 mod entry;
+mod hot;
 mod invalidate;
 mod key;
 mod layer;
@@ -103,6 +104,7 @@ mod tag;
 mod version;
 
 pub use self::engine::clock::{COARSE_RESOLUTION, Clock, Instant, MockClock};
+pub use self::engine::hot::HotKey;
 #[cfg(feature = "http")]
 pub(crate) use self::entry::Deadlines;
 pub use self::entry::Entry;

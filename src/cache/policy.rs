@@ -56,6 +56,17 @@ pub trait CachePolicy<Req, Resp>: Send + Sync + 'static {
         let _ = (key, resp);
         Some(Storable::new(*defaults))
     }
+
+    /// Called before the inner call that fills `key` (a miss's, or a
+    /// background refresh's) when `key` is one of the cache's hottest
+    /// keys (within [`hot_key_rank`](super::CacheLayerBuilder::hot_key_rank),
+    /// with hot keys tracked): a chance to send that request elsewhere,
+    /// as `DbCache` sends a hot key's `Any` read to any healthy replica
+    /// rather than the primary. Concurrent misses of the key still make
+    /// one inner call (single-flight). Default: nothing.
+    fn on_hot_miss(&self, key: &Self::Key, req: &mut Req) {
+        let _ = (key, req);
+    }
 }
 
 impl<F, Req, Resp, K> CachePolicy<Req, Resp> for F

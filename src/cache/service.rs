@@ -94,6 +94,15 @@ impl<S, P, St: Store> Cache<S, P, St> {
         &self.shared.store
     }
 
+    /// The `k` most read keys lately, hottest first, with estimated reads
+    /// (see [`HotKey`](super::HotKey)); empty unless the cache tracks hot
+    /// keys ([`CacheLayerBuilder::track_hot_keys`](super::CacheLayerBuilder::track_hot_keys)).
+    /// Also refreshes the `tower_scale_cache_hot_key_hits` gauges of a
+    /// named cache.
+    pub fn hot_keys(&self, k: usize) -> Vec<super::HotKey<St::Key>> {
+        self.shared.hot_keys(k)
+    }
+
     /// Inner calls in flight (one per key being filled).
     pub fn in_flight(&self) -> usize {
         self.shared.flights.len()
@@ -150,7 +159,8 @@ where
         };
         let l1 = match l1 {
             Some(Probe::Hit(result)) => {
-                shared.stats.incr(Kind::Hits);
+                let count = shared.stats.incr(Kind::Hits);
+                shared.hot.sample(count, &key, now);
                 return ResponseFuture::ready(result);
             }
             Some(Probe::Look(entry)) => Some(entry),
@@ -158,7 +168,8 @@ where
         };
         if let Some(entry) = l1 {
             match shared.lookup(&entry, min_version, now) {
-                Lookup::Hit { refresh } => {
+                Lookup::Hit { refresh, count } => {
+                    shared.hot.sample(count, &key, now);
                     if refresh {
                         self.spawn_refresh(req, key, min_version);
                     }
@@ -169,7 +180,9 @@ where
                 Lookup::Dead => shared.store.remove(&key),
             }
         }
-        shared.stats.incr(Kind::Misses);
+        // A miss is a read of the key too (the coalesced ones included).
+        let count = shared.stats.incr(Kind::Misses);
+        shared.hot.sample(count, &key, now);
         ResponseFuture::miss(Box::pin(miss(
             Arc::clone(&self.shared),
             self.inner.clone(),

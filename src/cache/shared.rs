@@ -14,6 +14,7 @@ use super::CacheStats;
 use super::Invalidation;
 use super::engine::clock::{Clock, Instant, nanos};
 use super::engine::flight::Flights;
+use super::engine::hot::{HotKey, HotKeys};
 use super::engine::log::{InvalidateTarget, InvalidationLog};
 use super::engine::stats::{Kind, Stats};
 use super::entry::{Deadlines, Entry, Freshness};
@@ -46,6 +47,8 @@ pub(crate) struct Shared<P, St: Store> {
     pub(super) log: InvalidationLog<St::Key>,
     pub(super) flights: Arc<Flights<St::Key, St::Response, St::Error>>,
     pub(super) stats: Stats,
+    /// Which keys are read most (sampled; off unless configured).
+    pub(crate) hot: HotKeys<St::Key>,
     pub(super) rng: crate::random::Random,
     pub(crate) shutdown: CancellationToken,
     /// Cancelled when the last layer or service handle goes (the parent of
@@ -62,8 +65,10 @@ pub(crate) struct Shared<P, St: Store> {
 
 /// What a lookup found.
 pub(super) enum Lookup {
-    /// Serve it; `refresh` says this request must start the background refresh.
-    Hit { refresh: bool },
+    /// Serve it; `refresh` says this request must start the background
+    /// refresh; `count` is the thread's count of such hits (for the
+    /// hot-key sampler).
+    Hit { refresh: bool, count: u64 },
     /// Past its windows but usable if the service fails.
     Fallback,
     /// Not usable for this request (too old a version), but left in place.
@@ -82,6 +87,7 @@ impl<P, St: Store> Shared<P, St> {
         clock: Clock,
         log: InvalidationLog<St::Key>,
         stats: Stats,
+        hot: HotKeys<St::Key>,
         seed: u64,
     ) -> Self {
         let closed = CancellationToken::new();
@@ -94,6 +100,7 @@ impl<P, St: Store> Shared<P, St> {
             log,
             flights: Arc::new(Flights::new()),
             stats,
+            hot,
             rng: crate::random::Random::new(seed),
             shutdown: closed.child_token(),
             closed,
@@ -105,6 +112,17 @@ impl<P, St: Store> Shared<P, St> {
     pub(crate) fn stats(&self) -> CacheStats {
         self.stats
             .snapshot(self.store.evictions(), self.store.entry_count())
+    }
+
+    /// The `k` hottest keys, hottest first (empty when hot keys are not
+    /// tracked); also refreshes the hot-key gauges of a named cache.
+    pub(crate) fn hot_keys(&self, k: usize) -> Vec<HotKey<St::Key>> {
+        let mut top = self
+            .hot
+            .top(k.max(super::engine::hot::METRIC_RANKS), self.clock.now());
+        self.hot.publish(&top);
+        top.truncate(k);
+        top
     }
 
     /// A uniform number in (0, 1] from the seeded stream.
@@ -157,15 +175,17 @@ impl<P, St: Store> Shared<P, St> {
         }
         match entry.freshness(now) {
             Freshness::Fresh => {
-                self.stats.incr(Kind::Hits);
+                let count = self.stats.incr(Kind::Hits);
                 Lookup::Hit {
                     refresh: self.early_refresh_due(entry, now),
+                    count,
                 }
             }
             Freshness::Stale => {
-                self.stats.incr(Kind::StaleHits);
+                let count = self.stats.incr(Kind::StaleHits);
                 Lookup::Hit {
                     refresh: entry.claim_refresh(),
+                    count,
                 }
             }
             Freshness::ErrorFallback if entry.result.is_ok() => Lookup::Fallback,
@@ -361,6 +381,10 @@ impl<P, St: Store> Shared<P, St> {
         // Read before the call: an invalidation from here on wins over this fill.
         let fill_seq = self.log.current();
         let started = self.clock.now();
+        let mut req = req;
+        if self.hot.is_hot(key, started) {
+            self.policy.on_hot_miss(key.key(), &mut req);
+        }
         let result = svc.oneshot(req).await;
         let recompute = self.clock.now().saturating_duration_since(started);
         let mut remote = None;

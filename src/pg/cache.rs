@@ -103,6 +103,17 @@ impl CachePolicy<Query, QueryOutput> for QueryPolicy {
         }
         Some(s)
     }
+
+    /// A hot key's `Any` read goes to any healthy replica, even one
+    /// lagging past the lag budget, and to the primary only when no
+    /// replica is healthy ([`RouteReason::HotKey`](super::RouteReason::HotKey)):
+    /// `Any` accepts any staleness, and the primary is the one node that
+    /// cannot be scaled out. Other consistencies route as always.
+    fn on_hot_miss(&self, _key: &QueryKey, q: &mut Query) {
+        if q.access == Access::Read(Consistency::Any) {
+            q.route_hint = super::route::RouteHint::AnyHealthyReplica;
+        }
+    }
 }
 
 /// Configures a [`DbCache`].
@@ -117,6 +128,10 @@ pub struct DbCacheBuilder {
     #[cfg(feature = "change-feed")]
     only_published: Option<String>,
 }
+
+/// The hot-key sketch's size in a [`DbCache`] (on by default there: a
+/// sampled read costs nothing next to a database round trip).
+const DEFAULT_HOT_KEYS: usize = 64;
 
 /// How long a statement's analysis is trusted by default.
 #[cfg(feature = "change-feed")]
@@ -326,7 +341,7 @@ impl DbCache {
     pub fn builder(db: Db) -> DbCacheBuilder {
         DbCacheBuilder {
             db,
-            layer: CacheLayer::builder(QueryPolicy),
+            layer: CacheLayer::builder(QueryPolicy).track_hot_keys(DEFAULT_HOT_KEYS),
             #[cfg(feature = "change-feed")]
             reads: super::sql::ReadCaching::default(),
             #[cfg(feature = "change-feed")]
@@ -379,6 +394,30 @@ where
     /// The cache's counters.
     pub fn stats(&self) -> CacheStats {
         self.cache.stats()
+    }
+
+    /// The `k` most read keys lately, hottest first, with estimated reads
+    /// ([`HotKey`](crate::cache::HotKey): a sample of the reads, hits and
+    /// misses alike). Tracked by default in a cache from
+    /// [`DbCache::builder`] (64 keys, one read in 32 sampled; change it
+    /// with [`DbCacheBuilder::configure`] and the `hot_key_*` settings of
+    /// [`CacheLayerBuilder`]); for [`from_layer`](Self::from_layer), as
+    /// the layer was built. A hot key's `Any` misses go to any healthy
+    /// replica, even one past the lag budget, rather than to the primary
+    /// ([`QueryPolicy`]); concurrent misses of it make one database read.
+    ///
+    /// ```no_run
+    /// # async fn demo(db: tower_scale::pg::Db) -> Result<(), Box<dyn std::error::Error>> {
+    /// use tower_scale::pg::DbCache;
+    /// let cache = DbCache::builder(db).name("rows").build()?;
+    /// for hot in cache.hot_keys(5) {
+    ///     let (_sql, name, _params) = &hot.key;
+    ///     println!("{name}: ~{} reads", hot.reads);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn hot_keys(&self, k: usize) -> Vec<crate::cache::HotKey<QueryKey>> {
+        self.cache.hot_keys(k)
     }
 
     /// The database handle.
@@ -495,4 +534,35 @@ async fn primary_position(db: &Db) -> Option<u64> {
         .ok()?;
     let text: String = row.value.try_get(0).ok()?;
     text.parse::<super::lsn::Lsn>().ok().map(|l| l.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::route::RouteHint;
+    use crate::pg::{ConsistencyToken, Lsn};
+
+    /// Only a hot key's `Any` read is sent past the lag budget: a token,
+    /// a bound or `Strong` keeps its own routing, and a write is untouched.
+    #[test]
+    fn only_any_reads_of_hot_keys_get_the_hint() {
+        let key: QueryKey = ("q".into(), "k".into(), "[]".into());
+        let hinted = |mut q: Query| {
+            QueryPolicy.on_hot_miss(&key, &mut q);
+            q.route_hint
+        };
+        let sql = "SELECT 1";
+        assert_eq!(
+            hinted(Query::read(sql, Consistency::Any)),
+            RouteHint::AnyHealthyReplica
+        );
+        for c in [
+            Consistency::Strong,
+            Consistency::BoundedStaleness(Duration::from_millis(100)),
+            Consistency::ReadYourWrites(ConsistencyToken::new(Lsn(7))),
+        ] {
+            assert_eq!(hinted(Query::read(sql, c)), RouteHint::None, "{c:?}");
+        }
+        assert_eq!(hinted(Query::write("UPDATE t SET a = 1")), RouteHint::None);
+    }
 }

@@ -35,6 +35,9 @@ pub enum RouteReason {
     WaitedForReplica,
     /// No replica qualified: the primary.
     FallbackToPrimary,
+    /// A hot key's `Any` read (one of a `DbCache`'s hottest keys): any
+    /// healthy replica, even one lagging past the lag budget.
+    HotKey,
     /// The first choice failed: retried once elsewhere.
     Retried,
 }

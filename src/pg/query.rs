@@ -56,6 +56,8 @@ pub struct Query {
     /// [`DbCache`](super::DbCache) with feature `change-feed` (see
     /// `Query::cache_by_tables`); ignored otherwise.
     pub cache_by_tables: bool,
+    /// Set by `DbCache` on the fill of a hot key.
+    pub(crate) route_hint: super::route::RouteHint,
 }
 
 impl fmt::Debug for Query {
@@ -67,7 +69,7 @@ impl fmt::Debug for Query {
             .field("cache_key", &self.cache_key)
             .field("tags", &self.tags)
             .field("cache_by_tables", &self.cache_by_tables)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -81,6 +83,7 @@ impl Query {
             cache_key: None,
             tags: Vec::new(),
             cache_by_tables: false,
+            route_hint: super::route::RouteHint::None,
         }
     }
 
@@ -93,6 +96,7 @@ impl Query {
             cache_key: None,
             tags: Vec::new(),
             cache_by_tables: false,
+            route_hint: super::route::RouteHint::None,
         }
     }
 
@@ -271,7 +275,9 @@ impl tower::Service<Query> for Db {
                     })
                 }
                 Access::Read(consistency) => {
-                    let r = db.read(consistency, &q.sql, &params).await?;
+                    let r = db
+                        .read_hinted(consistency, q.route_hint, &q.sql, &params)
+                        .await?;
                     Ok(QueryOutput {
                         rows: Arc::new(r.value),
                         served_by: r.served_by,

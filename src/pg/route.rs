@@ -17,6 +17,21 @@ use super::node::{Node, Role};
 use super::db::*;
 use super::session::*;
 
+/// A routing override a read may carry (crate-private: `DbCache` sets it
+/// on the fill of a hot key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum RouteHint {
+    /// Route by the consistency alone.
+    #[default]
+    None,
+    /// For an `Any` read: any healthy replica, however far it lags (the
+    /// balancer still prefers the less loaded and less lagging), the
+    /// primary only when no replica is healthy. A hot key's reads are
+    /// spread over the replicas instead of landing on the primary when
+    /// the replicas lag past the budget. Other consistencies ignore it.
+    AnyHealthyReplica,
+}
+
 /// How a read-your-writes catch-up ended.
 pub(super) enum CatchUp {
     Replayed,
@@ -59,6 +74,7 @@ impl Db {
     pub(super) async fn route(
         &self,
         consistency: Consistency,
+        hint: RouteHint,
         exclude: Option<usize>,
     ) -> Result<(usize, Lsn, RouteReason), DbError> {
         let not_excluded = |i: &(usize, Candidate)| Some(i.0) != exclude;
@@ -67,6 +83,14 @@ impl Db {
         let mut stalled = None;
         let choice = match consistency {
             Consistency::Strong => None,
+            Consistency::Any if hint == RouteHint::AnyHealthyReplica => {
+                let c: Vec<_> = self
+                    .replicas(|_| true)
+                    .into_iter()
+                    .filter(not_excluded)
+                    .collect();
+                self.pick(&c).map(|i| (i, RouteReason::HotKey))
+            }
             Consistency::Any => {
                 let c: Vec<_> = self
                     .replicas(|n| n.lag() <= budget)
@@ -205,8 +229,20 @@ impl Db {
         sql: &str,
         params: Params<'_>,
     ) -> Result<Read<Vec<Row>>, DbError> {
+        self.read_hinted(consistency, RouteHint::None, sql, params)
+            .await
+    }
+
+    /// [`read`](Self::read) with a routing override.
+    pub(super) async fn read_hinted(
+        &self,
+        consistency: Consistency,
+        hint: RouteHint,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Read<Vec<Row>>, DbError> {
         super::statement::check(sql, super::statement::Context::Pooled)?;
-        let (index, lsn, reason) = self.route(consistency, None).await?;
+        let (index, lsn, reason) = self.route(consistency, hint, None).await?;
         let node = self.node(index);
         let span = tracing::debug_span!(
             "db.read",
@@ -225,7 +261,7 @@ impl Db {
             Err((e, true)) if index != self.inner.primary.load(Ordering::Acquire) => {
                 tracing::warn!(node = %node.name, error = %e, "read failed on a replica; retrying elsewhere");
                 // Nowhere else to go: the first error is the one that says why.
-                let Ok((index, lsn, _)) = self.route(consistency, Some(index)).await else {
+                let Ok((index, lsn, _)) = self.route(consistency, hint, Some(index)).await else {
                     return Err(e);
                 };
                 let rows = self.read_on(index, sql, params).await.map_err(|(e, _)| e)?;

@@ -19,6 +19,7 @@ mod conflicts;
 #[cfg(feature = "change-feed")]
 mod feed;
 mod hardening;
+mod hot_keys;
 mod pools;
 #[cfg(feature = "change-feed")]
 mod query_cache;

@@ -119,14 +119,19 @@ impl Stats {
         self.rare[rare as usize].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts one event and returns this stripe's new count of its kind
+    /// (the hot-key sampler's per-thread count, at no extra cost; it wraps
+    /// instead of overflowing).
     #[inline]
-    pub(crate) fn incr(&self, kind: Kind) {
+    pub(crate) fn incr(&self, kind: Kind) -> u64 {
         let index = slot();
         let counter = &self.stripes[index.min(OWNED_STRIPES)][kind as usize];
         if index < OWNED_STRIPES {
-            counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            let n = counter.load(Ordering::Relaxed).wrapping_add(1);
+            counter.store(n, Ordering::Relaxed);
+            n
         } else {
-            counter.fetch_add(1, Ordering::Relaxed);
+            counter.fetch_add(1, Ordering::Relaxed).wrapping_add(1)
         }
     }
 

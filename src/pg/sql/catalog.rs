@@ -177,7 +177,7 @@ async fn ask(
     publication: Option<&str>,
 ) -> Result<Answers, LookupFailed> {
     let (index, _, _) = db
-        .route(Consistency::Any, None)
+        .route(Consistency::Any, super::super::route::RouteHint::None, None)
         .await
         .map_err(|_| LookupFailed)?;
     let node = db.node(index);
