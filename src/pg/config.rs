@@ -97,6 +97,7 @@ pub struct ClusterBuilder {
     pub(super) probe_interval: Duration,
     pub(super) probe_timeout: Duration,
     pub(super) lag_budget: Duration,
+    pub(super) hot_lag_max: Duration,
     pub(super) readmission_ramp: Duration,
     pub(super) read_your_writes_wait: Duration,
     pub(super) primary_wait: Duration,
@@ -122,6 +123,7 @@ impl Default for ClusterBuilder {
             probe_interval: Duration::from_millis(250),
             probe_timeout: Duration::from_millis(500),
             lag_budget: Duration::from_secs(30),
+            hot_lag_max: Duration::from_secs(60),
             readmission_ramp: Duration::from_secs(5),
             read_your_writes_wait: Duration::from_millis(500),
             primary_wait: Duration::from_secs(1),
@@ -215,6 +217,16 @@ impl ClusterBuilder {
     /// The most lag an `Any` read accepts (default 30 s).
     pub fn lag_budget(mut self, d: Duration) -> Self {
         self.lag_budget = d;
+        self
+    }
+
+    /// The most lag a hot key's `Any` fill accepts (default 60 s, and never
+    /// less than [`lag_budget`](Self::lag_budget)): a hot key's reads go to
+    /// a healthy replica even past the lag budget, so that one celebrity
+    /// key does not land on the primary, but not to one this far behind (a
+    /// replica whose replay stopped would serve older and older data).
+    pub fn hot_lag_max(mut self, d: Duration) -> Self {
+        self.hot_lag_max = d;
         self
     }
 
@@ -365,6 +377,7 @@ impl ClusterBuilder {
             options: Options {
                 zone: self.zone.clone(),
                 lag_budget: self.lag_budget,
+                hot_lag_max: self.hot_lag_max.max(self.lag_budget),
                 readmission_ramp: self.readmission_ramp,
                 read_your_writes_wait: self.read_your_writes_wait,
                 primary_wait: self.primary_wait,
@@ -394,6 +407,8 @@ impl ClusterBuilder {
 pub(crate) struct Options {
     pub(crate) zone: Option<String>,
     pub(crate) lag_budget: Duration,
+    /// The most lag a hot key's `Any` fill accepts (at least `lag_budget`).
+    pub(crate) hot_lag_max: Duration,
     pub(crate) readmission_ramp: Duration,
     pub(crate) read_your_writes_wait: Duration,
     pub(crate) primary_wait: Duration,

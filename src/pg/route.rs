@@ -84,8 +84,9 @@ impl Db {
         let choice = match consistency {
             Consistency::Strong => None,
             Consistency::Any if hint == RouteHint::AnyHealthyReplica => {
+                let cap = self.inner.options.hot_lag_max;
                 let c: Vec<_> = self
-                    .replicas(|_| true)
+                    .replicas(|n| n.lag() <= cap)
                     .into_iter()
                     .filter(not_excluded)
                     .collect();

@@ -253,3 +253,69 @@ async fn with_no_healthy_replica_a_hot_key_reads_from_the_primary() {
     let name: String = out.rows[0].get(0);
     assert_eq!(name, "row 1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_key_never_reads_from_a_replica_lagging_past_hot_lag_max() {
+    // The only replica applies WAL a second late, past both the lag budget
+    // and the hot key's own cap: a replica whose replay stalls must not
+    // serve a hot key older and older data.
+    let local = LocalCluster::builder()
+        .replicas(1)
+        .apply_delay(0, Duration::from_secs(1))
+        .start()
+        .expect("LocalCluster");
+    let cluster = connect(&local, |b| {
+        b.lag_budget(Duration::from_millis(100))
+            .hot_lag_max(Duration::from_millis(300))
+            .read_timeout(Duration::from_millis(800))
+    })
+    .await;
+    let db = cluster.db();
+    create_rows(&db).await;
+    local.wait_for_replicas(DEADLINE).await.expect("replica");
+    let writing = Arc::new(AtomicBool::new(true));
+    let writer = {
+        let (db, writing) = (db.clone(), writing.clone());
+        tokio::spawn(async move {
+            while writing.load(Ordering::SeqCst) {
+                db.execute("INSERT INTO hot_ticks VALUES (now())", &[])
+                    .await
+                    .expect("tick");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    until(
+        "the monitor sees the replica lag past the cap",
+        DEADLINE,
+        async || cluster.status()[1].lag > Duration::from_millis(500),
+    )
+    .await;
+    let cache = DbCache::builder(db)
+        .time_to_live(Duration::from_millis(1))
+        .configure(|b| b.hot_key_sample_rate(1))
+        .build()
+        .expect("cache");
+    let (mut from_replica, mut from_primary) = (0, 0);
+    for _ in 0..40 {
+        // Paced past the 1 ms TTL: each read is a fill of the hot key.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let out = cache.query(read(HOT)).await.expect("read");
+        match &*out.served_by {
+            "primary" => from_primary += 1,
+            by if by.starts_with("replica") => from_replica += 1,
+            _ => {}
+        }
+    }
+    println!(
+        "a hot key with its replica past hot_lag_max: {from_primary} reads on the primary, {from_replica} on the replica"
+    );
+    assert!(from_primary >= 20, "{from_primary}");
+    writing.store(false, Ordering::SeqCst);
+    let _ = writer.await;
+    assert_eq!(&*cache.hot_keys(1)[0].key.1, "hot_rows:1");
+    assert_eq!(
+        from_replica, 0,
+        "a hot key read from a replica past hot_lag_max"
+    );
+}
