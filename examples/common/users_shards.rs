@@ -392,14 +392,19 @@ async fn insert_and_enqueue(
     name: &str,
 ) -> Result<(User, Arc<str>, ShardedToken), (Response, Option<ShardedToken>)> {
     let fail = |r: Response| (r, None);
-    let tx = within(app.cluster.transaction(&id)).await.map_err(fail)?;
+    // One deadline for the whole request, not one per step.
+    let deadline = tokio::time::Instant::now() + REQUEST_DEADLINE;
+    let tx = match tokio::time::timeout_at(deadline, app.cluster.transaction(&id)).await {
+        Ok(r) => r.map_err(|e| fail(shard_error(e)))?,
+        Err(_) => return Err(fail(unavailable())),
+    };
     let shard = Arc::clone(tx.shard());
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&id, &name];
     let insert = tx.query_one(
         "INSERT INTO users (id, name) VALUES ($1, $2) RETURNING id, name, welcomed_at IS NOT NULL",
         &params,
     );
-    let row = match tokio::time::timeout(REQUEST_DEADLINE, insert).await {
+    let row = match tokio::time::timeout_at(deadline, insert).await {
         Ok(r) => r.map_err(|e| fail(users_app::db_error(e)))?,
         Err(_) => return Err(fail(unavailable())),
     };
@@ -413,12 +418,12 @@ async fn insert_and_enqueue(
         )));
     };
     let job = NewJob::new(&WelcomeJob { user: id }).map_err(|e| fail(queue_error(e)))?;
-    match tokio::time::timeout(REQUEST_DEADLINE, queue.enqueue_in(&tx, job)).await {
+    match tokio::time::timeout_at(deadline, queue.enqueue_in(&tx, job)).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => return Err(fail(queue_error(e))),
         Err(_) => return Err(fail(unavailable())),
     }
-    match tokio::time::timeout(REQUEST_DEADLINE, tx.commit()).await {
+    match tokio::time::timeout_at(deadline, tx.commit()).await {
         Ok(Ok(token)) => Ok((user, shard, token)),
         Ok(Err(e)) => {
             // The client's next read must not miss it if it did commit.

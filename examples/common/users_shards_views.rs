@@ -96,15 +96,21 @@ pub(crate) async fn list(
 /// Whether `headers` carry `Authorization: Bearer <token>` (compared in
 /// time independent of where they differ).
 fn authorized(headers: &HeaderMap, token: &str) -> bool {
+    // The scheme is case-insensitive (RFC 9110 §11.1).
     let Some(given) = headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, given)| given.trim())
     else {
         return false;
     };
-    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+    // Compared over SHA-256 digests: the time depends on neither where
+    // they differ nor the token's length.
+    use sha2::Digest;
+    let (a, b) = (sha2::Sha256::digest(given), sha2::Sha256::digest(token));
+    a.iter().zip(b.iter()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 /// `GET /admin/shards`: the slot map, `{"version": V, "slots": [{"from":
