@@ -422,7 +422,7 @@ impl ShardedCluster {
         let previous = self.map();
         let mut owned = Vec::new();
         // Which shard's table lists each slot (tables read, not kept).
-        let mut listed: Vec<Option<usize>> = vec![None; usize::from(self.inner.slots)];
+        let mut listed: Vec<Option<(usize, u64)>> = vec![None; usize::from(self.inner.slots)];
         let mut version = 0;
         for (i, (shard, answer)) in self.inner.shards.iter().zip(answers).enumerate() {
             let (slots, map_version) = match answer {
@@ -440,14 +440,19 @@ impl ShardedCluster {
             for (slot, v) in slots {
                 if slot < self.inner.slots {
                     match listed[usize::from(slot)] {
-                        Some(other) if other != i => {
-                            // Two owners pass two fences: refuse, not pick.
+                        // Listed by two shards at one version: no move made
+                        // that (a move's new owner takes a higher version,
+                        // and the tables, read one after the other, may show
+                        // both sides of it). Two owners pass two fences:
+                        // refuse rather than pick.
+                        Some((other, at)) if other != i && at == v => {
                             return Err(ShardError::Setup(format!(
-                                "slot {slot} is listed as owned by both {:?} and {:?}: the ownership tables disagree",
+                                "slot {slot} is listed as owned by both {:?} and {:?} at version {v}: \
+                                 the ownership tables disagree",
                                 self.inner.shards[other].name, shard.name
                             )));
                         }
-                        _ => listed[usize::from(slot)] = Some(i),
+                        _ => listed[usize::from(slot)] = Some((i, v)),
                     }
                 }
                 if slot >= self.inner.slots {
