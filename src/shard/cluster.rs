@@ -285,18 +285,7 @@ impl ShardedClusterBuilder {
         // Claimed under the move lock, with the map read under it:
         // instances starting together (in whatever order their shards are
         // listed) agree; the first claims, the others find every slot owned.
-        let first = sharded
-            .inner
-            .shards
-            .iter()
-            .min_by(|a, b| a.name.cmp(&b.name))
-            .ok_or_else(|| ShardError::Setup("no shards".into()))?;
-        let serial = first
-            .db
-            .transaction()
-            .await
-            .map_err(|e| ShardError::db(&first.name, e))?;
-        ownership::lock_moves(&serial, &first.name).await?;
+        let (_, serial) = sharded.lock_moves().await?;
         let map = sharded.load().await?;
         // A first start, or one that stopped half way through writing the
         // initial map (no move has happened yet): claiming is idempotent.

@@ -80,6 +80,25 @@ impl SlotMove {
 }
 
 impl ShardedCluster {
+    /// A transaction holding the move lock (on the first shard by name):
+    /// moves and first starts are serialised by it; it goes with the
+    /// transaction.
+    pub(crate) async fn lock_moves(&self) -> Result<(Arc<str>, Transaction), ShardError> {
+        let first = self
+            .inner
+            .shards
+            .iter()
+            .min_by(|a, b| a.name.cmp(&b.name))
+            .ok_or_else(|| ShardError::Setup("no shards".into()))?;
+        let serial = first
+            .db
+            .transaction()
+            .await
+            .map_err(|e| ShardError::db(&first.name, e))?;
+        ownership::lock_moves(&serial, &first.name).await?;
+        Ok((Arc::clone(&first.name), serial))
+    }
+
     /// Every shard but `target` answers, on its primary, that it lists no
     /// slot of `range`.
     async fn none_lists(&self, range: SlotRange, target: usize) -> Result<(), ShardError> {
@@ -128,18 +147,7 @@ impl ShardedCluster {
         }
         let target = self.shard_index(to)?;
         // One move at a time, so versions follow the order moves commit in.
-        let first = self
-            .inner
-            .shards
-            .iter()
-            .min_by(|a, b| a.name.cmp(&b.name))
-            .ok_or_else(|| ShardError::Setup("no shards".into()))?;
-        let serial = first
-            .db
-            .transaction()
-            .await
-            .map_err(|e| ShardError::db(&first.name, e))?;
-        ownership::lock_moves(&serial, &first.name).await?;
+        let serial = self.lock_moves().await?;
         let map = self.refresh().await?;
         let mut owners: Vec<Option<usize>> = range.slots().map(|s| map.owner_index(s)).collect();
         owners.dedup();
@@ -195,7 +203,7 @@ impl ShardedCluster {
         ownership::bump(&tx, &shard.name, version).await?;
         Ok(SlotMove {
             cluster: self.clone(),
-            serial: (Arc::clone(&first.name), serial),
+            serial,
             range,
             from,
             to: (Arc::clone(&shard.name), tx),

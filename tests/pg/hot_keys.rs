@@ -46,6 +46,22 @@ fn seed() -> u64 {
         })
 }
 
+/// Writes flowing until the flag is cleared (so the monitor sees lag):
+/// the flag and the writer's task.
+fn ticks(db: &tower_scale::pg::Db) -> (Arc<AtomicBool>, tokio::task::JoinHandle<()>) {
+    let writing = Arc::new(AtomicBool::new(true));
+    let (db, flag) = (db.clone(), writing.clone());
+    let writer = tokio::spawn(async move {
+        while flag.load(Ordering::SeqCst) {
+            db.execute("INSERT INTO hot_ticks VALUES (now())", &[])
+                .await
+                .expect("tick");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    (writing, writer)
+}
+
 async fn create_rows(db: &tower_scale::pg::Db) {
     db.execute(
         "CREATE TABLE hot_rows (id bigint primary key, name text not null)",
@@ -85,18 +101,7 @@ async fn a_hot_key_tops_the_report_and_never_reads_from_the_primary() {
     create_rows(&db).await;
     local.wait_for_replicas(DEADLINE).await.expect("replicas");
     // Writes flow all along, so the lag is seen.
-    let writing = Arc::new(AtomicBool::new(true));
-    let writer = {
-        let (db, writing) = (db.clone(), writing.clone());
-        tokio::spawn(async move {
-            while writing.load(Ordering::SeqCst) {
-                db.execute("INSERT INTO hot_ticks VALUES (now())", &[])
-                    .await
-                    .expect("tick");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
+    let (writing, writer) = ticks(&db);
     until("the monitor sees replica-1 lag", DEADLINE, async || {
         cluster.next_probe().await;
         cluster.status()[1].lag > Duration::from_millis(300)
@@ -273,18 +278,7 @@ async fn a_hot_key_never_reads_from_a_replica_lagging_past_hot_lag_max() {
     let db = cluster.db();
     create_rows(&db).await;
     local.wait_for_replicas(DEADLINE).await.expect("replica");
-    let writing = Arc::new(AtomicBool::new(true));
-    let writer = {
-        let (db, writing) = (db.clone(), writing.clone());
-        tokio::spawn(async move {
-            while writing.load(Ordering::SeqCst) {
-                db.execute("INSERT INTO hot_ticks VALUES (now())", &[])
-                    .await
-                    .expect("tick");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
+    let (writing, writer) = ticks(&db);
     until(
         "the monitor sees the replica lag past the cap",
         DEADLINE,
