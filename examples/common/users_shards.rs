@@ -371,8 +371,18 @@ async fn create(
         Ok(n) => n,
         Err(message) => return users_app::error(StatusCode::BAD_REQUEST, message),
     };
-    let id = app.ids.next_id();
-    match insert_and_enqueue(&app, id, &name).await {
+    // An id taken already (another instance given the same
+    // `--instance-id`, in the same millisecond) gets a fresh one: the
+    // insert refused it, nothing was written.
+    let mut attempt = 0;
+    let outcome = loop {
+        let id = app.ids.next_id();
+        match insert_and_enqueue(&app, id, &name).await {
+            Err((_, Taken::Id)) if attempt < 2 => attempt += 1,
+            other => break other,
+        }
+    };
+    match outcome.map_err(|(res, taken)| (res, taken.token())) {
         Ok((user, shard, token)) => {
             let res = (StatusCode::CREATED, users_app::user_response(&user)).into_response();
             let res = users_app::served_by(res, app.primary_of(&shard));
@@ -386,12 +396,29 @@ async fn create(
 /// The insert, the job and the commit; on a failure, the response and,
 /// when the commit may have happened, a token that sends the client's
 /// next reads of that shard to its primary.
+/// What else a failed insert says: nothing, that its id was taken (try
+/// another), or a token for a commit that may have happened.
+enum Taken {
+    No,
+    Id,
+    Maybe(ShardedToken),
+}
+
+impl Taken {
+    fn token(self) -> Option<ShardedToken> {
+        match self {
+            Self::Maybe(token) => Some(token),
+            Self::No | Self::Id => None,
+        }
+    }
+}
+
 async fn insert_and_enqueue(
     app: &App,
     id: i64,
     name: &str,
-) -> Result<(User, Arc<str>, ShardedToken), (Response, Option<ShardedToken>)> {
-    let fail = |r: Response| (r, None);
+) -> Result<(User, Arc<str>, ShardedToken), (Response, Taken)> {
+    let fail = |r: Response| (r, Taken::No);
     // One deadline for the whole request, not one per step.
     let deadline = tokio::time::Instant::now() + REQUEST_DEADLINE;
     let tx = match tokio::time::timeout_at(deadline, app.cluster.transaction(&id)).await {
@@ -405,6 +432,9 @@ async fn insert_and_enqueue(
         &params,
     );
     let row = match tokio::time::timeout_at(deadline, insert).await {
+        Ok(Err(e)) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+            return Err((users_app::db_error(e), Taken::Id));
+        }
         Ok(r) => r.map_err(|e| fail(users_app::db_error(e)))?,
         Err(_) => return Err(fail(unavailable())),
     };
@@ -435,14 +465,14 @@ async fn insert_and_enqueue(
                         .ok()
                 })
                 .flatten();
-            Err((shard_error(e), unknown))
+            Err((shard_error(e), unknown.map_or(Taken::No, Taken::Maybe)))
         }
         Err(_) => {
             let unknown = app
                 .cluster
                 .token_for(&shard, ConsistencyToken::unknown())
                 .ok();
-            Err((unavailable(), unknown))
+            Err((unavailable(), unknown.map_or(Taken::No, Taken::Maybe)))
         }
     }
 }

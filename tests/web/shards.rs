@@ -345,6 +345,45 @@ async fn the_cookie_reads_its_writes_on_every_shard_through_delayed_replicas() {
         let r = client.send(addr, "GET", path, None, &bearer).await;
         assert_eq!(r.status, 404, "{path} without --admin-token");
     }
+    // A second instance given the same --instance-id (a mistake): ids
+    // made in the same millisecond by both collide; the refused insert
+    // gets a fresh id, no create fails.
+    let twin = common::start(
+        "axum_users",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--shard",
+            &fa,
+            "--shard",
+            &fb,
+            "--token-key",
+            KEY,
+            "--instance-id",
+            "3",
+        ],
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..80 {
+        let addr = if i % 2 == 0 {
+            service.addr.clone()
+        } else {
+            twin.addr.clone()
+        };
+        tasks.spawn(async move {
+            let mut c = Client2::new(false);
+            let body = Some(serde_json::json!({ "name": format!("twin-{i}") }));
+            let r = c.send(&addr, "POST", "/users", body, &[]).await;
+            (r.status, r.body["id"].as_i64())
+        });
+    }
+    let mut created = std::collections::HashSet::new();
+    while let Some(done) = tasks.join_next().await {
+        let (status, id) = done.unwrap();
+        assert_eq!(status, 201);
+        assert!(created.insert(id.unwrap()), "id {id:?} twice");
+    }
+    assert_eq!(created.len(), 80);
 }
 
 /// `--shards` with `--shard` or `--primary` exits 2 with the usage, and
