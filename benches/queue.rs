@@ -29,6 +29,8 @@ use tower_scale::testing::LocalCluster;
 /// Jobs per measured iteration of the throughput benches.
 const BATCH: u64 = 400;
 const PRODUCERS: u64 = 4;
+/// Rounds of the interleaved comparison.
+const INTERLEAVED_ROUNDS: usize = 30;
 
 struct Setup {
     _local: LocalCluster,
@@ -200,13 +202,8 @@ fn benches(c: &mut Criterion) {
         "queue/throughput: {claims} claim statements for {processed} jobs ({:.2} jobs per claim)",
         processed as f64 / claims.max(1) as f64
     );
-    rt.block_on(async {
-        for w in workers {
-            w.shutdown(Duration::from_secs(5)).await;
-        }
-    });
-
-    // The raw loop on the same layout.
+    // The raw loop on the same layout (the queue's workers idle meanwhile,
+    // waiting for notifications).
     let raw_done = Arc::new(AtomicU64::new(0));
     let wake = Arc::new(tokio::sync::Notify::new());
     let consumers: Vec<_> = (0..4)
@@ -234,9 +231,44 @@ fn benches(c: &mut Criterion) {
             }
         })
     });
+    // Interleaved: a batch through the queue, then one through the raw
+    // loop, and so on, both consumers alive all along: the ratio under the
+    // same machine state (the two criterion functions run one after the
+    // other on a shared machine, minutes apart).
+    let mut ratios = Vec::new();
+    rt.block_on(async {
+        for _ in 0..INTERLEAVED_ROUNDS {
+            let started = Instant::now();
+            let target = done.load(Ordering::Relaxed) + BATCH;
+            produce(&s.queue, BATCH).await;
+            wait_for(&done, target).await;
+            let queue = started.elapsed();
+            let started = Instant::now();
+            let target = raw_done.load(Ordering::Relaxed) + BATCH;
+            produce_raw(&s.db, BATCH, &wake).await;
+            wait_for(&raw_done, target).await;
+            let raw = started.elapsed();
+            // Throughput ratio: queue jobs/s over raw jobs/s.
+            ratios.push(raw.as_secs_f64() / queue.as_secs_f64());
+        }
+    });
+    ratios.sort_by(f64::total_cmp);
+    let q = |p: f64| ratios[((ratios.len() - 1) as f64 * p).round() as usize];
+    println!(
+        "queue/throughput / queue/raw_skip_locked, interleaved ({INTERLEAVED_ROUNDS} rounds of {BATCH}): \
+         median {:.3} (quartiles {:.3}, {:.3})",
+        q(0.5),
+        q(0.25),
+        q(0.75)
+    );
     for c in consumers {
         c.abort();
     }
+    rt.block_on(async {
+        for w in workers {
+            w.shutdown(Duration::from_secs(5)).await;
+        }
+    });
 
     // Enqueue to start, one idle worker listening.
     group.throughput(Throughput::Elements(1));

@@ -118,12 +118,16 @@ impl Sql {
             // Every statement on a batch of ids names them with `id = ANY`
             // as well as through `unnest`: an index condition, so the
             // planner never hash-joins the whole table (it did, under a
-            // backlog: 16 ms a claim).
+            // backlog: 16 ms a claim). And it says "running" as "neither
+            // ready nor dead" (the same, by the CHECK): `state = 'running'`
+            // matches the lease index's predicate, and the planner ANDed a
+            // bitmap scan of that whole index (dead entries included) with
+            // the ids' lookup, 10% of the server's time under load (perf).
             claim: format!(
                 "WITH done AS (
                     DELETE FROM {t} AS d USING unnest($6::bigint[], $7::int[]) AS f(id, n)
                     WHERE d.id = ANY($6) AND d.id = f.id AND d.attempts = f.n AND d.owner = $5
-                      AND d.state = 'running'
+                      AND d.state <> 'ready' AND d.state <> 'dead'
                  ),
                  c AS (
                     SELECT id FROM {t}
@@ -140,7 +144,7 @@ impl Sql {
             ),
             complete: format!(
                 "DELETE FROM {t} AS d USING unnest($1::bigint[], $2::int[]) AS f(id, n)
-                 WHERE d.id = ANY($1) AND d.id = f.id AND d.attempts = f.n AND d.owner = $3 AND d.state = 'running'"
+                 WHERE d.id = ANY($1) AND d.id = f.id AND d.attempts = f.n AND d.owner = $3 AND d.state <> 'ready' AND d.state <> 'dead'"
             ),
             fail: format!(
                 "UPDATE {t} AS j SET
@@ -149,7 +153,7 @@ impl Sql {
                     last_error = f.err, owner = NULL, lease_until = NULL
                  FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $5::int[])
                       AS f(id, err, at, n)
-                 WHERE j.id = ANY($1) AND j.id = f.id AND j.attempts = f.n AND j.owner = $4 AND j.state = 'running'
+                 WHERE j.id = ANY($1) AND j.id = f.id AND j.attempts = f.n AND j.owner = $4 AND j.state <> 'ready' AND j.state <> 'dead'
                  RETURNING j.state"
             ),
             release: format!(
@@ -157,13 +161,13 @@ impl Sql {
                     attempts = greatest(j.attempts - 1, 0)
                  FROM unnest($1::bigint[], $3::int[]) AS f(id, n)
                  WHERE j.id = ANY($1) AND j.id = f.id AND j.attempts = f.n AND j.owner = $2
-                   AND j.state = 'running'"
+                   AND j.state <> 'ready' AND j.state <> 'dead'"
             ),
             heartbeat: format!(
                 "UPDATE {t} AS j SET lease_until = $3
                  FROM unnest($1::bigint[], $4::int[]) AS f(id, n)
                  WHERE j.id = ANY($1) AND j.id = f.id AND j.attempts = f.n AND j.owner = $2
-                   AND j.state = 'running'
+                   AND j.state <> 'ready' AND j.state <> 'dead'
                  RETURNING j.id"
             ),
             // A claim whose outcome is unknown: what this worker holds
