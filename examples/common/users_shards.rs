@@ -345,7 +345,15 @@ fn shard_error(e: ShardError) -> Response {
 pub(crate) async fn within<T>(
     work: impl Future<Output = Result<T, ShardError>>,
 ) -> Result<T, Response> {
-    match tokio::time::timeout(REQUEST_DEADLINE, work).await {
+    within_at(tokio::time::Instant::now() + REQUEST_DEADLINE, work).await
+}
+
+/// `work` by `deadline` (one deadline over several steps); past it, 503.
+async fn within_at<T>(
+    deadline: tokio::time::Instant,
+    work: impl Future<Output = Result<T, ShardError>>,
+) -> Result<T, Response> {
+    match tokio::time::timeout_at(deadline, work).await {
         Ok(r) => r.map_err(shard_error),
         Err(_) => Err(unavailable()),
     }
@@ -421,10 +429,9 @@ async fn insert_and_enqueue(
     let fail = |r: Response| (r, Taken::No);
     // One deadline for the whole request, not one per step.
     let deadline = tokio::time::Instant::now() + REQUEST_DEADLINE;
-    let tx = match tokio::time::timeout_at(deadline, app.cluster.transaction(&id)).await {
-        Ok(r) => r.map_err(|e| fail(shard_error(e)))?,
-        Err(_) => return Err(fail(unavailable())),
-    };
+    let tx = within_at(deadline, app.cluster.transaction(&id))
+        .await
+        .map_err(fail)?;
     let shard = Arc::clone(tx.shard());
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&id, &name];
     let insert = tx.query_one(

@@ -199,14 +199,7 @@ impl Future for ForwardFuture {
             // A client still uploading when the time ran out held the
             // request up itself: otherwise a slow upload would eject any
             // upstream at will.
-            Err(_)
-                if guard
-                    .body_sent
-                    .as_ref()
-                    .is_some_and(|sent| !sent.load(Ordering::Acquire)) =>
-            {
-                Outcome::SlowClient
-            }
+            Err(_) if guard.uploading() => Outcome::SlowClient,
             Err(_) => Outcome::Upstream(FailureKind::Timeout),
         };
         // Peak-EWMA measures the upstream: not a time the client's own
@@ -253,6 +246,15 @@ struct Guard {
     done: bool,
 }
 
+impl Guard {
+    /// Whether the client's body was still being read (not to its end).
+    fn uploading(&self) -> bool {
+        self.body_sent
+            .as_ref()
+            .is_some_and(|sent| !sent.load(Ordering::Acquire))
+    }
+}
+
 impl Drop for Guard {
     fn drop(&mut self) {
         if !self.done {
@@ -261,11 +263,8 @@ impl Drop for Guard {
             // The client went away: while it was still uploading, the time
             // is its own, not the upstream's (otherwise the handle's drop
             // counts it, a lower bound of the upstream's answer).
-            if let Some(handle) = self.handle.take()
-                && self
-                    .body_sent
-                    .as_ref()
-                    .is_some_and(|sent| !sent.load(Ordering::Acquire))
+            if self.uploading()
+                && let Some(handle) = self.handle.take()
             {
                 handle.discard();
             }

@@ -82,7 +82,10 @@ impl UpstreamState {
     pub(crate) fn failed(&self, kind: FailureKind, sent_under: Option<u64>, backoff: &Backoff) {
         self.stats.failed(kind);
         let outcome = lock(&self.health).failed(Instant::now(), sent_under, backoff);
-        self.after_failure(kind, outcome);
+        if let Failed::Ejected(length) = outcome {
+            tracing::warn!(upstream = %self.key, %kind, ?length, "upstream ejected");
+            self.stats.ejected();
+        }
     }
 
     /// The connection closed while the body of a request sent under
@@ -92,13 +95,6 @@ impl UpstreamState {
         self.stats.failed(FailureKind::Reset);
         if lock(&self.health).closed_during_upload(sent_under) {
             tracing::info!(upstream = %self.key, "uploads cut three times in a row: its next request is a probe");
-        }
-    }
-
-    fn after_failure(&self, kind: FailureKind, outcome: Failed) {
-        if let Failed::Ejected(length) = outcome {
-            tracing::warn!(upstream = %self.key, %kind, ?length, "upstream ejected");
-            self.stats.ejected();
         }
     }
 }
@@ -391,8 +387,7 @@ impl Upstreams {
             .collect()
     }
 
-    /// The upstreams' shared states (for the health checks and the
-    /// balancer's quick "is any upstream usable" test).
+    /// The upstreams' shared states (for the health checks).
     pub(crate) fn states(&self) -> Vec<Arc<UpstreamState>> {
         lock(&self.registry).list.clone()
     }
