@@ -173,11 +173,34 @@ async fn two_shards_spread_list_in_order_and_show_their_slots() {
     let r = client.send(addr, "GET", "/admin/shards", None, &[]).await;
     assert_eq!(r.status, 401);
     assert!(r.body["error"].is_string());
-    let wrong = [("authorization", "Bearer nope")];
+    // Wrong: another token, the right one with a suffix or a prefix, or
+    // under another scheme.
+    let near = [
+        "Bearer nope".to_string(),
+        format!("Bearer {ADMIN}x"),
+        format!("Bearer x{ADMIN}"),
+        format!("Basic {ADMIN}"),
+        format!("Bearer{ADMIN}"),
+    ];
+    for wrong in &near {
+        let wrong = [("authorization", wrong.as_str())];
+        let r = client
+            .send(addr, "GET", "/admin/shards", None, &wrong)
+            .await;
+        assert_eq!(r.status, 401, "{wrong:?}");
+    }
+    // The scheme is case-insensitive (RFC 9110 §11.1).
+    let lower = format!("bearer {ADMIN}");
     let r = client
-        .send(addr, "GET", "/admin/shards", None, &wrong)
+        .send(
+            addr,
+            "GET",
+            "/admin/shards",
+            None,
+            &[("authorization", lower.as_str())],
+        )
         .await;
-    assert_eq!(r.status, 401);
+    assert_eq!(r.status, 200, "{}", r.body);
     let bearer = format!("Bearer {ADMIN}");
     let ok = [("authorization", bearer.as_str())];
     let r = client.send(addr, "GET", "/admin/shards", None, &ok).await;
