@@ -13,12 +13,18 @@
 //! cookie reads its writes on every shard.
 //!
 //! The welcome job lives on its user's shard: it is enqueued in the
-//! insert's shard transaction, and each shard has its own worker. There is
-//! no users cache in this mode yet (every read goes to a shard).
+//! insert's shard transaction, and each shard has its own worker.
+//!
+//! `GET /users/{id}` reads through the users cache of
+//! `users_shards_cache.rs` (hot ids spread over their shard's replicas);
+//! writes and the welcome worker invalidate it at their commit position,
+//! each shard's change feed (unless `--no-change-feed`) does for every
+//! other writer, and a slot move for the slot's entries.
 #![allow(dead_code)]
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::rejection::{JsonRejection, PathRejection};
@@ -28,15 +34,18 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use tower::ServiceExt;
 
 use super::users::{self, BoxError, User, WelcomeJob};
 use super::users_app::{self, NameJson};
+use super::users_shards_cache::{self, MovedSlots, ShardUserCache, ShardUserRead};
 use super::users_shards_views;
+use tower_scale::cache::Invalidator;
 use tower_scale::ids::IdGenerator;
-use tower_scale::pg::{Cluster, ConsistencyToken, NodeConfig, TokenCodec};
+use tower_scale::pg::{Cluster, Consistency, ConsistencyToken, NodeConfig, TokenCodec};
 use tower_scale::queue::{NewJob, Queue, QueueError, Worker, WorkerHandle};
 use tower_scale::shard::{
-    ShardConsistency, ShardError, ShardedCluster, ShardedToken, ShardedTokenCodec,
+    ShardConsistency, ShardError, ShardedCluster, ShardedToken, ShardedTokenCodec, shard_id,
 };
 use tower_scale::testing::LocalCluster;
 
@@ -62,6 +71,12 @@ pub struct ShardedBackend {
     pub ids: IdGenerator,
     /// Each shard's `welcome` queue, in the shards' order.
     pub queues: Vec<(Arc<str>, Queue)>,
+    /// The users cache and its invalidator.
+    pub users: ShardUserCache,
+    pub invalidator: Invalidator<i64>,
+    /// Each shard's change feed (none with `--no-change-feed`, or where a
+    /// shard cannot run one: a warning said why).
+    pub feeds: Vec<(Arc<str>, tower_scale::pg::feed::ChangeFeed)>,
 }
 
 /// One shard's nodes, before connecting.
@@ -111,7 +126,11 @@ pub async fn backend(args: &users::Args) -> Result<ShardedBackend, BoxError> {
             });
         }
     }
-    let mut builder = ShardedCluster::builder().read_all_timeout(Duration::from_secs(2));
+    // Entries of a slot that moves go when this instance learns of it.
+    let moved = MovedSlots::default();
+    let mut builder = ShardedCluster::builder()
+        .read_all_timeout(Duration::from_secs(2))
+        .on_slots_moved(moved.hook());
     let mut queues = Vec::new();
     for shard in nodes {
         let mut b = Cluster::builder()
@@ -169,6 +188,11 @@ pub async fn backend(args: &users::Args) -> Result<ShardedBackend, BoxError> {
     } else {
         ids
     };
+    let (users, invalidator) = users_shards_cache::build(&cluster, &moved)?;
+    let feeds = match args.no_change_feed {
+        true => Vec::new(),
+        false => change_feeds(&cluster, &invalidator).await,
+    };
     Ok(ShardedBackend {
         locals,
         cluster,
@@ -176,7 +200,47 @@ pub async fn backend(args: &users::Args) -> Result<ShardedBackend, BoxError> {
         lifetime,
         ids,
         queues,
+        users,
+        invalidator,
+        feeds,
     })
+}
+
+/// One change feed per shard for the users table: a row changed by any
+/// writer invalidates `user:{id}`, `TRUNCATE` or a schema change every
+/// entry read from that shard (`{shard}:users:*`), each at that shard's
+/// commit position. Shards that cannot run one get a warning, and their
+/// entries live until their TTL.
+async fn change_feeds(
+    cluster: &ShardedCluster,
+    invalidator: &Invalidator<i64>,
+) -> Vec<(Arc<str>, tower_scale::pg::feed::ChangeFeed)> {
+    use tower_scale::cache::Tag;
+    use tower_scale::pg::feed::Change;
+    let started = cluster
+        .change_feeds(|shard, feed| {
+            let whole = Tag::from(users_shards_cache::shard_whole_tag(shard));
+            feed.tables(["users"])
+                .publication("tower_scale_users")
+                .slot("tower_scale_users")
+                .invalidates(invalidator.clone())
+                .map_tags(move |change| match change {
+                    Change::Row {
+                        table: "users",
+                        key,
+                    } => vec![Tag::from(format!("user:{key}"))],
+                    Change::Whole { table: "users" } => vec![whole.clone()],
+                    _ => Vec::new(),
+                })
+        })
+        .await;
+    match started {
+        Ok(feeds) => feeds,
+        Err(e) => {
+            eprintln!("axum_users: warning: running without the change feeds: {e}");
+            Vec::new()
+        }
+    }
 }
 
 /// One welcome worker per shard, `slots` jobs at a time each (none for 0).
@@ -189,7 +253,8 @@ pub fn start_workers(
     }
     let mut handles = Vec::new();
     for (_, queue) in &backend.queues {
-        let worker = Worker::new(queue.clone(), users_app::Welcome::without_cache());
+        let welcome = users_app::Welcome::with_users(backend.invalidator.clone());
+        let worker = Worker::new(queue.clone(), welcome);
         handles.push(worker.concurrency(slots).start()?);
     }
     Ok(handles)
@@ -201,6 +266,8 @@ pub(crate) struct App {
     pub(crate) lifetime: Duration,
     pub(crate) ids: IdGenerator,
     pub(crate) queues: Vec<(Arc<str>, Queue)>,
+    pub(crate) users: ShardUserCache,
+    pub(crate) invalidator: Invalidator<i64>,
     pub(crate) metrics: metrics_exporter_prometheus::PrometheusHandle,
     pub(crate) admin_token: Option<String>,
 }
@@ -220,6 +287,8 @@ pub fn router(
         lifetime: backend.lifetime,
         ids: backend.ids.clone(),
         queues: backend.queues.clone(),
+        users: backend.users.clone(),
+        invalidator: backend.invalidator.clone(),
         metrics,
         admin_token,
     });
@@ -309,6 +378,18 @@ impl App {
         res
     }
 
+    /// After a write to user `id` on `shard` answered with `token`: the
+    /// cached reads of it go, at that shard's commit position (everything
+    /// now when the position is unknown).
+    fn invalidate_user(&self, id: i64, shard: &str, token: &ShardedToken) {
+        let version = match token.for_shard(shard_id(shard)) {
+            Consistency::ReadYourWrites(t) => t.version(),
+            _ => None,
+        };
+        self.invalidator
+            .invalidate_tag_at(format!("user:{id}"), version);
+    }
+
     /// `NAME/node` for `x-served-by`.
     fn served_by(shard: &str, node: &str) -> Option<HeaderValue> {
         HeaderValue::from_str(&format!("{shard}/{node}")).ok()
@@ -387,16 +468,21 @@ async fn create(
         let id = app.ids.next_id();
         match insert_and_enqueue(&app, id, &name).await {
             Err((_, Taken::Id)) if attempt < 2 => attempt += 1,
-            other => break other,
+            other => break other.map_err(|(res, taken)| (res, id, taken)),
         }
     };
-    match outcome.map_err(|(res, taken)| (res, taken.token())) {
+    match outcome.map_err(|(res, id, taken)| (res, taken.token().map(|t| (id, t)))) {
         Ok((user, shard, token)) => {
+            // A 404 for this id may be cached from before it existed.
+            app.invalidate_user(user.id, &shard, &token);
             let res = (StatusCode::CREATED, users_app::user_response(&user)).into_response();
             let res = users_app::served_by(res, app.primary_of(&shard));
             app.with_token(res, &headers, &token)
         }
-        Err((res, Some(unknown))) => app.with_token(res, &headers, &unknown),
+        Err((res, Some((id, unknown)))) => {
+            app.invalidator.invalidate_tag(format!("user:{id}"));
+            app.with_token(res, &headers, &unknown)
+        }
         Err((res, None)) => res,
     }
 }
@@ -508,24 +594,28 @@ async fn read(
     let Ok(Path(id)) = id else {
         return bad_id();
     };
-    let consistency = app.consistency(&headers);
-    let r = match within(
-        app.cluster
-            .read(&id, &consistency, users::USER_BY_ID, &[&id]),
-    )
-    .await
-    {
-        Ok(r) => r,
+    let read = ShardUserRead {
+        id,
+        consistency: app.consistency(&headers),
+        hot: false,
+    };
+    let user = match within(app.users.clone().oneshot(read)).await {
+        Ok(user) => user,
         Err(res) => return res,
     };
-    let mut res = match r.value.first().map(User::from_row) {
-        Some(Ok(u)) => users_app::user_response(&u),
-        Some(Err(e)) => return row_error(e),
+    // A hit reads the flag without writing it.
+    let by = if user.taken.load(Ordering::Acquire) || user.taken.swap(true, Ordering::SeqCst) {
+        Some(HeaderValue::from_static("cache"))
+    } else {
+        HeaderValue::from_str(&user.served_by).ok()
+    };
+    let mut res = match &user.row {
+        Some(u) => users_app::user_response(u),
         None => users_app::error(StatusCode::NOT_FOUND, "not found"),
     };
     res.headers_mut()
         .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    users_app::served_by(res, App::served_by(&r.shard, &r.served_by))
+    users_app::served_by(res, by)
 }
 
 /// `PUT /users/{id}` on the id's shard's primary.
@@ -548,6 +638,7 @@ async fn update(
         Ok(w) => w,
         Err(res) => return res,
     };
+    app.invalidate_user(id, &w.shard, &w.token);
     let res = match w.value.first().map(User::from_row) {
         Some(Ok(u)) => users_app::user_response(&u),
         Some(Err(e)) => return row_error(e),
@@ -571,6 +662,7 @@ async fn delete(
         Ok(w) => w,
         Err(res) => return res,
     };
+    app.invalidate_user(id, &w.shard, &w.token);
     let res = if w.value.is_empty() {
         users_app::error(StatusCode::NOT_FOUND, "not found")
     } else {

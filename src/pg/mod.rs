@@ -140,7 +140,7 @@ mod monitor;
 mod node;
 mod pool;
 mod query;
-mod route;
+pub(crate) mod route;
 mod session;
 #[cfg(all(
     feature = "change-feed",

@@ -18,7 +18,7 @@ use super::db::*;
 use super::session::*;
 
 /// A routing override a read may carry (crate-private: `DbCache` sets it
-/// on the fill of a hot key).
+/// on the fill of a hot key, `ShardedCluster::read_hot` on every read).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) enum RouteHint {
     /// Route by the consistency alone.
@@ -235,7 +235,7 @@ impl Db {
     }
 
     /// [`read`](Self::read) with a routing override.
-    pub(super) async fn read_hinted(
+    pub(crate) async fn read_hinted(
         &self,
         consistency: Consistency,
         hint: RouteHint,

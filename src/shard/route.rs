@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
+use crate::pg::route::RouteHint;
 use crate::pg::{Consistency, ConsistencyToken, Lsn, RouteReason, Transaction};
 
 use super::cluster::ShardedCluster;
@@ -314,6 +315,48 @@ impl ShardedCluster {
         sql: &str,
         params: Params<'_>,
     ) -> Result<ShardRead<Vec<Row>>, ShardError> {
+        self.read_hinted(key, consistency, RouteHint::None, sql, params)
+            .await
+    }
+
+    /// An [`Any`](ShardConsistency::Any) read of a hot key (for example
+    /// one of a cache's [`hot_keys`](crate::cache::CacheLayer::hot_keys),
+    /// from [`CachePolicy::on_hot_miss`](crate::cache::CachePolicy::on_hot_miss)):
+    /// on any healthy replica of the key's shard, also one lagging past
+    /// the lag budget (up to the shard's
+    /// [`hot_lag_max`](crate::pg::ClusterBuilder::hot_lag_max)), and on
+    /// the primary only when no replica qualifies
+    /// ([`RouteReason::HotKey`]). The fence and the retry on a moved slot
+    /// are [`read`](Self::read)'s.
+    ///
+    /// ```no_run
+    /// # async fn demo(sharded: tower_scale::shard::ShardedCluster) -> Result<(), tower_scale::shard::ShardError> {
+    /// let celebrity = 42_i64;
+    /// let r = sharded
+    ///     .read_hot(&celebrity, "SELECT name FROM users WHERE id = $1", &[&celebrity])
+    ///     .await?;
+    /// println!("{} rows from {}/{}", r.value.len(), r.shard, r.served_by);
+    /// # Ok(()) }
+    /// ```
+    pub async fn read_hot<K: ShardKey + ?Sized>(
+        &self,
+        key: &K,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<ShardRead<Vec<Row>>, ShardError> {
+        let any = ShardConsistency::Any;
+        self.read_hinted(key, &any, RouteHint::AnyHealthyReplica, sql, params)
+            .await
+    }
+
+    async fn read_hinted<K: ShardKey + ?Sized>(
+        &self,
+        key: &K,
+        consistency: &ShardConsistency,
+        hint: RouteHint,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<ShardRead<Vec<Row>>, ShardError> {
         self.catch_up_map(consistency.map_version()).await?;
         let slot = self.slot(key);
         // The fence's own parameter comes after the caller's: a statement
@@ -340,9 +383,11 @@ impl ShardedCluster {
             } else {
                 consistency.on_shard(shard.id)
             };
+            // The retry goes to the primary: no hint.
+            let hint = if retried { RouteHint::None } else { hint };
             let read = shard
                 .db
-                .read_query(c, &fenced_sql, &all)
+                .read_hinted(c, hint, &fenced_sql, &all)
                 .await
                 .map_err(|e| ShardError::db(&shard.name, e))?;
             match read.value.is_empty() {
