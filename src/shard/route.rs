@@ -374,22 +374,38 @@ impl ShardedCluster {
         all.extend_from_slice(params);
         all.push(&slot_param);
         let (mut index, version) = self.owner(slot).await?;
-        let mut retried = false;
+        let (mut retried, mut on_primary) = (false, false);
         let read = loop {
             let shard = &self.inner.shards[index];
             // The retry reads the owner's primary: a replica may lag the map.
-            let c = if retried {
+            let c = if retried || on_primary {
                 Consistency::Strong
             } else {
                 consistency.on_shard(shard.id)
             };
             // The retry goes to the primary: no hint.
-            let hint = if retried { RouteHint::None } else { hint };
-            let read = shard
-                .db
-                .read_hinted(c, hint, &fenced_sql, &all)
-                .await
-                .map_err(|e| ShardError::db(&shard.name, e))?;
+            let hint = if retried || on_primary {
+                RouteHint::None
+            } else {
+                hint
+            };
+            let read = match shard.db.read_hinted(c, hint, &fenced_sql, &all).await {
+                Ok(read) => read,
+                // A replica behind the creation of a table the read names
+                // (the ownership table just after the first start, the
+                // caller's table just after a migration) cannot answer:
+                // once more on the primary.
+                Err(e)
+                    if !on_primary
+                        && c != Consistency::Strong
+                        && e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) =>
+                {
+                    tracing::debug!(shard = %shard.name, error = %e, "read on the primary: a table is missing where it ran");
+                    on_primary = true;
+                    continue;
+                }
+                Err(e) => return Err(ShardError::db(&shard.name, e)),
+            };
             match read.value.is_empty() {
                 false => break read,
                 true if retried => return Err(self.moved(slot, index, version)),
