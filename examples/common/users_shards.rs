@@ -9,8 +9,11 @@
 //! The consistency token is a `ShardedToken` (a commit LSN per shard
 //! written), carried in the same cookie (`tower_scale_token`) and header
 //! (`x-consistency-token`) as the single-cluster token: a write answers
-//! with the client's token merged with its own, so a client that keeps the
-//! cookie reads its writes on every shard.
+//! with the client's token followed by its own (`ShardedToken::followed_by`:
+//! the write's position replaces the client's on its shard, an unknown one
+//! from a lost commit answer included), so a client that keeps the cookie
+//! reads its writes on every shard, and one failed commit does not pin a
+//! shard's reads to its primary for the cookie's lifetime.
 //!
 //! The welcome job lives on its user's shard: it is enqueued in the
 //! insert's shard transaction, and each shard has its own worker.
@@ -354,8 +357,10 @@ impl App {
         }
     }
 
-    /// The response carries `written` merged with the request's token, in
-    /// the cookie and the header (as `DbLayer` writes them).
+    /// The response carries the request's token followed by `written`
+    /// (its positions replace the request's on the shards it lists, an
+    /// unknown one included), in the cookie and the header (as `DbLayer`
+    /// writes them).
     fn with_token(
         &self,
         mut res: Response,
@@ -363,7 +368,7 @@ impl App {
         written: &ShardedToken,
     ) -> Response {
         let mut token = self.token_of(headers).unwrap_or_default();
-        token.merge(written);
+        token.followed_by(written);
         let encoded = self.codec.encode(&token);
         let cookie = format!(
             "{COOKIE_NAME}={encoded}; HttpOnly; SameSite=Lax; Path=/; Max-Age={}",
