@@ -58,12 +58,29 @@ pub(crate) type ReadSqlCache =
 const MAX_READ_SQL: usize = 256;
 
 impl Inner {
-    /// The fenced form of `sql` with `params` parameters of its own.
-    pub(crate) fn fenced_read(&self, sql: &str, params: usize) -> Arc<str> {
+    /// The fenced form of `sql` with `params` parameters of its own. A
+    /// statement is checked once, when first fenced (a refused one is
+    /// never kept): the statement check `Db` runs on every read
+    /// (`pg::route::check_pooled`), and that it names no parameter beyond
+    /// `params` (the fence's own, next, would bind it). `shard` names the
+    /// shard in a refusal.
+    pub(crate) fn fenced_read(
+        &self,
+        sql: &str,
+        params: usize,
+        shard: &Arc<str>,
+    ) -> Result<Arc<str>, ShardError> {
         if let Some((n, fenced)) = crate::sync::read(&self.read_sql).get(sql)
             && *n == params
         {
-            return Arc::clone(fenced);
+            return Ok(Arc::clone(fenced));
+        }
+        crate::pg::route::check_pooled(sql).map_err(|e| ShardError::db(shard, e))?;
+        let named = ownership::highest_placeholder(sql);
+        if named > params {
+            return Err(ShardError::Setup(format!(
+                "the statement uses ${named} but {params} parameters were given"
+            )));
         }
         let fenced: Arc<str> = ownership::fenced_read_sql(sql, params + 1).into();
         let mut cache = crate::sync::write(&self.read_sql);
@@ -71,7 +88,7 @@ impl Inner {
             cache.clear();
         }
         cache.insert(sql.into(), (params, Arc::clone(&fenced)));
-        fenced
+        Ok(fenced)
     }
 }
 

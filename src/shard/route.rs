@@ -12,7 +12,7 @@ use crate::pg::{Consistency, ConsistencyToken, Lsn, RouteReason, Transaction};
 
 use super::cluster::ShardedCluster;
 use super::error::ShardError;
-use super::ownership::{self, FENCE_SQL};
+use super::ownership::FENCE_SQL;
 use super::slot::ShardKey;
 use super::token::{ShardConsistency, ShardedToken};
 
@@ -359,21 +359,27 @@ impl ShardedCluster {
     ) -> Result<ShardRead<Vec<Row>>, ShardError> {
         self.catch_up_map(consistency.map_version()).await?;
         let slot = self.slot(key);
-        // The fence's own parameter comes after the caller's: a statement
-        // naming more than it was given would bind it.
-        let named = ownership::highest_placeholder(sql);
-        if named > params.len() {
-            return Err(ShardError::Setup(format!(
-                "the statement uses ${named} but {} parameters were given",
-                params.len()
-            )));
-        }
-        let fenced_sql = self.inner.fenced_read(sql, params.len());
-        let slot_param = i32::from(slot);
-        let mut all: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(params.len() + 1);
-        all.extend_from_slice(params);
-        all.push(&slot_param);
         let (mut index, version) = self.owner(slot).await?;
+        // Checked once, when first fenced: `read_checked` below.
+        let fenced_sql =
+            self.inner
+                .fenced_read(sql, params.len(), &self.inner.shards[index].name)?;
+        let slot_param = i32::from(slot);
+        // The caller's parameters and the slot's: on the stack up to 8.
+        let mut small: [&(dyn ToSql + Sync); 9] = [&slot_param; 9];
+        let mut large: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        let all: &[&(dyn ToSql + Sync)] = match small.get_mut(..params.len()) {
+            Some(head) if params.len() < 9 => {
+                head.copy_from_slice(params);
+                &small[..=params.len()]
+            }
+            _ => {
+                large.reserve_exact(params.len() + 1);
+                large.extend_from_slice(params);
+                large.push(&slot_param);
+                &large
+            }
+        };
         let (mut retried, mut on_primary) = (false, false);
         let read = loop {
             let shard = &self.inner.shards[index];
@@ -389,7 +395,7 @@ impl ShardedCluster {
             } else {
                 hint
             };
-            let read = match shard.db.read_hinted(c, hint, &fenced_sql, &all).await {
+            let read = match shard.db.read_checked(c, hint, &fenced_sql, all).await {
                 Ok(read) => read,
                 // A replica behind the creation of a table the read names
                 // (the ownership table just after the first start, the
