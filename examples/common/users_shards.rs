@@ -41,9 +41,8 @@ use tower::ServiceExt;
 
 use super::users::{self, BoxError, User, WelcomeJob};
 use super::users_app::{self, NameJson};
-use super::users_shards_cache::{self, MovedSlots, ShardUserCache, ShardUserRead};
+use super::users_shards_cache::{self, MovedSlots, ShardCaches, ShardUserRead};
 use super::users_shards_views;
-use tower_scale::cache::Invalidator;
 use tower_scale::ids::IdGenerator;
 use tower_scale::pg::{Cluster, Consistency, ConsistencyToken, NodeConfig, TokenCodec};
 use tower_scale::queue::{NewJob, Queue, QueueError, Worker, WorkerHandle};
@@ -74,9 +73,8 @@ pub struct ShardedBackend {
     pub ids: IdGenerator,
     /// Each shard's `welcome` queue, in the shards' order.
     pub queues: Vec<(Arc<str>, Queue)>,
-    /// The users cache and its invalidator.
-    pub users: ShardUserCache,
-    pub invalidator: Invalidator<i64>,
+    /// The users caches, one per shard.
+    pub users: Arc<ShardCaches>,
     /// Each shard's change feed (none with `--no-change-feed`, or where a
     /// shard cannot run one: a warning said why).
     pub feeds: Vec<(Arc<str>, tower_scale::pg::feed::ChangeFeed)>,
@@ -191,10 +189,10 @@ pub async fn backend(args: &users::Args) -> Result<ShardedBackend, BoxError> {
     } else {
         ids
     };
-    let (users, invalidator) = users_shards_cache::build(&cluster, &moved)?;
+    let users = Arc::new(users_shards_cache::build(&cluster, &moved)?);
     let feeds = match args.no_change_feed {
         true => Vec::new(),
-        false => change_feeds(&cluster, &invalidator).await,
+        false => change_feeds(&cluster, &users).await,
     };
     Ok(ShardedBackend {
         locals,
@@ -204,35 +202,35 @@ pub async fn backend(args: &users::Args) -> Result<ShardedBackend, BoxError> {
         ids,
         queues,
         users,
-        invalidator,
         feeds,
     })
 }
 
-/// One change feed per shard for the users table: a row changed by any
-/// writer invalidates `user:{id}`, `TRUNCATE` or a schema change every
-/// entry read from that shard (`{shard}:users:*`), each at that shard's
+/// One change feed per shard for the users table, each feeding its
+/// shard's cache: a row changed by any writer invalidates `user:{id}`,
+/// `TRUNCATE` or a schema change every entry (`users:*`), at that shard's
 /// commit position. Shards that cannot run one get a warning, and their
 /// entries live until their TTL.
 async fn change_feeds(
     cluster: &ShardedCluster,
-    invalidator: &Invalidator<i64>,
+    users: &ShardCaches,
 ) -> Vec<(Arc<str>, tower_scale::pg::feed::ChangeFeed)> {
     use tower_scale::cache::Tag;
     use tower_scale::pg::feed::Change;
     let started = cluster
-        .change_feeds(|shard, feed| {
-            let whole = Tag::from(users_shards_cache::shard_whole_tag(shard));
+        .change_feeds(|shard, mut feed| {
+            if let Some(invalidator) = users.invalidator(shard) {
+                feed = feed.invalidates(invalidator.clone());
+            }
             feed.tables(["users"])
                 .publication("tower_scale_users")
                 .slot("tower_scale_users")
-                .invalidates(invalidator.clone())
-                .map_tags(move |change| match change {
+                .map_tags(|change| match change {
                     Change::Row {
                         table: "users",
                         key,
                     } => vec![Tag::from(format!("user:{key}"))],
-                    Change::Whole { table: "users" } => vec![whole.clone()],
+                    Change::Whole { table: "users" } => vec![Tag::from(users::USERS_WHOLE)],
                     _ => Vec::new(),
                 })
         })
@@ -255,8 +253,12 @@ pub fn start_workers(
         return Ok(Vec::new());
     }
     let mut handles = Vec::new();
-    for (_, queue) in &backend.queues {
-        let welcome = users_app::Welcome::with_users(backend.invalidator.clone());
+    for (shard, queue) in &backend.queues {
+        let invalidator = backend
+            .users
+            .invalidator(shard)
+            .ok_or_else(|| format!("no users cache for {shard}"))?;
+        let welcome = users_app::Welcome::with_users(invalidator.clone());
         let worker = Worker::new(queue.clone(), welcome);
         handles.push(worker.concurrency(slots).start()?);
     }
@@ -269,8 +271,7 @@ pub(crate) struct App {
     pub(crate) lifetime: Duration,
     pub(crate) ids: IdGenerator,
     pub(crate) queues: Vec<(Arc<str>, Queue)>,
-    pub(crate) users: ShardUserCache,
-    pub(crate) invalidator: Invalidator<i64>,
+    pub(crate) users: Arc<ShardCaches>,
     pub(crate) metrics: metrics_exporter_prometheus::PrometheusHandle,
     pub(crate) admin_token: Option<String>,
 }
@@ -290,8 +291,7 @@ pub fn router(
         lifetime: backend.lifetime,
         ids: backend.ids.clone(),
         queues: backend.queues.clone(),
-        users: backend.users.clone(),
-        invalidator: backend.invalidator.clone(),
+        users: Arc::clone(&backend.users),
         metrics,
         admin_token,
     });
@@ -391,8 +391,50 @@ impl App {
             Consistency::ReadYourWrites(t) => t.version(),
             _ => None,
         };
-        self.invalidator
-            .invalidate_tag_at(format!("user:{id}"), version);
+        match (self.users.invalidator(shard), version) {
+            (Some(invalidator), Some(_)) => {
+                invalidator.invalidate_tag_at(format!("user:{id}"), version);
+            }
+            _ => self.users.forget(id),
+        }
+    }
+
+    /// `sql` on user `id`'s shard within [`REQUEST_DEADLINE`]. A failure
+    /// that may have committed (an error after the commit was sent, or no
+    /// answer in time) drops the id's cached reads now and answers with a
+    /// token that sends the client's reads of that shard to its primary.
+    async fn write_user(
+        &self,
+        headers: &HeaderMap,
+        id: i64,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<tower_scale::shard::ShardWritten<Vec<tokio_postgres::Row>>, Response> {
+        let (res, maybe) = match tokio::time::timeout(
+            REQUEST_DEADLINE,
+            self.cluster.write(&id, sql, params),
+        )
+        .await
+        {
+            Ok(Ok(w)) => return Ok(w),
+            Ok(Err(e)) => {
+                let maybe = e.may_have_committed();
+                (shard_error(e), maybe)
+            }
+            Err(_) => (unavailable(), true),
+        };
+        if !maybe {
+            return Err(res);
+        }
+        self.users.forget(id);
+        match self.cluster.shard_for(&id).and_then(|shard| {
+            self.cluster
+                .token_for(&shard, ConsistencyToken::unknown())
+                .ok()
+        }) {
+            Some(unknown) => Err(self.with_token(res, headers, &unknown)),
+            None => Err(res),
+        }
     }
 
     /// `NAME/node` for `x-served-by`.
@@ -485,7 +527,7 @@ async fn create(
             app.with_token(res, &headers, &token)
         }
         Err((res, Some((id, unknown)))) => {
-            app.invalidator.invalidate_tag(format!("user:{id}"));
+            app.users.forget(id);
             app.with_token(res, &headers, &unknown)
         }
         Err((res, None)) => res,
@@ -604,7 +646,12 @@ async fn read(
         consistency: app.consistency(&headers),
         hot: false,
     };
-    let user = match within(app.users.clone().oneshot(read)).await {
+    // The cache of the id's shard; none while its slot has no owner.
+    let user = match app.users.for_id(id) {
+        Some(cache) => within(cache.clone().oneshot(read)).await,
+        None => within(app.users.uncached().oneshot(read)).await,
+    };
+    let user = match user {
         Ok(user) => user,
         Err(res) => return res,
     };
@@ -639,7 +686,7 @@ async fn update(
     };
     let sql =
         "UPDATE users SET name = $1 WHERE id = $2 RETURNING id, name, welcomed_at IS NOT NULL";
-    let w = match within(app.cluster.write(&id, sql, &[&name, &id])).await {
+    let w = match app.write_user(&headers, id, sql, &[&name, &id]).await {
         Ok(w) => w,
         Err(res) => return res,
     };
@@ -663,7 +710,7 @@ async fn delete(
         return bad_id();
     };
     let sql = "DELETE FROM users WHERE id = $1 RETURNING id";
-    let w = match within(app.cluster.write(&id, sql, &[&id])).await {
+    let w = match app.write_user(&headers, id, sql, &[&id]).await {
         Ok(w) => w,
         Err(res) => return res,
     };

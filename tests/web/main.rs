@@ -12,6 +12,7 @@ mod jobs;
 mod layer;
 #[cfg(feature = "shard")]
 mod shards;
+mod shards_cache;
 
 // In-process for `jobs`, where a test decides when the worker starts.
 #[cfg(all(feature = "queue", feature = "change-feed", feature = "shard"))]

@@ -185,7 +185,11 @@ async fn two_shards_spread_list_in_order_and_show_their_slots() {
     assert_eq!(r.body["name"], "cached-rename", "{}", r.served_by);
     let mut anonymous = Client2::new(false);
     let (mut served, mut round) = (BTreeMap::new(), 0);
-    let gauge = "tower_scale_cache_hot_key_hits{cache=\"users\",rank=\"1\"}";
+    // One cache per shard: `users/shard-1`, `users/shard-2`.
+    let gauge = |l: &str| {
+        l.starts_with("tower_scale_cache_hot_key_hits{cache=\"users/shard-")
+            && l.contains("rank=\"1\"}")
+    };
     common::until(
         "the hot id ranks first in the gauges (200 reads or more)",
         Duration::from_secs(20),
@@ -207,8 +211,8 @@ async fn two_shards_spread_list_in_order_and_show_their_slots() {
             let m = crate::get_text(addr, "/metrics").await;
             // Its estimated reads: every other id was read a few times.
             m.lines()
-                .filter_map(|l| l.strip_prefix(gauge))
-                .filter_map(|v| v.trim().parse::<f64>().ok())
+                .filter(|l| gauge(l))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                 .any(|reads| reads >= 200.0)
         },
     )
