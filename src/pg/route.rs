@@ -252,6 +252,12 @@ impl Db {
         self.read_checked(consistency, hint, sql, params).await
     }
 
+    /// Whether reads that no replica can serve may go to the primary
+    /// ([`ClusterBuilder::fallback_to_primary`](super::ClusterBuilder::fallback_to_primary)).
+    pub(crate) fn falls_back_to_primary(&self) -> bool {
+        self.inner.options.fallback_to_primary
+    }
+
     /// [`read_hinted`](Self::read_hinted) of a statement the caller has
     /// passed through [`check_pooled`] (or built itself around one that
     /// did): `ShardedCluster` checks a statement once, when it first

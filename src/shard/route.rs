@@ -400,10 +400,11 @@ impl ShardedCluster {
                 // A replica behind the creation of a table the read names
                 // (the ownership table just after the first start, the
                 // caller's table just after a migration) cannot answer:
-                // once more on the primary.
+                // once more on the primary, if reads may fall back to it.
                 Err(e)
                     if !on_primary
                         && c != Consistency::Strong
+                        && shard.db.falls_back_to_primary()
                         && e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) =>
                 {
                     tracing::debug!(shard = %shard.name, error = %e, "read on the primary: a table is missing where it ran");

@@ -317,6 +317,21 @@ async fn a_hot_read_stays_on_a_replica_past_the_lag_budget() {
         assert!(hot.served_by.ends_with("-primary"), "{}", hot.served_by);
         assert_eq!(hot.value[0].get::<_, String>(0), "hot");
     }
+    // Unless reads may not fall back to the primary: then the replica's
+    // error is the answer.
+    let strict = crate::sharded(&locals, "hot", |b| b.fallback_to_primary(false), |b| b).await;
+    let err = strict
+        .read_hot(&keys[0], sql, &[&keys[0]])
+        .await
+        .unwrap_err();
+    let ShardError::Db { source, .. } = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(
+        source.code(),
+        Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE),
+        "the replica's missing table: {err}"
+    );
     replay(false).await;
     for local in &locals {
         local.wait_for_replicas(DEADLINE).await.unwrap();
