@@ -75,6 +75,9 @@ pub struct ShardedBackend {
     pub queues: Vec<(Arc<str>, Queue)>,
     /// The users caches, one per shard.
     pub users: Arc<ShardCaches>,
+    /// The session holding this instance's `--instance-id` (see
+    /// `claim_instance_id`); the claim goes with it.
+    pub claim: tokio_postgres::Client,
     /// Each shard's change feed (none with `--no-change-feed`, or where a
     /// shard cannot run one: a warning said why).
     pub feeds: Vec<(Arc<str>, tower_scale::pg::feed::ChangeFeed)>,
@@ -84,7 +87,65 @@ pub struct ShardedBackend {
 struct ShardNodes {
     name: String,
     primary: NodeConfig,
+    /// The primary's connection settings (for the instance id's claim).
+    primary_config: tokio_postgres::Config,
     replicas: Vec<NodeConfig>,
+}
+
+/// The advisory lock key of instance id `id` (`tsuser` and the id).
+fn claim_key(id: u16) -> i64 {
+    0x7473_7573_6572_0000 | i64::from(id)
+}
+
+/// Claims `--instance-id` for this process: a session advisory lock on
+/// the primary of the shard whose name sorts first, held for the
+/// process's life (the returned client). Another instance holding it
+/// (two instances given one id would make the same ids) refuses the
+/// start. The session asks the server to probe the connection every few
+/// seconds, so a claim whose process died with its host frees within
+/// about 25 s (a restart in between is refused: retry it).
+async fn claim_instance_id(
+    primary: &tokio_postgres::Config,
+    shard: &str,
+    id: u16,
+) -> Result<tokio_postgres::Client, BoxError> {
+    let connect = primary.connect(tokio_postgres::NoTls);
+    let (client, connection) = tokio::time::timeout(Duration::from_secs(5), connect)
+        .await
+        .map_err(|_| {
+            format!("claiming --instance-id {id} on {shard}: no connection within 5 s")
+        })??;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            eprintln!(
+                "axum_users: warning: the claim of --instance-id {id} is lost ({e}): \
+                 another instance may take the id (an insert refused for a taken id retries)"
+            );
+        }
+    });
+    let claimed = tokio::time::timeout(Duration::from_secs(5), async {
+        client
+            .batch_execute(
+                "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; \
+                 SET tcp_keepalives_count = 3",
+            )
+            .await?;
+        let row = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&claim_key(id)])
+            .await?;
+        row.try_get::<_, bool>(0)
+    })
+    .await
+    .map_err(|_| format!("claiming --instance-id {id} on {shard}: no answer within 5 s"))??;
+    if !claimed {
+        return Err(format!(
+            "--instance-id {id} is in use by another instance on these shards \
+             (each instance sharing shards needs its own id; a stopped one frees it \
+             within about 25 s)"
+        )
+        .into());
+    }
+    Ok(client)
 }
 
 /// Starts (`--shards N`) or connects to (`--shard ...`) the shards, makes
@@ -107,6 +168,7 @@ pub async fn backend(args: &users::Args) -> Result<ShardedBackend, BoxError> {
             nodes.push(ShardNodes {
                 name: format!("shard-{}", i + 1),
                 primary: NodeConfig::new(l.primary().config()),
+                primary_config: l.primary().config(),
                 replicas: l
                     .replicas()
                     .iter()
@@ -119,6 +181,10 @@ pub async fn backend(args: &users::Args) -> Result<ShardedBackend, BoxError> {
             nodes.push(ShardNodes {
                 name: flag.name.clone(),
                 primary: NodeConfig::from_url(&flag.primary)?,
+                primary_config: flag
+                    .primary
+                    .parse()
+                    .map_err(|e| format!("--shard {}: {e}", flag.name))?,
                 replicas: flag
                     .replicas
                     .iter()
@@ -127,6 +193,11 @@ pub async fn backend(args: &users::Args) -> Result<ShardedBackend, BoxError> {
             });
         }
     }
+    // The instance id first: nothing is set up under a taken one.
+    let Some(first) = nodes.iter().min_by(|a, b| a.name.cmp(&b.name)) else {
+        return Err("no shards".into());
+    };
+    let claim = claim_instance_id(&first.primary_config, &first.name, s.instance_id).await?;
     // Entries of a slot that moves go when this instance learns of it.
     let moved = MovedSlots::default();
     let mut builder = ShardedCluster::builder()
@@ -202,6 +273,7 @@ pub async fn backend(args: &users::Args) -> Result<ShardedBackend, BoxError> {
         ids,
         queues,
         users,
+        claim,
         feeds,
     })
 }
@@ -507,9 +579,10 @@ async fn create(
         Ok(n) => n,
         Err(message) => return users_app::error(StatusCode::BAD_REQUEST, message),
     };
-    // An id taken already (another instance given the same
-    // `--instance-id`, in the same millisecond) gets a fresh one: the
-    // insert refused it, nothing was written.
+    // An id taken already (the instance's claim of its `--instance-id`
+    // lost to a network failure and the id taken by another instance, in
+    // the same millisecond) gets a fresh one: the insert refused it,
+    // nothing was written.
     let mut attempt = 0;
     let outcome = loop {
         let id = app.ids.next_id();
