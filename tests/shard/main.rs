@@ -23,6 +23,7 @@ mod hostile;
 mod metrics;
 mod reads;
 mod routing;
+mod versions;
 
 pub(crate) use common::until;
 
