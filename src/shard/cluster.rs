@@ -39,6 +39,14 @@ pub(crate) struct Inner {
     pub(crate) metrics: Metrics,
     /// Fenced forms of the read statements seen, by their text.
     pub(crate) read_sql: RwLock<ReadSqlCache>,
+    /// Cancelled when the last handle goes: stops the map listeners.
+    pub(crate) closed: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.closed.cancel();
+    }
 }
 
 /// The sharded cluster's series, registered at build (label `cluster`:
@@ -55,42 +63,7 @@ pub(crate) type ReadSqlCache =
 
 /// At most this many fenced statements are kept (then the cache starts
 /// over: SQL text built per request must not grow it for ever).
-const MAX_READ_SQL: usize = 256;
-
-impl Inner {
-    /// The fenced form of `sql` with `params` parameters of its own. A
-    /// statement is checked once, when first fenced (a refused one is
-    /// never kept): the statement check `Db` runs on every read
-    /// (`pg::route::check_pooled`), and that it names no parameter beyond
-    /// `params` (the fence's own, next, would bind it). `shard` names the
-    /// shard in a refusal.
-    pub(crate) fn fenced_read(
-        &self,
-        sql: &str,
-        params: usize,
-        shard: &Arc<str>,
-    ) -> Result<Arc<str>, ShardError> {
-        if let Some((n, fenced)) = crate::sync::read(&self.read_sql).get(sql)
-            && *n == params
-        {
-            return Ok(Arc::clone(fenced));
-        }
-        crate::pg::route::check_pooled(sql).map_err(|e| ShardError::db(shard, e))?;
-        let named = ownership::highest_placeholder(sql);
-        if named > params {
-            return Err(ShardError::Setup(format!(
-                "the statement uses ${named} but {params} parameters were given"
-            )));
-        }
-        let fenced: Arc<str> = ownership::fenced_read_sql(sql, params + 1).into();
-        let mut cache = crate::sync::write(&self.read_sql);
-        if cache.len() >= MAX_READ_SQL {
-            cache.clear();
-        }
-        cache.insert(sql.into(), (params, Arc::clone(&fenced)));
-        Ok(fenced)
-    }
-}
+pub(crate) const MAX_READ_SQL: usize = 256;
 
 /// Several [`Cluster`]s (shards), each a primary with its replicas, behind
 /// one handle that routes by a shard key.
@@ -146,6 +119,7 @@ pub struct ShardedClusterBuilder {
     moved_wait: Duration,
     read_all_timeout: Option<Duration>,
     on_moved: Vec<SlotsMoved>,
+    watch_map: bool,
 }
 
 impl fmt::Debug for ShardedClusterBuilder {
@@ -231,6 +205,17 @@ impl ShardedClusterBuilder {
         self
     }
 
+    /// Listens for map announcements on every shard's primary (default:
+    /// on; see [`CHANNEL`](super::CHANNEL)): a move made by another
+    /// instance reaches this one's map, and its `on_slots_moved` hooks,
+    /// within a notification's delay. Off, this instance learns of moves
+    /// when a shard refuses one of its requests or a token was routed by a
+    /// newer map.
+    pub fn watch_map(mut self, on: bool) -> Self {
+        self.watch_map = on;
+        self
+    }
+
     /// Checks the configuration, creates the ownership tables where
     /// missing, writes the initial map if no shard owns any slot, and
     /// reads the map.
@@ -294,6 +279,7 @@ impl ShardedClusterBuilder {
                 on_moved: self.on_moved,
                 metrics,
                 read_sql: RwLock::new(ReadSqlCache::default()),
+                closed: tokio_util::sync::CancellationToken::new(),
             }),
         };
         for shard in &sharded.inner.shards {
@@ -346,6 +332,9 @@ impl ShardedClusterBuilder {
         // It wrote nothing: however it ends, the lock goes with it.
         let _ = serial.rollback().await;
         sharded.refresh().await?;
+        if self.watch_map {
+            super::watch::start(&sharded, &sharded.inner.closed);
+        }
         Ok(sharded)
     }
 }
@@ -362,6 +351,7 @@ impl ShardedCluster {
             moved_wait: Duration::from_secs(2),
             read_all_timeout: None,
             on_moved: Vec::new(),
+            watch_map: true,
         }
     }
 

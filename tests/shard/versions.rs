@@ -21,7 +21,8 @@ async fn give(mover: &ShardedCluster, slot: u16, to: &str) -> u64 {
 async fn a_write_through_a_stale_map_carries_the_fence_rows_version() {
     let locals = shared();
     database(&locals, "versions").await;
-    let stale = sharded(&locals, "versions", |b| b, |b| b).await;
+    // Not listening for announcements: its map stays stale.
+    let stale = sharded(&locals, "versions", |b| b, |b| b.watch_map(false)).await;
     let mover = sharded(&locals, "versions", |b| b, |b| b).await;
     let key = (1i64..)
         .find(|k| stale.shard_for(k).as_deref() == Some("shard-1"))
@@ -31,7 +32,7 @@ async fn a_write_through_a_stale_map_carries_the_fence_rows_version() {
     // Away and back: the slot's owner is the one the stale map names, at
     // two versions later.
     give(&mover, slot, "shard-2").await;
-    let middle = sharded(&locals, "versions", |b| b, |b| b).await;
+    let middle = sharded(&locals, "versions", |b| b, |b| b.watch_map(false)).await;
     assert_eq!(middle.map().owner(slot), Some("shard-2"));
     let back = give(&mover, slot, "shard-1").await;
     assert_eq!(back, first + 2);
@@ -67,4 +68,65 @@ async fn a_write_through_a_stale_map_carries_the_fence_rows_version() {
     assert_eq!(&*r.shard, "shard-1");
     assert_eq!(r.value[0].get::<_, String>(0), "back");
     assert_eq!(middle.map().version(), back, "refreshed by the token");
+}
+
+/// The fan-out: an instance that did not make the move sees the new map
+/// (and its hook fires) within a notification's delay of the move's
+/// commit, without a request of its own; one with the fan-out off keeps
+/// its map until a shard refuses its write, then lands on the new owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_instance_hears_a_move_and_one_not_listening_learns_by_a_refusal() {
+    let locals = shared();
+    database(&locals, "fanout").await;
+    let heard = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let hook = std::sync::Arc::clone(&heard);
+    let listening = sharded(
+        &locals,
+        "fanout",
+        |b| b,
+        move |b| b.on_slots_moved(move |slots| hook.lock().unwrap().extend_from_slice(slots)),
+    )
+    .await;
+    let deaf = sharded(&locals, "fanout", |b| b, |b| b.watch_map(false)).await;
+    let mover = sharded(&locals, "fanout", |b| b, |b| b).await;
+    let key = (1i64..)
+        .find(|k| mover.shard_for(k).as_deref() == Some("shard-1"))
+        .unwrap();
+    let slot = mover.slot(&key);
+    let before = listening.map().version();
+    let started = std::time::Instant::now();
+    let version = give(&mover, slot, "shard-2").await;
+    let moved = started.elapsed();
+    crate::until(
+        "the listening instance's map",
+        crate::DEADLINE,
+        async || listening.map().version() >= version,
+    )
+    .await;
+    eprintln!(
+        "map version {before} -> {version}: the move took {moved:?} (its commits and its own \
+         refresh); the other instance had the new map {:?} after the move began",
+        started.elapsed()
+    );
+    assert_eq!(listening.map().owner(slot), Some("shard-2"));
+    assert!(heard.lock().unwrap().contains(&slot), "the hook fired");
+    assert_eq!(
+        deaf.map().version(),
+        before,
+        "not listening: still the old map"
+    );
+    let slot_i = i32::from(slot);
+    let w = deaf
+        .write(
+            &key,
+            "INSERT INTO items (id, slot, name) VALUES ($1, $2, 'moved')",
+            &[&key, &slot_i],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        &*w.shard, "shard-2",
+        "refused by shard-1, retried on shard-2"
+    );
+    assert_eq!(deaf.map().version(), version);
 }
