@@ -194,7 +194,9 @@ impl ShardedClusterBuilder {
     }
 
     /// Called with the slots whose owner changed whenever this instance
-    /// learns of a move: invalidate cache entries tagged
+    /// learns of a move (a slot released and not yet claimed counts, and
+    /// again when claimed; one moved away and back counts): invalidate
+    /// cache entries tagged
     /// [`slot_tag`](super::slot_tag) there (without a version: the new
     /// owner's positions are another WAL's; an [`Invalidator`](crate::cache::Invalidator)
     /// also keeps out fills that began before it). It runs right after the
@@ -493,10 +495,13 @@ impl ShardedCluster {
         };
         let changed = old.changed_slots(&fresh);
         if old.version() != 0 && !changed.is_empty() {
-            self.inner
-                .metrics
-                .slots_moved
-                .increment(changed.len() as u64);
+            // Counted when given to their new owner, not when released (a
+            // move's two commits can be seen apart).
+            let given = changed
+                .iter()
+                .filter(|&&s| fresh.owner(s).is_some())
+                .count();
+            self.inner.metrics.slots_moved.increment(given as u64);
             for hook in &self.inner.on_moved {
                 hook(&changed);
             }

@@ -84,7 +84,10 @@ async fn listen_to(inner: Weak<Inner>, index: usize, closed: CancellationToken) 
                 };
                 let sharded = ShardedCluster { inner };
                 let seen = sharded.map().version();
-                if (version == 0 || version > seen)
+                // At the version seen too: a move announces its version
+                // twice, at the old owner's release (the range then has no
+                // owner) and at the new owner's claim.
+                if (version == 0 || version >= seen)
                     && let Err(e) = sharded.refresh_if_not_newer(seen).await
                 {
                     tracing::debug!(error = %e, "shard map: refresh after an announcement failed");
