@@ -39,6 +39,13 @@ pub(crate) struct Inner {
     pub(crate) metrics: Metrics,
     /// Fenced forms of the read statements seen, by their text.
     pub(crate) read_sql: RwLock<ReadSqlCache>,
+    /// The declared sharded tables, as the shards' catalogs describe them.
+    pub(crate) tables: Vec<super::tables::TableSpec>,
+    /// The tables named as staying on their shard.
+    pub(crate) local_tables: Vec<String>,
+    /// The moves this instance runs (id, range): overlapping ones refused.
+    #[cfg(feature = "reshard")]
+    pub(crate) running_moves: std::sync::Mutex<Vec<(String, SlotRange)>>,
 }
 
 /// The sharded cluster's series, registered at build (label `cluster`:
@@ -129,6 +136,7 @@ pub struct ShardedClusterBuilder {
     moved_wait: Duration,
     read_all_timeout: Option<Duration>,
     on_moved: Vec<SlotsMoved>,
+    pub(super) declared: super::tables::Declared,
 }
 
 impl fmt::Debug for ShardedClusterBuilder {
@@ -263,6 +271,11 @@ impl ShardedClusterBuilder {
                 cluster,
             })
             .collect();
+        let dbs: Vec<(Arc<str>, Db)> = shards
+            .iter()
+            .map(|s| (Arc::clone(&s.name), s.db.clone()))
+            .collect();
+        let tables = super::tables::describe_all(&dbs, &self.declared).await?;
         let names: Vec<Arc<str>> = shards.iter().map(|s| Arc::clone(&s.name)).collect();
         let empty = SlotMap::from_owned(0, self.slots, names, &[]);
         let sharded = ShardedCluster {
@@ -277,6 +290,10 @@ impl ShardedClusterBuilder {
                 on_moved: self.on_moved,
                 metrics,
                 read_sql: RwLock::new(ReadSqlCache::default()),
+                tables,
+                local_tables: self.declared.local,
+                #[cfg(feature = "reshard")]
+                running_moves: std::sync::Mutex::new(Vec::new()),
             }),
         };
         for shard in &sharded.inner.shards {
@@ -345,6 +362,7 @@ impl ShardedCluster {
             moved_wait: Duration::from_secs(2),
             read_all_timeout: None,
             on_moved: Vec::new(),
+            declared: super::tables::Declared::default(),
         }
     }
 

@@ -87,8 +87,12 @@ mod feed;
 mod map;
 mod moves;
 mod ownership;
+#[cfg(feature = "reshard")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reshard")))]
+pub mod reshard;
 mod route;
 mod slot;
+mod tables;
 mod token;
 
 pub use self::all::{AllRows, ShardRows, merge_sorted};
@@ -97,6 +101,7 @@ pub use self::error::ShardError;
 pub use self::map::{SlotMap, SlotRange};
 pub use self::moves::SlotMove;
 pub use self::route::{ShardRead, ShardTransaction, ShardWritten};
+pub use self::tables::KeyType;
 pub use self::slot::{DEFAULT_SLOTS, MAX_SLOTS, ShardKey, crc32, slot_of};
 pub use self::token::{
     MAX_TOKEN_LEN, MAX_TOKEN_SHARDS, ShardConsistency, ShardedToken, ShardedTokenCodec, shard_id,

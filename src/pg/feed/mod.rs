@@ -94,7 +94,7 @@
 //!   with `sslmode=require` is refused ([`FeedError::Tls`]).
 
 mod apply;
-mod pgoutput;
+pub(crate) mod pgoutput;
 mod run;
 mod setup;
 mod sink;
@@ -110,6 +110,8 @@ use super::lsn::Lsn;
 use crate::cache::{Invalidator, Tag};
 use sink::Sink;
 pub use tags::Change;
+#[cfg(feature = "reshard")]
+pub(crate) use run::primary_replication_config;
 
 /// Which tables the feed publishes.
 #[derive(Debug, Clone, PartialEq, Eq)]
