@@ -223,6 +223,17 @@ impl MoveHandle {
         self.progress.clone()
     }
 
+    /// Stops the move's task where it is, as if its process had died: the
+    /// replication session (and its temporary slot) ends, the map is
+    /// unchanged unless the cutover had committed, the target's partial
+    /// copy stays marked by the move's record until
+    /// [`resume_move`](super::super::ShardedCluster::resume_move) or
+    /// [`rollback_move`](super::super::ShardedCluster::rollback_move).
+    pub async fn abort(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+
     /// Waits for the move to end.
     pub async fn wait(self) -> Result<MoveReport, ShardError> {
         match self.task.await {

@@ -1,0 +1,388 @@
+//! Online resharding against real servers: half of shard-1's slots and
+//! their rows moved to shard-2 under a write load, and a move stopped
+//! mid-copy, rolled back, then resumed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tower_scale::shard::reshard::{MoveOptions, MovePhase};
+use tower_scale::shard::{DEFAULT_SLOTS, ShardedCluster, SlotRange, slot_of};
+
+use crate::{DEADLINE, client, database, sharded, shared, until};
+
+/// shard-1 owns 0..=2047 (the even split by name); this is its upper half.
+const MOVING: SlotRange = SlotRange {
+    first: 1024,
+    last: 2047,
+};
+
+fn slot(key: i64) -> u16 {
+    slot_of(&key, DEFAULT_SLOTS)
+}
+
+fn moving(key: i64) -> bool {
+    MOVING.slots().contains(&slot(key))
+}
+
+/// `n` keys from `from` on whose slot shard-1 owns (0..=2047).
+fn shard1_keys(from: i64, n: usize) -> Vec<i64> {
+    (from..).filter(|k| slot(*k) < 2048).take(n).collect()
+}
+
+/// Loads `keys` into shard-1's `items` directly (one statement).
+async fn preload(c: &tokio_postgres::Client, keys: &[i64]) {
+    let slots: Vec<i32> = keys.iter().map(|k| i32::from(slot(*k))).collect();
+    let names: Vec<String> = keys.iter().map(|k| format!("pre-{k}")).collect();
+    c.execute(
+        "INSERT INTO items (id, slot, name) SELECT * FROM unnest($1::int8[], $2::int4[], $3::text[])",
+        &[&keys, &slots, &names],
+    )
+    .await
+    .expect("preload");
+}
+
+/// The rows of `items` on a shard: id → name.
+async fn rows(c: &tokio_postgres::Client) -> HashMap<i64, String> {
+    c.query("SELECT id, name FROM items", &[])
+        .await
+        .expect("rows")
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Polls until shard `c` has no replication slot or publication of a move.
+async fn no_move_slots(c: &tokio_postgres::Client) {
+    until("the move's slot and publication dropped", DEADLINE, async || {
+        let n: i64 = c
+            .query_one(
+                "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'tower\\_scale\\_move\\_%') \
+                 + (SELECT count(*) FROM pg_publication WHERE pubname LIKE 'tower\\_scale\\_move\\_%')",
+                &[],
+            )
+            .await
+            .expect("slots")
+            .get(0);
+        n == 0
+    })
+    .await;
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// One load task: inserts new keys and updates its own keys (those of
+/// `owned`), all of them sequentially, recording the last acknowledged
+/// name of each key and each operation's (start, latency).
+async fn load_task(
+    sharded: ShardedCluster,
+    task: i64,
+    mut owned: Vec<i64>,
+    stop: Arc<AtomicBool>,
+    errors: Arc<AtomicU64>,
+    done: Arc<AtomicU64>,
+) -> (HashMap<i64, String>, Vec<(Instant, Duration)>) {
+    let mut expected = HashMap::new();
+    let mut ops = Vec::new();
+    let mut fresh = (1_000_000 + task * 100_000..).filter(|k| moving(*k));
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let name = format!("t{task}-{n}");
+        let start = Instant::now();
+        let result = if n % 2 == 0 || owned.is_empty() {
+            let Some(key) = fresh.next() else { break };
+            let s = i32::from(slot(key));
+            let r = sharded
+                .write(
+                    &key,
+                    "INSERT INTO items (id, slot, name) VALUES ($1, $2, $3) RETURNING id",
+                    &[&key, &s, &name],
+                )
+                .await;
+            if r.is_ok() {
+                owned.push(key);
+            }
+            r.map(|w| (key, w.value.len()))
+        } else {
+            let key = owned[(n as usize / 2) % owned.len()];
+            sharded
+                .write(
+                    &key,
+                    "UPDATE items SET name = $2 WHERE id = $1 RETURNING id",
+                    &[&key, &name],
+                )
+                .await
+                .map(|w| (key, w.value.len()))
+        };
+        ops.push((start, start.elapsed()));
+        done.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok((key, 1)) => {
+                expected.insert(key, name);
+            }
+            Ok((key, found)) => {
+                eprintln!("task {task}: key {key} touched {found} rows");
+                errors.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                eprintln!("task {task}: {e}");
+                errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    (expected, ops)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn half_of_a_shard_moves_under_write_load_losing_nothing() {
+    let locals = shared();
+    database(&locals, "reshard_load").await;
+    let sharded = sharded(&locals, "reshard_load", |b| b, |b| b.table("items", "id")).await;
+    let clients = [
+        client(&locals[0], "reshard_load").await,
+        client(&locals[1], "reshard_load").await,
+    ];
+    let preloaded = shard1_keys(1, 6_000);
+    preload(&clients[0], &preloaded).await;
+    let mut expected: HashMap<i64, String> =
+        preloaded.iter().map(|k| (*k, format!("pre-{k}"))).collect();
+
+    // 8 tasks, each updating its own eighth of the preloaded moving keys
+    // and inserting new moving keys.
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..8i64)
+        .map(|t| {
+            let owned: Vec<i64> = preloaded
+                .iter()
+                .copied()
+                .filter(|k| moving(*k) && k.rem_euclid(8) == t)
+                .collect();
+            tokio::spawn(load_task(
+                sharded.clone(),
+                t,
+                owned,
+                Arc::clone(&stop),
+                Arc::clone(&errors),
+                Arc::clone(&done),
+            ))
+        })
+        .collect();
+    until("the load runs", DEADLINE, async || done.load(Ordering::Relaxed) >= 200).await;
+
+    let move_started = Instant::now();
+    let handle = sharded
+        .move_slots_with(MOVING, "shard-2", MoveOptions::default().copy_rate(8_000))
+        .await
+        .expect("move starts");
+    let id = handle.id().to_owned();
+    let mut progress = handle.subscribe();
+    let watcher = tokio::spawn(async move {
+        let mut phases = vec![progress.borrow().phase];
+        while progress.changed().await.is_ok() {
+            let p = progress.borrow().phase;
+            if phases.last() != Some(&p) {
+                phases.push(p);
+            }
+        }
+        phases
+    });
+    let report = tokio::time::timeout(Duration::from_secs(60), handle.wait())
+        .await
+        .expect("the move ends within 60 s")
+        .expect("the move succeeds");
+    let moved_in = move_started.elapsed();
+    // Writes go on a little after the move, on the new owner.
+    let after = done.load(Ordering::Relaxed) + 300;
+    until("writes after the move", DEADLINE, async || done.load(Ordering::Relaxed) >= after).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut ops = Vec::new();
+    for t in tasks {
+        let (written, timings) = t.await.expect("load task");
+        expected.extend(written);
+        ops.extend(timings);
+    }
+    let phases = watcher.await.expect("watcher");
+    println!("move {id}: phases {phases:?}");
+    assert_eq!(phases.last(), Some(&MovePhase::Done));
+    assert!(phases.contains(&MovePhase::CuttingOver), "{phases:?}");
+    assert_eq!(errors.load(Ordering::Relaxed), 0, "no caller got an error");
+
+    // Every acknowledged write exactly once, on the owner only.
+    let map = sharded.map();
+    assert!(MOVING.slots().all(|s| map.owner(s) == Some("shard-2")));
+    assert!(map.owner(MOVING.first - 1) == Some("shard-1"));
+    let on = [rows(&clients[0]).await, rows(&clients[1]).await];
+    let (mut checked, mut wrong) = (0usize, Vec::new());
+    for (key, name) in &expected {
+        let (owner, other) = if moving(*key) { (1, 0) } else { (0, 1) };
+        if on[owner].get(key) != Some(name) || on[other].contains_key(key) {
+            wrong.push((*key, name.clone(), on[0].get(key).cloned(), on[1].get(key).cloned()));
+        }
+        checked += 1;
+    }
+    assert!(wrong.is_empty(), "{} keys wrong, e.g. {:?}", wrong.len(), &wrong[..wrong.len().min(5)]);
+    let stray_1 = on[0].keys().filter(|k| moving(**k)).count();
+    let extra_2 = on[1].keys().filter(|k| !expected.contains_key(k)).count();
+    assert_eq!(stray_1, 0, "no moved row left on shard-1 after cleanup");
+    assert_eq!(extra_2, 0, "no row on shard-2 that no write made");
+
+    // The write pause: latencies of the writes that overlapped the cutover.
+    let (held_from, held_to) = report.cutover;
+    let mut paused: Vec<Duration> = ops
+        .iter()
+        .filter(|(start, lat)| *start <= held_to && *start + *lat >= held_from)
+        .map(|(_, lat)| *lat)
+        .collect();
+    paused.sort_unstable();
+    let mut all: Vec<Duration> = ops.iter().map(|(_, l)| *l).collect();
+    all.sort_unstable();
+    println!(
+        "moved {} rows ({} scanned rows at a cap of 8000/s) in {:?} (copy {:?}, {:.0} rows/s copied), \
+         {} applied from the stream, {} cleaned; {} ops, {} keys checked; cutover attempt(s) {}, \
+         writes held {:?}; pause of the {} writes overlapping it: p50 {:?} p99 {:?} max {:?}; \
+         all writes: p50 {:?} p99 {:?} max {:?}",
+        report.rows_copied,
+        preloaded.len(),
+        moved_in,
+        report.copy_time,
+        report.rows_copied as f64 / report.copy_time.as_secs_f64().max(1e-3),
+        report.rows_applied,
+        report.rows_cleaned,
+        ops.len(),
+        checked,
+        report.cutover_attempts,
+        report.pause,
+        paused.len(),
+        percentile(&paused, 0.5),
+        percentile(&paused, 0.99),
+        paused.last().copied().unwrap_or_default(),
+        percentile(&all, 0.5),
+        percentile(&all, 0.99),
+        all.last().copied().unwrap_or_default(),
+    );
+    assert!(ops.len() >= 2_000, "a few thousand operations ran: {}", ops.len());
+    assert!(report.rows_applied > 0, "writes landed during the copy and were streamed");
+    assert!(report.pause <= Duration::from_secs(2), "writes held {:?}", report.pause);
+    no_move_slots(&clients[0]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_stopped_mid_copy_rolls_back_clean_then_resumes() {
+    let locals = shared();
+    database(&locals, "reshard_rollback").await;
+    let sharded = sharded(&locals, "reshard_rollback", |b| b, |b| b.table("items", "id")).await;
+    let clients = [
+        client(&locals[0], "reshard_rollback").await,
+        client(&locals[1], "reshard_rollback").await,
+    ];
+    let preloaded = shard1_keys(1, 3_000);
+    preload(&clients[0], &preloaded).await;
+    let version = sharded.map().version();
+
+    // Slow enough to be stopped half way.
+    let handle = sharded
+        .move_slots_with(
+            MOVING,
+            "shard-2",
+            MoveOptions::default().copy_rate(1_000).batch(100),
+        )
+        .await
+        .expect("move starts");
+    let id = handle.id().to_owned();
+    let mut progress = handle.subscribe();
+    tokio::time::timeout(DEADLINE, progress.wait_for(|p| p.rows_copied > 0))
+        .await
+        .expect("copying within the deadline")
+        .expect("progress");
+    handle.abort().await;
+    let partial = rows(&clients[1]).await.len();
+    assert!(partial > 0 && partial < preloaded.iter().filter(|k| moving(**k)).count());
+    let phase: String = clients[1]
+        .query_one("SELECT phase FROM tower_scale_shard_moves WHERE id = $1", &[&id])
+        .await
+        .expect("record")
+        .get(0);
+    assert_eq!(phase, "copying", "the partial copy is marked");
+    assert_eq!(sharded.refresh().await.unwrap().version(), version, "map unchanged");
+
+    // A second move of those slots is refused while this one is unfinished.
+    let refused = sharded.move_slots(MOVING, "shard-2").await.unwrap_err();
+    assert!(refused.to_string().contains(&id), "{refused}");
+
+    sharded.rollback_move(&id).await.expect("rollback");
+    assert!(rows(&clients[1]).await.is_empty(), "the target is clean");
+    no_move_slots(&clients[0]).await;
+    assert_eq!(rows(&clients[0]).await.len(), preloaded.len());
+
+    // Resumed (a new snapshot): the move completes.
+    let report = sharded
+        .resume_move(&id, MoveOptions::default())
+        .await
+        .expect("resume")
+        .wait()
+        .await
+        .expect("resumed move succeeds");
+    let on = [rows(&clients[0]).await, rows(&clients[1]).await];
+    let moved = preloaded.iter().filter(|k| moving(**k)).count();
+    assert_eq!(report.rows_copied as usize, moved);
+    assert_eq!(on[1].len(), moved);
+    assert_eq!(on[0].len(), preloaded.len() - moved);
+    assert!(on[1].keys().all(|k| moving(*k)));
+    no_move_slots(&clients[0]).await;
+    println!("resumed move {id}: {report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_that_cannot_be_attributed_is_refused() {
+    let locals = shared();
+    database(&locals, "reshard_refused").await;
+    for local in &locals {
+        let c = client(local, "reshard_refused").await;
+        c.batch_execute(
+            "CREATE TABLE nokey (id int8, v text); \
+             CREATE TABLE uuids (id uuid PRIMARY KEY); \
+             CREATE TABLE stray (id int8 PRIMARY KEY)",
+        )
+        .await
+        .expect("tables");
+    }
+    let build = |table: &'static str, key: &'static str| {
+        let locals = locals.clone();
+        async move {
+            let mut builder = ShardedCluster::builder().table(table, key);
+            for (i, local) in locals.iter().enumerate() {
+                let c = crate::cluster(local, i + 1, "reshard_refused", |b| b).await;
+                builder = builder.shard(format!("shard-{}", i + 1), c);
+            }
+            builder.build().await
+        }
+    };
+    for (table, key, why) in [
+        ("missing", "id", "no such table"),
+        ("items", "nope", "no column"),
+        ("nokey", "id", "no primary key"),
+        ("uuids", "id", "type uuid"),
+    ] {
+        let e = build(table, key).await.unwrap_err().to_string();
+        assert!(e.contains(why), "{table}.{key}: {e}");
+    }
+    // `stray` has rows and is not declared: a move refuses to start.
+    client(&locals[0], "reshard_refused")
+        .await
+        .execute("INSERT INTO stray VALUES (1)", &[])
+        .await
+        .expect("stray row");
+    let sharded = build("items", "id").await.expect("items is attributable");
+    let e = sharded.move_slots(MOVING, "shard-2").await.unwrap_err();
+    assert!(e.to_string().contains("public.stray"), "{e}");
+}
