@@ -196,10 +196,11 @@ async fn half_of_a_shard_moves_under_write_load_losing_nothing() {
         }
         phases
     });
-    let report = tokio::time::timeout(Duration::from_secs(60), handle.wait())
-        .await
-        .expect("the move ends within 60 s")
-        .expect("the move succeeds");
+    let last = handle.subscribe();
+    let report = match tokio::time::timeout(Duration::from_secs(60), handle.wait()).await {
+        Ok(result) => result.expect("the move succeeds"),
+        Err(_) => panic!("the move did not end within 60 s: {:?}", *last.borrow()),
+    };
     let moved_in = move_started.elapsed();
     // Writes go on a little after the move, on the new owner.
     let after = done.load(Ordering::Relaxed) + 300;

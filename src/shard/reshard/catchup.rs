@@ -141,6 +141,9 @@ async fn apply(ctx: &Ctx, changes: &[Change]) -> Result<u64, ShardError> {
     let terr = |e| ShardError::db(&target.name, e);
     let mut tx = None;
     let mut rows_applied = 0;
+    // Consecutive upserts of one table, one row per primary key (the
+    // last change wins), written in one statement.
+    let mut upserts: Upserts = (0, Vec::new(), HashMap::new());
     for change in changes {
         let spec = &ctx.cluster.inner.tables[change.table];
         // What to do: write the new row (in range), or delete the old one.
@@ -171,6 +174,24 @@ async fn apply(ctx: &Ctx, changes: &[Change]) -> Result<u64, ShardError> {
             tx = Some(target.db.transaction().await.map_err(terr)?);
         }
         let Some(t) = tx.as_ref() else { continue };
+        let row = change.new.as_ref().filter(|_| new_in_range).and_then(|n| text_row(n));
+        if let (Some(row), None) = (&row, &delete_key) {
+            if upserts.0 != change.table {
+                flush(ctx, t, &mut upserts).await?;
+                upserts.0 = change.table;
+            }
+            let key = rows::key_of(spec, row);
+            match upserts.2.get(&key) {
+                Some(&i) => upserts.1[i] = row.clone(),
+                None => {
+                    upserts.2.insert(key, upserts.1.len());
+                    upserts.1.push(row.clone());
+                }
+            }
+            rows_applied += 1;
+            continue;
+        }
+        flush(ctx, t, &mut upserts).await?;
         if let Some(key) = delete_key {
             rows::delete_in_range(t, &target.name, spec, &key, ctx.range, ctx.slots).await?;
             rows_applied += 1;
@@ -198,9 +219,47 @@ async fn apply(ctx: &Ctx, changes: &[Change]) -> Result<u64, ShardError> {
         }
     }
     if let Some(tx) = tx {
+        flush(ctx, &tx, &mut upserts).await?;
         tx.commit().await.map_err(terr)?;
     }
     Ok(rows_applied)
+}
+
+/// Pending upserts: the table, the rows, each row's index by primary key.
+type Upserts = (usize, Vec<TextRow>, HashMap<Option<Vec<String>>, usize>);
+
+async fn flush(ctx: &Ctx, tx: &crate::pg::Transaction, upserts: &mut Upserts) -> Result<(), ShardError> {
+    if upserts.1.is_empty() {
+        return Ok(());
+    }
+    let spec = &ctx.cluster.inner.tables[upserts.0];
+    let rows: Vec<&TextRow> = upserts.1.iter().collect();
+    rows::upsert(tx, &ctx.target().name, spec, &rows).await?;
+    upserts.1.clear();
+    upserts.2.clear();
+    Ok(())
+}
+
+/// The most changes applied in one target transaction.
+const MAX_BATCH: usize = 5_000;
+
+/// Applies the batch in one target transaction; returns the new applied
+/// position.
+async fn apply_batch(
+    ctx: &Ctx,
+    client: &pgwire_replication::ReplicationClient,
+    status: &watch::Sender<StreamStatus>,
+    batch: &mut Vec<Change>,
+    end: u64,
+) -> Result<u64, ShardError> {
+    let n = apply(ctx, batch).await?;
+    batch.clear();
+    client.update_applied_lsn(pgwire_replication::Lsn(end));
+    status.send_modify(|s| {
+        s.applied = s.applied.max(end);
+        s.rows_applied += n;
+    });
+    Ok(end)
 }
 
 /// Streams until `stop`, applying; reports through `status`. The session
@@ -231,11 +290,30 @@ async fn run(
     let mut pending: Vec<Change> = Vec::new();
     let mut in_transaction = false;
     let mut applied = 0u64;
+    // Committed transactions not applied yet, and the end of the last:
+    // applied together in one target transaction when the stream has
+    // nothing more ready (or the batch is full).
+    let mut batch: Vec<Change> = Vec::new();
+    let mut batch_end = 0u64;
     loop {
-        let event = tokio::select! {
-            biased;
-            () = stop.cancelled() => return Ok(()),
-            event = client.recv() => event,
+        let ready = if batch_end > applied {
+            match futures_util::FutureExt::now_or_never(client.recv()) {
+                Some(event) => Some(event),
+                None => {
+                    applied = apply_batch(ctx, client, status, &mut batch, batch_end).await?;
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        let event = match ready {
+            Some(event) => event,
+            None => tokio::select! {
+                biased;
+                () = stop.cancelled() => return Ok(()),
+                event = client.recv() => event,
+            },
         };
         let event = event
             .map_err(|e| fail(ctx, format!("the replication stream: {e}")))?
@@ -280,22 +358,21 @@ async fn run(
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
                 in_transaction = false;
-                let changes = std::mem::take(&mut pending);
-                let n = if changes.is_empty() {
-                    0
-                } else {
-                    apply(ctx, &changes).await?
-                };
-                applied = applied.max(end_lsn.as_u64());
-                client.update_applied_lsn(pgwire_replication::Lsn(applied));
-                status.send_modify(|s| {
-                    s.applied = applied;
-                    s.rows_applied += n;
-                });
+                batch.append(&mut pending);
+                batch_end = batch_end.max(end_lsn.as_u64());
+                if batch.is_empty() {
+                    // Nothing of the range: applied as it is.
+                    applied = applied.max(batch_end);
+                    client.update_applied_lsn(pgwire_replication::Lsn(applied));
+                    status.send_modify(|s| s.applied = applied);
+                } else if batch.len() >= MAX_BATCH {
+                    applied = apply_batch(ctx, client, status, &mut batch, batch_end).await?;
+                }
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {
-                if !in_transaction && wal_end.as_u64() > applied {
+                if !in_transaction && batch_end <= applied && wal_end.as_u64() > applied {
                     applied = wal_end.as_u64();
+                    batch_end = applied;
                     client.update_applied_lsn(pgwire_replication::Lsn(applied));
                     status.send_modify(|s| s.applied = applied);
                 }
@@ -303,6 +380,9 @@ async fn run(
             ReplicationEvent::Message {
                 prefix, content, ..
             } if prefix == MARKER => {
+                if batch_end > applied {
+                    applied = apply_batch(ctx, client, status, &mut batch, batch_end).await?;
+                }
                 let marker = String::from_utf8_lossy(&content).into_owned();
                 // Every transaction committed before the marker's was
                 // applied above (commit order).

@@ -25,7 +25,10 @@ pub(crate) fn page_sql(spec: &TableSpec, after: bool, limit: usize) -> String {
     let columns: Vec<String> = spec
         .columns
         .iter()
-        .map(|c| format!("{}::text", ident(&c.name)))
+        .enumerate()
+        // Aliased: an output column named like the key would be what
+        // ORDER BY sorts by (as text).
+        .map(|(i, c)| format!("{}::text AS v{i}", ident(&c.name)))
         .collect();
     let pk: Vec<String> = spec
         .primary_key
@@ -344,7 +347,7 @@ mod tests {
         let s = spec();
         assert_eq!(
             page_sql(&s, true, 10),
-            "SELECT \"id\"::text, \"name\"::text FROM ONLY \"public\".\"items\" \
+            "SELECT \"id\"::text AS v0, \"name\"::text AS v1 FROM ONLY \"public\".\"items\" \
              WHERE (\"id\") > ($1::text::bigint) ORDER BY \"id\" LIMIT 10"
         );
         let upsert = upsert_sql(&s);

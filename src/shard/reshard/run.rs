@@ -149,7 +149,14 @@ impl ShardedCluster {
                 src.name
             )));
         }
-        let id = id.unwrap_or_else(|| format!("{:016x}", src.cluster.inner.random()));
+        let id = id.unwrap_or_else(|| {
+            // The clock and the cluster's generator: unique across
+            // processes and restarts.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64);
+            format!("{:012x}{:04x}", now & 0xffff_ffff_ffff, src.cluster.inner.random() & 0xffff)
+        });
         if let Some(other) = record::unfinished_overlapping(self, range, Some(&id)).await? {
             return Err(ShardError::MoveConflict { id: other });
         }
