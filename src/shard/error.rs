@@ -102,7 +102,9 @@ pub enum ShardError {
     /// catch-up could not reach the fence in time): nothing changed
     /// owner; retry the move (resume it) when the write load is lower, or
     /// allow a longer pause.
-    #[error("move {id}: {attempts} cutover attempts each ran past the pause bound; the source still owns the range: resume the move")]
+    #[error(
+        "move {id}: {attempts} cutover attempts each ran past the pause bound; the source still owns the range: resume the move"
+    )]
     CutoverTimeout {
         /// The move's id.
         id: String,

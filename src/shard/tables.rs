@@ -106,7 +106,6 @@ impl TableSpec {
         let key = row.get(self.key)?.as_deref()?;
         self.key_type.slot_of_text(key, slots)
     }
-
 }
 
 /// A quoted identifier.
@@ -163,11 +162,8 @@ async fn describe(
     name: &str,
     key_column: &str,
 ) -> Result<TableSpec, ShardError> {
-    let refuse = |why: String| {
-        ShardError::Setup(format!(
-            "declared table {name:?} on shard {shard}: {why}"
-        ))
-    };
+    let refuse =
+        |why: String| ShardError::Setup(format!("declared table {name:?} on shard {shard}: {why}"));
     let err = |e| ShardError::db(shard, e);
     let found = db
         .read_query(Consistency::Strong, TABLE_SQL, &[&name])
@@ -224,7 +220,9 @@ async fn describe(
         )));
     };
     if pk.is_empty() {
-        return Err(refuse("the primary key's columns are not stored columns".into()));
+        return Err(refuse(
+            "the primary key's columns are not stored columns".into(),
+        ));
     }
     Ok(TableSpec {
         schema,
@@ -352,7 +350,10 @@ mod tests {
         );
         assert_eq!(KeyType::Bytes.slot_of_text("\\x0", 4096), None);
         assert_eq!(KeyType::Integer.slot_of_text("x", 4096), None);
-        assert_eq!(KeyType::from_type_name("character varying(20)"), Some(KeyType::Text));
+        assert_eq!(
+            KeyType::from_type_name("character varying(20)"),
+            Some(KeyType::Text)
+        );
         assert_eq!(KeyType::from_type_name("uuid"), None);
     }
 }

@@ -349,7 +349,12 @@ async fn concurrent_moves_get_versions_in_commit_order() {
                 for slot in slots {
                     let home = if slot < 2048 { "shard-1" } else { "shard-2" };
                     let to = if round % 2 == 0 { other(home) } else { home };
-                    versions.push(mover.move_ownership(SlotRange::one(slot), to).await.unwrap());
+                    versions.push(
+                        mover
+                            .move_ownership(SlotRange::one(slot), to)
+                            .await
+                            .unwrap(),
+                    );
                     // A mover's map only ever moves forward.
                     assert!(mover.map().version() >= *versions.last().unwrap());
                 }

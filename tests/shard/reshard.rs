@@ -97,7 +97,7 @@ async fn load_task(
         n += 1;
         let name = format!("t{task}-{n}");
         let start = Instant::now();
-        let result = if n % 2 == 0 || owned.is_empty() {
+        let result = if n.is_multiple_of(2) || owned.is_empty() {
             let Some(key) = fresh.next() else { break };
             let s = i32::from(slot(key));
             let r = sharded
@@ -177,7 +177,10 @@ async fn half_of_a_shard_moves_under_write_load_losing_nothing() {
             ))
         })
         .collect();
-    until("the load runs", DEADLINE, async || done.load(Ordering::Relaxed) >= 200).await;
+    until("the load runs", DEADLINE, async || {
+        done.load(Ordering::Relaxed) >= 200
+    })
+    .await;
 
     let move_started = Instant::now();
     let handle = sharded
@@ -204,7 +207,10 @@ async fn half_of_a_shard_moves_under_write_load_losing_nothing() {
     let moved_in = move_started.elapsed();
     // Writes go on a little after the move, on the new owner.
     let after = done.load(Ordering::Relaxed) + 300;
-    until("writes after the move", DEADLINE, async || done.load(Ordering::Relaxed) >= after).await;
+    until("writes after the move", DEADLINE, async || {
+        done.load(Ordering::Relaxed) >= after
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
     let mut ops = Vec::new();
     for t in tasks {
@@ -227,11 +233,21 @@ async fn half_of_a_shard_moves_under_write_load_losing_nothing() {
     for (key, name) in &expected {
         let (owner, other) = if moving(*key) { (1, 0) } else { (0, 1) };
         if on[owner].get(key) != Some(name) || on[other].contains_key(key) {
-            wrong.push((*key, name.clone(), on[0].get(key).cloned(), on[1].get(key).cloned()));
+            wrong.push((
+                *key,
+                name.clone(),
+                on[0].get(key).cloned(),
+                on[1].get(key).cloned(),
+            ));
         }
         checked += 1;
     }
-    assert!(wrong.is_empty(), "{} keys wrong, e.g. {:?}", wrong.len(), &wrong[..wrong.len().min(5)]);
+    assert!(
+        wrong.is_empty(),
+        "{} keys wrong, e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
     let stray_1 = on[0].keys().filter(|k| moving(**k)).count();
     let extra_2 = on[1].keys().filter(|k| !expected.contains_key(k)).count();
     assert_eq!(stray_1, 0, "no moved row left on shard-1 after cleanup");
@@ -271,9 +287,20 @@ async fn half_of_a_shard_moves_under_write_load_losing_nothing() {
         percentile(&all, 0.99),
         all.last().copied().unwrap_or_default(),
     );
-    assert!(ops.len() >= 2_000, "a few thousand operations ran: {}", ops.len());
-    assert!(report.rows_applied > 0, "writes landed during the copy and were streamed");
-    assert!(report.pause <= Duration::from_secs(2), "writes held {:?}", report.pause);
+    assert!(
+        ops.len() >= 2_000,
+        "a few thousand operations ran: {}",
+        ops.len()
+    );
+    assert!(
+        report.rows_applied > 0,
+        "writes landed during the copy and were streamed"
+    );
+    assert!(
+        report.pause <= Duration::from_secs(2),
+        "writes held {:?}",
+        report.pause
+    );
     no_move_slots(&clients[0]).await;
 }
 
@@ -281,7 +308,13 @@ async fn half_of_a_shard_moves_under_write_load_losing_nothing() {
 async fn a_move_stopped_mid_copy_rolls_back_clean_then_resumes() {
     let locals = shared();
     database(&locals, "reshard_rollback").await;
-    let sharded = sharded(&locals, "reshard_rollback", |b| b, |b| b.table("items", "id")).await;
+    let sharded = sharded(
+        &locals,
+        "reshard_rollback",
+        |b| b,
+        |b| b.table("items", "id"),
+    )
+    .await;
     let clients = [
         client(&locals[0], "reshard_rollback").await,
         client(&locals[1], "reshard_rollback").await,
@@ -309,12 +342,19 @@ async fn a_move_stopped_mid_copy_rolls_back_clean_then_resumes() {
     let partial = rows(&clients[1]).await.len();
     assert!(partial > 0 && partial < preloaded.iter().filter(|k| moving(**k)).count());
     let phase: String = clients[1]
-        .query_one("SELECT phase FROM tower_scale_shard_moves WHERE id = $1", &[&id])
+        .query_one(
+            "SELECT phase FROM tower_scale_shard_moves WHERE id = $1",
+            &[&id],
+        )
         .await
         .expect("record")
         .get(0);
     assert_eq!(phase, "copying", "the partial copy is marked");
-    assert_eq!(sharded.refresh().await.unwrap().version(), version, "map unchanged");
+    assert_eq!(
+        sharded.refresh().await.unwrap().version(),
+        version,
+        "map unchanged"
+    );
 
     // A second move of those slots is refused while this one is unfinished.
     let refused = sharded.move_slots(MOVING, "shard-2").await.unwrap_err();

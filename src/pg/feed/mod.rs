@@ -108,10 +108,10 @@ use std::time::Duration;
 use super::cluster::Cluster;
 use super::lsn::Lsn;
 use crate::cache::{Invalidator, Tag};
-use sink::Sink;
-pub use tags::Change;
 #[cfg(feature = "reshard")]
 pub(crate) use run::primary_replication_config;
+use sink::Sink;
+pub use tags::Change;
 
 /// Which tables the feed publishes.
 #[derive(Debug, Clone, PartialEq, Eq)]

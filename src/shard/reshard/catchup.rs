@@ -58,7 +58,10 @@ fn fail(ctx: &Ctx, reason: impl Into<String>) -> ShardError {
     }
 }
 
-fn relation(ctx: &Ctx, rel: &pgoutput::Relation) -> Result<Option<(usize, Vec<usize>)>, ShardError> {
+fn relation(
+    ctx: &Ctx,
+    rel: &pgoutput::Relation,
+) -> Result<Option<(usize, Vec<usize>)>, ShardError> {
     let tables = &ctx.cluster.inner.tables;
     let Some(index) = tables
         .iter()
@@ -71,7 +74,10 @@ fn relation(ctx: &Ctx, rel: &pgoutput::Relation) -> Result<Option<(usize, Vec<us
     if names.len() != spec.columns.len() {
         return Err(fail(
             ctx,
-            format!("the columns of {} changed during the move", spec.qualified()),
+            format!(
+                "the columns of {} changed during the move",
+                spec.qualified()
+            ),
         ));
     }
     let mut positions = Vec::with_capacity(spec.columns.len());
@@ -174,7 +180,11 @@ async fn apply(ctx: &Ctx, changes: &[Change]) -> Result<u64, ShardError> {
             tx = Some(target.db.transaction().await.map_err(terr)?);
         }
         let Some(t) = tx.as_ref() else { continue };
-        let row = change.new.as_ref().filter(|_| new_in_range).and_then(|n| text_row(n));
+        let row = change
+            .new
+            .as_ref()
+            .filter(|_| new_in_range)
+            .and_then(|n| text_row(n));
         if let (Some(row), None) = (&row, &delete_key) {
             if upserts.0 != change.table {
                 flush(ctx, t, &mut upserts).await?;
@@ -228,7 +238,11 @@ async fn apply(ctx: &Ctx, changes: &[Change]) -> Result<u64, ShardError> {
 /// Pending upserts: the table, the rows, each row's index by primary key.
 type Upserts = (usize, Vec<TextRow>, HashMap<Option<Vec<String>>, usize>);
 
-async fn flush(ctx: &Ctx, tx: &crate::pg::Transaction, upserts: &mut Upserts) -> Result<(), ShardError> {
+async fn flush(
+    ctx: &Ctx,
+    tx: &crate::pg::Transaction,
+    upserts: &mut Upserts,
+) -> Result<(), ShardError> {
     if upserts.1.is_empty() {
         return Ok(());
     }
@@ -349,8 +363,14 @@ async fn run(
                         });
                     }
                     Message::Truncate(ids) => {
-                        if ids.iter().any(|id| matches!(relations.get(id), Some(Some(_)))) {
-                            return Err(fail(ctx, "a declared table was truncated during the move"));
+                        if ids
+                            .iter()
+                            .any(|id| matches!(relations.get(id), Some(Some(_))))
+                        {
+                            return Err(fail(
+                                ctx,
+                                "a declared table was truncated during the move",
+                            ));
                         }
                     }
                     Message::Other(_) => {}

@@ -122,8 +122,8 @@ pub(super) async fn export(ctx: &Ctx) -> Result<Exported, ShardError> {
     let consistent_point = text(1)
         .and_then(|t| t.parse::<crate::pg::Lsn>().ok())
         .ok_or_else(|| failed(ctx, "creating the replication slot", "no consistent point"))?;
-    let snapshot = text(2)
-        .ok_or_else(|| failed(ctx, "creating the replication slot", "no snapshot"))?;
+    let snapshot =
+        text(2).ok_or_else(|| failed(ctx, "creating the replication slot", "no snapshot"))?;
     Ok(Exported {
         session,
         consistent_point: consistent_point.0,
@@ -180,7 +180,11 @@ pub(super) async fn copy(ctx: &Ctx, snapshot: &str) -> Result<u64, ShardError> {
             let page = rows::text_rows(&page, &source.name)?;
             let Some(last) = page.last() else { break };
             after = Some(rows::key_of(spec, last).ok_or_else(|| {
-                failed(ctx, "paging", format!("{}: a NULL primary key", spec.qualified()))
+                failed(
+                    ctx,
+                    "paging",
+                    format!("{}: a NULL primary key", spec.qualified()),
+                )
             })?);
             let moving: Vec<&TextRow> = page
                 .iter()

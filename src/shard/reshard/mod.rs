@@ -115,6 +115,7 @@ mod cleanup;
 mod copy;
 mod handle;
 mod record;
+mod resume;
 mod rows;
 mod run;
 

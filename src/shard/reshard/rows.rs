@@ -178,13 +178,7 @@ fn key_condition(spec: &TableSpec, first_param: usize) -> String {
         .primary_key
         .iter()
         .enumerate()
-        .map(|(n, &i)| {
-            format!(
-                "${}::text::{}",
-                first_param + n,
-                spec.columns[i].type_name
-            )
-        })
+        .map(|(n, &i)| format!("${}::text::{}", first_param + n, spec.columns[i].type_name))
         .collect();
     format!("({}) = ({})", pk.join(", "), params.join(", "))
 }
@@ -354,7 +348,10 @@ mod tests {
         assert!(upsert.contains("u.v0::bigint, u.v1::text"), "{upsert}");
         assert!(upsert.contains("ON CONFLICT (\"id\") DO UPDATE SET \"name\" = EXCLUDED.\"name\""));
         assert!(upsert.contains("IS NOT DISTINCT FROM EXCLUDED.\"id\""));
-        assert_eq!(key_of(&s, &[Some("7".into()), None]), Some(vec!["7".into()]));
+        assert_eq!(
+            key_of(&s, &[Some("7".into()), None]),
+            Some(vec!["7".into()])
+        );
         assert_eq!(key_of(&s, &[None, None]), None);
     }
 }

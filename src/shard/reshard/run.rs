@@ -60,7 +60,7 @@ impl Ctx {
 }
 
 /// The name of a move's publication and slot.
-fn slot_name(id: &str) -> String {
+pub(super) fn slot_name(id: &str) -> String {
     format!("tower_scale_move_{id}")
 }
 
@@ -99,7 +99,7 @@ impl ShardedCluster {
         self.start_move(None, range, to, options).await
     }
 
-    async fn start_move(
+    pub(super) async fn start_move(
         &self,
         id: Option<String>,
         range: SlotRange,
@@ -155,7 +155,11 @@ impl ShardedCluster {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_micros() as u64);
-            format!("{:012x}{:04x}", now & 0xffff_ffff_ffff, src.cluster.inner.random() & 0xffff)
+            format!(
+                "{:012x}{:04x}",
+                now & 0xffff_ffff_ffff,
+                src.cluster.inner.random() & 0xffff
+            )
         });
         if let Some(other) = record::unfinished_overlapping(self, range, Some(&id)).await? {
             return Err(ShardError::MoveConflict { id: other });
@@ -208,147 +212,9 @@ impl ShardedCluster {
             task,
         })
     }
-
-    /// Resumes move `id` after its process died or it failed: a move cut
-    /// over (the target owns the range) or in transit (no shard owns it:
-    /// the source's release committed, the claim did not) is finished and
-    /// cleaned up; otherwise the target's partial rows are deleted and the
-    /// move starts again from a new snapshot, under the same id.
-    pub async fn resume_move(
-        &self,
-        id: &str,
-        options: MoveOptions,
-    ) -> Result<MoveHandle, ShardError> {
-        let rec = record::find(self, id).await?;
-        self.not_running_here(id)?;
-        let target = self.shard_index(&rec.target)?;
-        let source = self.shard_index(&rec.source)?;
-        let map = self.refresh().await?;
-        let mut owners: Vec<Option<usize>> =
-            rec.range.slots().map(|s| map.owner_index(s)).collect();
-        owners.dedup();
-        match owners.as_slice() {
-            [Some(o)] if *o == source => {
-                delete_range(self, target, rec.range, options.batch, 0, |_| {}).await?;
-                self.start_move(Some(rec.id), rec.range, &rec.target, options)
-                    .await
-            }
-            [Some(o)] if *o == target => self.finish_cut_over(rec, source, target, options),
-            [None] => {
-                self.move_ownership(rec.range, &rec.target).await?;
-                self.finish_cut_over(rec, source, target, options)
-            }
-            _ => Err(ShardError::Setup(format!(
-                "move {id}: {} is owned by several shards now: move each part on its own",
-                rec.range
-            ))),
-        }
-    }
-
-    /// A cut-over move's end: the cleanup of the source, in the background.
-    fn finish_cut_over(
-        &self,
-        rec: MoveRecord,
-        source: usize,
-        target: usize,
-        options: MoveOptions,
-    ) -> Result<MoveHandle, ShardError> {
-        let (tx, rx) = watch::channel(initial(&rec.id, rec.range, MovePhase::CleaningUp));
-        let ctx = Ctx {
-            cluster: self.clone(),
-            slot_name: slot_name(&rec.id),
-            id: rec.id.clone(),
-            range: rec.range,
-            source,
-            target,
-            slots: self.inner.slots,
-            options,
-            progress: tx,
-        };
-        let task = tokio::spawn(async move {
-            let result = async {
-                // A publication a dead process left.
-                copy::unpublish(&ctx).await?;
-                let cleaned = cleanup(&ctx).await?;
-                Ok(MoveReport {
-                    id: ctx.id.clone(),
-                    version: ctx.cluster.map().version(),
-                    rows_copied: 0,
-                    copy_time: Duration::ZERO,
-                    rows_applied: 0,
-                    cutover_attempts: 0,
-                    pause: Duration::ZERO,
-                    cutover: (Instant::now(), Instant::now()),
-                    rows_cleaned: cleaned,
-                })
-            }
-            .await;
-            finish(&ctx, &result).await;
-            result
-        });
-        Ok(MoveHandle {
-            id: rec.id,
-            progress: rx,
-            task,
-        })
-    }
-
-    /// Rolls move `id` back: its publication and slot are dropped and the
-    /// target's partial rows deleted. Refused once the move cut over (the
-    /// target owns the range: move it back instead) or while it is in
-    /// transit (resume it).
-    pub async fn rollback_move(&self, id: &str) -> Result<(), ShardError> {
-        let rec = record::find(self, id).await?;
-        self.not_running_here(id)?;
-        let source = self.shard_index(&rec.source)?;
-        let target = self.shard_index(&rec.target)?;
-        let map = self.refresh().await?;
-        if rec.range.slots().any(|s| map.owner_index(s) != Some(source)) {
-            return Err(ShardError::Setup(format!(
-                "move {id}: {} is not owned by {} alone any more (cut over or in transit): \
-                 resume it, or move the range back",
-                rec.range, rec.source
-            )));
-        }
-        let src = &self.inner.shards[source];
-        let name = slot_name(&rec.id);
-        let err = |e| ShardError::db(&src.name, e);
-        src.db
-            .execute(
-                &format!("DROP PUBLICATION IF EXISTS {}", tables::ident(&name)),
-                &[],
-            )
-            .await
-            .map_err(err)?;
-        // A temporary slot goes with its session; one whose session is
-        // still ending is dropped once inactive.
-        src.db
-            .execute(
-                "SELECT pg_catalog.pg_drop_replication_slot(slot_name) \
-                 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1 AND NOT active",
-                &[&name],
-            )
-            .await
-            .map_err(err)?;
-        delete_range(self, target, rec.range, 1_000, 0, |_| {}).await?;
-        let tgt = &self.inner.shards[target];
-        record::set_phase(&src.db, &src.name, id, "rolled_back", None).await?;
-        record::set_phase(&tgt.db, &tgt.name, id, "rolled_back", None).await?;
-        Ok(())
-    }
-
-    fn not_running_here(&self, id: &str) -> Result<(), ShardError> {
-        if crate::sync::lock(&self.inner.running_moves)
-            .iter()
-            .any(|(r, _)| r == id)
-        {
-            return Err(ShardError::MoveConflict { id: id.to_owned() });
-        }
-        Ok(())
-    }
 }
 
-fn initial(id: &str, range: SlotRange, phase: MovePhase) -> MoveProgress {
+pub(super) fn initial(id: &str, range: SlotRange, phase: MovePhase) -> MoveProgress {
     MoveProgress {
         id: id.to_owned(),
         range,
@@ -365,7 +231,7 @@ fn initial(id: &str, range: SlotRange, phase: MovePhase) -> MoveProgress {
 
 /// Records the end (best effort: the move's result is what counts) and
 /// drops the publication.
-async fn finish(ctx: &Ctx, result: &Result<MoveReport, ShardError>) {
+pub(super) async fn finish(ctx: &Ctx, result: &Result<MoveReport, ShardError>) {
     let _ = copy::unpublish(ctx).await;
     let (phase, error) = match result {
         Ok(_) => ("done", None),
@@ -482,13 +348,12 @@ fn stream_failed(ctx: &Ctx, status: &StreamStatus) -> Option<ShardError> {
 }
 
 /// Waits until the stream is within the cutover lag of the source.
-async fn catch_up(
-    ctx: &Ctx,
-    status: &mut watch::Receiver<StreamStatus>,
-) -> Result<(), ShardError> {
+async fn catch_up(ctx: &Ctx, status: &mut watch::Receiver<StreamStatus>) -> Result<(), ShardError> {
     let deadline = Instant::now() + ctx.options.catch_up_timeout;
     let started = Instant::now();
-    let first_behind = source_lsn(ctx).await?.saturating_sub(status.borrow().applied);
+    let first_behind = source_lsn(ctx)
+        .await?
+        .saturating_sub(status.borrow().applied);
     loop {
         let now = source_lsn(ctx).await?;
         let seen = status.borrow().clone();
@@ -501,8 +366,8 @@ async fn catch_up(
         ctx.progress.send_modify(|p| {
             p.bytes_behind = behind;
             p.rows_applied = seen.rows_applied;
-            p.estimated_remaining = (rate > 0.0)
-                .then(|| Duration::from_secs_f64((behind as f64 / rate).min(1e7)));
+            p.estimated_remaining =
+                (rate > 0.0).then(|| Duration::from_secs_f64((behind as f64 / rate).min(1e7)));
         });
         if behind <= ctx.options.cutover_lag {
             return Ok(());
@@ -510,7 +375,10 @@ async fn catch_up(
         if Instant::now() >= deadline {
             return Err(ctx.failed(
                 MovePhase::CatchingUp,
-                format!("still {behind} bytes behind after {:?}", ctx.options.catch_up_timeout),
+                format!(
+                    "still {behind} bytes behind after {:?}",
+                    ctx.options.catch_up_timeout
+                ),
             ));
         }
         // Woken by progress, or looked again after a while (the source's
@@ -532,7 +400,10 @@ async fn cutover(
     let to = target.name.to_string();
     let mv = ctx.cluster.begin_move(ctx.range, &to).await?;
     let Some(release) = mv.source() else {
-        return Err(ctx.failed(MovePhase::CuttingOver, "the source let go of the range meanwhile"));
+        return Err(ctx.failed(
+            MovePhase::CuttingOver,
+            "the source let go of the range meanwhile",
+        ));
     };
     record::set_phase_in(release, &source.name, &ctx.id, "released").await?;
     record::set_phase_in(mv.target(), &target.name, &ctx.id, "cleaning_up").await?;
@@ -581,7 +452,7 @@ async fn cutover(
 }
 
 /// The cleanup phase: the source's copies of the range deleted.
-async fn cleanup(ctx: &Ctx) -> Result<u64, ShardError> {
+pub(super) async fn cleanup(ctx: &Ctx) -> Result<u64, ShardError> {
     ctx.phase(MovePhase::CleaningUp);
     let progress = &ctx.progress;
     delete_range(
