@@ -264,7 +264,7 @@ async fn half_of_a_shard_moves_under_write_load_losing_nothing() {
     let mut all: Vec<Duration> = ops.iter().map(|(_, l)| *l).collect();
     all.sort_unstable();
     println!(
-        "moved {} rows ({} scanned rows at a cap of 8000/s) in {:?} (copy {:?}, {:.0} rows/s copied), \
+        "moved {} rows ({} preloaded on shard-1, reads capped at 8000/s) in {:?} (copy {:?}, {:.0} rows/s copied), \
          {} applied from the stream, {} cleaned; {} ops, {} keys checked; cutover attempt(s) {}, \
          writes held {:?}; pause of the {} writes overlapping it: p50 {:?} p99 {:?} max {:?}; \
          all writes: p50 {:?} p99 {:?} max {:?}",
@@ -426,4 +426,249 @@ async fn a_table_that_cannot_be_attributed_is_refused() {
     let sharded = build("items", "id").await.expect("items is attributable");
     let e = sharded.move_slots(MOVING, "shard-2").await.unwrap_err();
     assert!(e.to_string().contains("public.stray"), "{e}");
+}
+
+/// Not a test on its own: the process a SIGKILL test kills. It does
+/// nothing unless `RESHARD_CHILD` is set (to `copy` or `catch_up`), with
+/// `RESHARD_PORTS` (the shards' primary ports) and `RESHARD_DB`; then it
+/// starts a move of [`MOVING`] and prints its phases until killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_child() {
+    let Ok(mode) = std::env::var("RESHARD_CHILD") else {
+        return;
+    };
+    let ports = std::env::var("RESHARD_PORTS").expect("RESHARD_PORTS");
+    let db = std::env::var("RESHARD_DB").expect("RESHARD_DB");
+    let mut builder = ShardedCluster::builder().table("items", "id");
+    for (i, port) in ports.split(',').enumerate() {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host("127.0.0.1")
+            .port(port.parse().expect("port"))
+            .user("postgres")
+            .dbname(&db);
+        let cluster = tower_scale::pg::Cluster::builder()
+            .primary(tower_scale::pg::NodeConfig::new(config).name(format!("child-{i}")))
+            .build()
+            .await
+            .expect("cluster");
+        builder = builder.shard(format!("shard-{}", i + 1), cluster);
+    }
+    let sharded = builder.build().await.expect("sharded");
+    let options = match mode.as_str() {
+        "copy" => MoveOptions::default().copy_rate(1_000).batch(100),
+        // Caught up, waiting for a cut_over that never comes.
+        _ => MoveOptions::default().manual_cutover(true),
+    };
+    let handle = sharded
+        .move_slots_with(MOVING, "shard-2", options)
+        .await
+        .expect("move");
+    println!("CHILD move {}", handle.id());
+    let mut progress = handle.subscribe();
+    loop {
+        let p = progress.borrow_and_update().clone();
+        println!(
+            "CHILD phase {} copied {} applied {}",
+            p.phase, p.rows_copied, p.rows_applied
+        );
+        if progress.changed().await.is_err() {
+            break;
+        }
+    }
+    println!("CHILD ended: {:?}", handle.wait().await);
+}
+
+/// Runs [`killed_child`] in a child process in `mode` and kills it
+/// (SIGKILL) once `ready` accepts one of its lines; returns the move id.
+async fn run_and_kill(
+    locals: &[Arc<tower_scale::testing::LocalCluster>],
+    db: &str,
+    mode: &str,
+    ready: impl Fn(&str) -> bool,
+) -> String {
+    use tokio::io::AsyncBufReadExt;
+    let ports: Vec<String> = locals
+        .iter()
+        .map(|l| l.primary().port().to_string())
+        .collect();
+    let mut child = tokio::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "reshard::killed_child",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("RESHARD_CHILD", mode)
+        .env("RESHARD_PORTS", ports.join(","))
+        .env("RESHARD_DB", db)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("child");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut id = String::new();
+    let seen = tokio::time::timeout(DEADLINE, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            // The harness prints its test line without a newline first.
+            if let Some(at) = line.find("CHILD move ") {
+                id = line[at + "CHILD move ".len()..].to_owned();
+            }
+            assert!(
+                !line.starts_with("CHILD ended"),
+                "the child's move ended: {line}"
+            );
+            if ready(&line) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        seen,
+        Ok(true),
+        "the child reached the point to be killed at"
+    );
+    child.start_kill().expect("SIGKILL");
+    let status = child.wait().await.expect("wait");
+    assert!(!status.success(), "killed: {status:?}");
+    assert!(!id.is_empty());
+    id
+}
+
+/// How many slots of [`MOVING`] each shard's ownership table lists.
+async fn owned_moving(clients: &[tokio_postgres::Client]) -> Vec<i64> {
+    let mut out = Vec::new();
+    for c in clients {
+        out.push(
+            c.query_one(
+                "SELECT count(*) FROM tower_scale_shard_slots WHERE slot BETWEEN $1 AND $2",
+                &[&i32::from(MOVING.first), &i32::from(MOVING.last)],
+            )
+            .await
+            .expect("owned")
+            .get(0),
+        );
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_killed_during_copy_or_catch_up_changes_nothing_and_resumes() {
+    let locals = shared();
+    for mode in ["copy", "catch_up"] {
+        let db = format!("reshard_kill_{mode}");
+        database(&locals, &db).await;
+        let sharded = sharded(&locals, &db, |b| b, |b| b.table("items", "id")).await;
+        let clients = [client(&locals[0], &db).await, client(&locals[1], &db).await];
+        let preloaded = shard1_keys(1, 3_000);
+        preload(&clients[0], &preloaded).await;
+        let mut expected: HashMap<i64, String> =
+            preloaded.iter().map(|k| (*k, format!("pre-{k}"))).collect();
+        let version = sharded.map().version();
+
+        // Writes to moving keys while the child runs (and is killed).
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (sharded, stop) = (sharded.clone(), Arc::clone(&stop));
+            let keys: Vec<i64> = preloaded.iter().copied().filter(|k| moving(*k)).collect();
+            tokio::spawn(async move {
+                let mut written = HashMap::new();
+                let mut n = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = keys[n % keys.len()];
+                    n += 1;
+                    let name = format!("w-{n}");
+                    let w = sharded
+                        .write(
+                            &key,
+                            "UPDATE items SET name = $2 WHERE id = $1 RETURNING id",
+                            &[&key, &name],
+                        )
+                        .await
+                        .expect("a write while the move is killed");
+                    assert_eq!(w.value.len(), 1);
+                    written.insert(key, name);
+                }
+                written
+            })
+        };
+        // Killed once the copy wrote rows, or once the stream applied some.
+        let id = run_and_kill(&locals, &db, mode, |line| {
+            let words: Vec<&str> = line.split(' ').collect();
+            match (mode, words.as_slice()) {
+                ("copy", ["CHILD", "phase", "copying", "copied", n, ..]) => *n != "0",
+                ("catch_up", ["CHILD", "phase", "catching_up", .., "applied", n]) => *n != "0",
+                _ => false,
+            }
+        })
+        .await;
+        stop.store(true, Ordering::Relaxed);
+        expected.extend(writer.await.expect("writer"));
+
+        // Killed: the map and the ownership tables unchanged, the partial
+        // copy marked, the temporary slot gone with its session.
+        assert_eq!(
+            sharded.refresh().await.unwrap().version(),
+            version,
+            "{mode}"
+        );
+        assert_eq!(
+            owned_moving(&clients).await,
+            vec![MOVING.len() as i64, 0],
+            "{mode}"
+        );
+        let phase: String = clients[1]
+            .query_one(
+                "SELECT phase FROM tower_scale_shard_moves WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .expect("record")
+            .get(0);
+        let partial = rows(&clients[1]).await.len();
+        println!("{mode}: killed move {id} in phase {phase} with {partial} rows on the target");
+        assert!(partial > 0, "{mode}: a partial copy on the target");
+        let marked = if mode == "copy" {
+            "copying"
+        } else {
+            "catching_up"
+        };
+        assert_eq!(phase, marked, "{mode}: the partial copy is marked");
+        until("the killed move's slot dropped", DEADLINE, async || {
+            let n: i64 = clients[0]
+                .query_one(
+                    "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'tower\\_scale\\_move\\_%'",
+                    &[],
+                )
+                .await
+                .expect("slots")
+                .get(0);
+            n == 0
+        })
+        .await;
+
+        let report = sharded
+            .resume_move(&id, MoveOptions::default())
+            .await
+            .expect("resume")
+            .wait()
+            .await
+            .expect("the resumed move succeeds");
+        assert_eq!(
+            owned_moving(&clients).await,
+            vec![0, MOVING.len() as i64],
+            "{mode}"
+        );
+        let on = [rows(&clients[0]).await, rows(&clients[1]).await];
+        for (key, name) in &expected {
+            let (owner, other) = if moving(*key) { (1, 0) } else { (0, 1) };
+            assert_eq!(on[owner].get(key), Some(name), "{mode}: key {key}");
+            assert!(!on[other].contains_key(key), "{mode}: key {key} on both");
+        }
+        assert_eq!(on[0].len() + on[1].len(), expected.len(), "{mode}");
+        no_move_slots(&clients[0]).await;
+        println!("{mode}: resumed: {report:?}");
+    }
 }

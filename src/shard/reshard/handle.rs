@@ -21,6 +21,7 @@ pub struct MoveOptions {
     pub(crate) cutover_lag: u64,
     pub(crate) catch_up_timeout: Duration,
     pub(crate) timeout: Duration,
+    pub(crate) manual_cutover: bool,
 }
 
 impl Default for MoveOptions {
@@ -34,6 +35,7 @@ impl Default for MoveOptions {
             cutover_lag: 256 * 1024,
             catch_up_timeout: Duration::from_secs(600),
             timeout: Duration::from_secs(10),
+            manual_cutover: false,
         }
     }
 }
@@ -61,9 +63,12 @@ impl MoveOptions {
         self
     }
 
-    /// The longest one cutover attempt holds the writes of the range
-    /// (default 1 s): past it the attempt rolls back and the writes go on
-    /// at the source. Keep it below the clusters' write timeout.
+    /// How long one cutover attempt waits, holding the writes of the
+    /// range, for the catch-up to reach its marker (default 1 s): past it
+    /// the attempt rolls back and the writes go on at the source. The
+    /// lock and the two commits come on top (a few round trips); an
+    /// attempt whose marker has arrived commits. Keep it well below the
+    /// clusters' write timeout.
     pub fn max_pause(mut self, d: Duration) -> Self {
         self.max_pause = d;
         self
@@ -86,6 +91,15 @@ impl MoveOptions {
     /// [`cutover_lag`](Self::cutover_lag) (default 10 minutes).
     pub fn catch_up_timeout(mut self, d: Duration) -> Self {
         self.catch_up_timeout = d;
+        self
+    }
+
+    /// Copy and catch up, then keep catching up until
+    /// [`MoveHandle::cut_over`] is called (default: cut over as soon as
+    /// the catch-up is within [`cutover_lag`](Self::cutover_lag)), as
+    /// Vitess's `SwitchTraffic` is a step of its own.
+    pub fn manual_cutover(mut self, manual: bool) -> Self {
+        self.manual_cutover = manual;
         self
     }
 
@@ -195,6 +209,7 @@ pub struct MoveHandle {
     pub(crate) id: String,
     pub(crate) progress: watch::Receiver<MoveProgress>,
     pub(crate) task: JoinHandle<Result<MoveReport, ShardError>>,
+    pub(crate) go: watch::Sender<bool>,
 }
 
 impl fmt::Debug for MoveHandle {
@@ -216,6 +231,12 @@ impl MoveHandle {
     /// The progress now.
     pub fn progress(&self) -> MoveProgress {
         self.progress.borrow().clone()
+    }
+
+    /// Lets a move started with [`MoveOptions::manual_cutover`] cut over
+    /// once caught up (no effect otherwise).
+    pub fn cut_over(&self) {
+        self.go.send_replace(true);
     }
 
     /// A receiver that sees every progress update.

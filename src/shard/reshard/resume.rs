@@ -59,7 +59,9 @@ impl ShardedCluster {
         options: MoveOptions,
     ) -> Result<MoveHandle, ShardError> {
         let (tx, rx) = watch::channel(initial(&rec.id, rec.range, MovePhase::CleaningUp));
+        let (go, go_rx) = watch::channel(true);
         let ctx = Ctx {
+            go: go_rx,
             cluster: self.clone(),
             slot_name: slot_name(&rec.id),
             id: rec.id.clone(),
@@ -95,6 +97,7 @@ impl ShardedCluster {
             id: rec.id,
             progress: rx,
             task,
+            go,
         })
     }
 

@@ -27,6 +27,8 @@ pub(crate) struct Ctx {
     pub(crate) slot_name: String,
     pub(crate) options: MoveOptions,
     pub(crate) progress: watch::Sender<MoveProgress>,
+    /// Set by [`MoveHandle::cut_over`].
+    pub(crate) go: watch::Receiver<bool>,
 }
 
 impl Ctx {
@@ -189,7 +191,9 @@ impl ShardedCluster {
         record::insert(&src.db, &src.name, &rec, "source", "copying").await?;
         record::insert(&tgt.db, &tgt.name, &rec, "target", "copying").await?;
         let (tx, rx) = watch::channel(initial(&id, range, MovePhase::Copying));
+        let (go, go_rx) = watch::channel(false);
         let ctx = Ctx {
+            go: go_rx,
             cluster: self.clone(),
             slot_name: slot_name(&id),
             id: id.clone(),
@@ -210,6 +214,7 @@ impl ShardedCluster {
             id,
             progress: rx,
             task,
+            go,
         })
     }
 }
@@ -258,6 +263,9 @@ async fn run(ctx: &Ctx) -> Result<MoveReport, ShardError> {
     let rows_copied = copy::copy(ctx, &exported.snapshot).await?;
     let copy_time = copy_started.elapsed();
     ctx.phase(MovePhase::CatchingUp);
+    for shard in [ctx.source(), ctx.target()] {
+        record::set_phase(&shard.db, &shard.name, &ctx.id, "catching_up", None).await?;
+    }
     let mut session = exported.session;
     let within = ctx.options.timeout;
     session
@@ -369,10 +377,11 @@ async fn catch_up(ctx: &Ctx, status: &mut watch::Receiver<StreamStatus>) -> Resu
             p.estimated_remaining =
                 (rate > 0.0).then(|| Duration::from_secs_f64((behind as f64 / rate).min(1e7)));
         });
-        if behind <= ctx.options.cutover_lag {
+        let ready = behind <= ctx.options.cutover_lag;
+        if ready && (!ctx.options.manual_cutover || *ctx.go.borrow()) {
             return Ok(());
         }
-        if Instant::now() >= deadline {
+        if !ready && Instant::now() >= deadline {
             return Err(ctx.failed(
                 MovePhase::CatchingUp,
                 format!(
