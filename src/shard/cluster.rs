@@ -40,8 +40,10 @@ pub(crate) struct Inner {
     /// Fenced forms of the read statements seen, by their text.
     pub(crate) read_sql: RwLock<ReadSqlCache>,
     /// The declared sharded tables, as the shards' catalogs describe them.
+    #[cfg_attr(not(feature = "reshard"), allow(dead_code))]
     pub(crate) tables: Vec<super::tables::TableSpec>,
     /// The tables named as staying on their shard.
+    #[cfg_attr(not(feature = "reshard"), allow(dead_code))]
     pub(crate) local_tables: Vec<String>,
     /// The moves this instance runs (id, range): overlapping ones refused.
     #[cfg(feature = "reshard")]

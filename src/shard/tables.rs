@@ -51,6 +51,7 @@ impl KeyType {
         }
     }
 
+    #[cfg_attr(not(feature = "reshard"), allow(dead_code))]
     /// The slot of a key given in PostgreSQL's text output form (`None`:
     /// the text is not a value of this type).
     pub(crate) fn slot_of_text(self, text: &str, slots: u16) -> Option<u16> {
@@ -95,6 +96,7 @@ pub(crate) struct TableSpec {
     pub(crate) key_type: KeyType,
 }
 
+#[cfg_attr(not(feature = "reshard"), allow(dead_code))]
 impl TableSpec {
     /// `"schema"."name"`.
     pub(crate) fn qualified(&self) -> String {
@@ -109,6 +111,7 @@ impl TableSpec {
 }
 
 /// A quoted identifier.
+#[cfg_attr(not(feature = "reshard"), allow(dead_code))]
 pub(crate) fn ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
@@ -270,6 +273,7 @@ pub(crate) async fn describe_all(
     Ok(out)
 }
 
+#[cfg_attr(not(feature = "reshard"), allow(dead_code))]
 /// The first ordinary table with rows on `db` that is neither declared nor
 /// local (outside the system schemas and the library's own tables).
 pub(crate) async fn undeclared_with_rows(

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tower_scale::shard::reshard::{MoveOptions, MovePhase};
-use tower_scale::shard::{DEFAULT_SLOTS, ShardedCluster, SlotRange, slot_of};
+use tower_scale::shard::{DEFAULT_SLOTS, ShardConsistency, ShardedCluster, SlotRange, slot_of};
+use tower_scale::testing::LocalCluster;
 
 use crate::{DEADLINE, client, database, sharded, shared, until};
 
@@ -68,6 +69,22 @@ async fn no_move_slots(c: &tokio_postgres::Client) {
         n == 0
     })
     .await;
+}
+
+/// A second instance on the same databases (primaries only).
+async fn sharded_again(locals: &[Arc<LocalCluster>], db: &str) -> ShardedCluster {
+    let mut builder = ShardedCluster::builder().table("items", "id");
+    for (i, local) in locals.iter().enumerate() {
+        let mut config = local.primary().config();
+        config.dbname(db);
+        let cluster = tower_scale::pg::Cluster::builder()
+            .primary(tower_scale::pg::NodeConfig::new(config).name(format!("other-{i}")))
+            .build()
+            .await
+            .expect("cluster");
+        builder = builder.shard(format!("shard-{}", i + 1), cluster);
+    }
+    builder.build().await.expect("the other instance")
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -150,6 +167,9 @@ async fn half_of_a_shard_moves_under_write_load_losing_nothing() {
         client(&locals[0], "reshard_load").await,
         client(&locals[1], "reshard_load").await,
     ];
+    // An instance that does not run the move (no fan-out of maps: it
+    // learns of the move when the old owner refuses it).
+    let other = sharded_again(&locals, "reshard_load").await;
     let preloaded = shard1_keys(1, 6_000);
     preload(&clients[0], &preloaded).await;
     let mut expected: HashMap<i64, String> =
@@ -247,6 +267,37 @@ async fn half_of_a_shard_moves_under_write_load_losing_nothing() {
         "{} keys wrong, e.g. {:?}",
         wrong.len(),
         &wrong[..wrong.len().min(5)]
+    );
+    // The other instance, its map stale, reads the moved rows right and
+    // writes them on the new owner.
+    assert_eq!(other.map().owner(MOVING.first), Some("shard-1"), "stale");
+    for key in preloaded.iter().copied().filter(|k| moving(*k)).take(20) {
+        let read = other
+            .read(
+                &key,
+                &ShardConsistency::Any,
+                "SELECT name FROM items WHERE id = $1",
+                &[&key],
+            )
+            .await
+            .expect("a stale read");
+        assert_eq!(read.shard.as_ref(), "shard-2");
+        assert_eq!(read.value.len(), 1, "never a false not-found");
+        assert_eq!(Some(&read.value[0].get::<_, String>(0)), expected.get(&key));
+        let w = other
+            .write(
+                &key,
+                "UPDATE items SET name = name WHERE id = $1 RETURNING id",
+                &[&key],
+            )
+            .await
+            .expect("a stale write");
+        assert_eq!((w.shard.as_ref(), w.value.len()), ("shard-2", 1));
+    }
+    assert_eq!(
+        other.map().owner(MOVING.first),
+        Some("shard-2"),
+        "refreshed"
     );
     let stray_1 = on[0].keys().filter(|k| moving(**k)).count();
     let extra_2 = on[1].keys().filter(|k| !expected.contains_key(k)).count();
@@ -482,7 +533,7 @@ async fn killed_child() {
 /// Runs [`killed_child`] in a child process in `mode` and kills it
 /// (SIGKILL) once `ready` accepts one of its lines; returns the move id.
 async fn run_and_kill(
-    locals: &[Arc<tower_scale::testing::LocalCluster>],
+    locals: &[Arc<LocalCluster>],
     db: &str,
     mode: &str,
     ready: impl Fn(&str) -> bool,
@@ -671,4 +722,94 @@ async fn a_move_killed_during_copy_or_catch_up_changes_nothing_and_resumes() {
         no_move_slots(&clients[0]).await;
         println!("{mode}: resumed: {report:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_holds_across_a_move_to_a_lagging_replica() {
+    // shard-2's replica replays a second late: it shows neither the copy
+    // nor the claim for a while after the cutover.
+    let starts: Vec<_> = [None, Some(Duration::from_secs(1))]
+        .into_iter()
+        .map(|delay| {
+            tokio::task::spawn_blocking(move || {
+                let builder = LocalCluster::builder().replicas(1);
+                let builder = match delay {
+                    Some(d) => builder.apply_delay(0, d),
+                    None => builder,
+                };
+                Arc::new(builder.start().expect("LocalCluster"))
+            })
+        })
+        .collect();
+    let mut locals = Vec::new();
+    for s in starts {
+        locals.push(s.await.expect("start"));
+    }
+    database(&locals, "reshard_ryw").await;
+    let sharded = sharded(&locals, "reshard_ryw", |b| b, |b| b.table("items", "id")).await;
+    // The ownership tables on the replicas too.
+    for local in &locals {
+        local.wait_for_replicas(DEADLINE).await.expect("replicas");
+    }
+    let key = shard1_keys(1, 200)
+        .into_iter()
+        .find(|k| moving(*k))
+        .expect("a key");
+    let s = i32::from(slot(key));
+    let before = sharded
+        .write(
+            &key,
+            "INSERT INTO items (id, slot, name) VALUES ($1, $2, 'before') RETURNING id",
+            &[&key, &s],
+        )
+        .await
+        .expect("write on the source");
+    sharded
+        .move_slots(MOVING, "shard-2")
+        .await
+        .expect("move")
+        .wait()
+        .await
+        .expect("move done");
+    let read = |token: ShardConsistency| {
+        let sharded = sharded.clone();
+        async move {
+            let r = sharded
+                .read(
+                    &key,
+                    &token,
+                    "SELECT name FROM items WHERE id = $1",
+                    &[&key],
+                )
+                .await
+                .expect("read");
+            (
+                r.shard.to_string(),
+                r.value.first().map(|row| row.get::<_, String>(0)),
+            )
+        }
+    };
+    // The source's token names no LSN of shard-2: the lagging replica
+    // does not own the slot yet, so the read goes to the primary.
+    assert_eq!(
+        read(ShardConsistency::ReadYourWrites(before.token)).await,
+        ("shard-2".into(), Some("before".into()))
+    );
+    let after = sharded
+        .write(
+            &key,
+            "UPDATE items SET name = 'after' WHERE id = $1 RETURNING id",
+            &[&key],
+        )
+        .await
+        .expect("write on the target");
+    assert_eq!(after.shard.as_ref(), "shard-2");
+    assert_eq!(
+        read(ShardConsistency::ReadYourWrites(after.token)).await,
+        ("shard-2".into(), Some("after".into()))
+    );
+    assert_eq!(
+        read(ShardConsistency::Any).await.1.as_deref(),
+        Some("after")
+    );
 }

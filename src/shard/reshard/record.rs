@@ -84,8 +84,10 @@ pub(crate) async fn insert(
     Ok(())
 }
 
-const SET_PHASE: &str =
-    "UPDATE tower_scale_shard_moves SET phase = $2, error = $3, updated = now() WHERE id = $1";
+/// A `released` source stays so until the move is done or rolled back:
+/// it is what says the range is in transit.
+const SET_PHASE: &str = "UPDATE tower_scale_shard_moves SET phase = $2, error = $3, \
+     updated = now() WHERE id = $1 AND (phase <> 'released' OR $2 IN ('done', 'rolled_back'))";
 
 /// Sets the phase (and error) of the move's record on `db`.
 pub(crate) async fn set_phase(
