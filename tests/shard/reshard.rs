@@ -813,3 +813,79 @@ async fn read_your_writes_holds_across_a_move_to_a_lagging_replica() {
         Some("after")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_that_died_between_release_and_claim_resumes_to_the_target() {
+    let locals = shared();
+    let db = "reshard_transit";
+    database(&locals, db).await;
+    let sharded = sharded(&locals, db, |b| b, |b| b.table("items", "id")).await;
+    let clients = [client(&locals[0], db).await, client(&locals[1], db).await];
+    let preloaded = shard1_keys(1, 2_000);
+    preload(&clients[0], &preloaded).await;
+    // Copied and caught up, then stopped before any cutover ...
+    let handle = sharded
+        .move_slots_with(
+            MOVING,
+            "shard-2",
+            MoveOptions::default().manual_cutover(true),
+        )
+        .await
+        .expect("move");
+    let id = handle.id().to_owned();
+    let mut progress = handle.subscribe();
+    tokio::time::timeout(
+        DEADLINE,
+        progress.wait_for(|p| p.phase == MovePhase::CatchingUp),
+    )
+    .await
+    .expect("caught up in time")
+    .expect("progress");
+    handle.abort().await;
+    // ... and put in the state a death between the two commits leaves:
+    // the source's release committed (with its record), no claim.
+    let (first, last) = (i32::from(MOVING.first), i32::from(MOVING.last));
+    clients[0]
+        .execute(
+            "DELETE FROM tower_scale_shard_slots WHERE slot BETWEEN $1 AND $2",
+            &[&first, &last],
+        )
+        .await
+        .expect("release");
+    clients[0]
+        .execute(
+            "UPDATE tower_scale_shard_moves SET phase = 'released' WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .expect("record");
+    let map = sharded.refresh().await.expect("refresh");
+    assert_eq!(map.owner(MOVING.first), None, "in transit: no owner");
+    // A rollback would lose the rows: refused.
+    assert!(sharded.rollback_move(&id).await.is_err());
+
+    let report = sharded
+        .resume_move(&id, MoveOptions::default())
+        .await
+        .expect("resume")
+        .wait()
+        .await
+        .expect("the claim finishes");
+    assert_eq!(owned_moving(&clients).await, vec![0, MOVING.len() as i64]);
+    let on = [rows(&clients[0]).await, rows(&clients[1]).await];
+    let moved = preloaded.iter().filter(|k| moving(**k)).count();
+    assert_eq!((on[0].len(), on[1].len()), (preloaded.len() - moved, moved));
+    assert_eq!(report.rows_cleaned as usize, moved);
+    for c in &clients {
+        let phase: String = c
+            .query_one(
+                "SELECT phase FROM tower_scale_shard_moves WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .expect("record")
+            .get(0);
+        assert_eq!(phase, "done");
+    }
+    no_move_slots(&clients[0]).await;
+}
