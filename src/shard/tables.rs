@@ -28,7 +28,7 @@ use super::error::ShardError;
 use super::slot::slot_of;
 
 /// The type of a declared table's shard-key column, and so which byte form
-/// of [`ShardKey`] its values hash as.
+/// of [`ShardKey`](super::ShardKey) its values hash as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum KeyType {
@@ -126,11 +126,13 @@ pub(crate) struct Declared {
 impl ShardedClusterBuilder {
     /// Declares a sharded table and its shard-key column: the rows a
     /// move of a slot carries are the rows whose `key_column` hashes to
-    /// it. Checked on every shard at build (see the
-    /// [module docs](super#declared-tables)): the table must exist with a
-    /// primary key, a replica identity, the same columns everywhere and a
-    /// key column of type `int8`, `int4`, `int2`, `text`, `varchar` or
-    /// `bytea`. `name` may be schema-qualified.
+    /// it. Checked on every shard at build, which fails with the reason
+    /// otherwise (a table is never skipped): the table must be an
+    /// ordinary table with a primary key, replica identity `DEFAULT` or
+    /// `FULL`, the same columns on every shard, and a key column of type
+    /// `int8`, `int4`, `int2`, `text`, `varchar` or `bytea` (hashed as the
+    /// [`ShardKey`](super::ShardKey) of that type: `i64`, text, bytes).
+    /// `name` may be schema-qualified.
     pub fn table(mut self, name: impl Into<String>, key_column: impl Into<String>) -> Self {
         self.declared.sharded.push((name.into(), key_column.into()));
         self

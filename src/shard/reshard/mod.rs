@@ -93,8 +93,30 @@
 //!   owns the range (its lock went with its session), the target's partial
 //!   rows are marked by the move record until resumed or rolled back.
 //!
+//! With [`MoveOptions::manual_cutover`] the move copies and keeps
+//! catching up until [`MoveHandle::cut_over`] is called (a separate
+//! "switch traffic" step).
+//!
 //! # Limits
 //!
+//! - The source's role needs `REPLICATION` (the slot) and the right to
+//!   create a publication of the declared tables (their owner, or a
+//!   superuser); `wal_level = logical` on the source; one replication
+//!   connection (`max_wal_senders`) per running move.
+//! - Taking the range's ownership rows `FOR UPDATE` waits for writes in
+//!   flight, including long [`ShardedCluster::transaction`]s on the range,
+//!   within the write timeout (that wait is outside
+//!   [`MoveOptions::max_pause`]; new writes queue behind it); a lock that
+//!   cannot be had in that time fails the move (nothing changed: resume
+//!   it).
+//! - Moves are serialised per instance and refused while an overlapping
+//!   move is recorded unfinished on any shard; two processes starting
+//!   overlapping moves at the same instant can both pass that check: the
+//!   cutover's move lock lets one win, the other fails and leaves its
+//!   partial copy marked (roll it back).
+//! - A change fan-out of the new map to other instances is not part of
+//!   this: they learn of the move when the old owner refuses them (the
+//!   fence), as with any stale map.
 //! - Writes that reach the moving rows without the fence (not through
 //!   [`ShardedCluster::write`] or [`transaction`](ShardedCluster::transaction))
 //!   are copied or streamed while the move runs but are not held back by
