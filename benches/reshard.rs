@@ -158,7 +158,7 @@ fn reshard(c: &mut Criterion) {
                         sharded
                             .write(
                                 &key,
-                                "UPDATE items SET name = 'w' || $2 WHERE id = $1",
+                                "UPDATE items SET name = 'w' || $2::int8 WHERE id = $1",
                                 &[&key, &(n as i64)],
                             )
                             .await
