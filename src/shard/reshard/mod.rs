@@ -88,7 +88,19 @@
 //!   the range unowned ([`ShardError::Unowned`] after the moved wait), and
 //!   [`resume_move`](ShardedCluster::resume_move) finishes the claim: the
 //!   target already has every row (the release commits only after the
-//!   marker was applied).
+//!   marker was applied). A commit that fails while the process lives is
+//!   resolved at once from the ownership tables: released and not
+//!   claimed, the claim is finished then and there; not released, the
+//!   attempt counts as one that changed nothing.
+//! - **Read-your-writes holds across the move.** The source's and the
+//!   target's positions are different clocks, and a token from a write on
+//!   the source names no position of the target; it does not need to:
+//!   the target claims the range in a transaction that commits after
+//!   every row the move applied there, so a replica of the target that
+//!   has not replayed those rows does not own the slot either, answers
+//!   nothing through the read fence, and the read is retried on the
+//!   target's primary. A write on the target after the move gives a
+//!   token with the target's position, as any write.
 //! - **A failure before the release changes nothing**: the source still
 //!   owns the range (its lock went with its session), the target's partial
 //!   rows are marked by the move record until resumed or rolled back.

@@ -454,10 +454,45 @@ async fn cutover(
             ));
         }
     }
-    let version = mv.commit().await?;
+    let version = match mv.commit().await {
+        Ok(version) => version,
+        Err(e) => match resolve(ctx).await? {
+            Some(version) => version,
+            None => {
+                tracing::warn!(id = %ctx.id, error = %e, "move: the cutover's commit failed before the release; the source still owns the range");
+                return Ok(None);
+            }
+        },
+    };
     let released = Instant::now();
     ctx.progress.send_modify(|p| p.bytes_behind = 0);
     Ok(Some((version, held, released)))
+}
+
+/// After a cutover commit that failed (or whose outcome is unknown): the
+/// range as the ownership tables now have it. The target owns it: done.
+/// Nobody does (the release committed, the claim did not): the claim is
+/// finished now, so the range is not left without an owner. The source
+/// still does: `None` (the attempt changed nothing).
+async fn resolve(ctx: &Ctx) -> Result<Option<u64>, ShardError> {
+    let map = ctx.cluster.refresh().await?;
+    let mut owners: Vec<Option<usize>> = ctx.range.slots().map(|s| map.owner_index(s)).collect();
+    owners.dedup();
+    match owners.as_slice() {
+        [Some(o)] if *o == ctx.target => Ok(Some(map.version())),
+        [Some(o)] if *o == ctx.source => Ok(None),
+        [None] => {
+            let to = ctx.target().name.to_string();
+            Ok(Some(ctx.cluster.move_ownership(ctx.range, &to).await?))
+        }
+        _ => Err(ctx.failed(
+            MovePhase::CuttingOver,
+            format!(
+                "{} is split between owners after a failed commit",
+                ctx.range
+            ),
+        )),
+    }
 }
 
 /// The cleanup phase: the source's copies of the range deleted.
