@@ -9,9 +9,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::super::error::ShardError;
-use super::super::tables::TableSpec;
+use super::apply::{Change, Val, apply};
 use super::copy::Session;
-use super::rows::{self, TextRow};
 use super::run::Ctx;
 use crate::pg::feed::pgoutput::{self, Message, Value};
 
@@ -31,26 +30,11 @@ pub(super) struct StreamStatus {
     pub(super) error: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Val {
-    Null,
-    Unchanged,
-    Text(String),
-}
-
-/// A change to a declared table, values in the table's column order.
-struct Change {
-    table: usize,
-    kind: u8,
-    old: Option<Vec<Val>>,
-    new: Option<Vec<Val>>,
-}
-
 /// A relation of the stream: the declared table it is and where each of
 /// the table's columns is in its tuples (`None`: not declared).
 type Relations = HashMap<u32, Option<(usize, Vec<usize>)>>;
 
-fn fail(ctx: &Ctx, reason: impl Into<String>) -> ShardError {
+pub(super) fn fail(ctx: &Ctx, reason: impl Into<String>) -> ShardError {
     ShardError::MoveFailed {
         id: ctx.id.clone(),
         phase: "catching_up",
@@ -110,148 +94,6 @@ fn values(ctx: &Ctx, tuple: &[Value<'_>], positions: &[usize]) -> Result<Vec<Val
                 .map_err(|_| fail(ctx, "a streamed value is not UTF-8")),
         })
         .collect()
-}
-
-fn text_row(values: &[Val]) -> Option<TextRow> {
-    values
-        .iter()
-        .map(|v| match v {
-            Val::Null => Some(None),
-            Val::Text(t) => Some(Some(t.clone())),
-            Val::Unchanged => None,
-        })
-        .collect()
-}
-
-fn key_text(spec: &TableSpec, values: &[Val]) -> Option<Vec<String>> {
-    spec.primary_key
-        .iter()
-        .map(|&i| match values.get(i) {
-            Some(Val::Text(t)) => Some(t.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
-fn slot(ctx: &Ctx, spec: &TableSpec, values: &[Val]) -> Option<u16> {
-    match values.get(spec.key) {
-        Some(Val::Text(t)) => spec.key_type.slot_of_text(t, ctx.slots),
-        _ => None,
-    }
-}
-
-/// Applies one source transaction's changes; returns the rows of the
-/// range it wrote.
-async fn apply(ctx: &Ctx, changes: &[Change]) -> Result<u64, ShardError> {
-    let target = ctx.target();
-    let terr = |e| ShardError::db(&target.name, e);
-    let mut tx = None;
-    let mut rows_applied = 0;
-    // Consecutive upserts of one table, one row per primary key (the
-    // last change wins), written in one statement.
-    let mut upserts: Upserts = (0, Vec::new(), HashMap::new());
-    for change in changes {
-        let spec = &ctx.cluster.inner.tables[change.table];
-        // What to do: write the new row (in range), or delete the old one.
-        let new_in_range = change
-            .new
-            .as_ref()
-            .is_some_and(|n| ctx.in_range(slot(ctx, spec, n)));
-        let delete_key = match (change.kind, &change.old, &change.new) {
-            (b'D', Some(old), _) => {
-                // The old tuple names the key; the shard key only if it is
-                // part of it (or REPLICA IDENTITY FULL).
-                match old.get(spec.key) {
-                    Some(Val::Text(_)) if !ctx.in_range(slot(ctx, spec, old)) => None,
-                    _ => key_text(spec, old),
-                }
-            }
-            // A primary key changed within the range: the old row goes.
-            (b'U', Some(old), Some(new)) if new_in_range => {
-                let (o, n) = (key_text(spec, old), key_text(spec, new));
-                if o.is_some() && o != n { o } else { None }
-            }
-            _ => None,
-        };
-        if !new_in_range && delete_key.is_none() {
-            continue;
-        }
-        if tx.is_none() {
-            tx = Some(target.db.transaction().await.map_err(terr)?);
-        }
-        let Some(t) = tx.as_ref() else { continue };
-        let row = change
-            .new
-            .as_ref()
-            .filter(|_| new_in_range)
-            .and_then(|n| text_row(n));
-        if let (Some(row), None) = (&row, &delete_key) {
-            if upserts.0 != change.table {
-                flush(ctx, t, &mut upserts).await?;
-                upserts.0 = change.table;
-            }
-            let key = rows::key_of(spec, row);
-            match upserts.2.get(&key) {
-                Some(&i) => upserts.1[i] = row.clone(),
-                None => {
-                    upserts.2.insert(key, upserts.1.len());
-                    upserts.1.push(row.clone());
-                }
-            }
-            rows_applied += 1;
-            continue;
-        }
-        flush(ctx, t, &mut upserts).await?;
-        if let Some(key) = delete_key {
-            rows::delete_in_range(t, &target.name, spec, &key, ctx.range, ctx.slots).await?;
-            rows_applied += 1;
-        }
-        if let (true, Some(new)) = (new_in_range, &change.new) {
-            match text_row(new) {
-                Some(row) => rows::upsert(t, &target.name, spec, &[&row]).await?,
-                None => {
-                    // TOASTed values left out: update the others in place.
-                    let key = key_text(spec, new)
-                        .ok_or_else(|| fail(ctx, "an update without its primary key"))?;
-                    let set: Vec<(usize, Option<String>)> = new
-                        .iter()
-                        .enumerate()
-                        .filter_map(|(i, v)| match v {
-                            Val::Null => Some((i, None)),
-                            Val::Text(t) => Some((i, Some(t.clone()))),
-                            Val::Unchanged => None,
-                        })
-                        .collect();
-                    rows::update_columns(t, &target.name, spec, &key, &set).await?;
-                }
-            }
-            rows_applied += 1;
-        }
-    }
-    if let Some(tx) = tx {
-        flush(ctx, &tx, &mut upserts).await?;
-        tx.commit().await.map_err(terr)?;
-    }
-    Ok(rows_applied)
-}
-
-/// Pending upserts: the table, the rows, each row's index by primary key.
-type Upserts = (usize, Vec<TextRow>, HashMap<Option<Vec<String>>, usize>);
-
-async fn flush(
-    ctx: &Ctx,
-    tx: &crate::pg::Transaction,
-    upserts: &mut Upserts,
-) -> Result<(), ShardError> {
-    if upserts.1.is_empty() {
-        return Ok(());
-    }
-    let spec = &ctx.cluster.inner.tables[upserts.0];
-    let rows: Vec<&TextRow> = upserts.1.iter().collect();
-    rows::upsert(tx, &ctx.target().name, spec, &rows).await?;
-    upserts.1.clear();
-    upserts.2.clear();
-    Ok(())
 }
 
 /// The most changes applied in one target transaction.

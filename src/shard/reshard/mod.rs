@@ -144,6 +144,7 @@
 //!   copy session): types whose text form does not read back as the same
 //!   value cannot be moved.
 
+mod apply;
 mod catchup;
 mod cleanup;
 mod copy;

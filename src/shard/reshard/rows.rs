@@ -13,7 +13,6 @@ use tokio_postgres::types::ToSql;
 use crate::pg::Transaction;
 
 use super::super::error::ShardError;
-use super::super::map::SlotRange;
 use super::super::tables::{TableSpec, ident};
 
 /// One row in `columns` order, as text (`None`: NULL).
@@ -183,43 +182,68 @@ fn key_condition(spec: &TableSpec, first_param: usize) -> String {
     format!("({}) = ({})", pk.join(", "), params.join(", "))
 }
 
-/// Deletes the row of primary key `key` on the target in `tx` only if its
-/// shard key's slot is in `range` (a row of another slot with the same
-/// primary key belongs to the target and stays).
-pub(crate) async fn delete_in_range(
+/// The rows of primary keys `keys` on the shard in `tx`, locked, as text
+/// rows with only the primary key and the shard key set.
+pub(crate) async fn lookup(
     tx: &Transaction,
-    target: &Arc<str>,
+    shard: &Arc<str>,
     spec: &TableSpec,
-    key: &[String],
-    range: SlotRange,
-    slots: u16,
-) -> Result<(), ShardError> {
-    let err = |e| ShardError::db(target, e);
-    let params: Vec<&(dyn ToSql + Sync)> = key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
-    let sql = format!(
-        "SELECT {}::text FROM ONLY {} WHERE {} FOR UPDATE",
-        ident(&spec.columns[spec.key].name),
-        spec.qualified(),
-        key_condition(spec, 1)
-    );
-    let found = tx.query(&sql, &params).await.map_err(err)?;
-    let Some(row) = found.first() else {
-        return Ok(());
-    };
-    let shard_key: Option<String> = row.try_get(0).ok().flatten();
-    let in_range = shard_key
-        .as_deref()
-        .and_then(|k| spec.key_type.slot_of_text(k, slots))
-        .is_some_and(|s| range.slots().contains(&s));
-    if in_range {
-        let sql = format!(
-            "DELETE FROM ONLY {} WHERE {}",
-            spec.qualified(),
-            key_condition(spec, 1)
-        );
-        tx.execute(&sql, &params).await.map_err(err)?;
+    keys: &[Vec<String>],
+) -> Result<Vec<TextRow>, ShardError> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(())
+    let mut columns: Vec<usize> = spec.primary_key.clone();
+    if !columns.contains(&spec.key) {
+        columns.push(spec.key);
+    }
+    let select: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(n, &i)| format!("{}::text AS v{n}", ident(&spec.columns[i].name)))
+        .collect();
+    let pk: Vec<String> = spec
+        .primary_key
+        .iter()
+        .map(|&i| ident(&spec.columns[i].name))
+        .collect();
+    let casts: Vec<String> = spec
+        .primary_key
+        .iter()
+        .enumerate()
+        .map(|(n, &i)| format!("u.k{n}::{}", spec.columns[i].type_name))
+        .collect();
+    let arrays: Vec<String> = (1..=pk.len()).map(|n| format!("${n}::text[]")).collect();
+    let aliases: Vec<String> = (0..pk.len()).map(|n| format!("k{n}")).collect();
+    let sql = format!(
+        "SELECT {} FROM ONLY {} WHERE ({}) IN (SELECT {} FROM unnest({}) AS u({})) FOR UPDATE",
+        select.join(", "),
+        spec.qualified(),
+        pk.join(", "),
+        casts.join(", "),
+        arrays.join(", "),
+        aliases.join(", ")
+    );
+    let values: Vec<Vec<String>> = (0..pk.len())
+        .map(|n| keys.iter().filter_map(|k| k.get(n).cloned()).collect())
+        .collect();
+    let params: Vec<&(dyn ToSql + Sync)> =
+        values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+    let found = tx
+        .query(&sql, &params)
+        .await
+        .map_err(|e| ShardError::db(shard, e))?;
+    let mut out = Vec::with_capacity(found.len());
+    for row in &found {
+        let mut text: TextRow = vec![None; spec.columns.len()];
+        for (n, &i) in columns.iter().enumerate() {
+            text[i] = row
+                .try_get::<_, Option<String>>(n)
+                .map_err(|e| ShardError::Setup(format!("{shard}: a looked-up key: {e}")))?;
+        }
+        out.push(text);
+    }
+    Ok(out)
 }
 
 /// An UPDATE of the columns given (`Some`) of the row of primary key
