@@ -699,6 +699,7 @@ async fn run_and_kill(
         .args([
             "reshard::killed_child",
             "--exact",
+            "--include-ignored",
             "--nocapture",
             "--test-threads=1",
         ])
