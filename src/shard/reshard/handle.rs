@@ -32,7 +32,7 @@ impl Default for MoveOptions {
             cleanup_rate: 20_000,
             max_pause: Duration::from_secs(1),
             cutover_attempts: 10,
-            cutover_lag: 256 * 1024,
+            cutover_lag: 64 * 1024,
             catch_up_timeout: Duration::from_secs(600),
             timeout: Duration::from_secs(10),
             manual_cutover: false,
@@ -81,7 +81,7 @@ impl MoveOptions {
     }
 
     /// How far behind the source (bytes of WAL) the catch-up may be when a
-    /// cutover attempt starts (default 256 KiB).
+    /// cutover attempt starts (default 64 KiB).
     pub fn cutover_lag(mut self, bytes: u64) -> Self {
         self.cutover_lag = bytes;
         self
