@@ -18,7 +18,7 @@ pub struct MoveOptions {
     pub(crate) cleanup_rate: u32,
     pub(crate) max_pause: Duration,
     pub(crate) cutover_attempts: u32,
-    pub(crate) cutover_lag: u64,
+    pub(crate) cutover_lag: Duration,
     pub(crate) catch_up_timeout: Duration,
     pub(crate) timeout: Duration,
     pub(crate) manual_cutover: bool,
@@ -32,7 +32,7 @@ impl Default for MoveOptions {
             cleanup_rate: 20_000,
             max_pause: Duration::from_secs(1),
             cutover_attempts: 10,
-            cutover_lag: 64 * 1024,
+            cutover_lag: Duration::from_millis(100),
             catch_up_timeout: Duration::from_secs(600),
             timeout: Duration::from_secs(10),
             manual_cutover: false,
@@ -80,10 +80,12 @@ impl MoveOptions {
         self
     }
 
-    /// How far behind the source (bytes of WAL) the catch-up may be when a
-    /// cutover attempt starts (default 64 KiB).
-    pub fn cutover_lag(mut self, bytes: u64) -> Self {
-        self.cutover_lag = bytes;
+    /// How far behind the source the catch-up may be when a cutover
+    /// attempt starts (default 100 ms): a marker committed on the source
+    /// must come through the stream within it. What the attempt then
+    /// holds writes for is about this plus the lock and the commits.
+    pub fn cutover_lag(mut self, d: Duration) -> Self {
+        self.cutover_lag = d;
         self
     }
 

@@ -25,7 +25,7 @@ impl ShardedCluster {
         options: MoveOptions,
     ) -> Result<MoveHandle, ShardError> {
         let rec = record::find(self, id).await?;
-        self.not_running_here(id)?;
+        self.not_running(&rec).await?;
         let target = self.shard_index(&rec.target)?;
         let source = self.shard_index(&rec.source)?;
         let map = self.refresh().await?;
@@ -101,13 +101,14 @@ impl ShardedCluster {
         })
     }
 
-    /// Rolls move `id` back: its publication and slot are dropped and the
-    /// target's partial rows deleted. Refused once the move cut over (the
+    /// Rolls move `id` back: its publication is dropped and the target's
+    /// partial rows deleted (its temporary slot went with its session:
+    /// refused while that session lives, as for a running move). Refused once the move cut over (the
     /// target owns the range: move it back instead) or while it is in
     /// transit (resume it).
     pub async fn rollback_move(&self, id: &str) -> Result<(), ShardError> {
         let rec = record::find(self, id).await?;
-        self.not_running_here(id)?;
+        self.not_running(&rec).await?;
         let source = self.shard_index(&rec.source)?;
         let target = self.shard_index(&rec.target)?;
         let map = self.refresh().await?;
@@ -132,16 +133,6 @@ impl ShardedCluster {
             )
             .await
             .map_err(err)?;
-        // A temporary slot goes with its session; one whose session is
-        // still ending is dropped once inactive.
-        src.db
-            .execute(
-                "SELECT pg_catalog.pg_drop_replication_slot(slot_name) \
-                 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1 AND NOT active",
-                &[&name],
-            )
-            .await
-            .map_err(err)?;
         delete_range(self, target, rec.range, 1_000, 0, |_| {}).await?;
         let tgt = &self.inner.shards[target];
         record::set_phase(&src.db, &src.name, id, "rolled_back", None).await?;
@@ -149,13 +140,37 @@ impl ShardedCluster {
         Ok(())
     }
 
-    fn not_running_here(&self, id: &str) -> Result<(), ShardError> {
+    /// Refuses a move that runs: in this instance, or anywhere (its
+    /// temporary replication slot lives exactly as long as its session;
+    /// one whose process just died is given a few seconds to go).
+    async fn not_running(&self, rec: &MoveRecord) -> Result<(), ShardError> {
+        let conflict = || ShardError::MoveConflict { id: rec.id.clone() };
         if crate::sync::lock(&self.inner.running_moves)
             .iter()
-            .any(|(r, _)| r == id)
+            .any(|(r, _)| *r == rec.id)
         {
-            return Err(ShardError::MoveConflict { id: id.to_owned() });
+            return Err(conflict());
         }
-        Ok(())
+        let source = &self.inner.shards[self.shard_index(&rec.source)?];
+        let name = slot_name(&rec.id);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let row = source
+                .db
+                .read_one(
+                    crate::pg::Consistency::Strong,
+                    "SELECT count(*) FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+                    &[&name],
+                )
+                .await
+                .map_err(|e| ShardError::db(&source.name, e))?;
+            if row.value.try_get::<_, i64>(0).unwrap_or(1) == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(conflict());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }

@@ -362,6 +362,7 @@ async fn catch_up(ctx: &Ctx, status: &mut watch::Receiver<StreamStatus>) -> Resu
     let first_behind = source_lsn(ctx)
         .await?
         .saturating_sub(status.borrow().applied);
+    let mut probe = 0u64;
     loop {
         let now = source_lsn(ctx).await?;
         let seen = status.borrow().clone();
@@ -377,23 +378,71 @@ async fn catch_up(ctx: &Ctx, status: &mut watch::Receiver<StreamStatus>) -> Resu
             p.estimated_remaining =
                 (rate > 0.0).then(|| Duration::from_secs_f64((behind as f64 / rate).min(1e7)));
         });
-        let ready = behind <= ctx.options.cutover_lag;
+        // How far behind in time: a marker committed now, and how long it
+        // takes to come through (WAL the stream skips, such as vacuum's,
+        // counts in the bytes but not here).
+        probe += 1;
+        let sent = Instant::now();
+        let arrived = marker(ctx, status, &format!("{}:probe:{probe}", ctx.id), deadline).await?;
+        let lag = sent.elapsed();
+        let ready = arrived && lag <= ctx.options.cutover_lag;
         if ready && (!ctx.options.manual_cutover || *ctx.go.borrow()) {
             return Ok(());
         }
-        if !ready && Instant::now() >= deadline {
+        if Instant::now() >= deadline {
             return Err(ctx.failed(
                 MovePhase::CatchingUp,
                 format!(
-                    "still {behind} bytes behind after {:?}",
+                    "still {behind} bytes ({lag:?}) behind after {:?}",
                     ctx.options.catch_up_timeout
                 ),
             ));
         }
-        // Woken by progress, or looked again after a while (the source's
-        // position moves without the stream).
-        let _ = tokio::time::timeout(Duration::from_millis(100), status.changed()).await;
+        if ready {
+            // Manual cutover, caught up: look again in a while.
+            let _ =
+                tokio::time::timeout(Duration::from_millis(100), ctx.go.clone().changed()).await;
+        }
     }
+}
+
+/// Commits marker `name` through the source's WAL and waits until the
+/// stream applied everything before it (false: not by `deadline`).
+async fn marker(
+    ctx: &Ctx,
+    status: &mut watch::Receiver<StreamStatus>,
+    name: &str,
+    deadline: Instant,
+) -> Result<bool, ShardError> {
+    let source = ctx.source();
+    source
+        .db
+        .execute(
+            "SELECT pg_catalog.pg_logical_emit_message(true, $1, $2)",
+            &[&MARKER, &name],
+        )
+        .await
+        .map_err(|e| ShardError::db(&source.name, e))?;
+    // The outcome, with the watch's guard gone before anything awaits.
+    let outcome: Result<bool, Option<String>> = match tokio::time::timeout_at(
+        tokio::time::Instant::from_std(deadline),
+        status.wait_for(|s| s.marker.as_deref() == Some(name) || s.error.is_some()),
+    )
+    .await
+    {
+        Ok(Ok(s)) => match &s.error {
+            None => Ok(true),
+            Some(e) => Err(Some(e.clone())),
+        },
+        Ok(Err(_)) => Err(None),
+        Err(_) => Ok(false),
+    };
+    outcome.map_err(|e| {
+        ctx.failed(
+            MovePhase::CatchingUp,
+            e.unwrap_or_else(|| "the stream ended".into()),
+        )
+    })
 }
 
 /// One cutover attempt: `None` if it ran past the pause bound (rolled
@@ -416,30 +465,8 @@ async fn cutover(
     };
     record::set_phase_in(release, &source.name, &ctx.id, "released").await?;
     record::set_phase_in(mv.target(), &target.name, &ctx.id, "cleaning_up").await?;
-    let marker = format!("{}:{attempt}", ctx.id);
-    source
-        .db
-        .execute(
-            "SELECT pg_catalog.pg_logical_emit_message(true, $1, $2)",
-            &[&MARKER, &marker],
-        )
-        .await
-        .map_err(|e| ShardError::db(&source.name, e))?;
-    // The outcome, with the watch's guard gone before anything awaits.
-    let outcome: Result<bool, Option<String>> = match tokio::time::timeout_at(
-        tokio::time::Instant::from_std(deadline),
-        status.wait_for(|s| s.marker.as_deref() == Some(marker.as_str()) || s.error.is_some()),
-    )
-    .await
-    {
-        Ok(Ok(s)) => match &s.error {
-            None => Ok(true),
-            Some(e) => Err(Some(e.clone())),
-        },
-        Ok(Err(_)) => Err(None),
-        Err(_) => Ok(false),
-    };
-    match outcome {
+    let reached = marker(ctx, status, &format!("{}:{attempt}", ctx.id), deadline).await;
+    match reached {
         Ok(true) => {}
         // Past the bound: dropping the move rolls both sides back.
         Ok(false) => {
@@ -448,10 +475,7 @@ async fn cutover(
         }
         Err(e) => {
             drop(mv);
-            return Err(ctx.failed(
-                MovePhase::CuttingOver,
-                e.unwrap_or_else(|| "the stream ended".into()),
-            ));
+            return Err(e);
         }
     }
     let version = match mv.commit().await {
