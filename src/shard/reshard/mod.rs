@@ -31,7 +31,10 @@
 //!    batch's size. No one reads those rows on the target before the
 //!    claim (the read fence), so only the state at the cutover's marker
 //!    is ever seen, and it is the source's.
-//! 3. **Cutting over** (below).
+//! 3. **Cutting over** (below), once the catch-up is within
+//!    [`MoveOptions::cutover_lag`] of the source in time: a probe marker
+//!    committed on the source comes through the stream within it (WAL
+//!    bytes would also count what the stream skips, such as vacuum's).
 //! 4. **Cleaning up.** The source's copies of the moved rows are deleted
 //!    in throttled batches; each batch runs under a `SHARE` lock on the
 //!    source's ownership table and first checks that the source owns none
