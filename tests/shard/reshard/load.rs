@@ -493,7 +493,20 @@ async fn read_your_writes_holds_across_a_move_to_a_lagging_replica() {
         locals.push(s.await.expect("start"));
     }
     database(&locals, "reshard_ryw").await;
-    let sharded = sharded(&locals, "reshard_ryw", |b| b, |b| b.table("items", "id")).await;
+    // The slots this instance saw change owner (cache tags to invalidate).
+    let seen_moved: Arc<std::sync::Mutex<Vec<u16>>> = Arc::default();
+    let hook = Arc::clone(&seen_moved);
+    let sharded = sharded(
+        &locals,
+        "reshard_ryw",
+        |b| b,
+        move |b| {
+            b.table("items", "id").on_slots_moved(move |slots| {
+                hook.lock().expect("hook").extend_from_slice(slots);
+            })
+        },
+    )
+    .await;
     // The ownership tables on the replicas too.
     for local in &locals {
         local.wait_for_replicas(DEADLINE).await.expect("replicas");
@@ -518,6 +531,12 @@ async fn read_your_writes_holds_across_a_move_to_a_lagging_replica() {
         .wait()
         .await
         .expect("move done");
+    let moved: Vec<u16> = seen_moved.lock().expect("hook").clone();
+    assert_eq!(
+        moved,
+        MOVING.slots().collect::<Vec<_>>(),
+        "on_slots_moved got the range once the move committed"
+    );
     let read = |token: ShardConsistency| {
         let sharded = sharded.clone();
         async move {
