@@ -97,7 +97,8 @@ impl MoveOptions {
     }
 
     /// Copy and catch up, then keep catching up until
-    /// [`MoveHandle::cut_over`] is called (default: cut over as soon as
+    /// [`MoveHandle::cut_over`] is called, within
+    /// [`catch_up_timeout`](Self::catch_up_timeout) (default: cut over as soon as
     /// the catch-up is within [`cutover_lag`](Self::cutover_lag)), as
     /// Vitess's `SwitchTraffic` is a step of its own.
     pub fn manual_cutover(mut self, manual: bool) -> Self {

@@ -1,5 +1,5 @@
-//! Running a move: the phases in order, the cutover, and resume and
-//! rollback.
+//! Running a move: its start, the phases in order, the catch-up's probes
+//! and the cutover.
 
 use std::time::{Duration, Instant};
 
@@ -390,13 +390,18 @@ async fn catch_up(ctx: &Ctx, status: &mut watch::Receiver<StreamStatus>) -> Resu
             return Ok(());
         }
         if Instant::now() >= deadline {
-            return Err(ctx.failed(
-                MovePhase::CatchingUp,
+            let why = if ready {
+                format!(
+                    "caught up, but MoveHandle::cut_over was not called within {:?}",
+                    ctx.options.catch_up_timeout
+                )
+            } else {
                 format!(
                     "still {behind} bytes ({lag:?}) behind after {:?}",
                     ctx.options.catch_up_timeout
-                ),
-            ));
+                )
+            };
+            return Err(ctx.failed(MovePhase::CatchingUp, why));
         }
         if ready {
             // Manual cutover, caught up: look again in a while.
