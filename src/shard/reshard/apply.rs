@@ -56,6 +56,22 @@ fn slot(ctx: &Ctx, spec: &TableSpec, values: &[Val]) -> Option<u16> {
     }
 }
 
+/// Whether a change can touch a row of the range: its new row is in the
+/// range, or it deletes a row whose shard key is in the range or unknown
+/// (the old tuple names the primary key only). An update whose new row is
+/// outside the range cannot: a row's shard key does not leave its slot.
+pub(super) fn relevant(ctx: &Ctx, change: &Change) -> bool {
+    let spec = &ctx.cluster.inner.tables[change.table];
+    match (change.kind, &change.old, &change.new) {
+        (b'D', Some(old), _) => match old.get(spec.key) {
+            Some(Val::Text(_)) => ctx.in_range(slot(ctx, spec, old)),
+            _ => true,
+        },
+        (_, _, Some(new)) => ctx.in_range(slot(ctx, spec, new)),
+        _ => false,
+    }
+}
+
 /// The net effect of a batch on one row (by table and primary key).
 enum Effect {
     /// The row as it ends up.

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::super::error::ShardError;
-use super::apply::{Change, Val, apply};
+use super::apply::{Change, Val, apply, relevant};
 use super::copy::Session;
 use super::run::Ctx;
 use crate::pg::feed::pgoutput::{self, Message, Value};
@@ -197,12 +197,17 @@ async fn run(
                         };
                         let old = old.map(|t| values(ctx, &t, positions)).transpose()?;
                         let new = new.map(|t| values(ctx, &t, positions)).transpose()?;
-                        pending.push(Change {
+                        let change = Change {
                             table: *table,
                             kind,
                             old,
                             new,
-                        });
+                        };
+                        // Only what the range may need is kept until the
+                        // commit.
+                        if relevant(ctx, &change) {
+                            pending.push(change);
+                        }
                     }
                     Message::Truncate(ids) => {
                         if ids

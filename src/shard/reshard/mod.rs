@@ -149,9 +149,10 @@
 //!   shard key fails the move.
 //! - A row's shard key must not move it to another slot (the library's
 //!   routing assumes it too).
-//! - A source transaction is held in memory whole until its commit is
-//!   streamed (changes of the declared tables only, of any slot): a
-//!   transaction of millions of rows during a move costs that much memory.
+//! - A source transaction's changes that may touch the range (rows of
+//!   the range, and deletes that name only a primary key) are held in
+//!   memory until its commit is streamed: a transaction of millions of
+//!   such rows during a move costs that much memory.
 //! - `TRUNCATE` of a declared table during a move fails the move; so does
 //!   a change of a declared table's columns.
 //! - The catch-up is one stream: a sustained write rate to the source
