@@ -137,7 +137,6 @@ pub struct ShardedClusterBuilder {
     name: Option<String>,
     moved_wait: Duration,
     read_all_timeout: Option<Duration>,
-    pub(super) map_poll: Option<Duration>,
     on_moved: Vec<SlotsMoved>,
     pub(super) declared: super::tables::Declared,
 }
@@ -349,9 +348,6 @@ impl ShardedClusterBuilder {
         // It wrote nothing: however it ends, the lock goes with it.
         let _ = serial.rollback().await;
         sharded.refresh().await?;
-        if let Some(every) = self.map_poll {
-            super::poll::spawn(&sharded, every);
-        }
         Ok(sharded)
     }
 }
@@ -367,7 +363,6 @@ impl ShardedCluster {
             name: None,
             moved_wait: Duration::from_secs(2),
             read_all_timeout: None,
-            map_poll: None,
             on_moved: Vec::new(),
             declared: super::tables::Declared::default(),
         }

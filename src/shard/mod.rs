@@ -90,7 +90,6 @@ mod feed;
 mod map;
 mod moves;
 mod ownership;
-mod poll;
 #[cfg(feature = "reshard")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reshard")))]
 pub mod reshard;

@@ -134,12 +134,9 @@
 //!   overlapping moves at the same instant can both pass that check: the
 //!   cutover's move lock lets one win, the other fails and leaves its
 //!   partial copy marked (roll it back).
-//! - Other instances learn of the move when the old owner refuses them
-//!   (the fence), as with any stale map, or within
-//!   [`map_poll`](ShardedClusterBuilder::map_poll)'s interval when they
-//!   poll the shards' map versions (their
-//!   [`on_slots_moved`](ShardedClusterBuilder::on_slots_moved) fires
-//!   then); there is no push fan-out of maps.
+//! - A change fan-out of the new map to other instances is not part of
+//!   this: they learn of the move when the old owner refuses them (the
+//!   fence), as with any stale map.
 //! - Writes that reach the moving rows without the fence (not through
 //!   [`ShardedCluster::write`] or [`transaction`](ShardedCluster::transaction))
 //!   are copied or streamed while the move runs but are not held back by

@@ -181,21 +181,9 @@ async fn half_of_a_shard_moves_under_write_load_losing_nothing() {
         |b| b.table("items", "id").table("notes", "user_id"),
     )
     .await;
-    // An instance that does not run the move and learns of it when the
-    // old owner refuses it, and one that polls the shards' map versions.
-    let other = sharded_again(&locals, "reshard_load", |b| b).await;
-    // When its hook got a slot of the range, last.
-    let polled_moves: Arc<std::sync::Mutex<Vec<(Instant, u16)>>> = Arc::default();
-    let hook = Arc::clone(&polled_moves);
-    let polling = sharded_again(&locals, "reshard_load", move |b| {
-        b.map_poll(Duration::from_millis(100))
-            .on_slots_moved(move |slots| {
-                let now = Instant::now();
-                let mut seen = hook.lock().expect("hook");
-                seen.extend(slots.iter().map(|s| (now, *s)));
-            })
-    })
-    .await;
+    // An instance that does not run the move (no fan-out of maps: it
+    // learns of the move when the old owner refuses it).
+    let other = sharded_again(&locals, "reshard_load").await;
     let preloaded = shard1_keys(1, 6_000);
     preload(&clients[0], &preloaded).await;
     // A note for every third preloaded key.
@@ -280,23 +268,6 @@ async fn half_of_a_shard_moves_under_write_load_losing_nothing() {
         Err(_) => panic!("the move did not end within 60 s: {:?}", *last.borrow()),
     };
     let moved_in = move_started.elapsed();
-    // The polling instance sees the new map within a second of the
-    // cutover, with no request of its own, and its hook gets the range.
-    until("the polling instance sees the move", DEADLINE, async || {
-        polling.map().owner(MOVING.first) == Some("shard-2")
-    })
-    .await;
-    let last_hook = polled_moves
-        .lock()
-        .expect("hook")
-        .iter()
-        .filter(|(_, s)| MOVING.slots().contains(s))
-        .map(|(at, _)| *at)
-        .max()
-        .expect("the polling instance's hook got the range");
-    let seen_after = last_hook.saturating_duration_since(report.cutover.1);
-    println!("the polling instance saw the new owner {seen_after:?} after the cutover");
-    assert!(seen_after < Duration::from_secs(1), "{seen_after:?}");
     // Writes go on a little after the move, on the new owner.
     // (and to a few thousand operations in all).
     let after = (done.load(Ordering::Relaxed) + 300).max(3_000);
