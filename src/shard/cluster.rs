@@ -41,6 +41,15 @@ pub(crate) struct Inner {
     pub(crate) read_sql: RwLock<ReadSqlCache>,
     /// Cancelled when the last handle goes: stops the map listeners.
     pub(crate) closed: tokio_util::sync::CancellationToken,
+    /// The declared sharded tables, as the shards' catalogs describe them.
+    #[cfg_attr(not(feature = "reshard"), allow(dead_code))]
+    pub(crate) tables: Vec<super::tables::TableSpec>,
+    /// The tables named as staying on their shard.
+    #[cfg_attr(not(feature = "reshard"), allow(dead_code))]
+    pub(crate) local_tables: Vec<String>,
+    /// The moves this instance runs (id, range): overlapping ones refused.
+    #[cfg(feature = "reshard")]
+    pub(crate) running_moves: std::sync::Mutex<Vec<(String, SlotRange)>>,
 }
 
 impl Drop for Inner {
@@ -120,6 +129,7 @@ pub struct ShardedClusterBuilder {
     read_all_timeout: Option<Duration>,
     on_moved: Vec<SlotsMoved>,
     watch_map: bool,
+    pub(super) declared: super::tables::Declared,
 }
 
 impl fmt::Debug for ShardedClusterBuilder {
@@ -267,6 +277,11 @@ impl ShardedClusterBuilder {
                 cluster,
             })
             .collect();
+        let dbs: Vec<(Arc<str>, Db)> = shards
+            .iter()
+            .map(|s| (Arc::clone(&s.name), s.db.clone()))
+            .collect();
+        let tables = super::tables::describe_all(&dbs, &self.declared).await?;
         let names: Vec<Arc<str>> = shards.iter().map(|s| Arc::clone(&s.name)).collect();
         let empty = SlotMap::from_owned(0, self.slots, names, &[]);
         let sharded = ShardedCluster {
@@ -282,6 +297,10 @@ impl ShardedClusterBuilder {
                 metrics,
                 read_sql: RwLock::new(ReadSqlCache::default()),
                 closed: tokio_util::sync::CancellationToken::new(),
+                tables,
+                local_tables: self.declared.local,
+                #[cfg(feature = "reshard")]
+                running_moves: std::sync::Mutex::new(Vec::new()),
             }),
         };
         for shard in &sharded.inner.shards {
@@ -354,6 +373,7 @@ impl ShardedCluster {
             read_all_timeout: None,
             on_moved: Vec::new(),
             watch_map: true,
+            declared: super::tables::Declared::default(),
         }
     }
 

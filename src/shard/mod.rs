@@ -55,9 +55,12 @@
 //!   per shard, all feeding the same invalidators; see there for
 //!   table-wide tags).
 //!
-//! Moves: [`ShardedCluster::move_slots`] changes ownership;
+//! Moves: [`ShardedCluster::move_ownership`] changes ownership only;
 //! [`ShardedCluster::begin_move`] leaves room to copy the range's rows
-//! in between (copying and online resharding come later).
+//! in between. Online resharding — the rows of the declared tables
+//! ([`ShardedClusterBuilder::table`]) copied, caught up and cut over under
+//! load — is `ShardedCluster::move_slots` (feature `reshard`, see
+//! `shard::reshard`).
 //!
 //! ```no_run
 //! use tower_scale::pg::{Cluster, NodeConfig};
@@ -92,8 +95,12 @@ mod feed;
 mod map;
 mod moves;
 mod ownership;
+#[cfg(feature = "reshard")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reshard")))]
+pub mod reshard;
 mod route;
 mod slot;
+mod tables;
 mod token;
 mod watch;
 
@@ -104,6 +111,7 @@ pub use self::map::{SlotMap, SlotRange};
 pub use self::moves::SlotMove;
 pub use self::route::{ShardRead, ShardTransaction, ShardWritten};
 pub use self::slot::{DEFAULT_SLOTS, MAX_SLOTS, ShardKey, crc32, slot_of};
+pub use self::tables::KeyType;
 pub use self::token::{
     MAX_TOKEN_LEN, MAX_TOKEN_SHARDS, ShardConsistency, ShardedToken, ShardedTokenCodec, shard_id,
 };

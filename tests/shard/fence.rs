@@ -75,7 +75,7 @@ async fn a_stale_write_is_refused_by_the_old_owner_and_lands_on_the_new() {
     let slot_i = i32::from(slot);
     assert_eq!(stale.map().owner(slot), Some("shard-1"));
     let version = mover
-        .move_slots(SlotRange::one(slot), "shard-2")
+        .move_ownership(SlotRange::one(slot), "shard-2")
         .await
         .unwrap();
     assert_eq!(version, 2);
@@ -353,7 +353,12 @@ async fn concurrent_moves_get_versions_in_commit_order() {
                 for slot in slots {
                     let home = if slot < 2048 { "shard-1" } else { "shard-2" };
                     let to = if round % 2 == 0 { other(home) } else { home };
-                    versions.push(mover.move_slots(SlotRange::one(slot), to).await.unwrap());
+                    versions.push(
+                        mover
+                            .move_ownership(SlotRange::one(slot), to)
+                            .await
+                            .unwrap(),
+                    );
                     // A mover's map only ever moves forward.
                     assert!(mover.map().version() >= *versions.last().unwrap());
                 }
@@ -394,7 +399,7 @@ async fn a_stale_write_that_fails_on_the_old_owner_is_moved_not_failed() {
     mover.write(&key, sql, &[&key, &slot_i]).await.unwrap();
     // Moved without its row: the old owner keeps a row the new one lacks.
     mover
-        .move_slots(SlotRange::one(slot), "shard-2")
+        .move_ownership(SlotRange::one(slot), "shard-2")
         .await
         .unwrap();
     // On the old owner the insert would violate the key; the fence runs

@@ -22,6 +22,8 @@ mod fence;
 mod hostile;
 mod metrics;
 mod reads;
+#[cfg(feature = "reshard")]
+mod reshard;
 mod routing;
 mod versions;
 
