@@ -65,6 +65,10 @@ pub const MAX_LIMIT: usize = 1000;
 
 /// Everything the sharded service runs on.
 pub struct ShardedBackend {
+    /// The session holding this instance's `--instance-id` (see
+    /// `claim_instance_id`); the claim goes with it. First: fields drop
+    /// in order, and the servers below must outlive it.
+    pub claim: tokio_postgres::Client,
     /// Our own clusters with `--shards N`; stopped on drop.
     pub locals: Vec<LocalCluster>,
     pub cluster: ShardedCluster,
@@ -76,9 +80,6 @@ pub struct ShardedBackend {
     pub queues: Vec<(Arc<str>, Queue)>,
     /// The users caches, one per shard.
     pub users: Arc<ShardCaches>,
-    /// The session holding this instance's `--instance-id` (see
-    /// `claim_instance_id`); the claim goes with it.
-    pub claim: tokio_postgres::Client,
     /// Each shard's change feed (none with `--no-change-feed`, or where a
     /// shard cannot run one: a warning said why).
     pub feeds: Vec<(Arc<str>, tower_scale::pg::feed::ChangeFeed)>,
