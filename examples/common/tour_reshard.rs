@@ -18,7 +18,9 @@ const KEYS_PER_WRITER: i64 = 2_000;
 const WRITERS: i64 = 4;
 
 pub async fn reshard() -> Result<(), Error> {
-    println!("\n11. online resharding: a third shard joins, a third of the slots move to it under writes");
+    println!(
+        "\n11. online resharding: a third shard joins, a third of the slots move to it under writes"
+    );
     let t = Instant::now();
     let starts: Vec<_> = (0..3)
         .map(|_| tokio::task::spawn_blocking(|| LocalCluster::builder().replicas(0).start()))
@@ -124,7 +126,12 @@ pub async fn reshard() -> Result<(), Error> {
         let rows = c.query("SELECT id, version FROM items", &[]).await?;
         on.push(rows.iter().map(|r| (r.get(0), r.get(1))).collect());
     }
-    let index = |name: &str| name.trim_start_matches("shard-").parse::<usize>().unwrap_or(1) - 1;
+    let index = |name: &str| {
+        name.trim_start_matches("shard-")
+            .parse::<usize>()
+            .unwrap_or(1)
+            - 1
+    };
     let (mut lost, mut doubled) = (0, 0);
     for (key, version) in &acked {
         let owner = index(map.owner(sharded.slot(key)).unwrap_or("shard-1"));
