@@ -95,6 +95,7 @@ mod feed;
 mod map;
 mod moves;
 mod ownership;
+mod refresh;
 #[cfg(feature = "reshard")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reshard")))]
 pub mod reshard;
@@ -115,7 +116,7 @@ pub use self::tables::KeyType;
 pub use self::token::{
     MAX_TOKEN_LEN, MAX_TOKEN_SHARDS, ShardConsistency, ShardedToken, ShardedTokenCodec, shard_id,
 };
-pub use self::watch::CHANNEL;
+pub use self::watch::{CHANNEL, WeakShardedCluster};
 
 /// The cache tag of a slot's entries, `slot:{n}`: add it to cached reads
 /// of a key, and invalidate it from
