@@ -134,9 +134,10 @@
 //!   overlapping moves at the same instant can both pass that check: the
 //!   cutover's move lock lets one win, the other fails and leaves its
 //!   partial copy marked (roll it back).
-//! - A change fan-out of the new map to other instances is not part of
-//!   this: they learn of the move when the old owner refuses them (the
-//!   fence), as with any stale map.
+//! - Other instances learn of the move when the old owner refuses them
+//!   (the fence), as with any stale map, or through a map fan-out where
+//!   the sharding core has one: the cutover changes ownership with
+//!   [`ShardedCluster::begin_move`], as any move does.
 //! - Writes that reach the moving rows without the fence (not through
 //!   [`ShardedCluster::write`] or [`transaction`](ShardedCluster::transaction))
 //!   are copied or streamed while the move runs but are not held back by
