@@ -12,10 +12,13 @@
 //! lateral subquery of the slot's ownership row). The cluster is the only
 //! shard, so both reads run on the same server. `shard/route`: the key →
 //! shard decision alone (CRC-32 of the key, map lookup).
+//!
+//! `SHARD_COUNT=KIND:N` (see `count`) runs one kind of read `N` times for
+//! instruction counts under callgrind.
 
 use std::hint::black_box;
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group};
 use tower_scale::shard::{ShardConsistency, ShardedCluster};
 
 #[path = "support/mod.rs"]
@@ -137,5 +140,74 @@ fn shard(c: &mut Criterion) {
     drop(local);
 }
 
+/// `SHARD_COUNT=fenced:N` (or `plain:N`): both reads warmed, then `N`
+/// reads of the one kind, and nothing else. For instruction counts: run
+/// it under `valgrind --tool=callgrind` for two values of `N`; the
+/// difference over the difference in `N` is the cost of one read, setup
+/// and warm-up excluded (the server's work is another process's).
+fn count(spec: &str) {
+    let (kind, n) = spec.split_once(':').expect("SHARD_COUNT=KIND:N");
+    let n: i64 = n.parse().expect("SHARD_COUNT=KIND:N");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let local = support::items_cluster(&rt);
+    rt.block_on(async {
+        let sharded = ShardedCluster::builder()
+            .shard("shard-1", support::connect(&local).await)
+            .build()
+            .await
+            .expect("sharded");
+        local
+            .wait_for_replicas(std::time::Duration::from_secs(30))
+            .await
+            .expect("replay");
+        let cluster = support::connect(&local).await;
+        let db = cluster.db();
+        let plain = async |id: i64| {
+            db.read_one(
+                tower_scale::pg::Consistency::Any,
+                support::ROUTED_READ_SQL,
+                &[&id],
+            )
+            .await
+            .expect("row");
+        };
+        let fenced = async |id: i64| {
+            let r = sharded
+                .read(
+                    &id,
+                    &ShardConsistency::Any,
+                    support::ROUTED_READ_SQL,
+                    &[&id],
+                )
+                .await
+                .expect("read");
+            assert_eq!(r.value.len(), 1);
+        };
+        for id in 1..=200 {
+            plain(id).await;
+            fenced(id).await;
+        }
+        for i in 0..n {
+            let id = i % support::ITEMS + 1;
+            match kind {
+                "fenced" => fenced(id).await,
+                _ => plain(id).await,
+            }
+        }
+    });
+}
+
 criterion_group!(benches, shard);
-criterion_main!(benches);
+
+fn main() {
+    if let Ok(spec) = std::env::var("SHARD_COUNT") {
+        count(&spec);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -72,6 +72,8 @@ pub(crate) mod users;
 pub(crate) mod users_app;
 #[path = "common/users_shards.rs"]
 pub(crate) mod users_shards;
+#[path = "common/users_shards_cache.rs"]
+pub(crate) mod users_shards_cache;
 #[path = "common/users_shards_views.rs"]
 pub(crate) mod users_shards_views;
 

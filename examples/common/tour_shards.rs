@@ -168,6 +168,8 @@ pub async fn shards() -> Result<(), Error> {
         t.elapsed()
     );
 
+    hot_key(&client, &backend, &ids).await?;
+
     let (status, _, _) = client.send("GET", "/admin/shards", None, &[]).await?;
     let auth = [("authorization", "Bearer tour-admin")];
     let (_, _, map) = client.send("GET", "/admin/shards", None, &auth).await?;
@@ -178,5 +180,101 @@ pub async fn shards() -> Result<(), Error> {
         worker.shutdown(Duration::from_secs(5)).await;
     }
     drop(backend);
+    Ok(())
+}
+
+/// The celebrity problem: one user read 2,000 times among 1,000 reads of
+/// 99 others, from 8 clients without a cookie (`Any`), while another
+/// client renames it 20 times (each write invalidates its entry): the
+/// users cache finds it at the top of its hot keys, serves it from memory,
+/// and its fills go to the shard's replicas, never to a primary.
+async fn hot_key(
+    client: &Client,
+    backend: &users_shards::ShardedBackend,
+    ids: &[i64],
+) -> Result<(), Error> {
+    let celebrity = ids[7];
+    let t = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..8usize {
+        let mut c = Client {
+            http: client.http.clone(),
+            base: client.base.clone(),
+            cookie: None,
+        };
+        let others: Vec<i64> = ids
+            .iter()
+            .copied()
+            .filter(|&i| i != celebrity)
+            .take(99)
+            .collect();
+        tasks.spawn(async move {
+            let mut served: BTreeMap<String, usize> = BTreeMap::new();
+            for n in 0..375usize {
+                // Two reads in three are the celebrity's.
+                let (id, hot) = match n % 3 {
+                    2 => (others[(n / 3 + task * 47) % others.len()], false),
+                    _ => (celebrity, true),
+                };
+                let (status, by, _) = c.send("GET", &format!("/users/{id}"), None, &[]).await?;
+                if status != 200 {
+                    return Err::<_, Error>(format!("GET /users/{id}: {status}").into());
+                }
+                if hot {
+                    *served.entry(by).or_default() += 1;
+                }
+            }
+            Ok(served)
+        });
+    }
+    let mut writer = Client {
+        http: client.http.clone(),
+        base: client.base.clone(),
+        cookie: None,
+    };
+    let renames = tokio::spawn(async move {
+        for n in 0..20 {
+            let body = serde_json::json!({ "name": format!("celebrity-{n}") });
+            let path = format!("/users/{celebrity}");
+            let (status, _, _) = writer.send("PUT", &path, Some(body), &[]).await?;
+            if status != 200 {
+                return Err::<(), Error>(format!("PUT {path}: {status}").into());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    });
+    let mut served: BTreeMap<String, usize> = BTreeMap::new();
+    while let Some(done) = tasks.join_next().await {
+        for (by, n) in done?? {
+            *served.entry(by).or_default() += n;
+        }
+    }
+    renames.await??;
+    let on_primary: usize = served
+        .iter()
+        .filter(|(by, _)| by.ends_with("/primary"))
+        .map(|(_, n)| n)
+        .sum();
+    let top = backend.users.hot_keys(3);
+    let rank = top.iter().position(|k| k.key == celebrity).map(|r| r + 1);
+    println!(
+        "  a hot key: user {celebrity} read 2000 times among 1000 reads of 99 others, 8 clients \
+         without a cookie, renamed 20 times meanwhile, in {:.2?}: served by {served:?} \
+         ({on_primary} from a primary)",
+        t.elapsed()
+    );
+    println!(
+        "  the cache's hot keys (a sampled sketch; tower_scale_cache_hot_key_hits{{cache=\"users\",rank}}): \
+         {:?}, user {celebrity} at rank {}",
+        top.iter().map(|k| (k.key, k.reads)).collect::<Vec<_>>(),
+        rank.map_or("none".to_string(), |r| r.to_string())
+    );
+    if rank != Some(1) || on_primary > 0 {
+        return Err(format!(
+            "the hot key is at rank {rank:?} with {on_primary} reads from a primary"
+        )
+        .into());
+    }
     Ok(())
 }

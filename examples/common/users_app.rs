@@ -57,7 +57,7 @@ struct App {
 /// worker write through it alike.
 #[derive(Clone)]
 pub struct Invalidate {
-    /// The users cache (none in the sharded mode, which has no cache).
+    /// The users cache.
     users: Option<Invalidator<i64>>,
     http: Option<Invalidator<String>>,
 }
@@ -616,12 +616,12 @@ impl Welcome {
         }
     }
 
-    /// The handler for a service without a users cache (the sharded
-    /// mode): its update invalidates nothing.
-    pub fn without_cache() -> Self {
+    /// The handler for the sharded mode: it invalidates `users` (the
+    /// sharded users cache) at its shard's commit position.
+    pub fn with_users(users: Invalidator<i64>) -> Self {
         Self {
             invalidate: Invalidate {
-                users: None,
+                users: Some(users),
                 http: None,
             },
         }

@@ -9,16 +9,25 @@
 //! The consistency token is a `ShardedToken` (a commit LSN per shard
 //! written), carried in the same cookie (`tower_scale_token`) and header
 //! (`x-consistency-token`) as the single-cluster token: a write answers
-//! with the client's token merged with its own, so a client that keeps the
-//! cookie reads its writes on every shard.
+//! with the client's token followed by its own (`ShardedToken::followed_by`:
+//! the write's position replaces the client's on its shard, an unknown one
+//! from a lost commit answer included), so a client that keeps the cookie
+//! reads its writes on every shard, and one failed commit does not pin a
+//! shard's reads to its primary for the cookie's lifetime.
 //!
 //! The welcome job lives on its user's shard: it is enqueued in the
-//! insert's shard transaction, and each shard has its own worker. There is
-//! no users cache in this mode yet (every read goes to a shard).
+//! insert's shard transaction, and each shard has its own worker.
+//!
+//! `GET /users/{id}` reads through the users cache of
+//! `users_shards_cache.rs` (hot ids spread over their shard's replicas);
+//! writes and the welcome worker invalidate it at their commit position,
+//! each shard's change feed (unless `--no-change-feed`) does for every
+//! other writer, and a slot move for the slot's entries.
 #![allow(dead_code)]
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::rejection::{JsonRejection, PathRejection};
@@ -28,15 +37,17 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use tower::ServiceExt;
 
 use super::users::{self, BoxError, User, WelcomeJob};
 use super::users_app::{self, NameJson};
+use super::users_shards_cache::{self, MovedSlots, ShardCaches, ShardUserRead};
 use super::users_shards_views;
 use tower_scale::ids::IdGenerator;
-use tower_scale::pg::{Cluster, ConsistencyToken, NodeConfig, TokenCodec};
+use tower_scale::pg::{Cluster, Consistency, ConsistencyToken, NodeConfig, TokenCodec};
 use tower_scale::queue::{NewJob, Queue, QueueError, Worker, WorkerHandle};
 use tower_scale::shard::{
-    ShardConsistency, ShardError, ShardedCluster, ShardedToken, ShardedTokenCodec,
+    ShardConsistency, ShardError, ShardedCluster, ShardedToken, ShardedTokenCodec, shard_id,
 };
 use tower_scale::testing::LocalCluster;
 
@@ -62,13 +73,79 @@ pub struct ShardedBackend {
     pub ids: IdGenerator,
     /// Each shard's `welcome` queue, in the shards' order.
     pub queues: Vec<(Arc<str>, Queue)>,
+    /// The users caches, one per shard.
+    pub users: Arc<ShardCaches>,
+    /// The session holding this instance's `--instance-id` (see
+    /// `claim_instance_id`); the claim goes with it.
+    pub claim: tokio_postgres::Client,
+    /// Each shard's change feed (none with `--no-change-feed`, or where a
+    /// shard cannot run one: a warning said why).
+    pub feeds: Vec<(Arc<str>, tower_scale::pg::feed::ChangeFeed)>,
 }
 
 /// One shard's nodes, before connecting.
 struct ShardNodes {
     name: String,
     primary: NodeConfig,
+    /// The primary's connection settings (for the instance id's claim).
+    primary_config: tokio_postgres::Config,
     replicas: Vec<NodeConfig>,
+}
+
+/// The advisory lock key of instance id `id` (`tsuser` and the id).
+fn claim_key(id: u16) -> i64 {
+    0x7473_7573_6572_0000 | i64::from(id)
+}
+
+/// Claims `--instance-id` for this process: a session advisory lock on
+/// the primary of the shard whose name sorts first, held for the
+/// process's life (the returned client). Another instance holding it
+/// (two instances given one id would make the same ids) refuses the
+/// start. The session asks the server to probe the connection every few
+/// seconds, so a claim whose process died with its host frees within
+/// about 25 s (a restart in between is refused: retry it).
+async fn claim_instance_id(
+    primary: &tokio_postgres::Config,
+    shard: &str,
+    id: u16,
+) -> Result<tokio_postgres::Client, BoxError> {
+    let connect = primary.connect(tokio_postgres::NoTls);
+    let (client, connection) = tokio::time::timeout(Duration::from_secs(5), connect)
+        .await
+        .map_err(|_| {
+            format!("claiming --instance-id {id} on {shard}: no connection within 5 s")
+        })??;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            eprintln!(
+                "axum_users: warning: the claim of --instance-id {id} is lost ({e}): \
+                 another instance may take the id (an insert refused for a taken id retries)"
+            );
+        }
+    });
+    let claimed = tokio::time::timeout(Duration::from_secs(5), async {
+        client
+            .batch_execute(
+                "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; \
+                 SET tcp_keepalives_count = 3",
+            )
+            .await?;
+        let row = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&claim_key(id)])
+            .await?;
+        row.try_get::<_, bool>(0)
+    })
+    .await
+    .map_err(|_| format!("claiming --instance-id {id} on {shard}: no answer within 5 s"))??;
+    if !claimed {
+        return Err(format!(
+            "--instance-id {id} is in use by another instance on these shards \
+             (each instance sharing shards needs its own id; a stopped one frees it \
+             within about 25 s)"
+        )
+        .into());
+    }
+    Ok(client)
 }
 
 /// Starts (`--shards N`) or connects to (`--shard ...`) the shards, makes
@@ -91,6 +168,7 @@ pub async fn backend(args: &users::Args) -> Result<ShardedBackend, BoxError> {
             nodes.push(ShardNodes {
                 name: format!("shard-{}", i + 1),
                 primary: NodeConfig::new(l.primary().config()),
+                primary_config: l.primary().config(),
                 replicas: l
                     .replicas()
                     .iter()
@@ -103,6 +181,10 @@ pub async fn backend(args: &users::Args) -> Result<ShardedBackend, BoxError> {
             nodes.push(ShardNodes {
                 name: flag.name.clone(),
                 primary: NodeConfig::from_url(&flag.primary)?,
+                primary_config: flag
+                    .primary
+                    .parse()
+                    .map_err(|e| format!("--shard {}: {e}", flag.name))?,
                 replicas: flag
                     .replicas
                     .iter()
@@ -111,7 +193,16 @@ pub async fn backend(args: &users::Args) -> Result<ShardedBackend, BoxError> {
             });
         }
     }
-    let mut builder = ShardedCluster::builder().read_all_timeout(Duration::from_secs(2));
+    // The instance id first: nothing is set up under a taken one.
+    let Some(first) = nodes.iter().min_by(|a, b| a.name.cmp(&b.name)) else {
+        return Err("no shards".into());
+    };
+    let claim = claim_instance_id(&first.primary_config, &first.name, s.instance_id).await?;
+    // Entries of a slot that moves go when this instance learns of it.
+    let moved = MovedSlots::default();
+    let mut builder = ShardedCluster::builder()
+        .read_all_timeout(Duration::from_secs(2))
+        .on_slots_moved(moved.hook());
     let mut queues = Vec::new();
     for shard in nodes {
         let mut b = Cluster::builder()
@@ -169,6 +260,11 @@ pub async fn backend(args: &users::Args) -> Result<ShardedBackend, BoxError> {
     } else {
         ids
     };
+    let users = Arc::new(users_shards_cache::build(&cluster, &moved)?);
+    let feeds = match args.no_change_feed {
+        true => Vec::new(),
+        false => change_feeds(&cluster, &users).await,
+    };
     Ok(ShardedBackend {
         locals,
         cluster,
@@ -176,7 +272,48 @@ pub async fn backend(args: &users::Args) -> Result<ShardedBackend, BoxError> {
         lifetime,
         ids,
         queues,
+        users,
+        claim,
+        feeds,
     })
+}
+
+/// One change feed per shard for the users table, each feeding its
+/// shard's cache: a row changed by any writer invalidates `user:{id}`,
+/// `TRUNCATE` or a schema change every entry (`users:*`), at that shard's
+/// commit position. Shards that cannot run one get a warning, and their
+/// entries live until their TTL.
+async fn change_feeds(
+    cluster: &ShardedCluster,
+    users: &ShardCaches,
+) -> Vec<(Arc<str>, tower_scale::pg::feed::ChangeFeed)> {
+    use tower_scale::cache::Tag;
+    use tower_scale::pg::feed::Change;
+    let started = cluster
+        .change_feeds(|shard, mut feed| {
+            if let Some(invalidator) = users.invalidator(shard) {
+                feed = feed.invalidates(invalidator.clone());
+            }
+            feed.tables(["users"])
+                .publication("tower_scale_users")
+                .slot("tower_scale_users")
+                .map_tags(|change| match change {
+                    Change::Row {
+                        table: "users",
+                        key,
+                    } => vec![Tag::from(format!("user:{key}"))],
+                    Change::Whole { table: "users" } => vec![Tag::from(users::USERS_WHOLE)],
+                    _ => Vec::new(),
+                })
+        })
+        .await;
+    match started {
+        Ok(feeds) => feeds,
+        Err(e) => {
+            eprintln!("axum_users: warning: running without the change feeds: {e}");
+            Vec::new()
+        }
+    }
 }
 
 /// One welcome worker per shard, `slots` jobs at a time each (none for 0).
@@ -188,8 +325,13 @@ pub fn start_workers(
         return Ok(Vec::new());
     }
     let mut handles = Vec::new();
-    for (_, queue) in &backend.queues {
-        let worker = Worker::new(queue.clone(), users_app::Welcome::without_cache());
+    for (shard, queue) in &backend.queues {
+        let invalidator = backend
+            .users
+            .invalidator(shard)
+            .ok_or_else(|| format!("no users cache for {shard}"))?;
+        let welcome = users_app::Welcome::with_users(invalidator.clone());
+        let worker = Worker::new(queue.clone(), welcome);
         handles.push(worker.concurrency(slots).start()?);
     }
     Ok(handles)
@@ -201,6 +343,7 @@ pub(crate) struct App {
     pub(crate) lifetime: Duration,
     pub(crate) ids: IdGenerator,
     pub(crate) queues: Vec<(Arc<str>, Queue)>,
+    pub(crate) users: Arc<ShardCaches>,
     pub(crate) metrics: metrics_exporter_prometheus::PrometheusHandle,
     pub(crate) admin_token: Option<String>,
 }
@@ -220,6 +363,7 @@ pub fn router(
         lifetime: backend.lifetime,
         ids: backend.ids.clone(),
         queues: backend.queues.clone(),
+        users: Arc::clone(&backend.users),
         metrics,
         admin_token,
     });
@@ -285,8 +429,10 @@ impl App {
         }
     }
 
-    /// The response carries `written` merged with the request's token, in
-    /// the cookie and the header (as `DbLayer` writes them).
+    /// The response carries the request's token followed by `written`
+    /// (its positions replace the request's on the shards it lists, an
+    /// unknown one included), in the cookie and the header (as `DbLayer`
+    /// writes them).
     fn with_token(
         &self,
         mut res: Response,
@@ -294,7 +440,7 @@ impl App {
         written: &ShardedToken,
     ) -> Response {
         let mut token = self.token_of(headers).unwrap_or_default();
-        token.merge(written);
+        token.followed_by(written);
         let encoded = self.codec.encode(&token);
         let cookie = format!(
             "{COOKIE_NAME}={encoded}; HttpOnly; SameSite=Lax; Path=/; Max-Age={}",
@@ -307,6 +453,60 @@ impl App {
             res.headers_mut().insert(TOKEN_HEADER, v);
         }
         res
+    }
+
+    /// After a write to user `id` on `shard` answered with `token`: the
+    /// cached reads of it go, at that shard's commit position (everything
+    /// now when the position is unknown).
+    fn invalidate_user(&self, id: i64, shard: &str, token: &ShardedToken) {
+        let version = match token.for_shard(shard_id(shard)) {
+            Consistency::ReadYourWrites(t) => t.version(),
+            _ => None,
+        };
+        match (self.users.invalidator(shard), version) {
+            (Some(invalidator), Some(_)) => {
+                invalidator.invalidate_tag_at(format!("user:{id}"), version);
+            }
+            _ => self.users.forget(id),
+        }
+    }
+
+    /// `sql` on user `id`'s shard within [`REQUEST_DEADLINE`]. A failure
+    /// that may have committed (an error after the commit was sent, or no
+    /// answer in time) drops the id's cached reads now and answers with a
+    /// token that sends the client's reads of that shard to its primary.
+    async fn write_user(
+        &self,
+        headers: &HeaderMap,
+        id: i64,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<tower_scale::shard::ShardWritten<Vec<tokio_postgres::Row>>, Response> {
+        let (res, maybe) = match tokio::time::timeout(
+            REQUEST_DEADLINE,
+            self.cluster.write(&id, sql, params),
+        )
+        .await
+        {
+            Ok(Ok(w)) => return Ok(w),
+            Ok(Err(e)) => {
+                let maybe = e.may_have_committed();
+                (shard_error(e), maybe)
+            }
+            Err(_) => (unavailable(), true),
+        };
+        if !maybe {
+            return Err(res);
+        }
+        self.users.forget(id);
+        match self.cluster.shard_for(&id).and_then(|shard| {
+            self.cluster
+                .token_for(&shard, ConsistencyToken::unknown())
+                .ok()
+        }) {
+            Some(unknown) => Err(self.with_token(res, headers, &unknown)),
+            None => Err(res),
+        }
     }
 
     /// `NAME/node` for `x-served-by`.
@@ -379,24 +579,30 @@ async fn create(
         Ok(n) => n,
         Err(message) => return users_app::error(StatusCode::BAD_REQUEST, message),
     };
-    // An id taken already (another instance given the same
-    // `--instance-id`, in the same millisecond) gets a fresh one: the
-    // insert refused it, nothing was written.
+    // An id taken already (the instance's claim of its `--instance-id`
+    // lost to a network failure and the id taken by another instance, in
+    // the same millisecond) gets a fresh one: the insert refused it,
+    // nothing was written.
     let mut attempt = 0;
     let outcome = loop {
         let id = app.ids.next_id();
         match insert_and_enqueue(&app, id, &name).await {
             Err((_, Taken::Id)) if attempt < 2 => attempt += 1,
-            other => break other,
+            other => break other.map_err(|(res, taken)| (res, id, taken)),
         }
     };
-    match outcome.map_err(|(res, taken)| (res, taken.token())) {
+    match outcome.map_err(|(res, id, taken)| (res, taken.token().map(|t| (id, t)))) {
         Ok((user, shard, token)) => {
+            // A 404 for this id may be cached from before it existed.
+            app.invalidate_user(user.id, &shard, &token);
             let res = (StatusCode::CREATED, users_app::user_response(&user)).into_response();
             let res = users_app::served_by(res, app.primary_of(&shard));
             app.with_token(res, &headers, &token)
         }
-        Err((res, Some(unknown))) => app.with_token(res, &headers, &unknown),
+        Err((res, Some((id, unknown)))) => {
+            app.users.forget(id);
+            app.with_token(res, &headers, &unknown)
+        }
         Err((res, None)) => res,
     }
 }
@@ -508,24 +714,33 @@ async fn read(
     let Ok(Path(id)) = id else {
         return bad_id();
     };
-    let consistency = app.consistency(&headers);
-    let r = match within(
-        app.cluster
-            .read(&id, &consistency, users::USER_BY_ID, &[&id]),
-    )
-    .await
-    {
-        Ok(r) => r,
+    let read = ShardUserRead {
+        id,
+        consistency: app.consistency(&headers),
+        hot: false,
+    };
+    // The cache of the id's shard; none while its slot has no owner.
+    let user = match app.users.for_id(id) {
+        Some(cache) => within(cache.clone().oneshot(read)).await,
+        None => within(app.users.uncached().oneshot(read)).await,
+    };
+    let user = match user {
+        Ok(user) => user,
         Err(res) => return res,
     };
-    let mut res = match r.value.first().map(User::from_row) {
-        Some(Ok(u)) => users_app::user_response(&u),
-        Some(Err(e)) => return row_error(e),
+    // A hit reads the flag without writing it.
+    let by = if user.taken.load(Ordering::Acquire) || user.taken.swap(true, Ordering::SeqCst) {
+        Some(HeaderValue::from_static("cache"))
+    } else {
+        HeaderValue::from_str(&user.served_by).ok()
+    };
+    let mut res = match &user.row {
+        Some(u) => users_app::user_response(u),
         None => users_app::error(StatusCode::NOT_FOUND, "not found"),
     };
     res.headers_mut()
         .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    users_app::served_by(res, App::served_by(&r.shard, &r.served_by))
+    users_app::served_by(res, by)
 }
 
 /// `PUT /users/{id}` on the id's shard's primary.
@@ -544,10 +759,11 @@ async fn update(
     };
     let sql =
         "UPDATE users SET name = $1 WHERE id = $2 RETURNING id, name, welcomed_at IS NOT NULL";
-    let w = match within(app.cluster.write(&id, sql, &[&name, &id])).await {
+    let w = match app.write_user(&headers, id, sql, &[&name, &id]).await {
         Ok(w) => w,
         Err(res) => return res,
     };
+    app.invalidate_user(id, &w.shard, &w.token);
     let res = match w.value.first().map(User::from_row) {
         Some(Ok(u)) => users_app::user_response(&u),
         Some(Err(e)) => return row_error(e),
@@ -567,10 +783,11 @@ async fn delete(
         return bad_id();
     };
     let sql = "DELETE FROM users WHERE id = $1 RETURNING id";
-    let w = match within(app.cluster.write(&id, sql, &[&id])).await {
+    let w = match app.write_user(&headers, id, sql, &[&id]).await {
         Ok(w) => w,
         Err(res) => return res,
     };
+    app.invalidate_user(id, &w.shard, &w.token);
     let res = if w.value.is_empty() {
         users_app::error(StatusCode::NOT_FOUND, "not found")
     } else {

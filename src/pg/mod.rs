@@ -131,16 +131,16 @@ pub mod feed;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod layer;
-#[cfg(feature = "queue")]
+#[cfg(any(feature = "queue", feature = "shard"))]
 mod listen;
-#[cfg(feature = "queue")]
+#[cfg(any(feature = "queue", feature = "shard"))]
 pub(crate) use self::listen::{OnListening, OnNotify};
 mod lsn;
 mod monitor;
 mod node;
 mod pool;
 mod query;
-mod route;
+pub(crate) mod route;
 mod session;
 #[cfg(all(
     feature = "change-feed",

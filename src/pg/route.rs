@@ -18,7 +18,7 @@ use super::db::*;
 use super::session::*;
 
 /// A routing override a read may carry (crate-private: `DbCache` sets it
-/// on the fill of a hot key).
+/// on the fill of a hot key, `ShardedCluster::read_hot` on every read).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) enum RouteHint {
     /// Route by the consistency alone.
@@ -30,6 +30,12 @@ pub(crate) enum RouteHint {
     /// spread over the replicas instead of landing on the primary when
     /// the replicas lag past the budget. Other consistencies ignore it.
     AnyHealthyReplica,
+}
+
+/// Refuses a statement that would change a pooled session's state (see
+/// `statement::check`).
+pub(crate) fn check_pooled(sql: &str) -> Result<(), DbError> {
+    super::statement::check(sql, super::statement::Context::Pooled)
 }
 
 /// How a read-your-writes catch-up ended.
@@ -235,14 +241,37 @@ impl Db {
     }
 
     /// [`read`](Self::read) with a routing override.
-    pub(super) async fn read_hinted(
+    pub(crate) async fn read_hinted(
         &self,
         consistency: Consistency,
         hint: RouteHint,
         sql: &str,
         params: Params<'_>,
     ) -> Result<Read<Vec<Row>>, DbError> {
-        super::statement::check(sql, super::statement::Context::Pooled)?;
+        check_pooled(sql)?;
+        self.read_checked(consistency, hint, sql, params).await
+    }
+
+    /// Whether reads that no replica can serve may go to the primary
+    /// ([`ClusterBuilder::fallback_to_primary`](super::ClusterBuilder::fallback_to_primary)).
+    #[cfg(feature = "shard")]
+    pub(crate) fn falls_back_to_primary(&self) -> bool {
+        self.inner.options.fallback_to_primary
+    }
+
+    /// [`read_hinted`](Self::read_hinted) of a statement the caller has
+    /// passed through [`check_pooled`] (or built itself around one that
+    /// did): `ShardedCluster` checks a statement once, when it first
+    /// wraps it in the read fence, instead of the longer fenced text on
+    /// every read (the check scans the text: it was two thirds of the
+    /// fence's cost on the client).
+    pub(crate) async fn read_checked(
+        &self,
+        consistency: Consistency,
+        hint: RouteHint,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Read<Vec<Row>>, DbError> {
         let (index, lsn, reason) = self.route(consistency, hint, None).await?;
         let node = self.node(index);
         let span = tracing::debug_span!(

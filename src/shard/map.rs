@@ -59,6 +59,8 @@ pub struct SlotMap {
     version: u64,
     /// Shard index per slot ([`NO_OWNER`] for none).
     owners: Box<[u16]>,
+    /// The map version that gave each slot to its owner (0 for none).
+    versions: Box<[u64]>,
     names: Box<[std::sync::Arc<str>]>,
 }
 
@@ -95,6 +97,7 @@ impl SlotMap {
         Self {
             version,
             owners: owners.into_boxed_slice(),
+            versions: versions.into_boxed_slice(),
             names: names.into_boxed_slice(),
         }
     }
@@ -156,10 +159,16 @@ impl SlotMap {
         out
     }
 
-    /// The slots whose owner differs between `self` and `newer`.
+    /// The slots whose owner differs between `self` and `newer`, or was
+    /// given again (a slot that moved away and back between two reads of
+    /// the map has the same owner and a newer version: its data may have
+    /// changed on the other shard meanwhile).
     pub(crate) fn changed_slots(&self, newer: &SlotMap) -> Vec<u16> {
         (0..newer.slot_count())
-            .filter(|&s| self.owner(s) != newer.owner(s))
+            .filter(|&s| {
+                let i = usize::from(s);
+                self.owner(s) != newer.owner(s) || self.versions.get(i) != newer.versions.get(i)
+            })
             .collect()
     }
 
@@ -197,5 +206,16 @@ mod tests {
         assert_eq!(m.owner(0), Some("b"));
         assert_eq!(m.owner(1), Some("a"));
         assert_eq!(m.owner(2), None);
+    }
+
+    #[test]
+    fn a_slot_given_back_to_its_owner_counts_as_changed() {
+        let names = || vec!["a".into(), "b".into()];
+        let before = SlotMap::from_owned(1, 3, names(), &[(0, 0, 1), (0, 1, 1), (1, 2, 1)]);
+        // Slot 1 went to b (version 2) and back to a (version 3) between
+        // two reads of the map; slot 2 moved to a.
+        let after = SlotMap::from_owned(4, 3, names(), &[(0, 0, 1), (0, 1, 3), (0, 2, 4)]);
+        assert_eq!(before.changed_slots(&after), vec![1, 2]);
+        assert!(after.changed_slots(&after).is_empty());
     }
 }

@@ -12,7 +12,12 @@
 //!   library on first start, with an even split unless
 //!   [`initial_map`](ShardedClusterBuilder::initial_map) says otherwise).
 //!   An instance reads it at start and refreshes it when a shard refuses a
-//!   request or a token was routed by a newer map.
+//!   request, a token was routed by a newer map, or another instance
+//!   announces a move: every change of ownership notifies [`CHANNEL`] in
+//!   its own transaction, and every instance listens on every shard's
+//!   primary ([`watch_map`](ShardedClusterBuilder::watch_map), on by
+//!   default), so a move reaches the others' maps (and their
+//!   `on_slots_moved` hooks) within a notification's delay.
 //! - **Writes are fenced.** [`ShardedCluster::write`] and
 //!   [`transaction`](ShardedCluster::transaction) run in a transaction
 //!   that first takes the slot's ownership row `FOR SHARE`; a move takes
@@ -97,6 +102,7 @@ mod route;
 mod slot;
 mod tables;
 mod token;
+mod watch;
 
 pub use self::all::{AllRows, ShardRows, merge_sorted};
 pub use self::cluster::{ShardedCluster, ShardedClusterBuilder, SlotsMoved};
@@ -109,6 +115,7 @@ pub use self::tables::KeyType;
 pub use self::token::{
     MAX_TOKEN_LEN, MAX_TOKEN_SHARDS, ShardConsistency, ShardedToken, ShardedTokenCodec, shard_id,
 };
+pub use self::watch::CHANNEL;
 
 /// The cache tag of a slot's entries, `slot:{n}`: add it to cached reads
 /// of a key, and invalidate it from

@@ -137,6 +137,10 @@ pub(crate) async fn bump(
     )
     .await
     .map_err(|e| ShardError::db(name, e))?;
+    // Delivered at the commit, if it happens (see `watch`).
+    tx.execute(super::watch::ANNOUNCE, &[&(version as i64)])
+        .await
+        .map_err(|e| ShardError::db(name, e))?;
     Ok(())
 }
 
@@ -224,11 +228,12 @@ pub(crate) async fn take(
 /// no rows gives one row where it is NULL.
 pub(crate) fn fenced_read_sql(sql: &str, slot_param: usize) -> String {
     let sql = crate::pg::query_body(sql);
+    // Short aliases: the text is hashed on every read (the pool's
+    // statement cache). They are the outer query's; the statement's own
+    // names shadow them inside it.
     format!(
-        "SELECT tower_scale_q.* FROM \
-         (SELECT 1 FROM tower_scale_shard_slots WHERE slot = ${slot_param}) AS tower_scale_own \
-         LEFT JOIN LATERAL (SELECT tower_scale_u.*, true AS tower_scale_owned FROM (\n{sql}\n) \
-         AS tower_scale_u) AS tower_scale_q ON true"
+        "SELECT _tsq.* FROM (SELECT FROM tower_scale_shard_slots WHERE slot=${slot_param}) _tso \
+         LEFT JOIN LATERAL (SELECT _tsu.*,true tower_scale_owned FROM (\n{sql}\n) _tsu) _tsq ON true"
     )
 }
 

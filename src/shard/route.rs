@@ -7,15 +7,51 @@ use std::sync::Arc;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
+use crate::pg::route::RouteHint;
 use crate::pg::{Consistency, ConsistencyToken, Lsn, RouteReason, Transaction};
 
-use super::cluster::ShardedCluster;
+use super::cluster::{Inner, ShardedCluster};
 use super::error::ShardError;
-use super::ownership::{self, FENCE_SQL};
+use super::ownership::FENCE_SQL;
 use super::slot::ShardKey;
 use super::token::{ShardConsistency, ShardedToken};
 
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+impl Inner {
+    /// The fenced form of `sql` with `params` parameters of its own. A
+    /// statement is checked once, when first fenced (a refused one is
+    /// never kept): the statement check `Db` runs on every read
+    /// (`pg::route::check_pooled`), and that it names no parameter beyond
+    /// `params` (the fence's own, next, would bind it). `shard` names the
+    /// shard in a refusal.
+    pub(crate) fn fenced_read(
+        &self,
+        sql: &str,
+        params: usize,
+        shard: &Arc<str>,
+    ) -> Result<Arc<str>, ShardError> {
+        if let Some((n, fenced)) = crate::sync::read(&self.read_sql).get(sql)
+            && *n == params
+        {
+            return Ok(Arc::clone(fenced));
+        }
+        crate::pg::route::check_pooled(sql).map_err(|e| ShardError::db(shard, e))?;
+        let named = super::ownership::highest_placeholder(sql);
+        if named > params {
+            return Err(ShardError::Setup(format!(
+                "the statement uses ${named} but {params} parameters were given"
+            )));
+        }
+        let fenced: Arc<str> = super::ownership::fenced_read_sql(sql, params + 1).into();
+        let mut cache = crate::sync::write(&self.read_sql);
+        if cache.len() >= super::cluster::MAX_READ_SQL {
+            cache.clear();
+        }
+        cache.insert(sql.into(), (params, Arc::clone(&fenced)));
+        Ok(fenced)
+    }
+}
 
 /// A routed write's result.
 #[derive(Debug, Clone)]
@@ -314,37 +350,104 @@ impl ShardedCluster {
         sql: &str,
         params: Params<'_>,
     ) -> Result<ShardRead<Vec<Row>>, ShardError> {
+        self.read_hinted(key, consistency, RouteHint::None, sql, params)
+            .await
+    }
+
+    /// An [`Any`](ShardConsistency::Any) read of a hot key (for example
+    /// one of a cache's [`hot_keys`](crate::cache::CacheLayer::hot_keys),
+    /// from [`CachePolicy::on_hot_miss`](crate::cache::CachePolicy::on_hot_miss)):
+    /// on any healthy replica of the key's shard, also one lagging past
+    /// the lag budget (up to the shard's
+    /// [`hot_lag_max`](crate::pg::ClusterBuilder::hot_lag_max)), and on
+    /// the primary only when no replica qualifies
+    /// ([`RouteReason::HotKey`]). The fence and the retry on a moved slot
+    /// are [`read`](Self::read)'s.
+    ///
+    /// ```no_run
+    /// # async fn demo(sharded: tower_scale::shard::ShardedCluster) -> Result<(), tower_scale::shard::ShardError> {
+    /// let celebrity = 42_i64;
+    /// let r = sharded
+    ///     .read_hot(&celebrity, "SELECT name FROM users WHERE id = $1", &[&celebrity])
+    ///     .await?;
+    /// println!("{} rows from {}/{}", r.value.len(), r.shard, r.served_by);
+    /// # Ok(()) }
+    /// ```
+    pub async fn read_hot<K: ShardKey + ?Sized>(
+        &self,
+        key: &K,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<ShardRead<Vec<Row>>, ShardError> {
+        let any = ShardConsistency::Any;
+        self.read_hinted(key, &any, RouteHint::AnyHealthyReplica, sql, params)
+            .await
+    }
+
+    async fn read_hinted<K: ShardKey + ?Sized>(
+        &self,
+        key: &K,
+        consistency: &ShardConsistency,
+        hint: RouteHint,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<ShardRead<Vec<Row>>, ShardError> {
         self.catch_up_map(consistency.map_version()).await?;
         let slot = self.slot(key);
-        // The fence's own parameter comes after the caller's: a statement
-        // naming more than it was given would bind it.
-        let named = ownership::highest_placeholder(sql);
-        if named > params.len() {
-            return Err(ShardError::Setup(format!(
-                "the statement uses ${named} but {} parameters were given",
-                params.len()
-            )));
-        }
-        let fenced_sql = self.inner.fenced_read(sql, params.len());
-        let slot_param = i32::from(slot);
-        let mut all: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(params.len() + 1);
-        all.extend_from_slice(params);
-        all.push(&slot_param);
         let (mut index, version) = self.owner(slot).await?;
-        let mut retried = false;
+        // Checked once, when first fenced: `read_checked` below.
+        let fenced_sql =
+            self.inner
+                .fenced_read(sql, params.len(), &self.inner.shards[index].name)?;
+        let slot_param = i32::from(slot);
+        // The caller's parameters and the slot's: on the stack up to 8.
+        let mut small: [&(dyn ToSql + Sync); 9] = [&slot_param; 9];
+        let mut large: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        let all: &[&(dyn ToSql + Sync)] = match small.get_mut(..params.len()) {
+            Some(head) if params.len() < 9 => {
+                head.copy_from_slice(params);
+                &small[..=params.len()]
+            }
+            _ => {
+                large.reserve_exact(params.len() + 1);
+                large.extend_from_slice(params);
+                large.push(&slot_param);
+                &large
+            }
+        };
+        let (mut retried, mut on_primary) = (false, false);
         let read = loop {
             let shard = &self.inner.shards[index];
             // The retry reads the owner's primary: a replica may lag the map.
-            let c = if retried {
+            let c = if retried || on_primary {
                 Consistency::Strong
             } else {
                 consistency.on_shard(shard.id)
             };
-            let read = shard
-                .db
-                .read_query(c, &fenced_sql, &all)
-                .await
-                .map_err(|e| ShardError::db(&shard.name, e))?;
+            // The retry goes to the primary: no hint.
+            let hint = if retried || on_primary {
+                RouteHint::None
+            } else {
+                hint
+            };
+            let read = match shard.db.read_checked(c, hint, &fenced_sql, all).await {
+                Ok(read) => read,
+                // A replica behind the creation of a table the read names
+                // (the ownership table just after the first start, the
+                // caller's table just after a migration) cannot answer:
+                // once more on the primary, if reads may fall back to it.
+                Err(e)
+                    if !on_primary
+                        && c != Consistency::Strong
+                        && shard.db.falls_back_to_primary()
+                        && e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) =>
+                {
+                    tracing::debug!(shard = %shard.name, error = %e, "read on the primary: a table is missing where it ran");
+                    on_primary = true;
+                    continue;
+                }
+                Err(e) => return Err(ShardError::db(&shard.name, e)),
+            };
             match read.value.is_empty() {
                 false => break read,
                 true if retried => return Err(self.moved(slot, index, version)),

@@ -79,6 +79,40 @@ impl ShardedToken {
         }
     }
 
+    /// `later`'s writes over this token's, where `later` answers a request
+    /// that presented this token (its writes were made after this token's
+    /// were acknowledged or abandoned): on the shards `later` lists, its
+    /// position replaces this token's, also an
+    /// [unknown](ConsistencyToken::unknown) one (a commit whose answer was
+    /// lost: a write acknowledged on the same primary afterwards has the
+    /// later position); the other shards keep theirs. This is how a
+    /// single cluster's cookie works: a write's token replaces it.
+    /// [`merge`](Self::merge) keeps the higher position, so an unknown
+    /// one would send that shard's reads to its primary for the token's
+    /// lifetime.
+    ///
+    /// ```
+    /// use tower_scale::pg::{ConsistencyToken, Lsn};
+    /// use tower_scale::shard::{ShardedToken, shard_id};
+    ///
+    /// let one = shard_id("shard-1");
+    /// let mut cookie = ShardedToken::single(one, ConsistencyToken::unknown(), 1);
+    /// let written = ShardedToken::single(one, ConsistencyToken::new(Lsn(500)), 1);
+    /// cookie.followed_by(&written);
+    /// assert_eq!(cookie.shards(), &[(one, ConsistencyToken::new(Lsn(500)))]);
+    /// ```
+    pub fn followed_by(&mut self, later: &ShardedToken) {
+        self.map_version = self.map_version.max(later.map_version);
+        self.overflow |= later.overflow;
+        for &(id, token) in &later.entries {
+            match self.entries.binary_search_by_key(&id, |e| e.0) {
+                Ok(i) => self.entries[i].1 = token,
+                Err(i) => self.entries.insert(i, (id, token)),
+            }
+        }
+        self.cap();
+    }
+
     fn cap(&mut self) {
         while self.entries.len() > MAX_TOKEN_SHARDS {
             // Drop the lowest position: its shard's reads go to the primary.

@@ -276,6 +276,52 @@ async fn odd_keys_and_statement_shapes_read_right() {
         .await
         .unwrap_err();
     assert!(matches!(err, ShardError::Db { .. }), "{err}");
+    // A statement that would change the pooled session is refused before
+    // it is fenced (checked once, when first fenced), and again the
+    // second time (a refusal is not kept).
+    for _ in 0..2 {
+        let err = sharded
+            .read(
+                &key,
+                &ShardConsistency::Any,
+                "SELECT set_config('search_path', 'evil', false)",
+                &[],
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                ShardError::Db {
+                    source: tower_scale::pg::DbError::Refused { .. },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+    // Eight parameters (the fence's ninth on the stack) and twelve (past it).
+    for n in [8usize, 12] {
+        let values: Vec<i32> = (1..=n as i32).collect();
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = values
+            .iter()
+            .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
+        let sql = format!(
+            "SELECT {}",
+            (1..=n)
+                .map(|i| format!("${i}::int4"))
+                .collect::<Vec<_>>()
+                .join(" + ")
+        );
+        let rows = sharded
+            .read(&key, &ShardConsistency::Strong, &sql, &params)
+            .await
+            .unwrap()
+            .value;
+        let sum: i32 = rows[0].get(0);
+        assert_eq!(sum, values.iter().sum::<i32>(), "{n} parameters");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -255,3 +255,131 @@ async fn read_all_names_a_stopped_or_stalled_shard_or_returns_partial_rows() {
     assert!(partial.partial);
     assert_eq!(&*partial.shards[0].shard, "shard-2");
 }
+
+/// `read_hot`: with each shard's replica lagging past the lag budget (it
+/// applies WAL a second late, writes flow), a plain `Any` read falls back
+/// to the primary and a hot read stays on the replica, on both shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_read_stays_on_a_replica_past_the_lag_budget() {
+    let locals: Vec<Arc<LocalCluster>> = (0..2)
+        .map(|_| {
+            Arc::new(
+                LocalCluster::builder()
+                    .replicas(1)
+                    .apply_delay(0, Duration::from_secs(1))
+                    .start()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    database(&locals, "hot").await;
+    // The replicas stop replaying before the first start: they have no
+    // ownership table yet.
+    let replay = |pause: bool| {
+        let locals = locals.clone();
+        async move {
+            for local in &locals {
+                let c = local.replica(0).connect().await.unwrap();
+                let sql = match pause {
+                    true => "SELECT pg_wal_replay_pause()",
+                    false => "SELECT pg_wal_replay_resume()",
+                };
+                c.execute(sql, &[]).await.unwrap();
+            }
+        }
+    };
+    replay(true).await;
+    let sharded = sharded(
+        &locals,
+        "hot",
+        |b| b.lag_budget(Duration::from_millis(100)),
+        |b| b,
+    )
+    .await;
+    let keys = [
+        key_on(&sharded, "shard-1", 1),
+        key_on(&sharded, "shard-2", 1),
+    ];
+    let sql = "SELECT name FROM items WHERE id = $1";
+    for k in keys {
+        let slot = i32::from(sharded.slot(&k));
+        sharded
+            .write(
+                &k,
+                "INSERT INTO items (id, slot, name) VALUES ($1, $2, 'hot')",
+                &[&k, &slot],
+            )
+            .await
+            .unwrap();
+        // A replica without the table (behind the first start) cannot
+        // answer: the read goes to the primary, not an error.
+        let hot = sharded.read_hot(&k, sql, &[&k]).await.unwrap();
+        assert!(hot.served_by.ends_with("-primary"), "{}", hot.served_by);
+        assert_eq!(hot.value[0].get::<_, String>(0), "hot");
+    }
+    // Unless reads may not fall back to the primary: then the replica's
+    // error is the answer.
+    let strict = crate::sharded(&locals, "hot", |b| b.fallback_to_primary(false), |b| b).await;
+    let err = strict
+        .read_hot(&keys[0], sql, &[&keys[0]])
+        .await
+        .unwrap_err();
+    let ShardError::Db { source, .. } = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(
+        source.code(),
+        Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE),
+        "the replica's missing table: {err}"
+    );
+    replay(false).await;
+    for local in &locals {
+        local.wait_for_replicas(DEADLINE).await.unwrap();
+    }
+    // Writes flow on both shards all along, so the lag is seen.
+    let writer = {
+        let sharded = sharded.clone();
+        tokio::spawn(async move {
+            loop {
+                for k in keys {
+                    let sql = "UPDATE items SET name = 'hot' WHERE id = $1";
+                    sharded.write(&k, sql, &[&k]).await.unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    for shard in ["shard-1", "shard-2"] {
+        let cluster = sharded.shard(shard).unwrap();
+        crate::until(&format!("{shard}'s replica lags"), DEADLINE, async || {
+            cluster.next_probe().await;
+            cluster.status()[1].lag > Duration::from_millis(300)
+        })
+        .await;
+    }
+    for (k, shard) in keys.iter().zip(["shard-1", "shard-2"]) {
+        for _ in 0..10 {
+            let plain = sharded
+                .read(k, &ShardConsistency::Any, sql, &[k])
+                .await
+                .unwrap();
+            assert_eq!(
+                (&*plain.shard, &*plain.served_by),
+                (shard, &*format!("{shard}-primary")),
+                "a plain Any read avoids the lagging replica"
+            );
+            let hot = sharded.read_hot(k, sql, &[k]).await.unwrap();
+            assert_eq!(
+                (&*hot.shard, &*hot.served_by, hot.reason),
+                (
+                    shard,
+                    &*format!("{shard}-replica-1"),
+                    tower_scale::pg::RouteReason::HotKey
+                ),
+            );
+            assert_eq!(hot.value.len(), 1, "the row, through the fence");
+            assert_eq!(hot.value[0].get::<_, String>(0), "hot");
+        }
+    }
+    writer.abort();
+}

@@ -11,22 +11,8 @@ use crate::{Client2, KEY, name, start_users};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-async fn metrics_text(addr: &str) -> String {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Full<bytes::Bytes>>();
-    let res = client
-        .get(format!("http://{addr}/metrics").parse().unwrap())
-        .await
-        .unwrap();
-    let body = http_body_util::BodyExt::collect(res.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
-    String::from_utf8_lossy(&body).into_owned()
-}
-
 async fn is_holder(addr: &str) -> bool {
-    metrics_text(addr)
+    crate::get_text(addr, "/metrics")
         .await
         .lines()
         .any(|l| l.starts_with("tower_scale_feed_holder{") && l.trim_end().ends_with(" 1"))

@@ -126,18 +126,6 @@ async fn the_cookie_sees_its_writes_and_older_tokens_hit_stamped_responses() {
     assert!(hits > 0, "a token older than the stamp is a hit");
 }
 
-async fn reqwest_like_text(addr: &str, path: &str) -> String {
-    use http_body_util::{BodyExt, Full};
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Full<bytes::Bytes>>();
-    let req = hyper::Request::get(format!("http://{addr}{path}"))
-        .body(Full::new(bytes::Bytes::new()))
-        .unwrap();
-    let res = client.request(req).await.unwrap();
-    let body = res.into_body().collect().await.unwrap().to_bytes();
-    String::from_utf8_lossy(&body).into_owned()
-}
-
 /// `Cache-Control` and whether `surrogate-key` is there, for a tokenless GET.
 async fn reqwest_like_get(addr: &str, path: &str) -> (Option<String>, bool) {
     use http_body_util::{BodyExt, Full};
@@ -253,7 +241,7 @@ async fn two_instances_share_stamped_responses_through_redis() {
         }
         if Instant::now() >= deadline {
             for (n, addr) in [("A", &a.addr), ("B", &b.addr)] {
-                let m = reqwest_like_text(addr, "/metrics").await;
+                let m = crate::get_text(addr, "/metrics").await;
                 for l in m.lines().filter(|l| {
                     l.contains("users-http") || l.contains("redis") || l.contains("remote")
                 }) {

@@ -12,6 +12,7 @@ mod jobs;
 mod layer;
 #[cfg(feature = "shard")]
 mod shards;
+mod shards_cache;
 
 // In-process for `jobs`, where a test decides when the worker starts.
 #[cfg(all(feature = "queue", feature = "change-feed", feature = "shard"))]
@@ -58,6 +59,17 @@ pub(crate) fn start_users(
 
 fn users(local: &LocalCluster, key: &str) -> common::Running {
     start_users("axum_users", local, key, &[])
+}
+
+/// The body of `GET {path}` as text (`/metrics`).
+async fn get_text(addr: &str, path: &str) -> String {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = hyper::Request::get(format!("http://{addr}{path}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let res = client.request(req).await.unwrap();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
 }
 
 struct Reply {

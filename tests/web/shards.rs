@@ -169,6 +169,65 @@ async fn two_shards_spread_list_in_order_and_show_their_slots() {
         .await;
     assert_eq!(r.status, 404, "read your delete");
 
+    // The users cache: a second read is a hit; a write invalidates it and
+    // the writer reads its write; a hot id, renamed now and then, is
+    // served from the cache and the replicas, never a primary, and ranks
+    // first in the gauges.
+    let (&id, _) = created.iter().nth(1).unwrap();
+    let path = format!("/users/{id}");
+    client.send(addr, "GET", &path, None, &[]).await;
+    let r = client.send(addr, "GET", &path, None, &[]).await;
+    assert_eq!((r.status, r.served_by.as_str()), (200, "cache"));
+    let rename = Some(serde_json::json!({ "name": "cached-rename" }));
+    let r = client.send(addr, "PUT", &path, rename, &[]).await;
+    assert_eq!(r.status, 200);
+    let r = client.send(addr, "GET", &path, None, &[]).await;
+    assert_eq!(r.body["name"], "cached-rename", "{}", r.served_by);
+    let mut anonymous = Client2::new(false);
+    let (mut served, mut round) = (BTreeMap::new(), 0);
+    // One cache per shard: `users/shard-1`, `users/shard-2`.
+    let gauge = |l: &str| {
+        l.starts_with("tower_scale_cache_hot_key_hits{cache=\"users/shard-")
+            && l.contains("rank=\"1\"}")
+    };
+    common::until(
+        "the hot id ranks first in the gauges (200 reads or more)",
+        Duration::from_secs(20),
+        async || {
+            round += 1;
+            for n in 0..100 {
+                if n == 0 && round % 4 == 1 {
+                    // A write without a cookie: the next reads refill
+                    // (from the replica, until the monitor's view of its
+                    // position, polled every 250 ms, passes the write).
+                    let rename = Some(serde_json::json!({ "name": format!("hot-{n}") }));
+                    let r = anonymous.send(addr, "PUT", &path, rename, &[]).await;
+                    assert_eq!(r.status, 200);
+                }
+                let r = anonymous.send(addr, "GET", &path, None, &[]).await;
+                assert_eq!(r.status, 200);
+                *served.entry(r.served_by).or_insert(0) += 1;
+            }
+            let m = crate::get_text(addr, "/metrics").await;
+            // Its estimated reads: every other id was read a few times.
+            m.lines()
+                .filter(|l| gauge(l))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .any(|reads| reads >= 200.0)
+        },
+    )
+    .await;
+    eprintln!("the hot id served by {served:?}");
+    assert!(
+        served.keys().all(|by| !by.ends_with("/primary")),
+        "{served:?}"
+    );
+    assert!(served.get("cache").copied().unwrap_or(0) > 0, "{served:?}");
+    assert!(
+        served.keys().any(|by| by.ends_with("/replica-1")),
+        "{served:?}"
+    );
+
     // The operator's view: 401 without or with a wrong token.
     let r = client.send(addr, "GET", "/admin/shards", None, &[]).await;
     assert_eq!(r.status, 401);
@@ -349,16 +408,20 @@ async fn the_cookie_reads_its_writes_on_every_shard_through_delayed_replicas() {
     assert_eq!(listed, ids, "the cookie's listing missed writes");
 
     // The cookie does not pin reads to the primaries: once the replicas
-    // have replayed the writes, they serve the cookie's reads.
-    let last = *ids.last().unwrap();
+    // have replayed the writes, they serve the cookie's reads (the
+    // listing's: a single user's read is the users cache's from its
+    // first fill on).
     let caught_up = common::until(
-        "a replica serves the cookie",
+        "the replicas serve the cookie",
         Duration::from_secs(10),
         async || {
             let r = client
-                .send(addr, "GET", &format!("/users/{last}"), None, &[])
+                .send(addr, "GET", "/users?limit=1000", None, &[])
                 .await;
-            r.status == 200 && r.served_by.ends_with("/replica-1")
+            let listed = r.body["users"].as_array().map_or(0, Vec::len);
+            r.status == 200
+                && listed == ids.len()
+                && r.served_by == "east/replica-1, west/replica-1"
         },
     )
     .await;
@@ -368,12 +431,12 @@ async fn the_cookie_reads_its_writes_on_every_shard_through_delayed_replicas() {
         let r = client.send(addr, "GET", path, None, &bearer).await;
         assert_eq!(r.status, 404, "{path} without --admin-token");
     }
-    // A second instance given the same --instance-id (a mistake): ids
-    // made in the same millisecond by both collide; the refused insert
-    // gets a fresh id, no create fails.
-    let twin = common::start(
-        "axum_users",
-        &[
+    // A second instance given the same --instance-id (a mistake: both
+    // would make the same ids) refuses to start, naming the id; the first
+    // keeps serving.
+    let started = Instant::now();
+    let twin = std::process::Command::new(common::example("axum_users"))
+        .args([
             "--listen",
             "127.0.0.1:0",
             "--shard",
@@ -384,29 +447,33 @@ async fn the_cookie_reads_its_writes_on_every_shard_through_delayed_replicas() {
             KEY,
             "--instance-id",
             "3",
-        ],
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut twin = twin;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while twin.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            twin.kill().unwrap();
+            panic!("the twin with a taken --instance-id is still running");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = twin.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "the twin exited {} after {:?}: {}",
+        out.status,
+        started.elapsed(),
+        stderr.trim()
     );
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..80 {
-        let addr = if i % 2 == 0 {
-            service.addr.clone()
-        } else {
-            twin.addr.clone()
-        };
-        tasks.spawn(async move {
-            let mut c = Client2::new(false);
-            let body = Some(serde_json::json!({ "name": format!("twin-{i}") }));
-            let r = c.send(&addr, "POST", "/users", body, &[]).await;
-            (r.status, r.body["id"].as_i64())
-        });
-    }
-    let mut created = std::collections::HashSet::new();
-    while let Some(done) = tasks.join_next().await {
-        let (status, id) = done.unwrap();
-        assert_eq!(status, 201);
-        assert!(created.insert(id.unwrap()), "id {id:?} twice");
-    }
-    assert_eq!(created.len(), 80);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--instance-id 3 is in use"), "{stderr}");
+    let body = Some(serde_json::json!({ "name": "after-the-twin" }));
+    let r = client.send(addr, "POST", "/users", body, &[]).await;
+    assert_eq!(r.status, 201, "{}", r.body);
 }
 
 /// `--shards` with `--shard` or `--primary` exits 2 with the usage, and

@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tower_scale::shard::{DEFAULT_SLOTS, ShardedCluster, SlotRange, slot_of};
+use tower_scale::shard::{
+    DEFAULT_SLOTS, ShardedCluster, ShardedClusterBuilder, SlotRange, slot_of,
+};
 use tower_scale::testing::LocalCluster;
 
 use crate::{DEADLINE, until};
@@ -73,8 +75,12 @@ pub(crate) async fn no_move_slots(c: &tokio_postgres::Client) {
 }
 
 /// A second instance on the same databases (primaries only).
-pub(crate) async fn sharded_again(locals: &[Arc<LocalCluster>], db: &str) -> ShardedCluster {
-    let mut builder = ShardedCluster::builder().table("items", "id");
+pub(crate) async fn sharded_again(
+    locals: &[Arc<LocalCluster>],
+    db: &str,
+    configure: impl FnOnce(ShardedClusterBuilder) -> ShardedClusterBuilder,
+) -> ShardedCluster {
+    let mut builder = configure(ShardedCluster::builder().table("items", "id"));
     for (i, local) in locals.iter().enumerate() {
         let mut config = local.primary().config();
         config.dbname(db);
