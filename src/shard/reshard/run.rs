@@ -48,6 +48,7 @@ impl Ctx {
     fn phase(&self, phase: MovePhase) {
         self.progress.send_modify(|p| {
             p.phase = phase;
+            p.caught_up = false;
             p.estimated_remaining = None;
         });
     }
@@ -229,6 +230,7 @@ pub(super) fn initial(id: &str, range: SlotRange, phase: MovePhase) -> MoveProgr
         rows_applied: 0,
         bytes_behind: 0,
         rows_cleaned: 0,
+        caught_up: false,
         estimated_remaining: None,
         error: None,
     }
@@ -363,7 +365,12 @@ async fn catch_up(ctx: &Ctx, status: &mut watch::Receiver<StreamStatus>) -> Resu
         .await?
         .saturating_sub(status.borrow().applied);
     let mut probe = 0u64;
+    let mut ready = false;
     loop {
+        // Manual cutover asked for while caught up: at once.
+        if ready && *ctx.go.borrow() {
+            return Ok(());
+        }
         let now = source_lsn(ctx).await?;
         let seen = status.borrow().clone();
         if let Some(e) = stream_failed(ctx, &seen) {
@@ -385,7 +392,8 @@ async fn catch_up(ctx: &Ctx, status: &mut watch::Receiver<StreamStatus>) -> Resu
         let sent = Instant::now();
         let arrived = marker(ctx, status, &format!("{}:probe:{probe}", ctx.id), deadline).await?;
         let lag = sent.elapsed();
-        let ready = arrived && lag <= ctx.options.cutover_lag;
+        ready = arrived && lag <= ctx.options.cutover_lag;
+        ctx.progress.send_modify(|p| p.caught_up = ready);
         if ready && (!ctx.options.manual_cutover || *ctx.go.borrow()) {
             return Ok(());
         }

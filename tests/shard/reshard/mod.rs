@@ -13,6 +13,7 @@ use tower_scale::testing::LocalCluster;
 
 use crate::{DEADLINE, until};
 
+mod cutover;
 mod faults;
 mod load;
 
