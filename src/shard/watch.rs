@@ -86,9 +86,13 @@ async fn listen_to(inner: Weak<Inner>, index: usize, closed: CancellationToken) 
                 let seen = sharded.map().version();
                 // At the version seen too: a move announces its version
                 // twice, at the old owner's release (the range then has no
-                // owner) and at the new owner's claim.
+                // owner) and at the new owner's claim. Each shard has its
+                // own listener: the claim's refresh must not be skipped
+                // because the release's (on another listener) installed
+                // that version meanwhile, without the claim; so always a
+                // refresh of its own (moves are rare).
                 if (version == 0 || version >= seen)
-                    && let Err(e) = sharded.refresh_if_not_newer(seen).await
+                    && let Err(e) = sharded.refresh().await
                 {
                     tracing::debug!(error = %e, "shard map: refresh after an announcement failed");
                 }
