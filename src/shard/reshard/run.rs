@@ -390,7 +390,19 @@ async fn catch_up(ctx: &Ctx, status: &mut watch::Receiver<StreamStatus>) -> Resu
         // counts in the bytes but not here).
         probe += 1;
         let sent = Instant::now();
-        let arrived = marker(ctx, status, &format!("{}:probe:{probe}", ctx.id), deadline).await?;
+        let name = format!("{}:probe:{probe}", ctx.id);
+        let arrived = if ready && ctx.options.manual_cutover {
+            // Caught up and waiting to be told: told while this probe is
+            // out (the stream may be slow now), the cutover starts at once
+            // (its attempt is bounded whatever the lag).
+            let mut go = ctx.go.clone();
+            tokio::select! {
+                arrived = marker(ctx, status, &name, deadline) => arrived?,
+                Ok(_) = go.wait_for(|go| *go) => return Ok(()),
+            }
+        } else {
+            marker(ctx, status, &name, deadline).await?
+        };
         let lag = sent.elapsed();
         ready = arrived && lag <= ctx.options.cutover_lag;
         ctx.progress.send_modify(|p| p.caught_up = ready);
