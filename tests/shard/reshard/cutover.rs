@@ -84,10 +84,12 @@ async fn a_cutover_past_its_bound_rolls_back_and_the_next_attempt_moves() {
 
     let report = handle.wait().await.expect("the next attempt moves");
     println!(
-        "attempts {}, the write during the first waited {waited:?}, the second held writes {:?}",
+        "attempts {}, the write during the first waited {waited:?}, the last held writes {:?}",
         report.cutover_attempts, report.pause
     );
-    assert_eq!(report.cutover_attempts, 2);
+    // The first gave up (the target was locked); a later one moved (on a
+    // loaded machine the second can give up too).
+    assert!(report.cutover_attempts >= 2, "{}", report.cutover_attempts);
     assert_eq!(owned_moving(&clients).await, vec![0, MOVING.len() as i64]);
     let on = rows(&clients[1]).await;
     for key in &fresh {
