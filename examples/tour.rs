@@ -40,6 +40,8 @@
 #[allow(dead_code)]
 #[path = "axum_users.rs"]
 mod axum_users;
+#[path = "common/tour_reshard.rs"]
+mod tour_reshard;
 #[path = "common/tour_shards.rs"]
 mod tour_shards;
 
@@ -135,6 +137,7 @@ async fn run() -> Result<(), Error> {
     jobs(&cluster).await?;
     balancing().await?;
     tour_shards::shards().await?;
+    tour_reshard::reshard().await?;
 
     let t = Instant::now();
     drop(db);

@@ -42,6 +42,7 @@ use tower::ServiceExt;
 use super::users::{self, BoxError, User, WelcomeJob};
 use super::users_app::{self, NameJson};
 use super::users_shards_cache::{self, MovedSlots, ShardCaches, ShardUserRead};
+use super::users_shards_moves;
 use super::users_shards_views;
 use tower_scale::ids::IdGenerator;
 use tower_scale::pg::{Cluster, Consistency, ConsistencyToken, NodeConfig, TokenCodec};
@@ -64,6 +65,10 @@ pub const MAX_LIMIT: usize = 1000;
 
 /// Everything the sharded service runs on.
 pub struct ShardedBackend {
+    /// The session holding this instance's `--instance-id` (see
+    /// `claim_instance_id`); the claim goes with it. First: fields drop
+    /// in order, and the servers below must outlive it.
+    pub claim: tokio_postgres::Client,
     /// Our own clusters with `--shards N`; stopped on drop.
     pub locals: Vec<LocalCluster>,
     pub cluster: ShardedCluster,
@@ -75,9 +80,6 @@ pub struct ShardedBackend {
     pub queues: Vec<(Arc<str>, Queue)>,
     /// The users caches, one per shard.
     pub users: Arc<ShardCaches>,
-    /// The session holding this instance's `--instance-id` (see
-    /// `claim_instance_id`); the claim goes with it.
-    pub claim: tokio_postgres::Client,
     /// Each shard's change feed (none with `--no-change-feed`, or where a
     /// shard cannot run one: a warning said why).
     pub feeds: Vec<(Arc<str>, tower_scale::pg::feed::ChangeFeed)>,
@@ -200,7 +202,10 @@ pub async fn backend(args: &users::Args) -> Result<ShardedBackend, BoxError> {
     let claim = claim_instance_id(&first.primary_config, &first.name, s.instance_id).await?;
     // Entries of a slot that moves go when this instance learns of it.
     let moved = MovedSlots::default();
+    // `users` moves with its slots (by `id`); the queue's and the
+    // library's own tables (`tower_scale_*`) stay.
     let mut builder = ShardedCluster::builder()
+        .table("users", "id")
         .read_all_timeout(Duration::from_secs(2))
         .on_slots_moved(moved.hook());
     let mut queues = Vec::new();
@@ -344,6 +349,8 @@ pub(crate) struct App {
     pub(crate) ids: IdGenerator,
     pub(crate) queues: Vec<(Arc<str>, Queue)>,
     pub(crate) users: Arc<ShardCaches>,
+    /// The moves started through `POST /admin/shards/move`.
+    pub(crate) moves: users_shards_moves::Moves,
     pub(crate) metrics: metrics_exporter_prometheus::PrometheusHandle,
     pub(crate) admin_token: Option<String>,
 }
@@ -364,6 +371,7 @@ pub fn router(
         ids: backend.ids.clone(),
         queues: backend.queues.clone(),
         users: Arc::clone(&backend.users),
+        moves: users_shards_moves::Moves::default(),
         metrics,
         admin_token,
     });
@@ -372,7 +380,13 @@ pub fn router(
         .route("/users/{id}", get(read).put(update).delete(delete))
         .route("/metrics", get(metrics_text));
     if with_admin {
-        router = router.route("/admin/shards", get(users_shards_views::admin_shards));
+        router = router
+            .route("/admin/shards", get(users_shards_views::admin_shards))
+            .route(
+                "/admin/shards/move",
+                axum::routing::post(users_shards_moves::start),
+            )
+            .route("/admin/shards/moves/{id}", get(users_shards_moves::status));
     }
     router.fallback(users_app::fallback).with_state(state)
 }

@@ -128,8 +128,8 @@ pub struct ShardedClusterBuilder {
     moved_wait: Duration,
     read_all_timeout: Option<Duration>,
     on_moved: Vec<SlotsMoved>,
-    pub(super) declared: super::tables::Declared,
     watch_map: bool,
+    pub(super) declared: super::tables::Declared,
 }
 
 impl fmt::Debug for ShardedClusterBuilder {
@@ -296,11 +296,11 @@ impl ShardedClusterBuilder {
                 on_moved: self.on_moved,
                 metrics,
                 read_sql: RwLock::new(ReadSqlCache::default()),
+                closed: tokio_util::sync::CancellationToken::new(),
                 tables,
                 local_tables: self.declared.local,
                 #[cfg(feature = "reshard")]
                 running_moves: std::sync::Mutex::new(Vec::new()),
-                closed: tokio_util::sync::CancellationToken::new(),
             }),
         };
         for shard in &sharded.inner.shards {
@@ -372,8 +372,8 @@ impl ShardedCluster {
             moved_wait: Duration::from_secs(2),
             read_all_timeout: None,
             on_moved: Vec::new(),
-            declared: super::tables::Declared::default(),
             watch_map: true,
+            declared: super::tables::Declared::default(),
         }
     }
 

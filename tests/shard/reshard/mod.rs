@@ -14,8 +14,10 @@ use tower_scale::testing::LocalCluster;
 use crate::{DEADLINE, until};
 
 mod cutover;
+mod fanout;
 mod faults;
 mod load;
+mod tables;
 
 /// shard-1 owns 0..=2047 (the even split by name); this is its upper half.
 pub(crate) const MOVING: SlotRange = SlotRange {
@@ -75,7 +77,9 @@ pub(crate) async fn no_move_slots(c: &tokio_postgres::Client) {
     .await;
 }
 
-/// A second instance on the same databases (primaries only).
+/// A second instance on the same databases (primaries only), configured
+/// by `configure` (`watch_map(false)` for one whose map stays stale until
+/// a shard refuses one of its requests).
 pub(crate) async fn sharded_again(
     locals: &[Arc<LocalCluster>],
     db: &str,
