@@ -222,8 +222,10 @@ pub(crate) async fn take(
 }
 
 /// The fenced form of a read: the statement as a lateral subquery of the
-/// slot's ownership row, so both are read in one snapshot. No row: the
-/// shard does not own the slot. Otherwise the statement's rows with one
+/// slot's ownership row (`$slot_param`, at a version of at least
+/// `$slot_param + 1`), so both are read in one snapshot. No row: the
+/// shard does not own the slot (or shows an older grant of it than the
+/// reader's map). Otherwise the statement's rows with one
 /// more column, `tower_scale_owned` (true), at the end; a statement with
 /// no rows gives one row where it is NULL.
 pub(crate) fn fenced_read_sql(sql: &str, slot_param: usize) -> String {
@@ -231,9 +233,12 @@ pub(crate) fn fenced_read_sql(sql: &str, slot_param: usize) -> String {
     // Short aliases: the text is hashed on every read (the pool's
     // statement cache). They are the outer query's; the statement's own
     // names shadow them inside it.
+    // `$slot_param + 1`: the least version of the slot's row that counts.
+    let min_param = slot_param + 1;
     format!(
-        "SELECT _tsq.* FROM (SELECT FROM tower_scale_shard_slots WHERE slot=${slot_param}) _tso \
-         LEFT JOIN LATERAL (SELECT _tsu.*,true tower_scale_owned FROM (\n{sql}\n) _tsu) _tsq ON true"
+        "SELECT _tsq.* FROM (SELECT FROM tower_scale_shard_slots WHERE slot=${slot_param} \
+         AND version>=${min_param}) _tso LEFT JOIN LATERAL (SELECT _tsu.*,true tower_scale_owned \
+         FROM (\n{sql}\n) _tsu) _tsq ON true"
     )
 }
 
