@@ -112,7 +112,6 @@ pub use self::map::{SlotMap, SlotRange};
 pub use self::moves::SlotMove;
 pub use self::route::{ShardRead, ShardTransaction, ShardWritten};
 pub use self::slot::{DEFAULT_SLOTS, MAX_SLOTS, ShardKey, crc32, slot_of};
-pub use self::tables::KeyType;
 pub use self::token::{
     MAX_TOKEN_LEN, MAX_TOKEN_SHARDS, ShardConsistency, ShardedToken, ShardedTokenCodec, shard_id,
 };
