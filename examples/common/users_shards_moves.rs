@@ -125,7 +125,10 @@ pub(crate) async fn start(
         }
         Ok(Err(ShardError::MoveConflict { id })) => users_app::error(
             StatusCode::CONFLICT,
-            format!("move {id} of overlapping slots is running"),
+            format!(
+                "move {id} of overlapping slots is not finished (running, or failed or \
+                 interrupted: resume or roll it back)"
+            ),
         ),
         // Slots between an old owner's release and a new one's claim.
         Ok(Err(e @ ShardError::Unowned { .. })) => {

@@ -177,16 +177,32 @@ pub(crate) async fn find(cluster: &ShardedCluster, id: &str) -> Result<MoveRecor
         .ok_or_else(|| ShardError::UnknownMove(id.chars().take(64).collect()))
 }
 
+impl MoveRecord {
+    /// Nothing more to do for it: every side that recorded it says `done`
+    /// or `rolled_back`.
+    pub(crate) fn finished(&self) -> bool {
+        let finished = |p: &Option<String>| p.as_deref().is_none_or(|p| FINISHED.contains(&p));
+        finished(&self.phases.0) && finished(&self.phases.1)
+    }
+
+    /// Its phases as recorded, for messages (`source/target`).
+    pub(crate) fn phase_text(&self) -> String {
+        format!(
+            "{}/{}",
+            self.phases.0.as_deref().unwrap_or("-"),
+            self.phases.1.as_deref().unwrap_or("-")
+        )
+    }
+}
+
 /// An unfinished move (other than `except`) whose range overlaps `range`.
 pub(crate) async fn unfinished_overlapping(
     cluster: &ShardedCluster,
     range: SlotRange,
     except: Option<&str>,
 ) -> Result<Option<String>, ShardError> {
-    let finished = |p: &Option<String>| p.as_deref().is_none_or(|p| FINISHED.contains(&p));
     Ok(all(cluster).await?.into_iter().find_map(|r| {
         let overlaps = r.range.first <= range.last && range.first <= r.range.last;
-        let open = !(finished(&r.phases.0) && finished(&r.phases.1));
-        (overlaps && open && Some(r.id.as_str()) != except).then_some(r.id)
+        (overlaps && !r.finished() && Some(r.id.as_str()) != except).then_some(r.id)
     }))
 }

@@ -25,6 +25,7 @@ impl ShardedCluster {
         options: MoveOptions,
     ) -> Result<MoveHandle, ShardError> {
         let rec = record::find(self, id).await?;
+        self.resumable(&rec).await?;
         self.not_running(&rec).await?;
         let target = self.shard_index(&rec.target)?;
         let source = self.shard_index(&rec.source)?;
@@ -108,6 +109,7 @@ impl ShardedCluster {
     /// transit (resume it).
     pub async fn rollback_move(&self, id: &str) -> Result<(), ShardError> {
         let rec = record::find(self, id).await?;
+        self.resumable(&rec).await?;
         self.not_running(&rec).await?;
         let source = self.shard_index(&rec.source)?;
         let target = self.shard_index(&rec.target)?;
@@ -143,6 +145,23 @@ impl ShardedCluster {
     /// Refuses a move that runs: in this instance, or anywhere (its
     /// temporary replication slot lives exactly as long as its session;
     /// one whose process just died is given a few seconds to go).
+    /// A finished move is left alone (its range may have moved on since:
+    /// deleting "its" partial rows would delete another move's), and so
+    /// is one whose range another unfinished move overlaps.
+    async fn resumable(&self, rec: &MoveRecord) -> Result<(), ShardError> {
+        if rec.finished() {
+            return Err(ShardError::Setup(format!(
+                "move {} finished ({}): nothing to resume or roll back",
+                rec.id,
+                rec.phase_text()
+            )));
+        }
+        if let Some(other) = record::unfinished_overlapping(self, rec.range, Some(&rec.id)).await? {
+            return Err(ShardError::MoveConflict { id: other });
+        }
+        Ok(())
+    }
+
     async fn not_running(&self, rec: &MoveRecord) -> Result<(), ShardError> {
         let conflict = || ShardError::MoveConflict { id: rec.id.clone() };
         if crate::sync::lock(&self.inner.running_moves)

@@ -17,6 +17,7 @@ mod cutover;
 mod fanout;
 mod faults;
 mod load;
+mod records;
 mod tables;
 
 /// shard-1 owns 0..=2047 (the even split by name); this is its upper half.
