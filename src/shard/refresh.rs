@@ -98,7 +98,7 @@ impl ShardedCluster {
     }
 
     /// Reads the map from the shards now and installs it; the slots whose
-    /// owner changed go to the [`on_slots_moved`](ShardedClusterBuilder::on_slots_moved) hooks.
+    /// owner changed go to the [`on_slots_moved`](super::ShardedClusterBuilder::on_slots_moved) hooks.
     pub async fn refresh(&self) -> Result<Arc<SlotMap>, ShardError> {
         let _one = self.inner.refreshing.lock().await;
         self.refresh_locked().await
