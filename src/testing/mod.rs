@@ -27,7 +27,7 @@ mod proxy;
 mod redis;
 
 pub use self::postgres::{
-    LocalCluster, LocalClusterBuilder, Node, NodeRole, format_lsn, parse_lsn,
+    ClientGroup, LocalCluster, LocalClusterBuilder, Node, NodeRole, format_lsn, parse_lsn,
 };
 pub use self::proxy::{FaultMode, FaultProxy, ProxyStats};
 pub use self::redis::LocalRedis;
