@@ -139,6 +139,7 @@ mod lsn;
 mod monitor;
 mod node;
 mod pool;
+mod region;
 mod query;
 pub(crate) mod route;
 mod session;
@@ -148,6 +149,7 @@ mod session;
 ))]
 mod sql;
 mod statement;
+mod status;
 pub mod token;
 mod transaction;
 
