@@ -139,8 +139,8 @@ mod lsn;
 mod monitor;
 mod node;
 mod pool;
-mod region;
 mod query;
+mod region;
 pub(crate) mod route;
 mod session;
 #[cfg(all(

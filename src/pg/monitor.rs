@@ -54,8 +54,16 @@ async fn probe(node: &Node, timeout: Duration) -> Result<Probe, String> {
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| e.to_string())?;
-    let sent = Instant::now();
-    match tokio::time::timeout(timeout, conn.query_one(PROBE_SQL, &[])).await {
+    // Prepared once per probe session, so the timed query is one round
+    // trip: the node's distance (`rtt`).
+    let deadline = tokio::time::Instant::now() + timeout;
+    let run = async {
+        let stmt = conn.prepare_cached(PROBE_SQL).await?;
+        let sent = Instant::now();
+        let row = conn.query_one(&stmt, &[]).await?;
+        Ok::<_, tokio_postgres::Error>((row, sent.elapsed()))
+    };
+    match tokio::time::timeout_at(deadline, run).await {
         Err(_) => {
             // Never reuse a connection with a query stuck on it.
             drop(Object::take(conn));
@@ -65,8 +73,7 @@ async fn probe(node: &Node, timeout: Duration) -> Result<Probe, String> {
             drop(Object::take(conn));
             Err(e.to_string())
         }
-        Ok(Ok(row)) => {
-            let rtt = sent.elapsed();
+        Ok(Ok((row, rtt))) => {
             let lsn: Option<&str> = row.try_get(1).map_err(|e| e.to_string())?;
             Ok(Probe {
                 rtt,
@@ -162,9 +169,8 @@ pub(super) async fn probe_all(inner: &Inner) {
         });
         metrics::gauge!("tower_scale_db_node_primary", node.labels.clone())
             .set(if healthy && primary { 1.0 } else { 0.0 });
-        metrics::gauge!("tower_scale_db_node_fenced", node.labels.clone()).set(
-            if node.is_fenced() { 1.0 } else { 0.0 },
-        );
+        metrics::gauge!("tower_scale_db_node_fenced", node.labels.clone())
+            .set(if node.is_fenced() { 1.0 } else { 0.0 });
         let pool = node.pool_status();
         for (state, n) in [
             ("max", pool.max),

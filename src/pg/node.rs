@@ -15,8 +15,8 @@ use super::config::{ClusterBuilder, NodeConfig};
 use super::error::{DbError, PoolTimeout};
 use super::lsn::{Lsn, WalLayout};
 pub use super::pool::PoolStatus;
-pub use super::status::NodeStatus;
 use super::pool::PoolTimeouts;
+pub use super::status::NodeStatus;
 use crate::error::ConfigError;
 
 const ROLE_UNKNOWN: u8 = 0;

@@ -44,10 +44,7 @@ pub(crate) type Tiered = (usize, Candidate, u8);
 /// the next tier; within the tier, replicas more than twice as far as the
 /// nearest measured one (plus [`RTT_SLACK`]) are left out and the
 /// balancer picks among the rest. Returns the node index and its tier.
-pub(crate) fn pick_nearest(
-    candidates: &[Tiered],
-    random: impl Fn() -> u64,
-) -> Option<(usize, u8)> {
+pub(crate) fn pick_nearest(candidates: &[Tiered], random: impl Fn() -> u64) -> Option<(usize, u8)> {
     let mut tiers: Vec<u8> = candidates.iter().map(|c| c.2).collect();
     tiers.sort_unstable();
     tiers.dedup();
@@ -138,7 +135,11 @@ mod tests {
     #[test]
     fn within_a_tier_the_measured_round_trip_decides() {
         // Two remote regions: 40 ms and 120 ms away.
-        let far = [c(1, REMOTE, 120, 1.0), c(2, REMOTE, 40, 1.0), c(3, REMOTE, 40, 1.0)];
+        let far = [
+            c(1, REMOTE, 120, 1.0),
+            c(2, REMOTE, 40, 1.0),
+            c(3, REMOTE, 40, 1.0),
+        ];
         let n = counts(&far, 1000);
         assert_eq!(n[1], 0, "{n:?}");
         assert!(n[2] > 100 && n[3] > 100, "{n:?}");
@@ -153,7 +154,10 @@ mod tests {
         let at_start = counts(&ramping(0.1), 2000)[0];
         let half_way = counts(&ramping(0.5), 2000)[0];
         let full = counts(&ramping(1.0), 2000)[0];
-        assert!(at_start < half_way && half_way < full, "{at_start} {half_way} {full}");
+        assert!(
+            at_start < half_way && half_way < full,
+            "{at_start} {half_way} {full}"
+        );
         assert!((100..400).contains(&at_start), "{at_start}");
         assert_eq!(full, 2000);
         // Every tier ramping together (a start): the nearest serves.

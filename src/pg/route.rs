@@ -10,10 +10,10 @@ use tokio_postgres::Row;
 use tracing::Instrument;
 
 use super::balance::Candidate;
-use super::region::{self, Tiered};
 use super::error::{DbError, Operation};
 use super::lsn::{Consistency, Lsn};
 use super::node::{Node, Role};
+use super::region::{self, Tiered};
 
 use super::db::*;
 use super::session::*;

@@ -58,7 +58,6 @@ impl Node {
     }
 }
 
-
 /// What [`Cluster::status`](super::Cluster::status) reports per node.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -97,4 +96,3 @@ pub struct NodeStatus {
     /// Its pooled sessions.
     pub pool: PoolStatus,
 }
-

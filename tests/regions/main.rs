@@ -6,7 +6,8 @@
 
 use std::time::Duration;
 
-use tower_scale::testing::LocalCluster;
+use tower_scale::pg::{Cluster, ClusterBuilder, NodeConfig};
+use tower_scale::testing::{ClientGroup, LocalCluster};
 
 #[path = "../common/mod.rs"]
 #[allow(dead_code)]
@@ -15,6 +16,57 @@ mod common;
 pub(crate) use common::until;
 
 pub(crate) const DEADLINE: Duration = Duration::from_secs(30);
+
+mod dark;
+mod partition;
+mod routing;
+
+/// A cluster handle for one application instance: it reaches every node
+/// through `group`'s proxies; `labels[i]` is node `i`'s (region, zone).
+pub(crate) async fn instance(
+    group: &ClientGroup,
+    labels: &[(&str, &str)],
+    configure: impl FnOnce(ClusterBuilder) -> ClusterBuilder,
+) -> Cluster {
+    let node = |i: usize| {
+        let (region, zone) = labels[i];
+        NodeConfig::new(group.config(i)).region(region).zone(zone)
+    };
+    let mut builder = Cluster::builder().primary(node(0));
+    for i in 1..labels.len() {
+        builder = builder.replica(node(i));
+    }
+    configure(builder).build().await.expect("cluster")
+}
+
+/// Waits until the monitor of `cluster` sees every node healthy with a
+/// measured round trip.
+pub(crate) async fn measured(cluster: &Cluster) {
+    until(
+        "every node probed with a round trip",
+        DEADLINE,
+        async || {
+            cluster
+                .status()
+                .iter()
+                .all(|n| n.healthy && !n.rtt.is_zero())
+        },
+    )
+    .await;
+}
+
+/// The `q`-quantile of `samples` (sorted in place).
+pub(crate) fn quantile(samples: &mut [Duration], q: f64) -> Duration {
+    samples.sort_unstable();
+    if samples.is_empty() {
+        return Duration::ZERO;
+    }
+    samples[((samples.len() - 1) as f64 * q).round() as usize]
+}
+
+pub(crate) fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
 
 /// The test ground's network: a client group reaches each node through its
 /// own proxy, and a replica's replication goes through one too; a black
