@@ -33,13 +33,19 @@
 //! 10. the users service on two shards (`axum_users --shards 2`): users
 //!     spread over both by id, their welcome jobs run on their shards, a
 //!     listing in id order across the shards page by page, and the slot
-//!     map of `GET /admin/shards`.
+//!     map of `GET /admin/shards`;
+//! 11. two regions 40 ms apart (fault proxies in front of the nodes): local
+//!     reads stay local (their p50 shown), then the local region is
+//!     black-holed under a read load and the reads move to the other one
+//!     with no failed read.
 //!
 //! Everything it started is stopped on exit.
 
 #[allow(dead_code)]
 #[path = "axum_users.rs"]
 mod axum_users;
+#[path = "common/tour_regions.rs"]
+mod tour_regions;
 #[path = "common/tour_shards.rs"]
 mod tour_shards;
 
@@ -135,6 +141,7 @@ async fn run() -> Result<(), Error> {
     jobs(&cluster).await?;
     balancing().await?;
     tour_shards::shards().await?;
+    tour_regions::regions().await?;
 
     let t = Instant::now();
     drop(db);
