@@ -10,7 +10,6 @@ use tower_scale::pg::{Cluster, ClusterBuilder, NodeConfig};
 use tower_scale::testing::{ClientGroup, LocalCluster};
 
 #[path = "../common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 pub(crate) use common::until;
