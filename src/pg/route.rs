@@ -186,11 +186,7 @@ impl Db {
             return (Some((i, RouteReason::CaughtUp)), None);
         }
         // Waiting only helps on a replica that is not far behind.
-        let local_wait = if options.region.is_some() {
-            options.local_wait
-        } else {
-            options.read_your_writes_wait
-        };
+        let local_wait = options.local_wait;
         let mut stalled = None;
         let near: Vec<Tiered> = self
             .eligible(exclude, |n| n.lag() <= local_wait)
