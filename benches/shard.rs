@@ -24,7 +24,14 @@ use tower_scale::shard::{ShardConsistency, ShardedCluster};
 #[path = "support/mod.rs"]
 mod support;
 
-fn shard(c: &mut Criterion) {
+/// The runtime, the local cluster, a plain cluster on it and the same as
+/// the only shard of a sharded cluster (its fence table replayed).
+fn setup() -> (
+    tokio::runtime::Runtime,
+    tower_scale::testing::LocalCluster,
+    tower_scale::pg::Cluster,
+    ShardedCluster,
+) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -44,6 +51,11 @@ fn shard(c: &mut Criterion) {
             .expect("replay");
         (support::connect(&local).await, sharded)
     });
+    (rt, local, cluster, sharded)
+}
+
+fn shard(c: &mut Criterion) {
+    let (rt, local, cluster, sharded) = setup();
     let db = cluster.db();
 
     let mut group = c.benchmark_group("route");
@@ -148,24 +160,9 @@ fn shard(c: &mut Criterion) {
 fn count(spec: &str) {
     let (kind, n) = spec.split_once(':').expect("SHARD_COUNT=KIND:N");
     let n: i64 = n.parse().expect("SHARD_COUNT=KIND:N");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let local = support::items_cluster(&rt);
+    let (rt, _local, cluster, sharded) = setup();
+    let db = cluster.db();
     rt.block_on(async {
-        let sharded = ShardedCluster::builder()
-            .shard("shard-1", support::connect(&local).await)
-            .build()
-            .await
-            .expect("sharded");
-        local
-            .wait_for_replicas(std::time::Duration::from_secs(30))
-            .await
-            .expect("replay");
-        let cluster = support::connect(&local).await;
-        let db = cluster.db();
         let plain = async |id: i64| {
             db.read_one(
                 tower_scale::pg::Consistency::Any,

@@ -74,6 +74,8 @@ pub(crate) mod users_app;
 pub(crate) mod users_shards;
 #[path = "common/users_shards_cache.rs"]
 pub(crate) mod users_shards_cache;
+#[path = "common/users_shards_moves.rs"]
+pub(crate) mod users_shards_moves;
 #[path = "common/users_shards_views.rs"]
 pub(crate) mod users_shards_views;
 

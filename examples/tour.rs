@@ -34,7 +34,9 @@
 //!     spread over both by id, their welcome jobs run on their shards, a
 //!     listing in id order across the shards page by page, and the slot
 //!     map of `GET /admin/shards`;
-//! 11. two regions 40 ms apart (fault proxies in front of the nodes): local
+//! 11. online resharding: a third shard joins and a third of the slots
+//!     move to it under writers;
+//! 12. two regions 40 ms apart (fault proxies in front of the nodes): local
 //!     reads stay local (their p50 shown), then the local region is
 //!     black-holed under a read load and the reads move to the other one
 //!     with no failed read.
@@ -46,6 +48,8 @@
 mod axum_users;
 #[path = "common/tour_regions.rs"]
 mod tour_regions;
+#[path = "common/tour_reshard.rs"]
+mod tour_reshard;
 #[path = "common/tour_shards.rs"]
 mod tour_shards;
 
@@ -141,6 +145,7 @@ async fn run() -> Result<(), Error> {
     jobs(&cluster).await?;
     balancing().await?;
     tour_shards::shards().await?;
+    tour_reshard::reshard().await?;
     tour_regions::regions().await?;
 
     let t = Instant::now();

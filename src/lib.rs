@@ -88,6 +88,7 @@
 //! | `balance` | [`balance`]: a load balancer over HTTP upstreams (p2c over peak-EWMA, health checks, retries, upstreams changed at run time); implies `http` |
 //! | `postgres` | [`pg`]: primary/replica routing over deadpool-postgres pools (with `http`: `pg::layer`) |
 //! | `shard` | [`shard`]: several primaries behind one handle, routed by a shard key, fenced against stale maps; implies `postgres` |
+//! | `reshard` | `shard::reshard`: online moves of slots and their rows between live shards (snapshot copy, logical-replication catch-up, bounded cutover); implies `shard` and `change-feed` |
 //! | `redis` | `cache::redis`: the shared L2 tier on Redis |
 //! | `local-cluster` | [`testing`]: PostgreSQL and Redis servers for tests, examples and benches |
 //! | `serde` | `settings`: the builders from TOML, JSON or the environment |

@@ -13,7 +13,7 @@ use tower_scale::testing::LocalCluster;
 use super::Error;
 
 pub(crate) async fn regions() -> Result<(), Error> {
-    println!("\n11. two regions 40 ms apart, and the local one going dark");
+    println!("\n12. two regions 40 ms apart, and the local one going dark");
     let started = Instant::now();
     let local = tokio::task::spawn_blocking(|| {
         LocalCluster::builder().replicas(2).client_groups(1).start()

@@ -42,6 +42,7 @@ use tower::ServiceExt;
 use super::users::{self, BoxError, User, WelcomeJob};
 use super::users_app::{self, NameJson};
 use super::users_shards_cache::{self, MovedSlots, ShardCaches, ShardUserRead};
+use super::users_shards_moves;
 use super::users_shards_views;
 use tower_scale::ids::IdGenerator;
 use tower_scale::pg::{Cluster, Consistency, ConsistencyToken, NodeConfig, TokenCodec};
@@ -64,6 +65,10 @@ pub const MAX_LIMIT: usize = 1000;
 
 /// Everything the sharded service runs on.
 pub struct ShardedBackend {
+    /// The session holding this instance's `--instance-id` (see
+    /// `claim_instance_id`); the claim goes with it. First: fields drop
+    /// in order, and the servers below must outlive it.
+    pub claim: tokio_postgres::Client,
     /// Our own clusters with `--shards N`; stopped on drop.
     pub locals: Vec<LocalCluster>,
     pub cluster: ShardedCluster,
@@ -84,7 +89,65 @@ pub struct ShardedBackend {
 struct ShardNodes {
     name: String,
     primary: NodeConfig,
+    /// The primary's connection settings (for the instance id's claim).
+    primary_config: tokio_postgres::Config,
     replicas: Vec<NodeConfig>,
+}
+
+/// The advisory lock key of instance id `id` (`tsuser` and the id).
+fn claim_key(id: u16) -> i64 {
+    0x7473_7573_6572_0000 | i64::from(id)
+}
+
+/// Claims `--instance-id` for this process: a session advisory lock on
+/// the primary of the shard whose name sorts first, held for the
+/// process's life (the returned client). Another instance holding it
+/// (two instances given one id would make the same ids) refuses the
+/// start. The session asks the server to probe the connection every few
+/// seconds, so a claim whose process died with its host frees within
+/// about 25 s (a restart in between is refused: retry it).
+async fn claim_instance_id(
+    primary: &tokio_postgres::Config,
+    shard: &str,
+    id: u16,
+) -> Result<tokio_postgres::Client, BoxError> {
+    let connect = primary.connect(tokio_postgres::NoTls);
+    let (client, connection) = tokio::time::timeout(Duration::from_secs(5), connect)
+        .await
+        .map_err(|_| {
+            format!("claiming --instance-id {id} on {shard}: no connection within 5 s")
+        })??;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            eprintln!(
+                "axum_users: warning: the claim of --instance-id {id} is lost ({e}): \
+                 another instance may take the id (an insert refused for a taken id retries)"
+            );
+        }
+    });
+    let claimed = tokio::time::timeout(Duration::from_secs(5), async {
+        client
+            .batch_execute(
+                "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; \
+                 SET tcp_keepalives_count = 3",
+            )
+            .await?;
+        let row = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&claim_key(id)])
+            .await?;
+        row.try_get::<_, bool>(0)
+    })
+    .await
+    .map_err(|_| format!("claiming --instance-id {id} on {shard}: no answer within 5 s"))??;
+    if !claimed {
+        return Err(format!(
+            "--instance-id {id} is in use by another instance on these shards \
+             (each instance sharing shards needs its own id; a stopped one frees it \
+             within about 25 s)"
+        )
+        .into());
+    }
+    Ok(client)
 }
 
 /// Starts (`--shards N`) or connects to (`--shard ...`) the shards, makes
@@ -107,6 +170,7 @@ pub async fn backend(args: &users::Args) -> Result<ShardedBackend, BoxError> {
             nodes.push(ShardNodes {
                 name: format!("shard-{}", i + 1),
                 primary: NodeConfig::new(l.primary().config()),
+                primary_config: l.primary().config(),
                 replicas: l
                     .replicas()
                     .iter()
@@ -119,6 +183,10 @@ pub async fn backend(args: &users::Args) -> Result<ShardedBackend, BoxError> {
             nodes.push(ShardNodes {
                 name: flag.name.clone(),
                 primary: NodeConfig::from_url(&flag.primary)?,
+                primary_config: flag
+                    .primary
+                    .parse()
+                    .map_err(|e| format!("--shard {}: {e}", flag.name))?,
                 replicas: flag
                     .replicas
                     .iter()
@@ -127,9 +195,17 @@ pub async fn backend(args: &users::Args) -> Result<ShardedBackend, BoxError> {
             });
         }
     }
+    // The instance id first: nothing is set up under a taken one.
+    let Some(first) = nodes.iter().min_by(|a, b| a.name.cmp(&b.name)) else {
+        return Err("no shards".into());
+    };
+    let claim = claim_instance_id(&first.primary_config, &first.name, s.instance_id).await?;
     // Entries of a slot that moves go when this instance learns of it.
     let moved = MovedSlots::default();
+    // `users` moves with its slots (by `id`); the queue's and the
+    // library's own tables (`tower_scale_*`) stay.
     let mut builder = ShardedCluster::builder()
+        .table("users", "id")
         .read_all_timeout(Duration::from_secs(2))
         .on_slots_moved(moved.hook());
     let mut queues = Vec::new();
@@ -202,6 +278,7 @@ pub async fn backend(args: &users::Args) -> Result<ShardedBackend, BoxError> {
         ids,
         queues,
         users,
+        claim,
         feeds,
     })
 }
@@ -272,6 +349,8 @@ pub(crate) struct App {
     pub(crate) ids: IdGenerator,
     pub(crate) queues: Vec<(Arc<str>, Queue)>,
     pub(crate) users: Arc<ShardCaches>,
+    /// The moves started through `POST /admin/shards/move`.
+    pub(crate) moves: users_shards_moves::Moves,
     pub(crate) metrics: metrics_exporter_prometheus::PrometheusHandle,
     pub(crate) admin_token: Option<String>,
 }
@@ -292,6 +371,7 @@ pub fn router(
         ids: backend.ids.clone(),
         queues: backend.queues.clone(),
         users: Arc::clone(&backend.users),
+        moves: users_shards_moves::Moves::default(),
         metrics,
         admin_token,
     });
@@ -300,7 +380,13 @@ pub fn router(
         .route("/users/{id}", get(read).put(update).delete(delete))
         .route("/metrics", get(metrics_text));
     if with_admin {
-        router = router.route("/admin/shards", get(users_shards_views::admin_shards));
+        router = router
+            .route("/admin/shards", get(users_shards_views::admin_shards))
+            .route(
+                "/admin/shards/move",
+                axum::routing::post(users_shards_moves::start),
+            )
+            .route("/admin/shards/moves/{id}", get(users_shards_moves::status));
     }
     router.fallback(users_app::fallback).with_state(state)
 }
@@ -507,9 +593,10 @@ async fn create(
         Ok(n) => n,
         Err(message) => return users_app::error(StatusCode::BAD_REQUEST, message),
     };
-    // An id taken already (another instance given the same
-    // `--instance-id`, in the same millisecond) gets a fresh one: the
-    // insert refused it, nothing was written.
+    // An id taken already (the instance's claim of its `--instance-id`
+    // lost to a network failure and the id taken by another instance, in
+    // the same millisecond) gets a fresh one: the insert refused it,
+    // nothing was written.
     let mut attempt = 0;
     let outcome = loop {
         let id = app.ids.next_id();

@@ -116,12 +116,21 @@ fn authorized(headers: &HeaderMap, token: &str) -> bool {
 /// `GET /admin/shards`: the slot map, `{"version": V, "slots": [{"from":
 /// A, "to": B, "shard": "NAME"}, ...]}`, refreshed from the shards (the
 /// map this instance has when they do not answer in time).
-pub(crate) async fn admin_shards(State(app): State<AppState>, headers: HeaderMap) -> Response {
+/// The answer to an `/admin/*` request without the admin token (401), or
+/// to any without `--admin-token` (404); `None`: go on.
+pub(crate) fn admin_denied(app: &AppState, headers: &HeaderMap) -> Option<Response> {
     let Some(token) = app.admin_token.as_deref() else {
-        return users_app::error(StatusCode::NOT_FOUND, "no such route");
+        return Some(users_app::error(StatusCode::NOT_FOUND, "no such route"));
     };
-    if !authorized(&headers, token) {
-        return users_app::error(StatusCode::UNAUTHORIZED, "unauthorized");
+    if !authorized(headers, token) {
+        return Some(users_app::error(StatusCode::UNAUTHORIZED, "unauthorized"));
+    }
+    None
+}
+
+pub(crate) async fn admin_shards(State(app): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(denied) = admin_denied(&app, &headers) {
+        return denied;
     }
     let map = match tokio::time::timeout(REQUEST_DEADLINE, app.cluster.refresh()).await {
         Ok(Ok(map)) => map,

@@ -135,9 +135,9 @@ pub mod feed;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod layer;
-#[cfg(feature = "queue")]
+#[cfg(any(feature = "queue", feature = "shard"))]
 mod listen;
-#[cfg(feature = "queue")]
+#[cfg(any(feature = "queue", feature = "shard"))]
 pub(crate) use self::listen::{OnListening, OnNotify};
 mod lsn;
 mod monitor;

@@ -116,7 +116,7 @@ pub(crate) struct Node {
     queries_total: metrics::Counter,
     pool_wait: metrics::Histogram,
     /// `LISTEN` on a session of its own, as the write pool connects.
-    #[cfg(feature = "queue")]
+    #[cfg(any(feature = "queue", feature = "shard"))]
     pub(crate) listen: super::listen::Listen,
 }
 
@@ -182,7 +182,7 @@ impl Node {
         let build_pool = |pg: tokio_postgres::Config, size: usize, wait: Duration| {
             timeouts.build(pg, tls.clone(), size, wait)
         };
-        #[cfg(feature = "queue")]
+        #[cfg(any(feature = "queue", feature = "shard"))]
         let listen = {
             let mut listen = write.clone();
             listen.application_name("tower-scale-listen");
@@ -233,7 +233,7 @@ impl Node {
                 labels.clone()
             ),
             labels,
-            #[cfg(feature = "queue")]
+            #[cfg(any(feature = "queue", feature = "shard"))]
             listen,
             name: Arc::from(name),
         })

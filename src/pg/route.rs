@@ -289,6 +289,7 @@ impl Db {
 
     /// Whether reads that no replica can serve may go to the primary
     /// ([`ClusterBuilder::fallback_to_primary`](super::ClusterBuilder::fallback_to_primary)).
+    #[cfg(feature = "shard")]
     pub(crate) fn falls_back_to_primary(&self) -> bool {
         self.inner.options.fallback_to_primary
     }

@@ -39,6 +39,23 @@ pub(crate) struct Inner {
     pub(crate) metrics: Metrics,
     /// Fenced forms of the read statements seen, by their text.
     pub(crate) read_sql: RwLock<ReadSqlCache>,
+    /// Cancelled when the last handle goes: stops the map listeners.
+    pub(crate) closed: tokio_util::sync::CancellationToken,
+    /// The declared sharded tables, as the shards' catalogs describe them.
+    #[cfg_attr(not(feature = "reshard"), allow(dead_code))]
+    pub(crate) tables: Vec<super::tables::TableSpec>,
+    /// The tables named as staying on their shard.
+    #[cfg_attr(not(feature = "reshard"), allow(dead_code))]
+    pub(crate) local_tables: Vec<String>,
+    /// The moves this instance runs (id, range): overlapping ones refused.
+    #[cfg(feature = "reshard")]
+    pub(crate) running_moves: std::sync::Mutex<Vec<(String, SlotRange)>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.closed.cancel();
+    }
 }
 
 /// The sharded cluster's series, registered at build (label `cluster`:
@@ -55,42 +72,7 @@ pub(crate) type ReadSqlCache =
 
 /// At most this many fenced statements are kept (then the cache starts
 /// over: SQL text built per request must not grow it for ever).
-const MAX_READ_SQL: usize = 256;
-
-impl Inner {
-    /// The fenced form of `sql` with `params` parameters of its own. A
-    /// statement is checked once, when first fenced (a refused one is
-    /// never kept): the statement check `Db` runs on every read
-    /// (`pg::route::check_pooled`), and that it names no parameter beyond
-    /// `params` (the fence's own, next, would bind it). `shard` names the
-    /// shard in a refusal.
-    pub(crate) fn fenced_read(
-        &self,
-        sql: &str,
-        params: usize,
-        shard: &Arc<str>,
-    ) -> Result<Arc<str>, ShardError> {
-        if let Some((n, fenced)) = crate::sync::read(&self.read_sql).get(sql)
-            && *n == params
-        {
-            return Ok(Arc::clone(fenced));
-        }
-        crate::pg::route::check_pooled(sql).map_err(|e| ShardError::db(shard, e))?;
-        let named = ownership::highest_placeholder(sql);
-        if named > params {
-            return Err(ShardError::Setup(format!(
-                "the statement uses ${named} but {params} parameters were given"
-            )));
-        }
-        let fenced: Arc<str> = ownership::fenced_read_sql(sql, params + 1).into();
-        let mut cache = crate::sync::write(&self.read_sql);
-        if cache.len() >= MAX_READ_SQL {
-            cache.clear();
-        }
-        cache.insert(sql.into(), (params, Arc::clone(&fenced)));
-        Ok(fenced)
-    }
-}
+pub(crate) const MAX_READ_SQL: usize = 256;
 
 /// Several [`Cluster`]s (shards), each a primary with its replicas, behind
 /// one handle that routes by a shard key.
@@ -146,6 +128,8 @@ pub struct ShardedClusterBuilder {
     moved_wait: Duration,
     read_all_timeout: Option<Duration>,
     on_moved: Vec<SlotsMoved>,
+    watch_map: bool,
+    pub(super) declared: super::tables::Declared,
 }
 
 impl fmt::Debug for ShardedClusterBuilder {
@@ -220,7 +204,9 @@ impl ShardedClusterBuilder {
     }
 
     /// Called with the slots whose owner changed whenever this instance
-    /// learns of a move: invalidate cache entries tagged
+    /// learns of a move (a slot released and not yet claimed counts, and
+    /// again when claimed; one moved away and back counts): invalidate
+    /// cache entries tagged
     /// [`slot_tag`](super::slot_tag) there (without a version: the new
     /// owner's positions are another WAL's; an [`Invalidator`](crate::cache::Invalidator)
     /// also keeps out fills that began before it). It runs right after the
@@ -228,6 +214,17 @@ impl ShardedClusterBuilder {
     /// invalidation is), never blocking.
     pub fn on_slots_moved(mut self, f: impl Fn(&[u16]) + Send + Sync + 'static) -> Self {
         self.on_moved.push(Arc::new(f));
+        self
+    }
+
+    /// Listens for map announcements on every shard's primary (default:
+    /// on; see [`CHANNEL`](super::CHANNEL)): a move made by another
+    /// instance reaches this one's map, and its `on_slots_moved` hooks,
+    /// within a notification's delay. Off, this instance learns of moves
+    /// when a shard refuses one of its requests or a token was routed by a
+    /// newer map.
+    pub fn watch_map(mut self, on: bool) -> Self {
+        self.watch_map = on;
         self
     }
 
@@ -280,6 +277,11 @@ impl ShardedClusterBuilder {
                 cluster,
             })
             .collect();
+        let dbs: Vec<(Arc<str>, Db)> = shards
+            .iter()
+            .map(|s| (Arc::clone(&s.name), s.db.clone()))
+            .collect();
+        let tables = super::tables::describe_all(&dbs, &self.declared).await?;
         let names: Vec<Arc<str>> = shards.iter().map(|s| Arc::clone(&s.name)).collect();
         let empty = SlotMap::from_owned(0, self.slots, names, &[]);
         let sharded = ShardedCluster {
@@ -294,6 +296,11 @@ impl ShardedClusterBuilder {
                 on_moved: self.on_moved,
                 metrics,
                 read_sql: RwLock::new(ReadSqlCache::default()),
+                closed: tokio_util::sync::CancellationToken::new(),
+                tables,
+                local_tables: self.declared.local,
+                #[cfg(feature = "reshard")]
+                running_moves: std::sync::Mutex::new(Vec::new()),
             }),
         };
         for shard in &sharded.inner.shards {
@@ -346,6 +353,9 @@ impl ShardedClusterBuilder {
         // It wrote nothing: however it ends, the lock goes with it.
         let _ = serial.rollback().await;
         sharded.refresh().await?;
+        if self.watch_map {
+            super::watch::start(&sharded, &sharded.inner.closed);
+        }
         Ok(sharded)
     }
 }
@@ -362,6 +372,8 @@ impl ShardedCluster {
             moved_wait: Duration::from_secs(2),
             read_all_timeout: None,
             on_moved: Vec::new(),
+            watch_map: true,
+            declared: super::tables::Declared::default(),
         }
     }
 
@@ -503,10 +515,13 @@ impl ShardedCluster {
         };
         let changed = old.changed_slots(&fresh);
         if old.version() != 0 && !changed.is_empty() {
-            self.inner
-                .metrics
-                .slots_moved
-                .increment(changed.len() as u64);
+            // Counted when given to their new owner, not when released (a
+            // move's two commits can be seen apart).
+            let given = changed
+                .iter()
+                .filter(|&&s| fresh.owner(s).is_some())
+                .count();
+            self.inner.metrics.slots_moved.increment(given as u64);
             for hook in &self.inner.on_moved {
                 hook(&changed);
             }

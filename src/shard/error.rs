@@ -27,9 +27,9 @@ pub enum ShardError {
     },
     /// No shard owns the slot: a move stopped between its two commits, or
     /// the ownership tables were edited. Run the move again
-    /// ([`ShardedCluster::move_slots`](super::ShardedCluster::move_slots)).
+    /// ([`ShardedCluster::move_ownership`](super::ShardedCluster::move_ownership)).
     #[error(
-        "no shard owns slot {slot}; finish the interrupted move with ShardedCluster::move_slots"
+        "no shard owns slot {slot}; finish the interrupted move with ShardedCluster::move_ownership (or resume it)"
     )]
     Unowned {
         /// The slot.
@@ -85,6 +85,41 @@ pub enum ShardError {
     /// than asked, a sum beyond `i64`).
     #[error("combining the shards' answers: {0}")]
     Combine(String),
+    /// A move of slots failed in `phase` (see
+    /// [`ShardedCluster::move_slots`](super::ShardedCluster::move_slots)):
+    /// before its release on the source the map is unchanged; resume it
+    /// or roll it back by its id.
+    #[error("move {id} failed while {phase}: {reason}")]
+    MoveFailed {
+        /// The move's id.
+        id: String,
+        /// The phase it was in (`copying`, `catching_up`, ...).
+        phase: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// Every cutover attempt of a move ran past its pause bound (the
+    /// catch-up could not reach the fence in time): nothing changed
+    /// owner; retry the move (resume it) when the write load is lower, or
+    /// allow a longer pause.
+    #[error(
+        "move {id}: {attempts} cutover attempts each ran past the pause bound; the source still owns the range: resume the move"
+    )]
+    CutoverTimeout {
+        /// The move's id.
+        id: String,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// Another move of overlapping slots is running.
+    #[error("move {id} of overlapping slots is running: wait for it")]
+    MoveConflict {
+        /// The running move's id.
+        id: String,
+    },
+    /// No move has this id on any shard.
+    #[error("no move {0:?} is recorded on any shard")]
+    UnknownMove(String),
     /// The shards' ownership tables or the configuration are not usable
     /// (a shard's table names another shard, slot counts differ...).
     #[error("sharding setup: {0}")]

@@ -12,7 +12,12 @@
 //!   library on first start, with an even split unless
 //!   [`initial_map`](ShardedClusterBuilder::initial_map) says otherwise).
 //!   An instance reads it at start and refreshes it when a shard refuses a
-//!   request or a token was routed by a newer map.
+//!   request, a token was routed by a newer map, or another instance
+//!   announces a move: every change of ownership notifies [`CHANNEL`] in
+//!   its own transaction, and every instance listens on every shard's
+//!   primary ([`watch_map`](ShardedClusterBuilder::watch_map), on by
+//!   default), so a move reaches the others' maps (and their
+//!   `on_slots_moved` hooks) within a notification's delay.
 //! - **Writes are fenced.** [`ShardedCluster::write`] and
 //!   [`transaction`](ShardedCluster::transaction) run in a transaction
 //!   that first takes the slot's ownership row `FOR SHARE`; a move takes
@@ -50,9 +55,12 @@
 //!   per shard, all feeding the same invalidators; see there for
 //!   table-wide tags).
 //!
-//! Moves: [`ShardedCluster::move_slots`] changes ownership;
+//! Moves: [`ShardedCluster::move_ownership`] changes ownership only;
 //! [`ShardedCluster::begin_move`] leaves room to copy the range's rows
-//! in between (copying and online resharding come later).
+//! in between. Online resharding — the rows of the declared tables
+//! ([`ShardedClusterBuilder::table`]) copied, caught up and cut over under
+//! load — is `ShardedCluster::move_slots` (feature `reshard`, see
+//! `shard::reshard`).
 //!
 //! ```no_run
 //! use tower_scale::pg::{Cluster, NodeConfig};
@@ -87,9 +95,14 @@ mod feed;
 mod map;
 mod moves;
 mod ownership;
+#[cfg(feature = "reshard")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reshard")))]
+pub mod reshard;
 mod route;
 mod slot;
+mod tables;
 mod token;
+mod watch;
 
 pub use self::all::{AllRows, ShardRows, merge_sorted};
 pub use self::cluster::{ShardedCluster, ShardedClusterBuilder, SlotsMoved};
@@ -98,9 +111,11 @@ pub use self::map::{SlotMap, SlotRange};
 pub use self::moves::SlotMove;
 pub use self::route::{ShardRead, ShardTransaction, ShardWritten};
 pub use self::slot::{DEFAULT_SLOTS, MAX_SLOTS, ShardKey, crc32, slot_of};
+pub use self::tables::KeyType;
 pub use self::token::{
     MAX_TOKEN_LEN, MAX_TOKEN_SHARDS, ShardConsistency, ShardedToken, ShardedTokenCodec, shard_id,
 };
+pub use self::watch::CHANNEL;
 
 /// The cache tag of a slot's entries, `slot:{n}`: add it to cached reads
 /// of a key, and invalidate it from

@@ -214,7 +214,7 @@ impl ShardedCluster {
     /// Moves the ownership of `range` to shard `to` now (no data is
     /// copied: see [`begin_move`](Self::begin_move) to copy in between).
     /// Returns the new map version.
-    pub async fn move_slots(&self, range: SlotRange, to: &str) -> Result<u64, ShardError> {
+    pub async fn move_ownership(&self, range: SlotRange, to: &str) -> Result<u64, ShardError> {
         self.begin_move(range, to).await?.commit().await
     }
 }

@@ -137,6 +137,10 @@ pub(crate) async fn bump(
     )
     .await
     .map_err(|e| ShardError::db(name, e))?;
+    // Delivered at the commit, if it happens (see `watch`).
+    tx.execute(super::watch::ANNOUNCE, &[&(version as i64)])
+        .await
+        .map_err(|e| ShardError::db(name, e))?;
     Ok(())
 }
 

@@ -10,13 +10,48 @@ use tokio_postgres::types::ToSql;
 use crate::pg::route::RouteHint;
 use crate::pg::{Consistency, ConsistencyToken, Lsn, RouteReason, Transaction};
 
-use super::cluster::ShardedCluster;
+use super::cluster::{Inner, ShardedCluster};
 use super::error::ShardError;
 use super::ownership::FENCE_SQL;
 use super::slot::ShardKey;
 use super::token::{ShardConsistency, ShardedToken};
 
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+impl Inner {
+    /// The fenced form of `sql` with `params` parameters of its own. A
+    /// statement is checked once, when first fenced (a refused one is
+    /// never kept): the statement check `Db` runs on every read
+    /// (`pg::route::check_pooled`), and that it names no parameter beyond
+    /// `params` (the fence's own, next, would bind it). `shard` names the
+    /// shard in a refusal.
+    pub(crate) fn fenced_read(
+        &self,
+        sql: &str,
+        params: usize,
+        shard: &Arc<str>,
+    ) -> Result<Arc<str>, ShardError> {
+        if let Some((n, fenced)) = crate::sync::read(&self.read_sql).get(sql)
+            && *n == params
+        {
+            return Ok(Arc::clone(fenced));
+        }
+        crate::pg::route::check_pooled(sql).map_err(|e| ShardError::db(shard, e))?;
+        let named = super::ownership::highest_placeholder(sql);
+        if named > params {
+            return Err(ShardError::Setup(format!(
+                "the statement uses ${named} but {params} parameters were given"
+            )));
+        }
+        let fenced: Arc<str> = super::ownership::fenced_read_sql(sql, params + 1).into();
+        let mut cache = crate::sync::write(&self.read_sql);
+        if cache.len() >= super::cluster::MAX_READ_SQL {
+            cache.clear();
+        }
+        cache.insert(sql.into(), (params, Arc::clone(&fenced)));
+        Ok(fenced)
+    }
+}
 
 /// A routed write's result.
 #[derive(Debug, Clone)]

@@ -59,7 +59,10 @@ async fn a_stale_write_is_refused_by_the_old_owner_and_lands_on_the_new() {
         &locals,
         "fence_write",
         |b| b,
-        move |b| b.on_slots_moved(move |slots| hook.lock().unwrap().extend_from_slice(slots)),
+        move |b| {
+            b.watch_map(false)
+                .on_slots_moved(move |slots| hook.lock().unwrap().extend_from_slice(slots))
+        },
     )
     .await;
     let mover = sharded(&locals, "fence_write", |b| b, |b| b).await;
@@ -72,7 +75,7 @@ async fn a_stale_write_is_refused_by_the_old_owner_and_lands_on_the_new() {
     let slot_i = i32::from(slot);
     assert_eq!(stale.map().owner(slot), Some("shard-1"));
     let version = mover
-        .move_slots(SlotRange::one(slot), "shard-2")
+        .move_ownership(SlotRange::one(slot), "shard-2")
         .await
         .unwrap();
     assert_eq!(version, 2);
@@ -131,7 +134,7 @@ async fn a_stale_write_is_refused_by_the_old_owner_and_lands_on_the_new() {
 async fn a_stale_read_returns_the_row_never_a_false_not_found() {
     let locals = shared();
     database(&locals, "fence_read").await;
-    let stale = sharded(&locals, "fence_read", |b| b, |b| b).await;
+    let stale = sharded(&locals, "fence_read", |b| b, |b| b.watch_map(false)).await;
     let mover = sharded(&locals, "fence_read", |b| b, |b| b).await;
     let clients = [
         client(&locals[0], "fence_read").await,
@@ -206,7 +209,8 @@ async fn writes_racing_moves_leave_no_row_on_a_shard_that_does_not_own_it() {
     let mut rng = Rng::from_env_or_time();
     let locals = shared();
     database(&locals, "fence_race").await;
-    let writer = sharded(&locals, "fence_race", |b| b, |b| b).await;
+    // Not listening for announcements: its map lags every move.
+    let writer = sharded(&locals, "fence_race", |b| b, |b| b.watch_map(false)).await;
     let mover = sharded(&locals, "fence_race", |b| b, |b| b).await;
     let clients = [
         client(&locals[0], "fence_race").await,
@@ -349,7 +353,12 @@ async fn concurrent_moves_get_versions_in_commit_order() {
                 for slot in slots {
                     let home = if slot < 2048 { "shard-1" } else { "shard-2" };
                     let to = if round % 2 == 0 { other(home) } else { home };
-                    versions.push(mover.move_slots(SlotRange::one(slot), to).await.unwrap());
+                    versions.push(
+                        mover
+                            .move_ownership(SlotRange::one(slot), to)
+                            .await
+                            .unwrap(),
+                    );
                     // A mover's map only ever moves forward.
                     assert!(mover.map().version() >= *versions.last().unwrap());
                 }
@@ -377,7 +386,7 @@ async fn concurrent_moves_get_versions_in_commit_order() {
 async fn a_stale_write_that_fails_on_the_old_owner_is_moved_not_failed() {
     let locals = shared();
     database(&locals, "fence_fails").await;
-    let stale = sharded(&locals, "fence_fails", |b| b, |b| b).await;
+    let stale = sharded(&locals, "fence_fails", |b| b, |b| b.watch_map(false)).await;
     let mover = sharded(&locals, "fence_fails", |b| b, |b| b).await;
     let clients = [
         client(&locals[0], "fence_fails").await,
@@ -390,7 +399,7 @@ async fn a_stale_write_that_fails_on_the_old_owner_is_moved_not_failed() {
     mover.write(&key, sql, &[&key, &slot_i]).await.unwrap();
     // Moved without its row: the old owner keeps a row the new one lacks.
     mover
-        .move_slots(SlotRange::one(slot), "shard-2")
+        .move_ownership(SlotRange::one(slot), "shard-2")
         .await
         .unwrap();
     // On the old owner the insert would violate the key; the fence runs

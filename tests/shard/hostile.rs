@@ -117,12 +117,12 @@ async fn bad_slots_names_and_setups_are_refused() {
         );
     }
     let err = sharded
-        .move_slots(SlotRange::one(1), "shard-9")
+        .move_ownership(SlotRange::one(1), "shard-9")
         .await
         .unwrap_err();
     assert!(matches!(err, ShardError::UnknownShard(_)), "{err}");
     let err = sharded
-        .move_slots(SlotRange::one(1), "shard-1")
+        .move_ownership(SlotRange::one(1), "shard-1")
         .await
         .unwrap_err();
     assert!(
@@ -130,7 +130,7 @@ async fn bad_slots_names_and_setups_are_refused() {
         "already the owner: {err}"
     );
     let err = sharded
-        .move_slots(SlotRange::new(2040, 2050), "shard-1")
+        .move_ownership(SlotRange::new(2040, 2050), "shard-1")
         .await
         .unwrap_err();
     assert!(

@@ -22,7 +22,10 @@ mod fence;
 mod hostile;
 mod metrics;
 mod reads;
+#[cfg(feature = "reshard")]
+mod reshard;
 mod routing;
+mod versions;
 
 pub(crate) use common::until;
 

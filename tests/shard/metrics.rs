@@ -43,7 +43,7 @@ async fn shards_keep_their_own_series() {
     }
     let slot = sharded.slot(&key);
     sharded
-        .move_slots(SlotRange::one(slot), "metrics-2")
+        .move_ownership(SlotRange::one(slot), "metrics-2")
         .await
         .unwrap();
     let text = recorder.render();

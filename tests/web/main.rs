@@ -12,10 +12,13 @@ mod jobs;
 mod layer;
 #[cfg(feature = "shard")]
 mod shards;
+#[cfg(feature = "shard")]
 mod shards_cache;
+#[cfg(feature = "reshard")]
+mod shards_moves;
 
 // In-process for `jobs`, where a test decides when the worker starts.
-#[cfg(all(feature = "queue", feature = "change-feed", feature = "shard"))]
+#[cfg(all(feature = "queue", feature = "change-feed", feature = "reshard"))]
 #[path = "../../examples/axum_users.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod axum_users;

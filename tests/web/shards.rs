@@ -431,12 +431,12 @@ async fn the_cookie_reads_its_writes_on_every_shard_through_delayed_replicas() {
         let r = client.send(addr, "GET", path, None, &bearer).await;
         assert_eq!(r.status, 404, "{path} without --admin-token");
     }
-    // A second instance given the same --instance-id (a mistake): ids
-    // made in the same millisecond by both collide; the refused insert
-    // gets a fresh id, no create fails.
-    let twin = common::start(
-        "axum_users",
-        &[
+    // A second instance given the same --instance-id (a mistake: both
+    // would make the same ids) refuses to start, naming the id; the first
+    // keeps serving.
+    let started = Instant::now();
+    let twin = std::process::Command::new(common::example("axum_users"))
+        .args([
             "--listen",
             "127.0.0.1:0",
             "--shard",
@@ -447,29 +447,33 @@ async fn the_cookie_reads_its_writes_on_every_shard_through_delayed_replicas() {
             KEY,
             "--instance-id",
             "3",
-        ],
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut twin = twin;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while twin.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            twin.kill().unwrap();
+            panic!("the twin with a taken --instance-id is still running");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = twin.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "the twin exited {} after {:?}: {}",
+        out.status,
+        started.elapsed(),
+        stderr.trim()
     );
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..80 {
-        let addr = if i % 2 == 0 {
-            service.addr.clone()
-        } else {
-            twin.addr.clone()
-        };
-        tasks.spawn(async move {
-            let mut c = Client2::new(false);
-            let body = Some(serde_json::json!({ "name": format!("twin-{i}") }));
-            let r = c.send(&addr, "POST", "/users", body, &[]).await;
-            (r.status, r.body["id"].as_i64())
-        });
-    }
-    let mut created = std::collections::HashSet::new();
-    while let Some(done) = tasks.join_next().await {
-        let (status, id) = done.unwrap();
-        assert_eq!(status, 201);
-        assert!(created.insert(id.unwrap()), "id {id:?} twice");
-    }
-    assert_eq!(created.len(), 80);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--instance-id 3 is in use"), "{stderr}");
+    let body = Some(serde_json::json!({ "name": "after-the-twin" }));
+    let r = client.send(addr, "POST", "/users", body, &[]).await;
+    assert_eq!(r.status, 201, "{}", r.body);
 }
 
 /// `--shards` with `--shard` or `--primary` exits 2 with the usage, and

@@ -1,8 +1,8 @@
 //! The sharded `axum_users`' users cache across instances and shards, as
-//! real processes: a token routed by a newer map than an instance's skips
-//! that instance's cached reads, and shards whose WAL positions differ
-//! widely (each is its own numbering) do not keep each other's reads out
-//! of the cache.
+//! real processes: an instance hears a move made elsewhere and drops the
+//! moved slot's entries, the cookie reads its write across the move, and
+//! shards whose WAL positions differ widely (each is its own numbering)
+//! do not keep each other's reads out of the cache.
 
 use std::time::Duration;
 
@@ -20,11 +20,11 @@ fn shard_of(served_by: &str) -> &str {
 /// ahead of west's. A user on west, read twice through instance 1, is a
 /// hit the second time (one cache over both shards took east's position,
 /// where its change feed started, as the floor for every fill). Then the
-/// user's slot moves to east (its row copied in the move), instance 2
-/// renames it, and instance 1, whose map and cache are from before the
-/// move, answers the cookie with the new name, not its cached entry.
+/// user's slot moves to east (its row copied in the move, by an operator's
+/// handle): instance 1 hears of it and reads the user from east; instance
+/// 2 renames it, and instance 1 answers the cookie with the new name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_instance_behind_a_move_reads_the_cookies_write_and_shards_keep_their_own_positions() {
+async fn an_instance_hears_a_move_reads_the_cookies_write_and_shards_keep_their_own_positions() {
     let start = || std::thread::spawn(|| LocalCluster::builder().replicas(0).start().unwrap());
     let (a, b) = (start(), start());
     let (east, west) = (a.join().unwrap(), b.join().unwrap());
@@ -151,13 +151,19 @@ async fn an_instance_behind_a_move_reads_the_cookies_write_and_shards_keep_their
         .unwrap();
     mv.commit().await.unwrap();
 
-    // Instance 1 has not heard of the move: its cache still answers.
-    let r = client.send(one, "GET", &path, None, &[]).await;
-    assert_eq!(
-        (r.served_by.as_str(), &r.body["name"]),
-        ("cache", &first.body["name"])
-    );
-    // Instance 2 renames it (its stale map is corrected by the refusal),
+    // Instance 1 hears the move (the map announcement on the shards'
+    // primaries): its cache drops the slot's entries, and the next read
+    // fills from east.
+    common::until(
+        "instance 1 reads the user from east",
+        Duration::from_secs(10),
+        async || {
+            let r = anonymous.send(one, "GET", &path, None, &[]).await;
+            r.status == 200 && shard_of(&r.served_by) == "east"
+        },
+    )
+    .await;
+    // Instance 2 renames it (its map too came from the announcement),
     // and its cookie carries the new map's version.
     let rename = Some(serde_json::json!({ "name": "after-the-move" }));
     let r = client.send(two, "PUT", &path, rename, &[]).await;

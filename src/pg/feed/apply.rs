@@ -84,7 +84,9 @@ impl Decoder {
                 // feed cannot tell which, so it is a whole-table change.
                 self.touched(id).whole = true;
             }
-            Message::Change { relation, old, new } => {
+            Message::Change {
+                relation, old, new, ..
+            } => {
                 self.rows += 1;
                 let Some(known) = self.relations.get(&relation) else {
                     return Err(Malformed("change to a relation not described first"));

@@ -94,7 +94,7 @@
 //!   with `sslmode=require` is refused ([`FeedError::Tls`]).
 
 mod apply;
-mod pgoutput;
+pub(crate) mod pgoutput;
 mod run;
 mod setup;
 mod sink;
@@ -108,6 +108,8 @@ use std::time::Duration;
 use super::cluster::Cluster;
 use super::lsn::Lsn;
 use crate::cache::{Invalidator, Tag};
+#[cfg(feature = "reshard")]
+pub(crate) use run::primary_replication_config;
 use sink::Sink;
 pub use tags::Change;
 

@@ -55,6 +55,9 @@ pub(crate) enum Message<'a> {
     /// An insert, update or delete of a row of `relation`: `old` is the old
     /// key (`K`) or old row (`O`) when sent, `new` the new row.
     Change {
+        /// `b'I'`, `b'U'` or `b'D'` (an UPDATE without an old tuple looks
+        /// like an INSERT otherwise).
+        kind: u8,
         relation: u32,
         old: Option<Vec<Value<'a>>>,
         new: Option<Vec<Value<'a>>>,
@@ -172,6 +175,7 @@ pub(crate) fn decode(data: &[u8]) -> Result<Message<'_>, Malformed> {
             let relation = r.u32("insert relation")?;
             match r.u8("insert tuple kind")? {
                 b'N' => Ok(Message::Change {
+                    kind: b'I',
                     relation,
                     old: None,
                     new: Some(r.tuple()?),
@@ -191,6 +195,7 @@ pub(crate) fn decode(data: &[u8]) -> Result<Message<'_>, Malformed> {
                 return Err(Malformed("update tuple kind"));
             }
             Ok(Message::Change {
+                kind: b'U',
                 relation,
                 old,
                 new: Some(r.tuple()?),
@@ -200,6 +205,7 @@ pub(crate) fn decode(data: &[u8]) -> Result<Message<'_>, Malformed> {
             let relation = r.u32("delete relation")?;
             match r.u8("delete tuple kind")? {
                 b'K' | b'O' => Ok(Message::Change {
+                    kind: b'D',
                     relation,
                     old: Some(r.tuple()?),
                     new: None,
@@ -270,10 +276,16 @@ mod tests {
         u.extend(1u32.to_be_bytes());
         u.push(b'8');
         u.push(b'u');
-        let Ok(Message::Change { relation, old, new }) = decode(&u) else {
+        let Ok(Message::Change {
+            kind,
+            relation,
+            old,
+            new,
+        }) = decode(&u)
+        else {
             panic!("not a change");
         };
-        assert_eq!(relation, 16385);
+        assert_eq!((kind, relation), (b'U', 16385));
         assert_eq!(old, Some(vec![Value::Text(b"7"), Value::Null]));
         assert_eq!(new, Some(vec![Value::Text(b"8"), Value::Unchanged]));
     }

@@ -215,6 +215,21 @@ fn replication_config(
     )
 }
 
+/// The replication settings of `cluster`'s current primary for a session
+/// on `slot` and `publication` (a move's, see `shard::reshard`).
+#[cfg(feature = "reshard")]
+pub(crate) fn primary_replication_config(
+    cluster: &Cluster,
+    slot: &str,
+    publication: &str,
+    stall: Duration,
+) -> Result<ReplicationConfig, FeedError> {
+    let inner = &cluster.inner;
+    let idx = inner.primary.load(std::sync::atomic::Ordering::Acquire);
+    let node = inner.nodes.get(idx).ok_or(FeedError::NoPrimary)?;
+    replication_config(&node.conn, slot, publication, stall)
+}
+
 /// Ends the replication session however the owner leaves.
 struct Session(ReplicationClient);
 

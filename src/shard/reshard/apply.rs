@@ -1,0 +1,213 @@
+//! Applying a batch of streamed changes on the target in one transaction:
+//! each row's net effect, a few statements per table.
+
+use std::collections::HashMap;
+
+use super::super::error::ShardError;
+use super::super::tables::TableSpec;
+use super::catchup::fail;
+use super::rows::{self, TextRow};
+use super::run::Ctx;
+use crate::pg::Transaction;
+
+/// A streamed value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Val {
+    Null,
+    /// A TOASTed value the change did not touch (not sent).
+    Unchanged,
+    Text(String),
+}
+
+/// A change to a declared table, values in the table's column order.
+pub(super) struct Change {
+    pub(super) table: usize,
+    /// `b'I'`, `b'U'` or `b'D'`.
+    pub(super) kind: u8,
+    pub(super) old: Option<Vec<Val>>,
+    pub(super) new: Option<Vec<Val>>,
+}
+
+fn text_row(values: &[Val]) -> Option<TextRow> {
+    values
+        .iter()
+        .map(|v| match v {
+            Val::Null => Some(None),
+            Val::Text(t) => Some(Some(t.clone())),
+            Val::Unchanged => None,
+        })
+        .collect()
+}
+
+fn key_text(spec: &TableSpec, values: &[Val]) -> Option<Vec<String>> {
+    spec.primary_key
+        .iter()
+        .map(|&i| match values.get(i) {
+            Some(Val::Text(t)) => Some(t.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn slot(ctx: &Ctx, spec: &TableSpec, values: &[Val]) -> Option<u16> {
+    match values.get(spec.key) {
+        Some(Val::Text(t)) => spec.key_type.slot_of_text(t, ctx.slots),
+        _ => None,
+    }
+}
+
+/// Whether a change can touch a row of the range: its new row is in the
+/// range, or it deletes a row whose shard key is in the range or unknown
+/// (the old tuple names the primary key only). An update whose new row is
+/// outside the range cannot: a row's shard key does not leave its slot.
+pub(super) fn relevant(ctx: &Ctx, change: &Change) -> bool {
+    let spec = &ctx.cluster.inner.tables[change.table];
+    match (change.kind, &change.old, &change.new) {
+        (b'D', Some(old), _) => match old.get(spec.key) {
+            Some(Val::Text(_)) => ctx.in_range(slot(ctx, spec, old)),
+            _ => true,
+        },
+        (_, _, Some(new)) => ctx.in_range(slot(ctx, spec, new)),
+        _ => false,
+    }
+}
+
+/// The net effect of a batch on one row (by table and primary key).
+enum Effect {
+    /// The row as it ends up.
+    Upsert(TextRow),
+    /// Deleted: with its shard key when the change named it (in range),
+    /// else to be looked up on the target.
+    Delete(Option<TextRow>),
+}
+
+/// The batch's net effects, per table, by primary key.
+type Effects = Vec<HashMap<Vec<String>, Effect>>;
+
+/// Writes the net effects: per table, the deletes (rows whose shard key
+/// is unknown are looked up and kept unless in the range: a row of
+/// another slot with the same primary key belongs to the target), then
+/// the upserts, one statement each.
+async fn write(ctx: &Ctx, tx: &Transaction, effects: &mut Effects) -> Result<(), ShardError> {
+    let target = &ctx.target().name;
+    for (table, rows) in effects.iter_mut().enumerate() {
+        let spec = &ctx.cluster.inner.tables[table];
+        let mut known: Vec<TextRow> = Vec::new();
+        let mut unknown: Vec<Vec<String>> = Vec::new();
+        let mut upserts: Vec<TextRow> = Vec::new();
+        for (key, effect) in rows.drain() {
+            match effect {
+                Effect::Delete(Some(row)) => known.push(row),
+                Effect::Delete(None) => unknown.push(key),
+                Effect::Upsert(row) => upserts.push(row),
+            }
+        }
+        for row in rows::lookup(tx, target, spec, &unknown).await? {
+            if ctx.in_range(spec.slot_of_row(&row, ctx.slots)) {
+                known.push(row);
+            }
+        }
+        let known: Vec<&TextRow> = known.iter().collect();
+        rows::delete_rows(tx, target, spec, &known).await?;
+        let upserts: Vec<&TextRow> = upserts.iter().collect();
+        rows::upsert(tx, target, spec, &upserts).await?;
+    }
+    Ok(())
+}
+
+/// Applies a batch of changes (whole source transactions, in commit
+/// order) in one target transaction; returns the changes of the range it
+/// applied.
+///
+/// Changes to different rows commute, so the batch is reduced to each
+/// row's net effect (its last change) and written per table, deletes
+/// first: a few statements per batch whatever its size. An update that
+/// left TOASTed values out and follows no full row of the batch is
+/// written on its own, after everything before it.
+pub(super) async fn apply(ctx: &Ctx, changes: &[Change]) -> Result<u64, ShardError> {
+    let target = ctx.target();
+    let terr = |e| ShardError::db(&target.name, e);
+    let mut tx: Option<Transaction> = None;
+    let mut applied = 0;
+    let mut effects: Effects = (0..ctx.cluster.inner.tables.len())
+        .map(|_| HashMap::new())
+        .collect();
+    for change in changes {
+        let spec = &ctx.cluster.inner.tables[change.table];
+        let new_in_range = change
+            .new
+            .as_ref()
+            .is_some_and(|n| ctx.in_range(slot(ctx, spec, n)));
+        let rows = &mut effects[change.table];
+        if let (b'D', Some(old)) = (change.kind, &change.old) {
+            // The old tuple names the primary key, and the shard key only
+            // if it is part of it (or the identity is FULL).
+            let Some(key) = key_text(spec, old) else {
+                return Err(fail(ctx, "a delete without its primary key"));
+            };
+            let effect = match old.get(spec.key) {
+                Some(Val::Text(_)) if !ctx.in_range(slot(ctx, spec, old)) => continue,
+                Some(Val::Text(_)) => Effect::Delete(text_row(old)),
+                _ => Effect::Delete(None),
+            };
+            rows.insert(key, effect);
+            applied += 1;
+            continue;
+        }
+        let Some(new) = change.new.as_ref().filter(|_| new_in_range) else {
+            continue;
+        };
+        let Some(key) = key_text(spec, new) else {
+            return Err(fail(ctx, "a row without its primary key"));
+        };
+        applied += 1;
+        // An update that changed the primary key: the old row goes.
+        if let (b'U', Some(old)) = (change.kind, &change.old)
+            && let Some(old_key) = key_text(spec, old)
+            && old_key != key
+        {
+            rows.insert(old_key, Effect::Delete(None));
+        }
+        if let Some(row) = text_row(new) {
+            rows.insert(key, Effect::Upsert(row));
+            continue;
+        }
+        // TOASTed values left out: completed from the batch's own full
+        // row of it, or written in place after everything before it.
+        if let Some(Effect::Upsert(row)) = rows.get_mut(&key) {
+            for (i, v) in new.iter().enumerate() {
+                match v {
+                    Val::Null => row[i] = None,
+                    Val::Text(t) => row[i] = Some(t.clone()),
+                    Val::Unchanged => {}
+                }
+            }
+            continue;
+        }
+        if tx.is_none() {
+            tx = Some(target.db.transaction().await.map_err(terr)?);
+        }
+        let Some(t) = tx.as_ref() else { continue };
+        write(ctx, t, &mut effects).await?;
+        let set: Vec<(usize, Option<String>)> = new
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| match v {
+                Val::Null => Some((i, None)),
+                Val::Text(t) => Some((i, Some(t.clone()))),
+                Val::Unchanged => None,
+            })
+            .collect();
+        rows::update_columns(t, &target.name, spec, &key, &set).await?;
+    }
+    if effects.iter().all(HashMap::is_empty) && tx.is_none() {
+        return Ok(applied);
+    }
+    let tx = match tx {
+        Some(tx) => tx,
+        None => target.db.transaction().await.map_err(terr)?,
+    };
+    write(ctx, &tx, &mut effects).await?;
+    tx.commit().await.map_err(terr)?;
+    Ok(applied)
+}
