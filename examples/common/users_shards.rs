@@ -65,10 +65,10 @@ pub const MAX_LIMIT: usize = 1000;
 
 /// Everything the sharded service runs on.
 pub struct ShardedBackend {
-    /// The session holding this instance's `--instance-id` (see
-    /// `claim_instance_id`); the claim goes with it. First: fields drop
-    /// in order, and the servers below must outlive it.
-    pub claim: tokio_postgres::Client,
+    /// The sessions holding this instance's `--instance-id`, one per
+    /// shard (see `claim_instance_id`); the claim goes with them. First:
+    /// fields drop in order, and the servers below must outlive them.
+    pub claim: Vec<tokio_postgres::Client>,
     /// Our own clusters with `--shards N`; stopped on drop.
     pub locals: Vec<LocalCluster>,
     pub cluster: ShardedCluster,
@@ -99,13 +99,15 @@ fn claim_key(id: u16) -> i64 {
     0x7473_7573_6572_0000 | i64::from(id)
 }
 
-/// Claims `--instance-id` for this process: a session advisory lock on
-/// the primary of the shard whose name sorts first, held for the
-/// process's life (the returned client). Another instance holding it
-/// (two instances given one id would make the same ids) refuses the
-/// start. The session asks the server to probe the connection every few
-/// seconds, so a claim whose process died with its host frees within
-/// about 25 s (a restart in between is refused: retry it).
+/// Claims `--instance-id` for this process on one shard: a session
+/// advisory lock on its primary, held for the process's life (the
+/// returned client). Another instance holding it (two instances given one
+/// id would make the same ids) refuses the start. The session asks the
+/// server to probe the connection every few seconds, so a claim whose
+/// process died with its host frees within about 25 s (a restart in
+/// between is refused: retry it). The caller claims on every shard: an
+/// instance configured with one shard more still meets the claims of the
+/// others on the shards they share.
 async fn claim_instance_id(
     primary: &tokio_postgres::Config,
     shard: &str,
@@ -195,11 +197,12 @@ pub async fn backend(args: &users::Args) -> Result<ShardedBackend, BoxError> {
             });
         }
     }
-    // The instance id first: nothing is set up under a taken one.
-    let Some(first) = nodes.iter().min_by(|a, b| a.name.cmp(&b.name)) else {
-        return Err("no shards".into());
-    };
-    let claim = claim_instance_id(&first.primary_config, &first.name, s.instance_id).await?;
+    // The instance id first, on every shard: nothing is set up under a
+    // taken one.
+    let mut claim = Vec::with_capacity(nodes.len());
+    for shard in &nodes {
+        claim.push(claim_instance_id(&shard.primary_config, &shard.name, s.instance_id).await?);
+    }
     // Entries of a slot that moves go when this instance learns of it.
     let moved = MovedSlots::default();
     // `users` moves with its slots (by `id`); the queue's and the

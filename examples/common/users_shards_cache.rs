@@ -34,7 +34,9 @@ use tower_scale::cache::{
     Cache, CacheLayer, CachePolicy, HotKey, Invalidator, QuickStore, Storable, Windows,
 };
 use tower_scale::pg::Consistency;
-use tower_scale::shard::{ShardConsistency, ShardError, ShardedCluster, shard_id, slot_tag};
+use tower_scale::shard::{
+    ShardConsistency, ShardError, ShardedCluster, WeakShardedCluster, shard_id, slot_of, slot_tag,
+};
 
 use super::users::{BoxError, USER_BY_ID, USERS_WHOLE, User, UserRow};
 
@@ -47,11 +49,15 @@ pub struct ShardUserRead {
 }
 
 /// Keyed by id; the version a request needs is its token's position on
-/// this cache's shard.
+/// this cache's shard. It holds the cluster weakly: the cluster's move
+/// hook holds this cache's invalidator, and so the policy; a strong
+/// handle would keep the cluster (its listeners, its pools) alive for
+/// ever.
 #[derive(Clone)]
 pub struct ShardUserPolicy {
-    cluster: ShardedCluster,
+    cluster: WeakShardedCluster,
     shard: u64,
+    slots: u16,
 }
 
 impl CachePolicy<ShardUserRead, Arc<UserRow<User>>> for ShardUserPolicy {
@@ -63,7 +69,10 @@ impl CachePolicy<ShardUserRead, Arc<UserRow<User>>> for ShardUserPolicy {
 
     fn min_version(&self, req: &ShardUserRead) -> Option<u64> {
         if let ShardConsistency::ReadYourWrites(token) = &req.consistency
-            && token.map_version() > self.cluster.map().version()
+            && self
+                .cluster
+                .upgrade()
+                .is_none_or(|c| token.map_version() > c.map().version())
         {
             // Routed by a newer map: past every entry, so the read goes
             // to the shards (and refreshes this instance's map).
@@ -82,7 +91,7 @@ impl CachePolicy<ShardUserRead, Arc<UserRow<User>>> for ShardUserPolicy {
             Storable::new(*d)
                 .tag(format!("user:{id}"))
                 .tag(USERS_WHOLE)
-                .tag(slot_tag(self.cluster.slot(id)))
+                .tag(slot_tag(slot_of(id, self.slots)))
                 .version(row.lsn),
         )
     }
@@ -231,8 +240,9 @@ pub fn build(cluster: &ShardedCluster, moved: &MovedSlots) -> Result<ShardCaches
     let mut shards = Vec::new();
     for name in cluster.shard_names() {
         let layer = CacheLayer::builder(ShardUserPolicy {
-            cluster: cluster.clone(),
+            cluster: cluster.downgrade(),
             shard: shard_id(name),
+            slots: cluster.map().slot_count(),
         })
         .name(format!("users/{name}"))
         .time_to_live(Duration::from_secs(60))

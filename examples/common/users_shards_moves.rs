@@ -42,7 +42,11 @@ impl Moves {
     fn add(&self, id: String, progress: watch::Receiver<MoveProgress>) {
         let mut moves = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if moves.len() >= KEPT {
-            moves.pop_front();
+            // The oldest finished one goes; a running one only if none is.
+            let finished = moves
+                .iter()
+                .position(|(_, p)| matches!(p.borrow().phase, MovePhase::Done | MovePhase::Failed));
+            moves.remove(finished.unwrap_or(0));
         }
         moves.push_back((id, progress));
     }
@@ -123,6 +127,10 @@ pub(crate) async fn start(
             StatusCode::CONFLICT,
             format!("move {id} of overlapping slots is running"),
         ),
+        // Slots between an old owner's release and a new one's claim.
+        Ok(Err(e @ ShardError::Unowned { .. })) => {
+            users_app::error(StatusCode::CONFLICT, e.to_string())
+        }
         Ok(Err(
             e @ (ShardError::UnknownShard(_)
             | ShardError::SlotOutOfRange { .. }

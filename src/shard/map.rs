@@ -138,6 +138,12 @@ impl SlotMap {
         }
     }
 
+    /// The map version that gave `slot` to its owner (0: none, or out of
+    /// range).
+    pub(crate) fn slot_version(&self, slot: u16) -> u64 {
+        self.versions.get(usize::from(slot)).copied().unwrap_or(0)
+    }
+
     /// The name of the shard owning `slot`.
     pub fn owner(&self, slot: u16) -> Option<&str> {
         self.owner_index(slot)

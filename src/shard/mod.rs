@@ -95,6 +95,7 @@ mod feed;
 mod map;
 mod moves;
 mod ownership;
+mod refresh;
 #[cfg(feature = "reshard")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reshard")))]
 pub mod reshard;
@@ -111,11 +112,10 @@ pub use self::map::{SlotMap, SlotRange};
 pub use self::moves::SlotMove;
 pub use self::route::{ShardRead, ShardTransaction, ShardWritten};
 pub use self::slot::{DEFAULT_SLOTS, MAX_SLOTS, ShardKey, crc32, slot_of};
-pub use self::tables::KeyType;
 pub use self::token::{
     MAX_TOKEN_LEN, MAX_TOKEN_SHARDS, ShardConsistency, ShardedToken, ShardedTokenCodec, shard_id,
 };
-pub use self::watch::CHANNEL;
+pub use self::watch::{CHANNEL, WeakShardedCluster};
 
 /// The cache tag of a slot's entries, `slot:{n}`: add it to cached reads
 /// of a key, and invalidate it from

@@ -222,8 +222,10 @@ pub(crate) async fn take(
 }
 
 /// The fenced form of a read: the statement as a lateral subquery of the
-/// slot's ownership row, so both are read in one snapshot. No row: the
-/// shard does not own the slot. Otherwise the statement's rows with one
+/// slot's ownership row (`$slot_param`, at a version of at least
+/// `$slot_param + 1`), so both are read in one snapshot. No row: the
+/// shard does not own the slot (or shows an older grant of it than the
+/// reader's map). Otherwise the statement's rows with one
 /// more column, `tower_scale_owned` (true), at the end; a statement with
 /// no rows gives one row where it is NULL.
 pub(crate) fn fenced_read_sql(sql: &str, slot_param: usize) -> String {
@@ -231,9 +233,12 @@ pub(crate) fn fenced_read_sql(sql: &str, slot_param: usize) -> String {
     // Short aliases: the text is hashed on every read (the pool's
     // statement cache). They are the outer query's; the statement's own
     // names shadow them inside it.
+    // `$slot_param + 1`: the least version of the slot's row that counts.
+    let min_param = slot_param + 1;
     format!(
-        "SELECT _tsq.* FROM (SELECT FROM tower_scale_shard_slots WHERE slot=${slot_param}) _tso \
-         LEFT JOIN LATERAL (SELECT _tsu.*,true tower_scale_owned FROM (\n{sql}\n) _tsu) _tsq ON true"
+        "SELECT _tsq.* FROM (SELECT FROM tower_scale_shard_slots WHERE slot=${slot_param} \
+         AND version>=${min_param}) _tso LEFT JOIN LATERAL (SELECT _tsu.*,true tower_scale_owned \
+         FROM (\n{sql}\n) _tsu) _tsq ON true"
     )
 }
 
@@ -248,9 +253,25 @@ pub(crate) fn highest_placeholder(sql: &str) -> usize {
             .position(|w| w == end)
             .map_or(b.len(), |p| from + p + end.len())
     };
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80;
     while i < b.len() {
         match b[i] {
+            // An escape string (`E'...'`): a backslash escapes the quote.
+            b'\'' if i > 0 && matches!(b[i - 1], b'e' | b'E') && (i < 2 || !ident(b[i - 2])) => {
+                i += 1;
+                while i < b.len() && b[i] != b'\'' {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
             b'\'' => i = skip_to(i + 1, b"'"),
+            // Inside an identifier (`a$1`, `x$y$`): neither a parameter
+            // nor a dollar quote.
+            b'$' if i > 0 && ident(b[i - 1]) => {
+                while i < b.len() && ident(b[i]) {
+                    i += 1;
+                }
+            }
             b'"' => i = skip_to(i + 1, b"\""),
             b'-' if b.get(i + 1) == Some(&b'-') => i = skip_to(i + 2, b"\n"),
             b'/' if b.get(i + 1) == Some(&b'*') => i = skip_to(i + 2, b"*/"),
@@ -301,5 +322,14 @@ mod placeholder_tests {
         assert_eq!(highest_placeholder("SELECT $q$ $5 $q$, $$ $6 $$, $1"), 1);
         assert_eq!(highest_placeholder("SELECT 'it''s $4', $2"), 2);
         assert_eq!(highest_placeholder("SELECT '$1"), 0);
+        // An escape string's escaped quote does not end it.
+        assert_eq!(highest_placeholder("SELECT E'\\'' || name, $2"), 2);
+        assert_eq!(highest_placeholder("SELECT e'\\' $7', $1"), 1);
+        assert_eq!(highest_placeholder("SELECT some'x', $3"), 3);
+        // `$` inside identifiers: no parameter, no dollar quote.
+        assert_eq!(
+            highest_placeholder("SELECT a$1, x$y$ FROM t WHERE b = $2"),
+            2
+        );
     }
 }

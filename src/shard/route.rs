@@ -400,21 +400,6 @@ impl ShardedCluster {
             self.inner
                 .fenced_read(sql, params.len(), &self.inner.shards[index].name)?;
         let slot_param = i32::from(slot);
-        // The caller's parameters and the slot's: on the stack up to 8.
-        let mut small: [&(dyn ToSql + Sync); 9] = [&slot_param; 9];
-        let mut large: Vec<&(dyn ToSql + Sync)> = Vec::new();
-        let all: &[&(dyn ToSql + Sync)] = match small.get_mut(..params.len()) {
-            Some(head) if params.len() < 9 => {
-                head.copy_from_slice(params);
-                &small[..=params.len()]
-            }
-            _ => {
-                large.reserve_exact(params.len() + 1);
-                large.extend_from_slice(params);
-                large.push(&slot_param);
-                &large
-            }
-        };
         let (mut retried, mut on_primary) = (false, false);
         let read = loop {
             let shard = &self.inner.shards[index];
@@ -429,6 +414,29 @@ impl ShardedCluster {
                 RouteHint::None
             } else {
                 hint
+            };
+            // The ownership row must be at least the version this map
+            // gave the slot at: a replica still showing an older grant of
+            // the slot to this shard (a slot moved away and back, the
+            // replica behind both) does not pass.
+            let min_param = i64::try_from(self.map().slot_version(slot)).unwrap_or(i64::MAX);
+            // The caller's parameters, the slot's and the version: on the
+            // stack up to 8.
+            let mut small: [&(dyn ToSql + Sync); 10] = [&slot_param; 10];
+            let mut large: Vec<&(dyn ToSql + Sync)> = Vec::new();
+            let all: &[&(dyn ToSql + Sync)] = match small.get_mut(..params.len()) {
+                Some(head) if params.len() <= 8 => {
+                    head.copy_from_slice(params);
+                    small[params.len() + 1] = &min_param;
+                    &small[..params.len() + 2]
+                }
+                _ => {
+                    large.reserve_exact(params.len() + 2);
+                    large.extend_from_slice(params);
+                    large.push(&slot_param);
+                    large.push(&min_param);
+                    &large
+                }
             };
             let read = match shard.db.read_checked(c, hint, &fenced_sql, all).await {
                 Ok(read) => read,

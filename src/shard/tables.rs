@@ -30,8 +30,7 @@ use super::slot::slot_of;
 /// The type of a declared table's shard-key column, and so which byte form
 /// of [`ShardKey`](super::ShardKey) its values hash as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum KeyType {
+pub(crate) enum KeyType {
     /// `int2`, `int4` or `int8`: the value widened to `i64`.
     Integer,
     /// `text` or `varchar`: the UTF-8 bytes.

