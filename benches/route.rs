@@ -55,6 +55,7 @@ fn route(c: &mut Criterion) {
         Candidate {
             in_flight: 2,
             latency: Duration::from_micros(180),
+            rtt: Duration::ZERO,
             lag: Duration::ZERO,
             weight: 1.0,
             same_zone: false,
@@ -62,6 +63,7 @@ fn route(c: &mut Criterion) {
         Candidate {
             in_flight: 1,
             latency: Duration::from_micros(220),
+            rtt: Duration::ZERO,
             lag: Duration::from_millis(5),
             weight: 1.0,
             same_zone: false,
@@ -69,6 +71,7 @@ fn route(c: &mut Criterion) {
         Candidate {
             in_flight: 0,
             latency: Duration::from_micros(200),
+            rtt: Duration::ZERO,
             lag: Duration::ZERO,
             weight: 0.4,
             same_zone: false,

@@ -33,13 +33,21 @@
 //! 10. the users service on two shards (`axum_users --shards 2`): users
 //!     spread over both by id, their welcome jobs run on their shards, a
 //!     listing in id order across the shards page by page, and the slot
-//!     map of `GET /admin/shards`.
+//!     map of `GET /admin/shards`;
+//! 11. online resharding: a third shard joins and a third of the slots
+//!     move to it under writers;
+//! 12. two regions 40 ms apart (fault proxies in front of the nodes): local
+//!     reads stay local (their p50 shown), then the local region is
+//!     black-holed under a read load and the reads move to the other one
+//!     with no failed read.
 //!
 //! Everything it started is stopped on exit.
 
 #[allow(dead_code)]
 #[path = "axum_users.rs"]
 mod axum_users;
+#[path = "common/tour_regions.rs"]
+mod tour_regions;
 #[path = "common/tour_reshard.rs"]
 mod tour_reshard;
 #[path = "common/tour_shards.rs"]
@@ -138,6 +146,7 @@ async fn run() -> Result<(), Error> {
     balancing().await?;
     tour_shards::shards().await?;
     tour_reshard::reshard().await?;
+    tour_regions::regions().await?;
 
     let t = Instant::now();
     drop(db);

@@ -10,6 +10,8 @@ pub struct Candidate {
     pub in_flight: u64,
     /// Smoothed query latency.
     pub latency: Duration,
+    /// The monitor's smoothed probe round trip (zero: not measured).
+    pub rtt: Duration,
     /// Replication lag (zero when caught up).
     pub lag: Duration,
     /// Its share after re-admission, from a small floor up to 1.0.
@@ -23,9 +25,11 @@ const LAG_PENALTY_PER_SECOND: f64 = 4.0;
 
 impl Candidate {
     /// The cost P2C compares: lower is better. (The re-admission weight is
-    /// applied after the comparison, as a probability.)
+    /// applied after the comparison, as a probability.) The latency counts
+    /// for at least the round trip: an estimate that decayed while the
+    /// node was not used never makes a far node look near.
     pub fn cost(&self) -> f64 {
-        let latency = self.latency.as_secs_f64().max(1e-6);
+        let latency = self.latency.max(self.rtt).as_secs_f64().max(1e-6);
         let lag = 1.0 + self.lag.as_secs_f64() * LAG_PENALTY_PER_SECOND;
         (self.in_flight as f64 + 1.0) * latency * lag
     }
@@ -95,6 +99,7 @@ mod tests {
         Candidate {
             in_flight,
             latency: Duration::from_millis(latency_ms),
+            rtt: Duration::ZERO,
             lag: Duration::ZERO,
             weight: 1.0,
             same_zone: false,

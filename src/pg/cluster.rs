@@ -31,6 +31,9 @@ pub(crate) struct Inner {
     /// The highest commit LSN handed out as a token (the primary is at
     /// least there).
     pub(crate) last_write: AtomicU64,
+    /// The highest timeline a primary was seen on: primaries on older ones
+    /// are fenced.
+    pub(crate) newest_timeline: AtomicU64,
     pub(super) rng: crate::random::Random,
     pub(crate) shutdown: CancellationToken,
     pub(crate) cancel: Canceller,

@@ -22,6 +22,7 @@ use crate::error::ConfigError;
 pub struct NodeConfig {
     pub(crate) name: Option<String>,
     pub(crate) zone: Option<String>,
+    pub(crate) region: Option<String>,
     pub(crate) config: tokio_postgres::Config,
 }
 
@@ -31,6 +32,7 @@ impl NodeConfig {
         Self {
             name: None,
             zone: None,
+            region: None,
             config,
         }
     }
@@ -53,10 +55,20 @@ impl NodeConfig {
         self
     }
 
-    /// Labels the node with a zone; replicas in the cluster's zone are preferred.
+    /// Labels the node with a zone; replicas in the cluster's zone are
+    /// preferred (see [`ClusterBuilder::local_zone`]).
     #[must_use]
     pub fn zone(mut self, zone: impl Into<String>) -> Self {
         self.zone = Some(zone.into());
+        self
+    }
+
+    /// Labels the node with a region (a data center); replicas in the
+    /// cluster's region are preferred over other regions' (see
+    /// [`ClusterBuilder::local_region`]).
+    #[must_use]
+    pub fn region(mut self, region: impl Into<String>) -> Self {
+        self.region = Some(region.into());
         self
     }
 }
@@ -67,6 +79,7 @@ impl fmt::Debug for NodeConfig {
         f.debug_struct("NodeConfig")
             .field("name", &self.name)
             .field("zone", &self.zone)
+            .field("region", &self.region)
             .field("hosts", &self.config.get_hosts())
             .field("ports", &self.config.get_ports())
             .field("user", &self.config.get_user())
@@ -88,6 +101,8 @@ pub struct ClusterBuilder {
     pub(super) primary: Option<NodeConfig>,
     pub(super) replicas: Vec<NodeConfig>,
     pub(super) zone: Option<String>,
+    pub(super) region: Option<String>,
+    pub(super) local_wait: Option<Duration>,
     pub(super) pool_size: usize,
     pub(super) wait_timeout: Duration,
     pub(super) create_timeout: Duration,
@@ -114,6 +129,8 @@ impl Default for ClusterBuilder {
             primary: None,
             replicas: Vec::new(),
             zone: None,
+            region: None,
+            local_wait: None,
             pool_size: 16,
             wait_timeout: Duration::from_secs(5),
             create_timeout: Duration::from_secs(5),
@@ -149,9 +166,48 @@ impl ClusterBuilder {
         self
     }
 
-    /// The zone this process runs in: replicas labelled with it are chosen first.
+    /// The zone this process runs in: replicas labelled with it are chosen
+    /// first (the same as [`local_zone`](Self::local_zone)).
     pub fn zone(mut self, zone: impl Into<String>) -> Self {
         self.zone = Some(zone.into());
+        self
+    }
+
+    /// The zone this process runs in (see [`local_region`](Self::local_region)
+    /// for the order replicas are tried in).
+    pub fn local_zone(self, zone: impl Into<String>) -> Self {
+        self.zone(zone)
+    }
+
+    /// The region (data center) this process runs in. Reads then go, among
+    /// the healthy replicas that can serve their consistency, to the
+    /// nearest tier that has one: the local zone, then the rest of the
+    /// local region, then the other regions (a node with no region label
+    /// counts as another region's). Within a tier the monitor's measured
+    /// probe round trip ([`NodeStatus::rtt`](super::NodeStatus::rtt))
+    /// decides first: replicas more than twice as far as the nearest one
+    /// (plus 2 ms) are left out, and a replica's estimated cost is never
+    /// below its round trip; the balancer's power of two choices picks
+    /// among the rest. While the nearer tier's replicas are being
+    /// re-admitted ([`readmission_ramp`](Self::readmission_ramp)) after an
+    /// outage, part of the reads stay on the next tier, in the ratio of
+    /// their weights, so traffic comes back gradually.
+    /// A read that leaves the local region says so
+    /// ([`RouteReason::CrossRegion`](super::RouteReason::CrossRegion)).
+    /// Without it (the default) every replica counts as local.
+    pub fn local_region(mut self, region: impl Into<String>) -> Self {
+        self.region = Some(region.into());
+        self
+    }
+
+    /// How long a read-your-writes read waits for a replica of the local
+    /// region to replay its token before it looks further (default: the
+    /// [`read_your_writes_wait`](Self::read_your_writes_wait)). Then it
+    /// goes to the nearest replica of another region that has replayed the
+    /// token, or waits for the nearest one that is not far behind (within
+    /// the read-your-writes wait), and only then to the primary.
+    pub fn local_wait(mut self, d: Duration) -> Self {
+        self.local_wait = Some(d);
         self
     }
 
@@ -376,6 +432,8 @@ impl ClusterBuilder {
             primary: AtomicUsize::new(0),
             options: Options {
                 zone: self.zone.clone(),
+                region: self.region.clone(),
+                local_wait: self.local_wait.unwrap_or(self.read_your_writes_wait),
                 lag_budget: self.lag_budget,
                 hot_lag_max: self.hot_lag_max.max(self.lag_budget),
                 readmission_ramp: self.readmission_ramp,
@@ -393,6 +451,7 @@ impl ClusterBuilder {
             reprobe: Notify::new(),
             history: Mutex::new(LagHistory::default()),
             last_write: AtomicU64::new(0),
+            newest_timeline: AtomicU64::new(0),
             rng: crate::random::Random::new(0x853C_49E6_748F_EA9B),
             shutdown: CancellationToken::new(),
         });
@@ -406,6 +465,10 @@ impl ClusterBuilder {
 #[derive(Debug, Clone)]
 pub(crate) struct Options {
     pub(crate) zone: Option<String>,
+    /// The local region (`None`: every node is local).
+    pub(crate) region: Option<String>,
+    /// A read-your-writes read's wait for a local replica.
+    pub(crate) local_wait: Duration,
     pub(crate) lag_budget: Duration,
     /// The most lag a hot key's `Any` fill accepts (at least `lag_budget`).
     pub(crate) hot_lag_max: Duration,

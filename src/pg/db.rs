@@ -40,6 +40,10 @@ pub enum RouteReason {
     HotKey,
     /// The first choice failed: retried once elsewhere.
     Retried,
+    /// A replica of another region: none of the local region could serve
+    /// the read's consistency (see
+    /// [`ClusterBuilder::local_region`](super::ClusterBuilder::local_region)).
+    CrossRegion,
 }
 
 /// A read's result with where it came from.

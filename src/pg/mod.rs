@@ -12,11 +12,15 @@
 //!   else the primary), `BoundedStaleness(d)`, `Any` (any healthy replica
 //!   within the lag budget);
 //! - replicas chosen by power of two choices over in-flight × EWMA latency,
-//!   penalised by lag, same zone first ([`choose_replica`]);
+//!   penalised by lag, nearest first: local zone, local region, other
+//!   regions, and within each the measured round trip
+//!   ([`ClusterBuilder::local_region`] states the rule);
 //! - a dead, stalled or over-lagged replica leaves the rotation within about
 //!   a second and comes back gradually; a promoted replica becomes the
 //!   primary without a restart; a demoted primary (SQLSTATE 25006) triggers
-//!   rediscovery at once; of two primaries the higher timeline wins.
+//!   rediscovery at once; of two primaries the higher timeline wins, and a
+//!   primary on an older timeline than one the instance has seen is fenced
+//!   for good ([`NodeStatus::fenced`]): no writes, no reads.
 //!
 //! # Guarantees
 //!
@@ -140,6 +144,7 @@ mod monitor;
 mod node;
 mod pool;
 mod query;
+mod region;
 pub(crate) mod route;
 mod session;
 #[cfg(all(
@@ -148,6 +153,7 @@ mod session;
 ))]
 mod sql;
 mod statement;
+mod status;
 pub mod token;
 mod transaction;
 

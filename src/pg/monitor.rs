@@ -36,6 +36,8 @@ struct Probe {
     timeline: u64,
     replay_age: Option<Duration>,
     layout: WalLayout,
+    /// The probe query's round trip (the connection's checkout not counted).
+    rtt: Duration,
 }
 
 const PROBE_SQL: &str = "SELECT pg_is_in_recovery(), \
@@ -52,7 +54,16 @@ async fn probe(node: &Node, timeout: Duration) -> Result<Probe, String> {
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| e.to_string())?;
-    match tokio::time::timeout(timeout, conn.query_one(PROBE_SQL, &[])).await {
+    // Prepared once per probe session, so the timed query is one round
+    // trip: the node's distance (`rtt`).
+    let deadline = tokio::time::Instant::now() + timeout;
+    let run = async {
+        let stmt = conn.prepare_cached(PROBE_SQL).await?;
+        let sent = Instant::now();
+        let row = conn.query_one(&stmt, &[]).await?;
+        Ok::<_, tokio_postgres::Error>((row, sent.elapsed()))
+    };
+    match tokio::time::timeout_at(deadline, run).await {
         Err(_) => {
             // Never reuse a connection with a query stuck on it.
             drop(Object::take(conn));
@@ -62,9 +73,10 @@ async fn probe(node: &Node, timeout: Duration) -> Result<Probe, String> {
             drop(Object::take(conn));
             Err(e.to_string())
         }
-        Ok(Ok(row)) => {
+        Ok(Ok((row, rtt))) => {
             let lsn: Option<&str> = row.try_get(1).map_err(|e| e.to_string())?;
             Ok(Probe {
+                rtt,
                 in_recovery: row.try_get(0).map_err(|e| e.to_string())?,
                 lsn: lsn.and_then(|s| s.parse().ok()).unwrap_or_default(),
                 timeline: u64::try_from(row.try_get::<_, i64>(2).map_err(|e| e.to_string())?)
@@ -105,14 +117,18 @@ pub(super) async fn probe_all(inner: &Inner) {
     let now_ms = u64::try_from(inner.started.elapsed().as_millis()).unwrap_or(u64::MAX);
     for (node, result) in inner.nodes.iter().zip(&results) {
         match result {
-            Ok(p) => node.observe_probe(p.in_recovery, p.lsn, p.timeline, p.layout, now_ms),
+            Ok(p) => {
+                node.record_rtt(p.rtt);
+                node.observe_probe(p.in_recovery, p.lsn, p.timeline, p.layout, now_ms);
+            }
             Err(reason) => node.observe_failure(reason),
         }
     }
+    fence_old_primaries(inner);
     let current = inner.primary.load(Ordering::Acquire);
     let claimants = inner.nodes.iter().enumerate().map(|(i, n)| Claimant {
         index: i,
-        claims: n.is_healthy() && n.role() == Role::Primary,
+        claims: n.is_healthy() && n.role() == Role::Primary && !n.is_fenced(),
         timeline: n.timeline(),
         configured_primary: n.configured_primary,
     });
@@ -153,6 +169,8 @@ pub(super) async fn probe_all(inner: &Inner) {
         });
         metrics::gauge!("tower_scale_db_node_primary", node.labels.clone())
             .set(if healthy && primary { 1.0 } else { 0.0 });
+        metrics::gauge!("tower_scale_db_node_fenced", node.labels.clone())
+            .set(if node.is_fenced() { 1.0 } else { 0.0 });
         let pool = node.pool_status();
         for (state, n) in [
             ("max", pool.max),
@@ -167,6 +185,39 @@ pub(super) async fn probe_all(inner: &Inner) {
         }
     }
     inner.changed.notify_waiters();
+}
+
+/// Fences every primary on an older timeline than the newest this
+/// instance has seen a primary on (an old primary that came back after a
+/// promotion, or that this instance could still reach through a
+/// partition): it never gets a write or a read from this instance again,
+/// even if the new primary becomes unreachable. A fenced node that comes
+/// back as a replica (rebuilt to follow the new primary) is let back in.
+/// Unreachable nodes keep their mark.
+fn fence_old_primaries(inner: &Inner) {
+    for node in &inner.nodes {
+        if node.is_healthy() && node.role() == Role::Primary {
+            inner
+                .newest_timeline
+                .fetch_max(node.timeline(), Ordering::AcqRel);
+        }
+    }
+    let newest = inner.newest_timeline.load(Ordering::Acquire);
+    for node in inner.nodes.iter().filter(|n| n.is_healthy()) {
+        let old = node.role() == Role::Primary && node.timeline() < newest;
+        if node.fenced.swap(old, Ordering::AcqRel) != old {
+            if old {
+                tracing::error!(
+                    node = %node.name,
+                    timeline = node.timeline(),
+                    newest_timeline = newest,
+                    "a primary on an older timeline: fenced (no more writes or reads from this instance); writes it acknowledged after the promotion are not on the new primary"
+                );
+            } else {
+                tracing::info!(node = %node.name, "a fenced node is a replica now: back in rotation");
+            }
+        }
+    }
 }
 
 /// A node as the election sees it.

@@ -11,12 +11,12 @@ use deadpool_postgres::{Object, Pool};
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{CancelToken, Socket};
 
-use super::balance::ramp_weight;
 use super::config::{ClusterBuilder, NodeConfig};
 use super::error::{DbError, PoolTimeout};
 use super::lsn::{Lsn, WalLayout};
 pub use super::pool::PoolStatus;
 use super::pool::PoolTimeouts;
+pub use super::status::NodeStatus;
 use crate::error::ConfigError;
 
 const ROLE_UNKNOWN: u8 = 0;
@@ -74,6 +74,14 @@ pub(crate) struct Node {
     #[cfg_attr(not(feature = "change-feed"), allow(dead_code))]
     pub(crate) conn: tokio_postgres::Config,
     pub(crate) zone: Option<String>,
+    pub(crate) region: Option<String>,
+    /// The probe round trip's EWMA in nanoseconds (0: not measured).
+    pub(super) rtt_nanos: AtomicU64,
+    /// `tower_scale_db_node_rtt_seconds`.
+    pub(super) rtt_gauge: metrics::Gauge,
+    /// A primary on an older timeline than the newest this instance has
+    /// seen: never written to or read from again.
+    pub(super) fenced: AtomicBool,
     /// Every query's sessions: read-write on the configured primary,
     /// read-only on a configured replica until it is promoted.
     pool: Pool,
@@ -186,6 +194,10 @@ impl Node {
         Ok(Self {
             conn,
             zone: config.zone,
+            region: config.region,
+            rtt_nanos: AtomicU64::new(0),
+            rtt_gauge: metrics::gauge!("tower_scale_db_node_rtt_seconds", labels.clone()),
+            fenced: AtomicBool::new(false),
             pool: build_pool(pg, b.pool_size, b.wait_timeout)?,
             promoted_pool: OnceLock::new(),
             closed: AtomicBool::new(false),
@@ -246,6 +258,11 @@ impl Node {
     /// Raises the known LSN (never lowers it: replay only moves forward).
     pub(crate) fn observe_lsn(&self, lsn: Lsn) {
         self.lsn.fetch_max(lsn.0, Ordering::AcqRel);
+    }
+
+    /// Whether the node is an old primary this instance has fenced off.
+    pub(crate) fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
     }
 
     pub(crate) fn timeline(&self) -> u64 {
@@ -474,28 +491,6 @@ impl Node {
         self.queries.fetch_add(1, Ordering::Relaxed);
         self.queries_total.increment(1);
     }
-
-    pub(super) fn snapshot(&self, started: Instant, ramp: Duration) -> NodeStatus {
-        let since = self.healthy_since_ms.load(Ordering::Acquire);
-        let now_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        NodeStatus {
-            name: self.name.to_string(),
-            zone: self.zone.clone(),
-            role: self.role(),
-            healthy: self.is_healthy(),
-            lsn: self.lsn(),
-            timeline: self.timeline.load(Ordering::Acquire),
-            lag: self.lag(),
-            weight: if self.is_healthy() {
-                ramp_weight(Duration::from_millis(now_ms.saturating_sub(since)), ramp)
-            } else {
-                0.0
-            },
-            in_flight: self.in_flight.load(Ordering::Relaxed),
-            queries: self.queries.load(Ordering::Relaxed),
-            pool: self.pool_status(),
-        }
-    }
 }
 
 pub(crate) fn pool_error(node: &Arc<str>, e: deadpool_postgres::PoolError) -> DbError {
@@ -515,35 +510,6 @@ pub(crate) fn pool_error(node: &Arc<str>, e: deadpool_postgres::PoolError) -> Db
         },
         _ => DbError::Shutdown,
     }
-}
-
-/// What [`Cluster::status`](super::Cluster::status) reports per node.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct NodeStatus {
-    /// The node's name.
-    pub name: String,
-    /// Its zone label.
-    pub zone: Option<String>,
-    /// Its role as last probed.
-    pub role: Role,
-    /// In rotation.
-    pub healthy: bool,
-    /// Replay LSN (replica) or current LSN (primary), as last seen.
-    pub lsn: Lsn,
-    /// The primary's timeline (0 for replicas).
-    pub timeline: u64,
-    /// Replication lag (zero when caught up).
-    pub lag: Duration,
-    /// Its share of reads during re-admission (0 when out, 1 when full).
-    pub weight: f64,
-    /// Queries running now, or waiting for one of its pooled connections
-    /// (the balancer steers away from queued work too).
-    pub in_flight: u64,
-    /// Queries served since start.
-    pub queries: u64,
-    /// Its pooled sessions.
-    pub pool: PoolStatus,
 }
 
 #[cfg(test)]

@@ -9,10 +9,11 @@ use std::time::Duration;
 use tokio_postgres::Row;
 use tracing::Instrument;
 
-use super::balance::{Candidate, choose_replica};
+use super::balance::Candidate;
 use super::error::{DbError, Operation};
 use super::lsn::{Consistency, Lsn};
 use super::node::{Node, Role};
+use super::region::{self, Tiered};
 
 use super::db::*;
 use super::session::*;
@@ -48,32 +49,43 @@ pub(super) enum CatchUp {
 }
 
 impl Db {
-    /// Candidates for a read, with their node indices.
-    pub(super) fn replicas(&self, accept: impl Fn(&Node) -> bool) -> Vec<(usize, Candidate)> {
-        let zone = self.inner.options.zone.as_deref();
+    /// Candidates for a read, with their node indices and tiers.
+    pub(super) fn replicas(&self, accept: impl Fn(&Node) -> bool) -> Vec<Tiered> {
+        let options = &self.inner.options;
         self.inner
             .nodes
             .iter()
             .enumerate()
             .filter(|(_, n)| n.is_healthy() && n.role() == Role::Replica && accept(n))
             .map(|(i, n)| {
+                let tier = region::tier(options, n);
                 (
                     i,
                     Candidate {
                         in_flight: n.in_flight.load(Ordering::Relaxed),
                         latency: n.latency(self.inner.started),
+                        rtt: n.rtt(),
                         lag: n.lag(),
                         weight: self.inner.weight(n),
-                        same_zone: zone.is_some() && n.zone.as_deref() == zone,
+                        same_zone: tier == region::LOCAL_ZONE,
                     },
+                    tier,
                 )
             })
             .collect()
     }
 
-    pub(super) fn pick(&self, candidates: &[(usize, Candidate)]) -> Option<usize> {
-        let only: Vec<Candidate> = candidates.iter().map(|(_, c)| *c).collect();
-        choose_replica(&only, self.inner.random()).map(|i| candidates[i].0)
+    /// The nearest candidates' pick (see [`region::pick_nearest`]): the
+    /// node index and its tier.
+    pub(super) fn pick(&self, candidates: &[Tiered]) -> Option<(usize, u8)> {
+        region::pick_nearest(candidates, || self.inner.random())
+    }
+
+    /// The replicas `accept` takes, but `exclude`.
+    fn eligible(&self, exclude: Option<usize>, accept: impl Fn(&Node) -> bool) -> Vec<Tiered> {
+        let mut c = self.replicas(accept);
+        c.retain(|c| Some(c.0) != exclude);
+        c
     }
 
     /// Where a read goes, and the LSN its data reflects at least.
@@ -83,69 +95,39 @@ impl Db {
         hint: RouteHint,
         exclude: Option<usize>,
     ) -> Result<(usize, Lsn, RouteReason), DbError> {
-        let not_excluded = |i: &(usize, Candidate)| Some(i.0) != exclude;
         let budget = self.inner.options.lag_budget;
+        // A replica of another region serves a read as `CrossRegion`.
+        let reason = |(i, tier): (usize, u8), near: RouteReason| {
+            if tier == region::REMOTE {
+                (i, RouteReason::CrossRegion)
+            } else {
+                (i, near)
+            }
+        };
         // A replica that did not answer the catch-up query in time.
         let mut stalled = None;
         let choice = match consistency {
             Consistency::Strong => None,
             Consistency::Any if hint == RouteHint::AnyHealthyReplica => {
                 let cap = self.inner.options.hot_lag_max;
-                let c: Vec<_> = self
-                    .replicas(|n| n.lag() <= cap)
-                    .into_iter()
-                    .filter(not_excluded)
-                    .collect();
-                self.pick(&c).map(|i| (i, RouteReason::HotKey))
+                let c = self.eligible(exclude, |n| n.lag() <= cap);
+                self.pick(&c).map(|(i, _)| (i, RouteReason::HotKey))
             }
             Consistency::Any => {
-                let c: Vec<_> = self
-                    .replicas(|n| n.lag() <= budget)
-                    .into_iter()
-                    .filter(not_excluded)
-                    .collect();
-                self.pick(&c).map(|i| (i, RouteReason::Replica))
+                let c = self.eligible(exclude, |n| n.lag() <= budget);
+                self.pick(&c).map(|p| reason(p, RouteReason::Replica))
             }
             Consistency::BoundedStaleness(bound) => {
-                let c: Vec<_> = self
-                    .replicas(|n| n.lag() <= bound)
-                    .into_iter()
-                    .filter(not_excluded)
-                    .collect();
-                self.pick(&c).map(|i| (i, RouteReason::Replica))
+                let c = self.eligible(exclude, |n| n.lag() <= bound);
+                self.pick(&c).map(|p| reason(p, RouteReason::Replica))
             }
             // A commit whose position is unknown: no replica can be shown
             // to have it, and none is waited for.
             Consistency::ReadYourWrites(token) if token.is_unknown() => None,
             Consistency::ReadYourWrites(token) => {
-                let ready: Vec<_> = self
-                    .replicas(|n| n.lsn() >= token.lsn())
-                    .into_iter()
-                    .filter(not_excluded)
-                    .collect();
-                match self.pick(&ready) {
-                    Some(i) => Some((i, RouteReason::CaughtUp)),
-                    None => {
-                        // Waiting only helps on a replica that is not far behind.
-                        let wait = self.inner.options.read_your_writes_wait;
-                        let c: Vec<_> = self
-                            .replicas(|n| n.lag() <= wait)
-                            .into_iter()
-                            .filter(not_excluded)
-                            .collect();
-                        match self.pick(&c) {
-                            Some(i) => match self.wait_for_replay(i, token.lsn()).await {
-                                CatchUp::Replayed => Some((i, RouteReason::WaitedForReplica)),
-                                CatchUp::Behind => None,
-                                CatchUp::NoAnswer => {
-                                    stalled = Some(i);
-                                    None
-                                }
-                            },
-                            None => None,
-                        }
-                    }
-                }
+                let (choice, no_answer) = self.route_read_your_writes(token.lsn(), exclude).await;
+                stalled = no_answer;
+                choice
             }
         };
         if let Some((i, reason)) = choice {
@@ -183,13 +165,66 @@ impl Db {
         Ok((i, lsn, reason))
     }
 
-    /// Polls replica `index` until it has replayed `lsn`, within the
-    /// read-your-writes wait, which bounds everything here: the checkout
+    /// A read-your-writes read's replica: one of the local region that has
+    /// replayed `lsn`; else the local one that waited for it (at most the
+    /// local wait, only one not far behind); else the nearest replica of
+    /// another region that has it, or that replays it within the
+    /// read-your-writes wait. `None` leaves the read to the primary; the
+    /// second value names a replica that did not answer the catch-up query.
+    async fn route_read_your_writes(
+        &self,
+        lsn: Lsn,
+        exclude: Option<usize>,
+    ) -> (Option<(usize, RouteReason)>, Option<usize>) {
+        let options = &self.inner.options;
+        let is_local = |c: &Tiered| c.2 != region::REMOTE;
+        let (local, remote): (Vec<Tiered>, Vec<Tiered>) = self
+            .eligible(exclude, |n| n.lsn() >= lsn)
+            .into_iter()
+            .partition(is_local);
+        if let Some((i, _)) = self.pick(&local) {
+            return (Some((i, RouteReason::CaughtUp)), None);
+        }
+        // Waiting only helps on a replica that is not far behind.
+        let local_wait = options.local_wait;
+        let mut stalled = None;
+        let near: Vec<Tiered> = self
+            .eligible(exclude, |n| n.lag() <= local_wait)
+            .into_iter()
+            .filter(is_local)
+            .collect();
+        if let Some((i, _)) = self.pick(&near) {
+            match self.wait_for_replay(i, lsn, local_wait).await {
+                CatchUp::Replayed => return (Some((i, RouteReason::WaitedForReplica)), None),
+                CatchUp::Behind => {}
+                CatchUp::NoAnswer => stalled = Some(i),
+            }
+        }
+        if let Some((i, _)) = self.pick(&remote) {
+            return (Some((i, RouteReason::CrossRegion)), stalled);
+        }
+        let wait = options.read_your_writes_wait;
+        let far: Vec<Tiered> = self
+            .eligible(exclude, |n| n.lag() <= wait)
+            .into_iter()
+            .filter(|c| !is_local(c))
+            .collect();
+        if let Some((i, _)) = self.pick(&far) {
+            match self.wait_for_replay(i, lsn, wait).await {
+                CatchUp::Replayed => return (Some((i, RouteReason::CrossRegion)), stalled),
+                CatchUp::Behind => {}
+                CatchUp::NoAnswer => stalled = stalled.or(Some(i)),
+            }
+        }
+        (None, stalled)
+    }
+
+    /// Polls replica `index` until it has replayed `lsn`, within `wait`
+    /// (the local wait or the read-your-writes wait), which bounds everything here: the checkout
     /// and every query. A replica that does not answer in time is left to
     /// the monitor (a wait for a pooled connection is not held against it).
-    pub(super) async fn wait_for_replay(&self, index: usize, lsn: Lsn) -> CatchUp {
+    pub(super) async fn wait_for_replay(&self, index: usize, lsn: Lsn, wait: Duration) -> CatchUp {
         let node = self.node(index);
-        let wait = self.inner.options.read_your_writes_wait;
         let deadline = tokio::time::Instant::now() + wait;
         let Ok(Ok(conn)) = tokio::time::timeout_at(deadline, node.connection()).await else {
             return CatchUp::Behind;

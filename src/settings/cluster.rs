@@ -10,7 +10,7 @@ use crate::pg::{Cluster, ClusterBuilder, NodeConfig};
 use crate::redact;
 
 /// One node: a connection URL (`postgresql://user:password@host:port/db`)
-/// or key-value string, with an optional name and zone. In TOML or JSON a
+/// or key-value string, with an optional name, zone and region. In TOML or JSON a
 /// plain string is a node with only a URL.
 #[derive(Clone, PartialEq, Deserialize)]
 #[serde(from = "NodeRepr")]
@@ -21,6 +21,8 @@ pub struct NodeSettings {
     pub name: Option<String>,
     /// Its zone label.
     pub zone: Option<String>,
+    /// Its region label ([`NodeConfig::region`]).
+    pub region: Option<String>,
 }
 
 impl fmt::Debug for NodeSettings {
@@ -30,6 +32,7 @@ impl fmt::Debug for NodeSettings {
             .field("url", &redact::secrets(&self.url))
             .field("name", &self.name)
             .field("zone", &self.zone)
+            .field("region", &self.region)
             .finish()
     }
 }
@@ -49,6 +52,8 @@ struct NodeFull {
     name: Option<String>,
     #[serde(default)]
     zone: Option<String>,
+    #[serde(default)]
+    region: Option<String>,
 }
 
 impl From<NodeRepr> for NodeSettings {
@@ -58,8 +63,19 @@ impl From<NodeRepr> for NodeSettings {
                 url,
                 name: None,
                 zone: None,
+                region: None,
             },
-            NodeRepr::Full(NodeFull { url, name, zone }) => Self { url, name, zone },
+            NodeRepr::Full(NodeFull {
+                url,
+                name,
+                zone,
+                region,
+            }) => Self {
+                url,
+                name,
+                zone,
+                region,
+            },
         }
     }
 }
@@ -81,6 +97,7 @@ fn nodes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<NodeSettings>, D:
                 url: url.to_string(),
                 name: None,
                 zone: None,
+                region: None,
             })
             .collect(),
     })
@@ -101,6 +118,9 @@ impl NodeSettings {
         if let Some(zone) = &self.zone {
             node = node.zone(zone.clone());
         }
+        if let Some(region) = &self.region {
+            node = node.region(region.clone());
+        }
         Ok(node)
     }
 }
@@ -119,6 +139,12 @@ pub struct ClusterSettings {
     /// [`ClusterBuilder::zone`].
     #[serde(default)]
     pub zone: Option<String>,
+    /// [`ClusterBuilder::local_region`].
+    #[serde(default)]
+    pub local_region: Option<String>,
+    /// [`ClusterBuilder::local_wait`].
+    #[serde(default, with = "humantime_serde")]
+    pub local_wait: Option<Duration>,
     /// [`ClusterBuilder::identity`].
     #[serde(default)]
     pub identity: Option<String>,
@@ -193,6 +219,9 @@ impl ClusterSettings {
         if let Some(zone) = &self.zone {
             b = b.zone(zone.clone());
         }
+        if let Some(region) = &self.local_region {
+            b = b.local_region(region.clone());
+        }
         if let Some(identity) = &self.identity {
             b = b.identity(identity.clone());
         }
@@ -205,7 +234,8 @@ impl ClusterSettings {
             }
             b = b.pool_size(n);
         }
-        let durations: [(Option<Duration>, SetDuration); 12] = [
+        let durations: [(Option<Duration>, SetDuration); 13] = [
+            (self.local_wait, ClusterBuilder::local_wait),
             (self.pool_wait_timeout, ClusterBuilder::pool_wait_timeout),
             (
                 self.pool_create_timeout,

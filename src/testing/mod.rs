@@ -16,6 +16,11 @@
 //! - Network faults: a [`FaultProxy`] between a client group and a server
 //!   adds latency and jitter, drops new connections, resets live ones, or
 //!   black-holes them, controlled at runtime.
+//!   [`LocalClusterBuilder::client_groups`] puts one in front of every
+//!   node per client group (an application instance, a data center:
+//!   [`ClientGroup`]), and [`LocalClusterBuilder::replication_proxies`] one
+//!   on each replica's replication connection, so distances and partitions
+//!   between regions are built and changed at runtime.
 //!
 //! Environment overrides: `TOWER_SCALE_PG_BINDIR` (where `initdb` and
 //! `postgres` are), `TOWER_SCALE_TMPDIR` (where temp dirs go; as root it must
@@ -27,7 +32,7 @@ mod proxy;
 mod redis;
 
 pub use self::postgres::{
-    LocalCluster, LocalClusterBuilder, Node, NodeRole, format_lsn, parse_lsn,
+    ClientGroup, LocalCluster, LocalClusterBuilder, Node, NodeRole, format_lsn, parse_lsn,
 };
 pub use self::proxy::{FaultMode, FaultProxy, ProxyStats};
 pub use self::redis::LocalRedis;

@@ -19,6 +19,8 @@ const TOML: &str = r#"
 primary = "postgresql://app:pa55-w0rd@10.0.0.1:5432/app"
 replicas = ["postgresql://app:pa55-w0rd@10.0.0.2:5432/app"]
 zone = "eu-1a"
+local_region = "eu"
+local_wait = "100ms"
 identity = "0042"
 pool_size = 8
 read_timeout = "2s"
@@ -53,6 +55,8 @@ const JSON: &str = r#"{
     "primary": "postgresql://app:pa55-w0rd@10.0.0.1:5432/app",
     "replicas": [{"url": "postgresql://app:pa55-w0rd@10.0.0.2:5432/app"}],
     "zone": "eu-1a",
+    "local_region": "eu",
+    "local_wait": "100ms",
     "identity": "0042",
     "pool_size": 8,
     "read_timeout": "2s",
@@ -73,6 +77,8 @@ const ENV: &[(&str, &str)] = &[
     ("TSTEST__CLUSTER__PRIMARY", PRIMARY),
     ("TSTEST__CLUSTER__REPLICAS", REPLICA),
     ("TSTEST__CLUSTER__ZONE", "eu-1a"),
+    ("TSTEST__CLUSTER__LOCAL_REGION", "eu"),
+    ("TSTEST__CLUSTER__LOCAL_WAIT", "100ms"),
     ("TSTEST__CLUSTER__IDENTITY", "0042"),
     ("TSTEST__CLUSTER__POOL_SIZE", "8"),
     ("TSTEST__CLUSTER__READ_TIMEOUT", "2s"),
@@ -105,6 +111,8 @@ fn by_hand() -> [String; 4] {
         .primary(NodeConfig::from_url(PRIMARY).unwrap())
         .replica(NodeConfig::from_url(REPLICA).unwrap())
         .zone("eu-1a")
+        .local_region("eu")
+        .local_wait(Duration::from_millis(100))
         .identity("0042")
         .pool_size(8)
         .read_timeout(Duration::from_secs(2))

@@ -8,8 +8,11 @@ use std::time::{Duration, Instant};
 use crate::testing::LocalError;
 use crate::testing::process::RunAs;
 
+mod network;
 mod node;
 
+pub use self::network::ClientGroup;
+use self::network::ProxyRuntime;
 pub use self::node::Node;
 
 /// How long a server may take to accept connections after it was started.
@@ -32,6 +35,8 @@ pub struct LocalClusterBuilder {
     replicas: usize,
     apply_delays: Vec<(usize, Duration)>,
     extra_conf: Vec<String>,
+    client_groups: usize,
+    replication_proxies: bool,
 }
 
 impl LocalClusterBuilder {
@@ -56,6 +61,26 @@ impl LocalClusterBuilder {
         self
     }
 
+    /// `n` groups of clients, each with its own [`FaultProxy`](crate::testing::FaultProxy)
+    /// in front of every node (default 0: clients connect directly). Each
+    /// group is an application instance or a data center whose network to
+    /// each node is set at runtime; see [`LocalCluster::client_group`].
+    pub fn client_groups(mut self, n: usize) -> Self {
+        self.client_groups = n;
+        self
+    }
+
+    /// Whether each replica streams from the primary through a
+    /// [`FaultProxy`](crate::testing::FaultProxy) of its own (default
+    /// false: directly): its `primary_conninfo` names the proxy, so
+    /// replication can be slowed or partitioned at runtime
+    /// ([`LocalCluster::replication_proxy`]). The base backup is taken
+    /// directly.
+    pub fn replication_proxies(mut self, yes: bool) -> Self {
+        self.replication_proxies = yes;
+        self
+    }
+
     /// Starts the primary, then each replica from a base backup of it.
     ///
     /// Blocks until every node accepts connections (a primary and two
@@ -72,6 +97,12 @@ impl LocalClusterBuilder {
         let bin = PgBin::find()?;
         let run_as = RunAs::unprivileged()?;
         let primary = Node::init_primary(&bin, run_as, &self.extra_conf)?;
+        let network = if self.client_groups > 0 || self.replication_proxies {
+            Some(ProxyRuntime::start()?)
+        } else {
+            None
+        };
+        let mut replication = Vec::new();
         let mut nodes = vec![primary];
         for i in 0..self.replicas {
             let delay = self
@@ -80,8 +111,24 @@ impl LocalClusterBuilder {
                 .rev()
                 .find(|(index, _)| *index == i)
                 .map(|(_, d)| *d);
-            let replica = Node::init_replica(&bin, run_as, &nodes[0], i + 1, delay)?;
+            let replication_port = match (&network, self.replication_proxies) {
+                (Some(network), true) => {
+                    let proxy = network.proxy(nodes[0].port())?;
+                    let port = proxy.port();
+                    replication.push(proxy);
+                    port
+                }
+                _ => nodes[0].port(),
+            };
+            let replica =
+                Node::init_replica(&bin, run_as, &nodes[0], i + 1, delay, replication_port)?;
             nodes.push(replica);
+        }
+        let mut groups = Vec::new();
+        if let Some(network) = &network {
+            for _ in 0..self.client_groups {
+                groups.push(ClientGroup::new(network, &nodes)?);
+            }
         }
         tracing::info!(
             replicas = self.replicas,
@@ -91,6 +138,9 @@ impl LocalClusterBuilder {
         Ok(LocalCluster {
             nodes,
             startup: started.elapsed(),
+            groups,
+            replication,
+            network,
         })
     }
 }
@@ -118,6 +168,11 @@ impl LocalClusterBuilder {
 pub struct LocalCluster {
     nodes: Vec<Node>,
     startup: Duration,
+    groups: Vec<ClientGroup>,
+    /// Replica `i`'s replication proxy, when they were asked for.
+    replication: Vec<crate::testing::FaultProxy>,
+    /// Where the proxies run; dropped after the servers.
+    network: Option<ProxyRuntime>,
 }
 
 impl LocalCluster {
@@ -191,6 +246,26 @@ impl LocalCluster {
         &self.nodes
     }
 
+    /// Client group `index`'s proxies (see [`LocalClusterBuilder::client_groups`]).
+    ///
+    /// # Panics
+    /// If there is no such group (a bug in the test).
+    pub fn client_group(&self, index: usize) -> &ClientGroup {
+        self.groups.get(index).unwrap_or_else(|| {
+            panic!(
+                "no client group {index}: the cluster has {}",
+                self.groups.len()
+            )
+        })
+    }
+
+    /// The proxy replica `index` streams from the primary through, when the
+    /// cluster was started with
+    /// [`replication_proxies`](LocalClusterBuilder::replication_proxies).
+    pub fn replication_proxy(&self, index: usize) -> Option<&crate::testing::FaultProxy> {
+        self.replication.get(index)
+    }
+
     /// Waits until replica `index` has replayed the primary's current WAL
     /// position (everything committed before this call).
     pub async fn wait_for_replica(
@@ -221,6 +296,11 @@ impl Drop for LocalCluster {
         for node in self.nodes.iter().rev() {
             node.teardown();
         }
+        // Then the proxies: every handle of the cluster's goes first, so
+        // their tasks end, then the runtime they run on.
+        self.groups.clear();
+        self.replication.clear();
+        self.network.take();
     }
 }
 

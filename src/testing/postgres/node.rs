@@ -114,6 +114,7 @@ impl Node {
         primary: &Node,
         number: usize,
         delay: Option<Duration>,
+        replication_port: u16,
     ) -> Result<Self, LocalError> {
         let node = Self::new(format!("replica-{number}"), NodeRole::Replica, bin, run_as)?;
         let mut backup = node.command("pg_basebackup");
@@ -143,7 +144,7 @@ impl Node {
             "postgresql.auto.conf",
             &[format!(
                 "primary_conninfo = 'host=127.0.0.1 port={} user=postgres application_name={}'",
-                primary.port, node.name
+                replication_port, node.name
             )],
         )?;
         node.start()?;
@@ -212,15 +213,7 @@ impl Node {
 
     /// A `tokio_postgres::Config` for this node over TCP.
     pub fn config(&self) -> tokio_postgres::Config {
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host("127.0.0.1")
-            .port(self.port)
-            .user("postgres")
-            .dbname("postgres")
-            .application_name("tower-scale-test")
-            .connect_timeout(Duration::from_secs(5));
-        config
+        config_on(self.port)
     }
 
     /// Connects over TCP; the connection task runs on the current Tokio runtime.
@@ -445,4 +438,18 @@ impl Node {
             }
         }
     }
+}
+
+/// How tests connect to a local server listening on `port` of 127.0.0.1
+/// (the server's own port, or a proxy's in front of it).
+pub(super) fn config_on(port: u16) -> tokio_postgres::Config {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(port)
+        .user("postgres")
+        .dbname("postgres")
+        .application_name("tower-scale-test")
+        .connect_timeout(Duration::from_secs(5));
+    config
 }
