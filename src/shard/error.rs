@@ -111,8 +111,13 @@ pub enum ShardError {
         /// Attempts made.
         attempts: u32,
     },
-    /// Another move of overlapping slots is running.
-    #[error("move {id} of overlapping slots is running: wait for it")]
+    /// Another move of overlapping slots, or from or to one of the same
+    /// shards, is not finished (running, or failed or interrupted: resume
+    /// or roll it back).
+    #[error(
+        "move {id}, of overlapping slots or between the same shards, is not finished: wait \
+         for it, or resume or roll it back"
+    )]
     MoveConflict {
         /// The running move's id.
         id: String,

@@ -154,7 +154,7 @@ const TABLE_SQL: &str = "SELECT n.nspname::text, c.relname::text, c.relkind::tex
 
 const COLUMNS_SQL: &str = "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), \
      (SELECT pg_catalog.array_position(i.indkey::int2[], a.attnum) FROM pg_catalog.pg_index i \
-      WHERE i.indrelid = a.attrelid AND i.indisprimary) \
+      WHERE i.indrelid = a.attrelid AND i.indisprimary), a.attnotnull \
      FROM pg_catalog.pg_attribute a WHERE a.attrelid = pg_catalog.to_regclass($1) \
      AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum";
 
@@ -202,6 +202,7 @@ async fn describe(
         .await
         .map_err(err)?;
     let mut columns = Vec::with_capacity(rows.value.len());
+    let mut not_null = Vec::with_capacity(rows.value.len());
     let mut pk: Vec<(i32, usize)> = Vec::new();
     for (i, r) in rows.value.iter().enumerate() {
         let bad = |e: tokio_postgres::Error| refuse(format!("its catalog row: {e}"));
@@ -210,6 +211,7 @@ async fn describe(
         if let Some(p) = r.try_get::<_, Option<i32>>(2).map_err(bad)? {
             pk.push((p, i));
         }
+        not_null.push(r.try_get::<_, bool>(3).map_err(bad)?);
         columns.push(TableColumn { name, type_name });
     }
     pk.sort_unstable();
@@ -223,6 +225,12 @@ async fn describe(
             columns[key].type_name
         )));
     };
+    if !not_null[key] {
+        return Err(refuse(format!(
+            "the shard key {key_column:?} may be NULL (a row with a NULL key belongs to no \
+             slot, so no move would carry it): declare it NOT NULL"
+        )));
+    }
     if pk.is_empty() {
         return Err(refuse(
             "the primary key's columns are not stored columns".into(),

@@ -209,6 +209,7 @@ fn replication_config(
             .with_application_name("tower-scale-feed")
             .with_options(format!(
                 "-c wal_sender_timeout={} -c datestyle=ISO -c timezone=UTC \
+                 -c bytea_output=hex -c extra_float_digits=3 -c intervalstyle=postgres \
                  -c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3",
                 stall.as_millis()
             )),

@@ -41,6 +41,12 @@ pub(crate) async fn delete_range(
             tx.execute("LOCK TABLE tower_scale_shard_slots IN SHARE MODE", &[])
                 .await
                 .map_err(err)?;
+            // Keys read as text are hashed here: one text form of bytea
+            // whatever the database's default (`escape` would hide every
+            // key from the slot hash and delete nothing).
+            tx.execute("SET LOCAL bytea_output = 'hex'", &[])
+                .await
+                .map_err(err)?;
             let owned: i64 = tx
                 .query_one(
                     "SELECT count(*) FROM tower_scale_shard_slots WHERE slot BETWEEN $1 AND $2",

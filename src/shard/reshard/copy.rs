@@ -161,7 +161,9 @@ pub(super) async fn copy(ctx: &Ctx, snapshot: &str) -> Result<u64, ShardError> {
     let total = estimate(ctx).await;
     let begin = format!(
         "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}; \
-         SET LOCAL bytea_output = 'hex'; SET LOCAL datestyle = 'ISO'",
+         SET LOCAL bytea_output = 'hex'; SET LOCAL datestyle = 'ISO'; \
+         SET LOCAL timezone = 'UTC'; SET LOCAL extra_float_digits = 3; \
+         SET LOCAL intervalstyle = 'postgres'",
         literal(snapshot)
     );
     let (tx, _) = source.db.transaction_with(&begin).await.map_err(serr)?;

@@ -185,6 +185,12 @@ impl MoveRecord {
         finished(&self.phases.0) && finished(&self.phases.1)
     }
 
+    /// Rolled back on every side that recorded it.
+    pub(crate) fn rolled_back(&self) -> bool {
+        let back = |p: &Option<String>| p.as_deref().is_none_or(|p| p == "rolled_back");
+        back(&self.phases.0) && back(&self.phases.1)
+    }
+
     /// Its phases as recorded, for messages (`source/target`).
     pub(crate) fn phase_text(&self) -> String {
         format!(
@@ -193,6 +199,21 @@ impl MoveRecord {
             self.phases.1.as_deref().unwrap_or("-")
         )
     }
+}
+
+/// An unfinished move (other than `except`) from or to shard `shard`:
+/// moves streaming from one source would share its stream's markers (one
+/// move at a time per source, or per target, keeps each cutover's
+/// marker its own).
+pub(crate) async fn unfinished_on(
+    cluster: &ShardedCluster,
+    shard: &str,
+    except: Option<&str>,
+) -> Result<Option<String>, ShardError> {
+    Ok(all(cluster).await?.into_iter().find_map(|r| {
+        let on = r.source == shard || r.target == shard;
+        (on && !r.finished() && Some(r.id.as_str()) != except).then_some(r.id)
+    }))
 }
 
 /// An unfinished move (other than `except`) whose range overlaps `range`.

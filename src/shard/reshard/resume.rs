@@ -25,7 +25,7 @@ impl ShardedCluster {
         options: MoveOptions,
     ) -> Result<MoveHandle, ShardError> {
         let rec = record::find(self, id).await?;
-        self.resumable(&rec).await?;
+        self.resumable(&rec, true).await?;
         self.not_running(&rec).await?;
         let target = self.shard_index(&rec.target)?;
         let source = self.shard_index(&rec.source)?;
@@ -109,7 +109,7 @@ impl ShardedCluster {
     /// transit (resume it).
     pub async fn rollback_move(&self, id: &str) -> Result<(), ShardError> {
         let rec = record::find(self, id).await?;
-        self.resumable(&rec).await?;
+        self.resumable(&rec, false).await?;
         self.not_running(&rec).await?;
         let source = self.shard_index(&rec.source)?;
         let target = self.shard_index(&rec.target)?;
@@ -145,11 +145,12 @@ impl ShardedCluster {
     /// Refuses a move that runs: in this instance, or anywhere (its
     /// temporary replication slot lives exactly as long as its session;
     /// one whose process just died is given a few seconds to go).
-    /// A finished move is left alone (its range may have moved on since:
-    /// deleting "its" partial rows would delete another move's), and so
-    /// is one whose range another unfinished move overlaps.
-    async fn resumable(&self, rec: &MoveRecord) -> Result<(), ShardError> {
-        if rec.finished() {
+    /// A move that finished is left alone (its range may have moved on
+    /// since: deleting "its" partial rows could delete another move's),
+    /// except that one rolled back may start again (`restart`); and so is
+    /// one whose range another unfinished move overlaps.
+    async fn resumable(&self, rec: &MoveRecord, restart: bool) -> Result<(), ShardError> {
+        if rec.finished() && !(restart && rec.rolled_back()) {
             return Err(ShardError::Setup(format!(
                 "move {} finished ({}): nothing to resume or roll back",
                 rec.id,

@@ -167,6 +167,11 @@ impl ShardedCluster {
         if let Some(other) = record::unfinished_overlapping(self, range, Some(&id)).await? {
             return Err(ShardError::MoveConflict { id: other });
         }
+        for shard in [&src.name, &self.inner.shards[target].name] {
+            if let Some(other) = record::unfinished_on(self, shard, Some(&id)).await? {
+                return Err(ShardError::MoveConflict { id: other });
+            }
+        }
         {
             let mut running = crate::sync::lock(&self.inner.running_moves);
             if let Some((other, _)) = running

@@ -15,7 +15,8 @@ async fn a_table_that_cannot_be_attributed_is_refused() {
         c.batch_execute(
             "CREATE TABLE nokey (id int8, v text); \
              CREATE TABLE uuids (id uuid PRIMARY KEY); \
-             CREATE TABLE stray (id int8 PRIMARY KEY)",
+             CREATE TABLE stray (id int8 PRIMARY KEY); \
+             CREATE TABLE notes (id int8 PRIMARY KEY, owner int8)",
         )
         .await
         .expect("tables");
@@ -36,6 +37,8 @@ async fn a_table_that_cannot_be_attributed_is_refused() {
         ("items", "nope", "no column"),
         ("nokey", "id", "no primary key"),
         ("uuids", "id", "type uuid"),
+        // A nullable key outside the primary key: a NULL row has no slot.
+        ("notes", "owner", "may be NULL"),
     ] {
         let e = build(table, key).await.unwrap_err().to_string();
         assert!(e.contains(why), "{table}.{key}: {e}");
