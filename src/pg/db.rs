@@ -163,6 +163,17 @@ impl Db {
         let node = self.node(index);
         let _in_flight = InFlight::new(node);
         let conn = node.connection().await.map_err(Failure::Checkout)?;
+        // A write routed before its primary was fenced (a newer
+        // timeline's primary seen while it waited for a connection) is
+        // not sent there.
+        if write && node.is_fenced() {
+            return Err(Failure::Checkout(DbError::NoPrimary {
+                tried: vec![format!(
+                    "{} (fenced: on an older timeline than the newest primary's)",
+                    node.name
+                )],
+            }));
+        }
         let running = Running::new(conn, &self.inner.cancel);
         let conn = running.conn().map_err(Failure::Checkout)?;
         node.count_query();
@@ -370,7 +381,10 @@ impl Db {
         loop {
             let notified = self.inner.changed.notified();
             let index = self.inner.primary.load(Ordering::Acquire);
-            if index < self.inner.nodes.len() && self.node(index).is_healthy() {
+            if index < self.inner.nodes.len()
+                && self.node(index).is_healthy()
+                && !self.node(index).is_fenced()
+            {
                 return Ok(index);
             }
             self.inner.request_reprobe();

@@ -42,7 +42,8 @@ struct Probe {
 
 const PROBE_SQL: &str = "SELECT pg_is_in_recovery(), \
     (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text, \
-    CASE WHEN pg_is_in_recovery() THEN 0::bigint \
+    CASE WHEN pg_is_in_recovery() \
+         THEN coalesce((SELECT received_tli FROM pg_catalog.pg_stat_wal_receiver), 0)::bigint \
          ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint END, \
     CASE WHEN pg_is_in_recovery() \
          THEN extract(epoch FROM (now() - pg_last_xact_replay_timestamp()))::float8 END, \
@@ -191,9 +192,13 @@ pub(super) async fn probe_all(inner: &Inner) {
 /// instance has seen a primary on (an old primary that came back after a
 /// promotion, or that this instance could still reach through a
 /// partition): it never gets a write or a read from this instance again,
-/// even if the new primary becomes unreachable. A fenced node that comes
-/// back as a replica (rebuilt to follow the new primary) is let back in.
-/// Unreachable nodes keep their mark.
+/// even if the new primary becomes unreachable. Replicas are fenced the
+/// same way by the timeline they receive (`pg_stat_wal_receiver`, which
+/// needs `pg_read_all_stats` or a superuser; unknown: not fenced): one
+/// still following the old primary, or the old primary restarted as a
+/// standby without a rewind, serves no read. A fenced node that receives
+/// the newest timeline again (rebuilt to follow the new primary) is let
+/// back in. Unreachable nodes keep their mark.
 fn fence_old_primaries(inner: &Inner) {
     for node in &inner.nodes {
         if node.is_healthy() && node.role() == Role::Primary {
@@ -204,17 +209,22 @@ fn fence_old_primaries(inner: &Inner) {
     }
     let newest = inner.newest_timeline.load(Ordering::Acquire);
     for node in inner.nodes.iter().filter(|n| n.is_healthy()) {
-        let old = node.role() == Role::Primary && node.timeline() < newest;
+        // A replica whose timeline is unknown (0: not streaming, or a role
+        // that may not read it) is not fenced by it.
+        let old = match node.role() {
+            Role::Primary => node.timeline() < newest,
+            _ => node.timeline() != 0 && node.timeline() < newest,
+        };
         if node.fenced.swap(old, Ordering::AcqRel) != old {
             if old {
                 tracing::error!(
                     node = %node.name,
                     timeline = node.timeline(),
                     newest_timeline = newest,
-                    "a primary on an older timeline: fenced (no more writes or reads from this instance); writes it acknowledged after the promotion are not on the new primary"
+                    "a node on an older timeline than the newest primary's: fenced (no more writes or reads from this instance); writes an old primary acknowledged after the promotion are not on the new primary"
                 );
             } else {
-                tracing::info!(node = %node.name, "a fenced node is a replica now: back in rotation");
+                tracing::info!(node = %node.name, "a fenced node follows the newest timeline now: back in rotation");
             }
         }
     }

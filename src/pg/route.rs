@@ -56,7 +56,11 @@ impl Db {
             .nodes
             .iter()
             .enumerate()
-            .filter(|(_, n)| n.is_healthy() && n.role() == Role::Replica && accept(n))
+            .filter(|(_, n)| {
+                // Fenced: replaying an older timeline than the newest
+                // primary's (it follows, or was, an old primary).
+                n.is_healthy() && n.role() == Role::Replica && !n.is_fenced() && accept(n)
+            })
             .map(|(i, n)| {
                 let tier = region::tier(options, n);
                 (

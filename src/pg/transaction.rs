@@ -83,6 +83,10 @@ impl Drop for StatementGuard<'_> {
     }
 }
 
+/// Why a transaction begun on a primary fenced since is not committed.
+const FENCED: &str = "its primary was fenced (a primary on a newer timeline was seen) \
+     before the commit: retry it on the new primary";
+
 pub(super) const BROKEN: &str =
     "the session was lost, or a statement timed out or was abandoned, before COMMIT";
 
@@ -203,6 +207,16 @@ impl Transaction {
             return Err(DbError::RolledBack {
                 node: name,
                 reason: BROKEN,
+                source: None,
+            });
+        }
+        // Begun on a primary that this instance has since fenced (a newer
+        // timeline's primary was seen): nothing is committed there.
+        if node.is_fenced() {
+            running.discard();
+            return Err(DbError::RolledBack {
+                node: name,
+                reason: FENCED,
                 source: None,
             });
         }

@@ -19,6 +19,7 @@ pub(crate) const DEADLINE: Duration = Duration::from_secs(30);
 mod dark;
 mod partition;
 mod routing;
+mod stale_replica;
 
 /// A cluster handle for one application instance: it reaches every node
 /// through `group`'s proxies; `labels[i]` is node `i`'s (region, zone).
