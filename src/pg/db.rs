@@ -163,16 +163,9 @@ impl Db {
         let node = self.node(index);
         let _in_flight = InFlight::new(node);
         let conn = node.connection().await.map_err(Failure::Checkout)?;
-        // A write routed before its primary was fenced (a newer
-        // timeline's primary seen while it waited for a connection) is
-        // not sent there.
+        // Not to a primary fenced while the write waited for a connection.
         if write && node.is_fenced() {
-            return Err(Failure::Checkout(DbError::NoPrimary {
-                tried: vec![format!(
-                    "{} (fenced: on an older timeline than the newest primary's)",
-                    node.name
-                )],
-            }));
+            return Err(Failure::Checkout(node.fenced_error()));
         }
         let running = Running::new(conn, &self.inner.cancel);
         let conn = running.conn().map_err(Failure::Checkout)?;

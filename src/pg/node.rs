@@ -260,6 +260,16 @@ impl Node {
         self.lsn.fetch_max(lsn.0, Ordering::AcqRel);
     }
 
+    /// Why a write is not sent to this node once fenced.
+    pub(crate) fn fenced_error(&self) -> super::DbError {
+        super::DbError::NoPrimary {
+            tried: vec![format!(
+                "{} (fenced: on an older timeline than the newest primary's)",
+                self.name
+            )],
+        }
+    }
+
     /// Whether the node is an old primary this instance has fenced off.
     pub(crate) fn is_fenced(&self) -> bool {
         self.fenced.load(Ordering::Acquire)
