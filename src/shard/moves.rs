@@ -139,6 +139,19 @@ impl ShardedCluster {
     /// must be owned by one shard other than `to`, or by none (an
     /// interrupted move).
     pub async fn begin_move(&self, range: SlotRange, to: &str) -> Result<SlotMove, ShardError> {
+        self.begin_move_within(range, to, None).await
+    }
+
+    /// [`begin_move`](Self::begin_move), waiting at most `lock_wait` for
+    /// the old owner's ownership rows (writes in flight on the range hold
+    /// them): past it, a `lock_not_available` error (SQLSTATE 55P03) and
+    /// nothing changed.
+    pub(crate) async fn begin_move_within(
+        &self,
+        range: SlotRange,
+        to: &str,
+        lock_wait: Option<std::time::Duration>,
+    ) -> Result<SlotMove, ShardError> {
         if range.is_empty() || range.last >= self.inner.slots {
             return Err(ShardError::SlotOutOfRange {
                 slot: u32::from(range.last.max(range.first)),
@@ -178,7 +191,21 @@ impl ShardedCluster {
                     .transaction()
                     .await
                     .map_err(|e| ShardError::db(&shard.name, e))?;
+                if let Some(wait) = lock_wait {
+                    // At least a millisecond: 0 would mean no bound.
+                    let ms = wait.as_millis().clamp(1, i32::MAX as u128);
+                    tx.execute(&format!("SET LOCAL lock_timeout = {ms}"), &[])
+                        .await
+                        .map_err(|e| ShardError::db(&shard.name, e))?;
+                }
                 let locked = ownership::lock_source(&tx, &shard.name, range).await?;
+                if lock_wait.is_some() {
+                    // The bound was for the rows' lock; the rest of the
+                    // move's statements wait as any other.
+                    tx.execute("SET LOCAL lock_timeout = 0", &[])
+                        .await
+                        .map_err(|e| ShardError::db(&shard.name, e))?;
+                }
                 if locked != range.len() {
                     // Moved since the map was read: start again.
                     return Err(ShardError::Setup(format!(

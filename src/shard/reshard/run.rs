@@ -486,7 +486,21 @@ async fn cutover(
     let held = Instant::now();
     let deadline = held + ctx.options.max_pause;
     let to = target.name.to_string();
-    let mv = ctx.cluster.begin_move(ctx.range, &to).await?;
+    // The wait for the range's ownership rows (writes in flight hold them)
+    // counts in the bound: past it, this attempt gives up.
+    let mv = match ctx
+        .cluster
+        .begin_move_within(ctx.range, &to, Some(ctx.options.max_pause))
+        .await
+    {
+        Ok(mv) => mv,
+        Err(ShardError::Db { source, .. })
+            if source.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
     let Some(release) = mv.source() else {
         return Err(ctx.failed(
             MovePhase::CuttingOver,

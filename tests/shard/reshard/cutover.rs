@@ -98,3 +98,97 @@ async fn a_cutover_past_its_bound_rolls_back_and_the_next_attempt_moves() {
     let moved = keys.iter().filter(|k| moving(**k)).count() + fresh.len();
     assert_eq!(on.len(), moved);
 }
+
+/// A transaction holding one of the range's slots (its fence row `FOR
+/// SHARE`) for 2 s: each cutover attempt waits for that row at most
+/// `max_pause`, gives up (releasing the rows it had locked) and tries
+/// again; writes to the range's other slots are held at most about that
+/// long and none fails; the move completes once the transaction ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_transaction_on_the_range_delays_the_cutover_within_its_bound() {
+    let locals = shared();
+    let db = "reshard_long_tx";
+    database(&locals, db).await;
+    let clients = [client(&locals[0], db).await, client(&locals[1], db).await];
+    let sharded = sharded(&locals, db, |b| b, |b| b.table("items", "id")).await;
+    let keys = shard1_keys(1, 400);
+    preload(&clients[0], &keys).await;
+    let in_range: Vec<i64> = keys.iter().copied().filter(|k| moving(*k)).collect();
+    let held_key = in_range[0];
+    let held_slot = slot(held_key);
+    let others: Vec<i64> = in_range
+        .iter()
+        .copied()
+        .filter(|k| slot(*k) != held_slot)
+        .take(40)
+        .collect();
+
+    let handle = sharded
+        .move_slots_with(
+            MOVING,
+            "shard-2",
+            MoveOptions::default()
+                .manual_cutover(true)
+                .max_pause(Duration::from_millis(200))
+                .cutover_attempts(50),
+        )
+        .await
+        .expect("move");
+    let mut progress = handle.subscribe();
+    tokio::time::timeout(DEADLINE, progress.wait_for(|p| p.caught_up))
+        .await
+        .expect("caught up in time")
+        .expect("progress");
+    // Begun once the move's slot exists (a transaction holding an xid
+    // delays the slot's creation, not the cutover).
+    let tx = sharded
+        .transaction(&held_key)
+        .await
+        .expect("the long transaction");
+    // Writes to the range's other slots all along.
+    let writer = {
+        let sharded = sharded.clone();
+        tokio::spawn(async move {
+            let mut slowest = Duration::ZERO;
+            let started = Instant::now();
+            let mut n = 0usize;
+            while started.elapsed() < Duration::from_millis(3000) {
+                let key = others[n % others.len()];
+                let t = Instant::now();
+                sharded
+                    .write(&key, "UPDATE items SET name = 'w' WHERE id = $1", &[&key])
+                    .await
+                    .expect("no write fails during the cutover attempts");
+                slowest = slowest.max(t.elapsed());
+                n += 1;
+            }
+            (n, slowest)
+        })
+    };
+    handle.cut_over();
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    tx.execute("UPDATE items SET name = 'held' WHERE id = $1", &[&held_key])
+        .await
+        .expect("the long transaction's write");
+    tx.commit().await.expect("the long transaction commits");
+    let report = tokio::time::timeout(DEADLINE, handle.wait())
+        .await
+        .expect("the move ends")
+        .expect("the move completes");
+    let (writes, slowest) = writer.await.expect("writer");
+    eprintln!(
+        "{writes} writes to the range while a transaction held one of its slots for 2 s: \
+         the slowest took {slowest:?}; the move took {} cutover attempts, writes held {:?} by the last",
+        report.cutover_attempts, report.pause
+    );
+    // Each attempt waits for the held row at most max_pause, then gives
+    // up and lets the writes through: several attempts in 2 s (one that
+    // waited for the row would have been the only one before the commit).
+    assert!(
+        report.cutover_attempts >= 4,
+        "{} attempts: the first ones waited past max_pause",
+        report.cutover_attempts
+    );
+    let on_two = rows(&clients[1]).await;
+    assert_eq!(on_two.get(&held_key).map(String::as_str), Some("held"));
+}
