@@ -12,7 +12,7 @@ use crate::{Rng, client, database, holders, sharded, shared};
 
 /// Moves `slot` to `to`, carrying its `items` rows (the copy the
 /// resharding issue will automate).
-async fn move_with_rows(mover: &ShardedCluster, slot: u16, to: &str) -> u64 {
+pub(crate) async fn move_with_rows(mover: &ShardedCluster, slot: u16, to: &str) -> u64 {
     let mv = mover
         .begin_move(SlotRange::one(slot), to)
         .await

@@ -131,36 +131,6 @@ async fn another_instance_hears_a_move_and_one_not_listening_learns_by_a_refusal
     assert_eq!(deaf.map().version(), version);
 }
 
-/// Moves `slot` to `to` carrying its `items` rows.
-async fn carry(mover: &ShardedCluster, slot: u16, to: &str) -> u64 {
-    let mv = mover
-        .begin_move(SlotRange::one(slot), to)
-        .await
-        .expect("begin move");
-    let slot = i32::from(slot);
-    if let Some(source) = mv.source() {
-        let rows = source
-            .query("SELECT id, name FROM items WHERE slot = $1", &[&slot])
-            .await
-            .expect("copy out");
-        for row in rows {
-            let (id, name): (i64, String) = (row.get(0), row.get(1));
-            mv.target()
-                .execute(
-                    "INSERT INTO items (id, slot, name) VALUES ($1, $2, $3)",
-                    &[&id, &slot, &name],
-                )
-                .await
-                .expect("copy in");
-        }
-        source
-            .execute("DELETE FROM items WHERE slot = $1", &[&slot])
-            .await
-            .expect("delete");
-    }
-    mv.commit().await.expect("commit move")
-}
-
 /// A slot moved away and back while a replica of its owner stood still:
 /// the replica still shows the owner's first grant of the slot, and the
 /// data from before the round trip. A token carrying a write made while
@@ -208,7 +178,7 @@ async fn a_replica_behind_a_move_away_and_back_does_not_answer_a_newer_token() {
         .execute("SELECT pg_wal_replay_pause()", &[])
         .await
         .unwrap();
-    carry(&sharded, slot, "shard-2").await;
+    crate::fence::move_with_rows(&sharded, slot, "shard-2").await;
     let away = sharded
         .write(
             &key,
@@ -218,7 +188,7 @@ async fn a_replica_behind_a_move_away_and_back_does_not_answer_a_newer_token() {
         .await
         .unwrap();
     assert_eq!(&*away.shard, "shard-2");
-    carry(&sharded, slot, "shard-1").await;
+    crate::fence::move_with_rows(&sharded, slot, "shard-1").await;
     let mut token = first.token.clone();
     token.merge(&away.token);
     for _ in 0..5 {
