@@ -53,9 +53,15 @@ fn ticks(db: &tower_scale::pg::Db) -> (Arc<AtomicBool>, tokio::task::JoinHandle<
     let (db, flag) = (db.clone(), writing.clone());
     let writer = tokio::spawn(async move {
         while flag.load(Ordering::SeqCst) {
-            db.execute("INSERT INTO hot_ticks VALUES (now())", &[])
+            // A failed tick (a connection reset under load, seen once in
+            // CI) is retried: writes must keep flowing, or the replica
+            // catches up and the lag the tests rely on is gone.
+            if let Err(e) = db
+                .execute("INSERT INTO hot_ticks VALUES (now())", &[])
                 .await
-                .expect("tick");
+            {
+                eprintln!("tick failed, retrying: {e}");
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     });
