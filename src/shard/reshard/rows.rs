@@ -29,19 +29,9 @@ pub(crate) fn page_sql(spec: &TableSpec, after: bool, limit: usize) -> String {
         // ORDER BY sorts by (as text).
         .map(|(i, c)| format!("{}::text AS v{i}", ident(&c.name)))
         .collect();
-    let pk: Vec<String> = spec
-        .primary_key
-        .iter()
-        .map(|&i| ident(&spec.columns[i].name))
-        .collect();
+    let pk = pk_list(spec);
     let filter = if after {
-        let params: Vec<String> = spec
-            .primary_key
-            .iter()
-            .enumerate()
-            .map(|(n, &i)| format!("${}::text::{}", n + 1, spec.columns[i].type_name))
-            .collect();
-        format!(" WHERE ({}) > ({})", pk.join(", "), params.join(", "))
+        format!(" WHERE ({pk}) > ({})", key_params(spec, 1))
     } else {
         String::new()
     };
@@ -49,7 +39,7 @@ pub(crate) fn page_sql(spec: &TableSpec, after: bool, limit: usize) -> String {
         "SELECT {} FROM ONLY {}{filter} ORDER BY {} LIMIT {limit}",
         columns.join(", "),
         spec.qualified(),
-        pk.join(", ")
+        pk
     )
 }
 
@@ -91,11 +81,7 @@ fn upsert_sql(spec: &TableSpec) -> String {
         .map(|n| format!("${n}::text[]"))
         .collect();
     let aliases: Vec<String> = (0..spec.columns.len()).map(|i| format!("v{i}")).collect();
-    let pk: Vec<String> = spec
-        .primary_key
-        .iter()
-        .map(|&i| ident(&spec.columns[i].name))
-        .collect();
+    let pk = pk_list(spec);
     let set: Vec<String> = spec
         .columns
         .iter()
@@ -120,7 +106,7 @@ fn upsert_sql(spec: &TableSpec) -> String {
         casts.join(", "),
         arrays.join(", "),
         aliases.join(", "),
-        pk.join(", ")
+        pk
     )
 }
 
@@ -168,18 +154,7 @@ pub(crate) async fn upsert(
 }
 
 fn key_condition(spec: &TableSpec, first_param: usize) -> String {
-    let pk: Vec<String> = spec
-        .primary_key
-        .iter()
-        .map(|&i| ident(&spec.columns[i].name))
-        .collect();
-    let params: Vec<String> = spec
-        .primary_key
-        .iter()
-        .enumerate()
-        .map(|(n, &i)| format!("${}::text::{}", first_param + n, spec.columns[i].type_name))
-        .collect();
-    format!("({}) = ({})", pk.join(", "), params.join(", "))
+    format!("({}) = ({})", pk_list(spec), key_params(spec, first_param))
 }
 
 /// The rows of primary keys `keys` on the shard in `tx`, locked, as text
@@ -202,29 +177,29 @@ pub(crate) async fn lookup(
         .enumerate()
         .map(|(n, &i)| format!("{}::text AS v{n}", ident(&spec.columns[i].name)))
         .collect();
-    let pk: Vec<String> = spec
-        .primary_key
-        .iter()
-        .map(|&i| ident(&spec.columns[i].name))
-        .collect();
+    let pk = pk_list(spec);
     let casts: Vec<String> = spec
         .primary_key
         .iter()
         .enumerate()
         .map(|(n, &i)| format!("u.k{n}::{}", spec.columns[i].type_name))
         .collect();
-    let arrays: Vec<String> = (1..=pk.len()).map(|n| format!("${n}::text[]")).collect();
-    let aliases: Vec<String> = (0..pk.len()).map(|n| format!("k{n}")).collect();
+    let arrays: Vec<String> = (1..=spec.primary_key.len())
+        .map(|n| format!("${n}::text[]"))
+        .collect();
+    let aliases: Vec<String> = (0..spec.primary_key.len())
+        .map(|n| format!("k{n}"))
+        .collect();
     let sql = format!(
         "SELECT {} FROM ONLY {} WHERE ({}) IN (SELECT {} FROM unnest({}) AS u({})) FOR UPDATE",
         select.join(", "),
         spec.qualified(),
-        pk.join(", "),
+        pk,
         casts.join(", "),
         arrays.join(", "),
         aliases.join(", ")
     );
-    let values: Vec<Vec<String>> = (0..pk.len())
+    let values: Vec<Vec<String>> = (0..spec.primary_key.len())
         .map(|n| keys.iter().filter_map(|k| k.get(n).cloned()).collect())
         .collect();
     let params: Vec<&(dyn ToSql + Sync)> =
@@ -333,6 +308,28 @@ pub(crate) async fn delete_rows(
     tx.execute(&sql, &params)
         .await
         .map_err(|e| ShardError::db(shard, e))
+}
+
+/// The primary key's columns, quoted, comma-separated.
+fn pk_list(spec: &TableSpec) -> String {
+    let pk: Vec<String> = spec
+        .primary_key
+        .iter()
+        .map(|&i| ident(&spec.columns[i].name))
+        .collect();
+    pk.join(", ")
+}
+
+/// The primary key's values as text parameters from `$first`, each cast
+/// to its column's type.
+fn key_params(spec: &TableSpec, first: usize) -> String {
+    let params: Vec<String> = spec
+        .primary_key
+        .iter()
+        .enumerate()
+        .map(|(n, &i)| format!("${}::text::{}", first + n, spec.columns[i].type_name))
+        .collect();
+    params.join(", ")
 }
 
 #[cfg(test)]
