@@ -84,34 +84,72 @@ enum Effect {
 /// The batch's net effects, per table, by primary key.
 type Effects = Vec<HashMap<Vec<String>, Effect>>;
 
-/// Writes the net effects: per table, the deletes (rows whose shard key
-/// is unknown are looked up and kept unless in the range: a row of
-/// another slot with the same primary key belongs to the target), then
-/// the upserts, one statement each.
+/// Writes the net effects: the rows whose shard key is unknown looked up
+/// (and kept unless in the range: a row of another slot with the same
+/// primary key belongs to the target), then every table's deletes and
+/// upserts. Each step's statements are sent together (one round trip on
+/// the connection, executed in order); within a batch each primary key
+/// has one effect, so a table's deletes and upserts touch different rows
+/// and tables are independent.
 async fn write(ctx: &Ctx, tx: &Transaction, effects: &mut Effects) -> Result<(), ShardError> {
     let target = &ctx.target().name;
+    let tables = &ctx.cluster.inner.tables;
+    let mut known: Vec<Vec<TextRow>> = vec![Vec::new(); effects.len()];
+    let mut unknown: Vec<Vec<Vec<String>>> = vec![Vec::new(); effects.len()];
+    let mut upserts: Vec<Vec<TextRow>> = vec![Vec::new(); effects.len()];
     for (table, rows) in effects.iter_mut().enumerate() {
-        let spec = &ctx.cluster.inner.tables[table];
-        let mut known: Vec<TextRow> = Vec::new();
-        let mut unknown: Vec<Vec<String>> = Vec::new();
-        let mut upserts: Vec<TextRow> = Vec::new();
         for (key, effect) in rows.drain() {
             match effect {
-                Effect::Delete(Some(row)) => known.push(row),
-                Effect::Delete(None) => unknown.push(key),
-                Effect::Upsert(row) => upserts.push(row),
+                Effect::Delete(Some(row)) => known[table].push(row),
+                Effect::Delete(None) => unknown[table].push(key),
+                Effect::Upsert(row) => upserts[table].push(row),
             }
         }
-        for row in rows::lookup(tx, target, spec, &unknown).await? {
-            if ctx.in_range(spec.slot_of_row(&row, ctx.slots)) {
-                known.push(row);
-            }
-        }
-        let known: Vec<&TextRow> = known.iter().collect();
-        rows::delete_rows(tx, target, spec, &known).await?;
-        let upserts: Vec<&TextRow> = upserts.iter().collect();
-        rows::upsert(tx, target, spec, &upserts).await?;
     }
+    let found = futures_util::future::try_join_all(
+        unknown
+            .iter()
+            .enumerate()
+            .filter(|(_, keys)| !keys.is_empty())
+            .map(|(table, keys)| async move {
+                rows::lookup(tx, target, &tables[table], keys)
+                    .await
+                    .map(|found| (table, found))
+            }),
+    )
+    .await?;
+    for (table, found) in found {
+        for row in found {
+            if ctx.in_range(tables[table].slot_of_row(&row, ctx.slots)) {
+                known[table].push(row);
+            }
+        }
+    }
+    let deletes = known
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| !r.is_empty())
+        .map(|(table, r)| {
+            let r: Vec<&TextRow> = r.iter().collect();
+            async move {
+                rows::delete_rows(tx, target, &tables[table], &r)
+                    .await
+                    .map(drop)
+            }
+        });
+    let ups = upserts
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| !r.is_empty())
+        .map(|(table, r)| {
+            let r: Vec<&TextRow> = r.iter().collect();
+            async move { rows::upsert(tx, target, &tables[table], &r).await }
+        });
+    let writes: Vec<futures_util::future::BoxFuture<'_, Result<(), ShardError>>> = deletes
+        .map(|f| Box::pin(f) as _)
+        .chain(ups.map(|f| Box::pin(f) as _))
+        .collect();
+    futures_util::future::try_join_all(writes).await?;
     Ok(())
 }
 
