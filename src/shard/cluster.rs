@@ -313,7 +313,7 @@ impl ShardedClusterBuilder {
         let map = sharded.load().await?;
         // A first start, or one that stopped half way through writing the
         // initial map (no move has happened yet): claiming is idempotent.
-        let unowned = (0..self.slots).any(|s| map.owner_index(s).is_none());
+        let unowned = (0..self.slots).any(|s| map.holder_index(s).is_none());
         if map.version() <= 1 && unowned {
             let initial = match self.initial {
                 Some(ranges) => ranges,

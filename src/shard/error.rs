@@ -25,11 +25,17 @@ pub enum ShardError {
         /// The map version the instance had when it was refused.
         version: u64,
     },
-    /// No shard owns the slot: a move stopped between its two commits, or
-    /// the ownership tables were edited. Run the move again
-    /// ([`ShardedCluster::move_ownership`](super::ShardedCluster::move_ownership)).
+    /// No shard serves the slot, past the moved wait: its holder fenced it
+    /// in a move's cutover and the new owner's claim has not committed
+    /// (a move stopped between the two: [`SlotMap::fenced_by`](super::SlotMap::fenced_by)
+    /// names the holder), or no shard lists it (the ownership tables were
+    /// edited). Finish the move (`ShardedCluster::resume_move`, or
+    /// [`ShardedCluster::move_ownership`](super::ShardedCluster::move_ownership))
+    /// or roll it back (`ShardedCluster::rollback_move`); a later retry
+    /// can succeed.
     #[error(
-        "no shard owns slot {slot}; finish the interrupted move with ShardedCluster::move_ownership (or resume it)"
+        "no shard serves slot {slot}: a move is in transit, or was interrupted in its cutover; \
+         resume it or roll it back (ShardedCluster::resume_move, rollback_move, move_ownership)"
     )]
     Unowned {
         /// The slot.

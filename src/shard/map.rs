@@ -46,9 +46,15 @@ impl fmt::Display for SlotRange {
     }
 }
 
-/// No shard owns the slot (a move was interrupted between its two
-/// commits, or the tables were edited by hand).
+/// No shard lists the slot (the tables were edited by hand, or a move
+/// of an earlier release was interrupted between its two commits).
 pub(crate) const NO_OWNER: u16 = u16::MAX;
+
+/// Set in an owner entry whose shard holds the slot fenced: a move's
+/// cutover committed the source's side and not yet the target's. The
+/// shard still holds it (no other does), and refuses its reads and
+/// writes: routing sees no owner.
+const FENCED: u16 = 0x8000;
 
 /// Which shard owns each slot, and the map's version (the highest
 /// ownership version any shard reported).
@@ -57,7 +63,8 @@ pub(crate) const NO_OWNER: u16 = u16::MAX;
 #[derive(Clone, PartialEq, Eq)]
 pub struct SlotMap {
     version: u64,
-    /// Shard index per slot ([`NO_OWNER`] for none).
+    /// Shard index per slot ([`NO_OWNER`] for none), with [`FENCED`] set
+    /// while its holder has fenced it.
     owners: Box<[u16]>,
     /// The map version that gave each slot to its owner (0 for none).
     versions: Box<[u64]>,
@@ -76,21 +83,20 @@ impl fmt::Debug for SlotMap {
 }
 
 impl SlotMap {
-    /// A map of `slots` slots where shard `i` of `names` owns the slots of
-    /// `owners[i]`; later entries win where they overlap.
+    /// A map of `slots` slots from `(shard, slot, version, fenced)`
+    /// entries: the highest version holds a slot (the first of equals).
     pub(crate) fn from_owned(
         version: u64,
         slots: u16,
         names: Vec<std::sync::Arc<str>>,
-        owned: &[(u16, u16, u64)],
+        owned: &[(u16, u16, u64, bool)],
     ) -> Self {
-        // (shard, slot, version): the highest version claims the slot.
         let mut owners = vec![NO_OWNER; usize::from(slots)];
         let mut versions = vec![0u64; usize::from(slots)];
-        for &(shard, slot, v) in owned {
+        for &(shard, slot, v, fenced) in owned {
             let i = usize::from(slot);
-            if i < owners.len() && (owners[i] == NO_OWNER || v > versions[i]) {
-                owners[i] = shard;
+            if i < owners.len() && shard < FENCED && (owners[i] == NO_OWNER || v > versions[i]) {
+                owners[i] = if fenced { shard | FENCED } else { shard };
                 versions[i] = v;
             }
         }
@@ -107,12 +113,13 @@ impl SlotMap {
     pub fn even(slots: u16, names: &[&str]) -> Self {
         let names: Vec<std::sync::Arc<str>> = names.iter().map(|n| (*n).into()).collect();
         let n = names.len().max(1);
-        let owned: Vec<(u16, u16, u64)> = (0..slots)
+        let owned: Vec<(u16, u16, u64, bool)> = (0..slots)
             .map(|s| {
                 (
                     (usize::from(s) * n / usize::from(slots.max(1))) as u16,
                     s,
                     1,
+                    false,
                 )
             })
             .collect();
@@ -129,11 +136,31 @@ impl SlotMap {
         self.owners.len() as u16
     }
 
-    /// The index of the shard owning `slot` (`None`: out of range or
-    /// unowned).
+    /// The index of the shard owning `slot` (`None`: out of range,
+    /// unowned, or fenced by its holder).
     pub(crate) fn owner_index(&self, slot: u16) -> Option<usize> {
         match self.owners.get(usize::from(slot)) {
-            Some(&o) if o != NO_OWNER => Some(usize::from(o)),
+            Some(&o) if o < FENCED => Some(usize::from(o)),
+            _ => None,
+        }
+    }
+
+    /// The index of the shard holding `slot`, fenced or not, and whether
+    /// it is fenced (`None`: out of range, or no shard lists it).
+    pub(crate) fn holder_index(&self, slot: u16) -> Option<(usize, bool)> {
+        match self.owners.get(usize::from(slot)) {
+            Some(&o) if o != NO_OWNER => Some((usize::from(o & !FENCED), o & FENCED != 0)),
+            _ => None,
+        }
+    }
+
+    /// The name of the shard holding `slot` fenced: a move of it is
+    /// between its cutover's two commits (the slot's reads and writes
+    /// wait for the new owner), or was interrupted there (resume or roll
+    /// it back).
+    pub fn fenced_by(&self, slot: u16) -> Option<&str> {
+        match self.holder_index(slot) {
+            Some((i, true)) => self.names.get(i).map(|n| &**n),
             _ => None,
         }
     }
@@ -163,6 +190,15 @@ impl SlotMap {
             }
         }
         out
+    }
+
+    /// The slots shard `i` holds (fenced or not), with their versions and
+    /// whether fenced.
+    pub(crate) fn held_by(&self, i: usize) -> impl Iterator<Item = (u16, u64, bool)> + '_ {
+        (0..self.slot_count()).filter_map(move |s| match self.holder_index(s) {
+            Some((h, fenced)) if h == i => Some((s, self.slot_version(s), fenced)),
+            _ => None,
+        })
     }
 
     /// The slots whose owner differs between `self` and `newer`, or was
@@ -208,19 +244,52 @@ mod tests {
     #[test]
     fn the_higher_version_wins_a_doubly_claimed_slot() {
         let names = vec!["a".into(), "b".into()];
-        let m = SlotMap::from_owned(3, 4, names, &[(0, 0, 1), (1, 0, 3), (0, 1, 2), (1, 1, 1)]);
+        let m = SlotMap::from_owned(
+            3,
+            4,
+            names,
+            &[
+                (0, 0, 1, false),
+                (1, 0, 3, false),
+                (0, 1, 2, false),
+                (1, 1, 1, false),
+                (0, 2, 2, true),
+                (1, 3, 2, false),
+                (0, 3, 1, true),
+            ],
+        );
         assert_eq!(m.owner(0), Some("b"));
         assert_eq!(m.owner(1), Some("a"));
+        // Held fenced: no owner to route to, one holder.
         assert_eq!(m.owner(2), None);
+        assert_eq!(m.holder_index(2), Some((0, true)));
+        assert_eq!(m.fenced_by(2), Some("a"));
+        // A fenced entry older than another shard's grant: a leftover.
+        assert_eq!(m.owner(3), Some("b"));
+        assert_eq!(m.fenced_by(3), None);
+        assert_eq!(
+            m.held_by(0).collect::<Vec<_>>(),
+            vec![(1, 2, false), (2, 2, true)]
+        );
     }
 
     #[test]
     fn a_slot_given_back_to_its_owner_counts_as_changed() {
         let names = || vec!["a".into(), "b".into()];
-        let before = SlotMap::from_owned(1, 3, names(), &[(0, 0, 1), (0, 1, 1), (1, 2, 1)]);
+        let before = SlotMap::from_owned(
+            1,
+            3,
+            names(),
+            &[(0, 0, 1, false), (0, 1, 1, false), (1, 2, 1, false)],
+        );
         // Slot 1 went to b (version 2) and back to a (version 3) between
         // two reads of the map; slot 2 moved to a.
-        let after = SlotMap::from_owned(4, 3, names(), &[(0, 0, 1), (0, 1, 3), (0, 2, 4)]);
+        let after = SlotMap::from_owned(
+            4,
+            3,
+            names(),
+            &[(0, 0, 1, false), (0, 1, 3, false), (0, 2, 4, false)],
+        );
         assert_eq!(before.changed_slots(&after), vec![1, 2]);
         assert!(after.changed_slots(&after).is_empty());
     }

@@ -11,9 +11,9 @@ use super::map::SlotRange;
 use super::ownership;
 
 /// A move of a slot range in progress: the range's ownership rows are
-/// locked `FOR UPDATE` on the old owner (writes to it wait, writes in
-/// flight have finished), and the new owner's rows are written but not
-/// committed. Copy the range's data with [`source`](Self::source) and
+/// locked `FOR UPDATE` on the old owner and fenced there (writes to it
+/// wait, writes in flight have finished), and the new owner's rows are
+/// written but not committed. Copy the range's data with [`source`](Self::source) and
 /// [`target`](Self::target) (data copying is the caller's in this
 /// version), then [`commit`](Self::commit). Dropping it aborts the move.
 pub struct SlotMove {
@@ -39,7 +39,8 @@ impl fmt::Debug for SlotMove {
 
 impl SlotMove {
     /// The old owner's transaction (`None` when finishing a move that
-    /// was interrupted after the old owner let go).
+    /// was interrupted after the old owner let go in an earlier release,
+    /// which deleted its rows instead of fencing them).
     pub fn source(&self) -> Option<&Transaction> {
         self.from.as_ref().map(|f| &f.1)
     }
@@ -59,19 +60,34 @@ impl SlotMove {
         self.version
     }
 
-    /// Commits the old owner's release first, then the new owner's claim,
-    /// and refreshes this instance's map. Between the two commits no shard
-    /// owns the range (requests refused meanwhile wait for the new owner,
-    /// within the moved wait), so no write is accepted by the new owner
-    /// while the old one could still serve a read. If the second commit
-    /// fails, no shard owns the range: run the move again (it finishes
-    /// from there).
+    /// Commits the old owner's fence first, then the new owner's claim,
+    /// then deletes the old owner's fenced rows, and refreshes this
+    /// instance's map. Between the first two commits the old owner still
+    /// holds the range, fenced: it refuses the range's reads and writes
+    /// (they wait for the new owner, within the moved wait), so no write
+    /// is accepted by the new owner while the old one could still serve a
+    /// read, and the ownership tables name one holder of every slot at
+    /// every moment. If the claim's commit fails, the old owner holds the
+    /// range fenced: run the move again (it finishes from there) or lift
+    /// the fence ([`ShardedCluster::rollback_move`] for a move by
+    /// `move_slots`). A failure to delete the fenced rows is only logged:
+    /// they are leftovers at a lower version than the claim (cleanup
+    /// deletes them).
     pub async fn commit(self) -> Result<u64, ShardError> {
-        if let Some((name, tx)) = self.from {
-            tx.commit().await.map_err(|e| ShardError::db(&name, e))?;
-        }
+        let from = match self.from {
+            Some((name, tx)) => {
+                tx.commit().await.map_err(|e| ShardError::db(&name, e))?;
+                Some(name)
+            }
+            None => None,
+        };
         let (name, tx) = self.to;
         tx.commit().await.map_err(|e| ShardError::db(&name, e))?;
+        if let Some(from) = from {
+            self.cluster
+                .forget_fenced(&from, self.range, self.version)
+                .await;
+        }
         // It wrote nothing: however it ends, the lock goes with it.
         let _ = self.serial.1.rollback().await;
         self.cluster.refresh().await?;
@@ -80,6 +96,71 @@ impl SlotMove {
 }
 
 impl ShardedCluster {
+    /// Deletes shard `from`'s fenced rows of `range` below `version` (see
+    /// `ownership::forget`); a failure is logged, not returned.
+    pub(crate) async fn forget_fenced(&self, from: &str, range: SlotRange, version: u64) {
+        let Some(shard) = self.inner.shards.iter().find(|s| &*s.name == from) else {
+            return;
+        };
+        if let Err(e) = ownership::forget(&shard.db, &shard.name, range, version).await {
+            tracing::warn!(shard = %shard.name, %range, error = %e, "a moved range's fenced ownership rows were not deleted (leftovers: the cleanup deletes them)");
+        }
+    }
+
+    /// Lifts the fence of `range` on the shard holding it: undoes a move
+    /// whose cutover committed the source's side only (a
+    /// [`SlotMove::commit`] that failed at the claim, or a process that
+    /// died there), so the holder serves the range again. The holder's
+    /// rows are the range's data (the claim never committed, so no write
+    /// went elsewhere); a copy the move made on its target is the
+    /// caller's to delete. Under the move lock, at a new map version, which
+    /// it returns. Refused if the range has no single holder; a range not
+    /// fenced is left as it is (the version still goes up).
+    pub async fn lift_fence(&self, range: SlotRange) -> Result<u64, ShardError> {
+        let map = self.refresh().await?;
+        let holder = map
+            .holder_index(range.first)
+            .map(|(i, _)| i)
+            .ok_or(ShardError::Unowned { slot: range.first })?;
+        self.lift_fence_on(range, holder).await
+    }
+
+    /// [`lift_fence`](Self::lift_fence) on shard `holder`, which must hold
+    /// every slot of `range` (checked under the move lock).
+    pub(crate) async fn lift_fence_on(
+        &self,
+        range: SlotRange,
+        holder: usize,
+    ) -> Result<u64, ShardError> {
+        if range.is_empty() || range.last >= self.inner.slots {
+            return Err(ShardError::SlotOutOfRange {
+                slot: u32::from(range.last.max(range.first)),
+                slots: self.inner.slots,
+            });
+        }
+        let (_, serial) = self.lock_moves().await?;
+        let map = self.refresh().await?;
+        let shard = &self.inner.shards[holder];
+        if let Some(s) = range
+            .slots()
+            .find(|&s| map.holder_index(s).map(|(i, _)| i) != Some(holder))
+        {
+            return Err(ShardError::Setup(format!(
+                "{} does not hold slot {s} of {range} (another shard was given it): \
+                 its fence stays",
+                shard.name
+            )));
+        }
+        let version = map.version() + 1;
+        let err = |e| ShardError::db(&shard.name, e);
+        let tx = shard.db.transaction().await.map_err(err)?;
+        ownership::unfence(&tx, &shard.name, range, version).await?;
+        tx.commit().await.map_err(err)?;
+        let _ = serial.rollback().await;
+        self.refresh().await?;
+        Ok(version)
+    }
+
     /// A transaction holding the move lock (on the first shard by name):
     /// moves and first starts are serialised by it; it goes with the
     /// transaction.
@@ -162,7 +243,12 @@ impl ShardedCluster {
         // One move at a time, so versions follow the order moves commit in.
         let serial = self.lock_moves().await?;
         let map = self.refresh().await?;
-        let mut owners: Vec<Option<usize>> = range.slots().map(|s| map.owner_index(s)).collect();
+        // The holder, fenced or not: a move interrupted between its
+        // cutover's commits is finished from its fenced source.
+        let mut owners: Vec<Option<usize>> = range
+            .slots()
+            .map(|s| map.holder_index(s).map(|(i, _)| i))
+            .collect();
         owners.dedup();
         let source = match owners.as_slice() {
             [Some(o)] if *o == target => {
@@ -176,7 +262,8 @@ impl ShardedCluster {
             }
         };
         if source.is_none() {
-            // Finishing an interrupted move: only if every other shard
+            // Finishing a move an earlier release interrupted (its source
+            // deleted its rows): only if every other shard
             // answers that it lists none of the range (a shard that claimed
             // it and cannot be reached now is kept in the map from before,
             // so the range would look unowned while it owns it).
@@ -214,7 +301,7 @@ impl ShardedCluster {
                         range.len()
                     )));
                 }
-                ownership::release(&tx, &shard.name, range).await?;
+                ownership::fence(&tx, &shard.name, range).await?;
                 ownership::bump(&tx, &shard.name, version).await?;
                 Some((Arc::clone(&shard.name), tx))
             }

@@ -5,7 +5,8 @@
 //!                                       shard text NOT NULL, slot_count int4 NOT NULL,
 //!                                       version int8 NOT NULL DEFAULT 0);
 //! CREATE TABLE tower_scale_shard_slots (slot int4 PRIMARY KEY CHECK (slot >= 0),
-//!                                       version int8 NOT NULL);
+//!                                       version int8 NOT NULL,
+//!                                       fenced bool NOT NULL DEFAULT false);
 //! ```
 //!
 //! `tower_scale_shard_map` names the shard the database is (so an instance
@@ -17,6 +18,14 @@
 //! shard. Moves are serialised by an advisory lock on the shard whose name
 //! sorts first, held until the move committed, so versions follow the
 //! order moves commit in.
+//!
+//! A slot is held by the shard whose row for it has the highest version.
+//! A move's cutover commits in three steps: the source **fences** its
+//! rows (`fenced`: it still holds the slots and refuses their reads and
+//! writes), the target takes them at a higher version (from then on the
+//! source's fenced rows are leftovers: a lower version), and the source
+//! forgets its fenced rows. So the tables show exactly one holder of every
+//! slot at every moment, also when the process dies between two steps.
 
 use std::sync::Arc;
 
@@ -32,15 +41,26 @@ const CREATE: &str = "CREATE TABLE IF NOT EXISTS tower_scale_shard_map (\
        one bool PRIMARY KEY DEFAULT true CHECK (one), \
        shard text NOT NULL, slot_count int4 NOT NULL, version int8 NOT NULL DEFAULT 0); \
      CREATE TABLE IF NOT EXISTS tower_scale_shard_slots (\
-       slot int4 PRIMARY KEY CHECK (slot >= 0), version int8 NOT NULL)";
+       slot int4 PRIMARY KEY CHECK (slot >= 0), version int8 NOT NULL, \
+       fenced bool NOT NULL DEFAULT false)";
+
+/// Adds `fenced` to a table created by an earlier release (only if it is
+/// missing: `ALTER TABLE` would wait for every write holding a fence).
+const ADD_FENCED: &str = "DO $$ BEGIN \
+       IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute \
+         WHERE attrelid = 'tower_scale_shard_slots'::regclass AND attname = 'fenced' \
+         AND NOT attisdropped) THEN \
+         ALTER TABLE tower_scale_shard_slots ADD COLUMN fenced bool NOT NULL DEFAULT false; \
+       END IF; END $$";
 
 /// Serialises moves (`pg_advisory_xact_lock` on the first shard by name).
 const MOVE_LOCK: i64 = 0x7473_7368_6172_6402; // "tsshard\x02"
 
 /// The write fence: the slot's row, locked against a change of ownership
-/// until the write's transaction ends.
+/// until the write's transaction ends (no row: not owned here, or fenced;
+/// a write waiting behind a cutover reads the fenced row and gets none).
 pub(crate) const FENCE_SQL: &str =
-    "SELECT version FROM tower_scale_shard_slots WHERE slot = $1 FOR SHARE";
+    "SELECT version FROM tower_scale_shard_slots WHERE slot = $1 AND NOT fenced FOR SHARE";
 
 /// Creates the tables if needed and checks (or records) which shard this
 /// database is and the slot count.
@@ -56,6 +76,7 @@ pub(crate) async fn setup(db: &Db, name: &Arc<str>, slots: u16) -> Result<(), Sh
     for statement in CREATE.split("; ") {
         tx.execute(statement, &[]).await.map_err(err)?;
     }
+    tx.execute(ADD_FENCED, &[]).await.map_err(err)?;
     tx.execute(
         "INSERT INTO tower_scale_shard_map (shard, slot_count) VALUES ($1, $2) \
          ON CONFLICT (one) DO NOTHING",
@@ -84,14 +105,17 @@ pub(crate) async fn setup(db: &Db, name: &Arc<str>, slots: u16) -> Result<(), Sh
     Ok(())
 }
 
-/// The slots the shard owns, with their versions, and the shard's map
-/// version (from its primary).
-pub(crate) async fn owned(db: &Db, name: &Arc<str>) -> Result<(Vec<(u16, u64)>, u64), ShardError> {
+/// A slot a shard's table lists: slot, version, fenced.
+pub(crate) type Listed = (u16, u64, bool);
+
+/// The slots the shard lists, with their versions and whether fenced,
+/// and the shard's map version (from its primary).
+pub(crate) async fn owned(db: &Db, name: &Arc<str>) -> Result<(Vec<Listed>, u64), ShardError> {
     let rows = db
         .read_query(
             Consistency::Strong,
-            "SELECT slot, version FROM tower_scale_shard_slots \
-             UNION ALL SELECT -1, version FROM tower_scale_shard_map ORDER BY 1",
+            "SELECT slot, version, fenced FROM tower_scale_shard_slots \
+             UNION ALL SELECT -1, version, false FROM tower_scale_shard_map ORDER BY 1",
             &[],
         )
         .await
@@ -100,8 +124,11 @@ pub(crate) async fn owned(db: &Db, name: &Arc<str>) -> Result<(Vec<(u16, u64)>, 
     let mut map_version = 0;
     for row in rows.value {
         let bad = |e| ShardError::Setup(format!("shard {name:?}'s ownership tables: {e}"));
-        let (slot, version): (i32, i64) =
-            (row.try_get(0).map_err(bad)?, row.try_get(1).map_err(bad)?);
+        let (slot, version, fenced): (i32, i64, bool) = (
+            row.try_get(0).map_err(bad)?,
+            row.try_get(1).map_err(bad)?,
+            row.try_get(2).map_err(bad)?,
+        );
         if slot == -1 {
             map_version = u64::try_from(version).unwrap_or(0);
             continue;
@@ -111,7 +138,7 @@ pub(crate) async fn owned(db: &Db, name: &Arc<str>) -> Result<(Vec<(u16, u64)>, 
                 "shard {name:?} lists slot {slot} at version {version}, which is out of range"
             )));
         };
-        out.push((slot, version));
+        out.push((slot, version, fenced));
     }
     Ok((out, map_version))
 }
@@ -184,19 +211,66 @@ pub(crate) async fn lock_source(
     Ok(rows.len())
 }
 
-/// Releases `range` on the source (within the move's transaction).
-pub(crate) async fn release(
+/// Fences `range` on the source (within the move's transaction): it
+/// still holds the slots, and refuses their reads and writes.
+pub(crate) async fn fence(
     tx: &Transaction,
     name: &Arc<str>,
     range: SlotRange,
 ) -> Result<(), ShardError> {
     tx.execute(
-        "DELETE FROM tower_scale_shard_slots WHERE slot BETWEEN $1 AND $2",
+        "UPDATE tower_scale_shard_slots SET fenced = true WHERE slot BETWEEN $1 AND $2",
         &[&i32::from(range.first), &i32::from(range.last)],
     )
     .await
     .map_err(|e| ShardError::db(name, e))?;
     Ok(())
+}
+
+/// Lifts the fence of `range` on its holder (a move rolled back after its
+/// source's side committed), at map version `version`, under the move
+/// lock; how many slots it held fenced.
+pub(crate) async fn unfence(
+    tx: &Transaction,
+    name: &Arc<str>,
+    range: SlotRange,
+    version: u64,
+) -> Result<u64, ShardError> {
+    let lifted = tx
+        .execute(
+            "UPDATE tower_scale_shard_slots SET fenced = false \
+             WHERE slot BETWEEN $1 AND $2 AND fenced",
+            &[&i32::from(range.first), &i32::from(range.last)],
+        )
+        .await
+        .map_err(|e| ShardError::db(name, e))?;
+    bump(tx, name, version).await?;
+    Ok(lifted)
+}
+
+/// Deletes the fenced rows of `range` below version `below` on a shard
+/// that gave the range away (another shard holds it at `below` or
+/// higher: they are leftovers): the cutover's last step, and the
+/// cleanup's first. A row fenced again since, by a later move of a range
+/// given back, has a version of at least `below` and stays.
+pub(crate) async fn forget(
+    db: &Db,
+    name: &Arc<str>,
+    range: SlotRange,
+    below: u64,
+) -> Result<u64, ShardError> {
+    db.execute(
+        "DELETE FROM tower_scale_shard_slots WHERE slot BETWEEN $1 AND $2 AND fenced \
+         AND version < $3",
+        &[
+            &i32::from(range.first),
+            &i32::from(range.last),
+            &i64::try_from(below).unwrap_or(i64::MAX),
+        ],
+    )
+    .await
+    .map(|w| w.value)
+    .map_err(|e| ShardError::db(name, e))
 }
 
 /// Takes `range` on the target at `version` (within the move's transaction).
@@ -209,7 +283,7 @@ pub(crate) async fn take(
     tx.execute(
         "INSERT INTO tower_scale_shard_slots (slot, version) \
          SELECT s, $3 FROM pg_catalog.generate_series($1::int4, $2::int4) s \
-         ON CONFLICT (slot) DO UPDATE SET version = EXCLUDED.version",
+         ON CONFLICT (slot) DO UPDATE SET version = EXCLUDED.version, fenced = false",
         &[
             &i32::from(range.first),
             &i32::from(range.last),
@@ -237,7 +311,7 @@ pub(crate) fn fenced_read_sql(sql: &str, slot_param: usize) -> String {
     let min_param = slot_param + 1;
     format!(
         "SELECT _tsq.* FROM (SELECT FROM tower_scale_shard_slots WHERE slot=${slot_param} \
-         AND version>=${min_param}) _tso LEFT JOIN LATERAL (SELECT _tsu.*,true tower_scale_owned \
+         AND version>=${min_param} AND NOT fenced) _tso LEFT JOIN LATERAL (SELECT _tsu.*,true tower_scale_owned \
          FROM (\n{sql}\n) _tsu) _tsq ON true"
     )
 }

@@ -43,8 +43,8 @@ impl ShardedCluster {
                     // since did so at a higher one, and wins): a shard not
                     // answering is no move, and the map's version does not
                     // go back.
-                    for slot in previous.slots_of(&shard.name) {
-                        owned.push((i as u16, slot, previous.slot_version(slot)));
+                    for (slot, v, fenced) in previous.held_by(i) {
+                        owned.push((i as u16, slot, v, fenced));
                     }
                     version = version.max(previous.version());
                     continue;
@@ -52,7 +52,7 @@ impl ShardedCluster {
                 Err(e) => return Err(e),
             };
             version = version.max(map_version);
-            for (slot, v) in slots {
+            for (slot, v, fenced) in slots {
                 if slot < self.inner.slots {
                     match listed[usize::from(slot)] {
                         // Listed by two shards at one version: no move made
@@ -77,12 +77,12 @@ impl ShardedCluster {
                     )));
                 }
                 version = version.max(v);
-                owned.push((i as u16, slot, v));
+                owned.push((i as u16, slot, v, fenced));
             }
         }
         // Claims read from the shards first, then the kept ones: at a tie
         // `from_owned` keeps the first.
-        owned.sort_by_key(|&(_, _, v)| std::cmp::Reverse(v));
+        owned.sort_by_key(|&(_, _, v, _)| std::cmp::Reverse(v));
         let names = self
             .inner
             .shards

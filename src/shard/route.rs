@@ -162,8 +162,8 @@ enum Fenced<T> {
 
 impl ShardedCluster {
     /// The owner of `slot` by the current map, with the map's version.
-    /// A slot without an owner is between a move's two commits (or an
-    /// interrupted move): the map is refreshed until it has one, within
+    /// A slot without an owner is fenced between a move's two commits (or
+    /// by an interrupted move): the map is refreshed until it has one, within
     /// the moved wait.
     async fn owner(&self, slot: u16) -> Result<(usize, u64), ShardError> {
         let map = self.map();

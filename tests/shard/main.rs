@@ -25,6 +25,7 @@ mod reads;
 #[cfg(feature = "reshard")]
 mod reshard;
 mod routing;
+mod transit;
 mod versions;
 
 pub(crate) use common::until;

@@ -80,26 +80,32 @@
 //!   owner at most [`moved_wait`](ShardedClusterBuilder::moved_wait); past
 //!   that the write fails with [`ShardError::Moved`], which is retryable
 //!   and means nothing was written.
-//! - **Ownership: never two owners; a zero-owner window of one commit.**
-//!   The source's release commits before the target's claim, as in
-//!   [`ShardedCluster::begin_move`]. Between the two commits (one round
-//!   trip) no shard owns the range: no write is accepted and no read is
-//!   served for it, requests wait for the claim. This keeps reads safe
-//!   without a second lock on them: while any instance can still read the
-//!   source, the target has accepted no write, so a read never returns
-//!   old data; and a read never answers "not found" from a shard that does
-//!   not own the slot (the read fence answers nothing, and the read is
-//!   retried on the owner). The reverse order (claim, then release) would
-//!   give two owners for that window, which the read fence cannot make
-//!   safe. If the process dies between the two commits, the source's move
-//!   record says `released` (committed with the release), the map shows
-//!   the range unowned ([`ShardError::Unowned`] after the moved wait), and
-//!   [`resume_move`](ShardedCluster::resume_move) finishes the claim: the
-//!   target already has every row (the release commits only after the
-//!   marker was applied). A commit that fails while the process lives is
-//!   resolved at once from the ownership tables: released and not
-//!   claimed, the claim is finished then and there; not released, the
-//!   attempt counts as one that changed nothing.
+//! - **Ownership: exactly one holder of every slot at every moment, by
+//!   the ownership tables.** The cutover commits in three steps (see
+//!   [`ShardedCluster::begin_move`]): the source fences its rows of the
+//!   range (it still holds them, and refuses the range's reads and
+//!   writes), the target claims the range at a higher version (from then
+//!   on it holds it: the tables' rule is "the highest version holds"),
+//!   and the source deletes its fenced rows. Between the first two commits
+//!   (one round trip) no shard *serves* the range: requests wait for the
+//!   claim. This keeps reads safe without a second lock on them: while
+//!   any instance can still read the source, the target has accepted no
+//!   write, so a read never returns old data; and a read never answers
+//!   "not found" from a shard that does not own the slot (the read fence
+//!   answers nothing, and the read is retried on the owner). If the
+//!   process dies between the two commits, the source's move record says
+//!   `released` (committed with the fence), the source holds the range
+//!   fenced ([`SlotMap::fenced_by`](super::SlotMap::fenced_by); requests
+//!   get [`ShardError::Unowned`] or [`ShardError::Moved`] after the moved
+//!   wait), and [`resume_move`](ShardedCluster::resume_move) finishes the
+//!   claim (the target already has every row: the fence commits only
+//!   after the marker was applied) or
+//!   [`rollback_move`](ShardedCluster::rollback_move) lifts the fence (the
+//!   source's rows are the range's data: no write went elsewhere). A
+//!   commit that fails while the process lives is resolved at once from
+//!   the ownership tables: fenced and not claimed, the claim is finished
+//!   then and there; not fenced, the attempt counts as one that changed
+//!   nothing.
 //! - **Read-your-writes holds across the move.** The source's and the
 //!   target's positions are different clocks, and a token from a write on
 //!   the source names no position of the target; it does not need to:

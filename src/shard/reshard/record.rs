@@ -10,8 +10,9 @@
 //!   error text, updated timestamptz NOT NULL DEFAULT now());
 //! ```
 //!
-//! On the source, `released` is committed with the release of the range
-//! (the range is then in transit: the target's claim finishes it); on the
+//! On the source, `released` is committed with the fence of the range
+//! (the range is then in transit: the target's claim finishes it, or a
+//! rollback lifts the fence); on the
 //! target, `cleaning_up` is committed with the claim.
 
 use std::sync::Arc;

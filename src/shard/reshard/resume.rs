@@ -15,10 +15,11 @@ use super::run::{Ctx, cleanup, finish, initial, slot_name};
 
 impl ShardedCluster {
     /// Resumes move `id` after its process died or it failed: a move cut
-    /// over (the target owns the range) or in transit (no shard owns it:
-    /// the source's release committed, the claim did not) is finished and
-    /// cleaned up; otherwise the target's partial rows are deleted and the
-    /// move starts again from a new snapshot, under the same id.
+    /// over (the target owns the range) or in transit (the source holds
+    /// it fenced: the source's side of the cutover committed, the claim
+    /// did not) is finished and cleaned up; otherwise the target's
+    /// partial rows are deleted and the move starts again from a new
+    /// snapshot, under the same id.
     pub async fn resume_move(
         &self,
         id: &str,
@@ -30,16 +31,24 @@ impl ShardedCluster {
         let target = self.shard_index(&rec.target)?;
         let source = self.shard_index(&rec.source)?;
         let map = self.refresh().await?;
-        let mut owners: Vec<Option<usize>> =
-            rec.range.slots().map(|s| map.owner_index(s)).collect();
+        let mut owners: Vec<Option<(usize, bool)>> =
+            rec.range.slots().map(|s| map.holder_index(s)).collect();
         owners.dedup();
         match owners.as_slice() {
-            [Some(o)] if *o == source => {
+            [Some((o, false))] if *o == source => {
                 delete_range(self, target, rec.range, options.batch, 0, |_| {}).await?;
                 self.start_move(Some(rec.id), rec.range, &rec.target, options)
                     .await
             }
-            [Some(o)] if *o == target => self.finish_cut_over(rec, source, target, options),
+            [Some((o, false))] if *o == target => {
+                self.finish_cut_over(rec, source, target, options)
+            }
+            // In transit (fenced by the source), or an earlier release's
+            // in transit (nobody lists it): the claim is finished.
+            [Some((o, true))] if *o == source => {
+                self.move_ownership(rec.range, &rec.target).await?;
+                self.finish_cut_over(rec, source, target, options)
+            }
             [None] => {
                 self.move_ownership(rec.range, &rec.target).await?;
                 self.finish_cut_over(rec, source, target, options)
@@ -102,11 +111,13 @@ impl ShardedCluster {
         })
     }
 
-    /// Rolls move `id` back: its publication is dropped and the target's
-    /// partial rows deleted (its temporary slot went with its session:
-    /// refused while that session lives, as for a running move). Refused once the move cut over (the
-    /// target owns the range: move it back instead) or while it is in
-    /// transit (resume it).
+    /// Rolls move `id` back: the source's fence is lifted if its side of
+    /// the cutover committed (the target's claim did not: the source's
+    /// rows are the range's data, and it serves them again), its
+    /// publication is dropped and the target's partial rows deleted (its
+    /// temporary slot went with its session: refused while that session
+    /// lives, as for a running move). Refused once the move cut over (the
+    /// target owns the range: move it back instead).
     pub async fn rollback_move(&self, id: &str) -> Result<(), ShardError> {
         let rec = record::find(self, id).await?;
         self.resumable(&rec, false).await?;
@@ -117,13 +128,16 @@ impl ShardedCluster {
         if rec
             .range
             .slots()
-            .any(|s| map.owner_index(s) != Some(source))
+            .any(|s| map.holder_index(s).map(|(i, _)| i) != Some(source))
         {
             return Err(ShardError::Setup(format!(
-                "move {id}: {} is not owned by {} alone any more (cut over or in transit): \
-                 resume it, or move the range back",
+                "move {id}: {} is not held by {} alone any more (cut over): \
+                 move the range back",
                 rec.range, rec.source
             )));
+        }
+        if rec.range.slots().any(|s| map.fenced_by(s).is_some()) {
+            self.lift_fence_on(rec.range, source).await?;
         }
         let src = &self.inner.shards[source];
         let name = slot_name(&rec.id);

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::super::cluster::{Shard, ShardedCluster};
 use super::super::error::ShardError;
 use super::super::map::SlotRange;
+use super::super::ownership;
 use super::super::tables;
 use super::catchup::{self, MARKER, StreamStatus};
 use super::cleanup::delete_range;
@@ -538,17 +539,22 @@ async fn cutover(
 }
 
 /// After a cutover commit that failed (or whose outcome is unknown): the
-/// range as the ownership tables now have it. The target owns it: done.
-/// Nobody does (the release committed, the claim did not): the claim is
-/// finished now, so the range is not left without an owner. The source
-/// still does: `None` (the attempt changed nothing).
+/// range as the ownership tables now have it. The target holds it: done.
+/// The source holds it fenced (its fence committed, the claim did not):
+/// the claim is finished now, so the range does not stay unserved. The
+/// source holds it unfenced: `None` (the attempt changed nothing).
 async fn resolve(ctx: &Ctx) -> Result<Option<u64>, ShardError> {
     let map = ctx.cluster.refresh().await?;
-    let mut owners: Vec<Option<usize>> = ctx.range.slots().map(|s| map.owner_index(s)).collect();
+    let mut owners: Vec<Option<(usize, bool)>> =
+        ctx.range.slots().map(|s| map.holder_index(s)).collect();
     owners.dedup();
     match owners.as_slice() {
-        [Some(o)] if *o == ctx.target => Ok(Some(map.version())),
-        [Some(o)] if *o == ctx.source => Ok(None),
+        [Some((o, false))] if *o == ctx.target => Ok(Some(map.version())),
+        [Some((o, false))] if *o == ctx.source => Ok(None),
+        [Some((o, true))] if *o == ctx.source => {
+            let to = ctx.target().name.to_string();
+            Ok(Some(ctx.cluster.move_ownership(ctx.range, &to).await?))
+        }
         [None] => {
             let to = ctx.target().name.to_string();
             Ok(Some(ctx.cluster.move_ownership(ctx.range, &to).await?))
@@ -566,6 +572,22 @@ async fn resolve(ctx: &Ctx) -> Result<Option<u64>, ShardError> {
 /// The cleanup phase: the source's copies of the range deleted.
 pub(super) async fn cleanup(ctx: &Ctx) -> Result<u64, ShardError> {
     ctx.phase(MovePhase::CleaningUp);
+    // The source's fenced rows, if the cutover could not delete them:
+    // leftovers below the target's grant (the version the map shows it at).
+    let map = ctx.cluster.refresh().await?;
+    let granted = ctx
+        .range
+        .slots()
+        .map(|s| match map.holder_index(s) {
+            Some((o, false)) if o == ctx.target => map.slot_version(s),
+            _ => 0,
+        })
+        .min()
+        .unwrap_or(0);
+    if granted > 0 {
+        let source = &ctx.cluster.inner.shards[ctx.source];
+        ownership::forget(&source.db, &source.name, ctx.range, granted).await?;
+    }
     let progress = &ctx.progress;
     delete_range(
         &ctx.cluster,

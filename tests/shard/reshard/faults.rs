@@ -323,16 +323,15 @@ async fn a_move_killed_during_copy_or_catch_up_changes_nothing_and_resumes() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_move_that_died_between_release_and_claim_resumes_to_the_target() {
-    let locals = shared();
-    let db = "reshard_transit";
-    database(&locals, db).await;
-    let sharded = sharded(&locals, db, |b| b, |b| b.table("items", "id")).await;
-    let clients = [client(&locals[0], db).await, client(&locals[1], db).await];
+/// A move copied and caught up, then put in the state a death between
+/// its cutover's two commits leaves: the source's fence committed (with
+/// its record), no claim. Returns the move's id and the preloaded keys.
+async fn died_in_transit(
+    sharded: &tower_scale::shard::ShardedCluster,
+    clients: &[tokio_postgres::Client; 2],
+) -> (String, Vec<i64>) {
     let preloaded = shard1_keys(1, 2_000);
     preload(&clients[0], &preloaded).await;
-    // Copied and caught up, then stopped before any cutover ...
     let handle = sharded
         .move_slots_with(
             MOVING,
@@ -351,16 +350,14 @@ async fn a_move_that_died_between_release_and_claim_resumes_to_the_target() {
     .expect("caught up in time")
     .expect("progress");
     handle.abort().await;
-    // ... and put in the state a death between the two commits leaves:
-    // the source's release committed (with its record), no claim.
     let (first, last) = (i32::from(MOVING.first), i32::from(MOVING.last));
     clients[0]
         .execute(
-            "DELETE FROM tower_scale_shard_slots WHERE slot BETWEEN $1 AND $2",
+            "UPDATE tower_scale_shard_slots SET fenced = true WHERE slot BETWEEN $1 AND $2",
             &[&first, &last],
         )
         .await
-        .expect("release");
+        .expect("fence");
     clients[0]
         .execute(
             "UPDATE tower_scale_shard_moves SET phase = 'released' WHERE id = $1",
@@ -369,10 +366,41 @@ async fn a_move_that_died_between_release_and_claim_resumes_to_the_target() {
         .await
         .expect("record");
     let map = sharded.refresh().await.expect("refresh");
-    assert_eq!(map.owner(MOVING.first), None, "in transit: no owner");
-    // A rollback would lose the rows: refused.
-    assert!(sharded.rollback_move(&id).await.is_err());
+    assert_eq!(
+        map.owner(MOVING.first),
+        None,
+        "in transit: nobody serves it"
+    );
+    assert_eq!(map.fenced_by(MOVING.first), Some("shard-1"), "one holder");
+    // The tables: the source lists every slot of the range, the target none.
+    assert_eq!(owned_moving(clients).await, vec![MOVING.len() as i64, 0]);
+    (id, preloaded)
+}
 
+async fn phases(clients: &[tokio_postgres::Client], id: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for c in clients {
+        out.push(
+            c.query_one(
+                "SELECT phase FROM tower_scale_shard_moves WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .expect("record")
+            .get(0),
+        );
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_that_died_between_fence_and_claim_resumes_to_the_target() {
+    let locals = shared();
+    let db = "reshard_transit";
+    database(&locals, db).await;
+    let sharded = sharded(&locals, db, |b| b, |b| b.table("items", "id")).await;
+    let clients = [client(&locals[0], db).await, client(&locals[1], db).await];
+    let (id, preloaded) = died_in_transit(&sharded, &clients).await;
     let report = sharded
         .resume_move(&id, MoveOptions::default())
         .await
@@ -385,17 +413,44 @@ async fn a_move_that_died_between_release_and_claim_resumes_to_the_target() {
     let moved = preloaded.iter().filter(|k| moving(**k)).count();
     assert_eq!((on[0].len(), on[1].len()), (preloaded.len() - moved, moved));
     assert_eq!(report.rows_cleaned as usize, moved);
-    for c in &clients {
-        let phase: String = c
-            .query_one(
-                "SELECT phase FROM tower_scale_shard_moves WHERE id = $1",
-                &[&id],
-            )
-            .await
-            .expect("record")
-            .get(0);
-        assert_eq!(phase, "done");
-    }
+    assert_eq!(phases(&clients, &id).await, vec!["done", "done"]);
+    no_move_slots(&clients[0]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_that_died_between_fence_and_claim_rolls_back_to_the_source() {
+    let locals = shared();
+    let db = "reshard_transit_back";
+    database(&locals, db).await;
+    let sharded = sharded(&locals, db, |b| b, |b| b.table("items", "id")).await;
+    let clients = [client(&locals[0], db).await, client(&locals[1], db).await];
+    let (id, preloaded) = died_in_transit(&sharded, &clients).await;
+    sharded.rollback_move(&id).await.expect("rollback");
+    // The source serves the range again with every row; the target holds
+    // neither the range nor a row of it.
+    assert_eq!(owned_moving(&clients).await, vec![MOVING.len() as i64, 0]);
+    let map = sharded.map();
+    assert_eq!(map.owner(MOVING.first), Some("shard-1"));
+    assert_eq!(map.fenced_by(MOVING.first), None);
+    assert_eq!(rows(&clients[0]).await.len(), preloaded.len());
+    assert!(rows(&clients[1]).await.is_empty());
+    let key = *preloaded
+        .iter()
+        .find(|k| moving(**k))
+        .expect("a moving key");
+    let w = sharded
+        .write(
+            &key,
+            "UPDATE items SET name = 'back' WHERE id = $1",
+            &[&key],
+        )
+        .await
+        .expect("write");
+    assert_eq!(&*w.shard, "shard-1");
+    assert_eq!(
+        phases(&clients, &id).await,
+        vec!["rolled_back", "rolled_back"]
+    );
     no_move_slots(&clients[0]).await;
 }
 
