@@ -49,6 +49,19 @@ fn key_text(spec: &TableSpec, values: &[Val]) -> Option<Vec<String>> {
         .collect()
 }
 
+/// Whether the shard key's value was left out (TOASTed and not changed):
+/// the row's slot is then the target's row's, if it has one.
+fn key_unchanged(spec: &TableSpec, values: &[Val]) -> bool {
+    matches!(values.get(spec.key), Some(Val::Unchanged))
+}
+
+/// Whether a new row belongs to the range: its slot is in it, or its
+/// shard key was left out (then only a row already on the target, which
+/// is in the range, is written).
+fn new_in_range(ctx: &Ctx, spec: &TableSpec, new: &[Val]) -> bool {
+    key_unchanged(spec, new) || ctx.in_range(slot(ctx, spec, new))
+}
+
 fn slot(ctx: &Ctx, spec: &TableSpec, values: &[Val]) -> Option<u16> {
     match values.get(spec.key) {
         Some(Val::Text(t)) => spec.key_type.slot_of_text(t, ctx.slots),
@@ -58,8 +71,12 @@ fn slot(ctx: &Ctx, spec: &TableSpec, values: &[Val]) -> Option<u16> {
 
 /// Whether a change can touch a row of the range: its new row is in the
 /// range, or it deletes a row whose shard key is in the range or unknown
-/// (the old tuple names the primary key only). An update whose new row is
-/// outside the range cannot: a row's shard key does not leave its slot.
+/// (the old tuple names the primary key only), or it is an update that
+/// may have taken a row's shard key out of the range: its old shard key
+/// is in the range, or unknown while the shard key is not part of the
+/// primary key (the old tuple is only sent when the primary key changed,
+/// so an update of a shard key inside the primary key always names the
+/// old one).
 pub(super) fn relevant(ctx: &Ctx, change: &Change) -> bool {
     let spec = &ctx.cluster.inner.tables[change.table];
     match (change.kind, &change.old, &change.new) {
@@ -67,7 +84,15 @@ pub(super) fn relevant(ctx: &Ctx, change: &Change) -> bool {
             Some(Val::Text(_)) => ctx.in_range(slot(ctx, spec, old)),
             _ => true,
         },
-        (_, _, Some(new)) => ctx.in_range(slot(ctx, spec, new)),
+        (b'U', old, Some(new)) if !new_in_range(ctx, spec, new) => {
+            match old.as_ref().map(|o| o.get(spec.key)) {
+                Some(Some(Val::Text(_))) => {
+                    ctx.in_range(old.as_deref().and_then(|o| slot(ctx, spec, o)))
+                }
+                _ => !spec.primary_key.contains(&spec.key),
+            }
+        }
+        (_, _, Some(new)) => new_in_range(ctx, spec, new),
         _ => false,
     }
 }
@@ -175,7 +200,7 @@ pub(super) async fn apply(ctx: &Ctx, changes: &[Change]) -> Result<u64, ShardErr
         let new_in_range = change
             .new
             .as_ref()
-            .is_some_and(|n| ctx.in_range(slot(ctx, spec, n)));
+            .is_some_and(|n| new_in_range(ctx, spec, n));
         let rows = &mut effects[change.table];
         if let (b'D', Some(old)) = (change.kind, &change.old) {
             // The old tuple names the primary key, and the shard key only
@@ -189,6 +214,17 @@ pub(super) async fn apply(ctx: &Ctx, changes: &[Change]) -> Result<u64, ShardErr
                 _ => Effect::Delete(None),
             };
             rows.insert(key, effect);
+            applied += 1;
+            continue;
+        }
+        if let (b'U', Some(new), false) = (change.kind, &change.new, new_in_range) {
+            // Its shard key may have left the range (see `relevant`): the
+            // row goes from the target if it is there with a key in the
+            // range (looked up), under its old primary key and its new.
+            let keys = [change.old.as_deref(), Some(new.as_slice())];
+            for key in keys.into_iter().flatten().filter_map(|v| key_text(spec, v)) {
+                rows.insert(key, Effect::Delete(None));
+            }
             applied += 1;
             continue;
         }

@@ -487,6 +487,24 @@ async fn toasted_values_and_primary_key_changes_streamed_during_the_catch_up_arr
         .execute("INSERT INTO notes VALUES (1, $1, 'note')", &[&keys[0]])
         .await
         .expect("note");
+    // Rows whose shard key an update takes out of the range during the
+    // catch-up: a note (shard key outside its primary key) and an item
+    // (the shard key is its primary key).
+    let staying = *shard1_keys(1, 400)
+        .iter()
+        .find(|k| !moving(**k))
+        .expect("a key that stays");
+    clients[0]
+        .execute("INSERT INTO notes VALUES (2, $1, 'leaves')", &[&keys[1]])
+        .await
+        .expect("note 2");
+    clients[0]
+        .execute(
+            "INSERT INTO items (id, slot, name) VALUES ($1, 0, 'leaves')",
+            &[&keys[2]],
+        )
+        .await
+        .expect("item");
     let before = digests(&clients[0]).await;
     let sharded = sharded(
         &locals,
@@ -527,6 +545,17 @@ async fn toasted_values_and_primary_key_changes_streamed_during_the_catch_up_arr
         .write(&keys[0], "UPDATE notes SET id = 1000 WHERE id = 1", &[])
         .await
         .expect("a new primary key");
+    clients[0]
+        .execute("UPDATE notes SET user_id = $1 WHERE id = 2", &[&staying])
+        .await
+        .expect("a note's shard key out of the range");
+    clients[0]
+        .execute(
+            "UPDATE items SET id = $1 WHERE id = $2",
+            &[&staying, &keys[2]],
+        )
+        .await
+        .expect("an item's key out of the range");
     tokio::time::timeout(
         DEADLINE,
         progress.wait_for(|p| p.rows_applied > keys.len() as u64),
@@ -551,6 +580,24 @@ async fn toasted_values_and_primary_key_changes_streamed_during_the_catch_up_arr
         .map(|r| r.get(0))
         .collect();
     assert_eq!(ids, vec![1000], "the old key gone, the new one there");
+    // The rows that left the range: on the source only (before the fix the
+    // target kept them, with their old shard keys, after the cleanup).
+    let source_notes: Vec<(i64, i64)> = clients[0]
+        .query("SELECT id, user_id FROM notes ORDER BY id", &[])
+        .await
+        .expect("notes")
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(source_notes, vec![(2, staying)]);
+    assert_eq!(
+        rows(&clients[0]).await.keys().copied().collect::<Vec<_>>(),
+        vec![staying]
+    );
+    assert!(
+        rows(&clients[1]).await.is_empty(),
+        "no ghost item on the target"
+    );
 }
 
 /// `docs` on a shard: (id, md5 of `big`, n), by id.
