@@ -165,6 +165,10 @@ impl ShardedCluster {
                 src.cluster.inner.random() & 0xffff
             )
         });
+        // The checks and the records under the move lock: two instances
+        // starting overlapping moves at once (both checks before either
+        // record) would otherwise both start.
+        let (_, serial) = self.lock_moves().await?;
         if let Some(other) = record::unfinished_overlapping(self, range, Some(&id)).await? {
             return Err(ShardError::MoveConflict { id: other });
         }
@@ -197,6 +201,8 @@ impl ShardedCluster {
         let tgt = &self.inner.shards[target];
         record::insert(&src.db, &src.name, &rec, "source", "copying").await?;
         record::insert(&tgt.db, &tgt.name, &rec, "target", "copying").await?;
+        // It wrote nothing: however it ends, the lock goes with it.
+        let _ = serial.rollback().await;
         let (tx, rx) = watch::channel(initial(&id, range, MovePhase::Copying));
         let (go, go_rx) = watch::channel(false);
         let ctx = Ctx {

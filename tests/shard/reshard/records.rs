@@ -60,3 +60,27 @@ async fn a_finished_move_is_not_resumed_or_rolled_back_under_the_next_one() {
     );
     eprintln!("{moved} rows moved there and back; M1 refused resume and rollback");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_starting_overlapping_moves_at_once_start_one() {
+    let locals = shared();
+    let db = "reshard_race";
+    database(&locals, db).await;
+    let clients = [client(&locals[0], db).await, client(&locals[1], db).await];
+    let one = sharded(&locals, db, |b| b, |b| b.table("items", "id")).await;
+    let two = super::sharded_again(&locals, db, |b| b).await;
+    preload(&clients[0], &shard1_keys(1, 200)).await;
+    let manual = || MoveOptions::default().manual_cutover(true);
+    let half = tower_scale::shard::SlotRange::new(MOVING.first, MOVING.first + 100);
+    let (a, b) = tokio::join!(
+        one.move_slots_with(MOVING, "shard-2", manual()),
+        two.move_slots_with(half, "shard-2", manual()),
+    );
+    let started: Vec<_> = [a, b].into_iter().filter_map(Result::ok).collect();
+    assert_eq!(started.len(), 1, "exactly one of the two starts");
+    let handle = started.into_iter().next().expect("one");
+    let id = handle.id().to_owned();
+    handle.abort().await;
+    one.rollback_move(&id).await.expect("rollback");
+    super::no_move_slots(&clients[0]).await;
+}
