@@ -95,13 +95,13 @@ fn shard(c: &mut Criterion) {
     });
     group.finish();
 
-    // The two reads interleaved, 2,000 at a time: the machine's other
-    // load hits both alike (criterion runs one function after the other).
-    let mut ratios = Vec::new();
-    for _ in 0..7 {
-        let plain = rt.block_on(async {
+    // The two reads interleaved, 1,000 at a time, which goes first
+    // alternating: the machine's other load hits both alike (criterion
+    // runs one function after the other).
+    let plain = || {
+        rt.block_on(async {
             let started = std::time::Instant::now();
-            for id in 1..=2000i64 {
+            for id in 1..=1000i64 {
                 let id = id % support::ITEMS + 1;
                 black_box(
                     db.read_one(
@@ -114,10 +114,12 @@ fn shard(c: &mut Criterion) {
                 );
             }
             started.elapsed()
-        });
-        let fenced = rt.block_on(async {
+        })
+    };
+    let fenced = || {
+        rt.block_on(async {
             let started = std::time::Instant::now();
-            for id in 1..=2000i64 {
+            for id in 1..=1000i64 {
                 let id = id % support::ITEMS + 1;
                 black_box(
                     sharded
@@ -132,19 +134,33 @@ fn shard(c: &mut Criterion) {
                 );
             }
             started.elapsed()
-        });
-        ratios.push(fenced.as_secs_f64() / plain.as_secs_f64());
+        })
+    };
+    let mut ratios = Vec::new();
+    for round in 0..21 {
+        let (p, f) = if round % 2 == 0 {
+            let p = plain();
+            (p, fenced())
+        } else {
+            let f = fenced();
+            (plain(), f)
+        };
+        ratios.push(f.as_secs_f64() / p.as_secs_f64());
     }
     let mut sorted = ratios.clone();
     sorted.sort_by(f64::total_cmp);
+    let q = |p: f64| sorted[((sorted.len() - 1) as f64 * p).round() as usize];
     println!(
-        "interleaved shard/routed_read / route/routed_read: {} (median {:.3})",
+        "interleaved shard/routed_read / route/routed_read (21 rounds of 1,000 each): \
+         median {:.3} (quartiles {:.3}, {:.3}; all: {})",
+        q(0.5),
+        q(0.25),
+        q(0.75),
         ratios
             .iter()
             .map(|r| format!("{r:.3}"))
             .collect::<Vec<_>>()
-            .join(", "),
-        sorted[sorted.len() / 2]
+            .join(", ")
     );
     drop(db);
     drop(cluster);

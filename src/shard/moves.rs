@@ -151,6 +151,9 @@ impl ShardedCluster {
                 shard.name
             )));
         }
+        // A shard that cannot answer may hold the range at a higher
+        // version (this map may predate its claim): the fence stays.
+        self.none_lists(range, &[holder]).await?;
         let version = map.version() + 1;
         let err = |e| ShardError::db(&shard.name, e);
         let tx = shard.db.transaction().await.map_err(err)?;
@@ -180,12 +183,15 @@ impl ShardedCluster {
         Ok((Arc::clone(&first.name), serial))
     }
 
-    /// Every shard but `target` answers, on its primary, that it lists no
-    /// slot of `range`.
-    async fn none_lists(&self, range: SlotRange, target: usize) -> Result<(), ShardError> {
+    /// Every shard but those of `except` answers, on its primary, that it
+    /// lists no slot of `range` (a shard that claimed it and cannot be
+    /// reached now is kept in the map from before, which may predate the
+    /// claim: the range would look unowned, or held fenced by the shard
+    /// that gave it away, while it owns it).
+    async fn none_lists(&self, range: SlotRange, except: &[usize]) -> Result<(), ShardError> {
         let (first, last) = (i32::from(range.first), i32::from(range.last));
         for (i, shard) in self.inner.shards.iter().enumerate() {
-            if i == target {
+            if except.contains(&i) {
                 continue;
             }
             let row = shard
@@ -198,8 +204,8 @@ impl ShardedCluster {
                 .await
                 .map_err(|e| {
                     ShardError::Setup(format!(
-                        "{range} has no owner in the map, but {} does not answer ({e}): \
-                         it may own it; finish the move once it does",
+                        "{range} is unowned or fenced in the map, but {} does not answer ({e}): \
+                         it may own it; finish the move (or lift the fence) once it does",
                         shard.name
                     ))
                 })?;
@@ -220,7 +226,22 @@ impl ShardedCluster {
     /// must be owned by one shard other than `to`, or by none (an
     /// interrupted move).
     pub async fn begin_move(&self, range: SlotRange, to: &str) -> Result<SlotMove, ShardError> {
-        self.begin_move_within(range, to, None).await
+        self.begin_move_within(range, to, None, false).await
+    }
+
+    /// Finishes a move in transit: `range` must be held fenced by one
+    /// shard (checked under the move lock: a rollback that lifted the
+    /// fence meanwhile makes this refuse, rather than give away a range
+    /// whose source took writes since). Returns the new map version.
+    pub(crate) async fn finish_fenced(
+        &self,
+        range: SlotRange,
+        to: &str,
+    ) -> Result<u64, ShardError> {
+        self.begin_move_within(range, to, None, true)
+            .await?
+            .commit()
+            .await
     }
 
     /// [`begin_move`](Self::begin_move), waiting at most `lock_wait` for
@@ -232,6 +253,7 @@ impl ShardedCluster {
         range: SlotRange,
         to: &str,
         lock_wait: Option<std::time::Duration>,
+        only_fenced: bool,
     ) -> Result<SlotMove, ShardError> {
         if range.is_empty() || range.last >= self.inner.slots {
             return Err(ShardError::SlotOutOfRange {
@@ -261,13 +283,22 @@ impl ShardedCluster {
                 )));
             }
         };
-        if source.is_none() {
-            // Finishing a move an earlier release interrupted (its source
-            // deleted its rows): only if every other shard
-            // answers that it lists none of the range (a shard that claimed
-            // it and cannot be reached now is kept in the map from before,
-            // so the range would look unowned while it owns it).
-            self.none_lists(range, target).await?;
+        let fenced = range
+            .slots()
+            .filter(|&s| map.fenced_by(s).is_some())
+            .count();
+        if only_fenced && (source.is_none() || fenced != range.len()) {
+            return Err(ShardError::Setup(format!(
+                "{range} is not held fenced by one shard any more (the move was finished \
+                 or rolled back meanwhile)"
+            )));
+        }
+        if source.is_none() || fenced > 0 {
+            // Finishing a move in transit (or one an earlier release
+            // interrupted, whose source deleted its rows): only if every
+            // other shard answers that it lists none of the range.
+            let except: Vec<usize> = [Some(target), source].into_iter().flatten().collect();
+            self.none_lists(range, &except).await?;
         }
         let version = map.version() + 1;
         let from = match source {

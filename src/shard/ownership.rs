@@ -228,8 +228,10 @@ pub(crate) async fn fence(
 }
 
 /// Lifts the fence of `range` on its holder (a move rolled back after its
-/// source's side committed), at map version `version`, under the move
-/// lock; how many slots it held fenced.
+/// source's side committed), regranting the slots at map version
+/// `version`, under the move lock; how many slots it held fenced. The new
+/// version is above any claim of the move: one whose commit was still
+/// pending and lands later is a leftover, and the holder stays the holder.
 pub(crate) async fn unfence(
     tx: &Transaction,
     name: &Arc<str>,
@@ -238,9 +240,13 @@ pub(crate) async fn unfence(
 ) -> Result<u64, ShardError> {
     let lifted = tx
         .execute(
-            "UPDATE tower_scale_shard_slots SET fenced = false \
+            "UPDATE tower_scale_shard_slots SET fenced = false, version = $3 \
              WHERE slot BETWEEN $1 AND $2 AND fenced",
-            &[&i32::from(range.first), &i32::from(range.last)],
+            &[
+                &i32::from(range.first),
+                &i32::from(range.last),
+                &i64::try_from(version).unwrap_or(i64::MAX),
+            ],
         )
         .await
         .map_err(|e| ShardError::db(name, e))?;

@@ -215,6 +215,7 @@ async fn a_lifted_fence_serves_the_range_again_from_its_holder() {
         .begin_move(SlotRange::one(slot), "shard-2")
         .await
         .expect("begin move");
+    let claim_version = mv.version();
     kill_open_writers(&clients[1]).await;
     mv.commit().await.expect_err("the claim's commit fails");
     assert_eq!(holder(&listed(&clients, slot).await), (0, true));
@@ -241,6 +242,19 @@ async fn a_lifted_fence_serves_the_range_again_from_its_holder() {
         .await
         .expect("read");
     assert_eq!(r.value[0].get::<_, String>(0), "kept");
+    // A claim whose COMMIT was still pending when the fence was lifted, and
+    // lands now: the lift regranted the slot above the claim's version, so
+    // the holder stays the holder (one holder by the tables' rule).
+    clients[1]
+        .execute(
+            "INSERT INTO tower_scale_shard_slots (slot, version) VALUES ($1, $2)",
+            &[&slot_i, &(claim_version as i64)],
+        )
+        .await
+        .expect("the late claim");
+    assert_eq!(holder(&listed(&clients, slot).await), (0, false));
+    let map = fresh.refresh().await.expect("refresh");
+    assert_eq!(map.owner(slot), Some("shard-1"));
     let w = fresh
         .write(
             &key,

@@ -112,10 +112,9 @@ type Effects = Vec<HashMap<Vec<String>, Effect>>;
 /// Writes the net effects: the rows whose shard key is unknown looked up
 /// (and kept unless in the range: a row of another slot with the same
 /// primary key belongs to the target), then every table's deletes and
-/// upserts. Each step's statements are sent together (one round trip on
-/// the connection, executed in order); within a batch each primary key
-/// has one effect, so a table's deletes and upserts touch different rows
-/// and tables are independent.
+/// upserts. Each step's statements (one per table) are sent together:
+/// one round trip per step; within a batch each primary key has one
+/// effect, and tables are independent.
 async fn write(ctx: &Ctx, tx: &Transaction, effects: &mut Effects) -> Result<(), ShardError> {
     let target = &ctx.target().name;
     let tables = &ctx.cluster.inner.tables;
@@ -170,11 +169,12 @@ async fn write(ctx: &Ctx, tx: &Transaction, effects: &mut Effects) -> Result<(),
             let r: Vec<&TextRow> = r.iter().collect();
             async move { rows::upsert(tx, target, &tables[table], &r).await }
         });
-    let writes: Vec<futures_util::future::BoxFuture<'_, Result<(), ShardError>>> = deletes
-        .map(|f| Box::pin(f) as _)
-        .chain(ups.map(|f| Box::pin(f) as _))
-        .collect();
-    futures_util::future::try_join_all(writes).await?;
+    // The deletes complete before the upserts start: sent together, a
+    // statement whose preparation misses the connection's cache could run
+    // after one sent later, and a unique column freed by a delete and
+    // taken by an upsert (another primary key) would then collide.
+    futures_util::future::try_join_all(deletes).await?;
+    futures_util::future::try_join_all(ups).await?;
     Ok(())
 }
 

@@ -46,7 +46,7 @@ impl ShardedCluster {
             // In transit (fenced by the source), or an earlier release's
             // in transit (nobody lists it): the claim is finished.
             [Some((o, true))] if *o == source => {
-                self.move_ownership(rec.range, &rec.target).await?;
+                self.finish_fenced(rec.range, &rec.target).await?;
                 self.finish_cut_over(rec, source, target, options)
             }
             [None] => {

@@ -497,7 +497,7 @@ async fn cutover(
     // counts in the bound: past it, this attempt gives up.
     let mv = match ctx
         .cluster
-        .begin_move_within(ctx.range, &to, Some(ctx.options.max_pause))
+        .begin_move_within(ctx.range, &to, Some(ctx.options.max_pause), false)
         .await
     {
         Ok(mv) => mv,
@@ -559,7 +559,7 @@ async fn resolve(ctx: &Ctx) -> Result<Option<u64>, ShardError> {
         [Some((o, false))] if *o == ctx.source => Ok(None),
         [Some((o, true))] if *o == ctx.source => {
             let to = ctx.target().name.to_string();
-            Ok(Some(ctx.cluster.move_ownership(ctx.range, &to).await?))
+            Ok(Some(ctx.cluster.finish_fenced(ctx.range, &to).await?))
         }
         [None] => {
             let to = ctx.target().name.to_string();
