@@ -235,20 +235,25 @@ pub(super) async fn apply(ctx: &Ctx, changes: &[Change]) -> Result<u64, ShardErr
             return Err(fail(ctx, "a row without its primary key"));
         };
         applied += 1;
-        // An update that changed the primary key: the old row goes.
-        if let (b'U', Some(old)) = (change.kind, &change.old)
-            && let Some(old_key) = key_text(spec, old)
-            && old_key != key
-        {
-            rows.insert(old_key, Effect::Delete(None));
-        }
+        // An update that changed the primary key: the old row goes (or,
+        // with values left out, is renamed in place below).
+        let renamed = match (change.kind, &change.old) {
+            (b'U', Some(old)) => key_text(spec, old).filter(|old_key| *old_key != key),
+            _ => None,
+        };
         if let Some(row) = text_row(new) {
+            if let Some(old_key) = renamed {
+                rows.insert(old_key, Effect::Delete(None));
+            }
             rows.insert(key, Effect::Upsert(row));
             continue;
         }
         // TOASTed values left out: completed from the batch's own full
-        // row of it, or written in place after everything before it.
-        if let Some(Effect::Upsert(row)) = rows.get_mut(&key) {
+        // row of it (under its old key, if renamed), or written in place
+        // after everything before it.
+        let from = renamed.clone().unwrap_or_else(|| key.clone());
+        if let Some(Effect::Upsert(row)) = rows.get_mut(&from) {
+            let mut row = std::mem::take(row);
             for (i, v) in new.iter().enumerate() {
                 match v {
                     Val::Null => row[i] = None,
@@ -256,6 +261,10 @@ pub(super) async fn apply(ctx: &Ctx, changes: &[Change]) -> Result<u64, ShardErr
                     Val::Unchanged => {}
                 }
             }
+            if let Some(old_key) = renamed {
+                rows.insert(old_key, Effect::Delete(None));
+            }
+            rows.insert(key, Effect::Upsert(row));
             continue;
         }
         if tx.is_none() {
@@ -263,6 +272,8 @@ pub(super) async fn apply(ctx: &Ctx, changes: &[Change]) -> Result<u64, ShardErr
         }
         let Some(t) = tx.as_ref() else { continue };
         write(ctx, t, &mut effects).await?;
+        // The row found by its old key (renamed: the new key is among the
+        // columns set), its left-out values kept.
         let set: Vec<(usize, Option<String>)> = new
             .iter()
             .enumerate()
@@ -272,6 +283,7 @@ pub(super) async fn apply(ctx: &Ctx, changes: &[Change]) -> Result<u64, ShardErr
                 Val::Unchanged => None,
             })
             .collect();
+        let key = from;
         rows::update_columns(t, &target.name, spec, &key, &set).await?;
     }
     if effects.iter().all(HashMap::is_empty) && tx.is_none() {

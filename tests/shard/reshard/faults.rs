@@ -483,10 +483,21 @@ async fn toasted_values_and_primary_key_changes_streamed_during_the_catch_up_arr
         )
         .await
         .expect("docs");
+    // Note 1's body is TOASTed too: its primary key changes during the
+    // catch-up, the body streamed as "unchanged".
     clients[0]
-        .execute("INSERT INTO notes VALUES (1, $1, 'note')", &[&keys[0]])
+        .execute(
+            "INSERT INTO notes VALUES (1, $1, (SELECT string_agg(md5(random()::text || g), '') \
+             FROM generate_series(1, 700) g))",
+            &[&keys[0]],
+        )
         .await
         .expect("note");
+    let body: String = clients[0]
+        .query_one("SELECT md5(body) FROM notes WHERE id = 1", &[])
+        .await
+        .expect("body")
+        .get(0);
     // Rows whose shard key an update takes out of the range during the
     // catch-up: a note (shard key outside its primary key) and an item
     // (the shard key is its primary key).
@@ -580,6 +591,12 @@ async fn toasted_values_and_primary_key_changes_streamed_during_the_catch_up_arr
         .map(|r| r.get(0))
         .collect();
     assert_eq!(ids, vec![1000], "the old key gone, the new one there");
+    let moved_body: String = clients[1]
+        .query_one("SELECT md5(body) FROM notes WHERE id = 1000", &[])
+        .await
+        .expect("the renamed note keeps its body")
+        .get(0);
+    assert_eq!(moved_body, body);
     // The rows that left the range: on the source only (before the fix the
     // target kept them, with their old shard keys, after the cleanup).
     let source_notes: Vec<(i64, i64)> = clients[0]
