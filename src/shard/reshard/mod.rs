@@ -135,11 +135,15 @@
 //!   [`MoveOptions::max_pause`]; new writes queue behind it); a lock that
 //!   cannot be had in that time fails the move (nothing changed: resume
 //!   it).
-//! - Moves are serialised per instance and refused while an overlapping
-//!   move is recorded unfinished on any shard; two processes starting
-//!   overlapping moves at the same instant can both pass that check: the
-//!   cutover's move lock lets one win, the other fails and leaves its
-//!   partial copy marked (roll it back).
+//! - Moves are refused while an overlapping move, or another move from or
+//!   to one of their shards, is recorded unfinished on any shard; the
+//!   check and the records are made under the move lock, so two processes
+//!   starting overlapping moves at the same instant start one.
+//! - **Every instance must run a release that knows the fence column**
+//!   (`fenced` in `tower_scale_shard_slots`, added at an instance's
+//!   start) before a move runs: an instance of an earlier release ignores
+//!   a fenced row, and would accept writes for a fenced range that the
+//!   move never carries. Upgrade every instance first, then move.
 //! - Other instances hear of the move through the map announcements
 //!   (the cutover changes ownership with [`ShardedCluster::begin_move`],
 //!   which announces the new version in its transactions; see
@@ -153,8 +157,12 @@
 //! - Primary keys must be unique across shards (or contain the shard
 //!   key): a copied row whose primary key the target uses for another
 //!   shard key fails the move.
-//! - A row's shard key must not move it to another slot (the library's
-//!   routing assumes it too).
+//! - A row's shard key should not move it to another slot (the library's
+//!   routing assumes it). If an update does so during a move, the row
+//!   leaves the target when its new slot is outside the range (found by
+//!   its primary key); for a table whose shard key is not part of its
+//!   primary key this costs a lookup on the target for every update of
+//!   the source's rows outside the range.
 //! - A source transaction's changes that may touch the range (rows of
 //!   the range, and deletes that name only a primary key) are held in
 //!   memory until its commit is streamed: a transaction of millions of
@@ -167,7 +175,10 @@
 //!   [`MoveOptions::catch_up_timeout`] (nothing changed; resume it when
 //!   the load is lower). Here (debug build, a 2-core machine shared with
 //!   the servers and a build) the stream kept up with ~1,300 writes/s and
-//!   fell behind at ~2,000.
+//!   fell behind at ~2,000. A batch of changes costs four round trips on
+//!   the target whatever its size (`BEGIN`; the lookups of every table;
+//!   the deletes; the upserts; `COMMIT`, each step's statements sent
+//!   together).
 //! - The target's writes are grouped per table (deletes, then upserts):
 //!   foreign keys between declared tables must be `DEFERRABLE INITIALLY
 //!   DEFERRED` on the target (or absent), and a unique constraint other
