@@ -9,8 +9,11 @@ use tokio_postgres::types::ToSql;
 use super::super::cluster::ShardedCluster;
 use super::super::error::ShardError;
 use super::super::map::SlotRange;
+use super::super::ownership;
 use super::copy::throttle;
+use super::handle::MovePhase;
 use super::rows::{self, TextRow};
+use super::run::Ctx;
 
 /// Deletes every row of the declared tables whose slot is in `range` from
 /// shard `index`, in batches of `batch` rows read, `rate` rows read per
@@ -95,4 +98,35 @@ pub(crate) async fn delete_range(
         }
     }
     Ok(deleted)
+}
+
+/// The cleanup phase: the source's copies of the range deleted.
+pub(super) async fn cleanup(ctx: &Ctx) -> Result<u64, ShardError> {
+    ctx.phase(MovePhase::CleaningUp);
+    // The source's fenced rows, if the cutover could not delete them:
+    // leftovers below the target's grant (the version the map shows it at).
+    let map = ctx.cluster.refresh().await?;
+    let granted = ctx
+        .range
+        .slots()
+        .map(|s| match map.holder_index(s) {
+            Some((o, false)) if o == ctx.target => map.slot_version(s),
+            _ => 0,
+        })
+        .min()
+        .unwrap_or(0);
+    if granted > 0 {
+        let source = &ctx.cluster.inner.shards[ctx.source];
+        ownership::forget(&source.db, &source.name, ctx.range, granted).await?;
+    }
+    let progress = &ctx.progress;
+    delete_range(
+        &ctx.cluster,
+        ctx.source,
+        ctx.range,
+        ctx.options.batch,
+        ctx.options.cleanup_rate,
+        |n| progress.send_modify(|p| p.rows_cleaned = n),
+    )
+    .await
 }

@@ -7,11 +7,11 @@ use tokio::sync::watch;
 use super::super::cluster::ShardedCluster;
 use super::super::error::ShardError;
 use super::super::tables;
-use super::cleanup::delete_range;
+use super::cleanup::{cleanup, delete_range};
 use super::copy;
 use super::handle::{MoveHandle, MoveOptions, MovePhase, MoveReport};
 use super::record::{self, MoveRecord};
-use super::run::{Ctx, cleanup, finish, initial, slot_name};
+use super::run::{Ctx, finish, initial, slot_name};
 
 impl ShardedCluster {
     /// Resumes move `id` after its process died or it failed: a move cut

@@ -9,10 +9,9 @@ use tokio_util::sync::CancellationToken;
 use super::super::cluster::{Shard, ShardedCluster};
 use super::super::error::ShardError;
 use super::super::map::SlotRange;
-use super::super::ownership;
 use super::super::tables;
 use super::catchup::{self, MARKER, StreamStatus};
-use super::cleanup::delete_range;
+use super::cleanup::cleanup;
 use super::copy;
 use super::handle::{MoveHandle, MoveOptions, MovePhase, MoveProgress, MoveReport};
 use super::record::{self, MoveRecord};
@@ -46,7 +45,7 @@ impl Ctx {
         slot.is_some_and(|s| self.range.slots().contains(&s))
     }
 
-    fn phase(&self, phase: MovePhase) {
+    pub(super) fn phase(&self, phase: MovePhase) {
         self.progress.send_modify(|p| {
             p.phase = phase;
             p.caught_up = false;
@@ -573,35 +572,4 @@ async fn resolve(ctx: &Ctx) -> Result<Option<u64>, ShardError> {
             ),
         )),
     }
-}
-
-/// The cleanup phase: the source's copies of the range deleted.
-pub(super) async fn cleanup(ctx: &Ctx) -> Result<u64, ShardError> {
-    ctx.phase(MovePhase::CleaningUp);
-    // The source's fenced rows, if the cutover could not delete them:
-    // leftovers below the target's grant (the version the map shows it at).
-    let map = ctx.cluster.refresh().await?;
-    let granted = ctx
-        .range
-        .slots()
-        .map(|s| match map.holder_index(s) {
-            Some((o, false)) if o == ctx.target => map.slot_version(s),
-            _ => 0,
-        })
-        .min()
-        .unwrap_or(0);
-    if granted > 0 {
-        let source = &ctx.cluster.inner.shards[ctx.source];
-        ownership::forget(&source.db, &source.name, ctx.range, granted).await?;
-    }
-    let progress = &ctx.progress;
-    delete_range(
-        &ctx.cluster,
-        ctx.source,
-        ctx.range,
-        ctx.options.batch,
-        ctx.options.cleanup_rate,
-        |n| progress.send_modify(|p| p.rows_cleaned = n),
-    )
-    .await
 }
