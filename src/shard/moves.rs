@@ -233,6 +233,7 @@ impl ShardedCluster {
     /// shard (checked under the move lock: a rollback that lifted the
     /// fence meanwhile makes this refuse, rather than give away a range
     /// whose source took writes since). Returns the new map version.
+    #[cfg(feature = "reshard")]
     pub(crate) async fn finish_fenced(
         &self,
         range: SlotRange,
