@@ -15,26 +15,35 @@ async fn a_read_cancelled_by_recovery_is_retried_elsewhere() {
         .conf("max_standby_streaming_delay = 0")
         .start()
         .unwrap();
-    let cluster = connect(&local, |b| b.readmission_ramp(Duration::ZERO)).await;
+    let cluster = connect(&local, |b| {
+        b.readmission_ramp(Duration::ZERO)
+            .read_timeout(Duration::from_secs(30))
+    })
+    .await;
     let db = cluster.db();
     db.execute("CREATE TABLE c (id int)", &[]).await.unwrap();
     db.execute("INSERT INTO c VALUES (1)", &[]).await.unwrap();
     local.wait_for_replicas(DEADLINE).await.unwrap();
-    // A read that holds a lock on `c` on the replica for a while (long
-    // enough for a loaded machine to replay the lock before it ends, short
-    // enough for the retry elsewhere to finish within the read timeout).
+    // A read that holds a lock on `c` on the replica for 25 s (a loaded
+    // machine replays the lock long before it ends: in CI, 4 s were once
+    // not enough, and the read ended on the replica uncancelled); the
+    // retry on the primary does not sleep.
     let read = tokio::spawn({
         let db = db.clone();
         async move {
-            db.read_one(Consistency::Any, "SELECT count(*) FROM c, pg_sleep(4)", &[])
-                .await
+            db.read_one(
+                Consistency::Any,
+                "SELECT count(*) FROM c, pg_sleep(CASE WHEN pg_is_in_recovery() THEN 25 ELSE 0 END)",
+                &[],
+            )
+            .await
         }
     });
     let replica = local.replica(0).connect().await.unwrap();
     until("the read runs on the replica", DEADLINE, async || {
         replica
             .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(4)%' \
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(CASE%' \
                  AND state = 'active' AND pid <> pg_backend_pid()",
                 &[],
             )
