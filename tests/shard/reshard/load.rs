@@ -386,11 +386,28 @@ async fn half_of_a_shard_moves_under_write_load_losing_nothing() {
             .expect("a stale write");
         assert_eq!((w.shard.as_ref(), w.value.len()), ("shard-2", 1));
     }
-    assert_eq!(
-        other.map().owner(MOVING.first),
-        Some("shard-2"),
-        "refreshed"
-    );
+    if other.map().owner(MOVING.first) != Some("shard-2") {
+        // Seen once in CI, not reproduced: what the tables and the map say.
+        let mut listed = Vec::new();
+        for c in &clients {
+            listed.push(
+                c.query(
+                    "SELECT slot, version, fenced FROM tower_scale_shard_slots \
+                     WHERE slot BETWEEN $1 AND $2 ORDER BY slot LIMIT 3",
+                    &[&i32::from(MOVING.first), &i32::from(MOVING.last)],
+                )
+                .await
+                .expect("ownership rows")
+                .iter()
+                .map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1), r.get::<_, bool>(2)))
+                .collect::<Vec<_>>(),
+            );
+        }
+        panic!(
+            "not refreshed: the stale instance's map {:?}; the tables {listed:?}",
+            other.map()
+        );
+    }
     let stray_1 = on[0].keys().filter(|k| moving(**k)).count()
         + notes_on[0].values().filter(|(u, _)| moving(*u)).count();
     let extra_2 = on[1]
