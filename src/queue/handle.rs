@@ -236,16 +236,6 @@ struct Row {
 }
 
 impl Row {
-    /// The enqueue statement: with `ON CONFLICT` only for a job with an
-    /// idempotency key (same parameters either way).
-    fn statement<'a>(&self, sql: &'a Sql) -> &'a str {
-        if self.key.is_some() {
-            &sql.enqueue
-        } else {
-            &sql.enqueue_keyless
-        }
-    }
-
     /// The enqueue statement's parameters, in order.
     fn params<'a>(
         &'a self,
@@ -367,7 +357,7 @@ impl Queue {
         let written = self
             .inner
             .db
-            .query(r.statement(sql), &r.params(&name, sql))
+            .query(&sql.enqueue, &r.params(&name, sql))
             .await?;
         if let Some(row) = written.value.first() {
             return Ok(Enqueued {
@@ -394,7 +384,7 @@ impl Queue {
         let r = self.row(job)?;
         let sql = &self.inner.sql;
         let name: &str = &self.inner.name;
-        let rows = tx.query(r.statement(sql), &r.params(&name, sql)).await?;
+        let rows = tx.query(&sql.enqueue, &r.params(&name, sql)).await?;
         let (row, created) = match rows.first() {
             Some(row) => (Some(row.try_get(0)?), true),
             None => {

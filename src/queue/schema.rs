@@ -11,11 +11,6 @@ pub(crate) struct Sql {
     pub(crate) channel: String,
     pub(crate) create: Vec<String>,
     pub(crate) enqueue: String,
-    /// `enqueue` for a job without an idempotency key: a plain insert
-    /// (`ON CONFLICT` takes the speculative-insertion path, with its extra
-    /// WAL record, on every insert, also when the key is NULL and the
-    /// arbiter index never sees the row).
-    pub(crate) enqueue_keyless: String,
     pub(crate) existing: String,
     pub(crate) claim: String,
     pub(crate) complete: String,
@@ -114,15 +109,6 @@ impl Sql {
                     VALUES ($1, $2, $3, $4, $5, $6, $7)
                     ON CONFLICT (queue, idempotency_key) WHERE idempotency_key IS NOT NULL
                     DO NOTHING
-                    RETURNING id
-                 )
-                 SELECT id, CASE WHEN $8 THEN pg_notify($9, $1)::text END FROM ins"
-            ),
-            enqueue_keyless: format!(
-                "WITH ins AS (
-                    INSERT INTO {t} (queue, payload, priority, run_at, max_attempts,
-                                     idempotency_key, enqueued_at)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7)
                     RETURNING id
                  )
                  SELECT id, CASE WHEN $8 THEN pg_notify($9, $1)::text END FROM ins"
