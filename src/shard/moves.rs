@@ -275,7 +275,9 @@ impl ShardedCluster {
         owners.dedup();
         let source = match owners.as_slice() {
             [Some(o)] if *o == target => {
-                return Err(ShardError::Setup(format!("{to} already owns {range}")));
+                return Err(ShardError::Setup(format!(
+                    "{to} already holds {range} (fenced, if a move away from it is in transit)"
+                )));
             }
             [o] => *o,
             _ => {

@@ -31,6 +31,9 @@ impl ShardedCluster {
         .await;
         let previous = self.map();
         let mut owned = Vec::new();
+        // Slots kept from the previous map for shards that did not answer:
+        // after every answer, so a tie goes to what a shard said.
+        let mut kept = Vec::new();
         // Which shard's table lists each slot (tables read, not kept).
         let mut listed: Vec<Option<(usize, u64)>> = vec![None; usize::from(self.inner.slots)];
         let mut version = 0;
@@ -44,7 +47,7 @@ impl ShardedCluster {
                     // answering is no move, and the map's version does not
                     // go back.
                     for (slot, v, fenced) in previous.held_by(i) {
-                        owned.push((i as u16, slot, v, fenced));
+                        kept.push((i as u16, slot, v, fenced));
                     }
                     version = version.max(previous.version());
                     continue;
@@ -82,6 +85,7 @@ impl ShardedCluster {
         }
         // Claims read from the shards first, then the kept ones: at a tie
         // `from_owned` keeps the first.
+        owned.append(&mut kept);
         owned.sort_by_key(|&(_, _, v, _)| std::cmp::Reverse(v));
         let names = self
             .inner
