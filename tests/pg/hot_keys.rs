@@ -296,19 +296,28 @@ async fn a_hot_key_never_reads_from_a_replica_lagging_past_hot_lag_max() {
         .configure(|b| b.hot_key_sample_rate(1))
         .build()
         .expect("cache");
-    let (mut from_replica, mut from_primary) = (0, 0);
+    let (mut from_replica, mut from_primary, mut caught_up) = (0, 0, 0);
+    let cap = Duration::from_millis(300);
     for _ in 0..40 {
         // Paced past the 1 ms TTL: each read is a fill of the hot key.
         tokio::time::sleep(Duration::from_millis(2)).await;
+        // The monitor's view before and after the read: a replica it saw
+        // within the cap at either end may serve it (under CI load the
+        // ticker's writes can stall past the apply delay, and the replica
+        // catches up: once, 5 reads went to it so).
+        let before = cluster.status()[1].lag;
         let out = cache.query(read(HOT)).await.expect("read");
+        let after = cluster.status()[1].lag;
         match &*out.served_by {
             "primary" => from_primary += 1,
-            by if by.starts_with("replica") => from_replica += 1,
+            by if by.starts_with("replica") && before > cap && after > cap => from_replica += 1,
+            by if by.starts_with("replica") => caught_up += 1,
             _ => {}
         }
     }
     println!(
-        "a hot key with its replica past hot_lag_max: {from_primary} reads on the primary, {from_replica} on the replica"
+        "a hot key with its replica past hot_lag_max: {from_primary} reads on the primary, \
+         {from_replica} on the replica past the cap, {caught_up} on it within the cap"
     );
     assert!(from_primary >= 20, "{from_primary}");
     writing.store(false, Ordering::SeqCst);
