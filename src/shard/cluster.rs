@@ -417,4 +417,15 @@ impl ShardedCluster {
             .position(|s| &*s.name == name)
             .ok_or_else(|| ShardError::UnknownShard(name.chars().take(64).collect()))
     }
+
+    /// Refuses an empty range, or one past the key space.
+    pub(crate) fn check_range(&self, range: SlotRange) -> Result<(), ShardError> {
+        if range.is_empty() || range.last >= self.inner.slots {
+            return Err(ShardError::SlotOutOfRange {
+                slot: u32::from(range.last.max(range.first)),
+                slots: self.inner.slots,
+            });
+        }
+        Ok(())
+    }
 }

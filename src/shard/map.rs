@@ -192,6 +192,17 @@ impl SlotMap {
         out
     }
 
+    /// The holders of `range`'s slots in slot order, runs of one holder
+    /// (and fence) merged: `[Some((i, fenced))]` when one shard holds it
+    /// all alike, `[None]` when none lists any of it.
+    #[cfg(feature = "reshard")]
+    pub(crate) fn holders(&self, range: SlotRange) -> Vec<Option<(usize, bool)>> {
+        let mut out: Vec<Option<(usize, bool)>> =
+            range.slots().map(|s| self.holder_index(s)).collect();
+        out.dedup();
+        out
+    }
+
     /// The slots shard `i` holds (fenced or not), with their versions and
     /// whether fenced.
     pub(crate) fn held_by(&self, i: usize) -> impl Iterator<Item = (u16, u64, bool)> + '_ {

@@ -99,9 +99,10 @@ impl ShardedCluster {
     /// Deletes shard `from`'s fenced rows of `range` below `version` (see
     /// `ownership::forget`); a failure is logged, not returned.
     pub(crate) async fn forget_fenced(&self, from: &str, range: SlotRange, version: u64) {
-        let Some(shard) = self.inner.shards.iter().find(|s| &*s.name == from) else {
+        let Ok(i) = self.shard_index(from) else {
             return;
         };
+        let shard = &self.inner.shards[i];
         if let Err(e) = ownership::forget(&shard.db, &shard.name, range, version).await {
             tracing::warn!(shard = %shard.name, %range, error = %e, "a moved range's fenced ownership rows were not deleted (leftovers: the cleanup deletes them)");
         }
@@ -117,6 +118,7 @@ impl ShardedCluster {
     /// it returns. Refused if the range has no single holder; a range not
     /// fenced is left as it is (the version still goes up).
     pub async fn lift_fence(&self, range: SlotRange) -> Result<u64, ShardError> {
+        self.check_range(range)?;
         let map = self.refresh().await?;
         let holder = map
             .holder_index(range.first)
@@ -132,12 +134,7 @@ impl ShardedCluster {
         range: SlotRange,
         holder: usize,
     ) -> Result<u64, ShardError> {
-        if range.is_empty() || range.last >= self.inner.slots {
-            return Err(ShardError::SlotOutOfRange {
-                slot: u32::from(range.last.max(range.first)),
-                slots: self.inner.slots,
-            });
-        }
+        self.check_range(range)?;
         let (_, serial) = self.lock_moves().await?;
         let map = self.refresh().await?;
         let shard = &self.inner.shards[holder];
@@ -256,12 +253,7 @@ impl ShardedCluster {
         lock_wait: Option<std::time::Duration>,
         only_fenced: bool,
     ) -> Result<SlotMove, ShardError> {
-        if range.is_empty() || range.last >= self.inner.slots {
-            return Err(ShardError::SlotOutOfRange {
-                slot: u32::from(range.last.max(range.first)),
-                slots: self.inner.slots,
-            });
-        }
+        self.check_range(range)?;
         let target = self.shard_index(to)?;
         // One move at a time, so versions follow the order moves commit in.
         let serial = self.lock_moves().await?;

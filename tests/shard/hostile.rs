@@ -115,6 +115,11 @@ async fn bad_slots_names_and_setups_are_refused() {
             matches!(err, ShardError::SlotOutOfRange { .. }),
             "{range}: {err}"
         );
+        let err = sharded.lift_fence(range).await.unwrap_err();
+        assert!(
+            matches!(err, ShardError::SlotOutOfRange { .. }),
+            "lift_fence {range}: {err}"
+        );
     }
     let err = sharded
         .move_ownership(SlotRange::one(1), "shard-9")

@@ -283,8 +283,7 @@ pub(super) async fn apply(ctx: &Ctx, changes: &[Change]) -> Result<u64, ShardErr
                 Val::Unchanged => None,
             })
             .collect();
-        let key = from;
-        rows::update_columns(t, &target.name, spec, &key, &set).await?;
+        rows::update_columns(t, &target.name, spec, &from, &set).await?;
     }
     if effects.iter().all(HashMap::is_empty) && tx.is_none() {
         return Ok(applied);

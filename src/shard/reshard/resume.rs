@@ -31,10 +31,7 @@ impl ShardedCluster {
         let target = self.shard_index(&rec.target)?;
         let source = self.shard_index(&rec.source)?;
         let map = self.refresh().await?;
-        let mut owners: Vec<Option<(usize, bool)>> =
-            rec.range.slots().map(|s| map.holder_index(s)).collect();
-        owners.dedup();
-        match owners.as_slice() {
+        match map.holders(rec.range).as_slice() {
             [Some((o, false))] if *o == source => {
                 delete_range(self, target, rec.range, options.batch, 0, |_| {}).await?;
                 self.start_move(Some(rec.id), rec.range, &rec.target, options)
@@ -125,18 +122,15 @@ impl ShardedCluster {
         let source = self.shard_index(&rec.source)?;
         let target = self.shard_index(&rec.target)?;
         let map = self.refresh().await?;
-        if rec
-            .range
-            .slots()
-            .any(|s| map.holder_index(s).map(|(i, _)| i) != Some(source))
-        {
+        let holders = map.holders(rec.range);
+        if holders.iter().any(|h| h.map(|(i, _)| i) != Some(source)) {
             return Err(ShardError::Setup(format!(
                 "move {id}: {} is not held by {} alone any more (cut over): \
                  move the range back",
                 rec.range, rec.source
             )));
         }
-        if rec.range.slots().any(|s| map.fenced_by(s).is_some()) {
+        if holders.iter().flatten().any(|&(_, fenced)| fenced) {
             self.lift_fence_on(rec.range, source).await?;
         }
         let src = &self.inner.shards[source];

@@ -109,12 +109,7 @@ impl ShardedCluster {
         to: &str,
         options: MoveOptions,
     ) -> Result<MoveHandle, ShardError> {
-        if range.is_empty() || range.last >= self.inner.slots {
-            return Err(ShardError::SlotOutOfRange {
-                slot: u32::from(range.last.max(range.first)),
-                slots: self.inner.slots,
-            });
-        }
+        self.check_range(range)?;
         let target = self.shard_index(to)?;
         if self.inner.tables.is_empty() {
             return Err(ShardError::Setup(
@@ -550,10 +545,7 @@ async fn cutover(
 /// source holds it unfenced: `None` (the attempt changed nothing).
 async fn resolve(ctx: &Ctx) -> Result<Option<u64>, ShardError> {
     let map = ctx.cluster.refresh().await?;
-    let mut owners: Vec<Option<(usize, bool)>> =
-        ctx.range.slots().map(|s| map.holder_index(s)).collect();
-    owners.dedup();
-    match owners.as_slice() {
+    match map.holders(ctx.range).as_slice() {
         [Some((o, false))] if *o == ctx.target => Ok(Some(map.version())),
         [Some((o, false))] if *o == ctx.source => Ok(None),
         [Some((o, true))] if *o == ctx.source => {

@@ -323,13 +323,22 @@ async fn a_move_killed_during_copy_or_catch_up_changes_nothing_and_resumes() {
     }
 }
 
-/// A move copied and caught up, then put in the state a death between
-/// its cutover's two commits leaves: the source's fence committed (with
-/// its record), no claim. Returns the move's id and the preloaded keys.
+/// On database `db`: a move copied and caught up, then put in the state a
+/// death between its cutover's two commits leaves: the source's fence
+/// committed (with its record), no claim. Returns the sharded cluster,
+/// clients of both primaries, the move's id and the preloaded keys.
 async fn died_in_transit(
-    sharded: &tower_scale::shard::ShardedCluster,
-    clients: &[tokio_postgres::Client; 2],
-) -> (String, Vec<i64>) {
+    db: &str,
+) -> (
+    tower_scale::shard::ShardedCluster,
+    [tokio_postgres::Client; 2],
+    String,
+    Vec<i64>,
+) {
+    let locals = shared();
+    database(&locals, db).await;
+    let sharded = sharded(&locals, db, |b| b, |b| b.table("items", "id")).await;
+    let clients = [client(&locals[0], db).await, client(&locals[1], db).await];
     let preloaded = shard1_keys(1, 2_000);
     preload(&clients[0], &preloaded).await;
     let handle = sharded
@@ -373,8 +382,8 @@ async fn died_in_transit(
     );
     assert_eq!(map.fenced_by(MOVING.first), Some("shard-1"), "one holder");
     // The tables: the source lists every slot of the range, the target none.
-    assert_eq!(owned_moving(clients).await, vec![MOVING.len() as i64, 0]);
-    (id, preloaded)
+    assert_eq!(owned_moving(&clients).await, vec![MOVING.len() as i64, 0]);
+    (sharded, clients, id, preloaded)
 }
 
 async fn phases(clients: &[tokio_postgres::Client], id: &str) -> Vec<String> {
@@ -395,12 +404,7 @@ async fn phases(clients: &[tokio_postgres::Client], id: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_that_died_between_fence_and_claim_resumes_to_the_target() {
-    let locals = shared();
-    let db = "reshard_transit";
-    database(&locals, db).await;
-    let sharded = sharded(&locals, db, |b| b, |b| b.table("items", "id")).await;
-    let clients = [client(&locals[0], db).await, client(&locals[1], db).await];
-    let (id, preloaded) = died_in_transit(&sharded, &clients).await;
+    let (sharded, clients, id, preloaded) = died_in_transit("reshard_transit").await;
     let report = sharded
         .resume_move(&id, MoveOptions::default())
         .await
@@ -419,12 +423,7 @@ async fn a_move_that_died_between_fence_and_claim_resumes_to_the_target() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_that_died_between_fence_and_claim_rolls_back_to_the_source() {
-    let locals = shared();
-    let db = "reshard_transit_back";
-    database(&locals, db).await;
-    let sharded = sharded(&locals, db, |b| b, |b| b.table("items", "id")).await;
-    let clients = [client(&locals[0], db).await, client(&locals[1], db).await];
-    let (id, preloaded) = died_in_transit(&sharded, &clients).await;
+    let (sharded, clients, id, preloaded) = died_in_transit("reshard_transit_back").await;
     sharded.rollback_move(&id).await.expect("rollback");
     // The source serves the range again with every row; the target holds
     // neither the range nor a row of it.
