@@ -71,9 +71,7 @@ pub struct ShardWritten<T> {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ShardRead<T> {
-    /// The rows. Each has one more column than the statement, last:
-    /// `tower_scale_owned` (the fence's; read columns by index below
-    /// `row.len() - 1` or by name).
+    /// The statement's rows, as it returned them.
     pub value: T,
     /// The shard that answered.
     pub shard: Arc<str>,
@@ -438,41 +436,40 @@ impl ShardedCluster {
                     &large
                 }
             };
-            let read = match shard.db.read_checked(c, hint, &fenced_sql, all).await {
-                Ok(read) => read,
-                // A replica behind the creation of a table the read names
-                // (the ownership table just after the first start, the
-                // caller's table just after a migration) cannot answer:
-                // once more on the primary, if reads may fall back to it.
+            match shard.db.read_checked(c, hint, &fenced_sql, all).await {
+                Ok(read) => break read,
+                // The shard does not hold the slot (see `ownership::FENCE`).
+                Err(e) if e.code().map(|c| c.code()) == Some(super::ownership::REFUSED) => {
+                    if retried {
+                        return Err(self.moved(slot, index, version));
+                    }
+                    index = self.after_moved(slot, index, version, true).await?;
+                    retried = true;
+                }
+                // A replica behind the creation of a table or function
+                // the read names (the fence's just after the first start,
+                // the caller's table just after a migration) cannot
+                // answer: once more on the primary, if reads may fall
+                // back to it.
                 Err(e)
                     if !on_primary
                         && c != Consistency::Strong
                         && shard.db.falls_back_to_primary()
-                        && e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) =>
+                        && matches!(
+                            e.code(),
+                            Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE)
+                                | Some(&tokio_postgres::error::SqlState::UNDEFINED_FUNCTION)
+                        ) =>
                 {
                     tracing::debug!(shard = %shard.name, error = %e, "read on the primary: a table is missing where it ran");
                     on_primary = true;
                     continue;
                 }
                 Err(e) => return Err(ShardError::db(&shard.name, e)),
-            };
-            match read.value.is_empty() {
-                false => break read,
-                true if retried => return Err(self.moved(slot, index, version)),
-                true => {
-                    index = self.after_moved(slot, index, version, true).await?;
-                    retried = true;
-                }
             }
         };
-        let mut rows = read.value;
-        // The one row of an owned slot whose statement found nothing.
-        rows.retain(|row| {
-            !row.is_empty()
-                && row.try_get::<_, Option<bool>>(row.len() - 1).ok().flatten() == Some(true)
-        });
         Ok(ShardRead {
-            value: rows,
+            value: read.value,
             shard: Arc::clone(&self.inner.shards[index].name),
             served_by: read.served_by,
             lsn: read.lsn,

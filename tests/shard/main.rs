@@ -21,6 +21,7 @@ mod feed;
 mod fence;
 mod hostile;
 mod metrics;
+mod plans;
 mod reads;
 #[cfg(feature = "reshard")]
 mod reshard;
