@@ -20,22 +20,27 @@
 //!   `on_slots_moved` hooks) within a notification's delay.
 //! - **Writes are fenced.** [`ShardedCluster::write`] and
 //!   [`transaction`](ShardedCluster::transaction) run in a transaction
-//!   that first takes the slot's ownership row `FOR SHARE`; a move takes
-//!   it `FOR UPDATE` and deletes it. So a write and a move never
+//!   that first takes the slot's ownership row `FOR SHARE` (unfenced); a
+//!   move takes it `FOR UPDATE` and fences it. So a write and a move never
 //!   interleave: the write finishes before the move can start, or waits
-//!   for the move and then finds the row gone. A shard that does not own
-//!   the slot refuses the write ([`ShardError::Moved`] inside); the
+//!   for the move and then finds the row fenced. A shard that does not
+//!   own the slot refuses the write ([`ShardError::Moved`] inside); the
 //!   instance refreshes its map and retries once on the owner.
 //! - **Reads are fenced** by checking ownership inside the read: the
-//!   statement runs as a lateral subquery of the slot's ownership row, one
-//!   statement, one snapshot, on the primary or a replica (which replays
-//!   the release of a slot at the same WAL position as everything the
-//!   move committed before it). A shard that does not own the slot in the
-//!   read's snapshot answers nothing at all, never an empty result that
-//!   could be taken for "not found"; the read is retried once on the new
-//!   owner's primary. A move commits the old owner's release before the
-//!   new owner's claim, so while a stale instance can still read the old
-//!   owner, the new one has accepted no write.
+//!   statement runs as `SELECT * FROM (statement) WHERE
+//!   tower_scale_shard_fence(slot, version)`, a SQL function whose body is
+//!   the shard's grants written out, rebuilt by a trigger at the commit of
+//!   every change of the ownership table and inlined by PostgreSQL into
+//!   the plan (cached plans are invalidated when it is replaced, and a
+//!   transaction takes the invalidations at its start): the read sees
+//!   ownership as of its start, on the primary or a replica (which
+//!   replays the function with everything the move committed before it).
+//!   A shard that does not hold the slot answers with an error (SQLSTATE
+//!   `TSMOV`), never an empty result that could be taken for "not
+//!   found"; the read is retried once on the new owner's primary. A move
+//!   commits the old owner's fence before the new owner's claim, so while
+//!   a stale instance can still read the old owner, the new one has
+//!   accepted no write. The rows are the statement's own.
 //! - **Cross-shard reads**: [`ShardedCluster::read_all`] on every shard
 //!   concurrently, a deadline per shard, rows per shard; [`merge_sorted`],
 //!   [`AllRows::sum_i64`] and [`AllRows::count`] combine them. A failed

@@ -1,5 +1,5 @@
 //! Routed writes, transactions and reads on the key's shard, fenced by
-//! the shard's ownership row.
+//! the shard's ownership row (writes) and its grants (reads).
 
 use std::fmt;
 use std::sync::Arc;
