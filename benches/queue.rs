@@ -2,7 +2,8 @@
 //!
 //! - `queue/throughput`: jobs enqueued (4 producer tasks, one `INSERT` per
 //!   job through [`Queue::enqueue`]) and completed end to end by 4
-//!   [`Worker`]s (concurrency 8 each) with an empty handler;
+//!   [`Worker`]s (concurrency 16 each: like a raw consumer, each holds
+//!   at most 16 claimed jobs) with an empty handler;
 //! - `queue/raw_skip_locked`: the same jobs, the same table layout and
 //!   the same producers, consumed by a minimal hand-written loop: 4 tasks
 //!   each claiming up to 16 due jobs (`UPDATE ... FROM (SELECT ... FOR
@@ -174,7 +175,7 @@ fn benches(c: &mut Criterion) {
                         async { Ok::<(), String>(()) }
                     }),
                 )
-                .concurrency(8)
+                .concurrency(16)
                 .start()
                 .expect("worker")
             })

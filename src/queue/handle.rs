@@ -342,9 +342,16 @@ impl Queue {
         let sql = &self.inner.sql;
         let name: &str = &self.inner.name;
         let gate = &self.inner.notify;
-        // Due now but inside the notification window: a trailing one
-        // follows the commit (see `notify`).
-        let trailing = r.due && !gate.notify_now();
+        // Due now, but others in flight and inside the notification
+        // window: a trailing one follows the commit (see `notify`).
+        let (notify, _in_flight) = match r.due {
+            true => {
+                let (now, guard) = gate.notify_now();
+                (now, Some(guard))
+            }
+            false => (false, None),
+        };
+        let trailing = r.due && !notify;
         r.due &= !trailing;
         // Owed however this ends (an error or a dropped future included:
         // the statement may have committed).

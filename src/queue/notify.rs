@@ -4,13 +4,17 @@
 //! (one lock on the notification queue, held to the end of the commit),
 //! and every notification wakes the listening sessions and a worker that
 //! then claims: under a burst of enqueues, one notification per job is
-//! both a serial section and a claim per job. So a queue handle notifies
-//! at most once per [`WINDOW`] from this process: an enqueue inside the
-//! window commits without one, and leaves a **trailing** notification,
-//! sent once the window ends and always after that enqueue committed.
-//! A job therefore wakes a worker at most one window after its commit
-//! (a lone job at once); polling stays the fallback if a notification is
-//! lost.
+//! both a serial section and a claim per job. So while enqueues of a
+//! queue handle overlap, it notifies at most once per [`WINDOW`] from
+//! this process: an enqueue inside the window that started while another
+//! was in flight commits without one, and leaves a **trailing**
+//! notification, sent once the window ends and always after that enqueue
+//! committed. An enqueue with none other in flight notifies itself: a
+//! producer enqueuing one job at a time (a request that enqueues one
+//! job, a low rate) is no burst, and its jobs should not wait for a
+//! window (they did, 5 ms each, back to back: `queue/enqueue_to_start`).
+//! A job therefore wakes a worker at most one window after its commit;
+//! polling stays the fallback if a notification is lost.
 //!
 //! Jobs enqueued in a caller's transaction always notify at its commit:
 //! a trailing notification could run before that commit, which is the
@@ -60,20 +64,36 @@ struct State {
     last: Option<Instant>,
     /// A trailing notification is scheduled and not yet sent.
     trailing: bool,
+    /// Enqueues of due jobs asking [`NotifyGate::notify_now`] whose
+    /// statements have not ended.
+    in_flight: u32,
+}
+
+/// An enqueue counted in flight until dropped.
+pub(crate) struct InFlight<'a>(&'a NotifyGate);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut s = lock(&self.0.state);
+        s.in_flight = s.in_flight.saturating_sub(1);
+    }
 }
 
 impl NotifyGate {
-    /// Whether the enqueue about to be sent notifies itself (the window is
-    /// over); if not, the caller calls [`suppressed`](Self::suppressed)
-    /// once it committed.
-    pub(crate) fn notify_now(&self) -> bool {
+    /// Whether the enqueue about to be sent notifies itself (no other is
+    /// in flight, or the window is over); if not, the caller calls
+    /// [`suppressed`](Self::suppressed) once it committed. The enqueue
+    /// counts as in flight while the returned guard lives.
+    pub(crate) fn notify_now(&self) -> (bool, InFlight<'_>) {
         let now = Instant::now();
         let mut s = lock(&self.state);
-        if s.last.is_some_and(|last| now < last + WINDOW) {
-            return false;
+        let alone = s.in_flight == 0;
+        s.in_flight = s.in_flight.saturating_add(1);
+        if !alone && s.last.is_some_and(|last| now < last + WINDOW) {
+            return (false, InFlight(self));
         }
         s.last = Some(now);
-        true
+        (true, InFlight(self))
     }
 
     /// An enqueue that did not notify has committed: a notification must
@@ -113,5 +133,30 @@ impl NotifyGate {
                 tracing::debug!(queue = %name, error = %e, "job queue: trailing notification failed; workers poll");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lone_enqueue_notifies_and_overlapping_ones_share_a_window() {
+        let gate = NotifyGate::default();
+        // Alone: notifies.
+        let (first, first_guard) = gate.notify_now();
+        assert!(first);
+        // Another while the first is in flight, inside the window: not.
+        let (second, second_guard) = gate.notify_now();
+        assert!(!second);
+        drop(first_guard);
+        // Still one in flight (the second): not.
+        let (third, third_guard) = gate.notify_now();
+        assert!(!third);
+        drop((second_guard, third_guard));
+        // None in flight, inside the window: a lone enqueue notifies.
+        let (lone, _guard) = gate.notify_now();
+        assert!(lone);
+        assert_eq!(lock(&gate.state).in_flight, 1);
     }
 }

@@ -287,15 +287,18 @@ async fn an_enqueue_dropped_mid_flight_still_wakes_a_worker_if_it_committed() {
     .await;
     let (mut cut, mut cut_ran, mut cut_polled) = (0, 0, 0);
     for i in 0..40i64 {
-        // The first notifies; the second, inside the window, owes a
-        // trailing notification, and its future is sometimes dropped
-        // mid-flight (after its statement was sent, or its commit).
-        queue.enqueue(NewJob::new(&(i * 2)).unwrap()).await.unwrap();
+        // The first notifies; the second, sent while the first is in
+        // flight and inside the window, owes a trailing notification, and
+        // its future is sometimes dropped mid-flight (after its statement
+        // was sent, or its commit). (`join!` polls the first first: it
+        // asks the gate before the second does.)
+        let a = queue.enqueue(NewJob::new(&(i * 2)).unwrap());
         let b = i * 2 + 1;
         let wait = Duration::from_micros(50 * (i as u64 % 10));
-        let completed = tokio::time::timeout(wait, queue.enqueue(NewJob::new(&b).unwrap()))
-            .await
-            .is_ok();
+        let cut_b = tokio::time::timeout(wait, queue.enqueue(NewJob::new(&b).unwrap()));
+        let (a, cut_b) = tokio::join!(a, cut_b);
+        a.unwrap();
+        let completed = cut_b.is_ok();
         let ran_b = async || ran.lock().unwrap().contains(&b);
         if completed {
             // Answered: it runs on a notification, never left to polling.
