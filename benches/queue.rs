@@ -292,9 +292,11 @@ fn benches(c: &mut Criterion) {
         }
         w
     });
+    // Every latency measured, for the percentiles the issue names (p50).
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::<Duration>::new()));
     group.bench_function("enqueue_to_start", |b| {
         b.to_async(&rt).iter_custom(|iters| {
-            let (queue, rx) = (s.queue.clone(), rx.clone());
+            let (queue, rx, latencies) = (s.queue.clone(), rx.clone(), latencies.clone());
             async move {
                 let mut total = Duration::ZERO;
                 let mut rx = rx.lock().await;
@@ -305,13 +307,27 @@ fn benches(c: &mut Criterion) {
                         .await
                         .expect("enqueue");
                     let started = rx.recv().await.expect("the handler ran");
-                    total += started.duration_since(sent);
+                    let latency = started.duration_since(sent);
+                    total += latency;
+                    latencies.lock().expect("latencies").push(latency);
                 }
                 total
             }
         })
     });
     group.finish();
+    let mut all = std::mem::take(&mut *latencies.lock().expect("latencies"));
+    all.sort();
+    if !all.is_empty() {
+        let q = |p: f64| all[((all.len() - 1) as f64 * p).round() as usize];
+        println!(
+            "queue/enqueue_to_start over {} jobs (warm-up included): p50 {:?}, p90 {:?}, p99 {:?}",
+            all.len(),
+            q(0.5),
+            q(0.9),
+            q(0.99)
+        );
+    }
     rt.block_on(worker.shutdown(Duration::from_secs(5)));
 }
 

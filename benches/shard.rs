@@ -9,7 +9,7 @@
 //! (the `route` bench's measurement, the same code). `shard/routed_read`:
 //! the same query on the same replica through `ShardedCluster::read`
 //! (slot, map lookup, and the read's ownership fence: the statement
-//! filtered by the inlined `tower_scale_shard_fence`). The cluster is the only
+//! filtered by an `EXISTS` on the slot's ownership row). The cluster is the only
 //! shard, so both reads run on the same server. `shard/route`: the key →
 //! shard decision alone (CRC-32 of the key, map lookup).
 //!
@@ -44,7 +44,7 @@ fn setup() -> (
             .build()
             .await
             .expect("sharded");
-        // The fence's functions, replayed before measuring.
+        // The fence's table and function, replayed before measuring.
         local
             .wait_for_replicas(std::time::Duration::from_secs(30))
             .await

@@ -81,8 +81,7 @@ pub(crate) const MAX_READ_SQL: usize = 256;
 /// [`SlotMap`] gives each slot to one shard. The map lives in ownership
 /// tables on the shards' primaries (see the module docs of
 /// [`shard`](super)); every write is fenced by its slot's ownership row in
-/// its own transaction, every read checks the shard's grants as of its
-/// start, so an
+/// its own transaction, every read checks it in its own snapshot, so an
 /// instance with a stale map gets [`ShardError::Moved`] from the old owner
 /// instead of writing or reading there, refreshes and retries once.
 ///

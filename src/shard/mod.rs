@@ -27,20 +27,17 @@
 //!   own the slot refuses the write ([`ShardError::Moved`] inside); the
 //!   instance refreshes its map and retries once on the owner.
 //! - **Reads are fenced** by checking ownership inside the read: the
-//!   statement runs as `SELECT * FROM (statement) WHERE
-//!   tower_scale_shard_fence(slot, version)`, a SQL function whose body is
-//!   the shard's grants written out, rebuilt by a trigger at the commit of
-//!   every change of the ownership table and inlined by PostgreSQL into
-//!   the plan (cached plans are invalidated when it is replaced, and a
-//!   transaction takes the invalidations at its start): the read sees
-//!   ownership as of its start, on the primary or a replica (which
-//!   replays the function with everything the move committed before it).
-//!   A shard that does not hold the slot answers with an error (SQLSTATE
-//!   `TSMOV`), never an empty result that could be taken for "not
-//!   found"; the read is retried once on the new owner's primary. A move
-//!   commits the old owner's fence before the new owner's claim, so while
-//!   a stale instance can still read the old owner, the new one has
-//!   accepted no write. The rows are the statement's own.
+//!   statement runs as `SELECT * FROM (statement) WHERE EXISTS (the
+//!   slot's ownership row) OR tower_scale_shard_refuse(...)`, one
+//!   statement, one snapshot, on the primary or a replica (which replays
+//!   the release of a slot at the same WAL position as everything the
+//!   move committed before it). A shard that does not hold the slot in the
+//!   read's snapshot answers with an error (SQLSTATE `TSMOV`), never an
+//!   empty result that could be taken for "not found"; the read is
+//!   retried once on the new owner's primary. A move commits the old
+//!   owner's fence before the new owner's claim, so while a stale instance
+//!   can still read the old owner, the new one has accepted no write. The
+//!   rows are the statement's own.
 //! - **Cross-shard reads**: [`ShardedCluster::read_all`] on every shard
 //!   concurrently, a deadline per shard, rows per shard; [`merge_sorted`],
 //!   [`AllRows::sum_i64`] and [`AllRows::count`] combine them. A failed

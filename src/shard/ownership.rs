@@ -53,111 +53,22 @@ const ADD_FENCED: &str = "DO $$ BEGIN \
          ALTER TABLE tower_scale_shard_slots ADD COLUMN fenced bool NOT NULL DEFAULT false; \
        END IF; END $$";
 
-/// The read fence: `tower_scale_shard_fence(slot, min_version)` is true
-/// where `tower_scale_shard_owns` ([`BUILD`]) is, and raises [`REFUSED`]
-/// where it is not.
-///
-/// PostgreSQL inlines both into the read's plan as a one-time filter: the
-/// read opens no relation besides its own, and its rows are the
-/// statement's (the fence used to be a join with the ownership table, one
-/// more column in every row: +12% server time a read). A cached plan
-/// that inlined the function is invalidated when it is replaced, and
-/// every transaction takes the invalidations committed before it
-/// started, so a read runs with the function as of its start (on a
-/// replica: as of the replay), like a read of the table. The one
-/// difference: a read that starts after the commit of a fence became
-/// visible but before that commit sent its invalidations (both inside
-/// PostgreSQL's commit, before the mover hears of it) still sees the slot
-/// held. Its data is the fenced rows as they were fenced, and no write
-/// elsewhere can have followed (the target's claim waits for the mover to
-/// hear of the fence's commit), so what it returns was current when it
-/// started.
-pub(crate) const FENCE: &str = "tower_scale_shard_fence";
-
 /// The SQLSTATE of a read the fence refused (not a standard class: no
 /// statement of the caller's raises it).
 pub(crate) const REFUSED: &str = "TSMOV";
 
-/// [`FENCE`] and the function raising [`REFUSED`] (`STABLE`, like a
-/// function reading a table: evaluated at each execution, never folded
-/// into a plan).
-const FENCE_FUNCTIONS: [&str; 2] = [
-    "CREATE OR REPLACE FUNCTION tower_scale_shard_refuse(int4, int8) RETURNS bool \
-     LANGUAGE plpgsql STABLE PARALLEL SAFE AS $refuse$ BEGIN \
-       RAISE EXCEPTION USING ERRCODE = 'TSMOV', MESSAGE = pg_catalog.format( \
-         'tower-scale: this shard does not hold slot %s (granted at version %s or later)', $1, $2); \
-     END $refuse$",
-    "CREATE OR REPLACE FUNCTION tower_scale_shard_fence(int4, int8) RETURNS bool \
-     LANGUAGE sql STABLE PARALLEL SAFE AS \
-     'SELECT tower_scale_shard_owns($1, $2) OR tower_scale_shard_refuse($1, $2)'",
-];
-
-/// Whether the shard holds a slot: `tower_scale_shard_owns(slot int4,
-/// min_version int8)`, a SQL function whose body is the shard's unfenced
-/// grants written out (`SELECT CASE WHEN $1 BETWEEN 0 AND 2047 THEN $2 <=
-/// 1 ... ELSE false END`: held, and granted at `min_version` or later),
-/// rebuilt by [`BUILD`] in every transaction that changes
-/// `tower_scale_shard_slots` ([`TRIGGER`]).
-///
-/// The builder: from the table's unfenced rows, in runs of
-/// consecutive slots at one version, under a lock serialising builders
-/// (two `CREATE OR REPLACE` of one function at once fail; the advisory
-/// lock `0x7473736861726403`, "tsshard\x03"); replaces the
-/// function only if its body changed. An ownership change at another
-/// isolation level than READ COMMITTED is refused: its snapshot could
-/// miss a change committed while it waited for the lock.
-const BUILD: &str = "CREATE OR REPLACE FUNCTION tower_scale_shard_build_fence() RETURNS void \
-     LANGUAGE plpgsql AS $build$ \
-     DECLARE cases text; body text; \
-     BEGIN \
-       IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN \
-         RAISE EXCEPTION 'tower-scale: change shard ownership at READ COMMITTED, not %', \
-           pg_catalog.current_setting('transaction_isolation'); \
-       END IF; \
-       PERFORM pg_catalog.pg_advisory_xact_lock(8391177422870045699); \
-       SELECT pg_catalog.string_agg(pg_catalog.format('WHEN $1 BETWEEN %s AND %s THEN $2 <= %s', \
-                lo, hi, v), ' ' ORDER BY lo) INTO cases \
-         FROM (SELECT min(slot) AS lo, max(slot) AS hi, version AS v \
-               FROM (SELECT slot, version, \
-                       slot - pg_catalog.row_number() OVER (PARTITION BY version ORDER BY slot) AS run \
-                     FROM tower_scale_shard_slots WHERE NOT fenced) AS listed \
-               GROUP BY version, run) AS runs; \
-       body := 'SELECT ' || COALESCE('CASE ' || cases || ' ELSE false END', 'false'); \
-       IF body IS DISTINCT FROM (SELECT prosrc FROM pg_catalog.pg_proc \
-            WHERE oid = pg_catalog.to_regprocedure('tower_scale_shard_owns(int4,int8)')) THEN \
-         EXECUTE pg_catalog.format('CREATE OR REPLACE FUNCTION tower_scale_shard_owns(int4, int8) \
-           RETURNS bool LANGUAGE sql STABLE PARALLEL SAFE AS %L', body); \
-       END IF; \
-     END $build$";
-
-/// The triggers' function: builds `tower_scale_shard_owns` at a
-/// `TRUNCATE`, and once per transaction at its commit.
-const CHANGED: &str = "CREATE OR REPLACE FUNCTION tower_scale_shard_slots_changed() RETURNS trigger \
-     LANGUAGE plpgsql AS $changed$ \
-     BEGIN \
-       IF TG_OP = 'TRUNCATE' THEN \
-         PERFORM tower_scale_shard_build_fence(); \
-       ELSIF pg_catalog.current_setting('tower_scale.fence_built', true) IS DISTINCT FROM 'on' THEN \
-         PERFORM tower_scale_shard_build_fence(); \
-         PERFORM pg_catalog.set_config('tower_scale.fence_built', 'on', true); \
-       END IF; \
-       RETURN NULL; \
-     END $changed$";
-
-/// Rebuilds `tower_scale_shard_owns` at the commit of any change of the
-/// table (deferred: after the transaction's last statement, so once is
-/// enough, and with every row lock it needs already held), and at a
-/// `TRUNCATE`.
-const TRIGGER: &str = "DO $$ BEGIN \
-       IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger \
-         WHERE tgrelid = 'tower_scale_shard_slots'::regclass AND tgname = 'tower_scale_shard_fence') THEN \
-         CREATE CONSTRAINT TRIGGER tower_scale_shard_fence \
-           AFTER INSERT OR UPDATE OR DELETE ON tower_scale_shard_slots \
-           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW \
-           EXECUTE FUNCTION tower_scale_shard_slots_changed(); \
-         CREATE TRIGGER tower_scale_shard_fence_truncate \
-           AFTER TRUNCATE ON tower_scale_shard_slots \
-           FOR EACH STATEMENT EXECUTE FUNCTION tower_scale_shard_slots_changed(); \
+/// `tower_scale_shard_refuse(slot, min_version)` raises [`REFUSED`]: the
+/// read fence's answer where the shard does not hold the slot (created
+/// at setup if missing; `STABLE`, so a one-time filter may call it, and
+/// never at planning).
+const REFUSE: &str = "DO $$ BEGIN \
+       IF pg_catalog.to_regprocedure('tower_scale_shard_refuse(int4,int8)') IS NULL THEN \
+         CREATE FUNCTION tower_scale_shard_refuse(int4, int8) RETURNS bool \
+           LANGUAGE plpgsql STABLE PARALLEL SAFE AS $refuse$ BEGIN \
+             RAISE EXCEPTION USING ERRCODE = 'TSMOV', MESSAGE = pg_catalog.format( \
+               'tower-scale: this shard does not hold slot %s (granted at version %s or later)', \
+               $1, $2); \
+           END $refuse$; \
        END IF; END $$";
 
 /// Serialises moves (`pg_advisory_xact_lock` on the first shard by name).
@@ -174,10 +85,6 @@ pub(crate) const FENCE_SQL: &str =
 pub(crate) async fn setup(db: &Db, name: &Arc<str>, slots: u16) -> Result<(), ShardError> {
     let err = |e| ShardError::db(name, e);
     let tx = db.transaction().await.map_err(err)?;
-    // Whatever the database's default: the fence's builder needs it.
-    tx.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED", &[])
-        .await
-        .map_err(err)?;
     tx.execute(
         "SELECT pg_catalog.pg_advisory_xact_lock($1)",
         &[&SETUP_LOCK],
@@ -188,17 +95,7 @@ pub(crate) async fn setup(db: &Db, name: &Arc<str>, slots: u16) -> Result<(), Sh
         tx.execute(statement, &[]).await.map_err(err)?;
     }
     tx.execute(ADD_FENCED, &[]).await.map_err(err)?;
-    for statement in [BUILD, CHANGED, TRIGGER] {
-        tx.execute(statement, &[]).await.map_err(err)?;
-    }
-    // A table of an earlier release, or one changed without the trigger;
-    // and the fence calls what this builds.
-    tx.execute("SELECT tower_scale_shard_build_fence()", &[])
-        .await
-        .map_err(err)?;
-    for statement in FENCE_FUNCTIONS {
-        tx.execute(statement, &[]).await.map_err(err)?;
-    }
+    tx.execute(REFUSE, &[]).await.map_err(err)?;
     tx.execute(
         "INSERT INTO tower_scale_shard_map (shard, slot_count) VALUES ($1, $2) \
          ON CONFLICT (one) DO NOTHING",
@@ -423,19 +320,23 @@ pub(crate) async fn take(
     Ok(())
 }
 
-/// The fenced form of a read: the statement's rows where [`FENCE`]
-/// holds for the slot (`$slot_param`, granted at a version of at least
-/// `$slot_param + 1`); an error with SQLSTATE [`REFUSED`] where the shard
-/// does not hold the slot (or holds it fenced, or shows an older grant of
-/// it than the reader's map). The rows are the statement's own: nothing
+/// The fenced form of a read: the statement's rows where the slot's
+/// ownership row (`$slot_param`, at a version of at least `$slot_param +
+/// 1`, not fenced) is there, read in the statement's own snapshot; the
+/// error [`REFUSED`] where it is not (the shard does not hold the slot,
+/// holds it fenced, or shows an older grant of it than the reader's map).
+/// PostgreSQL runs the check once, as a one-time filter over an
+/// `InitPlan`, before any row. The rows are the statement's own: nothing
 /// is added.
 pub(crate) fn fenced_read_sql(sql: &str, slot_param: usize) -> String {
     let sql = crate::pg::query_body(sql);
     // A short alias: the text is hashed on every read (the pool's
     // statement cache). The statement's own names shadow it inside.
-    // `$slot_param + 1`: the least version of the slot's grant that counts.
-    let min_param = slot_param + 1;
-    format!("SELECT * FROM (\n{sql}\n) _tsu WHERE {FENCE}(${slot_param},${min_param})")
+    let (s, m) = (slot_param, slot_param + 1);
+    format!(
+        "SELECT * FROM (\n{sql}\n) _tsu WHERE EXISTS (SELECT FROM tower_scale_shard_slots \
+         WHERE slot=${s} AND version>=${m} AND NOT fenced) OR tower_scale_shard_refuse(${s},${m})"
+    )
 }
 
 /// The highest `$n` placeholder `sql` uses, outside strings, quoted

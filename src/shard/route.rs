@@ -1,5 +1,5 @@
 //! Routed writes, transactions and reads on the key's shard, fenced by
-//! the shard's ownership row (writes) and its grants (reads).
+//! the slot's ownership row.
 
 use std::fmt;
 use std::sync::Arc;
@@ -150,6 +150,23 @@ fn fence_version(rows: &[tokio_postgres::SimpleQueryRow]) -> u64 {
 
 fn fence_text(slot: u16) -> String {
     format!("BEGIN; {}", FENCE_SQL.replace("$1", &slot.to_string()))
+}
+
+/// Whether a read failed for a table missing where it ran, or for the
+/// fence's own function missing (not a function the caller's statement
+/// calls: that is the caller's error).
+fn behind_the_schema(e: &crate::pg::DbError) -> bool {
+    use tokio_postgres::error::SqlState;
+    match e.code() {
+        Some(c) if *c == SqlState::UNDEFINED_TABLE => true,
+        Some(c) if *c == SqlState::UNDEFINED_FUNCTION => match e {
+            crate::pg::DbError::Query { source, .. } => source
+                .as_db_error()
+                .is_some_and(|d| d.message().contains("tower_scale_shard_refuse")),
+            _ => false,
+        },
+        _ => false,
+    }
 }
 
 /// How a fenced attempt ended.
@@ -438,7 +455,7 @@ impl ShardedCluster {
             };
             match shard.db.read_checked(c, hint, &fenced_sql, all).await {
                 Ok(read) => break read,
-                // The shard does not hold the slot (see `ownership::FENCE`).
+                // The shard does not hold the slot (see `fenced_read_sql`).
                 Err(e) if e.code().map(|c| c.code()) == Some(super::ownership::REFUSED) => {
                     if retried {
                         return Err(self.moved(slot, index, version));
@@ -446,20 +463,17 @@ impl ShardedCluster {
                     index = self.after_moved(slot, index, version, true).await?;
                     retried = true;
                 }
-                // A replica behind the creation of a table or function
-                // the read names (the fence's just after the first start,
-                // the caller's table just after a migration) cannot
-                // answer: once more on the primary, if reads may fall
-                // back to it.
+                // A replica behind the creation of a table the read names
+                // (the ownership table just after the first start, the
+                // caller's table just after a migration) or of the fence's
+                // function (a database of an earlier release) cannot
+                // answer: once more on the primary, if reads may fall back
+                // to it.
                 Err(e)
                     if !on_primary
                         && c != Consistency::Strong
                         && shard.db.falls_back_to_primary()
-                        && matches!(
-                            e.code(),
-                            Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE)
-                                | Some(&tokio_postgres::error::SqlState::UNDEFINED_FUNCTION)
-                        ) =>
+                        && behind_the_schema(&e) =>
                 {
                     tracing::debug!(shard = %shard.name, error = %e, "read on the primary: a table is missing where it ran");
                     on_primary = true;

@@ -274,7 +274,7 @@ async fn a_hot_read_stays_on_a_replica_past_the_lag_budget() {
         .collect();
     database(&locals, "hot").await;
     // The replicas stop replaying before the first start: they have no
-    // ownership table or fence function yet.
+    // ownership table yet.
     let replay = |pause: bool| {
         let locals = locals.clone();
         async move {
@@ -311,7 +311,7 @@ async fn a_hot_read_stays_on_a_replica_past_the_lag_budget() {
             )
             .await
             .unwrap();
-        // A replica without the fence (behind the first start) cannot
+        // A replica without the table (behind the first start) cannot
         // answer: the read goes to the primary, not an error.
         let hot = sharded.read_hot(&k, sql, &[&k]).await.unwrap();
         assert!(hot.served_by.ends_with("-primary"), "{}", hot.served_by);
@@ -327,11 +327,10 @@ async fn a_hot_read_stays_on_a_replica_past_the_lag_budget() {
     let ShardError::Db { source, .. } = &err else {
         panic!("{err}")
     };
-    // The fence's function, the first thing the read names, is missing.
     assert_eq!(
         source.code(),
-        Some(&tokio_postgres::error::SqlState::UNDEFINED_FUNCTION),
-        "the replica's missing fence: {err}"
+        Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE),
+        "the replica's missing table: {err}"
     );
     replay(false).await;
     for local in &locals {

@@ -327,9 +327,12 @@ async fn a_move_killed_during_copy_or_catch_up_changes_nothing_and_resumes() {
 /// death between its cutover's two commits leaves: the source's fence
 /// committed (with its record), no claim. Returns the sharded cluster,
 /// clients of both primaries, the move's id and the preloaded keys.
+/// Also returns the shared clusters: the servers stop when the last
+/// holder of them lets go (the set-up's own copy is dropped on return).
 async fn died_in_transit(
     db: &str,
 ) -> (
+    Vec<std::sync::Arc<tower_scale::testing::LocalCluster>>,
     tower_scale::shard::ShardedCluster,
     [tokio_postgres::Client; 2],
     String,
@@ -383,7 +386,7 @@ async fn died_in_transit(
     assert_eq!(map.fenced_by(MOVING.first), Some("shard-1"), "one holder");
     // The tables: the source lists every slot of the range, the target none.
     assert_eq!(owned_moving(&clients).await, vec![MOVING.len() as i64, 0]);
-    (sharded, clients, id, preloaded)
+    (locals, sharded, clients, id, preloaded)
 }
 
 async fn phases(clients: &[tokio_postgres::Client], id: &str) -> Vec<String> {
@@ -404,7 +407,7 @@ async fn phases(clients: &[tokio_postgres::Client], id: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_that_died_between_fence_and_claim_resumes_to_the_target() {
-    let (sharded, clients, id, preloaded) = died_in_transit("reshard_transit").await;
+    let (_locals, sharded, clients, id, preloaded) = died_in_transit("reshard_transit").await;
     let report = sharded
         .resume_move(&id, MoveOptions::default())
         .await
@@ -423,7 +426,7 @@ async fn a_move_that_died_between_fence_and_claim_resumes_to_the_target() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_that_died_between_fence_and_claim_rolls_back_to_the_source() {
-    let (sharded, clients, id, preloaded) = died_in_transit("reshard_transit_back").await;
+    let (_locals, sharded, clients, id, preloaded) = died_in_transit("reshard_transit_back").await;
     sharded.rollback_move(&id).await.expect("rollback");
     // The source serves the range again with every row; the target holds
     // neither the range nor a row of it.
