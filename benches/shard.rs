@@ -8,8 +8,8 @@
 //! `route/routed_read`: one row by primary key through `Db` with `Any`
 //! (the `route` bench's measurement, the same code). `shard/routed_read`:
 //! the same query on the same replica through `ShardedCluster::read`
-//! (slot, map lookup, and the read's ownership fence: the statement
-//! filtered by an `EXISTS` on the slot's ownership row). The cluster is the only
+//! (slot, map lookup, and the read's ownership fence: the statement as a
+//! lateral subquery of the slot's ownership row). The cluster is the only
 //! shard, so both reads run on the same server. `shard/route`: the key →
 //! shard decision alone (CRC-32 of the key, map lookup).
 //!
@@ -25,7 +25,7 @@ use tower_scale::shard::{ShardConsistency, ShardedCluster};
 mod support;
 
 /// The runtime, the local cluster, a plain cluster on it and the same as
-/// the only shard of a sharded cluster (its fence replayed).
+/// the only shard of a sharded cluster (its fence table replayed).
 fn setup() -> (
     tokio::runtime::Runtime,
     tower_scale::testing::LocalCluster,
@@ -44,7 +44,7 @@ fn setup() -> (
             .build()
             .await
             .expect("sharded");
-        // The fence's table and function, replayed before measuring.
+        // The fence's table, replayed before measuring.
         local
             .wait_for_replicas(std::time::Duration::from_secs(30))
             .await

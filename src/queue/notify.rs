@@ -14,7 +14,12 @@
 //! job, a low rate) is no burst, and its jobs should not wait for a
 //! window (they did, 5 ms each, back to back: `queue/enqueue_to_start`).
 //! A job therefore wakes a worker at most one window after its commit;
-//! polling stays the fallback if a notification is lost.
+//! polling stays the fallback if a notification is lost. The price: a
+//! task enqueueing many jobs one after the other sends a notification
+//! per job (each is alone in flight); enqueue them in one transaction
+//! ([`Queue::enqueue_in`](super::Queue::enqueue_in)), whose identical
+//! notifications PostgreSQL folds into one at the commit, or from
+//! several tasks.
 //!
 //! Jobs enqueued in a caller's transaction always notify at its commit:
 //! a trailing notification could run before that commit, which is the
@@ -140,8 +145,9 @@ impl NotifyGate {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_lone_enqueue_notifies_and_overlapping_ones_share_a_window() {
+    // The clock paused: the window never runs out between two calls.
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_enqueue_notifies_and_overlapping_ones_share_a_window() {
         let gate = NotifyGate::default();
         // Alone: notifies.
         let (first, first_guard) = gate.notify_now();
@@ -155,8 +161,13 @@ mod tests {
         assert!(!third);
         drop((second_guard, third_guard));
         // None in flight, inside the window: a lone enqueue notifies.
-        let (lone, _guard) = gate.notify_now();
+        let (lone, guard) = gate.notify_now();
         assert!(lone);
         assert_eq!(lock(&gate.state).in_flight, 1);
+        // Past the window, an enqueue overlapping another notifies too.
+        tokio::time::advance(WINDOW).await;
+        let (late, _late_guard) = gate.notify_now();
+        assert!(late);
+        drop(guard);
     }
 }

@@ -23,21 +23,19 @@
 //!   that first takes the slot's ownership row `FOR SHARE` (unfenced); a
 //!   move takes it `FOR UPDATE` and fences it. So a write and a move never
 //!   interleave: the write finishes before the move can start, or waits
-//!   for the move and then finds the row fenced. A shard that does not
-//!   own the slot refuses the write ([`ShardError::Moved`] inside); the
+//!   for the move and then finds the row fenced. A shard that does not own
+//!   the slot refuses the write ([`ShardError::Moved`] inside); the
 //!   instance refreshes its map and retries once on the owner.
 //! - **Reads are fenced** by checking ownership inside the read: the
-//!   statement runs as `SELECT * FROM (statement) WHERE EXISTS (the
-//!   slot's ownership row) OR tower_scale_shard_refuse(...)`, one
+//!   statement runs as a lateral subquery of the slot's ownership row, one
 //!   statement, one snapshot, on the primary or a replica (which replays
 //!   the release of a slot at the same WAL position as everything the
-//!   move committed before it). A shard that does not hold the slot in the
-//!   read's snapshot answers with an error (SQLSTATE `TSMOV`), never an
-//!   empty result that could be taken for "not found"; the read is
-//!   retried once on the new owner's primary. A move commits the old
-//!   owner's fence before the new owner's claim, so while a stale instance
-//!   can still read the old owner, the new one has accepted no write. The
-//!   rows are the statement's own.
+//!   move committed before it). A shard that does not own the slot in the
+//!   read's snapshot answers nothing at all, never an empty result that
+//!   could be taken for "not found"; the read is retried once on the new
+//!   owner's primary. A move commits the old owner's release before the
+//!   new owner's claim, so while a stale instance can still read the old
+//!   owner, the new one has accepted no write.
 //! - **Cross-shard reads**: [`ShardedCluster::read_all`] on every shard
 //!   concurrently, a deadline per shard, rows per shard; [`merge_sorted`],
 //!   [`AllRows::sum_i64`] and [`AllRows::count`] combine them. A failed

@@ -53,24 +53,6 @@ const ADD_FENCED: &str = "DO $$ BEGIN \
          ALTER TABLE tower_scale_shard_slots ADD COLUMN fenced bool NOT NULL DEFAULT false; \
        END IF; END $$";
 
-/// The SQLSTATE of a read the fence refused (not a standard class: no
-/// statement of the caller's raises it).
-pub(crate) const REFUSED: &str = "TSMOV";
-
-/// `tower_scale_shard_refuse(slot, min_version)` raises [`REFUSED`]: the
-/// read fence's answer where the shard does not hold the slot (created
-/// at setup if missing; `STABLE`, so a one-time filter may call it, and
-/// never at planning).
-const REFUSE: &str = "DO $$ BEGIN \
-       IF pg_catalog.to_regprocedure('tower_scale_shard_refuse(int4,int8)') IS NULL THEN \
-         CREATE FUNCTION tower_scale_shard_refuse(int4, int8) RETURNS bool \
-           LANGUAGE plpgsql STABLE PARALLEL SAFE AS $refuse$ BEGIN \
-             RAISE EXCEPTION USING ERRCODE = 'TSMOV', MESSAGE = pg_catalog.format( \
-               'tower-scale: this shard does not hold slot %s (granted at version %s or later)', \
-               $1, $2); \
-           END $refuse$; \
-       END IF; END $$";
-
 /// Serialises moves (`pg_advisory_xact_lock` on the first shard by name).
 const MOVE_LOCK: i64 = 0x7473_7368_6172_6402; // "tsshard\x02"
 
@@ -85,6 +67,12 @@ pub(crate) const FENCE_SQL: &str =
 pub(crate) async fn setup(db: &Db, name: &Arc<str>, slots: u16) -> Result<(), ShardError> {
     let err = |e| ShardError::db(name, e);
     let tx = db.transaction().await.map_err(err)?;
+    // Whatever the database's default: under REPEATABLE READ the snapshot
+    // would predate the lock, and a second instance starting at once
+    // would not see the first's column or map row (42701, 40001).
+    tx.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED", &[])
+        .await
+        .map_err(err)?;
     tx.execute(
         "SELECT pg_catalog.pg_advisory_xact_lock($1)",
         &[&SETUP_LOCK],
@@ -95,7 +83,6 @@ pub(crate) async fn setup(db: &Db, name: &Arc<str>, slots: u16) -> Result<(), Sh
         tx.execute(statement, &[]).await.map_err(err)?;
     }
     tx.execute(ADD_FENCED, &[]).await.map_err(err)?;
-    tx.execute(REFUSE, &[]).await.map_err(err)?;
     tx.execute(
         "INSERT INTO tower_scale_shard_map (shard, slot_count) VALUES ($1, $2) \
          ON CONFLICT (one) DO NOTHING",
@@ -320,22 +307,24 @@ pub(crate) async fn take(
     Ok(())
 }
 
-/// The fenced form of a read: the statement's rows where the slot's
-/// ownership row (`$slot_param`, at a version of at least `$slot_param +
-/// 1`, not fenced) is there, read in the statement's own snapshot; the
-/// error [`REFUSED`] where it is not (the shard does not hold the slot,
-/// holds it fenced, or shows an older grant of it than the reader's map).
-/// PostgreSQL runs the check once, as a one-time filter over an
-/// `InitPlan`, before any row. The rows are the statement's own: nothing
-/// is added.
+/// The fenced form of a read: the statement as a lateral subquery of the
+/// slot's ownership row (`$slot_param`, at a version of at least
+/// `$slot_param + 1`), so both are read in one snapshot. No row: the
+/// shard does not own the slot (or shows an older grant of it than the
+/// reader's map). Otherwise the statement's rows with one
+/// more column, `tower_scale_owned` (true), at the end; a statement with
+/// no rows gives one row where it is NULL.
 pub(crate) fn fenced_read_sql(sql: &str, slot_param: usize) -> String {
     let sql = crate::pg::query_body(sql);
-    // A short alias: the text is hashed on every read (the pool's
-    // statement cache). The statement's own names shadow it inside.
-    let (s, m) = (slot_param, slot_param + 1);
+    // Short aliases: the text is hashed on every read (the pool's
+    // statement cache). They are the outer query's; the statement's own
+    // names shadow them inside it.
+    // `$slot_param + 1`: the least version of the slot's row that counts.
+    let min_param = slot_param + 1;
     format!(
-        "SELECT * FROM (\n{sql}\n) _tsu WHERE EXISTS (SELECT FROM tower_scale_shard_slots \
-         WHERE slot=${s} AND version>=${m} AND NOT fenced) OR tower_scale_shard_refuse(${s},${m})"
+        "SELECT _tsq.* FROM (SELECT FROM tower_scale_shard_slots WHERE slot=${slot_param} \
+         AND version>=${min_param} AND NOT fenced) _tso LEFT JOIN LATERAL (SELECT _tsu.*,true tower_scale_owned \
+         FROM (\n{sql}\n) _tsu) _tsq ON true"
     )
 }
 

@@ -1,5 +1,5 @@
 //! Routed writes, transactions and reads on the key's shard, fenced by
-//! the slot's ownership row.
+//! the shard's ownership row.
 
 use std::fmt;
 use std::sync::Arc;
@@ -71,7 +71,9 @@ pub struct ShardWritten<T> {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ShardRead<T> {
-    /// The statement's rows, as it returned them.
+    /// The rows. Each has one more column than the statement, last:
+    /// `tower_scale_owned` (the fence's; read columns by index below
+    /// `row.len() - 1` or by name).
     pub value: T,
     /// The shard that answered.
     pub shard: Arc<str>,
@@ -150,23 +152,6 @@ fn fence_version(rows: &[tokio_postgres::SimpleQueryRow]) -> u64 {
 
 fn fence_text(slot: u16) -> String {
     format!("BEGIN; {}", FENCE_SQL.replace("$1", &slot.to_string()))
-}
-
-/// Whether a read failed for a table missing where it ran, or for the
-/// fence's own function missing (not a function the caller's statement
-/// calls: that is the caller's error).
-fn behind_the_schema(e: &crate::pg::DbError) -> bool {
-    use tokio_postgres::error::SqlState;
-    match e.code() {
-        Some(c) if *c == SqlState::UNDEFINED_TABLE => true,
-        Some(c) if *c == SqlState::UNDEFINED_FUNCTION => match e {
-            crate::pg::DbError::Query { source, .. } => source
-                .as_db_error()
-                .is_some_and(|d| d.message().contains("tower_scale_shard_refuse")),
-            _ => false,
-        },
-        _ => false,
-    }
 }
 
 /// How a fenced attempt ended.
@@ -453,37 +438,41 @@ impl ShardedCluster {
                     &large
                 }
             };
-            match shard.db.read_checked(c, hint, &fenced_sql, all).await {
-                Ok(read) => break read,
-                // The shard does not hold the slot (see `fenced_read_sql`).
-                Err(e) if e.code().map(|c| c.code()) == Some(super::ownership::REFUSED) => {
-                    if retried {
-                        return Err(self.moved(slot, index, version));
-                    }
-                    index = self.after_moved(slot, index, version, true).await?;
-                    retried = true;
-                }
+            let read = match shard.db.read_checked(c, hint, &fenced_sql, all).await {
+                Ok(read) => read,
                 // A replica behind the creation of a table the read names
                 // (the ownership table just after the first start, the
-                // caller's table just after a migration) or of the fence's
-                // function (a database of an earlier release) cannot
-                // answer: once more on the primary, if reads may fall back
-                // to it.
+                // caller's table just after a migration) cannot answer:
+                // once more on the primary, if reads may fall back to it.
                 Err(e)
                     if !on_primary
                         && c != Consistency::Strong
                         && shard.db.falls_back_to_primary()
-                        && behind_the_schema(&e) =>
+                        && e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) =>
                 {
                     tracing::debug!(shard = %shard.name, error = %e, "read on the primary: a table is missing where it ran");
                     on_primary = true;
                     continue;
                 }
                 Err(e) => return Err(ShardError::db(&shard.name, e)),
+            };
+            match read.value.is_empty() {
+                false => break read,
+                true if retried => return Err(self.moved(slot, index, version)),
+                true => {
+                    index = self.after_moved(slot, index, version, true).await?;
+                    retried = true;
+                }
             }
         };
+        let mut rows = read.value;
+        // The one row of an owned slot whose statement found nothing.
+        rows.retain(|row| {
+            !row.is_empty()
+                && row.try_get::<_, Option<bool>>(row.len() - 1).ok().flatten() == Some(true)
+        });
         Ok(ShardRead {
-            value: read.value,
+            value: rows,
             shard: Arc::clone(&self.inner.shards[index].name),
             served_by: read.served_by,
             lsn: read.lsn,

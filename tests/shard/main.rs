@@ -56,14 +56,8 @@ pub(crate) async fn database(locals: &[Arc<LocalCluster>], db: &str) {
         ] {
             admin.batch_execute(&statement).await.expect(&statement);
         }
-        let mut config = local.primary().config();
-        config.dbname(db);
-        let (client, conn) = config
-            .connect(tokio_postgres::NoTls)
+        node_client(local.primary(), db)
             .await
-            .expect("connect db");
-        tokio::spawn(conn);
-        client
             .batch_execute(
                 "CREATE TABLE items (id int8 PRIMARY KEY, slot int4 NOT NULL, name text NOT NULL)",
             )
@@ -75,7 +69,15 @@ pub(crate) async fn database(locals: &[Arc<LocalCluster>], db: &str) {
 
 /// A raw client on database `db` of `local`'s primary.
 pub(crate) async fn client(local: &LocalCluster, db: &str) -> tokio_postgres::Client {
-    let mut config = local.primary().config();
+    node_client(local.primary(), db).await
+}
+
+/// A raw client on database `db` of `node`.
+pub(crate) async fn node_client(
+    node: &tower_scale::testing::Node,
+    db: &str,
+) -> tokio_postgres::Client {
+    let mut config = node.config();
     config.dbname(db);
     let (client, conn) = config
         .connect(tokio_postgres::NoTls)
