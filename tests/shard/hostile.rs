@@ -366,3 +366,65 @@ async fn instances_starting_together_with_shards_in_opposite_orders_agree_on_one
     }
     assert_eq!(listed.len(), 4096);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_starting_together_on_a_repeatable_read_database_both_start() {
+    let locals = shared();
+    database(&locals, "shard_rr_start").await;
+    for local in locals.iter() {
+        let admin = local.primary().connect().await.expect("connect");
+        admin
+            .batch_execute(
+                "ALTER DATABASE shard_rr_start SET default_transaction_isolation = 'repeatable read'",
+            )
+            .await
+            .expect("default isolation");
+    }
+    // The set-up lock held by another session while both instances start:
+    // both wait for it, each with its first statement sent (under
+    // REPEATABLE READ, with a snapshot taken before the wait).
+    const SETUP_LOCK: i64 = 0x7473_7368_6172_6401;
+    let holder = crate::client(&locals[0], "shard_rr_start").await;
+    holder
+        .execute("SELECT pg_advisory_lock($1)", &[&SETUP_LOCK])
+        .await
+        .expect("lock");
+    let build = || {
+        let locals = locals.clone();
+        async move {
+            let mut builder = tower_scale::shard::ShardedCluster::builder();
+            for i in 0..2 {
+                let c = cluster(&locals[i], i + 1, "shard_rr_start", |b| b).await;
+                builder = builder.shard(format!("shard-{}", i + 1), c);
+            }
+            builder.build().await
+        }
+    };
+    let (a, b) = (tokio::spawn(build()), tokio::spawn(build()));
+    crate::until(
+        "both instances wait for the set-up lock",
+        crate::DEADLINE,
+        async || {
+            holder
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                    &[],
+                )
+                .await
+                .expect("locks")
+                .get::<_, i64>(0)
+                == 2
+        },
+    )
+    .await;
+    holder
+        .execute("SELECT pg_advisory_unlock($1)", &[&SETUP_LOCK])
+        .await
+        .expect("unlock");
+    let (a, b) = (a.await.expect("task"), b.await.expect("task"));
+    let (a, b) = (
+        a.expect("the first instance"),
+        b.expect("the second instance"),
+    );
+    assert_eq!(a.map().ranges(), b.map().ranges());
+}
