@@ -342,3 +342,90 @@ async fn an_enqueue_dropped_mid_flight_still_wakes_a_worker_if_it_committed() {
     );
     worker.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A `LISTEN` session on `channel` of `local`'s primary (kept while the
+/// client lives), counting the notifications it receives.
+async fn listen_count(
+    local: &tower_scale::testing::LocalCluster,
+    channel: &str,
+) -> (tokio_postgres::Client, Arc<AtomicU32>) {
+    let (client, mut conn) = local
+        .primary()
+        .config()
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let count = Arc::new(AtomicU32::new(0));
+    let c = count.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = futures::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            if matches!(message, tokio_postgres::AsyncMessage::Notification(_)) {
+                c.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN {channel}"))
+        .await
+        .expect("listen");
+    (client, count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enqueue_that_overlaps_another_is_followed_by_a_notification() {
+    let local = shared();
+    let cluster = connect(&local).await;
+    let db = cluster.db();
+    let queue = Queue::builder(db.clone(), "overlap")
+        .table("overlap_jobs")
+        .build()
+        .await
+        .unwrap();
+    let (_session, count) = listen_count(&local, "overlap_jobs").await;
+    // A job with key "k" held by an open transaction: a standalone
+    // enqueue of the same key waits for it, in flight all along.
+    let tx = db.transaction().await.unwrap();
+    queue
+        .enqueue_in(&tx, NewJob::new(&0).unwrap().idempotency_key("k"))
+        .await
+        .unwrap();
+    let blocked = tokio::spawn({
+        let queue = queue.clone();
+        async move {
+            queue
+                .enqueue(NewJob::new(&1).unwrap().idempotency_key("k"))
+                .await
+        }
+    });
+    until("the keyed enqueue waits", DEADLINE, async || {
+        db.read_one(
+            Consistency::Strong,
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND query LIKE '%INSERT INTO \"overlap_jobs\"%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .value
+        .get::<_, i64>(0)
+            == 1
+    })
+    .await;
+    // Two enqueues while it is in flight: the first notifies (the window
+    // of the keyed one has passed), the second, inside the first's window,
+    // owes a trailing notification (past it, it notifies itself): either
+    // way one more notification follows its commit.
+    let before = count.load(Ordering::SeqCst);
+    queue.enqueue(NewJob::new(&2).unwrap()).await.unwrap();
+    queue.enqueue(NewJob::new(&3).unwrap()).await.unwrap();
+    until("a notification for each", DEADLINE, async || {
+        count.load(Ordering::SeqCst) >= before + 2
+    })
+    .await;
+    assert!(
+        !blocked.is_finished(),
+        "the keyed enqueue was in flight all along"
+    );
+    tx.rollback().await.unwrap();
+    blocked.await.unwrap().unwrap();
+}
