@@ -393,8 +393,8 @@ async fn instances_starting_together_on_a_repeatable_read_database_both_start() 
         let locals = locals.clone();
         async move {
             let mut builder = tower_scale::shard::ShardedCluster::builder();
-            for i in 0..2 {
-                let c = cluster(&locals[i], i + 1, "shard_rr_start", |b| b).await;
+            for (i, local) in locals.iter().enumerate() {
+                let c = cluster(local, i + 1, "shard_rr_start", |b| b).await;
                 builder = builder.shard(format!("shard-{}", i + 1), c);
             }
             builder.build().await
