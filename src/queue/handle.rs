@@ -343,15 +343,10 @@ impl Queue {
         let name: &str = &self.inner.name;
         let gate = &self.inner.notify;
         // Due now, but others in flight and inside the notification
-        // window: a trailing one follows the commit (see `notify`).
-        let (notify, _in_flight) = match r.due {
-            true => {
-                let (now, guard) = gate.notify_now();
-                (now, Some(guard))
-            }
-            false => (false, None),
-        };
-        let trailing = r.due && !notify;
+        // window: a trailing one follows the commit (see `notify`). The
+        // gate's guard counts this enqueue in flight until it returns.
+        let in_flight = r.due.then(|| gate.notify_now());
+        let trailing = matches!(in_flight, Some((false, _)));
         r.due &= !trailing;
         // Owed however this ends (an error or a dropped future included:
         // the statement may have committed).

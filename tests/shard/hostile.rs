@@ -329,24 +329,32 @@ async fn odd_keys_and_statement_shapes_read_right() {
     }
 }
 
+/// An instance over database `db` of both shared clusters, the shards
+/// listed in `order`.
+async fn first_start(
+    locals: Vec<std::sync::Arc<tower_scale::testing::LocalCluster>>,
+    db: &'static str,
+    order: [usize; 2],
+) -> Result<tower_scale::shard::ShardedCluster, tower_scale::shard::ShardError> {
+    let mut builder = tower_scale::shard::ShardedCluster::builder();
+    for i in order {
+        let c = cluster(&locals[i], i + 1, db, |b| b).await;
+        builder = builder.shard(format!("shard-{}", i + 1), c);
+    }
+    builder.build().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_starting_together_with_shards_in_opposite_orders_agree_on_one_map() {
     let locals = shared();
     database(&locals, "shard_first_start").await;
     // Two instances on fresh databases, the shards listed in opposite
     // orders, built at the same time: each would claim its own even split.
-    let build = |order: [usize; 2]| {
-        let locals = locals.clone();
-        async move {
-            let mut builder = tower_scale::shard::ShardedCluster::builder();
-            for i in order {
-                let c = cluster(&locals[i], i + 1, "shard_first_start", |b| b).await;
-                builder = builder.shard(format!("shard-{}", i + 1), c);
-            }
-            builder.build().await.expect("sharded cluster")
-        }
-    };
-    let (a, b) = tokio::join!(build([0, 1]), build([1, 0]));
+    let (a, b) = tokio::join!(
+        first_start(locals.clone(), "shard_first_start", [0, 1]),
+        first_start(locals.clone(), "shard_first_start", [1, 0])
+    );
+    let (a, b) = (a.expect("sharded cluster"), b.expect("sharded cluster"));
     let (ma, mb) = (a.map(), b.map());
     assert_eq!(ma.ranges(), mb.ranges(), "{ma:?} vs {mb:?}");
     // No slot listed by both shards' tables.
@@ -389,18 +397,10 @@ async fn instances_starting_together_on_a_repeatable_read_database_both_start() 
         .execute("SELECT pg_advisory_lock($1)", &[&SETUP_LOCK])
         .await
         .expect("lock");
-    let build = || {
-        let locals = locals.clone();
-        async move {
-            let mut builder = tower_scale::shard::ShardedCluster::builder();
-            for (i, local) in locals.iter().enumerate() {
-                let c = cluster(local, i + 1, "shard_rr_start", |b| b).await;
-                builder = builder.shard(format!("shard-{}", i + 1), c);
-            }
-            builder.build().await
-        }
-    };
-    let (a, b) = (tokio::spawn(build()), tokio::spawn(build()));
+    let (a, b) = (
+        tokio::spawn(first_start(locals.clone(), "shard_rr_start", [0, 1])),
+        tokio::spawn(first_start(locals.clone(), "shard_rr_start", [0, 1])),
+    );
     crate::until(
         "both instances wait for the set-up lock",
         crate::DEADLINE,
