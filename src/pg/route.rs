@@ -86,18 +86,27 @@ impl Db {
     }
 
     /// The replicas `accept` takes, but `exclude`.
-    fn eligible(&self, exclude: Option<usize>, accept: impl Fn(&Node) -> bool) -> Vec<Tiered> {
-        let mut c = self.replicas(accept);
+    /// Healthy replicas but `exclude` that `accept` and have replayed
+    /// `floor` (by what the monitor last saw).
+    fn eligible(
+        &self,
+        exclude: Option<usize>,
+        floor: Lsn,
+        accept: impl Fn(&Node) -> bool,
+    ) -> Vec<Tiered> {
+        let mut c = self.replicas(|n| n.lsn() >= floor && accept(n));
         c.retain(|c| Some(c.0) != exclude);
         c
     }
 
-    /// Where a read goes, and the LSN its data reflects at least.
+    /// Where a read goes, and the LSN its data reflects at least: a
+    /// replica only if it has replayed `floor` too (`Lsn(0)`: any).
     pub(super) async fn route(
         &self,
         consistency: Consistency,
         hint: RouteHint,
         exclude: Option<usize>,
+        floor: Lsn,
     ) -> Result<(usize, Lsn, RouteReason), DbError> {
         let budget = self.inner.options.lag_budget;
         // A replica of another region serves a read as `CrossRegion`.
@@ -114,22 +123,24 @@ impl Db {
             Consistency::Strong => None,
             Consistency::Any if hint == RouteHint::AnyHealthyReplica => {
                 let cap = self.inner.options.hot_lag_max;
-                let c = self.eligible(exclude, |n| n.lag() <= cap);
+                let c = self.eligible(exclude, floor, |n| n.lag() <= cap);
                 self.pick(&c).map(|(i, _)| (i, RouteReason::HotKey))
             }
             Consistency::Any => {
-                let c = self.eligible(exclude, |n| n.lag() <= budget);
+                let c = self.eligible(exclude, floor, |n| n.lag() <= budget);
                 self.pick(&c).map(|p| reason(p, RouteReason::Replica))
             }
             Consistency::BoundedStaleness(bound) => {
-                let c = self.eligible(exclude, |n| n.lag() <= bound);
+                let c = self.eligible(exclude, floor, |n| n.lag() <= bound);
                 self.pick(&c).map(|p| reason(p, RouteReason::Replica))
             }
             // A commit whose position is unknown: no replica can be shown
             // to have it, and none is waited for.
             Consistency::ReadYourWrites(token) if token.is_unknown() => None,
             Consistency::ReadYourWrites(token) => {
-                let (choice, no_answer) = self.route_read_your_writes(token.lsn(), exclude).await;
+                let (choice, no_answer) = self
+                    .route_read_your_writes(token.lsn().max(floor), exclude)
+                    .await;
                 stalled = no_answer;
                 choice
             }
@@ -183,7 +194,7 @@ impl Db {
         let options = &self.inner.options;
         let is_local = |c: &Tiered| c.2 != region::REMOTE;
         let (local, remote): (Vec<Tiered>, Vec<Tiered>) = self
-            .eligible(exclude, |n| n.lsn() >= lsn)
+            .eligible(exclude, lsn, |_| true)
             .into_iter()
             .partition(is_local);
         if let Some((i, _)) = self.pick(&local) {
@@ -193,7 +204,7 @@ impl Db {
         let local_wait = options.local_wait;
         let mut stalled = None;
         let near: Vec<Tiered> = self
-            .eligible(exclude, |n| n.lag() <= local_wait)
+            .eligible(exclude, Lsn(0), |n| n.lag() <= local_wait)
             .into_iter()
             .filter(is_local)
             .collect();
@@ -209,7 +220,7 @@ impl Db {
         }
         let wait = options.read_your_writes_wait;
         let far: Vec<Tiered> = self
-            .eligible(exclude, |n| n.lag() <= wait)
+            .eligible(exclude, Lsn(0), |n| n.lag() <= wait)
             .into_iter()
             .filter(|c| !is_local(c))
             .collect();
@@ -288,7 +299,28 @@ impl Db {
         params: Params<'_>,
     ) -> Result<Read<Vec<Row>>, DbError> {
         check_pooled(sql)?;
-        self.read_checked(consistency, hint, sql, params).await
+        self.read_checked(consistency, hint, Lsn(0), sql, params)
+            .await
+    }
+
+    /// Whether every healthy replica has replayed `floor`, by what the
+    /// monitor last saw (a shard's read lease then routes as without it).
+    #[cfg(feature = "shard")]
+    pub(crate) fn replicas_replayed(&self, floor: Lsn) -> bool {
+        self.inner.nodes.iter().all(|n| {
+            n.lsn() >= floor || !n.is_healthy() || n.role() != Role::Replica || n.is_fenced()
+        })
+    }
+
+    /// The position a replica must replay to have every commit the
+    /// primary had when its WAL insert position was `insert` and its
+    /// write position `written` (see `WalLayout`).
+    #[cfg(feature = "shard")]
+    pub(crate) fn commit_position(&self, insert: Lsn, written: Lsn) -> Lsn {
+        let primary = self.inner.primary.load(Ordering::Acquire);
+        self.node(primary)
+            .wal_layout()
+            .commit_position(insert, written)
     }
 
     /// Whether reads that no replica can serve may go to the primary
@@ -303,15 +335,17 @@ impl Db {
     /// did): `ShardedCluster` checks a statement once, when it first
     /// wraps it in the read fence, instead of the longer fenced text on
     /// every read (the check scans the text: it was two thirds of the
-    /// fence's cost on the client).
+    /// fence's cost on the client). A replica serves it only if it has
+    /// replayed `floor` (a shard's read lease: see `shard::lease`).
     pub(crate) async fn read_checked(
         &self,
         consistency: Consistency,
         hint: RouteHint,
+        floor: Lsn,
         sql: &str,
         params: Params<'_>,
     ) -> Result<Read<Vec<Row>>, DbError> {
-        let (index, lsn, reason) = self.route(consistency, hint, None).await?;
+        let (index, lsn, reason) = self.route(consistency, hint, None, floor).await?;
         let node = self.node(index);
         let span = tracing::debug_span!(
             "db.read",
@@ -330,7 +364,8 @@ impl Db {
             Err((e, true)) if index != self.inner.primary.load(Ordering::Acquire) => {
                 tracing::warn!(node = %node.name, error = %e, "read failed on a replica; retrying elsewhere");
                 // Nowhere else to go: the first error is the one that says why.
-                let Ok((index, lsn, _)) = self.route(consistency, hint, Some(index)).await else {
+                let Ok((index, lsn, _)) = self.route(consistency, hint, Some(index), floor).await
+                else {
                     return Err(e);
                 };
                 let rows = self.read_on(index, sql, params).await.map_err(|(e, _)| e)?;

@@ -37,6 +37,8 @@ pub(crate) struct Inner {
     pub(crate) read_all_timeout: Duration,
     pub(crate) on_moved: Vec<SlotsMoved>,
     pub(crate) metrics: Metrics,
+    /// The read leases on the shards (see `lease`).
+    pub(crate) leases: super::lease::Leases,
     /// Fenced forms of the read statements seen, by their text.
     pub(crate) read_sql: RwLock<ReadSqlCache>,
     /// Cancelled when the last handle goes: stops the map listeners.
@@ -64,11 +66,21 @@ pub(crate) struct Metrics {
     pub(crate) moved: metrics::Counter,
     pub(crate) slots_moved: metrics::Counter,
     pub(crate) map_version: metrics::Gauge,
+    /// Routed reads fenced in the read (no lease held on their shard).
+    pub(crate) fenced_reads: metrics::Counter,
 }
 
-/// Statement text → (its parameter count, its fenced form).
+/// A read statement's two forms: fenced in the read (a lateral subquery
+/// of the slot's ownership row) and plain (for a read under a lease: the
+/// same columns, `tower_scale_owned` last, no second relation).
+pub(crate) struct ReadForms {
+    pub(crate) fenced: Arc<str>,
+    pub(crate) plain: Arc<str>,
+}
+
+/// Statement text → (its parameter count, its forms).
 pub(crate) type ReadSqlCache =
-    std::collections::HashMap<Box<str>, (usize, Arc<str>), foldhash::fast::RandomState>;
+    std::collections::HashMap<Box<str>, (usize, Arc<ReadForms>), foldhash::fast::RandomState>;
 
 /// At most this many fenced statements are kept (then the cache starts
 /// over: SQL text built per request must not grow it for ever).
@@ -129,6 +141,8 @@ pub struct ShardedClusterBuilder {
     read_all_timeout: Option<Duration>,
     on_moved: Vec<SlotsMoved>,
     watch_map: bool,
+    read_lease: Duration,
+    lease_renewal: Option<Duration>,
     pub(super) declared: super::tables::Declared,
 }
 
@@ -228,6 +242,33 @@ impl ShardedClusterBuilder {
         self
     }
 
+    /// How long a confirmation of a shard's map lets this instance read
+    /// it without the in-read fence (default 1 s; renewed every quarter
+    /// of it, one small query per shard's primary; zero: every read
+    /// fenced in the read). A move's new owner claims the range this long
+    /// (plus 10%) after the old owner let go, so a read routed by a stale
+    /// map still finds the range's current rows: requests for the range
+    /// wait that much longer during a cutover (keep
+    /// [`moved_wait`](Self::moved_wait) above it). The first instance to
+    /// start records it on each shard; an instance never holds a longer
+    /// lease than a shard records, and moves wait for the longest. See
+    /// the module's guarantees.
+    pub fn read_lease(mut self, d: Duration) -> Self {
+        self.read_lease = d;
+        self
+    }
+
+    /// How often the read leases are renewed (default: every quarter of
+    /// the lease). A renewal that finds a shard's version moved refreshes
+    /// the map, so an instance also learns of a move this way (with
+    /// [`watch_map`](Self::watch_map) off, or a notification lost). A
+    /// period longer than the lease lets leases run out between renewals:
+    /// reads are fenced in the read meanwhile.
+    pub fn lease_renewal(mut self, every: Duration) -> Self {
+        self.lease_renewal = Some(every);
+        self
+    }
+
     /// Checks the configuration, creates the ownership tables where
     /// missing, writes the initial map if no shard owns any slot, and
     /// reads the map.
@@ -261,6 +302,7 @@ impl ShardedClusterBuilder {
             moved: metrics::counter!("tower_scale_shard_moved_total", "cluster" => label.clone()),
             slots_moved: metrics::counter!("tower_scale_shard_slots_moved_total", "cluster" => label.clone()),
             map_version: metrics::gauge!("tower_scale_shard_map_version", "cluster" => label.clone()),
+            fenced_reads: metrics::counter!("tower_scale_shard_fenced_reads_total", "cluster" => label.clone()),
         };
         let shards: Vec<Shard> = self
             .shards
@@ -284,6 +326,7 @@ impl ShardedClusterBuilder {
         let tables = super::tables::describe_all(&dbs, &self.declared).await?;
         let names: Vec<Arc<str>> = shards.iter().map(|s| Arc::clone(&s.name)).collect();
         let empty = SlotMap::from_owned(0, self.slots, names, &[]);
+        let shard_count = shards.len();
         let sharded = ShardedCluster {
             inner: Arc::new(Inner {
                 shards,
@@ -295,6 +338,7 @@ impl ShardedClusterBuilder {
                 read_all_timeout,
                 on_moved: self.on_moved,
                 metrics,
+                leases: super::lease::Leases::new(shard_count, self.read_lease),
                 read_sql: RwLock::new(ReadSqlCache::default()),
                 closed: tokio_util::sync::CancellationToken::new(),
                 tables,
@@ -304,7 +348,18 @@ impl ShardedClusterBuilder {
             }),
         };
         for shard in &sharded.inner.shards {
-            ownership::setup(&shard.db, &shard.name, self.slots).await?;
+            let recorded =
+                ownership::setup(&shard.db, &shard.name, self.slots, self.read_lease).await?;
+            sharded.inner.leases.recorded(recorded);
+        }
+        let hold = sharded.inner.leases.hold();
+        if self.moved_wait <= hold {
+            tracing::warn!(
+                moved_wait = ?self.moved_wait,
+                ?hold,
+                "the moved wait is not above a move's hold (the longest read lease a shard records, \
+                 plus 10%): requests for a range being moved will fail with Moved or Unowned"
+            );
         }
         // Claimed under the move lock, with the map read under it:
         // instances starting together (in whatever order their shards are
@@ -356,6 +411,7 @@ impl ShardedClusterBuilder {
         if self.watch_map {
             super::watch::start(&sharded, &sharded.inner.closed);
         }
+        super::lease::start(&sharded, self.lease_renewal, &sharded.inner.closed);
         Ok(sharded)
     }
 }
@@ -373,6 +429,8 @@ impl ShardedCluster {
             read_all_timeout: None,
             on_moved: Vec::new(),
             watch_map: true,
+            read_lease: Duration::from_secs(1),
+            lease_renewal: None,
             declared: super::tables::Declared::default(),
         }
     }

@@ -59,8 +59,9 @@ const FENCED: u16 = 0x8000;
 /// Which shard owns each slot, and the map's version (the highest
 /// ownership version any shard reported).
 ///
-/// Routing a key is a hash and one array index.
-#[derive(Clone, PartialEq, Eq)]
+/// Routing a key is a hash and one array index. Two maps are equal when
+/// they give the same slots to the same shards at the same versions.
+#[derive(Clone)]
 pub struct SlotMap {
     version: u64,
     /// Shard index per slot ([`NO_OWNER`] for none), with [`FENCED`] set
@@ -69,7 +70,22 @@ pub struct SlotMap {
     /// The map version that gave each slot to its owner (0 for none).
     versions: Box<[u64]>,
     names: Box<[std::sync::Arc<str>]>,
+    /// Per shard: the map version its table showed when this map read it,
+    /// and the WAL position a replica must have replayed to show the same
+    /// (the read lease's condition: `super::lease`). Empty: none known.
+    shard_state: Box<[(u64, crate::pg::Lsn)]>,
 }
+
+impl PartialEq for SlotMap {
+    fn eq(&self, other: &Self) -> bool {
+        self.version == other.version
+            && self.owners == other.owners
+            && self.versions == other.versions
+            && self.names == other.names
+    }
+}
+
+impl Eq for SlotMap {}
 
 impl fmt::Debug for SlotMap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -105,7 +121,22 @@ impl SlotMap {
             owners: owners.into_boxed_slice(),
             versions: versions.into_boxed_slice(),
             names: names.into_boxed_slice(),
+            shard_state: Box::new([]),
         }
+    }
+
+    /// This map with what it read of each shard: its map version and the
+    /// position its replicas must have replayed (see `shard_state`).
+    pub(crate) fn with_shard_state(mut self, state: Vec<(u64, crate::pg::Lsn)>) -> Self {
+        self.shard_state = state.into_boxed_slice();
+        self
+    }
+
+    /// Shard `i`'s map version when this map read it, and the position a
+    /// replica of it must have replayed to serve a read by this map
+    /// without the in-read fence (`None`: unknown; fence the read).
+    pub(crate) fn shard_state(&self, i: usize) -> Option<(u64, crate::pg::Lsn)> {
+        self.shard_state.get(i).copied()
     }
 
     /// An even split of `slots` slots over `names`, in order (the first

@@ -92,6 +92,7 @@ mod cluster;
 mod error;
 #[cfg(feature = "change-feed")]
 mod feed;
+mod lease;
 mod map;
 mod moves;
 mod ownership;

@@ -16,6 +16,12 @@ use super::ownership;
 /// written but not committed. Copy the range's data with [`source`](Self::source) and
 /// [`target`](Self::target) (data copying is the caller's in this
 /// version), then [`commit`](Self::commit). Dropping it aborts the move.
+///
+/// Delete the range's rows from the old owner only after `commit`
+/// returned, never in [`source`](Self::source)'s transaction: until the
+/// new owner's claim, an instance reading under a read lease with a map
+/// from before the move may still read them there, and must find them
+/// (see [`read_lease`](super::ShardedClusterBuilder::read_lease)).
 pub struct SlotMove {
     cluster: ShardedCluster,
     /// Holds the move lock until the move committed.
@@ -60,8 +66,9 @@ impl SlotMove {
         self.version
     }
 
-    /// Commits the old owner's fence first, then the new owner's claim,
-    /// then deletes the old owner's fenced rows, and refreshes this
+    /// Commits the old owner's fence first, then (after the hold of the
+    /// read leases: the longest lease a shard records, plus 10%) the new
+    /// owner's claim, then deletes the old owner's fenced rows, and refreshes this
     /// instance's map. Between the first two commits the old owner still
     /// holds the range, fenced: it refuses the range's reads and writes
     /// (they wait for the new owner, within the moved wait), so no write
@@ -81,6 +88,14 @@ impl SlotMove {
             }
             None => None,
         };
+        // A read routed by a stale map under a lease may still reach the
+        // old owner: the new one takes the range (and writes to it) only
+        // once every such lease has run out (see `lease`). Also when
+        // finishing a move in transit: its release's time is unknown.
+        let hold = self.cluster.inner.leases.hold();
+        if !hold.is_zero() {
+            tokio::time::sleep(hold).await;
+        }
         let (name, tx) = self.to;
         tx.commit().await.map_err(|e| ShardError::db(&name, e))?;
         if let Some(from) = from {

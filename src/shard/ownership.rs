@@ -3,7 +3,8 @@
 //! ```sql
 //! CREATE TABLE tower_scale_shard_map   (one bool PRIMARY KEY CHECK (one),
 //!                                       shard text NOT NULL, slot_count int4 NOT NULL,
-//!                                       version int8 NOT NULL DEFAULT 0);
+//!                                       version int8 NOT NULL DEFAULT 0,
+//!                                       lease_ms int8 NOT NULL DEFAULT 1000);
 //! CREATE TABLE tower_scale_shard_slots (slot int4 PRIMARY KEY CHECK (slot >= 0),
 //!                                       version int8 NOT NULL,
 //!                                       fenced bool NOT NULL DEFAULT false);
@@ -17,7 +18,10 @@
 //! that gave each to it. The map's version is the highest of those on any
 //! shard. Moves are serialised by an advisory lock on the shard whose name
 //! sorts first, held until the move committed, so versions follow the
-//! order moves commit in.
+//! order moves commit in. `lease_ms` is the longest read lease an
+//! instance may hold on the shard, and so how long a move holds the
+//! range unclaimed after its source let go (`super::lease`): recorded by
+//! the first instance to start.
 //!
 //! A slot is held by the shard whose row for it has the highest version.
 //! A move's cutover commits in three steps: the source **fences** its
@@ -28,8 +32,9 @@
 //! slot at every moment, also when the process dies between two steps.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::pg::{Consistency, Db, Transaction};
+use crate::pg::{Consistency, Db, Lsn, Transaction};
 
 use super::error::ShardError;
 use super::map::SlotRange;
@@ -53,6 +58,14 @@ const ADD_FENCED: &str = "DO $$ BEGIN \
          ALTER TABLE tower_scale_shard_slots ADD COLUMN fenced bool NOT NULL DEFAULT false; \
        END IF; END $$";
 
+/// Adds `lease_ms` to a table created by an earlier release.
+const ADD_LEASE: &str = "DO $$ BEGIN \
+       IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute \
+         WHERE attrelid = 'tower_scale_shard_map'::regclass AND attname = 'lease_ms' \
+         AND NOT attisdropped) THEN \
+         ALTER TABLE tower_scale_shard_map ADD COLUMN lease_ms int8 NOT NULL DEFAULT 1000; \
+       END IF; END $$";
+
 /// Serialises moves (`pg_advisory_xact_lock` on the first shard by name).
 const MOVE_LOCK: i64 = 0x7473_7368_6172_6402; // "tsshard\x02"
 
@@ -63,8 +76,14 @@ pub(crate) const FENCE_SQL: &str =
     "SELECT version FROM tower_scale_shard_slots WHERE slot = $1 AND NOT fenced FOR SHARE";
 
 /// Creates the tables if needed and checks (or records) which shard this
-/// database is and the slot count.
-pub(crate) async fn setup(db: &Db, name: &Arc<str>, slots: u16) -> Result<(), ShardError> {
+/// database is and the slot count; records `lease` as the shard's longest
+/// read lease if it has none yet, and returns the one recorded.
+pub(crate) async fn setup(
+    db: &Db,
+    name: &Arc<str>,
+    slots: u16,
+    lease: Duration,
+) -> Result<Duration, ShardError> {
     let err = |e| ShardError::db(name, e);
     let tx = db.transaction().await.map_err(err)?;
     // Whatever the database's default: under REPEATABLE READ the snapshot
@@ -83,18 +102,28 @@ pub(crate) async fn setup(db: &Db, name: &Arc<str>, slots: u16) -> Result<(), Sh
         tx.execute(statement, &[]).await.map_err(err)?;
     }
     tx.execute(ADD_FENCED, &[]).await.map_err(err)?;
+    tx.execute(ADD_LEASE, &[]).await.map_err(err)?;
+    let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
     tx.execute(
-        "INSERT INTO tower_scale_shard_map (shard, slot_count) VALUES ($1, $2) \
+        "INSERT INTO tower_scale_shard_map (shard, slot_count, lease_ms) VALUES ($1, $2, $3) \
          ON CONFLICT (one) DO NOTHING",
-        &[&&**name, &i32::from(slots)],
+        &[&&**name, &i32::from(slots), &lease_ms],
     )
     .await
     .map_err(err)?;
     let row = tx
-        .query_one("SELECT shard, slot_count FROM tower_scale_shard_map", &[])
+        .query_one(
+            "SELECT shard, slot_count, lease_ms FROM tower_scale_shard_map",
+            &[],
+        )
         .await
         .map_err(err)?;
-    let (recorded, count): (String, i32) = (row.get(0), row.get(1));
+    let bad = |e| ShardError::Setup(format!("shard {name:?}'s map row: {e}"));
+    let (recorded, count, lease_ms): (String, i32, i64) = (
+        row.try_get(0).map_err(bad)?,
+        row.try_get(1).map_err(bad)?,
+        row.try_get(2).map_err(bad)?,
+    );
     tx.commit().await.map_err(err)?;
     if recorded != **name {
         return Err(ShardError::Setup(format!(
@@ -108,26 +137,42 @@ pub(crate) async fn setup(db: &Db, name: &Arc<str>, slots: u16) -> Result<(), Sh
              the slot count is fixed for the life of the data"
         )));
     }
-    Ok(())
+    // A negative value (set by hand) holds nothing: no lease.
+    Ok(Duration::from_millis(u64::try_from(lease_ms).unwrap_or(0)))
 }
 
 /// A slot a shard's table lists: slot, version, fenced.
 pub(crate) type Listed = (u16, u64, bool);
 
+/// What a shard's primary lists: its slots, its map version, and its WAL
+/// insert position when it read them.
+pub(crate) struct Owned {
+    pub(crate) slots: Vec<Listed>,
+    pub(crate) version: u64,
+    /// A replica that has replayed this has every change of ownership
+    /// (and every row committed before it) that the read saw.
+    pub(crate) position: Lsn,
+}
+
 /// The slots the shard lists, with their versions and whether fenced,
-/// and the shard's map version (from its primary).
-pub(crate) async fn owned(db: &Db, name: &Arc<str>) -> Result<(Vec<Listed>, u64), ShardError> {
+/// the shard's map version, and its WAL commit position (from its
+/// primary, in one statement: the insert position, read after the
+/// snapshot, is at or past every commit the snapshot shows).
+pub(crate) async fn owned(db: &Db, name: &Arc<str>) -> Result<Owned, ShardError> {
     let rows = db
         .read_query(
             Consistency::Strong,
             "SELECT slot, version, fenced FROM tower_scale_shard_slots \
-             UNION ALL SELECT -1, version, false FROM tower_scale_shard_map ORDER BY 1",
+             UNION ALL SELECT -1, version, false FROM tower_scale_shard_map \
+             UNION ALL SELECT -2, (pg_catalog.pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8, false \
+             UNION ALL SELECT -3, (pg_catalog.pg_current_wal_lsn() - '0/0'::pg_lsn)::int8, false \
+             ORDER BY 1",
             &[],
         )
         .await
         .map_err(|e| ShardError::db(name, e))?;
     let mut out = Vec::with_capacity(rows.value.len());
-    let mut map_version = 0;
+    let (mut map_version, mut insert, mut written) = (0, Lsn(0), Lsn(0));
     for row in rows.value {
         let bad = |e| ShardError::Setup(format!("shard {name:?}'s ownership tables: {e}"));
         let (slot, version, fenced): (i32, i64, bool) = (
@@ -139,6 +184,14 @@ pub(crate) async fn owned(db: &Db, name: &Arc<str>) -> Result<(Vec<Listed>, u64)
             map_version = u64::try_from(version).unwrap_or(0);
             continue;
         }
+        if slot == -2 || slot == -3 {
+            let at = Lsn(u64::try_from(version).unwrap_or(0));
+            match slot {
+                -2 => insert = at,
+                _ => written = at,
+            }
+            continue;
+        }
         let (Ok(slot), Ok(version)) = (u16::try_from(slot), u64::try_from(version)) else {
             return Err(ShardError::Setup(format!(
                 "shard {name:?} lists slot {slot} at version {version}, which is out of range"
@@ -146,7 +199,13 @@ pub(crate) async fn owned(db: &Db, name: &Arc<str>) -> Result<(Vec<Listed>, u64)
         };
         out.push((slot, version, fenced));
     }
-    Ok((out, map_version))
+    Ok(Owned {
+        slots: out,
+        version: map_version,
+        // Past the next page's header when the last record ended at a
+        // page boundary, where no replica's replay stops: moved back.
+        position: db.commit_position(insert, written),
+    })
 }
 
 /// Takes the move lock in `tx` (on the first shard by name), within the
@@ -326,6 +385,14 @@ pub(crate) fn fenced_read_sql(sql: &str, slot_param: usize) -> String {
          AND version>=${min_param} AND NOT fenced) _tso LEFT JOIN LATERAL (SELECT _tsu.*,true tower_scale_owned \
          FROM (\n{sql}\n) _tsu) _tsq ON true"
     )
+}
+
+/// The plain form of a read (under a lease): the statement's rows with
+/// `tower_scale_owned` (true) last, as the fenced form gives them; no
+/// second relation (the planner flattens the subquery).
+pub(crate) fn plain_read_sql(sql: &str) -> String {
+    let sql = crate::pg::query_body(sql);
+    format!("SELECT _tsu.*,true tower_scale_owned FROM (\n{sql}\n) _tsu")
 }
 
 /// The highest `$n` placeholder `sql` uses, outside strings, quoted

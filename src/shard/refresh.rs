@@ -19,6 +19,9 @@ impl ShardedCluster {
     /// first load), its error is the load's.
     pub(crate) async fn load(&self) -> Result<SlotMap, ShardError> {
         let deadline = self.inner.read_all_timeout;
+        // Before any shard is read: each answer confirms its shard's
+        // version as of this instant (see `lease`).
+        let started = std::time::Instant::now();
         let answers = futures_util::future::join_all(self.inner.shards.iter().map(|shard| async {
             match tokio::time::timeout(deadline, ownership::owned(&shard.db, &shard.name)).await {
                 Ok(answer) => answer,
@@ -37,9 +40,22 @@ impl ShardedCluster {
         // Which shard's table lists each slot (tables read, not kept).
         let mut listed: Vec<Option<(usize, u64)>> = vec![None; usize::from(self.inner.slots)];
         let mut version = 0;
+        let mut state = Vec::with_capacity(self.inner.shards.len());
         for (i, (shard, answer)) in self.inner.shards.iter().zip(answers).enumerate() {
             let (slots, map_version) = match answer {
-                Ok(answer) => answer,
+                Ok(answer) => {
+                    self.inner.leases.confirm(i, answer.version, started);
+                    // The position its replicas must have replayed: kept
+                    // while the shard's version stays (no claim since),
+                    // so a refresh for another shard's move does not send
+                    // this one's reads to its primary meanwhile.
+                    let floor = match previous.shard_state(i) {
+                        Some((v, floor)) if v == answer.version => floor,
+                        _ => answer.position,
+                    };
+                    state.push((answer.version, floor));
+                    (answer.slots, answer.version)
+                }
                 Err(e) if previous.version() > 0 => {
                     tracing::warn!(shard = %shard.name, error = %e, "the shard's ownership table could not be read; keeping its slots from the previous map");
                     // At the versions they had (any shard that claimed one
@@ -49,6 +65,8 @@ impl ShardedCluster {
                     for (slot, v, fenced) in previous.held_by(i) {
                         kept.push((i as u16, slot, v, fenced));
                     }
+                    // Nothing read, nothing confirmed: its lease runs out.
+                    state.push(previous.shard_state(i).unwrap_or_default());
                     version = version.max(previous.version());
                     continue;
                 }
@@ -93,12 +111,7 @@ impl ShardedCluster {
             .iter()
             .map(|s| Arc::clone(&s.name))
             .collect();
-        Ok(SlotMap::from_owned(
-            version,
-            self.inner.slots,
-            names,
-            &owned,
-        ))
+        Ok(SlotMap::from_owned(version, self.inner.slots, names, &owned).with_shard_state(state))
     }
 
     /// Reads the map from the shards now and installs it; the slots whose

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
@@ -10,7 +11,7 @@ use tokio_postgres::types::ToSql;
 use crate::pg::route::RouteHint;
 use crate::pg::{Consistency, ConsistencyToken, Lsn, RouteReason, Transaction};
 
-use super::cluster::{Inner, ShardedCluster};
+use super::cluster::{Inner, ReadForms, ShardedCluster};
 use super::error::ShardError;
 use super::ownership::FENCE_SQL;
 use super::slot::ShardKey;
@@ -30,11 +31,11 @@ impl Inner {
         sql: &str,
         params: usize,
         shard: &Arc<str>,
-    ) -> Result<Arc<str>, ShardError> {
-        if let Some((n, fenced)) = crate::sync::read(&self.read_sql).get(sql)
+    ) -> Result<Arc<ReadForms>, ShardError> {
+        if let Some((n, forms)) = crate::sync::read(&self.read_sql).get(sql)
             && *n == params
         {
-            return Ok(Arc::clone(fenced));
+            return Ok(Arc::clone(forms));
         }
         crate::pg::route::check_pooled(sql).map_err(|e| ShardError::db(shard, e))?;
         let named = super::ownership::highest_placeholder(sql);
@@ -43,13 +44,16 @@ impl Inner {
                 "the statement uses ${named} but {params} parameters were given"
             )));
         }
-        let fenced: Arc<str> = super::ownership::fenced_read_sql(sql, params + 1).into();
+        let forms = Arc::new(ReadForms {
+            fenced: super::ownership::fenced_read_sql(sql, params + 1).into(),
+            plain: super::ownership::plain_read_sql(sql).into(),
+        });
         let mut cache = crate::sync::write(&self.read_sql);
         if cache.len() >= super::cluster::MAX_READ_SQL {
             cache.clear();
         }
-        cache.insert(sql.into(), (params, Arc::clone(&fenced)));
-        Ok(fenced)
+        cache.insert(sql.into(), (params, Arc::clone(&forms)));
+        Ok(forms)
     }
 }
 
@@ -394,11 +398,21 @@ impl ShardedCluster {
     ) -> Result<ShardRead<Vec<Row>>, ShardError> {
         self.catch_up_map(consistency.map_version()).await?;
         let slot = self.slot(key);
+        if let Some(read) = self
+            .read_leased(slot, consistency, hint, sql, params)
+            .await?
+        {
+            return Ok(read);
+        }
+        self.inner.metrics.fenced_reads.increment(1);
         let (mut index, version) = self.owner(slot).await?;
         // Checked once, when first fenced: `read_checked` below.
-        let fenced_sql =
-            self.inner
-                .fenced_read(sql, params.len(), &self.inner.shards[index].name)?;
+        let fenced_sql = Arc::clone(
+            &self
+                .inner
+                .fenced_read(sql, params.len(), &self.inner.shards[index].name)?
+                .fenced,
+        );
         let slot_param = i32::from(slot);
         let (mut retried, mut on_primary) = (false, false);
         let read = loop {
@@ -438,7 +452,11 @@ impl ShardedCluster {
                     &large
                 }
             };
-            let read = match shard.db.read_checked(c, hint, &fenced_sql, all).await {
+            let read = match shard
+                .db
+                .read_checked(c, hint, Lsn(0), &fenced_sql, all)
+                .await
+            {
                 Ok(read) => read,
                 // A replica behind the creation of a table the read names
                 // (the ownership table just after the first start, the
@@ -478,6 +496,70 @@ impl ShardedCluster {
             lsn: read.lsn,
             reason: read.reason,
         })
+    }
+
+    /// A read of `slot` under this instance's lease on its owner (see
+    /// `lease`): the statement's plain form, on a replica only if it has
+    /// replayed the map's position for that shard. `None`: no lease holds
+    /// (read it fenced), or one ran out while the rows came and the
+    /// shard's version moved since the map read it (read it again,
+    /// fenced).
+    async fn read_leased(
+        &self,
+        slot: u16,
+        consistency: &ShardConsistency,
+        hint: RouteHint,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Option<ShardRead<Vec<Row>>>, ShardError> {
+        let map = self.map();
+        let Some(index) = map.owner_index(slot) else {
+            return Ok(None);
+        };
+        let Some((seen, floor)) = map.shard_state(index) else {
+            return Ok(None);
+        };
+        let leases = &self.inner.leases;
+        let shard = &self.inner.shards[index];
+        // A replica behind the position (just after a claim, or lagging
+        // far) would be passed over for the primary: the fenced read
+        // routes as it always did instead.
+        let on_primary = matches!(consistency, ShardConsistency::Strong);
+        if !leases.holds(index, seen, Instant::now())
+            || !(on_primary || shard.db.replicas_replayed(floor))
+        {
+            return Ok(None);
+        }
+        let forms = self.inner.fenced_read(sql, params.len(), &shard.name)?;
+        let c = consistency.on_shard(shard.id);
+        let read = match shard
+            .db
+            .read_checked(c, hint, floor, &forms.plain, params)
+            .await
+        {
+            Ok(read) => read,
+            // A replica behind the creation of a table the read names:
+            // the fenced read knows where to go.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(ShardError::db(&shard.name, e)),
+        };
+        // The rows count if the lease still held when they came (the
+        // statement ran before), or if a read of the shard's version that
+        // starts now shows no change of ownership since the map's.
+        if !leases.holds(index, seen, Instant::now())
+            && self.renew(index).await.is_none_or(|v| v > seen)
+        {
+            return Ok(None);
+        }
+        Ok(Some(ShardRead {
+            value: read.value,
+            shard: Arc::clone(&shard.name),
+            served_by: read.served_by,
+            lsn: read.lsn,
+            reason: read.reason,
+        }))
     }
 
     /// The consistency token of a write made outside this handle (for

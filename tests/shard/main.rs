@@ -20,6 +20,7 @@ mod common;
 mod feed;
 mod fence;
 mod hostile;
+mod lease;
 mod metrics;
 mod plans;
 mod reads;
@@ -32,6 +33,18 @@ mod versions;
 pub(crate) use common::until;
 
 pub(crate) const DEADLINE: Duration = Duration::from_secs(30);
+
+/// The read lease of the tests' instances (a move holds its range this
+/// long plus 10% after the release: shorter than the default 1 s keeps
+/// the moving tests quick).
+pub(crate) const TEST_LEASE: Duration = Duration::from_millis(300);
+
+/// An instance whose map stays stale until a shard refuses one of its
+/// requests: no announcements heard, no read lease (so no renewals: every
+/// read is fenced in the read).
+pub(crate) fn deaf(b: ShardedClusterBuilder) -> ShardedClusterBuilder {
+    b.watch_map(false).read_lease(Duration::ZERO)
+}
 
 /// The two shared clusters (a primary and one replica each).
 pub(crate) fn shared() -> Vec<Arc<LocalCluster>> {
@@ -115,7 +128,7 @@ pub(crate) async fn sharded(
     configure: impl Fn(ClusterBuilder) -> ClusterBuilder,
     sharding: impl FnOnce(ShardedClusterBuilder) -> ShardedClusterBuilder,
 ) -> ShardedCluster {
-    let mut builder = ShardedCluster::builder();
+    let mut builder = ShardedCluster::builder().read_lease(TEST_LEASE);
     for (i, local) in locals.iter().enumerate() {
         let c = cluster(local, i + 1, db, &configure).await;
         builder = builder.shard(format!("shard-{}", i + 1), c);

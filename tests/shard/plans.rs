@@ -8,7 +8,7 @@
 
 use tower_scale::shard::{ShardConsistency, SlotRange};
 
-use crate::{DEADLINE, database, sharded, shared};
+use crate::{DEADLINE, database, deaf, sharded, shared};
 
 /// The shape of the library's fenced read, its slot and version last.
 const FENCED: &str = "SELECT _tsq.* FROM (SELECT FROM tower_scale_shard_slots WHERE slot=$2 \
@@ -123,7 +123,7 @@ async fn a_statement_the_planner_proves_empty_is_answered_by_the_owner() {
     // with it: tried and withdrawn.)
     let locals = shared();
     database(&locals, "fence_empty").await;
-    let stale = sharded(&locals, "fence_empty", |b| b, |b| b.watch_map(false)).await;
+    let stale = sharded(&locals, "fence_empty", |b| b, deaf).await;
     let mover = sharded(&locals, "fence_empty", |b| b, |b| b.watch_map(false)).await;
     let key = 5i64;
     let slot = stale.slot(&key);

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tower_scale::shard::{ShardConsistency, ShardError, SlotRange};
 
-use crate::{DEADLINE, client, database, holders, sharded, shared, until};
+use crate::{DEADLINE, client, database, deaf, holders, sharded, shared, until};
 
 /// `(shard index, version, fenced)` of every row listing `slot`, by SQL
 /// on each shard's primary.
@@ -74,7 +74,7 @@ async fn a_claim_lost_after_the_fence_leaves_one_holder_and_no_stale_service() {
         &locals,
         db,
         |b| b,
-        |b| b.watch_map(false).moved_wait(Duration::from_millis(300)),
+        |b| deaf(b).moved_wait(Duration::from_millis(300)),
     )
     .await;
     let clients = [client(&locals[0], db).await, client(&locals[1], db).await];

@@ -5,7 +5,7 @@
 
 use tower_scale::shard::{ShardConsistency, ShardedCluster, SlotRange};
 
-use crate::{database, sharded, shared};
+use crate::{database, deaf, sharded, shared};
 
 async fn give(mover: &ShardedCluster, slot: u16, to: &str) -> u64 {
     mover
@@ -22,7 +22,7 @@ async fn a_write_through_a_stale_map_carries_the_fence_rows_version() {
     let locals = shared();
     database(&locals, "versions").await;
     // Not listening for announcements: its map stays stale.
-    let stale = sharded(&locals, "versions", |b| b, |b| b.watch_map(false)).await;
+    let stale = sharded(&locals, "versions", |b| b, deaf).await;
     let mover = sharded(&locals, "versions", |b| b, |b| b).await;
     let key = (1i64..)
         .find(|k| stale.shard_for(k).as_deref() == Some("shard-1"))
@@ -32,7 +32,7 @@ async fn a_write_through_a_stale_map_carries_the_fence_rows_version() {
     // Away and back: the slot's owner is the one the stale map names, at
     // two versions later.
     give(&mover, slot, "shard-2").await;
-    let middle = sharded(&locals, "versions", |b| b, |b| b.watch_map(false)).await;
+    let middle = sharded(&locals, "versions", |b| b, deaf).await;
     assert_eq!(middle.map().owner(slot), Some("shard-2"));
     let back = give(&mover, slot, "shard-1").await;
     assert_eq!(back, first + 2);
@@ -87,7 +87,7 @@ async fn another_instance_hears_a_move_and_one_not_listening_learns_by_a_refusal
         move |b| b.on_slots_moved(move |slots| hook.lock().unwrap().extend_from_slice(slots)),
     )
     .await;
-    let deaf = sharded(&locals, "fanout", |b| b, |b| b.watch_map(false)).await;
+    let deaf = sharded(&locals, "fanout", |b| b, deaf).await;
     let mover = sharded(&locals, "fanout", |b| b, |b| b).await;
     let key = (1i64..)
         .find(|k| mover.shard_for(k).as_deref() == Some("shard-1"))

@@ -177,7 +177,12 @@ async fn ask(
     publication: Option<&str>,
 ) -> Result<Answers, LookupFailed> {
     let (index, _, _) = db
-        .route(Consistency::Any, super::super::route::RouteHint::None, None)
+        .route(
+            Consistency::Any,
+            super::super::route::RouteHint::None,
+            None,
+            crate::pg::Lsn(0),
+        )
         .await
         .map_err(|_| LookupFailed)?;
     let node = db.node(index);

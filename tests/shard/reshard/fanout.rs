@@ -16,7 +16,7 @@ async fn another_instance_has_the_new_map_shortly_after_the_cutover() {
     let items = |b: tower_scale::shard::ShardedClusterBuilder| b.table("items", "id");
     let mover = sharded(&locals, "reshard_fanout", |b| b, items).await;
     let listening = sharded(&locals, "reshard_fanout", |b| b, items).await;
-    let deaf = sharded_again(&locals, "reshard_fanout", |b| b.watch_map(false)).await;
+    let deaf = sharded_again(&locals, "reshard_fanout", crate::deaf).await;
     let keys = shard1_keys(1, 400);
     preload(&client(&locals[0], "reshard_fanout").await, &keys).await;
 

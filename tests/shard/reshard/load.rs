@@ -184,7 +184,7 @@ async fn half_of_a_shard_moves_under_write_load_losing_nothing() {
     // Two instances that do not run the move: one not listening to the
     // map announcements (it learns of the move when the old owner refuses
     // it), one listening (it hears the move).
-    let other = sharded_again(&locals, "reshard_load", |b| b.watch_map(false)).await;
+    let other = sharded_again(&locals, "reshard_load", crate::deaf).await;
     let heard: Arc<std::sync::Mutex<Vec<(Instant, u16)>>> = Arc::default();
     let hook = Arc::clone(&heard);
     let listening = sharded_again(&locals, "reshard_load", move |b| {

@@ -79,14 +79,18 @@ pub(crate) async fn no_move_slots(c: &tokio_postgres::Client) {
 }
 
 /// A second instance on the same databases (primaries only), configured
-/// by `configure` (`watch_map(false)` for one whose map stays stale until
-/// a shard refuses one of its requests).
+/// by `configure` ([`crate::deaf`] for one whose map stays stale until a shard
+/// refuses one of its requests).
 pub(crate) async fn sharded_again(
     locals: &[Arc<LocalCluster>],
     db: &str,
     configure: impl FnOnce(ShardedClusterBuilder) -> ShardedClusterBuilder,
 ) -> ShardedCluster {
-    let mut builder = configure(ShardedCluster::builder().table("items", "id"));
+    let mut builder = configure(
+        ShardedCluster::builder()
+            .table("items", "id")
+            .read_lease(crate::TEST_LEASE),
+    );
     for (i, local) in locals.iter().enumerate() {
         let mut config = local.primary().config();
         config.dbname(db);

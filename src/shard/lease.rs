@@ -1,0 +1,201 @@
+//! Read leases: routed reads without the in-read fence, and what a move
+//! owes them.
+//!
+//! **The guarantee** (the in-read fence's, kept): a routed read never
+//! returns a false "not found" or data older than a write that committed
+//! before the read began, because this instance's map is stale.
+//!
+//! An instance holds a lease on each shard: "the shard's map version was
+//! at most `v` at local instant `t`", from a read of the shard's primary
+//! that started at `t` (the renewal below, every quarter lease, or a map
+//! load). A map that read the shard at version `v` or later then shows
+//! every change of ownership the shard had committed by `t`. While
+//! `now < t + lease`, a read routed by such a map runs its statement as
+//! it is (no ownership row joined); otherwise it is fenced in the read,
+//! as before. The lease is checked again when the rows arrive: rows that
+//! come back after it ran out count only if a fresh read of the shard's
+//! version shows no change of ownership since the map's (else the read is
+//! made again, fenced).
+//!
+//! The other side is the move: after the source's release commits, the
+//! target's claim waits [`Leases::hold`] (the longest lease any shard
+//! records, plus 10% for clocks that run at different rates, plus 20 ms)
+//! before it commits, and the source's rows are deleted only after the
+//! claim. So a read that a stale lease let through ran its statement
+//! before the target could take a write for the range, and before the
+//! source deleted a row of it: it saw the range's current data.
+//!
+//! Replicas: the map also records, per shard, the primary's WAL insert
+//! position when it read the shard's table (kept while the shard's
+//! version does not change). A lease read goes to a replica only if the
+//! monitor saw it replay that position, so it has every claim the map
+//! shows and every row the claims brought (the in-read fence checked the
+//! replica's own ownership rows for this).
+//!
+//! Assumed: clocks whose rates differ by less than 10% (not synchronised
+//! clocks: every duration is measured on one machine's monotonic clock).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::cluster::{Inner, ShardedCluster};
+use crate::pg::Consistency;
+
+/// How much two clocks' rates may differ, in percent of the lease.
+const DRIFT_PERCENT: u32 = 10;
+/// Added to a move's hold (a scheduler's delay in taking the time).
+const HOLD_MARGIN: Duration = Duration::from_millis(20);
+/// The read of a shard's version.
+const VERSION_SQL: &str = "SELECT version FROM tower_scale_shard_map";
+
+/// What an instance has confirmed of each shard, and the lease's length.
+pub(crate) struct Leases {
+    base: Instant,
+    /// The lease this instance holds, in nanoseconds (0: none, every read
+    /// fenced): the configured one, at most the shortest a shard records.
+    lease_ns: AtomicU64,
+    /// The longest lease a shard records (nanoseconds): what a move's
+    /// claim waits after its release.
+    longest_ns: AtomicU64,
+    shards: Box<[Confirmed]>,
+}
+
+/// "The shard's map version was at most `version` at `at`": both only go
+/// up; `version` is stored first and read last, so a reader never pairs
+/// an instant with a version older than the one read at it.
+#[derive(Default)]
+struct Confirmed {
+    version: AtomicU64,
+    /// Nanoseconds since `base`, plus one (0: never).
+    at: AtomicU64,
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Leases {
+    pub(crate) fn new(shards: usize, configured: Duration) -> Self {
+        Self {
+            base: Instant::now(),
+            lease_ns: AtomicU64::new(nanos(configured)),
+            longest_ns: AtomicU64::new(0),
+            shards: (0..shards).map(|_| Confirmed::default()).collect(),
+        }
+    }
+
+    /// A shard records `lease` as its longest: this instance holds no
+    /// longer one, and moves wait for the longest recorded.
+    pub(crate) fn recorded(&self, lease: Duration) {
+        self.lease_ns.fetch_min(nanos(lease), Ordering::Relaxed);
+        self.longest_ns.fetch_max(nanos(lease), Ordering::Relaxed);
+    }
+
+    /// The lease this instance holds.
+    pub(crate) fn lease(&self) -> Duration {
+        Duration::from_nanos(self.lease_ns.load(Ordering::Relaxed))
+    }
+
+    /// How long a move's claim waits after its release commits: the
+    /// longest lease recorded, plus the clocks' allowance (zero if no
+    /// shard records a lease).
+    pub(crate) fn hold(&self) -> Duration {
+        let longest = Duration::from_nanos(self.longest_ns.load(Ordering::Relaxed));
+        if longest.is_zero() {
+            return Duration::ZERO;
+        }
+        longest + longest * DRIFT_PERCENT / 100 + HOLD_MARGIN
+    }
+
+    /// Shard `i`'s map version was at most `version` at `started`.
+    pub(crate) fn confirm(&self, i: usize, version: u64, started: Instant) {
+        let Some(c) = self.shards.get(i) else {
+            return;
+        };
+        c.version.fetch_max(version, Ordering::Release);
+        let at = nanos(started.saturating_duration_since(self.base)).saturating_add(1);
+        c.at.fetch_max(at, Ordering::Release);
+    }
+
+    /// Whether a map that read shard `i` at version `seen` may route a
+    /// read to it without the in-read fence at `now`.
+    pub(crate) fn holds(&self, i: usize, seen: u64, now: Instant) -> bool {
+        let Some(c) = self.shards.get(i) else {
+            return false;
+        };
+        let at = c.at.load(Ordering::Acquire);
+        let version = c.version.load(Ordering::Acquire);
+        let lease = self.lease_ns.load(Ordering::Relaxed);
+        let now = nanos(now.saturating_duration_since(self.base));
+        at != 0 && lease != 0 && version <= seen && now < (at - 1).saturating_add(lease)
+    }
+}
+
+impl ShardedCluster {
+    /// Reads shard `i`'s version on its primary (within half a lease) and
+    /// confirms it (`None`: no answer in time).
+    pub(crate) async fn renew(&self, i: usize) -> Option<u64> {
+        let shard = self.inner.shards.get(i)?;
+        let leases = &self.inner.leases;
+        let started = Instant::now();
+        let wait = (leases.lease() / 2).max(Duration::from_millis(10));
+        let read = shard.db.read_one(Consistency::Strong, VERSION_SQL, &[]);
+        let version = match tokio::time::timeout(wait, read).await {
+            Ok(Ok(row)) => u64::try_from(row.value.try_get::<_, i64>(0).ok()?).ok()?,
+            _ => return None,
+        };
+        leases.confirm(i, version, started);
+        Some(version)
+    }
+}
+
+/// Starts the renewals (every `every`, by default a quarter lease; every
+/// shard at once); they stop when `closed` is cancelled. A shard whose
+/// version went up is followed by a refresh of the map (whose reads
+/// confirm every shard).
+pub(crate) fn start(sharded: &ShardedCluster, every: Option<Duration>, closed: &CancellationToken) {
+    let lease = sharded.inner.leases.lease();
+    if lease.is_zero() {
+        return;
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(renew_all(
+        Arc::downgrade(&sharded.inner),
+        every.unwrap_or(lease / 4).max(Duration::from_millis(5)),
+        closed.clone(),
+    ));
+}
+
+async fn renew_all(inner: Weak<Inner>, every: Duration, closed: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = closed.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let sharded = ShardedCluster { inner };
+        let map = sharded.map();
+        let renewed = futures_util::future::join_all(
+            (0..sharded.inner.shards.len()).map(|i| sharded.renew(i)),
+        )
+        .await;
+        // A shard that changed ownership since the map read it: refresh
+        // (a shard that did not answer is left to its lease running out).
+        let moved = renewed
+            .iter()
+            .enumerate()
+            .any(|(i, v)| v.is_some_and(|v| map.shard_state(i).is_none_or(|(seen, _)| v > seen)));
+        if moved && let Err(e) = sharded.refresh_if_not_newer(map.version()).await {
+            tracing::debug!(error = %e, "shard map: refresh after a renewal failed");
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! Read leases: a read routed by a stale map under a lease runs without
+//! the in-read fence, and still never sees a false "not found" or data
+//! older than a write that returned before it began. The other side: a
+//! move's claim waits out every lease (the hold).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+use tower_scale::pg::{Lsn, Role};
+use tower_scale::shard::{ShardConsistency, ShardError, ShardedCluster};
+
+use crate::fence::{move_with_rows, other};
+use crate::{DEADLINE, Rng, client, database, sharded, shared, until};
+
+const SQL: &str = "SELECT name FROM items WHERE id = $1";
+
+/// Whether the shard of `client` holds `slot` fenced (a move's release
+/// committed, its claim not yet).
+async fn fenced(client: &Client, slot: u16) -> bool {
+    let n: i64 = client
+        .query_one(
+            "SELECT count(*) FROM tower_scale_shard_slots WHERE slot = $1 AND fenced",
+            &[&i32::from(slot)],
+        )
+        .await
+        .expect("ownership row")
+        .get(0);
+    n > 0
+}
+
+async fn name(sharded: &ShardedCluster, key: i64, c: &ShardConsistency) -> (String, String) {
+    let r = sharded.read(&key, c, SQL, &[&key]).await.expect("read");
+    assert_eq!(r.value.len(), 1, "the row, never a false not-found");
+    (r.value[0].get::<_, String>(0), r.shard.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_lease_reads_the_old_owner_and_no_write_lands_before_it_runs_out() {
+    let locals = shared();
+    database(&locals, "lease_stale").await;
+    let lease = Duration::from_secs(4);
+    // The first to start records its 4 s lease on both shards (so every
+    // move holds its claim 4.4 s). Renewed once, at its start: its map
+    // stays the one it read then, its lease runs out 4 s later.
+    let stale = sharded(
+        &locals,
+        "lease_stale",
+        |b| b,
+        |b| {
+            b.watch_map(false)
+                .read_lease(lease)
+                .lease_renewal(Duration::from_secs(3600))
+        },
+    )
+    .await;
+    // Waits out the 4.4 s hold (the default 2 s would give up first).
+    let mover = sharded(
+        &locals,
+        "lease_stale",
+        |b| b,
+        |b| b.moved_wait(Duration::from_secs(10)),
+    )
+    .await;
+    let clients = [
+        client(&locals[0], "lease_stale").await,
+        client(&locals[1], "lease_stale").await,
+    ];
+    let key = 7i64;
+    let slot = stale.slot(&key);
+    let from = stale.shard_for(&key).expect("owned").to_string();
+    let to = other(&from);
+    mover
+        .write(
+            &key,
+            "INSERT INTO items (id, slot, name) VALUES ($1, $2, 'before')",
+            &[&key, &i32::from(slot)],
+        )
+        .await
+        .expect("insert");
+    // The stale instance's map read its shards before the insert: once its
+    // monitor saw the replicas replay the insert, they have the map's
+    // positions, and its leased reads may go to them.
+    let old = &clients[usize::from(from == "shard-2")];
+    let inserted: Lsn = old
+        .query_one("SELECT pg_catalog.pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("position")
+        .get::<_, String>(0)
+        .parse()
+        .expect("an lsn");
+    until(
+        "the stale instance sees its replicas replay the insert",
+        DEADLINE,
+        async || {
+            let nodes = stale.shard(&from).expect("shard").status();
+            nodes
+                .iter()
+                .filter(|n| n.role == Role::Replica)
+                .all(|n| n.lsn >= inserted)
+        },
+    )
+    .await;
+    let moving = {
+        let mover = mover.clone();
+        tokio::spawn(async move { move_with_rows(&mover, slot, to).await })
+    };
+    until("the old owner's release", DEADLINE, async || {
+        fenced(old, slot).await
+    })
+    .await;
+    let released = Instant::now();
+    // The old owner refuses the slot's writes now; the stale lease still
+    // reads it there, and finds the row.
+    for c in [ShardConsistency::Strong, ShardConsistency::Any] {
+        let (value, shard) = name(&stale, key, &c).await;
+        assert_eq!(value, "before");
+        assert_eq!(
+            shard, from,
+            "{c:?}: read under the stale lease, on the old owner"
+        );
+    }
+    // A write waits for the claim, which waits out the hold: it lands on
+    // the new owner after the stale lease (confirmed before the release)
+    // ran out.
+    let w = mover
+        .write(
+            &key,
+            "UPDATE items SET name = 'after' WHERE id = $1",
+            &[&key],
+        )
+        .await
+        .expect("write after the move");
+    let written = released.elapsed();
+    assert_eq!(&*w.shard, to);
+    println!("the write returned {written:?} after the release was seen (lease {lease:?})");
+    assert!(
+        written >= lease,
+        "a write landed within the stale lease: {written:?}"
+    );
+    // So the stale instance, asked now, is fenced in the read again: the
+    // old owner refuses, and the new one answers with the write.
+    let token = ShardConsistency::ReadYourWrites(w.token);
+    for c in [ShardConsistency::Strong, token] {
+        let (value, shard) = name(&stale, key, &c).await;
+        assert_eq!(value, "after", "{c:?}");
+        assert_eq!(shard, to);
+    }
+    moving.await.expect("move task");
+    assert_eq!(crate::holders(&clients, key).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_not_listening_learns_a_move_from_its_lease_renewal() {
+    let locals = shared();
+    database(&locals, "lease_renew").await;
+    let quiet = sharded(&locals, "lease_renew", |b| b, |b| b.watch_map(false)).await;
+    let mover = sharded(&locals, "lease_renew", |b| b, |b| b).await;
+    let slot = 5u16;
+    let to = other(quiet.map().owner(slot).expect("owned")).to_string();
+    let version = mover
+        .move_ownership(tower_scale::shard::SlotRange::one(slot), &to)
+        .await
+        .expect("move");
+    // No request of its own, no announcement heard: the renewal (every
+    // quarter lease) finds the shards' versions moved and refreshes.
+    until("the quiet instance's map", DEADLINE, async || {
+        quiet.map().owner(slot) == Some(to.as_str())
+    })
+    .await;
+    assert_eq!(quiet.map().version(), version);
+}
+
+/// One read's record: when it began and ended, the value it saw.
+struct ReadRecord {
+    began: Instant,
+    value: u64,
+    shard: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_under_leases_racing_moves_never_see_older_data() {
+    let mut rng = Rng::from_env_or_time();
+    let locals = shared();
+    database(&locals, "lease_race").await;
+    let mover = sharded(&locals, "lease_race", |b| b, |b| b).await;
+    // Readers that hear no announcement: their maps lag each move until
+    // a renewal (every 75 ms) finds it, and they read under their leases
+    // meanwhile.
+    let mut readers = Vec::new();
+    for _ in 0..2 {
+        readers.push(sharded(&locals, "lease_race", |b| b, |b| b.watch_map(false)).await);
+    }
+    let key = 11i64;
+    let slot = mover.slot(&key);
+    mover
+        .write(
+            &key,
+            "INSERT INTO items (id, slot, name) VALUES ($1, $2, '0')",
+            &[&key, &i32::from(slot)],
+        )
+        .await
+        .expect("insert");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Writes, one after another: (value, when it returned).
+    let writes: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
+    let writer = {
+        let (mover, stop, writes) = (mover.clone(), Arc::clone(&stop), Arc::clone(&writes));
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                n += 1;
+                mover
+                    .write(
+                        &key,
+                        "UPDATE items SET name = $2 WHERE id = $1",
+                        &[&key, &n.to_string()],
+                    )
+                    .await
+                    .expect("write");
+                writes.lock().unwrap().push((n, Instant::now()));
+            }
+        })
+    };
+    let mut reading = Vec::new();
+    for reader in &readers {
+        let (reader, stop) = (reader.clone(), Arc::clone(&stop));
+        reading.push(tokio::spawn(async move {
+            let (mut seen, mut moved) = (Vec::new(), 0);
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                let began = Instant::now();
+                let r = match reader
+                    .read(&key, &ShardConsistency::Strong, SQL, &[&key])
+                    .await
+                {
+                    Ok(r) => r,
+                    // Refused twice: the slot moved again while the read
+                    // was retried (moves here follow each other closely).
+                    // Retryable, and it returned nothing.
+                    Err(ShardError::Moved { .. }) => {
+                        moved += 1;
+                        continue;
+                    }
+                    Err(e) => panic!("read: {e}"),
+                };
+                assert_eq!(r.value.len(), 1, "the row, never a false not-found");
+                seen.push(ReadRecord {
+                    began,
+                    value: r.value[0].get::<_, String>(0).parse().expect("a number"),
+                    shard: r.shard.to_string(),
+                });
+            }
+            (seen, moved)
+        }));
+    }
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(rng.below(80))).await;
+        let to = other(mover.map().owner(slot).expect("owned"));
+        move_with_rows(&mover, slot, to).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    writer.await.expect("writer");
+    let writes = writes.lock().unwrap().clone();
+    let (mut reads, mut moved) = (Vec::new(), 0);
+    for r in reading {
+        let (seen, m) = r.await.expect("reader");
+        reads.extend(seen);
+        moved += m;
+    }
+    // The checker: a read sees at least the last write that returned
+    // before it began.
+    let mut stale = Vec::new();
+    for r in &reads {
+        let floor = writes
+            .iter()
+            .take_while(|(_, at)| *at < r.began)
+            .last()
+            .map_or(0, |(n, _)| *n);
+        if r.value < floor {
+            stale.push(format!(
+                "read {} on {} after write {floor} returned",
+                r.value, r.shard
+            ));
+        }
+    }
+    let on_1 = reads.iter().filter(|r| r.shard == "shard-1").count();
+    println!(
+        "{} reads ({on_1} on shard-1, {moved} refused twice), {} writes, 6 moves",
+        reads.len(),
+        writes.len()
+    );
+    assert!(writes.len() > 6, "writes went on through the moves");
+    assert!(
+        stale.is_empty(),
+        "{} stale reads: {:?}",
+        stale.len(),
+        &stale[..stale.len().min(5)]
+    );
+}
