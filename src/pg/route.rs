@@ -303,12 +303,19 @@ impl Db {
             .await
     }
 
-    /// Whether every healthy replica has replayed `floor`, by what the
-    /// monitor last saw (a shard's read lease then routes as without it).
+    /// Whether every healthy replica a read might use (within the lag
+    /// budget or the hot-read lag) has replayed `floor`, by what the
+    /// monitor last saw: a shard's read lease then routes as without it.
     #[cfg(feature = "shard")]
     pub(crate) fn replicas_replayed(&self, floor: Lsn) -> bool {
+        let options = &self.inner.options;
+        let usable = options.lag_budget.max(options.hot_lag_max);
         self.inner.nodes.iter().all(|n| {
-            n.lsn() >= floor || !n.is_healthy() || n.role() != Role::Replica || n.is_fenced()
+            n.lsn() >= floor
+                || !n.is_healthy()
+                || n.role() != Role::Replica
+                || n.is_fenced()
+                || n.lag() > usable
         })
     }
 

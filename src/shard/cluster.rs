@@ -202,7 +202,11 @@ impl ShardedClusterBuilder {
 
     /// How long a request refused with [`ShardError::Moved`] waits for
     /// the map to show the slot's new owner before its one retry (a move
-    /// commits on the old owner, then on the new one). Default 2 s.
+    /// commits on the old owner, then on the new one, the read leases'
+    /// hold later: keep it above that hold, 1.1 s with the default
+    /// lease, or requests for a range being moved fail with
+    /// [`ShardError::Moved`] or [`ShardError::Unowned`]; a warning is
+    /// logged at build). Default 2 s.
     pub fn moved_wait(mut self, d: Duration) -> Self {
         self.moved_wait = d;
         self
@@ -251,8 +255,19 @@ impl ShardedClusterBuilder {
     /// wait that much longer during a cutover (keep
     /// [`moved_wait`](Self::moved_wait) above it). The first instance to
     /// start records it on each shard; an instance never holds a longer
-    /// lease than a shard records, and moves wait for the longest. See
-    /// the module's guarantees.
+    /// lease than a shard records, and moves wait for the longest (at most
+    /// 60 s). A database set up by an earlier release records 0 (no
+    /// leases, since instances of that release run moves without the
+    /// hold): once every instance runs this release, set
+    /// `tower_scale_shard_map.lease_ms` on every shard and restart them.
+    /// Lowering it: instances pick the shorter lease at their next
+    /// renewal; start no move within one old lease of the change.
+    ///
+    /// Assumed: clock rates differ by less than 10%, and no machine's
+    /// monotonic clock stops while real time passes (a suspended host).
+    /// Copies made with [`begin_move`](super::ShardedCluster::begin_move)
+    /// are deleted from the old owner only after the move's `commit`
+    /// returned.
     pub fn read_lease(mut self, d: Duration) -> Self {
         self.read_lease = d;
         self

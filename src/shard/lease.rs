@@ -49,7 +49,7 @@ const DRIFT_PERCENT: u32 = 10;
 /// Added to a move's hold (a scheduler's delay in taking the time).
 const HOLD_MARGIN: Duration = Duration::from_millis(20);
 /// The read of a shard's version.
-const VERSION_SQL: &str = "SELECT version FROM tower_scale_shard_map";
+const VERSION_SQL: &str = "SELECT version, lease_ms FROM tower_scale_shard_map";
 
 /// What an instance has confirmed of each shard, and the lease's length.
 pub(crate) struct Leases {
@@ -63,14 +63,58 @@ pub(crate) struct Leases {
     shards: Box<[Confirmed]>,
 }
 
-/// "The shard's map version was at most `version` at `at`": both only go
-/// up; `version` is stored first and read last, so a reader never pairs
-/// an instant with a version older than the one read at it.
+/// "The shard's map version was `version` when read by a query that
+/// started at `at`" (so at most that at `at`, versions only rising): the
+/// latest such confirmation, as a seqlock (readers never wait; writers
+/// take `write`). A version lower than the one held, from a query that
+/// started later, replaces it: the shard lost ownership changes (a
+/// failover that lost commits), and no map that read it before holds.
 #[derive(Default)]
 struct Confirmed {
+    /// Even when stable, odd while a writer changes the two below.
+    seq: AtomicU64,
     version: AtomicU64,
     /// Nanoseconds since `base`, plus one (0: never).
     at: AtomicU64,
+    write: std::sync::Mutex<()>,
+}
+
+impl Confirmed {
+    /// (version, at), consistent with each other.
+    fn get(&self) -> (u64, u64) {
+        loop {
+            let before = self.seq.load(Ordering::Acquire);
+            let version = self.version.load(Ordering::Relaxed);
+            let at = self.at.load(Ordering::Relaxed);
+            std::sync::atomic::fence(Ordering::Acquire);
+            if before & 1 == 0 && self.seq.load(Ordering::Relaxed) == before {
+                return (version, at);
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    fn set(&self, version: u64, at: u64) {
+        let _one = crate::sync::lock(&self.write);
+        let (held, held_at) = (
+            self.version.load(Ordering::Relaxed),
+            self.at.load(Ordering::Relaxed),
+        );
+        let (version, at) = if version == held {
+            (version, at.max(held_at))
+        } else if version > held || at > held_at {
+            (version, at)
+        } else {
+            // An older query's answer, come late: what is held is newer.
+            return;
+        };
+        let seq = self.seq.load(Ordering::Relaxed);
+        self.seq.store(seq.wrapping_add(1), Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::Release);
+        self.version.store(version, Ordering::Relaxed);
+        self.at.store(at, Ordering::Relaxed);
+        self.seq.store(seq.wrapping_add(2), Ordering::Release);
+    }
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -87,8 +131,9 @@ impl Leases {
         }
     }
 
-    /// A shard records `lease` as its longest: this instance holds no
-    /// longer one, and moves wait for the longest recorded.
+    /// A shard records `lease` as its longest (read at start, at every map
+    /// load and renewal): this instance holds no longer one from then on,
+    /// and its moves wait for the longest it has seen.
     pub(crate) fn recorded(&self, lease: Duration) {
         self.lease_ns.fetch_min(nanos(lease), Ordering::Relaxed);
         self.longest_ns.fetch_max(nanos(lease), Ordering::Relaxed);
@@ -110,27 +155,29 @@ impl Leases {
         longest + longest * DRIFT_PERCENT / 100 + HOLD_MARGIN
     }
 
-    /// Shard `i`'s map version was at most `version` at `started`.
+    /// A query that started at `started` read shard `i`'s map version as
+    /// `version`.
     pub(crate) fn confirm(&self, i: usize, version: u64, started: Instant) {
-        let Some(c) = self.shards.get(i) else {
-            return;
-        };
-        c.version.fetch_max(version, Ordering::Release);
-        let at = nanos(started.saturating_duration_since(self.base)).saturating_add(1);
-        c.at.fetch_max(at, Ordering::Release);
+        if let Some(c) = self.shards.get(i) {
+            let at = nanos(started.saturating_duration_since(self.base)).saturating_add(1);
+            c.set(version, at);
+        }
     }
 
     /// Whether a map that read shard `i` at version `seen` may route a
-    /// read to it without the in-read fence at `now`.
+    /// read to it without the in-read fence at `now`: the latest
+    /// confirmation is of that same version, less than a lease ago (so
+    /// every change of ownership the shard had committed by then is in
+    /// the map, and one committed since has not let a new owner take a
+    /// write yet).
     pub(crate) fn holds(&self, i: usize, seen: u64, now: Instant) -> bool {
         let Some(c) = self.shards.get(i) else {
             return false;
         };
-        let at = c.at.load(Ordering::Acquire);
-        let version = c.version.load(Ordering::Acquire);
+        let (version, at) = c.get();
         let lease = self.lease_ns.load(Ordering::Relaxed);
         let now = nanos(now.saturating_duration_since(self.base));
-        at != 0 && lease != 0 && version <= seen && now < (at - 1).saturating_add(lease)
+        at != 0 && lease != 0 && version == seen && now < (at - 1).saturating_add(lease)
     }
 }
 
@@ -144,7 +191,11 @@ impl ShardedCluster {
         let wait = (leases.lease() / 2).max(Duration::from_millis(10));
         let read = shard.db.read_one(Consistency::Strong, VERSION_SQL, &[]);
         let version = match tokio::time::timeout(wait, read).await {
-            Ok(Ok(row)) => u64::try_from(row.value.try_get::<_, i64>(0).ok()?).ok()?,
+            Ok(Ok(row)) => {
+                // A lease changed by hand: a shorter one applies now.
+                leases.recorded(super::ownership::lease_of(row.value.try_get(1).ok()?));
+                u64::try_from(row.value.try_get::<_, i64>(0).ok()?).ok()?
+            }
             _ => return None,
         };
         leases.confirm(i, version, started);
@@ -188,14 +239,70 @@ async fn renew_all(inner: Weak<Inner>, every: Duration, closed: CancellationToke
             (0..sharded.inner.shards.len()).map(|i| sharded.renew(i)),
         )
         .await;
-        // A shard that changed ownership since the map read it: refresh
+        // A shard that changed ownership since the map read it (or lost
+        // changes: its version lower, after a failover): refresh
         // (a shard that did not answer is left to its lease running out).
         let moved = renewed
             .iter()
             .enumerate()
-            .any(|(i, v)| v.is_some_and(|v| map.shard_state(i).is_none_or(|(seen, _)| v > seen)));
+            .any(|(i, v)| v.is_some_and(|v| map.shard_state(i).is_none_or(|(seen, _)| v != seen)));
         if moved && let Err(e) = sharded.refresh_if_not_newer(map.version()).await {
             tracing::debug!(error = %e, "shard map: refresh after a renewal failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_holds_for_the_version_confirmed_within_its_length() {
+        let leases = Leases::new(1, Duration::from_secs(1));
+        let t = |ms: u64| leases.base + Duration::from_millis(ms);
+        assert!(!leases.holds(0, 0, t(0)), "never confirmed");
+        leases.confirm(0, 5, t(100));
+        assert!(leases.holds(0, 5, t(1099)));
+        assert!(!leases.holds(0, 5, t(1100)), "ran out");
+        assert!(!leases.holds(0, 4, t(200)), "a map older than the shard");
+        assert!(
+            !leases.holds(0, 6, t(200)),
+            "a map newer than the confirmation"
+        );
+        // An older query's answer, come late, changes nothing.
+        leases.confirm(0, 4, t(50));
+        assert!(leases.holds(0, 5, t(1099)));
+        // The same version later: extended.
+        leases.confirm(0, 5, t(900));
+        assert!(leases.holds(0, 5, t(1899)));
+        // A lower version from a later query: the shard lost changes; no
+        // map that read it before holds.
+        leases.confirm(0, 3, t(1000));
+        assert!(!leases.holds(0, 5, t(1001)));
+        assert!(leases.holds(0, 3, t(1001)));
+        // No lease configured: nothing holds.
+        let none = Leases::new(1, Duration::ZERO);
+        none.confirm(0, 1, none.base);
+        assert!(!none.holds(0, 1, none.base));
+    }
+
+    #[test]
+    fn an_instance_holds_the_shortest_lease_and_moves_wait_the_longest() {
+        let leases = Leases::new(2, Duration::from_secs(5));
+        leases.recorded(Duration::from_secs(1));
+        leases.recorded(Duration::from_secs(2));
+        assert_eq!(leases.lease(), Duration::from_secs(1));
+        assert_eq!(
+            leases.hold(),
+            Duration::from_secs(2) + Duration::from_millis(200) + HOLD_MARGIN
+        );
+        // Lowered by hand: shorter from now on, and moves keep the longest.
+        leases.recorded(Duration::from_millis(300));
+        assert_eq!(leases.lease(), Duration::from_millis(300));
+        assert!(leases.hold() > Duration::from_secs(2));
+        assert_eq!(
+            Leases::new(1, Duration::from_secs(1)).hold(),
+            Duration::ZERO
+        );
     }
 }

@@ -52,8 +52,8 @@ pub(crate) const NO_OWNER: u16 = u16::MAX;
 
 /// Set in an owner entry whose shard holds the slot fenced: a move's
 /// cutover committed the source's side and not yet the target's. The
-/// shard still holds it (no other does), and refuses its reads and
-/// writes: routing sees no owner.
+/// shard still holds it (no other does), and refuses its writes and
+/// reads fenced in the read: routing sees no owner.
 const FENCED: u16 = 0x8000;
 
 /// Which shard owns each slot, and the map's version (the highest

@@ -26,16 +26,22 @@
 //!   for the move and then finds the row fenced. A shard that does not own
 //!   the slot refuses the write ([`ShardError::Moved`] inside); the
 //!   instance refreshes its map and retries once on the owner.
-//! - **Reads are fenced** by checking ownership inside the read: the
-//!   statement runs as a lateral subquery of the slot's ownership row, one
-//!   statement, one snapshot, on the primary or a replica (which replays
-//!   the release of a slot at the same WAL position as everything the
-//!   move committed before it). A shard that does not own the slot in the
-//!   read's snapshot answers nothing at all, never an empty result that
-//!   could be taken for "not found"; the read is retried once on the new
-//!   owner's primary. A move commits the old owner's release before the
-//!   new owner's claim, so while a stale instance can still read the old
-//!   owner, the new one has accepted no write.
+//! - **Reads are fenced by a lease, or in the read.** An instance holds a
+//!   read lease on each shard ([`read_lease`](ShardedClusterBuilder::read_lease),
+//!   default 1 s, renewed every quarter: "the shard's map version was at
+//!   most *v* at instant *t*"); while it holds for the version its map
+//!   read, a read runs its statement as it is. A move's new owner claims
+//!   the range only the longest lease (plus 10%) after the old owner let
+//!   go, and the old owner's rows go only after the claim, so a read that
+//!   a stale map sends to the old owner still finds the range's current
+//!   rows. Without a lease (renewals failing, a replica behind the map's
+//!   position, `read_lease(0)`), the statement runs as a lateral subquery
+//!   of the slot's ownership row, one statement, one snapshot, on the
+//!   primary or a replica (which replays the release of a slot at the same
+//!   WAL position as everything the move committed before it). A shard
+//!   that does not own the slot in the read's snapshot answers nothing at
+//!   all, never an empty result that could be taken for "not found"; the
+//!   read is retried once on the new owner's primary.
 //! - **Cross-shard reads**: [`ShardedCluster::read_all`] on every shard
 //!   concurrently, a deadline per shard, rows per shard; [`merge_sorted`],
 //!   [`AllRows::sum_i64`] and [`AllRows::count`] combine them. A failed

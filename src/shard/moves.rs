@@ -70,11 +70,15 @@ impl SlotMove {
     /// read leases: the longest lease a shard records, plus 10%) the new
     /// owner's claim, then deletes the old owner's fenced rows, and refreshes this
     /// instance's map. Between the first two commits the old owner still
-    /// holds the range, fenced: it refuses the range's reads and writes
-    /// (they wait for the new owner, within the moved wait), so no write
-    /// is accepted by the new owner while the old one could still serve a
+    /// holds the range, fenced: it refuses the range's writes and reads
+    /// fenced in the read (they wait for the new owner, within the moved
+    /// wait); an instance whose map predates the fence may read it there
+    /// under its lease, which runs out within the hold. So no write is
+    /// accepted by the new owner while the old one could still serve a
     /// read, and the ownership tables name one holder of every slot at
-    /// every moment. If the claim's commit fails, the old owner holds the
+    /// every moment. The move lock is held through the hold: moves follow
+    /// each other at most one per hold. If the claim's commit fails (or
+    /// this future is dropped during the hold), the old owner holds the
     /// range fenced: run the move again (it finishes from there) or lift
     /// the fence ([`ShardedCluster::rollback_move`] for a move by
     /// `move_slots`). A failure to delete the fenced rows is only logged:
@@ -92,9 +96,15 @@ impl SlotMove {
         // old owner: the new one takes the range (and writes to it) only
         // once every such lease has run out (see `lease`). Also when
         // finishing a move in transit: its release's time is unknown.
-        let hold = self.cluster.inner.leases.hold();
-        if !hold.is_zero() {
-            tokio::time::sleep(hold).await;
+        // Measured on the clock the leases are (a paused or skewed tokio
+        // clock would shorten a sleep alone).
+        let until = std::time::Instant::now() + self.cluster.inner.leases.hold();
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            tokio::time::sleep(left).await;
         }
         let (name, tx) = self.to;
         tx.commit().await.map_err(|e| ShardError::db(&name, e))?;

@@ -4,7 +4,7 @@
 //! CREATE TABLE tower_scale_shard_map   (one bool PRIMARY KEY CHECK (one),
 //!                                       shard text NOT NULL, slot_count int4 NOT NULL,
 //!                                       version int8 NOT NULL DEFAULT 0,
-//!                                       lease_ms int8 NOT NULL DEFAULT 1000);
+//!                                       lease_ms int8 NOT NULL DEFAULT 0);
 //! CREATE TABLE tower_scale_shard_slots (slot int4 PRIMARY KEY CHECK (slot >= 0),
 //!                                       version int8 NOT NULL,
 //!                                       fenced bool NOT NULL DEFAULT false);
@@ -21,12 +21,14 @@
 //! order moves commit in. `lease_ms` is the longest read lease an
 //! instance may hold on the shard, and so how long a move holds the
 //! range unclaimed after its source let go (`super::lease`): recorded by
-//! the first instance to start.
+//! the first instance to start on a new database (0, no leases, on one
+//! set up by an earlier release).
 //!
 //! A slot is held by the shard whose row for it has the highest version.
 //! A move's cutover commits in three steps: the source **fences** its
-//! rows (`fenced`: it still holds the slots and refuses their reads and
-//! writes), the target takes them at a higher version (from then on the
+//! rows (`fenced`: it still holds the slots and refuses their writes and
+//! reads fenced in the read; reads under a lease from before the fence
+//! may still read them, until the hold runs out), the target takes them at a higher version (from then on the
 //! source's fenced rows are leftovers: a lower version), and the source
 //! forgets its fenced rows. So the tables show exactly one holder of every
 //! slot at every moment, also when the process dies between two steps.
@@ -58,12 +60,15 @@ const ADD_FENCED: &str = "DO $$ BEGIN \
          ALTER TABLE tower_scale_shard_slots ADD COLUMN fenced bool NOT NULL DEFAULT false; \
        END IF; END $$";
 
-/// Adds `lease_ms` to a table created by an earlier release.
+/// Adds `lease_ms` to a table created by an earlier release, as 0 (no
+/// read leases): instances of that release may still run moves, which do
+/// not wait for leases. Set it (on every shard) once every instance,
+/// movers included, runs this release, then restart them.
 const ADD_LEASE: &str = "DO $$ BEGIN \
        IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute \
          WHERE attrelid = 'tower_scale_shard_map'::regclass AND attname = 'lease_ms' \
          AND NOT attisdropped) THEN \
-         ALTER TABLE tower_scale_shard_map ADD COLUMN lease_ms int8 NOT NULL DEFAULT 1000; \
+         ALTER TABLE tower_scale_shard_map ADD COLUMN lease_ms int8 NOT NULL DEFAULT 0; \
        END IF; END $$";
 
 /// Serialises moves (`pg_advisory_xact_lock` on the first shard by name).
@@ -137,8 +142,17 @@ pub(crate) async fn setup(
              the slot count is fixed for the life of the data"
         )));
     }
-    // A negative value (set by hand) holds nothing: no lease.
-    Ok(Duration::from_millis(u64::try_from(lease_ms).unwrap_or(0)))
+    Ok(lease_of(lease_ms))
+}
+
+/// The longest lease a shard may record: a move waits it out while it
+/// holds the move lock.
+pub(crate) const MAX_LEASE: Duration = Duration::from_secs(60);
+
+/// A recorded `lease_ms` as a lease: a negative value (set by hand) is
+/// none, one past [`MAX_LEASE`] is that.
+pub(crate) fn lease_of(ms: i64) -> Duration {
+    Duration::from_millis(u64::try_from(ms).unwrap_or(0)).min(MAX_LEASE)
 }
 
 /// A slot a shard's table lists: slot, version, fenced.
@@ -152,6 +166,8 @@ pub(crate) struct Owned {
     /// A replica that has replayed this has every change of ownership
     /// (and every row committed before it) that the read saw.
     pub(crate) position: Lsn,
+    /// The longest read lease the shard records.
+    pub(crate) lease: Duration,
 }
 
 /// The slots the shard lists, with their versions and whether fenced,
@@ -166,6 +182,7 @@ pub(crate) async fn owned(db: &Db, name: &Arc<str>) -> Result<Owned, ShardError>
              UNION ALL SELECT -1, version, false FROM tower_scale_shard_map \
              UNION ALL SELECT -2, (pg_catalog.pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8, false \
              UNION ALL SELECT -3, (pg_catalog.pg_current_wal_lsn() - '0/0'::pg_lsn)::int8, false \
+             UNION ALL SELECT -4, lease_ms, false FROM tower_scale_shard_map \
              ORDER BY 1",
             &[],
         )
@@ -173,6 +190,7 @@ pub(crate) async fn owned(db: &Db, name: &Arc<str>) -> Result<Owned, ShardError>
         .map_err(|e| ShardError::db(name, e))?;
     let mut out = Vec::with_capacity(rows.value.len());
     let (mut map_version, mut insert, mut written) = (0, Lsn(0), Lsn(0));
+    let mut lease = Duration::ZERO;
     for row in rows.value {
         let bad = |e| ShardError::Setup(format!("shard {name:?}'s ownership tables: {e}"));
         let (slot, version, fenced): (i32, i64, bool) = (
@@ -182,6 +200,10 @@ pub(crate) async fn owned(db: &Db, name: &Arc<str>) -> Result<Owned, ShardError>
         );
         if slot == -1 {
             map_version = u64::try_from(version).unwrap_or(0);
+            continue;
+        }
+        if slot == -4 {
+            lease = lease_of(version);
             continue;
         }
         if slot == -2 || slot == -3 {
@@ -205,6 +227,7 @@ pub(crate) async fn owned(db: &Db, name: &Arc<str>) -> Result<Owned, ShardError>
         // Past the next page's header when the last record ended at a
         // page boundary, where no replica's replay stops: moved back.
         position: db.commit_position(insert, written),
+        lease,
     })
 }
 
@@ -277,7 +300,8 @@ pub(crate) async fn lock_source(
 }
 
 /// Fences `range` on the source (within the move's transaction): it
-/// still holds the slots, and refuses their reads and writes.
+/// still holds the slots, and refuses their writes and the reads fenced
+/// in the read.
 pub(crate) async fn fence(
     tx: &Transaction,
     name: &Arc<str>,

@@ -44,6 +44,7 @@ impl ShardedCluster {
         for (i, (shard, answer)) in self.inner.shards.iter().zip(answers).enumerate() {
             let (slots, map_version) = match answer {
                 Ok(answer) => {
+                    self.inner.leases.recorded(answer.lease);
                     self.inner.leases.confirm(i, answer.version, started);
                     // The position its replicas must have replayed: kept
                     // while the shard's version stays (no claim since),

@@ -76,8 +76,8 @@ pub struct ShardWritten<T> {
 #[non_exhaustive]
 pub struct ShardRead<T> {
     /// The rows. Each has one more column than the statement, last:
-    /// `tower_scale_owned` (the fence's; read columns by index below
-    /// `row.len() - 1` or by name).
+    /// `tower_scale_owned` (the fence's, also under a lease; read columns
+    /// by index below `row.len() - 1` or by name).
     pub value: T,
     /// The shard that answered.
     pub shard: Arc<str>,
@@ -339,11 +339,15 @@ impl ShardedCluster {
     /// A read on `key`'s shard routed by `consistency` (replicas, lag,
     /// read-your-writes, failover: as [`Db`](crate::pg::Db) does).
     ///
-    /// The read is fenced: the statement runs as a subquery joined to the
-    /// slot's ownership row, in one statement and so one snapshot. A shard
-    /// (or a replica) that does not own the slot in that snapshot answers
-    /// no row at all, never a false "not found": the map is refreshed and
-    /// the read retried once on the owner's primary. `sql` must be a
+    /// A stale map never makes it return a false "not found" or data
+    /// older than a write that committed before it began. Under this
+    /// instance's read lease on the shard (see
+    /// [`read_lease`](super::ShardedClusterBuilder::read_lease)) the
+    /// statement runs as it is; otherwise it runs as a subquery joined to
+    /// the slot's ownership row, in one statement and so one snapshot, and
+    /// a shard (or a replica) that does not own the slot in that snapshot
+    /// answers no row at all: the map is refreshed and the read retried
+    /// once on the owner's primary. `sql` must be a
     /// `SELECT` (or `VALUES`, `TABLE`, `WITH ... SELECT`) usable as a
     /// subquery; its order is kept. A token routed by a newer map than
     /// this instance's refreshes the map first.
@@ -549,7 +553,7 @@ impl ShardedCluster {
         // statement ran before), or if a read of the shard's version that
         // starts now shows no change of ownership since the map's.
         if !leases.holds(index, seen, Instant::now())
-            && self.renew(index).await.is_none_or(|v| v > seen)
+            && self.renew(index).await.is_none_or(|v| v != seen)
         {
             return Ok(None);
         }

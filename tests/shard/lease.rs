@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 use tower_scale::pg::{Lsn, Role};
-use tower_scale::shard::{ShardConsistency, ShardError, ShardedCluster};
+use tower_scale::shard::{ShardConsistency, ShardError, ShardedCluster, ShardedToken};
 
 use crate::fence::{move_with_rows, other};
 use crate::{DEADLINE, Rng, client, database, sharded, shared, until};
@@ -176,7 +176,11 @@ struct ReadRecord {
     began: Instant,
     value: u64,
     shard: String,
+    /// For a read-your-writes read: the write whose token it carried.
+    token_of: Option<u64>,
 }
+
+type Writes = Arc<Mutex<Vec<(u64, Instant, ShardedToken)>>>;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_under_leases_racing_moves_never_see_older_data() {
@@ -202,15 +206,15 @@ async fn reads_under_leases_racing_moves_never_see_older_data() {
         .await
         .expect("insert");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // Writes, one after another: (value, when it returned).
-    let writes: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
+    // Writes, one after another: (value, when it returned, its token).
+    let writes: Writes = Arc::default();
     let writer = {
         let (mover, stop, writes) = (mover.clone(), Arc::clone(&stop), Arc::clone(&writes));
         tokio::spawn(async move {
             let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Acquire) {
                 n += 1;
-                mover
+                let w = mover
                     .write(
                         &key,
                         "UPDATE items SET name = $2 WHERE id = $1",
@@ -218,21 +222,29 @@ async fn reads_under_leases_racing_moves_never_see_older_data() {
                     )
                     .await
                     .expect("write");
-                writes.lock().unwrap().push((n, Instant::now()));
+                writes.lock().unwrap().push((n, Instant::now(), w.token));
             }
         })
     };
     let mut reading = Vec::new();
     for reader in &readers {
-        let (reader, stop) = (reader.clone(), Arc::clone(&stop));
+        let (reader, stop, writes) = (reader.clone(), Arc::clone(&stop), Arc::clone(&writes));
         reading.push(tokio::spawn(async move {
             let (mut seen, mut moved) = (Vec::new(), 0);
+            let mut strong = false;
             while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                // Every other read carries the token of the last write
+                // that returned (on the replicas, through the moves).
+                strong = !strong;
                 let began = Instant::now();
-                let r = match reader
-                    .read(&key, &ShardConsistency::Strong, SQL, &[&key])
-                    .await
-                {
+                let last = writes.lock().unwrap().last().cloned();
+                let (c, token_of) = match last {
+                    Some((n, _, token)) if !strong => {
+                        (ShardConsistency::ReadYourWrites(token), Some(n))
+                    }
+                    _ => (ShardConsistency::Strong, None),
+                };
+                let r = match reader.read(&key, &c, SQL, &[&key]).await {
                     Ok(r) => r,
                     // Refused twice: the slot moved again while the read
                     // was retried (moves here follow each other closely).
@@ -248,6 +260,7 @@ async fn reads_under_leases_racing_moves_never_see_older_data() {
                     began,
                     value: r.value[0].get::<_, String>(0).parse().expect("a number"),
                     shard: r.shard.to_string(),
+                    token_of,
                 });
             }
             (seen, moved)
@@ -267,25 +280,36 @@ async fn reads_under_leases_racing_moves_never_see_older_data() {
         reads.extend(seen);
         moved += m;
     }
-    // The checker: a read sees at least the last write that returned
-    // before it began.
+    // The checker: a strong read sees at least the last write that
+    // returned before it began; a read with a write's token, that write.
     let mut stale = Vec::new();
     for r in &reads {
-        let floor = writes
-            .iter()
-            .take_while(|(_, at)| *at < r.began)
-            .last()
-            .map_or(0, |(n, _)| *n);
+        let floor = match r.token_of {
+            Some(n) => n,
+            None => writes
+                .iter()
+                .take_while(|(_, at, _)| *at < r.began)
+                .last()
+                .map_or(0, |(n, ..)| *n),
+        };
         if r.value < floor {
             stale.push(format!(
-                "read {} on {} after write {floor} returned",
-                r.value, r.shard
+                "read {} on {} after write {floor} returned ({})",
+                r.value,
+                r.shard,
+                if r.token_of.is_some() {
+                    "its token"
+                } else {
+                    "strong"
+                }
             ));
         }
     }
+    let with_token = reads.iter().filter(|r| r.token_of.is_some()).count();
     let on_1 = reads.iter().filter(|r| r.shard == "shard-1").count();
     println!(
-        "{} reads ({on_1} on shard-1, {moved} refused twice), {} writes, 6 moves",
+        "{} reads ({on_1} on shard-1, {with_token} with a token, {moved} refused twice), \
+         {} writes, 6 moves",
         reads.len(),
         writes.len()
     );
@@ -296,4 +320,86 @@ async fn reads_under_leases_racing_moves_never_see_older_data() {
         stale.len(),
         &stale[..stale.len().min(5)]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_set_up_by_an_earlier_release_records_no_lease() {
+    let locals = shared();
+    database(&locals, "lease_upgrade").await;
+    let first = sharded(&locals, "lease_upgrade", |b| b, |b| b).await;
+    let clients = [
+        client(&locals[0], "lease_upgrade").await,
+        client(&locals[1], "lease_upgrade").await,
+    ];
+    let recorded = async |c: &Client| -> i64 {
+        c.query_one("SELECT lease_ms FROM tower_scale_shard_map", &[])
+            .await
+            .expect("lease_ms")
+            .get(0)
+    };
+    for c in &clients {
+        assert_eq!(recorded(c).await, 300, "a new database records the lease");
+        // The table as an earlier release left it.
+        c.batch_execute("ALTER TABLE tower_scale_shard_map DROP COLUMN lease_ms")
+            .await
+            .expect("drop");
+    }
+    drop(first);
+    // This release's instance adds the column as 0: instances of the
+    // earlier release may still move slots without the hold.
+    let _upgraded = sharded(&locals, "lease_upgrade", |b| b, |b| b).await;
+    for c in &clients {
+        assert_eq!(recorded(c).await, 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_behind_a_claim_never_answers_a_leased_read() {
+    let locals = shared();
+    database(&locals, "lease_floor").await;
+    let sharded = sharded(&locals, "lease_floor", |b| b, |b| b).await;
+    let key = (1i64..)
+        .find(|k| sharded.shard_for(k).as_deref() == Some("shard-1"))
+        .expect("a key");
+    let slot = sharded.slot(&key);
+    sharded
+        .write(
+            &key,
+            "INSERT INTO items (id, slot, name) VALUES ($1, $2, 'moved')",
+            &[&key, &i32::from(slot)],
+        )
+        .await
+        .expect("insert");
+    locals[1]
+        .wait_for_replicas(DEADLINE)
+        .await
+        .expect("replicas");
+    // shard-2's replica stands still: it will not see the claim, nor the
+    // row the move brings.
+    let replica = locals[1].replica(0).connect().await.expect("replica");
+    replica
+        .execute("SELECT pg_wal_replay_pause()", &[])
+        .await
+        .expect("pause");
+    move_with_rows(&sharded, slot, "shard-2").await;
+    // This instance's map and lease are fresh; the replica is behind the
+    // position its map read shard-2 at, so it never serves the read.
+    for c in [
+        ShardConsistency::Any,
+        ShardConsistency::BoundedStaleness(DEADLINE),
+    ] {
+        let r = sharded.read(&key, &c, SQL, &[&key]).await.expect("read");
+        assert_eq!(
+            r.value.len(),
+            1,
+            "{c:?}: a false not-found from {}",
+            r.served_by
+        );
+        assert_eq!(r.value[0].get::<_, String>(0), "moved");
+        assert_eq!(&*r.shard, "shard-2");
+    }
+    replica
+        .execute("SELECT pg_wal_replay_resume()", &[])
+        .await
+        .expect("resume");
 }

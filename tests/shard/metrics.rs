@@ -41,6 +41,17 @@ async fn shards_keep_their_own_series() {
             .await
             .unwrap();
     }
+    // Under the instance's read lease (held since its start): none of
+    // them was fenced in the read.
+    let label = "{cluster=\"metrics-1,metrics-2\"}";
+    let fenced = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("tower_scale_shard_fenced_reads_total{label} ")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(fenced(&recorder.render()), 0.0, "{}", recorder.render());
     let slot = sharded.slot(&key);
     sharded
         .move_ownership(SlotRange::one(slot), "metrics-2")
@@ -63,7 +74,6 @@ async fn shards_keep_their_own_series() {
         one >= 5.0 + two,
         "shard 1's reads counted on shard 1 alone: {one} vs {two}"
     );
-    let label = "{cluster=\"metrics-1,metrics-2\"}";
     assert!(
         text.contains(&format!("tower_scale_shard_slots_moved_total{label} 1")),
         "{text}"

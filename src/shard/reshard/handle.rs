@@ -66,8 +66,11 @@ impl MoveOptions {
     /// How long one cutover attempt waits, holding the writes of the
     /// range, for the catch-up to reach its marker (default 1 s): past it
     /// the attempt rolls back and the writes go on at the source. The
-    /// lock and the two commits come on top (a few round trips); an
-    /// attempt whose marker has arrived commits. Keep it well below the
+    /// lock and the two commits come on top (a few round trips), and so
+    /// does the read leases' hold between them (the longest lease a shard
+    /// records plus 10%: 1.1 s by default; see
+    /// [`read_lease`](crate::shard::ShardedClusterBuilder::read_lease));
+    /// an attempt whose marker has arrived commits. Keep it well below the
     /// clusters' write timeout.
     pub fn max_pause(mut self, d: Duration) -> Self {
         self.max_pause = d;

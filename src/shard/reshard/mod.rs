@@ -29,7 +29,7 @@
 //!    each row's net effect (its last change in commit order: changes to
 //!    different rows commute), a few statements per table whatever the
 //!    batch's size. No one reads those rows on the target before the
-//!    claim (the read fence), so only the state at the cutover's marker
+//!    claim (no map routes the range there before it), so only the state at the cutover's marker
 //!    is ever seen, and it is the source's.
 //! 3. **Cutting over** (below), once the catch-up is within
 //!    [`MoveOptions::cutover_lag`] of the source in time: a probe marker
@@ -87,12 +87,16 @@
 //!   writes), the target claims the range at a higher version (from then
 //!   on it holds it: the tables' rule is "the highest version holds"),
 //!   and the source deletes its fenced rows. Between the first two commits
-//!   (one round trip) no shard *serves* the range: requests wait for the
-//!   claim. This keeps reads safe without a second lock on them: while
-//!   any instance can still read the source, the target has accepted no
-//!   write, so a read never returns old data; and a read never answers
-//!   "not found" from a shard that does not own the slot (the read fence
-//!   answers nothing, and the read is retried on the owner). If the
+//!   (the read leases' hold: the longest recorded lease plus 10%, 1.1 s by
+//!   default) no shard *serves* the range to an instance that knows of the
+//!   release: requests wait for the claim. This keeps reads safe without
+//!   a second lock on them: while any instance can still read the source
+//!   (a stale map under a lease, which runs out within the hold), the
+//!   target has accepted no write and the source has deleted no row of
+//!   the range (the cleanup runs after the claim), so a read never returns
+//!   old data or a false "not found"; a read fenced in the read answers
+//!   nothing from a shard that does not own the slot, and is retried on
+//!   the owner (see `shard::lease` and the read fence). If the
 //!   process dies between the two commits, the source's move record says
 //!   `released` (committed with the fence), the source holds the range
 //!   fenced ([`SlotMap::fenced_by`](super::SlotMap::fenced_by); requests
@@ -110,10 +114,12 @@
 //!   target's positions are different clocks, and a token from a write on
 //!   the source names no position of the target; it does not need to:
 //!   the target claims the range in a transaction that commits after
-//!   every row the move applied there, so a replica of the target that
-//!   has not replayed those rows does not own the slot either, answers
-//!   nothing through the read fence, and the read is retried on the
-//!   target's primary. A write on the target after the move gives a
+//!   every row the move applied there. A replica of the target that has
+//!   not replayed those rows does not own the slot either: a read fenced
+//!   in the read gets nothing there and is retried on the target's
+//!   primary, and a leased read goes to a replica only once the monitor
+//!   saw it replay the target's position from when the map read the
+//!   claim. A write on the target after the move gives a
 //!   token with the target's position, as any write.
 //! - **A failure before the release changes nothing**: the source still
 //!   owns the range (its lock went with its session), the target's partial
@@ -144,6 +150,11 @@
 //!   start) before a move runs: an instance of an earlier release ignores
 //!   a fenced row, and would accept writes for a fenced range that the
 //!   move never carries. Upgrade every instance first, then move.
+//! - **Read leases are off on a database set up by an earlier release**
+//!   (`lease_ms` 0): a mover of that release commits its claim without
+//!   the hold. Turn them on (`lease_ms` on every shard) only once every
+//!   instance runs this release; until then every routed read is fenced
+//!   in the read.
 //! - Other instances hear of the move through the map announcements
 //!   (the cutover changes ownership with [`ShardedCluster::begin_move`],
 //!   which announces the new version in its transactions; see
