@@ -8,8 +8,9 @@
 //! `route/routed_read`: one row by primary key through `Db` with `Any`
 //! (the `route` bench's measurement, the same code). `shard/routed_read`:
 //! the same query on the same replica through `ShardedCluster::read`
-//! (slot, map lookup, and the read's ownership fence: the statement as a
-//! lateral subquery of the slot's ownership row). The cluster is the only
+//! (slot, map lookup, the read lease's check, the statement wrapped to
+//! add `tower_scale_owned`; without a lease, the in-read fence). The
+//! cluster is the only
 //! shard, so both reads run on the same server. `shard/route`: the key →
 //! shard decision alone (CRC-32 of the key, map lookup).
 //!
