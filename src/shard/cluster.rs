@@ -29,6 +29,9 @@ pub(crate) struct Shard {
 pub(crate) struct Inner {
     pub(crate) shards: Vec<Shard>,
     pub(crate) map: RwLock<Arc<SlotMap>>,
+    /// The map the last change replaced: it routes a slot released and
+    /// not yet claimed while a lease confirmed for it holds.
+    pub(crate) previous_map: RwLock<Option<Arc<SlotMap>>>,
     /// One refresh at a time; callers that waited find the map newer.
     pub(crate) refreshing: tokio::sync::Mutex<()>,
     pub(crate) slots: u16,
@@ -346,6 +349,7 @@ impl ShardedClusterBuilder {
             inner: Arc::new(Inner {
                 shards,
                 map: RwLock::new(Arc::new(empty)),
+                previous_map: RwLock::new(None),
                 refreshing: tokio::sync::Mutex::new(()),
                 slots: self.slots,
                 identity,

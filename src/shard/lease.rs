@@ -25,6 +25,12 @@
 //! before the target could take a write for the range, and before the
 //! source deleted a row of it: it saw the range's current data.
 //!
+//! An instance that hears of the release (its new map shows the range
+//! fenced, with no owner) keeps reading it on the old owner through the
+//! map it replaced, while the confirmation of that map's version (kept
+//! as the shard's previous one) is less than a lease old: the same
+//! argument, for that map.
+//!
 //! Replicas: the map also records, per shard, the primary's WAL insert
 //! position when it read the shard's table (kept while the shard's
 //! version does not change). A lease read goes to a replica only if the
@@ -61,34 +67,55 @@ pub(crate) struct Leases {
     /// claim waits after its release.
     longest_ns: AtomicU64,
     shards: Box<[Confirmed]>,
+    /// One renewal at a time per shard from reads whose lease ran out
+    /// while their rows came (the others then find it renewed).
+    renewing: Box<[tokio::sync::Mutex<()>]>,
 }
 
-/// "The shard's map version was `version` when read by a query that
-/// started at `at`" (so at most that at `at`, versions only rising): the
-/// latest such confirmation, as a seqlock (readers never wait; writers
-/// take `write`). A version lower than the one held, from a query that
-/// started later, replaces it: the shard lost ownership changes (a
-/// failover that lost commits), and no map that read it before holds.
+/// What an instance knows of a shard's version: "a query that started
+/// at `at` read it as `version`" (so it was at most that at `at`, versions
+/// only rising), the latest such confirmation, and `prev`, the latest of
+/// the version before (kept when the version rises: it still lets a map
+/// that read the earlier version route, until its lease runs out). The
+/// later-started query wins; an answer from a query that started earlier
+/// than the one held, come late, changes nothing (unless of the same
+/// version: its instant is the later of the two). A lower version from a
+/// later query means the shard lost ownership changes (a failover that
+/// lost commits): `prev` is dropped with the rest, and no map that read
+/// the shard before holds. A seqlock: readers never wait; writers take
+/// `write`.
 #[derive(Default)]
 struct Confirmed {
-    /// Even when stable, odd while a writer changes the two below.
+    /// Even when stable, odd while a writer changes the four below.
     seq: AtomicU64,
     version: AtomicU64,
     /// Nanoseconds since `base`, plus one (0: never).
     at: AtomicU64,
+    prev_version: AtomicU64,
+    prev_at: AtomicU64,
     write: std::sync::Mutex<()>,
 }
 
+/// A confirmation: (version, at).
+type Pair = (u64, u64);
+
 impl Confirmed {
-    /// (version, at), consistent with each other.
-    fn get(&self) -> (u64, u64) {
+    /// The latest confirmation and the previous version's, consistent
+    /// with each other.
+    fn get(&self) -> (Pair, Pair) {
         loop {
             let before = self.seq.load(Ordering::Acquire);
-            let version = self.version.load(Ordering::Relaxed);
-            let at = self.at.load(Ordering::Relaxed);
+            let now = (
+                self.version.load(Ordering::Relaxed),
+                self.at.load(Ordering::Relaxed),
+            );
+            let prev = (
+                self.prev_version.load(Ordering::Relaxed),
+                self.prev_at.load(Ordering::Relaxed),
+            );
             std::sync::atomic::fence(Ordering::Acquire);
             if before & 1 == 0 && self.seq.load(Ordering::Relaxed) == before {
-                return (version, at);
+                return (now, prev);
             }
             std::hint::spin_loop();
         }
@@ -96,23 +123,31 @@ impl Confirmed {
 
     fn set(&self, version: u64, at: u64) {
         let _one = crate::sync::lock(&self.write);
-        let (held, held_at) = (
+        let held = (
             self.version.load(Ordering::Relaxed),
             self.at.load(Ordering::Relaxed),
         );
-        let (version, at) = if version == held {
-            (version, at.max(held_at))
-        } else if version > held || at > held_at {
-            (version, at)
-        } else {
-            // An older query's answer, come late: what is held is newer.
+        let prev = (
+            self.prev_version.load(Ordering::Relaxed),
+            self.prev_at.load(Ordering::Relaxed),
+        );
+        let (now, prev) = if version == held.0 {
+            ((version, at.max(held.1)), prev)
+        } else if at <= held.1 {
+            // An earlier query's answer, come late: what is held is newer.
             return;
+        } else if version > held.0 {
+            ((version, at), held)
+        } else {
+            ((version, at), (0, 0))
         };
         let seq = self.seq.load(Ordering::Relaxed);
         self.seq.store(seq.wrapping_add(1), Ordering::Relaxed);
         std::sync::atomic::fence(Ordering::Release);
-        self.version.store(version, Ordering::Relaxed);
-        self.at.store(at, Ordering::Relaxed);
+        self.version.store(now.0, Ordering::Relaxed);
+        self.at.store(now.1, Ordering::Relaxed);
+        self.prev_version.store(prev.0, Ordering::Relaxed);
+        self.prev_at.store(prev.1, Ordering::Relaxed);
         self.seq.store(seq.wrapping_add(2), Ordering::Release);
     }
 }
@@ -128,6 +163,7 @@ impl Leases {
             lease_ns: AtomicU64::new(nanos(configured)),
             longest_ns: AtomicU64::new(0),
             shards: (0..shards).map(|_| Confirmed::default()).collect(),
+            renewing: (0..shards).map(|_| tokio::sync::Mutex::new(())).collect(),
         }
     }
 
@@ -165,23 +201,43 @@ impl Leases {
     }
 
     /// Whether a map that read shard `i` at version `seen` may route a
-    /// read to it without the in-read fence at `now`: the latest
-    /// confirmation is of that same version, less than a lease ago (so
-    /// every change of ownership the shard had committed by then is in
-    /// the map, and one committed since has not let a new owner take a
-    /// write yet).
+    /// read to it without the in-read fence at `now`: a confirmation of
+    /// that same version (the latest, or the previous version's) less
+    /// than a lease ago. Every change of ownership the shard had
+    /// committed by then is in the map, and one committed since has not
+    /// let a new owner take a write yet.
     pub(crate) fn holds(&self, i: usize, seen: u64, now: Instant) -> bool {
         let Some(c) = self.shards.get(i) else {
             return false;
         };
-        let (version, at) = c.get();
         let lease = self.lease_ns.load(Ordering::Relaxed);
         let now = nanos(now.saturating_duration_since(self.base));
-        at != 0 && lease != 0 && version == seen && now < (at - 1).saturating_add(lease)
+        let (latest, prev) = c.get();
+        let within = |(version, at): Pair| {
+            at != 0 && version == seen && now < (at - 1).saturating_add(lease)
+        };
+        lease != 0 && (within(latest) || within(prev))
     }
 }
 
 impl ShardedCluster {
+    /// Whether rows read from shard `i` under a map that read it at
+    /// `seen` count: the lease holds now (the statement ran before), or
+    /// a read of the shard's version that starts now shows it unchanged.
+    /// One such read at a time per shard; those that waited for it find
+    /// the lease renewed.
+    pub(crate) async fn still_holds(&self, i: usize, seen: u64) -> bool {
+        let leases = &self.inner.leases;
+        if leases.holds(i, seen, Instant::now()) {
+            return true;
+        }
+        let Some(one) = leases.renewing.get(i) else {
+            return false;
+        };
+        let _one = one.lock().await;
+        leases.holds(i, seen, Instant::now()) || self.renew(i).await == Some(seen)
+    }
+
     /// Reads shard `i`'s version on its primary (within half a lease) and
     /// confirms it (`None`: no answer in time).
     pub(crate) async fn renew(&self, i: usize) -> Option<u64> {
@@ -203,13 +259,13 @@ impl ShardedCluster {
     }
 }
 
-/// Starts the renewals (every `every`, by default a quarter lease; every
-/// shard at once); they stop when `closed` is cancelled. A shard whose
-/// version went up is followed by a refresh of the map (whose reads
-/// confirm every shard).
+/// Starts the renewals (every `every`, by default a quarter of the
+/// current lease; every shard at once); they stop when `closed` is
+/// cancelled. A shard whose version moved is followed by a refresh of
+/// the map (whose reads confirm every shard), in a task of its own so
+/// renewals go on meanwhile, one at a time, backing off while it fails.
 pub(crate) fn start(sharded: &ShardedCluster, every: Option<Duration>, closed: &CancellationToken) {
-    let lease = sharded.inner.leases.lease();
-    if lease.is_zero() {
+    if sharded.inner.leases.lease().is_zero() {
         return;
     }
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -217,39 +273,92 @@ pub(crate) fn start(sharded: &ShardedCluster, every: Option<Duration>, closed: &
     };
     runtime.spawn(renew_all(
         Arc::downgrade(&sharded.inner),
-        every.unwrap_or(lease / 4).max(Duration::from_millis(5)),
+        every,
         closed.clone(),
     ));
 }
 
-async fn renew_all(inner: Weak<Inner>, every: Duration, closed: CancellationToken) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// The backoff of a failing refresh started by a renewal: from this,
+/// doubling, up to 5 s.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// A renewal's refresh: whether one runs, and when the next may start.
+struct Refreshing {
+    running: bool,
+    not_before: Instant,
+    backoff: Duration,
+}
+
+async fn renew_all(inner: Weak<Inner>, every: Option<Duration>, closed: CancellationToken) {
+    let refreshing = Arc::new(std::sync::Mutex::new(Refreshing {
+        running: false,
+        not_before: Instant::now(),
+        backoff: FIRST_BACKOFF,
+    }));
     loop {
-        tokio::select! {
-            () = closed.cancelled() => return,
-            _ = tick.tick() => {}
-        }
         let Some(inner) = inner.upgrade() else {
             return;
         };
         let sharded = ShardedCluster { inner };
+        let lease = sharded.inner.leases.lease();
+        if lease.is_zero() {
+            // Turned off (a shard records 0): it never comes back on in
+            // this process.
+            return;
+        }
         let map = sharded.map();
         let renewed = futures_util::future::join_all(
             (0..sharded.inner.shards.len()).map(|i| sharded.renew(i)),
         )
         .await;
         // A shard that changed ownership since the map read it (or lost
-        // changes: its version lower, after a failover): refresh
-        // (a shard that did not answer is left to its lease running out).
+        // changes: its version lower, after a failover): refresh (a shard
+        // that did not answer is left to its lease running out).
         let moved = renewed
             .iter()
             .enumerate()
             .any(|(i, v)| v.is_some_and(|v| map.shard_state(i).is_none_or(|(seen, _)| v != seen)));
-        if moved && let Err(e) = sharded.refresh_if_not_newer(map.version()).await {
-            tracing::debug!(error = %e, "shard map: refresh after a renewal failed");
+        if moved {
+            start_refresh(&sharded, &refreshing, map.version());
+        }
+        drop(sharded);
+        let period = every.unwrap_or(lease / 4).max(Duration::from_millis(5));
+        tokio::select! {
+            () = closed.cancelled() => return,
+            () = tokio::time::sleep(period) => {}
         }
     }
+}
+
+/// Refreshes the map in a task of its own, unless one runs or the last
+/// failed less than its backoff ago.
+fn start_refresh(
+    sharded: &ShardedCluster,
+    refreshing: &Arc<std::sync::Mutex<Refreshing>>,
+    seen: u64,
+) {
+    {
+        let mut r = crate::sync::lock(refreshing);
+        if r.running || Instant::now() < r.not_before {
+            return;
+        }
+        r.running = true;
+    }
+    let (sharded, refreshing) = (sharded.clone(), Arc::clone(refreshing));
+    tokio::spawn(async move {
+        let result = sharded.refresh_if_not_newer(seen).await;
+        let mut r = crate::sync::lock(&refreshing);
+        r.running = false;
+        match result {
+            Ok(_) => r.backoff = FIRST_BACKOFF,
+            Err(e) => {
+                tracing::debug!(error = %e, "shard map: refresh after a renewal failed");
+                r.not_before = Instant::now() + r.backoff;
+                r.backoff = (r.backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    });
 }
 
 #[cfg(test)]
@@ -280,6 +389,20 @@ mod tests {
         leases.confirm(0, 3, t(1000));
         assert!(!leases.holds(0, 5, t(1001)));
         assert!(leases.holds(0, 3, t(1001)));
+        // A straggler of the lost version, from a query that started
+        // before: ignored.
+        leases.confirm(0, 5, t(950));
+        assert!(!leases.holds(0, 5, t(1001)));
+        // A rise keeps the version before usable to its own lease's end
+        // (a map that read it routes a slot released since).
+        leases.confirm(0, 4, t(1200));
+        assert!(leases.holds(0, 4, t(1300)));
+        assert!(leases.holds(0, 3, t(1999)));
+        assert!(!leases.holds(0, 3, t(2000)));
+        // Two rises: only the one before the latest is kept.
+        leases.confirm(0, 6, t(1300));
+        assert!(!leases.holds(0, 3, t(1301)));
+        assert!(leases.holds(0, 4, t(1301)));
         // No lease configured: nothing holds.
         let none = Leases::new(1, Duration::ZERO);
         none.confirm(0, 1, none.base);

@@ -72,8 +72,10 @@ impl SlotMove {
     /// instance's map. Between the first two commits the old owner still
     /// holds the range, fenced: it refuses the range's writes and reads
     /// fenced in the read (they wait for the new owner, within the moved
-    /// wait); an instance whose map predates the fence may read it there
-    /// under its lease, which runs out within the hold. So no write is
+    /// wait); an instance reading under a lease confirmed before the
+    /// fence (with a map from before it, its current one or the one it
+    /// replaced) may still read it there, until that lease runs out,
+    /// within the hold. So no write is
     /// accepted by the new owner while the old one could still serve a
     /// read, and the ownership tables name one holder of every slot at
     /// every moment. The move lock is held through the hold: moves follow

@@ -50,8 +50,11 @@ impl ShardedCluster {
                     // while the shard's version stays (no claim since),
                     // so a refresh for another shard's move does not send
                     // this one's reads to its primary meanwhile.
+                    // (The lower of the two: both are at or past every
+                    // claim the version covers, and a failover that kept
+                    // the version may have set the position back.)
                     let floor = match previous.shard_state(i) {
-                        Some((v, floor)) if v == answer.version => floor,
+                        Some((v, floor)) if v == answer.version => floor.min(answer.position),
                         _ => answer.position,
                     };
                     state.push((answer.version, floor));
@@ -129,6 +132,9 @@ impl ShardedCluster {
             std::mem::replace(&mut *map, Arc::clone(&fresh))
         };
         let changed = old.changed_slots(&fresh);
+        if !changed.is_empty() {
+            *crate::sync::write(&self.inner.previous_map) = Some(Arc::clone(&old));
+        }
         if old.version() != 0 && !changed.is_empty() {
             // Counted when given to their new owner, not when released (a
             // move's two commits can be seen apart).

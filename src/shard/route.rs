@@ -516,9 +516,19 @@ impl ShardedCluster {
         sql: &str,
         params: Params<'_>,
     ) -> Result<Option<ShardRead<Vec<Row>>>, ShardError> {
-        let map = self.map();
-        let Some(index) = map.owner_index(slot) else {
-            return Ok(None);
+        let current = self.map();
+        let (map, index) = match current.owner_index(slot) {
+            Some(index) => (current, index),
+            // Released and not claimed yet (a move's hold): the map from
+            // before the release still routes it, while a lease
+            // confirmed for it holds.
+            None => {
+                let previous = crate::sync::read(&self.inner.previous_map).clone();
+                match previous.and_then(|p| Some((p.owner_index(slot)?, p))) {
+                    Some((index, previous)) => (previous, index),
+                    None => return Ok(None),
+                }
+            }
         };
         let Some((seen, floor)) = map.shard_state(index) else {
             return Ok(None);
@@ -549,12 +559,10 @@ impl ShardedCluster {
             }
             Err(e) => return Err(ShardError::db(&shard.name, e)),
         };
-        // The rows count if the lease still held when they came (the
-        // statement ran before), or if a read of the shard's version that
-        // starts now shows no change of ownership since the map's.
-        if !leases.holds(index, seen, Instant::now())
-            && self.renew(index).await.is_none_or(|v| v != seen)
-        {
+        // The rows count if the lease holds still (the statement ran
+        // before), or a read of the shard's version that starts now shows
+        // no change of ownership since the map's.
+        if !self.still_holds(index, seen).await {
             return Ok(None);
         }
         Ok(Some(ShardRead {

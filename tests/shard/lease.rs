@@ -39,10 +39,36 @@ async fn name(sharded: &ShardedCluster, key: i64, c: &ShardConsistency) -> (Stri
 async fn a_stale_lease_reads_the_old_owner_and_no_write_lands_before_it_runs_out() {
     let locals = shared();
     database(&locals, "lease_stale").await;
-    let lease = Duration::from_secs(4);
-    // The first to start records its 4 s lease on both shards (so every
-    // move holds its claim 4.4 s). Renewed once, at its start: its map
-    // stays the one it read then, its lease runs out 4 s later.
+    let lease = Duration::from_secs(6);
+    // The first to start records its 6 s lease on both shards, so every
+    // move holds its claim 6.6 s; it waits that out (the default 2 s
+    // would give up first).
+    let mover = sharded(
+        &locals,
+        "lease_stale",
+        |b| b,
+        |b| b.read_lease(lease).moved_wait(Duration::from_secs(15)),
+    )
+    .await;
+    let clients = [
+        client(&locals[0], "lease_stale").await,
+        client(&locals[1], "lease_stale").await,
+    ];
+    let key = 7i64;
+    let slot = mover.slot(&key);
+    let from = mover.shard_for(&key).expect("owned").to_string();
+    let to = other(&from);
+    mover
+        .write(
+            &key,
+            "INSERT INTO items (id, slot, name) VALUES ($1, $2, 'before')",
+            &[&key, &i32::from(slot)],
+        )
+        .await
+        .expect("insert");
+    // Renewed once, at its start: its map stays the one it read then, and
+    // its lease runs out 6 s later. Everything up to its reads below
+    // happens in that window (the replicas' wait, the move's release).
     let stale = sharded(
         &locals,
         "lease_stale",
@@ -54,35 +80,15 @@ async fn a_stale_lease_reads_the_old_owner_and_no_write_lands_before_it_runs_out
         },
     )
     .await;
-    // Waits out the 4.4 s hold (the default 2 s would give up first).
-    let mover = sharded(
-        &locals,
-        "lease_stale",
-        |b| b,
-        |b| b.moved_wait(Duration::from_secs(10)),
-    )
-    .await;
-    let clients = [
-        client(&locals[0], "lease_stale").await,
-        client(&locals[1], "lease_stale").await,
-    ];
-    let key = 7i64;
-    let slot = stale.slot(&key);
-    let from = stale.shard_for(&key).expect("owned").to_string();
-    let to = other(&from);
-    mover
-        .write(
-            &key,
-            "INSERT INTO items (id, slot, name) VALUES ($1, $2, 'before')",
-            &[&key, &i32::from(slot)],
-        )
-        .await
-        .expect("insert");
-    // The stale instance's map read its shards before the insert: once its
-    // monitor saw the replicas replay the insert, they have the map's
-    // positions, and its leased reads may go to them.
+    let built = Instant::now();
+    // Its leased reads go to a replica once its monitor saw the replica
+    // replay the position its map read: a commit after it (an xid's
+    // commit record, written out before it returns) is past it.
     let old = &clients[usize::from(from == "shard-2")];
-    let inserted: Lsn = old
+    old.batch_execute("SELECT pg_catalog.txid_current()")
+        .await
+        .expect("a commit");
+    let position: Lsn = old
         .query_one("SELECT pg_catalog.pg_current_wal_lsn()::text", &[])
         .await
         .expect("position")
@@ -90,14 +96,14 @@ async fn a_stale_lease_reads_the_old_owner_and_no_write_lands_before_it_runs_out
         .parse()
         .expect("an lsn");
     until(
-        "the stale instance sees its replicas replay the insert",
+        "the stale instance sees its replicas replay its map's position",
         DEADLINE,
         async || {
             let nodes = stale.shard(&from).expect("shard").status();
             nodes
                 .iter()
                 .filter(|n| n.role == Role::Replica)
-                .all(|n| n.lsn >= inserted)
+                .all(|n| n.lsn >= position)
         },
     )
     .await;
@@ -110,6 +116,10 @@ async fn a_stale_lease_reads_the_old_owner_and_no_write_lands_before_it_runs_out
     })
     .await;
     let released = Instant::now();
+    assert!(
+        built.elapsed() < lease,
+        "the machine took longer than the lease ({lease:?}) to release the slot: nothing tested"
+    );
     // The old owner refuses the slot's writes now; the stale lease still
     // reads it there, and finds the row.
     for c in [ShardConsistency::Strong, ShardConsistency::Any] {
@@ -266,6 +276,36 @@ async fn reads_under_leases_racing_moves_never_see_older_data() {
             (seen, moved)
         }));
     }
+    // Watches each shard's ownership row of the slot: when it held it
+    // fenced (released, not yet claimed: the hold).
+    let holds: Arc<Mutex<Vec<(String, Instant, Instant)>>> = Arc::default();
+    let watcher = {
+        let (stop, holds) = (Arc::clone(&stop), Arc::clone(&holds));
+        let clients = [
+            client(&locals[0], "lease_race").await,
+            client(&locals[1], "lease_race").await,
+        ];
+        tokio::spawn(async move {
+            let mut since: [Option<Instant>; 2] = [None, None];
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                for (i, c) in clients.iter().enumerate() {
+                    let now = Instant::now();
+                    match (fenced(c, slot).await, since[i]) {
+                        (true, None) => since[i] = Some(now),
+                        (false, Some(start)) => {
+                            holds
+                                .lock()
+                                .unwrap()
+                                .push((format!("shard-{}", i + 1), start, now));
+                            since[i] = None;
+                        }
+                        _ => {}
+                    }
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+    };
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(rng.below(80))).await;
         let to = other(mover.map().owner(slot).expect("owned"));
@@ -273,6 +313,8 @@ async fn reads_under_leases_racing_moves_never_see_older_data() {
     }
     stop.store(true, std::sync::atomic::Ordering::Release);
     writer.await.expect("writer");
+    watcher.await.expect("watcher");
+    let holds = holds.lock().unwrap().clone();
     let writes = writes.lock().unwrap().clone();
     let (mut reads, mut moved) = (Vec::new(), 0);
     for r in reading {
@@ -306,12 +348,27 @@ async fn reads_under_leases_racing_moves_never_see_older_data() {
         }
     }
     let with_token = reads.iter().filter(|r| r.token_of.is_some()).count();
+    // Reads the old owner answered after it had let go: under a lease
+    // (the in-read fence would have refused them).
+    let leased_in_hold = reads
+        .iter()
+        .filter(|r| {
+            holds
+                .iter()
+                .any(|(shard, from, to)| *shard == r.shard && r.began > *from && r.began < *to)
+        })
+        .count();
     let on_1 = reads.iter().filter(|r| r.shard == "shard-1").count();
     println!(
-        "{} reads ({on_1} on shard-1, {with_token} with a token, {moved} refused twice), \
-         {} writes, 6 moves",
+        "{} reads ({on_1} on shard-1, {with_token} with a token, {moved} refused twice, \
+         {leased_in_hold} by the old owner during a hold), {} writes, {} holds seen",
         reads.len(),
-        writes.len()
+        writes.len(),
+        holds.len()
+    );
+    assert!(
+        leased_in_hold > 0,
+        "no read was served under a lease during a hold"
     );
     assert!(writes.len() > 6, "writes went on through the moves");
     assert!(
@@ -355,7 +412,24 @@ async fn a_database_set_up_by_an_earlier_release_records_no_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_behind_a_claim_never_answers_a_leased_read() {
-    let locals = shared();
+    // Clusters of its own: a paused replica would hold up the other
+    // tests' databases on a shared one.
+    let starts: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(|| {
+                Arc::new(
+                    tower_scale::testing::LocalCluster::builder()
+                        .replicas(1)
+                        .start()
+                        .expect("cluster"),
+                )
+            })
+        })
+        .collect();
+    let locals: Vec<_> = starts
+        .into_iter()
+        .map(|s| s.join().expect("start"))
+        .collect();
     database(&locals, "lease_floor").await;
     let sharded = sharded(&locals, "lease_floor", |b| b, |b| b).await;
     let key = (1i64..)
@@ -381,6 +455,15 @@ async fn a_replica_behind_a_claim_never_answers_a_leased_read() {
         .execute("SELECT pg_wal_replay_pause()", &[])
         .await
         .expect("pause");
+    until("the replica's replay paused", DEADLINE, async || {
+        let state: String = replica
+            .query_one("SELECT pg_catalog.pg_get_wal_replay_pause_state()", &[])
+            .await
+            .expect("pause state")
+            .get(0);
+        state == "paused"
+    })
+    .await;
     move_with_rows(&sharded, slot, "shard-2").await;
     // This instance's map and lease are fresh; the replica is behind the
     // position its map read shard-2 at, so it never serves the read.
@@ -402,4 +485,59 @@ async fn a_replica_behind_a_claim_never_answers_a_leased_read() {
         .execute("SELECT pg_wal_replay_resume()", &[])
         .await
         .expect("resume");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_heard_the_release_reads_the_old_owner_during_the_hold() {
+    let locals = shared();
+    database(&locals, "lease_hold").await;
+    // 3 s leases: every move holds its claim 3.3 s.
+    let lease = Duration::from_secs(3);
+    let mover = sharded(
+        &locals,
+        "lease_hold",
+        |b| b,
+        |b| b.read_lease(lease).moved_wait(Duration::from_secs(10)),
+    )
+    .await;
+    // Listening: it hears the release and has the slot fenced in its map.
+    let listener = sharded(&locals, "lease_hold", |b| b, |b| b.read_lease(lease)).await;
+    let clients = [
+        client(&locals[0], "lease_hold").await,
+        client(&locals[1], "lease_hold").await,
+    ];
+    let key = 9i64;
+    let slot = mover.slot(&key);
+    let from = mover.shard_for(&key).expect("owned").to_string();
+    mover
+        .write(
+            &key,
+            "INSERT INTO items (id, slot, name) VALUES ($1, $2, 'held')",
+            &[&key, &i32::from(slot)],
+        )
+        .await
+        .expect("insert");
+    let moving = {
+        let mover = mover.clone();
+        let to = other(&from);
+        tokio::spawn(async move { move_with_rows(&mover, slot, to).await })
+    };
+    let old = &clients[usize::from(from == "shard-2")];
+    until("the listener hears the release", DEADLINE, async || {
+        listener.map().fenced_by(slot) == Some(from.as_str())
+    })
+    .await;
+    // Its map has no owner for the slot; the map from before the release
+    // still routes it while the lease confirmed for that map holds (the
+    // claim waits it out): the old owner answers, and the read does not
+    // wait for the claim.
+    let (value, shard) = name(&listener, key, &ShardConsistency::Strong).await;
+    assert_eq!((value.as_str(), shard.as_str()), ("held", from.as_str()));
+    assert!(
+        fenced(old, slot).await,
+        "the read returned before the claim (the old owner still holds the slot fenced)"
+    );
+    moving.await.expect("move");
+    let (value, shard) = name(&listener, key, &ShardConsistency::Strong).await;
+    assert_eq!((value.as_str(), shard.as_str()), ("held", other(&from)));
 }
