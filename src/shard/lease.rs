@@ -70,6 +70,8 @@ pub(crate) struct Leases {
     /// One renewal at a time per shard from reads whose lease ran out
     /// while their rows came (the others then find it renewed).
     renewing: Box<[tokio::sync::Mutex<()>]>,
+    /// When such a renewal last failed to answer (a stamp, 0: never).
+    renew_failed: Box<[AtomicU64]>,
 }
 
 /// What an instance knows of a shard's version: "a query that started
@@ -164,6 +166,7 @@ impl Leases {
             longest_ns: AtomicU64::new(0),
             shards: (0..shards).map(|_| Confirmed::default()).collect(),
             renewing: (0..shards).map(|_| tokio::sync::Mutex::new(())).collect(),
+            renew_failed: (0..shards).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
@@ -191,13 +194,22 @@ impl Leases {
         longest + longest * DRIFT_PERCENT / 100 + HOLD_MARGIN
     }
 
+    /// `at` as nanoseconds since `base`, plus one (0 is "never").
+    fn stamp(&self, at: Instant) -> u64 {
+        nanos(at.saturating_duration_since(self.base)).saturating_add(1)
+    }
+
     /// A query that started at `started` read shard `i`'s map version as
     /// `version`.
     pub(crate) fn confirm(&self, i: usize, version: u64, started: Instant) {
         if let Some(c) = self.shards.get(i) {
-            let at = nanos(started.saturating_duration_since(self.base)).saturating_add(1);
-            c.set(version, at);
+            c.set(version, self.stamp(started));
         }
+    }
+
+    /// The version of shard `i`'s latest confirmation (0: none).
+    fn latest(&self, i: usize) -> u64 {
+        self.shards.get(i).map_or(0, |c| c.get().0.0)
     }
 
     /// Whether a map that read shard `i` at version `seen` may route a
@@ -224,18 +236,39 @@ impl ShardedCluster {
     /// Whether rows read from shard `i` under a map that read it at
     /// `seen` count: the lease holds now (the statement ran before), or
     /// a read of the shard's version that starts now shows it unchanged.
-    /// One such read at a time per shard; those that waited for it find
-    /// the lease renewed.
+    /// No renewal when the shard is known at another version already (a
+    /// map from before a move: none would show `seen`); one at a time
+    /// per shard, and those that waited use its outcome: renewed, the
+    /// lease holds; failed after their rows came, they give up at once
+    /// (a shard whose primary does not answer costs each read one wait at
+    /// most, not a queue of them).
     pub(crate) async fn still_holds(&self, i: usize, seen: u64) -> bool {
         let leases = &self.inner.leases;
+        let arrived = Instant::now();
+        if leases.holds(i, seen, arrived) {
+            return true;
+        }
+        let (Some(one), Some(failed)) = (leases.renewing.get(i), leases.renew_failed.get(i)) else {
+            return false;
+        };
+        if leases.latest(i) != seen {
+            return false;
+        }
+        let _one = one.lock().await;
         if leases.holds(i, seen, Instant::now()) {
             return true;
         }
-        let Some(one) = leases.renewing.get(i) else {
+        if leases.latest(i) != seen || failed.load(Ordering::Relaxed) >= leases.stamp(arrived) {
             return false;
-        };
-        let _one = one.lock().await;
-        leases.holds(i, seen, Instant::now()) || self.renew(i).await == Some(seen)
+        }
+        let started = Instant::now();
+        match self.renew(i).await {
+            Some(version) => version == seen,
+            None => {
+                failed.fetch_max(leases.stamp(started), Ordering::Relaxed);
+                false
+            }
+        }
     }
 
     /// Reads shard `i`'s version on its primary (within half a lease) and
@@ -277,6 +310,10 @@ pub(crate) fn start(sharded: &ShardedCluster, every: Option<Duration>, closed: &
         closed.clone(),
     ));
 }
+
+/// Renewals are at least this far apart (a lease set to a few
+/// milliseconds by hand would otherwise query every shard continuously).
+const MIN_PERIOD: Duration = Duration::from_millis(25);
 
 /// The backoff of a failing refresh started by a renewal: from this,
 /// doubling, up to 5 s.
@@ -323,7 +360,7 @@ async fn renew_all(inner: Weak<Inner>, every: Option<Duration>, closed: Cancella
             start_refresh(&sharded, &refreshing, map.version());
         }
         drop(sharded);
-        let period = every.unwrap_or(lease / 4).max(Duration::from_millis(5));
+        let period = every.unwrap_or(lease / 4).max(MIN_PERIOD);
         tokio::select! {
             () = closed.cancelled() => return,
             () = tokio::time::sleep(period) => {}
@@ -346,10 +383,18 @@ fn start_refresh(
         r.running = true;
     }
     let (sharded, refreshing) = (sharded.clone(), Arc::clone(refreshing));
+    /// Clears `running` however the task ends (a panic in a hook).
+    struct Running(Arc<std::sync::Mutex<Refreshing>>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            crate::sync::lock(&self.0).running = false;
+        }
+    }
     tokio::spawn(async move {
+        let running = Running(Arc::clone(&refreshing));
         let result = sharded.refresh_if_not_newer(seen).await;
+        drop(running);
         let mut r = crate::sync::lock(&refreshing);
-        r.running = false;
         match result {
             Ok(_) => r.backoff = FIRST_BACKOFF,
             Err(e) => {
