@@ -7,7 +7,11 @@
 //! - **same instance**: a read that started after an invalidation of its
 //!   key returned on the same instance saw that write's version or newer;
 //! - **across instances**: a read that started more than the isolation
-//!   window after an invalidation returned on another instance did too.
+//!   window after an invalidation returned on another instance did too;
+//!   with a shared tier whose delivery can be awaited ([`run_delivered`]),
+//!   the window counts from when the invalidation reached it, as the
+//!   tier documents (within a bound; one not delivered in it counts from
+//!   its return, stricter than documented).
 //!
 //! Shared by `tests/cache` (one instance, no shared tier) and `tests/redis`
 //! (two instances on one real redis-server, with faults).
@@ -142,7 +146,18 @@ pub struct History {
     pub invalidations: Vec<Invalidated>,
     pub reads: Vec<Read>,
     pub failed: usize,
+    /// (index in `invalidations`, when the invalidating instance's tier
+    /// had delivered it, and every one before it).
+    pub delivered: Vec<(usize, Instant)>,
 }
+
+/// Waits until instance `i`'s invalidations so far reached the shared
+/// tier: true if they did (within the hook's own bound).
+pub type Delivered = Arc<
+    dyn Fn(usize) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>
+        + Send
+        + Sync,
+>;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Load {
@@ -160,7 +175,19 @@ pub struct Load {
 /// Runs the readers and writers over `instances` (each a service and its
 /// invalidator) and returns the history.
 pub async fn run(model: &Arc<Model>, instances: &[(Svc, Invalidator<u64>)], load: Load) -> History {
+    run_delivered(model, instances, load, None).await
+}
+
+/// [`run`], recording when each invalidation was delivered (`delivered`,
+/// awaited in a task of its own, so writers go on meanwhile).
+pub async fn run_delivered(
+    model: &Arc<Model>,
+    instances: &[(Svc, Invalidator<u64>)],
+    load: Load,
+    delivered: Option<Delivered>,
+) -> History {
     let history = Arc::new(Mutex::new(History::default()));
+    let deliveries: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
     let deadline = Instant::now() + load.max_time;
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..load.writers {
@@ -168,6 +195,7 @@ pub async fn run(model: &Arc<Model>, instances: &[(Svc, Invalidator<u64>)], load
         let invalidators: Vec<_> = instances.iter().map(|(_, i)| i.clone()).collect();
         let mut rng = Rng::new(load.seed ^ (0xA11CE + w as u64));
         let pause = load.write_pause;
+        let (delivered, deliveries) = (delivered.clone(), Arc::clone(&deliveries));
         tasks.spawn(async move {
             for _ in 0..load.writes_each {
                 if Instant::now() >= deadline {
@@ -185,13 +213,29 @@ pub async fn run(model: &Arc<Model>, instances: &[(Svc, Invalidator<u64>)], load
                 }
                 let returned = model.tick();
                 let returned_at = Instant::now();
-                history.lock().unwrap().invalidations.push(Invalidated {
-                    key,
-                    version,
-                    instance,
-                    returned,
-                    returned_at,
-                });
+                let index = {
+                    let mut h = history.lock().unwrap();
+                    h.invalidations.push(Invalidated {
+                        key,
+                        version,
+                        instance,
+                        returned,
+                        returned_at,
+                    });
+                    h.invalidations.len() - 1
+                };
+                if let Some(delivered) = &delivered {
+                    let (wait, history) = (delivered(instance), Arc::clone(&history));
+                    deliveries.lock().unwrap().push(tokio::spawn(async move {
+                        if wait.await {
+                            history
+                                .lock()
+                                .unwrap()
+                                .delivered
+                                .push((index, Instant::now()));
+                        }
+                    }));
+                }
                 let micros = rng.below(pause.as_micros() as u64 + 1);
                 tokio::time::sleep(Duration::from_micros(micros)).await;
             }
@@ -236,6 +280,10 @@ pub async fn run(model: &Arc<Model>, instances: &[(Svc, Invalidator<u64>)], load
     while let Some(done) = tasks.join_next().await {
         done.expect("a load task panicked");
     }
+    let waits = std::mem::take(&mut *deliveries.lock().unwrap());
+    for wait in waits {
+        wait.await.expect("a delivery wait panicked");
+    }
     Arc::try_unwrap(history)
         .map(|m| m.into_inner().unwrap())
         .unwrap_or_default()
@@ -254,21 +302,34 @@ pub struct Verdict {
 /// (another instance; `None`: not checked across).
 pub fn check(history: &History, isolation: Option<Duration>) -> Verdict {
     let mut verdict = Verdict::default();
-    let mut by_key: std::collections::HashMap<u64, Vec<&Invalidated>> = Default::default();
-    for inv in &history.invalidations {
-        by_key.entry(inv.key).or_default().push(inv);
+    // Across instances, an invalidation counts from its delivery when it
+    // was recorded, else from its return.
+    let mut from: Vec<Instant> = history
+        .invalidations
+        .iter()
+        .map(|i| i.returned_at)
+        .collect();
+    for &(index, at) in &history.delivered {
+        if let Some(f) = from.get_mut(index) {
+            *f = (*f).max(at);
+        }
+    }
+    let mut by_key: std::collections::HashMap<u64, Vec<(&Invalidated, Instant)>> =
+        Default::default();
+    for (inv, &at) in history.invalidations.iter().zip(&from) {
+        by_key.entry(inv.key).or_default().push((inv, at));
     }
     for read in &history.reads {
         verdict.checked += 1;
         let mut needed = 0;
         let mut across = false;
-        for inv in by_key.get(&read.key).into_iter().flatten() {
+        for &(inv, counted_from) in by_key.get(&read.key).into_iter().flatten() {
             let applies = if inv.instance == read.instance {
                 inv.returned < read.start
             } else {
                 match isolation {
                     Some(window) => {
-                        let applies = read.start_at > inv.returned_at + window;
+                        let applies = read.start_at > counted_from + window;
                         across |= applies;
                         applies
                     }

@@ -139,8 +139,15 @@ async fn two_instances_under(fault: Fault) {
             _ => {}
         }
     };
+    // The cross-instance window counts from when an invalidation reached
+    // Redis (the tier's documented guarantee; `flush` waits for it).
+    let tiers = [Arc::clone(&a.2), Arc::clone(&b.2)];
+    let delivered: history::Delivered = Arc::new(move |i: usize| {
+        let tier = Arc::clone(&tiers[i]);
+        Box::pin(async move { tier.flush(Duration::from_secs(5)).await })
+    });
     let (run, ()) = tokio::join!(
-        history::run(
+        history::run_delivered(
             &model,
             &instances,
             history::Load {
@@ -152,6 +159,7 @@ async fn two_instances_under(fault: Fault) {
                 max_time: Duration::from_millis(2600),
                 write_pause: Duration::from_millis(10),
             },
+            Some(delivered),
         ),
         injector
     );
