@@ -127,14 +127,15 @@ impl ShardedCluster {
 
     async fn refresh_locked(&self) -> Result<Arc<SlotMap>, ShardError> {
         let fresh = Arc::new(self.load().await?);
-        let old = {
-            let mut map = crate::sync::write(&self.inner.map);
-            std::mem::replace(&mut *map, Arc::clone(&fresh))
-        };
+        // Only this function installs maps, under the refresh lock: the
+        // current one is the one replaced. The previous map is set first,
+        // so a reader that sees the new map finds the one it replaced.
+        let old = self.map();
         let changed = old.changed_slots(&fresh);
         if !changed.is_empty() {
             *crate::sync::write(&self.inner.previous_map) = Some(Arc::clone(&old));
         }
+        *crate::sync::write(&self.inner.map) = Arc::clone(&fresh);
         if old.version() != 0 && !changed.is_empty() {
             // Counted when given to their new owner, not when released (a
             // move's two commits can be seen apart).

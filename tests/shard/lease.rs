@@ -491,13 +491,15 @@ async fn a_replica_behind_a_claim_never_answers_a_leased_read() {
 async fn an_instance_that_heard_the_release_reads_the_old_owner_during_the_hold() {
     let locals = shared();
     database(&locals, "lease_hold").await;
-    // 3 s leases: every move holds its claim 3.3 s.
-    let lease = Duration::from_secs(3);
+    // 6 s leases: every move holds its claim 6.6 s; the listener's last
+    // renewal before the release (every 1.5 s) leaves it at least 4.5 s
+    // to read under the lease confirmed for the map from before.
+    let lease = Duration::from_secs(6);
     let mover = sharded(
         &locals,
         "lease_hold",
         |b| b,
-        |b| b.read_lease(lease).moved_wait(Duration::from_secs(10)),
+        |b| b.read_lease(lease).moved_wait(Duration::from_secs(15)),
     )
     .await;
     // Listening: it hears the release and has the slot fenced in its map.
