@@ -107,6 +107,8 @@ async fn a_stale_lease_reads_the_old_owner_and_no_write_lands_before_it_runs_out
         },
     )
     .await;
+    // Before the move starts, so before its release.
+    let before_move = Instant::now();
     let moving = {
         let mover = mover.clone();
         tokio::spawn(async move { move_with_rows(&mover, slot, to).await })
@@ -115,9 +117,9 @@ async fn a_stale_lease_reads_the_old_owner_and_no_write_lands_before_it_runs_out
         fenced(old, slot).await
     })
     .await;
-    let released = Instant::now();
+    // With 2 s left for the two reads below.
     assert!(
-        built.elapsed() < lease,
+        built.elapsed() < lease - Duration::from_secs(2),
         "the machine took longer than the lease ({lease:?}) to release the slot: nothing tested"
     );
     // The old owner refuses the slot's writes now; the stale lease still
@@ -141,9 +143,10 @@ async fn a_stale_lease_reads_the_old_owner_and_no_write_lands_before_it_runs_out
         )
         .await
         .expect("write after the move");
-    let written = released.elapsed();
+    let written = before_move.elapsed();
     assert_eq!(&*w.shard, to);
-    println!("the write returned {written:?} after the release was seen (lease {lease:?})");
+    println!("the write returned {written:?} after the move began (lease {lease:?})");
+    // The release came after `before_move`, the claim a hold after it.
     assert!(
         written >= lease,
         "a write landed within the stale lease: {written:?}"
@@ -197,13 +200,30 @@ async fn reads_under_leases_racing_moves_never_see_older_data() {
     let mut rng = Rng::from_env_or_time();
     let locals = shared();
     database(&locals, "lease_race").await;
-    let mover = sharded(&locals, "lease_race", |b| b, |b| b).await;
+    // 1 s leases (renewed every 250 ms, within 500 ms: they hold on a
+    // busy machine), a 1.12 s hold per move; waits for a claim bounded by
+    // the deadline, not by the default 2 s.
+    let lease = Duration::from_secs(1);
+    let mover = sharded(
+        &locals,
+        "lease_race",
+        |b| b,
+        |b| b.read_lease(lease).moved_wait(DEADLINE),
+    )
+    .await;
     // Readers that hear no announcement: their maps lag each move until
-    // a renewal (every 75 ms) finds it, and they read under their leases
-    // meanwhile.
+    // a renewal finds it, and they read under their leases meanwhile.
     let mut readers = Vec::new();
     for _ in 0..2 {
-        readers.push(sharded(&locals, "lease_race", |b| b, |b| b.watch_map(false)).await);
+        readers.push(
+            sharded(
+                &locals,
+                "lease_race",
+                |b| b,
+                |b| b.watch_map(false).read_lease(lease).moved_wait(DEADLINE),
+            )
+            .await,
+        );
     }
     let key = 11i64;
     let slot = mover.slot(&key);
@@ -224,14 +244,20 @@ async fn reads_under_leases_racing_moves_never_see_older_data() {
             let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Acquire) {
                 n += 1;
-                let w = mover
+                let w = match mover
                     .write(
                         &key,
                         "UPDATE items SET name = $2 WHERE id = $1",
                         &[&key, &n.to_string()],
                     )
                     .await
-                    .expect("write");
+                {
+                    Ok(w) => w,
+                    // Refused twice (the next move fenced the slot while
+                    // the write retried): nothing was written.
+                    Err(ShardError::Moved { .. } | ShardError::Unowned { .. }) => continue,
+                    Err(e) => panic!("write: {e}"),
+                };
                 writes.lock().unwrap().push((n, Instant::now(), w.token));
             }
         })
@@ -259,7 +285,7 @@ async fn reads_under_leases_racing_moves_never_see_older_data() {
                     // Refused twice: the slot moved again while the read
                     // was retried (moves here follow each other closely).
                     // Retryable, and it returned nothing.
-                    Err(ShardError::Moved { .. }) => {
+                    Err(ShardError::Moved { .. } | ShardError::Unowned { .. }) => {
                         moved += 1;
                         continue;
                     }
@@ -492,8 +518,8 @@ async fn an_instance_that_heard_the_release_reads_the_old_owner_during_the_hold(
     let locals = shared();
     database(&locals, "lease_hold").await;
     // 6 s leases: every move holds its claim 6.6 s; the listener's last
-    // renewal before the release (every 1.5 s) leaves it at least 4.5 s
-    // to read under the lease confirmed for the map from before.
+    // renewal before the release (every 250 ms) leaves it about 5.7 s to
+    // read under the lease confirmed for the map from before.
     let lease = Duration::from_secs(6);
     let mover = sharded(
         &locals,
@@ -503,7 +529,16 @@ async fn an_instance_that_heard_the_release_reads_the_old_owner_during_the_hold(
     )
     .await;
     // Listening: it hears the release and has the slot fenced in its map.
-    let listener = sharded(&locals, "lease_hold", |b| b, |b| b.read_lease(lease)).await;
+    let listener = sharded(
+        &locals,
+        "lease_hold",
+        |b| b,
+        |b| {
+            b.read_lease(lease)
+                .lease_renewal(Duration::from_millis(250))
+        },
+    )
+    .await;
     let clients = [
         client(&locals[0], "lease_hold").await,
         client(&locals[1], "lease_hold").await,
