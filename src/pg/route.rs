@@ -310,13 +310,8 @@ impl Db {
     pub(crate) fn replicas_replayed(&self, floor: Lsn) -> bool {
         let options = &self.inner.options;
         let usable = options.lag_budget.max(options.hot_lag_max);
-        self.inner.nodes.iter().all(|n| {
-            n.lsn() >= floor
-                || !n.is_healthy()
-                || n.role() != Role::Replica
-                || n.is_fenced()
-                || n.lag() > usable
-        })
+        self.replicas(|n| n.lag() <= usable && n.lsn() < floor)
+            .is_empty()
     }
 
     /// The position a replica must replay to have every commit the

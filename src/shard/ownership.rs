@@ -51,25 +51,37 @@ const CREATE: &str = "CREATE TABLE IF NOT EXISTS tower_scale_shard_map (\
        slot int4 PRIMARY KEY CHECK (slot >= 0), version int8 NOT NULL, \
        fenced bool NOT NULL DEFAULT false)";
 
-/// Adds `fenced` to a table created by an earlier release (only if it is
-/// missing: `ALTER TABLE` would wait for every write holding a fence).
-const ADD_FENCED: &str = "DO $$ BEGIN \
-       IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute \
-         WHERE attrelid = 'tower_scale_shard_slots'::regclass AND attname = 'fenced' \
-         AND NOT attisdropped) THEN \
-         ALTER TABLE tower_scale_shard_slots ADD COLUMN fenced bool NOT NULL DEFAULT false; \
-       END IF; END $$";
+/// Columns added to tables created by an earlier release: (table,
+/// column, definition). Each only if it is missing (`ALTER TABLE` would
+/// wait for every write holding a fence). `fenced` defaults to false;
+/// `lease_ms` to 0, no read leases: instances of that release may still
+/// run moves, which do not wait for leases. Set it (on every shard) once
+/// every instance, movers included, runs this release, then restart
+/// them.
+const ADDED_COLUMNS: [(&str, &str, &str); 2] = [
+    (
+        "tower_scale_shard_slots",
+        "fenced",
+        "bool NOT NULL DEFAULT false",
+    ),
+    (
+        "tower_scale_shard_map",
+        "lease_ms",
+        "int8 NOT NULL DEFAULT 0",
+    ),
+];
 
-/// Adds `lease_ms` to a table created by an earlier release, as 0 (no
-/// read leases): instances of that release may still run moves, which do
-/// not wait for leases. Set it (on every shard) once every instance,
-/// movers included, runs this release, then restart them.
-const ADD_LEASE: &str = "DO $$ BEGIN \
-       IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute \
-         WHERE attrelid = 'tower_scale_shard_map'::regclass AND attname = 'lease_ms' \
-         AND NOT attisdropped) THEN \
-         ALTER TABLE tower_scale_shard_map ADD COLUMN lease_ms int8 NOT NULL DEFAULT 0; \
-       END IF; END $$";
+/// The statement adding `column` to `table` if it is missing.
+fn add_missing_column(table: &str, column: &str, definition: &str) -> String {
+    format!(
+        "DO $$ BEGIN \
+           IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute \
+             WHERE attrelid = '{table}'::regclass AND attname = '{column}' \
+             AND NOT attisdropped) THEN \
+             ALTER TABLE {table} ADD COLUMN {column} {definition}; \
+           END IF; END $$"
+    )
+}
 
 /// Serialises moves (`pg_advisory_xact_lock` on the first shard by name).
 const MOVE_LOCK: i64 = 0x7473_7368_6172_6402; // "tsshard\x02"
@@ -106,8 +118,11 @@ pub(crate) async fn setup(
     for statement in CREATE.split("; ") {
         tx.execute(statement, &[]).await.map_err(err)?;
     }
-    tx.execute(ADD_FENCED, &[]).await.map_err(err)?;
-    tx.execute(ADD_LEASE, &[]).await.map_err(err)?;
+    for (table, column, definition) in ADDED_COLUMNS {
+        tx.execute(&add_missing_column(table, column, definition), &[])
+            .await
+            .map_err(err)?;
+    }
     let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
     tx.execute(
         "INSERT INTO tower_scale_shard_map (shard, slot_count, lease_ms) VALUES ($1, $2, $3) \
@@ -198,20 +213,16 @@ pub(crate) async fn owned(db: &Db, name: &Arc<str>) -> Result<Owned, ShardError>
             row.try_get(1).map_err(bad)?,
             row.try_get(2).map_err(bad)?,
         );
-        if slot == -1 {
-            map_version = u64::try_from(version).unwrap_or(0);
-            continue;
+        // The map row's and the positions' rows, marked by their slot.
+        let value = || u64::try_from(version).unwrap_or(0);
+        match slot {
+            -1 => map_version = value(),
+            -2 => insert = Lsn(value()),
+            -3 => written = Lsn(value()),
+            -4 => lease = lease_of(version),
+            _ => {}
         }
-        if slot == -4 {
-            lease = lease_of(version);
-            continue;
-        }
-        if slot == -2 || slot == -3 {
-            let at = Lsn(u64::try_from(version).unwrap_or(0));
-            match slot {
-                -2 => insert = at,
-                _ => written = at,
-            }
+        if slot < 0 {
             continue;
         }
         let (Ok(slot), Ok(version)) = (u16::try_from(slot), u64::try_from(version)) else {
